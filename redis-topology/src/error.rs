@@ -1,0 +1,148 @@
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::NodeId;
+
+/// Why starting, querying or changing a topology failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The Redis server binary could not be found.
+    #[error(
+        "`{binary}` was not found on PATH; install Redis >= 6.2 \
+         (Debian/Ubuntu: `apt-get install redis-server redis-sentinel`, macOS: `brew install redis`)",
+        binary = .binary.display()
+    )]
+    RedisServerNotFound {
+        /// The binary that was looked for.
+        binary: PathBuf,
+    },
+
+    /// The Redis server binary is older than this crate supports.
+    #[error("`{binary}` is Redis {found}, but Redis >= 6.2 is required", binary = .binary.display())]
+    UnsupportedVersion {
+        /// The binary that was asked for its version.
+        binary: PathBuf,
+        /// The version it reported, or what it printed if no version was found.
+        found: String,
+    },
+
+    /// The builder was given settings that cannot make a working topology.
+    #[error("invalid topology setting `{setting}`: {reason}")]
+    InvalidConfig {
+        /// The builder setting at fault.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A file or directory of the topology could not be written or read.
+    #[error("could not access {path}", path = .path.display())]
+    Io {
+        /// The path being accessed.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A node's process could not be started.
+    #[error("could not start {node}")]
+    Spawn {
+        /// The node being started.
+        node: NodeId,
+        /// The underlying I/O error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A node's process exited while it was expected to run.
+    #[error("{node} exited unexpectedly ({status}); last lines of its log:\n{log_tail}")]
+    Exited {
+        /// The node that exited.
+        node: NodeId,
+        /// Its exit status, as the OS reported it.
+        status: String,
+        /// The end of the node's log.
+        log_tail: String,
+    },
+
+    /// No free loopback port could be bound after several attempts.
+    #[error("no free loopback port found for {node} after {attempts} attempts")]
+    NoFreePort {
+        /// The node that needed a port.
+        node: NodeId,
+        /// How many ports were tried.
+        attempts: usize,
+    },
+
+    /// A wait did not reach its goal before its deadline.
+    #[error(
+        "timed out after {waited:?} waiting for {what} ({reason}); last lines of {node}'s log:\n{log_tail}"
+    )]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long it waited.
+        waited: Duration,
+        /// The node that kept the goal from being reached on the last attempt.
+        node: NodeId,
+        /// Why the last attempt did not reach the goal.
+        reason: String,
+        /// The end of that node's log.
+        log_tail: String,
+    },
+
+    /// The operation needs a running node, but the node was killed or never started.
+    #[error("{node} is not running")]
+    NotRunning {
+        /// The node in question.
+        node: NodeId,
+    },
+
+    /// The operation needs a stopped node, but the node is running.
+    #[error("{node} is already running")]
+    AlreadyRunning {
+        /// The node in question.
+        node: NodeId,
+    },
+
+    /// The operation needs a running sentinel, and none is.
+    #[error("no sentinel is running")]
+    NoRunningSentinel,
+
+    /// The operation needs a node of the other kind (a sentinel where a data node was given, or the reverse).
+    #[error("{node} cannot do this: {reason}")]
+    WrongKind {
+        /// The node in question.
+        node: NodeId,
+        /// What the operation needed.
+        reason: &'static str,
+    },
+
+    /// A signal could not be delivered to a node's process.
+    #[error("could not send {signal} to {node}")]
+    Signal {
+        /// The node the signal was meant for.
+        node: NodeId,
+        /// The signal's name.
+        signal: &'static str,
+        /// The OS error.
+        #[source]
+        source: nix::Error,
+    },
+
+    /// A command sent to a node failed.
+    #[error("command on {node} failed")]
+    Redis {
+        /// The node the command was sent to.
+        node: NodeId,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,65 @@
+//! Picking loopback ports for new nodes.
+//!
+//! Ports are drawn at random below the kernel's ephemeral range, so that the
+//! outgoing connections of replicas and sentinels (which take ephemeral
+//! ports) never sit on the port of a node that is down and about to be
+//! restarted. A candidate is bound once to check it is free; the race between
+//! that check and `redis-server` binding it is handled by the caller, which
+//! retries with a new port when the server reports the address in use.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::ops::Range;
+
+use rand::Rng;
+
+/// Ports below this are left to well-known services (6379 among them).
+const LOWEST: u16 = 10_000;
+/// Where Linux's ephemeral range starts by default.
+const DEFAULT_EPHEMERAL_START: u16 = 32_768;
+/// How many candidates one pick tries before giving up.
+const CANDIDATES: usize = 200;
+
+/// The range candidate ports are drawn from.
+fn candidate_range() -> Range<u16> {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(DEFAULT_EPHEMERAL_START);
+    if ephemeral_start > LOWEST + 1_000 {
+        LOWEST..ephemeral_start
+    } else {
+        // An unusually wide ephemeral range: stay clear of well-known ports
+        // and rely on the retry when a port turns out to be taken.
+        LOWEST..u16::MAX
+    }
+}
+
+/// A loopback port that was free a moment ago, or `None` if none was found.
+pub(crate) fn pick_free_port() -> Option<u16> {
+    let range = candidate_range();
+    let mut rng = rand::rng();
+    (0..CANDIDATES)
+        .map(|_| rng.random_range(range.clone()))
+        .find(|&port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picked_ports_are_free_and_never_well_known() {
+        for _ in 0..20 {
+            let port = pick_free_port().expect("some port is free");
+            assert!(port >= LOWEST);
+            assert_ne!(port, 6379);
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("the picked port can be bound");
+        }
+    }
+
+    #[test]
+    fn candidates_lie_above_well_known_ports() {
+        let range = candidate_range();
+        assert!(range.start >= LOWEST && range.start < range.end);
+    }
+}

@@ -1,0 +1,724 @@
+//! A running topology: start-up, queries, faults and waits.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo, Role};
+use tempfile::TempDir;
+
+use crate::builder::TopologyBuilder;
+use crate::error::{Error, Result};
+use crate::node::{Exit, NodeId, NodeKind, NodeProcess};
+use crate::ports;
+
+/// How often waits look again.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How many ports a new node tries when it loses the race for one.
+const PORT_ATTEMPTS: usize = 5;
+/// How many log lines an error carries.
+const LOG_TAIL_LINES: usize = 20;
+/// Bounds every command the topology sends, so a paused node cannot hang a wait.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A running set of local `redis-server` processes: one master, its
+/// replicas, and optionally sentinels watching them.
+///
+/// Every process runs on a loopback port chosen at start, with its config and
+/// log in a directory of its own under [`dir`](Self::dir). Dropping the
+/// topology SIGKILLs every process it started (paused ones included) and
+/// removes the directory, also when the drop happens while a test panics.
+///
+/// Methods taking a [`NodeId`] panic if the id comes from a topology with
+/// more nodes of that kind; ids are only ever obtained from the topology.
+#[derive(Debug)]
+pub struct Topology {
+    settings: TopologyBuilder,
+    binary: PathBuf,
+    nodes: Mutex<Nodes>,
+    // Declared last: the directory goes only after Drop has killed the processes.
+    dir: TempDir,
+}
+
+#[derive(Debug, Default)]
+struct Nodes {
+    data: Vec<NodeProcess>,
+    sentinels: Vec<NodeProcess>,
+}
+
+impl Nodes {
+    fn get(&mut self, id: NodeId) -> &mut NodeProcess {
+        let list = match id.kind() {
+            NodeKind::Data => &mut self.data,
+            NodeKind::Sentinel => &mut self.sentinels,
+        };
+        list.get_mut(id.index())
+            .unwrap_or_else(|| panic!("{id} does not belong to this topology"))
+    }
+
+    fn all(&mut self) -> impl Iterator<Item = &mut NodeProcess> {
+        self.data.iter_mut().chain(self.sentinels.iter_mut())
+    }
+}
+
+/// Why one attempt of a wait did not reach its goal.
+enum Attempt {
+    /// Not yet; `node` is the one to blame (its log goes into a timeout error).
+    Pending { node: NodeId, reason: String },
+    /// Give up at once.
+    Fatal(Error),
+}
+
+fn pending(node: NodeId, reason: impl Into<String>) -> Attempt {
+    Attempt::Pending {
+        node,
+        reason: reason.into(),
+    }
+}
+
+/// Turns a command error into "not yet", keeping the whole cause chain.
+fn pending_on(node: NodeId) -> impl Fn(Error) -> Attempt {
+    move |error| {
+        let mut reason = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        pending(node, reason)
+    }
+}
+
+impl Topology {
+    /// A builder with the defaults: 2 replicas, 3 sentinels, fast failover.
+    pub fn builder() -> TopologyBuilder {
+        TopologyBuilder::default()
+    }
+
+    pub(crate) async fn start(settings: TopologyBuilder) -> Result<Self> {
+        let binary = find_binary(&settings.redis_server)?;
+        check_version(&binary)?;
+        let dir = tempfile::Builder::new()
+            .prefix("redis-topology-")
+            .tempdir()
+            .map_err(|source| Error::Io {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let topology = Self {
+            settings,
+            binary,
+            nodes: Mutex::default(),
+            dir,
+        };
+        // From here on, an early return drops `topology`, which kills what it started.
+        let settings = &topology.settings;
+        let master = NodeId::data(0);
+        let master_port = topology
+            .spawn_node(master, |port| settings.data_config(port, None))
+            .await?;
+        for index in 1..=settings.replicas {
+            topology
+                .spawn_node(NodeId::data(index), |port| {
+                    settings.data_config(port, Some(master_port))
+                })
+                .await?;
+        }
+        // Sentinels start only once replication is up, so their first INFO of
+        // the master already lists every replica (the next one is 10 s later).
+        for replica in topology.data_nodes().into_iter().skip(1) {
+            topology
+                .wait_for_replica_of(replica, master, settings.start_timeout)
+                .await?;
+        }
+        for index in 0..settings.sentinels {
+            topology
+                .spawn_node(NodeId::sentinel(index), |port| {
+                    settings.sentinel_config(port, master_port)
+                })
+                .await?;
+        }
+        for sentinel in topology.sentinels() {
+            topology.wait_for_sentinel_view(sentinel, master).await?;
+        }
+        Ok(topology)
+    }
+
+    /// Starts a new node on a free port, trying another port when a
+    /// concurrent process takes the chosen one first. Returns the port.
+    async fn spawn_node(&self, id: NodeId, config: impl Fn(u16) -> String) -> Result<u16> {
+        for _ in 0..PORT_ATTEMPTS {
+            let port = ports::pick_free_port().ok_or(Error::NoFreePort {
+                node: id,
+                attempts: PORT_ATTEMPTS,
+            })?;
+            let process = NodeProcess::spawn(id, self.dir.path(), &self.binary, port, &config(port))?;
+            {
+                let mut nodes = self.lock();
+                let list = match id.kind() {
+                    NodeKind::Data => &mut nodes.data,
+                    NodeKind::Sentinel => &mut nodes.sentinels,
+                };
+                // A retry replaces the entry of the attempt that lost its port.
+                list.truncate(id.index());
+                list.push(process);
+            }
+            if self.wait_until_answering(id).await? {
+                return Ok(port);
+            }
+        }
+        Err(Error::NoFreePort {
+            node: id,
+            attempts: PORT_ATTEMPTS,
+        })
+    }
+
+    /// Waits until a just-started node answers PING. `Ok(false)` means it
+    /// exited because its port was taken.
+    async fn wait_until_answering(&self, id: NodeId) -> Result<bool> {
+        self.poll("the node to answer PING", self.settings.start_timeout, || async move {
+            let exit = self.lock().get(id).check_exit();
+            match exit {
+                Some(Exit::PortTaken) => Ok(false),
+                Some(Exit::Failed(error)) => Err(Attempt::Fatal(error)),
+                None => {
+                    let _: String = self
+                        .query(id, &redis::cmd("PING"))
+                        .await
+                        .map_err(pending_on(id))?;
+                    Ok(true)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Waits until `sentinel` reports `master` as a healthy master with every
+    /// replica linked and every other sentinel known.
+    async fn wait_for_sentinel_view(&self, sentinel: NodeId, master: NodeId) -> Result<()> {
+        let name = &self.settings.master_name;
+        let master_port = &self.addr(master).port().to_string();
+        let replicas = self.settings.replicas;
+        let other_sentinels = self.settings.sentinels - 1;
+        let what = &format!("{sentinel} to see the master, {replicas} replicas and {other_sentinels} other sentinels");
+        self.poll(what, self.settings.start_timeout, || async move {
+            let state: HashMap<String, String> = self
+                .query(sentinel, redis::cmd("SENTINEL").arg("MASTER").arg(name))
+                .await
+                .map_err(pending_on(sentinel))?;
+            let field = |key: &str| state.get(key).map(String::as_str).unwrap_or("");
+            if field("port") != master_port || field("flags") != "master" {
+                return Err(pending(sentinel, format!("master is {}:{} with flags {}", field("ip"), field("port"), field("flags"))));
+            }
+            if field("num-other-sentinels") != other_sentinels.to_string() {
+                return Err(pending(sentinel, format!("knows {} other sentinels", field("num-other-sentinels"))));
+            }
+            let known: Vec<HashMap<String, String>> = self
+                .query(sentinel, redis::cmd("SENTINEL").arg("REPLICAS").arg(name))
+                .await
+                .map_err(pending_on(sentinel))?;
+            let healthy = known
+                .iter()
+                .filter(|r| {
+                    r.get("flags").is_some_and(|f| f == "slave")
+                        && r.get("master-link-status").is_some_and(|s| s == "ok")
+                })
+                .count();
+            if healthy != replicas {
+                return Err(pending(sentinel, format!("sees {healthy} healthy replicas")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Repeats `attempt` every [`POLL_INTERVAL`] until it succeeds, fails
+    /// fatally, or `timeout` has passed.
+    async fn poll<T, F>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T>
+    where
+        F: Future<Output = Result<T, Attempt>>,
+    {
+        let started = Instant::now();
+        loop {
+            match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Fatal(error)) => return Err(error),
+                Err(Attempt::Pending { node, reason }) if started.elapsed() >= timeout => {
+                    return Err(Error::Timeout {
+                        what: what.to_owned(),
+                        waited: started.elapsed(),
+                        node,
+                        reason,
+                        log_tail: self.log_tail(node, LOG_TAIL_LINES),
+                    });
+                }
+                Err(Attempt::Pending { .. }) => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Nodes> {
+        // A panic elsewhere cannot leave `Nodes` inconsistent: keep going.
+        self.nodes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn require_kind(node: NodeId, kind: NodeKind, reason: &'static str) -> Result<()> {
+        if node.kind() == kind {
+            Ok(())
+        } else {
+            Err(Error::WrongKind { node, reason })
+        }
+    }
+
+    // ----- what the topology is made of -----
+
+    /// The directory holding every node's config and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The name the sentinels know the master by.
+    pub fn master_name(&self) -> &str {
+        &self.settings.master_name
+    }
+
+    /// The data node started as master (`redis-0`). After a failover it may
+    /// be a replica or down; ask [`masters`](Self::masters) for the current one.
+    pub fn initial_master(&self) -> NodeId {
+        NodeId::data(0)
+    }
+
+    /// Every data node, the initial master first.
+    pub fn data_nodes(&self) -> Vec<NodeId> {
+        (0..=self.settings.replicas).map(NodeId::data).collect()
+    }
+
+    /// Every sentinel.
+    pub fn sentinels(&self) -> Vec<NodeId> {
+        (0..self.settings.sentinels).map(NodeId::sentinel).collect()
+    }
+
+    /// The address of every sentinel, for clients that discover the master through Sentinel.
+    pub fn sentinel_addrs(&self) -> Vec<SocketAddr> {
+        self.sentinels().into_iter().map(|s| self.addr(s)).collect()
+    }
+
+    /// The loopback address a node listens on. It keeps it across restarts.
+    pub fn addr(&self, node: NodeId) -> SocketAddr {
+        self.lock().get(node).addr()
+    }
+
+    /// The node listening on `addr`, if any.
+    pub fn node_at(&self, addr: SocketAddr) -> Option<NodeId> {
+        let mut nodes = self.lock();
+        nodes.all().find(|n| n.addr() == addr).map(|n| n.id)
+    }
+
+    /// How to connect to a node, with the credentials its kind requires
+    /// (the data nodes' user and password, or the sentinels' password).
+    pub fn connection_info(&self, node: NodeId) -> ConnectionInfo {
+        let (user, password) = match node.kind() {
+            NodeKind::Data => self.settings.data_credentials(),
+            NodeKind::Sentinel => (None, self.settings.sentinel_password.as_deref()),
+        };
+        let mut redis = RedisConnectionInfo::default().set_skip_set_lib_name();
+        if let Some(user) = user {
+            redis = redis.set_username(user);
+        }
+        if let Some(password) = password {
+            redis = redis.set_password(password);
+        }
+        ConnectionAddr::Tcp("127.0.0.1".to_owned(), self.addr(node).port())
+            .into_connection_info()
+            .expect("a TCP address is always valid connection info")
+            .set_redis_settings(redis)
+    }
+
+    /// The OS process id of a node, or `None` while it is not running.
+    pub fn pid(&self, node: NodeId) -> Option<u32> {
+        let mut nodes = self.lock();
+        let process = nodes.get(node);
+        if process.is_running() {
+            process.pid()
+        } else {
+            None
+        }
+    }
+
+    /// Whether a node's process is alive (a paused node is alive).
+    pub fn is_running(&self, node: NodeId) -> bool {
+        self.lock().get(node).is_running()
+    }
+
+    /// The last `lines` lines of a node's log.
+    pub fn log_tail(&self, node: NodeId, lines: usize) -> String {
+        self.lock().get(node).log_tail(lines)
+    }
+
+    // ----- talking to nodes -----
+
+    /// Opens a new multiplexed connection to a node, with the credentials
+    /// its kind requires, a 1 s connect timeout and a 2 s response timeout
+    /// (so that asking a paused node fails instead of hanging).
+    pub async fn connection(&self, node: NodeId) -> Result<MultiplexedConnection> {
+        let redis_error = |source| Error::Redis { node, source };
+        let client = redis::Client::open(self.connection_info(node)).map_err(redis_error)?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(redis_error)
+    }
+
+    /// Sends one command to a node on a new [`connection`](Self::connection)
+    /// and returns the reply.
+    pub async fn query<T: redis::FromRedisValue>(&self, node: NodeId, command: &redis::Cmd) -> Result<T> {
+        let mut connection = self.connection(node).await?;
+        command
+            .query_async(&mut connection)
+            .await
+            .map_err(|source| Error::Redis { node, source })
+    }
+
+    /// The node's answer to `ROLE`.
+    pub async fn role(&self, node: NodeId) -> Result<Role> {
+        self.query(node, &redis::cmd("ROLE")).await
+    }
+
+    /// The running, unpaused data nodes whose `ROLE` says master.
+    ///
+    /// Normally one; none while a failover is under way, and two when an old
+    /// master came back and has not been turned into a replica yet.
+    pub async fn masters(&self) -> Result<Vec<NodeId>> {
+        let mut masters = Vec::new();
+        for node in self.reachable(self.data_nodes()) {
+            if matches!(self.role(node).await?, Role::Primary { .. }) {
+                masters.push(node);
+            }
+        }
+        Ok(masters)
+    }
+
+    /// The master address a sentinel currently reports
+    /// (`SENTINEL GET-MASTER-ADDR-BY-NAME`).
+    pub async fn sentinel_master_addr(&self, sentinel: NodeId) -> Result<Option<SocketAddr>> {
+        Self::require_kind(sentinel, NodeKind::Sentinel, "only a sentinel knows the master's address")?;
+        let reply: Option<(String, u16)> = self
+            .query(
+                sentinel,
+                redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(self.master_name()),
+            )
+            .await?;
+        Ok(reply.and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port))))
+    }
+
+    /// Of `nodes`, those running and not paused.
+    fn reachable(&self, nodes: Vec<NodeId>) -> Vec<NodeId> {
+        let mut all = self.lock();
+        nodes
+            .into_iter()
+            .filter(|&id| {
+                let process = all.get(id);
+                process.is_running() && !process.is_paused()
+            })
+            .collect()
+    }
+
+    // ----- faults -----
+
+    /// Kills a node with SIGKILL (it gets no chance to react) and reaps it.
+    pub fn kill(&self, node: NodeId) -> Result<()> {
+        let mut nodes = self.lock();
+        let process = nodes.get(node);
+        if !process.is_running() {
+            return Err(Error::NotRunning { node });
+        }
+        process.kill();
+        Ok(())
+    }
+
+    /// Freezes a node with SIGSTOP: its port still accepts connections, but
+    /// nothing is answered. This is how a hung master looks to clients and
+    /// sentinels.
+    pub fn pause(&self, node: NodeId) -> Result<()> {
+        self.set_paused(node, true)
+    }
+
+    /// Lets a paused node go on with SIGCONT.
+    pub fn resume(&self, node: NodeId) -> Result<()> {
+        self.set_paused(node, false)
+    }
+
+    fn set_paused(&self, node: NodeId, pause: bool) -> Result<()> {
+        let mut nodes = self.lock();
+        let process = nodes.get(node);
+        if !process.is_running() {
+            return Err(Error::NotRunning { node });
+        }
+        process.set_paused(pause)
+    }
+
+    /// Starts a killed node again on its old port and waits until it
+    /// answers PING.
+    ///
+    /// It starts from its config file as the node last left it: a data node
+    /// that Sentinel reconfigured (Sentinel runs `CONFIG REWRITE`) comes back
+    /// as that replica, while a master killed before any failover comes back
+    /// as a master, as a restarted pod does. Returns [`Error::Exited`] if the
+    /// port was taken in the meantime.
+    pub async fn restart(&self, node: NodeId) -> Result<()> {
+        {
+            let mut nodes = self.lock();
+            let process = nodes.get(node);
+            if process.is_running() {
+                return Err(Error::AlreadyRunning { node });
+            }
+            process.start()?;
+        }
+        self.poll("the restarted node to answer PING", self.settings.start_timeout, || async move {
+            let exit = self.lock().get(node).check_exit();
+            match exit {
+                Some(Exit::Failed(error)) => Err(Attempt::Fatal(error)),
+                Some(Exit::PortTaken) => {
+                    Err(Attempt::Fatal(Error::Exited {
+                        node,
+                        status: "its port was taken while it was down".to_owned(),
+                        log_tail: self.log_tail(node, LOG_TAIL_LINES),
+                    }))
+                }
+                None => self
+                    .query::<String>(node, &redis::cmd("PING"))
+                    .await
+                    .map(drop)
+                    .map_err(pending_on(node)),
+            }
+        })
+        .await
+    }
+
+    /// Asks a running sentinel to fail over now (`SENTINEL FAILOVER`), as an
+    /// operator does before maintenance. Sentinel promotes a replica without
+    /// waiting for agreement from the others.
+    pub async fn sentinel_failover(&self) -> Result<()> {
+        let sentinel = *self
+            .reachable(self.sentinels())
+            .first()
+            .ok_or(Error::NoRunningSentinel)?;
+        let _: String = self
+            .query(sentinel, redis::cmd("SENTINEL").arg("FAILOVER").arg(self.master_name()))
+            .await?;
+        Ok(())
+    }
+
+    /// Promotes a replica by hand, as a Kubernetes operator does without
+    /// Sentinel: `REPLICAOF NO ONE` on `node`, then `REPLICAOF` it on every
+    /// other running, unpaused data node. Returns once the commands are
+    /// accepted; [`wait_for_replica_of`](Self::wait_for_replica_of) waits
+    /// for the others to sync.
+    ///
+    /// With sentinels running, they may undo this: they follow their own view.
+    pub async fn promote(&self, node: NodeId) -> Result<()> {
+        Self::require_kind(node, NodeKind::Data, "only a data node can become master")?;
+        let _: String = self.query(node, redis::cmd("REPLICAOF").arg("NO").arg("ONE")).await?;
+        let port = self.addr(node).port();
+        for other in self.reachable(self.data_nodes()) {
+            if other != node {
+                let _: String = self
+                    .query(other, redis::cmd("REPLICAOF").arg("127.0.0.1").arg(port))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    // ----- waits -----
+
+    /// Waits until a master other than `old` is known: with sentinels, until
+    /// every running sentinel names the same new master and that node's
+    /// `ROLE` confirms it; without, until exactly one running data node other
+    /// than `old` says it is master. Returns the new master.
+    pub async fn wait_for_new_master(&self, old: NodeId, timeout: Duration) -> Result<NodeId> {
+        let old_addr = self.addr(old);
+        let what = format!("a master other than {old}");
+        self.poll(&what, timeout, || async move {
+            let sentinels = self.reachable(self.sentinels());
+            let candidate = if sentinels.is_empty() && self.settings.sentinels == 0 {
+                match self.masters().await.map_err(pending_on(old))?.as_slice() {
+                    [only] if *only != old => *only,
+                    masters => return Err(pending(old, format!("masters are {masters:?}"))),
+                }
+            } else {
+                let mut agreed = None;
+                for &sentinel in &sentinels {
+                    let addr = self
+                        .sentinel_master_addr(sentinel)
+                        .await
+                        .map_err(pending_on(sentinel))?;
+                    match (addr, agreed) {
+                        (Some(addr), _) if addr == old_addr => {
+                            return Err(pending(sentinel, format!("still names {old}")));
+                        }
+                        (Some(addr), None) => agreed = Some(addr),
+                        (Some(addr), Some(first)) if addr == first => {}
+                        (addr, _) => {
+                            return Err(pending(sentinel, format!("names {addr:?}, others {agreed:?}")));
+                        }
+                    }
+                }
+                let addr = agreed.ok_or_else(|| pending(old, "no sentinel is running"))?;
+                self.node_at(addr)
+                    .ok_or_else(|| pending(old, format!("sentinels name {addr}, which is no node of this topology")))?
+            };
+            match self.role(candidate).await.map_err(pending_on(candidate))? {
+                Role::Primary { .. } => Ok(candidate),
+                role => Err(pending(candidate, format!("named master, but ROLE says {role:?}"))),
+            }
+        })
+        .await
+    }
+
+    /// Waits until `replica` replicates from `master`: its `ROLE` names
+    /// `master` with the link connected, and `master`'s `INFO replication`
+    /// lists it as online.
+    pub async fn wait_for_replica_of(&self, replica: NodeId, master: NodeId, timeout: Duration) -> Result<()> {
+        Self::require_kind(replica, NodeKind::Data, "only a data node replicates")?;
+        Self::require_kind(master, NodeKind::Data, "only a data node can be a master")?;
+        let master_port = self.addr(master).port();
+        let replica_port = self.addr(replica).port();
+        let what = format!("{replica} to replicate from {master}");
+        self.poll(&what, timeout, || async move {
+            match self.role(replica).await.map_err(pending_on(replica))? {
+                Role::Replica { primary_port, replication_state, .. }
+                    if primary_port == master_port && replication_state == "connected" => {}
+                role => return Err(pending(replica, format!("ROLE says {role:?}"))),
+            }
+            let info: String = self
+                .query(master, redis::cmd("INFO").arg("replication"))
+                .await
+                .map_err(pending_on(master))?;
+            if online_replica_ports(&info).contains(&replica_port) {
+                Ok(())
+            } else {
+                Err(pending(master, format!("does not list {replica} as online")))
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for process in self.lock().all() {
+            process.kill();
+        }
+    }
+}
+
+/// The ports of the replicas `INFO replication` lists with `state=online`.
+fn online_replica_ports(info: &str) -> Vec<u16> {
+    info.lines()
+        .filter(|line| {
+            line.strip_prefix("slave")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .filter_map(|line| {
+            let fields = line.split_once(':')?.1;
+            let field = |key: &str| {
+                fields
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+            };
+            (field("state")? == "online").then(|| field("port")?.parse().ok())?
+        })
+        .collect()
+}
+
+/// Resolves the server binary: a path as given, a bare name on `PATH`.
+fn find_binary(binary: &Path) -> Result<PathBuf> {
+    let not_found = || Error::RedisServerNotFound {
+        binary: binary.to_path_buf(),
+    };
+    if binary.components().count() > 1 {
+        return binary.is_file().then(|| binary.to_path_buf()).ok_or_else(not_found);
+    }
+    let path = std::env::var_os("PATH").ok_or_else(not_found)?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(not_found)
+}
+
+/// Fails unless `binary --version` reports Redis 6.2 or newer.
+fn check_version(binary: &Path) -> Result<()> {
+    let output = Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(|source| Error::Io {
+            path: binary.to_path_buf(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    match parse_version(&text) {
+        Some(version) if version >= (6, 2) => Ok(()),
+        Some((major, minor)) => Err(Error::UnsupportedVersion {
+            binary: binary.to_path_buf(),
+            found: format!("{major}.{minor}"),
+        }),
+        None => Err(Error::UnsupportedVersion {
+            binary: binary.to_path_buf(),
+            found: format!("of unknown version (it printed {:?})", text.trim()),
+        }),
+    }
+}
+
+/// `(major, minor)` from `redis-server --version` ("Redis server v=7.0.15 sha=...").
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let version = text.split_whitespace().find_map(|word| word.strip_prefix("v="))?;
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_the_version_banner() {
+        let banner = "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=ae4d7c";
+        assert_eq!(parse_version(banner), Some((7, 0)));
+        assert_eq!(parse_version("Redis server v=6.2.14 sha=0"), Some((6, 2)));
+        assert_eq!(parse_version("something else"), None);
+    }
+
+    #[test]
+    fn online_replicas_are_read_from_info_replication() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+            slave0:ip=127.0.0.1,port=20001,state=online,offset=42,lag=0\r\n\
+            slave1:ip=127.0.0.1,port=20002,state=wait_bgsave,offset=0,lag=0\r\n\
+            master_failover_state:no-failover\r\n";
+        assert_eq!(online_replica_ports(info), vec![20001]);
+    }
+
+    #[test]
+    fn a_missing_binary_is_reported_with_the_package_to_install() {
+        let error = find_binary(Path::new("no-such-redis-server-binary")).unwrap_err();
+        assert!(matches!(error, Error::RedisServerNotFound { .. }));
+        let message = error.to_string();
+        assert!(message.contains("apt-get install redis-server"), "{message}");
+        let error = find_binary(Path::new("/nonexistent/redis-server")).unwrap_err();
+        assert!(matches!(error, Error::RedisServerNotFound { .. }));
+    }
+}

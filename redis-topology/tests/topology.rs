@@ -1,0 +1,287 @@
+//! The topology against real `redis-server` processes: replication, Sentinel
+//! failover after a kill and after a hang, manual promotion, several
+//! topologies at once, credentials, and cleanup when a test panics.
+
+use std::time::Duration;
+
+use redis::Role;
+use redis_topology::{Error, NodeId, Topology};
+
+/// Long enough for a Sentinel failover (about 2-3 s with the 1 s
+/// down-after) on a loaded 2-core machine.
+const FAILOVER_DEADLINE: Duration = Duration::from_secs(30);
+/// Sentinel turns a returning old master into a replica only after it has
+/// looked sane for 8 s, and learns of it through INFO sent every 1-10 s.
+const REJOIN_DEADLINE: Duration = Duration::from_secs(60);
+const SYNC_DEADLINE: Duration = Duration::from_secs(15);
+
+async fn set(topology: &Topology, node: NodeId, key: &str, value: &str) {
+    let _: () = topology
+        .query(node, redis::cmd("SET").arg(key).arg(value))
+        .await
+        .unwrap();
+}
+
+async fn get(topology: &Topology, node: NodeId, key: &str) -> Option<String> {
+    topology.query(node, redis::cmd("GET").arg(key)).await.unwrap()
+}
+
+/// Writes on `master`, then checks every other running data node has the write.
+async fn assert_replicates(topology: &Topology, master: NodeId, key: &str) {
+    let replicas: Vec<NodeId> = topology
+        .data_nodes()
+        .into_iter()
+        .filter(|&n| n != master && topology.is_running(n))
+        .collect();
+    // WAIT counts acknowledgements of the calling connection's own writes,
+    // so SET and WAIT share one connection.
+    let mut connection = topology.connection(master).await.unwrap();
+    let (acked,): (usize,) = redis::pipe()
+        .set(key, "v")
+        .ignore()
+        .cmd("WAIT")
+        .arg(replicas.len())
+        .arg(5000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(acked, replicas.len(), "WAIT on {master}");
+    for replica in replicas {
+        assert_eq!(get(topology, replica, key).await.as_deref(), Some("v"), "{key} on {replica}");
+    }
+}
+
+#[tokio::test]
+async fn writes_on_the_master_reach_every_replica() {
+    let topology = Topology::builder().start().await.unwrap();
+    let master = topology.initial_master();
+    assert_eq!(topology.data_nodes().len(), 3);
+    assert_eq!(topology.sentinels().len(), 3);
+
+    let mut connection = topology.connection(master).await.unwrap();
+    let (acked,): (usize,) = redis::pipe()
+        .set("greeting", "hello")
+        .ignore()
+        .cmd("WAIT")
+        .arg(2)
+        .arg(1000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(acked, 2);
+    for replica in &topology.data_nodes()[1..] {
+        assert_eq!(get(&topology, *replica, "greeting").await.as_deref(), Some("hello"));
+        match topology.role(*replica).await.unwrap() {
+            Role::Replica { primary_port, .. } => {
+                assert_eq!(primary_port, topology.addr(master).port())
+            }
+            role => panic!("{replica} is {role:?}"),
+        }
+    }
+    for sentinel in topology.sentinels() {
+        let addr = topology.sentinel_master_addr(sentinel).await.unwrap();
+        assert_eq!(addr, Some(topology.addr(master)), "{sentinel}");
+    }
+    assert_eq!(topology.masters().await.unwrap(), vec![master]);
+}
+
+#[tokio::test]
+async fn sentinel_promotes_a_replica_when_the_master_is_killed() {
+    let topology = Topology::builder().start().await.unwrap();
+    let old = topology.initial_master();
+
+    topology.kill(old).unwrap();
+    assert!(!topology.is_running(old));
+    let new = topology.wait_for_new_master(old, FAILOVER_DEADLINE).await.unwrap();
+    assert_ne!(new, old);
+    assert_eq!(topology.masters().await.unwrap(), vec![new]);
+
+    let other = topology
+        .data_nodes()
+        .into_iter()
+        .find(|&n| n != old && n != new)
+        .unwrap();
+    topology.wait_for_replica_of(other, new, SYNC_DEADLINE).await.unwrap();
+    assert_replicates(&topology, new, "after-kill").await;
+
+    // The old master comes back on its old port, still thinking it is the
+    // master (its config was never rewritten); Sentinel demotes it.
+    let old_addr = topology.addr(old);
+    topology.restart(old).await.unwrap();
+    assert_eq!(topology.addr(old), old_addr);
+    topology.wait_for_replica_of(old, new, REJOIN_DEADLINE).await.unwrap();
+    assert_eq!(topology.masters().await.unwrap(), vec![new]);
+    assert_replicates(&topology, new, "after-rejoin").await;
+}
+
+#[tokio::test]
+async fn a_hung_master_is_failed_over_and_rejoins_as_a_replica() {
+    let topology = Topology::builder().start().await.unwrap();
+    let old = topology.initial_master();
+
+    topology.pause(old).unwrap();
+    assert!(topology.is_running(old), "a paused node is still running");
+    let new = topology.wait_for_new_master(old, FAILOVER_DEADLINE).await.unwrap();
+    assert_ne!(new, old);
+
+    topology.resume(old).unwrap();
+    topology.wait_for_replica_of(old, new, REJOIN_DEADLINE).await.unwrap();
+    assert_eq!(topology.masters().await.unwrap(), vec![new]);
+    assert_replicates(&topology, new, "after-resume").await;
+}
+
+#[tokio::test]
+async fn sentinel_failover_command_switches_the_master() {
+    let topology = Topology::builder().start().await.unwrap();
+    let old = topology.initial_master();
+
+    topology.sentinel_failover().await.unwrap();
+    let new = topology.wait_for_new_master(old, FAILOVER_DEADLINE).await.unwrap();
+    // A live old master is reconfigured by Sentinel as part of the failover.
+    topology.wait_for_replica_of(old, new, REJOIN_DEADLINE).await.unwrap();
+    assert_replicates(&topology, new, "after-manual-failover").await;
+}
+
+#[tokio::test]
+async fn manual_promotion_without_sentinel() {
+    let topology = Topology::builder().sentinels(0).start().await.unwrap();
+    assert!(topology.sentinels().is_empty());
+    assert!(matches!(topology.sentinel_failover().await, Err(Error::NoRunningSentinel)));
+    let old = topology.initial_master();
+    let new = topology.data_nodes()[1];
+
+    topology.promote(new).await.unwrap();
+    assert_eq!(topology.wait_for_new_master(old, FAILOVER_DEADLINE).await.unwrap(), new);
+    for node in topology.data_nodes() {
+        if node != new {
+            topology.wait_for_replica_of(node, new, SYNC_DEADLINE).await.unwrap();
+        }
+    }
+    assert_replicates(&topology, new, "after-promotion").await;
+
+    // The old master is a replica now: writes to it are refused.
+    let refused = topology
+        .query::<()>(old, redis::cmd("SET").arg("k").arg("v"))
+        .await
+        .unwrap_err();
+    let Error::Redis { source, .. } = refused else {
+        panic!("expected a Redis error, got {refused:?}")
+    };
+    assert_eq!(source.code(), Some("READONLY"));
+}
+
+#[tokio::test]
+async fn two_topologies_run_side_by_side() {
+    let (a, b) = tokio::join!(
+        Topology::builder().replicas(1).sentinels(1).start(),
+        Topology::builder().replicas(1).sentinels(1).start(),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let ports = |t: &Topology| {
+        t.data_nodes()
+            .into_iter()
+            .chain(t.sentinels())
+            .map(|n| t.addr(n).port())
+            .collect::<Vec<_>>()
+    };
+    let (ports_a, ports_b) = (ports(&a), ports(&b));
+    assert!(ports_a.iter().all(|p| !ports_b.contains(p)), "{ports_a:?} vs {ports_b:?}");
+    assert_ne!(a.dir(), b.dir());
+
+    set(&a, a.initial_master(), "owner", "a").await;
+    assert_eq!(get(&b, b.initial_master(), "owner").await, None);
+    assert_replicates(&a, a.initial_master(), "only-in-a").await;
+}
+
+#[tokio::test]
+async fn acl_credentials_protect_data_nodes_and_sentinels() {
+    let topology = Topology::builder()
+        .replicas(1)
+        .sentinels(1)
+        .acl_user("app", "app-secret")
+        .sentinel_password("sentinel-secret")
+        .start()
+        .await
+        .unwrap();
+    // Start-up proves replication and Sentinel authenticate; clients must too.
+    let master = topology.initial_master();
+    assert_replicates(&topology, master, "with-acl").await;
+    let whoami: String = topology
+        .query(master, redis::cmd("ACL").arg("WHOAMI"))
+        .await
+        .unwrap();
+    assert_eq!(whoami, "app");
+
+    for node in [master, topology.sentinels()[0]] {
+        let client = redis::Client::open(format!("redis://{}", topology.addr(node))).unwrap();
+        let mut anonymous = client.get_multiplexed_async_connection().await.unwrap();
+        let error = redis::cmd("PING")
+            .query_async::<String>(&mut anonymous)
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), Some("NOAUTH"), "{node}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn every_process_is_killed_when_a_test_panics() {
+    let (pids_tx, pids_rx) = std::sync::mpsc::channel();
+    let panicked = tokio::spawn(async move {
+        let topology = Topology::builder().replicas(1).sentinels(1).start().await.unwrap();
+        let nodes = topology.data_nodes().into_iter().chain(topology.sentinels());
+        let pids: Vec<u32> = nodes.map(|n| topology.pid(n).unwrap()).collect();
+        pids_tx.send((pids, topology.dir().to_owned())).unwrap();
+        panic!("deliberate panic while the topology runs");
+    })
+    .await
+    .unwrap_err();
+    assert!(panicked.is_panic());
+
+    let (pids, dir) = pids_rx.recv().unwrap();
+    assert_eq!(pids.len(), 3);
+    for pid in pids {
+        assert!(!process_exists(pid), "redis-server {pid} outlived its topology");
+    }
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+}
+
+#[tokio::test]
+async fn a_missing_binary_fails_start_with_a_clear_error() {
+    let error = Topology::builder()
+        .redis_server("/nonexistent/bin/redis-server")
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::RedisServerNotFound { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn faults_on_stopped_nodes_are_refused() {
+    let topology = Topology::builder().replicas(1).sentinels(0).start().await.unwrap();
+    let replica = topology.data_nodes()[1];
+    assert!(matches!(
+        topology.restart(replica).await,
+        Err(Error::AlreadyRunning { .. })
+    ));
+    topology.kill(replica).unwrap();
+    assert!(topology.pid(replica).is_none());
+    assert!(matches!(topology.kill(replica), Err(Error::NotRunning { .. })));
+    assert!(matches!(topology.pause(replica), Err(Error::NotRunning { .. })));
+    // The failed query names the node and keeps the client's error as source.
+    let error = topology.role(replica).await.unwrap_err();
+    assert!(matches!(error, Error::Redis { node, .. } if node == replica));
+    assert!(std::error::Error::source(&error).is_some());
+
+    topology.restart(replica).await.unwrap();
+    topology
+        .wait_for_replica_of(replica, topology.initial_master(), SYNC_DEADLINE)
+        .await
+        .unwrap();
+}
+
+/// Signal 0 checks that a process exists without touching it. The topology
+/// reaps what it kills, so a killed node leaves no zombie behind.
+fn process_exists(pid: u32) -> bool {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    nix::sys::signal::kill(pid, None).is_ok()
+}
