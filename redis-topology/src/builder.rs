@@ -193,22 +193,33 @@ impl TopologyBuilder {
             return invalid("start_timeout", "must be more than zero");
         }
         if !is_config_word(&self.master_name) {
-            return invalid("master_name", "must be non-empty ASCII letters, digits, `.`, `_` or `-`");
+            return invalid(
+                "master_name",
+                "must be non-empty ASCII letters, digits, `.`, `_` or `-`",
+            );
         }
-        if let Some(user) = &self.user {
-            if !is_config_word(user) {
-                return invalid("acl_user", "the user name must be non-empty ASCII letters, digits, `.`, `_` or `-`");
-            }
+        if self.user.as_deref().is_some_and(|user| !is_config_word(user)) {
+            return invalid(
+                "acl_user",
+                "the user name must be non-empty ASCII letters, digits, `.`, `_` or `-`",
+            );
         }
         for (setting, password) in [
             ("password", &self.password),
             ("sentinel_password", &self.sentinel_password),
         ] {
             if password.as_deref().is_some_and(|p| !is_password(p)) {
-                return invalid(setting, "must be non-empty, without spaces, quotes or control characters");
+                return invalid(
+                    setting,
+                    "must be non-empty, without spaces, quotes or control characters",
+                );
             }
         }
-        if self.extra_config.iter().any(|line| line.contains(['\n', '\r'])) {
+        if self
+            .extra_config
+            .iter()
+            .any(|line| line.contains(['\n', '\r']))
+        {
             return invalid("extra_config", "each entry must be a single line");
         }
         Ok(())
@@ -273,7 +284,10 @@ impl TopologyBuilder {
             let _ = writeln!(conf, "sentinel auth-pass {name} {password}");
         }
         if let Some(password) = &self.sentinel_password {
-            let _ = write!(conf, "requirepass {password}\nsentinel sentinel-pass {password}\n");
+            let _ = write!(
+                conf,
+                "requirepass {password}\nsentinel sentinel-pass {password}\n"
+            );
         }
         conf
     }
@@ -325,14 +339,26 @@ mod tests {
         let b = TopologyBuilder::default;
         assert_eq!(rejected_setting(b().quorum(4)), "quorum");
         assert_eq!(rejected_setting(b().quorum(0)), "quorum");
-        assert_eq!(rejected_setting(b().master_name("my master")), "master_name");
+        assert_eq!(
+            rejected_setting(b().master_name("my master")),
+            "master_name"
+        );
         assert_eq!(rejected_setting(b().acl_user("a b", "pw")), "acl_user");
         assert_eq!(rejected_setting(b().password("with space")), "password");
         assert_eq!(rejected_setting(b().password("")), "password");
-        assert_eq!(rejected_setting(b().sentinel_password("quo\"te")), "sentinel_password");
+        assert_eq!(
+            rejected_setting(b().sentinel_password("quo\"te")),
+            "sentinel_password"
+        );
         assert_eq!(rejected_setting(b().extra_config("a\nb")), "extra_config");
-        assert_eq!(rejected_setting(b().down_after(Duration::ZERO)), "down_after");
-        assert_eq!(rejected_setting(b().start_timeout(Duration::ZERO)), "start_timeout");
+        assert_eq!(
+            rejected_setting(b().down_after(Duration::ZERO)),
+            "down_after"
+        );
+        assert_eq!(
+            rejected_setting(b().start_timeout(Duration::ZERO)),
+            "start_timeout"
+        );
     }
 
     #[test]
@@ -350,7 +376,10 @@ mod tests {
             "masterauth s3cret",
             "maxmemory 64mb",
         ] {
-            assert!(conf.lines().any(|l| l == line), "missing {line:?} in\n{conf}");
+            assert!(
+                conf.lines().any(|l| l == line),
+                "missing {line:?} in\n{conf}"
+            );
         }
     }
 
@@ -369,7 +398,10 @@ mod tests {
             "requirepass spw",
             "sentinel sentinel-pass spw",
         ] {
-            assert!(conf.lines().any(|l| l == line), "missing {line:?} in\n{conf}");
+            assert!(
+                conf.lines().any(|l| l == line),
+                "missing {line:?} in\n{conf}"
+            );
         }
         assert!(!conf.contains("auth-user"));
     }

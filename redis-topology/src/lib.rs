@@ -60,5 +60,5 @@ mod topology;
 pub use builder::TopologyBuilder;
 pub use error::{Error, Result};
 pub use node::{NodeId, NodeKind};
-pub use topology::Topology;
 pub use redis::Role;
+pub use topology::Topology;

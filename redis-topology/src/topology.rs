@@ -158,7 +158,8 @@ impl Topology {
                 node: id,
                 attempts: PORT_ATTEMPTS,
             })?;
-            let process = NodeProcess::spawn(id, self.dir.path(), &self.binary, port, &config(port))?;
+            let process =
+                NodeProcess::spawn(id, self.dir.path(), &self.binary, port, &config(port))?;
             {
                 let mut nodes = self.lock();
                 let list = match id.kind() {
@@ -182,20 +183,24 @@ impl Topology {
     /// Waits until a just-started node answers PING. `Ok(false)` means it
     /// exited because its port was taken.
     async fn wait_until_answering(&self, id: NodeId) -> Result<bool> {
-        self.poll("the node to answer PING", self.settings.start_timeout, || async move {
-            let exit = self.lock().get(id).check_exit();
-            match exit {
-                Some(Exit::PortTaken) => Ok(false),
-                Some(Exit::Failed(error)) => Err(Attempt::Fatal(error)),
-                None => {
-                    let _: String = self
-                        .query(id, &redis::cmd("PING"))
-                        .await
-                        .map_err(pending_on(id))?;
-                    Ok(true)
+        self.poll(
+            "the node to answer PING",
+            self.settings.start_timeout,
+            || async move {
+                let exit = self.lock().get(id).check_exit();
+                match exit {
+                    Some(Exit::PortTaken) => Ok(false),
+                    Some(Exit::Failed(error)) => Err(Attempt::Fatal(error)),
+                    None => {
+                        let _: String = self
+                            .query(id, &redis::cmd("PING"))
+                            .await
+                            .map_err(pending_on(id))?;
+                        Ok(true)
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -206,7 +211,9 @@ impl Topology {
         let master_port = &self.addr(master).port().to_string();
         let replicas = self.settings.replicas;
         let other_sentinels = self.settings.sentinels - 1;
-        let what = &format!("{sentinel} to see the master, {replicas} replicas and {other_sentinels} other sentinels");
+        let what = &format!(
+            "{sentinel} to see the master, {replicas} replicas and {other_sentinels} other sentinels"
+        );
         self.poll(what, self.settings.start_timeout, || async move {
             let state: HashMap<String, String> = self
                 .query(sentinel, redis::cmd("SENTINEL").arg("MASTER").arg(name))
@@ -214,10 +221,21 @@ impl Topology {
                 .map_err(pending_on(sentinel))?;
             let field = |key: &str| state.get(key).map(String::as_str).unwrap_or("");
             if field("port") != master_port || field("flags") != "master" {
-                return Err(pending(sentinel, format!("master is {}:{} with flags {}", field("ip"), field("port"), field("flags"))));
+                return Err(pending(
+                    sentinel,
+                    format!(
+                        "master is {}:{} with flags {}",
+                        field("ip"),
+                        field("port"),
+                        field("flags")
+                    ),
+                ));
             }
             if field("num-other-sentinels") != other_sentinels.to_string() {
-                return Err(pending(sentinel, format!("knows {} other sentinels", field("num-other-sentinels"))));
+                return Err(pending(
+                    sentinel,
+                    format!("knows {} other sentinels", field("num-other-sentinels")),
+                ));
             }
             let known: Vec<HashMap<String, String>> = self
                 .query(sentinel, redis::cmd("SENTINEL").arg("REPLICAS").arg(name))
@@ -231,7 +249,10 @@ impl Topology {
                 })
                 .count();
             if healthy != replicas {
-                return Err(pending(sentinel, format!("sees {healthy} healthy replicas")));
+                return Err(pending(
+                    sentinel,
+                    format!("sees {healthy} healthy replicas"),
+                ));
             }
             Ok(())
         })
@@ -270,7 +291,9 @@ impl Topology {
 
     fn lock(&self) -> MutexGuard<'_, Nodes> {
         // A panic elsewhere cannot leave `Nodes` inconsistent: keep going.
-        self.nodes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.nodes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn require_kind(node: NodeId, kind: NodeKind, reason: &'static str) -> Result<()> {
@@ -385,7 +408,11 @@ impl Topology {
 
     /// Sends one command to a node on a new [`connection`](Self::connection)
     /// and returns the reply.
-    pub async fn query<T: redis::FromRedisValue>(&self, node: NodeId, command: &redis::Cmd) -> Result<T> {
+    pub async fn query<T: redis::FromRedisValue>(
+        &self,
+        node: NodeId,
+        command: &redis::Cmd,
+    ) -> Result<T> {
         let mut connection = self.connection(node).await?;
         command
             .query_async(&mut connection)
@@ -415,11 +442,17 @@ impl Topology {
     /// The master address a sentinel currently reports
     /// (`SENTINEL GET-MASTER-ADDR-BY-NAME`).
     pub async fn sentinel_master_addr(&self, sentinel: NodeId) -> Result<Option<SocketAddr>> {
-        Self::require_kind(sentinel, NodeKind::Sentinel, "only a sentinel knows the master's address")?;
+        Self::require_kind(
+            sentinel,
+            NodeKind::Sentinel,
+            "only a sentinel knows the master's address",
+        )?;
         let reply: Option<(String, u16)> = self
             .query(
                 sentinel,
-                redis::cmd("SENTINEL").arg("GET-MASTER-ADDR-BY-NAME").arg(self.master_name()),
+                redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg(self.master_name()),
             )
             .await?;
         Ok(reply.and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port))))
@@ -488,24 +521,26 @@ impl Topology {
             }
             process.start()?;
         }
-        self.poll("the restarted node to answer PING", self.settings.start_timeout, || async move {
-            let exit = self.lock().get(node).check_exit();
-            match exit {
-                Some(Exit::Failed(error)) => Err(Attempt::Fatal(error)),
-                Some(Exit::PortTaken) => {
-                    Err(Attempt::Fatal(Error::Exited {
+        self.poll(
+            "the restarted node to answer PING",
+            self.settings.start_timeout,
+            || async move {
+                let exit = self.lock().get(node).check_exit();
+                match exit {
+                    Some(Exit::Failed(error)) => Err(Attempt::Fatal(error)),
+                    Some(Exit::PortTaken) => Err(Attempt::Fatal(Error::Exited {
                         node,
                         status: "its port was taken while it was down".to_owned(),
                         log_tail: self.log_tail(node, LOG_TAIL_LINES),
-                    }))
+                    })),
+                    None => self
+                        .query::<String>(node, &redis::cmd("PING"))
+                        .await
+                        .map(drop)
+                        .map_err(pending_on(node)),
                 }
-                None => self
-                    .query::<String>(node, &redis::cmd("PING"))
-                    .await
-                    .map(drop)
-                    .map_err(pending_on(node)),
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -518,7 +553,12 @@ impl Topology {
             .first()
             .ok_or(Error::NoRunningSentinel)?;
         let _: String = self
-            .query(sentinel, redis::cmd("SENTINEL").arg("FAILOVER").arg(self.master_name()))
+            .query(
+                sentinel,
+                redis::cmd("SENTINEL")
+                    .arg("FAILOVER")
+                    .arg(self.master_name()),
+            )
             .await?;
         Ok(())
     }
@@ -532,7 +572,9 @@ impl Topology {
     /// With sentinels running, they may undo this: they follow their own view.
     pub async fn promote(&self, node: NodeId) -> Result<()> {
         Self::require_kind(node, NodeKind::Data, "only a data node can become master")?;
-        let _: String = self.query(node, redis::cmd("REPLICAOF").arg("NO").arg("ONE")).await?;
+        let _: String = self
+            .query(node, redis::cmd("REPLICAOF").arg("NO").arg("ONE"))
+            .await?;
         let port = self.addr(node).port();
         for other in self.reachable(self.data_nodes()) {
             if other != node {
@@ -574,17 +616,27 @@ impl Topology {
                         (Some(addr), None) => agreed = Some(addr),
                         (Some(addr), Some(first)) if addr == first => {}
                         (addr, _) => {
-                            return Err(pending(sentinel, format!("names {addr:?}, others {agreed:?}")));
+                            return Err(pending(
+                                sentinel,
+                                format!("names {addr:?}, others {agreed:?}"),
+                            ));
                         }
                     }
                 }
                 let addr = agreed.ok_or_else(|| pending(old, "no sentinel is running"))?;
-                self.node_at(addr)
-                    .ok_or_else(|| pending(old, format!("sentinels name {addr}, which is no node of this topology")))?
+                self.node_at(addr).ok_or_else(|| {
+                    pending(
+                        old,
+                        format!("sentinels name {addr}, which is no node of this topology"),
+                    )
+                })?
             };
             match self.role(candidate).await.map_err(pending_on(candidate))? {
                 Role::Primary { .. } => Ok(candidate),
-                role => Err(pending(candidate, format!("named master, but ROLE says {role:?}"))),
+                role => Err(pending(
+                    candidate,
+                    format!("named master, but ROLE says {role:?}"),
+                )),
             }
         })
         .await
@@ -593,7 +645,12 @@ impl Topology {
     /// Waits until `replica` replicates from `master`: its `ROLE` names
     /// `master` with the link connected, and `master`'s `INFO replication`
     /// lists it as online.
-    pub async fn wait_for_replica_of(&self, replica: NodeId, master: NodeId, timeout: Duration) -> Result<()> {
+    pub async fn wait_for_replica_of(
+        &self,
+        replica: NodeId,
+        master: NodeId,
+        timeout: Duration,
+    ) -> Result<()> {
         Self::require_kind(replica, NodeKind::Data, "only a data node replicates")?;
         Self::require_kind(master, NodeKind::Data, "only a data node can be a master")?;
         let master_port = self.addr(master).port();
@@ -601,8 +658,11 @@ impl Topology {
         let what = format!("{replica} to replicate from {master}");
         self.poll(&what, timeout, || async move {
             match self.role(replica).await.map_err(pending_on(replica))? {
-                Role::Replica { primary_port, replication_state, .. }
-                    if primary_port == master_port && replication_state == "connected" => {}
+                Role::Replica {
+                    primary_port,
+                    replication_state,
+                    ..
+                } if primary_port == master_port && replication_state == "connected" => {}
                 role => return Err(pending(replica, format!("ROLE says {role:?}"))),
             }
             let info: String = self
@@ -612,7 +672,10 @@ impl Topology {
             if online_replica_ports(&info).contains(&replica_port) {
                 Ok(())
             } else {
-                Err(pending(master, format!("does not list {replica} as online")))
+                Err(pending(
+                    master,
+                    format!("does not list {replica} as online"),
+                ))
             }
         })
         .await
@@ -652,7 +715,10 @@ fn find_binary(binary: &Path) -> Result<PathBuf> {
         binary: binary.to_path_buf(),
     };
     if binary.components().count() > 1 {
-        return binary.is_file().then(|| binary.to_path_buf()).ok_or_else(not_found);
+        return binary
+            .is_file()
+            .then(|| binary.to_path_buf())
+            .ok_or_else(not_found);
     }
     let path = std::env::var_os("PATH").ok_or_else(not_found)?;
     std::env::split_paths(&path)
@@ -686,7 +752,9 @@ fn check_version(binary: &Path) -> Result<()> {
 
 /// `(major, minor)` from `redis-server --version` ("Redis server v=7.0.15 sha=...").
 fn parse_version(text: &str) -> Option<(u32, u32)> {
-    let version = text.split_whitespace().find_map(|word| word.strip_prefix("v="))?;
+    let version = text
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("v="))?;
     let mut parts = version.split('.');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
@@ -697,7 +765,8 @@ mod tests {
 
     #[test]
     fn versions_are_read_from_the_version_banner() {
-        let banner = "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=ae4d7c";
+        let banner =
+            "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=ae4d7c";
         assert_eq!(parse_version(banner), Some((7, 0)));
         assert_eq!(parse_version("Redis server v=6.2.14 sha=0"), Some((6, 2)));
         assert_eq!(parse_version("something else"), None);
@@ -717,7 +786,10 @@ mod tests {
         let error = find_binary(Path::new("no-such-redis-server-binary")).unwrap_err();
         assert!(matches!(error, Error::RedisServerNotFound { .. }));
         let message = error.to_string();
-        assert!(message.contains("apt-get install redis-server"), "{message}");
+        assert!(
+            message.contains("apt-get install redis-server"),
+            "{message}"
+        );
         let error = find_binary(Path::new("/nonexistent/redis-server")).unwrap_err();
         assert!(matches!(error, Error::RedisServerNotFound { .. }));
     }

@@ -23,7 +23,10 @@ async fn set(topology: &Topology, node: NodeId, key: &str, value: &str) {
 }
 
 async fn get(topology: &Topology, node: NodeId, key: &str) -> Option<String> {
-    topology.query(node, redis::cmd("GET").arg(key)).await.unwrap()
+    topology
+        .query(node, redis::cmd("GET").arg(key))
+        .await
+        .unwrap()
 }
 
 /// Writes on `master`, then checks every other running data node has the write.
@@ -47,7 +50,11 @@ async fn assert_replicates(topology: &Topology, master: NodeId, key: &str) {
         .unwrap();
     assert_eq!(acked, replicas.len(), "WAIT on {master}");
     for replica in replicas {
-        assert_eq!(get(topology, replica, key).await.as_deref(), Some("v"), "{key} on {replica}");
+        assert_eq!(
+            get(topology, replica, key).await.as_deref(),
+            Some("v"),
+            "{key} on {replica}"
+        );
     }
 }
 
@@ -70,7 +77,10 @@ async fn writes_on_the_master_reach_every_replica() {
         .unwrap();
     assert_eq!(acked, 2);
     for replica in &topology.data_nodes()[1..] {
-        assert_eq!(get(&topology, *replica, "greeting").await.as_deref(), Some("hello"));
+        assert_eq!(
+            get(&topology, *replica, "greeting").await.as_deref(),
+            Some("hello")
+        );
         match topology.role(*replica).await.unwrap() {
             Role::Replica { primary_port, .. } => {
                 assert_eq!(primary_port, topology.addr(master).port())
@@ -92,7 +102,10 @@ async fn sentinel_promotes_a_replica_when_the_master_is_killed() {
 
     topology.kill(old).unwrap();
     assert!(!topology.is_running(old));
-    let new = topology.wait_for_new_master(old, FAILOVER_DEADLINE).await.unwrap();
+    let new = topology
+        .wait_for_new_master(old, FAILOVER_DEADLINE)
+        .await
+        .unwrap();
     assert_ne!(new, old);
     assert_eq!(topology.masters().await.unwrap(), vec![new]);
 
@@ -101,7 +114,10 @@ async fn sentinel_promotes_a_replica_when_the_master_is_killed() {
         .into_iter()
         .find(|&n| n != old && n != new)
         .unwrap();
-    topology.wait_for_replica_of(other, new, SYNC_DEADLINE).await.unwrap();
+    topology
+        .wait_for_replica_of(other, new, SYNC_DEADLINE)
+        .await
+        .unwrap();
     assert_replicates(&topology, new, "after-kill").await;
 
     // The old master comes back on its old port, still thinking it is the
@@ -109,7 +125,10 @@ async fn sentinel_promotes_a_replica_when_the_master_is_killed() {
     let old_addr = topology.addr(old);
     topology.restart(old).await.unwrap();
     assert_eq!(topology.addr(old), old_addr);
-    topology.wait_for_replica_of(old, new, REJOIN_DEADLINE).await.unwrap();
+    topology
+        .wait_for_replica_of(old, new, REJOIN_DEADLINE)
+        .await
+        .unwrap();
     assert_eq!(topology.masters().await.unwrap(), vec![new]);
     assert_replicates(&topology, new, "after-rejoin").await;
 }
@@ -121,11 +140,17 @@ async fn a_hung_master_is_failed_over_and_rejoins_as_a_replica() {
 
     topology.pause(old).unwrap();
     assert!(topology.is_running(old), "a paused node is still running");
-    let new = topology.wait_for_new_master(old, FAILOVER_DEADLINE).await.unwrap();
+    let new = topology
+        .wait_for_new_master(old, FAILOVER_DEADLINE)
+        .await
+        .unwrap();
     assert_ne!(new, old);
 
     topology.resume(old).unwrap();
-    topology.wait_for_replica_of(old, new, REJOIN_DEADLINE).await.unwrap();
+    topology
+        .wait_for_replica_of(old, new, REJOIN_DEADLINE)
+        .await
+        .unwrap();
     assert_eq!(topology.masters().await.unwrap(), vec![new]);
     assert_replicates(&topology, new, "after-resume").await;
 }
@@ -136,9 +161,15 @@ async fn sentinel_failover_command_switches_the_master() {
     let old = topology.initial_master();
 
     topology.sentinel_failover().await.unwrap();
-    let new = topology.wait_for_new_master(old, FAILOVER_DEADLINE).await.unwrap();
+    let new = topology
+        .wait_for_new_master(old, FAILOVER_DEADLINE)
+        .await
+        .unwrap();
     // A live old master is reconfigured by Sentinel as part of the failover.
-    topology.wait_for_replica_of(old, new, REJOIN_DEADLINE).await.unwrap();
+    topology
+        .wait_for_replica_of(old, new, REJOIN_DEADLINE)
+        .await
+        .unwrap();
     assert_replicates(&topology, new, "after-manual-failover").await;
 }
 
@@ -146,15 +177,27 @@ async fn sentinel_failover_command_switches_the_master() {
 async fn manual_promotion_without_sentinel() {
     let topology = Topology::builder().sentinels(0).start().await.unwrap();
     assert!(topology.sentinels().is_empty());
-    assert!(matches!(topology.sentinel_failover().await, Err(Error::NoRunningSentinel)));
+    assert!(matches!(
+        topology.sentinel_failover().await,
+        Err(Error::NoRunningSentinel)
+    ));
     let old = topology.initial_master();
     let new = topology.data_nodes()[1];
 
     topology.promote(new).await.unwrap();
-    assert_eq!(topology.wait_for_new_master(old, FAILOVER_DEADLINE).await.unwrap(), new);
+    assert_eq!(
+        topology
+            .wait_for_new_master(old, FAILOVER_DEADLINE)
+            .await
+            .unwrap(),
+        new
+    );
     for node in topology.data_nodes() {
         if node != new {
-            topology.wait_for_replica_of(node, new, SYNC_DEADLINE).await.unwrap();
+            topology
+                .wait_for_replica_of(node, new, SYNC_DEADLINE)
+                .await
+                .unwrap();
         }
     }
     assert_replicates(&topology, new, "after-promotion").await;
@@ -185,7 +228,10 @@ async fn two_topologies_run_side_by_side() {
             .collect::<Vec<_>>()
     };
     let (ports_a, ports_b) = (ports(&a), ports(&b));
-    assert!(ports_a.iter().all(|p| !ports_b.contains(p)), "{ports_a:?} vs {ports_b:?}");
+    assert!(
+        ports_a.iter().all(|p| !ports_b.contains(p)),
+        "{ports_a:?} vs {ports_b:?}"
+    );
     assert_ne!(a.dir(), b.dir());
 
     set(&a, a.initial_master(), "owner", "a").await;
@@ -227,8 +273,16 @@ async fn acl_credentials_protect_data_nodes_and_sentinels() {
 async fn every_process_is_killed_when_a_test_panics() {
     let (pids_tx, pids_rx) = std::sync::mpsc::channel();
     let panicked = tokio::spawn(async move {
-        let topology = Topology::builder().replicas(1).sentinels(1).start().await.unwrap();
-        let nodes = topology.data_nodes().into_iter().chain(topology.sentinels());
+        let topology = Topology::builder()
+            .replicas(1)
+            .sentinels(1)
+            .start()
+            .await
+            .unwrap();
+        let nodes = topology
+            .data_nodes()
+            .into_iter()
+            .chain(topology.sentinels());
         let pids: Vec<u32> = nodes.map(|n| topology.pid(n).unwrap()).collect();
         pids_tx.send((pids, topology.dir().to_owned())).unwrap();
         panic!("deliberate panic while the topology runs");
@@ -240,7 +294,10 @@ async fn every_process_is_killed_when_a_test_panics() {
     let (pids, dir) = pids_rx.recv().unwrap();
     assert_eq!(pids.len(), 3);
     for pid in pids {
-        assert!(!process_exists(pid), "redis-server {pid} outlived its topology");
+        assert!(
+            !process_exists(pid),
+            "redis-server {pid} outlived its topology"
+        );
     }
     assert!(!dir.exists(), "{} was not removed", dir.display());
 }
@@ -252,12 +309,20 @@ async fn a_missing_binary_fails_start_with_a_clear_error() {
         .start()
         .await
         .unwrap_err();
-    assert!(matches!(error, Error::RedisServerNotFound { .. }), "{error:?}");
+    assert!(
+        matches!(error, Error::RedisServerNotFound { .. }),
+        "{error:?}"
+    );
 }
 
 #[tokio::test]
 async fn faults_on_stopped_nodes_are_refused() {
-    let topology = Topology::builder().replicas(1).sentinels(0).start().await.unwrap();
+    let topology = Topology::builder()
+        .replicas(1)
+        .sentinels(0)
+        .start()
+        .await
+        .unwrap();
     let replica = topology.data_nodes()[1];
     assert!(matches!(
         topology.restart(replica).await,
@@ -265,8 +330,14 @@ async fn faults_on_stopped_nodes_are_refused() {
     ));
     topology.kill(replica).unwrap();
     assert!(topology.pid(replica).is_none());
-    assert!(matches!(topology.kill(replica), Err(Error::NotRunning { .. })));
-    assert!(matches!(topology.pause(replica), Err(Error::NotRunning { .. })));
+    assert!(matches!(
+        topology.kill(replica),
+        Err(Error::NotRunning { .. })
+    ));
+    assert!(matches!(
+        topology.pause(replica),
+        Err(Error::NotRunning { .. })
+    ));
     // The failed query names the node and keeps the client's error as source.
     let error = topology.role(replica).await.unwrap_err();
     assert!(matches!(error, Error::Redis { node, .. } if node == replica));
