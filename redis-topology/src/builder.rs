@@ -7,6 +7,9 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::topology::Topology;
 
+/// Set to a non-empty value to keep every topology's directory by default.
+const KEEP_DIR_ENV: &str = "REDIS_TOPOLOGY_KEEP_DIR";
+
 /// Settings for a local topology; [`start`](Self::start) launches it.
 ///
 /// ```no_run
@@ -37,6 +40,7 @@ pub struct TopologyBuilder {
     extra_config: Vec<String>,
     pub(crate) redis_server: PathBuf,
     pub(crate) start_timeout: Duration,
+    pub(crate) keep_dir: bool,
 }
 
 impl Default for TopologyBuilder {
@@ -46,7 +50,7 @@ impl Default for TopologyBuilder {
             sentinels: 3,
             quorum: None,
             master_name: "mymaster".to_owned(),
-            down_after: Duration::from_millis(1000),
+            down_after: Duration::from_millis(1500),
             failover_timeout: Duration::from_millis(5000),
             user: None,
             password: None,
@@ -54,6 +58,7 @@ impl Default for TopologyBuilder {
             extra_config: Vec::new(),
             redis_server: PathBuf::from("redis-server"),
             start_timeout: Duration::from_secs(30),
+            keep_dir: std::env::var_os(KEEP_DIR_ENV).is_some_and(|v| !v.is_empty()),
         }
     }
 }
@@ -89,9 +94,14 @@ impl TopologyBuilder {
     }
 
     /// Sentinel's `down-after-milliseconds`: how long the master must be
-    /// unreachable before it is considered down. Defaults to 1000 ms (Sentinel's
-    /// own default is 30 s), which puts a failover about 2-3 s after the
-    /// master dies.
+    /// unreachable before it is considered down. Defaults to 1500 ms
+    /// (Sentinel's own default is 30 s), which puts a failover about 3 s
+    /// after the master dies.
+    ///
+    /// Values of 1000 ms and below race with Sentinel itself: it pings and
+    /// reconnects at most once a second, and right after `+switch-master`
+    /// it can flag the new master down before its first ping, starting a
+    /// second, spurious failover.
     pub fn down_after(mut self, down_after: Duration) -> Self {
         self.down_after = down_after;
         self
@@ -151,6 +161,16 @@ impl TopologyBuilder {
         self
     }
 
+    /// Keeps the topology's directory (every node's config and log) when
+    /// the topology is dropped; the processes are killed all the same.
+    /// Defaults to false, or to true when the environment variable
+    /// `REDIS_TOPOLOGY_KEEP_DIR` is set to a non-empty value, which is the
+    /// way to read the logs of a failed test.
+    pub fn keep_dir(mut self, keep: bool) -> Self {
+        self.keep_dir = keep;
+        self
+    }
+
     /// Starts the master, then the replicas, then the sentinels, and returns
     /// once every replica is online at the master and every sentinel sees
     /// the master, every replica and every other sentinel.
@@ -198,7 +218,11 @@ impl TopologyBuilder {
                 "must be non-empty ASCII letters, digits, `.`, `_` or `-`",
             );
         }
-        if self.user.as_deref().is_some_and(|user| !is_config_word(user)) {
+        if self
+            .user
+            .as_deref()
+            .is_some_and(|user| !is_config_word(user))
+        {
             return invalid(
                 "acl_user",
                 "the user name must be non-empty ASCII letters, digits, `.`, `_` or `-`",
@@ -388,11 +412,11 @@ mod tests {
         let conf = TopologyBuilder::default()
             .password("pw")
             .sentinel_password("spw")
-            .down_after(Duration::from_millis(1500))
+            .down_after(Duration::from_millis(2500))
             .sentinel_config(20010, 20000);
         for line in [
             "sentinel monitor mymaster 127.0.0.1 20000 2",
-            "sentinel down-after-milliseconds mymaster 1500",
+            "sentinel down-after-milliseconds mymaster 2500",
             "sentinel failover-timeout mymaster 5000",
             "sentinel auth-pass mymaster pw",
             "requirepass spw",

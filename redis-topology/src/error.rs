@@ -79,7 +79,8 @@ pub enum Error {
 
     /// A wait did not reach its goal before its deadline.
     #[error(
-        "timed out after {waited:?} waiting for {what} ({reason}); last lines of {node}'s log:\n{log_tail}"
+        "timed out after {waited:?} waiting for {what} ({reason}); last lines of {node}'s log {log}:\n{log_tail}",
+        log = .log.display()
     )]
     Timeout {
         /// What was awaited.
@@ -90,6 +91,8 @@ pub enum Error {
         node: NodeId,
         /// Why the last attempt did not reach the goal.
         reason: String,
+        /// That node's log file.
+        log: PathBuf,
         /// The end of that node's log.
         log_tail: String,
     },

@@ -156,9 +156,15 @@ impl NodeProcess {
                 node: self.id,
                 source,
             })?;
+        let record = self.conf.with_file_name(crate::orphans::NODE_FILE);
+        let pid_and_port = format!("{} {}", child.id(), self.port);
         self.child = Some(child);
         self.paused = false;
-        Ok(())
+        // Lets a later topology reap this node if our process dies unannounced.
+        fs::write(&record, pid_and_port).map_err(|source| Error::Io {
+            path: record,
+            source,
+        })
     }
 
     pub(crate) fn addr(&self) -> SocketAddr {
@@ -235,6 +241,10 @@ impl NodeProcess {
         })?;
         self.paused = pause;
         Ok(())
+    }
+
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log
     }
 
     /// The last `lines` lines of the node's log (stdout and stderr).

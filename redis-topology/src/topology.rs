@@ -14,7 +14,7 @@ use tempfile::TempDir;
 use crate::builder::TopologyBuilder;
 use crate::error::{Error, Result};
 use crate::node::{Exit, NodeId, NodeKind, NodeProcess};
-use crate::ports;
+use crate::{orphans, ports};
 
 /// How often waits look again.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -104,13 +104,24 @@ impl Topology {
     pub(crate) async fn start(settings: TopologyBuilder) -> Result<Self> {
         let binary = find_binary(&settings.redis_server)?;
         check_version(&binary)?;
-        let dir = tempfile::Builder::new()
-            .prefix("redis-topology-")
-            .tempdir()
+        let temp_dir = std::env::temp_dir();
+        orphans::sweep(&temp_dir);
+        let mut dir = tempfile::Builder::new()
+            .prefix(orphans::DIR_PREFIX)
+            .tempdir_in(&temp_dir)
             .map_err(|source| Error::Io {
-                path: std::env::temp_dir(),
+                path: temp_dir,
                 source,
             })?;
+        dir.disable_cleanup(settings.keep_dir);
+        let mut marks = vec![(orphans::OWNER_FILE, std::process::id().to_string())];
+        if settings.keep_dir {
+            marks.push((orphans::KEEP_FILE, String::new()));
+        }
+        for (file, contents) in marks {
+            let path = dir.path().join(file);
+            std::fs::write(&path, contents).map_err(|source| Error::Io { path, source })?;
+        }
         let topology = Self {
             settings,
             binary,
@@ -276,12 +287,21 @@ impl Topology {
                 Ok(value) => return Ok(value),
                 Err(Attempt::Fatal(error)) => return Err(error),
                 Err(Attempt::Pending { node, reason }) if started.elapsed() >= timeout => {
+                    let (log, log_tail) = {
+                        let mut nodes = self.lock();
+                        let process = nodes.get(node);
+                        (
+                            process.log_path().to_owned(),
+                            process.log_tail(LOG_TAIL_LINES),
+                        )
+                    };
                     return Err(Error::Timeout {
                         what: what.to_owned(),
                         waited: started.elapsed(),
                         node,
                         reason,
-                        log_tail: self.log_tail(node, LOG_TAIL_LINES),
+                        log,
+                        log_tail,
                     });
                 }
                 Err(Attempt::Pending { .. }) => tokio::time::sleep(POLL_INTERVAL).await,
@@ -600,7 +620,7 @@ impl Topology {
             let candidate = if sentinels.is_empty() && self.settings.sentinels == 0 {
                 match self.masters().await.map_err(pending_on(old))?.as_slice() {
                     [only] if *only != old => *only,
-                    masters => return Err(pending(old, format!("masters are {masters:?}"))),
+                    masters => return Err(pending(old, format!("masters are {}", names(masters)))),
                 }
             } else {
                 let mut agreed = None;
@@ -688,6 +708,12 @@ impl Drop for Topology {
             process.kill();
         }
     }
+}
+
+/// `[redis-0, redis-2]`.
+fn names(nodes: &[NodeId]) -> String {
+    let names: Vec<String> = nodes.iter().map(NodeId::to_string).collect();
+    format!("[{}]", names.join(", "))
 }
 
 /// The ports of the replicas `INFO replication` lists with `state=online`.

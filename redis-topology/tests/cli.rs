@@ -1,28 +1,49 @@
-//! The `redis-topology` binary: runs until SIGINT, then leaves nothing behind.
+//! The `redis-topology` binary: runs until SIGINT, then leaves nothing
+//! behind; and when it is SIGKILLed instead, the next topology reaps its nodes.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use redis_topology::Topology;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_redis-topology");
+const DEADLINE: Duration = Duration::from_secs(60);
 
 fn pid(raw: u32) -> Pid {
     Pid::from_raw(i32::try_from(raw).unwrap())
 }
 
-fn process_exists(raw: u32) -> bool {
-    kill(pid(raw), None).is_ok()
+/// Alive and not a zombie waiting to be reaped by init.
+fn process_alive(raw: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{raw}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    kill(pid(raw), None).is_ok() && state != Some('Z')
 }
 
-#[test]
-fn runs_a_topology_until_interrupted_then_cleans_up() {
+fn wait_until(deadline: Instant, what: &str, mut done: impl FnMut() -> bool) {
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running binary and what it printed before "Ready.".
+struct Running {
+    child: Child,
+    pids: Vec<u32>,
+    dir: PathBuf,
+}
+
+fn start(args: &[&str]) -> Running {
     let mut child = Command::new(BINARY)
-        .args(["--replicas", "1", "--sentinels", "1"])
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -36,13 +57,12 @@ fn runs_a_topology_until_interrupted_then_cleans_up() {
             }
         }
     });
-
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + DEADLINE;
     let (mut pids, mut dir) = (Vec::new(), None);
     loop {
         let line = lines_rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the binary prints Ready within 60 s");
+            .expect("the binary prints Ready within the deadline");
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             [node, _addr, pid, _role]
@@ -56,25 +76,59 @@ fn runs_a_topology_until_interrupted_then_cleans_up() {
         }
     }
     let dir = dir.expect("the binary names its directory");
-    assert_eq!(pids.len(), 3, "master, replica and sentinel");
-    assert!(pids.iter().all(|&p| process_exists(p)));
+    assert!(pids.iter().all(|&p| process_alive(p)));
     assert!(dir.is_dir());
+    Running { child, pids, dir }
+}
+
+#[test]
+fn runs_a_topology_until_interrupted_then_cleans_up() {
+    let Running {
+        mut child,
+        pids,
+        dir,
+    } = start(&["--replicas", "1", "--sentinels", "1"]);
+    assert_eq!(pids.len(), 3, "master, replica and sentinel");
 
     kill(pid(child.id()), Signal::SIGINT).unwrap();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the binary did not exit after SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status}");
+    let deadline = Instant::now() + DEADLINE;
+    let mut status = None;
+    wait_until(deadline, "the binary to exit after SIGINT", || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(status.unwrap().success(), "{status:?}");
     for p in pids {
-        assert!(!process_exists(p), "redis-server {p} outlived the binary");
+        assert!(!process_alive(p), "redis-server {p} outlived the binary");
     }
+    assert!(!dir.exists(), "{} was not removed", dir.display());
+}
+
+#[test]
+fn nodes_of_a_sigkilled_owner_are_reaped_by_the_next_topology() {
+    let Running {
+        mut child,
+        pids,
+        dir,
+    } = start(&["--replicas", "1", "--sentinels", "0"]);
+    kill(pid(child.id()), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    assert!(
+        pids.iter().all(|&p| process_alive(p)),
+        "SIGKILL runs no destructor: the nodes live on"
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _next = runtime
+        .block_on(Topology::builder().replicas(0).sentinels(0).start())
+        .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    wait_until(deadline, "the orphaned nodes to die", || {
+        pids.iter().all(|&p| !process_alive(p))
+    });
     assert!(!dir.exists(), "{} was not removed", dir.display());
 }
 

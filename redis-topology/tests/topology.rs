@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::Role;
 use redis_topology::{Error, NodeId, Topology};
 
-/// Long enough for a Sentinel failover (about 2-3 s with the 1 s
+/// Long enough for a Sentinel failover (about 3 s with the 1.5 s
 /// down-after) on a loaded 2-core machine.
 const FAILOVER_DEADLINE: Duration = Duration::from_secs(30);
 /// Sentinel turns a returning old master into a replica only after it has
@@ -276,6 +276,7 @@ async fn every_process_is_killed_when_a_test_panics() {
         let topology = Topology::builder()
             .replicas(1)
             .sentinels(1)
+            .keep_dir(false)
             .start()
             .await
             .unwrap();
@@ -355,4 +356,40 @@ async fn faults_on_stopped_nodes_are_refused() {
 fn process_exists(pid: u32) -> bool {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
     nix::sys::signal::kill(pid, None).is_ok()
+}
+
+#[tokio::test]
+async fn a_wait_that_cannot_succeed_times_out_naming_the_node_and_its_log() {
+    let topology = Topology::builder()
+        .replicas(0)
+        .sentinels(0)
+        .start()
+        .await
+        .unwrap();
+    let master = topology.initial_master();
+    let error = topology
+        .wait_for_new_master(master, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    let Error::Timeout {
+        node,
+        reason,
+        log,
+        log_tail,
+        ..
+    } = &error
+    else {
+        panic!("expected a timeout, got {error:?}")
+    };
+    assert_eq!(*node, master);
+    assert!(reason.contains("redis-0"), "{reason}");
+    assert!(log.starts_with(topology.dir()), "{}", log.display());
+    assert!(
+        log_tail.contains("Ready to accept connections"),
+        "{log_tail}"
+    );
+    assert!(
+        error.to_string().contains("a master other than redis-0"),
+        "{error}"
+    );
 }
