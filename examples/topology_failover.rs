@@ -23,9 +23,18 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let old = topology.initial_master();
     println!("{old} is master at {}", topology.addr(old));
 
-    let _: () = topology
-        .query(old, redis::cmd("SET").arg("greeting").arg("hello"))
+    // SET, then WAIT for both replicas on the same connection, so the key
+    // survives the kill below.
+    let mut connection = topology.connection(old).await?;
+    let (acked,): (usize,) = redis::pipe()
+        .set("greeting", "hello")
+        .ignore()
+        .cmd("WAIT")
+        .arg(2)
+        .arg(1500)
+        .query_async(&mut connection)
         .await?;
+    println!("greeting written, acknowledged by {acked} replicas");
 
     let killed_at = Instant::now();
     topology.kill(old)?;

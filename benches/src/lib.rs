@@ -96,7 +96,7 @@ impl Settings {
         };
         Self {
             duration: Duration::from_secs_f64(read("BENCH_SECONDS", 2.0)),
-            rounds: read("BENCH_ROUNDS", 3.0) as usize,
+            rounds: (read("BENCH_ROUNDS", 3.0) as usize).max(1),
         }
     }
 }

@@ -25,7 +25,7 @@ const KEEP_DIR_ENV: &str = "REDIS_TOPOLOGY_KEEP_DIR";
 /// println!("master at {}", topology.addr(topology.initial_master()));
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[must_use]
 pub struct TopologyBuilder {
     pub(crate) replicas: usize,
@@ -41,6 +41,27 @@ pub struct TopologyBuilder {
     pub(crate) redis_server: PathBuf,
     pub(crate) start_timeout: Duration,
     pub(crate) keep_dir: bool,
+}
+
+impl std::fmt::Debug for TopologyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |secret: &Option<String>| secret.as_ref().map(|_| "<redacted>");
+        f.debug_struct("TopologyBuilder")
+            .field("replicas", &self.replicas)
+            .field("sentinels", &self.sentinels)
+            .field("quorum", &self.quorum)
+            .field("master_name", &self.master_name)
+            .field("down_after", &self.down_after)
+            .field("failover_timeout", &self.failover_timeout)
+            .field("user", &self.user)
+            .field("password", &redacted(&self.password))
+            .field("sentinel_password", &redacted(&self.sentinel_password))
+            .field("extra_config", &self.extra_config)
+            .field("redis_server", &self.redis_server)
+            .field("start_timeout", &self.start_timeout)
+            .field("keep_dir", &self.keep_dir)
+            .finish()
+    }
 }
 
 impl Default for TopologyBuilder {
@@ -115,7 +136,8 @@ impl TopologyBuilder {
     }
 
     /// Protects the data nodes with `requirepass` (and replication with
-    /// `masterauth`). Defaults to no password.
+    /// `masterauth`). Defaults to no password. Replaces an earlier
+    /// [`acl_user`](Self::acl_user).
     pub fn password(mut self, password: impl Into<String>) -> Self {
         self.user = None;
         self.password = Some(password.into());
@@ -153,9 +175,9 @@ impl TopologyBuilder {
         self
     }
 
-    /// How long each stage of [`start`](Self::start) may take (processes
-    /// answering, replication online, sentinels seeing everything). Defaults
-    /// to 30 s.
+    /// How long each wait of [`start`](Self::start) and
+    /// [`Topology::restart`] may take: a node answering, a replica coming
+    /// online, a sentinel seeing everything. Defaults to 30 s.
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
         self

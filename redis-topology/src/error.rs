@@ -68,13 +68,21 @@ pub enum Error {
         log_tail: String,
     },
 
-    /// No free loopback port could be bound after several attempts.
-    #[error("no free loopback port found for {node} after {attempts} attempts")]
+    /// No free loopback port was found for a new node.
+    #[error("no free loopback port found for {node}")]
     NoFreePort {
         /// The node that needed a port.
         node: NodeId,
-        /// How many ports were tried.
-        attempts: usize,
+    },
+
+    /// Another process took the node's port first (on every try, for a new
+    /// node; while it was down, for a restarted one).
+    #[error("{node} could not listen on port {port}: another process holds it")]
+    PortTaken {
+        /// The node that could not start.
+        node: NodeId,
+        /// The port it wanted.
+        port: u16,
     },
 
     /// A wait did not reach its goal before its deadline.

@@ -64,5 +64,7 @@ mod topology;
 pub use builder::TopologyBuilder;
 pub use error::{Error, Result};
 pub use node::{NodeId, NodeKind};
+/// The Redis client this crate speaks through; [`Role`] and connection types come from it.
+pub use redis;
 pub use redis::Role;
 pub use topology::Topology;

@@ -8,7 +8,7 @@
 use std::process::ExitCode;
 
 use redis_topology::{Role, Topology};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 const USAGE: &str = "\
 Usage: redis-topology [--replicas N] [--sentinels N] [--master-name NAME]
@@ -62,12 +62,25 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let started = Topology::builder()
+    // Handlers first: a signal that arrives while the nodes start must still
+    // lead to the cleanup below, not to the default action (exit at once).
+    let mut stop = match StopSignals::new() {
+        Ok(stop) => stop,
+        Err(error) => {
+            eprintln!("redis-topology: cannot listen for signals: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let starting = Topology::builder()
         .replicas(options.replicas)
         .sentinels(options.sentinels)
         .master_name(options.master_name)
-        .start()
-        .await;
+        .start();
+    let started = tokio::select! {
+        started = starting => started,
+        // Dropping the start-up future kills whatever it had started.
+        () = stop.recv() => return ExitCode::FAILURE,
+    };
     let topology = match started {
         Ok(topology) => topology,
         Err(error) => {
@@ -81,12 +94,17 @@ async fn main() -> ExitCode {
         }
     };
     print_summary(&topology).await;
-    if let Err(error) = stop_signal().await {
-        eprintln!("redis-topology: cannot listen for signals: {error}");
-    }
-    let dir = topology.dir().display().to_string();
+    stop.recv().await;
+    let dir = topology.dir().to_owned();
     drop(topology);
-    println!("Stopped: every process killed, {dir} removed.");
+    if dir.exists() {
+        println!(
+            "Stopped: every process killed; configs and logs kept in {}.",
+            dir.display()
+        );
+    } else {
+        println!("Stopped: every process killed, {} removed.", dir.display());
+    }
     ExitCode::SUCCESS
 }
 
@@ -142,12 +160,24 @@ async fn print_summary(topology: &Topology) {
     println!("Ready. Press Ctrl-C to stop.");
 }
 
-async fn stop_signal() -> std::io::Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = interrupt.recv() => {}
-        _ = terminate.recv() => {}
+/// SIGINT (Ctrl-C) and SIGTERM, listened for from creation on.
+struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }

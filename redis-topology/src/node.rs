@@ -86,6 +86,8 @@ pub(crate) struct NodeProcess {
     binary: PathBuf,
     conf: PathBuf,
     log: PathBuf,
+    /// Where the current run's output starts in `log`.
+    log_start: u64,
     child: Option<Child>,
     paused: bool,
 }
@@ -120,6 +122,7 @@ impl NodeProcess {
             binary: binary.to_path_buf(),
             conf,
             log: dir.join("redis.log"),
+            log_start: 0,
             child: None,
             paused: false,
         };
@@ -141,6 +144,7 @@ impl NodeProcess {
             path: self.log.clone(),
             source,
         })?;
+        self.log_start = log.metadata().map_or(0, |m| m.len());
         let binary_args: &[&str] = match self.id.kind {
             NodeKind::Data => &[],
             NodeKind::Sentinel => &["--sentinel"],
@@ -188,8 +192,17 @@ impl NodeProcess {
     /// Reaps the process if it has exited and says how it ended.
     pub(crate) fn check_exit(&mut self) -> Option<Exit> {
         let status = self.exit_status()?;
+        // Only this run's output counts: an earlier run may have lost a race too.
+        let this_run = fs::read(&self.log)
+            .map(|bytes| {
+                bytes
+                    .get(self.log_start as usize..)
+                    .unwrap_or_default()
+                    .to_vec()
+            })
+            .unwrap_or_default();
         let log_tail = self.log_tail(20);
-        Some(if log_tail.contains(PORT_TAKEN) {
+        Some(if String::from_utf8_lossy(&this_run).contains(PORT_TAKEN) {
             Exit::PortTaken
         } else {
             Exit::Failed(Error::Exited {
@@ -251,6 +264,13 @@ impl NodeProcess {
     pub(crate) fn log_tail(&self, lines: usize) -> String {
         read_tail(&self.log, lines)
             .unwrap_or_else(|error| format!("(log {} unreadable: {error})", self.log.display()))
+    }
+}
+
+impl Drop for NodeProcess {
+    /// A node is never left running by whoever drops it, on any error path.
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -2,35 +2,52 @@
 //!
 //! Dropping a [`Topology`](crate::Topology) kills its nodes, but a process
 //! killed by SIGKILL (a test runner's timeout, the OOM killer) runs no
-//! destructor, and its `redis-server`s live on. So each topology directory
-//! records its owner's pid and each node's pid and port; starting a topology
-//! first sweeps the temporary directory for topologies whose owner is gone
-//! and SIGKILLs their nodes.
+//! destructor, and its `redis-server`s live on. So the owner of each
+//! topology directory holds an exclusive lock on a file in it for its whole
+//! life (the kernel releases it however the owner dies), and each node's
+//! directory records its pid and port. Starting a topology first sweeps the
+//! temporary directory: a topology directory whose lock can be taken is
+//! abandoned, and its nodes are SIGKILLed.
 //!
-//! A recorded pid is killed only if that process still exists and its
-//! command line names the recorded port: `redis-server` shows its listening
-//! address there, and only one process can listen on a port, so a recycled
-//! pid is never mistaken for an orphan. The sweep is best effort and only
-//! runs where `/proc` exists.
+//! A recorded pid is killed only while its process is a `redis-server`
+//! whose command line shows the recorded port (`redis-server` puts its
+//! listening address there), so a pid recycled by another program is left
+//! alone. A directory is removed only once all its nodes are gone; until
+//! then the next sweep tries again. The sweep needs `/proc`, so it runs on
+//! Linux only.
 
-use std::fs;
+use std::fs::{self, File};
+use std::io;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
-/// The owner's pid, in the topology directory.
-pub(crate) const OWNER_FILE: &str = "owner.pid";
+/// Locked by the owner for its whole life, in the topology directory.
+const OWNER_LOCK: &str = "owner.lock";
 /// `<pid> <port>` of a node, in the node's directory.
 pub(crate) const NODE_FILE: &str = "node.pid";
 /// Present when the directory is to be kept after the topology ends.
 pub(crate) const KEEP_FILE: &str = "keep";
 /// The prefix of every topology directory's name.
 pub(crate) const DIR_PREFIX: &str = "redis-topology-";
+/// How long a sweep waits for a killed node to disappear.
+const DEATH_WAIT: Duration = Duration::from_secs(1);
 
-/// Kills the nodes of every topology under `temp_dir` whose owner process
-/// is gone, and removes their directories unless they are to be kept.
+/// Takes the owner lock of a new topology directory; the lock lasts as long
+/// as the returned file is open.
+pub(crate) fn hold_owner_lock(dir: &Path) -> io::Result<File> {
+    // Locked before it gets its name: a sweep never sees it unlocked.
+    let staging = dir.join(".owner.lock.new");
+    let file = File::create(&staging)?;
+    file.lock()?;
+    fs::rename(&staging, dir.join(OWNER_LOCK))?;
+    Ok(file)
+}
+
+/// Kills the nodes of every abandoned topology under `temp_dir` and removes
+/// their directories once the nodes are gone (unless they are to be kept).
 pub(crate) fn sweep(temp_dir: &Path) {
     if !Path::new("/proc/self").exists() {
         return;
@@ -39,35 +56,48 @@ pub(crate) fn sweep(temp_dir: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let dir = entry.path();
-        let is_topology = entry
-            .file_name()
-            .to_str()
-            .is_some_and(|name| name.starts_with(DIR_PREFIX));
-        if !is_topology {
+        // `file_type` does not follow links: a link is never swept.
+        let is_topology_dir = entry.file_type().is_ok_and(|t| t.is_dir())
+            && entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.starts_with(DIR_PREFIX));
+        if !is_topology_dir {
             continue;
         }
-        // A directory whose owner file is not written yet belongs to a
-        // topology being started: leave it alone.
-        match read_pid(&dir.join(OWNER_FILE)) {
-            Some(owner) if !process_exists(owner) => {}
-            _ => continue,
+        let dir = entry.path();
+        let Ok(lock) = File::open(dir.join(OWNER_LOCK)) else {
+            continue;
+        };
+        // Held by a live owner, or by another sweep of the same directory.
+        if lock.try_lock().is_err() {
+            continue;
         }
-        for node in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if let Some((pid, port)) = read_node(&node.path().join(NODE_FILE)) {
-                kill_if_listening_on(pid, port);
+        let nodes: Vec<(i32, u16)> = fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|node| read_node(&node.path().join(NODE_FILE)))
+            .collect();
+        for &(pid, port) in &nodes {
+            if is_node(pid, port) {
+                let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
+        let deadline = Instant::now() + DEATH_WAIT;
+        while nodes.iter().any(|&(pid, port)| is_node(pid, port)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if nodes.iter().any(|&(pid, port)| is_node(pid, port)) {
+            continue;
+        }
         if dir.join(KEEP_FILE).exists() {
-            let _ = fs::remove_file(dir.join(OWNER_FILE));
+            // Keep the logs, but do not look at this directory again.
+            let _ = fs::remove_file(dir.join(OWNER_LOCK));
         } else {
             let _ = fs::remove_dir_all(&dir);
         }
     }
-}
-
-fn read_pid(path: &Path) -> Option<i32> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 fn read_node(path: &Path) -> Option<(i32, u16)> {
@@ -76,64 +106,65 @@ fn read_node(path: &Path) -> Option<(i32, u16)> {
     Some((pid.parse().ok()?, port.parse().ok()?))
 }
 
-/// Whether a process exists (EPERM: it does, owned by someone else).
-fn process_exists(pid: i32) -> bool {
-    !matches!(signal::kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
-}
-
-fn kill_if_listening_on(pid: i32, port: u16) {
+/// Whether `pid` is a live (not zombie) `redis-server` showing `port`.
+fn is_node(pid: i32, port: u16) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z'));
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-        return;
+        return false;
     };
     let cmdline = String::from_utf8_lossy(&cmdline);
     let port = port.to_string();
-    let listens_on_port = cmdline
+    let shows_port = cmdline
         .split(|c: char| c == '\0' || c.is_whitespace())
         .any(|word| word.rsplit_once(':').is_some_and(|(_, p)| p == port));
-    if cmdline.contains("redis-server") && listens_on_port {
-        let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-    }
+    !zombie && cmdline.contains("redis-server") && shows_port
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
-    #[test]
-    fn directories_of_live_owners_and_other_directories_are_left_alone() {
-        let temp = tempfile::tempdir().unwrap();
-        let live = temp.path().join(format!("{DIR_PREFIX}live"));
-        let other = temp.path().join("unrelated");
-        for dir in [&live, &other] {
-            fs::create_dir(dir).unwrap();
-            fs::write(dir.join(OWNER_FILE), std::process::id().to_string()).unwrap();
-        }
-        // An owner pid that cannot exist (above the kernel's pid_max).
-        fs::write(other.join(OWNER_FILE), "2000000000").unwrap();
-        sweep(temp.path());
-        assert!(live.exists());
-        assert!(other.exists());
+    fn topology_dir(root: &Path, name: &str) -> std::path::PathBuf {
+        let dir = root.join(format!("{DIR_PREFIX}{name}"));
+        fs::create_dir_all(dir.join("redis-0")).unwrap();
+        // A record naming this test process, which is no redis-server.
+        let record = format!("{} 1", std::process::id());
+        fs::write(dir.join("redis-0").join(NODE_FILE), record).unwrap();
+        dir
     }
 
     #[test]
-    fn a_dead_owners_directory_is_removed_unless_kept() {
+    fn a_live_owners_directory_is_left_alone() {
         let temp = tempfile::tempdir().unwrap();
-        let dead = temp.path().join(format!("{DIR_PREFIX}dead"));
-        let kept = temp.path().join(format!("{DIR_PREFIX}kept"));
-        for dir in [&dead, &kept] {
-            fs::create_dir_all(dir.join("redis-0")).unwrap();
-            fs::write(dir.join(OWNER_FILE), "2000000000").unwrap();
-            // This test process is alive but listens on no such port: spared.
-            let node = format!("{} 1", std::process::id());
-            fs::write(dir.join("redis-0").join(NODE_FILE), node).unwrap();
+        let live = topology_dir(temp.path(), "live");
+        let _owner = hold_owner_lock(&live).unwrap();
+        sweep(temp.path());
+        assert!(live.join(OWNER_LOCK).exists());
+    }
+
+    #[test]
+    fn a_dead_owners_directory_is_removed_unless_kept_and_other_processes_are_spared() {
+        let temp = tempfile::tempdir().unwrap();
+        let dead = topology_dir(temp.path(), "dead");
+        let kept = topology_dir(temp.path(), "kept");
+        let unrelated = temp.path().join("unrelated");
+        fs::create_dir(&unrelated).unwrap();
+        for dir in [&dead, &kept, &unrelated] {
+            // The lock files exist, but nobody holds them any more.
+            drop(hold_owner_lock(dir).unwrap());
         }
         fs::write(kept.join(KEEP_FILE), "").unwrap();
         sweep(temp.path());
         assert!(!dead.exists());
         assert!(kept.join("redis-0").join(NODE_FILE).exists());
+        assert!(!kept.join(OWNER_LOCK).exists(), "not swept again");
         assert!(
-            !kept.join(OWNER_FILE).exists(),
-            "a swept kept directory is not swept again"
+            unrelated.join(OWNER_LOCK).exists(),
+            "not a topology directory"
         );
+        assert!(!is_node(i32::try_from(std::process::id()).unwrap(), 1));
     }
 }

@@ -7,8 +7,10 @@
 //! that check and `redis-server` binding it is handled by the caller, which
 //! retries with a new port when the server reports the address in use.
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};
 use std::ops::Range;
+use std::sync::Mutex;
 
 use rand::Rng;
 
@@ -34,13 +36,24 @@ fn candidate_range() -> Range<u16> {
     }
 }
 
-/// A loopback port that was free a moment ago, or `None` if none was found.
+/// Ports already handed out in this process. They are never handed out
+/// again, so two topologies of one test binary cannot race for a port, and
+/// a killed node's port stays its own for a restart.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A loopback port that was free a moment ago and was never handed out by
+/// this process before, or `None` if none was found.
 pub(crate) fn pick_free_port() -> Option<u16> {
     let range = candidate_range();
     let mut rng = rand::rng();
-    (0..CANDIDATES)
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    let port = (0..CANDIDATES)
         .map(|_| rng.random_range(range.clone()))
-        .find(|&port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok())
+        .find(|&port| {
+            !handed_out.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+        })?;
+    handed_out.insert(port);
+    Some(port)
 }
 
 #[cfg(test)]
@@ -48,11 +61,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn picked_ports_are_free_and_never_well_known() {
+    fn picked_ports_are_free_never_well_known_and_never_repeated() {
+        let mut seen = BTreeSet::new();
         for _ in 0..20 {
             let port = pick_free_port().expect("some port is free");
             assert!(port >= LOWEST);
             assert_ne!(port, 6379);
+            assert!(seen.insert(port), "{port} handed out twice");
             TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("the picked port can be bound");
         }
     }

@@ -41,6 +41,8 @@ pub struct Topology {
     settings: TopologyBuilder,
     binary: PathBuf,
     nodes: Mutex<Nodes>,
+    /// Held while the topology lives; see `orphans`.
+    _owner_lock: std::fs::File,
     // Declared last: the directory goes only after Drop has killed the processes.
     dir: TempDir,
 }
@@ -114,18 +116,18 @@ impl Topology {
                 source,
             })?;
         dir.disable_cleanup(settings.keep_dir);
-        let mut marks = vec![(orphans::OWNER_FILE, std::process::id().to_string())];
+        let io_error = |path: PathBuf| move |source| Error::Io { path, source };
+        let owner_lock =
+            orphans::hold_owner_lock(dir.path()).map_err(io_error(dir.path().into()))?;
         if settings.keep_dir {
-            marks.push((orphans::KEEP_FILE, String::new()));
-        }
-        for (file, contents) in marks {
-            let path = dir.path().join(file);
-            std::fs::write(&path, contents).map_err(|source| Error::Io { path, source })?;
+            let keep = dir.path().join(orphans::KEEP_FILE);
+            std::fs::write(&keep, "").map_err(io_error(keep))?;
         }
         let topology = Self {
             settings,
             binary,
             nodes: Mutex::default(),
+            _owner_lock: owner_lock,
             dir,
         };
         // From here on, an early return drops `topology`, which kills what it started.
@@ -164,11 +166,9 @@ impl Topology {
     /// Starts a new node on a free port, trying another port when a
     /// concurrent process takes the chosen one first. Returns the port.
     async fn spawn_node(&self, id: NodeId, config: impl Fn(u16) -> String) -> Result<u16> {
+        let mut port = 0;
         for _ in 0..PORT_ATTEMPTS {
-            let port = ports::pick_free_port().ok_or(Error::NoFreePort {
-                node: id,
-                attempts: PORT_ATTEMPTS,
-            })?;
+            port = ports::pick_free_port().ok_or(Error::NoFreePort { node: id })?;
             let process =
                 NodeProcess::spawn(id, self.dir.path(), &self.binary, port, &config(port))?;
             {
@@ -185,33 +185,39 @@ impl Topology {
                 return Ok(port);
             }
         }
-        Err(Error::NoFreePort {
-            node: id,
-            attempts: PORT_ATTEMPTS,
-        })
+        Err(Error::PortTaken { node: id, port })
     }
 
-    /// Waits until a just-started node answers PING. `Ok(false)` means it
-    /// exited because its port was taken.
+    /// Waits until a just-started node answers PING, and checks the answer
+    /// comes from our process, not from another that holds the port.
+    /// `Ok(false)` means the node exited because its port was taken.
     async fn wait_until_answering(&self, id: NodeId) -> Result<bool> {
-        self.poll(
-            "the node to answer PING",
-            self.settings.start_timeout,
-            || async move {
-                let exit = self.lock().get(id).check_exit();
-                match exit {
-                    Some(Exit::PortTaken) => Ok(false),
-                    Some(Exit::Failed(error)) => Err(Attempt::Fatal(error)),
-                    None => {
-                        let _: String = self
-                            .query(id, &redis::cmd("PING"))
-                            .await
-                            .map_err(pending_on(id))?;
-                        Ok(true)
-                    }
-                }
-            },
-        )
+        let what = "the node to answer PING";
+        self.poll(what, id, self.settings.start_timeout, || async move {
+            let (exit, pid) = {
+                let mut nodes = self.lock();
+                let process = nodes.get(id);
+                (process.check_exit(), process.pid())
+            };
+            match exit {
+                Some(Exit::PortTaken) => return Ok(false),
+                Some(Exit::Failed(error)) => return Err(Attempt::Fatal(error)),
+                None => {}
+            }
+            let info: String = self
+                .query(id, redis::cmd("INFO").arg("server"))
+                .await
+                .map_err(pending_on(id))?;
+            let answering = info_field(&info, "process_id").and_then(|p| p.parse::<u32>().ok());
+            if answering == pid {
+                Ok(true)
+            } else {
+                Err(pending(
+                    id,
+                    format!("port answered by process {answering:?}, not {pid:?}"),
+                ))
+            }
+        })
         .await
     }
 
@@ -225,7 +231,7 @@ impl Topology {
         let what = &format!(
             "{sentinel} to see the master, {replicas} replicas and {other_sentinels} other sentinels"
         );
-        self.poll(what, self.settings.start_timeout, || async move {
+        self.poll(what, sentinel, self.settings.start_timeout, || async move {
             let state: HashMap<String, String> = self
                 .query(sentinel, redis::cmd("SENTINEL").arg("MASTER").arg(name))
                 .await
@@ -271,10 +277,12 @@ impl Topology {
     }
 
     /// Repeats `attempt` every [`POLL_INTERVAL`] until it succeeds, fails
-    /// fatally, or `timeout` has passed.
+    /// fatally, or `timeout` has passed. An attempt still running at the
+    /// deadline is cut short and blamed on `blame`.
     async fn poll<T, F>(
         &self,
         what: &str,
+        blame: NodeId,
         timeout: Duration,
         mut attempt: impl FnMut() -> F,
     ) -> Result<T>
@@ -282,8 +290,20 @@ impl Topology {
         F: Future<Output = Result<T, Attempt>>,
     {
         let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + timeout);
+        let mut previous: Option<(NodeId, String)> = None;
         loop {
-            match attempt().await {
+            let outcome = tokio::time::timeout_at(deadline, attempt())
+                .await
+                .unwrap_or_else(|_| {
+                    // Cut short: the previous attempt's reason says more.
+                    let (node, reason) = previous.take().unwrap_or((blame, String::new()));
+                    Err(pending(
+                        node,
+                        format!("{reason} (next attempt still running at the deadline)"),
+                    ))
+                });
+            match outcome {
                 Ok(value) => return Ok(value),
                 Err(Attempt::Fatal(error)) => return Err(error),
                 Err(Attempt::Pending { node, reason }) if started.elapsed() >= timeout => {
@@ -304,7 +324,10 @@ impl Topology {
                         log_tail,
                     });
                 }
-                Err(Attempt::Pending { .. }) => tokio::time::sleep(POLL_INTERVAL).await,
+                Err(Attempt::Pending { node, reason }) => {
+                    previous = Some((node, reason));
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
             }
         }
     }
@@ -541,27 +564,14 @@ impl Topology {
             }
             process.start()?;
         }
-        self.poll(
-            "the restarted node to answer PING",
-            self.settings.start_timeout,
-            || async move {
-                let exit = self.lock().get(node).check_exit();
-                match exit {
-                    Some(Exit::Failed(error)) => Err(Attempt::Fatal(error)),
-                    Some(Exit::PortTaken) => Err(Attempt::Fatal(Error::Exited {
-                        node,
-                        status: "its port was taken while it was down".to_owned(),
-                        log_tail: self.log_tail(node, LOG_TAIL_LINES),
-                    })),
-                    None => self
-                        .query::<String>(node, &redis::cmd("PING"))
-                        .await
-                        .map(drop)
-                        .map_err(pending_on(node)),
-                }
-            },
-        )
-        .await
+        if self.wait_until_answering(node).await? {
+            Ok(())
+        } else {
+            Err(Error::PortTaken {
+                node,
+                port: self.addr(node).port(),
+            })
+        }
     }
 
     /// Asks a running sentinel to fail over now (`SENTINEL FAILOVER`), as an
@@ -586,8 +596,10 @@ impl Topology {
     /// Promotes a replica by hand, as a Kubernetes operator does without
     /// Sentinel: `REPLICAOF NO ONE` on `node`, then `REPLICAOF` it on every
     /// other running, unpaused data node. Returns once the commands are
-    /// accepted; [`wait_for_replica_of`](Self::wait_for_replica_of) waits
-    /// for the others to sync.
+    /// accepted and written to each node's config (`CONFIG REWRITE`), so a
+    /// node restarted later keeps its new role;
+    /// [`wait_for_replica_of`](Self::wait_for_replica_of) waits for the
+    /// others to sync.
     ///
     /// With sentinels running, they may undo this: they follow their own view.
     pub async fn promote(&self, node: NodeId) -> Result<()> {
@@ -603,6 +615,12 @@ impl Topology {
                     .await?;
             }
         }
+        // Persist the new roles, as an operator does, so restarted nodes keep them.
+        for member in self.reachable(self.data_nodes()) {
+            let _: String = self
+                .query(member, redis::cmd("CONFIG").arg("REWRITE"))
+                .await?;
+        }
         Ok(())
     }
 
@@ -615,7 +633,7 @@ impl Topology {
     pub async fn wait_for_new_master(&self, old: NodeId, timeout: Duration) -> Result<NodeId> {
         let old_addr = self.addr(old);
         let what = format!("a master other than {old}");
-        self.poll(&what, timeout, || async move {
+        self.poll(&what, old, timeout, || async move {
             let sentinels = self.reachable(self.sentinels());
             let candidate = if sentinels.is_empty() && self.settings.sentinels == 0 {
                 match self.masters().await.map_err(pending_on(old))?.as_slice() {
@@ -643,7 +661,8 @@ impl Topology {
                         }
                     }
                 }
-                let addr = agreed.ok_or_else(|| pending(old, "no sentinel is running"))?;
+                let addr =
+                    agreed.ok_or_else(|| pending(NodeId::sentinel(0), "no sentinel is running"))?;
                 self.node_at(addr).ok_or_else(|| {
                     pending(
                         old,
@@ -676,7 +695,7 @@ impl Topology {
         let master_port = self.addr(master).port();
         let replica_port = self.addr(replica).port();
         let what = format!("{replica} to replicate from {master}");
-        self.poll(&what, timeout, || async move {
+        self.poll(&what, replica, timeout, || async move {
             match self.role(replica).await.map_err(pending_on(replica))? {
                 Role::Replica {
                     primary_port,
@@ -708,6 +727,13 @@ impl Drop for Topology {
             process.kill();
         }
     }
+}
+
+/// The value of `field` in an `INFO` reply.
+fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::trim)
 }
 
 /// `[redis-0, redis-2]`.

@@ -36,20 +36,33 @@ fn wait_until(deadline: Instant, what: &str, mut done: impl FnMut() -> bool) {
 
 /// A running binary and what it printed before "Ready.".
 struct Running {
-    child: Child,
+    child: KillOnDrop,
     pids: Vec<u32>,
     dir: PathBuf,
 }
 
+/// SIGKILLs the binary if a test fails while it runs; the next topology
+/// then reaps its nodes.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn start(args: &[&str]) -> Running {
-    let mut child = Command::new(BINARY)
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(BINARY)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Read stdout on a thread so that waiting for "Ready" has a deadline.
     let (lines_tx, lines_rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
+    let stdout = child.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             if lines_tx.send(line.unwrap()).is_err() {
@@ -90,11 +103,11 @@ fn runs_a_topology_until_interrupted_then_cleans_up() {
     } = start(&["--replicas", "1", "--sentinels", "1"]);
     assert_eq!(pids.len(), 3, "master, replica and sentinel");
 
-    kill(pid(child.id()), Signal::SIGINT).unwrap();
+    kill(pid(child.0.id()), Signal::SIGINT).unwrap();
     let deadline = Instant::now() + DEADLINE;
     let mut status = None;
     wait_until(deadline, "the binary to exit after SIGINT", || {
-        status = child.try_wait().unwrap();
+        status = child.0.try_wait().unwrap();
         status.is_some()
     });
     assert!(status.unwrap().success(), "{status:?}");
@@ -105,14 +118,15 @@ fn runs_a_topology_until_interrupted_then_cleans_up() {
 }
 
 #[test]
+#[cfg(target_os = "linux")]
 fn nodes_of_a_sigkilled_owner_are_reaped_by_the_next_topology() {
     let Running {
         mut child,
         pids,
         dir,
     } = start(&["--replicas", "1", "--sentinels", "0"]);
-    kill(pid(child.id()), Signal::SIGKILL).unwrap();
-    child.wait().unwrap();
+    kill(pid(child.0.id()), Signal::SIGKILL).unwrap();
+    child.0.wait().unwrap();
     assert!(
         pids.iter().all(|&p| process_alive(p)),
         "SIGKILL runs no destructor: the nodes live on"

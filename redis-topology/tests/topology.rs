@@ -14,6 +14,9 @@ const FAILOVER_DEADLINE: Duration = Duration::from_secs(30);
 /// looked sane for 8 s, and learns of it through INFO sent every 1-10 s.
 const REJOIN_DEADLINE: Duration = Duration::from_secs(60);
 const SYNC_DEADLINE: Duration = Duration::from_secs(15);
+/// For tests that assert no failover happens: a stall of a loaded machine
+/// must not look like a dead master.
+const PATIENT_DOWN_AFTER: Duration = Duration::from_secs(10);
 
 async fn set(topology: &Topology, node: NodeId, key: &str, value: &str) {
     let _: () = topology
@@ -37,14 +40,15 @@ async fn assert_replicates(topology: &Topology, master: NodeId, key: &str) {
         .filter(|&n| n != master && topology.is_running(n))
         .collect();
     // WAIT counts acknowledgements of the calling connection's own writes,
-    // so SET and WAIT share one connection.
+    // so SET and WAIT share one connection; its 1.5 s stays under the
+    // connection's 2 s response timeout.
     let mut connection = topology.connection(master).await.unwrap();
     let (acked,): (usize,) = redis::pipe()
         .set(key, "v")
         .ignore()
         .cmd("WAIT")
         .arg(replicas.len())
-        .arg(5000)
+        .arg(1500)
         .query_async(&mut connection)
         .await
         .unwrap();
@@ -60,7 +64,11 @@ async fn assert_replicates(topology: &Topology, master: NodeId, key: &str) {
 
 #[tokio::test]
 async fn writes_on_the_master_reach_every_replica() {
-    let topology = Topology::builder().start().await.unwrap();
+    let topology = Topology::builder()
+        .down_after(PATIENT_DOWN_AFTER)
+        .start()
+        .await
+        .unwrap();
     let master = topology.initial_master();
     assert_eq!(topology.data_nodes().len(), 3);
     assert_eq!(topology.sentinels().len(), 3);
@@ -71,7 +79,7 @@ async fn writes_on_the_master_reach_every_replica() {
         .ignore()
         .cmd("WAIT")
         .arg(2)
-        .arg(1000)
+        .arg(1500)
         .query_async(&mut connection)
         .await
         .unwrap();
@@ -165,7 +173,8 @@ async fn sentinel_failover_command_switches_the_master() {
         .wait_for_new_master(old, FAILOVER_DEADLINE)
         .await
         .unwrap();
-    // A live old master is reconfigured by Sentinel as part of the failover.
+    // The old master stays up; Sentinel turns it into a replica once it has
+    // reported the wrong role for a while (about 8 s).
     topology
         .wait_for_replica_of(old, new, REJOIN_DEADLINE)
         .await
@@ -216,8 +225,16 @@ async fn manual_promotion_without_sentinel() {
 #[tokio::test]
 async fn two_topologies_run_side_by_side() {
     let (a, b) = tokio::join!(
-        Topology::builder().replicas(1).sentinels(1).start(),
-        Topology::builder().replicas(1).sentinels(1).start(),
+        Topology::builder()
+            .replicas(1)
+            .sentinels(1)
+            .down_after(PATIENT_DOWN_AFTER)
+            .start(),
+        Topology::builder()
+            .replicas(1)
+            .sentinels(1)
+            .down_after(PATIENT_DOWN_AFTER)
+            .start(),
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     let ports = |t: &Topology| {
@@ -246,6 +263,7 @@ async fn acl_credentials_protect_data_nodes_and_sentinels() {
         .sentinels(1)
         .acl_user("app", "app-secret")
         .sentinel_password("sentinel-secret")
+        .down_after(PATIENT_DOWN_AFTER)
         .start()
         .await
         .unwrap();
@@ -349,6 +367,16 @@ async fn faults_on_stopped_nodes_are_refused() {
         .wait_for_replica_of(replica, topology.initial_master(), SYNC_DEADLINE)
         .await
         .unwrap();
+
+    // While it is down, another process takes its port: the restart says so.
+    topology.kill(replica).unwrap();
+    let _squatter = std::net::TcpListener::bind(topology.addr(replica)).unwrap();
+    let error = topology.restart(replica).await.unwrap_err();
+    assert!(
+        matches!(error, Error::PortTaken { node, port } if node == replica && port == topology.addr(replica).port()),
+        "{error:?}"
+    );
+    assert!(!topology.is_running(replica));
 }
 
 /// Signal 0 checks that a process exists without touching it. The topology
