@@ -25,8 +25,20 @@
 //! by read policy. Connections are multiplexed and shared; pooling decides
 //! which connections exist, not who may use them.
 //!
-//! Status: this crate's API is not published yet. Its tests run against
-//! real master/replica/Sentinel processes started by the `redis-topology`
-//! crate.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod addr;
+mod builder;
+mod client;
+mod error;
+mod events;
+mod node;
+mod retry;
+
+pub use addr::{DnsResolver, NodeAddr, Resolve, Resolving, StaticResolver};
+pub use builder::FailoverClientBuilder;
+pub use client::{FailoverClient, MasterConnection, MasterInfo};
+pub use error::{Error, NodeFailure, Result};
+pub use events::{Event, MetricsSnapshot, Trigger};
+pub use node::{Credentials, MasterCheck};

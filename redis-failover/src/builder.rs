@@ -1,0 +1,296 @@
+//! Client settings, their defaults and their validation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::addr::{DnsResolver, NodeAddr, Resolve};
+use crate::client::FailoverClient;
+use crate::error::{Error, Result};
+use crate::node::{Credentials, MasterCheck};
+
+/// How the client finds the master.
+#[derive(Clone, Debug)]
+pub(crate) enum Mode {
+    Candidates {
+        nodes: Vec<NodeAddr>,
+        last_resort: Option<NodeAddr>,
+    },
+    Sentinel {
+        master_name: String,
+        sentinels: Vec<NodeAddr>,
+        min_agreement: Option<usize>,
+    },
+}
+
+/// Settings of a [`FailoverClient`]; start from
+/// [`FailoverClient::candidates`] or [`FailoverClient::sentinel`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct FailoverClientBuilder {
+    pub(crate) mode: Mode,
+    pub(crate) resolver: Arc<dyn Resolve>,
+    pub(crate) credentials: Credentials,
+    pub(crate) sentinel_credentials: Credentials,
+    pub(crate) master_check: MasterCheck,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) command_timeout: Duration,
+    pub(crate) retry_budget: Duration,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_cap: Duration,
+    pub(crate) recheck_interval: Duration,
+    pub(crate) event_capacity: usize,
+}
+
+impl FailoverClientBuilder {
+    pub(crate) fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            resolver: Arc::new(DnsResolver),
+            credentials: Credentials::none(),
+            sentinel_credentials: Credentials::none(),
+            master_check: MasterCheck::Role,
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(500),
+            retry_budget: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(10),
+            backoff_cap: Duration::from_millis(500),
+            recheck_interval: Duration::from_secs(1),
+            event_capacity: 1024,
+        }
+    }
+
+    /// Credentials for the data nodes (master and replicas). Defaults to none.
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = credentials;
+        self
+    }
+
+    /// Credentials for the sentinels, which often differ from the data
+    /// nodes'. Defaults to none.
+    pub fn sentinel_credentials(mut self, credentials: Credentials) -> Self {
+        self.sentinel_credentials = credentials;
+        self
+    }
+
+    /// How a candidate proves it is the master. Defaults to
+    /// [`MasterCheck::Role`]. Sentinel mode always confirms with `ROLE` too.
+    pub fn master_check(mut self, check: MasterCheck) -> Self {
+        self.master_check = check;
+        self
+    }
+
+    /// In candidates mode, an address tried only when no candidate is the
+    /// master, such as a Kubernetes Service in front of every pod; each
+    /// connection through it is checked like a candidate. Defaults to none.
+    pub fn last_resort(mut self, addr: NodeAddr) -> Self {
+        if let Mode::Candidates { last_resort, .. } = &mut self.mode {
+            *last_resort = Some(addr);
+        }
+        self
+    }
+
+    /// In Sentinel mode, how many sentinels must name the same master
+    /// before the client switches to it. Defaults to a majority of the
+    /// configured sentinels.
+    pub fn min_agreement(mut self, sentinels: usize) -> Self {
+        if let Mode::Sentinel { min_agreement, .. } = &mut self.mode {
+            *min_agreement = Some(sentinels);
+        }
+        self
+    }
+
+    /// How node names become addresses, on every connect. Defaults to
+    /// [`DnsResolver`].
+    pub fn resolver(mut self, resolver: impl Resolve) -> Self {
+        self.resolver = Arc::new(resolver);
+        self
+    }
+
+    /// How long opening a connection may take. Defaults to 1 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one request may wait for its reply before the master is
+    /// suspected hung and checked. Defaults to 500 ms; raise it for slow
+    /// commands.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// How long a request keeps trying (finding the master, resending)
+    /// before its error reaches the caller. Defaults to 30 s, the length of
+    /// a Sentinel failover with default settings.
+    pub fn retry_budget(mut self, budget: Duration) -> Self {
+        self.retry_budget = budget;
+        self
+    }
+
+    /// Bounds of the jittered exponential backoff between attempts.
+    /// Defaults to 10 ms and 500 ms. A new master found meanwhile ends the
+    /// wait at once.
+    pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_cap = cap;
+        self
+    }
+
+    /// How often the master's role is checked (and, with Sentinel, the
+    /// sentinels asked) even when no request failed. Defaults to 1 s.
+    pub fn recheck_interval(mut self, interval: Duration) -> Self {
+        self.recheck_interval = interval;
+        self
+    }
+
+    /// How many events a slow subscriber may lag behind before it misses
+    /// some. Defaults to 1024.
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.event_capacity = capacity;
+        self
+    }
+
+    /// Validates the settings and starts the client's background tasks.
+    /// Must be called within a Tokio runtime. The master is found in the
+    /// background and by the first request; nothing here waits for Redis.
+    pub fn build(self) -> Result<FailoverClient> {
+        self.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::InvalidConfig {
+            setting: "runtime",
+            reason: "build() must be called within a Tokio runtime".to_owned(),
+        })?;
+        Ok(FailoverClient::start(self, &runtime))
+    }
+
+    pub(crate) fn required_agreement(&self) -> usize {
+        match &self.mode {
+            Mode::Sentinel {
+                sentinels,
+                min_agreement,
+                ..
+            } => min_agreement.unwrap_or(sentinels.len() / 2 + 1),
+            Mode::Candidates { .. } => 0,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let invalid = |setting, reason: &str| {
+            Err(Error::InvalidConfig {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        match &self.mode {
+            Mode::Candidates { nodes, .. } if nodes.is_empty() => {
+                return invalid("candidates", "at least one node is needed");
+            }
+            Mode::Sentinel {
+                sentinels,
+                master_name,
+                ..
+            } => {
+                if sentinels.is_empty() {
+                    return invalid("sentinels", "at least one sentinel is needed");
+                }
+                if master_name.is_empty() {
+                    return invalid("master_name", "must not be empty");
+                }
+                let required = self.required_agreement();
+                if required == 0 || required > sentinels.len() {
+                    return invalid(
+                        "min_agreement",
+                        "must be between 1 and the number of sentinels",
+                    );
+                }
+            }
+            Mode::Candidates { .. } => {}
+        }
+        for (setting, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("command_timeout", self.command_timeout),
+            ("retry_budget", self.retry_budget),
+            ("backoff", self.backoff_base),
+            ("recheck_interval", self.recheck_interval),
+        ] {
+            if value.is_zero() {
+                return invalid(setting, "must be more than zero");
+            }
+        }
+        if self.backoff_cap < self.backoff_base {
+            return invalid("backoff", "the cap must not be below the base");
+        }
+        if self.event_capacity == 0 {
+            return invalid("event_capacity", "must be more than zero");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sentinels(n: u16) -> Vec<NodeAddr> {
+        (0..n)
+            .map(|i| NodeAddr::new("sentinel", 26379 + i).unwrap())
+            .collect()
+    }
+
+    fn rejected(builder: FailoverClientBuilder) -> &'static str {
+        match builder.validate() {
+            Err(Error::InvalidConfig { setting, .. }) => setting,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn agreement_defaults_to_a_majority_of_the_sentinels() {
+        let builder = FailoverClient::sentinel("mymaster", sentinels(3));
+        assert_eq!(builder.required_agreement(), 2);
+        assert_eq!(
+            FailoverClient::sentinel("m", sentinels(5)).required_agreement(),
+            3
+        );
+        assert_eq!(
+            FailoverClient::sentinel("m", sentinels(1)).required_agreement(),
+            1
+        );
+        builder.validate().unwrap();
+    }
+
+    #[test]
+    fn unworkable_settings_are_named() {
+        assert_eq!(rejected(FailoverClient::candidates([])), "candidates");
+        assert_eq!(rejected(FailoverClient::sentinel("m", [])), "sentinels");
+        assert_eq!(
+            rejected(FailoverClient::sentinel("", sentinels(3))),
+            "master_name"
+        );
+        assert_eq!(
+            rejected(FailoverClient::sentinel("m", sentinels(3)).min_agreement(4)),
+            "min_agreement"
+        );
+        let one = FailoverClient::candidates(sentinels(1));
+        assert_eq!(
+            rejected(one.clone().retry_budget(Duration::ZERO)),
+            "retry_budget"
+        );
+        assert_eq!(
+            rejected(one.backoff(Duration::from_secs(1), Duration::from_millis(1))),
+            "backoff"
+        );
+    }
+
+    #[test]
+    fn building_outside_a_runtime_is_an_error_not_a_panic() {
+        let result = FailoverClient::candidates(sentinels(1)).build();
+        assert!(matches!(
+            result,
+            Err(Error::InvalidConfig {
+                setting: "runtime",
+                ..
+            })
+        ));
+    }
+}

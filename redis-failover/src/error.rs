@@ -1,0 +1,157 @@
+use std::fmt;
+use std::time::Duration;
+
+use redis::RedisError;
+
+use crate::addr::NodeAddr;
+
+/// Why a request or a client setting failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A builder setting cannot work.
+    #[error("invalid setting `{setting}`: {reason}")]
+    InvalidConfig {
+        /// The setting at fault.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// No attempt succeeded before the retry budget was spent: no master
+    /// could be found, or every master found refused the request.
+    #[error(
+        "gave up after {attempts} attempts over {spent:?} (retry budget {budget:?}); {}",
+        Failures(.failures)
+    )]
+    RetryBudgetExhausted {
+        /// The configured budget.
+        budget: Duration,
+        /// How long was actually spent.
+        spent: Duration,
+        /// How many times the request or the discovery was tried.
+        attempts: u32,
+        /// The most recent failure of each node tried, oldest first.
+        failures: Vec<NodeFailure>,
+    },
+
+    /// The connection failed after the request was sent, so it may or may
+    /// not have run. It was not resent because it is not idempotent: mark
+    /// it idempotent if running it twice is harmless.
+    #[error("outcome unknown: the connection to {node} failed after the request was sent")]
+    OutcomeUnknown {
+        /// The master the request was sent to.
+        node: NodeAddr,
+        /// The connection error.
+        #[source]
+        source: RedisError,
+    },
+
+    /// The master answered the request with an error (a wrong type, a
+    /// script error, ...), or the reply did not convert to the asked type.
+    #[error("request failed on {node}")]
+    Command {
+        /// The master that answered.
+        node: NodeAddr,
+        /// Redis's answer.
+        #[source]
+        source: RedisError,
+    },
+}
+
+/// The last failure seen on one node while looking for the master or
+/// sending a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFailure {
+    /// The node, by its configured (or Sentinel-reported) address.
+    pub node: NodeAddr,
+    /// What went wrong there.
+    pub reason: String,
+}
+
+impl fmt::Display for NodeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.node, self.reason)
+    }
+}
+
+struct Failures<'a>(&'a [NodeFailure]);
+
+impl fmt::Display for Failures<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("no node was reachable");
+        }
+        f.write_str("tried ")?;
+        for (i, failure) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{failure}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Error {
+    /// This error as a [`RedisError`], for the
+    /// [`ConnectionLike`](redis::aio::ConnectionLike) interface: Redis's own
+    /// answers pass through unchanged, the others become I/O-kind errors
+    /// carrying this error's message.
+    pub fn into_redis_error(self) -> RedisError {
+        match self {
+            Self::Command { source, .. } => source,
+            Self::OutcomeUnknown { .. } => {
+                RedisError::from((redis::ErrorKind::Io, "outcome unknown", self.to_string()))
+            }
+            Self::RetryBudgetExhausted { .. } => RedisError::from((
+                redis::ErrorKind::Io,
+                "retry budget exhausted",
+                self.to_string(),
+            )),
+            Self::InvalidConfig { .. } => RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "invalid setting",
+                self.to_string(),
+            )),
+        }
+    }
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_budget_names_every_node_tried() {
+        let error = Error::RetryBudgetExhausted {
+            budget: Duration::from_secs(30),
+            spent: Duration::from_secs(31),
+            attempts: 12,
+            failures: vec![
+                NodeFailure {
+                    node: "redis-0:6379".parse().unwrap(),
+                    reason: "connection refused".to_owned(),
+                },
+                NodeFailure {
+                    node: "redis-1:6379".parse().unwrap(),
+                    reason: "ROLE says replica".to_owned(),
+                },
+            ],
+        };
+        let message = error.to_string();
+        assert!(message.contains("12 attempts"), "{message}");
+        assert!(
+            message.contains("redis-0:6379: connection refused; redis-1:6379: ROLE says replica"),
+            "{message}"
+        );
+        let redis_error = error.into_redis_error();
+        assert!(
+            redis_error.to_string().contains("redis-1:6379"),
+            "{redis_error}"
+        );
+    }
+}

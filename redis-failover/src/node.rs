@@ -1,0 +1,250 @@
+//! Opening connections to one node, checking its role, and the bb8 manager
+//! that decides which connections to a node exist.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, ErrorKind, IntoConnectionInfo, RedisConnectionInfo,
+    RedisError, RedisResult, Role,
+};
+
+use crate::addr::{NodeAddr, Resolve};
+
+/// Username and password for a group of nodes (data nodes or sentinels).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl Credentials {
+    /// No authentication. This is the default.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// `AUTH <password>` (the `default` user, or `requirepass`).
+    pub fn password(password: impl Into<String>) -> Self {
+        Self {
+            username: None,
+            password: Some(password.into()),
+        }
+    }
+
+    /// `AUTH <username> <password>` (an ACL user).
+    pub fn user(username: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            username: Some(username.into()),
+            password: Some(password.into()),
+        }
+    }
+
+    fn redis_settings(&self) -> RedisConnectionInfo {
+        let mut settings = RedisConnectionInfo::default();
+        if let Some(username) = &self.username {
+            settings = settings.set_username(username);
+        }
+        if let Some(password) = &self.password {
+            settings = settings.set_password(password);
+        }
+        settings
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Opens connections to nodes of one kind (data nodes or sentinels):
+/// resolves the name afresh, then connects with the kind's credentials and
+/// timeouts.
+#[derive(Clone, Debug)]
+pub(crate) struct Connector {
+    resolver: Arc<dyn Resolve>,
+    credentials: Credentials,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+impl Connector {
+    pub(crate) fn new(
+        resolver: Arc<dyn Resolve>,
+        credentials: Credentials,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Self {
+        Self {
+            resolver,
+            credentials,
+            connect_timeout,
+            response_timeout,
+        }
+    }
+
+    /// Connects to the first address `node` resolves to that accepts.
+    pub(crate) async fn connect(
+        &self,
+        node: &NodeAddr,
+    ) -> RedisResult<(SocketAddr, MultiplexedConnection)> {
+        let addrs = self.resolver.resolve(node).await?;
+        let mut last_error = RedisError::from((ErrorKind::Io, "name resolved to no address"));
+        for addr in addrs {
+            match self.connect_addr(addr).await {
+                Ok(connection) => return Ok((addr, connection)),
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn connect_addr(&self, addr: SocketAddr) -> RedisResult<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout));
+        self.client(addr)?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// A pub/sub connection to the first address of `node` that accepts.
+    pub(crate) async fn pubsub(&self, node: &NodeAddr) -> RedisResult<redis::aio::PubSub> {
+        let addrs = self.resolver.resolve(node).await?;
+        let mut last_error = RedisError::from((ErrorKind::Io, "name resolved to no address"));
+        for addr in addrs {
+            let client = self.client(addr)?;
+            match tokio::time::timeout(self.connect_timeout, client.get_async_pubsub()).await {
+                Ok(Ok(pubsub)) => return Ok(pubsub),
+                Ok(Err(error)) => last_error = error,
+                Err(elapsed) => last_error = std::io::Error::from(elapsed).into(),
+            }
+        }
+        Err(last_error)
+    }
+
+    fn client(&self, addr: SocketAddr) -> RedisResult<redis::Client> {
+        let info = ConnectionAddr::Tcp(addr.ip().to_string(), addr.port())
+            .into_connection_info()?
+            .set_redis_settings(self.credentials.redis_settings());
+        redis::Client::open(info)
+    }
+}
+
+/// How a node proves it is the master.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MasterCheck {
+    /// `ROLE` must say `master`. This is the default.
+    #[default]
+    Role,
+    /// A throw-away write must succeed: `SET <unique key> 1 PX <ttl>`, then
+    /// `DEL`. For servers where `ROLE` is not allowed; costs a write.
+    WriteProbe {
+        /// How long the probe key may live if the `DEL` is lost.
+        ttl: Duration,
+    },
+}
+
+static PROBE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A unique token, for PING echoes and probe keys.
+pub(crate) fn unique_token() -> String {
+    format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        PROBE_COUNTER.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u64>()
+    )
+}
+
+/// Fails unless the node on `connection` is a master, by `check`.
+pub(crate) async fn verify_master(
+    connection: &mut MultiplexedConnection,
+    check: MasterCheck,
+) -> RedisResult<()> {
+    match check {
+        MasterCheck::Role => match redis::cmd("ROLE").query_async::<Role>(connection).await? {
+            Role::Primary { .. } => Ok(()),
+            role => Err(not_master(&role)),
+        },
+        MasterCheck::WriteProbe { ttl } => {
+            let key = format!("redis-failover:probe:{}", unique_token());
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            redis::pipe()
+                .cmd("SET")
+                .arg(&key)
+                .arg(1)
+                .arg("PX")
+                .arg(ttl_ms)
+                .ignore()
+                .del(&key)
+                .ignore()
+                .query_async::<()>(connection)
+                .await
+        }
+    }
+}
+
+fn not_master(role: &Role) -> RedisError {
+    let what = match role {
+        Role::Replica {
+            primary_ip,
+            primary_port,
+            ..
+        } => format!("ROLE says replica of {primary_ip}:{primary_port}"),
+        Role::Sentinel { .. } => "ROLE says sentinel".to_owned(),
+        _ => format!("ROLE says {role:?}"),
+    };
+    redis::make_extension_error("READONLY".to_owned(), Some(what))
+}
+
+/// bb8's view of one master: every new connection is checked to be to a
+/// master, and a checked-out connection must echo a unique PING token.
+#[derive(Clone, Debug)]
+pub(crate) struct MasterManager {
+    pub(crate) connector: Connector,
+    pub(crate) node: NodeAddr,
+    pub(crate) check: MasterCheck,
+}
+
+impl bb8::ManageConnection for MasterManager {
+    type Connection = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let (_, mut connection) = self.connector.connect(&self.node).await?;
+        verify_master(&mut connection, self.check).await?;
+        Ok(connection)
+    }
+
+    async fn is_valid(&self, connection: &mut Self::Connection) -> Result<(), Self::Error> {
+        // A unique token catches a connection whose replies are out of step.
+        let token = unique_token();
+        let echoed: String = redis::cmd("PING")
+            .arg(&token)
+            .query_async(connection)
+            .await?;
+        if echoed == token {
+            Ok(())
+        } else {
+            Err(RedisError::from((
+                ErrorKind::Client,
+                "PING echoed another token",
+                echoed,
+            )))
+        }
+    }
+
+    fn has_broken(&self, _: &mut Self::Connection) -> bool {
+        // A multiplexed connection does not tell; `is_valid` finds out.
+        false
+    }
+}

@@ -1,0 +1,234 @@
+//! What a failed request means, and how long to wait before the next try.
+
+use std::time::Duration;
+
+use rand::Rng;
+use redis::RedisError;
+
+/// Server error codes meaning "this node cannot serve that now, and did not
+/// run the command": the request is safe to send again elsewhere or later.
+const NOT_EXECUTED_CODES: &[&str] = &["READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN"];
+
+/// Commands that change nothing, so sending them twice is harmless even when
+/// the first outcome is unknown. Names are upper case.
+const READ_ONLY_COMMANDS: &[&str] = &[
+    "BITCOUNT",
+    "BITPOS",
+    "DBSIZE",
+    "ECHO",
+    "EXISTS",
+    "GET",
+    "GETBIT",
+    "GETRANGE",
+    "HEXISTS",
+    "HGET",
+    "HGETALL",
+    "HKEYS",
+    "HLEN",
+    "HMGET",
+    "HSCAN",
+    "HSTRLEN",
+    "HVALS",
+    "INFO",
+    "LINDEX",
+    "LLEN",
+    "LPOS",
+    "LRANGE",
+    "MGET",
+    "PFCOUNT",
+    "PING",
+    "PTTL",
+    "ROLE",
+    "SCAN",
+    "SCARD",
+    "SISMEMBER",
+    "SMEMBERS",
+    "SMISMEMBER",
+    "SRANDMEMBER",
+    "SSCAN",
+    "STRLEN",
+    "TIME",
+    "TTL",
+    "TYPE",
+    "XINFO",
+    "XLEN",
+    "XPENDING",
+    "XRANGE",
+    "XREVRANGE",
+    "ZCARD",
+    "ZCOUNT",
+    "ZLEXCOUNT",
+    "ZMSCORE",
+    "ZRANGE",
+    "ZRANGEBYLEX",
+    "ZRANGEBYSCORE",
+    "ZRANK",
+    "ZREVRANGE",
+    "ZREVRANGEBYLEX",
+    "ZREVRANGEBYSCORE",
+    "ZREVRANK",
+    "ZSCAN",
+    "ZSCORE",
+];
+
+/// What a failed request tells the retry loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The node refused without running the command (`READONLY`, `LOADING`,
+    /// `MASTERDOWN`, `TRYAGAIN`, or no connection could be opened): find
+    /// the master again and resend.
+    NotExecuted,
+    /// The request may or may not have run (timeout, connection lost after
+    /// sending): resend only if it is idempotent.
+    OutcomeUnknown,
+    /// An answer for the caller (a wrong type, a script error, ...).
+    Final,
+}
+
+impl Failure {
+    /// Classifies an error returned by a request sent on an open connection.
+    pub(crate) fn of(error: &RedisError) -> Self {
+        // Server errors, alone or from a pipeline or transaction.
+        if let Some(errors) = error.clone().into_server_errors() {
+            let codes: Vec<&str> = errors.iter().map(|(_, e)| e.code()).collect();
+            return if refused_without_running(&codes) {
+                Self::NotExecuted
+            } else {
+                Self::Final
+            };
+        }
+        if error.is_connection_refusal() {
+            Self::NotExecuted
+        } else if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
+            Self::OutcomeUnknown
+        } else {
+            Self::Final
+        }
+    }
+}
+
+/// Whether the error replies (by code) of one request show the node
+/// refused all of it without running any: a refusal code, and nothing but
+/// refusals and the `EXECABORT` a refused transaction ends with.
+pub(crate) fn refused_without_running(codes: &[&str]) -> bool {
+    codes.iter().any(|code| NOT_EXECUTED_CODES.contains(code))
+        && codes
+            .iter()
+            .all(|code| NOT_EXECUTED_CODES.contains(code) || *code == "EXECABORT")
+}
+
+/// Whether a command changes nothing (judged by its name).
+pub(crate) fn is_read_only(cmd: &redis::Cmd) -> bool {
+    let Some(redis::Arg::Simple(name)) = cmd.args_iter().next() else {
+        return false;
+    };
+    READ_ONLY_COMMANDS
+        .iter()
+        .any(|known| known.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Exponential backoff with jitter: attempt `n` (from 0) waits between half
+/// and all of `min(cap, base * 2^n)`, so concurrent callers spread out but
+/// none retries in a hot loop.
+pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration, rng: &mut impl Rng) -> Duration {
+    let ceiling = base
+        .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+        .unwrap_or(cap)
+        .min(cap);
+    let half = ceiling / 2;
+    half + half.mul_f64(rng.random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use redis::{ErrorKind, RedisError};
+    use std::io;
+
+    use super::*;
+
+    fn server_error(code: &str) -> RedisError {
+        redis::make_extension_error(code.to_owned(), Some("details".to_owned()))
+    }
+
+    #[test]
+    fn refusals_of_a_node_that_cannot_serve_are_not_executed() {
+        for code in ["READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN"] {
+            assert_eq!(
+                Failure::of(&server_error(code)),
+                Failure::NotExecuted,
+                "{code}"
+            );
+        }
+        let refused = RedisError::from(io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert_eq!(Failure::of(&refused), Failure::NotExecuted);
+    }
+
+    #[test]
+    fn lost_connections_and_timeouts_leave_the_outcome_unknown() {
+        for kind in [
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::UnexpectedEof,
+            io::ErrorKind::TimedOut,
+        ] {
+            let error = RedisError::from(io::Error::from(kind));
+            assert_eq!(Failure::of(&error), Failure::OutcomeUnknown, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn answers_for_the_caller_are_final() {
+        assert_eq!(Failure::of(&server_error("WRONGTYPE")), Failure::Final);
+        assert_eq!(Failure::of(&server_error("ERR")), Failure::Final);
+        let type_error = RedisError::from((ErrorKind::UnexpectedReturnType, "not a number"));
+        assert_eq!(Failure::of(&type_error), Failure::Final);
+    }
+
+    #[test]
+    fn a_transaction_is_refused_only_when_refusals_caused_its_abort() {
+        assert!(refused_without_running(&[
+            "READONLY",
+            "READONLY",
+            "EXECABORT"
+        ]));
+        assert!(refused_without_running(&["LOADING"]));
+        assert!(
+            !refused_without_running(&["EXECABORT"]),
+            "a syntax error aborts too"
+        );
+        assert!(!refused_without_running(&["READONLY", "WRONGTYPE"]));
+        assert!(!refused_without_running(&[]));
+    }
+
+    #[test]
+    fn read_only_commands_are_recognised_in_any_case() {
+        assert!(is_read_only(redis::cmd("GET").arg("k")));
+        assert!(is_read_only(
+            redis::cmd("zrangebyscore").arg("k").arg(0).arg(1)
+        ));
+        assert!(!is_read_only(redis::cmd("SET").arg("k").arg("v")));
+        assert!(!is_read_only(redis::cmd("INCR").arg("k")));
+        assert!(!is_read_only(&redis::Cmd::new()));
+    }
+
+    proptest! {
+        #[test]
+        fn backoff_stays_within_half_and_all_of_the_capped_exponential(
+            attempt in 0u32..100,
+            base_ms in 1u64..1_000,
+            cap_ms in 1u64..60_000,
+            seed in any::<u64>(),
+        ) {
+            use rand::SeedableRng;
+            let (base, cap) = (Duration::from_millis(base_ms), Duration::from_millis(cap_ms));
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let wait = backoff(attempt, base, cap, &mut rng);
+            let ceiling = Duration::from_millis(
+                base_ms.saturating_mul(1u64 << attempt.min(40)).min(cap_ms),
+            );
+            prop_assert!(wait <= ceiling, "{wait:?} > {ceiling:?}");
+            prop_assert!(wait >= ceiling / 2, "{wait:?} < half of {ceiling:?}");
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The failover client against real topologies: writes through failovers
+//! with zero caller-visible errors, following a master promoted by hand,
+//! the last-resort address, and requests whose outcome is unknown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use redis_failover::{Error, Event, FailoverClient, NodeAddr, StaticResolver, Trigger};
+use redis_topology::{NodeId, Topology};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `done` every 20 ms until it holds, failing the test at `deadline`.
+async fn eventually(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn sentinel_client(topology: &Topology) -> FailoverClient {
+    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
+    FailoverClient::sentinel(topology.master_name(), sentinels)
+        .build()
+        .unwrap()
+}
+
+/// `redis-N.redis-headless:6379` names for the data nodes, resolved to
+/// their loopback ports as a headless Service resolves pod names.
+fn pod_names(topology: &Topology) -> (StaticResolver, Vec<NodeAddr>) {
+    let resolver = StaticResolver::new();
+    let names = topology
+        .data_nodes()
+        .into_iter()
+        .map(|node| {
+            let name = pod_name(node);
+            resolver.insert(name.clone(), topology.addr(node));
+            name
+        })
+        .collect();
+    (resolver, names)
+}
+
+fn pod_name(node: NodeId) -> NodeAddr {
+    NodeAddr::new(format!("{node}.redis-headless"), 6379).unwrap()
+}
+
+/// Writers that SET then `WAIT 2` on the master, each write idempotent,
+/// counting every error a caller would see.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acknowledged: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<String>, Vec<String>)>>,
+}
+
+impl Writers {
+    fn start(client: &FailoverClient, tasks: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acknowledged = Arc::new(AtomicUsize::new(0));
+        let tasks = (0..tasks)
+            .map(|task| {
+                let mut connection = client.idempotent_connection();
+                let (stop, acknowledged) = (Arc::clone(&stop), Arc::clone(&acknowledged));
+                tokio::spawn(async move {
+                    let (mut on_every_replica, mut errors) = (Vec::new(), Vec::new());
+                    for i in 0.. {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let key = format!("writer:{task}:{i}");
+                        let reply: redis::RedisResult<(usize,)> = redis::pipe()
+                            .set(&key, i)
+                            .ignore()
+                            .cmd("WAIT")
+                            .arg(2)
+                            .arg(100)
+                            .query_async(&mut connection)
+                            .await;
+                        match reply {
+                            Ok((replicas,)) => {
+                                acknowledged.fetch_add(1, Ordering::Relaxed);
+                                if replicas == 2 {
+                                    on_every_replica.push(key);
+                                }
+                            }
+                            Err(error) => errors.push(error.to_string()),
+                        }
+                    }
+                    (on_every_replica, errors)
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            acknowledged,
+            tasks,
+        }
+    }
+
+    fn acknowledged(&self) -> usize {
+        self.acknowledged.load(Ordering::Relaxed)
+    }
+
+    async fn stop(self) -> (Vec<String>, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut durable, mut errors) = (Vec::new(), Vec::new());
+        for task in self.tasks {
+            let (task_durable, task_errors) = task.await.unwrap();
+            durable.extend(task_durable);
+            errors.extend(task_errors);
+        }
+        (durable, errors)
+    }
+}
+
+/// The `MasterChanged` events that moved writes from one node to another.
+fn switches(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
+    let mut switches = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if matches!(&event, Event::MasterChanged { from: Some(from), to, .. } if from != to) {
+            switches.push(event);
+        }
+    }
+    switches
+}
+
+/// Runs 8 writers, applies `fault`, and checks the callers saw no error,
+/// that writes went on on the new master, that every write a replica had
+/// acknowledged survived, and that the client switched exactly once.
+async fn writes_survive(topology: Topology, fault: impl AsyncFnOnce(&Topology)) {
+    let client = sentinel_client(&topology);
+    let mut events = client.events();
+    let old = topology.initial_master();
+    client.wait_for_master(DEADLINE).await.unwrap();
+
+    let writers = Writers::start(&client, 8);
+    eventually("writes before the fault", DEADLINE, || {
+        writers.acknowledged() >= 50
+    })
+    .await;
+    fault(&topology).await;
+    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
+    let new_name = NodeAddr::from(topology.addr(new));
+    eventually("the client to switch", DEADLINE, || {
+        client.master().is_some_and(|m| m.node == new_name)
+    })
+    .await;
+    let after_switch = writers.acknowledged();
+    eventually("writes on the new master", DEADLINE, || {
+        writers.acknowledged() >= after_switch + 50
+    })
+    .await;
+    let (durable, errors) = writers.stop().await;
+
+    assert!(
+        errors.is_empty(),
+        "callers saw {} errors: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    for key in &durable {
+        let value: Option<String> = topology
+            .query(new, redis::cmd("GET").arg(key))
+            .await
+            .unwrap();
+        assert!(
+            value.is_some(),
+            "{key} was acknowledged by both replicas but is gone"
+        );
+    }
+    let switches = switches(&mut events);
+    assert_eq!(switches.len(), 1, "{switches:?}");
+    let metrics = client.metrics();
+    assert_eq!(metrics.budget_exhausted, 0);
+    assert_eq!(metrics.outcome_unknown, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_survive_a_killed_master_with_zero_errors() {
+    let topology = Topology::builder().start().await.unwrap();
+    writes_survive(topology, async |t: &Topology| {
+        t.kill(t.initial_master()).unwrap()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_survive_a_sentinel_failover_command_with_zero_errors() {
+    let topology = Topology::builder().start().await.unwrap();
+    writes_survive(topology, async |t: &Topology| {
+        t.sentinel_failover().await.unwrap()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn candidates_follow_a_master_promoted_by_hand_within_the_recheck_interval() {
+    let topology = Topology::builder().sentinels(0).start().await.unwrap();
+    let (resolver, names) = pod_names(&topology);
+    let client = FailoverClient::candidates(names.clone())
+        .resolver(resolver)
+        .recheck_interval(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let master = client.wait_for_master(DEADLINE).await.unwrap();
+    assert_eq!(master.node, names[0]);
+    client.set("before", "promotion").await.unwrap();
+
+    let promoted = topology.data_nodes()[2];
+    topology.promote(promoted).await.unwrap();
+    let promoted_at = Instant::now();
+    eventually("the client to follow the promotion", DEADLINE, || {
+        client.master().is_some_and(|m| m.node == names[2])
+    })
+    .await;
+    let followed_after = promoted_at.elapsed();
+    // One interval, plus a discovery, with room for a loaded machine.
+    assert!(
+        followed_after < Duration::from_secs(3),
+        "followed after {followed_after:?}"
+    );
+
+    client.set("after", "promotion").await.unwrap();
+    let value: Option<String> = topology
+        .query(promoted, redis::cmd("GET").arg("after"))
+        .await
+        .unwrap();
+    assert_eq!(value.as_deref(), Some("promotion"));
+}
+
+#[tokio::test]
+async fn a_write_refused_with_readonly_is_resent_to_the_new_master() {
+    let topology = Topology::builder().sentinels(0).start().await.unwrap();
+    let (resolver, names) = pod_names(&topology);
+    // Re-checks so rare that only the write's READONLY can reveal the change.
+    let client = FailoverClient::candidates(names.clone())
+        .resolver(resolver)
+        .recheck_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut events = client.events();
+    client.set("k", "on the old master").await.unwrap();
+
+    topology.promote(topology.data_nodes()[1]).await.unwrap();
+    // Not idempotent: resent only because READONLY proves it never ran.
+    let value: i64 = client
+        .query(redis::cmd("INCR").arg("counter"))
+        .await
+        .unwrap();
+    assert_eq!(value, 1);
+    assert_eq!(client.master().unwrap().node, names[1]);
+    assert!(client.metrics().readonly_replies >= 1);
+    let switches = switches(&mut events);
+    assert!(
+        matches!(
+            switches.as_slice(),
+            [Event::MasterChanged {
+                trigger: Trigger::ReadOnly,
+                ..
+            }]
+        ),
+        "{switches:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_last_resort_address_is_used_only_when_no_candidate_is_master() {
+    let topology = Topology::builder().sentinels(0).start().await.unwrap();
+    let (resolver, names) = pod_names(&topology);
+    let service = NodeAddr::new("redis.default.svc", 6379).unwrap();
+    resolver.insert(service.clone(), topology.addr(topology.initial_master()));
+    let resolver = Arc::new(resolver);
+
+    // Only replicas among the candidates: the service address finds the master.
+    let replicas_only = FailoverClient::candidates(names[1..].to_vec())
+        .resolver(Arc::clone(&resolver))
+        .last_resort(service.clone())
+        .build()
+        .unwrap();
+    assert_eq!(
+        replicas_only.wait_for_master(DEADLINE).await.unwrap().node,
+        service
+    );
+    replicas_only.set("via", "service").await.unwrap();
+
+    // With the master among them, the candidates win.
+    let with_master = FailoverClient::candidates(names.clone())
+        .resolver(resolver)
+        .last_resort(service)
+        .build()
+        .unwrap();
+    assert_eq!(
+        with_master.wait_for_master(DEADLINE).await.unwrap().node,
+        names[0]
+    );
+}
+
+#[tokio::test]
+async fn a_non_idempotent_request_on_a_hung_master_fails_with_outcome_unknown_and_is_not_resent() {
+    let topology = Topology::builder()
+        .replicas(1)
+        .sentinels(0)
+        .start()
+        .await
+        .unwrap();
+    let (resolver, names) = pod_names(&topology);
+    let client = FailoverClient::candidates(names)
+        .resolver(resolver)
+        .command_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    client.wait_for_master(DEADLINE).await.unwrap();
+    let master = topology.initial_master();
+
+    topology.pause(master).unwrap();
+    let error = client
+        .query::<i64>(redis::cmd("INCR").arg("counter"))
+        .await
+        .unwrap_err();
+    topology.resume(master).unwrap();
+    assert!(matches!(error, Error::OutcomeUnknown { .. }), "{error:?}");
+    assert!(error.to_string().contains("outcome unknown"), "{error}");
+
+    // The INCR sat in the paused master's socket and ran once on resume;
+    // it was not sent a second time.
+    let value: Option<i64> = client
+        .query(redis::cmd("GET").arg("counter"))
+        .await
+        .unwrap();
+    assert_eq!(value, Some(1));
+    assert_eq!(client.metrics().outcome_unknown, 1);
+}
