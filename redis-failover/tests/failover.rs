@@ -7,9 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use redis_failover::{Error, Event, FailoverClient, NodeAddr, StaticResolver, Trigger};
-use redis_topology::{NodeId, Topology};
+use redis_topology::{NodeId, Role, Topology};
 
 const DEADLINE: Duration = Duration::from_secs(30);
+/// Sentinel demotes a returning old master after it looked sane for 8 s.
+const REJOIN_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Polls `done` every 20 ms until it holds, failing the test at `deadline`.
 async fn eventually(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
@@ -331,4 +333,124 @@ async fn a_non_idempotent_request_on_a_hung_master_fails_with_outcome_unknown_an
         .unwrap();
     assert_eq!(value, Some(1));
     assert_eq!(client.metrics().outcome_unknown, 1);
+}
+
+/// How many `SET`s a node has run (`INFO commandstats`).
+async fn set_calls(topology: &Topology, node: NodeId) -> u64 {
+    let info: String = topology
+        .query(node, redis::cmd("INFO").arg("commandstats"))
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_set:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_master_is_left_by_timeout_and_gets_no_write_after_it_resumes() {
+    let topology = Topology::builder().start().await.unwrap();
+    let client = sentinel_client(&topology);
+    let old = topology.initial_master();
+    client.wait_for_master(DEADLINE).await.unwrap();
+    let writers = Writers::start(&client, 8);
+    eventually("writes before the hang", DEADLINE, || {
+        writers.acknowledged() >= 50
+    })
+    .await;
+
+    topology.pause(old).unwrap();
+    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
+    let new_name = NodeAddr::from(topology.addr(new));
+    eventually("the client to switch", DEADLINE, || {
+        client.master().is_some_and(|m| m.node == new_name)
+    })
+    .await;
+
+    topology.resume(old).unwrap();
+    // Writes sent before the hang wait in the old master's sockets and run
+    // as it resumes. After those, while it still claims to be master (until
+    // Sentinel demotes it), its count of SETs must not move: no write sent
+    // after the switch reaches it. Once it replicates, replicated SETs count
+    // too, so each sample reads the count before the role.
+    let mut settled = None;
+    let mut samples_while_master = 0;
+    let started = Instant::now();
+    loop {
+        let calls = set_calls(&topology, old).await;
+        if !matches!(topology.role(old).await.unwrap(), Role::Primary { .. }) {
+            break;
+        }
+        match settled {
+            Some(settled) => {
+                assert_eq!(calls, settled, "a write landed on the old master");
+                samples_while_master += 1;
+            }
+            // Stable over 300 ms: the writes sent before the hang are done.
+            None => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if set_calls(&topology, old).await == calls {
+                    settled = Some(calls);
+                }
+            }
+        }
+        assert!(
+            started.elapsed() < REJOIN_DEADLINE,
+            "the old master was never demoted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Sentinel waits about 8 s before demoting it: there is a window to watch.
+    assert!(
+        samples_while_master > 0,
+        "the old master was never seen claiming master"
+    );
+
+    let (_, errors) = writers.stop().await;
+    assert!(
+        errors.is_empty(),
+        "callers saw errors: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    assert!(client.metrics().master_changes >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_switch_until_the_required_sentinels_agree() {
+    let topology = Topology::builder().start().await.unwrap();
+    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
+    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+        .min_agreement(3)
+        .recheck_interval(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut events = client.events();
+    let old = topology.initial_master();
+    client.wait_for_master(DEADLINE).await.unwrap();
+
+    // One sentinel hangs with its stale view; the two others fail over.
+    let stale = topology.sentinels()[0];
+    topology.pause(stale).unwrap();
+    topology.kill(old).unwrap();
+    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
+    let new_name = NodeAddr::from(topology.addr(new));
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(2) {
+        assert!(
+            client.master().is_none_or(|m| m.node != new_name),
+            "switched with only 2 of 3 sentinels agreeing"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    topology.resume(stale).unwrap();
+    eventually("the switch once all three agree", DEADLINE, || {
+        client.master().is_some_and(|m| m.node == new_name)
+    })
+    .await;
+    let mut disagreed = false;
+    while let Ok(event) = events.try_recv() {
+        disagreed |= matches!(event, Event::SentinelDisagreement { required: 3, .. });
+    }
+    assert!(disagreed, "no SentinelDisagreement event");
 }
