@@ -13,12 +13,10 @@ use crate::node::{Credentials, MasterCheck};
 pub(crate) enum Mode {
     Candidates {
         nodes: Vec<NodeAddr>,
-        last_resort: Option<NodeAddr>,
     },
     Sentinel {
         master_name: String,
         sentinels: Vec<NodeAddr>,
-        min_agreement: Option<usize>,
     },
 }
 
@@ -28,6 +26,8 @@ pub(crate) enum Mode {
 #[must_use]
 pub struct FailoverClientBuilder {
     pub(crate) mode: Mode,
+    pub(crate) last_resort: Option<NodeAddr>,
+    pub(crate) min_agreement: Option<usize>,
     pub(crate) resolver: Arc<dyn Resolve>,
     pub(crate) credentials: Credentials,
     pub(crate) sentinel_credentials: Credentials,
@@ -45,6 +45,8 @@ impl FailoverClientBuilder {
     pub(crate) fn new(mode: Mode) -> Self {
         Self {
             mode,
+            last_resort: None,
+            min_agreement: None,
             resolver: Arc::new(DnsResolver),
             credentials: Credentials::none(),
             sentinel_credentials: Credentials::none(),
@@ -81,21 +83,18 @@ impl FailoverClientBuilder {
 
     /// In candidates mode, an address tried only when no candidate is the
     /// master, such as a Kubernetes Service in front of every pod; each
-    /// connection through it is checked like a candidate. Defaults to none.
+    /// connection through it is checked like a candidate. Defaults to none;
+    /// an error in Sentinel mode.
     pub fn last_resort(mut self, addr: NodeAddr) -> Self {
-        if let Mode::Candidates { last_resort, .. } = &mut self.mode {
-            *last_resort = Some(addr);
-        }
+        self.last_resort = Some(addr);
         self
     }
 
     /// In Sentinel mode, how many sentinels must name the same master
     /// before the client switches to it. Defaults to a majority of the
-    /// configured sentinels.
+    /// configured sentinels; an error in candidates mode.
     pub fn min_agreement(mut self, sentinels: usize) -> Self {
-        if let Mode::Sentinel { min_agreement, .. } = &mut self.mode {
-            *min_agreement = Some(sentinels);
-        }
+        self.min_agreement = Some(sentinels);
         self
     }
 
@@ -120,9 +119,10 @@ impl FailoverClientBuilder {
         self
     }
 
-    /// How long a request keeps trying (finding the master, resending)
-    /// before its error reaches the caller. Defaults to 30 s, the length of
-    /// a Sentinel failover with default settings.
+    /// How long a request keeps trying (finding the master, resending),
+    /// counted from its first failure, before its error reaches the caller.
+    /// Defaults to 30 s; it must cover your failover: Sentinel's
+    /// `down-after-milliseconds` plus its election, a few seconds.
     pub fn retry_budget(mut self, budget: Duration) -> Self {
         self.retry_budget = budget;
         self
@@ -165,11 +165,9 @@ impl FailoverClientBuilder {
 
     pub(crate) fn required_agreement(&self) -> usize {
         match &self.mode {
-            Mode::Sentinel {
-                sentinels,
-                min_agreement,
-                ..
-            } => min_agreement.unwrap_or(sentinels.len() / 2 + 1),
+            Mode::Sentinel { sentinels, .. } => {
+                self.min_agreement.unwrap_or(sentinels.len() / 2 + 1)
+            }
             Mode::Candidates { .. } => 0,
         }
     }
@@ -182,8 +180,13 @@ impl FailoverClientBuilder {
             })
         };
         match &self.mode {
-            Mode::Candidates { nodes, .. } if nodes.is_empty() => {
-                return invalid("candidates", "at least one node is needed");
+            Mode::Candidates { nodes } => {
+                if nodes.is_empty() {
+                    return invalid("candidates", "at least one node is needed");
+                }
+                if self.min_agreement.is_some() {
+                    return invalid("min_agreement", "only applies with Sentinel");
+                }
             }
             Mode::Sentinel {
                 sentinels,
@@ -203,8 +206,10 @@ impl FailoverClientBuilder {
                         "must be between 1 and the number of sentinels",
                     );
                 }
+                if self.last_resort.is_some() {
+                    return invalid("last_resort", "only applies to candidates");
+                }
             }
-            Mode::Candidates { .. } => {}
         }
         for (setting, value) in [
             ("connect_timeout", self.connect_timeout),
@@ -269,6 +274,15 @@ mod tests {
         );
         assert_eq!(
             rejected(FailoverClient::sentinel("m", sentinels(3)).min_agreement(4)),
+            "min_agreement"
+        );
+        let addr = NodeAddr::new("redis", 6379).unwrap();
+        assert_eq!(
+            rejected(FailoverClient::sentinel("m", sentinels(3)).last_resort(addr)),
+            "last_resort"
+        );
+        assert_eq!(
+            rejected(FailoverClient::candidates(sentinels(1)).min_agreement(1)),
             "min_agreement"
         );
         let one = FailoverClient::candidates(sentinels(1));

@@ -96,25 +96,25 @@ impl fmt::Display for Failures<'_> {
 impl Error {
     /// This error as a [`RedisError`], for the
     /// [`ConnectionLike`](redis::aio::ConnectionLike) interface: Redis's own
-    /// answers pass through unchanged, the others become I/O-kind errors
-    /// carrying this error's message.
+    /// answers pass through unchanged; an unknown outcome becomes an error
+    /// with code `OUTCOMEUNKNOWN` (not an I/O error, so that generic retry
+    /// wrappers do not resend it), an exhausted budget one with code
+    /// `RETRYBUDGET`, each carrying this error's message.
     pub fn into_redis_error(self) -> RedisError {
-        match self {
-            Self::Command { source, .. } => source,
-            Self::OutcomeUnknown { .. } => {
-                RedisError::from((redis::ErrorKind::Io, "outcome unknown", self.to_string()))
-            }
-            Self::RetryBudgetExhausted { .. } => RedisError::from((
-                redis::ErrorKind::Io,
-                "retry budget exhausted",
-                self.to_string(),
-            )),
-            Self::InvalidConfig { .. } => RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "invalid setting",
-                self.to_string(),
-            )),
+        if let Self::Command { source, .. } = self {
+            return source;
         }
+        let code = match &self {
+            Self::OutcomeUnknown { .. } => "OUTCOMEUNKNOWN",
+            Self::RetryBudgetExhausted { .. } => "RETRYBUDGET",
+            Self::InvalidConfig { .. } | Self::Command { .. } => "INVALIDCONFIG",
+        };
+        // The RedisError has no source chain: its detail carries the cause too.
+        let detail = match std::error::Error::source(&self) {
+            Some(cause) => format!("{self}: {cause}"),
+            None => self.to_string(),
+        };
+        redis::make_extension_error(code.to_owned(), Some(detail))
     }
 }
 

@@ -17,24 +17,66 @@
 //!   `+switch-master` notifications, periodic polling and a refresh after
 //!   every sentinel reconnect keep the answer current.
 //!
-//! Every switch bumps a master generation; connections of an older
-//! generation are never used for writes again. A write that meets
-//! `READONLY`, a refused connection or `LOADING` is retried on the new
-//! master within a retry budget measured in time, so a failover within that
-//! budget surfaces no error to the caller. Reads can be routed to replicas
-//! by read policy. Connections are multiplexed and shared; pooling decides
-//! which connections exist, not who may use them.
+//! Every master installed gets a new generation with connections of its
+//! own; once a newer master is installed, requests no longer pick the old
+//! one's connections (a request already sent on one finishes there).
 //!
+//! # Failures and retries
+//!
+//! - A request the master refused without running it (`READONLY`,
+//!   `LOADING`, `MASTERDOWN`, `NOREPLICAS`, ...; a connection known to have
+//!   failed) makes the client find the master again and resend it.
+//! - A request whose outcome is unknown (a timeout, or the connection lost
+//!   after sending) is resent only if it is read-only or the caller marked
+//!   it idempotent ([`FailoverClient::idempotent_connection`],
+//!   [`FailoverClient::query_idempotent`]); otherwise the caller gets
+//!   [`Error::OutcomeUnknown`]: it may or may not have run.
+//! - A timeout also checks the master: a hung master is left for a new one.
+//!   On a master that is fine, an idempotent request is resent at most
+//!   twice, since a slow request runs again each time.
+//! - Retries go on, with jittered backoff cut short when a new master is
+//!   installed, until the retry budget (a time, counted from the first
+//!   failure) is spent; then [`Error::RetryBudgetExhausted`] names each node
+//!   tried and why it failed.
+//!
+//! One discovery runs at a time: a burst of failed requests waits for a
+//! single one. Requests share one multiplexed connection per master; bb8
+//! creates each master's connections (checking the node's role on each)
+//! and holds them.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use redis_failover::{FailoverClient, NodeAddr};
+//!
+//! let sentinels = ["sentinel-0.sentinel:26379", "sentinel-1.sentinel:26379"]
+//!     .iter()
+//!     .map(|s| s.parse::<NodeAddr>())
+//!     .collect::<Result<Vec<_>, _>>()?;
+//! let client = FailoverClient::sentinel("mymaster", sentinels).build()?;
+//! client.set("greeting", "hello").await?;
+//! let greeting: Option<String> = client.get("greeting").await?;
+//!
+//! // Any redis-rs command or pipeline, through the same failover handling:
+//! let mut connection = client.idempotent_connection();
+//! let _: () = redis::cmd("SET").arg("k").arg("v").query_async(&mut connection).await?;
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod addr;
 mod builder;
 mod client;
+mod discovery;
 mod error;
 mod events;
 mod node;
+mod request;
 mod retry;
+mod shared;
+mod tasks;
 
 pub use addr::{DnsResolver, NodeAddr, Resolve, Resolving, StaticResolver};
 pub use builder::FailoverClientBuilder;

@@ -1,6 +1,7 @@
 //! Opening connections to one node, checking its role, and the bb8 manager
 //! that decides which connections to a node exist.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,44 +91,60 @@ impl Connector {
         }
     }
 
-    /// Connects to the first address `node` resolves to that accepts.
-    pub(crate) async fn connect(
+    /// The addresses `node` resolves to now, the lookup bounded by the
+    /// connect timeout.
+    pub(crate) async fn resolve(&self, node: &NodeAddr) -> RedisResult<Vec<SocketAddr>> {
+        match tokio::time::timeout(self.connect_timeout, self.resolver.resolve(node)).await {
+            Ok(resolved) => Ok(resolved?),
+            Err(elapsed) => Err(std::io::Error::from(elapsed).into()),
+        }
+    }
+
+    /// Resolves `node` afresh and returns the first address `open` succeeds on.
+    async fn first_address<T, F>(
         &self,
         node: &NodeAddr,
-    ) -> RedisResult<(SocketAddr, MultiplexedConnection)> {
-        let addrs = self.resolver.resolve(node).await?;
+        open: impl Fn(SocketAddr) -> F,
+    ) -> RedisResult<T>
+    where
+        F: Future<Output = RedisResult<T>>,
+    {
         let mut last_error = RedisError::from((ErrorKind::Io, "name resolved to no address"));
-        for addr in addrs {
-            match self.connect_addr(addr).await {
-                Ok(connection) => return Ok((addr, connection)),
+        for addr in self.resolve(node).await? {
+            match open(addr).await {
+                Ok(opened) => return Ok(opened),
                 Err(error) => last_error = error,
             }
         }
         Err(last_error)
     }
 
-    async fn connect_addr(&self, addr: SocketAddr) -> RedisResult<MultiplexedConnection> {
+    /// A multiplexed connection to `node`.
+    pub(crate) async fn connect(&self, node: &NodeAddr) -> RedisResult<MultiplexedConnection> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout));
-        self.client(addr)?
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
+        self.first_address(node, |addr| {
+            let config = config.clone();
+            async move {
+                self.client(addr)?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            }
+        })
+        .await
     }
 
-    /// A pub/sub connection to the first address of `node` that accepts.
+    /// A pub/sub connection to `node`.
     pub(crate) async fn pubsub(&self, node: &NodeAddr) -> RedisResult<redis::aio::PubSub> {
-        let addrs = self.resolver.resolve(node).await?;
-        let mut last_error = RedisError::from((ErrorKind::Io, "name resolved to no address"));
-        for addr in addrs {
+        self.first_address(node, |addr| async move {
             let client = self.client(addr)?;
             match tokio::time::timeout(self.connect_timeout, client.get_async_pubsub()).await {
-                Ok(Ok(pubsub)) => return Ok(pubsub),
-                Ok(Err(error)) => last_error = error,
-                Err(elapsed) => last_error = std::io::Error::from(elapsed).into(),
+                Ok(pubsub) => pubsub,
+                Err(elapsed) => Err(std::io::Error::from(elapsed).into()),
             }
-        }
-        Err(last_error)
+        })
+        .await
     }
 
     fn client(&self, addr: SocketAddr) -> RedisResult<redis::Client> {
@@ -206,8 +223,9 @@ fn not_master(role: &Role) -> RedisError {
     redis::make_extension_error("READONLY".to_owned(), Some(what))
 }
 
-/// bb8's view of one master: every new connection is checked to be to a
-/// master, and a checked-out connection must echo a unique PING token.
+/// bb8's view of one master: it creates every connection to the master
+/// (checking on each that the node is master) and holds them; a connection
+/// checked out of the pool must echo a unique PING token.
 #[derive(Clone, Debug)]
 pub(crate) struct MasterManager {
     pub(crate) connector: Connector,
@@ -220,7 +238,7 @@ impl bb8::ManageConnection for MasterManager {
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        let (_, mut connection) = self.connector.connect(&self.node).await?;
+        let mut connection = self.connector.connect(&self.node).await?;
         verify_master(&mut connection, self.check).await?;
         Ok(connection)
     }

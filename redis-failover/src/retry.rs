@@ -7,7 +7,18 @@ use redis::RedisError;
 
 /// Server error codes meaning "this node cannot serve that now, and did not
 /// run the command": the request is safe to send again elsewhere or later.
-const NOT_EXECUTED_CODES: &[&str] = &["READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN"];
+/// (`NOREPLICAS`: a new master waiting for its replicas under
+/// `min-replicas-to-write`; `UNBLOCKED`: a blocked command released because
+/// the node changed role; `BUSY`: a script is running.)
+const NOT_EXECUTED_CODES: &[&str] = &[
+    "READONLY",
+    "LOADING",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "NOREPLICAS",
+    "UNBLOCKED",
+    "BUSY",
+];
 
 /// Commands that change nothing, so sending them twice is harmless even when
 /// the first outcome is unknown. Names are upper case.
@@ -74,9 +85,8 @@ const READ_ONLY_COMMANDS: &[&str] = &[
 /// What a failed request tells the retry loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Failure {
-    /// The node refused without running the command (`READONLY`, `LOADING`,
-    /// `MASTERDOWN`, `TRYAGAIN`, or no connection could be opened): find
-    /// the master again and resend.
+    /// The node refused without running the command (`READONLY`,
+    /// `LOADING`, ...): find the master again and resend.
     NotExecuted,
     /// The request may or may not have run (timeout, connection lost after
     /// sending): resend only if it is idempotent.
@@ -90,16 +100,14 @@ impl Failure {
     pub(crate) fn of(error: &RedisError) -> Self {
         // Server errors, alone or from a pipeline or transaction.
         if let Some(errors) = error.clone().into_server_errors() {
-            let codes: Vec<&str> = errors.iter().map(|(_, e)| e.code()).collect();
-            return if refused_without_running(&codes) {
+            let errors: Vec<&redis::ServerError> = errors.iter().map(|(_, e)| e).collect();
+            return if refused_without_running(&errors) {
                 Self::NotExecuted
             } else {
                 Self::Final
             };
         }
-        if error.is_connection_refusal() {
-            Self::NotExecuted
-        } else if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
+        if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
             Self::OutcomeUnknown
         } else {
             Self::Final
@@ -107,14 +115,28 @@ impl Failure {
     }
 }
 
-/// Whether the error replies (by code) of one request show the node
-/// refused all of it without running any: a refusal code, and nothing but
-/// refusals and the `EXECABORT` a refused transaction ends with.
-pub(crate) fn refused_without_running(codes: &[&str]) -> bool {
-    codes.iter().any(|code| NOT_EXECUTED_CODES.contains(code))
-        && codes
+/// Whether one error reply says the node refused to run the command: a
+/// refusal code, or a transaction discarded because of one (`EXECABORT
+/// Transaction discarded because of: READONLY ...`).
+fn is_refusal(error: &redis::ServerError) -> bool {
+    let refused = |code: &str| NOT_EXECUTED_CODES.contains(&code);
+    refused(error.code())
+        || (error.code() == "EXECABORT"
+            && error
+                .details()
+                .and_then(|d| d.split_once("because of: "))
+                .and_then(|(_, cause)| cause.split_whitespace().next())
+                .is_some_and(refused))
+}
+
+/// Whether the error replies of one request show the node refused all of
+/// it without running any: a refusal, and besides refusals only the
+/// `EXECABORT` a refused transaction ends with.
+pub(crate) fn refused_without_running(errors: &[&redis::ServerError]) -> bool {
+    errors.iter().any(|e| is_refusal(e))
+        && errors
             .iter()
-            .all(|code| NOT_EXECUTED_CODES.contains(code) || *code == "EXECABORT")
+            .all(|e| is_refusal(e) || e.code() == "EXECABORT")
 }
 
 /// Whether a command changes nothing (judged by its name).
@@ -151,17 +173,28 @@ mod tests {
         redis::make_extension_error(code.to_owned(), Some("details".to_owned()))
     }
 
+    fn reply(code: &str, details: &str) -> redis::ServerError {
+        let error = redis::make_extension_error(code.to_owned(), Some(details.to_owned()));
+        error.into_server_errors().unwrap()[0].1.clone()
+    }
+
     #[test]
     fn refusals_of_a_node_that_cannot_serve_are_not_executed() {
-        for code in ["READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN"] {
+        for code in [
+            "READONLY",
+            "LOADING",
+            "MASTERDOWN",
+            "TRYAGAIN",
+            "NOREPLICAS",
+            "UNBLOCKED",
+            "BUSY",
+        ] {
             assert_eq!(
                 Failure::of(&server_error(code)),
                 Failure::NotExecuted,
                 "{code}"
             );
         }
-        let refused = RedisError::from(io::Error::from(io::ErrorKind::ConnectionRefused));
-        assert_eq!(Failure::of(&refused), Failure::NotExecuted);
     }
 
     #[test]
@@ -187,17 +220,30 @@ mod tests {
 
     #[test]
     fn a_transaction_is_refused_only_when_refusals_caused_its_abort() {
-        assert!(refused_without_running(&[
-            "READONLY",
-            "READONLY",
-            "EXECABORT"
-        ]));
-        assert!(refused_without_running(&["LOADING"]));
+        let readonly = reply("READONLY", "You can't write against a read only replica.");
+        let aborted = reply(
+            "EXECABORT",
+            "Transaction discarded because of previous errors.",
+        );
+        let aborted_by_refusal = reply(
+            "EXECABORT",
+            "Transaction discarded because of: READONLY You can't write against a read only replica.",
+        );
+        let wrong_type = reply(
+            "WRONGTYPE",
+            "Operation against a key holding the wrong kind of value",
+        );
+        assert!(refused_without_running(&[&readonly, &readonly, &aborted]));
+        assert!(refused_without_running(&[&aborted_by_refusal]));
         assert!(
-            !refused_without_running(&["EXECABORT"]),
+            !refused_without_running(&[&aborted]),
             "a syntax error aborts too"
         );
-        assert!(!refused_without_running(&["READONLY", "WRONGTYPE"]));
+        assert!(!refused_without_running(&[&readonly, &wrong_type]));
+        assert!(!refused_without_running(&[&reply(
+            "BUSYKEY",
+            "Target key name already exists."
+        )]));
         assert!(!refused_without_running(&[]));
     }
 

@@ -49,21 +49,29 @@ fn pod_name(node: NodeId) -> NodeAddr {
     NodeAddr::new(format!("{node}.redis-headless"), 6379).unwrap()
 }
 
-/// Writers that SET then `WAIT 2` on the master, each write idempotent,
-/// counting every error a caller would see.
+/// Writers that SET then `WAIT 2 100` on the master, counting every error a
+/// caller would see. Idempotent writers declare their writes harmless to
+/// resend; the others do not.
 struct Writers {
     stop: Arc<AtomicBool>,
     acknowledged: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<(Vec<String>, Vec<String>)>>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<String>, Vec<redis::RedisError>)>>,
 }
 
 impl Writers {
-    fn start(client: &FailoverClient, tasks: usize) -> Self {
+    /// Each writer gets a client of its own from `client`: `WAIT` blocks
+    /// the connection it runs on, and a client's requests share one.
+    fn start(client: impl Fn() -> FailoverClient, tasks: usize, idempotent: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acknowledged = Arc::new(AtomicUsize::new(0));
         let tasks = (0..tasks)
             .map(|task| {
-                let mut connection = client.idempotent_connection();
+                let client = client();
+                let mut connection = if idempotent {
+                    client.idempotent_connection()
+                } else {
+                    client.connection()
+                };
                 let (stop, acknowledged) = (Arc::clone(&stop), Arc::clone(&acknowledged));
                 tokio::spawn(async move {
                     let (mut on_every_replica, mut errors) = (Vec::new(), Vec::new());
@@ -71,7 +79,7 @@ impl Writers {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        let key = format!("writer:{task}:{i}");
+                        let key = format!("writer:{idempotent}:{task}:{i}");
                         let reply: redis::RedisResult<(usize,)> = redis::pipe()
                             .set(&key, i)
                             .ignore()
@@ -87,7 +95,7 @@ impl Writers {
                                     on_every_replica.push(key);
                                 }
                             }
-                            Err(error) => errors.push(error.to_string()),
+                            Err(error) => errors.push(error),
                         }
                     }
                     (on_every_replica, errors)
@@ -105,7 +113,7 @@ impl Writers {
         self.acknowledged.load(Ordering::Relaxed)
     }
 
-    async fn stop(self) -> (Vec<String>, Vec<String>) {
+    async fn stop(self) -> (Vec<String>, Vec<redis::RedisError>) {
         self.stop.store(true, Ordering::Relaxed);
         let (mut durable, mut errors) = (Vec::new(), Vec::new());
         for task in self.tasks {
@@ -120,26 +128,36 @@ impl Writers {
 /// The `MasterChanged` events that moved writes from one node to another.
 fn switches(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
     let mut switches = Vec::new();
-    while let Ok(event) = events.try_recv() {
-        if matches!(&event, Event::MasterChanged { from: Some(from), to, .. } if from != to) {
-            switches.push(event);
+    loop {
+        match events.try_recv() {
+            Ok(event @ Event::MasterChanged { .. }) => {
+                if matches!(&event, Event::MasterChanged { from: Some(from), to, .. } if from != to)
+                {
+                    switches.push(event);
+                }
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::TryRecvError::Empty) => return switches,
+            Err(error) => panic!("events lost: {error}"),
         }
     }
-    switches
 }
 
-/// Runs 8 writers, applies `fault`, and checks the callers saw no error,
-/// that writes went on on the new master, that every write a replica had
-/// acknowledged survived, and that the client switched exactly once.
+/// Runs 8 idempotent and 4 plain writers, applies `fault`, and checks: the
+/// idempotent writers saw no error at all; a plain writer saw at most the
+/// one "outcome unknown" of the request in flight at the fault; writes went
+/// on on the new master; every write both replicas had acknowledged
+/// survived; the client switched exactly once.
 async fn writes_survive(topology: Topology, fault: impl AsyncFnOnce(&Topology)) {
     let client = sentinel_client(&topology);
     let mut events = client.events();
     let old = topology.initial_master();
     client.wait_for_master(DEADLINE).await.unwrap();
 
-    let writers = Writers::start(&client, 8);
+    let idempotent = Writers::start(|| sentinel_client(&topology), 8, true);
+    let plain = Writers::start(|| sentinel_client(&topology), 4, false);
     eventually("writes before the fault", DEADLINE, || {
-        writers.acknowledged() >= 50
+        idempotent.acknowledged() >= 50 && plain.acknowledged() >= 20
     })
     .await;
     fault(&topology).await;
@@ -149,19 +167,30 @@ async fn writes_survive(topology: Topology, fault: impl AsyncFnOnce(&Topology)) 
         client.master().is_some_and(|m| m.node == new_name)
     })
     .await;
-    let after_switch = writers.acknowledged();
+    let (idempotent_after, plain_after) = (idempotent.acknowledged(), plain.acknowledged());
     eventually("writes on the new master", DEADLINE, || {
-        writers.acknowledged() >= after_switch + 50
+        idempotent.acknowledged() >= idempotent_after + 50
+            && plain.acknowledged() >= plain_after + 20
     })
     .await;
-    let (durable, errors) = writers.stop().await;
+    let (mut durable, errors) = idempotent.stop().await;
+    let (plain_durable, plain_errors) = plain.stop().await;
+    durable.extend(plain_durable);
 
     assert!(
         errors.is_empty(),
-        "callers saw {} errors: {:?}",
+        "idempotent writers saw {} errors: {:?}",
         errors.len(),
         &errors[..errors.len().min(5)]
     );
+    assert!(
+        plain_errors.len() <= 4,
+        "plain writers saw {} errors: {plain_errors:?}",
+        plain_errors.len()
+    );
+    for error in &plain_errors {
+        assert_eq!(error.code(), Some("OUTCOMEUNKNOWN"), "{error}");
+    }
     for key in &durable {
         let value: Option<String> = topology
             .query(new, redis::cmd("GET").arg(key))
@@ -174,9 +203,7 @@ async fn writes_survive(topology: Topology, fault: impl AsyncFnOnce(&Topology)) 
     }
     let switches = switches(&mut events);
     assert_eq!(switches.len(), 1, "{switches:?}");
-    let metrics = client.metrics();
-    assert_eq!(metrics.budget_exhausted, 0);
-    assert_eq!(metrics.outcome_unknown, 0);
+    assert_eq!(client.metrics().budget_exhausted, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,7 +380,7 @@ async fn a_hung_master_is_left_by_timeout_and_gets_no_write_after_it_resumes() {
     let client = sentinel_client(&topology);
     let old = topology.initial_master();
     client.wait_for_master(DEADLINE).await.unwrap();
-    let writers = Writers::start(&client, 8);
+    let writers = Writers::start(|| sentinel_client(&topology), 8, true);
     eventually("writes before the hang", DEADLINE, || {
         writers.acknowledged() >= 50
     })
@@ -453,4 +480,37 @@ async fn no_switch_until_the_required_sentinels_agree() {
         disagreed |= matches!(event, Event::SentinelDisagreement { required: 3, .. });
     }
     assert!(disagreed, "no SentinelDisagreement event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_master_notice_alone_moves_the_client() {
+    let topology = Topology::builder().start().await.unwrap();
+    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
+    // No re-check and no traffic: only `+switch-master` can tell the client.
+    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+        .recheck_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut events = client.events();
+    let old = topology.initial_master();
+    client.wait_for_master(DEADLINE).await.unwrap();
+
+    topology.kill(old).unwrap();
+    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
+    let new_name = NodeAddr::from(topology.addr(new));
+    eventually("the client to switch", DEADLINE, || {
+        client.master().is_some_and(|m| m.node == new_name)
+    })
+    .await;
+    let switches = switches(&mut events);
+    assert!(
+        matches!(
+            switches.as_slice(),
+            [Event::MasterChanged {
+                trigger: Trigger::PubSub,
+                ..
+            }]
+        ),
+        "{switches:?}"
+    );
 }

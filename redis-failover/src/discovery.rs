@@ -1,0 +1,266 @@
+//! Finding the master: ordered candidates, a last-resort address, or
+//! agreeing sentinels, each answer proven by the node itself.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use redis::{Cmd, FromRedisValue, RedisError};
+
+use crate::addr::NodeAddr;
+use crate::builder::Mode;
+use crate::error::NodeFailure;
+use crate::events::Event;
+use crate::node::{MasterManager, verify_master};
+use crate::shared::{Connection, Master, Opened, Shared, lock};
+
+/// How many connections through the last-resort address are tried per discovery.
+const LAST_RESORT_TRIES: usize = 3;
+/// Connections bb8 may hold to one master: the shared one and a replacement.
+const CONNECTIONS_PER_MASTER: u32 = 2;
+
+impl Shared {
+    pub(crate) async fn find_master(
+        &self,
+        current: Option<&Arc<Master>>,
+    ) -> Result<Opened, Vec<NodeFailure>> {
+        let mut failures = Vec::new();
+        match &self.settings.mode {
+            Mode::Candidates { nodes } => {
+                // Each connection through a load-balanced address may reach
+                // another node, so it gets a few tries, after every candidate.
+                let last_resort = self
+                    .settings
+                    .last_resort
+                    .iter()
+                    .cycle()
+                    .take(LAST_RESORT_TRIES);
+                for node in nodes.iter().chain(last_resort) {
+                    match self.open_master(node, current).await {
+                        Ok(opened) => return Ok(opened),
+                        Err(reason) => failures.push(NodeFailure {
+                            node: node.clone(),
+                            reason,
+                        }),
+                    }
+                }
+                Err(failures)
+            }
+            Mode::Sentinel { .. } => {
+                let node = self.ask_sentinels().await?;
+                self.open_master(&node, current).await.map_err(|reason| {
+                    vec![NodeFailure {
+                        node: node.clone(),
+                        reason,
+                    }]
+                })
+            }
+        }
+    }
+
+    /// Proves `node` is the master and opens its shared connection through
+    /// bb8, keeping the current master's if it is the same node and its
+    /// connection still works.
+    async fn open_master(
+        &self,
+        node: &NodeAddr,
+        current: Option<&Arc<Master>>,
+    ) -> Result<Opened, String> {
+        let check = self.master_check();
+        if let Some(master) = current.filter(|m| m.node == *node) {
+            let connection = master.connection.load_full();
+            if !connection.failed.load(Ordering::Acquire)
+                && verify_master(&mut connection.multiplexed.clone(), check)
+                    .await
+                    .is_ok()
+            {
+                return Ok(Opened::Same(Arc::clone(master)));
+            }
+            let fresh = open_through(&master.pool).await?;
+            master.connection.store(Connection::new(fresh));
+            return Ok(Opened::Same(Arc::clone(master)));
+        }
+        let manager = MasterManager {
+            connector: self.data.clone(),
+            node: node.clone(),
+            check,
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(CONNECTIONS_PER_MASTER)
+            .test_on_check_out(true)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .build_unchecked(manager);
+        let connection = open_through(&pool).await?;
+        Ok(Opened::New {
+            node: node.clone(),
+            pool,
+            connection,
+        })
+    }
+
+    /// Asks the sentinels where the master is; succeeds as soon as enough of
+    /// them name the same node (and no other node is named as often).
+    pub(crate) async fn ask_sentinels(&self) -> Result<NodeAddr, Vec<NodeFailure>> {
+        let Mode::Sentinel { master_name, .. } = &self.settings.mode else {
+            unreachable!("only asked in Sentinel mode")
+        };
+        let required = self.settings.required_agreement();
+        let command = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(master_name)
+            .to_owned();
+        let sentinels = lock(&self.sentinels).clone();
+        let mut replies: FuturesUnordered<_> = sentinels
+            .into_iter()
+            .map(|sentinel| {
+                let command = &command;
+                async move {
+                    let reply = self
+                        .ask_sentinel::<Option<(String, u16)>>(&sentinel, command)
+                        .await;
+                    (sentinel, reply)
+                }
+            })
+            .collect();
+        let (mut failures, mut answers) = (Vec::new(), Vec::new());
+        let mut votes: HashMap<NodeAddr, usize> = HashMap::new();
+        while let Some((sentinel, reply)) = replies.next().await {
+            let named = match reply {
+                Ok(Some((host, port))) => NodeAddr::new(host, port).map_err(|e| e.to_string()),
+                Ok(None) => Err(format!("does not know the master {master_name:?}")),
+                Err(error) => Err(error.to_string()),
+            };
+            match named {
+                Ok(master) => {
+                    *votes.entry(master.clone()).or_default() += 1;
+                    answers.push((sentinel, master));
+                }
+                Err(reason) => failures.push(NodeFailure {
+                    node: sentinel,
+                    reason,
+                }),
+            }
+            // Enough agree, and the rest could not outvote them: done.
+            let undecided = replies.len();
+            let mut ranked: Vec<(&NodeAddr, usize)> = votes.iter().map(|(m, c)| (m, *c)).collect();
+            ranked.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
+            if let [(leader, count), rest @ ..] = ranked.as_slice() {
+                let runner_up = rest.first().map_or(0, |(_, c)| *c);
+                if *count >= required && *count > runner_up + undecided {
+                    if votes.len() > 1 {
+                        self.emit(Event::SentinelDisagreement {
+                            answers: answers.clone(),
+                            required,
+                        });
+                    }
+                    return Ok((*leader).clone());
+                }
+            }
+        }
+        if !answers.is_empty() {
+            self.emit(Event::SentinelDisagreement {
+                answers: answers.clone(),
+                required,
+            });
+        }
+        for (master, count) in votes {
+            failures.push(NodeFailure {
+                node: master,
+                reason: format!(
+                    "named by {count} sentinels, {required} must agree and outvote the rest"
+                ),
+            });
+        }
+        Err(failures)
+    }
+
+    /// One command to a sentinel over its cached connection.
+    pub(crate) async fn ask_sentinel<T: FromRedisValue>(
+        &self,
+        sentinel: &NodeAddr,
+        command: &Cmd,
+    ) -> Result<T, RedisError> {
+        let cached = lock(&self.sentinel_connections).get(sentinel).cloned();
+        let mut connection = match cached {
+            Some(connection) => connection,
+            None => {
+                let connection = self.sentinel_connector.connect(sentinel).await?;
+                lock(&self.sentinel_connections).insert(sentinel.clone(), connection.clone());
+                connection
+            }
+        };
+        let reply = command.query_async(&mut connection).await;
+        if reply
+            .as_ref()
+            .is_err_and(|e| e.is_io_error() || e.is_timeout())
+        {
+            lock(&self.sentinel_connections).remove(sentinel);
+        }
+        reply
+    }
+
+    /// Adds the sentinels a known sentinel lists (`SENTINEL SENTINELS`) and
+    /// returns the new ones. A listed sentinel already known by name (its
+    /// name resolving to the listed address) is not added again, so no
+    /// sentinel votes twice.
+    pub(crate) async fn learn_sentinels(&self) -> Vec<NodeAddr> {
+        let Mode::Sentinel { master_name, .. } = &self.settings.mode else {
+            return Vec::new();
+        };
+        let known = lock(&self.sentinels).clone();
+        let mut known_addrs: Vec<SocketAddr> = Vec::new();
+        for sentinel in &known {
+            known_addrs.extend(
+                self.sentinel_connector
+                    .resolve(sentinel)
+                    .await
+                    .unwrap_or_default(),
+            );
+        }
+        let command = redis::cmd("SENTINEL")
+            .arg("SENTINELS")
+            .arg(master_name)
+            .to_owned();
+        for sentinel in &known {
+            let Ok(listed) = self
+                .ask_sentinel::<Vec<HashMap<String, String>>>(sentinel, &command)
+                .await
+            else {
+                continue;
+            };
+            let new: Vec<NodeAddr> = listed
+                .iter()
+                .filter_map(|fields| {
+                    let port = fields.get("port")?.parse().ok()?;
+                    NodeAddr::new(fields.get("ip")?.clone(), port).ok()
+                })
+                .filter(|addr| {
+                    let listed: Option<SocketAddr> = addr.to_string().parse().ok();
+                    !known.contains(addr) && listed.is_none_or(|l| !known_addrs.contains(&l))
+                })
+                .collect();
+            lock(&self.sentinels).extend(new.iter().cloned());
+            return new;
+        }
+        Vec::new()
+    }
+}
+
+/// Opens a new connection through `pool`'s manager (which checks the node
+/// is master) and hands it to the pool to hold; returns a clone to share.
+/// (`Pool::get` would hide why a connect failed behind its timeout.)
+async fn open_through(
+    pool: &bb8::Pool<MasterManager>,
+) -> Result<redis::aio::MultiplexedConnection, String> {
+    let connection = pool
+        .dedicated_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    // A full pool keeps its connections; ours is shared all the same.
+    let _ = pool.add(connection.clone());
+    Ok(connection)
+}

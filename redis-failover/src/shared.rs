@@ -1,0 +1,434 @@
+//! State shared by a client's handles and background tasks: the current
+//! master, single-flight rediscovery, and the retry loop.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{broadcast, watch};
+
+use crate::addr::NodeAddr;
+use crate::builder::{FailoverClientBuilder, Mode};
+use crate::error::{Error, NodeFailure, Result};
+use crate::events::{Counter, Event, Metrics, Trigger};
+use crate::node::{Connector, MasterCheck, MasterManager};
+use crate::request::{Reply, Request};
+use crate::retry::{Failure, backoff};
+
+/// The master requests go to.
+pub(crate) struct Master {
+    pub(crate) generation: u64,
+    pub(crate) node: NodeAddr,
+    /// Creates (checking the role) and holds the connections to this master.
+    pub(crate) pool: bb8::Pool<MasterManager>,
+    /// The multiplexed connection every request shares, replaced through
+    /// `pool` once it fails.
+    pub(crate) connection: ArcSwap<Connection>,
+}
+
+/// A shared multiplexed connection, and whether it is known to have failed.
+pub(crate) struct Connection {
+    pub(crate) multiplexed: MultiplexedConnection,
+    /// Set on the first timeout or connection error: later requests do not
+    /// send on it (it would fail without sending) but wait for a new one.
+    pub(crate) failed: AtomicBool,
+}
+
+impl Connection {
+    pub(crate) fn new(multiplexed: MultiplexedConnection) -> Arc<Self> {
+        Arc::new(Self {
+            multiplexed,
+            failed: AtomicBool::new(false),
+        })
+    }
+}
+
+/// A master that passed its check, not yet installed.
+pub(crate) enum Opened {
+    /// The current master, still master, with a working connection.
+    Same(Arc<Master>),
+    /// Another node.
+    New {
+        node: NodeAddr,
+        pool: bb8::Pool<MasterManager>,
+        connection: MultiplexedConnection,
+    },
+}
+
+#[derive(Default)]
+struct DiscoveryState {
+    /// Why the latest discovery found no master, for callers that waited on it.
+    last_failures: Vec<NodeFailure>,
+    /// When the current master was first seen failing.
+    first_failure: Option<Instant>,
+    /// The master installed last, kept after it is given up, so the next
+    /// switch says where it came from.
+    last_master: Option<NodeAddr>,
+    generation: u64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) settings: FailoverClientBuilder,
+    pub(crate) data: Connector,
+    pub(crate) sentinel_connector: Connector,
+    /// The sentinels to ask, grown from `SENTINEL SENTINELS`.
+    pub(crate) sentinels: Mutex<Vec<NodeAddr>>,
+    /// Open connections to sentinels, dropped when they fail.
+    pub(crate) sentinel_connections: Mutex<HashMap<NodeAddr, MultiplexedConnection>>,
+    pub(crate) master: ArcSwapOption<Master>,
+    /// Completed discoveries, bumped after the master they found is stored:
+    /// a caller that saw a failure at epoch `e` and finds the epoch moved on
+    /// knows someone already looked again.
+    pub(crate) epoch: AtomicU64,
+    discovery: tokio::sync::Mutex<DiscoveryState>,
+    /// The generation of the installed master; wakes requests waiting for one.
+    installed: watch::Sender<u64>,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) metrics: Metrics,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("mode", &self.settings.mode)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks a std mutex, going on after a panic elsewhere (the data stays valid).
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// How often a request is resent after timing out on a master that is
+/// still master.
+const MAX_RESENDS_AFTER_TIMEOUT: u32 = 2;
+
+/// The state of a request that failed at least once.
+struct Retrying {
+    started: Instant,
+    attempt: u32,
+    timeouts: u32,
+    failures: Vec<NodeFailure>,
+    installed: watch::Receiver<u64>,
+}
+
+impl Shared {
+    pub(crate) fn new(settings: FailoverClientBuilder) -> Self {
+        let connector = |credentials| {
+            Connector::new(
+                Arc::clone(&settings.resolver),
+                credentials,
+                settings.connect_timeout,
+                settings.command_timeout,
+            )
+        };
+        let data = connector(settings.credentials.clone());
+        let sentinel_connector = connector(settings.sentinel_credentials.clone());
+        let sentinels = match &settings.mode {
+            Mode::Sentinel { sentinels, .. } => sentinels.clone(),
+            Mode::Candidates { .. } => Vec::new(),
+        };
+        Self {
+            events: broadcast::channel(settings.event_capacity).0,
+            settings,
+            data,
+            sentinel_connector,
+            sentinels: Mutex::new(sentinels),
+            sentinel_connections: Mutex::default(),
+            master: ArcSwapOption::empty(),
+            epoch: AtomicU64::new(0),
+            discovery: tokio::sync::Mutex::default(),
+            installed: watch::channel(0).0,
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        // No subscriber is fine: events are for whoever listens.
+        let _ = self.events.send(event);
+    }
+
+    /// How a node proves it is master: Sentinel's answers are always
+    /// confirmed with `ROLE`; candidates use the configured check.
+    pub(crate) fn master_check(&self) -> MasterCheck {
+        match &self.settings.mode {
+            Mode::Candidates { .. } => self.settings.master_check,
+            Mode::Sentinel { .. } => MasterCheck::Role,
+        }
+    }
+
+    /// Sends `request` to the master, finding it again and resending as
+    /// failures allow, until the retry budget (counted from the first
+    /// failure) is spent. Returns the master that answered with the reply.
+    pub(crate) async fn execute(
+        self: &Arc<Self>,
+        request: Request<'_>,
+        idempotent: bool,
+    ) -> Result<(Arc<Master>, Reply)> {
+        let mut retrying: Option<Retrying> = None;
+        loop {
+            if let Some(state) = &mut retrying {
+                self.wait_before_retry(state).await?;
+            }
+            let (master, epoch) = match self.current().await {
+                Ok(found) => found,
+                Err(found) => {
+                    self.failed(&mut retrying, found);
+                    continue;
+                }
+            };
+            let connection = master.connection.load_full();
+            let error = if connection.failed.load(Ordering::Acquire) {
+                // Known dead: sending would fail without reaching Redis.
+                None
+            } else {
+                match request.send(&mut connection.multiplexed.clone()).await {
+                    Ok(reply) => match request.refusal(&reply) {
+                        None => return Ok((master, reply)),
+                        Some(refusal) => Some(refusal),
+                    },
+                    Err(error) => Some(error),
+                }
+            };
+            let (failure, trigger) = match &error {
+                None => (Failure::NotExecuted, Trigger::ConnectionLost),
+                Some(error) => match Failure::of(error) {
+                    Failure::Final => {
+                        return Err(Error::Command {
+                            node: master.node.clone(),
+                            source: error.clone(),
+                        });
+                    }
+                    Failure::NotExecuted if error.code() == Some("READONLY") => {
+                        self.metrics.add(Counter::ReadonlyReplies);
+                        (Failure::NotExecuted, Trigger::ReadOnly)
+                    }
+                    Failure::NotExecuted => (Failure::NotExecuted, Trigger::Unavailable),
+                    Failure::OutcomeUnknown => {
+                        connection.failed.store(true, Ordering::Release);
+                        let trigger = if error.is_timeout() {
+                            Trigger::Timeout
+                        } else {
+                            Trigger::ConnectionLost
+                        };
+                        (Failure::OutcomeUnknown, trigger)
+                    }
+                },
+            };
+            tracing::debug!(node = %master.node, ?error, ?trigger, "request to the master failed");
+            let outcome_unknown = |source: redis::RedisError| Error::OutcomeUnknown {
+                node: master.node.clone(),
+                source,
+            };
+            if failure == Failure::OutcomeUnknown && !(idempotent || request.is_read_only()) {
+                self.metrics.add(Counter::OutcomeUnknown);
+                self.rediscover_in_background(epoch, trigger, Arc::clone(&master));
+                return Err(outcome_unknown(
+                    error.expect("an outcome-unknown failure has an error"),
+                ));
+            }
+            let reason = error.as_ref().map_or_else(
+                || "the connection had failed".to_owned(),
+                ToString::to_string,
+            );
+            self.failed(
+                &mut retrying,
+                vec![NodeFailure {
+                    node: master.node.clone(),
+                    reason,
+                }],
+            );
+            let found = self.rediscover(epoch, trigger, Some(&master)).await;
+            // Timeouts on a master that is still master: a stall, or a slow
+            // request. Resend a few times, not until the budget runs out:
+            // each resend of a slow request runs it again.
+            let still_master = found
+                .as_ref()
+                .is_ok_and(|(again, _)| Arc::ptr_eq(again, &master));
+            if trigger == Trigger::Timeout && still_master {
+                let state = retrying.as_mut().expect("recorded above");
+                state.timeouts += 1;
+                if state.timeouts > MAX_RESENDS_AFTER_TIMEOUT {
+                    self.metrics.add(Counter::OutcomeUnknown);
+                    return Err(outcome_unknown(error.expect("a timeout has an error")));
+                }
+            }
+        }
+    }
+
+    /// Records a failure, starting the retry state on the first one.
+    fn failed(&self, retrying: &mut Option<Retrying>, failures: Vec<NodeFailure>) {
+        let state = retrying.get_or_insert_with(|| Retrying {
+            started: Instant::now(),
+            attempt: 0,
+            timeouts: 0,
+            failures: Vec::new(),
+            installed: self.installed.subscribe(),
+        });
+        for failure in failures {
+            match state.failures.iter_mut().find(|f| f.node == failure.node) {
+                Some(known) => known.reason = failure.reason,
+                None => state.failures.push(failure),
+            }
+        }
+    }
+
+    /// Waits out one backoff step (cut short when a master is installed),
+    /// or fails once the budget is spent.
+    async fn wait_before_retry(&self, state: &mut Retrying) -> Result<()> {
+        let budget = self.settings.retry_budget;
+        let spent = state.started.elapsed();
+        if spent >= budget {
+            self.metrics.add(Counter::BudgetExhausted);
+            self.emit(Event::RetryBudgetExhausted {
+                attempts: state.attempt + 1,
+            });
+            return Err(Error::RetryBudgetExhausted {
+                budget,
+                spent,
+                attempts: state.attempt + 1,
+                failures: std::mem::take(&mut state.failures),
+            });
+        }
+        let wait = backoff(
+            state.attempt,
+            self.settings.backoff_base,
+            self.settings.backoff_cap,
+            &mut rand::rng(),
+        )
+        .min(budget - spent);
+        state.attempt += 1;
+        self.metrics.add(Counter::Retries);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = state.installed.changed() => {}
+        }
+        Ok(())
+    }
+
+    /// The master to use now (finding one if none is known) and the
+    /// discovery epoch it was observed at.
+    pub(crate) async fn current(&self) -> Result<(Arc<Master>, u64), Vec<NodeFailure>> {
+        // The epoch is read before the master: an install stores the master
+        // before bumping the epoch, so the pair is never newer than it looks.
+        let epoch = self.epoch.load(Ordering::Acquire);
+        match self.master.load_full() {
+            Some(master) => Ok((master, epoch)),
+            None => self.rediscover(epoch, Trigger::NoMaster, None).await,
+        }
+    }
+
+    /// Starts a rediscovery without making the caller wait for it.
+    fn rediscover_in_background(
+        self: &Arc<Self>,
+        epoch: u64,
+        trigger: Trigger,
+        failed: Arc<Master>,
+    ) {
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            let _ = shared.rediscover(epoch, trigger, Some(&failed)).await;
+        });
+    }
+
+    /// Looks for the master again, unless a discovery finished since the
+    /// caller observed `epoch`: then its outcome is the answer. One
+    /// discovery runs at a time, so a burst of failures causes one.
+    /// `failed` is the master the caller saw fail, if any.
+    pub(crate) async fn rediscover(
+        &self,
+        epoch: u64,
+        trigger: Trigger,
+        failed: Option<&Arc<Master>>,
+    ) -> Result<(Arc<Master>, u64), Vec<NodeFailure>> {
+        let mut state = self.discovery.lock().await;
+        let now = self.epoch.load(Ordering::Acquire);
+        if now != epoch {
+            return match self.master.load_full() {
+                Some(master) => Ok((master, now)),
+                None => Err(state.last_failures.clone()),
+            };
+        }
+        let current = self.master.load_full();
+        let failed_is_current =
+            matches!((failed, &current), (Some(f), Some(c)) if Arc::ptr_eq(f, c));
+        if failed_is_current && state.first_failure.is_none() {
+            state.first_failure = Some(Instant::now());
+        }
+        if failed_is_current && trigger == Trigger::ReadOnly {
+            // A demoted master: no request may use it while we look.
+            self.master.store(None);
+            self.emit(Event::MasterLost {
+                node: failed.expect("checked above").node.clone(),
+                trigger,
+            });
+        }
+        self.metrics.add(Counter::Discoveries);
+        let found = self.find_master(current.as_ref()).await;
+        let result = match found {
+            Ok(Opened::Same(master)) => {
+                self.master.store(Some(Arc::clone(&master)));
+                state.first_failure = None;
+                state.last_failures.clear();
+                Ok(master)
+            }
+            Ok(Opened::New {
+                node,
+                pool,
+                connection,
+            }) => {
+                state.generation += 1;
+                let generation = state.generation;
+                let master = Arc::new(Master {
+                    generation,
+                    node: node.clone(),
+                    pool,
+                    connection: ArcSwap::new(Connection::new(connection)),
+                });
+                self.master.store(Some(Arc::clone(&master)));
+                let after_failure = state.first_failure.take().map(|at| at.elapsed());
+                let from = state.last_master.replace(node.clone());
+                if from.as_ref() != Some(&node) {
+                    if let Some(after) = after_failure {
+                        self.metrics.set_switch_after_failure(after);
+                    }
+                    self.metrics.add(Counter::MasterChanges);
+                }
+                tracing::info!(?from, to = %node, generation, ?trigger, "master installed");
+                self.emit(Event::MasterChanged {
+                    from,
+                    to: node,
+                    generation,
+                    trigger,
+                    after_failure,
+                });
+                self.installed.send_replace(generation);
+                state.last_failures.clear();
+                Ok(master)
+            }
+            Err(failures) => {
+                tracing::warn!(?trigger, ?failures, "no master found");
+                // Only a failure of the master itself, not an inconclusive
+                // look (sentinels still disagreeing), gives the master up.
+                if failed_is_current && let Some(master) = self.master.swap(None) {
+                    self.emit(Event::MasterLost {
+                        node: master.node.clone(),
+                        trigger,
+                    });
+                }
+                state.last_failures = failures.clone();
+                Err(failures)
+            }
+        };
+        // Bumped after the store: see `current`.
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        result.map(|master| (master, epoch))
+    }
+}

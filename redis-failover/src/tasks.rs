@@ -1,0 +1,145 @@
+//! Background work: the periodic re-check and one `+switch-master`
+//! watcher per sentinel. Each runs until the client's last handle is
+//! dropped, which closes the `stop` channel.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::RedisError;
+use tokio::sync::watch;
+
+use crate::addr::NodeAddr;
+use crate::builder::Mode;
+use crate::events::Trigger;
+use crate::node::verify_master;
+use crate::retry::backoff;
+use crate::shared::Shared;
+
+/// Resolves when the client is dropped.
+async fn stopped(stop: &mut watch::Receiver<()>) {
+    while stop.changed().await.is_ok() {}
+}
+
+/// Re-checks the master every `recheck_interval`; with Sentinel, also
+/// learns new sentinels every tenth time and watches them.
+pub(crate) async fn recheck_loop(shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
+    let watchers_stop = stop.clone();
+    let mut interval = tokio::time::interval(shared.settings.recheck_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for tick in 0u64.. {
+        let work = async {
+            interval.tick().await;
+            recheck(&shared).await;
+            if tick % 10 == 0 {
+                for sentinel in shared.learn_sentinels().await {
+                    let stop = watchers_stop.clone();
+                    tokio::spawn(watch_sentinel(Arc::clone(&shared), sentinel, stop));
+                }
+            }
+        };
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = work => {}
+        }
+    }
+}
+
+/// Is the master still master (and, with Sentinel, still the node the
+/// sentinels name)? If not, look again.
+async fn recheck(shared: &Shared) {
+    let epoch = shared.epoch.load(Ordering::Acquire);
+    let Some(master) = shared.master.load_full() else {
+        let _ = shared.rediscover(epoch, Trigger::NoMaster, None).await;
+        return;
+    };
+    let mut connection = master.connection.load().multiplexed.clone();
+    let still_master = verify_master(&mut connection, shared.master_check())
+        .await
+        .is_ok();
+    if !still_master {
+        let _ = shared.rediscover(epoch, Trigger::Poll, Some(&master)).await;
+    } else if sentinels_moved_from(shared, &master.node).await {
+        let _ = shared.rediscover(epoch, Trigger::Poll, None).await;
+    }
+}
+
+/// With Sentinel: whether the sentinels now agree on a master other than `node`.
+async fn sentinels_moved_from(shared: &Shared, node: &NodeAddr) -> bool {
+    matches!(shared.settings.mode, Mode::Sentinel { .. })
+        && shared
+            .ask_sentinels()
+            .await
+            .is_ok_and(|named| named != *node)
+}
+
+/// Follows one sentinel's `+switch-master` notices, reconnecting with
+/// backoff, and catches up after every (re)connect, since notices sent
+/// while disconnected are lost.
+pub(crate) async fn watch_sentinel(
+    shared: Arc<Shared>,
+    sentinel: NodeAddr,
+    mut stop: watch::Receiver<()>,
+) {
+    let Mode::Sentinel { master_name, .. } = &shared.settings.mode else {
+        return;
+    };
+    let mut attempt = 0;
+    loop {
+        let session = async {
+            let mut pubsub = shared.sentinel_connector.pubsub(&sentinel).await?;
+            pubsub.subscribe("+switch-master").await?;
+            attempt = 0;
+            let epoch = shared.epoch.load(Ordering::Acquire);
+            let current = shared.master.load_full();
+            let stale = match &current {
+                None => true,
+                Some(master) => sentinels_moved_from(&shared, &master.node).await,
+            };
+            if stale {
+                let _ = shared
+                    .rediscover(epoch, Trigger::SentinelReconnect, None)
+                    .await;
+            }
+            let mut notices = pubsub.into_on_message();
+            while let Some(notice) = notices.next().await {
+                let payload: String = notice.get_payload().unwrap_or_default();
+                // "<name> <old ip> <old port> <new ip> <new port>"
+                let words: Vec<&str> = payload.split_whitespace().collect();
+                let [name, _, _, ip, port] = words.as_slice() else {
+                    continue;
+                };
+                let announced = port
+                    .parse()
+                    .ok()
+                    .and_then(|port| NodeAddr::new(*ip, port).ok());
+                let installed = shared.master.load_full().map(|m| m.node.clone());
+                if name == master_name && announced.is_some() && announced != installed {
+                    let epoch = shared.epoch.load(Ordering::Acquire);
+                    let _ = shared.rediscover(epoch, Trigger::PubSub, None).await;
+                }
+            }
+            Ok::<_, RedisError>(())
+        };
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            result = session => {
+                if let Err(error) = result {
+                    tracing::debug!(%sentinel, %error, "sentinel subscription failed");
+                }
+            }
+        }
+        let wait = backoff(
+            attempt,
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+            &mut rand::rng(),
+        );
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
