@@ -10,7 +10,8 @@
 //! benchmark asserts about.
 //!
 //! `BENCH_SECONDS` (default 2) sets the time of one measurement and
-//! `BENCH_ROUNDS` (default 3) the number of rounds.
+//! `BENCH_ROUNDS` (default 3) the number of rounds. The `harness` binary
+//! runs the scenarios built on it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{broadcast, watch};
+use tracing::Instrument;
 
 use crate::addr::NodeAddr;
 use crate::builder::{FailoverClientBuilder, Mode};
@@ -371,7 +372,10 @@ impl Shared {
             });
         }
         self.metrics.add(Counter::Discoveries);
-        let found = self.find_master(current.as_ref()).await;
+        let found = self
+            .find_master(current.as_ref())
+            .instrument(tracing::debug_span!("discover", ?trigger, epoch))
+            .await;
         let result = match found {
             Ok(Opened::Same(master)) => {
                 self.master.store(Some(Arc::clone(&master)));

@@ -1,0 +1,371 @@
+//! The benchmark harness: starts its own local Redis topology, runs one
+//! scenario with progress on stdout, prints a table, and can write the
+//! results as JSON.
+//!
+//! ```text
+//! cargo run --release -p benches --bin harness -- kv [--json FILE]
+//! cargo run --release -p benches --bin harness -- failover [--failovers N] [--json FILE]
+//! ```
+//!
+//! - `kv`: `SET` then `GET` of a 64-byte value from 1, 16, 64 and 256
+//!   concurrent tasks, through (a) one shared redis-rs multiplexed
+//!   connection, the baseline, (b) a bb8-redis pool with an exclusive
+//!   checkout per operation, and (c) a redis-failover client; ratios are to
+//!   (a). Targets: (c) >= 0.90x (a) at 64 and 256 tasks, and >= 4x (b).
+//!   `BENCH_SECONDS` and `BENCH_ROUNDS` set the length of each measurement.
+//! - `failover`: N (default 20) kill -9 failovers of the master while 8
+//!   tasks write through a redis-failover client; for each, the time from
+//!   the kill to the first `+switch-master`, the time from that notice to
+//!   the client's first successful write, and the errors callers saw.
+//!   Targets: 0 errors, p99 client delay <= 50 ms. The promotion is the
+//!   earliest `+switch-master` of any sentinel; a negative delay means the
+//!   client wrote to the new master before any notice arrived. Kills are spaced by twice Sentinel's failover timeout, the
+//!   least time Sentinel leaves between two failovers of one master.
+
+use std::error::Error;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use benches::{Settings, Variant, compare, report};
+use futures_util::StreamExt;
+use redis_failover::{FailoverClient, NodeAddr};
+use redis_topology::Topology;
+use serde_json::{Value, json};
+
+const USAGE: &str = "usage: harness <kv|failover> [--failovers N] [--json FILE]";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(scenario) = args.next() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let (mut json_path, mut failovers) = (None, 20usize);
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--json", Some(path)) => json_path = Some(path),
+            ("--failovers", Some(n)) if n.parse::<usize>().is_ok_and(|n| n > 0) => {
+                failovers = n.parse().expect("checked");
+            }
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("harness: cannot start a runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match scenario.as_str() {
+            "kv" => kv().await,
+            "failover" => failover(failovers).await,
+            _ => Err(USAGE.into()),
+        }
+    });
+    match result {
+        Ok(results) => {
+            if let Some(path) = json_path {
+                let text = serde_json::to_string_pretty(&results).expect("JSON values serialize");
+                if let Err(error) = std::fs::write(&path, text + "\n") {
+                    eprintln!("harness: cannot write {path}: {error}");
+                    return ExitCode::FAILURE;
+                }
+                println!("results written to {path}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("harness: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn kv() -> Result<Value, Box<dyn Error>> {
+    let settings = Settings::from_env();
+    println!("kv: starting a local master");
+    let topology = Topology::builder().replicas(0).sentinels(0).start().await?;
+    let master = topology.initial_master();
+    let raw = redis::Client::open(topology.connection_info(master))?
+        .get_multiplexed_async_connection()
+        .await?;
+    let pool = bb8::Pool::builder()
+        .max_size(32)
+        .build(bb8_redis::RedisConnectionManager::new(
+            topology.connection_info(master),
+        )?)
+        .await?;
+    let client = FailoverClient::candidates([NodeAddr::from(topology.addr(master))]).build()?;
+    client.wait_for_master(Duration::from_secs(10)).await?;
+    let failover = client.connection();
+
+    let value = Arc::new("v".repeat(64));
+    let variants = [
+        Variant::new("(a) redis-rs multiplexed, shared", {
+            let value = Arc::clone(&value);
+            move |task| {
+                let (mut connection, value) = (raw.clone(), Arc::clone(&value));
+                async move { set_get(&mut connection, task, &value).await }
+            }
+        }),
+        Variant::new("(b) bb8-redis, checkout per operation", {
+            let value = Arc::clone(&value);
+            move |task| {
+                let (pool, value) = (pool.clone(), Arc::clone(&value));
+                async move {
+                    let mut connection = pool.get().await.map_err(|e| e.to_string())?;
+                    set_get(&mut *connection, task, &value).await
+                }
+            }
+        }),
+        Variant::new("(c) redis-failover client", {
+            let value = Arc::clone(&value);
+            move |task| {
+                let (mut connection, value) = (failover.clone(), Arc::clone(&value));
+                async move { set_get(&mut connection, task, &value).await }
+            }
+        }),
+    ];
+    println!(
+        "kv: SET+GET of 64 bytes; {} interleaved rounds of {:?} per variant",
+        settings.rounds, settings.duration
+    );
+    let mut rows = Vec::new();
+    let mut ratios = Vec::new();
+    for tasks in [1, 16, 64, 256] {
+        let measurements = compare(&variants, tasks, settings).await;
+        print!("{}", report(&variants, tasks, &measurements));
+        let ops = |i: usize| measurements[i].ops_per_sec();
+        ratios.push((tasks, ops(2) / ops(0), ops(2) / ops(1)));
+        for (variant, m) in variants.iter().zip(&measurements) {
+            rows.push(json!({
+                "tasks": tasks,
+                "variant": variant.name,
+                "ops_per_sec": m.ops_per_sec(),
+                "ratio_to_a": m.ops_per_sec() / ops(0),
+                "p50_us": m.percentile(0.50).as_micros(),
+                "p99_us": m.percentile(0.99).as_micros(),
+                "p999_us": m.percentile(0.999).as_micros(),
+                "errors": m.errors,
+            }));
+        }
+    }
+    println!("targets: (c)/(a) >= 0.90 at 64 and 256 tasks, (c)/(b) >= 4");
+    for (tasks, to_a, to_b) in &ratios {
+        println!("  {tasks:>3} tasks: (c)/(a) = {to_a:.2}, (c)/(b) = {to_b:.2}");
+    }
+    Ok(json!({ "scenario": "kv", "rounds": settings.rounds,
+                "seconds": settings.duration.as_secs_f64(), "results": rows }))
+}
+
+async fn set_get(
+    connection: &mut impl redis::aio::ConnectionLike,
+    task: usize,
+    value: &str,
+) -> Result<(), String> {
+    let key = format!("bench:{task}");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(value)
+        .query_async(connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _: Option<String> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(connection)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Nanoseconds since `origin`, for timestamps shared through atomics.
+fn nanos(origin: Instant) -> u64 {
+    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+async fn failover(failovers: usize) -> Result<Value, Box<dyn Error>> {
+    println!("failover: starting a master, 2 replicas and 3 sentinels");
+    // Sentinel starts no new failover of a master within twice the failover
+    // timeout of the last one: keep it short, and space the kills by it.
+    let failover_timeout = Duration::from_secs(2);
+    let spacing = failover_timeout * 2 + Duration::from_secs(1);
+    let topology = Topology::builder()
+        .failover_timeout(failover_timeout)
+        .start()
+        .await?;
+    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
+    let client = FailoverClient::sentinel(topology.master_name(), sentinels).build()?;
+    client.wait_for_master(Duration::from_secs(10)).await?;
+
+    // The earliest `+switch-master` of any sentinel marks the promotion:
+    // the leader publishes first, the others once they hear of it.
+    let (notice_tx, mut notices) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    for sentinel in topology.sentinels() {
+        let client = redis::Client::open(topology.connection_info(sentinel))?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe("+switch-master").await?;
+        let notice_tx = notice_tx.clone();
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while messages.next().await.is_some() {
+                if notice_tx.send(Instant::now()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    // Writers: each success whose request started after the kill (so it
+    // can only have reached the new master) may be the first one.
+    let origin = Instant::now();
+    let killed_at = Arc::new(AtomicU64::new(u64::MAX));
+    let first_write = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..8)
+        .map(|task| {
+            let mut connection = client.idempotent_connection();
+            let (killed_at, first_write, errors) = (
+                Arc::clone(&killed_at),
+                Arc::clone(&first_write),
+                Arc::clone(&errors),
+            );
+            tokio::spawn(async move {
+                for i in 0u64.. {
+                    let started = nanos(origin);
+                    let written: redis::RedisResult<()> = redis::cmd("SET")
+                        .arg(format!("failover:{task}"))
+                        .arg(i)
+                        .query_async(&mut connection)
+                        .await;
+                    match written {
+                        Ok(()) if started > killed_at.load(Ordering::Acquire) => {
+                            let _ = first_write.compare_exchange(
+                                0,
+                                nanos(origin),
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                        }
+                        Ok(()) => {}
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let mut rows = Vec::new();
+    let (mut promotions, mut delays) = (Vec::new(), Vec::new());
+    let mut master = topology.initial_master();
+    let mut last_kill: Option<Instant> = None;
+    for round in 1..=failovers {
+        let earliest = last_kill.map_or_else(Instant::now, |at| at + spacing);
+        tokio::time::sleep_until(
+            earliest
+                .max(Instant::now() + Duration::from_millis(500))
+                .into(),
+        )
+        .await;
+        // Notices left over from the previous switch must not count for this one.
+        while notices.try_recv().is_ok() {}
+        let errors_before = errors.load(Ordering::Relaxed);
+        // Disarm before resetting, so no write is measured against the
+        // previous kill.
+        killed_at.store(u64::MAX, Ordering::Release);
+        first_write.store(0, Ordering::Release);
+        let kill = Instant::now();
+        last_kill = Some(kill);
+        topology.kill(master)?;
+        killed_at.store(nanos(origin), Ordering::Release);
+        let promoted = match tokio::time::timeout(Duration::from_secs(30), notices.recv()).await {
+            Ok(Some(at)) => at,
+            Ok(None) => return Err("every sentinel connection closed".into()),
+            Err(_) => return Err("no +switch-master within 30 s of the kill".into()),
+        };
+        let new = topology
+            .wait_for_new_master(master, Duration::from_secs(30))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while first_write.load(Ordering::Acquire) == 0 {
+            if Instant::now() > deadline {
+                return Err("no write succeeded within 30 s of the promotion".into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let first = origin + Duration::from_nanos(first_write.load(Ordering::Acquire));
+        let promotion = promoted - kill;
+        // Negative if the client wrote to the new master before any notice
+        // arrived (it follows the sentinels' answers, not their notices).
+        let delay_ms = if first >= promoted {
+            (first - promoted).as_secs_f64() * 1e3
+        } else {
+            -((promoted - first).as_secs_f64() * 1e3)
+        };
+        let round_errors = errors.load(Ordering::Relaxed) - errors_before;
+        println!(
+            "failover {round}/{failovers}: +switch-master {:.2} s after the kill, first write {delay_ms:+.1} ms from it, {round_errors} errors",
+            promotion.as_secs_f64(),
+        );
+        rows.push(json!({
+            "failover": round,
+            "promotion_ms": promotion.as_secs_f64() * 1e3,
+            "client_delay_ms": delay_ms,
+            "errors": round_errors,
+        }));
+        promotions.push(promotion.as_secs_f64() * 1e3);
+        delays.push(delay_ms);
+        // The old master comes back as a replica of the new one, as a pod
+        // whose init asks Sentinel for the master does.
+        topology.restart(master).await?;
+        let new_addr = topology.addr(new);
+        let _: String = topology
+            .query(
+                master,
+                redis::cmd("REPLICAOF")
+                    .arg(new_addr.ip().to_string())
+                    .arg(new_addr.port()),
+            )
+            .await?;
+        topology
+            .wait_for_replica_of(master, new, Duration::from_secs(30))
+            .await?;
+        master = new;
+    }
+    for writer in writers {
+        writer.abort();
+    }
+    let total_errors = errors.load(Ordering::Relaxed);
+    let summary = |name: &str, values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "  {name:<34} p50 {:>8.1} ms  p99 {:>8.1} ms  max {:>8.1} ms",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+        json!({ "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0) })
+    };
+    println!("failover: {failovers} kill -9 failovers under 8 writers");
+    let promotion = summary("kill -> +switch-master", &mut promotions);
+    let client_delay = summary("+switch-master -> first write", &mut delays);
+    println!(
+        "  errors seen by callers: {total_errors} (target 0); target p99 client delay <= 50 ms"
+    );
+    Ok(
+        json!({ "scenario": "failover", "failovers": rows, "promotion": promotion,
+                "client_delay": client_delay, "errors": total_errors }),
+    )
+}
