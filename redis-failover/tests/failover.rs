@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use redis_failover::{Error, Event, FailoverClient, NodeAddr, StaticResolver, Trigger};
+use redis_failover::{
+    Error, Event, FailoverClient, MasterCheck, NodeAddr, StaticResolver, Trigger,
+};
 use redis_topology::{NodeId, Role, Topology};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -508,6 +510,69 @@ async fn a_switch_master_notice_alone_moves_the_client() {
             switches.as_slice(),
             [Event::MasterChanged {
                 trigger: Trigger::PubSub,
+                ..
+            }]
+        ),
+        "{switches:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_write_probe_skips_replicas_and_leaves_no_key_behind() {
+    let topology = Topology::builder().sentinels(0).start().await.unwrap();
+    let (resolver, names) = pod_names(&topology);
+    // The master listed last: both replicas must fail the probe first.
+    let mut ordered = names.clone();
+    ordered.rotate_left(1);
+    let client = FailoverClient::candidates(ordered)
+        .resolver(resolver)
+        .master_check(MasterCheck::WriteProbe {
+            ttl: Duration::from_secs(5),
+        })
+        .build()
+        .unwrap();
+    assert_eq!(
+        client.wait_for_master(DEADLINE).await.unwrap().node,
+        names[0]
+    );
+    let master = topology.initial_master();
+    let keys: usize = topology.query(master, &redis::cmd("DBSIZE")).await.unwrap();
+    assert_eq!(keys, 0, "a probe key was left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_restarted_around_a_failover_still_lead_the_client_to_the_new_master() {
+    let topology = Topology::builder().start().await.unwrap();
+    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
+    // No re-check and no traffic: only the sentinel watchers can move it,
+    // and every subscription they had is lost.
+    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+        .recheck_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut events = client.events();
+    let old = topology.initial_master();
+    client.wait_for_master(DEADLINE).await.unwrap();
+
+    for sentinel in topology.sentinels() {
+        topology.kill(sentinel).unwrap();
+    }
+    topology.kill(old).unwrap();
+    for sentinel in topology.sentinels() {
+        topology.restart(sentinel).await.unwrap();
+    }
+    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
+    let new_name = NodeAddr::from(topology.addr(new));
+    eventually("the client to switch", DEADLINE, || {
+        client.master().is_some_and(|m| m.node == new_name)
+    })
+    .await;
+    let switches = switches(&mut events);
+    assert!(
+        matches!(
+            switches.as_slice(),
+            [Event::MasterChanged {
+                trigger: Trigger::PubSub | Trigger::SentinelReconnect,
                 ..
             }]
         ),
