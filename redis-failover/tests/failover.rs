@@ -145,6 +145,26 @@ fn switches(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> 
     }
 }
 
+/// The trigger of the one switch in `events`; fails unless there is exactly one.
+fn single_switch(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Trigger {
+    match switches(events).as_slice() {
+        [Event::MasterChanged { trigger, .. }] => *trigger,
+        switches => panic!("expected one switch, got {switches:?}"),
+    }
+}
+
+/// Waits until the sentinels agree on a master other than `old` and the
+/// client has switched to it; returns that master.
+async fn client_follows(topology: &Topology, client: &FailoverClient, old: NodeId) -> NodeId {
+    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
+    let new_name = NodeAddr::from(topology.addr(new));
+    eventually("the client to switch", DEADLINE, || {
+        client.master().is_some_and(|m| m.node == new_name)
+    })
+    .await;
+    new
+}
+
 /// Runs 8 idempotent and 4 plain writers, applies `fault`, and checks: the
 /// idempotent writers saw no error at all; a plain writer saw at most the
 /// one "outcome unknown" of the request in flight at the fault; writes went
@@ -163,12 +183,7 @@ async fn writes_survive(topology: Topology, fault: impl AsyncFnOnce(&Topology)) 
     })
     .await;
     fault(&topology).await;
-    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
-    let new_name = NodeAddr::from(topology.addr(new));
-    eventually("the client to switch", DEADLINE, || {
-        client.master().is_some_and(|m| m.node == new_name)
-    })
-    .await;
+    let new = client_follows(&topology, &client, old).await;
     let (idempotent_after, plain_after) = (idempotent.acknowledged(), plain.acknowledged());
     eventually("writes on the new master", DEADLINE, || {
         idempotent.acknowledged() >= idempotent_after + 50
@@ -203,8 +218,7 @@ async fn writes_survive(topology: Topology, fault: impl AsyncFnOnce(&Topology)) 
             "{key} was acknowledged by both replicas but is gone"
         );
     }
-    let switches = switches(&mut events);
-    assert_eq!(switches.len(), 1, "{switches:?}");
+    single_switch(&mut events);
     assert_eq!(client.metrics().budget_exhausted, 0);
 }
 
@@ -283,17 +297,7 @@ async fn a_write_refused_with_readonly_is_resent_to_the_new_master() {
     assert_eq!(value, 1);
     assert_eq!(client.master().unwrap().node, names[1]);
     assert!(client.metrics().readonly_replies >= 1);
-    let switches = switches(&mut events);
-    assert!(
-        matches!(
-            switches.as_slice(),
-            [Event::MasterChanged {
-                trigger: Trigger::ReadOnly,
-                ..
-            }]
-        ),
-        "{switches:?}"
-    );
+    assert_eq!(single_switch(&mut events), Trigger::ReadOnly);
 }
 
 #[tokio::test]
@@ -389,12 +393,7 @@ async fn a_hung_master_is_left_by_timeout_and_gets_no_write_after_it_resumes() {
     .await;
 
     topology.pause(old).unwrap();
-    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
-    let new_name = NodeAddr::from(topology.addr(new));
-    eventually("the client to switch", DEADLINE, || {
-        client.master().is_some_and(|m| m.node == new_name)
-    })
-    .await;
+    client_follows(&topology, &client, old).await;
 
     topology.resume(old).unwrap();
     // Writes sent before the hang wait in the old master's sockets and run
@@ -498,23 +497,8 @@ async fn a_switch_master_notice_alone_moves_the_client() {
     client.wait_for_master(DEADLINE).await.unwrap();
 
     topology.kill(old).unwrap();
-    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
-    let new_name = NodeAddr::from(topology.addr(new));
-    eventually("the client to switch", DEADLINE, || {
-        client.master().is_some_and(|m| m.node == new_name)
-    })
-    .await;
-    let switches = switches(&mut events);
-    assert!(
-        matches!(
-            switches.as_slice(),
-            [Event::MasterChanged {
-                trigger: Trigger::PubSub,
-                ..
-            }]
-        ),
-        "{switches:?}"
-    );
+    client_follows(&topology, &client, old).await;
+    assert_eq!(single_switch(&mut events), Trigger::PubSub);
 }
 
 #[tokio::test]
@@ -561,21 +545,10 @@ async fn sentinels_restarted_around_a_failover_still_lead_the_client_to_the_new_
     for sentinel in topology.sentinels() {
         topology.restart(sentinel).await.unwrap();
     }
-    let new = topology.wait_for_new_master(old, DEADLINE).await.unwrap();
-    let new_name = NodeAddr::from(topology.addr(new));
-    eventually("the client to switch", DEADLINE, || {
-        client.master().is_some_and(|m| m.node == new_name)
-    })
-    .await;
-    let switches = switches(&mut events);
+    client_follows(&topology, &client, old).await;
+    let trigger = single_switch(&mut events);
     assert!(
-        matches!(
-            switches.as_slice(),
-            [Event::MasterChanged {
-                trigger: Trigger::PubSub | Trigger::SentinelReconnect,
-                ..
-            }]
-        ),
-        "{switches:?}"
+        matches!(trigger, Trigger::PubSub | Trigger::SentinelReconnect),
+        "{trigger:?}"
     );
 }
