@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use redis::aio::MultiplexedConnection;
 use redis::{Cmd, FromRedisValue, RedisError};
 
 use crate::addr::NodeAddr;
@@ -50,12 +51,22 @@ impl Shared {
                 Err(failures)
             }
             Mode::Sentinel { .. } => {
-                let node = self.ask_sentinels().await?;
+                let node = match (self.ask_sentinels().await, current) {
+                    (Ok(node), _) => node,
+                    // Sentinels undecided (some down, or still disagreeing):
+                    // the current master stays if it still proves itself.
+                    (Err(sentinel_failures), Some(master)) => {
+                        failures = sentinel_failures;
+                        master.node.clone()
+                    }
+                    (Err(sentinel_failures), None) => return Err(sentinel_failures),
+                };
                 self.open_master(&node, current).await.map_err(|reason| {
-                    vec![NodeFailure {
+                    failures.push(NodeFailure {
                         node: node.clone(),
                         reason,
-                    }]
+                    });
+                    failures
                 })
             }
         }
@@ -71,16 +82,26 @@ impl Shared {
     ) -> Result<Opened, String> {
         let check = self.master_check();
         if let Some(master) = current.filter(|m| m.node == *node) {
-            let connection = master.connection.load_full();
-            if !connection.failed.load(Ordering::Acquire)
-                && verify_master(&mut connection.multiplexed.clone(), check)
-                    .await
-                    .is_ok()
-            {
-                return Ok(Opened::Same(Arc::clone(master)));
+            let shared = master.connection.load_full();
+            let mut connection = if shared.failed.load(Ordering::Acquire) {
+                // bb8 checks the pooled connection with a unique PING token,
+                // and replaces it (checking the role on the new one) if it broke.
+                match master.pool.get().await {
+                    Ok(pooled) => MultiplexedConnection::clone(&pooled),
+                    Err(bb8::RunError::User(error)) => return Err(error.to_string()),
+                    Err(bb8::RunError::TimedOut) => {
+                        return Err("timed out opening a connection".to_owned());
+                    }
+                }
+            } else {
+                shared.multiplexed.clone()
+            };
+            verify_master(&mut connection, check)
+                .await
+                .map_err(|e| e.to_string())?;
+            if shared.failed.load(Ordering::Acquire) {
+                master.connection.store(Connection::new(connection));
             }
-            let fresh = open_through(&master.pool).await?;
-            master.connection.store(Connection::new(fresh));
             return Ok(Opened::Same(Arc::clone(master)));
         }
         let manager = MasterManager {
@@ -91,10 +112,18 @@ impl Shared {
         let pool = bb8::Pool::builder()
             .max_size(CONNECTIONS_PER_MASTER)
             .test_on_check_out(true)
+            .retry_connection(false)
+            .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
             .idle_timeout(None)
             .max_lifetime(None)
             .build_unchecked(manager);
-        let connection = open_through(&pool).await?;
+        // Opened directly so that a failure says why (`Pool::get` only
+        // times out), then handed to the pool to hold and check later.
+        let connection = pool
+            .dedicated_connection()
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = pool.add(connection.clone());
         Ok(Opened::New {
             node: node.clone(),
             pool,
@@ -248,19 +277,4 @@ impl Shared {
         }
         Vec::new()
     }
-}
-
-/// Opens a new connection through `pool`'s manager (which checks the node
-/// is master) and hands it to the pool to hold; returns a clone to share.
-/// (`Pool::get` would hide why a connect failed behind its timeout.)
-async fn open_through(
-    pool: &bb8::Pool<MasterManager>,
-) -> Result<redis::aio::MultiplexedConnection, String> {
-    let connection = pool
-        .dedicated_connection()
-        .await
-        .map_err(|e| e.to_string())?;
-    // A full pool keeps its connections; ours is shared all the same.
-    let _ = pool.add(connection.clone());
-    Ok(connection)
 }

@@ -35,9 +35,11 @@ pub enum Error {
         failures: Vec<NodeFailure>,
     },
 
-    /// The connection failed after the request was sent, so it may or may
-    /// not have run. It was not resent because it is not idempotent: mark
-    /// it idempotent if running it twice is harmless.
+    /// The connection failed or timed out after the request was sent, so
+    /// it may or may not have run. It was not resent because it is not
+    /// idempotent (mark it idempotent if running it twice is harmless), or,
+    /// when it is, because it timed out three times on a master that was
+    /// fine: a request that slow would only run again.
     #[error("outcome unknown: the connection to {node} failed after the request was sent")]
     OutcomeUnknown {
         /// The master the request was sent to.
@@ -107,7 +109,8 @@ impl Error {
         let code = match &self {
             Self::OutcomeUnknown { .. } => "OUTCOMEUNKNOWN",
             Self::RetryBudgetExhausted { .. } => "RETRYBUDGET",
-            Self::InvalidConfig { .. } | Self::Command { .. } => "INVALIDCONFIG",
+            Self::InvalidConfig { .. } => "INVALIDCONFIG",
+            Self::Command { .. } => unreachable!("returned above"),
         };
         // The RedisError has no source chain: its detail carries the cause too.
         let detail = match std::error::Error::source(&self) {

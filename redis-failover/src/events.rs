@@ -20,7 +20,9 @@ pub enum Trigger {
     Poll,
     /// The master refused a write with `READONLY` (it was demoted).
     ReadOnly,
-    /// The master answered `LOADING`, `MASTERDOWN` or `TRYAGAIN`.
+    /// The master refused a request as a node that cannot serve as master
+    /// now (`LOADING`, `MASTERDOWN`, `UNBLOCKED`), or a transaction was
+    /// discarded for such a refusal.
     Unavailable,
     /// A request to the master timed out (a hung master).
     Timeout,
@@ -89,7 +91,8 @@ pub struct MetricsSnapshot {
     pub master_changes: u64,
     /// How many `READONLY` replies requests met.
     pub readonly_replies: u64,
-    /// How many times a request was sent again.
+    /// How many times a request waited out a backoff step before trying
+    /// again (to send, or to find the master first).
     pub retries: u64,
     /// How many requests failed with an unknown outcome and were not resent.
     pub outcome_unknown: u64,

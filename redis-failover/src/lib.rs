@@ -40,9 +40,11 @@
 //!   tried and why it failed.
 //!
 //! One discovery runs at a time: a burst of failed requests waits for a
-//! single one. Requests share one multiplexed connection per master; bb8
-//! creates each master's connections (checking the node's role on each)
-//! and holds them.
+//! single one. Requests share one multiplexed connection per master. bb8
+//! holds each master's connections: every one is opened through its
+//! manager, which checks the node's role, and a connection that failed is
+//! replaced through the pool, which first checks the pooled one with a
+//! unique PING token.
 //!
 //! # Example
 //!

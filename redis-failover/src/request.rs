@@ -3,7 +3,7 @@
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, Pipeline, RedisError, ServerError, Value};
 
-use crate::retry::{is_read_only, refused_without_running};
+use crate::retry::{is_read_only, refusal_code, refused_without_running};
 
 /// A command or a slice of a pipeline, as redis-rs's `ConnectionLike` hands them over.
 #[derive(Clone, Copy)]
@@ -50,38 +50,44 @@ impl Request<'_> {
         }
     }
 
-    /// Redis answers `READONLY` and the like in-band, as error replies. When
-    /// `reply` shows the node refused this request without running any of
-    /// it, the refusal as an error; `None` when the reply is the caller's.
+    /// Redis answers `READONLY` and the like in-band, as error replies.
+    /// When `reply` shows the node refused this request without running it,
+    /// the first refusal (as an error) and its code; `None` when the reply
+    /// is the caller's.
     ///
-    /// In a plain pipeline, replies that are not errors must belong to
-    /// read-only commands: a write that ran must not run twice.
-    pub(crate) fn refusal(self, reply: &Reply) -> Option<RedisError> {
+    /// In a plain pipeline that is not idempotent, replies that are not
+    /// errors must belong to read-only commands: a write that ran must not
+    /// run twice. An idempotent request with any refusal in it is resent.
+    pub(crate) fn refusal(
+        self,
+        reply: &Reply,
+        idempotent: bool,
+    ) -> Option<(RedisError, &'static str)> {
         let errors: Vec<&ServerError> = match reply {
             Reply::Value(value) => server_error(value).into_iter().collect(),
             Reply::Values(values) => values.iter().filter_map(server_error).collect(),
         };
-        if !refused_without_running(&errors) {
-            return None;
-        }
-        if let (
-            Self::Pipeline {
-                pipeline, offset, ..
-            },
-            Reply::Values(values),
-        ) = (self, reply)
-        {
-            let only_reads_ran = pipeline.is_transaction()
-                || pipeline
-                    .cmd_iter()
-                    .skip(offset)
-                    .zip(values)
-                    .all(|(cmd, value)| server_error(value).is_some() || is_read_only(cmd));
-            if !only_reads_ran {
-                return None;
+        let (first, code) = errors
+            .iter()
+            .find_map(|e| refusal_code(e).map(|code| (*e, code)))?;
+        let refused = match (self, reply) {
+            _ if idempotent => true,
+            (
+                Self::Pipeline {
+                    pipeline, offset, ..
+                },
+                Reply::Values(values),
+            ) if !pipeline.is_transaction() => {
+                refused_without_running(&errors)
+                    && pipeline
+                        .cmd_iter()
+                        .skip(offset)
+                        .zip(values)
+                        .all(|(cmd, value)| server_error(value).is_some() || is_read_only(cmd))
             }
-        }
-        Some(RedisError::from(errors[0].clone()))
+            _ => refused_without_running(&errors),
+        };
+        refused.then(|| (RedisError::from(first.clone()), code))
     }
 }
 
@@ -89,5 +95,71 @@ fn server_error(value: &Value) -> Option<&ServerError> {
     match value {
         Value::ServerError(error) => Some(error),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_reply(code: &str, details: &str) -> Value {
+        let error = redis::make_extension_error(code.to_owned(), Some(details.to_owned()));
+        Value::ServerError(error.into_server_errors().unwrap()[0].1.clone())
+    }
+
+    fn set_then_wait() -> Pipeline {
+        let mut pipeline = redis::pipe();
+        pipeline.set("k", "v").cmd("WAIT").arg(1).arg(100);
+        pipeline
+    }
+
+    #[test]
+    fn a_refused_write_in_a_pipeline_is_resent_only_if_nothing_else_ran() {
+        let pipeline = set_then_wait();
+        let request = Request::Pipeline {
+            pipeline: &pipeline,
+            offset: 0,
+            count: 2,
+        };
+        // A demoted master: the SET refused, WAIT refused on a replica.
+        let refused = Reply::Values(vec![
+            error_reply("READONLY", "You can't write against a read only replica."),
+            error_reply("ERR", "WAIT cannot be used with replica instances."),
+        ]);
+        // The SET ran, then the node was demoted: running it again is the caller's call.
+        let half_ran = Reply::Values(vec![
+            Value::Okay,
+            error_reply("UNBLOCKED", "force unblock from blocking operation"),
+        ]);
+        assert_eq!(
+            request.refusal(&refused, false).map(|(_, code)| code),
+            None,
+            "ERR is not a refusal"
+        );
+        assert_eq!(
+            request.refusal(&half_ran, false).map(|(_, code)| code),
+            None
+        );
+        assert_eq!(
+            request.refusal(&refused, true).map(|(_, code)| code),
+            Some("READONLY")
+        );
+        assert_eq!(
+            request.refusal(&half_ran, true).map(|(_, code)| code),
+            Some("UNBLOCKED")
+        );
+    }
+
+    #[test]
+    fn a_transaction_discarded_for_readonly_is_a_readonly_refusal() {
+        let cmd = redis::cmd("EXEC");
+        let reply = Reply::Value(error_reply(
+            "EXECABORT",
+            "Transaction discarded because of: READONLY You can't write against a read only replica.",
+        ));
+        let refusal = Request::Command(&cmd).refusal(&reply, false);
+        assert_eq!(refusal.map(|(_, code)| code), Some("READONLY"));
+        let ok = Reply::Value(Value::Okay);
+        assert!(Request::Command(&cmd).refusal(&ok, false).is_none());
     }
 }

@@ -115,28 +115,43 @@ impl Failure {
     }
 }
 
-/// Whether one error reply says the node refused to run the command: a
-/// refusal code, or a transaction discarded because of one (`EXECABORT
+/// The refusal code behind an error reply, if it is a refusal: its own
+/// code, or the one a transaction was discarded for (`EXECABORT
 /// Transaction discarded because of: READONLY ...`).
-fn is_refusal(error: &redis::ServerError) -> bool {
-    let refused = |code: &str| NOT_EXECUTED_CODES.contains(&code);
-    refused(error.code())
-        || (error.code() == "EXECABORT"
-            && error
-                .details()
-                .and_then(|d| d.split_once("because of: "))
-                .and_then(|(_, cause)| cause.split_whitespace().next())
-                .is_some_and(refused))
+pub(crate) fn refusal_code(error: &redis::ServerError) -> Option<&'static str> {
+    let known = |code: &str| {
+        NOT_EXECUTED_CODES
+            .iter()
+            .copied()
+            .find(|known| *known == code)
+    };
+    known(error.code()).or_else(|| {
+        let cause = error.details()?.split_once("because of: ")?.1;
+        (error.code() == "EXECABORT").then(|| known(cause.split_whitespace().next()?))?
+    })
+}
+
+/// The refusal code in a failed request's error, if the node refused it.
+pub(crate) fn refusal_of(error: &RedisError) -> Option<&'static str> {
+    let errors = error.clone().into_server_errors()?;
+    errors.iter().find_map(|(_, e)| refusal_code(e))
+}
+
+/// Whether the node that refused with `code` should be given up: it is no
+/// longer a master that can serve (demoted, loading, cut off). The other
+/// refusals (`BUSY`, `NOREPLICAS`, `TRYAGAIN`) pass on the same master.
+pub(crate) fn refusal_means_not_master(code: &str) -> bool {
+    matches!(code, "READONLY" | "LOADING" | "MASTERDOWN" | "UNBLOCKED")
 }
 
 /// Whether the error replies of one request show the node refused all of
 /// it without running any: a refusal, and besides refusals only the
 /// `EXECABORT` a refused transaction ends with.
 pub(crate) fn refused_without_running(errors: &[&redis::ServerError]) -> bool {
-    errors.iter().any(|e| is_refusal(e))
+    errors.iter().any(|e| refusal_code(e).is_some())
         && errors
             .iter()
-            .all(|e| is_refusal(e) || e.code() == "EXECABORT")
+            .all(|e| refusal_code(e).is_some() || e.code() == "EXECABORT")
 }
 
 /// Whether a command changes nothing (judged by its name).

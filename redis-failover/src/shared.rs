@@ -17,13 +17,13 @@ use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event, Metrics, Trigger};
 use crate::node::{Connector, MasterCheck, MasterManager};
 use crate::request::{Reply, Request};
-use crate::retry::{Failure, backoff};
+use crate::retry::{Failure, backoff, refusal_means_not_master, refusal_of};
 
 /// The master requests go to.
 pub(crate) struct Master {
     pub(crate) generation: u64,
     pub(crate) node: NodeAddr,
-    /// Creates (checking the role) and holds the connections to this master.
+    /// Holds the connections to this master; replaces a failed one.
     pub(crate) pool: bb8::Pool<MasterManager>,
     /// The multiplexed connection every request shares, replaced through
     /// `pool` once it fails.
@@ -68,7 +68,6 @@ struct DiscoveryState {
     /// The master installed last, kept after it is given up, so the next
     /// switch says where it came from.
     last_master: Option<NodeAddr>,
-    generation: u64,
 }
 
 pub(crate) struct Shared {
@@ -80,9 +79,8 @@ pub(crate) struct Shared {
     /// Open connections to sentinels, dropped when they fail.
     pub(crate) sentinel_connections: Mutex<HashMap<NodeAddr, MultiplexedConnection>>,
     pub(crate) master: ArcSwapOption<Master>,
-    /// Completed discoveries, bumped after the master they found is stored:
-    /// a caller that saw a failure at epoch `e` and finds the epoch moved on
-    /// knows someone already looked again.
+    /// Discoveries started: a caller that saw a failure at epoch `e` and
+    /// finds the epoch moved on knows someone looked again since.
     pub(crate) epoch: AtomicU64,
     discovery: tokio::sync::Mutex<DiscoveryState>,
     /// The generation of the installed master; wakes requests waiting for one.
@@ -191,9 +189,9 @@ impl Shared {
                 None
             } else {
                 match request.send(&mut connection.multiplexed.clone()).await {
-                    Ok(reply) => match request.refusal(&reply) {
+                    Ok(reply) => match request.refusal(&reply, idempotent) {
                         None => return Ok((master, reply)),
-                        Some(refusal) => Some(refusal),
+                        Some((refusal, _)) => Some(refusal),
                     },
                     Err(error) => Some(error),
                 }
@@ -207,11 +205,25 @@ impl Shared {
                             source: error.clone(),
                         });
                     }
-                    Failure::NotExecuted if error.code() == Some("READONLY") => {
-                        self.metrics.add(Counter::ReadonlyReplies);
-                        (Failure::NotExecuted, Trigger::ReadOnly)
-                    }
-                    Failure::NotExecuted => (Failure::NotExecuted, Trigger::Unavailable),
+                    Failure::NotExecuted => match refusal_of(error) {
+                        Some("READONLY") => {
+                            self.metrics.add(Counter::ReadonlyReplies);
+                            (Failure::NotExecuted, Trigger::ReadOnly)
+                        }
+                        Some(code) if !refusal_means_not_master(code) => {
+                            // Busy, or waiting for replicas: the master is
+                            // fine; wait and resend to it.
+                            self.failed(
+                                &mut retrying,
+                                vec![NodeFailure {
+                                    node: master.node.clone(),
+                                    reason: error.to_string(),
+                                }],
+                            );
+                            continue;
+                        }
+                        _ => (Failure::NotExecuted, Trigger::Unavailable),
+                    },
                     Failure::OutcomeUnknown => {
                         connection.failed.store(true, Ordering::Release);
                         let trigger = if error.is_timeout() {
@@ -317,8 +329,8 @@ impl Shared {
     /// The master to use now (finding one if none is known) and the
     /// discovery epoch it was observed at.
     pub(crate) async fn current(&self) -> Result<(Arc<Master>, u64), Vec<NodeFailure>> {
-        // The epoch is read before the master: an install stores the master
-        // before bumping the epoch, so the pair is never newer than it looks.
+        // The epoch is read before the master, so a discovery that installs
+        // a newer master meanwhile has a newer epoch than the pair shows.
         let epoch = self.epoch.load(Ordering::Acquire);
         match self.master.load_full() {
             Some(master) => Ok((master, epoch)),
@@ -357,6 +369,9 @@ impl Shared {
                 None => Err(state.last_failures.clone()),
             };
         }
+        // Bumped as the discovery starts: only a discovery that started
+        // after a caller's observation answers for that caller.
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         let current = self.master.load_full();
         let failed_is_current =
             matches!((failed, &current), (Some(f), Some(c)) if Arc::ptr_eq(f, c));
@@ -388,8 +403,7 @@ impl Shared {
                 pool,
                 connection,
             }) => {
-                state.generation += 1;
-                let generation = state.generation;
+                let generation = *self.installed.borrow() + 1;
                 let master = Arc::new(Master {
                     generation,
                     node: node.clone(),
@@ -431,8 +445,6 @@ impl Shared {
                 Err(failures)
             }
         };
-        // Bumped after the store: see `current`.
-        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         result.map(|master| (master, epoch))
     }
 }
