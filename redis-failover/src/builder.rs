@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::addr::{DnsResolver, NodeAddr, Resolve};
 use crate::client::FailoverClient;
 use crate::error::{Error, Result};
-use crate::node::{Credentials, MasterCheck};
+use crate::node::{Credentials, MasterCheck, Tls};
 
 /// How the client finds the master.
 #[derive(Clone, Debug)]
@@ -31,6 +31,8 @@ pub struct FailoverClientBuilder {
     pub(crate) resolver: Arc<dyn Resolve>,
     pub(crate) credentials: Credentials,
     pub(crate) sentinel_credentials: Credentials,
+    pub(crate) tls: Option<Tls>,
+    pub(crate) sentinel_tls: Option<Tls>,
     pub(crate) master_check: MasterCheck,
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
@@ -50,6 +52,8 @@ impl FailoverClientBuilder {
             resolver: Arc::new(DnsResolver),
             credentials: Credentials::none(),
             sentinel_credentials: Credentials::none(),
+            tls: None,
+            sentinel_tls: None,
             master_check: MasterCheck::Role,
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(500),
@@ -71,6 +75,19 @@ impl FailoverClientBuilder {
     /// nodes'. Defaults to none.
     pub fn sentinel_credentials(mut self, credentials: Credentials) -> Self {
         self.sentinel_credentials = credentials;
+        self
+    }
+
+    /// Connects to the data nodes over TLS. Defaults to plain TCP.
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Connects to the sentinels over TLS, which may differ from the data
+    /// nodes' settings. Defaults to plain TCP.
+    pub fn sentinel_tls(mut self, tls: Tls) -> Self {
+        self.sentinel_tls = Some(tls);
         self
     }
 

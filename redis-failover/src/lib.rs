@@ -17,6 +17,9 @@
 //!   `+switch-master` notifications, periodic polling and a refresh after
 //!   every sentinel reconnect keep the answer current.
 //!
+//! Data nodes and sentinels each have their own credentials and TLS
+//! settings ([`Credentials`], [`Tls`]).
+//!
 //! Every master installed gets a new generation with connections of its
 //! own; once a newer master is installed, requests no longer pick the old
 //! one's connections (a request already sent on one finishes there).
@@ -85,4 +88,4 @@ pub use builder::FailoverClientBuilder;
 pub use client::{FailoverClient, MasterConnection, MasterInfo};
 pub use error::{Error, NodeFailure, Result};
 pub use events::{Event, MetricsSnapshot, Trigger};
-pub use node::{Credentials, MasterCheck};
+pub use node::{Credentials, MasterCheck, Tls};

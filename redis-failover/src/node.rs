@@ -65,6 +65,84 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// TLS for a group of nodes (data nodes or sentinels). A server's
+/// certificate is verified against the node's configured name (or IP),
+/// while the address connected to still comes from the client's
+/// [`Resolve`]; only a sentinel's pub/sub connection over TLS resolves the
+/// name with the system resolver.
+#[derive(Clone)]
+pub struct Tls {
+    root_cert: Option<Vec<u8>>,
+    client_cert: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Tls {
+    /// Trust the system's root certificates.
+    pub fn system_roots() -> Self {
+        Self {
+            root_cert: None,
+            client_cert: None,
+        }
+    }
+
+    /// Trust the CA certificate `pem` (PEM).
+    pub fn root_cert(pem: impl Into<Vec<u8>>) -> Self {
+        Self {
+            root_cert: Some(pem.into()),
+            client_cert: None,
+        }
+    }
+
+    /// Present this client certificate and key (PEM), for servers with
+    /// `tls-auth-clients yes`.
+    pub fn client_cert(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self
+                .client_cert
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.root_cert.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("root_cert", &self.root_cert.as_ref().map(|_| "<pem>"))
+            .field(
+                "client_cert",
+                &self.client_cert.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Hands redis-rs the one address already resolved, so that a TLS
+/// connection made by name goes where the [`Resolve`] implementation said.
+struct ResolvedAddr(SocketAddr);
+
+impl redis::io::AsyncDNSResolver for ResolvedAddr {
+    fn resolve<'a, 'b: 'a>(
+        &'a self,
+        _host: &'b str,
+        _port: u16,
+    ) -> redis::RedisFuture<'a, Box<dyn Iterator<Item = SocketAddr> + Send + 'a>> {
+        let addr = self.0;
+        Box::pin(async move {
+            Ok(Box::new(std::iter::once(addr)) as Box<dyn Iterator<Item = SocketAddr> + Send>)
+        })
+    }
+}
+
 /// Opens connections to nodes of one kind (data nodes or sentinels):
 /// resolves the name afresh, then connects with the kind's credentials and
 /// timeouts.
@@ -72,6 +150,7 @@ impl std::fmt::Debug for Credentials {
 pub(crate) struct Connector {
     resolver: Arc<dyn Resolve>,
     credentials: Credentials,
+    tls: Option<Tls>,
     connect_timeout: Duration,
     response_timeout: Duration,
 }
@@ -80,12 +159,14 @@ impl Connector {
     pub(crate) fn new(
         resolver: Arc<dyn Resolve>,
         credentials: Credentials,
+        tls: Option<Tls>,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Self {
         Self {
             resolver,
             credentials,
+            tls,
             connect_timeout,
             response_timeout,
         }
@@ -121,24 +202,23 @@ impl Connector {
 
     /// A multiplexed connection to `node`.
     pub(crate) async fn connect(&self, node: &NodeAddr) -> RedisResult<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.response_timeout));
-        self.first_address(node, |addr| {
-            let config = config.clone();
-            async move {
-                self.client(addr)?
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await
-            }
+        self.first_address(node, |addr| async move {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.connect_timeout))
+                .set_response_timeout(Some(self.response_timeout))
+                .set_dns_resolver(ResolvedAddr(addr));
+            self.client(node, addr)?
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
         })
         .await
     }
 
-    /// A pub/sub connection to `node`.
+    /// A pub/sub connection to `node`. (Over TLS, redis-rs resolves the
+    /// name itself, with the system resolver.)
     pub(crate) async fn pubsub(&self, node: &NodeAddr) -> RedisResult<redis::aio::PubSub> {
         self.first_address(node, |addr| async move {
-            let client = self.client(addr)?;
+            let client = self.client(node, addr)?;
             match tokio::time::timeout(self.connect_timeout, client.get_async_pubsub()).await {
                 Ok(pubsub) => pubsub,
                 Err(elapsed) => Err(std::io::Error::from(elapsed).into()),
@@ -147,11 +227,29 @@ impl Connector {
         .await
     }
 
-    fn client(&self, addr: SocketAddr) -> RedisResult<redis::Client> {
-        let info = ConnectionAddr::Tcp(addr.ip().to_string(), addr.port())
-            .into_connection_info()?
-            .set_redis_settings(self.credentials.redis_settings());
-        redis::Client::open(info)
+    /// A client for `node` at `addr`: by address in plain TCP, by name over
+    /// TLS so that the certificate is checked against the name.
+    fn client(&self, node: &NodeAddr, addr: SocketAddr) -> RedisResult<redis::Client> {
+        let settings = self.credentials.redis_settings();
+        match &self.tls {
+            None => {
+                let info = ConnectionAddr::Tcp(addr.ip().to_string(), addr.port())
+                    .into_connection_info()?
+                    .set_redis_settings(settings);
+                redis::Client::open(info)
+            }
+            Some(tls) => {
+                let info = ConnectionAddr::TcpTls {
+                    host: node.host().to_owned(),
+                    port: addr.port(),
+                    insecure: false,
+                    tls_params: None,
+                }
+                .into_connection_info()?
+                .set_redis_settings(settings);
+                redis::Client::build_with_tls(info, tls.certificates())
+            }
+        }
     }
 }
 

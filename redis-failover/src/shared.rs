@@ -120,16 +120,20 @@ struct Retrying {
 
 impl Shared {
     pub(crate) fn new(settings: FailoverClientBuilder) -> Self {
-        let connector = |credentials| {
+        let connector = |credentials, tls| {
             Connector::new(
                 Arc::clone(&settings.resolver),
                 credentials,
+                tls,
                 settings.connect_timeout,
                 settings.command_timeout,
             )
         };
-        let data = connector(settings.credentials.clone());
-        let sentinel_connector = connector(settings.sentinel_credentials.clone());
+        let data = connector(settings.credentials.clone(), settings.tls.clone());
+        let sentinel_connector = connector(
+            settings.sentinel_credentials.clone(),
+            settings.sentinel_tls.clone(),
+        );
         let sentinels = match &settings.mode {
             Mode::Sentinel { sentinels, .. } => sentinels.clone(),
             Mode::Candidates { .. } => Vec::new(),

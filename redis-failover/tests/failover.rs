@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use redis_failover::{
-    Error, Event, FailoverClient, MasterCheck, NodeAddr, StaticResolver, Trigger,
+    Error, Event, FailoverClient, MasterCheck, NodeAddr, StaticResolver, Tls, Trigger,
 };
 use redis_topology::{NodeId, Role, Topology};
 
@@ -549,5 +549,49 @@ async fn sentinels_restarted_around_a_failover_still_lead_the_client_to_the_new_
     assert!(
         matches!(trigger, Trigger::PubSub | Trigger::SentinelReconnect),
         "{trigger:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_client_finds_and_follows_the_master() {
+    let topology = Topology::builder().tls(true).start().await.unwrap();
+    let ca = topology.tls_root_cert().unwrap().to_vec();
+    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
+    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+        .tls(Tls::root_cert(ca.clone()))
+        .sentinel_tls(Tls::root_cert(ca))
+        .build()
+        .unwrap();
+    let mut events = client.events();
+    let old = topology.initial_master();
+    client.wait_for_master(DEADLINE).await.unwrap();
+    client.set("over", "tls").await.unwrap();
+
+    topology.kill(old).unwrap();
+    let new = client_follows(&topology, &client, old).await;
+    let value: Option<String> = client.get("over").await.unwrap();
+    assert_eq!(value.as_deref(), Some("tls"));
+    client.set("after", "failover").await.unwrap();
+    let stored: Option<String> = topology
+        .query(new, redis::cmd("GET").arg("after"))
+        .await
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some("failover"));
+    single_switch(&mut events);
+
+    // A client that does not trust the topology's CA finds no master.
+    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
+    let untrusting = FailoverClient::sentinel(topology.master_name(), sentinels)
+        .tls(Tls::system_roots())
+        .sentinel_tls(Tls::system_roots())
+        .build()
+        .unwrap();
+    let error = untrusting
+        .wait_for_master(Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::RetryBudgetExhausted { .. }),
+        "{error:?}"
     );
 }

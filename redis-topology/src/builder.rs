@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::tls::TlsFiles;
 use crate::topology::Topology;
 
 /// Set to a non-empty value to keep every topology's directory by default.
@@ -41,6 +42,7 @@ pub struct TopologyBuilder {
     pub(crate) redis_server: PathBuf,
     pub(crate) start_timeout: Duration,
     pub(crate) keep_dir: bool,
+    pub(crate) tls: bool,
 }
 
 impl std::fmt::Debug for TopologyBuilder {
@@ -60,6 +62,7 @@ impl std::fmt::Debug for TopologyBuilder {
             .field("redis_server", &self.redis_server)
             .field("start_timeout", &self.start_timeout)
             .field("keep_dir", &self.keep_dir)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -80,6 +83,7 @@ impl Default for TopologyBuilder {
             redis_server: PathBuf::from("redis-server"),
             start_timeout: Duration::from_secs(30),
             keep_dir: std::env::var_os(KEEP_DIR_ENV).is_some_and(|v| !v.is_empty()),
+            tls: false,
         }
     }
 }
@@ -193,6 +197,16 @@ impl TopologyBuilder {
         self
     }
 
+    /// Serves every node over TLS only (`port 0`, `tls-port`), replication
+    /// and Sentinel's links included, with a certificate for `127.0.0.1`
+    /// signed by a CA made for this topology; clients trust
+    /// [`Topology::tls_root_cert`]. Needs `openssl` on `PATH`. Defaults to
+    /// false.
+    pub fn tls(mut self, tls: bool) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// Starts the master, then the replicas, then the sentinels, and returns
     /// once every replica is online at the master and every sentinel sees
     /// the master, every replica and every other sentinel.
@@ -272,16 +286,21 @@ impl TopologyBuilder {
     }
 
     /// The `redis.conf` of a data node; `master_port` is `None` for the master.
-    pub(crate) fn data_config(&self, port: u16, master_port: Option<u16>) -> String {
-        let mut conf = format!(
-            "port {port}\n\
-             bind 127.0.0.1\n\
+    pub(crate) fn data_config(
+        &self,
+        port: u16,
+        master_port: Option<u16>,
+        tls: Option<&TlsFiles>,
+    ) -> String {
+        let mut conf = listen(port, tls);
+        conf.push_str(
+            "bind 127.0.0.1\n\
              daemonize no\n\
              logfile \"\"\n\
              save \"\"\n\
              appendonly no\n\
              repl-diskless-sync yes\n\
-             repl-diskless-sync-delay 0\n"
+             repl-diskless-sync-delay 0\n",
         );
         match (&self.user, &self.password) {
             (Some(user), Some(password)) => {
@@ -308,11 +327,17 @@ impl TopologyBuilder {
     }
 
     /// The `sentinel.conf` of a sentinel watching the master on `master_port`.
-    pub(crate) fn sentinel_config(&self, port: u16, master_port: u16) -> String {
+    pub(crate) fn sentinel_config(
+        &self,
+        port: u16,
+        master_port: u16,
+        tls: Option<&TlsFiles>,
+    ) -> String {
         let name = &self.master_name;
-        let mut conf = format!(
-            "port {port}\n\
-             bind 127.0.0.1\n\
+        let mut conf = listen(port, tls);
+        let _ = write!(
+            conf,
+            "bind 127.0.0.1\n\
              daemonize no\n\
              logfile \"\"\n\
              sentinel monitor {name} 127.0.0.1 {master_port} {quorum}\n\
@@ -336,6 +361,14 @@ impl TopologyBuilder {
             );
         }
         conf
+    }
+}
+
+/// The lines that make a node listen on `port`, over TLS if `tls` is set.
+fn listen(port: u16, tls: Option<&TlsFiles>) -> String {
+    match tls {
+        Some(tls) => tls.config(port),
+        None => format!("port {port}\n"),
     }
 }
 
@@ -412,7 +445,7 @@ mod tests {
         let conf = TopologyBuilder::default()
             .acl_user("app", "s3cret")
             .extra_config("maxmemory 64mb")
-            .data_config(20001, Some(20000));
+            .data_config(20001, Some(20000), None);
         for line in [
             "port 20001",
             "replicaof 127.0.0.1 20000",
@@ -435,7 +468,7 @@ mod tests {
             .password("pw")
             .sentinel_password("spw")
             .down_after(Duration::from_millis(2500))
-            .sentinel_config(20010, 20000);
+            .sentinel_config(20010, 20000, None);
         for line in [
             "sentinel monitor mymaster 127.0.0.1 20000 2",
             "sentinel down-after-milliseconds mymaster 2500",

@@ -85,6 +85,13 @@ pub enum Error {
         port: u16,
     },
 
+    /// The certificates of a TLS topology could not be made.
+    #[error("could not create TLS certificates: {reason}")]
+    Tls {
+        /// What went wrong.
+        reason: String,
+    },
+
     /// A wait did not reach its goal before its deadline.
     #[error(
         "timed out after {waited:?} waiting for {what} ({reason}); last lines of {node}'s log {log}:\n{log_tail}",

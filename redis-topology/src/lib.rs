@@ -59,6 +59,7 @@ mod error;
 mod node;
 mod orphans;
 mod ports;
+mod tls;
 mod topology;
 
 pub use builder::TopologyBuilder;

@@ -14,6 +14,7 @@ use tempfile::TempDir;
 use crate::builder::TopologyBuilder;
 use crate::error::{Error, Result};
 use crate::node::{Exit, NodeId, NodeKind, NodeProcess};
+use crate::tls::{self, TlsFiles};
 use crate::{orphans, ports};
 
 /// How often waits look again.
@@ -40,6 +41,7 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Topology {
     settings: TopologyBuilder,
     binary: PathBuf,
+    tls: Option<TlsFiles>,
     nodes: Mutex<Nodes>,
     /// Held while the topology lives; see `orphans`.
     _owner_lock: std::fs::File,
@@ -123,23 +125,30 @@ impl Topology {
             let keep = dir.path().join(orphans::KEEP_FILE);
             std::fs::write(&keep, "").map_err(io_error(keep))?;
         }
+        let tls = if settings.tls {
+            Some(tls::generate(dir.path())?)
+        } else {
+            None
+        };
         let topology = Self {
             settings,
             binary,
+            tls,
             nodes: Mutex::default(),
             _owner_lock: owner_lock,
             dir,
         };
         // From here on, an early return drops `topology`, which kills what it started.
         let settings = &topology.settings;
+        let tls = topology.tls.as_ref();
         let master = NodeId::data(0);
         let master_port = topology
-            .spawn_node(master, |port| settings.data_config(port, None))
+            .spawn_node(master, |port| settings.data_config(port, None, tls))
             .await?;
         for index in 1..=settings.replicas {
             topology
                 .spawn_node(NodeId::data(index), |port| {
-                    settings.data_config(port, Some(master_port))
+                    settings.data_config(port, Some(master_port), tls)
                 })
                 .await?;
         }
@@ -153,7 +162,7 @@ impl Topology {
         for index in 0..settings.sentinels {
             topology
                 .spawn_node(NodeId::sentinel(index), |port| {
-                    settings.sentinel_config(port, master_port)
+                    settings.sentinel_config(port, master_port, tls)
                 })
                 .await?;
         }
@@ -392,7 +401,8 @@ impl Topology {
     }
 
     /// How to connect to a node, with the credentials its kind requires
-    /// (the data nodes' user and password, or the sentinels' password).
+    /// (the data nodes' user and password, or the sentinels' password), over
+    /// TLS when the topology uses it (then also trust [`tls_root_cert`](Self::tls_root_cert)).
     pub fn connection_info(&self, node: NodeId) -> ConnectionInfo {
         let (user, password) = match node.kind() {
             NodeKind::Data => self.settings.data_credentials(),
@@ -405,10 +415,26 @@ impl Topology {
         if let Some(password) = password {
             redis = redis.set_password(password);
         }
-        ConnectionAddr::Tcp("127.0.0.1".to_owned(), self.addr(node).port())
-            .into_connection_info()
+        let (host, port) = ("127.0.0.1".to_owned(), self.addr(node).port());
+        let addr = match self.tls {
+            Some(_) => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                tls_params: None,
+            },
+            None => ConnectionAddr::Tcp(host, port),
+        };
+        addr.into_connection_info()
             .expect("a TCP address is always valid connection info")
             .set_redis_settings(redis)
+    }
+
+    /// With [`TopologyBuilder::tls`], the CA certificate (PEM) that signed
+    /// every node's certificate: clients trust it
+    /// (`redis::Client::build_with_tls` with it as `root_cert`).
+    pub fn tls_root_cert(&self) -> Option<&[u8]> {
+        self.tls.as_ref().map(|tls| tls.ca_pem.as_slice())
     }
 
     /// The OS process id of a node, or `None` while it is not running.
@@ -439,7 +465,17 @@ impl Topology {
     /// (so that asking a paused node fails instead of hanging).
     pub async fn connection(&self, node: NodeId) -> Result<MultiplexedConnection> {
         let redis_error = |source| Error::Redis { node, source };
-        let client = redis::Client::open(self.connection_info(node)).map_err(redis_error)?;
+        let client = match self.tls_root_cert() {
+            Some(root_cert) => redis::Client::build_with_tls(
+                self.connection_info(node),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert.to_vec()),
+                },
+            ),
+            None => redis::Client::open(self.connection_info(node)),
+        }
+        .map_err(redis_error)?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT));

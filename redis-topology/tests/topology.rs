@@ -421,3 +421,35 @@ async fn a_wait_that_cannot_succeed_times_out_naming_the_node_and_its_log() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn a_tls_topology_replicates_and_fails_over_over_tls_only() {
+    let topology = Topology::builder().tls(true).start().await.unwrap();
+    let root_cert = topology.tls_root_cert().expect("a TLS topology has a CA");
+    assert!(String::from_utf8_lossy(root_cert).contains("BEGIN CERTIFICATE"));
+    let old = topology.initial_master();
+    // Start-up already proved replication and Sentinel work over TLS.
+    assert_replicates(&topology, old, "over-tls").await;
+
+    // Plain TCP gets no answer from a TLS port.
+    let plain = redis::Client::open(format!("redis://{}", topology.addr(old))).unwrap();
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(Duration::from_secs(1)));
+    let refused = async {
+        let mut connection = plain
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+    };
+    assert!(refused.await.is_err(), "a plain connection was answered");
+
+    topology.kill(old).unwrap();
+    let new = topology
+        .wait_for_new_master(old, FAILOVER_DEADLINE)
+        .await
+        .unwrap();
+    assert_replicates(&topology, new, "over-tls-after-failover").await;
+}
