@@ -114,8 +114,8 @@ impl Shared {
             .test_on_check_out(true)
             .retry_connection(false)
             .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
-            .idle_timeout(None)
-            .max_lifetime(None)
+            // bb8 reaps idle pooled copies with its defaults; the shared
+            // connection lives on in its clones.
             .build_unchecked(manager);
         // Opened directly so that a failure says why (`Pool::get` only
         // times out), then handed to the pool to hold and check later.

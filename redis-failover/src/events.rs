@@ -57,6 +57,18 @@ pub enum Event {
         /// Why.
         trigger: Trigger,
     },
+    /// A sentinel's connection was lost (its `+switch-master` notices with it).
+    NodeDown {
+        /// The sentinel.
+        node: NodeAddr,
+        /// Why the connection failed or ended.
+        reason: String,
+    },
+    /// A sentinel that was down is connected and subscribed again.
+    NodeUp {
+        /// The sentinel.
+        node: NodeAddr,
+    },
     /// Sentinels that answered named different masters, or too few agreed.
     SentinelDisagreement {
         /// Each answering sentinel and the master it named.

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::addr::NodeAddr;
 use crate::builder::Mode;
-use crate::events::Trigger;
+use crate::events::{Event, Trigger};
 use crate::node::verify_master;
 use crate::retry::backoff;
 use crate::shared::Shared;
@@ -86,11 +86,17 @@ pub(crate) async fn watch_sentinel(
         return;
     };
     let mut attempt = 0;
+    let mut down = false;
     loop {
         let session = async {
             let mut pubsub = shared.sentinel_connector.pubsub(&sentinel).await?;
             pubsub.subscribe("+switch-master").await?;
             attempt = 0;
+            if std::mem::take(&mut down) {
+                shared.emit(Event::NodeUp {
+                    node: sentinel.clone(),
+                });
+            }
             let epoch = shared.epoch.load(Ordering::Acquire);
             let current = shared.master.load_full();
             let stale = match &current {
@@ -122,13 +128,20 @@ pub(crate) async fn watch_sentinel(
             }
             Ok::<_, RedisError>(())
         };
-        tokio::select! {
+        let reason = tokio::select! {
             _ = stopped(&mut stop) => return,
-            result = session => {
-                if let Err(error) = result {
-                    tracing::debug!(%sentinel, %error, "sentinel subscription failed");
-                }
-            }
+            result = session => match result {
+                Ok(()) => "the connection closed".to_owned(),
+                Err(error) => error.to_string(),
+            },
+        };
+        tracing::debug!(%sentinel, %reason, "sentinel subscription lost");
+        if !down {
+            down = true;
+            shared.emit(Event::NodeDown {
+                node: sentinel.clone(),
+                reason,
+            });
         }
         let wait = backoff(
             attempt,

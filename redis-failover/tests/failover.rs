@@ -545,11 +545,38 @@ async fn sentinels_restarted_around_a_failover_still_lead_the_client_to_the_new_
         topology.restart(sentinel).await.unwrap();
     }
     client_follows(&topology, &client, old).await;
-    let trigger = single_switch(&mut events);
+    let mut lost_and_back = Vec::new();
+    let mut trigger = None;
+    while let Ok(event) = events.try_recv() {
+        match event {
+            Event::NodeDown { node, .. } => lost_and_back.push(("down", node)),
+            Event::NodeUp { node } => lost_and_back.push(("up", node)),
+            Event::MasterChanged {
+                from: Some(from),
+                to,
+                trigger: t,
+                ..
+            } if from != to => {
+                assert!(trigger.replace(t).is_none(), "more than one switch");
+            }
+            _ => {}
+        }
+    }
     assert!(
-        matches!(trigger, Trigger::PubSub | Trigger::SentinelReconnect),
+        matches!(trigger, Some(Trigger::PubSub | Trigger::SentinelReconnect)),
         "{trigger:?}"
     );
+    // Every sentinel was seen going down and coming back.
+    for sentinel in topology.sentinel_addrs().into_iter().map(NodeAddr::from) {
+        assert!(
+            lost_and_back.contains(&("down", sentinel.clone())),
+            "{lost_and_back:?}"
+        );
+        assert!(
+            lost_and_back.contains(&("up", sentinel)),
+            "{lost_and_back:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
