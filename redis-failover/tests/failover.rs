@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use redis_failover::{
-    Error, Event, FailoverClient, MasterCheck, NodeAddr, StaticResolver, Tls, Trigger,
+    Error, Event, FailoverClient, FailoverClientBuilder, MasterCheck, NodeAddr, StaticResolver,
+    Tls, Trigger,
 };
 use redis_topology::{NodeId, Role, Topology};
 
@@ -24,11 +25,14 @@ async fn eventually(what: &str, deadline: Duration, mut done: impl FnMut() -> bo
     }
 }
 
-fn sentinel_client(topology: &Topology) -> FailoverClient {
+/// A Sentinel-mode client builder for `topology`'s sentinels.
+fn sentinel_builder(topology: &Topology) -> FailoverClientBuilder {
     let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
     FailoverClient::sentinel(topology.master_name(), sentinels)
-        .build()
-        .unwrap()
+}
+
+fn sentinel_client(topology: &Topology) -> FailoverClient {
+    sentinel_builder(topology).build().unwrap()
 }
 
 /// `redis-N.redis-headless:6379` names for the data nodes, resolved to
@@ -445,8 +449,7 @@ async fn a_hung_master_is_left_by_timeout_and_gets_no_write_after_it_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_switch_until_the_required_sentinels_agree() {
     let topology = Topology::builder().start().await.unwrap();
-    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
-    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+    let client = sentinel_builder(&topology)
         .min_agreement(3)
         .recheck_interval(Duration::from_millis(200))
         .build()
@@ -485,9 +488,8 @@ async fn no_switch_until_the_required_sentinels_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_master_notice_alone_moves_the_client() {
     let topology = Topology::builder().start().await.unwrap();
-    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
     // No re-check and no traffic: only `+switch-master` can tell the client.
-    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+    let client = sentinel_builder(&topology)
         .recheck_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
@@ -526,10 +528,9 @@ async fn the_write_probe_skips_replicas_and_leaves_no_key_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_restarted_around_a_failover_still_lead_the_client_to_the_new_master() {
     let topology = Topology::builder().start().await.unwrap();
-    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
     // No re-check and no traffic: only the sentinel watchers can move it,
     // and every subscription they had is lost.
-    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+    let client = sentinel_builder(&topology)
         .recheck_interval(Duration::from_secs(3600))
         .build()
         .unwrap();
@@ -583,8 +584,7 @@ async fn sentinels_restarted_around_a_failover_still_lead_the_client_to_the_new_
 async fn over_tls_the_client_finds_and_follows_the_master() {
     let topology = Topology::builder().tls(true).start().await.unwrap();
     let ca = topology.tls_root_cert().unwrap().to_vec();
-    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
-    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+    let client = sentinel_builder(&topology)
         .tls(Tls::root_cert(ca.clone()))
         .sentinel_tls(Tls::root_cert(ca))
         .build()
@@ -607,8 +607,7 @@ async fn over_tls_the_client_finds_and_follows_the_master() {
     single_switch(&mut events);
 
     // A client that does not trust the topology's CA finds no master.
-    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
-    let untrusting = FailoverClient::sentinel(topology.master_name(), sentinels)
+    let untrusting = sentinel_builder(&topology)
         .tls(Tls::system_roots())
         .sentinel_tls(Tls::system_roots())
         .build()
