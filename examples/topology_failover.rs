@@ -23,17 +23,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let old = topology.initial_master();
     println!("{old} is master at {}", topology.addr(old));
 
-    // SET, then WAIT for both replicas on the same connection, so the key
-    // survives the kill below.
-    let mut connection = topology.connection(old).await?;
-    let (acked,): (usize,) = redis::pipe()
-        .set("greeting", "hello")
-        .ignore()
-        .cmd("WAIT")
-        .arg(2)
-        .arg(1500)
-        .query_async(&mut connection)
-        .await?;
+    // Acknowledged by both replicas, so the key survives the kill below.
+    let acked = topology.set_and_wait(old, "greeting", "hello", 2).await?;
     println!("greeting written, acknowledged by {acked} replicas");
 
     let killed_at = Instant::now();

@@ -35,6 +35,15 @@ fn sentinel_client(topology: &Topology) -> FailoverClient {
     sentinel_builder(topology).build().unwrap()
 }
 
+/// A Sentinel-mode client that never re-checks on its own: only the
+/// sentinel watchers can tell it of a switch.
+fn watcher_only_client(topology: &Topology) -> FailoverClient {
+    sentinel_builder(topology)
+        .recheck_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap()
+}
+
 /// `redis-N.redis-headless:6379` names for the data nodes, resolved to
 /// their loopback ports as a headless Service resolves pod names.
 fn pod_names(topology: &Topology) -> (StaticResolver, Vec<NodeAddr>) {
@@ -488,11 +497,8 @@ async fn no_switch_until_the_required_sentinels_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_master_notice_alone_moves_the_client() {
     let topology = Topology::builder().start().await.unwrap();
-    // No re-check and no traffic: only `+switch-master` can tell the client.
-    let client = sentinel_builder(&topology)
-        .recheck_interval(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    // No traffic either: only `+switch-master` can tell the client.
+    let client = watcher_only_client(&topology);
     let mut events = client.events();
     let old = topology.initial_master();
     client.wait_for_master(DEADLINE).await.unwrap();
@@ -528,12 +534,8 @@ async fn the_write_probe_skips_replicas_and_leaves_no_key_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinels_restarted_around_a_failover_still_lead_the_client_to_the_new_master() {
     let topology = Topology::builder().start().await.unwrap();
-    // No re-check and no traffic: only the sentinel watchers can move it,
-    // and every subscription they had is lost.
-    let client = sentinel_builder(&topology)
-        .recheck_interval(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    // No traffic either, and every subscription the watchers had is lost.
+    let client = watcher_only_client(&topology);
     let mut events = client.events();
     let old = topology.initial_master();
     client.wait_for_master(DEADLINE).await.unwrap();

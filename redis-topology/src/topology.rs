@@ -499,6 +499,30 @@ impl Topology {
             .map_err(|source| Error::Redis { node, source })
     }
 
+    /// `SET key value` on `node`, then `WAIT replicas 1500` on the same
+    /// connection (`WAIT` counts the acknowledgements of its own
+    /// connection's writes); returns how many replicas acknowledged. The
+    /// 1.5 s stays under the connection's 2 s response timeout.
+    pub async fn set_and_wait(
+        &self,
+        node: NodeId,
+        key: &str,
+        value: &str,
+        replicas: usize,
+    ) -> Result<usize> {
+        let mut connection = self.connection(node).await?;
+        let (acked,): (usize,) = redis::pipe()
+            .set(key, value)
+            .ignore()
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(1500)
+            .query_async(&mut connection)
+            .await
+            .map_err(|source| Error::Redis { node, source })?;
+        Ok(acked)
+    }
+
     /// The node's answer to `ROLE`.
     pub async fn role(&self, node: NodeId) -> Result<Role> {
         self.query(node, &redis::cmd("ROLE")).await

@@ -39,17 +39,8 @@ async fn assert_replicates(topology: &Topology, master: NodeId, key: &str) {
         .into_iter()
         .filter(|&n| n != master && topology.is_running(n))
         .collect();
-    // WAIT counts acknowledgements of the calling connection's own writes,
-    // so SET and WAIT share one connection; its 1.5 s stays under the
-    // connection's 2 s response timeout.
-    let mut connection = topology.connection(master).await.unwrap();
-    let (acked,): (usize,) = redis::pipe()
-        .set(key, "v")
-        .ignore()
-        .cmd("WAIT")
-        .arg(replicas.len())
-        .arg(1500)
-        .query_async(&mut connection)
+    let acked = topology
+        .set_and_wait(master, key, "v", replicas.len())
         .await
         .unwrap();
     assert_eq!(acked, replicas.len(), "WAIT on {master}");
@@ -73,14 +64,8 @@ async fn writes_on_the_master_reach_every_replica() {
     assert_eq!(topology.data_nodes().len(), 3);
     assert_eq!(topology.sentinels().len(), 3);
 
-    let mut connection = topology.connection(master).await.unwrap();
-    let (acked,): (usize,) = redis::pipe()
-        .set("greeting", "hello")
-        .ignore()
-        .cmd("WAIT")
-        .arg(2)
-        .arg(1500)
-        .query_async(&mut connection)
+    let acked = topology
+        .set_and_wait(master, "greeting", "hello", 2)
         .await
         .unwrap();
     assert_eq!(acked, 2);
