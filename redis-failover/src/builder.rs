@@ -7,6 +7,7 @@ use crate::addr::{DnsResolver, NodeAddr, Resolve};
 use crate::client::FailoverClient;
 use crate::error::{Error, Result};
 use crate::node::{Credentials, MasterCheck, Tls};
+use crate::read::{Durability, ReadPolicy, ReplicaPreference};
 
 /// How the client finds the master.
 #[derive(Clone, Debug)]
@@ -41,6 +42,20 @@ pub struct FailoverClientBuilder {
     pub(crate) backoff_cap: Duration,
     pub(crate) recheck_interval: Duration,
     pub(crate) event_capacity: usize,
+    pub(crate) read_policy: ReadPolicy,
+    pub(crate) replica_preference: Option<ReplicaPreference>,
+    pub(crate) max_staleness: Duration,
+    pub(crate) replica_probe_interval: Duration,
+    pub(crate) durability: Durability,
+    pub(crate) durable_connections: u32,
+    pub(crate) min_replicas: Option<MinReplicas>,
+}
+
+/// Client-side `min-replicas-to-write`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MinReplicas {
+    pub(crate) count: usize,
+    pub(crate) max_lag: Duration,
 }
 
 impl FailoverClientBuilder {
@@ -62,6 +77,13 @@ impl FailoverClientBuilder {
             backoff_cap: Duration::from_millis(500),
             recheck_interval: Duration::from_secs(1),
             event_capacity: 1024,
+            read_policy: ReadPolicy::Master,
+            replica_preference: None,
+            max_staleness: Duration::from_secs(5),
+            replica_probe_interval: Duration::from_millis(500),
+            durability: Durability::Master,
+            durable_connections: 16,
+            min_replicas: None,
         }
     }
 
@@ -168,6 +190,73 @@ impl FailoverClientBuilder {
         self
     }
 
+    /// Where reads ([`FailoverClient::read`], [`FailoverClient::get`],
+    /// [`FailoverClient::read_connection`]) go unless a call says otherwise
+    /// ([`FailoverClient::with_read_policy`]). Defaults to
+    /// [`ReadPolicy::Master`].
+    pub fn read_policy(mut self, policy: ReadPolicy) -> Self {
+        self.read_policy = policy;
+        self
+    }
+
+    /// Replicas for which `prefer` returns true are used first (say, those
+    /// in the client's zone); the others only when none of those qualifies.
+    /// Defaults to no preference.
+    pub fn prefer_replicas(
+        mut self,
+        prefer: impl Fn(&NodeAddr) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.replica_preference = Some(ReplicaPreference(Arc::new(prefer)));
+        self
+    }
+
+    /// How stale a replica may be and still serve reads. A replica's
+    /// staleness is the time since the master's replication offset was last
+    /// at or below the replica's, both sampled every
+    /// [`replica_probe_interval`](Self::replica_probe_interval), so it is
+    /// overestimated by up to one interval, never underestimated. Defaults
+    /// to 5 s; must be at least two probe intervals.
+    pub fn max_staleness(mut self, bound: Duration) -> Self {
+        self.max_staleness = bound;
+        self
+    }
+
+    /// How often the master and every replica are probed (`INFO
+    /// replication`, one command each) for replication offsets, link
+    /// status and latency. Defaults to 500 ms.
+    pub fn replica_probe_interval(mut self, interval: Duration) -> Self {
+        self.replica_probe_interval = interval;
+        self
+    }
+
+    /// How many replicas must acknowledge a write before it counts as done,
+    /// unless a call says otherwise ([`FailoverClient::with_durability`]).
+    /// Defaults to [`Durability::Master`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// How many connections to the master durable writes may use at once:
+    /// each waits for its `WAIT` on a connection of its own, so that the
+    /// shared connection never blocks. Defaults to 16.
+    pub fn durable_connections(mut self, connections: u32) -> Self {
+        self.durable_connections = connections;
+        self
+    }
+
+    /// Holds writes back while the master reports fewer than `count`
+    /// replicas online whose last acknowledgement is at most `max_lag` old
+    /// (`INFO replication`, whole seconds, like the server's
+    /// `min-replicas-max-lag`): they wait, within the retry budget, and
+    /// fail with [`Error::RetryBudgetExhausted`] naming the shortfall. A
+    /// master cut off from its replicas then takes no writes from this
+    /// client. Defaults to off.
+    pub fn min_replicas(mut self, count: usize, max_lag: Duration) -> Self {
+        self.min_replicas = Some(MinReplicas { count, max_lag });
+        self
+    }
+
     /// Validates the settings and starts the client's background tasks.
     /// Must be called within a Tokio runtime. The master is found in the
     /// background and by the first request; nothing here waits for Redis.
@@ -244,6 +333,27 @@ impl FailoverClientBuilder {
         }
         if self.event_capacity == 0 {
             return invalid("event_capacity", "must be more than zero");
+        }
+        if self.replica_probe_interval.is_zero() {
+            return invalid("replica_probe_interval", "must be more than zero");
+        }
+        if self.max_staleness < self.replica_probe_interval * 2 {
+            return invalid(
+                "max_staleness",
+                "must be at least two replica probe intervals",
+            );
+        }
+        self.durability.validate()?;
+        if self.durable_connections == 0 {
+            return invalid("durable_connections", "must be more than zero");
+        }
+        if let Some(min) = self.min_replicas
+            && (min.count == 0 || min.max_lag < Duration::from_secs(1))
+        {
+            return invalid(
+                "min_replicas",
+                "needs at least one replica and a lag of at least 1 s",
+            );
         }
         Ok(())
     }

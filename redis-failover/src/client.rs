@@ -11,8 +11,11 @@ use crate::addr::NodeAddr;
 use crate::builder::{FailoverClientBuilder, Mode};
 use crate::error::{Error, Result};
 use crate::events::{Event, MetricsSnapshot};
+use crate::read::{Durability, ReadPolicy};
+use crate::replicas::replica_loop;
 use crate::request::{Reply, Request};
 use crate::retry::backoff;
+use crate::session::Session;
 use crate::shared::Shared;
 use crate::tasks::{recheck_loop, watch_sentinel};
 
@@ -24,6 +27,8 @@ use crate::tasks::{recheck_loop, watch_sentinel};
 #[derive(Clone, Debug)]
 pub struct FailoverClient {
     inner: Arc<Inner>,
+    read_policy: ReadPolicy,
+    durability: Durability,
 }
 
 #[derive(Debug)]
@@ -68,8 +73,10 @@ impl FailoverClient {
 
     pub(crate) fn start(settings: FailoverClientBuilder, runtime: &tokio::runtime::Handle) -> Self {
         let (stop, stopped) = watch::channel(());
+        let (read_policy, durability) = (settings.read_policy, settings.durability);
         let shared = Arc::new(Shared::new(settings));
         runtime.spawn(recheck_loop(Arc::clone(&shared), stopped.clone()));
+        runtime.spawn(replica_loop(Arc::clone(&shared), stopped.clone()));
         if let Mode::Sentinel { sentinels, .. } = &shared.settings.mode {
             for sentinel in sentinels {
                 let watcher =
@@ -82,11 +89,46 @@ impl FailoverClient {
                 shared,
                 _stop: stop,
             }),
+            read_policy,
+            durability,
         }
     }
 
-    fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.inner.shared
+    }
+
+    /// This client (sharing everything with it) with reads routed by
+    /// `policy` instead of the configured
+    /// [`read_policy`](crate::FailoverClientBuilder::read_policy).
+    #[must_use]
+    pub fn with_read_policy(&self, policy: ReadPolicy) -> Self {
+        Self {
+            read_policy: policy,
+            ..self.clone()
+        }
+    }
+
+    /// This client (sharing everything with it) with writes made durable
+    /// as `durability` says instead of the configured
+    /// [`durability`](crate::FailoverClientBuilder::durability). An invalid
+    /// setting fails every write with [`Error::InvalidConfig`].
+    #[must_use]
+    pub fn with_durability(&self, durability: Durability) -> Self {
+        Self {
+            durability,
+            ..self.clone()
+        }
+    }
+
+    /// The read policy this handle routes reads by.
+    pub fn read_policy(&self) -> ReadPolicy {
+        self.read_policy
+    }
+
+    /// The durability this handle's writes get.
+    pub fn durability(&self) -> Durability {
+        self.durability
     }
 
     /// A handle for redis-rs's API (`cmd.query_async(&mut connection)`,
@@ -103,6 +145,15 @@ impl FailoverClient {
         MasterConnection {
             client: self.clone(),
             idempotent: false,
+        }
+    }
+
+    /// A [`ConnectionLike`] handle for reads, routed by this handle's read
+    /// policy. Only commands known to be read-only are accepted (others
+    /// fail with `NOTREADONLY`) unless the policy is [`ReadPolicy::Master`].
+    pub fn read_connection(&self) -> ReadConnection {
+        ReadConnection {
+            client: self.clone(),
         }
     }
 
@@ -133,23 +184,25 @@ impl FailoverClient {
     async fn query_as<T: FromRedisValue>(&self, cmd: &Cmd, idempotent: bool) -> Result<T> {
         let (master, reply) = self
             .shared()
-            .execute(Request::Command(cmd), idempotent)
+            .execute(Request::Command(cmd), idempotent, self.durability)
             .await?;
-        let Reply::Value(value) = reply else {
-            unreachable!("a command gets one reply")
-        };
-        let converted = value
-            .extract_error()
-            .and_then(|value| T::from_redis_value(value).map_err(Into::into));
-        converted.map_err(|source| Error::Command {
-            node: master.node.clone(),
-            source,
-        })
+        convert(&master.node, reply)
     }
 
-    /// `GET key`.
+    /// Sends the read-only `cmd` where this handle's read policy says and
+    /// converts the reply. Commands not known to be read-only fail with
+    /// [`Error::NotReadOnly`] unless the policy is [`ReadPolicy::Master`].
+    pub async fn read<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let (node, reply) = self
+            .shared()
+            .read(Request::Command(cmd), self.read_policy, None)
+            .await?;
+        convert(&node, reply)
+    }
+
+    /// `GET key`, routed by this handle's read policy.
     pub async fn get<T: FromRedisValue>(&self, key: &str) -> Result<T> {
-        self.query(redis::cmd("GET").arg(key)).await
+        self.read(redis::cmd("GET").arg(key)).await
     }
 
     /// `SET key value`. Not resent after an unknown outcome: a resend could
@@ -206,6 +259,37 @@ impl FailoverClient {
         unreachable!("the loop returns")
     }
 
+    /// A session whose reads see its own writes (see [`Session`]).
+    pub fn session(&self) -> Session {
+        Session::new(self.clone(), 0)
+    }
+
+    /// Resumes a session from its [`Session::position`], for example one
+    /// carried by another process in a request header.
+    pub fn session_after(&self, position: u64) -> Session {
+        Session::new(self.clone(), position)
+    }
+
+    /// The replicas known now and whether each may serve reads.
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        let now = Instant::now();
+        let max_staleness = self.shared().settings.max_staleness;
+        self.shared()
+            .read_set
+            .load()
+            .replicas
+            .iter()
+            .map(|replica| ReplicaStatus {
+                node: replica.node.clone(),
+                unusable: replica.unusable(now, max_staleness),
+                staleness: replica
+                    .caught_up_at
+                    .map(|at| now.saturating_duration_since(at)),
+                latency: replica.latency,
+            })
+            .collect()
+    }
+
     /// Events as they happen: master changes, lost masters, sentinel
     /// disagreements, exhausted budgets. A subscriber that lags more than
     /// the event capacity behind misses the oldest.
@@ -219,6 +303,35 @@ impl FailoverClient {
     }
 }
 
+/// Converts a command's reply from `node`.
+pub(crate) fn convert<T: FromRedisValue>(node: &NodeAddr, reply: Reply) -> Result<T> {
+    let Reply::Value(value) = reply else {
+        unreachable!("a command gets one reply")
+    };
+    let converted = value
+        .extract_error()
+        .and_then(|value| T::from_redis_value(value).map_err(Into::into));
+    converted.map_err(|source| Error::Command {
+        node: node.clone(),
+        source,
+    })
+}
+
+/// A replica as the latest probe saw it, from [`FailoverClient::replicas`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplicaStatus {
+    /// Its address, as the sentinels or the master listed it (or as a
+    /// configured candidate).
+    pub node: NodeAddr,
+    /// Why it may not serve reads now; `None` if it may.
+    pub unusable: Option<String>,
+    /// How far behind the master it may be (an upper bound), if it follows it.
+    pub staleness: Option<Duration>,
+    /// Its round-trip time, averaged over the probes.
+    pub latency: Option<Duration>,
+}
+
 /// A [`ConnectionLike`] handle on the current master, from
 /// [`FailoverClient::connection`] or [`FailoverClient::idempotent_connection`].
 #[derive(Clone, Debug)]
@@ -228,44 +341,75 @@ pub struct MasterConnection {
 }
 
 impl MasterConnection {
-    async fn execute(&self, request: Request<'_>) -> redis::RedisResult<Reply> {
-        match self.client.shared().execute(request, self.idempotent).await {
-            Ok((_, reply)) => Ok(reply),
-            Err(error) => Err(error.into_redis_error()),
+    async fn execute(&self, request: Request<'_>) -> Result<Reply> {
+        let client = &self.client;
+        let (_, reply) = client
+            .shared()
+            .execute(request, self.idempotent, client.durability)
+            .await?;
+        Ok(reply)
+    }
+}
+
+/// A [`ConnectionLike`] handle for reads routed by a read policy, from
+/// [`FailoverClient::read_connection`].
+#[derive(Clone, Debug)]
+pub struct ReadConnection {
+    client: FailoverClient,
+}
+
+impl ReadConnection {
+    async fn execute(&self, request: Request<'_>) -> Result<Reply> {
+        let client = &self.client;
+        let (_, reply) = client
+            .shared()
+            .read(request, client.read_policy, None)
+            .await?;
+        Ok(reply)
+    }
+}
+
+/// Implements [`ConnectionLike`] for a handle with an
+/// `execute(Request) -> Result<Reply>` method.
+macro_rules! connection_like {
+    ($handle:ty) => {
+        impl ConnectionLike for $handle {
+            fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+                Box::pin(async move {
+                    match self.execute(Request::Command(cmd)).await {
+                        Ok(Reply::Value(value)) => Ok(value),
+                        Ok(Reply::Values(_)) => unreachable!("a command gets one reply"),
+                        Err(error) => Err(error.into_redis_error()),
+                    }
+                })
+            }
+
+            fn req_packed_commands<'a>(
+                &'a mut self,
+                pipeline: &'a Pipeline,
+                offset: usize,
+                count: usize,
+            ) -> RedisFuture<'a, Vec<Value>> {
+                Box::pin(async move {
+                    let request = Request::Pipeline {
+                        pipeline,
+                        offset,
+                        count,
+                    };
+                    match self.execute(request).await {
+                        Ok(Reply::Values(values)) => Ok(values),
+                        Ok(Reply::Value(_)) => unreachable!("a pipeline gets a list of replies"),
+                        Err(error) => Err(error.into_redis_error()),
+                    }
+                })
+            }
+
+            fn get_db(&self) -> i64 {
+                0
+            }
         }
-    }
+    };
 }
 
-impl ConnectionLike for MasterConnection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            match self.execute(Request::Command(cmd)).await? {
-                Reply::Value(value) => Ok(value),
-                Reply::Values(_) => unreachable!("a command gets one reply"),
-            }
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            let request = Request::Pipeline {
-                pipeline,
-                offset,
-                count,
-            };
-            match self.execute(request).await? {
-                Reply::Values(values) => Ok(values),
-                Reply::Value(_) => unreachable!("a pipeline gets a list of replies"),
-            }
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        0
-    }
-}
+connection_like!(MasterConnection);
+connection_like!(ReadConnection);

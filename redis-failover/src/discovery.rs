@@ -14,9 +14,34 @@ use redis::{Cmd, FromRedisValue, RedisError};
 use crate::addr::NodeAddr;
 use crate::builder::Mode;
 use crate::error::NodeFailure;
-use crate::events::Event;
-use crate::node::{MasterManager, verify_master};
+use crate::events::{Counter, Event, Trigger};
+use crate::node::{DedicatedManager, MasterManager, verify_master};
 use crate::shared::{Connection, Master, Opened, Shared, lock};
+
+/// A master as one sentinel, or enough of them, named it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Named {
+    pub(crate) node: NodeAddr,
+    /// The epoch of the failover that made it master (0 if none yet).
+    pub(crate) config_epoch: u64,
+}
+
+/// Reads a `SENTINEL MASTER` reply.
+fn named_master(fields: &HashMap<String, String>) -> Result<Named, String> {
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .ok_or_else(|| format!("SENTINEL MASTER reply has no `{name}`"))
+    };
+    let port = field("port")?
+        .parse()
+        .map_err(|e| format!("SENTINEL MASTER port: {e}"))?;
+    let node = NodeAddr::new(field("ip")?.clone(), port).map_err(|e| e.to_string())?;
+    let config_epoch = field("config-epoch")?
+        .parse()
+        .map_err(|e| format!("SENTINEL MASTER config-epoch: {e}"))?;
+    Ok(Named { node, config_epoch })
+}
 
 /// How many connections through the last-resort address are tried per discovery.
 const LAST_RESORT_TRIES: usize = 3;
@@ -40,7 +65,7 @@ impl Shared {
                     .cycle()
                     .take(LAST_RESORT_TRIES);
                 for node in nodes.iter().chain(last_resort) {
-                    match self.open_master(node, current).await {
+                    match self.open_master(node, 0, current).await {
                         Ok(opened) => return Ok(opened),
                         Err(reason) => failures.push(NodeFailure {
                             node: node.clone(),
@@ -51,24 +76,71 @@ impl Shared {
                 Err(failures)
             }
             Mode::Sentinel { .. } => {
-                let node = match (self.ask_sentinels().await, current) {
-                    (Ok(node), _) => node,
+                let (agreed, newest) = self.ask_sentinels().await;
+                if let (Some(master), Some(newest)) = (current, &newest)
+                    && newest.node != master.node
+                    && newest.config_epoch > master.config_epoch
+                {
+                    // A failover with a newer epoch was decided: however
+                    // healthy the current master looks, it is stale now.
+                    self.fence(master);
+                }
+                // Sentinels still naming a master an older epoch replaced
+                // have not caught up yet: their agreement does not count.
+                let agreed = agreed.and_then(|named| match &newest {
+                    Some(newer)
+                        if newer.node != named.node && newer.config_epoch > named.config_epoch =>
+                    {
+                        Err(vec![NodeFailure {
+                            node: named.node.clone(),
+                            reason: format!(
+                                "named in epoch {}, but {} was named in epoch {}",
+                                named.config_epoch, newer.node, newer.config_epoch
+                            ),
+                        }])
+                    }
+                    _ => Ok(named),
+                });
+                let installed = self.master.load_full();
+                let named = match (agreed, &installed) {
+                    (Ok(named), _) => named,
                     // Sentinels undecided (some down, or still disagreeing):
                     // the current master stays if it still proves itself.
                     (Err(sentinel_failures), Some(master)) => {
                         failures = sentinel_failures;
-                        master.node.clone()
+                        Named {
+                            node: master.node.clone(),
+                            config_epoch: master.config_epoch,
+                        }
                     }
                     (Err(sentinel_failures), None) => return Err(sentinel_failures),
                 };
-                self.open_master(&node, current).await.map_err(|reason| {
-                    failures.push(NodeFailure {
-                        node: node.clone(),
-                        reason,
-                    });
-                    failures
-                })
+                self.open_master(&named.node, named.config_epoch, installed.as_ref())
+                    .await
+                    .map_err(|reason| {
+                        failures.push(NodeFailure {
+                            node: named.node.clone(),
+                            reason,
+                        });
+                        failures
+                    })
             }
+        }
+    }
+
+    /// Stops requests from using `master`, which the sentinels replaced in
+    /// a newer epoch: even if it still accepts writes (partitioned from the
+    /// sentinels but not from this client), they would be lost.
+    fn fence(&self, master: &Arc<Master>) {
+        let installed = self.master.load_full();
+        if installed.as_ref().is_some_and(|m| Arc::ptr_eq(m, master)) {
+            self.master.store(None);
+            self.metrics.add(Counter::Fenced);
+            tracing::warn!(node = %master.node, "master fenced: the sentinels elected another in a newer epoch");
+            self.emit(Event::MasterLost {
+                node: master.node.clone(),
+                trigger: Trigger::Superseded,
+            });
         }
     }
 
@@ -78,6 +150,7 @@ impl Shared {
     async fn open_master(
         &self,
         node: &NodeAddr,
+        config_epoch: u64,
         current: Option<&Arc<Master>>,
     ) -> Result<Opened, String> {
         let check = self.master_check();
@@ -116,7 +189,7 @@ impl Shared {
             .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
             // bb8 reaps idle pooled copies with its defaults; the shared
             // connection lives on in its clones.
-            .build_unchecked(manager);
+            .build_unchecked(manager.clone());
         // Opened directly so that a failure says why (`Pool::get` only
         // times out), then handed to the pool to hold and check later.
         let connection = pool
@@ -124,22 +197,34 @@ impl Shared {
             .await
             .map_err(|e| e.to_string())?;
         let _ = pool.add(connection.clone());
+        let dedicated = bb8::Pool::builder()
+            .max_size(self.settings.durable_connections)
+            .min_idle(None)
+            // A connection is dropped once it breaks, so checkouts skip the PING.
+            .test_on_check_out(false)
+            .retry_connection(false)
+            .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
+            .build_unchecked(DedicatedManager(manager));
         Ok(Opened::New {
             node: node.clone(),
+            config_epoch,
+            dedicated,
             pool,
             connection,
         })
     }
 
-    /// Asks the sentinels where the master is; succeeds as soon as enough of
-    /// them name the same node (and no other node is named as often).
-    pub(crate) async fn ask_sentinels(&self) -> Result<NodeAddr, Vec<NodeFailure>> {
+    /// Asks the sentinels where the master is (`SENTINEL MASTER`). The
+    /// first result is the master as soon as enough of them name the same
+    /// node (and no other node is named as often); the second is the
+    /// answer with the highest config epoch, from any one sentinel.
+    pub(crate) async fn ask_sentinels(&self) -> (Result<Named, Vec<NodeFailure>>, Option<Named>) {
         let Mode::Sentinel { master_name, .. } = &self.settings.mode else {
             unreachable!("only asked in Sentinel mode")
         };
         let required = self.settings.required_agreement();
         let command = redis::cmd("SENTINEL")
-            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg("MASTER")
             .arg(master_name)
             .to_owned();
         let sentinels = lock(&self.sentinels).clone();
@@ -149,24 +234,31 @@ impl Shared {
                 let command = &command;
                 async move {
                     let reply = self
-                        .ask_sentinel::<Option<(String, u16)>>(&sentinel, command)
+                        .ask_sentinel::<HashMap<String, String>>(&sentinel, command)
                         .await;
                     (sentinel, reply)
                 }
             })
             .collect();
         let (mut failures, mut answers) = (Vec::new(), Vec::new());
-        let mut votes: HashMap<NodeAddr, usize> = HashMap::new();
+        let mut votes: HashMap<NodeAddr, (usize, u64)> = HashMap::new();
+        let mut newest: Option<Named> = None;
         while let Some((sentinel, reply)) = replies.next().await {
-            let named = match reply {
-                Ok(Some((host, port))) => NodeAddr::new(host, port).map_err(|e| e.to_string()),
-                Ok(None) => Err(format!("does not know the master {master_name:?}")),
-                Err(error) => Err(error.to_string()),
-            };
-            match named {
-                Ok(master) => {
-                    *votes.entry(master.clone()).or_default() += 1;
-                    answers.push((sentinel, master));
+            match reply
+                .map_err(|e| e.to_string())
+                .and_then(|fields| named_master(&fields))
+            {
+                Ok(named) => {
+                    let vote = votes.entry(named.node.clone()).or_default();
+                    vote.0 += 1;
+                    vote.1 = vote.1.max(named.config_epoch);
+                    answers.push((sentinel, named.node.clone()));
+                    if newest
+                        .as_ref()
+                        .is_none_or(|n| n.config_epoch < named.config_epoch)
+                    {
+                        newest = Some(named);
+                    }
                 }
                 Err(reason) => failures.push(NodeFailure {
                     node: sentinel,
@@ -175,10 +267,11 @@ impl Shared {
             }
             // Enough agree, and the rest could not outvote them: done.
             let undecided = replies.len();
-            let mut ranked: Vec<(&NodeAddr, usize)> = votes.iter().map(|(m, c)| (m, *c)).collect();
-            ranked.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
-            if let [(leader, count), rest @ ..] = ranked.as_slice() {
-                let runner_up = rest.first().map_or(0, |(_, c)| *c);
+            let mut ranked: Vec<(&NodeAddr, usize, u64)> =
+                votes.iter().map(|(m, (c, e))| (m, *c, *e)).collect();
+            ranked.sort_by_key(|(_, count, _)| std::cmp::Reverse(*count));
+            if let [(leader, count, config_epoch), rest @ ..] = ranked.as_slice() {
+                let runner_up = rest.first().map_or(0, |(_, c, _)| *c);
                 if *count >= required && *count > runner_up + undecided {
                     if votes.len() > 1 {
                         self.emit(Event::SentinelDisagreement {
@@ -186,7 +279,11 @@ impl Shared {
                             required,
                         });
                     }
-                    return Ok((*leader).clone());
+                    let agreed = Named {
+                        node: (*leader).clone(),
+                        config_epoch: *config_epoch,
+                    };
+                    return (Ok(agreed), newest);
                 }
             }
         }
@@ -196,7 +293,7 @@ impl Shared {
                 required,
             });
         }
-        for (master, count) in votes {
+        for (master, (count, _)) in votes {
             failures.push(NodeFailure {
                 node: master,
                 reason: format!(
@@ -204,7 +301,7 @@ impl Shared {
                 ),
             });
         }
-        Err(failures)
+        (Err(failures), newest)
     }
 
     /// One command to a sentinel over its cached connection.

@@ -59,6 +59,43 @@ pub enum Error {
         #[source]
         source: RedisError,
     },
+
+    /// A read routed to replicas found none that qualifies or answers
+    /// ([`ReadPolicy::Replica`](crate::ReadPolicy::Replica) and
+    /// [`RoundRobin`](crate::ReadPolicy::RoundRobin) never use the master).
+    #[error("no replica can serve the read; {}", Failures(.failures))]
+    NoReplicaAvailable {
+        /// Each replica known and why it was not used or failed.
+        failures: Vec<NodeFailure>,
+    },
+
+    /// A command that is not known to be read-only was sent as a read to be
+    /// routed to replicas. Send it as a write (`query`) instead.
+    #[error("`{command}` is not known to be read-only, so it is not sent to replicas")]
+    NotReadOnly {
+        /// The command (or a pipeline's commands).
+        command: String,
+    },
+
+    /// A durable write ran on the master, but fewer replicas than asked
+    /// acknowledged it in time. It is not rolled back: it may or may not
+    /// survive a failover.
+    #[error(
+        "the write ran on {node}, but {acked} of the {required} replicas asked acknowledged it within {timeout:?}; it may not survive a failover"
+    )]
+    NotReplicated {
+        /// The master that ran the write.
+        node: NodeAddr,
+        /// How many replicas acknowledged it (0 if `WAIT` itself failed).
+        acked: u32,
+        /// How many were asked for.
+        required: u32,
+        /// How long `WAIT` waited.
+        timeout: Duration,
+        /// Why `WAIT` failed, when it did not return a count.
+        #[source]
+        source: Option<RedisError>,
+    },
 }
 
 /// The last failure seen on one node while looking for the master or
@@ -110,6 +147,9 @@ impl Error {
             Self::OutcomeUnknown { .. } => "OUTCOMEUNKNOWN",
             Self::RetryBudgetExhausted { .. } => "RETRYBUDGET",
             Self::InvalidConfig { .. } => "INVALIDCONFIG",
+            Self::NoReplicaAvailable { .. } => "NOREPLICA",
+            Self::NotReadOnly { .. } => "NOTREADONLY",
+            Self::NotReplicated { .. } => "NOTREPLICATED",
             Self::Command { .. } => unreachable!("returned above"),
         };
         // The RedisError has no source chain: its detail carries the cause too.

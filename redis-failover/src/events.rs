@@ -28,6 +28,9 @@ pub enum Trigger {
     Timeout,
     /// The connection to the master failed.
     ConnectionLost,
+    /// A sentinel named another master in a newer config epoch: the old
+    /// one is fenced, even if it still accepts writes.
+    Superseded,
 }
 
 /// Something that happened to the client's view of the deployment.
@@ -76,6 +79,20 @@ pub enum Event {
         /// How many had to agree.
         required: usize,
     },
+    /// A replica may serve reads again: it follows the current master and
+    /// is within the staleness bound.
+    ReplicaUsable {
+        /// The replica.
+        node: NodeAddr,
+    },
+    /// A replica no longer serves reads.
+    ReplicaUnusable {
+        /// The replica.
+        node: NodeAddr,
+        /// Why: its link to the master is down, it lags more than the
+        /// bound, it does not answer, ...
+        reason: String,
+    },
     /// A request gave up after its retry budget.
     RetryBudgetExhausted {
         /// How many attempts it made.
@@ -86,12 +103,7 @@ pub enum Event {
 /// Counters of the client's life, readable at any time.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
-    master_changes: AtomicU64,
-    readonly_replies: AtomicU64,
-    retries: AtomicU64,
-    outcome_unknown: AtomicU64,
-    budget_exhausted: AtomicU64,
-    discoveries: AtomicU64,
+    counters: [AtomicU64; Counter::COUNT],
     last_switch_after_failure_ms: AtomicU64,
 }
 
@@ -115,8 +127,25 @@ pub struct MetricsSnapshot {
     /// For the latest switch that followed a failure, the time from that
     /// failure to the switch, in milliseconds (0 if none yet).
     pub last_switch_after_failure_ms: u64,
+    /// How many masters were fenced because the sentinels named another
+    /// in a newer config epoch.
+    pub fenced: u64,
+    /// How many reads a replica answered.
+    pub replica_reads: u64,
+    /// How many reads went to the master through a read policy (by
+    /// choice, or because no replica qualified or answered).
+    pub master_reads: u64,
+    /// How many session reads a replica could not serve because it had not
+    /// yet replicated the session's writes (they went to the master).
+    pub session_fallbacks: u64,
+    /// How many durable writes fewer replicas acknowledged than asked.
+    pub unreplicated_writes: u64,
+    /// How many times a write waited because the master had fewer healthy
+    /// replicas than `min_replicas` asks.
+    pub min_replicas_refusals: u64,
 }
 
+#[derive(Clone, Copy)]
 pub(crate) enum Counter {
     MasterChanges,
     ReadonlyReplies,
@@ -124,19 +153,21 @@ pub(crate) enum Counter {
     OutcomeUnknown,
     BudgetExhausted,
     Discoveries,
+    Fenced,
+    ReplicaReads,
+    MasterReads,
+    SessionFallbacks,
+    UnreplicatedWrites,
+    MinReplicasRefusals,
+}
+
+impl Counter {
+    const COUNT: usize = 12;
 }
 
 impl Metrics {
     pub(crate) fn add(&self, counter: Counter) {
-        let cell = match counter {
-            Counter::MasterChanges => &self.master_changes,
-            Counter::ReadonlyReplies => &self.readonly_replies,
-            Counter::Retries => &self.retries,
-            Counter::OutcomeUnknown => &self.outcome_unknown,
-            Counter::BudgetExhausted => &self.budget_exhausted,
-            Counter::Discoveries => &self.discoveries,
-        };
-        cell.fetch_add(1, Ordering::Relaxed);
+        self.counters[counter as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn set_switch_after_failure(&self, after: Duration) {
@@ -146,15 +177,21 @@ impl Metrics {
     }
 
     pub(crate) fn snapshot(&self) -> MetricsSnapshot {
-        let read = |cell: &AtomicU64| cell.load(Ordering::Relaxed);
+        let read = |counter: Counter| self.counters[counter as usize].load(Ordering::Relaxed);
         MetricsSnapshot {
-            master_changes: read(&self.master_changes),
-            readonly_replies: read(&self.readonly_replies),
-            retries: read(&self.retries),
-            outcome_unknown: read(&self.outcome_unknown),
-            budget_exhausted: read(&self.budget_exhausted),
-            discoveries: read(&self.discoveries),
-            last_switch_after_failure_ms: read(&self.last_switch_after_failure_ms),
+            master_changes: read(Counter::MasterChanges),
+            readonly_replies: read(Counter::ReadonlyReplies),
+            retries: read(Counter::Retries),
+            outcome_unknown: read(Counter::OutcomeUnknown),
+            budget_exhausted: read(Counter::BudgetExhausted),
+            discoveries: read(Counter::Discoveries),
+            last_switch_after_failure_ms: self.last_switch_after_failure_ms.load(Ordering::Relaxed),
+            fenced: read(Counter::Fenced),
+            replica_reads: read(Counter::ReplicaReads),
+            master_reads: read(Counter::MasterReads),
+            session_fallbacks: read(Counter::SessionFallbacks),
+            unreplicated_writes: read(Counter::UnreplicatedWrites),
+            min_replicas_refusals: read(Counter::MinReplicasRefusals),
         }
     }
 }

@@ -364,3 +364,36 @@ impl bb8::ManageConnection for MasterManager {
         false
     }
 }
+
+/// A connection a durable write holds alone while its `WAIT` blocks.
+pub(crate) struct Dedicated {
+    pub(crate) multiplexed: MultiplexedConnection,
+    /// Set after a connection error or timeout: bb8 then drops it rather
+    /// than hand it out again.
+    pub(crate) broken: bool,
+}
+
+/// bb8's view of the master's dedicated connections: opened like the
+/// shared one (with the master check), dropped once broken.
+#[derive(Clone, Debug)]
+pub(crate) struct DedicatedManager(pub(crate) MasterManager);
+
+impl bb8::ManageConnection for DedicatedManager {
+    type Connection = Dedicated;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        Ok(Dedicated {
+            multiplexed: self.0.connect().await?,
+            broken: false,
+        })
+    }
+
+    async fn is_valid(&self, connection: &mut Self::Connection) -> Result<(), Self::Error> {
+        self.0.is_valid(&mut connection.multiplexed).await
+    }
+
+    fn has_broken(&self, connection: &mut Self::Connection) -> bool {
+        connection.broken
+    }
+}

@@ -40,6 +40,20 @@ impl Request<'_> {
         }
     }
 
+    /// Its command names, for error messages.
+    pub(crate) fn describe(self) -> String {
+        let name = |cmd: &Cmd| match cmd.args_iter().next() {
+            Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).to_uppercase(),
+            _ => "?".to_owned(),
+        };
+        match self {
+            Self::Command(cmd) => name(cmd),
+            Self::Pipeline { pipeline, .. } => {
+                pipeline.cmd_iter().map(name).collect::<Vec<_>>().join(" ")
+            }
+        }
+    }
+
     /// Whether sending it twice is harmless because it changes nothing.
     pub(crate) fn is_read_only(self) -> bool {
         match self {

@@ -2,11 +2,12 @@
 //! master, single-flight rediscovery, and the retry loop.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use redis::RedisError;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{broadcast, watch};
 use tracing::Instrument;
@@ -15,7 +16,9 @@ use crate::addr::NodeAddr;
 use crate::builder::{FailoverClientBuilder, Mode};
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event, Metrics, Trigger};
-use crate::node::{Connector, MasterCheck, MasterManager};
+use crate::node::{Connector, DedicatedManager, MasterCheck, MasterManager};
+use crate::read::Durability;
+use crate::replicas::ReadSet;
 use crate::request::{Reply, Request};
 use crate::retry::{Failure, backoff, refusal_means_not_master, refusal_of};
 
@@ -23,11 +26,15 @@ use crate::retry::{Failure, backoff, refusal_means_not_master, refusal_of};
 pub(crate) struct Master {
     pub(crate) generation: u64,
     pub(crate) node: NodeAddr,
+    /// The Sentinel config epoch it was named in (0 without Sentinel).
+    pub(crate) config_epoch: u64,
     /// Holds the connections to this master; replaces a failed one.
     pub(crate) pool: bb8::Pool<MasterManager>,
     /// The multiplexed connection every request shares, replaced through
     /// `pool` once it fails.
     pub(crate) connection: ArcSwap<Connection>,
+    /// Connections durable writes hold one at a time, opened on demand.
+    pub(crate) dedicated: bb8::Pool<DedicatedManager>,
 }
 
 /// A shared multiplexed connection, and whether it is known to have failed.
@@ -54,7 +61,9 @@ pub(crate) enum Opened {
     /// Another node.
     New {
         node: NodeAddr,
+        config_epoch: u64,
         pool: bb8::Pool<MasterManager>,
+        dedicated: bb8::Pool<DedicatedManager>,
         connection: MultiplexedConnection,
     },
 }
@@ -87,6 +96,10 @@ pub(crate) struct Shared {
     installed: watch::Sender<u64>,
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) metrics: Metrics,
+    /// The replicas reads may use, refreshed by the replica probes.
+    pub(crate) read_set: ArcSwap<ReadSet>,
+    /// Where `ReadPolicy::RoundRobin` goes next.
+    pub(crate) round_robin: AtomicUsize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -108,6 +121,14 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// How often a request is resent after timing out on a master that is
 /// still master.
 const MAX_RESENDS_AFTER_TIMEOUT: u32 = 2;
+
+/// How a durable write ended.
+enum Durable {
+    Done(Reply),
+    Unreplicated(Error),
+    /// The error it failed with, or why it was not sent.
+    Failed(Result<RedisError, String>),
+}
 
 /// The state of a request that failed at least once.
 struct Retrying {
@@ -150,7 +171,14 @@ impl Shared {
             discovery: tokio::sync::Mutex::default(),
             installed: watch::channel(0).0,
             metrics: Metrics::default(),
+            read_set: ArcSwap::default(),
+            round_robin: AtomicUsize::new(0),
         }
+    }
+
+    /// Wakes on every master installed, with its generation.
+    pub(crate) fn subscribe_installed(&self) -> watch::Receiver<u64> {
+        self.installed.subscribe()
     }
 
     pub(crate) fn emit(&self, event: Event) {
@@ -174,7 +202,10 @@ impl Shared {
         self: &Arc<Self>,
         request: Request<'_>,
         idempotent: bool,
+        durability: Durability,
     ) -> Result<(Arc<Master>, Reply)> {
+        durability.validate()?;
+        let write = !request.is_read_only();
         let mut retrying: Option<Retrying> = None;
         loop {
             if let Some(state) = &mut retrying {
@@ -187,22 +218,59 @@ impl Shared {
                     continue;
                 }
             };
-            let connection = master.connection.load_full();
-            let error = if connection.failed.load(Ordering::Acquire) {
-                // Known dead: sending would fail without reaching Redis.
-                None
-            } else {
-                match request.send(&mut connection.multiplexed.clone()).await {
-                    Ok(reply) => match request.refusal(&reply, idempotent) {
-                        None => return Ok((master, reply)),
-                        Some((refusal, _)) => Some(refusal),
-                    },
-                    Err(error) => Some(error),
+            if write && let Some(min) = self.settings.min_replicas {
+                let healthy = self.healthy_replicas(&master, min.max_lag).await;
+                if let Err(reason) = healthy.and_then(|healthy| {
+                    if healthy >= min.count {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "{healthy} healthy replicas, min_replicas asks for {}",
+                            min.count
+                        ))
+                    }
+                }) {
+                    self.metrics.add(Counter::MinReplicasRefusals);
+                    let failure = NodeFailure {
+                        node: master.node.clone(),
+                        reason,
+                    };
+                    self.failed(&mut retrying, vec![failure]);
+                    continue;
+                }
+            }
+            // `Err` holds why nothing was sent.
+            let (sent, shared_connection): (Result<RedisError, String>, _) = match durability {
+                Durability::Replicated { replicas, timeout } if write => {
+                    match self
+                        .send_durable(&master, request, idempotent, replicas, timeout)
+                        .await
+                    {
+                        Durable::Done(reply) => return Ok((master, reply)),
+                        Durable::Unreplicated(error) => return Err(error),
+                        Durable::Failed(failed) => (failed, None),
+                    }
+                }
+                _ => {
+                    let connection = master.connection.load_full();
+                    let sent = if connection.failed.load(Ordering::Acquire) {
+                        // Known dead: sending would fail without reaching Redis.
+                        Err("the connection had failed".to_owned())
+                    } else {
+                        match request.send(&mut connection.multiplexed.clone()).await {
+                            Ok(reply) => match request.refusal(&reply, idempotent) {
+                                None => return Ok((master, reply)),
+                                Some((refusal, _)) => Ok(refusal),
+                            },
+                            Err(error) => Ok(error),
+                        }
+                    };
+                    (sent, Some(connection))
                 }
             };
-            let (failure, trigger) = match &error {
-                None => (Failure::NotExecuted, Trigger::ConnectionLost),
-                Some(error) => match Failure::of(error) {
+            let (failure, trigger) = match &sent {
+                Err(_) => (Failure::NotExecuted, Trigger::ConnectionLost),
+                Ok(error) => match Failure::of(error) {
                     Failure::Final => {
                         return Err(Error::Command {
                             node: master.node.clone(),
@@ -229,7 +297,9 @@ impl Shared {
                         _ => (Failure::NotExecuted, Trigger::Unavailable),
                     },
                     Failure::OutcomeUnknown => {
-                        connection.failed.store(true, Ordering::Release);
+                        if let Some(connection) = &shared_connection {
+                            connection.failed.store(true, Ordering::Release);
+                        }
                         let trigger = if error.is_timeout() {
                             Trigger::Timeout
                         } else {
@@ -239,22 +309,19 @@ impl Shared {
                     }
                 },
             };
-            tracing::debug!(node = %master.node, ?error, ?trigger, "request to the master failed");
-            let outcome_unknown = |source: redis::RedisError| Error::OutcomeUnknown {
-                node: master.node.clone(),
-                source,
-            };
+            tracing::debug!(node = %master.node, ?sent, ?trigger, "request to the master failed");
             if failure == Failure::OutcomeUnknown && !(idempotent || request.is_read_only()) {
                 self.metrics.add(Counter::OutcomeUnknown);
                 self.rediscover_in_background(epoch, trigger, Arc::clone(&master));
-                return Err(outcome_unknown(
-                    error.expect("an outcome-unknown failure has an error"),
-                ));
+                return Err(Error::OutcomeUnknown {
+                    node: master.node.clone(),
+                    source: sent.expect("an outcome-unknown failure has an error"),
+                });
             }
-            let reason = error.as_ref().map_or_else(
-                || "the connection had failed".to_owned(),
-                ToString::to_string,
-            );
+            let reason = match &sent {
+                Ok(error) => error.to_string(),
+                Err(reason) => reason.clone(),
+            };
             self.failed(
                 &mut retrying,
                 vec![NodeFailure {
@@ -274,10 +341,77 @@ impl Shared {
                 state.timeouts += 1;
                 if state.timeouts > MAX_RESENDS_AFTER_TIMEOUT {
                     self.metrics.add(Counter::OutcomeUnknown);
-                    return Err(outcome_unknown(error.expect("a timeout has an error")));
+                    return Err(Error::OutcomeUnknown {
+                        node: master.node.clone(),
+                        source: sent.expect("a timeout has an error"),
+                    });
                 }
             }
         }
+    }
+
+    /// Sends a write on a connection of its own, then `WAIT`s there for
+    /// `replicas` acknowledgements: `WAIT` blocks the connection it runs on.
+    async fn send_durable(
+        &self,
+        master: &Master,
+        request: Request<'_>,
+        idempotent: bool,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Durable {
+        let mut pooled = match master.dedicated.get().await {
+            Ok(pooled) => pooled,
+            Err(bb8::RunError::User(error)) => return Durable::Failed(Ok(error)),
+            Err(bb8::RunError::TimedOut) => {
+                return Durable::Failed(Err("timed out opening a connection".to_owned()));
+            }
+        };
+        let connection = &mut *pooled;
+        let reply = match request.send(&mut connection.multiplexed).await {
+            Ok(reply) => match request.refusal(&reply, idempotent) {
+                None => reply,
+                Some((refusal, _)) => return Durable::Failed(Ok(refusal)),
+            },
+            Err(error) => {
+                connection.broken = error.is_io_error() || error.is_timeout();
+                return Durable::Failed(Ok(error));
+            }
+        };
+        if matches!(reply, Reply::Value(redis::Value::ServerError(_))) {
+            // The write failed: there is nothing to wait for.
+            return Durable::Done(reply);
+        }
+        let timeout_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        connection
+            .multiplexed
+            .set_response_timeout(timeout + self.settings.command_timeout);
+        let acked = redis::cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout_ms)
+            .query_async::<u32>(&mut connection.multiplexed)
+            .await;
+        connection
+            .multiplexed
+            .set_response_timeout(self.settings.command_timeout);
+        let (acked, source) = match acked {
+            Ok(acked) if acked >= replicas => return Durable::Done(reply),
+            Ok(acked) => (acked, None),
+            Err(error) => {
+                connection.broken = error.is_io_error() || error.is_timeout();
+                (0, Some(error))
+            }
+        };
+        self.metrics.add(Counter::UnreplicatedWrites);
+        Durable::Unreplicated(Error::NotReplicated {
+            node: master.node.clone(),
+            acked,
+            required: replicas,
+            timeout,
+            source,
+        })
     }
 
     /// Records a failure, starting the retry state on the first one.
@@ -343,7 +477,7 @@ impl Shared {
     }
 
     /// Starts a rediscovery without making the caller wait for it.
-    fn rediscover_in_background(
+    pub(crate) fn rediscover_in_background(
         self: &Arc<Self>,
         epoch: u64,
         trigger: Trigger,
@@ -404,14 +538,18 @@ impl Shared {
             }
             Ok(Opened::New {
                 node,
+                config_epoch,
                 pool,
+                dedicated,
                 connection,
             }) => {
                 let generation = *self.installed.borrow() + 1;
                 let master = Arc::new(Master {
                     generation,
                     node: node.clone(),
+                    config_epoch,
                     pool,
+                    dedicated,
                     connection: ArcSwap::new(Connection::new(connection)),
                 });
                 self.master.store(Some(Arc::clone(&master)));

@@ -18,7 +18,7 @@ use crate::retry::backoff;
 use crate::shared::Shared;
 
 /// Resolves when the client is dropped.
-async fn stopped(stop: &mut watch::Receiver<()>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<()>) {
     while stop.changed().await.is_ok() {}
 }
 
@@ -71,7 +71,8 @@ async fn sentinels_moved_from(shared: &Shared, node: &NodeAddr) -> bool {
         && shared
             .ask_sentinels()
             .await
-            .is_ok_and(|named| named != *node)
+            .0
+            .is_ok_and(|named| named.node != *node)
 }
 
 /// Follows one sentinel's `+switch-master` notices, reconnecting with

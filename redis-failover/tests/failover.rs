@@ -6,63 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use redis_failover::{
-    Error, Event, FailoverClient, FailoverClientBuilder, MasterCheck, NodeAddr, StaticResolver,
-    Tls, Trigger,
-};
+use redis_failover::{Error, Event, FailoverClient, MasterCheck, NodeAddr, Tls, Trigger};
 use redis_topology::{NodeId, Role, Topology};
 
-const DEADLINE: Duration = Duration::from_secs(30);
-/// Sentinel demotes a returning old master after it looked sane for 8 s.
-const REJOIN_DEADLINE: Duration = Duration::from_secs(60);
+mod common;
 
-/// Polls `done` every 20 ms until it holds, failing the test at `deadline`.
-async fn eventually(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A Sentinel-mode client builder for `topology`'s sentinels.
-fn sentinel_builder(topology: &Topology) -> FailoverClientBuilder {
-    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
-    FailoverClient::sentinel(topology.master_name(), sentinels)
-}
-
-fn sentinel_client(topology: &Topology) -> FailoverClient {
-    sentinel_builder(topology).build().unwrap()
-}
-
-/// A Sentinel-mode client that never re-checks on its own: only the
-/// sentinel watchers can tell it of a switch.
-fn watcher_only_client(topology: &Topology) -> FailoverClient {
-    sentinel_builder(topology)
-        .recheck_interval(Duration::from_secs(3600))
-        .build()
-        .unwrap()
-}
-
-/// `redis-N.redis-headless:6379` names for the data nodes, resolved to
-/// their loopback ports as a headless Service resolves pod names.
-fn pod_names(topology: &Topology) -> (StaticResolver, Vec<NodeAddr>) {
-    let resolver = StaticResolver::new();
-    let names = topology
-        .data_nodes()
-        .into_iter()
-        .map(|node| {
-            let name = pod_name(node);
-            resolver.insert(name.clone(), topology.addr(node));
-            name
-        })
-        .collect();
-    (resolver, names)
-}
-
-fn pod_name(node: NodeId) -> NodeAddr {
-    NodeAddr::new(format!("{node}.redis-headless"), 6379).unwrap()
-}
+use common::*;
 
 /// Writers that SET then `WAIT 2 100` on the master, counting every error a
 /// caller would see. Idempotent writers declare their writes harmless to
@@ -381,17 +330,6 @@ async fn a_non_idempotent_request_on_a_hung_master_fails_with_outcome_unknown_an
 }
 
 /// How many `SET`s a node has run (`INFO commandstats`).
-async fn set_calls(topology: &Topology, node: NodeId) -> u64 {
-    let info: String = topology
-        .query(node, redis::cmd("INFO").arg("commandstats"))
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|line| line.strip_prefix("cmdstat_set:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_master_is_left_by_timeout_and_gets_no_write_after_it_resumes() {
     let topology = Topology::builder().start().await.unwrap();
@@ -417,7 +355,7 @@ async fn a_hung_master_is_left_by_timeout_and_gets_no_write_after_it_resumes() {
     let mut samples_while_master = 0;
     let started = Instant::now();
     loop {
-        let calls = set_calls(&topology, old).await;
+        let calls = command_calls(&topology, old, "set").await;
         if !matches!(topology.role(old).await.unwrap(), Role::Primary { .. }) {
             break;
         }
@@ -429,7 +367,7 @@ async fn a_hung_master_is_left_by_timeout_and_gets_no_write_after_it_resumes() {
             // Stable over 300 ms: the writes sent before the hang are done.
             None => {
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                if set_calls(&topology, old).await == calls {
+                if command_calls(&topology, old, "set").await == calls {
                     settled = Some(calls);
                 }
             }

@@ -159,6 +159,7 @@ impl Topology {
                 .wait_for_replica_of(replica, master, settings.start_timeout)
                 .await?;
         }
+        topology.wait_for_replication_stream(master).await?;
         for index in 0..settings.sentinels {
             topology
                 .spawn_node(NodeId::sentinel(index), |port| {
@@ -224,6 +225,42 @@ impl Topology {
                 Err(pending(
                     id,
                     format!("port answered by process {answering:?}, not {pid:?}"),
+                ))
+            }
+        })
+        .await
+    }
+
+    /// Waits until every replica applies what `master` streams to it: a
+    /// replica listed online after a full sync gets the stream only once it
+    /// acknowledges the snapshot, up to a second later. A `PUBLISH` is
+    /// propagated without touching any key, and `WAIT` counts the replicas
+    /// that applied it.
+    async fn wait_for_replication_stream(&self, master: NodeId) -> Result<()> {
+        let replicas = self.settings.replicas;
+        if replicas == 0 {
+            return Ok(());
+        }
+        let what = "every replica to apply the replication stream";
+        self.poll(what, master, self.settings.start_timeout, || async move {
+            let mut connection = self.connection(master).await.map_err(pending_on(master))?;
+            let (acked,): (usize,) = redis::pipe()
+                .cmd("PUBLISH")
+                .arg("redis-topology:replication-check")
+                .arg("1")
+                .ignore()
+                .cmd("WAIT")
+                .arg(replicas)
+                .arg(100)
+                .query_async(&mut connection)
+                .await
+                .map_err(|e| pending(master, e.to_string()))?;
+            if acked >= replicas {
+                Ok(())
+            } else {
+                Err(pending(
+                    master,
+                    format!("{acked} of {replicas} replicas applied the stream"),
                 ))
             }
         })

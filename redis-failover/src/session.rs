@@ -1,0 +1,102 @@
+//! Read-your-writes sessions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redis::{Cmd, FromRedisValue, Role};
+
+use crate::client::{FailoverClient, convert};
+use crate::error::Result;
+use crate::read::Durability;
+use crate::request::{Reply, Request};
+
+/// A sequence of requests whose reads see the session's own writes, even
+/// when they are routed to replicas.
+///
+/// After each write the session records the master's replication offset
+/// (one `ROLE` on the master, a second round trip). A read on a replica is
+/// sent behind a `ROLE` on the same connection (pipelined with a single
+/// command; a round trip ahead of a pipeline): the reply counts only if the
+/// replica had applied the recorded offset, else the read goes to the
+/// master (or, with [`ReadPolicy::Replica`](crate::ReadPolicy::Replica) and
+/// [`RoundRobin`](crate::ReadPolicy::RoundRobin), is retried on replicas
+/// within the retry budget). Reads on the master need no check.
+///
+/// The guarantee holds while the master lives. A failover keeps offsets
+/// comparable (replicas continue the master's replication history), but a
+/// write that was lost with the old master cannot be read back anywhere.
+/// If the offset cannot be read after a write, the session reads from the
+/// master from then on.
+///
+/// Cheap to clone; clones share the position. The position can travel
+/// (say, in a cookie) and resume the session elsewhere with
+/// [`FailoverClient::session_after`].
+#[derive(Clone, Debug)]
+pub struct Session {
+    client: FailoverClient,
+    position: Arc<AtomicU64>,
+}
+
+impl Session {
+    pub(crate) fn new(client: FailoverClient, position: u64) -> Self {
+        Self {
+            client,
+            position: Arc::new(AtomicU64::new(position)),
+        }
+    }
+
+    /// The master replication offset the session's reads must reach.
+    pub fn position(&self) -> u64 {
+        self.position.load(Ordering::Acquire)
+    }
+
+    /// Sends the write `cmd` like [`FailoverClient::query`] and records the
+    /// master's offset after it.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let shared = self.client.shared();
+        let durability = self.client.durability();
+        let (master, reply) = shared
+            .execute(Request::Command(cmd), false, durability)
+            .await?;
+        let role = redis::cmd("ROLE");
+        let offset = match shared
+            .execute(Request::Command(&role), true, Durability::Master)
+            .await
+        {
+            Ok((_, Reply::Value(value))) => match Role::from_redis_value(value) {
+                Ok(Role::Primary {
+                    replication_offset, ..
+                }) => replication_offset,
+                _ => u64::MAX,
+            },
+            _ => u64::MAX,
+        };
+        self.position.fetch_max(offset, Ordering::AcqRel);
+        convert(&master.node, reply)
+    }
+
+    /// Sends the read-only `cmd` by the client's read policy, to a node that
+    /// has the session's writes.
+    pub async fn read<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let (node, reply) = self
+            .client
+            .shared()
+            .read(
+                Request::Command(cmd),
+                self.client.read_policy(),
+                Some(self.position()),
+            )
+            .await?;
+        convert(&node, reply)
+    }
+
+    /// `GET key` within the session.
+    pub async fn get<T: FromRedisValue>(&self, key: &str) -> Result<T> {
+        self.read(redis::cmd("GET").arg(key)).await
+    }
+
+    /// `SET key value` within the session.
+    pub async fn set(&self, key: &str, value: impl redis::ToRedisArgs + Send + Sync) -> Result<()> {
+        self.query(redis::cmd("SET").arg(key).arg(value)).await
+    }
+}

@@ -1,0 +1,72 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use redis_failover::{FailoverClient, FailoverClientBuilder, NodeAddr, StaticResolver};
+use redis_topology::{NodeId, Topology};
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+/// Sentinel demotes a returning old master after it looked sane for 8 s.
+pub const REJOIN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Polls `done` every 20 ms until it holds, failing the test at `deadline`.
+pub async fn eventually(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Sentinel-mode client builder for `topology`'s sentinels.
+pub fn sentinel_builder(topology: &Topology) -> FailoverClientBuilder {
+    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
+    FailoverClient::sentinel(topology.master_name(), sentinels)
+}
+
+pub fn sentinel_client(topology: &Topology) -> FailoverClient {
+    sentinel_builder(topology).build().unwrap()
+}
+
+/// A Sentinel-mode client that never re-checks on its own: only the
+/// sentinel watchers can tell it of a switch.
+pub fn watcher_only_client(topology: &Topology) -> FailoverClient {
+    sentinel_builder(topology)
+        .recheck_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap()
+}
+
+/// `redis-N.redis-headless:6379` names for the data nodes, resolved to
+/// their loopback ports as a headless Service resolves pod names.
+pub fn pod_names(topology: &Topology) -> (StaticResolver, Vec<NodeAddr>) {
+    let resolver = StaticResolver::new();
+    let names = topology
+        .data_nodes()
+        .into_iter()
+        .map(|node| {
+            let name = pod_name(node);
+            resolver.insert(name.clone(), topology.addr(node));
+            name
+        })
+        .collect();
+    (resolver, names)
+}
+
+pub fn pod_name(node: NodeId) -> NodeAddr {
+    NodeAddr::new(format!("{node}.redis-headless"), 6379).unwrap()
+}
+
+/// How many times `node` ran `command` (lower case), from `INFO commandstats`.
+pub async fn command_calls(topology: &Topology, node: NodeId, command: &str) -> u64 {
+    let info: String = topology
+        .query(node, redis::cmd("INFO").arg("commandstats"))
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
