@@ -626,3 +626,64 @@ async fn a_replaced_master_that_resumes_gets_no_write_from_a_client_that_cannot_
         );
     }
 }
+
+#[tokio::test]
+async fn writes_wait_while_the_master_has_fewer_healthy_replicas_than_required() {
+    let topology = Topology::builder().sentinels(0).start().await.unwrap();
+    let master = topology.initial_master();
+    let detached = replicas_of(&topology, master)[0];
+    let nodes = topology
+        .data_nodes()
+        .into_iter()
+        .map(|n| topology.addr(n).into());
+    let client = FailoverClient::candidates(nodes)
+        .min_replicas(2, Duration::from_secs(10))
+        .retry_budget(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    client.set("guarded", 1).await.unwrap();
+
+    let _: () = topology
+        .query(detached, redis::cmd("REPLICAOF").arg("NO").arg("ONE"))
+        .await
+        .unwrap();
+    let refused = loop {
+        match client.set("guarded", 2).await {
+            Ok(()) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(error) => break error,
+        }
+    };
+    let Error::RetryBudgetExhausted { failures, .. } = &refused else {
+        panic!("expected an exhausted budget, got {refused:?}")
+    };
+    assert!(
+        failures.iter().any(|f| f
+            .reason
+            .contains("1 healthy replicas, min_replicas asks for 2")),
+        "{refused}"
+    );
+    assert!(client.metrics().min_replicas_refusals > 0);
+    // Reads are never held back.
+    let value: i64 = client.get("guarded").await.unwrap();
+    assert!(value >= 1);
+
+    let master_addr = topology.addr(master);
+    let follow = redis::cmd("REPLICAOF")
+        .arg(master_addr.ip().to_string())
+        .arg(master_addr.port())
+        .to_owned();
+    let _: () = topology.query(detached, &follow).await.unwrap();
+    topology
+        .wait_for_replica_of(detached, master, DEADLINE)
+        .await
+        .unwrap();
+    client
+        .with_durability(Durability::Replicated {
+            replicas: 2,
+            // A resynced replica gets the stream within a second.
+            timeout: Duration::from_secs(3),
+        })
+        .set("guarded", 3)
+        .await
+        .unwrap();
+}
