@@ -7,14 +7,13 @@ use redis::{Cmd, FromRedisValue, Role};
 
 use crate::client::{FailoverClient, convert};
 use crate::error::Result;
-use crate::read::Durability;
 use crate::request::{Reply, Request};
 
 /// A sequence of requests whose reads see the session's own writes, even
 /// when they are routed to replicas.
 ///
 /// After each write the session records the master's replication offset
-/// (one `ROLE` on the master, a second round trip). A read on a replica is
+/// (a `ROLE` pipelined behind the write). A read on a replica is
 /// sent behind a `ROLE` on the same connection (pipelined with a single
 /// command; a round trip ahead of a pipeline): the reply counts only if the
 /// replica had applied the recorded offset, else the read goes to the
@@ -51,28 +50,33 @@ impl Session {
     }
 
     /// Sends the write `cmd` like [`FailoverClient::query`] and records the
-    /// master's offset after it.
+    /// master's offset after it, from a `ROLE` pipelined behind it.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let shared = self.client.shared();
-        let durability = self.client.durability();
-        let (master, reply) = shared
-            .execute(Request::Command(cmd), false, durability)
+        let mut pipeline = redis::pipe();
+        pipeline.add_command(cmd.clone()).cmd("ROLE");
+        let request = Request::Pipeline {
+            pipeline: &pipeline,
+            offset: 0,
+            count: 2,
+        };
+        let (master, reply) = self
+            .client
+            .shared()
+            .execute(request, false, self.client.durability())
             .await?;
-        let role = redis::cmd("ROLE");
-        let offset = match shared
-            .execute(Request::Command(&role), true, Durability::Master)
-            .await
-        {
-            Ok((_, Reply::Value(value))) => match Role::from_redis_value(value) {
-                Ok(Role::Primary {
-                    replication_offset, ..
-                }) => replication_offset,
-                _ => u64::MAX,
-            },
+        let Reply::Values(mut values) = reply else {
+            unreachable!("a pipeline gets a list of replies")
+        };
+        let offset = match values.pop().map(Role::from_redis_value) {
+            Some(Ok(Role::Primary {
+                replication_offset, ..
+            })) => replication_offset,
+            // Unknown: only the master is sure to have the write.
             _ => u64::MAX,
         };
         self.position.fetch_max(offset, Ordering::AcqRel);
-        convert(&master.node, reply)
+        let reply = values.pop().unwrap_or(redis::Value::Nil);
+        convert(&master.node, Reply::Value(reply))
     }
 
     /// Sends the read-only `cmd` by the client's read policy, to a node that

@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release -p benches --bin harness -- kv [--json FILE]
 //! cargo run --release -p benches --bin harness -- failover [--failovers N] [--json FILE]
+//! cargo run --release -p benches --bin harness -- reads [--json FILE]
 //! ```
 //!
 //! - `kv`: `SET` then `GET` of a 64-byte value from 1, 16, 64 and 256
@@ -21,6 +22,14 @@
 //!   earliest `+switch-master` of any sentinel; a negative delay means the
 //!   client wrote to the new master before any notice arrived. Kills are spaced by twice Sentinel's failover timeout, the
 //!   least time Sentinel leaves between two failovers of one master.
+//! - `reads`: 64 tasks against a master with 2 replicas. `GET` through (a)
+//!   one redis-rs multiplexed connection to the master, the baseline, and
+//!   a redis-failover client with (b) `ReadPolicy::Master`, (c) `Replica`,
+//!   (d) `Nearest`, (e) `ReplicaPreferred` in a read-your-writes session;
+//!   then `SET` through (f) a plain redis-failover client, the writes'
+//!   baseline, (g) a session (the write and a `ROLE`), (h)
+//!   `Durability::Replicated { replicas: 1 }` (the write and a `WAIT`).
+//!   Read ratios are to (a), write ratios to (f).
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -30,11 +39,11 @@ use std::time::{Duration, Instant};
 
 use benches::{Settings, Variant, compare, report};
 use futures_util::StreamExt;
-use redis_failover::{FailoverClient, NodeAddr};
+use redis_failover::{Durability, FailoverClient, NodeAddr, ReadPolicy};
 use redis_topology::Topology;
 use serde_json::{Value, json};
 
-const USAGE: &str = "usage: harness <kv|failover> [--failovers N] [--json FILE]";
+const USAGE: &str = "usage: harness <kv|failover|reads> [--failovers N] [--json FILE]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -69,6 +78,7 @@ fn main() -> ExitCode {
         match scenario.as_str() {
             "kv" => kv().await,
             "failover" => failover(failovers).await,
+            "reads" => reads().await,
             _ => Err(USAGE.into()),
         }
     });
@@ -165,6 +175,152 @@ async fn kv() -> Result<Value, Box<dyn Error>> {
         println!("  {tasks:>3} tasks: (c)/(a) = {to_a:.2}, (c)/(b) = {to_b:.2}");
     }
     Ok(json!({ "scenario": "kv", "rounds": settings.rounds,
+                "seconds": settings.duration.as_secs_f64(), "results": rows }))
+}
+
+async fn reads() -> Result<Value, Box<dyn Error>> {
+    const TASKS: usize = 64;
+    let settings = Settings::from_env();
+    println!("reads: starting a master with 2 replicas");
+    let topology = Topology::builder().sentinels(0).start().await?;
+    let master = topology.initial_master();
+    let raw = redis::Client::open(topology.connection_info(master))?
+        .get_multiplexed_async_connection()
+        .await?;
+    let nodes = topology
+        .data_nodes()
+        .into_iter()
+        .map(|n| topology.addr(n).into());
+    let client = FailoverClient::candidates(nodes).build()?;
+    client.wait_for_master(Duration::from_secs(10)).await?;
+    let value = "v".repeat(64);
+    for task in 0..TASKS {
+        topology
+            .set_and_wait(master, &format!("bench:{task}"), &value, 2)
+            .await?;
+    }
+    let started = Instant::now();
+    while client
+        .replicas()
+        .iter()
+        .filter(|r| r.unusable.is_none())
+        .count()
+        < 2
+    {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err("the replicas did not become usable within 10 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let session = client
+        .with_read_policy(ReadPolicy::ReplicaPreferred)
+        .session();
+    session.set("bench:session", &value).await?;
+    let value = Arc::new(value);
+
+    let key = |task: usize| format!("bench:{task}");
+    let get = |name: &str, policy: ReadPolicy| {
+        let client = client.with_read_policy(policy);
+        Variant::new(name, move |task| {
+            let client = client.clone();
+            async move {
+                let _: Option<String> = client.get(&key(task)).await.map_err(|e| e.to_string())?;
+                Ok(())
+            }
+        })
+    };
+    let set = |name: &str, client: FailoverClient| {
+        let value = Arc::clone(&value);
+        Variant::new(name, move |task| {
+            let (client, value) = (client.clone(), Arc::clone(&value));
+            async move {
+                client
+                    .set(&key(task), value.as_str())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        })
+    };
+    let reads = [
+        Variant::new("(a) redis-rs multiplexed, master", move |task| {
+            let mut connection = raw.clone();
+            async move {
+                let _: Option<String> = redis::cmd("GET")
+                    .arg(key(task))
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+        }),
+        get("(b) redis-failover, Master", ReadPolicy::Master),
+        get("(c) redis-failover, Replica", ReadPolicy::Replica),
+        get("(d) redis-failover, Nearest", ReadPolicy::Nearest),
+        Variant::new("(e) session, ReplicaPreferred", {
+            let session = session.clone();
+            move |task| {
+                let session = session.clone();
+                async move {
+                    let _: Option<String> =
+                        session.get(&key(task)).await.map_err(|e| e.to_string())?;
+                    Ok(())
+                }
+            }
+        }),
+    ];
+    let durable = Durability::Replicated {
+        replicas: 1,
+        timeout: Duration::from_secs(1),
+    };
+    let writes = [
+        set("(f) redis-failover SET", client.clone()),
+        Variant::new("(g) session SET", {
+            let value = Arc::clone(&value);
+            move |task| {
+                let (session, value) = (session.clone(), Arc::clone(&value));
+                async move {
+                    session
+                        .set(&key(task), value.as_str())
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            }
+        }),
+        set(
+            "(h) SET, Replicated { replicas: 1 }",
+            client.with_durability(durable),
+        ),
+    ];
+    println!(
+        "reads: {TASKS} tasks; {} interleaved rounds of {:?} per variant",
+        settings.rounds, settings.duration
+    );
+    let mut rows = Vec::new();
+    for (variants, baseline) in [(&reads[..], "(a)"), (&writes[..], "(f)")] {
+        let measurements = compare(variants, TASKS, settings).await;
+        print!("{}", report(variants, TASKS, &measurements));
+        println!("  (ratios to {baseline})");
+        let base = measurements[0].ops_per_sec();
+        for (variant, m) in variants.iter().zip(&measurements) {
+            let ratio = m.ops_per_sec() / base;
+            rows.push(json!({
+                "tasks": TASKS,
+                "variant": variant.name,
+                "ops_per_sec": m.ops_per_sec(),
+                "ratio_to_baseline": ratio,
+                "baseline": baseline,
+                "p50_us": m.percentile(0.50).as_micros(),
+                "p99_us": m.percentile(0.99).as_micros(),
+                "errors": m.errors,
+            }));
+        }
+    }
+    let metrics = client.metrics();
+    println!(
+        "replica reads {}, session reads sent to the master {}",
+        metrics.replica_reads, metrics.session_fallbacks
+    );
+    Ok(json!({ "scenario": "reads", "rounds": settings.rounds,
                 "seconds": settings.duration.as_secs_f64(), "results": rows }))
 }
 
