@@ -140,7 +140,8 @@ impl FailoverClient {
     /// `MULTI`/`EXEC` sent as separate requests are not supported; send a
     /// transaction as one atomic pipeline. A blocking command (`WAIT`,
     /// `BLPOP`, `XREAD BLOCK`) holds up every request behind it on that
-    /// connection: give it a client of its own.
+    /// connection: give it a client of its own. (Writes made durable by
+    /// [`Durability::Replicated`] wait on connections of their own.)
     pub fn connection(&self) -> MasterConnection {
         MasterConnection {
             client: self.clone(),

@@ -49,6 +49,109 @@
 //! replaced through the pool, which first checks the pooled one with a
 //! unique PING token.
 //!
+//! # Reads from replicas
+//!
+//! Reads ([`FailoverClient::read`], [`get`](FailoverClient::get),
+//! [`read_connection`](FailoverClient::read_connection)) are routed by a
+//! [`ReadPolicy`]: `Master` (the default), `MasterPreferred`, `Replica`,
+//! `ReplicaPreferred`, `Nearest` or `RoundRobin`, set per client and
+//! overridden per call with [`FailoverClient::with_read_policy`]; replicas
+//! a [`prefer_replicas`](FailoverClientBuilder::prefer_replicas) filter
+//! picks are tried first.
+//!
+//! A background task probes the master and every replica with `INFO
+//! replication` every
+//! [`replica_probe_interval`](FailoverClientBuilder::replica_probe_interval)
+//! (500 ms). Replicas come from `SENTINEL REPLICAS` (those Sentinel does
+//! not think down), or, with candidates, from the other candidates and
+//! what the master lists. A replica serves reads only while it replicates
+//! the current master (same replication ID), its link to it is up, it
+//! answers, and it is at most
+//! [`max_staleness`](FailoverClientBuilder::max_staleness) behind. The lag
+//! is derived from replication offsets, not from
+//! `master_last_io_seconds_ago` (whole seconds, and reset by pings): the
+//! master's offset is sampled with the time each probe was sent, and a
+//! replica whose offset has reached a sample has every write acknowledged
+//! before that time, so its staleness is the time since the latest sample
+//! it reached. A replica that stops answering ages out by itself. So a
+//! promoted replica leaves the read set at the next probe, and a demoted
+//! master joins it once it replicates the new master.
+//!
+//! ```no_run
+//! # async fn run(sentinels: Vec<redis_failover::NodeAddr>) -> redis_failover::Result<()> {
+//! use std::time::Duration;
+//! use redis_failover::{FailoverClient, ReadPolicy};
+//!
+//! let client = FailoverClient::sentinel("mymaster", sentinels)
+//!     .read_policy(ReadPolicy::ReplicaPreferred)
+//!     .max_staleness(Duration::from_secs(2))
+//!     .build()?;
+//! // A replica at most 2 s behind, else the master.
+//! let _: Option<String> = client.get("greeting").await?;
+//! // Replicas only: `Error::NoReplicaAvailable` names each and why when none qualifies.
+//! let replicas_only = client.with_read_policy(ReadPolicy::Replica);
+//! let _: Vec<String> = replicas_only.read(redis::cmd("LRANGE").arg("log").arg(0).arg(9)).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Read-your-writes sessions
+//!
+//! A [`Session`] records the master's replication offset after each of
+//! its writes (a `ROLE` pipelined behind the write) and sends `ROLE` ahead
+//! of each read on a replica: a replica that has not applied the session's
+//! writes is skipped for the master. Cost: a `ROLE` with every write and
+//! every replica read, and a master read whenever the replica is behind.
+//!
+//! ```no_run
+//! # async fn run(client: redis_failover::FailoverClient) -> redis_failover::Result<()> {
+//! let session = client.session();
+//! session.set("cart:7", "3 items").await?;
+//! let cart: String = session.get("cart:7").await?; // never older than the write
+//! // The position can travel, say in a cookie, to resume the session elsewhere.
+//! let resumed = client.session_after(session.position());
+//! # let _ = resumed; Ok(()) }
+//! ```
+//!
+//! # Durable writes and fencing
+//!
+//! With [`Durability::Replicated`] (per client, or per call through
+//! [`FailoverClient::with_durability`]) a write is followed by `WAIT` on a
+//! connection of its own; fewer acknowledgements than asked give
+//! [`Error::NotReplicated`]: the write ran on the master and is not rolled
+//! back, but it may not survive a failover. Sentinel promotes the replica
+//! it last saw furthest ahead, from an `INFO` that may be seconds old: only
+//! a write every replica acknowledged is sure to be on the one promoted.
+//!
+//! [`min_replicas`](FailoverClientBuilder::min_replicas) holds writes back
+//! while the master reports fewer healthy replicas than asked, so a master
+//! cut off from its replicas takes no writes from this client. And once
+//! any sentinel names another master in a newer config epoch, the old
+//! master is fenced: no request of this client goes to it again, even if
+//! it still accepts writes (partitioned from the sentinels, not from the
+//! client), and requests wait for the new master.
+//!
+//! ```no_run
+//! # async fn run(sentinels: Vec<redis_failover::NodeAddr>) -> redis_failover::Result<()> {
+//! use std::time::Duration;
+//! use redis_failover::{Durability, Error, FailoverClient};
+//!
+//! let client = FailoverClient::sentinel("mymaster", sentinels)
+//!     .min_replicas(1, Duration::from_secs(10))
+//!     .build()?;
+//! let durable = client.with_durability(Durability::Replicated {
+//!     replicas: 2,
+//!     timeout: Duration::from_millis(500),
+//! });
+//! match durable.set("order:42", "paid").await {
+//!     Ok(()) => {}
+//!     Err(Error::NotReplicated { acked, .. }) => {
+//!         eprintln!("written, but only {acked} replicas have it");
+//!     }
+//!     Err(other) => return Err(other),
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! # Example
 //!
 //! ```no_run
