@@ -12,7 +12,6 @@ use crate::builder::{FailoverClientBuilder, Mode};
 use crate::error::{Error, Result};
 use crate::events::{Event, MetricsSnapshot};
 use crate::read::{Durability, ReadPolicy};
-use crate::replicas::replica_loop;
 use crate::request::{Reply, Request};
 use crate::retry::backoff;
 use crate::session::Session;
@@ -74,9 +73,12 @@ impl FailoverClient {
     pub(crate) fn start(settings: FailoverClientBuilder, runtime: &tokio::runtime::Handle) -> Self {
         let (stop, stopped) = watch::channel(());
         let (read_policy, durability) = (settings.read_policy, settings.durability);
-        let shared = Arc::new(Shared::new(settings));
+        let shared = Arc::new(Shared::new(settings, stopped.clone()));
         runtime.spawn(recheck_loop(Arc::clone(&shared), stopped.clone()));
-        runtime.spawn(replica_loop(Arc::clone(&shared), stopped.clone()));
+        if read_policy != ReadPolicy::Master || shared.settings.min_replicas.is_some() {
+            let _entered = runtime.enter();
+            shared.track_replicas();
+        }
         if let Mode::Sentinel { sentinels, .. } = &shared.settings.mode {
             for sentinel in sentinels {
                 let watcher =
@@ -152,6 +154,7 @@ impl FailoverClient {
     /// A [`ConnectionLike`] handle for reads, routed by this handle's read
     /// policy. Only commands known to be read-only are accepted (others
     /// fail with `NOTREADONLY`) unless the policy is [`ReadPolicy::Master`].
+    #[must_use]
     pub fn read_connection(&self) -> ReadConnection {
         ReadConnection {
             client: self.clone(),
@@ -261,18 +264,23 @@ impl FailoverClient {
     }
 
     /// A session whose reads see its own writes (see [`Session`]).
+    #[must_use]
     pub fn session(&self) -> Session {
         Session::new(self.clone(), 0)
     }
 
     /// Resumes a session from its [`Session::position`], for example one
     /// carried by another process in a request header.
+    #[must_use]
     pub fn session_after(&self, position: u64) -> Session {
         Session::new(self.clone(), position)
     }
 
-    /// The replicas known now and whether each may serve reads.
+    /// The replicas known now and whether each may serve reads. (The
+    /// replica probes start on first need: the first call may find none.)
+    #[must_use]
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.shared().track_replicas();
         let now = Instant::now();
         let max_staleness = self.shared().settings.max_staleness;
         self.shared()

@@ -26,6 +26,14 @@ pub(crate) struct Named {
     pub(crate) config_epoch: u64,
 }
 
+impl Named {
+    /// Whether this names another node than `node` in a newer epoch than
+    /// `config_epoch`: a failover decided since `node` was named.
+    pub(crate) fn supersedes(&self, node: &NodeAddr, config_epoch: u64) -> bool {
+        self.node != *node && self.config_epoch > config_epoch
+    }
+}
+
 /// Reads a `SENTINEL MASTER` reply.
 fn named_master(fields: &HashMap<String, String>) -> Result<Named, String> {
     let field = |name: &str| {
@@ -76,10 +84,10 @@ impl Shared {
                 Err(failures)
             }
             Mode::Sentinel { .. } => {
-                let (agreed, newest) = self.ask_sentinels().await;
+                let agreed = self.ask_sentinels().await;
+                let newest = lock(&self.newest).clone();
                 if let (Some(master), Some(newest)) = (current, &newest)
-                    && newest.node != master.node
-                    && newest.config_epoch > master.config_epoch
+                    && newest.supersedes(&master.node, master.config_epoch())
                 {
                     // A failover with a newer epoch was decided: however
                     // healthy the current master looks, it is stale now.
@@ -110,7 +118,7 @@ impl Shared {
                         failures = sentinel_failures;
                         Named {
                             node: master.node.clone(),
-                            config_epoch: master.config_epoch,
+                            config_epoch: master.config_epoch(),
                         }
                     }
                     (Err(sentinel_failures), None) => return Err(sentinel_failures),
@@ -135,6 +143,9 @@ impl Shared {
         let installed = self.master.load_full();
         if installed.as_ref().is_some_and(|m| Arc::ptr_eq(m, master)) {
             self.master.store(None);
+            // Its replicas may miss the new master's writes: no reads there
+            // until the probes vouch for replicas again.
+            self.read_set.store(Arc::default());
             self.metrics.add(Counter::Fenced);
             tracing::warn!(node = %master.node, "master fenced: the sentinels elected another in a newer epoch");
             self.emit(Event::MasterLost {
@@ -175,6 +186,9 @@ impl Shared {
             if shared.failed.load(Ordering::Acquire) {
                 master.connection.store(Connection::new(connection));
             }
+            master
+                .config_epoch
+                .fetch_max(config_epoch, Ordering::AcqRel);
             return Ok(Opened::Same(Arc::clone(master)));
         }
         let manager = MasterManager {
@@ -200,8 +214,8 @@ impl Shared {
         let dedicated = bb8::Pool::builder()
             .max_size(self.settings.durable_connections)
             .min_idle(None)
-            // A connection is dropped once it breaks, so checkouts skip the PING.
-            .test_on_check_out(false)
+            // A PING on checkout: an idle connection may have died unseen.
+            .test_on_check_out(true)
             .retry_connection(false)
             .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
             .build_unchecked(DedicatedManager(manager));
@@ -214,11 +228,11 @@ impl Shared {
         })
     }
 
-    /// Asks the sentinels where the master is (`SENTINEL MASTER`). The
-    /// first result is the master as soon as enough of them name the same
-    /// node (and no other node is named as often); the second is the
-    /// answer with the highest config epoch, from any one sentinel.
-    pub(crate) async fn ask_sentinels(&self) -> (Result<Named, Vec<NodeFailure>>, Option<Named>) {
+    /// Asks the sentinels where the master is (`SENTINEL MASTER`): the
+    /// master as soon as enough of them name the same node (and no other
+    /// node is named as often). Every answer with a newer config epoch than
+    /// any seen before is kept in `newest`, for fencing.
+    pub(crate) async fn ask_sentinels(&self) -> Result<Named, Vec<NodeFailure>> {
         let Mode::Sentinel { master_name, .. } = &self.settings.mode else {
             unreachable!("only asked in Sentinel mode")
         };
@@ -242,7 +256,6 @@ impl Shared {
             .collect();
         let (mut failures, mut answers) = (Vec::new(), Vec::new());
         let mut votes: HashMap<NodeAddr, (usize, u64)> = HashMap::new();
-        let mut newest: Option<Named> = None;
         while let Some((sentinel, reply)) = replies.next().await {
             match reply
                 .map_err(|e| e.to_string())
@@ -253,11 +266,12 @@ impl Shared {
                     vote.0 += 1;
                     vote.1 = vote.1.max(named.config_epoch);
                     answers.push((sentinel, named.node.clone()));
+                    let mut newest = lock(&self.newest);
                     if newest
                         .as_ref()
                         .is_none_or(|n| n.config_epoch < named.config_epoch)
                     {
-                        newest = Some(named);
+                        *newest = Some(named);
                     }
                 }
                 Err(reason) => failures.push(NodeFailure {
@@ -283,7 +297,7 @@ impl Shared {
                         node: (*leader).clone(),
                         config_epoch: *config_epoch,
                     };
-                    return (Ok(agreed), newest);
+                    return Ok(agreed);
                 }
             }
         }
@@ -301,7 +315,7 @@ impl Shared {
                 ),
             });
         }
-        (Err(failures), newest)
+        Err(failures)
     }
 
     /// One command to a sentinel over its cached connection.

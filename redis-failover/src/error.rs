@@ -86,15 +86,24 @@ pub enum Error {
     NotReplicated {
         /// The master that ran the write.
         node: NodeAddr,
-        /// How many replicas acknowledged it (0 if `WAIT` itself failed).
+        /// How many replicas acknowledged it.
         acked: u32,
         /// How many were asked for.
         required: u32,
         /// How long `WAIT` waited.
         timeout: Duration,
-        /// Why `WAIT` failed, when it did not return a count.
+    },
+
+    /// A durable write ran on the master, but its `WAIT` failed (the
+    /// connection was lost, or the node was demoted meanwhile), so whether
+    /// replicas have it is unknown. It is not rolled back.
+    #[error("the write ran on {node}, but WAIT failed: whether replicas have it is unknown")]
+    ReplicationUnknown {
+        /// The master that ran the write.
+        node: NodeAddr,
+        /// Why `WAIT` failed.
         #[source]
-        source: Option<RedisError>,
+        source: RedisError,
     },
 }
 
@@ -149,7 +158,7 @@ impl Error {
             Self::InvalidConfig { .. } => "INVALIDCONFIG",
             Self::NoReplicaAvailable { .. } => "NOREPLICA",
             Self::NotReadOnly { .. } => "NOTREADONLY",
-            Self::NotReplicated { .. } => "NOTREPLICATED",
+            Self::NotReplicated { .. } | Self::ReplicationUnknown { .. } => "NOTREPLICATED",
             Self::Command { .. } => unreachable!("returned above"),
         };
         // The RedisError has no source chain: its detail carries the cause too.

@@ -162,7 +162,7 @@ pub(crate) enum Counter {
 }
 
 impl Counter {
-    const COUNT: usize = 12;
+    const COUNT: usize = Self::MinReplicasRefusals as usize + 1;
 }
 
 impl Metrics {

@@ -106,8 +106,8 @@ struct Plan<'a> {
     /// Try the master once before any replica (`MasterPreferred`).
     master_first: bool,
     replicas: Vec<&'a ReadReplica>,
-    /// Why the other replicas were left out.
-    unusable: Vec<NodeFailure>,
+    /// The replicas left out.
+    unusable: Vec<&'a ReadReplica>,
     /// Send to the master (with the full retry handling) when no replica served.
     master_last: bool,
 }
@@ -125,17 +125,11 @@ enum Attempt {
 impl Shared {
     fn plan<'a>(&self, set: &'a ReadSet, policy: ReadPolicy) -> Plan<'a> {
         let now = Instant::now();
-        let mut unusable = Vec::new();
-        let mut replicas: Vec<&ReadReplica> = Vec::new();
-        for replica in &set.replicas {
-            match replica.unusable(now, self.settings.max_staleness) {
-                None => replicas.push(replica),
-                Some(reason) => unusable.push(NodeFailure {
-                    node: replica.node.clone(),
-                    reason,
-                }),
-            }
-        }
+        let max_staleness = self.settings.max_staleness;
+        let (mut replicas, unusable): (Vec<&ReadReplica>, Vec<&ReadReplica>) = set
+            .replicas
+            .iter()
+            .partition(|r| r.unusable(now, max_staleness).is_none());
         match policy {
             ReadPolicy::RoundRobin if !replicas.is_empty() => {
                 let next = self.round_robin.fetch_add(1, Ordering::Relaxed) % replicas.len();
@@ -183,8 +177,38 @@ impl Shared {
                 command: request.describe(),
             });
         }
+        if session == Some(u64::MAX) && !policy.may_use_master() {
+            // A write of the session left no offset (`ROLE` failed): no
+            // replica can prove it has it.
+            let failures = self
+                .read_set
+                .load()
+                .replicas
+                .iter()
+                .map(|replica| NodeFailure {
+                    node: replica.node.clone(),
+                    reason: "the session's position is unknown".to_owned(),
+                })
+                .collect();
+            return Err(Error::NoReplicaAvailable { failures });
+        }
+        self.track_replicas();
+        if *self.probe_rounds.borrow() == 0 {
+            // Just started: the first round tells which replicas qualify.
+            let first_round = self.settings.connect_timeout + self.settings.command_timeout;
+            let mut rounds = self.probe_rounds.subscribe();
+            let _ = tokio::time::timeout(first_round, rounds.wait_for(|n| *n > 0)).await;
+        }
         let started = Instant::now();
         let mut failures: Vec<NodeFailure> = Vec::new();
+        let mut failed =
+            |node: &NodeAddr, reason: String| match failures.iter_mut().find(|f| f.node == *node) {
+                Some(known) => known.reason = reason,
+                None => failures.push(NodeFailure {
+                    node: node.clone(),
+                    reason,
+                }),
+            };
         for attempt in 0.. {
             let set = self.read_set.load_full();
             let plan = self.plan(&set, policy);
@@ -207,10 +231,7 @@ impl Shared {
                             break;
                         }
                     }
-                    Attempt::Failed(reason) => failures.push(NodeFailure {
-                        node: replica.node.clone(),
-                        reason,
-                    }),
+                    Attempt::Failed(reason) => failed(&replica.node, reason),
                     Attempt::Final(source) => {
                         return Err(Error::Command {
                             node: replica.node.clone(),
@@ -226,7 +247,12 @@ impl Shared {
             // catch up; anything else is final.
             let spent = started.elapsed();
             if !behind || spent >= self.settings.retry_budget {
-                failures.extend(plan.unusable);
+                let now = Instant::now();
+                for replica in plan.unusable {
+                    if let Some(reason) = replica.unusable(now, self.settings.max_staleness) {
+                        failed(&replica.node, reason);
+                    }
+                }
                 return Err(Error::NoReplicaAvailable { failures });
             }
             let wait = backoff(
@@ -240,9 +266,12 @@ impl Shared {
         unreachable!("the loop returns")
     }
 
+    /// A read on the master with the full retry handling. Not declared
+    /// idempotent: with `ReadPolicy::Master` any command may come here, and
+    /// read-only ones are resent anyway.
     async fn read_from_master(self: &Arc<Self>, request: Request<'_>) -> Result<(NodeAddr, Reply)> {
         self.metrics.add(Counter::MasterReads);
-        let (master, reply) = self.execute(request, true, Durability::Master).await?;
+        let (master, reply) = self.execute(request, false, Durability::Master).await?;
         Ok((master.node.clone(), reply))
     }
 
@@ -301,6 +330,9 @@ impl Shared {
                 match multiplexed.send_packed_commands(&pipeline, 0, 2).await {
                     Ok(mut values) if values.len() == 2 => {
                         let reply = values.pop().expect("two replies");
+                        if let Value::ServerError(error) = &values[0] {
+                            return Attempt::Failed(format!("ROLE failed: {error:?}"));
+                        }
                         if applied_offset(&values[0]).is_none_or(|applied| applied < offset) {
                             return Attempt::Behind;
                         }

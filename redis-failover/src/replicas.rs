@@ -58,17 +58,24 @@ impl ReadReplica {
         {
             return Some("no working connection".to_owned());
         }
-        let staleness = staleness(self.caught_up_at, now)?;
-        (staleness > max_staleness).then(|| {
-            format!("{staleness:?} behind the master, more than the {max_staleness:?} allowed")
-        })
+        too_stale(self.caught_up_at, now, max_staleness)
     }
 }
 
-/// How far behind a replica that caught up at `caught_up_at` may be now;
-/// `None` when it never caught up (then it is not usable).
-fn staleness(caught_up_at: Option<Instant>, now: Instant) -> Option<Duration> {
-    caught_up_at.map(|at| now.saturating_duration_since(at))
+/// Why a replica that caught up at `caught_up_at` is too stale to serve
+/// now; `None` if it is within `max_staleness`.
+fn too_stale(
+    caught_up_at: Option<Instant>,
+    now: Instant,
+    max_staleness: Duration,
+) -> Option<String> {
+    let Some(caught_up_at) = caught_up_at else {
+        return Some("it has not reached any recent master offset".to_owned());
+    };
+    let staleness = now.saturating_duration_since(caught_up_at);
+    (staleness > max_staleness).then(|| {
+        format!("{staleness:?} behind the master, more than the {max_staleness:?} allowed")
+    })
 }
 
 /// `INFO replication`, the fields this crate reads.
@@ -80,8 +87,18 @@ pub(crate) struct ReplicationInfo {
     pub(crate) offset: u64,
     /// On a replica: `master_link_status:up`.
     pub(crate) link_up: bool,
-    /// On a master: its replicas as `(ip, port, online, lag in seconds)`.
-    pub(crate) replicas: Vec<(String, u16, bool, u64)>,
+    /// On a master: its replicas.
+    pub(crate) replicas: Vec<ListedReplica>,
+}
+
+/// A replica as its master's `INFO replication` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ListedReplica {
+    pub(crate) ip: String,
+    pub(crate) port: u16,
+    pub(crate) online: bool,
+    /// Seconds since its last acknowledgement.
+    pub(crate) lag: u64,
 }
 
 impl ReplicationInfo {
@@ -116,7 +133,12 @@ impl ReplicationInfo {
                             .get("lag")
                             .and_then(|l| l.parse().ok())
                             .unwrap_or(u64::MAX);
-                        info.replicas.push(((*ip).to_owned(), port, online, lag));
+                        info.replicas.push(ListedReplica {
+                            ip: (*ip).to_owned(),
+                            port,
+                            online,
+                            lag,
+                        });
                     }
                 }
                 _ => {}
@@ -131,7 +153,7 @@ impl ReplicationInfo {
     pub(crate) fn healthy_replicas(&self, max_lag: Duration) -> usize {
         self.replicas
             .iter()
-            .filter(|(_, _, online, lag)| *online && *lag <= max_lag.as_secs())
+            .filter(|r| r.online && r.lag <= max_lag.as_secs())
             .count()
     }
 }
@@ -275,9 +297,9 @@ impl Shared {
         &self,
         master: &Master,
         max_lag: Duration,
-    ) -> Result<usize, String> {
-        let recent = self.settings.replica_probe_interval * 2;
-        let set = self.read_set.load();
+    ) -> Result<usize, redis::RedisError> {
+        let recent = self.settings.replica_probe_interval.saturating_mul(2);
+        let set = self.read_set.load_full();
         if set.master_generation == master.generation
             && let Some((count, at)) = set.healthy_replicas
             && at.elapsed() <= recent
@@ -285,10 +307,8 @@ impl Shared {
             return Ok(count);
         }
         let mut connection = master.connection.load().multiplexed.clone();
-        match probe(&mut connection).await {
-            Ok((info, _)) => Ok(info.healthy_replicas(max_lag)),
-            Err(error) => Err(format!("could not read INFO replication: {error}")),
-        }
+        let (info, _) = probe(&mut connection).await?;
+        Ok(info.healthy_replicas(max_lag))
     }
 
     /// The nodes that may be replicas now: with Sentinel, those it lists
@@ -336,17 +356,18 @@ impl Shared {
                     .filter(|n| master.is_none_or(|m| m.node != **n))
                     .cloned()
                     .collect();
-                let Some(info) = master_info else {
+                let Some(info) = master_info.filter(|i| !i.replicas.is_empty()) else {
                     return members;
                 };
                 let mut known: Vec<SocketAddr> = Vec::new();
                 for node in nodes {
                     known.extend(self.data.resolve(node).await.unwrap_or_default());
                 }
-                for (ip, port, _, _) in &info.replicas {
-                    let listed: Option<SocketAddr> = format!("{ip}:{port}").parse().ok();
+                for replica in &info.replicas {
+                    let listed: Option<SocketAddr> =
+                        format!("{}:{}", replica.ip, replica.port).parse().ok();
                     if listed.is_some_and(|l| !known.contains(&l))
-                        && let Ok(node) = NodeAddr::new(ip.clone(), *port)
+                        && let Ok(node) = NodeAddr::new(replica.ip.clone(), replica.port)
                     {
                         members.push(node);
                     }
@@ -385,7 +406,16 @@ impl Shared {
         let members = self
             .replica_members(master.as_deref(), master_info.as_ref(), previous)
             .await;
-        tracked.retain(|node, _| members.contains(node));
+        tracked.retain(|node, entry| {
+            let listed = members.contains(node);
+            if !listed && entry.usable {
+                self.emit(Event::ReplicaUnusable {
+                    node: node.clone(),
+                    reason: "no longer listed as a replica".to_owned(),
+                });
+            }
+            listed
+        });
         // Each replica is probed by a task of its own: one that hangs (or
         // takes a connect timeout) must not hold up the others' samples.
         for node in &members {
@@ -399,12 +429,12 @@ impl Shared {
                 entry.pending = Some(tokio::spawn(probe_replica(connector, node, connection)));
             }
         }
-        let deadline = sent + self.settings.replica_probe_interval;
+        let deadline = tokio::time::Instant::from_std(sent) + self.settings.replica_probe_interval;
         let mut replicas = Vec::new();
         for node in &members {
             let entry = tracked.get_mut(node).expect("tracked above");
             if let Some(pending) = &mut entry.pending
-                && let Ok(joined) = tokio::time::timeout_at(deadline.into(), pending).await
+                && let Ok(joined) = tokio::time::timeout_at(deadline, pending).await
             {
                 // A probe still running is judged at a later round; until
                 // then the replica ages from its last sample.
@@ -414,11 +444,13 @@ impl Shared {
                 entry.connection = connection;
                 entry.problem = match (&result, &master_info) {
                     (Err(error), _) => Some(format!("probe failed: {error}")),
-                    (_, None) => Some("the master's replication state is unknown".to_owned()),
                     (Ok((info, _)), _) if info.is_master => Some("it is a master".to_owned()),
                     (Ok((info, _)), _) if !info.link_up => {
                         Some("its link to the master is down".to_owned())
                     }
+                    // Without the master's sample, what the replica had
+                    // stands: its staleness only grows until one comes.
+                    (Ok(_), None) => entry.problem.take(),
                     (Ok((info, _)), Some(master)) if info.replid != master.replid => {
                         Some("it does not replicate the current master".to_owned())
                     }
@@ -489,7 +521,7 @@ pub(crate) async fn replica_loop(shared: Arc<Shared>, mut stop: watch::Receiver<
         let round = shared.probe_replicas(&mut history, &mut tracked, &mut master_latency);
         tokio::select! {
             _ = crate::tasks::stopped(&mut stop) => return,
-            _ = round => {}
+            _ = round => shared.probe_rounds.send_modify(|rounds| *rounds += 1),
         }
     }
 }
@@ -545,13 +577,24 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_replica_serves_only_within_the_bound_of_the_last_offset_it_reached() {
+        let now = Instant::now();
+        let bound = Duration::from_secs(1);
+        assert!(too_stale(None, now, bound).is_some(), "never caught up");
+        assert!(too_stale(Some(now), now, bound).is_none());
+        assert!(too_stale(Some(now - Duration::from_millis(999)), now, bound).is_none());
+        let stale = too_stale(Some(now - Duration::from_millis(1500)), now, bound).unwrap();
+        assert!(stale.contains("behind the master"), "{stale}");
+    }
+
     proptest! {
         /// Whatever the writes and probes, a replica is never judged fresher
         /// than it is: every write acknowledged before the moment it is
         /// said to have caught up to is within its offset.
         #[test]
         fn staleness_is_never_underestimated(
-            steps in prop::collection::vec((1u64..50, 0u64..20, 0u64..30), 1..60),
+            steps in prop::collection::vec((1u64..50, 0u64..20, 0u64..30, 0u64..10), 1..60),
         ) {
             let start = Instant::now();
             let keep = Duration::from_secs(3600);
@@ -559,14 +602,21 @@ mod tests {
             // (acknowledged at, offset after the write)
             let mut writes: Vec<(Instant, u64)> = Vec::new();
             let (mut now, mut offset) = (start, 0u64);
-            for (gap_ms, written, replica_behind) in steps {
+            for (gap_ms, written, replica_behind, during_probe) in steps {
                 now += Duration::from_millis(gap_ms);
                 if written > 0 {
                     offset += written;
                     writes.push((now, offset));
                 }
-                // The probe's time is taken before the offset is read.
-                history.record(now, "r", offset, keep);
+                // The probe's time is taken before it is sent; writes
+                // acknowledged while it travels are in the offset it reads.
+                let sent = now;
+                if during_probe > 0 {
+                    now += Duration::from_millis(1);
+                    offset += during_probe;
+                    writes.push((now, offset));
+                }
+                history.record(sent, "r", offset, keep);
                 let replica = offset.saturating_sub(replica_behind);
                 if let Some(caught_up) = history.caught_up_at("r", replica) {
                     for (acked, write_offset) in &writes {

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redis::{Cmd, FromRedisValue, Role};
 
 use crate::client::{FailoverClient, convert};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::read::Durability;
 use crate::request::{Reply, Request};
 
 /// A sequence of requests whose reads see the session's own writes, even
@@ -25,7 +26,8 @@ use crate::request::{Reply, Request};
 /// comparable (replicas continue the master's replication history), but a
 /// write that was lost with the old master cannot be read back anywhere.
 /// If the offset cannot be read after a write, the session reads from the
-/// master from then on.
+/// master from then on. A write whose outcome is unknown
+/// ([`Error::OutcomeUnknown`]) is not tracked.
 ///
 /// Cheap to clone; clones share the position. The position can travel
 /// (say, in a cookie) and resume the session elsewhere with
@@ -45,6 +47,7 @@ impl Session {
     }
 
     /// The master replication offset the session's reads must reach.
+    #[must_use]
     pub fn position(&self) -> u64 {
         self.position.load(Ordering::Acquire)
     }
@@ -59,21 +62,31 @@ impl Session {
             offset: 0,
             count: 2,
         };
-        let (master, reply) = self
-            .client
-            .shared()
+        let shared = self.client.shared();
+        let executed = shared
             .execute(request, false, self.client.durability())
-            .await?;
+            .await;
+        let (master, reply) = match executed {
+            Ok(done) => done,
+            Err(error @ (Error::NotReplicated { .. } | Error::ReplicationUnknown { .. })) => {
+                // The write ran, though not durably: later reads must see it.
+                let role = redis::cmd("ROLE");
+                let offset = match shared
+                    .execute(Request::Command(&role), false, Durability::Master)
+                    .await
+                {
+                    Ok((_, Reply::Value(value))) => master_offset(value),
+                    _ => u64::MAX,
+                };
+                self.position.fetch_max(offset, Ordering::AcqRel);
+                return Err(error);
+            }
+            Err(other) => return Err(other),
+        };
         let Reply::Values(mut values) = reply else {
             unreachable!("a pipeline gets a list of replies")
         };
-        let offset = match values.pop().map(Role::from_redis_value) {
-            Some(Ok(Role::Primary {
-                replication_offset, ..
-            })) => replication_offset,
-            // Unknown: only the master is sure to have the write.
-            _ => u64::MAX,
-        };
+        let offset = values.pop().map_or(u64::MAX, master_offset);
         self.position.fetch_max(offset, Ordering::AcqRel);
         let reply = values.pop().unwrap_or(redis::Value::Nil);
         convert(&master.node, Reply::Value(reply))
@@ -102,5 +115,16 @@ impl Session {
     /// `SET key value` within the session.
     pub async fn set(&self, key: &str, value: impl redis::ToRedisArgs + Send + Sync) -> Result<()> {
         self.query(redis::cmd("SET").arg(key).arg(value)).await
+    }
+}
+
+/// The replication offset in a master's `ROLE` reply; when unknown,
+/// `u64::MAX`, which only the master is sure to have.
+fn master_offset(role: redis::Value) -> u64 {
+    match Role::from_redis_value(role) {
+        Ok(Role::Primary {
+            replication_offset, ..
+        }) => replication_offset,
+        _ => u64::MAX,
     }
 }

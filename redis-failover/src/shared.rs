@@ -14,11 +14,12 @@ use tracing::Instrument;
 
 use crate::addr::NodeAddr;
 use crate::builder::{FailoverClientBuilder, Mode};
+use crate::discovery::Named;
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event, Metrics, Trigger};
 use crate::node::{Connector, DedicatedManager, MasterCheck, MasterManager};
 use crate::read::Durability;
-use crate::replicas::ReadSet;
+use crate::replicas::{ReadSet, replica_loop};
 use crate::request::{Reply, Request};
 use crate::retry::{Failure, backoff, refusal_means_not_master, refusal_of};
 
@@ -26,8 +27,8 @@ use crate::retry::{Failure, backoff, refusal_means_not_master, refusal_of};
 pub(crate) struct Master {
     pub(crate) generation: u64,
     pub(crate) node: NodeAddr,
-    /// The Sentinel config epoch it was named in (0 without Sentinel).
-    pub(crate) config_epoch: u64,
+    /// The latest Sentinel config epoch it was named in (0 without Sentinel).
+    pub(crate) config_epoch: AtomicU64,
     /// Holds the connections to this master; replaces a failed one.
     pub(crate) pool: bb8::Pool<MasterManager>,
     /// The multiplexed connection every request shares, replaced through
@@ -35,6 +36,12 @@ pub(crate) struct Master {
     pub(crate) connection: ArcSwap<Connection>,
     /// Connections durable writes hold one at a time, opened on demand.
     pub(crate) dedicated: bb8::Pool<DedicatedManager>,
+}
+
+impl Master {
+    pub(crate) fn config_epoch(&self) -> u64 {
+        self.config_epoch.load(Ordering::Acquire)
+    }
 }
 
 /// A shared multiplexed connection, and whether it is known to have failed.
@@ -100,6 +107,14 @@ pub(crate) struct Shared {
     pub(crate) read_set: ArcSwap<ReadSet>,
     /// Where `ReadPolicy::RoundRobin` goes next.
     pub(crate) round_robin: AtomicUsize,
+    /// The master named in the newest config epoch any sentinel reported:
+    /// no master named in an older one is used again.
+    pub(crate) newest: Mutex<Option<Named>>,
+    stopped: watch::Receiver<()>,
+    /// Whether the replica probes run (they start on first need).
+    tracking: AtomicBool,
+    /// How many rounds of replica probes have completed.
+    pub(crate) probe_rounds: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -122,12 +137,28 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// still master.
 const MAX_RESENDS_AFTER_TIMEOUT: u32 = 2;
 
-/// How a durable write ended.
-enum Durable {
+/// What became of one attempt to send a request to the master.
+enum Sent {
+    /// The master answered; the reply is the caller's.
     Done(Reply),
+    /// A durable write ran, but its `WAIT` fell short or failed.
     Unreplicated(Error),
-    /// The error it failed with, or why it was not sent.
-    Failed(Result<RedisError, String>),
+    /// Sent, and failed with this error (or a refusal in the reply).
+    Failed(RedisError),
+    /// Not sent: the master could not be reached (this is why).
+    Unreachable(String),
+    /// Not sent: the master is fine but cannot take it yet (this is why);
+    /// wait and try again, without looking for another master.
+    Held(String),
+}
+
+/// Whether the reply holds an error reply (of a command or in a pipeline).
+fn has_error(reply: &Reply) -> bool {
+    let is_error = |value: &redis::Value| matches!(value, redis::Value::ServerError(_));
+    match reply {
+        Reply::Value(value) => is_error(value),
+        Reply::Values(values) => values.iter().any(is_error),
+    }
 }
 
 /// The state of a request that failed at least once.
@@ -140,7 +171,9 @@ struct Retrying {
 }
 
 impl Shared {
-    pub(crate) fn new(settings: FailoverClientBuilder) -> Self {
+    /// `stopped` closes when the client is dropped; background tasks
+    /// started later watch it.
+    pub(crate) fn new(settings: FailoverClientBuilder, stopped: watch::Receiver<()>) -> Self {
         let connector = |credentials, tls| {
             Connector::new(
                 Arc::clone(&settings.resolver),
@@ -173,6 +206,18 @@ impl Shared {
             metrics: Metrics::default(),
             read_set: ArcSwap::default(),
             round_robin: AtomicUsize::new(0),
+            newest: Mutex::default(),
+            stopped,
+            tracking: AtomicBool::new(false),
+            probe_rounds: watch::channel(0).0,
+        }
+    }
+
+    /// Starts the replica probes unless they run: on the first read that
+    /// may use replicas, or at build time when the settings need them.
+    pub(crate) fn track_replicas(self: &Arc<Self>) {
+        if !self.tracking.swap(true, Ordering::AcqRel) {
+            tokio::spawn(replica_loop(Arc::clone(self), self.stopped.clone()));
         }
     }
 
@@ -204,8 +249,10 @@ impl Shared {
         idempotent: bool,
         durability: Durability,
     ) -> Result<(Arc<Master>, Reply)> {
-        durability.validate()?;
         let write = !request.is_read_only();
+        if write {
+            durability.validate()?;
+        }
         let mut retrying: Option<Retrying> = None;
         loop {
             if let Some(state) = &mut retrying {
@@ -218,19 +265,20 @@ impl Shared {
                     continue;
                 }
             };
-            if write && let Some(min) = self.settings.min_replicas {
-                let healthy = self.healthy_replicas(&master, min.max_lag).await;
-                if let Err(reason) = healthy.and_then(|healthy| {
-                    if healthy >= min.count {
-                        Ok(())
-                    } else {
-                        Err(format!(
-                            "{healthy} healthy replicas, min_replicas asks for {}",
-                            min.count
-                        ))
+            let sent = match self.hold_back(&master, write).await {
+                Some(held) => held,
+                None => match durability {
+                    Durability::Replicated { replicas, timeout } if write => {
+                        self.send_durable(&master, request, idempotent, replicas, timeout)
+                            .await
                     }
-                }) {
-                    self.metrics.add(Counter::MinReplicasRefusals);
+                    _ => self.send_shared(&master, request, idempotent).await,
+                },
+            };
+            let error = match sent {
+                Sent::Done(reply) => return Ok((master, reply)),
+                Sent::Unreplicated(error) => return Err(error),
+                Sent::Held(reason) => {
                     let failure = NodeFailure {
                         node: master.node.clone(),
                         reason,
@@ -238,37 +286,10 @@ impl Shared {
                     self.failed(&mut retrying, vec![failure]);
                     continue;
                 }
-            }
-            // `Err` holds why nothing was sent.
-            let (sent, shared_connection): (Result<RedisError, String>, _) = match durability {
-                Durability::Replicated { replicas, timeout } if write => {
-                    match self
-                        .send_durable(&master, request, idempotent, replicas, timeout)
-                        .await
-                    {
-                        Durable::Done(reply) => return Ok((master, reply)),
-                        Durable::Unreplicated(error) => return Err(error),
-                        Durable::Failed(failed) => (failed, None),
-                    }
-                }
-                _ => {
-                    let connection = master.connection.load_full();
-                    let sent = if connection.failed.load(Ordering::Acquire) {
-                        // Known dead: sending would fail without reaching Redis.
-                        Err("the connection had failed".to_owned())
-                    } else {
-                        match request.send(&mut connection.multiplexed.clone()).await {
-                            Ok(reply) => match request.refusal(&reply, idempotent) {
-                                None => return Ok((master, reply)),
-                                Some((refusal, _)) => Ok(refusal),
-                            },
-                            Err(error) => Ok(error),
-                        }
-                    };
-                    (sent, Some(connection))
-                }
+                Sent::Unreachable(reason) => Err(reason),
+                Sent::Failed(error) => Ok(error),
             };
-            let (failure, trigger) = match &sent {
+            let (failure, trigger) = match &error {
                 Err(_) => (Failure::NotExecuted, Trigger::ConnectionLost),
                 Ok(error) => match Failure::of(error) {
                     Failure::Final => {
@@ -296,29 +317,22 @@ impl Shared {
                         }
                         _ => (Failure::NotExecuted, Trigger::Unavailable),
                     },
-                    Failure::OutcomeUnknown => {
-                        if let Some(connection) = &shared_connection {
-                            connection.failed.store(true, Ordering::Release);
-                        }
-                        let trigger = if error.is_timeout() {
-                            Trigger::Timeout
-                        } else {
-                            Trigger::ConnectionLost
-                        };
-                        (Failure::OutcomeUnknown, trigger)
+                    Failure::OutcomeUnknown if error.is_timeout() => {
+                        (Failure::OutcomeUnknown, Trigger::Timeout)
                     }
+                    Failure::OutcomeUnknown => (Failure::OutcomeUnknown, Trigger::ConnectionLost),
                 },
             };
-            tracing::debug!(node = %master.node, ?sent, ?trigger, "request to the master failed");
+            tracing::debug!(node = %master.node, ?error, ?trigger, "request to the master failed");
             if failure == Failure::OutcomeUnknown && !(idempotent || request.is_read_only()) {
                 self.metrics.add(Counter::OutcomeUnknown);
                 self.rediscover_in_background(epoch, trigger, Arc::clone(&master));
                 return Err(Error::OutcomeUnknown {
                     node: master.node.clone(),
-                    source: sent.expect("an outcome-unknown failure has an error"),
+                    source: error.expect("an outcome-unknown failure has an error"),
                 });
             }
-            let reason = match &sent {
+            let reason = match &error {
                 Ok(error) => error.to_string(),
                 Err(reason) => reason.clone(),
             };
@@ -343,9 +357,59 @@ impl Shared {
                     self.metrics.add(Counter::OutcomeUnknown);
                     return Err(Error::OutcomeUnknown {
                         node: master.node.clone(),
-                        source: sent.expect("a timeout has an error"),
+                        source: error.expect("a timeout has an error"),
                     });
                 }
+            }
+        }
+    }
+
+    /// With `min_replicas`, holds a write back while the master has too
+    /// few healthy replicas; `None` lets it go.
+    async fn hold_back(&self, master: &Master, write: bool) -> Option<Sent> {
+        let min = self.settings.min_replicas.filter(|_| write)?;
+        match self.healthy_replicas(master, min.max_lag).await {
+            Ok(healthy) if healthy >= min.count => None,
+            Ok(healthy) => {
+                self.metrics.add(Counter::MinReplicasRefusals);
+                Some(Sent::Held(format!(
+                    "{healthy} healthy replicas, min_replicas asks for {}",
+                    min.count
+                )))
+            }
+            Err(error) => {
+                // The master did not answer INFO: its connection is suspect.
+                if Failure::of(&error) == Failure::OutcomeUnknown {
+                    master
+                        .connection
+                        .load()
+                        .failed
+                        .store(true, Ordering::Release);
+                }
+                Some(Sent::Unreachable(format!(
+                    "could not read INFO replication: {error}"
+                )))
+            }
+        }
+    }
+
+    /// Sends on the master's shared connection.
+    async fn send_shared(&self, master: &Master, request: Request<'_>, idempotent: bool) -> Sent {
+        let connection = master.connection.load_full();
+        if connection.failed.load(Ordering::Acquire) {
+            // Known dead: sending would fail without reaching Redis.
+            return Sent::Unreachable("the connection had failed".to_owned());
+        }
+        match request.send(&mut connection.multiplexed.clone()).await {
+            Ok(reply) => match request.refusal(&reply, idempotent) {
+                None => Sent::Done(reply),
+                Some((refusal, _)) => Sent::Failed(refusal),
+            },
+            Err(error) => {
+                if Failure::of(&error) == Failure::OutcomeUnknown {
+                    connection.failed.store(true, Ordering::Release);
+                }
+                Sent::Failed(error)
             }
         }
     }
@@ -359,35 +423,46 @@ impl Shared {
         idempotent: bool,
         replicas: u32,
         timeout: Duration,
-    ) -> Durable {
+    ) -> Sent {
         let mut pooled = match master.dedicated.get().await {
             Ok(pooled) => pooled,
-            Err(bb8::RunError::User(error)) => return Durable::Failed(Ok(error)),
+            // A refusal (the node is no master any more) stays a refusal.
+            Err(bb8::RunError::User(error)) if refusal_of(&error).is_some() => {
+                return Sent::Failed(error);
+            }
+            Err(bb8::RunError::User(error)) => {
+                return Sent::Unreachable(format!("could not open a connection: {error}"));
+            }
             Err(bb8::RunError::TimedOut) => {
-                return Durable::Failed(Err("timed out opening a connection".to_owned()));
+                return Sent::Held(format!(
+                    "all {} durable connections stayed busy",
+                    self.settings.durable_connections
+                ));
             }
         };
         let connection = &mut *pooled;
+        // Until the exchange ends cleanly (the caller may drop this future
+        // halfway), the connection is not fit to hand out again.
+        connection.broken = true;
         let reply = match request.send(&mut connection.multiplexed).await {
-            Ok(reply) => match request.refusal(&reply, idempotent) {
-                None => reply,
-                Some((refusal, _)) => return Durable::Failed(Ok(refusal)),
-            },
-            Err(error) => {
-                connection.broken = error.is_io_error() || error.is_timeout();
-                return Durable::Failed(Ok(error));
-            }
+            Ok(reply) => reply,
+            Err(error) => return Sent::Failed(error),
         };
-        if matches!(reply, Reply::Value(redis::Value::ServerError(_))) {
+        if let Some((refusal, _)) = request.refusal(&reply, idempotent) {
+            connection.broken = false;
+            return Sent::Failed(refusal);
+        }
+        if has_error(&reply) {
             // The write failed: there is nothing to wait for.
-            return Durable::Done(reply);
+            connection.broken = false;
+            return Sent::Done(reply);
         }
         let timeout_ms = u64::try_from(timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
         connection
             .multiplexed
-            .set_response_timeout(timeout + self.settings.command_timeout);
+            .set_response_timeout(timeout.saturating_add(self.settings.command_timeout));
         let acked = redis::cmd("WAIT")
             .arg(replicas)
             .arg(timeout_ms)
@@ -396,22 +471,29 @@ impl Shared {
         connection
             .multiplexed
             .set_response_timeout(self.settings.command_timeout);
-        let (acked, source) = match acked {
-            Ok(acked) if acked >= replicas => return Durable::Done(reply),
-            Ok(acked) => (acked, None),
-            Err(error) => {
-                connection.broken = error.is_io_error() || error.is_timeout();
-                (0, Some(error))
+        let error = match acked {
+            Ok(acked) => {
+                connection.broken = false;
+                if acked >= replicas {
+                    return Sent::Done(reply);
+                }
+                Error::NotReplicated {
+                    node: master.node.clone(),
+                    acked,
+                    required: replicas,
+                    timeout,
+                }
+            }
+            Err(source) => {
+                connection.broken = Failure::of(&source) == Failure::OutcomeUnknown;
+                Error::ReplicationUnknown {
+                    node: master.node.clone(),
+                    source,
+                }
             }
         };
         self.metrics.add(Counter::UnreplicatedWrites);
-        Durable::Unreplicated(Error::NotReplicated {
-            node: master.node.clone(),
-            acked,
-            required: replicas,
-            timeout,
-            source,
-        })
+        Sent::Unreplicated(error)
     }
 
     /// Records a failure, starting the retry state on the first one.
@@ -547,7 +629,7 @@ impl Shared {
                 let master = Arc::new(Master {
                     generation,
                     node: node.clone(),
-                    config_epoch,
+                    config_epoch: AtomicU64::new(config_epoch),
                     pool,
                     dedicated,
                     connection: ArcSwap::new(Connection::new(connection)),

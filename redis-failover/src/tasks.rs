@@ -15,7 +15,7 @@ use crate::builder::Mode;
 use crate::events::{Event, Trigger};
 use crate::node::verify_master;
 use crate::retry::backoff;
-use crate::shared::Shared;
+use crate::shared::{Master, Shared, lock};
 
 /// Resolves when the client is dropped.
 pub(crate) async fn stopped(stop: &mut watch::Receiver<()>) {
@@ -60,19 +60,22 @@ async fn recheck(shared: &Shared) {
         .is_ok();
     if !still_master {
         let _ = shared.rediscover(epoch, Trigger::Poll, Some(&master)).await;
-    } else if sentinels_moved_from(shared, &master.node).await {
+    } else if sentinels_moved_from(shared, &master).await {
         let _ = shared.rediscover(epoch, Trigger::Poll, None).await;
     }
 }
 
-/// With Sentinel: whether the sentinels now agree on a master other than `node`.
-async fn sentinels_moved_from(shared: &Shared, node: &NodeAddr) -> bool {
-    matches!(shared.settings.mode, Mode::Sentinel { .. })
-        && shared
-            .ask_sentinels()
-            .await
-            .0
-            .is_ok_and(|named| named.node != *node)
+/// With Sentinel: whether the sentinels now agree on a master other than
+/// `master`, or any of them named another in a newer epoch.
+async fn sentinels_moved_from(shared: &Shared, master: &Master) -> bool {
+    if !matches!(shared.settings.mode, Mode::Sentinel { .. }) {
+        return false;
+    }
+    let agreed = shared.ask_sentinels().await;
+    let superseded = lock(&shared.newest)
+        .as_ref()
+        .is_some_and(|newest| newest.supersedes(&master.node, master.config_epoch()));
+    superseded || agreed.is_ok_and(|named| named.node != master.node)
 }
 
 /// Follows one sentinel's `+switch-master` notices, reconnecting with
@@ -102,7 +105,7 @@ pub(crate) async fn watch_sentinel(
             let current = shared.master.load_full();
             let stale = match &current {
                 None => true,
-                Some(master) => sentinels_moved_from(&shared, &master.node).await,
+                Some(master) => sentinels_moved_from(&shared, master).await,
             };
             if stale {
                 let _ = shared
