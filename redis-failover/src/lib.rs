@@ -59,8 +59,9 @@
 //! a [`prefer_replicas`](FailoverClientBuilder::prefer_replicas) filter
 //! picks are tried first.
 //!
-//! A background task probes the master and every replica with `INFO
-//! replication` every
+//! A background task, started with the first read that may use replicas
+//! (or at build time when the read policy or `min_replicas` needs it),
+//! probes the master and every replica with `INFO replication` every
 //! [`replica_probe_interval`](FailoverClientBuilder::replica_probe_interval)
 //! (500 ms). Replicas come from `SENTINEL REPLICAS` (those Sentinel does
 //! not think down), or, with candidates, from the other candidates and
@@ -117,8 +118,9 @@
 //! With [`Durability::Replicated`] (per client, or per call through
 //! [`FailoverClient::with_durability`]) a write is followed by `WAIT` on a
 //! connection of its own; fewer acknowledgements than asked give
-//! [`Error::NotReplicated`]: the write ran on the master and is not rolled
-//! back, but it may not survive a failover. Sentinel promotes the replica
+//! [`Error::NotReplicated`] ([`Error::ReplicationUnknown`] if `WAIT`
+//! itself failed): the write ran on the master and is not rolled back, but
+//! it may not survive a failover. Sentinel promotes the replica
 //! it last saw furthest ahead, from an `INFO` that may be seconds old: only
 //! a write every replica acknowledged is sure to be on the one promoted.
 //!
