@@ -26,11 +26,33 @@ pub(crate) struct Named {
     pub(crate) config_epoch: u64,
 }
 
-impl Named {
-    /// Whether this names another node than `node` in a newer epoch than
-    /// `config_epoch`: a failover decided since `node` was named.
-    pub(crate) fn supersedes(&self, node: &NodeAddr, config_epoch: u64) -> bool {
-        self.node != *node && self.config_epoch > config_epoch
+/// The newest config epoch any sentinel reported, and every node named in
+/// it. (While the leader finishes a failover, it reports the new epoch with
+/// the old address; the others soon report it with the new one.)
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Newest {
+    config_epoch: u64,
+    nodes: Vec<NodeAddr>,
+}
+
+impl Newest {
+    fn record(&mut self, named: &Named) {
+        if named.config_epoch > self.config_epoch {
+            self.config_epoch = named.config_epoch;
+            self.nodes.clear();
+        }
+        if named.config_epoch == self.config_epoch && !self.nodes.contains(&named.node) {
+            self.nodes.push(named.node.clone());
+        }
+    }
+
+    /// A node other than `node` named in a newer epoch than `config_epoch`:
+    /// a failover decided since `node` was named.
+    pub(crate) fn supersedes(&self, node: &NodeAddr, config_epoch: u64) -> Option<&NodeAddr> {
+        if self.config_epoch <= config_epoch {
+            return None;
+        }
+        self.nodes.iter().find(|n| *n != node)
     }
 }
 
@@ -86,8 +108,10 @@ impl Shared {
             Mode::Sentinel { .. } => {
                 let agreed = self.ask_sentinels().await;
                 let newest = lock(&self.newest).clone();
-                if let (Some(master), Some(newest)) = (current, &newest)
-                    && newest.supersedes(&master.node, master.config_epoch())
+                if let Some(master) = current
+                    && newest
+                        .supersedes(&master.node, master.config_epoch())
+                        .is_some()
                 {
                     // A failover with a newer epoch was decided: however
                     // healthy the current master looks, it is stale now.
@@ -95,19 +119,17 @@ impl Shared {
                 }
                 // Sentinels still naming a master an older epoch replaced
                 // have not caught up yet: their agreement does not count.
-                let agreed = agreed.and_then(|named| match &newest {
-                    Some(newer)
-                        if newer.node != named.node && newer.config_epoch > named.config_epoch =>
-                    {
-                        Err(vec![NodeFailure {
+                let agreed = agreed.and_then(|named| {
+                    match newest.supersedes(&named.node, named.config_epoch) {
+                        Some(newer) => Err(vec![NodeFailure {
                             node: named.node.clone(),
                             reason: format!(
-                                "named in epoch {}, but {} was named in epoch {}",
-                                named.config_epoch, newer.node, newer.config_epoch
+                                "named in epoch {}, but {newer} was named in epoch {}",
+                                named.config_epoch, newest.config_epoch
                             ),
-                        }])
+                        }]),
+                        None => Ok(named),
                     }
-                    _ => Ok(named),
                 });
                 let installed = self.master.load_full();
                 let named = match (agreed, &installed) {
@@ -230,8 +252,8 @@ impl Shared {
 
     /// Asks the sentinels where the master is (`SENTINEL MASTER`): the
     /// master as soon as enough of them name the same node (and no other
-    /// node is named as often). Every answer with a newer config epoch than
-    /// any seen before is kept in `newest`, for fencing.
+    /// node is named as often). Every answer is recorded in `newest`, for
+    /// fencing.
     pub(crate) async fn ask_sentinels(&self) -> Result<Named, Vec<NodeFailure>> {
         let Mode::Sentinel { master_name, .. } = &self.settings.mode else {
             unreachable!("only asked in Sentinel mode")
@@ -262,17 +284,14 @@ impl Shared {
                 .and_then(|fields| named_master(&fields))
             {
                 Ok(named) => {
-                    let vote = votes.entry(named.node.clone()).or_default();
+                    // The lowest epoch among those naming a node is the one
+                    // it became master in: a leader finishing a failover
+                    // names the old master with the new epoch.
+                    let vote = votes.entry(named.node.clone()).or_insert((0, u64::MAX));
                     vote.0 += 1;
-                    vote.1 = vote.1.max(named.config_epoch);
+                    vote.1 = vote.1.min(named.config_epoch);
                     answers.push((sentinel, named.node.clone()));
-                    let mut newest = lock(&self.newest);
-                    if newest
-                        .as_ref()
-                        .is_none_or(|n| n.config_epoch < named.config_epoch)
-                    {
-                        *newest = Some(named);
-                    }
+                    lock(&self.newest).record(&named);
                 }
                 Err(reason) => failures.push(NodeFailure {
                     node: sentinel,
@@ -387,5 +406,33 @@ impl Shared {
             return new;
         }
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(port: u16, config_epoch: u64) -> Named {
+        Named {
+            node: NodeAddr::new("10.0.0.1", port).unwrap(),
+            config_epoch,
+        }
+    }
+
+    #[test]
+    fn a_master_is_superseded_by_another_node_named_in_a_newer_epoch() {
+        let (old, new) = (named(1, 0), named(2, 1));
+        let mut newest = Newest::default();
+        newest.record(&old);
+        assert_eq!(newest.supersedes(&old.node, 0), None);
+        // The leader finishing the failover: new epoch, old address.
+        newest.record(&named(1, 1));
+        newest.record(&new);
+        assert_eq!(newest.supersedes(&old.node, 0), Some(&new.node));
+        assert_eq!(newest.supersedes(&new.node, 1), None);
+        // An answer from a sentinel that has not caught up changes nothing.
+        newest.record(&old);
+        assert_eq!(newest.supersedes(&old.node, 0), Some(&new.node));
     }
 }

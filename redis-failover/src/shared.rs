@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::addr::NodeAddr;
 use crate::builder::{FailoverClientBuilder, Mode};
-use crate::discovery::Named;
+use crate::discovery::Newest;
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event, Metrics, Trigger};
 use crate::node::{Connector, DedicatedManager, MasterCheck, MasterManager};
@@ -107,9 +107,9 @@ pub(crate) struct Shared {
     pub(crate) read_set: ArcSwap<ReadSet>,
     /// Where `ReadPolicy::RoundRobin` goes next.
     pub(crate) round_robin: AtomicUsize,
-    /// The master named in the newest config epoch any sentinel reported:
-    /// no master named in an older one is used again.
-    pub(crate) newest: Mutex<Option<Named>>,
+    /// The newest config epoch any sentinel reported: no master named in
+    /// an older one is used again.
+    pub(crate) newest: Mutex<Newest>,
     stopped: watch::Receiver<()>,
     /// Whether the replica probes run (they start on first need).
     tracking: AtomicBool,

@@ -73,8 +73,8 @@ async fn sentinels_moved_from(shared: &Shared, master: &Master) -> bool {
     }
     let agreed = shared.ask_sentinels().await;
     let superseded = lock(&shared.newest)
-        .as_ref()
-        .is_some_and(|newest| newest.supersedes(&master.node, master.config_epoch()));
+        .supersedes(&master.node, master.config_epoch())
+        .is_some();
     superseded || agreed.is_ok_and(|named| named.node != master.node)
 }
 

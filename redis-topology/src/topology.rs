@@ -721,6 +721,28 @@ impl Topology {
         Ok(())
     }
 
+    /// Points `replica` at `master` (`REPLICAOF`), as a pod that asks
+    /// Sentinel for the master on start does, and waits until it
+    /// replicates from it ([`wait_for_replica_of`](Self::wait_for_replica_of)).
+    pub async fn replicate(
+        &self,
+        replica: NodeId,
+        master: NodeId,
+        timeout: Duration,
+    ) -> Result<()> {
+        Self::require_kind(replica, NodeKind::Data, "only a data node replicates")?;
+        let addr = self.addr(master);
+        let _: String = self
+            .query(
+                replica,
+                redis::cmd("REPLICAOF")
+                    .arg(addr.ip().to_string())
+                    .arg(addr.port()),
+            )
+            .await?;
+        self.wait_for_replica_of(replica, master, timeout).await
+    }
+
     // ----- waits -----
 
     /// Waits until a master other than `old` is known: with sentinels, until

@@ -485,17 +485,8 @@ async fn failover(failovers: usize) -> Result<Value, Box<dyn Error>> {
         // The old master comes back as a replica of the new one, as a pod
         // whose init asks Sentinel for the master does.
         topology.restart(master).await?;
-        let new_addr = topology.addr(new);
-        let _: String = topology
-            .query(
-                master,
-                redis::cmd("REPLICAOF")
-                    .arg(new_addr.ip().to_string())
-                    .arg(new_addr.port()),
-            )
-            .await?;
         topology
-            .wait_for_replica_of(master, new, Duration::from_secs(30))
+            .replicate(master, new, Duration::from_secs(30))
             .await?;
         master = new;
     }

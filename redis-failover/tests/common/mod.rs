@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use redis_failover::{FailoverClient, FailoverClientBuilder, NodeAddr, StaticResolver};
-use redis_topology::{NodeId, Topology};
+use redis_topology::{NodeId, Role, Topology};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 /// Sentinel demotes a returning old master after it looked sane for 8 s.
@@ -69,4 +69,30 @@ pub async fn command_calls(topology: &Topology, node: NodeId, command: &str) -> 
         .find_map(|line| line.strip_prefix(prefix.as_str()))
         .and_then(|rest| rest.split(',').next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// Watches `old`, resumed after it was replaced, until Sentinel demotes it
+/// (some seconds later): while it still claims master, its count of SETs
+/// must stay at `expected`. Once it replicates, replicated SETs count too,
+/// so each sample reads the count before the role. Fails unless it was
+/// seen claiming master at least once.
+pub async fn assert_no_sets_while_master(topology: &Topology, old: NodeId, expected: u64) {
+    let (started, mut samples_while_master) = (Instant::now(), 0);
+    loop {
+        let calls = command_calls(topology, old, "set").await;
+        if !matches!(topology.role(old).await.unwrap(), Role::Primary { .. }) {
+            break;
+        }
+        assert_eq!(calls, expected, "a write reached the replaced master");
+        samples_while_master += 1;
+        assert!(
+            started.elapsed() < REJOIN_DEADLINE,
+            "the old master was never demoted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        samples_while_master > 0,
+        "the old master was never seen claiming master"
+    );
 }
