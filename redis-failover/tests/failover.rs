@@ -170,16 +170,11 @@ async fn writes_survive(topology: Topology, fault: impl AsyncFnOnce(&Topology)) 
     for error in &plain_errors {
         assert_eq!(error.code(), Some("OUTCOMEUNKNOWN"), "{error}");
     }
-    for key in &durable {
-        let value: Option<String> = topology
-            .query(new, redis::cmd("GET").arg(key))
-            .await
-            .unwrap();
-        assert!(
-            value.is_some(),
-            "{key} was acknowledged by both replicas but is gone"
-        );
-    }
+    let lost = missing_keys(&topology, new, &durable).await;
+    assert!(
+        lost.is_empty(),
+        "acknowledged by both replicas but gone: {lost:?}"
+    );
     single_switch(&mut events);
 }
 

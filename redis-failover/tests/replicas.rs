@@ -479,16 +479,7 @@ async fn durable_writes_survive_ten_killed_masters() {
         unknown += k;
     }
     let keys = acknowledged.lock().unwrap().clone();
-    let mut lost = Vec::new();
-    for key in &keys {
-        let value: Option<i64> = topology
-            .query(master, redis::cmd("GET").arg(key))
-            .await
-            .unwrap();
-        if value.is_none() {
-            lost.push(key.clone());
-        }
-    }
+    let lost = missing_keys(&topology, master, &keys).await;
     println!(
         "{} durable writes acknowledged, {} lost; {unreplicated} not replicated in time, {unknown} of unknown outcome",
         keys.len(),
@@ -604,16 +595,11 @@ async fn a_replaced_master_that_resumes_gets_no_write_from_a_client_that_cannot_
     stop.store(true, Ordering::Relaxed);
     let (acknowledged, errors) = writer.await.unwrap();
     assert!(errors.is_empty(), "the writer saw errors: {errors:?}");
-    for key in &acknowledged {
-        let value: Option<i64> = topology
-            .query(new, redis::cmd("GET").arg(key))
-            .await
-            .unwrap();
-        assert!(
-            value.is_some(),
-            "{key} was acknowledged but is not on the new master"
-        );
-    }
+    let lost = missing_keys(&topology, new, &acknowledged).await;
+    assert!(
+        lost.is_empty(),
+        "acknowledged but not on the new master: {lost:?}"
+    );
 }
 
 #[tokio::test]

@@ -96,3 +96,18 @@ pub async fn assert_no_sets_while_master(topology: &Topology, old: NodeId, expec
         "the old master was never seen claiming master"
     );
 }
+
+/// The keys among `keys` that `node` does not hold.
+pub async fn missing_keys(topology: &Topology, node: NodeId, keys: &[String]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for key in keys {
+        let exists: bool = topology
+            .query(node, redis::cmd("EXISTS").arg(key))
+            .await
+            .unwrap();
+        if !exists {
+            missing.push(key.clone());
+        }
+    }
+    missing
+}
