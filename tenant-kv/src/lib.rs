@@ -1,19 +1,65 @@
-//! A tenant-isolated key-value store over `redis-failover`.
+//! A tenant-isolated key-value store over [`redis_failover`].
 //!
 //! # Model
 //!
 //! Every item belongs to exactly one tenant and lives under the Redis key
-//! `tenant:<tenant_id>:data:<key>`. The mapping from (tenant, key) to Redis
-//! key is injective whatever the key contains, so no key of one tenant can
-//! name another tenant's data, and every pattern sent to Redis is escaped.
+//! `tenant:<tenant_id>:data:<key>`. A [`TenantId`] is 1 to 64 ASCII
+//! letters, digits, `_` or `-` (never `:`), and the key follows a fixed
+//! `data:` part verbatim, so the mapping from (tenant, key) to Redis key is
+//! injective whatever the key contains (`:`, `*`, newlines, any UTF-8 up
+//! to 1 KiB): no key of one tenant can name another tenant's data, nor the
+//! tenant's own bookkeeping keys. Patterns sent to Redis are escaped
+//! ([`escape_glob`]); [`tenant_acl_rules`] confines a Redis ACL user to one
+//! tenant's keys, as defence in depth.
 //!
-//! An item is a JSON value with optional metadata and TTL, plus a version
-//! (monotonic per key) and timestamps kept by the store. Writes are atomic
-//! scripts that update the item, the tenant's listing index, its quota
-//! counters and its audit record in one step; reads are audited without a
-//! write on the read path. Users and API keys of each tenant live in the same
-//! namespace discipline.
+//! An item is any JSON value with optional metadata (a JSON object) and
+//! TTL, plus a version and timestamps kept by the store. Versions come
+//! from a per-tenant counter, so they only grow, also across a delete and
+//! re-create: use them as `ETag`s and for compare-and-set
+//! ([`Precondition::Version`]).
 //!
-//! Status: this crate's API is not published yet.
+//! # Atomic writes with their audit record
+//!
+//! Every write is one Lua script on the master (through the failover
+//! client's retry handling; a new master that does not know the script
+//! gets it loaded): it checks the precondition and the quotas, writes the
+//! item, updates the tenant's index and usage counters, and appends the
+//! audit record (`create_key`, `update_key`, `delete_key`, with actor,
+//! key, version and size, never the value) to the tenant's audit stream
+//! `tenant:<id>:audit`, all or nothing. Reads are audited (`get_key`)
+//! through a `tracing` event with target `audit`, never through a write.
+//!
+//! Listing reads the tenant's own sorted-set index by lexical range, so it
+//! costs the same however many keys other tenants hold. Items whose TTL
+//! ran out are left out at once and leave the index, with a
+//! `key_expiration` audit record, during the tenant's next writes. Cursors
+//! are signed for the tenant and prefix.
+//!
+//! ```no_run
+//! # async fn run(client: redis_failover::FailoverClient) -> tenant_kv::Result<()> {
+//! use serde_json::json;
+//! use tenant_kv::{Actor, NewItem, Precondition, TenantId, TenantKv};
+//!
+//! let store = TenantKv::builder(client).build()?;
+//! let acme = store.tenant(TenantId::new("acme")?, Actor::user("alice"));
+//! let created = acme.create("greeting", NewItem::new(json!({"text": "hello"}))).await?;
+//! // Compare-and-set: fails with `Error::VersionConflict` if someone wrote since.
+//! acme.put("greeting", NewItem::new(json!({"text": "hi"})), Precondition::Version(created.version))
+//!     .await?;
+//! let page = acme.list("greet", 100, None).await?;
+//! assert_eq!(page.keys, ["greeting"]);
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod cursor;
+mod error;
+mod keys;
+mod store;
+
+pub use error::{Error, Result};
+pub use keys::{MAX_KEY_LEN, MAX_TENANT_ID_LEN, TenantId, escape_glob, tenant_acl_rules};
+pub use store::{
+    Actor, Item, NewItem, Page, Precondition, Quotas, Tenant, TenantKv, TenantKvBuilder, Usage,
+};

@@ -1,0 +1,97 @@
+use thiserror::Error;
+
+/// Why an operation of the store failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tenant id that is not 1 to 64 ASCII letters, digits, `_` or `-`.
+    #[error("invalid tenant id: {reason}")]
+    InvalidTenantId {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An item key that is empty or too long.
+    #[error("invalid key: {reason}")]
+    InvalidKey {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A value or its metadata is larger than the store allows, or the
+    /// metadata is not a JSON object.
+    #[error("invalid item: {reason}")]
+    InvalidItem {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A store setting cannot work.
+    #[error("invalid setting `{setting}`: {reason}")]
+    InvalidConfig {
+        /// The setting at fault.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// No item has this key.
+    #[error("no item with key {key:?}")]
+    NotFound {
+        /// The key asked for.
+        key: String,
+    },
+
+    /// `create` found an item with this key.
+    #[error("an item with key {key:?} exists (version {version})")]
+    AlreadyExists {
+        /// The key.
+        key: String,
+        /// The existing item's version.
+        version: u64,
+    },
+
+    /// The item's version is not the one the write expected.
+    #[error("item {key:?} is at version {current:?}, not the {expected} expected")]
+    VersionConflict {
+        /// The key.
+        key: String,
+        /// The version the write expected.
+        expected: u64,
+        /// The item's version now, `None` if it does not exist.
+        current: Option<u64>,
+    },
+
+    /// The write would take the tenant past one of its quotas.
+    #[error("quota exceeded: {what} would reach {would_be}, the limit is {limit}")]
+    QuotaExceeded {
+        /// `keys` or `bytes`.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+        /// What the write would have made it.
+        would_be: u64,
+    },
+
+    /// A listing cursor that this store did not issue for this tenant and
+    /// prefix, or that was altered.
+    #[error("invalid cursor")]
+    InvalidCursor,
+
+    /// A stored item that cannot be read back (written by something else).
+    #[error("item {key:?} is stored in a form this store cannot read: {reason}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Redis could not be reached within the retry budget, or answered
+    /// with an error.
+    #[error("redis request failed")]
+    Redis(#[from] redis_failover::Error),
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

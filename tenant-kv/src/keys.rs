@@ -1,0 +1,307 @@
+//! Tenant ids, item keys, and the Redis keys they map to.
+//!
+//! Every Redis key of a tenant starts with `tenant:<tenant_id>:`. A tenant
+//! id never contains `:`, so the first `:` after `tenant:` ends it: a Redis
+//! key names exactly one tenant. An item's Redis key is
+//! `tenant:<tenant_id>:data:<key>`, its key verbatim after the fixed
+//! `data:` part, so the mapping from (tenant, key) is injective whatever
+//! the key contains. The tenant's other keys (`index`, `expiry`, ...) do
+//! not start with `data:`, so no item key can reach them.
+
+use std::fmt;
+
+use crate::error::Error;
+
+/// The longest tenant id, in bytes.
+pub const MAX_TENANT_ID_LEN: usize = 64;
+/// The longest item key, in bytes of UTF-8.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// A tenant's id: 1 to 64 ASCII letters, digits, `_` or `-`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TenantId(String);
+
+impl TenantId {
+    /// Validates `id`.
+    pub fn new(id: impl Into<String>) -> Result<Self, Error> {
+        let id = id.into();
+        let valid = !id.is_empty()
+            && id.len() <= MAX_TENANT_ID_LEN
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if valid {
+            Ok(Self(id))
+        } else {
+            Err(Error::InvalidTenantId {
+                reason: format!(
+                    "{id:?} must be 1 to {MAX_TENANT_ID_LEN} ASCII letters, digits, '_' or '-'"
+                ),
+            })
+        }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for TenantId {
+    type Err = Error;
+
+    fn from_str(id: &str) -> Result<Self, Error> {
+        Self::new(id)
+    }
+}
+
+/// Checks an item key: any UTF-8 text of 1 to [`MAX_KEY_LEN`] bytes.
+pub(crate) fn check_key(key: &str) -> Result<(), Error> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(Error::InvalidKey {
+            reason: format!(
+                "keys are 1 to {MAX_KEY_LEN} bytes, this one is {}",
+                key.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The Redis keys of one tenant.
+#[derive(Clone, Debug)]
+pub(crate) struct TenantKeys {
+    /// `tenant:<id>:`
+    prefix: String,
+}
+
+impl TenantKeys {
+    pub(crate) fn new(tenant: &TenantId) -> Self {
+        Self {
+            prefix: format!("tenant:{tenant}:"),
+        }
+    }
+
+    /// `tenant:<id>:data:`, followed by the item key in an item's Redis key.
+    pub(crate) fn data_prefix(&self) -> String {
+        format!("{}data:", self.prefix)
+    }
+
+    /// An item's Redis key.
+    pub(crate) fn data(&self, key: &str) -> String {
+        format!("{}data:{key}", self.prefix)
+    }
+
+    /// The sorted set of every item key (score 0, read by lexical range).
+    pub(crate) fn index(&self) -> String {
+        format!("{}index", self.prefix)
+    }
+
+    /// The sorted set of item keys with a TTL, scored by expiry (ms).
+    pub(crate) fn expiry(&self) -> String {
+        format!("{}expiry", self.prefix)
+    }
+
+    /// Sizes of the items with a TTL, for the usage counters once they expire.
+    pub(crate) fn expiring_sizes(&self) -> String {
+        format!("{}expiring-sizes", self.prefix)
+    }
+
+    /// The tenant's counters: `keys`, `bytes`, and `rev` (the last version given).
+    pub(crate) fn usage(&self) -> String {
+        format!("{}usage", self.prefix)
+    }
+
+    /// The stream of the tenant's audit records.
+    pub(crate) fn audit(&self) -> String {
+        format!("{}audit", self.prefix)
+    }
+}
+
+/// Escapes Redis glob metacharacters (`*`, `?`, `[`, `]`, `\`) so that
+/// `text` matches only itself in `SCAN MATCH`, `KEYS` or ACL key patterns.
+pub fn escape_glob(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// ACL rules confining a Redis user to `tenant`'s keys, as defence in depth
+/// under the library's own isolation: `resetkeys ~tenant:<id>:*` and no
+/// command that reaches keys by pattern or the whole keyspace. Add the
+/// user's password and `on` to use it, e.g. `ACL SETUSER <name> on
+/// ><password> <rules...>`.
+pub fn tenant_acl_rules(tenant: &TenantId) -> Vec<String> {
+    let mut rules = vec![
+        "resetkeys".to_owned(),
+        format!("~{}*", escape_glob(&format!("tenant:{tenant}:"))),
+        "resetchannels".to_owned(),
+        "-@all".to_owned(),
+        "+@read".to_owned(),
+        "+@write".to_owned(),
+        "+@scripting".to_owned(),
+        "+@connection".to_owned(),
+        "+@transaction".to_owned(),
+    ];
+    for denied in [
+        "scan",
+        "keys",
+        "randomkey",
+        "flushall",
+        "flushdb",
+        "swapdb",
+        "move",
+        "migrate",
+        "script|flush",
+        "function",
+    ] {
+        rules.push(format!("-{denied}"));
+    }
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Recovers (tenant, key) from an item's Redis key, as anyone reading
+    /// the keyspace would: the tenant id ends at the first `:`.
+    fn decode(redis_key: &str) -> Option<(String, String)> {
+        let rest = redis_key.strip_prefix("tenant:")?;
+        let (tenant, rest) = rest.split_once(':')?;
+        let key = rest.strip_prefix("data:")?;
+        Some((tenant.to_owned(), key.to_owned()))
+    }
+
+    /// Redis's glob matching for what `escape_glob` produces: literal
+    /// characters, `\`-escaped ones, and `*`.
+    fn glob_matches(pattern: &str, text: &str) -> bool {
+        fn go(p: &[char], t: &[char]) -> bool {
+            match p {
+                [] => t.is_empty(),
+                ['*', rest @ ..] => (0..=t.len()).any(|i| go(rest, &t[i..])),
+                ['\\', c, rest @ ..] | [c, rest @ ..] => t.first() == Some(c) && go(rest, &t[1..]),
+            }
+        }
+        let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+        go(&p, &t)
+    }
+
+    fn tenant() -> impl Strategy<Value = TenantId> {
+        "[A-Za-z0-9_-]{1,64}".prop_map(|id| TenantId::new(id).unwrap())
+    }
+
+    /// Keys full of the characters that could confuse a key layout or a
+    /// glob: separators, wildcards, escapes, braces, newlines, non-ASCII.
+    fn nasty_key() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                Just(':'),
+                Just('*'),
+                Just('?'),
+                Just('['),
+                Just(']'),
+                Just('\\'),
+                Just('{'),
+                Just('}'),
+                Just('\n'),
+                Just('\0'),
+                Just('é'),
+                Just('𝄞'),
+                Just('a'),
+                Just('d'),
+                Just('t'),
+            ],
+            1..24,
+        )
+        .prop_map(|chars| chars.into_iter().collect())
+    }
+
+    fn any_key() -> impl Strategy<Value = String> {
+        prop_oneof![nasty_key(), "\\PC{1,40}", "tenant:[a-z]{1,5}:data:.{0,10}"]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        #[test]
+        fn an_item_key_names_exactly_its_tenant_and_key(tenant in tenant(), key in any_key()) {
+            let redis_key = TenantKeys::new(&tenant).data(&key);
+            prop_assert_eq!(decode(&redis_key), Some((tenant.to_string(), key)));
+        }
+
+        #[test]
+        fn different_items_never_share_a_redis_key(
+            (t1, k1) in (tenant(), any_key()),
+            (t2, k2) in (tenant(), any_key()),
+        ) {
+            prop_assume!((&t1, &k1) != (&t2, &k2));
+            prop_assert_ne!(TenantKeys::new(&t1).data(&k1), TenantKeys::new(&t2).data(&k2));
+        }
+
+        #[test]
+        fn an_escaped_prefix_matches_only_keys_that_start_with_it(
+            prefix in any_key(),
+            other in any_key(),
+        ) {
+            let pattern = format!("{}*", escape_glob(&prefix));
+            let extended = format!("{prefix}{other}");
+            prop_assert!(glob_matches(&pattern, &extended));
+            prop_assert_eq!(glob_matches(&pattern, &other), other.starts_with(&prefix));
+        }
+    }
+
+    #[test]
+    fn tenant_ids_are_checked() {
+        for good in ["a", "tenant1", "ACME_corp-2", &"x".repeat(64)] {
+            assert!(TenantId::new(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a:b", "a*", "a b", "ténant", &"x".repeat(65), "a\n"] {
+            assert!(TenantId::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keys_that_look_like_other_tenants_stay_in_their_own() {
+        let mine = TenantKeys::new(&TenantId::new("alice").unwrap());
+        for attack in [
+            "x:tenant:bob:data:secret",
+            "../bob",
+            "*",
+            ":index",
+            "\ntenant:bob:data:k",
+        ] {
+            let redis_key = mine.data(attack);
+            assert!(redis_key.starts_with("tenant:alice:data:"), "{redis_key}");
+            assert_eq!(decode(&redis_key).unwrap().0, "alice");
+        }
+        // The tenant's own bookkeeping keys are not item keys.
+        for own in [mine.index(), mine.expiry(), mine.usage(), mine.audit()] {
+            assert_eq!(decode(&own), None, "{own}");
+        }
+        assert!(check_key("").is_err());
+        assert!(check_key(&"k".repeat(MAX_KEY_LEN + 1)).is_err());
+        assert!(check_key(&"k".repeat(MAX_KEY_LEN)).is_ok());
+    }
+
+    #[test]
+    fn acl_rules_confine_a_user_to_its_tenant() {
+        let rules = tenant_acl_rules(&TenantId::new("acme").unwrap());
+        assert!(rules.contains(&"~tenant:acme:*".to_owned()));
+        assert!(rules.contains(&"-scan".to_owned()));
+        assert!(rules.contains(&"-flushall".to_owned()));
+    }
+}

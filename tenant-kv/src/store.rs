@@ -1,0 +1,628 @@
+//! The store, its settings, and one tenant's view of it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::{Script, Value};
+use redis_failover::FailoverClient;
+use serde_json::{Map, Value as Json};
+
+use crate::cursor::Cursors;
+use crate::error::{Error, Result};
+use crate::keys::{TenantId, TenantKeys, check_key};
+
+const WRITE_SOURCE: &str = include_str!("write.lua");
+static WRITE_SHA: LazyLock<String> =
+    LazyLock::new(|| Script::new(WRITE_SOURCE).get_hash().to_owned());
+
+/// Limits on one tenant's data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Quotas {
+    /// How many items a tenant may hold. Defaults to no limit.
+    pub max_keys: Option<u64>,
+    /// How many bytes (keys, values and metadata) a tenant may hold.
+    /// Defaults to no limit.
+    pub max_bytes: Option<u64>,
+}
+
+impl Quotas {
+    /// No limit.
+    pub fn unlimited() -> Self {
+        Self::default()
+    }
+
+    /// At most `max_keys` items.
+    #[must_use]
+    pub fn max_keys(mut self, max_keys: u64) -> Self {
+        self.max_keys = Some(max_keys);
+        self
+    }
+
+    /// At most `max_bytes` bytes of keys, values and metadata.
+    #[must_use]
+    pub fn max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = Some(max_bytes);
+        self
+    }
+}
+
+/// Settings of a [`TenantKv`]; start from [`TenantKv::builder`].
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct TenantKvBuilder {
+    client: FailoverClient,
+    max_value_bytes: usize,
+    max_metadata_bytes: usize,
+    audit_max_len: u64,
+    cursor_secret: Option<Vec<u8>>,
+    quotas: Quotas,
+    tenant_quotas: HashMap<TenantId, Quotas>,
+}
+
+impl TenantKvBuilder {
+    /// The largest value, as JSON text. Defaults to 1 MiB.
+    pub fn max_value_bytes(mut self, bytes: usize) -> Self {
+        self.max_value_bytes = bytes;
+        self
+    }
+
+    /// The largest metadata object, as JSON text. Defaults to 8 KiB.
+    pub fn max_metadata_bytes(mut self, bytes: usize) -> Self {
+        self.max_metadata_bytes = bytes;
+        self
+    }
+
+    /// About how many audit records each tenant's stream keeps (`XADD
+    /// MAXLEN ~`) for the log shipper to take. Defaults to 100,000.
+    pub fn audit_max_len(mut self, records: u64) -> Self {
+        self.audit_max_len = records;
+        self
+    }
+
+    /// The secret listing cursors are signed with. Every instance serving
+    /// the same tenants must share it for a cursor to work on another
+    /// instance. Defaults to a random secret of this store.
+    pub fn cursor_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.cursor_secret = Some(secret.into());
+        self
+    }
+
+    /// The quotas of every tenant without quotas of its own. Defaults to
+    /// none.
+    pub fn quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// The quotas of `tenant`, instead of the default ones.
+    pub fn tenant_quotas(mut self, tenant: TenantId, quotas: Quotas) -> Self {
+        self.tenant_quotas.insert(tenant, quotas);
+        self
+    }
+
+    /// Validates the settings.
+    pub fn build(self) -> Result<TenantKv> {
+        let invalid = |setting, reason: &str| {
+            Err(Error::InvalidConfig {
+                setting,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.max_value_bytes == 0 {
+            return invalid("max_value_bytes", "must be more than zero");
+        }
+        if self.audit_max_len == 0 {
+            return invalid("audit_max_len", "must be more than zero");
+        }
+        if self.cursor_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return invalid("cursor_secret", "must be at least 16 bytes");
+        }
+        let secret = self
+            .cursor_secret
+            .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
+        Ok(TenantKv {
+            inner: Arc::new(Settings {
+                client: self.client,
+                max_value_bytes: self.max_value_bytes,
+                max_metadata_bytes: self.max_metadata_bytes,
+                audit_max_len: self.audit_max_len,
+                cursors: Cursors::new(&secret),
+                quotas: self.quotas,
+                tenant_quotas: self.tenant_quotas,
+            }),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct Settings {
+    client: FailoverClient,
+    max_value_bytes: usize,
+    max_metadata_bytes: usize,
+    audit_max_len: u64,
+    cursors: Cursors,
+    quotas: Quotas,
+    tenant_quotas: HashMap<TenantId, Quotas>,
+}
+
+/// A tenant-isolated key-value store over a [`FailoverClient`]. Cheap to
+/// clone.
+#[derive(Clone, Debug)]
+pub struct TenantKv {
+    inner: Arc<Settings>,
+}
+
+/// Who acts, as recorded in audit records: a user or an API key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Actor(String);
+
+impl Actor {
+    /// A user, by name.
+    pub fn user(name: &str) -> Self {
+        Self(format!("user:{name}"))
+    }
+
+    /// An API key, by its id.
+    pub fn api_key(id: &str) -> Self {
+        Self(format!("api_key:{id}"))
+    }
+
+    /// The store itself (expiry, maintenance).
+    pub fn system() -> Self {
+        Self("system".to_owned())
+    }
+
+    /// As written in audit records: `user:<name>`, `api_key:<id>` or `system`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TenantKv {
+    /// Settings for a store over `client`.
+    pub fn builder(client: FailoverClient) -> TenantKvBuilder {
+        TenantKvBuilder {
+            client,
+            max_value_bytes: 1024 * 1024,
+            max_metadata_bytes: 8 * 1024,
+            audit_max_len: 100_000,
+            cursor_secret: None,
+            quotas: Quotas::default(),
+            tenant_quotas: HashMap::new(),
+        }
+    }
+
+    /// `tenant`'s items, acted on by `actor`. Nothing here can reach
+    /// another tenant's data.
+    pub fn tenant(&self, tenant: TenantId, actor: Actor) -> Tenant {
+        Tenant {
+            keys: TenantKeys::new(&tenant),
+            quotas: self
+                .inner
+                .tenant_quotas
+                .get(&tenant)
+                .copied()
+                .unwrap_or(self.inner.quotas),
+            store: self.clone(),
+            tenant,
+            actor,
+        }
+    }
+}
+
+/// What to store under a key.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewItem {
+    /// Any JSON value.
+    pub value: Json,
+    /// An optional JSON object kept beside the value.
+    pub metadata: Option<Map<String, Json>>,
+    /// How long the item lives; `None` for ever.
+    pub ttl: Option<Duration>,
+}
+
+impl NewItem {
+    /// `value`, without metadata or TTL.
+    pub fn new(value: Json) -> Self {
+        Self {
+            value,
+            metadata: None,
+            ttl: None,
+        }
+    }
+
+    /// With `metadata`.
+    #[must_use]
+    pub fn metadata(mut self, metadata: Map<String, Json>) -> Self {
+        self.metadata = Some(metadata);
+        self
+    }
+
+    /// Living `ttl`.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+}
+
+/// A stored item.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Item {
+    /// Its key.
+    pub key: String,
+    /// Its value.
+    pub value: Json,
+    /// Its metadata, if any.
+    pub metadata: Option<Map<String, Json>>,
+    /// Its version: bumped by every write, never reused within the tenant
+    /// (a recreated key gets a higher one). Use it as an `ETag`.
+    pub version: u64,
+    /// When it was created (by Redis's clock).
+    pub created_at: SystemTime,
+    /// When it was last written.
+    pub updated_at: SystemTime,
+    /// When it expires, if it has a TTL.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// What a write must find before it runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Precondition {
+    /// Nothing: create or replace.
+    #[default]
+    None,
+    /// The item must exist (replace only).
+    Exists,
+    /// The item must exist at this version (compare-and-set).
+    Version(u64),
+}
+
+/// One page of a listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Page {
+    /// Keys in byte order.
+    pub keys: Vec<String>,
+    /// Pass it to get the next page; `None` when the listing is done.
+    pub cursor: Option<String>,
+}
+
+/// A tenant's usage, as its counters say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Items held.
+    pub keys: u64,
+    /// Bytes of keys, values and metadata held.
+    pub bytes: u64,
+}
+
+/// One tenant's view of the store, from [`TenantKv::tenant`].
+#[derive(Clone, Debug)]
+pub struct Tenant {
+    store: TenantKv,
+    tenant: TenantId,
+    keys: TenantKeys,
+    actor: Actor,
+    quotas: Quotas,
+}
+
+fn ms_to_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+fn int(value: &Value) -> Option<u64> {
+    match value {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+impl Tenant {
+    /// The tenant's id.
+    pub fn id(&self) -> &TenantId {
+        &self.tenant
+    }
+
+    fn client(&self) -> &FailoverClient {
+        &self.store.inner.client
+    }
+
+    /// Stores `item` under `key`; fails with [`Error::AlreadyExists`] if
+    /// an item has the key.
+    pub async fn create(&self, key: &str, item: NewItem) -> Result<Item> {
+        self.write("create", key, Some(item), None).await
+    }
+
+    /// Stores `item` under `key`, replacing any item there, as
+    /// `precondition` allows: [`Error::NotFound`] when it must exist and
+    /// does not, [`Error::VersionConflict`] on another version.
+    pub async fn put(&self, key: &str, item: NewItem, precondition: Precondition) -> Result<Item> {
+        match precondition {
+            Precondition::None => self.write("put", key, Some(item), None).await,
+            Precondition::Exists => self.write("update", key, Some(item), None).await,
+            Precondition::Version(v) => self.write("update", key, Some(item), Some(v)).await,
+        }
+    }
+
+    /// Deletes `key`'s item (at `expected_version`, if given); returns the
+    /// version the deletion took.
+    pub async fn delete(&self, key: &str, expected_version: Option<u64>) -> Result<u64> {
+        self.write("delete", key, None, expected_version)
+            .await
+            .map(|item| item.version)
+    }
+
+    async fn write(
+        &self,
+        op: &str,
+        key: &str,
+        item: Option<NewItem>,
+        expected: Option<u64>,
+    ) -> Result<Item> {
+        check_key(key)?;
+        let settings = &self.store.inner;
+        let (value, metadata, ttl) = match &item {
+            Some(item) => {
+                let value = serde_json::to_string(&item.value).expect("JSON values serialize");
+                if value.len() > settings.max_value_bytes {
+                    return Err(Error::InvalidItem {
+                        reason: format!(
+                            "the value is {} bytes, more than the {} allowed",
+                            value.len(),
+                            settings.max_value_bytes
+                        ),
+                    });
+                }
+                let metadata = match &item.metadata {
+                    Some(m) => serde_json::to_string(m).expect("JSON objects serialize"),
+                    None => String::new(),
+                };
+                if metadata.len() > settings.max_metadata_bytes {
+                    return Err(Error::InvalidItem {
+                        reason: format!(
+                            "the metadata is {} bytes, more than the {} allowed",
+                            metadata.len(),
+                            settings.max_metadata_bytes
+                        ),
+                    });
+                }
+                let ttl = match item.ttl {
+                    Some(ttl) if ttl.as_millis() == 0 => {
+                        return Err(Error::InvalidItem {
+                            reason: "a TTL must be at least 1 ms".to_owned(),
+                        });
+                    }
+                    Some(ttl) => ttl.as_millis().to_string(),
+                    None => String::new(),
+                };
+                (value, metadata, ttl)
+            }
+            None => (String::new(), String::new(), String::new()),
+        };
+        let optional = |n: Option<u64>| n.map_or_else(String::new, |n| n.to_string());
+        let mut command = redis::cmd("EVALSHA");
+        command
+            .arg(WRITE_SHA.as_str())
+            .arg(6)
+            .arg(self.keys.data(key))
+            .arg(self.keys.index())
+            .arg(self.keys.expiry())
+            .arg(self.keys.expiring_sizes())
+            .arg(self.keys.usage())
+            .arg(self.keys.audit())
+            .arg(op)
+            .arg(key)
+            .arg(optional(expected))
+            .arg(&value)
+            .arg(&metadata)
+            .arg(&ttl)
+            .arg(self.actor.as_str())
+            .arg(self.keys.data_prefix())
+            .arg(optional(self.quotas.max_keys))
+            .arg(optional(self.quotas.max_bytes))
+            .arg(settings.audit_max_len)
+            .arg(self.tenant.as_str());
+        let reply: Vec<Value> = self.eval(&command).await?;
+        let status = match reply.first() {
+            Some(Value::BulkString(status)) => String::from_utf8_lossy(status).into_owned(),
+            _ => String::new(),
+        };
+        let number = reply.get(1).and_then(int).unwrap_or(0);
+        let (created, updated) = (
+            reply.get(2).and_then(int).unwrap_or(0),
+            reply.get(3).and_then(int).unwrap_or(0),
+        );
+        let key = key.to_owned();
+        match status.as_str() {
+            "ok" => {
+                let item = item.unwrap_or_else(|| NewItem::new(Json::Null));
+                Ok(Item {
+                    expires_at: item.ttl.map(|ttl| ms_to_time(updated) + ttl),
+                    key,
+                    value: item.value,
+                    metadata: item.metadata,
+                    version: number,
+                    created_at: ms_to_time(created),
+                    updated_at: ms_to_time(updated),
+                })
+            }
+            "exists" => Err(Error::AlreadyExists {
+                key,
+                version: number,
+            }),
+            "missing" => Err(Error::NotFound { key }),
+            "conflict" => Err(Error::VersionConflict {
+                key,
+                expected: expected.unwrap_or(0),
+                current: (number > 0).then_some(number),
+            }),
+            "quota_keys" => Err(Error::QuotaExceeded {
+                what: "keys",
+                limit: self.quotas.max_keys.unwrap_or(0),
+                would_be: number,
+            }),
+            "quota_bytes" => Err(Error::QuotaExceeded {
+                what: "bytes",
+                limit: self.quotas.max_bytes.unwrap_or(0),
+                would_be: number,
+            }),
+            other => Err(Error::Corrupt {
+                key,
+                reason: format!("the write script answered {other:?}"),
+            }),
+        }
+    }
+
+    /// Runs `EVALSHA`, loading the script first on a node that does not
+    /// know it (a new master after a failover, a restarted one).
+    async fn eval(&self, command: &redis::Cmd) -> Result<Vec<Value>> {
+        match self.client().query(command).await {
+            Err(redis_failover::Error::Command { source, .. })
+                if source.code() == Some("NOSCRIPT") =>
+            {
+                let _: String = self
+                    .client()
+                    .query_idempotent(redis::cmd("SCRIPT").arg("LOAD").arg(WRITE_SOURCE))
+                    .await?;
+                Ok(self.client().query(command).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// The item under `key`, read by the client's read policy. Audited as
+    /// `get_key` through a `tracing` event with target `audit` (no write).
+    pub async fn get(&self, key: &str) -> Result<Item> {
+        check_key(key)?;
+        let fields: HashMap<String, String> = self
+            .client()
+            .read(redis::cmd("HGETALL").arg(self.keys.data(key)))
+            .await?;
+        if fields.is_empty() {
+            return Err(Error::NotFound {
+                key: key.to_owned(),
+            });
+        }
+        let item = parse_item(key, &fields)?;
+        tracing::info!(
+            target: "audit",
+            tenant_id = %self.tenant,
+            actor = self.actor.as_str(),
+            action = "get_key",
+            key,
+            version = item.version,
+            size = fields.get("size").map_or("0", String::as_str),
+        );
+        Ok(item)
+    }
+
+    /// Up to `limit` keys starting with `prefix`, in byte order, after
+    /// `cursor` (from the previous page). Costs `O(log n + limit)` in the
+    /// tenant's own keys, whatever other tenants hold. Items whose TTL ran
+    /// out are left out even before they leave the index.
+    pub async fn list(&self, prefix: &str, limit: usize, cursor: Option<&str>) -> Result<Page> {
+        let cursors = &self.store.inner.cursors;
+        let start = match cursor {
+            None => {
+                let mut start = b"[".to_vec();
+                start.extend_from_slice(prefix.as_bytes());
+                start
+            }
+            Some(cursor) => {
+                let after = cursors.open(&self.tenant, prefix, cursor)?;
+                let mut start = b"(".to_vec();
+                start.extend_from_slice(after.as_bytes());
+                start
+            }
+        };
+        // No UTF-8 text holds the byte 0xFF: every key with the prefix sorts before this.
+        let mut end = b"[".to_vec();
+        end.extend_from_slice(prefix.as_bytes());
+        end.push(0xFF);
+        let limit = limit.max(1);
+        let mut keys: Vec<String> = self
+            .client()
+            .read(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(self.keys.index())
+                    .arg(start)
+                    .arg(end)
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit + 1),
+            )
+            .await?;
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let next = (more && !keys.is_empty())
+            .then(|| cursors.seal(&self.tenant, prefix, keys.last().expect("not empty")));
+        if !keys.is_empty() {
+            let expiries: Vec<Option<u64>> = self
+                .client()
+                .read(redis::cmd("ZMSCORE").arg(self.keys.expiry()).arg(&keys))
+                .await?;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            let mut expiries = expiries.into_iter();
+            keys.retain(|_| expiries.next().flatten().is_none_or(|at| at > now));
+        }
+        Ok(Page { keys, cursor: next })
+    }
+
+    /// The tenant's usage counters.
+    pub async fn usage(&self) -> Result<Usage> {
+        let (keys, bytes): (Option<u64>, Option<u64>) = self
+            .client()
+            .read(
+                redis::cmd("HMGET")
+                    .arg(self.keys.usage())
+                    .arg("keys")
+                    .arg("bytes"),
+            )
+            .await?;
+        Ok(Usage {
+            keys: keys.unwrap_or(0),
+            bytes: bytes.unwrap_or(0),
+        })
+    }
+}
+
+fn parse_item(key: &str, fields: &HashMap<String, String>) -> Result<Item> {
+    let corrupt = |reason: &str| Error::Corrupt {
+        key: key.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let number = |name: &str| -> Result<u64> {
+        fields
+            .get(name)
+            .ok_or_else(|| corrupt(&format!("no `{name}`")))?
+            .parse::<f64>()
+            .map(|n| n as u64)
+            .map_err(|e| corrupt(&format!("`{name}`: {e}")))
+    };
+    let value = fields.get("value").ok_or_else(|| corrupt("no `value`"))?;
+    let value = serde_json::from_str(value).map_err(|e| corrupt(&format!("`value`: {e}")))?;
+    let metadata = match fields.get("metadata") {
+        Some(m) => Some(serde_json::from_str(m).map_err(|e| corrupt(&format!("`metadata`: {e}")))?),
+        None => None,
+    };
+    Ok(Item {
+        key: key.to_owned(),
+        value,
+        metadata,
+        version: number("version")?,
+        created_at: ms_to_time(number("created")?),
+        updated_at: ms_to_time(number("updated")?),
+        expires_at: fields
+            .contains_key("expires")
+            .then(|| number("expires").map(ms_to_time))
+            .transpose()?,
+    })
+}

@@ -1,0 +1,324 @@
+//! The store against a real master with replicas: semantics of every
+//! operation, audit records, TTL expiry, listing, isolation and quotas.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use redis_failover::{FailoverClient, NodeAddr};
+use redis_topology::Topology;
+use serde_json::json;
+use tenant_kv::{Actor, Error, NewItem, Precondition, Quotas, TenantId, TenantKv};
+
+async fn start(replicas: usize) -> (Topology, FailoverClient) {
+    let topology = Topology::builder()
+        .replicas(replicas)
+        .sentinels(0)
+        .start()
+        .await
+        .unwrap();
+    let nodes = topology
+        .data_nodes()
+        .into_iter()
+        .map(|n| NodeAddr::from(topology.addr(n)));
+    let client = FailoverClient::candidates(nodes).build().unwrap();
+    (topology, client)
+}
+
+fn tenant(id: &str) -> TenantId {
+    TenantId::new(id).unwrap()
+}
+
+/// The tenant's audit records, oldest first, as field maps.
+async fn audit(topology: &Topology, tenant: &str) -> Vec<HashMap<String, String>> {
+    let entries: Vec<(String, HashMap<String, String>)> = topology
+        .query(
+            topology.initial_master(),
+            redis::cmd("XRANGE")
+                .arg(format!("tenant:{tenant}:audit"))
+                .arg("-")
+                .arg("+"),
+        )
+        .await
+        .unwrap();
+    entries.into_iter().map(|(_, fields)| fields).collect()
+}
+
+fn actions(records: &[HashMap<String, String>]) -> Vec<&str> {
+    records.iter().map(|r| r["action"].as_str()).collect()
+}
+
+#[tokio::test]
+async fn every_operation_keeps_its_promise_and_leaves_one_audit_record() {
+    let (topology, client) = start(1).await;
+    let store = TenantKv::builder(client).build().unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::user("alice"));
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("owner".into(), json!("alice"));
+
+    let created = acme
+        .create(
+            "doc",
+            NewItem::new(json!({"n": 1})).metadata(metadata.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        acme.create("doc", NewItem::new(json!(2))).await,
+        Err(Error::AlreadyExists { version, .. }) if version == created.version
+    ));
+    let read = acme.get("doc").await.unwrap();
+    assert_eq!(read.value, json!({"n": 1}));
+    assert_eq!(read.metadata, Some(metadata));
+    assert_eq!(read.version, created.version);
+    assert_eq!(read.expires_at, None);
+
+    let stale = Precondition::Version(created.version + 100);
+    assert!(matches!(
+        acme.put("doc", NewItem::new(json!(3)), stale).await,
+        Err(Error::VersionConflict { current: Some(v), .. }) if v == created.version
+    ));
+    let updated = acme
+        .put(
+            "doc",
+            NewItem::new(json!(3)),
+            Precondition::Version(created.version),
+        )
+        .await
+        .unwrap();
+    assert!(updated.version > created.version);
+    assert_eq!(updated.created_at, created.created_at);
+    let read = acme.get("doc").await.unwrap();
+    assert_eq!((read.value, read.metadata), (json!(3), None));
+
+    assert!(matches!(
+        acme.put("nothing", NewItem::new(json!(1)), Precondition::Exists)
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        acme.get("nothing").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        acme.delete("nothing", None).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        acme.delete("doc", Some(created.version)).await,
+        Err(Error::VersionConflict { .. })
+    ));
+    let deleted = acme.delete("doc", Some(updated.version)).await.unwrap();
+    assert!(deleted > updated.version);
+    // A re-created key never reuses a version.
+    let again = acme.create("doc", NewItem::new(json!(4))).await.unwrap();
+    assert!(again.version > deleted);
+    let usage = acme.usage().await.unwrap();
+    assert_eq!(usage.keys, 1);
+
+    let records = audit(&topology, "acme").await;
+    assert_eq!(
+        actions(&records),
+        ["create_key", "update_key", "delete_key", "create_key"],
+        "one record per successful write, none for refused ones"
+    );
+    for record in &records {
+        assert_eq!(record["tenant"], "acme");
+        assert_eq!(record["actor"], "user:alice");
+        assert_eq!(record["key"], "doc");
+        assert!(
+            !record.contains_key("value"),
+            "values stay out of the audit"
+        );
+        assert!(record["ts"].len() >= 19, "nanoseconds: {}", record["ts"]);
+    }
+    assert_eq!(records[3]["version"], again.version.to_string());
+
+    // Bad input is refused before Redis sees it.
+    assert!(matches!(acme.get("").await, Err(Error::InvalidKey { .. })));
+    let huge = json!("x".repeat(2 * 1024 * 1024));
+    assert!(matches!(
+        acme.create("huge", NewItem::new(huge)).await,
+        Err(Error::InvalidItem { .. })
+    ));
+}
+
+#[tokio::test]
+async fn an_expired_item_is_gone_from_reads_and_listing_and_leaves_the_index_audited() {
+    let (topology, client) = start(0).await;
+    let store = TenantKv::builder(client).build().unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::api_key("k1"));
+    let item = acme
+        .create(
+            "short",
+            NewItem::new(json!(1)).ttl(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    assert!(item.expires_at.is_some());
+    acme.create("long", NewItem::new(json!(2))).await.unwrap();
+    assert_eq!(
+        acme.list("", 10, None).await.unwrap().keys,
+        ["long", "short"]
+    );
+
+    let started = Instant::now();
+    while acme.get("short").await.is_ok() {
+        assert!(started.elapsed() < Duration::from_secs(10), "never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(acme.list("", 10, None).await.unwrap().keys, ["long"]);
+    // The next write takes it out of the index and the counters, audited once.
+    acme.create("other", NewItem::new(json!(3))).await.unwrap();
+    acme.create("another", NewItem::new(json!(4)))
+        .await
+        .unwrap();
+    let records = audit(&topology, "acme").await;
+    let expirations: Vec<_> = records
+        .iter()
+        .filter(|r| r["action"] == "key_expiration")
+        .collect();
+    assert_eq!(expirations.len(), 1, "{records:?}");
+    assert_eq!(expirations[0]["key"], "short");
+    assert_eq!(acme.usage().await.unwrap().keys, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_returns_each_key_once_while_other_tenants_write() {
+    const KEYS: usize = 10_000;
+    let (_topology, client) = start(0).await;
+    let store = TenantKv::builder(client).build().unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::system());
+    let writers: Vec<_> = (0..16)
+        .map(|task| {
+            let acme = acme.clone();
+            tokio::spawn(async move {
+                for i in (task..KEYS).step_by(16) {
+                    acme.create(&format!("k/{i:05}"), NewItem::new(json!(i)))
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    // Another tenant writes keys that sort among acme's all along.
+    let other = store.tenant(tenant("other"), Actor::system());
+    let noise = tokio::spawn(async move {
+        for i in 0..2_000 {
+            other
+                .create(&format!("k/{i:05}x"), NewItem::new(json!(i)))
+                .await
+                .unwrap();
+        }
+    });
+    let (mut seen, mut cursor, mut pages) = (Vec::new(), None, 0);
+    loop {
+        let page = acme.list("k/", 97, cursor.as_deref()).await.unwrap();
+        seen.extend(page.keys);
+        pages += 1;
+        match page.cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    noise.await.unwrap();
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(seen.len(), KEYS, "{pages} pages");
+    assert_eq!(unique.len(), KEYS);
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert!(
+        seen.iter().all(|k| !k.ends_with('x')),
+        "another tenant's key listed"
+    );
+}
+
+#[tokio::test]
+async fn tenants_cannot_reach_each_other() {
+    let (_topology, client) = start(0).await;
+    let store = TenantKv::builder(client).build().unwrap();
+    let alice = store.tenant(tenant("alice"), Actor::user("a"));
+    let bob = store.tenant(tenant("bob"), Actor::user("b"));
+    bob.create("secret", NewItem::new(json!("bob's")))
+        .await
+        .unwrap();
+    for attack in [
+        "../bob/secret",
+        "x:tenant:bob:data:secret",
+        "*",
+        "?ecret",
+        "[s]ecret",
+        "\\*",
+        "secret\n",
+        "{bob}secret",
+    ] {
+        alice
+            .create(attack, NewItem::new(json!("alice's")))
+            .await
+            .unwrap();
+        assert_eq!(alice.get(attack).await.unwrap().value, json!("alice's"));
+    }
+    assert!(matches!(
+        alice.get("secret").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert_eq!(bob.get("secret").await.unwrap().value, json!("bob's"));
+    assert_eq!(bob.list("", 100, None).await.unwrap().keys, ["secret"]);
+    let alice_keys = alice.list("", 100, None).await.unwrap().keys;
+    assert_eq!(alice_keys.len(), 8);
+    // A cursor is bound to the tenant that got it.
+    let page = alice.list("", 2, None).await.unwrap();
+    let cursor = page.cursor.unwrap();
+    assert!(matches!(
+        bob.list("", 2, Some(&cursor)).await,
+        Err(Error::InvalidCursor)
+    ));
+    assert!(alice.list("", 2, Some(&cursor)).await.is_ok());
+}
+
+#[tokio::test]
+async fn quotas_refuse_writes_past_them_and_a_flushed_script_cache_is_refilled() {
+    let (topology, client) = start(0).await;
+    let store = TenantKv::builder(client)
+        .quotas(Quotas::unlimited().max_keys(2))
+        .tenant_quotas(tenant("big"), Quotas::unlimited().max_bytes(100))
+        .build()
+        .unwrap();
+    let small = store.tenant(tenant("small"), Actor::system());
+    small.create("a", NewItem::new(json!(1))).await.unwrap();
+    small.create("b", NewItem::new(json!(1))).await.unwrap();
+    assert!(matches!(
+        small.create("c", NewItem::new(json!(1))).await,
+        Err(Error::QuotaExceeded {
+            what: "keys",
+            limit: 2,
+            would_be: 3
+        })
+    ));
+    // Replacing stays within the key count.
+    small
+        .put("a", NewItem::new(json!(2)), Precondition::None)
+        .await
+        .unwrap();
+    let big = store.tenant(tenant("big"), Actor::system());
+    big.create("k", NewItem::new(json!("x".repeat(50))))
+        .await
+        .unwrap();
+    assert!(matches!(
+        big.create("l", NewItem::new(json!("x".repeat(50)))).await,
+        Err(Error::QuotaExceeded { what: "bytes", .. })
+    ));
+    assert_eq!(
+        audit(&topology, "small").await.len(),
+        3,
+        "refusals leave no record"
+    );
+
+    // A master that lost its scripts (a restart, a new master) gets it again.
+    let _: () = topology
+        .query(topology.initial_master(), redis::cmd("SCRIPT").arg("FLUSH"))
+        .await
+        .unwrap();
+    small.delete("b", None).await.unwrap();
+}
