@@ -186,10 +186,14 @@ impl FailoverClient {
     }
 
     async fn query_as<T: FromRedisValue>(&self, cmd: &Cmd, idempotent: bool) -> Result<T> {
-        let (master, reply) = self
-            .shared()
-            .execute(Request::Command(cmd), idempotent, self.durability)
-            .await?;
+        // Boxed: the retry loop's state machine is deep, and callers' futures
+        // that hold it inline can exceed the compiler's type-depth limit.
+        let (master, reply) = Box::pin(self.shared().execute(
+            Request::Command(cmd),
+            idempotent,
+            self.durability,
+        ))
+        .await?;
         convert(&master.node, reply)
     }
 
@@ -197,11 +201,33 @@ impl FailoverClient {
     /// converts the reply. Commands not known to be read-only fail with
     /// [`Error::NotReadOnly`] unless the policy is [`ReadPolicy::Master`].
     pub async fn read<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let (node, reply) = self
-            .shared()
-            .read(Request::Command(cmd), self.read_policy, None)
-            .await?;
+        let (node, reply) = Box::pin(self.shared().read(
+            Request::Command(cmd),
+            self.read_policy,
+            None,
+        ))
+        .await?;
         convert(&node, reply)
+    }
+
+    /// Sends `pipeline` (plain or atomic, `MULTI`/`EXEC`) to the master as
+    /// one request and converts the replies, like [`query`](Self::query):
+    /// resent after failovers when it surely did not run, never after an
+    /// unknown outcome unless every command in it is read-only.
+    pub async fn query_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T> {
+        let mut typed = Typed {
+            client: self.clone(),
+            failure: None,
+            node: None,
+        };
+        match pipeline.query_async(&mut typed).await {
+            Ok(value) => Ok(value),
+            Err(source) => Err(typed.failure.take().unwrap_or_else(|| Error::Command {
+                // Sent, answered, but the answer is an error or does not convert.
+                node: typed.node.take().expect("a reply came from a master"),
+                source,
+            })),
+        }
     }
 
     /// `GET key`, routed by this handle's read policy.
@@ -422,3 +448,70 @@ macro_rules! connection_like {
 
 connection_like!(MasterConnection);
 connection_like!(ReadConnection);
+
+/// A write handle that keeps the typed error of a failed request, for
+/// [`FailoverClient::query_pipeline`], and the master that answered.
+struct Typed {
+    client: FailoverClient,
+    failure: Option<Error>,
+    node: Option<NodeAddr>,
+}
+
+impl Typed {
+    async fn execute(&mut self, request: Request<'_>) -> redis::RedisResult<Reply> {
+        let client = &self.client;
+        match client
+            .shared()
+            .execute(request, false, client.durability)
+            .await
+        {
+            Ok((master, reply)) => {
+                self.node = Some(master.node.clone());
+                Ok(reply)
+            }
+            Err(error) => {
+                let reported = redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "request failed",
+                    error.to_string(),
+                ));
+                self.failure = Some(error);
+                Err(reported)
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Typed {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            match self.execute(Request::Command(cmd)).await? {
+                Reply::Value(value) => Ok(value),
+                Reply::Values(_) => unreachable!("a command gets one reply"),
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let request = Request::Pipeline {
+                pipeline,
+                offset,
+                count,
+            };
+            match self.execute(request).await? {
+                Reply::Values(values) => Ok(values),
+                Reply::Value(_) => unreachable!("a pipeline gets a list of replies"),
+            }
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}

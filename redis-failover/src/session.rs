@@ -63,9 +63,8 @@ impl Session {
             count: 2,
         };
         let shared = self.client.shared();
-        let executed = shared
-            .execute(request, false, self.client.durability())
-            .await;
+        // Boxed, as in `FailoverClient::query`: the retry loop is deep.
+        let executed = Box::pin(shared.execute(request, false, self.client.durability())).await;
         let (master, reply) = match executed {
             Ok(done) => done,
             Err(error @ (Error::NotReplicated { .. } | Error::ReplicationUnknown { .. })) => {
@@ -95,15 +94,13 @@ impl Session {
     /// Sends the read-only `cmd` by the client's read policy, to a node that
     /// has the session's writes.
     pub async fn read<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let (node, reply) = self
-            .client
-            .shared()
-            .read(
-                Request::Command(cmd),
-                self.client.read_policy(),
-                Some(self.position()),
-            )
-            .await?;
+        let shared = self.client.shared();
+        let reading = shared.read(
+            Request::Command(cmd),
+            self.client.read_policy(),
+            Some(self.position()),
+        );
+        let (node, reply) = Box::pin(reading).await?;
         convert(&node, reply)
     }
 

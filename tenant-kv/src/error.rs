@@ -73,6 +73,52 @@ pub enum Error {
         would_be: u64,
     },
 
+    /// A username that is not 1 to 64 ASCII letters, digits or `_.@-`, or
+    /// an unusable password or hash.
+    #[error("invalid user: {reason}")]
+    InvalidUser {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The username is taken (usernames are unique across tenants).
+    #[error("user {username:?} exists")]
+    UserExists {
+        /// The username.
+        username: String,
+    },
+
+    /// No user has this name.
+    #[error("no user {username:?}")]
+    UnknownUser {
+        /// The username.
+        username: String,
+    },
+
+    /// A login failed: unknown user, wrong password, or disabled user (not
+    /// told apart, so as not to help guessing).
+    #[error("invalid username or password")]
+    InvalidCredentials,
+
+    /// An API key that is malformed, unknown, revoked, expired, or whose
+    /// secret does not match (not told apart).
+    #[error("invalid API key")]
+    InvalidApiKey,
+
+    /// The tenant has no API key with this id.
+    #[error("no API key {id:?}")]
+    UnknownApiKey {
+        /// The key id.
+        id: String,
+    },
+
+    /// An API key cannot be created as asked.
+    #[error("invalid API key settings: {reason}")]
+    InvalidApiKeySettings {
+        /// What is wrong.
+        reason: String,
+    },
+
     /// A listing cursor that this store did not issue for this tenant and
     /// prefix, or that was altered.
     #[error("invalid cursor")]

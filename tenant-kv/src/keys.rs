@@ -118,6 +118,16 @@ impl TenantKeys {
         format!("{}usage", self.prefix)
     }
 
+    /// The set of the tenant's usernames.
+    pub(crate) fn users(&self) -> String {
+        format!("{}users", self.prefix)
+    }
+
+    /// The set of the tenant's API key ids.
+    pub(crate) fn api_keys(&self) -> String {
+        format!("{}api-keys", self.prefix)
+    }
+
     /// The stream of the tenant's audit records.
     pub(crate) fn audit(&self) -> String {
         format!("{}audit", self.prefix)

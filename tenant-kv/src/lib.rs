@@ -47,19 +47,23 @@
 //! acme.put("greeting", NewItem::new(json!({"text": "hi"})), Precondition::Version(created.version))
 //!     .await?;
 //! let page = acme.list("greet", 100, None).await?;
-//! assert_eq!(page.keys, ["greeting"]);
+//! assert_eq!(page.keys, vec!["greeting".to_owned()]);
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod api_keys;
 mod cursor;
 mod error;
 mod keys;
 mod store;
+mod users;
 
+pub use api_keys::{ApiKey, ApiKeys, NewApiKey, Scope};
 pub use error::{Error, Result};
 pub use keys::{MAX_KEY_LEN, MAX_TENANT_ID_LEN, TenantId, escape_glob, tenant_acl_rules};
 pub use store::{
     Actor, Item, NewItem, Page, Precondition, Quotas, Tenant, TenantKv, TenantKvBuilder, Usage,
 };
+pub use users::{MAX_USERNAME_LEN, NewUser, User, Users};

@@ -137,11 +137,11 @@ impl TenantKvBuilder {
 }
 
 #[derive(Debug)]
-struct Settings {
-    client: FailoverClient,
+pub(crate) struct Settings {
+    pub(crate) client: FailoverClient,
     max_value_bytes: usize,
     max_metadata_bytes: usize,
-    audit_max_len: u64,
+    pub(crate) audit_max_len: u64,
     cursors: Cursors,
     quotas: Quotas,
     tenant_quotas: HashMap<TenantId, Quotas>,
@@ -151,7 +151,7 @@ struct Settings {
 /// clone.
 #[derive(Clone, Debug)]
 pub struct TenantKv {
-    inner: Arc<Settings>,
+    pub(crate) inner: Arc<Settings>,
 }
 
 /// Who acts, as recorded in audit records: a user or an API key.
@@ -178,6 +178,38 @@ impl Actor {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// An audit record of something done outside the item scripts (logins,
+/// users, API keys), to send alone or inside a transaction with the change.
+pub(crate) fn audit_record(
+    settings: &Settings,
+    tenant: &TenantId,
+    actor: &Actor,
+    action: &str,
+    subject: &str,
+) -> redis::Cmd {
+    let ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut command = redis::cmd("XADD");
+    command
+        .arg(TenantKeys::new(tenant).audit())
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(settings.audit_max_len)
+        .arg("*")
+        .arg("ts")
+        .arg(ns.to_string())
+        .arg("tenant")
+        .arg(tenant.as_str())
+        .arg("actor")
+        .arg(actor.as_str())
+        .arg("action")
+        .arg(action)
+        .arg("key")
+        .arg(subject);
+    command
 }
 
 impl TenantKv {

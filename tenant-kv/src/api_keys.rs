@@ -1,0 +1,463 @@
+//! API keys: `tkv_<key id>_<secret><checksum>`, shown once, stored as a
+//! SHA-256 hash, scoped, optionally limited to a key prefix and an expiry,
+//! rotated with a grace period.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::{Error, Result};
+use crate::keys::{TenantId, TenantKeys};
+use crate::store::{Actor, TenantKv, audit_record};
+
+/// What an API key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Scope {
+    /// Read items.
+    Read,
+    /// Create and replace items.
+    Write,
+    /// Delete items.
+    Delete,
+    /// List keys.
+    List,
+    /// Manage the tenant's API keys.
+    Admin,
+}
+
+impl Scope {
+    const ALL: [Self; 5] = [
+        Self::Read,
+        Self::Write,
+        Self::Delete,
+        Self::List,
+        Self::Admin,
+    ];
+
+    /// Its name: `read`, `write`, `delete`, `list` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Delete => "delete",
+            Self::List => "list",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == name)
+            .ok_or_else(|| Error::InvalidApiKeySettings {
+                reason: format!("unknown scope {name:?}"),
+            })
+    }
+}
+
+/// An API key to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewApiKey {
+    /// A name for people to recognise it by.
+    pub name: String,
+    /// What it may do; at least one.
+    pub scopes: Vec<Scope>,
+    /// If set, the item keys it may touch must start with this.
+    pub key_prefix: Option<String>,
+    /// How long it is valid; `None` until revoked.
+    pub ttl: Option<Duration>,
+}
+
+/// An API key as stored, without its secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApiKey {
+    /// Its id, the part between the first two `_` of the key.
+    pub id: String,
+    /// The tenant it acts for.
+    pub tenant: TenantId,
+    /// Its name.
+    pub name: String,
+    /// What it may do.
+    pub scopes: Vec<Scope>,
+    /// The prefix item keys must start with, if any.
+    pub key_prefix: Option<String>,
+    /// When it was created.
+    pub created_at: SystemTime,
+    /// When it stops being valid, if ever.
+    pub expires_at: Option<SystemTime>,
+    /// When it was last used, about (updated at most once a minute).
+    pub last_used: Option<SystemTime>,
+}
+
+impl ApiKey {
+    /// Whether the key may do `scope` on the item `key` (or, for listing,
+    /// under the prefix `key`).
+    pub fn allows(&self, scope: Scope, key: &str) -> bool {
+        self.scopes.contains(&scope)
+            && self
+                .key_prefix
+                .as_deref()
+                .is_none_or(|prefix| key.starts_with(prefix))
+    }
+}
+
+/// The API keys of every tenant, from [`TenantKv::api_keys`].
+#[derive(Debug)]
+pub struct ApiKeys {
+    store: TenantKv,
+    /// When each key's `last_used` was last written, to write it at most
+    /// once per [`LAST_USED_EVERY`].
+    last_used_written: Mutex<HashMap<String, Instant>>,
+}
+
+/// How often a key's `last_used` is written at most.
+const LAST_USED_EVERY: Duration = Duration::from_secs(60);
+const PREFIX: &str = "tkv_";
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ms_to_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+fn api_key_key(id: &str) -> String {
+    format!("api-key:{id}")
+}
+
+fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// `tkv_<16 hex id>_<32 hex secret><8 hex CRC-32 of what precedes>`.
+fn format_key(id: &str, secret: &str) -> String {
+    let body = format!("{PREFIX}{id}_{secret}");
+    format!("{body}{:08x}", crc32fast::hash(body.as_bytes()))
+}
+
+/// The id of a well-formed key with a valid checksum; `None` for anything
+/// else, which is refused without asking Redis.
+fn parse_key(presented: &str) -> Option<&str> {
+    let rest = presented.strip_prefix(PREFIX)?;
+    let (id, secret_and_crc) = rest.split_once('_')?;
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(id, 16) || !hex(secret_and_crc, 40) {
+        return None;
+    }
+    let (body, crc) = presented.split_at(presented.len() - 8);
+    (format!("{:08x}", crc32fast::hash(body.as_bytes())) == crc).then_some(id)
+}
+
+impl TenantKv {
+    /// The API keys of every tenant.
+    pub fn api_keys(&self) -> ApiKeys {
+        ApiKeys {
+            store: self.clone(),
+            last_used_written: Mutex::default(),
+        }
+    }
+}
+
+impl ApiKeys {
+    fn client(&self) -> &redis_failover::FailoverClient {
+        &self.store.inner.client
+    }
+
+    /// Creates a key for `tenant`; returns it with its secret form, shown
+    /// this once (only its hash is stored).
+    pub async fn create(
+        &self,
+        tenant: &TenantId,
+        new: NewApiKey,
+        actor: &Actor,
+    ) -> Result<(ApiKey, String)> {
+        if new.scopes.is_empty() || new.name.is_empty() {
+            return Err(Error::InvalidApiKeySettings {
+                reason: "a key needs a name and at least one scope".to_owned(),
+            });
+        }
+        let (id, secret) = (random_hex(8), random_hex(16));
+        let presented = format_key(&id, &secret);
+        let created = now_ms();
+        let expires = new
+            .ttl
+            .map(|ttl| created.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)));
+        let scopes: Vec<&str> = new.scopes.iter().map(|s| s.as_str()).collect();
+        let mut fields = vec![
+            ("tenant", tenant.to_string()),
+            ("name", new.name.clone()),
+            ("scopes", scopes.join(",")),
+            ("hash", sha256_hex(&presented)),
+            ("created", created.to_string()),
+        ];
+        if let Some(prefix) = &new.key_prefix {
+            fields.push(("key_prefix", prefix.clone()));
+        }
+        if let Some(expires) = expires {
+            fields.push(("expires", expires.to_string()));
+        }
+        let _: () = self
+            .client()
+            .query_pipeline(
+                redis::pipe()
+                    .atomic()
+                    .hset_multiple(api_key_key(&id), &fields)
+                    .ignore()
+                    .sadd(TenantKeys::new(tenant).api_keys(), &id)
+                    .ignore()
+                    .add_command(audit_record(
+                        &self.store.inner,
+                        tenant,
+                        actor,
+                        "create_api_key",
+                        &id,
+                    ))
+                    .ignore(),
+            )
+            .await?;
+        let key = ApiKey {
+            id,
+            tenant: tenant.clone(),
+            name: new.name,
+            scopes: new.scopes,
+            key_prefix: new.key_prefix,
+            created_at: ms_to_time(created),
+            expires_at: expires.map(ms_to_time),
+            last_used: None,
+        };
+        Ok((key, presented))
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<(ApiKey, HashMap<String, String>)>> {
+        let fields: HashMap<String, String> = self
+            .client()
+            .query(redis::cmd("HGETALL").arg(api_key_key(id)))
+            .await?;
+        let Some(tenant) = fields.get("tenant") else {
+            return Ok(None);
+        };
+        let number = |name: &str| fields.get(name).and_then(|v| v.parse::<u64>().ok());
+        let key = ApiKey {
+            id: id.to_owned(),
+            tenant: TenantId::new(tenant.clone())?,
+            name: fields.get("name").cloned().unwrap_or_default(),
+            scopes: fields
+                .get("scopes")
+                .map(|s| s.split(',').filter_map(|s| s.parse().ok()).collect())
+                .unwrap_or_default(),
+            key_prefix: fields.get("key_prefix").cloned(),
+            created_at: ms_to_time(number("created").unwrap_or(0)),
+            expires_at: number("expires").map(ms_to_time),
+            last_used: number("last_used").map(ms_to_time),
+        };
+        Ok(Some((key, fields)))
+    }
+
+    /// The key `presented` stands for, if it is valid now: well formed, its
+    /// hash matching (compared in constant time) the current secret or,
+    /// within a rotation's grace period, the previous one, and not
+    /// expired. Anything else is [`Error::InvalidApiKey`].
+    pub async fn verify(&self, presented: &str) -> Result<ApiKey> {
+        let id = parse_key(presented).ok_or(Error::InvalidApiKey)?;
+        let (key, fields) = self.load(id).await?.ok_or(Error::InvalidApiKey)?;
+        let hash = sha256_hex(presented);
+        let matches = |field: &str| {
+            fields
+                .get(field)
+                .is_some_and(|stored| bool::from(stored.as_bytes().ct_eq(hash.as_bytes())))
+        };
+        let now = now_ms();
+        let previous_valid = fields
+            .get("previous_until")
+            .and_then(|t| t.parse::<u64>().ok())
+            .is_some_and(|until| now < until);
+        let current = matches("hash");
+        let valid = (current || (previous_valid && matches("previous_hash")))
+            && key.expires_at.is_none_or(|at| SystemTime::now() < at);
+        if !valid {
+            return Err(Error::InvalidApiKey);
+        }
+        self.touch(id).await;
+        Ok(key)
+    }
+
+    /// Writes `last_used`, at most once per minute per key and process.
+    async fn touch(&self, id: &str) {
+        {
+            let mut written = self
+                .last_used_written
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if written
+                .get(id)
+                .is_some_and(|at| at.elapsed() < LAST_USED_EVERY)
+            {
+                return;
+            }
+            written.insert(id.to_owned(), Instant::now());
+        }
+        // Best effort: a lost update only leaves `last_used` a little old.
+        let _: Result<(), _> = self
+            .client()
+            .query(
+                redis::cmd("HSET")
+                    .arg(api_key_key(id))
+                    .arg("last_used")
+                    .arg(now_ms()),
+            )
+            .await;
+    }
+
+    /// `tenant`'s key `id`; [`Error::UnknownApiKey`] if it has none such.
+    pub async fn get(&self, tenant: &TenantId, id: &str) -> Result<ApiKey> {
+        match self.load(id).await? {
+            Some((key, _)) if key.tenant == *tenant => Ok(key),
+            _ => Err(Error::UnknownApiKey { id: id.to_owned() }),
+        }
+    }
+
+    /// Gives `tenant`'s key `id` a new secret, returned in full; the old
+    /// one stays valid for `grace` (0 to revoke it at once).
+    pub async fn rotate(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        grace: Duration,
+        actor: &Actor,
+    ) -> Result<(ApiKey, String)> {
+        let (key, fields) = match self.load(id).await? {
+            Some((key, fields)) if key.tenant == *tenant => (key, fields),
+            _ => return Err(Error::UnknownApiKey { id: id.to_owned() }),
+        };
+        let presented = format_key(id, &random_hex(16));
+        let until = now_ms().saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+        let _: () = self
+            .client()
+            .query_pipeline(
+                redis::pipe()
+                    .atomic()
+                    .hset_multiple(
+                        api_key_key(id),
+                        &[
+                            ("hash", sha256_hex(&presented)),
+                            (
+                                "previous_hash",
+                                fields.get("hash").cloned().unwrap_or_default(),
+                            ),
+                            ("previous_until", until.to_string()),
+                        ],
+                    )
+                    .ignore()
+                    .add_command(audit_record(
+                        &self.store.inner,
+                        tenant,
+                        actor,
+                        "rotate_api_key",
+                        id,
+                    ))
+                    .ignore(),
+            )
+            .await?;
+        Ok((key, presented))
+    }
+
+    /// Revokes `tenant`'s key `id` at once.
+    pub async fn revoke(&self, tenant: &TenantId, id: &str, actor: &Actor) -> Result<()> {
+        self.get(tenant, id).await?;
+        let _: () = self
+            .client()
+            .query_pipeline(
+                redis::pipe()
+                    .atomic()
+                    .del(api_key_key(id))
+                    .ignore()
+                    .srem(TenantKeys::new(tenant).api_keys(), id)
+                    .ignore()
+                    .add_command(audit_record(
+                        &self.store.inner,
+                        tenant,
+                        actor,
+                        "delete_api_key",
+                        id,
+                    ))
+                    .ignore(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `tenant`'s keys, oldest first, without secrets.
+    pub async fn list(&self, tenant: &TenantId) -> Result<Vec<ApiKey>> {
+        let ids: Vec<String> = self
+            .client()
+            .query(redis::cmd("SMEMBERS").arg(TenantKeys::new(tenant).api_keys()))
+            .await?;
+        let mut keys = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some((key, _)) = self.load(&id).await? {
+                keys.push(key);
+            }
+        }
+        keys.sort_by_key(|k| k.created_at);
+        Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_their_id_and_a_checksum() {
+        let key = format_key("0123456789abcdef", "00112233445566778899aabbccddeeff");
+        assert!(key.starts_with("tkv_0123456789abcdef_"));
+        assert_eq!(key.len(), 4 + 16 + 1 + 32 + 8);
+        assert_eq!(parse_key(&key), Some("0123456789abcdef"));
+        let mut typo = key.clone().into_bytes();
+        typo[30] = if typo[30] == b'0' { b'1' } else { b'0' };
+        assert_eq!(parse_key(&String::from_utf8(typo).unwrap()), None);
+        for bad in ["", "tkv_", "tkv_x_y", "sk_live_abc", &key[..key.len() - 1]] {
+            assert_eq!(parse_key(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn scopes_and_prefixes_limit_a_key() {
+        let key = ApiKey {
+            id: "id".into(),
+            tenant: TenantId::new("t").unwrap(),
+            name: "ci".into(),
+            scopes: vec![Scope::Read, Scope::List],
+            key_prefix: Some("public/".into()),
+            created_at: UNIX_EPOCH,
+            expires_at: None,
+            last_used: None,
+        };
+        assert!(key.allows(Scope::Read, "public/a"));
+        assert!(!key.allows(Scope::Read, "private/a"));
+        assert!(!key.allows(Scope::Write, "public/a"));
+        assert_eq!("list".parse::<Scope>().unwrap(), Scope::List);
+        assert!("root".parse::<Scope>().is_err());
+    }
+}
