@@ -29,6 +29,15 @@
 //! `tenant:<id>:audit`, all or nothing. Reads are audited (`get_key`)
 //! through a `tracing` event with target `audit`, never through a write.
 //!
+//! Users ([`TenantKv::users`]) have global usernames, belong to one
+//! tenant, and log in against argon2id hashes (bcrypt hashes imported from
+//! another system verify too); every attempt on a known user leaves a
+//! `login_success` or `login_failed` record. API keys ([`TenantKv::api_keys`])
+//! look like `tkv_<id>_<secret><crc>`: malformed ones are refused without a
+//! Redis round trip, only a SHA-256 hash is stored and compared in constant
+//! time, [`Scope`]s and a key prefix limit them, and a rotation keeps the
+//! old secret valid for a grace period.
+//!
 //! Listing reads the tenant's own sorted-set index by lexical range, so it
 //! costs the same however many keys other tenants hold. Items whose TTL
 //! ran out are left out at once and leave the index, with a
