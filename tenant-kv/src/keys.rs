@@ -150,8 +150,8 @@ pub fn escape_glob(text: &str) -> String {
 /// ACL rules confining a Redis user to `tenant`'s keys, as defence in depth
 /// under the library's own isolation: `resetkeys ~tenant:<id>:*` and no
 /// command that reaches keys by pattern or the whole keyspace. Add the
-/// user's password and `on` to use it, e.g. `ACL SETUSER <name> on
-/// ><password> <rules...>`.
+/// user's password and `on` to use it, e.g.
+/// `ACL SETUSER <name> on ><password> <rules...>`.
 pub fn tenant_acl_rules(tenant: &TenantId) -> Vec<String> {
     let mut rules = vec![
         "resetkeys".to_owned(),
