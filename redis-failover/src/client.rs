@@ -376,13 +376,16 @@ pub struct MasterConnection {
 }
 
 impl MasterConnection {
-    async fn execute(&self, request: Request<'_>) -> Result<Reply> {
+    async fn execute(&mut self, request: Request<'_>) -> redis::RedisResult<Reply> {
         let client = &self.client;
-        let (_, reply) = client
+        match client
             .shared()
             .execute(request, self.idempotent, client.durability)
-            .await?;
-        Ok(reply)
+            .await
+        {
+            Ok((_, reply)) => Ok(reply),
+            Err(error) => Err(error.into_redis_error()),
+        }
     }
 }
 
@@ -394,27 +397,29 @@ pub struct ReadConnection {
 }
 
 impl ReadConnection {
-    async fn execute(&self, request: Request<'_>) -> Result<Reply> {
+    async fn execute(&mut self, request: Request<'_>) -> redis::RedisResult<Reply> {
         let client = &self.client;
-        let (_, reply) = client
+        match client
             .shared()
             .read(request, client.read_policy, None)
-            .await?;
-        Ok(reply)
+            .await
+        {
+            Ok((_, reply)) => Ok(reply),
+            Err(error) => Err(error.into_redis_error()),
+        }
     }
 }
 
 /// Implements [`ConnectionLike`] for a handle with an
-/// `execute(Request) -> Result<Reply>` method.
+/// `execute(&mut self, Request) -> RedisResult<Reply>` method.
 macro_rules! connection_like {
     ($handle:ty) => {
         impl ConnectionLike for $handle {
             fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
                 Box::pin(async move {
-                    match self.execute(Request::Command(cmd)).await {
-                        Ok(Reply::Value(value)) => Ok(value),
-                        Ok(Reply::Values(_)) => unreachable!("a command gets one reply"),
-                        Err(error) => Err(error.into_redis_error()),
+                    match self.execute(Request::Command(cmd)).await? {
+                        Reply::Value(value) => Ok(value),
+                        Reply::Values(_) => unreachable!("a command gets one reply"),
                     }
                 })
             }
@@ -431,10 +436,9 @@ macro_rules! connection_like {
                         offset,
                         count,
                     };
-                    match self.execute(request).await {
-                        Ok(Reply::Values(values)) => Ok(values),
-                        Ok(Reply::Value(_)) => unreachable!("a pipeline gets a list of replies"),
-                        Err(error) => Err(error.into_redis_error()),
+                    match self.execute(request).await? {
+                        Reply::Values(values) => Ok(values),
+                        Reply::Value(_) => unreachable!("a pipeline gets a list of replies"),
                     }
                 })
             }
@@ -482,36 +486,4 @@ impl Typed {
     }
 }
 
-impl ConnectionLike for Typed {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        Box::pin(async move {
-            match self.execute(Request::Command(cmd)).await? {
-                Reply::Value(value) => Ok(value),
-                Reply::Values(_) => unreachable!("a command gets one reply"),
-            }
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            let request = Request::Pipeline {
-                pipeline,
-                offset,
-                count,
-            };
-            match self.execute(request).await? {
-                Reply::Values(values) => Ok(values),
-                Reply::Value(_) => unreachable!("a pipeline gets a list of replies"),
-            }
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        0
-    }
-}
+connection_like!(Typed);
