@@ -215,8 +215,19 @@ impl FailoverClient {
     /// resent after failovers when it surely did not run, never after an
     /// unknown outcome unless every command in it is read-only.
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T> {
+        self.pipeline_as(pipeline, false).await
+    }
+
+    /// Sends a pipeline of read-only commands where this handle's read
+    /// policy says, like [`read`](Self::read).
+    pub async fn read_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T> {
+        self.pipeline_as(pipeline, true).await
+    }
+
+    async fn pipeline_as<T: FromRedisValue>(&self, pipeline: &Pipeline, read: bool) -> Result<T> {
         let mut typed = Typed {
             client: self.clone(),
+            read,
             failure: None,
             node: None,
         };
@@ -224,7 +235,7 @@ impl FailoverClient {
             Ok(value) => Ok(value),
             Err(source) => Err(typed.failure.take().unwrap_or_else(|| Error::Command {
                 // Sent, answered, but the answer is an error or does not convert.
-                node: typed.node.take().expect("a reply came from a master"),
+                node: typed.node.take().expect("a reply came from a node"),
                 source,
             })),
         }
@@ -453,10 +464,13 @@ macro_rules! connection_like {
 connection_like!(MasterConnection);
 connection_like!(ReadConnection);
 
-/// A write handle that keeps the typed error of a failed request, for
-/// [`FailoverClient::query_pipeline`], and the master that answered.
+/// A handle that keeps the typed error of a failed request, for
+/// [`FailoverClient::query_pipeline`] and [`FailoverClient::read_pipeline`],
+/// and the node that answered.
 struct Typed {
     client: FailoverClient,
+    /// Route by the read policy instead of to the master.
+    read: bool,
     failure: Option<Error>,
     node: Option<NodeAddr>,
 }
@@ -464,13 +478,16 @@ struct Typed {
 impl Typed {
     async fn execute(&mut self, request: Request<'_>) -> redis::RedisResult<Reply> {
         let client = &self.client;
-        match client
-            .shared()
-            .execute(request, false, client.durability)
-            .await
-        {
-            Ok((master, reply)) => {
-                self.node = Some(master.node.clone());
+        let shared = client.shared();
+        let result = if self.read {
+            shared.read(request, client.read_policy, None).await
+        } else {
+            let executed = shared.execute(request, false, client.durability).await;
+            executed.map(|(master, reply)| (master.node.clone(), reply))
+        };
+        match result {
+            Ok((node, reply)) => {
+                self.node = Some(node);
                 Ok(reply)
             }
             Err(error) => {

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use thiserror::Error;
 
 /// Why an operation of the store failed.
@@ -117,6 +119,23 @@ pub enum Error {
     InvalidApiKeySettings {
         /// What is wrong.
         reason: String,
+    },
+
+    /// The tenant writes faster than its `writes_per_second` quota allows.
+    #[error("write rate quota exceeded: retry after {retry_after:?}")]
+    RateLimited {
+        /// When the write would be allowed.
+        retry_after: Duration,
+    },
+
+    /// A write of a batch could not be done, so none was.
+    #[error("write {index} of the batch failed; no write of the batch was done")]
+    BatchFailed {
+        /// Its position in the batch, from 0.
+        index: usize,
+        /// Why.
+        #[source]
+        source: Box<Error>,
     },
 
     /// A listing cursor that this store did not issue for this tenant and

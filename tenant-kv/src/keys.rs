@@ -118,6 +118,11 @@ impl TenantKeys {
         format!("{}usage", self.prefix)
     }
 
+    /// The tenant's write-rate state (GCRA's theoretical arrival time).
+    pub(crate) fn rate(&self) -> String {
+        format!("{}rate", self.prefix)
+    }
+
     /// The set of the tenant's usernames.
     pub(crate) fn users(&self) -> String {
         format!("{}users", self.prefix)

@@ -20,10 +20,12 @@
 //!
 //! # Atomic writes with their audit record
 //!
-//! Every write is one Lua script on the master (through the failover
-//! client's retry handling; a new master that does not know the script
-//! gets it loaded): it checks the precondition and the quotas, writes the
-//! item, updates the tenant's index and usage counters, and appends the
+//! Every write, or batch of writes ([`Tenant::batch`], all or nothing), is
+//! one Lua script on the master (through the failover client's retry
+//! handling; a new master that does not know the script gets it loaded):
+//! it checks the preconditions and the quotas ([`Quotas`]: keys, bytes, and
+//! a write rate kept in Redis so every instance shares it), writes the
+//! items, updates the tenant's index and usage counters, and appends the
 //! audit record (`create_key`, `update_key`, `delete_key`, with actor,
 //! key, version and size, never the value) to the tenant's audit stream
 //! `tenant:<id>:audit`, all or nothing. Reads are audited (`get_key`)
@@ -74,5 +76,6 @@ pub use error::{Error, Result};
 pub use keys::{MAX_KEY_LEN, MAX_TENANT_ID_LEN, TenantId, escape_glob, tenant_acl_rules};
 pub use store::{
     Actor, Item, NewItem, Page, Precondition, Quotas, Tenant, TenantKv, TenantKvBuilder, Usage,
+    Write, Written,
 };
 pub use users::{MAX_USERNAME_LEN, NewUser, User, Users};

@@ -25,6 +25,12 @@ pub struct Quotas {
     /// How many bytes (keys, values and metadata) a tenant may hold.
     /// Defaults to no limit.
     pub max_bytes: Option<u64>,
+    /// How many writes per second a tenant may make, on average, shared by
+    /// every instance (GCRA, kept in Redis). Defaults to no limit.
+    pub writes_per_second: Option<u32>,
+    /// How many writes may come at once above that rate. Defaults to one
+    /// second's worth.
+    pub burst: Option<u32>,
 }
 
 impl Quotas {
@@ -45,6 +51,18 @@ impl Quotas {
     pub fn max_bytes(mut self, max_bytes: u64) -> Self {
         self.max_bytes = Some(max_bytes);
         self
+    }
+
+    /// At most `per_second` writes per second on average, and `burst` at once.
+    #[must_use]
+    pub fn writes_per_second(mut self, per_second: u32, burst: u32) -> Self {
+        self.writes_per_second = Some(per_second);
+        self.burst = Some(burst);
+        self
+    }
+
+    fn burst(&self) -> u32 {
+        self.burst.or(self.writes_per_second).unwrap_or(1).max(1)
     }
 }
 
@@ -314,6 +332,70 @@ pub enum Precondition {
     Version(u64),
 }
 
+/// One write of a [`Tenant::batch`].
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Write {
+    /// Like [`Tenant::create`].
+    Create {
+        /// The key.
+        key: String,
+        /// What to store.
+        item: NewItem,
+    },
+    /// Like [`Tenant::put`].
+    Put {
+        /// The key.
+        key: String,
+        /// What to store.
+        item: NewItem,
+        /// What it must find.
+        precondition: Precondition,
+    },
+    /// Like [`Tenant::delete`].
+    Delete {
+        /// The key.
+        key: String,
+        /// The version it must find, if any.
+        expected_version: Option<u64>,
+    },
+}
+
+/// What a write did.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Written {
+    /// The item as stored.
+    Stored(Item),
+    /// The item was deleted, taking this version.
+    Deleted {
+        /// The key.
+        key: String,
+        /// The version the deletion took.
+        version: u64,
+    },
+}
+
+impl Written {
+    fn into_item(self) -> Item {
+        match self {
+            Self::Stored(item) => item,
+            Self::Deleted { .. } => unreachable!("only deletes delete"),
+        }
+    }
+}
+
+/// A checked write, as the script's arguments.
+struct Prepared {
+    op: &'static str,
+    key: String,
+    expected: Option<u64>,
+    value: String,
+    metadata: String,
+    ttl: String,
+    item: Option<NewItem>,
+}
+
 /// One page of a listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -368,147 +450,249 @@ impl Tenant {
     /// Stores `item` under `key`; fails with [`Error::AlreadyExists`] if
     /// an item has the key.
     pub async fn create(&self, key: &str, item: NewItem) -> Result<Item> {
-        self.write("create", key, Some(item), None).await
+        let write = Write::Create {
+            key: key.to_owned(),
+            item,
+        };
+        self.write_one(write).await.map(Written::into_item)
     }
 
     /// Stores `item` under `key`, replacing any item there, as
     /// `precondition` allows: [`Error::NotFound`] when it must exist and
     /// does not, [`Error::VersionConflict`] on another version.
     pub async fn put(&self, key: &str, item: NewItem, precondition: Precondition) -> Result<Item> {
-        match precondition {
-            Precondition::None => self.write("put", key, Some(item), None).await,
-            Precondition::Exists => self.write("update", key, Some(item), None).await,
-            Precondition::Version(v) => self.write("update", key, Some(item), Some(v)).await,
-        }
+        let write = Write::Put {
+            key: key.to_owned(),
+            item,
+            precondition,
+        };
+        self.write_one(write).await.map(Written::into_item)
     }
 
     /// Deletes `key`'s item (at `expected_version`, if given); returns the
     /// version the deletion took.
     pub async fn delete(&self, key: &str, expected_version: Option<u64>) -> Result<u64> {
-        self.write("delete", key, None, expected_version)
-            .await
-            .map(|item| item.version)
+        let write = Write::Delete {
+            key: key.to_owned(),
+            expected_version,
+        };
+        match self.write_one(write).await? {
+            Written::Deleted { version, .. } => Ok(version),
+            Written::Stored(_) => unreachable!("a delete deletes"),
+        }
     }
 
-    async fn write(
-        &self,
-        op: &str,
-        key: &str,
-        item: Option<NewItem>,
-        expected: Option<u64>,
-    ) -> Result<Item> {
-        check_key(key)?;
-        let settings = &self.store.inner;
-        let (value, metadata, ttl) = match &item {
-            Some(item) => {
-                let value = serde_json::to_string(&item.value).expect("JSON values serialize");
-                if value.len() > settings.max_value_bytes {
-                    return Err(Error::InvalidItem {
-                        reason: format!(
-                            "the value is {} bytes, more than the {} allowed",
-                            value.len(),
-                            settings.max_value_bytes
-                        ),
-                    });
-                }
-                let metadata = match &item.metadata {
-                    Some(m) => serde_json::to_string(m).expect("JSON objects serialize"),
-                    None => String::new(),
-                };
-                if metadata.len() > settings.max_metadata_bytes {
-                    return Err(Error::InvalidItem {
-                        reason: format!(
-                            "the metadata is {} bytes, more than the {} allowed",
-                            metadata.len(),
-                            settings.max_metadata_bytes
-                        ),
-                    });
-                }
-                let ttl = match item.ttl {
-                    Some(ttl) if ttl.as_millis() == 0 => {
-                        return Err(Error::InvalidItem {
-                            reason: "a TTL must be at least 1 ms".to_owned(),
-                        });
-                    }
-                    Some(ttl) => ttl.as_millis().to_string(),
-                    None => String::new(),
-                };
-                (value, metadata, ttl)
+    async fn write_one(&self, write: Write) -> Result<Written> {
+        let prepared = self.prepare(write)?;
+        let mut written = self.run(vec![prepared]).await.map_err(|(_, error)| error)?;
+        Ok(written.pop().expect("one write, one result"))
+    }
+
+    /// Runs `writes` all or nothing, in order, each with its audit record:
+    /// if one cannot be done (a precondition, a quota), none is, and the
+    /// error says which ([`Error::BatchFailed`]). The keys must differ.
+    pub async fn batch(&self, writes: Vec<Write>) -> Result<Vec<Written>> {
+        let mut prepared = Vec::with_capacity(writes.len());
+        for (index, write) in writes.into_iter().enumerate() {
+            let write = self.prepare(write).map_err(|error| Error::BatchFailed {
+                index,
+                source: Box::new(error),
+            })?;
+            if prepared.iter().any(|p: &Prepared| p.key == write.key) {
+                return Err(Error::BatchFailed {
+                    index,
+                    source: Box::new(Error::InvalidKey {
+                        reason: format!("{:?} appears twice in the batch", write.key),
+                    }),
+                });
             }
-            None => (String::new(), String::new(), String::new()),
+            prepared.push(write);
+        }
+        if prepared.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(prepared)
+            .await
+            .map_err(|(index, error)| match index {
+                Some(index) => Error::BatchFailed {
+                    index,
+                    source: Box::new(error),
+                },
+                None => error,
+            })
+    }
+
+    /// Checks a write and turns it into the script's arguments.
+    fn prepare(&self, write: Write) -> Result<Prepared> {
+        let settings = &self.store.inner;
+        let (op, key, item, expected) = match write {
+            Write::Create { key, item } => ("create", key, Some(item), None),
+            Write::Put {
+                key,
+                item,
+                precondition,
+            } => match precondition {
+                Precondition::None => ("put", key, Some(item), None),
+                Precondition::Exists => ("update", key, Some(item), None),
+                Precondition::Version(v) => ("update", key, Some(item), Some(v)),
+            },
+            Write::Delete {
+                key,
+                expected_version,
+            } => ("delete", key, None, expected_version),
         };
+        check_key(&key)?;
+        let (mut value, mut metadata, mut ttl) = (String::new(), String::new(), String::new());
+        if let Some(item) = &item {
+            value = serde_json::to_string(&item.value).expect("JSON values serialize");
+            if value.len() > settings.max_value_bytes {
+                return Err(Error::InvalidItem {
+                    reason: format!(
+                        "the value is {} bytes, more than the {} allowed",
+                        value.len(),
+                        settings.max_value_bytes
+                    ),
+                });
+            }
+            if let Some(m) = &item.metadata {
+                metadata = serde_json::to_string(m).expect("JSON objects serialize");
+            }
+            if metadata.len() > settings.max_metadata_bytes {
+                return Err(Error::InvalidItem {
+                    reason: format!(
+                        "the metadata is {} bytes, more than the {} allowed",
+                        metadata.len(),
+                        settings.max_metadata_bytes
+                    ),
+                });
+            }
+            match item.ttl {
+                Some(t) if t.as_millis() == 0 => {
+                    return Err(Error::InvalidItem {
+                        reason: "a TTL must be at least 1 ms".to_owned(),
+                    });
+                }
+                Some(t) => ttl = t.as_millis().to_string(),
+                None => {}
+            }
+        }
+        Ok(Prepared {
+            op,
+            key,
+            expected,
+            value,
+            metadata,
+            ttl,
+            item,
+        })
+    }
+
+    /// Runs prepared writes in one script. An error names the write at
+    /// fault, if one is.
+    async fn run(&self, writes: Vec<Prepared>) -> Result<Vec<Written>, (Option<usize>, Error)> {
+        let settings = &self.store.inner;
         let optional = |n: Option<u64>| n.map_or_else(String::new, |n| n.to_string());
         let mut command = redis::cmd("EVALSHA");
         command
             .arg(WRITE_SHA.as_str())
-            .arg(6)
-            .arg(self.keys.data(key))
+            .arg(6 + writes.len())
             .arg(self.keys.index())
             .arg(self.keys.expiry())
             .arg(self.keys.expiring_sizes())
             .arg(self.keys.usage())
             .arg(self.keys.audit())
-            .arg(op)
-            .arg(key)
-            .arg(optional(expected))
-            .arg(&value)
-            .arg(&metadata)
-            .arg(&ttl)
+            .arg(self.keys.rate());
+        for write in &writes {
+            command.arg(self.keys.data(&write.key));
+        }
+        command
             .arg(self.actor.as_str())
             .arg(self.keys.data_prefix())
             .arg(optional(self.quotas.max_keys))
             .arg(optional(self.quotas.max_bytes))
             .arg(settings.audit_max_len)
-            .arg(self.tenant.as_str());
-        let reply: Vec<Value> = self.eval(&command).await?;
+            .arg(self.tenant.as_str())
+            .arg(optional(self.quotas.writes_per_second.map(u64::from)))
+            .arg(self.quotas.burst());
+        for write in &writes {
+            command
+                .arg(write.op)
+                .arg(&write.key)
+                .arg(optional(write.expected))
+                .arg(&write.value)
+                .arg(&write.metadata)
+                .arg(&write.ttl);
+        }
+        let reply = self.eval(&command).await.map_err(|e| (None, e))?;
         let status = match reply.first() {
             Some(Value::BulkString(status)) => String::from_utf8_lossy(status).into_owned(),
             _ => String::new(),
         };
-        let number = reply.get(1).and_then(int).unwrap_or(0);
-        let (created, updated) = (
-            reply.get(2).and_then(int).unwrap_or(0),
-            reply.get(3).and_then(int).unwrap_or(0),
-        );
-        let key = key.to_owned();
-        match status.as_str() {
-            "ok" => {
-                let item = item.unwrap_or_else(|| NewItem::new(Json::Null));
-                Ok(Item {
-                    expires_at: item.ttl.map(|ttl| ms_to_time(updated) + ttl),
-                    key,
-                    value: item.value,
-                    metadata: item.metadata,
-                    version: number,
-                    created_at: ms_to_time(created),
-                    updated_at: ms_to_time(updated),
+        let numbers: Vec<u64> = reply.iter().skip(1).map(|v| int(v).unwrap_or(0)).collect();
+        if status == "ok" {
+            return Ok(writes
+                .into_iter()
+                .zip(numbers.chunks(3))
+                .map(|(write, numbers)| {
+                    let [version, created, updated] = numbers else {
+                        unreachable!("three numbers per write")
+                    };
+                    match write.item {
+                        None => Written::Deleted {
+                            key: write.key,
+                            version: *version,
+                        },
+                        Some(item) => Written::Stored(Item {
+                            expires_at: item.ttl.map(|ttl| ms_to_time(*updated) + ttl),
+                            key: write.key,
+                            value: item.value,
+                            metadata: item.metadata,
+                            version: *version,
+                            created_at: ms_to_time(*created),
+                            updated_at: ms_to_time(*updated),
+                        }),
+                    }
                 })
-            }
-            "exists" => Err(Error::AlreadyExists {
+                .collect());
+        }
+        let (at, number) = (
+            numbers.first().copied().unwrap_or(0),
+            numbers.get(1).copied().unwrap_or(0),
+        );
+        let index = usize::try_from(at).ok().and_then(|at| at.checked_sub(1));
+        let key = index
+            .and_then(|i| writes.get(i))
+            .map_or_else(String::new, |w| w.key.clone());
+        let error = match status.as_str() {
+            "exists" => Error::AlreadyExists {
                 key,
                 version: number,
-            }),
-            "missing" => Err(Error::NotFound { key }),
-            "conflict" => Err(Error::VersionConflict {
+            },
+            "missing" => Error::NotFound { key },
+            "conflict" => Error::VersionConflict {
+                expected: index.and_then(|i| writes[i].expected).unwrap_or(0),
                 key,
-                expected: expected.unwrap_or(0),
                 current: (number > 0).then_some(number),
-            }),
-            "quota_keys" => Err(Error::QuotaExceeded {
+            },
+            "quota_keys" => Error::QuotaExceeded {
                 what: "keys",
                 limit: self.quotas.max_keys.unwrap_or(0),
                 would_be: number,
-            }),
-            "quota_bytes" => Err(Error::QuotaExceeded {
+            },
+            "quota_bytes" => Error::QuotaExceeded {
                 what: "bytes",
                 limit: self.quotas.max_bytes.unwrap_or(0),
                 would_be: number,
-            }),
-            other => Err(Error::Corrupt {
+            },
+            "rate" => Error::RateLimited {
+                retry_after: Duration::from_millis(number),
+            },
+            other => Error::Corrupt {
                 key,
                 reason: format!("the write script answered {other:?}"),
-            }),
-        }
+            },
+        };
+        Err((index, error))
     }
 
     /// Runs `EVALSHA`, loading the script first on a node that does not
@@ -542,16 +726,45 @@ impl Tenant {
             });
         }
         let item = parse_item(key, &fields)?;
+        self.audit_read(&item, &fields);
+        Ok(item)
+    }
+
+    /// The items under `keys` (`None` where there is none), in one round
+    /// trip, read by the client's read policy; each audited like [`get`](Self::get).
+    pub async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Item>>> {
+        let mut pipeline = redis::pipe();
+        for key in keys {
+            check_key(key)?;
+            pipeline.cmd("HGETALL").arg(self.keys.data(key));
+        }
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let replies: Vec<HashMap<String, String>> = self.client().read_pipeline(&pipeline).await?;
+        keys.iter()
+            .zip(replies)
+            .map(|(key, fields)| {
+                if fields.is_empty() {
+                    return Ok(None);
+                }
+                let item = parse_item(key, &fields)?;
+                self.audit_read(&item, &fields);
+                Ok(Some(item))
+            })
+            .collect()
+    }
+
+    fn audit_read(&self, item: &Item, fields: &HashMap<String, String>) {
         tracing::info!(
             target: "audit",
             tenant_id = %self.tenant,
             actor = self.actor.as_str(),
             action = "get_key",
-            key,
+            key = item.key,
             version = item.version,
             size = fields.get("size").map_or("0", String::as_str),
         );
-        Ok(item)
     }
 
     /// Up to `limit` keys starting with `prefix`, in byte order, after

@@ -1,104 +1,141 @@
--- One write to a tenant's item, with its index, usage counters and audit
--- record, all or nothing. Expired items met on the way leave the index.
+-- Writes to a tenant's items, all or nothing, with the index, usage
+-- counters, rate limit and one audit record per write. Expired items met on
+-- the way leave the index.
 --
--- KEYS: 1 item, 2 index, 3 expiry, 4 expiring sizes, 5 usage, 6 audit
--- ARGV: 1 op (create | put | update | delete), 2 item key,
---       3 expected version or '', 4 value (JSON), 5 metadata (JSON) or '',
---       6 TTL in ms or '', 7 actor, 8 item key prefix, 9 max keys or '',
---       10 max bytes or '', 11 audit stream length cap, 12 tenant id
--- Returns {status, version or count, created ms, updated ms}.
+-- KEYS: 1 index, 2 expiry, 3 expiring sizes, 4 usage, 5 audit, 6 rate,
+--       then the item key of each write, in order.
+-- ARGV: 1 actor, 2 item key prefix, 3 max keys or '', 4 max bytes or '',
+--       5 audit stream length cap, 6 tenant id, 7 rate (writes per second)
+--       or '', 8 burst, then 6 per write: op (create | put | update |
+--       delete), key, expected version or '', value (JSON), metadata (JSON)
+--       or '', TTL in ms or ''.
+-- Returns {'ok', version, created ms, updated ms, ...} with three numbers
+-- per write, or {status, index of the write at fault (1-based), number}.
 
-local op, key, expected = ARGV[1], ARGV[2], ARGV[3]
+local HEADER = 8
+local writes = (#ARGV - HEADER) / 6
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local now_ns = time[1] .. string.format('%06d', tonumber(time[2])) .. '000'
 
 local function audit(action, item_key, version, size)
-  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[11], '*',
-    'ts', now_ns, 'tenant', ARGV[12], 'actor', ARGV[7], 'action', action,
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
+    'ts', now_ns, 'tenant', ARGV[6], 'actor', ARGV[1], 'action', action,
     'key', item_key, 'version', tostring(version), 'size', tostring(size))
 end
 
 local function usage(field)
-  return tonumber(redis.call('HGET', KEYS[5], field) or '0')
+  return tonumber(redis.call('HGET', KEYS[4], field) or '0')
 end
 
--- Items whose TTL ran out leave the index, a few per write.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now_ms, 'LIMIT', 0, 16)
+local function arg(i, field)
+  return ARGV[HEADER + (i - 1) * 6 + field]
+end
+
+-- Items whose TTL ran out leave the index, a few per call.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, 16)
 for _, gone in ipairs(expired) do
-  if redis.call('EXISTS', ARGV[8] .. gone) == 0 then
-    local size = tonumber(redis.call('HGET', KEYS[4], gone) or '0')
+  if redis.call('EXISTS', ARGV[2] .. gone) == 0 then
+    local size = tonumber(redis.call('HGET', KEYS[3], gone) or '0')
+    redis.call('ZREM', KEYS[1], gone)
     redis.call('ZREM', KEYS[2], gone)
-    redis.call('ZREM', KEYS[3], gone)
-    redis.call('HDEL', KEYS[4], gone)
-    redis.call('HINCRBY', KEYS[5], 'keys', -1)
-    redis.call('HINCRBY', KEYS[5], 'bytes', -size)
+    redis.call('HDEL', KEYS[3], gone)
+    redis.call('HINCRBY', KEYS[4], 'keys', -1)
+    redis.call('HINCRBY', KEYS[4], 'bytes', -size)
     audit('key_expiration', gone, '', size)
   end
 end
 
-local exists = redis.call('EXISTS', KEYS[1]) == 1
-local current = 0
-local old_size = 0
-if exists then
-  current = tonumber(redis.call('HGET', KEYS[1], 'version'))
-  old_size = tonumber(redis.call('HGET', KEYS[1], 'size'))
+-- Check every write before doing any.
+local state = {}
+local key_delta, byte_delta = 0, 0
+for i = 1, writes do
+  local item = KEYS[6 + i]
+  local op, expected = arg(i, 1), arg(i, 3)
+  local exists = redis.call('EXISTS', item) == 1
+  local current, old_size = 0, 0
+  if exists then
+    current = tonumber(redis.call('HGET', item, 'version'))
+    old_size = tonumber(redis.call('HGET', item, 'size'))
+  end
+  if op == 'create' and exists then return {'exists', i, current} end
+  if (op == 'update' or op == 'delete') and not exists then return {'missing', i, 0} end
+  if expected ~= '' and (not exists or tonumber(expected) ~= current) then
+    return {'conflict', i, current}
+  end
+  local size = 0
+  if op ~= 'delete' then size = #arg(i, 2) + #arg(i, 4) + #arg(i, 5) end
+  if op == 'delete' then key_delta = key_delta - 1
+  elseif not exists then key_delta = key_delta + 1 end
+  byte_delta = byte_delta + size - old_size
+  state[i] = {exists = exists, old_size = old_size, size = size}
 end
-if op == 'create' and exists then return {'exists', current, 0, 0} end
-if (op == 'update' or op == 'delete') and not exists then return {'missing', 0, 0, 0} end
-if expected ~= '' and (not exists or tonumber(expected) ~= current) then
-  return {'conflict', current, 0, 0}
+if ARGV[3] ~= '' and key_delta > 0 and usage('keys') + key_delta > tonumber(ARGV[3]) then
+  return {'quota_keys', 0, usage('keys') + key_delta}
+end
+if ARGV[4] ~= '' and byte_delta > 0 and usage('bytes') + byte_delta > tonumber(ARGV[4]) then
+  return {'quota_bytes', 0, usage('bytes') + byte_delta}
+end
+-- The rate limit (GCRA): each write books 1/rate s; at most `burst` ahead.
+if ARGV[7] ~= '' then
+  local interval = 1000 / tonumber(ARGV[7])
+  local limit = interval * tonumber(ARGV[8])
+  local tat = math.max(tonumber(redis.call('GET', KEYS[6]) or '0'), now_ms)
+  local booked = tat + interval * writes
+  if booked - now_ms > limit then
+    return {'rate', 0, math.ceil(booked - now_ms - limit)}
+  end
+  redis.call('SET', KEYS[6], string.format('%.3f', booked), 'PX', math.ceil(limit) + 1000)
 end
 
-if op == 'delete' then
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[2], key)
-  redis.call('ZREM', KEYS[3], key)
-  redis.call('HDEL', KEYS[4], key)
-  redis.call('HINCRBY', KEYS[5], 'keys', -1)
-  redis.call('HINCRBY', KEYS[5], 'bytes', -old_size)
-  local version = redis.call('HINCRBY', KEYS[5], 'rev', 1)
-  audit('delete_key', key, version, old_size)
-  return {'ok', version, 0, now_ms}
+local reply = {'ok'}
+for i = 1, writes do
+  local item, op, key = KEYS[6 + i], arg(i, 1), arg(i, 2)
+  local s = state[i]
+  local version = redis.call('HINCRBY', KEYS[4], 'rev', 1)
+  if op == 'delete' then
+    redis.call('DEL', item)
+    redis.call('ZREM', KEYS[1], key)
+    redis.call('ZREM', KEYS[2], key)
+    redis.call('HDEL', KEYS[3], key)
+    audit('delete_key', key, version, s.old_size)
+    table.insert(reply, version)
+    table.insert(reply, 0)
+    table.insert(reply, now_ms)
+  else
+    local created = now_ms
+    if s.exists then created = tonumber(redis.call('HGET', item, 'created')) end
+    redis.call('DEL', item)
+    local fields = {'value', arg(i, 4), 'version', version, 'created', created,
+      'updated', now_ms, 'size', s.size}
+    if arg(i, 5) ~= '' then
+      table.insert(fields, 'metadata')
+      table.insert(fields, arg(i, 5))
+    end
+    local expires = nil
+    if arg(i, 6) ~= '' then
+      expires = now_ms + tonumber(arg(i, 6))
+      table.insert(fields, 'expires')
+      table.insert(fields, expires)
+    end
+    redis.call('HSET', item, unpack(fields))
+    if expires then
+      redis.call('PEXPIREAT', item, expires)
+      redis.call('ZADD', KEYS[2], expires, key)
+      redis.call('HSET', KEYS[3], key, s.size)
+    else
+      redis.call('ZREM', KEYS[2], key)
+      redis.call('HDEL', KEYS[3], key)
+    end
+    redis.call('ZADD', KEYS[1], 0, key)
+    local action = 'create_key'
+    if s.exists then action = 'update_key' end
+    audit(action, key, version, s.size)
+    table.insert(reply, version)
+    table.insert(reply, created)
+    table.insert(reply, now_ms)
+  end
 end
-
-local size = #key + #ARGV[4] + #ARGV[5]
-if not exists and ARGV[9] ~= '' and usage('keys') + 1 > tonumber(ARGV[9]) then
-  return {'quota_keys', usage('keys') + 1, 0, 0}
-end
-if ARGV[10] ~= '' and usage('bytes') - old_size + size > tonumber(ARGV[10]) then
-  return {'quota_bytes', usage('bytes') - old_size + size, 0, 0}
-end
-
-local version = redis.call('HINCRBY', KEYS[5], 'rev', 1)
-local created = now_ms
-if exists then created = tonumber(redis.call('HGET', KEYS[1], 'created')) end
-redis.call('DEL', KEYS[1])
-local fields = {'value', ARGV[4], 'version', version, 'created', created,
-  'updated', now_ms, 'size', size}
-if ARGV[5] ~= '' then
-  table.insert(fields, 'metadata')
-  table.insert(fields, ARGV[5])
-end
-local expires = nil
-if ARGV[6] ~= '' then
-  expires = now_ms + tonumber(ARGV[6])
-  table.insert(fields, 'expires')
-  table.insert(fields, expires)
-end
-redis.call('HSET', KEYS[1], unpack(fields))
-if expires then
-  redis.call('PEXPIREAT', KEYS[1], expires)
-  redis.call('ZADD', KEYS[3], expires, key)
-  redis.call('HSET', KEYS[4], key, size)
-else
-  redis.call('ZREM', KEYS[3], key)
-  redis.call('HDEL', KEYS[4], key)
-end
-redis.call('ZADD', KEYS[2], 0, key)
-if not exists then redis.call('HINCRBY', KEYS[5], 'keys', 1) end
-redis.call('HINCRBY', KEYS[5], 'bytes', size - old_size)
-local action = 'create_key'
-if exists then action = 'update_key' end
-audit(action, key, version, size)
-return {'ok', version, created, now_ms}
+redis.call('HINCRBY', KEYS[4], 'keys', key_delta)
+redis.call('HINCRBY', KEYS[4], 'bytes', byte_delta)
+return reply

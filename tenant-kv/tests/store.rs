@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use redis_failover::{FailoverClient, NodeAddr};
 use redis_topology::Topology;
 use serde_json::json;
-use tenant_kv::{Actor, Error, NewItem, Precondition, Quotas, TenantId, TenantKv};
+use tenant_kv::{Actor, Error, NewItem, Precondition, Quotas, TenantId, TenantKv, Write, Written};
 
 async fn start(replicas: usize) -> (Topology, FailoverClient) {
     let topology = Topology::builder()
@@ -321,4 +321,107 @@ async fn quotas_refuse_writes_past_them_and_a_flushed_script_cache_is_refilled()
         .await
         .unwrap();
     small.delete("b", None).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_is_all_or_nothing_and_get_many_reads_in_one_go() {
+    let (topology, client) = start(0).await;
+    let store = TenantKv::builder(client).build().unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::system());
+    let existing = acme.create("a", NewItem::new(json!(1))).await.unwrap();
+
+    // The last write's precondition fails: nothing of the batch happens.
+    let failing = vec![
+        Write::Create {
+            key: "b".into(),
+            item: NewItem::new(json!(2)),
+        },
+        Write::Delete {
+            key: "a".into(),
+            expected_version: Some(existing.version + 1),
+        },
+    ];
+    match acme.batch(failing).await {
+        Err(Error::BatchFailed { index: 1, source }) => {
+            assert!(matches!(*source, Error::VersionConflict { .. }), "{source}");
+        }
+        other => panic!("expected the second write to fail, got {other:?}"),
+    }
+    assert!(matches!(acme.get("b").await, Err(Error::NotFound { .. })));
+
+    let written = acme
+        .batch(vec![
+            Write::Create {
+                key: "b".into(),
+                item: NewItem::new(json!(2)),
+            },
+            Write::Put {
+                key: "c".into(),
+                item: NewItem::new(json!(3)),
+                precondition: Precondition::None,
+            },
+            Write::Delete {
+                key: "a".into(),
+                expected_version: Some(existing.version),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(written.len(), 3);
+    assert!(matches!(&written[2], Written::Deleted { key, .. } if key == "a"));
+    let items = acme.get_many(&["a", "b", "c"]).await.unwrap();
+    let values: Vec<Option<serde_json::Value>> =
+        items.into_iter().map(|i| i.map(|i| i.value)).collect();
+    assert_eq!(values, [None, Some(json!(2)), Some(json!(3))]);
+    assert_eq!(acme.usage().await.unwrap().keys, 2);
+    let records = audit(&topology, "acme").await;
+    assert_eq!(
+        actions(&records),
+        ["create_key", "create_key", "create_key", "delete_key"]
+    );
+    assert!(matches!(
+        acme.batch(vec![
+            Write::Delete {
+                key: "b".into(),
+                expected_version: None
+            },
+            Write::Delete {
+                key: "b".into(),
+                expected_version: None
+            },
+        ])
+        .await,
+        Err(Error::BatchFailed { index: 1, .. })
+    ));
+}
+
+#[tokio::test]
+async fn writes_past_the_rate_quota_are_refused_with_when_to_retry() {
+    let (_topology, client) = start(0).await;
+    let store = TenantKv::builder(client)
+        .quotas(Quotas::unlimited().writes_per_second(2, 3))
+        .build()
+        .unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::system());
+    let mut allowed = 0;
+    let retry_after = loop {
+        match acme
+            .put("k", NewItem::new(json!(allowed)), Precondition::None)
+            .await
+        {
+            Ok(_) => allowed += 1,
+            Err(Error::RateLimited { retry_after }) => break retry_after,
+            Err(other) => panic!("{other}"),
+        }
+        assert!(allowed < 10, "the rate quota never applied");
+    };
+    assert!(
+        (3..=4).contains(&allowed),
+        "{allowed} writes went through at once"
+    );
+    assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_millis(500));
+    tokio::time::sleep(retry_after).await;
+    acme.put("k", NewItem::new(json!(0)), Precondition::None)
+        .await
+        .unwrap();
 }
