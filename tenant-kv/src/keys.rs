@@ -123,6 +123,11 @@ impl TenantKeys {
         format!("{}rate", self.prefix)
     }
 
+    /// The tenant's data key, wrapped by the master key.
+    pub(crate) fn data_key(&self) -> String {
+        format!("{}data-key", self.prefix)
+    }
+
     /// The set of the tenant's usernames.
     pub(crate) fn users(&self) -> String {
         format!("{}users", self.prefix)

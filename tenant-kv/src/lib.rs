@@ -40,6 +40,12 @@
 //! time, [`Scope`]s and a key prefix limit them, and a rotation keeps the
 //! old secret valid for a grace period.
 //!
+//! With [`TenantKvBuilder::encryption_key`], values are encrypted at rest
+//! (XChaCha20-Poly1305) under a data key per tenant, kept in Redis wrapped
+//! by the master key; a value's tenant and key are its associated data, so
+//! a ciphertext copied elsewhere does not decrypt, and
+//! [`TenantKv::destroy_data_key`] makes a tenant's values unreadable.
+//!
 //! Listing reads the tenant's own sorted-set index by lexical range, so it
 //! costs the same however many keys other tenants hold. Items whose TTL
 //! ran out are left out at once and leave the index, with a
@@ -65,6 +71,7 @@
 #![warn(missing_docs)]
 
 mod api_keys;
+mod crypto;
 mod cursor;
 mod error;
 mod keys;

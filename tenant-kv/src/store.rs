@@ -8,6 +8,7 @@ use redis::{Script, Value};
 use redis_failover::FailoverClient;
 use serde_json::{Map, Value as Json};
 
+use crate::crypto::Encryption;
 use crate::cursor::Cursors;
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys, check_key};
@@ -77,9 +78,21 @@ pub struct TenantKvBuilder {
     cursor_secret: Option<Vec<u8>>,
     quotas: Quotas,
     tenant_quotas: HashMap<TenantId, Quotas>,
+    encryption_key: Option<[u8; 32]>,
 }
 
 impl TenantKvBuilder {
+    /// Encrypts values at rest (XChaCha20-Poly1305) under a data key per
+    /// tenant, stored in Redis wrapped by `master_key`. A value copied to
+    /// another key or tenant does not decrypt, and
+    /// [`TenantKv::destroy_data_key`] makes a tenant's values unreadable.
+    /// Keys, metadata and listing stay in clear. Defaults to off; values
+    /// written without it stay readable with it.
+    pub fn encryption_key(mut self, master_key: [u8; 32]) -> Self {
+        self.encryption_key = Some(master_key);
+        self
+    }
+
     /// The largest value, as JSON text. Defaults to 1 MiB.
     pub fn max_value_bytes(mut self, bytes: usize) -> Self {
         self.max_value_bytes = bytes;
@@ -149,6 +162,7 @@ impl TenantKvBuilder {
                 cursors: Cursors::new(&secret),
                 quotas: self.quotas,
                 tenant_quotas: self.tenant_quotas,
+                encryption: self.encryption_key.as_ref().map(Encryption::new),
             }),
         })
     }
@@ -163,6 +177,7 @@ pub(crate) struct Settings {
     cursors: Cursors,
     quotas: Quotas,
     tenant_quotas: HashMap<TenantId, Quotas>,
+    encryption: Option<Encryption>,
 }
 
 /// A tenant-isolated key-value store over a [`FailoverClient`]. Cheap to
@@ -241,6 +256,20 @@ impl TenantKv {
             cursor_secret: None,
             quotas: Quotas::default(),
             tenant_quotas: HashMap::new(),
+            encryption_key: None,
+        }
+    }
+
+    /// Deletes `tenant`'s data key: every value it wrote encrypted becomes
+    /// unreadable ([`Error::Corrupt`]), whatever copies of the data exist.
+    /// New writes get a new data key.
+    pub async fn destroy_data_key(&self, tenant: &TenantId) -> Result<()> {
+        match &self.inner.encryption {
+            Some(encryption) => encryption.destroy(&self.inner.client, tenant).await,
+            None => Err(Error::InvalidConfig {
+                setting: "encryption_key",
+                reason: "this store does not encrypt".to_owned(),
+            }),
         }
     }
 
@@ -589,8 +618,18 @@ impl Tenant {
 
     /// Runs prepared writes in one script. An error names the write at
     /// fault, if one is.
-    async fn run(&self, writes: Vec<Prepared>) -> Result<Vec<Written>, (Option<usize>, Error)> {
+    async fn run(&self, mut writes: Vec<Prepared>) -> Result<Vec<Written>, (Option<usize>, Error)> {
         let settings = &self.store.inner;
+        if let Some(encryption) = &settings.encryption {
+            for (index, write) in writes.iter_mut().enumerate() {
+                if write.item.is_some() {
+                    write.value = encryption
+                        .encrypt(&settings.client, &self.tenant, &write.key, &write.value)
+                        .await
+                        .map_err(|e| (Some(index), e))?;
+                }
+            }
+        }
         let optional = |n: Option<u64>| n.map_or_else(String::new, |n| n.to_string());
         let mut command = redis::cmd("EVALSHA");
         command
@@ -725,8 +764,7 @@ impl Tenant {
                 key: key.to_owned(),
             });
         }
-        let item = parse_item(key, &fields)?;
-        self.audit_read(&item, &fields);
+        let item = self.parse(key, fields).await?;
         Ok(item)
     }
 
@@ -744,15 +782,37 @@ impl Tenant {
         let replies: Vec<HashMap<String, String>> = self.client().read_pipeline(&pipeline).await?;
         keys.iter()
             .zip(replies)
-            .map(|(key, fields)| {
+            .map(|(key, fields)| async move {
                 if fields.is_empty() {
                     return Ok(None);
                 }
-                let item = parse_item(key, &fields)?;
-                self.audit_read(&item, &fields);
-                Ok(Some(item))
+                self.parse(key, fields).await.map(Some)
             })
-            .collect()
+            .collect::<futures_util::future::TryJoinAll<_>>()
+            .await
+    }
+
+    /// Decrypts (if need be) and reads a stored item, auditing the read.
+    async fn parse(&self, key: &str, mut fields: HashMap<String, String>) -> Result<Item> {
+        let settings = &self.store.inner;
+        if let Some(stored) = fields.get("value")
+            && Encryption::is_encrypted(stored)
+        {
+            let Some(encryption) = &settings.encryption else {
+                return Err(Error::Corrupt {
+                    key: key.to_owned(),
+                    reason: "the value is encrypted and this store has no encryption key"
+                        .to_owned(),
+                });
+            };
+            let plain = encryption
+                .decrypt(&settings.client, &self.tenant, key, stored)
+                .await?;
+            fields.insert("value".to_owned(), plain);
+        }
+        let item = parse_item(key, &fields)?;
+        self.audit_read(&item, &fields);
+        Ok(item)
     }
 
     fn audit_read(&self, item: &Item, fields: &HashMap<String, String>) {
