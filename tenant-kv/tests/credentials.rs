@@ -1,28 +1,18 @@
 //! Users and API keys against a real master: logins with their audit
 //! records, migration of bcrypt hashes, and the API key lifecycle.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use redis_failover::{FailoverClient, NodeAddr};
 use redis_topology::Topology;
-use tenant_kv::{Actor, Error, NewApiKey, NewUser, Scope, TenantId, TenantKv};
+use tenant_kv::{Actor, Error, NewApiKey, NewUser, Scope, TenantKv};
 
-async fn start() -> (Topology, TenantKv) {
-    let topology = Topology::builder()
-        .replicas(0)
-        .sentinels(0)
-        .start()
-        .await
-        .unwrap();
-    let master = NodeAddr::from(topology.addr(topology.initial_master()));
-    let client = FailoverClient::candidates([master]).build().unwrap();
-    let store = TenantKv::builder(client).build().unwrap();
-    (topology, store)
-}
+mod common;
 
-fn tenant(id: &str) -> TenantId {
-    TenantId::new(id).unwrap()
+use common::*;
+
+async fn start_store() -> (Topology, TenantKv) {
+    let (topology, client) = start(0).await;
+    (topology, TenantKv::builder(client).build().unwrap())
 }
 
 fn new_user(name: &str, tenant_id: &str) -> NewUser {
@@ -34,26 +24,9 @@ fn new_user(name: &str, tenant_id: &str) -> NewUser {
     }
 }
 
-async fn audit_actions(topology: &Topology, tenant: &str) -> Vec<String> {
-    let entries: Vec<(String, HashMap<String, String>)> = topology
-        .query(
-            topology.initial_master(),
-            redis::cmd("XRANGE")
-                .arg(format!("tenant:{tenant}:audit"))
-                .arg("-")
-                .arg("+"),
-        )
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .map(|(_, fields)| fields["action"].clone())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_log_in_with_argon2_or_migrated_bcrypt_hashes_and_every_attempt_is_audited() {
-    let (topology, store) = start().await;
+    let (topology, store) = start_store().await;
     let users = store.users();
     let admin = Actor::system();
     users
@@ -97,7 +70,7 @@ async fn users_log_in_with_argon2_or_migrated_bcrypt_hashes_and_every_attempt_is
         .collect();
     assert_eq!(listed, ["alice", "bob"]);
     assert_eq!(
-        audit_actions(&topology, "acme").await,
+        actions(&audit(&topology, "acme").await),
         [
             "create_user",
             "create_user",
@@ -112,7 +85,7 @@ async fn users_log_in_with_argon2_or_migrated_bcrypt_hashes_and_every_attempt_is
 
 #[tokio::test]
 async fn api_keys_verify_until_revoked_expired_or_past_their_rotation_grace() {
-    let (topology, store) = start().await;
+    let (topology, store) = start_store().await;
     let keys = store.api_keys();
     let (acme, other) = (tenant("acme"), tenant("other"));
     let admin = Actor::user("alice");
@@ -211,7 +184,7 @@ async fn api_keys_verify_until_revoked_expired_or_past_their_rotation_grace() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        audit_actions(&topology, "acme").await,
+        actions(&audit(&topology, "acme").await),
         [
             "create_api_key",
             "rotate_api_key",

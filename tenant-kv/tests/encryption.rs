@@ -2,26 +2,18 @@
 //! another key or tenant, not with another master key, and not after the
 //! tenant's data key is destroyed.
 
-use redis_failover::{FailoverClient, NodeAddr};
-use redis_topology::Topology;
 use serde_json::json;
 use tenant_kv::{Actor, Error, NewItem, TenantId, TenantKv};
 
+mod common;
+
+use common::*;
+
 #[tokio::test]
 async fn encrypted_values_read_back_only_where_they_were_written() {
-    let topology = Topology::builder()
-        .replicas(0)
-        .sentinels(0)
-        .start()
-        .await
-        .unwrap();
+    let (topology, first_client) = start(0).await;
     let master = topology.initial_master();
-    let client = || {
-        FailoverClient::candidates([NodeAddr::from(topology.addr(master))])
-            .build()
-            .unwrap()
-    };
-    let store = TenantKv::builder(client())
+    let store = TenantKv::builder(first_client)
         .encryption_key([42; 32])
         .build()
         .unwrap();
@@ -77,11 +69,11 @@ async fn encrypted_values_read_back_only_where_they_were_written() {
     assert!(matches!(bob.get("card").await, Err(Error::Corrupt { .. })));
 
     // Another master key, or none, cannot read it.
-    let wrong = TenantKv::builder(client())
+    let wrong = TenantKv::builder(client(&topology))
         .encryption_key([7; 32])
         .build()
         .unwrap();
-    let none = TenantKv::builder(client()).build().unwrap();
+    let none = TenantKv::builder(client(&topology)).build().unwrap();
     for other_store in [wrong, none] {
         let view = other_store.tenant(acme_id.clone(), Actor::system());
         assert!(matches!(view.get("card").await, Err(Error::Corrupt { .. })));

@@ -11,6 +11,10 @@ use redis_topology::Topology;
 use serde_json::json;
 use tenant_kv::{Actor, Error, NewItem, TenantId, TenantKv};
 
+mod common;
+
+use common::audit_on;
+
 const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn wait_for(what: &str, done: impl Fn() -> bool) {
@@ -85,18 +89,9 @@ async fn writes_through_a_killed_master_lose_nothing_acknowledged_and_audit_each
         acked.extend(a);
         uncertain.extend(u);
     }
-    let records: Vec<(String, HashMap<String, String>)> = topology
-        .query(
-            new,
-            redis::cmd("XRANGE")
-                .arg("tenant:acme:audit")
-                .arg("-")
-                .arg("+"),
-        )
-        .await
-        .unwrap();
+    let records = audit_on(&topology, new, "acme").await;
     let mut audited: HashMap<String, usize> = HashMap::new();
-    for (_, fields) in &records {
+    for fields in &records {
         assert_eq!(fields["action"], "create_key");
         *audited.entry(fields["key"].clone()).or_default() += 1;
     }

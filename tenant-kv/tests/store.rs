@@ -1,51 +1,15 @@
 //! The store against a real master with replicas: semantics of every
 //! operation, audit records, TTL expiry, listing, isolation and quotas.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use redis_failover::{FailoverClient, NodeAddr};
-use redis_topology::Topology;
 use serde_json::json;
-use tenant_kv::{Actor, Error, NewItem, Precondition, Quotas, TenantId, TenantKv, Write, Written};
+use tenant_kv::{Actor, Error, NewItem, Precondition, Quotas, TenantKv, Write, Written};
 
-async fn start(replicas: usize) -> (Topology, FailoverClient) {
-    let topology = Topology::builder()
-        .replicas(replicas)
-        .sentinels(0)
-        .start()
-        .await
-        .unwrap();
-    let nodes = topology
-        .data_nodes()
-        .into_iter()
-        .map(|n| NodeAddr::from(topology.addr(n)));
-    let client = FailoverClient::candidates(nodes).build().unwrap();
-    (topology, client)
-}
+mod common;
 
-fn tenant(id: &str) -> TenantId {
-    TenantId::new(id).unwrap()
-}
-
-/// The tenant's audit records, oldest first, as field maps.
-async fn audit(topology: &Topology, tenant: &str) -> Vec<HashMap<String, String>> {
-    let entries: Vec<(String, HashMap<String, String>)> = topology
-        .query(
-            topology.initial_master(),
-            redis::cmd("XRANGE")
-                .arg(format!("tenant:{tenant}:audit"))
-                .arg("-")
-                .arg("+"),
-        )
-        .await
-        .unwrap();
-    entries.into_iter().map(|(_, fields)| fields).collect()
-}
-
-fn actions(records: &[HashMap<String, String>]) -> Vec<&str> {
-    records.iter().map(|r| r["action"].as_str()).collect()
-}
+use common::*;
 
 #[tokio::test]
 async fn every_operation_keeps_its_promise_and_leaves_one_audit_record() {

@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use redis_failover::{FailoverClient, NodeAddr};
+use redis_topology::Topology;
+use tenant_kv::TenantId;
+
+/// A master with `replicas` replicas and no sentinel, and a client that
+/// finds the master among them.
+pub async fn start(replicas: usize) -> (Topology, FailoverClient) {
+    let topology = Topology::builder()
+        .replicas(replicas)
+        .sentinels(0)
+        .start()
+        .await
+        .unwrap();
+    let client = client(&topology);
+    (topology, client)
+}
+
+/// Another client of `topology`'s data nodes.
+pub fn client(topology: &Topology) -> FailoverClient {
+    let nodes = topology
+        .data_nodes()
+        .into_iter()
+        .map(|n| NodeAddr::from(topology.addr(n)));
+    FailoverClient::candidates(nodes).build().unwrap()
+}
+
+pub fn tenant(id: &str) -> TenantId {
+    TenantId::new(id).unwrap()
+}
+
+/// The tenant's audit records, oldest first, as field maps, from `node`.
+pub async fn audit_on(
+    topology: &Topology,
+    node: redis_topology::NodeId,
+    tenant: &str,
+) -> Vec<HashMap<String, String>> {
+    let entries: Vec<(String, HashMap<String, String>)> = topology
+        .query(
+            node,
+            redis::cmd("XRANGE")
+                .arg(format!("tenant:{tenant}:audit"))
+                .arg("-")
+                .arg("+"),
+        )
+        .await
+        .unwrap();
+    entries.into_iter().map(|(_, fields)| fields).collect()
+}
+
+/// The tenant's audit records on the initial master.
+pub async fn audit(topology: &Topology, tenant: &str) -> Vec<HashMap<String, String>> {
+    audit_on(topology, topology.initial_master(), tenant).await
+}
+
+/// The actions of audit records, in order.
+pub fn actions(records: &[HashMap<String, String>]) -> Vec<&str> {
+    records.iter().map(|r| r["action"].as_str()).collect()
+}
