@@ -327,7 +327,9 @@ impl FailoverClient {
             .iter()
             .map(|replica| ReplicaStatus {
                 node: replica.node.clone(),
-                unusable: replica.unusable(now, max_staleness),
+                unusable: replica
+                    .unusable(now, max_staleness)
+                    .map(|why| why.to_string()),
                 staleness: replica
                     .caught_up_at
                     .map(|at| now.saturating_duration_since(at)),

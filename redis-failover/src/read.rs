@@ -250,7 +250,7 @@ impl Shared {
                 let now = Instant::now();
                 for replica in plan.unusable {
                     if let Some(reason) = replica.unusable(now, self.settings.max_staleness) {
-                        failed(&replica.node, reason);
+                        failed(&replica.node, reason.to_string());
                     }
                 }
                 return Err(Error::NoReplicaAvailable { failures });

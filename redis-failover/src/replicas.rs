@@ -45,18 +45,49 @@ pub(crate) struct ReadReplica {
     pub(crate) latency: Option<Duration>,
 }
 
+/// Why a replica may not serve reads; displayed only when someone asks, as
+/// reads check it on every call.
+#[derive(Debug)]
+pub(crate) enum Unusable<'a> {
+    /// What the latest probe found wrong.
+    Problem(&'a str),
+    NoConnection,
+    NeverCaughtUp,
+    TooStale {
+        staleness: Duration,
+        max_staleness: Duration,
+    },
+}
+
+impl std::fmt::Display for Unusable<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Problem(problem) => f.write_str(problem),
+            Self::NoConnection => f.write_str("no working connection"),
+            Self::NeverCaughtUp => f.write_str("it has not reached any recent master offset"),
+            Self::TooStale {
+                staleness,
+                max_staleness,
+            } => write!(
+                f,
+                "{staleness:?} behind the master, more than the {max_staleness:?} allowed"
+            ),
+        }
+    }
+}
+
 impl ReadReplica {
     /// Why it may not serve a read now; `None` if it may.
-    pub(crate) fn unusable(&self, now: Instant, max_staleness: Duration) -> Option<String> {
+    pub(crate) fn unusable(&self, now: Instant, max_staleness: Duration) -> Option<Unusable<'_>> {
         if let Some(problem) = &self.problem {
-            return Some(problem.clone());
+            return Some(Unusable::Problem(problem));
         }
         if self
             .connection
             .as_ref()
             .is_none_or(|c| c.failed.load(Ordering::Acquire))
         {
-            return Some("no working connection".to_owned());
+            return Some(Unusable::NoConnection);
         }
         too_stale(self.caught_up_at, now, max_staleness)
     }
@@ -68,13 +99,14 @@ fn too_stale(
     caught_up_at: Option<Instant>,
     now: Instant,
     max_staleness: Duration,
-) -> Option<String> {
+) -> Option<Unusable<'static>> {
     let Some(caught_up_at) = caught_up_at else {
-        return Some("it has not reached any recent master offset".to_owned());
+        return Some(Unusable::NeverCaughtUp);
     };
     let staleness = now.saturating_duration_since(caught_up_at);
-    (staleness > max_staleness).then(|| {
-        format!("{staleness:?} behind the master, more than the {max_staleness:?} allowed")
+    (staleness > max_staleness).then_some(Unusable::TooStale {
+        staleness,
+        max_staleness,
     })
 }
 
@@ -477,7 +509,7 @@ impl Shared {
                 (None, false) => self.emit(Event::ReplicaUsable { node: node.clone() }),
                 (Some(reason), true) => self.emit(Event::ReplicaUnusable {
                     node: node.clone(),
-                    reason: reason.clone(),
+                    reason: reason.to_string(),
                 }),
                 _ => {}
             }
@@ -584,7 +616,9 @@ mod tests {
         assert!(too_stale(None, now, bound).is_some(), "never caught up");
         assert!(too_stale(Some(now), now, bound).is_none());
         assert!(too_stale(Some(now - Duration::from_millis(999)), now, bound).is_none());
-        let stale = too_stale(Some(now - Duration::from_millis(1500)), now, bound).unwrap();
+        let stale = too_stale(Some(now - Duration::from_millis(1500)), now, bound)
+            .unwrap()
+            .to_string();
         assert!(stale.contains("behind the master"), "{stale}");
     }
 

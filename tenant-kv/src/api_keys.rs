@@ -254,24 +254,7 @@ impl ApiKeys {
             .client()
             .query(redis::cmd("HGETALL").arg(api_key_key(id)))
             .await?;
-        let Some(tenant) = fields.get("tenant") else {
-            return Ok(None);
-        };
-        let number = |name: &str| fields.get(name).and_then(|v| v.parse::<u64>().ok());
-        let key = ApiKey {
-            id: id.to_owned(),
-            tenant: TenantId::new(tenant.clone())?,
-            name: fields.get("name").cloned().unwrap_or_default(),
-            scopes: fields
-                .get("scopes")
-                .map(|s| s.split(',').filter_map(|s| s.parse().ok()).collect())
-                .unwrap_or_default(),
-            key_prefix: fields.get("key_prefix").cloned(),
-            created_at: ms_to_time(number("created").unwrap_or(0)),
-            expires_at: number("expires").map(ms_to_time),
-            last_used: number("last_used").map(ms_to_time),
-        };
-        Ok(Some((key, fields)))
+        Ok(key_from_fields(id, &fields)?.map(|key| (key, fields)))
     }
 
     /// The key `presented` stands for, if it is valid now: well formed, its
@@ -413,15 +396,45 @@ impl ApiKeys {
             .client()
             .query(redis::cmd("SMEMBERS").arg(TenantKeys::new(tenant).api_keys()))
             .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipeline = redis::pipe();
+        for id in &ids {
+            pipeline.cmd("HGETALL").arg(api_key_key(id));
+        }
+        let all: Vec<HashMap<String, String>> = self.client().query_pipeline(&pipeline).await?;
         let mut keys = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some((key, _)) = self.load(&id).await? {
+        for (id, fields) in ids.iter().zip(all) {
+            // A key revoked meanwhile is left out.
+            if let Some(key) = key_from_fields(id, &fields)? {
                 keys.push(key);
             }
         }
         keys.sort_by_key(|k| k.created_at);
         Ok(keys)
     }
+}
+
+/// A key from its hash fields; `None` if there is no such key.
+fn key_from_fields(id: &str, fields: &HashMap<String, String>) -> Result<Option<ApiKey>> {
+    let Some(tenant) = fields.get("tenant") else {
+        return Ok(None);
+    };
+    let number = |name: &str| fields.get(name).and_then(|v| v.parse::<u64>().ok());
+    Ok(Some(ApiKey {
+        id: id.to_owned(),
+        tenant: TenantId::new(tenant.clone())?,
+        name: fields.get("name").cloned().unwrap_or_default(),
+        scopes: fields
+            .get("scopes")
+            .map(|s| s.split(',').filter_map(|s| s.parse().ok()).collect())
+            .unwrap_or_default(),
+        key_prefix: fields.get("key_prefix").cloned(),
+        created_at: ms_to_time(number("created").unwrap_or(0)),
+        expires_at: number("expires").map(ms_to_time),
+        last_used: number("last_used").map(ms_to_time),
+    }))
 }
 
 #[cfg(test)]

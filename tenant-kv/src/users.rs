@@ -203,17 +203,7 @@ impl Users {
             .client()
             .query(redis::cmd("HGETALL").arg(user_key(username)))
             .await?;
-        let (Some(tenant), Some(hash)) = (fields.get("tenant"), fields.get("password_hash")) else {
-            return Ok(None);
-        };
-        let user = User {
-            username: username.to_owned(),
-            tenant: TenantId::new(tenant.clone())?,
-            email: fields.get("email").cloned(),
-            full_name: fields.get("full_name").cloned(),
-            disabled: fields.get("disabled").is_some_and(|d| d == "1"),
-        };
-        Ok(Some((user, hash.clone())))
+        user_from_fields(username, fields)
     }
 
     /// The user named `username`.
@@ -303,12 +293,41 @@ impl Users {
             .query(redis::cmd("SMEMBERS").arg(TenantKeys::new(tenant).users()))
             .await?;
         names.sort();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipeline = redis::pipe();
+        for name in &names {
+            pipeline.cmd("HGETALL").arg(user_key(name));
+        }
+        let all: Vec<HashMap<String, String>> = self.client().query_pipeline(&pipeline).await?;
         let mut users = Vec::with_capacity(names.len());
-        for name in names {
-            users.push(self.get(&name).await?);
+        for (name, fields) in names.iter().zip(all) {
+            // A user deleted meanwhile is left out.
+            if let Some((user, _)) = user_from_fields(name, fields)? {
+                users.push(user);
+            }
         }
         Ok(users)
     }
+}
+
+/// A user and its password hash from its hash fields; `None` if there is no such user.
+fn user_from_fields(
+    username: &str,
+    fields: HashMap<String, String>,
+) -> Result<Option<(User, String)>> {
+    let (Some(tenant), Some(hash)) = (fields.get("tenant"), fields.get("password_hash")) else {
+        return Ok(None);
+    };
+    let user = User {
+        username: username.to_owned(),
+        tenant: TenantId::new(tenant.clone())?,
+        email: fields.get("email").cloned(),
+        full_name: fields.get("full_name").cloned(),
+        disabled: fields.get("disabled").is_some_and(|d| d == "1"),
+    };
+    Ok(Some((user, hash.clone())))
 }
 
 #[cfg(test)]
