@@ -300,6 +300,25 @@ impl FailoverClient {
         unreachable!("the loop returns")
     }
 
+    /// A pub/sub connection to the master (found first, within the retry
+    /// budget, if none is known), and the master it reaches. It does not
+    /// follow failovers: a subscriber watches [`events`](Self::events),
+    /// opens a new one after [`Event::MasterChanged`], and must expect to
+    /// have missed what was published in between, as Redis pub/sub keeps
+    /// nothing for absent subscribers.
+    pub async fn master_pubsub(&self) -> Result<(MasterInfo, redis::aio::PubSub)> {
+        let master = self
+            .wait_for_master(self.shared().settings.retry_budget)
+            .await?;
+        match self.shared().data.pubsub(&master.node).await {
+            Ok(pubsub) => Ok((master, pubsub)),
+            Err(source) => Err(Error::Connect {
+                node: master.node,
+                source,
+            }),
+        }
+    }
+
     /// A session whose reads see its own writes (see [`Session`]).
     #[must_use]
     pub fn session(&self) -> Session {

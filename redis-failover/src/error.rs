@@ -105,6 +105,16 @@ pub enum Error {
         #[source]
         source: RedisError,
     },
+
+    /// A connection of its own (pub/sub) to the master could not be opened.
+    #[error("could not open a connection to {node}")]
+    Connect {
+        /// The master.
+        node: NodeAddr,
+        /// Why.
+        #[source]
+        source: RedisError,
+    },
 }
 
 /// The last failure seen on one node while looking for the master or
@@ -159,6 +169,7 @@ impl Error {
             Self::NoReplicaAvailable { .. } => "NOREPLICA",
             Self::NotReadOnly { .. } => "NOTREADONLY",
             Self::NotReplicated { .. } | Self::ReplicationUnknown { .. } => "NOTREPLICATED",
+            Self::Connect { .. } => "CONNECT",
             Self::Command { .. } => unreachable!("returned above"),
         };
         // The RedisError has no source chain: its detail carries the cause too.

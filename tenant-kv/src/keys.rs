@@ -162,6 +162,13 @@ pub fn escape_glob(text: &str) -> String {
 /// command that reaches keys by pattern or the whole keyspace. Add the
 /// user's password and `on` to use it, e.g.
 /// `ACL SETUSER <name> on ><password> <rules...>`.
+///
+/// A [`TenantKv`](crate::TenantKv) over a client that logs in as this user
+/// serves that tenant's items (`ROLE`, for finding the master, and `TIME`,
+/// for the write script's clock, are allowed)
+/// and gets `NOPERM` errors for any other tenant's. Replica reads also need
+/// `+info`, and the expiry watcher, users and API keys (kept outside the
+/// tenants' keys) need an unconfined user.
 pub fn tenant_acl_rules(tenant: &TenantId) -> Vec<String> {
     let mut rules = vec![
         "resetkeys".to_owned(),
@@ -173,6 +180,8 @@ pub fn tenant_acl_rules(tenant: &TenantId) -> Vec<String> {
         "+@scripting".to_owned(),
         "+@connection".to_owned(),
         "+@transaction".to_owned(),
+        "+role".to_owned(),
+        "+time".to_owned(),
     ];
     for denied in [
         "scan",

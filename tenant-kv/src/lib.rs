@@ -47,10 +47,13 @@
 //! [`TenantKv::destroy_data_key`] makes a tenant's values unreadable.
 //!
 //! Listing reads the tenant's own sorted-set index by lexical range, so it
-//! costs the same however many keys other tenants hold. Items whose TTL
-//! ran out are left out at once and leave the index, with a
-//! `key_expiration` audit record, during the tenant's next writes. Cursors
-//! are signed for the tenant and prefix.
+//! costs the same however many keys other tenants hold. Cursors are signed
+//! for the tenant and prefix. Items whose TTL ran out are left out of
+//! listings at once, and leave the index with a `key_expiration` audit
+//! record as soon as Redis expires them if an expiry watcher runs
+//! ([`TenantKv::watch_expirations`]: keyspace notifications, with periodic
+//! sweeps for the notifications lost), or else during the tenant's next
+//! writes.
 //!
 //! ```no_run
 //! # async fn run(client: redis_failover::FailoverClient) -> tenant_kv::Result<()> {
@@ -74,12 +77,14 @@ mod api_keys;
 mod crypto;
 mod cursor;
 mod error;
+mod expiry;
 mod keys;
 mod store;
 mod users;
 
 pub use api_keys::{ApiKey, ApiKeys, NewApiKey, Scope};
 pub use error::{Error, Result};
+pub use expiry::ExpiryWatcher;
 pub use keys::{MAX_KEY_LEN, MAX_TENANT_ID_LEN, TenantId, escape_glob, tenant_acl_rules};
 pub use store::{
     Actor, Item, NewItem, Page, Precondition, Quotas, Tenant, TenantKv, TenantKvBuilder, Usage,

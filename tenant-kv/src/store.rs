@@ -11,11 +11,14 @@ use serde_json::{Map, Value as Json};
 use crate::crypto::Encryption;
 use crate::cursor::Cursors;
 use crate::error::{Error, Result};
+use crate::expiry::ExpiryWatcher;
 use crate::keys::{TenantId, TenantKeys, check_key};
 
 const WRITE_SOURCE: &str = include_str!("write.lua");
 static WRITE_SHA: LazyLock<String> =
     LazyLock::new(|| Script::new(WRITE_SOURCE).get_hash().to_owned());
+/// How many expired items the write script purges per call with no writes.
+const PURGE_BATCH: u64 = 256;
 
 /// Limits on one tenant's data.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -79,6 +82,8 @@ pub struct TenantKvBuilder {
     quotas: Quotas,
     tenant_quotas: HashMap<TenantId, Quotas>,
     encryption_key: Option<[u8; 32]>,
+    expiry_notifications: bool,
+    expiry_sweep_interval: Duration,
 }
 
 impl TenantKvBuilder {
@@ -133,6 +138,26 @@ impl TenantKvBuilder {
         self
     }
 
+    /// Whether [`TenantKv::watch_expirations`] turns on the master's
+    /// keyspace notifications of expired keys (`notify-keyspace-events Ex`,
+    /// added to the flags already set) if they are off, on every master
+    /// it follows. Where `CONFIG SET` is refused, or this is off and the
+    /// server's configuration lacks them, expiry records come from the
+    /// periodic sweeps only. Defaults to on.
+    pub fn expiry_notifications(mut self, enable: bool) -> Self {
+        self.expiry_notifications = enable;
+        self
+    }
+
+    /// How often the expiry watcher scans for tenants with items past
+    /// their time, which notifications missed (they are fire-and-forget:
+    /// lost while the watcher reconnects or the master fails over). A scan
+    /// costs in proportion to the whole keyspace. Defaults to 60 s.
+    pub fn expiry_sweep_interval(mut self, interval: Duration) -> Self {
+        self.expiry_sweep_interval = interval;
+        self
+    }
+
     /// Validates the settings.
     pub fn build(self) -> Result<TenantKv> {
         let invalid = |setting, reason: &str| {
@@ -146,6 +171,9 @@ impl TenantKvBuilder {
         }
         if self.audit_max_len == 0 {
             return invalid("audit_max_len", "must be more than zero");
+        }
+        if self.expiry_sweep_interval.is_zero() {
+            return invalid("expiry_sweep_interval", "must be more than zero");
         }
         if self.cursor_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return invalid("cursor_secret", "must be at least 16 bytes");
@@ -163,6 +191,8 @@ impl TenantKvBuilder {
                 quotas: self.quotas,
                 tenant_quotas: self.tenant_quotas,
                 encryption: self.encryption_key.as_ref().map(Encryption::new),
+                expiry_notifications: self.expiry_notifications,
+                expiry_sweep_interval: self.expiry_sweep_interval,
             }),
         })
     }
@@ -178,6 +208,8 @@ pub(crate) struct Settings {
     quotas: Quotas,
     tenant_quotas: HashMap<TenantId, Quotas>,
     encryption: Option<Encryption>,
+    pub(crate) expiry_notifications: bool,
+    pub(crate) expiry_sweep_interval: Duration,
 }
 
 /// A tenant-isolated key-value store over a [`FailoverClient`]. Cheap to
@@ -257,7 +289,26 @@ impl TenantKv {
             quotas: Quotas::default(),
             tenant_quotas: HashMap::new(),
             encryption_key: None,
+            expiry_notifications: true,
+            expiry_sweep_interval: Duration::from_secs(60),
         }
+    }
+
+    /// Starts the expiry watcher, which writes each `key_expiration` audit
+    /// record (and takes the item out of the index and usage counters) as
+    /// soon as Redis expires the item. Without it, that happens during the
+    /// tenant's next writes; listings leave expired items out either way.
+    ///
+    /// It subscribes to the master's expired-key notifications
+    /// ([`TenantKvBuilder::expiry_notifications`]) and follows failovers.
+    /// Notifications are fire-and-forget: those published while it
+    /// reconnects are lost. So it also sweeps on every (re)subscription
+    /// and every [`TenantKvBuilder::expiry_sweep_interval`]. Every
+    /// instance of a service may run one: each expired item is purged,
+    /// and recorded, exactly once, by whichever comes first. Stops when
+    /// the returned handle is dropped. Needs a Tokio runtime.
+    pub fn watch_expirations(&self) -> ExpiryWatcher {
+        ExpiryWatcher::start(self.clone())
     }
 
     /// Deletes `tenant`'s data key: every value it wrote encrypted becomes
@@ -630,39 +681,10 @@ impl Tenant {
                 }
             }
         }
-        let optional = |n: Option<u64>| n.map_or_else(String::new, |n| n.to_string());
-        let mut command = redis::cmd("EVALSHA");
-        command
-            .arg(WRITE_SHA.as_str())
-            .arg(6 + writes.len())
-            .arg(self.keys.index())
-            .arg(self.keys.expiry())
-            .arg(self.keys.expiring_sizes())
-            .arg(self.keys.usage())
-            .arg(self.keys.audit())
-            .arg(self.keys.rate());
-        for write in &writes {
-            command.arg(self.keys.data(&write.key));
-        }
-        command
-            .arg(self.actor.as_str())
-            .arg(self.keys.data_prefix())
-            .arg(optional(self.quotas.max_keys))
-            .arg(optional(self.quotas.max_bytes))
-            .arg(settings.audit_max_len)
-            .arg(self.tenant.as_str())
-            .arg(optional(self.quotas.writes_per_second.map(u64::from)))
-            .arg(self.quotas.burst());
-        for write in &writes {
-            command
-                .arg(write.op)
-                .arg(&write.key)
-                .arg(optional(write.expected))
-                .arg(&write.value)
-                .arg(&write.metadata)
-                .arg(&write.ttl);
-        }
-        let reply = self.eval(&command).await.map_err(|e| (None, e))?;
+        let reply = self
+            .eval(&self.write_script(&writes), false)
+            .await
+            .map_err(|e| (None, e))?;
         let status = match reply.first() {
             Some(Value::BulkString(status)) => String::from_utf8_lossy(status).into_owned(),
             _ => String::new(),
@@ -734,10 +756,73 @@ impl Tenant {
         Err((index, error))
     }
 
+    /// The write script's command for `writes` (none: a purge).
+    fn write_script(&self, writes: &[Prepared]) -> redis::Cmd {
+        let optional = |n: Option<u64>| n.map_or_else(String::new, |n| n.to_string());
+        let mut command = redis::cmd("EVALSHA");
+        command
+            .arg(WRITE_SHA.as_str())
+            .arg(6 + writes.len())
+            .arg(self.keys.index())
+            .arg(self.keys.expiry())
+            .arg(self.keys.expiring_sizes())
+            .arg(self.keys.usage())
+            .arg(self.keys.audit())
+            .arg(self.keys.rate());
+        for write in writes {
+            command.arg(self.keys.data(&write.key));
+        }
+        command
+            .arg(self.actor.as_str())
+            .arg(self.keys.data_prefix())
+            .arg(optional(self.quotas.max_keys))
+            .arg(optional(self.quotas.max_bytes))
+            .arg(self.store.inner.audit_max_len)
+            .arg(self.tenant.as_str())
+            .arg(optional(self.quotas.writes_per_second.map(u64::from)))
+            .arg(self.quotas.burst());
+        for write in writes {
+            command
+                .arg(write.op)
+                .arg(&write.key)
+                .arg(optional(write.expected))
+                .arg(&write.value)
+                .arg(&write.metadata)
+                .arg(&write.ttl);
+        }
+        command
+    }
+
+    /// Takes the items whose TTL ran out out of the index and the usage
+    /// counters, each with a `key_expiration` audit record by
+    /// [`Actor::system`], and returns how many. An item is purged once
+    /// however many callers try: the expiry watcher
+    /// ([`TenantKv::watch_expirations`]) calls this when Redis reports an
+    /// expiry, and writes purge a few on their way.
+    pub async fn purge_expired(&self) -> Result<u64> {
+        let command = self.write_script(&[]);
+        let mut total = 0;
+        loop {
+            let reply = self.eval(&command, true).await?;
+            let purged = reply.get(1).and_then(int).unwrap_or(0);
+            total += purged;
+            if purged < PURGE_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Runs `EVALSHA`, loading the script first on a node that does not
     /// know it (a new master after a failover, a restarted one).
-    async fn eval(&self, command: &redis::Cmd) -> Result<Vec<Value>> {
-        match self.client().query(command).await {
+    async fn eval(&self, command: &redis::Cmd, idempotent: bool) -> Result<Vec<Value>> {
+        let run = || async {
+            if idempotent {
+                self.client().query_idempotent(command).await
+            } else {
+                self.client().query(command).await
+            }
+        };
+        match run().await {
             Err(redis_failover::Error::Command { source, .. })
                 if source.code() == Some("NOSCRIPT") =>
             {
@@ -745,7 +830,7 @@ impl Tenant {
                     .client()
                     .query_idempotent(redis::cmd("SCRIPT").arg("LOAD").arg(WRITE_SOURCE))
                     .await?;
-                Ok(self.client().query(command).await?)
+                Ok(run().await?)
             }
             other => Ok(other?),
         }

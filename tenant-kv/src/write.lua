@@ -1,6 +1,7 @@
 -- Writes to a tenant's items, all or nothing, with the index, usage
--- counters, rate limit and one audit record per write. Expired items met on
--- the way leave the index.
+-- counters, rate limit and one audit record per write. Items whose TTL ran
+-- out leave the index first (16 per call, or 256 when called with no
+-- writes, to purge), each with a `key_expiration` record by `system`.
 --
 -- KEYS: 1 index, 2 expiry, 3 expiring sizes, 4 usage, 5 audit, 6 rate,
 --       then the item key of each write, in order.
@@ -10,7 +11,8 @@
 --       delete), key, expected version or '', value (JSON), metadata (JSON)
 --       or '', TTL in ms or ''.
 -- Returns {'ok', version, created ms, updated ms, ...} with three numbers
--- per write, or {status, index of the write at fault (1-based), number}.
+-- per write, or {'ok', items purged} with no writes, or
+-- {status, index of the write at fault (1-based), number}.
 
 local HEADER = 8
 local writes = (#ARGV - HEADER) / 6
@@ -18,9 +20,9 @@ local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local now_ns = time[1] .. string.format('%06d', tonumber(time[2])) .. '000'
 
-local function audit(action, item_key, version, size)
+local function audit(actor, action, item_key, version, size)
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
-    'ts', now_ns, 'tenant', ARGV[6], 'actor', ARGV[1], 'action', action,
+    'ts', now_ns, 'tenant', ARGV[6], 'actor', actor, 'action', action,
     'key', item_key, 'version', tostring(version), 'size', tostring(size))
 end
 
@@ -32,9 +34,13 @@ local function arg(i, field)
   return ARGV[HEADER + (i - 1) * 6 + field]
 end
 
--- Items whose TTL ran out leave the index, a few per call.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, 16)
+local purge_limit = 16
+if writes == 0 then purge_limit = 256 end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, purge_limit)
+local purged = 0
 for _, gone in ipairs(expired) do
+  -- The item itself may still be there for a moment (Redis expires lazily)
+  -- or may have been written again since, with a new TTL or none.
   if redis.call('EXISTS', ARGV[2] .. gone) == 0 then
     local size = tonumber(redis.call('HGET', KEYS[3], gone) or '0')
     redis.call('ZREM', KEYS[1], gone)
@@ -42,9 +48,11 @@ for _, gone in ipairs(expired) do
     redis.call('HDEL', KEYS[3], gone)
     redis.call('HINCRBY', KEYS[4], 'keys', -1)
     redis.call('HINCRBY', KEYS[4], 'bytes', -size)
-    audit('key_expiration', gone, '', size)
+    audit('system', 'key_expiration', gone, '', size)
+    purged = purged + 1
   end
 end
+if writes == 0 then return {'ok', purged} end
 
 -- Check every write before doing any.
 local state = {}
@@ -53,10 +61,10 @@ for i = 1, writes do
   local item = KEYS[6 + i]
   local op, expected = arg(i, 1), arg(i, 3)
   local exists = redis.call('EXISTS', item) == 1
-  local current, old_size = 0, 0
+  local current, old_size, created = 0, 0, now_ms
   if exists then
-    current = tonumber(redis.call('HGET', item, 'version'))
-    old_size = tonumber(redis.call('HGET', item, 'size'))
+    local fields = redis.call('HMGET', item, 'version', 'size', 'created')
+    current, old_size, created = tonumber(fields[1]), tonumber(fields[2]), tonumber(fields[3])
   end
   if op == 'create' and exists then return {'exists', i, current} end
   if (op == 'update' or op == 'delete') and not exists then return {'missing', i, 0} end
@@ -68,7 +76,7 @@ for i = 1, writes do
   if op == 'delete' then key_delta = key_delta - 1
   elseif not exists then key_delta = key_delta + 1 end
   byte_delta = byte_delta + size - old_size
-  state[i] = {exists = exists, old_size = old_size, size = size}
+  state[i] = {exists = exists, old_size = old_size, size = size, created = created}
 end
 if ARGV[3] ~= '' and key_delta > 0 and usage('keys') + key_delta > tonumber(ARGV[3]) then
   return {'quota_keys', 0, usage('keys') + key_delta}
@@ -98,15 +106,13 @@ for i = 1, writes do
     redis.call('ZREM', KEYS[1], key)
     redis.call('ZREM', KEYS[2], key)
     redis.call('HDEL', KEYS[3], key)
-    audit('delete_key', key, version, s.old_size)
+    audit(ARGV[1], 'delete_key', key, version, s.old_size)
     table.insert(reply, version)
     table.insert(reply, 0)
     table.insert(reply, now_ms)
   else
-    local created = now_ms
-    if s.exists then created = tonumber(redis.call('HGET', item, 'created')) end
     redis.call('DEL', item)
-    local fields = {'value', arg(i, 4), 'version', version, 'created', created,
+    local fields = {'value', arg(i, 4), 'version', version, 'created', s.created,
       'updated', now_ms, 'size', s.size}
     if arg(i, 5) ~= '' then
       table.insert(fields, 'metadata')
@@ -130,12 +136,12 @@ for i = 1, writes do
     redis.call('ZADD', KEYS[1], 0, key)
     local action = 'create_key'
     if s.exists then action = 'update_key' end
-    audit(action, key, version, s.size)
+    audit(ARGV[1], action, key, version, s.size)
     table.insert(reply, version)
-    table.insert(reply, created)
+    table.insert(reply, s.created)
     table.insert(reply, now_ms)
   end
 end
-redis.call('HINCRBY', KEYS[4], 'keys', key_delta)
-redis.call('HINCRBY', KEYS[4], 'bytes', byte_delta)
+if key_delta ~= 0 then redis.call('HINCRBY', KEYS[4], 'keys', key_delta) end
+if byte_delta ~= 0 then redis.call('HINCRBY', KEYS[4], 'bytes', byte_delta) end
 return reply

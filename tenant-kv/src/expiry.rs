@@ -1,0 +1,278 @@
+//! The expiry watcher: `key_expiration` records as soon as Redis expires
+//! an item, from keyspace notifications, with sweeps for the ones missed.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt};
+use redis_failover::{Event, FailoverClient};
+use tokio::sync::{broadcast, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::keys::TenantId;
+use crate::store::{Actor, TenantKv};
+
+/// Where Redis announces every key it expires (database 0).
+const EXPIRED_CHANNEL: &str = "__keyevent@0__:expired";
+/// How many notifications already received are handled together.
+const COALESCE: usize = 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A running expiry watcher (see [`TenantKv::watch_expirations`]). It
+/// stops when dropped, or on [`shutdown`](Self::shutdown).
+#[derive(Debug)]
+pub struct ExpiryWatcher {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl ExpiryWatcher {
+    pub(crate) fn start(store: TenantKv) -> Self {
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(watch(store, stopped));
+        Self {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Stops the watcher and waits until it has. (A purge cut short ran
+    /// whole or not at all: it is one script.)
+    pub async fn shutdown(mut self) {
+        drop(self.stop.take());
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for ExpiryWatcher {
+    fn drop(&mut self) {
+        // Dropping `stop` ends the task at its next await point between purges.
+        drop(self.stop.take());
+    }
+}
+
+async fn watch(store: TenantKv, mut stopped: oneshot::Receiver<()>) {
+    let client = store.inner.client.clone();
+    let mut events = client.events();
+    let mut attempt = 0u32;
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            ended = subscribed(&store, &client, &mut events) => {
+                if let Err(error) = ended {
+                    tracing::warn!(%error, "expiry watcher: subscription failed, retrying");
+                    let wait = Duration::from_millis(100 << attempt.min(5));
+                    attempt += 1;
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                } else {
+                    attempt = 0;
+                }
+            }
+        }
+    }
+}
+
+/// One subscription to the current master, until it fails or the master
+/// changes (`Ok`: subscribe again at once).
+async fn subscribed(
+    store: &TenantKv,
+    client: &FailoverClient,
+    events: &mut broadcast::Receiver<Event>,
+) -> Result<(), BoxError> {
+    let (master, mut pubsub) = client.master_pubsub().await?;
+    if store.inner.expiry_notifications {
+        enable_notifications(client).await;
+    }
+    pubsub.subscribe(EXPIRED_CHANNEL).await?;
+    // Whatever expired while nobody listened.
+    sweep(store).await?;
+    let interval = store.inner.expiry_sweep_interval;
+    let mut sweeps = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut messages = pubsub.on_message();
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else {
+                    return Err("the pub/sub connection was closed".into());
+                };
+                let mut tenants = BTreeSet::new();
+                tenants.extend(tenant_of_item(message.get_payload_bytes()));
+                while tenants.len() < COALESCE {
+                    match messages.next().now_or_never() {
+                        Some(Some(message)) => tenants.extend(tenant_of_item(message.get_payload_bytes())),
+                        _ => break,
+                    }
+                }
+                for tenant in tenants {
+                    purge(store, tenant).await?;
+                }
+            }
+            event = events.recv() => match event {
+                Ok(Event::MasterChanged { generation, .. }) if generation != master.generation => {
+                    return Ok(());
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                _ => {}
+            },
+            _ = sweeps.tick() => sweep(store).await?,
+        }
+    }
+}
+
+/// Adds `Ex` (expired-key events) to the master's `notify-keyspace-events`
+/// if they are not on. Where `CONFIG` is not allowed, says so: records
+/// then come from the sweeps only.
+async fn enable_notifications(client: &FailoverClient) {
+    let current: Result<(String, String), _> = client
+        .query_idempotent(
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("notify-keyspace-events"),
+        )
+        .await;
+    let result = match current {
+        Ok((_, flags)) if has_expired_events(&flags) => return,
+        Ok((_, flags)) => client
+            .query_idempotent::<()>(
+                redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("notify-keyspace-events")
+                    .arg(format!("{flags}Ex")),
+            )
+            .await
+            .map(|()| {
+                tracing::info!(
+                    previous = flags,
+                    "expiry watcher: enabled keyspace notifications of expired keys"
+                )
+            }),
+        Err(error) => Err(error),
+    };
+    if let Err(error) = result {
+        tracing::warn!(
+            %error,
+            "expiry watcher: cannot enable keyspace notifications (`notify-keyspace-events Ex`); \
+             key_expiration records come from the periodic sweeps only"
+        );
+    }
+}
+
+/// Whether `notify-keyspace-events` flags publish expired-key events.
+fn has_expired_events(flags: &str) -> bool {
+    flags.contains('E') && (flags.contains('x') || flags.contains('A'))
+}
+
+/// The tenant of an item's Redis key `tenant:<id>:data:<key>`, if it is one.
+fn tenant_of_item(redis_key: &[u8]) -> Option<TenantId> {
+    let rest = redis_key.strip_prefix(b"tenant:")?;
+    let end = rest.iter().position(|&b| b == b':')?;
+    if !rest[end + 1..].starts_with(b"data:") {
+        return None;
+    }
+    TenantId::new(std::str::from_utf8(&rest[..end]).ok()?).ok()
+}
+
+/// The tenant of an expiry index's Redis key `tenant:<id>:expiry`.
+fn tenant_of_expiry_index(redis_key: &str) -> Option<TenantId> {
+    let id = redis_key.strip_prefix("tenant:")?.strip_suffix(":expiry")?;
+    TenantId::new(id).ok()
+}
+
+async fn purge(store: &TenantKv, tenant: TenantId) -> Result<(), BoxError> {
+    let purged = store
+        .tenant(tenant.clone(), Actor::system())
+        .purge_expired()
+        .await?;
+    if purged > 0 {
+        tracing::debug!(%tenant, purged, "expiry watcher: purged expired items");
+    }
+    Ok(())
+}
+
+/// Purges every tenant whose expiry index holds an item past its time.
+/// Scans the keyspace for expiry indexes: this costs in proportion to the
+/// whole database, which is why it runs seldom and notifications do the
+/// prompt work.
+async fn sweep(store: &TenantKv) -> Result<(), BoxError> {
+    let client = &store.inner.client;
+    let mut cursor = 0u64;
+    loop {
+        let (next, indexes): (u64, Vec<String>) = client
+            .query_idempotent(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("tenant:*:expiry")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .arg("TYPE")
+                    .arg("zset"),
+            )
+            .await?;
+        let tenants: Vec<TenantId> = indexes
+            .iter()
+            .filter_map(|index| tenant_of_expiry_index(index))
+            .collect();
+        if !tenants.is_empty() {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let mut due = redis::pipe();
+            for tenant in &tenants {
+                due.cmd("ZCOUNT")
+                    .arg(format!("tenant:{tenant}:expiry"))
+                    .arg("-inf")
+                    .arg(now_ms.to_string());
+            }
+            let counts: Vec<u64> = client.query_pipeline(&due).await?;
+            for (tenant, count) in tenants.into_iter().zip(counts) {
+                if count > 0 {
+                    purge(store, tenant).await?;
+                }
+            }
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_keys_name_their_tenant() {
+        let tenant = |key: &[u8]| tenant_of_item(key).map(|t| t.as_str().to_owned());
+        assert_eq!(tenant(b"tenant:acme:data:a:b"), Some("acme".to_owned()));
+        assert_eq!(tenant(b"tenant:acme:data:"), Some("acme".to_owned()));
+        assert_eq!(tenant(b"tenant:acme:rate"), None);
+        assert_eq!(tenant(b"tenant:acme:index"), None);
+        assert_eq!(tenant(b"tenant:a*b:data:x"), None);
+        assert_eq!(tenant(b"other:acme:data:x"), None);
+        assert_eq!(tenant(b"tenant:\xff:data:x"), None);
+    }
+
+    #[test]
+    fn only_expiry_indexes_name_a_tenant() {
+        let tenant = |key| tenant_of_expiry_index(key).map(|t| t.as_str().to_owned());
+        assert_eq!(tenant("tenant:acme:expiry"), Some("acme".to_owned()));
+        // An item whose key ends in `:expiry` is not an index.
+        assert_eq!(tenant("tenant:acme:data:x:expiry"), None);
+        assert_eq!(tenant("tenant::expiry"), None);
+    }
+
+    #[test]
+    fn expired_events_need_the_keyevent_class_and_the_expired_type() {
+        assert!(has_expired_events("xE"));
+        assert!(has_expired_events("AKE"));
+        assert!(!has_expired_events(""));
+        assert!(!has_expired_events("Kx"));
+        assert!(!has_expired_events("E$"));
+    }
+}
