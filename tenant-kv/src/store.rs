@@ -840,17 +840,20 @@ impl Tenant {
     /// `get_key` through a `tracing` event with target `audit` (no write).
     pub async fn get(&self, key: &str) -> Result<Item> {
         check_key(key)?;
-        let fields: HashMap<String, String> = self
+        let stored: Stored = self
             .client()
-            .read(redis::cmd("HGETALL").arg(self.keys.data(key)))
+            .read(
+                redis::cmd("HMGET")
+                    .arg(self.keys.data(key))
+                    .arg(&Stored::FIELDS),
+            )
             .await?;
-        if fields.is_empty() {
-            return Err(Error::NotFound {
+        match self.parse(key, stored).await? {
+            Some(item) => Ok(item),
+            None => Err(Error::NotFound {
                 key: key.to_owned(),
-            });
+            }),
         }
-        let item = self.parse(key, fields).await?;
-        Ok(item)
     }
 
     /// The items under `keys` (`None` where there is none), in one round
@@ -859,30 +862,29 @@ impl Tenant {
         let mut pipeline = redis::pipe();
         for key in keys {
             check_key(key)?;
-            pipeline.cmd("HGETALL").arg(self.keys.data(key));
+            pipeline
+                .cmd("HMGET")
+                .arg(self.keys.data(key))
+                .arg(&Stored::FIELDS);
         }
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let replies: Vec<HashMap<String, String>> = self.client().read_pipeline(&pipeline).await?;
+        let replies: Vec<Stored> = self.client().read_pipeline(&pipeline).await?;
         keys.iter()
             .zip(replies)
-            .map(|(key, fields)| async move {
-                if fields.is_empty() {
-                    return Ok(None);
-                }
-                self.parse(key, fields).await.map(Some)
-            })
+            .map(|(key, stored)| self.parse(key, stored))
             .collect::<futures_util::future::TryJoinAll<_>>()
             .await
     }
 
     /// Decrypts (if need be) and reads a stored item, auditing the read.
-    async fn parse(&self, key: &str, mut fields: HashMap<String, String>) -> Result<Item> {
+    async fn parse(&self, key: &str, mut stored: Stored) -> Result<Option<Item>> {
         let settings = &self.store.inner;
-        if let Some(stored) = fields.get("value")
-            && Encryption::is_encrypted(stored)
-        {
+        let Some(value) = &stored.value else {
+            return Ok(None);
+        };
+        if Encryption::is_encrypted(value) {
             let Some(encryption) = &settings.encryption else {
                 return Err(Error::Corrupt {
                     key: key.to_owned(),
@@ -891,16 +893,11 @@ impl Tenant {
                 });
             };
             let plain = encryption
-                .decrypt(&settings.client, &self.tenant, key, stored)
+                .decrypt(&settings.client, &self.tenant, key, value)
                 .await?;
-            fields.insert("value".to_owned(), plain);
+            stored.value = Some(plain);
         }
-        let item = parse_item(key, &fields)?;
-        self.audit_read(&item, &fields);
-        Ok(item)
-    }
-
-    fn audit_read(&self, item: &Item, fields: &HashMap<String, String>) {
+        let item = stored.to_item(key)?;
         tracing::info!(
             target: "audit",
             tenant_id = %self.tenant,
@@ -908,8 +905,9 @@ impl Tenant {
             action = "get_key",
             key = item.key,
             version = item.version,
-            size = fields.get("size").map_or("0", String::as_str),
+            size = stored.size.as_deref().unwrap_or("0"),
         );
+        Ok(Some(item))
     }
 
     /// Up to `limit` keys starting with `prefix`, in byte order, after
@@ -984,35 +982,73 @@ impl Tenant {
     }
 }
 
-fn parse_item(key: &str, fields: &HashMap<String, String>) -> Result<Item> {
-    let corrupt = |reason: &str| Error::Corrupt {
-        key: key.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let number = |name: &str| -> Result<u64> {
-        fields
-            .get(name)
-            .ok_or_else(|| corrupt(&format!("no `{name}`")))?
-            .parse::<f64>()
-            .map(|n| n as u64)
-            .map_err(|e| corrupt(&format!("`{name}`: {e}")))
-    };
-    let value = fields.get("value").ok_or_else(|| corrupt("no `value`"))?;
-    let value = serde_json::from_str(value).map_err(|e| corrupt(&format!("`value`: {e}")))?;
-    let metadata = match fields.get("metadata") {
-        Some(m) => Some(serde_json::from_str(m).map_err(|e| corrupt(&format!("`metadata`: {e}")))?),
-        None => None,
-    };
-    Ok(Item {
-        key: key.to_owned(),
-        value,
-        metadata,
-        version: number("version")?,
-        created_at: ms_to_time(number("created")?),
-        updated_at: ms_to_time(number("updated")?),
-        expires_at: fields
-            .contains_key("expires")
-            .then(|| number("expires").map(ms_to_time))
-            .transpose()?,
-    })
+/// An item's hash as `HMGET` of [`Stored::FIELDS`] returns it; no value
+/// means no item.
+#[derive(Debug)]
+struct Stored {
+    value: Option<String>,
+    metadata: Option<String>,
+    version: Option<String>,
+    created: Option<String>,
+    updated: Option<String>,
+    expires: Option<String>,
+    size: Option<String>,
+}
+
+impl Stored {
+    const FIELDS: [&str; 7] = [
+        "value", "metadata", "version", "created", "updated", "expires", "size",
+    ];
+
+    fn to_item(&self, key: &str) -> Result<Item> {
+        let corrupt = |reason: &str| Error::Corrupt {
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let number = |name: &str, field: &Option<String>| -> Result<u64> {
+            field
+                .as_deref()
+                .ok_or_else(|| corrupt(&format!("no `{name}`")))?
+                .parse::<f64>()
+                .map(|n| n as u64)
+                .map_err(|e| corrupt(&format!("`{name}`: {e}")))
+        };
+        let value = self.value.as_deref().ok_or_else(|| corrupt("no `value`"))?;
+        let value = serde_json::from_str(value).map_err(|e| corrupt(&format!("`value`: {e}")))?;
+        let metadata = match &self.metadata {
+            Some(m) => {
+                Some(serde_json::from_str(m).map_err(|e| corrupt(&format!("`metadata`: {e}")))?)
+            }
+            None => None,
+        };
+        Ok(Item {
+            key: key.to_owned(),
+            value,
+            metadata,
+            version: number("version", &self.version)?,
+            created_at: ms_to_time(number("created", &self.created)?),
+            updated_at: ms_to_time(number("updated", &self.updated)?),
+            expires_at: self
+                .expires
+                .is_some()
+                .then(|| number("expires", &self.expires).map(ms_to_time))
+                .transpose()?,
+        })
+    }
+}
+
+impl redis::FromRedisValue for Stored {
+    fn from_redis_value(value: Value) -> std::result::Result<Self, redis::ParsingError> {
+        let [value, metadata, version, created, updated, expires, size] =
+            <[Option<String>; 7]>::from_redis_value(value)?;
+        Ok(Self {
+            value,
+            metadata,
+            version,
+            created,
+            updated,
+            expires,
+            size,
+        })
+    }
 }
