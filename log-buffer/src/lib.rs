@@ -2,18 +2,69 @@
 //!
 //! # Model
 //!
-//! A `tracing` layer turns events into records and hands them to a bounded
-//! in-memory queue, so emitting an event never waits on the network; a
-//! background task appends the queue to one Redis Stream per tenant in
-//! pipelined batches. When the queue is full, records are dropped and
-//! counted by reason, never silently.
+//! A `tracing` layer ([`BufferLayer`], from [`LogBuffer::layer`]) turns
+//! events into records and hands them to a bounded in-memory queue, so
+//! emitting an event never waits on the network; a background task appends
+//! the queue to one Redis stream per tenant (`tenant:<id>:logs`, through
+//! [`redis_failover`], so it follows failovers) in pipelined batches. When
+//! the queue is full, records are dropped and counted by reason
+//! ([`ProducerMetrics`]), never silently. The tenant is an event's
+//! `tenant_id` field, or its span's, or a default. Streams are trimmed to
+//! a length cap and to Loki's 7-day window (`MAXLEN ~`, `MINID ~`).
 //!
-//! Offloaders read the streams through a consumer group, push each tenant's
-//! batch to Loki's `/loki/api/v1/push` with `X-Scope-OrgID: <tenant>`, and
-//! acknowledge entries only after Loki accepted them: delivery is
-//! at-least-once, a crashed offloader's entries are claimed by another, and
-//! one tenant's throttling does not hold back the others.
+//! An entry is flat string fields: `ts` (nanoseconds when the event
+//! happened), `level`, `target`, `message` and the event's and its spans'
+//! fields. tenant-kv's audit records (`tenant:<id>:audit`) have the same
+//! shape, so the offloader ships them too.
 //!
-//! Status: this crate's API is not published yet.
+//! [`Offloader`]s read the streams through a consumer group (`XREADGROUP`),
+//! push each tenant's entries to a [`LogSink`] — Loki's
+//! `/loki/api/v1/push` with `X-Scope-OrgID: <tenant>` ([`LokiSink`],
+//! protobuf + snappy or JSON), or a file ([`FileSink`]) — and acknowledge
+//! and delete them only once the sink accepted them: delivery is
+//! at-least-once. A crashed offloader's entries are claimed by another
+//! after an idle time (`XAUTOCLAIM`); entries delivered too often are
+//! poison and dead-lettered. Each tenant has its own delivery task,
+//! backoff and pace, so one tenant's throttling (429) or outage never
+//! holds back another. Entries Loki would refuse (too old, too far in the
+//! future, lines too long) and batches it refuses (400: it stored the
+//! valid entries, so a resend would duplicate them) go to the stream's
+//! dead-letter stream (`<stream>:dead-letter`) with the reason, never
+//! resent. A resent batch keeps each entry's timestamp and line bytes, so
+//! Loki drops the duplicates.
+//!
+//! ```no_run
+//! # async fn run(client: redis_failover::FailoverClient) -> log_buffer::Result<()> {
+//! use std::time::Duration;
+//! use log_buffer::{LogBuffer, LokiSink, Offloader};
+//! use tracing_subscriber::layer::SubscriberExt;
+//!
+//! let buffer = LogBuffer::builder(client.clone()).start()?;
+//! let subscriber = tracing_subscriber::registry().with(buffer.layer());
+//! tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
+//! tracing::info!(tenant_id = "acme", user = "alice", "logged in");
+//!
+//! // Anywhere, in as many instances as needed:
+//! let offloader = Offloader::builder(client, LokiSink::builder("http://loki:3100").build()?)
+//!     .start()?;
+//! // On shutdown: flush the queue to Redis, let pushes under way finish.
+//! buffer.shutdown(Duration::from_secs(5)).await;
+//! offloader.shutdown(Duration::from_secs(5)).await;
+//! # Ok(()) }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod error;
+pub mod loki;
+mod offloader;
+mod producer;
+mod record;
+mod sink;
+
+pub use error::{Error, Result};
+pub use loki::{Encoding, LokiSink, LokiSinkBuilder};
+pub use offloader::{Offloader, OffloaderBuilder, TenantMetrics};
+pub use producer::{BufferLayer, LogBuffer, LogBufferBuilder, ProducerMetrics};
+pub use record::{MAX_TENANT_LEN, dead_letter_stream, is_valid_tenant, log_stream};
+pub use sink::{Entry, FileSink, LogSink, Push, PushError, Stream};

@@ -1,0 +1,418 @@
+//! The producer: a `tracing` layer feeding a bounded queue, and the task
+//! appending the queue to Redis.
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis_failover::FailoverClient;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::field::{Field, Visit};
+use tracing::span;
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::error::{Error, Result};
+use crate::record::{Record, check_tenant, is_valid_tenant, log_stream, now_ns};
+
+/// Loki's default `reject_old_samples_max_age`: older lines are refused.
+pub(crate) const LOKI_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Settings of a [`LogBuffer`].
+#[derive(Debug)]
+#[must_use]
+pub struct LogBufferBuilder {
+    client: FailoverClient,
+    default_tenant: String,
+    queue_capacity: usize,
+    batch_size: usize,
+    max_len: u64,
+    max_age: Duration,
+}
+
+impl LogBufferBuilder {
+    /// The tenant of events without a valid `tenant_id` field (theirs or
+    /// a span's). Defaults to `system`.
+    pub fn default_tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.default_tenant = tenant.into();
+        self
+    }
+
+    /// How many records may wait in memory for the append task; beyond,
+    /// new ones are dropped and counted (`queue_full`). Defaults to 65 536.
+    pub fn queue_capacity(mut self, records: usize) -> Self {
+        self.queue_capacity = records;
+        self
+    }
+
+    /// The most records appended in one pipeline. Defaults to 512.
+    pub fn batch_size(mut self, records: usize) -> Self {
+        self.batch_size = records;
+        self
+    }
+
+    /// How many entries a tenant's stream keeps at most (about: trimmed
+    /// with `MAXLEN ~`); the oldest go first, counted (`trimmed`).
+    /// Defaults to 1 000 000.
+    pub fn max_len(mut self, entries: u64) -> Self {
+        self.max_len = entries;
+        self
+    }
+
+    /// How old an entry may get in the stream before it is trimmed
+    /// (`MINID ~`), delivered or not. Defaults to 7 days, the age beyond
+    /// which Loki refuses lines by default.
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = age;
+        self
+    }
+
+    /// Validates the settings and starts the append task (on the current
+    /// Tokio runtime).
+    pub fn start(self) -> Result<LogBuffer> {
+        check_tenant("default_tenant", &self.default_tenant)?;
+        for (setting, value) in [
+            ("queue_capacity", self.queue_capacity as u64),
+            ("batch_size", self.batch_size as u64),
+            ("max_len", self.max_len),
+            ("max_age", u64::from(!self.max_age.is_zero())),
+        ] {
+            if value == 0 {
+                return Err(Error::InvalidConfig {
+                    setting,
+                    reason: "must be more than zero".to_owned(),
+                });
+            }
+        }
+        let (sender, receiver) = mpsc::channel(self.queue_capacity);
+        let (stop, stopped) = watch::channel(false);
+        let counters = Arc::new(Counters::default());
+        let task = tokio::spawn(append(
+            self.client,
+            receiver,
+            stopped,
+            Arc::clone(&counters),
+            self.batch_size,
+            self.max_len,
+            self.max_age,
+        ));
+        Ok(LogBuffer {
+            layer: BufferLayer {
+                sender,
+                counters: Arc::clone(&counters),
+                default_tenant: Arc::from(self.default_tenant),
+            },
+            counters,
+            stop,
+            task,
+        })
+    }
+}
+
+/// The producer side: a `tracing` layer ([`layer`](Self::layer)) whose
+/// records a background task appends to one Redis stream per tenant.
+///
+/// Dropping it leaves the task running until every layer is gone; call
+/// [`shutdown`](Self::shutdown) to flush before the process exits.
+#[derive(Debug)]
+pub struct LogBuffer {
+    layer: BufferLayer,
+    counters: Arc<Counters>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl LogBuffer {
+    /// Settings for a buffer writing through `client`.
+    pub fn builder(client: FailoverClient) -> LogBufferBuilder {
+        LogBufferBuilder {
+            client,
+            default_tenant: "system".to_owned(),
+            queue_capacity: 65_536,
+            batch_size: 512,
+            max_len: 1_000_000,
+            max_age: LOKI_MAX_AGE,
+        }
+    }
+
+    /// The layer to add to a `tracing_subscriber` registry.
+    pub fn layer(&self) -> BufferLayer {
+        self.layer.clone()
+    }
+
+    /// The producer's counters now.
+    pub fn metrics(&self) -> ProducerMetrics {
+        self.counters.snapshot()
+    }
+
+    /// Stops taking records (later ones are dropped as `closed`), appends
+    /// those queued, and returns once done or after `deadline`, whichever
+    /// comes first; records still queued then are dropped as `shutdown`.
+    pub async fn shutdown(mut self, deadline: Duration) -> ProducerMetrics {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(deadline, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+            let counters = &self.counters;
+            let settled = counters.appended.load(Ordering::Relaxed)
+                + counters.redis_failed.load(Ordering::Relaxed);
+            let left = counters
+                .queued
+                .load(Ordering::Relaxed)
+                .saturating_sub(settled);
+            counters.shutdown.fetch_add(left, Ordering::Relaxed);
+            tracing::warn!(
+                target: "log_buffer",
+                ?deadline,
+                "log buffer: shutdown deadline passed with records still queued"
+            );
+        }
+        self.counters.snapshot()
+    }
+}
+
+/// A `tracing_subscriber` layer that queues every event as a record (see
+/// the crate docs). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct BufferLayer {
+    sender: mpsc::Sender<Record>,
+    counters: Arc<Counters>,
+    default_tenant: Arc<str>,
+}
+
+/// Fields recorded on a span, kept in its extensions for its events.
+struct SpanFields(Vec<(&'static str, String)>);
+
+impl<S> tracing_subscriber::Layer<S> for BufferLayer
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(SpanFields(fields.fields));
+        }
+    }
+
+    fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(id) else { return };
+        let mut extensions = span.extensions_mut();
+        if let Some(SpanFields(fields)) = extensions.get_mut::<SpanFields>() {
+            let mut recorded = Fields::default();
+            values.record(&mut recorded);
+            for (name, value) in recorded.fields {
+                match fields.iter_mut().find(|(n, _)| *n == name) {
+                    Some(slot) => slot.1 = value,
+                    None => fields.push((name, value)),
+                }
+            }
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+        let metadata = event.metadata();
+        // This crate's own complaints would feed on themselves.
+        if metadata.target().starts_with("log_buffer") {
+            return;
+        }
+        let ts = now_ns();
+        let mut fields = Fields::default();
+        fields.fields.reserve(8);
+        fields.fields.push(("ts", ts.to_string()));
+        fields
+            .fields
+            .push(("level", metadata.level().as_str().to_ascii_lowercase()));
+        fields.fields.push(("target", metadata.target().to_owned()));
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope.from_root() {
+                if let Some(SpanFields(span_fields)) = span.extensions().get::<SpanFields>() {
+                    fields.fields.extend(span_fields.iter().cloned());
+                }
+            }
+        }
+        event.record(&mut fields);
+        // The event's own fields come last: they win over a span's.
+        let tenant = fields
+            .fields
+            .iter()
+            .rev()
+            .find(|(name, _)| *name == "tenant_id")
+            .map(|(_, value)| value.as_str())
+            .filter(|tenant| is_valid_tenant(tenant))
+            .unwrap_or(&self.default_tenant)
+            .to_owned();
+        let record = Record {
+            tenant,
+            fields: fields.fields,
+        };
+        match self.sender.try_send(record) {
+            Ok(()) => self.counters.queued.fetch_add(1, Ordering::Relaxed),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.counters.queue_full.fetch_add(1, Ordering::Relaxed)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.counters.closed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+}
+
+/// Collects an event's or span's fields as text.
+#[derive(Default)]
+struct Fields {
+    fields: Vec<(&'static str, String)>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.fields.push((field.name(), value.to_owned()));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let mut text = String::new();
+        let _ = write!(text, "{value:?}");
+        self.fields.push((field.name(), text));
+    }
+}
+
+/// The producer's counters.
+#[derive(Debug, Default)]
+struct Counters {
+    queued: AtomicU64,
+    appended: AtomicU64,
+    queue_full: AtomicU64,
+    closed: AtomicU64,
+    redis_failed: AtomicU64,
+    trimmed: AtomicU64,
+    shutdown: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ProducerMetrics {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        ProducerMetrics {
+            queued: get(&self.queued),
+            appended: get(&self.appended),
+            dropped_queue_full: get(&self.queue_full),
+            dropped_closed: get(&self.closed),
+            dropped_redis_failed: get(&self.redis_failed),
+            trimmed: get(&self.trimmed),
+            dropped_shutdown: get(&self.shutdown),
+        }
+    }
+}
+
+/// The producer's counters at one moment. Every record emitted is counted
+/// once as queued or dropped (`queue_full`, `closed`), and every queued
+/// one once as appended or dropped (`redis_failed`, `shutdown`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProducerMetrics {
+    /// Records taken into the queue.
+    pub queued: u64,
+    /// Records appended to Redis.
+    pub appended: u64,
+    /// Records dropped because the queue was full.
+    pub dropped_queue_full: u64,
+    /// Records dropped because the buffer was shut down.
+    pub dropped_closed: u64,
+    /// Records dropped because Redis could not take them within the
+    /// failover client's retry budget.
+    pub dropped_redis_failed: u64,
+    /// Entries trimmed from the streams before delivery (`max_len`,
+    /// `max_age`).
+    pub trimmed: u64,
+    /// Records still queued when the shutdown deadline passed.
+    pub dropped_shutdown: u64,
+}
+
+/// Appends queued records in pipelined batches until stopped and drained.
+async fn append(
+    client: FailoverClient,
+    mut receiver: mpsc::Receiver<Record>,
+    mut stopped: watch::Receiver<bool>,
+    counters: Arc<Counters>,
+    batch_size: usize,
+    max_len: u64,
+    max_age: Duration,
+) {
+    // Appends are idempotent enough: a record appended twice after an
+    // unknown outcome reaches Loki twice with the same timestamp and line,
+    // which Loki drops as a duplicate.
+    let connection = client.idempotent_connection();
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut watching = true;
+    let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        tokio::select! {
+            received = receiver.recv_many(&mut batch, batch_size) => {
+                if received == 0 {
+                    return;
+                }
+            }
+            changed = stopped.changed(), if watching => {
+                match changed {
+                    Ok(()) if *stopped.borrow() => receiver.close(),
+                    Ok(()) => {}
+                    // The handle is gone: run until every layer is.
+                    Err(_) => watching = false,
+                }
+                continue;
+            }
+        }
+        let count = batch.len() as u64;
+        let mut pipeline = redis::pipe();
+        let mut tenants: Vec<&str> = Vec::new();
+        for record in &batch {
+            let stream = log_stream(&record.tenant);
+            pipeline.cmd("XADD").arg(&stream).arg("*").ignore();
+            for (name, value) in &record.fields {
+                pipeline.arg(*name).arg(value);
+            }
+            if !tenants.contains(&record.tenant.as_str()) {
+                tenants.push(&record.tenant);
+            }
+        }
+        let min_id = (now_ns() / 1_000_000).saturating_sub(max_age_ms);
+        for tenant in &tenants {
+            let stream = log_stream(tenant);
+            pipeline
+                .cmd("XTRIM")
+                .arg(&stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(max_len);
+            pipeline
+                .cmd("XTRIM")
+                .arg(&stream)
+                .arg("MINID")
+                .arg("~")
+                .arg(min_id);
+        }
+        let mut connection = connection.clone();
+        match pipeline.query_async::<Vec<u64>>(&mut connection).await {
+            Ok(trimmed) => {
+                counters.appended.fetch_add(count, Ordering::Relaxed);
+                counters
+                    .trimmed
+                    .fetch_add(trimmed.iter().sum(), Ordering::Relaxed);
+            }
+            Err(error) => {
+                counters.redis_failed.fetch_add(count, Ordering::Relaxed);
+                tracing::warn!(
+                    target: "log_buffer",
+                    %error,
+                    records = count,
+                    "log buffer: records dropped, Redis did not take them"
+                );
+            }
+        }
+        batch.clear();
+    }
+}

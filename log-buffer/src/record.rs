@@ -1,0 +1,106 @@
+//! Records, tenants, and the Redis streams that buffer them.
+//!
+//! A buffered record is one stream entry of flat string fields: `ts` (the
+//! nanoseconds since the Unix epoch when the event happened), then any
+//! others (`level`, `target`, `message` and the event's own fields for
+//! logs; `actor`, `action`, `key`, ... for tenant-kv's audit records). Logs
+//! of tenant `<id>` go to the stream `tenant:<id>:logs`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::Error;
+
+/// The longest tenant id, in bytes.
+pub const MAX_TENANT_LEN: usize = 64;
+
+/// Whether `tenant` is a valid tenant id: 1 to 64 ASCII letters, digits,
+/// `_` or `-` (the same rule as tenant-kv's, and within what Loki accepts
+/// in `X-Scope-OrgID`).
+pub fn is_valid_tenant(tenant: &str) -> bool {
+    !tenant.is_empty()
+        && tenant.len() <= MAX_TENANT_LEN
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+pub(crate) fn check_tenant(setting: &'static str, tenant: &str) -> Result<(), Error> {
+    if is_valid_tenant(tenant) {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            setting,
+            reason: format!(
+                "{tenant:?} is not a tenant id (1 to {MAX_TENANT_LEN} ASCII letters, digits, '_' or '-')"
+            ),
+        })
+    }
+}
+
+/// The stream buffering `tenant`'s logs.
+pub fn log_stream(tenant: &str) -> String {
+    format!("tenant:{tenant}:logs")
+}
+
+/// The dead-letter stream of `stream`: entries that cannot be delivered,
+/// with the reason, kept for inspection and never resent.
+pub fn dead_letter_stream(stream: &str) -> String {
+    format!("{stream}:dead-letter")
+}
+
+/// The tenant of a stream named `tenant:<id>:<suffix>`.
+pub(crate) fn tenant_of_stream(stream: &str, suffix: &str) -> Option<String> {
+    let id = stream
+        .strip_prefix("tenant:")?
+        .strip_suffix(suffix)?
+        .strip_suffix(':')?;
+    is_valid_tenant(id).then(|| id.to_owned())
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// One log record on its way to Redis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) tenant: String,
+    /// Field names and values, `ts` first.
+    pub(crate) fields: Vec<(&'static str, String)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_name_their_tenant() {
+        assert_eq!(
+            tenant_of_stream(&log_stream("acme"), "logs").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            tenant_of_stream("tenant:acme:audit", "audit").as_deref(),
+            Some("acme")
+        );
+        assert_eq!(tenant_of_stream("tenant:a:data:x:logs", "logs"), None);
+        assert_eq!(tenant_of_stream("tenant::logs", "logs"), None);
+        assert_eq!(
+            tenant_of_stream("tenant:acme:logs:dead-letter", "logs"),
+            None
+        );
+        assert_eq!(tenant_of_stream("tenant:acmelogs", "logs"), None);
+    }
+
+    #[test]
+    fn tenant_ids_are_checked() {
+        assert!(is_valid_tenant("tenant-1_A"));
+        assert!(!is_valid_tenant(""));
+        assert!(!is_valid_tenant("a:b"));
+        assert!(!is_valid_tenant("a|b"));
+        assert!(!is_valid_tenant(&"a".repeat(65)));
+    }
+}
