@@ -1,10 +1,11 @@
 //! The producer: a `tracing` layer feeding a bounded queue, and the task
 //! appending the queue to Redis.
 
+use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis_failover::FailoverClient;
 use tokio::sync::{mpsc, watch};
@@ -16,6 +17,9 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::{Error, Result};
 use crate::record::{Record, check_tenant, is_valid_tenant, log_stream, now_ns};
+
+/// How often a tenant's stream is trimmed while records flow.
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Loki's default `reject_old_samples_max_age`: older lines are refused.
 pub(crate) const LOKI_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -54,7 +58,8 @@ impl LogBufferBuilder {
     }
 
     /// How many entries a tenant's stream keeps at most (about: trimmed
-    /// with `MAXLEN ~`); the oldest go first, counted (`trimmed`).
+    /// with `MAXLEN ~` once a second while records flow); the oldest go
+    /// first, counted (`trimmed`).
     /// Defaults to 1 000 000.
     pub fn max_len(mut self, entries: u64) -> Self {
         self.max_len = entries;
@@ -227,7 +232,7 @@ where
         fields.fields.push(("ts", ts.to_string()));
         fields
             .fields
-            .push(("level", metadata.level().as_str().to_ascii_lowercase()));
+            .push(("level", level_name(metadata.level()).to_owned()));
         fields.fields.push(("target", metadata.target().to_owned()));
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
@@ -260,6 +265,16 @@ where
                 self.counters.closed.fetch_add(1, Ordering::Relaxed)
             }
         };
+    }
+}
+
+fn level_name(level: &tracing::Level) -> &'static str {
+    match *level {
+        tracing::Level::ERROR => "error",
+        tracing::Level::WARN => "warn",
+        tracing::Level::INFO => "info",
+        tracing::Level::DEBUG => "debug",
+        tracing::Level::TRACE => "trace",
     }
 }
 
@@ -348,6 +363,7 @@ async fn append(
     let connection = client.idempotent_connection();
     let mut batch = Vec::with_capacity(batch_size);
     let mut watching = true;
+    let mut last_trim: HashMap<String, Instant> = HashMap::new();
     let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
     loop {
         tokio::select! {
@@ -380,6 +396,16 @@ async fn append(
             }
         }
         let min_id = (now_ns() / 1_000_000).saturating_sub(max_age_ms);
+        // Trimming costs Redis more than appending: once a second per tenant.
+        tenants.retain(|tenant| {
+            let due = last_trim
+                .get(*tenant)
+                .is_none_or(|at: &Instant| at.elapsed() >= TRIM_INTERVAL);
+            if due {
+                last_trim.insert((*tenant).to_owned(), Instant::now());
+            }
+            due
+        });
         for tenant in &tenants {
             let stream = log_stream(tenant);
             pipeline
