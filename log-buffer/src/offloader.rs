@@ -551,7 +551,7 @@ async fn read(
             }
         } else if state.last_claim.elapsed() >= context.claim_idle / 2 {
             state.last_claim = Instant::now();
-            let claimed = claim(context, stream).await?;
+            let claimed = claim(context, stream, &state.tenant).await?;
             if claimed.is_empty() {
                 fresh.push(stream.clone());
             } else {
@@ -597,6 +597,7 @@ fn entries_of(reply: Option<StreamReadReply>) -> Vec<StreamId> {
 async fn claim(
     context: &Context,
     stream: &str,
+    tenant: &str,
 ) -> std::result::Result<Vec<StreamId>, redis_failover::Error> {
     let idle_ms = u64::try_from(context.claim_idle.as_millis()).unwrap_or(u64::MAX);
     let reply: StreamAutoClaimReply = context
@@ -643,22 +644,13 @@ async fn claim(
         deliveries.get(&entry.id).copied().unwrap_or(0) > context.max_deliveries
     });
     if !poison.is_empty() {
-        let tenant = tenant_of_any_stream(stream);
         let rejected: Vec<_> = poison
             .into_iter()
             .map(|entry| (entry, "poison", "delivered too many times".to_owned()))
             .collect();
-        dead_letter(context, stream, &tenant, rejected).await;
+        dead_letter(context, stream, tenant, rejected).await;
     }
     Ok(claimed)
-}
-
-fn tenant_of_any_stream(stream: &str) -> String {
-    stream
-        .strip_prefix("tenant:")
-        .and_then(|rest| rest.split(':').next())
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// An entry ready to push, with its id.
