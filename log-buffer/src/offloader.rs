@@ -356,9 +356,7 @@ async fn dispatch(context: Arc<Context>) {
     let mut failures = 0u32;
     while !*context.stopped.borrow() {
         while let Ok(stream) = done.try_recv() {
-            if let Some(known) = known.get_mut(&stream) {
-                known.busy = false;
-            }
+            release(&mut known, &stream);
         }
         while tasks.try_join_next().is_some() {}
         let round = async {
@@ -410,17 +408,20 @@ async fn dispatch(context: Arc<Context>) {
             tokio::select! {
                 () = context.stopping() => break,
                 () = tokio::time::sleep(wait) => {}
-                Some(stream) = done.recv() => {
-                    if let Some(known) = known.get_mut(&stream) {
-                        known.busy = false;
-                    }
-                }
+                Some(stream) = done.recv() => release(&mut known, &stream),
             }
         }
     }
     // Pushes under way finish (the caller's deadline bounds this); tasks
     // waiting to retry stop at once, leaving their entries pending.
     while tasks.join_next().await.is_some() {}
+}
+
+/// Marks `stream` free for reading again: its delivery task ended.
+fn release(known: &mut BTreeMap<String, Known>, stream: &str) {
+    if let Some(state) = known.get_mut(stream) {
+        state.busy = false;
+    }
 }
 
 /// Finds the tenants' streams, creates the group on new ones, and
@@ -655,7 +656,8 @@ async fn claim(
 
 /// An entry ready to push, with its id.
 struct Ready {
-    id: String,
+    /// The entry as stored, for the dead-letter stream if the sink refuses it.
+    stored: StreamId,
     labels: BTreeMap<String, String>,
     entry: Entry,
 }
@@ -672,7 +674,7 @@ async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<Str
     for entry in entries {
         match prepare(context, tenant, &entry, oldest, newest) {
             Ok((labels, line)) => ready.push(Ready {
-                id: entry.id,
+                stored: entry,
                 labels,
                 entry: line,
             }),
@@ -701,7 +703,7 @@ async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<Str
                     m.pushes += 1;
                     m.push_latency += started.elapsed();
                 });
-                acknowledge(context, stream, batch.iter().map(|r| r.id.as_str())).await;
+                acknowledge(context, stream, batch.iter().map(|r| r.stored.id.as_str())).await;
                 // Pace the tenant: a replayed backlog must not trip Loki's rate limit.
                 let pace =
                     Duration::from_secs_f64(bytes as f64 / context.tenant_bytes_per_second as f64);
@@ -738,11 +740,9 @@ async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<Str
                     PushError::TooLarge => ("too_large", error.to_string()),
                     _ => ("rejected", error.to_string()),
                 };
-                let ids: Vec<String> = batch.into_iter().map(|r| r.id).collect();
-                let entries = reread(context, stream, &ids).await;
-                let rejected = entries
+                let rejected = batch
                     .into_iter()
-                    .map(|entry| (entry, reason, detail.clone()))
+                    .map(|r| (r.stored, reason, detail.clone()))
                     .collect();
                 dead_letter(context, stream, tenant, rejected).await;
             }
@@ -838,25 +838,6 @@ async fn acknowledge<'a>(context: &Context, stream: &str, ids: impl Iterator<Ite
         .ignore();
     if let Err(error) = context.client.query_pipeline::<()>(&pipeline).await {
         tracing::warn!(target: "log_buffer", %error, stream, "offloader: acknowledging failed; the entries will be delivered again");
-    }
-}
-
-/// The entries `ids` of `stream`, as stored (for dead-lettering them whole).
-async fn reread(context: &Context, stream: &str, ids: &[String]) -> Vec<StreamId> {
-    let mut pipeline = redis::pipe();
-    for id in ids {
-        pipeline.cmd("XRANGE").arg(stream).arg(id).arg(id);
-    }
-    match context
-        .client
-        .query_pipeline::<Vec<StreamRangeReply>>(&pipeline)
-        .await
-    {
-        Ok(found) => found.into_iter().flat_map(|range| range.ids).collect(),
-        Err(error) => {
-            tracing::warn!(target: "log_buffer", %error, stream, "offloader: cannot read entries to dead-letter; they stay pending");
-            Vec::new()
-        }
     }
 }
 

@@ -213,23 +213,23 @@ async fn sweep(store: &TenantKv) -> Result<(), BoxError> {
                     .arg("zset"),
             )
             .await?;
-        let tenants: Vec<TenantId> = indexes
+        let tenants: Vec<(&String, TenantId)> = indexes
             .iter()
-            .filter_map(|index| tenant_of_expiry_index(index))
+            .filter_map(|index| Some((index, tenant_of_expiry_index(index)?)))
             .collect();
         if !tenants.is_empty() {
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis());
             let mut due = redis::pipe();
-            for tenant in &tenants {
+            for (index, _) in &tenants {
                 due.cmd("ZCOUNT")
-                    .arg(format!("tenant:{tenant}:expiry"))
+                    .arg(index)
                     .arg("-inf")
                     .arg(now_ms.to_string());
             }
             let counts: Vec<u64> = client.query_pipeline(&due).await?;
-            for (tenant, count) in tenants.into_iter().zip(counts) {
+            for ((_, tenant), count) in tenants.into_iter().zip(counts) {
                 if count > 0 {
                     purge(store, tenant).await?;
                 }
