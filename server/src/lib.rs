@@ -2,14 +2,66 @@
 //!
 //! # Model
 //!
-//! A thin HTTP layer (hyper) over three libraries: `redis-failover` finds
-//! and follows the Redis master, `tenant-kv` stores each tenant's items,
-//! users and API keys, and `log-buffer` ships logs and audit records to Loki
-//! per tenant. A request is authenticated by a JWT or an API key; the tenant
-//! comes only from that verified credential, never from the path or body.
+//! A thin HTTP layer (hyper 1, HTTP/1.1) over three libraries:
+//! `redis-failover` finds and follows the Redis master, `tenant-kv` stores
+//! each tenant's items, users and API keys, and `log-buffer` buffers logs
+//! and audit records in Redis and ships them to Loki per tenant.
 //!
-//! Status: the HTTP service is not published yet; until it is,
-//! `cargo run --release -p redis-topology` starts the local Redis topology
-//! the service's dev mode will run on.
+//! A request is authenticated by a JWT (`Authorization: Bearer`, from
+//! `POST /token` or from another issuer sharing the key) or an API key
+//! (`X-API-Key`). The tenant comes only from that verified credential,
+//! never from the path or body. Tokens are checked against one pinned
+//! algorithm with `exp`, `sub` and `tenant_id` required (`iss` and `aud`
+//! too when configured) and `nbf` honoured; the user is looked up on every
+//! request, so disabling a user or revoking a key takes effect at once. API
+//! keys are limited by their scopes and key prefix.
+//!
+//! Every answer is JSON; every error is `{"error": {"code", "message"}}`
+//! with a precise status (400, 401, 403, 404, 405, 409, 412, 413, 414, 415,
+//! 429 with `Retry-After`, 503 when Redis stays unreachable past the retry
+//! budget). Items carry their version as an `ETag`; `If-Match` and
+//! `If-None-Match: *` make writes conditional. `GET /openapi.json`
+//! describes every endpoint.
+//!
+//! [`Limits`] bound bodies, request heads, targets, time per request and
+//! open connections. [`ServerHandle::shutdown`] stops accepting, lets
+//! in-flight requests finish within a grace period, and flushes the log
+//! buffer.
+//!
+//! ```no_run
+//! # async fn run(client: redis_failover::FailoverClient) -> Result<(), server::Error> {
+//! use server::{JwtConfig, Server};
+//!
+//! let store = tenant_kv::TenantKv::builder(client.clone()).build()?;
+//! let jwt = JwtConfig::hs256(b"a secret of at least thirty-two bytes")?;
+//! let server = Server::builder(store, client, jwt)
+//!     .bind("127.0.0.1:8080".parse().unwrap())
+//!     .await?;
+//! tokio::signal::ctrl_c().await.ok();
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! The `server` binary runs it: `server dev` on a local topology with demo
+//! users, `server serve` from [`Settings`], `server offload` as a log
+//! shipper only, and admin subcommands.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod api;
+mod auth;
+pub mod dev;
+mod error;
+mod limits;
+mod metrics;
+mod openapi;
+mod router;
+mod server;
+mod settings;
+
+pub use auth::JwtConfig;
+pub use error::{Error, SettingError};
+pub use limits::Limits;
+pub use router::routes;
+pub use server::{Server, ServerBuilder, ServerHandle, ShutdownReport};
+pub use settings::{Discovery, JwtSettings, RedisSettings, SETTINGS, Settings};

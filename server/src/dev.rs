@@ -1,0 +1,158 @@
+//! The dev mode: the whole service on a real local Redis topology, with
+//! demo tenants and users, in one call.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use log_buffer::{BufferLayer, LogBuffer, LogSink, Offloader};
+use redis_failover::{FailoverClient, NodeAddr};
+use redis_topology::Topology;
+use tenant_kv::{Actor, ExpiryWatcher, NewUser, TenantId, TenantKv};
+
+use crate::error::Error;
+use crate::{JwtConfig, Limits, Server, ServerHandle, ShutdownReport};
+
+/// The demo users, as (username, tenant).
+pub const DEMO_USERS: [(&str, &str); 3] = [
+    ("user1", "tenant1"),
+    ("admin", "tenant1"),
+    ("user2", "tenant2"),
+];
+
+/// What [`DevSystem::start`] runs.
+#[derive(Clone, Debug)]
+pub struct DevOptions {
+    /// Where the server listens. Defaults to `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Ship logs to this Loki instead of a file. Defaults to none.
+    pub loki_url: Option<String>,
+    /// The file logs are shipped to without Loki. Defaults to `logs.ndjson`
+    /// in the topology's directory (removed on shutdown).
+    pub log_file: Option<PathBuf>,
+    /// Request limits. Defaults to [`Limits::default`].
+    pub limits: Limits,
+}
+
+impl Default for DevOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            loki_url: None,
+            log_file: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A running dev system: a master, 2 replicas and 3 sentinels on free
+/// loopback ports, the server on them, an expiry watcher, the log buffer
+/// and an offloader shipping to a file or Loki.
+#[derive(Debug)]
+pub struct DevSystem {
+    /// The local topology; dropping it kills every Redis process.
+    pub topology: Topology,
+    /// The server's failover client (Sentinel discovery).
+    pub client: FailoverClient,
+    /// The store the server uses.
+    pub store: TenantKv,
+    /// The password of every demo user ([`DEMO_USERS`]).
+    pub password: String,
+    /// Where logs are shipped: a file path or the Loki URL.
+    pub logs_to: String,
+    server: ServerHandle,
+    expiry: ExpiryWatcher,
+    layer: Option<BufferLayer>,
+}
+
+impl DevSystem {
+    /// Starts everything; needs `redis-server` on `PATH`.
+    pub async fn start(options: DevOptions) -> Result<Self, Error> {
+        let topology = Topology::builder().replicas(2).sentinels(3).start().await?;
+        let sentinels: Vec<NodeAddr> = topology
+            .sentinel_addrs()
+            .into_iter()
+            .map(NodeAddr::from)
+            .collect();
+        let client = FailoverClient::sentinel(topology.master_name(), sentinels).build()?;
+        client.wait_for_master(Duration::from_secs(10)).await?;
+        let store = TenantKv::builder(client.clone()).build()?;
+        let expiry = store.watch_expirations();
+
+        let password = random_password();
+        let users = store.users();
+        for (username, tenant) in DEMO_USERS {
+            let user = NewUser {
+                username: username.to_owned(),
+                tenant: TenantId::new(tenant)?,
+                email: Some(format!("{username}@{tenant}.example")),
+                full_name: None,
+            };
+            users.create(user, &password, &Actor::system()).await?;
+        }
+
+        let buffer = LogBuffer::builder(client.clone()).start()?;
+        let layer = buffer.layer();
+        let (sink, logs_to): (Box<dyn LogSink>, String) = match &options.loki_url {
+            Some(url) => (
+                Box::new(log_buffer::LokiSink::builder(url.clone()).build()?),
+                url.clone(),
+            ),
+            None => {
+                let path = options
+                    .log_file
+                    .clone()
+                    .unwrap_or_else(|| topology.dir().join("logs.ndjson"));
+                let shown = path.display().to_string();
+                (Box::new(log_buffer::FileSink::new(path)), shown)
+            }
+        };
+        let offloader = Offloader::builder(client.clone(), sink).start()?;
+
+        let secret: [u8; 32] = rand::random();
+        let jwt = JwtConfig::hs256(&secret)?;
+        let server = Server::builder(store.clone(), client.clone(), jwt)
+            .limits(options.limits)
+            .log_buffer(buffer)
+            .offloader(offloader)
+            .bind(options.listen)
+            .await?;
+        Ok(Self {
+            topology,
+            client,
+            store,
+            password,
+            logs_to,
+            server,
+            expiry,
+            layer: Some(layer),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The layer feeding the log buffer, to install in the process's
+    /// `tracing` subscriber (once: later calls return `None`).
+    pub fn take_log_layer(&mut self) -> Option<BufferLayer> {
+        self.layer.take()
+    }
+
+    /// Shuts the server down (draining requests, flushing logs), then
+    /// the expiry watcher, then the topology.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let report = self.server.shutdown().await;
+        self.expiry.shutdown().await;
+        drop(self.topology);
+        report
+    }
+}
+
+fn random_password() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    (0..16)
+        .map(|_| char::from(ALPHABET[rand::random_range(0..ALPHABET.len())]))
+        .collect()
+}

@@ -1,0 +1,185 @@
+use std::path::PathBuf;
+
+use hyper::StatusCode;
+use thiserror::Error;
+
+/// A setting that cannot work.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SettingError {
+    /// The setting's value is wrong, or missing where it is needed.
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        /// The setting's name (its environment variable is `SERVER_` and the name in upper case).
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The settings file cannot be read or parsed, or holds an unknown setting.
+    #[error("cannot use the settings file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl SettingError {
+    pub(crate) fn invalid(setting: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            setting,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why the service could not start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting cannot work.
+    #[error(transparent)]
+    Setting(#[from] SettingError),
+    /// The listening socket could not be opened.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Redis client could not be set up.
+    #[error("cannot set up the Redis client")]
+    Redis(#[source] Box<redis_failover::Error>),
+    /// The key-value store could not be set up or used.
+    #[error("key-value store request failed")]
+    Store(#[source] Box<tenant_kv::Error>),
+    /// The log buffer or offloader could not be set up.
+    #[error("cannot set up log shipping")]
+    Logs(#[from] log_buffer::Error),
+    /// The local Redis topology of the dev mode could not start.
+    #[error("cannot start the local Redis topology")]
+    Topology(#[source] Box<redis_topology::Error>),
+}
+
+// Boxed: these errors are large, and `Error` travels on every start-up path.
+impl From<redis_failover::Error> for Error {
+    fn from(error: redis_failover::Error) -> Self {
+        Self::Redis(Box::new(error))
+    }
+}
+
+impl From<tenant_kv::Error> for Error {
+    fn from(error: tenant_kv::Error) -> Self {
+        Self::Store(Box::new(error))
+    }
+}
+
+impl From<redis_topology::Error> for Error {
+    fn from(error: redis_topology::Error) -> Self {
+        Self::Topology(Box::new(error))
+    }
+}
+
+/// An error answered to an HTTP client: `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+    /// Seconds, for `Retry-After`.
+    pub(crate) retry_after: Option<u64>,
+    /// Methods for `Allow`, with 405.
+    pub(crate) allow: Option<String>,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            allow: None,
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub(crate) fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub(crate) fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub(crate) fn precondition_failed(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            message,
+        )
+    }
+
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+    }
+}
+
+impl From<tenant_kv::Error> for ApiError {
+    fn from(error: tenant_kv::Error) -> Self {
+        use tenant_kv::Error as E;
+        let message = error.to_string();
+        match error {
+            E::InvalidKey { .. } => Self::new(StatusCode::BAD_REQUEST, "invalid_key", message),
+            E::InvalidItem { .. } => Self::new(StatusCode::BAD_REQUEST, "invalid_item", message),
+            E::InvalidCursor => Self::new(StatusCode::BAD_REQUEST, "invalid_cursor", message),
+            E::InvalidApiKeySettings { .. } | E::InvalidUser { .. } | E::InvalidTenantId { .. } => {
+                Self::bad_request(message)
+            }
+            E::NotFound { .. } | E::UnknownApiKey { .. } | E::UnknownUser { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            E::AlreadyExists { .. } | E::UserExists { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", message)
+            }
+            E::VersionConflict { .. } => Self::precondition_failed(message),
+            E::QuotaExceeded { .. } => Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message),
+            E::RateLimited { retry_after } => Self {
+                retry_after: Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+            },
+            E::InvalidCredentials | E::InvalidApiKey => Self::unauthorized(message),
+            E::BatchFailed { index, source } => {
+                let inner = Self::from(*source);
+                Self {
+                    message: format!(
+                        "operation {index} failed, so none was done: {}",
+                        inner.message
+                    ),
+                    ..inner
+                }
+            }
+            E::Redis(source) => {
+                tracing::warn!(error = %source, cause = ?std::error::Error::source(&source), "Redis unreachable past the retry budget");
+                Self::unavailable("the store is unavailable; retry later")
+            }
+            other => {
+                tracing::error!(error = %other, "store request failed");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the request failed on the server",
+                )
+            }
+        }
+    }
+}

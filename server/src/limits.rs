@@ -1,0 +1,70 @@
+use std::time::Duration;
+
+use crate::error::SettingError;
+
+/// What one request and the whole server may take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest request body; a larger one gets 413. Defaults to 1 MiB.
+    pub max_body_bytes: usize,
+    /// Largest request head (request line and headers); a larger one gets
+    /// 431. At least 8192. Defaults to 16 KiB.
+    pub max_header_bytes: usize,
+    /// Longest request target (path and query); a longer one gets 414.
+    /// Defaults to 8 KiB.
+    pub max_uri_bytes: usize,
+    /// Most operations in one batch. Defaults to 100.
+    pub max_batch: usize,
+    /// Time to answer a request, body included; past it, 503. Defaults to 10 s.
+    pub request_timeout: Duration,
+    /// Open connections at most; more wait to be accepted. Defaults to 1024.
+    pub max_connections: usize,
+    /// On shutdown, time in-flight requests get to finish. Defaults to 10 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_header_bytes: 16 << 10,
+            max_uri_bytes: 8 << 10,
+            max_batch: 100,
+            request_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that every limit can work.
+    pub fn validate(&self) -> Result<(), SettingError> {
+        let positive = [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_uri_bytes", self.max_uri_bytes),
+            ("max_batch", self.max_batch),
+            ("max_connections", self.max_connections),
+        ];
+        for (setting, value) in positive {
+            if value == 0 {
+                return Err(SettingError::invalid(setting, "must be at least 1"));
+            }
+        }
+        // hyper cannot parse a request head in a smaller buffer.
+        if self.max_header_bytes < 8192 {
+            return Err(SettingError::invalid(
+                "max_header_bytes",
+                "must be at least 8192",
+            ));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(SettingError::invalid(
+                "request_timeout",
+                "must be longer than 0",
+            ));
+        }
+        Ok(())
+    }
+}

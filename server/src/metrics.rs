@@ -1,0 +1,308 @@
+//! `/metrics` in the Prometheus text format: HTTP figures kept here, and
+//! the failover client's, the log buffer's and the offloader's own.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use crate::api::App;
+
+/// Upper bounds of the latency histogram's buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default)]
+struct RouteStats {
+    by_status: BTreeMap<u16, u64>,
+    /// Requests at or under each bound of [`BUCKETS`] (not cumulative).
+    buckets: [u64; BUCKETS.len()],
+    seconds: f64,
+    count: u64,
+}
+
+/// Requests by route and status, latency by route, open connections.
+#[derive(Default)]
+pub(crate) struct HttpMetrics {
+    routes: Mutex<BTreeMap<&'static str, RouteStats>>,
+    pub(crate) open_connections: AtomicI64,
+}
+
+impl HttpMetrics {
+    pub(crate) fn record(&self, route: &'static str, status: u16, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = routes.entry(route).or_default();
+        *stats.by_status.entry(status).or_default() += 1;
+        if let Some(bucket) = BUCKETS.iter().position(|bound| seconds <= *bound) {
+            stats.buckets[bucket] += 1;
+        }
+        stats.seconds += seconds;
+        stats.count += 1;
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+pub(crate) fn render(app: &App) -> String {
+    let mut out = String::with_capacity(8192);
+    {
+        let routes = app.metrics.routes.lock().unwrap_or_else(|e| e.into_inner());
+        header(
+            &mut out,
+            "http_requests_total",
+            "counter",
+            "Requests answered, by route and status.",
+        );
+        for (route, stats) in routes.iter() {
+            for (status, count) in &stats.by_status {
+                let _ = writeln!(
+                    out,
+                    "http_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}"
+                );
+            }
+        }
+        header(
+            &mut out,
+            "http_request_duration_seconds",
+            "histogram",
+            "Time to answer, by route.",
+        );
+        for (route, stats) in routes.iter() {
+            let mut cumulative = 0;
+            for (bound, count) in BUCKETS.iter().zip(stats.buckets) {
+                cumulative += count;
+                let _ = writeln!(
+                    out,
+                    "http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                stats.count
+            );
+            let _ = writeln!(
+                out,
+                "http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+                stats.seconds
+            );
+            let _ = writeln!(
+                out,
+                "http_request_duration_seconds_count{{route=\"{route}\"}} {}",
+                stats.count
+            );
+        }
+    }
+    header(
+        &mut out,
+        "http_open_connections",
+        "gauge",
+        "Open client connections.",
+    );
+    let _ = writeln!(
+        out,
+        "http_open_connections {}",
+        app.metrics.open_connections.load(Ordering::Relaxed)
+    );
+
+    let failover = app.client.metrics();
+    let counters = [
+        (
+            "master_changes",
+            failover.master_changes,
+            "Times the client switched to another master.",
+        ),
+        (
+            "readonly_replies",
+            failover.readonly_replies,
+            "READONLY replies (a write reached a replica).",
+        ),
+        (
+            "retries",
+            failover.retries,
+            "Requests sent again after a failure.",
+        ),
+        (
+            "outcome_unknown",
+            failover.outcome_unknown,
+            "Writes whose outcome is unknown (connection lost after sending).",
+        ),
+        (
+            "budget_exhausted",
+            failover.budget_exhausted,
+            "Requests that failed after the retry budget.",
+        ),
+        (
+            "discoveries",
+            failover.discoveries,
+            "Master discoveries run.",
+        ),
+        ("fenced", failover.fenced, "Writes refused by fencing."),
+        (
+            "replica_reads",
+            failover.replica_reads,
+            "Reads served by replicas.",
+        ),
+        (
+            "master_reads",
+            failover.master_reads,
+            "Reads served by the master.",
+        ),
+        (
+            "unreplicated_writes",
+            failover.unreplicated_writes,
+            "Durable writes not acknowledged by enough replicas.",
+        ),
+    ];
+    for (name, value, help) in counters {
+        header(
+            &mut out,
+            &format!("redis_failover_{name}_total"),
+            "counter",
+            help,
+        );
+        let _ = writeln!(out, "redis_failover_{name}_total {value}");
+    }
+    header(
+        &mut out,
+        "redis_failover_master_known",
+        "gauge",
+        "1 when the client knows a master.",
+    );
+    let _ = writeln!(
+        out,
+        "redis_failover_master_known {}",
+        u8::from(app.client.master().is_some())
+    );
+
+    let logs = app.logs.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(buffer) = &logs.buffer {
+        let m = buffer.metrics();
+        header(
+            &mut out,
+            "log_buffer_records_total",
+            "counter",
+            "Log records by outcome: queued, appended to Redis, trimmed away, or dropped by reason.",
+        );
+        for (outcome, value) in [
+            ("queued", m.queued),
+            ("appended", m.appended),
+            ("trimmed", m.trimmed),
+            ("dropped_queue_full", m.dropped_queue_full),
+            ("dropped_closed", m.dropped_closed),
+            ("dropped_redis_failed", m.dropped_redis_failed),
+            ("dropped_shutdown", m.dropped_shutdown),
+        ] {
+            let _ = writeln!(
+                out,
+                "log_buffer_records_total{{outcome=\"{outcome}\"}} {value}"
+            );
+        }
+    }
+    if let Some(offloader) = &logs.offloader {
+        let tenants = offloader.metrics();
+        header(
+            &mut out,
+            "log_offloader_sent_lines_total",
+            "counter",
+            "Lines the sink accepted, by tenant.",
+        );
+        for (tenant, m) in &tenants {
+            let _ = writeln!(
+                out,
+                "log_offloader_sent_lines_total{{tenant_id=\"{tenant}\"}} {}",
+                m.sent_lines
+            );
+        }
+        header(
+            &mut out,
+            "log_offloader_sent_bytes_total",
+            "counter",
+            "Bytes of lines the sink accepted, by tenant.",
+        );
+        for (tenant, m) in &tenants {
+            let _ = writeln!(
+                out,
+                "log_offloader_sent_bytes_total{{tenant_id=\"{tenant}\"}} {}",
+                m.sent_bytes
+            );
+        }
+        header(
+            &mut out,
+            "log_offloader_retried_pushes_total",
+            "counter",
+            "Pushes retried, by tenant.",
+        );
+        for (tenant, m) in &tenants {
+            let _ = writeln!(
+                out,
+                "log_offloader_retried_pushes_total{{tenant_id=\"{tenant}\"}} {}",
+                m.retried_pushes
+            );
+        }
+        header(
+            &mut out,
+            "log_offloader_dead_lettered_total",
+            "counter",
+            "Entries moved to the dead-letter stream, by tenant and reason.",
+        );
+        for (tenant, m) in &tenants {
+            for (reason, count) in &m.dead_lettered {
+                let _ = writeln!(
+                    out,
+                    "log_offloader_dead_lettered_total{{tenant_id=\"{tenant}\",reason=\"{reason}\"}} {count}"
+                );
+            }
+        }
+        header(
+            &mut out,
+            "log_offloader_push_seconds",
+            "summary",
+            "Time of accepted pushes, by tenant.",
+        );
+        for (tenant, m) in &tenants {
+            let _ = writeln!(
+                out,
+                "log_offloader_push_seconds_sum{{tenant_id=\"{tenant}\"}} {}",
+                m.push_latency.as_secs_f64()
+            );
+            let _ = writeln!(
+                out,
+                "log_offloader_push_seconds_count{{tenant_id=\"{tenant}\"}} {}",
+                m.pushes
+            );
+        }
+        header(
+            &mut out,
+            "log_offloader_depth",
+            "gauge",
+            "Entries waiting in the tenant's stream.",
+        );
+        for (tenant, m) in &tenants {
+            let _ = writeln!(
+                out,
+                "log_offloader_depth{{tenant_id=\"{tenant}\"}} {}",
+                m.depth
+            );
+        }
+        header(
+            &mut out,
+            "log_offloader_oldest_age_seconds",
+            "gauge",
+            "Age of the tenant's oldest waiting entry.",
+        );
+        for (tenant, m) in &tenants {
+            let _ = writeln!(
+                out,
+                "log_offloader_oldest_age_seconds{{tenant_id=\"{tenant}\"}} {}",
+                m.oldest_age.map_or(0.0, |age| age.as_secs_f64())
+            );
+        }
+    }
+    out
+}
