@@ -348,7 +348,15 @@ async fn put_item(
             other => other?,
         }
     } else {
-        tenant.put(key, new_item, precondition).await?
+        match tenant.put(key, new_item, precondition).await {
+            // A failed If-Match is a failed precondition, whether or not the item exists.
+            Err(tenant_kv::Error::NotFound { .. })
+                if matches!(precondition, Precondition::Version(_)) =>
+            {
+                return Err(ApiError::precondition_failed("no item matches If-Match"));
+            }
+            other => other?,
+        }
     };
     Ok(item_response(StatusCode::OK, &item))
 }
@@ -361,7 +369,12 @@ async fn delete_item(
 ) -> Result<Response<Body>, ApiError> {
     principal.require(Scope::Delete, key)?;
     let expected = if_match(headers)?.flatten();
-    let version = tenant(app, principal).delete(key, expected).await?;
+    let version = match tenant(app, principal).delete(key, expected).await {
+        Err(tenant_kv::Error::NotFound { .. }) if expected.is_some() => {
+            return Err(ApiError::precondition_failed("no item matches If-Match"));
+        }
+        other => other?,
+    };
     Ok(json_response(
         StatusCode::OK,
         &json!({"key": key, "deleted": true, "version": version}),

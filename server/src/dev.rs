@@ -32,6 +32,10 @@ pub struct DevOptions {
     pub log_file: Option<PathBuf>,
     /// Request limits. Defaults to [`Limits::default`].
     pub limits: Limits,
+    /// How long a request may wait through a failover. Defaults to 8 s.
+    pub retry_budget: Duration,
+    /// The HS256 secret of tokens. Defaults to 32 random bytes.
+    pub jwt_secret: Option<Vec<u8>>,
 }
 
 impl Default for DevOptions {
@@ -41,6 +45,8 @@ impl Default for DevOptions {
             loki_url: None,
             log_file: None,
             limits: Limits::default(),
+            retry_budget: Duration::from_secs(8),
+            jwt_secret: None,
         }
     }
 }
@@ -74,7 +80,9 @@ impl DevSystem {
             .into_iter()
             .map(NodeAddr::from)
             .collect();
-        let client = FailoverClient::sentinel(topology.master_name(), sentinels).build()?;
+        let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+            .retry_budget(options.retry_budget)
+            .build()?;
         client.wait_for_master(Duration::from_secs(10)).await?;
         let store = TenantKv::builder(client.clone()).build()?;
         let expiry = store.watch_expirations();
@@ -109,7 +117,10 @@ impl DevSystem {
         };
         let offloader = Offloader::builder(client.clone(), sink).start()?;
 
-        let secret: [u8; 32] = rand::random();
+        let secret = options
+            .jwt_secret
+            .clone()
+            .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
         let jwt = JwtConfig::hs256(&secret)?;
         let server = Server::builder(store.clone(), client.clone(), jwt)
             .limits(options.limits)

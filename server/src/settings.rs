@@ -44,7 +44,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "redis_retry_budget",
-        "how long a request may wait through a failover; default 5s",
+        "how long a request may wait through a failover; default 8s",
     ),
     (
         "jwt_algorithm",
@@ -260,7 +260,7 @@ impl Settings {
             password: get("redis_password").map(str::to_owned),
             tls,
             tls_ca,
-            retry_budget: duration(raw, "redis_retry_budget", Duration::from_secs(5))?,
+            retry_budget: duration(raw, "redis_retry_budget", Duration::from_secs(8))?,
         };
 
         let algorithm = match get("jwt_algorithm").unwrap_or("HS256") {

@@ -3,6 +3,159 @@
 //! started by `redis-topology`, with faults injected while traffic flows.
 //!
 //! The tests live in this crate's `tests/` directory; each starts its own
-//! topology on free loopback ports, so they run in parallel.
+//! topology on free loopback ports, so they run in parallel. This library
+//! holds what they share: a small HTTP/1.1 client.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// A client of one server; each request opens its own connection.
+#[derive(Clone, Debug)]
+pub struct Http {
+    addr: SocketAddr,
+    /// Headers sent with every request (credentials).
+    headers: Vec<(String, String)>,
+}
+
+/// An answer.
+#[derive(Debug)]
+pub struct Reply {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its headers.
+    pub headers: HeaderMap,
+    /// Its body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON (`Null` if it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The error code of a JSON error answer.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl Http {
+    /// A client of the server at `addr`, without credentials.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            headers: Vec::new(),
+        }
+    }
+
+    /// The same client sending `name: value` with every request.
+    pub fn with_header(&self, name: &str, value: &str) -> Self {
+        let mut client = self.clone();
+        client.headers.push((name.to_owned(), value.to_owned()));
+        client
+    }
+
+    /// The same client sending `Authorization: Bearer <token>`.
+    pub fn bearer(&self, token: &str) -> Self {
+        self.with_header("authorization", &format!("Bearer {token}"))
+    }
+
+    /// Sends a request; `Err` only if the connection failed.
+    pub async fn send(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
+        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(target)
+            .header("host", self.addr.to_string());
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = sender
+            .send_request(request.body(Full::new(body.into()))?)
+            .await?;
+        let (parts, body) = response.into_parts();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await?.to_bytes(),
+        })
+    }
+
+    /// `GET target`, panicking if the connection fails.
+    pub async fn get(&self, target: &str) -> Reply {
+        self.send("GET", target, &[], Bytes::new())
+            .await
+            .expect("connection")
+    }
+
+    /// `DELETE target`, panicking if the connection fails.
+    pub async fn delete(&self, target: &str) -> Reply {
+        self.send("DELETE", target, &[], Bytes::new())
+            .await
+            .expect("connection")
+    }
+
+    /// A request with a JSON body, panicking if the connection fails.
+    pub async fn json(&self, method: &str, target: &str, body: &Value) -> Reply {
+        self.send(
+            method,
+            target,
+            &[("content-type", "application/json")],
+            serde_json::to_vec(body).expect("JSON"),
+        )
+        .await
+        .expect("connection")
+    }
+
+    /// Logs in with `POST /token` (form) and returns a client sending the token.
+    pub async fn login(&self, username: &str, password: &str) -> Self {
+        let form = format!("username={username}&password={password}");
+        let reply = self
+            .send(
+                "POST",
+                "/token",
+                &[("content-type", "application/x-www-form-urlencoded")],
+                form,
+            )
+            .await
+            .expect("connection");
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "login of {username}: {reply:?}"
+        );
+        let token = reply.json()["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_owned();
+        self.bearer(&token)
+    }
+}
