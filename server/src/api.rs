@@ -1,6 +1,7 @@
 //! The endpoints: request parsing, authorisation, the store call, and the
 //! JSON answer.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,6 +48,7 @@ pub(crate) struct LogShipping {
 /// Answers one request; never fails (errors are JSON answers).
 pub(crate) async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
+    app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let request_id = request
         .headers()
         .get("x-request-id")
@@ -90,6 +92,7 @@ pub(crate) async fn handle(app: Arc<App>, request: Request<Incoming>) -> Respons
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     app.metrics.record(route, status, elapsed);
+    app.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
     tracing::info!(
         target: "access",
         request_id,
@@ -348,7 +351,7 @@ async fn put_item(
             other => other?,
         }
     } else {
-        match tenant.put(key, new_item, precondition).await {
+        match put_replacing(&tenant, key, new_item, precondition).await {
             // A failed If-Match is a failed precondition, whether or not the item exists.
             Err(tenant_kv::Error::NotFound { .. })
                 if matches!(precondition, Precondition::Version(_)) =>
@@ -359,6 +362,30 @@ async fn put_item(
         }
     };
     Ok(item_response(StatusCode::OK, &item))
+}
+
+/// A PUT: an unconditional replacement whose outcome is unknown (the
+/// master failed mid-request) is sent again, as HTTP lets a server do with
+/// an idempotent method: either way the item ends up holding the body.
+async fn put_replacing(
+    tenant: &tenant_kv::Tenant,
+    key: &str,
+    item: NewItem,
+    precondition: Precondition,
+) -> tenant_kv::Result<Item> {
+    let first = tenant.put(key, item.clone(), precondition).await;
+    match first {
+        Err(tenant_kv::Error::Redis(redis_failover::Error::OutcomeUnknown { .. }))
+            if precondition == Precondition::Exists =>
+        {
+            tracing::info!(
+                key,
+                "PUT outcome unknown after a failover; sending it again"
+            );
+            tenant.put(key, item, precondition).await
+        }
+        other => other,
+    }
 }
 
 async fn delete_item(

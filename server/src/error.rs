@@ -168,6 +168,14 @@ impl From<tenant_kv::Error> for ApiError {
                     ..inner
                 }
             }
+            E::Redis(redis_failover::Error::OutcomeUnknown { .. }) => Self {
+                retry_after: Some(1),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outcome_unknown",
+                    "the master failed while the write was in flight: it may or may not have been applied; read before retrying",
+                )
+            },
             E::Redis(source) => {
                 tracing::warn!(error = %source, cause = ?std::error::Error::source(&source), "Redis unreachable past the retry budget");
                 Self::unavailable("the store is unavailable; retry later")

@@ -28,6 +28,7 @@ struct RouteStats {
 pub(crate) struct HttpMetrics {
     routes: Mutex<BTreeMap<&'static str, RouteStats>>,
     pub(crate) open_connections: AtomicI64,
+    pub(crate) in_flight: AtomicI64,
 }
 
 impl HttpMetrics {
@@ -98,6 +99,17 @@ pub(crate) fn render(app: &App) -> String {
             );
         }
     }
+    header(
+        &mut out,
+        "http_requests_in_flight",
+        "gauge",
+        "Requests being answered.",
+    );
+    let _ = writeln!(
+        out,
+        "http_requests_in_flight {}",
+        app.metrics.in_flight.load(Ordering::Relaxed)
+    );
     header(
         &mut out,
         "http_open_connections",

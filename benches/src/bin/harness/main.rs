@@ -9,6 +9,7 @@
 //! cargo run --release -p benches --bin harness -- tenant-kv [--json FILE]
 //! cargo run --release -p benches --bin harness -- list [--json FILE]
 //! cargo run --release -p benches --bin harness -- logs [--json FILE]
+//! cargo run --release -p benches --bin harness -- http [--json FILE]
 //! ```
 //!
 //! - `kv`: `SET` then `GET` of a 64-byte value from 1, 16, 64 and 256
@@ -48,6 +49,11 @@
 //!   backlog of 200,000 lines built while the receiver answered 503
 //!   drains. Targets: p99 emit <= 2 us, >= 100k records/s buffered,
 //!   >= 50k lines/s offloaded.
+//! - `http`: the server (dev mode: master, 2 replicas, 3 sentinels, JWT
+//!   auth, audited writes) over 64 keep-alive connections: (a) a minimal
+//!   hyper endpoint answering each request with one Redis `GET` on the
+//!   same master, the baseline, (b) `GET /data/{key}`, (c) `PUT
+//!   /data/{key}`. Targets: (b) and (c) >= 0.7x (a), p99 <= 5 ms.
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -61,10 +67,11 @@ use redis_failover::{Durability, FailoverClient, NodeAddr, ReadPolicy};
 use redis_topology::Topology;
 use serde_json::{Value, json};
 
+mod http;
 mod logs;
 
 const USAGE: &str =
-    "usage: harness <kv|failover|reads|tenant-kv|list|logs> [--failovers N] [--json FILE]";
+    "usage: harness <kv|failover|reads|tenant-kv|list|logs|http> [--failovers N] [--json FILE]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -103,6 +110,7 @@ fn main() -> ExitCode {
             "tenant-kv" => tenant_kv_scenario().await,
             "list" => list().await,
             "logs" => logs::logs().await,
+            "http" => http::http().await,
             _ => Err(USAGE.into()),
         }
     });

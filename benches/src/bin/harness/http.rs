@@ -1,0 +1,209 @@
+//! The `http` scenario: the service's `GET /data/{key}` and `PUT
+//! /data/{key}` over 64 keep-alive connections, against a minimal hyper
+//! endpoint answering each request with one Redis `GET`, measured in the
+//! same run on the same Redis.
+
+use std::convert::Infallible;
+use std::error::Error;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use benches::{Settings, Variant};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use server::dev::{DevOptions, DevSystem};
+use tokio::sync::Mutex;
+
+const CONNECTIONS: usize = 64;
+
+/// One keep-alive connection per task, opened on first use and again
+/// after an error.
+struct Connections {
+    addr: SocketAddr,
+    slots: Vec<Mutex<Option<SendRequest<Full<Bytes>>>>>,
+}
+
+impl Connections {
+    fn new(addr: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            addr,
+            slots: (0..CONNECTIONS).map(|_| Mutex::new(None)).collect(),
+        })
+    }
+
+    /// Sends `request` on task `task`'s connection; the body of a 2xx answer.
+    async fn send(&self, task: usize, request: Request<Full<Bytes>>) -> Result<Bytes, String> {
+        let mut slot = self.slots[task].lock().await;
+        if slot.as_ref().is_none_or(|sender| sender.is_closed()) {
+            let stream = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            stream.set_nodelay(true).map_err(|e| e.to_string())?;
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            *slot = Some(sender);
+        }
+        let sender = slot.as_mut().expect("connected above");
+        let outcome = async {
+            sender.ready().await.map_err(|e| e.to_string())?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            if status.is_success() {
+                Ok(body.to_bytes())
+            } else {
+                Err(format!("status {status}"))
+            }
+        }
+        .await;
+        if outcome.is_err() {
+            *slot = None;
+        }
+        outcome
+    }
+}
+
+/// The baseline: `GET /<key>` answered with the key's value from one
+/// shared multiplexed Redis connection, and nothing else.
+async fn minimal_endpoint(
+    redis: redis::aio::MultiplexedConnection,
+) -> Result<SocketAddr, Box<dyn Error>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let redis = redis.clone();
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let mut redis = redis.clone();
+                    async move {
+                        let key = request.uri().path().trim_start_matches('/').to_owned();
+                        let value: Option<Vec<u8>> = redis::cmd("GET")
+                            .arg(key)
+                            .query_async(&mut redis)
+                            .await
+                            .unwrap_or(None);
+                        let mut response =
+                            Response::new(Full::new(Bytes::from(value.unwrap_or_default())));
+                        response
+                            .headers_mut()
+                            .insert("content-type", "application/json".parse().expect("static"));
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    Ok(addr)
+}
+
+pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
+    let settings = Settings::from_env();
+    println!("http: starting a master, 2 replicas, 3 sentinels and the server");
+    let system = DevSystem::start(DevOptions {
+        listen: "127.0.0.1:0".parse()?,
+        ..DevOptions::default()
+    })
+    .await?;
+    let master = system.topology.initial_master();
+    let redis = redis::Client::open(system.topology.connection_info(master))?
+        .get_multiplexed_async_connection()
+        .await?;
+
+    let value = json!({"text": "v".repeat(50)});
+    let body = Bytes::from(serde_json::to_vec(&json!({ "value": value }))?);
+    let login = format!("username=user1&password={}", system.password);
+    let service = Connections::new(system.local_addr());
+    let token = {
+        let request = Request::post("/token")
+            .header("host", "bench")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(login)))?;
+        let reply: Value = serde_json::from_slice(&service.send(0, request).await?)?;
+        format!(
+            "Bearer {}",
+            reply["access_token"].as_str().ok_or("no token")?
+        )
+    };
+
+    // The same items for both: the baseline's keys hold what the service returns.
+    for task in 0..CONNECTIONS {
+        let create = Request::post(format!("/data?key=k{task}"))
+            .header("host", "bench")
+            .header("authorization", &token)
+            .header("content-type", "application/json")
+            .body(Full::new(body.clone()))?;
+        service.send(task, create).await?;
+        let mut redis = redis.clone();
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{task}"))
+            .arg(serde_json::to_vec(&value)?)
+            .query_async(&mut redis)
+            .await?;
+    }
+
+    let baseline_addr = minimal_endpoint(redis).await?;
+    let baseline = Connections::new(baseline_addr);
+    let minimal = Variant::new("(a) hyper + one Redis GET", move |task| {
+        let baseline = Arc::clone(&baseline);
+        async move {
+            let request = Request::get(format!("/k{task}"))
+                .header("host", "bench")
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| e.to_string())?;
+            baseline.send(task, request).await.map(drop)
+        }
+    });
+    let get = Variant::new("(b) server GET /data/{key}", {
+        let (service, token) = (Arc::clone(&service), token.clone());
+        move |task| {
+            let (service, token) = (Arc::clone(&service), token.clone());
+            async move {
+                let request = Request::get(format!("/data/k{task}"))
+                    .header("host", "bench")
+                    .header("authorization", token)
+                    .body(Full::new(Bytes::new()))
+                    .map_err(|e| e.to_string())?;
+                service.send(task, request).await.map(drop)
+            }
+        }
+    });
+    let put = Variant::new("(c) server PUT /data/{key}", move |task| {
+        let (service, token, body) = (Arc::clone(&service), token.clone(), body.clone());
+        async move {
+            let request = Request::put(format!("/data/k{task}"))
+                .header("host", "bench")
+                .header("authorization", token)
+                .header("content-type", "application/json")
+                .body(Full::new(body))
+                .map_err(|e| e.to_string())?;
+            service.send(task, request).await.map(drop)
+        }
+    });
+    println!(
+        "http: {CONNECTIONS} connections; {} interleaved rounds of {:?} per variant",
+        settings.rounds, settings.duration
+    );
+    let rows = crate::groups(&[&[minimal, get, put]], CONNECTIONS, settings).await;
+    println!("targets: (b)/(a) and (c)/(a) >= 0.70, p99 <= 5 ms");
+    system.shutdown().await;
+    Ok(json!({ "scenario": "http", "rounds": settings.rounds,
+                "seconds": settings.duration.as_secs_f64(), "results": rows }))
+}
