@@ -439,32 +439,77 @@ struct BatchBody {
     operations: Vec<BatchOperation>,
 }
 
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum BatchOp {
+    Create,
+    Put,
+    Delete,
+}
+
 #[derive(Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-enum BatchOperation {
-    Create {
-        key: String,
-        value: Value,
-        #[serde(default)]
-        ttl: Option<u64>,
-        #[serde(default)]
-        metadata: Option<Map<String, Value>>,
-    },
-    Put {
-        key: String,
-        value: Value,
-        #[serde(default)]
-        ttl: Option<u64>,
-        #[serde(default)]
-        metadata: Option<Map<String, Value>>,
-        #[serde(default)]
-        if_version: Option<u64>,
-    },
-    Delete {
-        key: String,
-        #[serde(default)]
-        if_version: Option<u64>,
-    },
+#[serde(deny_unknown_fields)]
+struct BatchOperation {
+    op: BatchOp,
+    key: String,
+    /// `Some(Null)` for `"value": null`, `None` when absent.
+    #[serde(default, deserialize_with = "present")]
+    value: Option<Value>,
+    #[serde(default)]
+    ttl: Option<u64>,
+    #[serde(default)]
+    metadata: Option<Map<String, Value>>,
+    #[serde(default)]
+    if_version: Option<u64>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+impl BatchOperation {
+    /// The write, if the caller may do it.
+    fn into_write(self, index: usize, principal: &Principal) -> Result<Write, ApiError> {
+        let invalid = |what: &str| ApiError::bad_request(format!("operation {index}: {what}"));
+        let Self {
+            op,
+            key,
+            value,
+            ttl,
+            metadata,
+            if_version,
+        } = self;
+        if let BatchOp::Delete = op {
+            if value.is_some() || ttl.is_some() || metadata.is_some() {
+                return Err(invalid("a delete takes only `key` and `if_version`"));
+            }
+            principal.require(Scope::Delete, &key)?;
+            return Ok(Write::Delete {
+                key,
+                expected_version: if_version,
+            });
+        }
+        principal.require(Scope::Write, &key)?;
+        let value = value.ok_or_else(|| invalid("`value` is required"))?;
+        let item = ItemBody {
+            value,
+            ttl,
+            metadata,
+        }
+        .into_new_item()?;
+        match (op, if_version) {
+            (BatchOp::Create, None) => Ok(Write::Create { key, item }),
+            (BatchOp::Create, Some(_)) => Err(invalid("a create takes no `if_version`")),
+            (_, version) => {
+                let precondition = version.map_or(Precondition::Exists, Precondition::Version);
+                Ok(Write::Put {
+                    key,
+                    item,
+                    precondition,
+                })
+            }
+        }
+    }
 }
 
 async fn batch(
@@ -480,55 +525,12 @@ async fn batch(
             app.limits.max_batch
         )));
     }
-    let mut writes = Vec::with_capacity(count);
-    for operation in body.operations {
-        let write = match operation {
-            BatchOperation::Create {
-                key,
-                value,
-                ttl,
-                metadata,
-            } => {
-                principal.require(Scope::Write, &key)?;
-                let item = ItemBody {
-                    value,
-                    ttl,
-                    metadata,
-                }
-                .into_new_item()?;
-                Write::Create { key, item }
-            }
-            BatchOperation::Put {
-                key,
-                value,
-                ttl,
-                metadata,
-                if_version,
-            } => {
-                principal.require(Scope::Write, &key)?;
-                let item = ItemBody {
-                    value,
-                    ttl,
-                    metadata,
-                }
-                .into_new_item()?;
-                let precondition = if_version.map_or(Precondition::Exists, Precondition::Version);
-                Write::Put {
-                    key,
-                    item,
-                    precondition,
-                }
-            }
-            BatchOperation::Delete { key, if_version } => {
-                principal.require(Scope::Delete, &key)?;
-                Write::Delete {
-                    key,
-                    expected_version: if_version,
-                }
-            }
-        };
-        writes.push(write);
-    }
+    let writes = body
+        .operations
+        .into_iter()
+        .enumerate()
+        .map(|(index, operation)| operation.into_write(index, principal))
+        .collect::<Result<Vec<_>, _>>()?;
     let written = tenant(app, principal).batch(writes).await?;
     let results: Vec<Value> = written
         .iter()

@@ -135,8 +135,8 @@ impl Http {
         .expect("connection")
     }
 
-    /// Logs in with `POST /token` (form) and returns a client sending the token.
-    pub async fn login(&self, username: &str, password: &str) -> Self {
+    /// Logs in with `POST /token` (form) and returns the token.
+    pub async fn token(&self, username: &str, password: &str) -> String {
         let form = format!("username={username}&password={password}");
         let reply = self
             .send(
@@ -152,10 +152,14 @@ impl Http {
             StatusCode::OK,
             "login of {username}: {reply:?}"
         );
-        let token = reply.json()["access_token"]
+        reply.json()["access_token"]
             .as_str()
             .expect("access_token")
-            .to_owned();
-        self.bearer(&token)
+            .to_owned()
+    }
+
+    /// Logs in and returns a client sending the token.
+    pub async fn login(&self, username: &str, password: &str) -> Self {
+        self.bearer(&self.token(username, password).await)
     }
 }

@@ -145,14 +145,7 @@ async fn metric(http: &Http, name: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_accepting_and_drains_the_request_in_flight() {
     let (system, http) = start().await;
-    let login = http
-        .json(
-            "POST",
-            "/token",
-            &json!({"username": "user1", "password": system.password}),
-        )
-        .await;
-    let token = login.json()["access_token"].as_str().unwrap().to_owned();
+    let token = http.token("user1", &system.password).await;
     let addr = system.local_addr();
 
     // A request whose body is half sent: it is in flight until the rest comes.
