@@ -191,3 +191,45 @@ impl From<tenant_kv::Error> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_precise_statuses() {
+        let limited = ApiError::from(tenant_kv::Error::RateLimited {
+            retry_after: Duration::from_millis(1200),
+        });
+        assert_eq!(
+            (limited.status, limited.code),
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limited")
+        );
+        assert_eq!(limited.retry_after, Some(2));
+        let quota = ApiError::from(tenant_kv::Error::QuotaExceeded {
+            what: "keys",
+            limit: 10,
+            would_be: 11,
+        });
+        assert_eq!(
+            (quota.status, quota.code),
+            (StatusCode::FORBIDDEN, "quota_exceeded")
+        );
+        let batch = ApiError::from(tenant_kv::Error::BatchFailed {
+            index: 3,
+            source: Box::new(tenant_kv::Error::VersionConflict {
+                key: "k".to_owned(),
+                expected: 1,
+                current: Some(2),
+            }),
+        });
+        assert_eq!(batch.status, StatusCode::PRECONDITION_FAILED);
+        assert!(
+            batch.message.starts_with("operation 3 failed"),
+            "{}",
+            batch.message
+        );
+    }
+}

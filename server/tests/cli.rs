@@ -1,0 +1,221 @@
+//! The `server` binary: `dev` serves until SIGINT and then leaves no Redis
+//! behind; invalid settings exit with status 2 naming the setting; the
+//! admin subcommands manage users with the password from stdin.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use redis_topology::Topology;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_server");
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// SIGKILLs the binary if a test fails while it runs (the next topology
+/// started on the machine then reaps its Redis processes).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    kill(Pid::from_raw(pid), None).is_ok() && state != Some('Z')
+}
+
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn dev_serves_until_sigint_and_leaves_nothing_behind() {
+    let mut child = KillOnDrop(
+        Command::new(BINARY)
+            .args(["dev", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (lines_tx, lines_rx) = mpsc::channel();
+    let stdout = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + DEADLINE;
+    let (mut addr, mut logs, mut master_pid, mut password) = (None, None, None, None);
+    while master_pid.is_none() {
+        let line = lines_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("dev mode prints its address, password, log file and master");
+        if let Some(url) = line.strip_prefix("server listening on http://") {
+            addr = Some(url.parse::<SocketAddr>().unwrap());
+        } else if let Some(value) = line.strip_prefix("password: ") {
+            password = Some(value.trim().to_owned());
+        } else if let Some(path) = line.strip_prefix("logs: ") {
+            logs = Some(PathBuf::from(path.trim()));
+        } else if let Some((_, pid)) = line.split_once("(pid ") {
+            master_pid = pid.split(')').next().and_then(|p| p.parse::<i32>().ok());
+        }
+    }
+    let (addr, logs, master_pid) = (addr.unwrap(), logs.unwrap(), master_pid.unwrap());
+    assert_eq!(password.unwrap().len(), 16);
+    assert!(get(addr, "/healthz").starts_with("HTTP/1.1 200"));
+    let ready = get(addr, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(alive(master_pid));
+
+    kill(Pid::from_raw(child.0.id() as i32), Signal::SIGINT).unwrap();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "dev mode did not stop on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!alive(master_pid), "the master outlived dev mode");
+    let topology_dir = logs.parent().unwrap();
+    assert!(
+        !topology_dir.exists(),
+        "{} was left behind",
+        topology_dir.display()
+    );
+    assert!(TcpStream::connect(addr).is_err(), "still listening");
+}
+
+fn run(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
+    let mut child = Command::new(BINARY)
+        .args(args)
+        .env_remove("SERVER_CONFIG")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn invalid_settings_exit_with_status_2_naming_the_setting() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[], "redis_sentinels"),
+        (
+            &[
+                ("SERVER_REDIS_NODES", "r:6379"),
+                ("SERVER_JWT_SECRET", "short"),
+            ],
+            "jwt_secret",
+        ),
+        (
+            &[
+                ("SERVER_REDIS_NODES", "r:6379"),
+                ("SERVER_LISTEN", "everywhere"),
+            ],
+            "listen",
+        ),
+    ];
+    for (env, setting) in cases {
+        let output = run(&["serve"], env, "");
+        assert_eq!(output.status.code(), Some(2), "{env:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("`{setting}`")),
+            "{env:?}: {stderr}"
+        );
+    }
+    let missing_loki = run(&["offload"], &[("SERVER_REDIS_NODES", "r:6379")], "");
+    assert_eq!(missing_loki.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing_loki.stderr).contains("loki_url"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_subcommands_manage_users_with_the_password_from_stdin() {
+    let topology = Topology::builder()
+        .replicas(0)
+        .sentinels(0)
+        .start()
+        .await
+        .unwrap();
+    let master = topology.addr(topology.initial_master()).to_string();
+    let env = [("SERVER_REDIS_NODES", master.as_str())];
+    let ok = |output: &Output| {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+
+    let added = run(
+        &[
+            "user",
+            "add",
+            "alice",
+            "--tenant",
+            "acme",
+            "--email",
+            "a@acme.example",
+        ],
+        &env,
+        "s3cret pass\n",
+    );
+    assert!(ok(&added).contains("created user alice in tenant acme"));
+    let empty = run(&["user", "add", "bob", "--tenant", "acme"], &env, "\n");
+    assert_eq!(empty.status.code(), Some(2));
+    let taken = run(&["user", "add", "alice", "--tenant", "other"], &env, "pw\n");
+    assert_eq!(taken.status.code(), Some(1));
+
+    assert!(ok(&run(&["user", "disable", "alice"], &env, "")).contains("disabled alice"));
+    let listed = ok(&run(&["user", "list", "--tenant", "acme"], &env, ""));
+    assert_eq!(listed.trim(), "alice\tdisabled\ta@acme.example");
+    ok(&run(&["user", "enable", "alice"], &env, ""));
+
+    // The password from stdin is the one that logs in.
+    let client = redis_failover::FailoverClient::candidates([topology
+        .addr(topology.initial_master())
+        .into()])
+    .build()
+    .unwrap();
+    let store = tenant_kv::TenantKv::builder(client).build().unwrap();
+    let user = store
+        .users()
+        .authenticate("alice", "s3cret pass")
+        .await
+        .unwrap();
+    assert_eq!(user.tenant.as_str(), "acme");
+    let usage = ok(&run(&["tenant", "usage", "acme"], &env, ""));
+    assert_eq!(usage, "keys\t0\nbytes\t0\n");
+}
