@@ -1,14 +1,16 @@
 //! The endpoints: request parsing, authorisation, the store call, and the
 //! JSON answer.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, ETAG, HeaderValue, IF_MATCH, IF_NONE_MATCH};
+use hyper::header::{
+    CONTENT_LENGTH, CONTENT_TYPE, ETAG, HeaderValue, IF_MATCH, IF_NONE_MATCH, TRANSFER_ENCODING,
+};
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use log_buffer::{LogBuffer, Offloader};
 use redis_failover::FailoverClient;
@@ -16,7 +18,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tenant_kv::{
-    ApiKey, Item, NewApiKey, NewItem, Precondition, Scope, TenantId, TenantKv, Write, Written,
+    ApiKey, ApiKeys, Item, NewApiKey, NewItem, Precondition, Scope, TenantId, TenantKv, Write,
+    Written,
 };
 
 use crate::auth::{JwtConfig, Principal, authenticate};
@@ -30,6 +33,8 @@ pub(crate) type Body = Full<Bytes>;
 /// What every request handler shares.
 pub(crate) struct App {
     pub(crate) store: TenantKv,
+    /// One for the process: it remembers when each key's `last_used` was written.
+    pub(crate) api_keys: ApiKeys,
     pub(crate) client: FailoverClient,
     pub(crate) jwt: JwtConfig,
     pub(crate) limits: Limits,
@@ -45,10 +50,20 @@ pub(crate) struct LogShipping {
     pub(crate) offloader: Option<Offloader>,
 }
 
+struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Answers one request; never fails (errors are JSON answers).
 pub(crate) async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+    // Decrements also when hyper drops this future (the client went away).
+    let _in_flight = InFlight(&app.metrics.in_flight);
     let request_id = request
         .headers()
         .get("x-request-id")
@@ -57,7 +72,12 @@ pub(crate) async fn handle(app: Arc<App>, request: Request<Incoming>) -> Respons
         .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
     let method = request.method().as_str().to_owned();
     let mut tenant = None;
-    let (operation, result) = if request.uri().to_string().len() > app.limits.max_uri_bytes {
+    let (operation, result) = if request
+        .uri()
+        .path_and_query()
+        .map_or(0, |target| target.as_str().len())
+        > app.limits.max_uri_bytes
+    {
         let error = ApiError::new(
             StatusCode::URI_TOO_LONG,
             "uri_too_long",
@@ -73,17 +93,21 @@ pub(crate) async fn handle(app: Arc<App>, request: Request<Incoming>) -> Respons
                 )
                 .await
                 .unwrap_or_else(|_| {
-                    Err(ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "timeout",
-                        "the request took too long",
-                    ))
+                    Err(ApiError {
+                        retry_after: Some(1),
+                        ..ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "timeout",
+                            "the request took too long",
+                        )
+                    })
                 });
                 (Some(operation), answered)
             }
             Err(error) => (None, Err(error)),
         }
     };
+    let error_code = result.as_ref().err().map(|error| error.code);
     let mut response = result.unwrap_or_else(error_response);
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
@@ -91,8 +115,7 @@ pub(crate) async fn handle(app: Arc<App>, request: Request<Incoming>) -> Respons
     let route = operation.map_or("unmatched", Operation::name);
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    app.metrics.record(route, status, elapsed);
-    app.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    app.metrics.record(route, status, error_code, elapsed);
     tracing::info!(
         target: "access",
         request_id,
@@ -129,7 +152,7 @@ async fn dispatch(
         Operation::IssueToken => return issue_token(app, request).await,
         _ => {}
     }
-    let principal = authenticate(request.headers(), &app.jwt, &app.store).await?;
+    let principal = authenticate(request.headers(), app).await?;
     *tenant = Some(principal.tenant().clone());
     match operation {
         Operation::CurrentUser => current_user(app, &principal).await,
@@ -161,13 +184,7 @@ async fn ready(app: &App) -> Result<Response<Body>, ApiError> {
         .query_idempotent::<String>(&redis::cmd("PING"))
         .await
     {
-        Ok(_) => {
-            let master = app.client.master().map(|m| m.node.to_string());
-            Ok(json_response(
-                StatusCode::OK,
-                &json!({"status": "ready", "master": master}),
-            ))
-        }
+        Ok(_) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
         Err(error) => {
             tracing::warn!(%error, "not ready: the Redis master is unreachable");
             Err(ApiError::unavailable("the Redis master is unreachable"))
@@ -328,15 +345,19 @@ async fn put_item(
         Some(value) if value == "*" => true,
         Some(_) => return Err(ApiError::bad_request("PUT takes only `If-None-Match: *`")),
     };
-    let precondition = match if_match(headers)? {
-        Some(_) if create_only => {
-            return Err(ApiError::bad_request(
-                "send If-Match or If-None-Match, not both",
-            ));
-        }
-        Some(version) => version.map_or(Precondition::Exists, Precondition::Version),
-        // Without a precondition, PUT replaces an existing item (404 if none).
-        None => Precondition::Exists,
+    let if_match = if_match(headers)?;
+    if create_only && if_match != IfMatch::Absent {
+        return Err(ApiError::bad_request(
+            "send If-Match or If-None-Match, not both",
+        ));
+    }
+    if if_match == IfMatch::Never {
+        return Err(ApiError::precondition_failed("no item matches If-Match"));
+    }
+    let precondition = match if_match {
+        IfMatch::Version(version) => Precondition::Version(version),
+        // Without a version, PUT replaces an existing item (404 if none).
+        _ => Precondition::Exists,
     };
     let body: ItemBody = read_json(request, app.limits.max_body_bytes).await?;
     let new_item = body.into_new_item()?;
@@ -351,11 +372,9 @@ async fn put_item(
             other => other?,
         }
     } else {
-        match put_replacing(&tenant, key, new_item, precondition).await {
+        match put_replacing(app, &tenant, key, new_item, precondition).await {
             // A failed If-Match is a failed precondition, whether or not the item exists.
-            Err(tenant_kv::Error::NotFound { .. })
-                if matches!(precondition, Precondition::Version(_)) =>
-            {
+            Err(tenant_kv::Error::NotFound { .. }) if if_match != IfMatch::Absent => {
                 return Err(ApiError::precondition_failed("no item matches If-Match"));
             }
             other => other?,
@@ -368,6 +387,7 @@ async fn put_item(
 /// master failed mid-request) is sent again, as HTTP lets a server do with
 /// an idempotent method: either way the item ends up holding the body.
 async fn put_replacing(
+    app: &App,
     tenant: &tenant_kv::Tenant,
     key: &str,
     item: NewItem,
@@ -382,6 +402,7 @@ async fn put_replacing(
                 key,
                 "PUT outcome unknown after a failover; sending it again"
             );
+            app.metrics.puts_resent.fetch_add(1, Ordering::Relaxed);
             tenant.put(key, item, precondition).await
         }
         other => other,
@@ -395,9 +416,14 @@ async fn delete_item(
     headers: &HeaderMap,
 ) -> Result<Response<Body>, ApiError> {
     principal.require(Scope::Delete, key)?;
-    let expected = if_match(headers)?.flatten();
+    let if_match = if_match(headers)?;
+    let expected = match if_match {
+        IfMatch::Never => return Err(ApiError::precondition_failed("no item matches If-Match")),
+        IfMatch::Version(version) => Some(version),
+        IfMatch::Absent | IfMatch::Any => None,
+    };
     let version = match tenant(app, principal).delete(key, expected).await {
-        Err(tenant_kv::Error::NotFound { .. }) if expected.is_some() => {
+        Err(tenant_kv::Error::NotFound { .. }) if if_match != IfMatch::Absent => {
             return Err(ApiError::precondition_failed("no item matches If-Match"));
         }
         other => other?,
@@ -574,20 +600,12 @@ async fn create_api_key(
             .map(|name| name.parse::<Scope>())
             .collect::<Result<Vec<_>, _>>()?,
     };
-    // A key creates no key that may do more than itself.
-    if let Principal::ApiKey(own) = principal {
-        let prefix = body.key_prefix.as_deref().unwrap_or_default();
-        if let Some(scope) = scopes.iter().find(|scope| !own.allows(**scope, prefix)) {
-            return Err(ApiError::forbidden(format!(
-                "this API key cannot grant `{}` under this prefix",
-                scope.as_str()
-            )));
-        }
-    }
     let ttl = match body.ttl {
         Some(0) => return Err(ApiError::bad_request("`ttl` must be at least 1 second")),
         ttl => ttl.map(Duration::from_secs),
     };
+    let expires_at = ttl.and_then(|ttl| SystemTime::now().checked_add(ttl));
+    may_manage(principal, &scopes, body.key_prefix.as_deref(), expires_at)?;
     let new = NewApiKey {
         name: body.name,
         scopes,
@@ -595,8 +613,7 @@ async fn create_api_key(
         ttl,
     };
     let (key, secret) = app
-        .store
-        .api_keys()
+        .api_keys
         .create(principal.tenant(), new, &principal.actor())
         .await?;
     Ok(json_response(
@@ -607,7 +624,7 @@ async fn create_api_key(
 
 async fn list_api_keys(app: &App, principal: &Principal) -> Result<Response<Body>, ApiError> {
     principal.require(Scope::Admin, "")?;
-    let keys = app.store.api_keys().list(principal.tenant()).await?;
+    let keys = app.api_keys.list(principal.tenant()).await?;
     let keys: Vec<Value> = keys.iter().map(|key| api_key_json(key, None)).collect();
     Ok(json_response(StatusCode::OK, &json!({"api_keys": keys})))
 }
@@ -618,8 +635,8 @@ async fn revoke_api_key(
     id: &str,
 ) -> Result<Response<Body>, ApiError> {
     principal.require(Scope::Admin, "")?;
-    app.store
-        .api_keys()
+    may_manage_key(app, principal, id).await?;
+    app.api_keys
         .revoke(principal.tenant(), id, &principal.actor())
         .await?;
     Ok(json_response(
@@ -642,11 +659,10 @@ async fn rotate_api_key(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     principal.require(Scope::Admin, "")?;
-    let empty = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .is_some_and(|len| len == "0")
-        || request.headers().get(CONTENT_TYPE).is_none();
+    may_manage_key(app, principal, id).await?;
+    let headers = request.headers();
+    let empty = headers.get(CONTENT_LENGTH).is_none_or(|len| len == "0")
+        && headers.get(TRANSFER_ENCODING).is_none();
     let body: RotateBody = if empty {
         RotateBody::default()
     } else {
@@ -654,14 +670,54 @@ async fn rotate_api_key(
     };
     let grace = Duration::from_secs(body.grace_seconds);
     let (key, secret) = app
-        .store
-        .api_keys()
+        .api_keys
         .rotate(principal.tenant(), id, grace, &principal.actor())
         .await?;
     Ok(json_response(
         StatusCode::OK,
         &api_key_json(&key, Some(&secret)),
     ))
+}
+
+/// An API key manages (creates, rotates, revokes) only keys that may do no
+/// more than itself: no other scope, no wider prefix, no longer life.
+fn may_manage(
+    principal: &Principal,
+    scopes: &[Scope],
+    key_prefix: Option<&str>,
+    expires_at: Option<SystemTime>,
+) -> Result<(), ApiError> {
+    let Principal::ApiKey(own) = principal else {
+        return Ok(());
+    };
+    let prefix = key_prefix.unwrap_or_default();
+    if let Some(scope) = scopes.iter().find(|scope| !own.allows(**scope, prefix)) {
+        return Err(ApiError::forbidden(format!(
+            "this API key cannot manage a key with `{}` under this prefix",
+            scope.as_str()
+        )));
+    }
+    if let Some(own_expiry) = own.expires_at
+        && expires_at.is_none_or(|at| at > own_expiry)
+    {
+        return Err(ApiError::forbidden(
+            "this API key cannot manage a key that outlives it",
+        ));
+    }
+    Ok(())
+}
+
+async fn may_manage_key(app: &App, principal: &Principal, id: &str) -> Result<(), ApiError> {
+    if let Principal::ApiKey(_) = principal {
+        let target = app.api_keys.get(principal.tenant(), id).await?;
+        may_manage(
+            principal,
+            &target.scopes,
+            target.key_prefix.as_deref(),
+            target.expires_at,
+        )?;
+    }
+    Ok(())
 }
 
 fn tenant(app: &App, principal: &Principal) -> tenant_kv::Tenant {
@@ -677,21 +733,34 @@ fn etag_header(version: u64) -> HeaderValue {
     HeaderValue::from_str(&etag(version)).expect("digits and quotes")
 }
 
-/// `If-Match`: absent, `*` (`Some(None)`), or one strong ETag (`Some(Some(version))`).
-fn if_match(headers: &HeaderMap) -> Result<Option<Option<u64>>, ApiError> {
+/// What `If-Match` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IfMatch {
+    Absent,
+    /// `*`: the item must exist.
+    Any,
+    /// One strong ETag.
+    Version(u64),
+    /// A weak or foreign tag, which strong comparison never matches.
+    Never,
+}
+
+fn if_match(headers: &HeaderMap) -> Result<IfMatch, ApiError> {
     let Some(value) = headers.get(IF_MATCH) else {
-        return Ok(None);
+        return Ok(IfMatch::Absent);
     };
     let value = value.to_str().unwrap_or_default().trim();
     if value == "*" {
-        return Ok(Some(None));
+        return Ok(IfMatch::Any);
     }
-    value
+    if value.contains(',') {
+        return Err(ApiError::bad_request("send one ETag in If-Match"));
+    }
+    Ok(value
         .strip_prefix('"')
         .and_then(|v| v.strip_suffix('"'))
         .and_then(|v| v.parse().ok())
-        .map(|version| Some(Some(version)))
-        .ok_or_else(|| ApiError::bad_request("If-Match must be `*` or one ETag such as \"3\""))
+        .map_or(IfMatch::Never, IfMatch::Version))
 }
 
 fn item_json(item: &Item) -> Value {

@@ -7,7 +7,9 @@ use hyper::HeaderMap;
 use hyper::header::AUTHORIZATION;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tenant_kv::{Actor, ApiKey, Scope, TenantId, TenantKv};
+use tenant_kv::{Actor, ApiKey, Scope, TenantId};
+
+use crate::api::App;
 
 use crate::error::{ApiError, SettingError};
 use crate::settings::JwtSettings;
@@ -237,11 +239,8 @@ impl Principal {
 
 /// Checks the request's `Authorization: Bearer` token or `X-API-Key`.
 /// Every failure is the same 401, whatever was wrong.
-pub(crate) async fn authenticate(
-    headers: &HeaderMap,
-    jwt: &JwtConfig,
-    store: &TenantKv,
-) -> Result<Principal, ApiError> {
+pub(crate) async fn authenticate(headers: &HeaderMap, app: &App) -> Result<Principal, ApiError> {
+    let (jwt, store) = (&app.jwt, &app.store);
     let invalid = || ApiError::unauthorized("invalid or expired credentials");
     if let Some(value) = headers.get(AUTHORIZATION) {
         let token = value
@@ -274,7 +273,7 @@ pub(crate) async fn authenticate(
     }
     if let Some(value) = headers.get("x-api-key") {
         let presented = value.to_str().map_err(|_| invalid())?;
-        return match store.api_keys().verify(presented).await {
+        return match app.api_keys.verify(presented).await {
             Ok(key) => Ok(Principal::ApiKey(key)),
             Err(tenant_kv::Error::InvalidApiKey) => Err(invalid()),
             Err(other) => Err(other.into()),

@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use crate::error::SettingError;
 
+const MAX_CONNECTIONS: usize = 1_000_000;
+
 /// What one request and the whole server may take.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -18,7 +20,8 @@ pub struct Limits {
     pub max_batch: usize,
     /// Time to answer a request, body included; past it, 503. Defaults to 10 s.
     pub request_timeout: Duration,
-    /// Open connections at most; more wait to be accepted. Defaults to 1024.
+    /// Open connections at most (up to 1,000,000); more wait to be
+    /// accepted. Defaults to 1024.
     pub max_connections: usize,
     /// On shutdown, time in-flight requests get to finish. Defaults to 10 s.
     pub shutdown_grace: Duration,
@@ -51,6 +54,13 @@ impl Limits {
             if value == 0 {
                 return Err(SettingError::invalid(setting, "must be at least 1"));
             }
+        }
+        // Past this, tokio's semaphore refuses the permits.
+        if self.max_connections > MAX_CONNECTIONS {
+            return Err(SettingError::invalid(
+                "max_connections",
+                format!("must be at most {MAX_CONNECTIONS}"),
+            ));
         }
         // hyper cannot parse a request head in a smaller buffer.
         if self.max_header_bytes < 8192 {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::api::App;
@@ -17,6 +17,8 @@ const BUCKETS: [f64; 12] = [
 #[derive(Default)]
 struct RouteStats {
     by_status: BTreeMap<u16, u64>,
+    /// Error answers by their `code`.
+    by_error: BTreeMap<&'static str, u64>,
     /// Requests at or under each bound of [`BUCKETS`] (not cumulative).
     buckets: [u64; BUCKETS.len()],
     seconds: f64,
@@ -29,14 +31,25 @@ pub(crate) struct HttpMetrics {
     routes: Mutex<BTreeMap<&'static str, RouteStats>>,
     pub(crate) open_connections: AtomicI64,
     pub(crate) in_flight: AtomicI64,
+    /// Unconditional PUTs sent again after a failover left their outcome unknown.
+    pub(crate) puts_resent: AtomicU64,
 }
 
 impl HttpMetrics {
-    pub(crate) fn record(&self, route: &'static str, status: u16, elapsed: Duration) {
+    pub(crate) fn record(
+        &self,
+        route: &'static str,
+        status: u16,
+        error: Option<&'static str>,
+        elapsed: Duration,
+    ) {
         let seconds = elapsed.as_secs_f64();
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let stats = routes.entry(route).or_default();
         *stats.by_status.entry(status).or_default() += 1;
+        if let Some(code) = error {
+            *stats.by_error.entry(code).or_default() += 1;
+        }
         if let Some(bucket) = BUCKETS.iter().position(|bound| seconds <= *bound) {
             stats.buckets[bucket] += 1;
         }
@@ -64,6 +77,20 @@ pub(crate) fn render(app: &App) -> String {
                 let _ = writeln!(
                     out,
                     "http_requests_total{{route=\"{route}\",status=\"{status}\"}} {count}"
+                );
+            }
+        }
+        header(
+            &mut out,
+            "http_errors_total",
+            "counter",
+            "Error answers by route and code: the store's outcomes (not_found, conflict, precondition_failed, quota_exceeded, rate_limited, outcome_unknown, unavailable) among them.",
+        );
+        for (route, stats) in routes.iter() {
+            for (code, count) in &stats.by_error {
+                let _ = writeln!(
+                    out,
+                    "http_errors_total{{route=\"{route}\",code=\"{code}\"}} {count}"
                 );
             }
         }
@@ -122,6 +149,17 @@ pub(crate) fn render(app: &App) -> String {
         app.metrics.open_connections.load(Ordering::Relaxed)
     );
 
+    header(
+        &mut out,
+        "tenant_kv_puts_resent_total",
+        "counter",
+        "Unconditional PUTs sent again after a failover left their outcome unknown.",
+    );
+    let _ = writeln!(
+        out,
+        "tenant_kv_puts_resent_total {}",
+        app.metrics.puts_resent.load(Ordering::Relaxed)
+    );
     let failover = app.client.metrics();
     let counters = [
         (

@@ -92,6 +92,7 @@ impl ServerBuilder {
             .local_addr()
             .map_err(|source| Error::Bind { addr, source })?;
         let app = Arc::new(App {
+            api_keys: self.store.api_keys(),
             store: self.store,
             client: self.client,
             jwt: self.jwt,

@@ -250,6 +250,24 @@ impl Settings {
                 None => None,
             };
         let tls = boolean(raw, "redis_tls", false)?;
+        if get("redis_tls_ca_file").is_some() && !tls {
+            return Err(SettingError::invalid(
+                "redis_tls_ca_file",
+                "set redis_tls = true too, or remove it",
+            ));
+        }
+        if get("redis_username").is_some() && get("redis_password").is_none() {
+            return Err(SettingError::invalid(
+                "redis_password",
+                "redis_username needs a password",
+            ));
+        }
+        if last_resort.is_some() && matches!(discovery, Discovery::Sentinel { .. }) {
+            return Err(SettingError::invalid(
+                "redis_last_resort",
+                "only with redis_nodes: with Sentinel, the sentinels name the master",
+            ));
+        }
         let tls_ca = get("redis_tls_ca_file")
             .map(|path| read_pem("redis_tls_ca_file", path))
             .transpose()?;
@@ -294,6 +312,9 @@ impl Settings {
             ttl: duration(raw, "jwt_ttl", Duration::from_secs(30 * 60))?,
             leeway: duration(raw, "jwt_leeway", Duration::from_secs(5))?,
         };
+        if jwt.leeway > Duration::from_secs(300) {
+            return Err(SettingError::invalid("jwt_leeway", "must be at most 5m"));
+        }
 
         let encryption_key = match get("encryption_key") {
             Some(hex) => Some(parse_key_hex(hex).ok_or_else(|| {
@@ -303,7 +324,9 @@ impl Settings {
         };
         let loki_url = get("loki_url").map(str::to_owned);
         if let Some(url) = &loki_url
-            && !url.starts_with("http://")
+            && url
+                .strip_prefix("http://")
+                .is_none_or(|rest| rest.is_empty() || rest.starts_with('/'))
         {
             return Err(SettingError::invalid(
                 "loki_url",
@@ -322,13 +345,29 @@ impl Settings {
             shutdown_grace: duration(raw, "shutdown_grace", defaults.shutdown_grace)?,
         };
         limits.validate()?;
+        if redis.retry_budget.is_zero() || redis.retry_budget >= limits.request_timeout {
+            return Err(SettingError::invalid(
+                "redis_retry_budget",
+                "must be longer than 0 and shorter than request_timeout, so that a request can wait out a failover",
+            ));
+        }
+        let cursor_secret = get("cursor_secret").map(|s| s.as_bytes().to_vec());
+        if cursor_secret
+            .as_ref()
+            .is_some_and(|secret| secret.len() < 16)
+        {
+            return Err(SettingError::invalid(
+                "cursor_secret",
+                "must be at least 16 bytes",
+            ));
+        }
 
         Ok(Self {
             listen,
             redis,
             jwt,
             encryption_key,
-            cursor_secret: get("cursor_secret").map(|s| s.as_bytes().to_vec()),
+            cursor_secret,
             loki_url,
             log_buffer: boolean(raw, "log_buffer", true)?,
             limits,
@@ -512,6 +551,7 @@ mod tests {
             env(&[
                 ("SERVER_REDIS_SENTINELS", "s-0:26379, s-1:26379"),
                 ("SERVER_REQUEST_TIMEOUT", "2s"),
+                ("SERVER_REDIS_RETRY_BUDGET", "1500ms"),
                 ("SERVER_PORT", "tcp://10.0.0.1:80"),
                 SECRET,
             ]),
@@ -525,6 +565,7 @@ mod tests {
             }
         );
         assert_eq!(settings.limits.request_timeout, Duration::from_secs(2));
+        assert_eq!(settings.redis.retry_budget, Duration::from_millis(1500));
         assert_eq!(settings.listen, "0.0.0.0:8080".parse().unwrap());
     }
 
@@ -549,6 +590,55 @@ mod tests {
                 "max_header_bytes",
             ),
             (&[("SERVER_REDIS_NODES", "no-port"), SECRET], "redis_nodes"),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_REDIS_RETRY_BUDGET", "10s"),
+                ],
+                "redis_retry_budget",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_SENTINELS", "s:26379"),
+                    ("SERVER_REDIS_LAST_RESORT", "r:6379"),
+                ],
+                "redis_last_resort",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_CURSOR_SECRET", "short"),
+                ],
+                "cursor_secret",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_LOKI_URL", "http://"),
+                ],
+                "loki_url",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_MAX_CONNECTIONS", "18446744073709551615"),
+                ],
+                "max_connections",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_JWT_LEEWAY", "1000000h"),
+                ],
+                "jwt_leeway",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_REDIS_USERNAME", "app"),
+                ],
+                "redis_password",
+            ),
             (
                 &[
                     ("SERVER_REDIS_NODES", "r:6379"),

@@ -87,7 +87,7 @@ pub use error::{Error, Result};
 pub use expiry::ExpiryWatcher;
 pub use keys::{MAX_KEY_LEN, MAX_TENANT_ID_LEN, TenantId, escape_glob, tenant_acl_rules};
 pub use store::{
-    Actor, Item, NewItem, Page, Precondition, Quotas, Tenant, TenantKv, TenantKvBuilder, Usage,
-    Write, Written,
+    Actor, Item, MAX_TTL, NewItem, Page, Precondition, Quotas, Tenant, TenantKv, TenantKvBuilder,
+    Usage, Write, Written,
 };
 pub use users::{MAX_USERNAME_LEN, NewUser, User, Users};

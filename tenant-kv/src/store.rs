@@ -342,6 +342,10 @@ impl TenantKv {
     }
 }
 
+/// The longest TTL an item may have: 100 years, far inside what Redis's
+/// millisecond expiry times can hold.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// What to store under a key.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewItem {
@@ -370,7 +374,7 @@ impl NewItem {
         self
     }
 
-    /// Living `ttl`.
+    /// Living `ttl` (at most [`MAX_TTL`]).
     #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
@@ -650,6 +654,14 @@ impl Tenant {
                 Some(t) if t.as_millis() == 0 => {
                     return Err(Error::InvalidItem {
                         reason: "a TTL must be at least 1 ms".to_owned(),
+                    });
+                }
+                Some(t) if t > MAX_TTL => {
+                    return Err(Error::InvalidItem {
+                        reason: format!(
+                            "a TTL must be at most {} days",
+                            MAX_TTL.as_secs() / 86_400
+                        ),
                     });
                 }
                 Some(t) => ttl = t.as_millis().to_string(),

@@ -207,3 +207,107 @@ async fn every_bad_token_is_refused() {
         .unwrap();
     assert_eq!(issued.get("/users/me").await.status, StatusCode::OK);
 }
+
+/// Makes an RSA key pair with the `openssl` command: (private, public) PEM.
+fn rsa_keys(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+    let (private, public) = (dir.join("key.pem"), dir.join("pub.pem"));
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("the openssl command");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    let (private_path, public_path) = (private.to_str().unwrap(), public.to_str().unwrap());
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        private_path,
+    ]);
+    run(&["pkey", "-in", private_path, "-pubout", "-out", public_path]);
+    (
+        std::fs::read(private).unwrap(),
+        std::fs::read(public).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rs256_server_refuses_hmac_tokens_keyed_with_its_public_key_and_requires_iss_and_aud() {
+    let system = DevSystem::start(DevOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..DevOptions::default()
+    })
+    .await
+    .expect("dev system");
+    let dir = tempfile::tempdir().unwrap();
+    let (private, public) = rsa_keys(dir.path());
+    let settings = server::JwtSettings {
+        algorithm: jsonwebtoken::Algorithm::RS256,
+        secret: None,
+        private_key: Some(private.clone()),
+        public_key: Some(public.clone()),
+        issuer: Some("https://issuer.test".to_owned()),
+        audience: Some("kv".to_owned()),
+        ttl: std::time::Duration::from_secs(600),
+        leeway: std::time::Duration::from_secs(5),
+    };
+    let jwt = server::JwtConfig::from_settings(&settings).unwrap();
+    let rs256 = server::Server::builder(system.store.clone(), system.client.clone(), jwt)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let http = Http::new(rs256.local_addr());
+
+    // Its own tokens carry iss and aud, and work.
+    let user1 = http.login("user1", &system.password).await;
+    assert_eq!(user1.get("/users/me").await.status, StatusCode::OK);
+
+    let full = with(
+        with(
+            claims("user1", "tenant1"),
+            "iss",
+            json!("https://issuer.test"),
+        ),
+        "aud",
+        json!("kv"),
+    );
+    let signer = jsonwebtoken::EncodingKey::from_rsa_pem(&private).unwrap();
+    let rs = |claims: &Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            claims,
+            &signer,
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        http.bearer(&rs(&full)).get("/users/me").await.status,
+        StatusCode::OK
+    );
+    let cases = [
+        (
+            "HS256 keyed with the public key",
+            token(&json!({"alg": "HS256", "typ": "JWT"}), &full, &public),
+        ),
+        ("no iss", rs(&without(full.clone(), "iss"))),
+        ("no aud", rs(&without(full.clone(), "aud"))),
+        (
+            "another iss",
+            rs(&with(full.clone(), "iss", json!("https://evil.test"))),
+        ),
+        (
+            "another aud",
+            rs(&with(full.clone(), "aud", json!("other"))),
+        ),
+    ];
+    for (case, bad) in &cases {
+        let reply = http.bearer(bad).get("/users/me").await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{case}: {reply:?}");
+    }
+    rs256.shutdown().await;
+}
