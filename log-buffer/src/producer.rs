@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use redis_failover::FailoverClient;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -20,6 +22,10 @@ use crate::record::{Record, check_tenant, is_valid_tenant, log_stream, now_ns};
 
 /// How often a tenant's stream is trimmed while records flow.
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+/// Pipelines sent without waiting for the previous ones' replies: enough
+/// to keep Redis busy while a reply is on its way back. They go out in
+/// order on the one connection, so each stream keeps the records' order.
+const PIPELINES_IN_FLIGHT: usize = 4;
 
 /// Loki's default `reject_old_samples_max_age`: older lines are refused.
 pub(crate) const LOKI_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -365,11 +371,15 @@ async fn append(
     let mut watching = true;
     let mut last_trim: HashMap<String, Instant> = HashMap::new();
     let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+    let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
-            received = receiver.recv_many(&mut batch, batch_size) => {
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
+            received = receiver.recv_many(&mut batch, batch_size),
+                if in_flight.len() < PIPELINES_IN_FLIGHT =>
+            {
                 if received == 0 {
-                    return;
+                    break;
                 }
             }
             changed = stopped.changed(), if watching => {
@@ -421,24 +431,27 @@ async fn append(
                 .arg("~")
                 .arg(min_id);
         }
-        let mut connection = connection.clone();
-        match pipeline.query_async::<Vec<u64>>(&mut connection).await {
-            Ok(trimmed) => {
-                counters.appended.fetch_add(count, Ordering::Relaxed);
-                counters
-                    .trimmed
-                    .fetch_add(trimmed.iter().sum(), Ordering::Relaxed);
-            }
-            Err(error) => {
-                counters.redis_failed.fetch_add(count, Ordering::Relaxed);
-                tracing::warn!(
-                    target: "log_buffer",
-                    %error,
-                    records = count,
-                    "log buffer: records dropped, Redis did not take them"
-                );
-            }
-        }
         batch.clear();
+        let (mut connection, counters) = (connection.clone(), Arc::clone(&counters));
+        in_flight.push(async move {
+            match pipeline.query_async::<Vec<u64>>(&mut connection).await {
+                Ok(trimmed) => {
+                    counters.appended.fetch_add(count, Ordering::Relaxed);
+                    counters
+                        .trimmed
+                        .fetch_add(trimmed.iter().sum(), Ordering::Relaxed);
+                }
+                Err(error) => {
+                    counters.redis_failed.fetch_add(count, Ordering::Relaxed);
+                    tracing::warn!(
+                        target: "log_buffer",
+                        %error,
+                        records = count,
+                        "log buffer: records dropped, Redis did not take them"
+                    );
+                }
+            }
+        });
     }
+    while in_flight.next().await.is_some() {}
 }
