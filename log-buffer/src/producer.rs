@@ -26,6 +26,11 @@ const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 /// to keep Redis busy while a reply is on its way back. They go out in
 /// order on the one connection, so each stream keeps the records' order.
 const PIPELINES_IN_FLIGHT: usize = 4;
+/// After a batch that did not fill up, the append task waits this long
+/// before taking the next: records accumulate meanwhile, and callers
+/// queueing them find no parked task to wake (a wake-up costs the caller
+/// microseconds).
+const LINGER: Duration = Duration::from_millis(2);
 
 /// Loki's default `reject_old_samples_max_age`: older lines are refused.
 pub(crate) const LOKI_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -235,11 +240,6 @@ where
         let ts = now_ns();
         let mut fields = Fields::default();
         fields.fields.reserve(8);
-        fields.fields.push(("ts", ts.to_string()));
-        fields
-            .fields
-            .push(("level", level_name(metadata.level()).to_owned()));
-        fields.fields.push(("target", metadata.target().to_owned()));
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
                 if let Some(SpanFields(span_fields)) = span.extensions().get::<SpanFields>() {
@@ -260,6 +260,9 @@ where
             .to_owned();
         let record = Record {
             tenant,
+            ts,
+            level: level_name(metadata.level()),
+            target: metadata.target(),
             fields: fields.fields,
         };
         match self.sender.try_send(record) {
@@ -372,7 +375,11 @@ async fn append(
     let mut last_trim: HashMap<String, Instant> = HashMap::new();
     let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
     let mut in_flight = FuturesUnordered::new();
+    let mut linger = false;
     loop {
+        if std::mem::take(&mut linger) && watching && !*stopped.borrow() {
+            tokio::time::sleep(LINGER).await;
+        }
         tokio::select! {
             Some(()) = in_flight.next(), if !in_flight.is_empty() => continue,
             received = receiver.recv_many(&mut batch, batch_size),
@@ -381,6 +388,7 @@ async fn append(
                 if received == 0 {
                     break;
                 }
+                linger = received < batch_size;
             }
             changed = stopped.changed(), if watching => {
                 match changed {
@@ -397,7 +405,17 @@ async fn append(
         let mut tenants: Vec<&str> = Vec::new();
         for record in &batch {
             let stream = log_stream(&record.tenant);
-            pipeline.cmd("XADD").arg(&stream).arg("*").ignore();
+            pipeline
+                .cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("ts")
+                .arg(record.ts)
+                .arg("level")
+                .arg(record.level)
+                .arg("target")
+                .arg(record.target)
+                .ignore();
             for (name, value) in &record.fields {
                 pipeline.arg(*name).arg(value);
             }

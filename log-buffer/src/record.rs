@@ -68,7 +68,11 @@ pub(crate) fn now_ns() -> u64 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Record {
     pub(crate) tenant: String,
-    /// Field names and values, `ts` first.
+    /// When the event happened, in nanoseconds since the Unix epoch.
+    pub(crate) ts: u64,
+    pub(crate) level: &'static str,
+    pub(crate) target: &'static str,
+    /// The spans' fields, then the event's.
     pub(crate) fields: Vec<(&'static str, String)>,
 }
 
