@@ -27,11 +27,12 @@
 //! poison and dead-lettered. Each tenant has its own delivery task,
 //! backoff and pace, so one tenant's throttling (429) or outage never
 //! holds back another. Entries Loki would refuse (too old, too far in the
-//! future, lines too long) and batches it refuses (400: it stored the
-//! valid entries, so a resend would duplicate them) go to the stream's
-//! dead-letter stream (`<stream>:dead-letter`) with the reason, never
-//! resent. A resent batch keeps each entry's timestamp and line bytes, so
-//! Loki drops the duplicates.
+//! future, lines too long) go to the stream's dead-letter stream
+//! (`<stream>:dead-letter`) with the reason, unsent. A batch Loki answers
+//! 400 (it stored the valid entries and refused the others) is halved and
+//! the halves pushed again, down to the single entries it refuses, which
+//! are dead-lettered with Loki's reason and never resent. A resent entry
+//! keeps its timestamp and line bytes, so Loki drops the duplicates.
 //!
 //! ```no_run
 //! # async fn run(client: redis_failover::FailoverClient) -> log_buffer::Result<()> {

@@ -729,7 +729,12 @@ async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<Str
                     () = context.stopping() => return,
                 }
             }
-            Err(PushError::TooLarge) if batch.len() > 1 => {
+            // 413: too large. 400: Loki stored the valid entries and refused
+            // the others; halves narrow the refusal down to the entries at
+            // fault, and the valid ones sent again are duplicates Loki drops.
+            Err(PushError::TooLarge | PushError::Rejected { status: 400, .. })
+                if batch.len() > 1 =>
+            {
                 let mut first = batch;
                 let second = first.split_off(first.len() / 2);
                 queue.push(second);

@@ -57,9 +57,12 @@ pub enum PushError {
         /// What happened (status and body, or the I/O error).
         reason: String,
     },
-    /// Refused for good (Loki's 400 and other 4xx): the entries go to the
-    /// dead-letter stream, never resent. Loki stores the valid entries of
-    /// a batch it answers 400, so a resend would duplicate them.
+    /// Refused for good (Loki's 400 and other 4xx). Loki stores the valid
+    /// entries of a batch it answers 400, so the offloader halves such a
+    /// batch down to the entries refused alone (the valid ones sent again
+    /// are duplicates Loki drops); those, and the entries of a batch
+    /// refused with another status, go to the dead-letter stream, never
+    /// resent.
     #[error("push refused with status {status}: {reason}")]
     Rejected {
         /// The HTTP status.

@@ -236,13 +236,31 @@ async fn a_throttled_tenant_does_not_hold_back_others_and_catches_up_in_order() 
 }
 
 #[tokio::test]
-async fn rejected_and_invalid_entries_are_dead_lettered_and_never_resent() {
+async fn only_refused_and_invalid_entries_are_dead_lettered() {
     let (_topology, client) = start(0).await;
     let receiver = Receiver::start().await;
-    receiver.set_mode(Some("acme"), Mode::Status(400));
+    // Like Loki, the receiver stores the valid entries of a batch it answers 400.
+    receiver.set_mode(Some("acme"), Mode::RejectLines("refused-doc"));
     let now = now_ns();
-    for i in 0..5 {
-        audit_entry(&client, "acme", now + i, "create_key").await;
+    for i in 0..7 {
+        if i == 3 {
+            let _: String = client
+                .query(
+                    redis::cmd("XADD")
+                        .arg("tenant:acme:audit")
+                        .arg("*")
+                        .arg("ts")
+                        .arg((now + i).to_string())
+                        .arg("actor")
+                        .arg("user:alice")
+                        .arg("key")
+                        .arg("refused-doc"),
+                )
+                .await
+                .unwrap();
+        } else {
+            audit_entry(&client, "acme", now + i, "create_key").await;
+        }
     }
     // Entries Loki would refuse: checked before sending.
     let week = 7 * 24 * 3600 * 1_000_000_000u64;
@@ -281,11 +299,12 @@ async fn rejected_and_invalid_entries_are_dead_lettered_and_never_resent() {
                 .collect::<Vec<_>>()
         }
     };
-    eventually("acme's batch dead-lettered", || async {
-        dead("acme").await.len() == 5
+    eventually("acme's refused entry dead-lettered", || async {
+        dead("acme").await.len() == 1
     })
     .await;
     let acme_dead = dead("acme").await;
+    assert_eq!(acme_dead[0]["key"], "refused-doc", "only the refused entry");
     assert!(
         acme_dead
             .iter()
@@ -311,11 +330,24 @@ async fn rejected_and_invalid_entries_are_dead_lettered_and_never_resent() {
     assert_eq!(reasons, ["line_too_long", "too_far_in_future", "too_old"]);
     let metrics = offloader.metrics();
     assert_eq!(metrics["globex"].dead_lettered.values().sum::<u64>(), 3);
-    assert_eq!(metrics["acme"].dead_lettered["rejected"], 5);
+    assert_eq!(metrics["acme"].dead_lettered["rejected"], 1);
+    // The six valid entries were stored (some twice, as Loki's duplicates);
+    // the refused one never.
+    let stored: std::collections::BTreeSet<u64> = receiver
+        .lines("acme")
+        .iter()
+        .map(|(ts, _, _)| *ts)
+        .collect();
+    let valid: std::collections::BTreeSet<u64> =
+        (0..7).filter(|i| *i != 3).map(|i| now + i).collect();
+    assert_eq!(stored, valid);
 
-    // Not resent: one request for acme, and its stream is empty.
+    // Halving took at most 2n - 1 pushes, and nothing is sent after the
+    // dead letter: the stream is empty.
+    let requests = receiver.requests("acme");
+    assert!((2..=13).contains(&requests), "{requests} pushes");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(receiver.requests("acme"), 1);
+    assert_eq!(receiver.requests("acme"), requests);
     let left: u64 = client
         .query(redis::cmd("XLEN").arg("tenant:acme:audit"))
         .await

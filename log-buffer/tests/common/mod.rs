@@ -29,6 +29,9 @@ pub enum Mode {
     Hang,
     /// Closes the connection without answering.
     Refuse,
+    /// Like Loki refusing some entries: stores the entries whose line lacks
+    /// this text and, if any has it, answers 400.
+    RejectLines(&'static str),
 }
 
 /// One push the receiver got.
@@ -184,7 +187,7 @@ async fn handle(
             .or(state.default_mode)
             .unwrap_or(Mode::Accept)
     };
-    let streams =
+    let mut streams =
         match log_buffer::loki::decode_push_body(&content_type, encoding.as_deref(), &body) {
             Ok(streams) => streams,
             Err(error) => return reply(StatusCode::BAD_REQUEST, &error),
@@ -199,6 +202,23 @@ async fn handle(
         }
         Mode::Hang => std::future::pending::<()>().await,
         Mode::Refuse => return Err(std::io::Error::other("connection dropped on purpose")),
+        Mode::RejectLines(marker) => {
+            let mut refused = 0;
+            for stream in &mut streams {
+                let before = stream.entries.len();
+                stream.entries.retain(|entry| !entry.line.contains(marker));
+                refused += before - stream.entries.len();
+            }
+            if refused > 0 {
+                state.lock().unwrap().accepted.push(Received {
+                    tenant,
+                    content_type,
+                    streams,
+                });
+                let total = format!("total ignored: {refused} out of {entries}");
+                return reply(StatusCode::BAD_REQUEST, &total);
+            }
+        }
     }
     state.lock().unwrap().accepted.push(Received {
         tenant,
