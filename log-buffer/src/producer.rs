@@ -2,7 +2,7 @@
 //! appending the queue to Redis.
 
 use std::collections::HashMap;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::{Error, Result};
-use crate::record::{Record, check_tenant, is_valid_tenant, log_stream, now_ns};
+use crate::record::{Fields, Record, check_tenant, is_valid_tenant, log_stream, now_ns};
 
 /// How often a tenant's stream is trimmed while records flow.
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
@@ -105,20 +105,23 @@ impl LogBufferBuilder {
         let (sender, receiver) = mpsc::channel(self.queue_capacity);
         let (stop, stopped) = watch::channel(false);
         let counters = Arc::new(Counters::default());
+        let settings = AppendSettings {
+            default_tenant: self.default_tenant,
+            batch_size: self.batch_size,
+            max_len: self.max_len,
+            max_age: self.max_age,
+        };
         let task = tokio::spawn(append(
             self.client,
             receiver,
             stopped,
             Arc::clone(&counters),
-            self.batch_size,
-            self.max_len,
-            self.max_age,
+            settings,
         ));
         Ok(LogBuffer {
             layer: BufferLayer {
                 sender,
                 counters: Arc::clone(&counters),
-                default_tenant: Arc::from(self.default_tenant),
             },
             counters,
             stop,
@@ -198,11 +201,10 @@ impl LogBuffer {
 pub struct BufferLayer {
     sender: mpsc::Sender<Record>,
     counters: Arc<Counters>,
-    default_tenant: Arc<str>,
 }
 
 /// Fields recorded on a span, kept in its extensions for its events.
-struct SpanFields(Vec<(&'static str, String)>);
+struct SpanFields(Fields);
 
 impl<S> tracing_subscriber::Layer<S> for BufferLayer
 where
@@ -210,9 +212,9 @@ where
 {
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
         let mut fields = Fields::default();
-        attrs.record(&mut fields);
+        attrs.record(&mut Visitor(&mut fields));
         if let Some(span) = ctx.span(id) {
-            span.extensions_mut().insert(SpanFields(fields.fields));
+            span.extensions_mut().insert(SpanFields(fields));
         }
     }
 
@@ -221,13 +223,16 @@ where
         let mut extensions = span.extensions_mut();
         if let Some(SpanFields(fields)) = extensions.get_mut::<SpanFields>() {
             let mut recorded = Fields::default();
-            values.record(&mut recorded);
-            for (name, value) in recorded.fields {
-                match fields.iter_mut().find(|(n, _)| *n == name) {
-                    Some(slot) => slot.1 = value,
-                    None => fields.push((name, value)),
+            values.record(&mut Visitor(&mut recorded));
+            // Rare: rebuilt, so that a field recorded again has one value.
+            let mut merged = Fields::with_capacity(fields.len() + recorded.len(), 64);
+            for (name, value) in fields.iter() {
+                if !recorded.iter().any(|(n, _)| n == name) {
+                    merged.push_str(name, value);
                 }
             }
+            merged.extend_from(&recorded);
+            *fields = merged;
         }
     }
 
@@ -238,32 +243,26 @@ where
             return;
         }
         let ts = now_ns();
-        let mut fields = Fields::default();
-        fields.fields.reserve(8);
+        let mut fields = Fields::with_capacity(8, 128);
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
                 if let Some(SpanFields(span_fields)) = span.extensions().get::<SpanFields>() {
-                    fields.fields.extend(span_fields.iter().cloned());
+                    fields.extend_from(span_fields);
                 }
             }
         }
-        event.record(&mut fields);
+        event.record(&mut Visitor(&mut fields));
         // The event's own fields come last: they win over a span's.
-        let tenant = fields
-            .fields
-            .iter()
+        let tenant_field = (0..fields.len())
             .rev()
-            .find(|(name, _)| *name == "tenant_id")
-            .map(|(_, value)| value.as_str())
-            .filter(|tenant| is_valid_tenant(tenant))
-            .unwrap_or(&self.default_tenant)
-            .to_owned();
+            .find(|index| fields.get(*index).0 == "tenant_id")
+            .filter(|index| is_valid_tenant(fields.get(*index).1));
         let record = Record {
-            tenant,
             ts,
             level: level_name(metadata.level()),
             target: metadata.target(),
-            fields: fields.fields,
+            fields,
+            tenant_field,
         };
         match self.sender.try_send(record) {
             Ok(()) => self.counters.queued.fetch_add(1, Ordering::Relaxed),
@@ -288,20 +287,15 @@ fn level_name(level: &tracing::Level) -> &'static str {
 }
 
 /// Collects an event's or span's fields as text.
-#[derive(Default)]
-struct Fields {
-    fields: Vec<(&'static str, String)>,
-}
+struct Visitor<'a>(&'a mut Fields);
 
-impl Visit for Fields {
+impl Visit for Visitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.fields.push((field.name(), value.to_owned()));
+        self.0.push_str(field.name(), value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let mut text = String::new();
-        let _ = write!(text, "{value:?}");
-        self.fields.push((field.name(), text));
+        self.0.push_debug(field.name(), value);
     }
 }
 
@@ -357,15 +351,27 @@ pub struct ProducerMetrics {
 }
 
 /// Appends queued records in pipelined batches until stopped and drained.
+/// What the append task needs from the builder.
+struct AppendSettings {
+    default_tenant: String,
+    batch_size: usize,
+    max_len: u64,
+    max_age: Duration,
+}
+
 async fn append(
     client: FailoverClient,
     mut receiver: mpsc::Receiver<Record>,
     mut stopped: watch::Receiver<bool>,
     counters: Arc<Counters>,
-    batch_size: usize,
-    max_len: u64,
-    max_age: Duration,
+    settings: AppendSettings,
 ) {
+    let AppendSettings {
+        default_tenant,
+        batch_size,
+        max_len,
+        max_age,
+    } = settings;
     // Appends are idempotent enough: a record appended twice after an
     // unknown outcome reaches Loki twice with the same timestamp and line,
     // which Loki drops as a duplicate.
@@ -404,7 +410,8 @@ async fn append(
         let mut pipeline = redis::pipe();
         let mut tenants: Vec<&str> = Vec::new();
         for record in &batch {
-            let stream = log_stream(&record.tenant);
+            let tenant = record.tenant(&default_tenant);
+            let stream = log_stream(tenant);
             pipeline
                 .cmd("XADD")
                 .arg(&stream)
@@ -416,11 +423,11 @@ async fn append(
                 .arg("target")
                 .arg(record.target)
                 .ignore();
-            for (name, value) in &record.fields {
-                pipeline.arg(*name).arg(value);
+            for (name, value) in record.fields.iter() {
+                pipeline.arg(name).arg(value);
             }
-            if !tenants.contains(&record.tenant.as_str()) {
-                tenants.push(&record.tenant);
+            if !tenants.contains(&tenant) {
+                tenants.push(tenant);
             }
         }
         let min_id = (now_ns() / 1_000_000).saturating_sub(max_age_ms);

@@ -67,13 +67,77 @@ pub(crate) fn now_ns() -> u64 {
 /// One log record on its way to Redis.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Record {
-    pub(crate) tenant: String,
     /// When the event happened, in nanoseconds since the Unix epoch.
     pub(crate) ts: u64,
     pub(crate) level: &'static str,
     pub(crate) target: &'static str,
     /// The spans' fields, then the event's.
-    pub(crate) fields: Vec<(&'static str, String)>,
+    pub(crate) fields: Fields,
+    /// Which of `fields` names the record's tenant, if one validly does.
+    pub(crate) tenant_field: Option<usize>,
+}
+
+impl Record {
+    /// The record's tenant: its `tenant_id` field, or `default`.
+    pub(crate) fn tenant<'a>(&'a self, default: &'a str) -> &'a str {
+        self.tenant_field
+            .map_or(default, |index| self.fields.get(index).1)
+    }
+}
+
+/// Field names and values, the values packed in one string: two
+/// allocations for a whole event, freed on the append task's thread.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Fields {
+    text: String,
+    /// Each field's name and its value's byte range in `text`.
+    entries: Vec<(&'static str, usize, usize)>,
+}
+
+impl Fields {
+    pub(crate) fn with_capacity(fields: usize, bytes: usize) -> Self {
+        Self {
+            text: String::with_capacity(bytes),
+            entries: Vec::with_capacity(fields),
+        }
+    }
+
+    pub(crate) fn push_str(&mut self, name: &'static str, value: &str) {
+        let start = self.text.len();
+        self.text.push_str(value);
+        self.entries.push((name, start, self.text.len()));
+    }
+
+    pub(crate) fn push_debug(&mut self, name: &'static str, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write as _;
+        let start = self.text.len();
+        let _ = write!(self.text, "{value:?}");
+        self.entries.push((name, start, self.text.len()));
+    }
+
+    pub(crate) fn extend_from(&mut self, other: &Fields) {
+        let offset = self.text.len();
+        self.text.push_str(&other.text);
+        self.entries.extend(
+            other
+                .entries
+                .iter()
+                .map(|&(name, start, end)| (name, start + offset, end + offset)),
+        );
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn get(&self, index: usize) -> (&'static str, &str) {
+        let (name, start, end) = self.entries[index];
+        (name, &self.text[start..end])
+    }
+
+    pub(crate) fn iter(&self) -> impl DoubleEndedIterator<Item = (&'static str, &str)> + '_ {
+        (0..self.len()).map(|index| self.get(index))
+    }
 }
 
 #[cfg(test)]
