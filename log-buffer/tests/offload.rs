@@ -74,7 +74,15 @@ async fn lines_arrive_per_tenant_with_their_labels_in_every_encoding() {
             tracing::subscriber::set_default(tracing_subscriber::registry().with(buffer.layer()));
         tracing::info!(tenant_id = "acme", user = "alice", count = 3, "logged in");
         tracing::warn!(tenant_id = "globex", "disk almost full");
-        let span = tracing::info_span!("request", tenant_id = "acme", request_id = "r-1");
+        let span = tracing::info_span!(
+            "request",
+            tenant_id = "acme",
+            request_id = "r-1",
+            user = tracing::field::Empty
+        );
+        // Recorded later: the new value replaces the old, the empty one is filled.
+        span.record("request_id", "r-2");
+        span.record("user", "bob");
         span.in_scope(|| tracing::error!(status = 500, "handler failed"));
         tracing::info!("no tenant here");
         tracing::info!(tenant_id = "not a valid id!", "bad tenant");
@@ -110,7 +118,8 @@ async fn lines_arrive_per_tenant_with_their_labels_in_every_encoding() {
     assert_eq!(labels["tenant_id"], "acme");
     assert_eq!(labels["level"], "info");
     let (failed, labels) = &by_message["handler failed"];
-    assert_eq!(failed["request_id"], "r-1", "span fields are in the line");
+    assert_eq!(failed["request_id"], "r-2", "span fields are in the line");
+    assert_eq!(failed["user"], "bob");
     assert_eq!(failed["status"], "500");
     assert_eq!(labels["level"], "error");
     let (audit, labels) = &by_message["create_key"];
