@@ -133,6 +133,12 @@ impl FailoverClient {
         self.durability
     }
 
+    /// How long a request may take through failovers before it fails
+    /// ([`FailoverClientBuilder::retry_budget`](crate::FailoverClientBuilder::retry_budget)).
+    pub fn retry_budget(&self) -> Duration {
+        self.shared().settings.retry_budget
+    }
+
     /// A handle for redis-rs's API (`cmd.query_async(&mut connection)`,
     /// pipelines, transactions). Requests are resent after failovers; one
     /// whose outcome is unknown is resent only if it is read-only.

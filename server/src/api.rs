@@ -384,8 +384,9 @@ async fn put_item(
 }
 
 /// A PUT: an unconditional replacement whose outcome is unknown (the
-/// master failed mid-request) is sent again, as HTTP lets a server do with
-/// an idempotent method: either way the item ends up holding the body.
+/// master failed mid-request), or that no replica confirmed in time, is
+/// sent again within the retry budget, as HTTP lets a server do with an
+/// idempotent method: either way the item ends up holding the body.
 async fn put_replacing(
     app: &App,
     tenant: &tenant_kv::Tenant,
@@ -393,21 +394,28 @@ async fn put_replacing(
     item: NewItem,
     precondition: Precondition,
 ) -> tenant_kv::Result<Item> {
-    let first = tenant.put(key, item.clone(), precondition).await;
-    match first {
-        Err(tenant_kv::Error::Redis(redis_failover::Error::OutcomeUnknown { .. }))
-            if precondition == Precondition::Exists =>
-        {
-            tracing::info!(
-                key,
-                "PUT outcome unknown after a failover; sending it again"
-            );
-            app.metrics.puts_resent.fetch_add(1, Ordering::Relaxed);
-            tenant.put(key, item, precondition).await
+    use redis_failover::Error as Failover;
+    let started = Instant::now();
+    loop {
+        match tenant.put(key, item.clone(), precondition).await {
+            Err(tenant_kv::Error::Redis(
+                Failover::OutcomeUnknown { .. }
+                | Failover::NotReplicated { .. }
+                | Failover::ReplicationUnknown { .. },
+            )) if precondition == Precondition::Exists
+                && started.elapsed() < app.client.retry_budget() =>
+            {
+                tracing::info!(key, "PUT not confirmed during a failover; sending it again");
+                app.metrics.puts_resent.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(PUT_RESEND_PAUSE).await;
+            }
+            other => return other,
         }
-        other => other,
     }
 }
+
+/// Between two sends of a PUT: time for a new master or a replica to settle.
+const PUT_RESEND_PAUSE: Duration = Duration::from_millis(100);
 
 async fn delete_item(
     app: &App,

@@ -176,6 +176,17 @@ impl From<tenant_kv::Error> for ApiError {
                     "the master failed while the write was in flight: it may or may not have been applied; read before retrying",
                 )
             },
+            E::Redis(
+                redis_failover::Error::NotReplicated { .. }
+                | redis_failover::Error::ReplicationUnknown { .. },
+            ) => Self {
+                retry_after: Some(1),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_replicated",
+                    "the write was applied but no replica confirmed it in time, so a failover could lose it; retry",
+                )
+            },
             E::Redis(source) => {
                 tracing::warn!(error = %source, cause = ?std::error::Error::source(&source), "Redis unreachable past the retry budget");
                 Self::unavailable("the store is unavailable; retry later")

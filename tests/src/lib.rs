@@ -4,9 +4,12 @@
 //!
 //! The tests live in this crate's `tests/` directory; each starts its own
 //! topology on free loopback ports, so they run in parallel. This library
-//! holds what they share: a small HTTP/1.1 client.
+//! holds what they share: a small HTTP/1.1 client, and the chaos run
+//! ([`chaos`]) that the harness's `chaos` scenario drives for longer.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod chaos;
 
 use std::net::SocketAddr;
 

@@ -1,0 +1,757 @@
+//! The chaos run: a whole local system (a master, 2 replicas and 3
+//! sentinels, two server instances, two offloaders, a Loki-compatible
+//! receiver) under HTTP traffic from several tenants, one fault per round,
+//! and an account of what clients saw and what was lost.
+//!
+//! Writes are acknowledged only once both replicas have them
+//! (`Durability::Replicated { replicas: 2 }`), so whichever replica Sentinel
+//! promotes has every acknowledged write. With one replica, a write that the
+//! old master takes during `SENTINEL FAILOVER` (after the promotion, before
+//! its demotion) is acknowledged by the replica it still feeds, then
+//! dropped when both resynchronise from the new master: the audit check
+//! below catches such losses, which the final values alone would hide.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use log_buffer::{LokiSink, Offloader};
+use redis_failover::{Durability, FailoverClient, NodeAddr};
+use redis_topology::{NodeId, Topology};
+use serde_json::{Value, json};
+use server::{JwtConfig, Server, ServerHandle};
+use tenant_kv::{Actor, NewUser, TenantId, TenantKv};
+
+use crate::Http;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const TENANTS: [&str; 3] = ["chaos-a", "chaos-b", "chaos-c"];
+const TASKS_PER_TENANT: usize = 2;
+const KEYS_PER_TASK: usize = 8;
+const PASSWORD: &str = "chaos password";
+const RETRY_BUDGET: Duration = Duration::from_secs(8);
+const FAILOVER_TIMEOUT: Duration = Duration::from_secs(2);
+const DEADLINE: Duration = Duration::from_secs(60);
+/// How long a receiver fault lasts.
+const OUTAGE: Duration = Duration::from_secs(3);
+
+/// One fault injected in a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// kill -9 of the master (it comes back as a replica afterwards).
+    KillMaster,
+    /// SIGSTOP of the master past Sentinel's down-after, then SIGCONT.
+    PauseMaster,
+    /// `SENTINEL FAILOVER`.
+    SentinelFailover,
+    /// Every sentinel killed and restarted.
+    RestartSentinels,
+    /// One offloader aborted mid-work; another takes its place.
+    KillOffloader,
+    /// The receiver answers 500 for a while.
+    Receiver500,
+    /// The receiver answers 429 for a while.
+    Receiver429,
+    /// The receiver drops every connection for a while.
+    ReceiverDown,
+}
+
+impl Fault {
+    /// Every fault, in the order rounds cycle through them: master faults
+    /// are spaced by others, as Sentinel waits between two failovers.
+    pub const ALL: [Fault; 8] = [
+        Fault::KillMaster,
+        Fault::KillOffloader,
+        Fault::Receiver500,
+        Fault::PauseMaster,
+        Fault::RestartSentinels,
+        Fault::Receiver429,
+        Fault::SentinelFailover,
+        Fault::ReceiverDown,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Fault::KillMaster => "kill -9 master",
+            Fault::PauseMaster => "SIGSTOP master",
+            Fault::SentinelFailover => "SENTINEL FAILOVER",
+            Fault::RestartSentinels => "restart sentinels",
+            Fault::KillOffloader => "kill offloader",
+            Fault::Receiver500 => "receiver 500",
+            Fault::Receiver429 => "receiver 429",
+            Fault::ReceiverDown => "receiver down",
+        }
+    }
+
+    fn changes_master(self) -> bool {
+        matches!(
+            self,
+            Fault::KillMaster | Fault::PauseMaster | Fault::SentinelFailover
+        )
+    }
+}
+
+/// What one round saw.
+#[derive(Clone, Debug)]
+pub struct Round {
+    /// The fault.
+    pub fault: Fault,
+    /// Requests that failed although they had not used up the retry budget.
+    pub errors_within_budget: u64,
+    /// Requests that failed after the whole retry budget.
+    pub errors_past_budget: u64,
+    /// From the fault's injection until it is over (the old master back as
+    /// a replica, the receiver answering again) and every traffic task has
+    /// written since.
+    pub recovery: Duration,
+}
+
+/// What the whole run saw.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Each round.
+    pub rounds: Vec<Round>,
+    /// Writes acknowledged to clients.
+    pub acknowledged_writes: u64,
+    /// Acknowledged writes whose value was not found at the end.
+    pub lost_writes: Vec<String>,
+    /// Acknowledged mutations whose audit record never reached the receiver.
+    pub missing_audit_records: Vec<String>,
+    /// Audit records that reached the receiver more than once.
+    pub duplicate_lines: u64,
+    /// The first failures within the budget, described.
+    pub failures: Vec<String>,
+    /// Audit entries the offloaders dead-lettered, by reason.
+    pub dead_lettered: BTreeMap<String, u64>,
+}
+
+impl Report {
+    /// Client errors that the retry budget should have hidden.
+    pub fn errors_within_budget(&self) -> u64 {
+        self.rounds.iter().map(|r| r.errors_within_budget).sum()
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self) -> Value {
+        let rounds: Vec<Value> = self
+            .rounds
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                json!({"round": i + 1, "fault": r.fault.name(),
+                       "errors_within_budget": r.errors_within_budget,
+                       "errors_past_budget": r.errors_past_budget,
+                       "recovery_ms": r.recovery.as_millis() as u64})
+            })
+            .collect();
+        json!({
+            "rounds": rounds,
+            "acknowledged_writes": self.acknowledged_writes,
+            "lost_writes": self.lost_writes.len(),
+            "missing_audit_records": self.missing_audit_records.len(),
+            "duplicate_lines": self.duplicate_lines,
+            "dead_lettered": self.dead_lettered,
+            "errors_within_budget": self.errors_within_budget(),
+        })
+    }
+}
+
+/// How the receiver answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Accept,
+    Status(u16),
+    Down,
+}
+
+/// A line as the receiver got it: tenant, timestamp, text.
+type Line = (String, u64, String);
+
+/// A Loki push endpoint that keeps every line it accepts.
+struct Receiver {
+    url: String,
+    mode: Arc<Mutex<Mode>>,
+    /// How often each line arrived.
+    lines: Arc<Mutex<HashMap<Line, u64>>>,
+}
+
+impl Receiver {
+    async fn start() -> Result<Self, BoxError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let mode = Arc::new(Mutex::new(Mode::Accept));
+        let lines = Arc::new(Mutex::new(HashMap::new()));
+        let (shared_mode, shared_lines) = (Arc::clone(&mode), Arc::clone(&lines));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                if *shared_mode.lock().unwrap() == Mode::Down {
+                    continue;
+                }
+                let (mode, lines) = (Arc::clone(&shared_mode), Arc::clone(&shared_lines));
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let (mode, lines) = (Arc::clone(&mode), Arc::clone(&lines));
+                        async move {
+                            let header = |name: &str| {
+                                request
+                                    .headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_owned)
+                            };
+                            let (tenant, content_type, encoding) = (
+                                header("x-scope-orgid"),
+                                header("content-type"),
+                                header("content-encoding"),
+                            );
+                            let body = request
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let status = match *mode.lock().unwrap() {
+                                Mode::Accept => StatusCode::NO_CONTENT,
+                                Mode::Status(status) => StatusCode::from_u16(status)
+                                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                                Mode::Down => StatusCode::SERVICE_UNAVAILABLE,
+                            };
+                            let decoded = log_buffer::loki::decode_push_body(
+                                content_type.as_deref().unwrap_or_default(),
+                                encoding.as_deref(),
+                                &body,
+                            );
+                            let status = match (tenant, decoded) {
+                                (Some(tenant), Ok(streams)) if status.is_success() => {
+                                    let mut lines = lines.lock().unwrap();
+                                    for stream in streams {
+                                        for entry in stream.entries {
+                                            *lines
+                                                .entry((tenant.clone(), entry.ts_ns, entry.line))
+                                                .or_default() += 1;
+                                        }
+                                    }
+                                    status
+                                }
+                                (None, _) | (_, Err(_)) => StatusCode::BAD_REQUEST,
+                                _ => status,
+                            };
+                            let mut response = Response::new(Full::new(Bytes::new()));
+                            *response.status_mut() = status;
+                            Ok::<_, Infallible>(response)
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        Ok(Self { url, mode, lines })
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+/// One server instance with its own failover client and store.
+async fn server_instance(
+    topology: &Topology,
+    secret: &[u8],
+    cursor_secret: &[u8],
+) -> Result<(ServerHandle, TenantKv, FailoverClient), BoxError> {
+    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
+    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+        .retry_budget(RETRY_BUDGET)
+        .durability(Durability::Replicated {
+            replicas: 2,
+            timeout: Duration::from_secs(1),
+        })
+        .build()?;
+    client.wait_for_master(Duration::from_secs(10)).await?;
+    let store = TenantKv::builder(client.clone())
+        .cursor_secret(cursor_secret.to_vec())
+        .build()?;
+    let server = Server::builder(store.clone(), client.clone(), JwtConfig::hs256(secret)?)
+        .bind("127.0.0.1:0".parse()?)
+        .await?;
+    Ok((server, store, client))
+}
+
+fn offloader(client: &FailoverClient, url: &str, name: &str) -> Result<Offloader, BoxError> {
+    Ok(
+        Offloader::builder(client.clone(), LokiSink::builder(url).build()?)
+            .consumer(name)
+            .poll_interval(Duration::from_millis(50))
+            .discovery_interval(Duration::from_millis(500))
+            .claim_idle(Duration::from_secs(2))
+            .backoff(Duration::from_millis(100), Duration::from_secs(1))
+            .start()?,
+    )
+}
+
+/// What the traffic tasks share.
+#[derive(Default)]
+struct Traffic {
+    stop: AtomicBool,
+    /// Successes so far, per task.
+    successes: Vec<AtomicU64>,
+    errors_within_budget: AtomicU64,
+    errors_past_budget: AtomicU64,
+    /// Per (tenant, key): the last acknowledged value and version, and
+    /// values sent after it that may have been applied (their request failed).
+    state: Mutex<BTreeMap<(String, String), KeyState>>,
+    /// (tenant, key, version, round) of every acknowledged write.
+    acknowledged: Mutex<Vec<(String, String, u64, usize)>>,
+    /// The round under way (0 before the first fault).
+    round: AtomicUsize,
+    /// The first failures within the budget, described.
+    failures: Mutex<Vec<String>>,
+}
+
+#[derive(Default, Debug)]
+struct KeyState {
+    acked: Option<(u64, u64)>,
+    maybe: BTreeSet<u64>,
+}
+
+async fn traffic_task(
+    traffic: Arc<Traffic>,
+    task: usize,
+    tenant: &'static str,
+    clients: Vec<Http>,
+) {
+    let mut n = 0u64;
+    while !traffic.stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = format!("t{task}-k{}", n % KEYS_PER_TASK as u64);
+        let client = &clients[n as usize % clients.len()];
+        let started = Instant::now();
+        let reply = client
+            .json("PUT", &format!("/data/{key}"), &json!({"value": n}))
+            .await;
+        let elapsed = started.elapsed();
+        let id = (tenant.to_owned(), key.clone());
+        if reply.status == StatusCode::OK {
+            let version = reply.json()["version"].as_u64().unwrap_or_default();
+            let mut state = traffic.state.lock().unwrap();
+            let entry = state.entry(id).or_default();
+            entry.acked = Some((n, version));
+            entry.maybe.clear();
+            traffic.acknowledged.lock().unwrap().push((
+                tenant.to_owned(),
+                key,
+                version,
+                traffic.round.load(Ordering::Relaxed),
+            ));
+            traffic.successes[task].fetch_add(1, Ordering::Relaxed);
+        } else {
+            traffic
+                .state
+                .lock()
+                .unwrap()
+                .entry(id)
+                .or_default()
+                .maybe
+                .insert(n);
+            if elapsed >= RETRY_BUDGET {
+                traffic.errors_past_budget.fetch_add(1, Ordering::Relaxed);
+            } else {
+                traffic.errors_within_budget.fetch_add(1, Ordering::Relaxed);
+                let mut failures = traffic.failures.lock().unwrap();
+                if failures.len() < 10 {
+                    let body = String::from_utf8_lossy(&reply.body);
+                    failures.push(format!(
+                        "{tenant} PUT {key} after {elapsed:?}: {} {body}",
+                        reply.status
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The master as the sentinels name it.
+async fn current_master(topology: &Topology) -> Result<NodeId, BoxError> {
+    for sentinel in topology.sentinels() {
+        if let Ok(Some(addr)) = topology.sentinel_master_addr(sentinel).await
+            && let Some(node) = topology.node_at(addr)
+        {
+            return Ok(node);
+        }
+    }
+    Err("no sentinel names a master".into())
+}
+
+async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) -> Result<(), BoxError> {
+    let started = Instant::now();
+    while !done().await {
+        if started.elapsed() > DEADLINE {
+            return Err(format!("chaos: {what} not within {DEADLINE:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Runs `rounds` rounds, cycling through `faults`, and checks the end state.
+pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
+    let topology = Topology::builder()
+        .down_after(Duration::from_millis(1000))
+        .failover_timeout(FAILOVER_TIMEOUT)
+        .start()
+        .await?;
+    let receiver = Receiver::start().await?;
+    let (secret, cursor_secret): ([u8; 32], [u8; 32]) = (rand::random(), rand::random());
+    let (server_a, store, client) = server_instance(&topology, &secret, &cursor_secret).await?;
+    let (server_b, _, _) = server_instance(&topology, &secret, &cursor_secret).await?;
+    for tenant in TENANTS {
+        let user = NewUser {
+            username: format!("{tenant}-user"),
+            tenant: TenantId::new(tenant)?,
+            email: None,
+            full_name: None,
+        };
+        store
+            .users()
+            .create(user, PASSWORD, &Actor::system())
+            .await?;
+    }
+    let mut offloaders = vec![
+        offloader(&client, &receiver.url, "offloader-1")?,
+        offloader(&client, &receiver.url, "offloader-2")?,
+    ];
+    let mut next_offloader = 3;
+
+    let traffic = Arc::new(Traffic {
+        successes: (0..TENANTS.len() * TASKS_PER_TENANT)
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+        ..Traffic::default()
+    });
+    let mut tasks = Vec::new();
+    for (t, tenant) in TENANTS.into_iter().enumerate() {
+        let mut clients = Vec::new();
+        for server in [&server_a, &server_b] {
+            let http = Http::new(server.local_addr());
+            let token = http.token(&format!("{tenant}-user"), PASSWORD).await;
+            clients.push(http.bearer(&token));
+        }
+        // The items exist before the faults start: every write is a PUT, which
+        // the server may send again after an unknown outcome.
+        for task in t * TASKS_PER_TENANT..(t + 1) * TASKS_PER_TENANT {
+            for k in 0..KEYS_PER_TASK {
+                let reply = clients[0]
+                    .json(
+                        "POST",
+                        &format!("/data?key=t{task}-k{k}"),
+                        &json!({"value": 0}),
+                    )
+                    .await;
+                if reply.status != StatusCode::CREATED {
+                    return Err(format!("chaos: seeding failed: {reply:?}").into());
+                }
+            }
+            tasks.push(tokio::spawn(traffic_task(
+                Arc::clone(&traffic),
+                task,
+                tenant,
+                clients.clone(),
+            )));
+        }
+    }
+    let all_succeeded_since = |counts: &[u64]| {
+        traffic
+            .successes
+            .iter()
+            .zip(counts)
+            .all(|(now, before)| now.load(Ordering::Relaxed) > *before)
+    };
+    let snapshot = || {
+        traffic
+            .successes
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect::<Vec<_>>()
+    };
+    let start_counts = snapshot();
+    wait_until("traffic flowing", async || {
+        all_succeeded_since(&start_counts)
+    })
+    .await?;
+
+    let mut report_rounds = Vec::new();
+    let mut last_failover: Option<Instant> = None;
+    for round in 0..rounds {
+        let fault = faults[round % faults.len()];
+        if fault.changes_master()
+            && let Some(at) = last_failover
+        {
+            // Sentinel refuses a new failover of the same master sooner.
+            tokio::time::sleep_until((at + FAILOVER_TIMEOUT * 2 + Duration::from_secs(1)).into())
+                .await;
+        }
+        let (within, past) = (
+            traffic.errors_within_budget.load(Ordering::Relaxed),
+            traffic.errors_past_budget.load(Ordering::Relaxed),
+        );
+        let before = snapshot();
+        let injected = Instant::now();
+        traffic.round.store(round + 1, Ordering::Relaxed);
+        match fault {
+            Fault::KillMaster => {
+                let old = current_master(&topology).await?;
+                topology.kill(old)?;
+                let new = topology.wait_for_new_master(old, DEADLINE).await?;
+                topology.restart(old).await?;
+                topology.replicate(old, new, DEADLINE).await?;
+            }
+            Fault::PauseMaster => {
+                let old = current_master(&topology).await?;
+                topology.pause(old)?;
+                let new = topology.wait_for_new_master(old, DEADLINE).await;
+                topology.resume(old)?;
+                let new = new?;
+                topology.wait_for_replica_of(old, new, DEADLINE).await?;
+            }
+            Fault::SentinelFailover => {
+                let old = current_master(&topology).await?;
+                topology.sentinel_failover().await?;
+                let new = topology.wait_for_new_master(old, DEADLINE).await?;
+                topology.wait_for_replica_of(old, new, DEADLINE).await?;
+            }
+            Fault::RestartSentinels => {
+                for sentinel in topology.sentinels() {
+                    topology.kill(sentinel)?;
+                }
+                for sentinel in topology.sentinels() {
+                    topology.restart(sentinel).await?;
+                }
+            }
+            Fault::KillOffloader => {
+                // Dropped mid-work: its pending entries are claimed by the others.
+                drop(offloaders.remove(0));
+                offloaders.push(offloader(
+                    &client,
+                    &receiver.url,
+                    &format!("offloader-{next_offloader}"),
+                )?);
+                next_offloader += 1;
+            }
+            Fault::Receiver500 | Fault::Receiver429 | Fault::ReceiverDown => {
+                receiver.set(match fault {
+                    Fault::Receiver500 => Mode::Status(500),
+                    Fault::Receiver429 => Mode::Status(429),
+                    _ => Mode::Down,
+                });
+                tokio::time::sleep(OUTAGE).await;
+                receiver.set(Mode::Accept);
+            }
+        }
+        if fault.changes_master() {
+            last_failover = Some(injected);
+        }
+        wait_until("traffic after the fault", async || {
+            all_succeeded_since(&before)
+        })
+        .await?;
+        let recovery = injected.elapsed();
+        let round_report = Round {
+            fault,
+            errors_within_budget: traffic.errors_within_budget.load(Ordering::Relaxed) - within,
+            errors_past_budget: traffic.errors_past_budget.load(Ordering::Relaxed) - past,
+            recovery,
+        };
+        println!(
+            "chaos round {}/{rounds}: {:<18} errors within budget {}, past budget {}, recovered in {:.2} s",
+            round + 1,
+            fault.name(),
+            round_report.errors_within_budget,
+            round_report.errors_past_budget,
+            recovery.as_secs_f64()
+        );
+        report_rounds.push(round_report);
+    }
+    traffic.stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await?;
+    }
+
+    // Every acknowledged write is there (or a later attempt that may have run).
+    let reader = Http::new(server_a.local_addr());
+    let mut lost_writes = Vec::new();
+    let state: Vec<_> = std::mem::take(&mut *traffic.state.lock().unwrap())
+        .into_iter()
+        .collect();
+    for ((tenant, key), key_state) in state {
+        let Some((value, _)) = key_state.acked else {
+            continue;
+        };
+        let token = reader.token(&format!("{tenant}-user"), PASSWORD).await;
+        let found = reader
+            .bearer(&token)
+            .get(&format!("/data/{key}"))
+            .await
+            .json()["value"]
+            .as_u64();
+        if found != Some(value) && !found.is_some_and(|v| key_state.maybe.contains(&v)) {
+            lost_writes.push(format!(
+                "{tenant}/{key}: acknowledged {value}, found {found:?}"
+            ));
+        }
+    }
+
+    // Every acknowledged mutation's audit record reached the receiver.
+    let drained = wait_until("audit streams drained", async || {
+        let mut left = 0u64;
+        for tenant in TENANTS {
+            left += client
+                .query::<u64>(redis::cmd("XLEN").arg(format!("tenant:{tenant}:audit")))
+                .await
+                .unwrap_or(1);
+        }
+        left == 0
+    })
+    .await;
+    if let Err(error) = drained {
+        // What holds entries back, for the report.
+        let mut state = String::new();
+        for tenant in TENANTS {
+            let stream = format!("tenant:{tenant}:audit");
+            let groups: redis::Value = client
+                .query(redis::cmd("XINFO").arg("GROUPS").arg(&stream))
+                .await
+                .unwrap_or(redis::Value::Nil);
+            let first: redis::Value = client
+                .query(
+                    redis::cmd("XRANGE")
+                        .arg(&stream)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(3),
+                )
+                .await
+                .unwrap_or(redis::Value::Nil);
+            state.push_str(&format!(
+                "\n{stream}: groups {groups:?}\n  first entries {first:?}"
+            ));
+        }
+        return Err(format!("{error}; {state}").into());
+    }
+    let lines = receiver.lines.lock().unwrap().clone();
+    let duplicate_lines = lines
+        .values()
+        .filter(|count| **count > 1)
+        .map(|count| count - 1)
+        .sum();
+    let mut audited = BTreeSet::new();
+    for (tenant, _, line) in lines.keys() {
+        if let Ok(fields) = serde_json::from_str::<BTreeMap<String, Value>>(line)
+            && let (Some(key), Some(version)) = (fields.get("key"), fields.get("version"))
+        {
+            let version = version.as_str().and_then(|v| v.parse::<u64>().ok());
+            audited.insert((
+                tenant.clone(),
+                key.as_str().unwrap_or_default().to_owned(),
+                version,
+            ));
+        }
+    }
+    let acknowledged = std::mem::take(&mut *traffic.acknowledged.lock().unwrap());
+    let missing_audit_records = acknowledged
+        .iter()
+        .filter(|(tenant, key, version, _)| {
+            !audited.contains(&(tenant.clone(), key.clone(), Some(*version)))
+        })
+        .map(|(tenant, key, version, round)| {
+            let during = match round {
+                0 => "before the first fault".to_owned(),
+                round => format!(
+                    "in round {round} ({})",
+                    faults[(round - 1) % faults.len()].name()
+                ),
+            };
+            format!("{tenant}/{key} version {version}, acknowledged {during}")
+        })
+        .collect();
+
+    // Entries any offloader, killed ones included, set aside.
+    let mut dead_lettered: BTreeMap<String, u64> = BTreeMap::new();
+    for tenant in TENANTS {
+        let stream = log_buffer::dead_letter_stream(&format!("tenant:{tenant}:audit"));
+        let entries: Vec<(String, HashMap<String, String>)> = client
+            .query(redis::cmd("XRANGE").arg(stream).arg("-").arg("+"))
+            .await?;
+        for (_, fields) in entries {
+            let reason = fields
+                .get("dead_letter_reason")
+                .cloned()
+                .unwrap_or_default();
+            *dead_lettered.entry(reason).or_default() += 1;
+        }
+    }
+    for offloader in offloaders {
+        offloader.shutdown(Duration::from_secs(5)).await;
+    }
+    server_a.shutdown().await;
+    server_b.shutdown().await;
+    Ok(Report {
+        rounds: report_rounds,
+        acknowledged_writes: acknowledged.len() as u64,
+        lost_writes,
+        missing_audit_records,
+        duplicate_lines,
+        failures: std::mem::take(&mut *traffic.failures.lock().unwrap()),
+        dead_lettered,
+    })
+}
+
+/// Prints a report's totals.
+pub fn print_totals(report: &Report) {
+    let recoveries: Vec<f64> = report
+        .rounds
+        .iter()
+        .map(|r| r.recovery.as_secs_f64())
+        .collect();
+    let worst = recoveries.iter().copied().fold(0.0, f64::max);
+    println!(
+        "chaos: {} rounds, {} acknowledged writes, {} lost, {} audit records missing, {} duplicate lines, \
+         {} errors within the retry budget, {} past it, worst recovery {worst:.2} s",
+        report.rounds.len(),
+        report.acknowledged_writes,
+        report.lost_writes.len(),
+        report.missing_audit_records.len(),
+        report.duplicate_lines,
+        report.errors_within_budget(),
+        report
+            .rounds
+            .iter()
+            .map(|r| r.errors_past_budget)
+            .sum::<u64>(),
+    );
+    if !report.dead_lettered.is_empty() {
+        println!(
+            "  dead-lettered by the offloaders: {:?}",
+            report.dead_lettered
+        );
+    }
+    for failure in &report.failures {
+        println!("  failed: {failure}");
+    }
+    for lost in report.lost_writes.iter().take(10) {
+        println!("  lost: {lost}");
+    }
+    for missing in report.missing_audit_records.iter().take(10) {
+        println!("  audit missing: {missing}");
+    }
+}
