@@ -27,7 +27,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let master = NodeAddr::from(topology.addr(topology.initial_master()));
     let client = FailoverClient::candidates([master]).build()?;
 
-    let buffer = LogBuffer::builder(client.clone()).default_tenant("system").start()?;
+    let buffer = LogBuffer::builder(client.clone())
+        .default_tenant("system")
+        .start()?;
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .with(buffer.layer())
@@ -60,5 +62,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
 }
 
 fn sent(offloader: &Offloader) -> u64 {
-    offloader.metrics().values().map(|tenant| tenant.sent_lines).sum()
+    offloader
+        .metrics()
+        .values()
+        .map(|tenant| tenant.sent_lines)
+        .sum()
 }

@@ -29,18 +29,32 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     let acme = store.tenant(TenantId::new("acme")?, Actor::user("alice"));
     let item = acme
-        .create("invoice/42", NewItem::new(json!({"total": 120})).ttl(Duration::from_secs(3600)))
+        .create(
+            "invoice/42",
+            NewItem::new(json!({"total": 120})).ttl(Duration::from_secs(3600)),
+        )
         .await?;
-    acme.put("invoice/42", NewItem::new(json!({"total": 95})), Precondition::Version(item.version))
+    acme.put(
+        "invoice/42",
+        NewItem::new(json!({"total": 95})),
+        Precondition::Version(item.version),
+    )
+    .await?;
+    acme.create("invoice/43", NewItem::new(json!({"total": 10})))
         .await?;
-    acme.create("invoice/43", NewItem::new(json!({"total": 10}))).await?;
     acme.delete("invoice/43", None).await?;
 
     // The consumer: a group of its own, so it never competes with the log
     // offloader's group for the same records.
     let stream = "tenant:acme:audit";
     let created: Result<String, _> = client
-        .query(redis::cmd("XGROUP").arg("CREATE").arg(stream).arg("billing").arg("0"))
+        .query(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg("billing")
+                .arg("0"),
+        )
         .await;
     if let Err(error) = created
         && !error.to_string().contains("BUSYGROUP")
@@ -66,7 +80,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
                 .map
                 .iter()
                 .filter_map(|(name, value)| {
-                    redis::from_redis_value::<String>(value.clone()).ok().map(|v| (name.clone(), v))
+                    redis::from_redis_value::<String>(value.clone())
+                        .ok()
+                        .map(|v| (name.clone(), v))
                 })
                 .collect();
             println!(
@@ -79,7 +95,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
             );
             // Acknowledged once handled: a crash before this line gets it again.
             let _: u64 = client
-                .query(redis::cmd("XACK").arg(stream).arg("billing").arg(&record.id))
+                .query(
+                    redis::cmd("XACK")
+                        .arg(stream)
+                        .arg("billing")
+                        .arg(&record.id),
+                )
                 .await?;
         }
     }
