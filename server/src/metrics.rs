@@ -7,6 +7,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use log_buffer::TenantMetrics;
+
 use crate::api::App;
 
 /// Upper bounds of the latency histogram's buckets, in seconds.
@@ -61,6 +63,47 @@ impl HttpMetrics {
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
+
+/// The offloader's figures with one value per tenant: name, type, help, value.
+type TenantFigure = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&TenantMetrics) -> f64,
+);
+
+const PER_TENANT: [TenantFigure; 5] = [
+    (
+        "log_offloader_sent_lines_total",
+        "counter",
+        "Lines the sink accepted, by tenant.",
+        |m| m.sent_lines as f64,
+    ),
+    (
+        "log_offloader_sent_bytes_total",
+        "counter",
+        "Bytes of lines the sink accepted, by tenant.",
+        |m| m.sent_bytes as f64,
+    ),
+    (
+        "log_offloader_retried_pushes_total",
+        "counter",
+        "Pushes retried, by tenant.",
+        |m| m.retried_pushes as f64,
+    ),
+    (
+        "log_offloader_depth",
+        "gauge",
+        "Entries waiting in the tenant's stream.",
+        |m| m.depth as f64,
+    ),
+    (
+        "log_offloader_oldest_age_seconds",
+        "gauge",
+        "Age of the tenant's oldest waiting entry.",
+        |m| m.oldest_age.map_or(0.0, |age| age.as_secs_f64()),
+    ),
+];
 
 pub(crate) fn render(app: &App) -> String {
     let mut out = String::with_capacity(8192);
@@ -256,44 +299,11 @@ pub(crate) fn render(app: &App) -> String {
     }
     if let Some(offloader) = &logs.offloader {
         let tenants = offloader.metrics();
-        header(
-            &mut out,
-            "log_offloader_sent_lines_total",
-            "counter",
-            "Lines the sink accepted, by tenant.",
-        );
-        for (tenant, m) in &tenants {
-            let _ = writeln!(
-                out,
-                "log_offloader_sent_lines_total{{tenant_id=\"{tenant}\"}} {}",
-                m.sent_lines
-            );
-        }
-        header(
-            &mut out,
-            "log_offloader_sent_bytes_total",
-            "counter",
-            "Bytes of lines the sink accepted, by tenant.",
-        );
-        for (tenant, m) in &tenants {
-            let _ = writeln!(
-                out,
-                "log_offloader_sent_bytes_total{{tenant_id=\"{tenant}\"}} {}",
-                m.sent_bytes
-            );
-        }
-        header(
-            &mut out,
-            "log_offloader_retried_pushes_total",
-            "counter",
-            "Pushes retried, by tenant.",
-        );
-        for (tenant, m) in &tenants {
-            let _ = writeln!(
-                out,
-                "log_offloader_retried_pushes_total{{tenant_id=\"{tenant}\"}} {}",
-                m.retried_pushes
-            );
+        for (name, kind, help, value) in PER_TENANT {
+            header(&mut out, name, kind, help);
+            for (tenant, m) in &tenants {
+                let _ = writeln!(out, "{name}{{tenant_id=\"{tenant}\"}} {}", value(m));
+            }
         }
         header(
             &mut out,
@@ -318,39 +328,9 @@ pub(crate) fn render(app: &App) -> String {
         for (tenant, m) in &tenants {
             let _ = writeln!(
                 out,
-                "log_offloader_push_seconds_sum{{tenant_id=\"{tenant}\"}} {}",
-                m.push_latency.as_secs_f64()
-            );
-            let _ = writeln!(
-                out,
-                "log_offloader_push_seconds_count{{tenant_id=\"{tenant}\"}} {}",
+                "log_offloader_push_seconds_sum{{tenant_id=\"{tenant}\"}} {}\nlog_offloader_push_seconds_count{{tenant_id=\"{tenant}\"}} {}",
+                m.push_latency.as_secs_f64(),
                 m.pushes
-            );
-        }
-        header(
-            &mut out,
-            "log_offloader_depth",
-            "gauge",
-            "Entries waiting in the tenant's stream.",
-        );
-        for (tenant, m) in &tenants {
-            let _ = writeln!(
-                out,
-                "log_offloader_depth{{tenant_id=\"{tenant}\"}} {}",
-                m.depth
-            );
-        }
-        header(
-            &mut out,
-            "log_offloader_oldest_age_seconds",
-            "gauge",
-            "Age of the tenant's oldest waiting entry.",
-        );
-        for (tenant, m) in &tenants {
-            let _ = writeln!(
-                out,
-                "log_offloader_oldest_age_seconds{{tenant_id=\"{tenant}\"}} {}",
-                m.oldest_age.map_or(0.0, |age| age.as_secs_f64())
             );
         }
     }
