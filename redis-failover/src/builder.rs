@@ -49,6 +49,7 @@ pub struct FailoverClientBuilder {
     pub(crate) durability: Durability,
     pub(crate) durable_connections: u32,
     pub(crate) min_replicas: Option<MinReplicas>,
+    pub(crate) demote_stale_masters: bool,
 }
 
 /// Client-side `min-replicas-to-write`.
@@ -84,6 +85,7 @@ impl FailoverClientBuilder {
             durability: Durability::Master,
             durable_connections: 16,
             min_replicas: None,
+            demote_stale_masters: false,
         }
     }
 
@@ -257,6 +259,23 @@ impl FailoverClientBuilder {
         self
     }
 
+    /// In Sentinel mode, after every switch, turns the master left behind
+    /// into a replica of the new one (`REPLICAOF`) as soon as it answers
+    /// and still claims to be master, and only while a majority of
+    /// sentinels name the new master. Sentinel does the same itself, but
+    /// only after the old master has answered for 8 s; until then writes
+    /// that wait for every replica
+    /// ([`Durability::Replicated`] with all of them) cannot be
+    /// acknowledged, and the old master takes writes from clients that
+    /// have not switched yet. The data user needs the `REPLICAOF`
+    /// permission (`+replicaof`). Each demotion is reported as
+    /// [`Event::StaleMasterDemoted`](crate::Event::StaleMasterDemoted).
+    /// Defaults to off; an error in candidates mode.
+    pub fn demote_stale_masters(mut self, demote: bool) -> Self {
+        self.demote_stale_masters = demote;
+        self
+    }
+
     /// Validates the settings and starts the client's background tasks.
     /// Must be called within a Tokio runtime. The master is found in the
     /// background and by the first request; nothing here waits for Redis.
@@ -292,6 +311,12 @@ impl FailoverClientBuilder {
                 }
                 if self.min_agreement.is_some() {
                     return invalid("min_agreement", "only applies with Sentinel");
+                }
+                if self.demote_stale_masters {
+                    return invalid(
+                        "demote_stale_masters",
+                        "only applies with Sentinel, which decides what is stale",
+                    );
                 }
             }
             Mode::Sentinel {
@@ -411,6 +436,10 @@ mod tests {
         assert_eq!(
             rejected(FailoverClient::candidates(sentinels(1)).min_agreement(1)),
             "min_agreement"
+        );
+        assert_eq!(
+            rejected(FailoverClient::candidates(sentinels(1)).demote_stale_masters(true)),
+            "demote_stale_masters"
         );
         let one = FailoverClient::candidates(sentinels(1));
         assert_eq!(

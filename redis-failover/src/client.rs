@@ -16,7 +16,7 @@ use crate::request::{Reply, Request};
 use crate::retry::backoff;
 use crate::session::Session;
 use crate::shared::Shared;
-use crate::tasks::{recheck_loop, watch_sentinel};
+use crate::tasks::{demote_loop, recheck_loop, watch_sentinel};
 
 /// A Redis client that keeps finding the master and sends every request to
 /// it, retrying through failovers within a time budget.
@@ -78,6 +78,10 @@ impl FailoverClient {
         if read_policy != ReadPolicy::Master || shared.settings.min_replicas.is_some() {
             let _entered = runtime.enter();
             shared.track_replicas();
+        }
+        if shared.settings.demote_stale_masters {
+            let events = shared.events.subscribe();
+            runtime.spawn(demote_loop(Arc::clone(&shared), events, stopped.clone()));
         }
         if let Mode::Sentinel { sentinels, .. } = &shared.settings.mode {
             for sentinel in sentinels {

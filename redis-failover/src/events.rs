@@ -93,6 +93,15 @@ pub enum Event {
         /// bound, it does not answer, ...
         reason: String,
     },
+    /// The master left behind by a switch still claimed to be master and
+    /// was made a replica of the new one
+    /// ([`demote_stale_masters`](crate::FailoverClientBuilder::demote_stale_masters)).
+    StaleMasterDemoted {
+        /// The old master.
+        node: NodeAddr,
+        /// The master it now replicates.
+        master: NodeAddr,
+    },
     /// A request gave up after its retry budget.
     RetryBudgetExhausted {
         /// How many attempts it made.
@@ -143,6 +152,8 @@ pub struct MetricsSnapshot {
     /// How many times a write waited because the master had fewer healthy
     /// replicas than `min_replicas` asks.
     pub min_replicas_refusals: u64,
+    /// How many stale masters this client demoted to replicas.
+    pub stale_masters_demoted: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -159,10 +170,11 @@ pub(crate) enum Counter {
     SessionFallbacks,
     UnreplicatedWrites,
     MinReplicasRefusals,
+    StaleMastersDemoted,
 }
 
 impl Counter {
-    const COUNT: usize = Self::MinReplicasRefusals as usize + 1;
+    const COUNT: usize = Self::StaleMastersDemoted as usize + 1;
 }
 
 impl Metrics {
@@ -192,6 +204,7 @@ impl Metrics {
             session_fallbacks: read(Counter::SessionFallbacks),
             unreplicated_writes: read(Counter::UnreplicatedWrites),
             min_replicas_refusals: read(Counter::MinReplicasRefusals),
+            stale_masters_demoted: read(Counter::StaleMastersDemoted),
         }
     }
 }

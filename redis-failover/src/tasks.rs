@@ -1,18 +1,20 @@
-//! Background work: the periodic re-check and one `+switch-master`
-//! watcher per sentinel. Each runs until the client's last handle is
-//! dropped, which closes the `stop` channel.
+//! Background work: the periodic re-check, one `+switch-master` watcher
+//! per sentinel, and the demotion of stale masters. Each runs until the
+//! client's last handle is dropped, which closes the `stop` channel.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use redis::RedisError;
-use tokio::sync::watch;
+use redis::{RedisError, Role};
+use tokio::sync::{broadcast, watch};
 
 use crate::addr::NodeAddr;
 use crate::builder::Mode;
-use crate::events::{Event, Trigger};
+use crate::events::{Counter, Event, Trigger};
 use crate::node::verify_master;
 use crate::retry::backoff;
 use crate::shared::{Master, Shared, lock};
@@ -159,4 +161,111 @@ pub(crate) async fn watch_sentinel(
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// How long after a switch the old master is watched for, to be demoted
+/// once it answers.
+const DEMOTION_WINDOW: Duration = Duration::from_secs(60);
+/// Pause between two attempts to reach the old master.
+const DEMOTION_RETRY: Duration = Duration::from_millis(200);
+
+/// With `demote_stale_masters`: after every switch, demotes the master left
+/// behind. A newer switch replaces the pending demotion. `events` is
+/// subscribed before the task starts, so no switch is missed.
+pub(crate) async fn demote_loop(
+    shared: Arc<Shared>,
+    mut events: broadcast::Receiver<Event>,
+    mut stop: watch::Receiver<()>,
+) {
+    let mut demotion: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(std::future::pending());
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            () = &mut demotion => demotion = Box::pin(std::future::pending()),
+            event = events.recv() => match event {
+                Ok(Event::MasterChanged { from: Some(old), to, .. }) if old != to => {
+                    demotion = Box::pin(demote(Arc::clone(&shared), old, to));
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+                _ => {}
+            },
+        }
+    }
+}
+
+/// Tries to demote `old` until it is a replica, `new` is no longer the
+/// master, or the window closes.
+async fn demote(shared: Arc<Shared>, old: NodeAddr, new: NodeAddr) {
+    let deadline = Instant::now() + DEMOTION_WINDOW;
+    loop {
+        match demote_once(&shared, &old, &new).await {
+            Ok(Demotion::Done) => {
+                shared.metrics.add(Counter::StaleMastersDemoted);
+                tracing::info!(node = %old, master = %new, "stale master demoted");
+                shared.emit(Event::StaleMasterDemoted {
+                    node: old,
+                    master: new,
+                });
+                return;
+            }
+            Ok(Demotion::NotNeeded) => return,
+            Ok(Demotion::Unconfirmed) => {}
+            Err(error) => tracing::debug!(node = %old, %error, "stale master not reached"),
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(node = %old, master = %new, "stale master left to Sentinel: it did not answer in time");
+            return;
+        }
+        tokio::time::sleep(DEMOTION_RETRY).await;
+    }
+}
+
+enum Demotion {
+    Done,
+    /// `old` is a replica already, or `new` is no longer the master.
+    NotNeeded,
+    /// The sentinels do not (yet) agree that `new` is the master.
+    Unconfirmed,
+}
+
+async fn demote_once(
+    shared: &Shared,
+    old: &NodeAddr,
+    new: &NodeAddr,
+) -> Result<Demotion, RedisError> {
+    let is_current = || {
+        shared
+            .master
+            .load()
+            .as_ref()
+            .is_none_or(|master| master.node == *new)
+    };
+    if !is_current() {
+        return Ok(Demotion::NotNeeded);
+    }
+    let mut connection = shared.data.connect(old).await?;
+    let role: Role = redis::cmd("ROLE").query_async(&mut connection).await?;
+    if !matches!(role, Role::Primary { .. }) {
+        return Ok(Demotion::NotNeeded);
+    }
+    // Checked just before acting: demoting a node the sentinels name as
+    // master would take the only master away.
+    let named = shared.ask_sentinels().await;
+    let superseded = named.as_ref().is_ok_and(|named| {
+        lock(&shared.newest)
+            .supersedes(&named.node, named.config_epoch)
+            .is_some()
+    });
+    if !named.is_ok_and(|named| named.node == *new) || superseded {
+        return Ok(Demotion::Unconfirmed);
+    }
+    if !is_current() {
+        return Ok(Demotion::NotNeeded);
+    }
+    redis::cmd("REPLICAOF")
+        .arg(new.host())
+        .arg(new.port())
+        .query_async::<()>(&mut connection)
+        .await?;
+    Ok(Demotion::Done)
 }

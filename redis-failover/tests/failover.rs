@@ -1,12 +1,15 @@
 //! The failover client against real topologies: writes through failovers
 //! with zero caller-visible errors, following a master promoted by hand,
-//! the last-resort address, and requests whose outcome is unknown.
+//! the last-resort address, requests whose outcome is unknown, and the
+//! demotion of a replaced master.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use redis_failover::{Error, Event, FailoverClient, MasterCheck, NodeAddr, Tls, Trigger};
+use redis_failover::{
+    Durability, Error, Event, FailoverClient, MasterCheck, NodeAddr, Tls, Trigger,
+};
 use redis_topology::{NodeId, Topology};
 
 mod common;
@@ -420,6 +423,57 @@ async fn a_switch_master_notice_alone_moves_the_client() {
     topology.kill(old).unwrap();
     client_follows(&topology, &client, old).await;
     assert_eq!(single_switch(&mut events), Trigger::PubSub);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_master_is_demoted_as_soon_as_it_answers_and_writes_to_every_replica_resume() {
+    let topology = Topology::builder().start().await.unwrap();
+    let every_replica = Durability::Replicated {
+        replicas: 2,
+        timeout: Duration::from_millis(500),
+    };
+    let client = sentinel_builder(&topology)
+        .demote_stale_masters(true)
+        .durability(every_replica)
+        .build()
+        .unwrap();
+    let mut events = client.events();
+    let old = topology.initial_master();
+    client.wait_for_master(DEADLINE).await.unwrap();
+    client.set("before", 1).await.unwrap();
+
+    // Replaced while it cannot answer: it comes back claiming master.
+    topology.pause(old).unwrap();
+    let new = topology.wait_for_new_master(old, DEADLINE).await;
+    topology.resume(old).unwrap();
+    let new = new.unwrap();
+    let (old_addr, new_addr) = (
+        NodeAddr::from(topology.addr(old)),
+        NodeAddr::from(topology.addr(new)),
+    );
+    let demoted = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match events.recv().await.unwrap() {
+                Event::StaleMasterDemoted { node, master } => return (node, master),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("no StaleMasterDemoted event");
+    assert_eq!(demoted, (old_addr, new_addr));
+    assert_eq!(client.metrics().stale_masters_demoted, 1);
+    topology
+        .wait_for_replica_of(old, new, DEADLINE)
+        .await
+        .unwrap();
+    // Both replicas acknowledge again, the demoted one included.
+    client.set("after", 2).await.unwrap();
+    let value: Option<u32> = topology
+        .query(old, redis::cmd("GET").arg("after"))
+        .await
+        .unwrap();
+    assert_eq!(value, Some(2));
 }
 
 #[tokio::test]
