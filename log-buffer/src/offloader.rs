@@ -826,12 +826,15 @@ fn to_push(tenant: &str, batch: &[Ready]) -> Push {
     }
 }
 
-/// `XACK` and `XDEL`: delivered entries leave the stream. If this fails,
-/// they are delivered again later, which Loki deduplicates.
+/// `XACK` and `XDEL` in one transaction: delivered entries leave the
+/// stream. If this fails, they are delivered again later, which Loki
+/// deduplicates. Apart, a replica promoted between the two would keep
+/// entries acknowledged but not deleted, which no consumer reads again.
 async fn acknowledge<'a>(context: &Context, stream: &str, ids: impl Iterator<Item = &'a str>) {
     let ids: Vec<&str> = ids.collect();
     let mut pipeline = redis::pipe();
     pipeline
+        .atomic()
         .cmd("XACK")
         .arg(stream)
         .arg(&context.group)

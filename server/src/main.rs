@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use log_buffer::{BufferLayer, LogBuffer, LokiSink, Offloader};
+use redis_failover::Durability;
 use server::dev::{DEMO_USERS, DevOptions, DevSystem};
 use server::{Error, JwtConfig, SETTINGS, Server, SettingError, Settings};
 use tenant_kv::{Actor, NewUser, TenantId};
@@ -258,15 +259,18 @@ async fn serve(config: Option<PathBuf>) -> Result<(), Error> {
     let store = settings.store(client.clone())?;
     let mut builder =
         Server::builder(store.clone(), client.clone(), jwt).limits(settings.limits.clone());
+    // Log records and acknowledgements of shipped ones need no replica:
+    // only the data's writes wait for `redis_wait_replicas`.
+    let logs_client = client.with_durability(Durability::Master);
     let mut layer = None;
     if settings.log_buffer {
-        let buffer = LogBuffer::builder(client.clone()).start()?;
+        let buffer = LogBuffer::builder(logs_client.clone()).start()?;
         layer = Some(buffer.layer());
         builder = builder.log_buffer(buffer);
     }
     if let Some(url) = &settings.loki_url {
         let offloader =
-            Offloader::builder(client.clone(), LokiSink::builder(url.clone()).build()?).start()?;
+            Offloader::builder(logs_client, LokiSink::builder(url.clone()).build()?).start()?;
         builder = builder.offloader(offloader);
     }
     init_tracing(layer, "info");
@@ -291,7 +295,7 @@ async fn offload(config: Option<PathBuf>) -> Result<(), Error> {
             setting: "loki_url",
             reason: "the offloader needs it".to_owned(),
         })?;
-    let client = settings.redis.client()?;
+    let client = settings.redis.client()?.with_durability(Durability::Master);
     init_tracing(None, "info");
     let offloader = Offloader::builder(client, LokiSink::builder(url).build()?).start()?;
     wait_for_signal().await;

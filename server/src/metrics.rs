@@ -251,6 +251,11 @@ pub(crate) fn render(app: &App) -> String {
             failover.unreplicated_writes,
             "Durable writes not acknowledged by enough replicas.",
         ),
+        (
+            "stale_masters_demoted",
+            failover.stale_masters_demoted,
+            "Replaced masters made replicas by this client.",
+        ),
     ];
     for (name, value, help) in counters {
         header(

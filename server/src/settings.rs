@@ -47,6 +47,14 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "how long a request may wait through a failover; default 8s",
     ),
     (
+        "redis_wait_replicas",
+        "replicas that must have each write before it is acknowledged (WAIT, 1s per try); default 0",
+    ),
+    (
+        "redis_demote_stale_master",
+        "true to make a replaced master a replica as soon as it answers (needs REPLICAOF; Sentinel only); default false",
+    ),
+    (
         "jwt_algorithm",
         "HS256, HS384, HS512, RS256, RS384, RS512, ES256, ES384 or EdDSA; default HS256",
     ),
@@ -128,6 +136,12 @@ pub struct RedisSettings {
     pub tls_ca: Option<Vec<u8>>,
     /// How long a request may wait through a failover.
     pub retry_budget: Duration,
+    /// Replicas that must have each write before it is acknowledged (0:
+    /// the master's reply is enough).
+    pub wait_replicas: u32,
+    /// Make a replaced master a replica of the new one as soon as it
+    /// answers, instead of waiting for Sentinel to do it.
+    pub demote_stale_master: bool,
 }
 
 /// How tokens are checked and issued.
@@ -279,7 +293,15 @@ impl Settings {
             tls,
             tls_ca,
             retry_budget: duration(raw, "redis_retry_budget", Duration::from_secs(8))?,
+            wait_replicas: number(raw, "redis_wait_replicas", 0)?,
+            demote_stale_master: boolean(raw, "redis_demote_stale_master", false)?,
         };
+        if redis.demote_stale_master && !matches!(redis.discovery, Discovery::Sentinel { .. }) {
+            return Err(SettingError::invalid(
+                "redis_demote_stale_master",
+                "only with redis_sentinels: the sentinels decide which master is stale",
+            ));
+        }
 
         let algorithm = match get("jwt_algorithm").unwrap_or("HS256") {
             "HS256" => Algorithm::HS256,
@@ -375,6 +397,10 @@ impl Settings {
     }
 }
 
+/// How long one `WAIT` for `redis_wait_replicas` lasts; a write still
+/// short of replicas is sent again within the retry budget.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl RedisSettings {
     /// A failover client as these settings describe.
     pub fn client(&self) -> Result<redis_failover::FailoverClient, redis_failover::Error> {
@@ -404,7 +430,16 @@ impl RedisSettings {
         if let Some(addr) = &self.last_resort {
             builder = builder.last_resort(addr.clone());
         }
-        builder.retry_budget(self.retry_budget).build()
+        if self.wait_replicas > 0 {
+            builder = builder.durability(redis_failover::Durability::Replicated {
+                replicas: self.wait_replicas,
+                timeout: WAIT_TIMEOUT,
+            });
+        }
+        builder
+            .retry_budget(self.retry_budget)
+            .demote_stale_masters(self.demote_stale_master)
+            .build()
     }
 }
 
@@ -552,6 +587,8 @@ mod tests {
                 ("SERVER_REDIS_SENTINELS", "s-0:26379, s-1:26379"),
                 ("SERVER_REQUEST_TIMEOUT", "2s"),
                 ("SERVER_REDIS_RETRY_BUDGET", "1500ms"),
+                ("SERVER_REDIS_WAIT_REPLICAS", "2"),
+                ("SERVER_REDIS_DEMOTE_STALE_MASTER", "true"),
                 ("SERVER_PORT", "tcp://10.0.0.1:80"),
                 SECRET,
             ]),
@@ -566,6 +603,8 @@ mod tests {
         );
         assert_eq!(settings.limits.request_timeout, Duration::from_secs(2));
         assert_eq!(settings.redis.retry_budget, Duration::from_millis(1500));
+        assert_eq!(settings.redis.wait_replicas, 2);
+        assert!(settings.redis.demote_stale_master);
         assert_eq!(settings.listen, "0.0.0.0:8080".parse().unwrap());
     }
 
@@ -603,6 +642,20 @@ mod tests {
                     ("SERVER_REDIS_LAST_RESORT", "r:6379"),
                 ],
                 "redis_last_resort",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_REDIS_DEMOTE_STALE_MASTER", "true"),
+                ],
+                "redis_demote_stale_master",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_REDIS_WAIT_REPLICAS", "-1"),
+                ],
+                "redis_wait_replicas",
             ),
             (
                 &[

@@ -1,6 +1,7 @@
 //! The `server` binary: `dev` serves until SIGINT and then leaves no Redis
-//! behind; invalid settings exit with status 2 naming the setting; the
-//! admin subcommands manage users with the password from stdin.
+//! behind; `serve` acknowledges a write once the replicas it is told to
+//! wait for have it; invalid settings exit with status 2 naming the
+//! setting; the admin subcommands manage users with the password from stdin.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -35,16 +36,34 @@ fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok() && state != Some('Z')
 }
 
-fn get(addr: SocketAddr, path: &str) -> String {
+/// One HTTP/1.1 exchange on a connection of its own; the whole answer.
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n{headers}\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     answer
+}
+
+fn get(addr: SocketAddr, path: &str) -> String {
+    http(addr, "GET", path, "", "")
+}
+
+/// Waits until `child` exits, failing the test at `deadline`.
+fn exit_status(child: &mut KillOnDrop, deadline: Instant) -> std::process::ExitStatus {
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -90,13 +109,7 @@ fn dev_serves_until_sigint_and_leaves_nothing_behind() {
     assert!(alive(master_pid));
 
     kill(Pid::from_raw(child.0.id() as i32), Signal::SIGINT).unwrap();
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "dev mode did not stop on SIGINT");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_status(&mut child, deadline);
     assert!(status.success(), "{status}");
     assert!(!alive(master_pid), "the master outlived dev mode");
     let topology_dir = logs.parent().unwrap();
@@ -218,4 +231,98 @@ async fn admin_subcommands_manage_users_with_the_password_from_stdin() {
     assert_eq!(user.tenant.as_str(), "acme");
     let usage = ok(&run(&["tenant", "usage", "acme"], &env, ""));
     assert_eq!(usage, "keys\t0\nbytes\t0\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_acknowledges_a_write_once_both_replicas_have_it() {
+    let topology = Topology::builder()
+        .replicas(2)
+        .sentinels(3)
+        .start()
+        .await
+        .unwrap();
+    let sentinels: Vec<String> = topology
+        .sentinel_addrs()
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect();
+    let sentinels = sentinels.join(",");
+    let env = [
+        ("SERVER_REDIS_SENTINELS", sentinels.as_str()),
+        ("SERVER_REDIS_MASTER_NAME", topology.master_name()),
+        ("SERVER_REDIS_WAIT_REPLICAS", "2"),
+        ("SERVER_REDIS_DEMOTE_STALE_MASTER", "true"),
+        ("SERVER_JWT_SECRET", "a secret of at least thirty-two bytes"),
+        ("SERVER_LISTEN", "127.0.0.1:0"),
+    ];
+    let added = run(&["user", "add", "alice", "--tenant", "acme"], &env, "pw\n");
+    assert!(added.status.success(), "{added:?}");
+
+    let mut child = KillOnDrop(
+        Command::new(BINARY)
+            .arg("serve")
+            .env_remove("SERVER_CONFIG")
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (addr_tx, addr_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some((_, addr)) = line.split_once("local_addr=") {
+                let _ = addr_tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+            }
+        }
+    });
+    let deadline = Instant::now() + DEADLINE;
+    let addr = addr_rx
+        .recv_timeout(DEADLINE)
+        .expect("serve logs the address it listens on");
+
+    let form = "application/x-www-form-urlencoded";
+    let issued = http(
+        addr,
+        "POST",
+        "/token",
+        &format!("content-type: {form}\r\n"),
+        "username=alice&password=pw",
+    );
+    let (_, body) = issued.split_once("\r\n\r\n").unwrap();
+    let token: serde_json::Value = serde_json::from_str(body).expect(&issued);
+    let token = token["access_token"].as_str().expect(&issued).to_owned();
+    let put = http(
+        addr,
+        "PUT",
+        "/data/greeting",
+        &format!(
+            "authorization: Bearer {token}\r\nif-none-match: *\r\n\
+             content-type: application/json\r\n"
+        ),
+        r#"{"value":"hello"}"#,
+    );
+    assert!(put.starts_with("HTTP/1.1 200"), "{put}");
+    // Acknowledged after WAIT 2: both replicas have it already.
+    let master = topology.initial_master();
+    let stats: String = topology
+        .query(master, redis::cmd("INFO").arg("commandstats"))
+        .await
+        .unwrap();
+    assert!(stats.contains("cmdstat_wait:"), "{stats}");
+    for replica in topology.data_nodes().into_iter().filter(|n| *n != master) {
+        let exists: u32 = topology
+            .query(
+                replica,
+                redis::cmd("EXISTS").arg("tenant:acme:data:greeting"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(exists, 1, "{replica} lacks the acknowledged write");
+    }
+
+    kill(Pid::from_raw(child.0.id() as i32), Signal::SIGTERM).unwrap();
+    let status = exit_status(&mut child, deadline);
+    assert!(status.success(), "{status}");
 }
