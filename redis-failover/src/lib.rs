@@ -132,6 +132,13 @@
 //! it still accepts writes (partitioned from the sentinels, not from the
 //! client), and requests wait for the new master.
 //!
+//! Writes that wait for every replica need the replaced master back as a
+//! replica. Sentinel demotes it only once it has answered for 8 s (after a
+//! `SENTINEL FAILOVER`, or a master that hung and resumed); with
+//! [`demote_stale_masters`](FailoverClientBuilder::demote_stale_masters)
+//! the client sends it `REPLICAOF <new master>` as soon as it answers,
+//! while a majority of sentinels name the new master.
+//!
 //! ```no_run
 //! # async fn run(sentinels: Vec<redis_failover::NodeAddr>) -> redis_failover::Result<()> {
 //! use std::time::Duration;

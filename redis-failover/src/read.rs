@@ -65,8 +65,11 @@ pub enum Durability {
     /// After the write, `WAIT replicas timeout` on the same connection. Fewer
     /// acknowledgements than asked give [`Error::NotReplicated`]: the write
     /// ran on the master and is not undone, but may not survive a failover.
-    /// Each durable write holds a connection of its own until its `WAIT`
-    /// returns (see
+    /// On a master that is new, or whose last `WAIT` fell short, the
+    /// replicas online are counted first (`INFO replication`): while fewer
+    /// than `replicas`, the write waits without running, within the retry
+    /// budget. Each durable write holds a connection of its own until its
+    /// `WAIT` returns (see
     /// [`durable_connections`](crate::FailoverClientBuilder::durable_connections)).
     Replicated {
         /// How many replicas must acknowledge the write (at least 1).

@@ -343,6 +343,17 @@ impl Shared {
         Ok(info.healthy_replicas(max_lag))
     }
 
+    /// Replicas `master` reports online now (`INFO replication`), however
+    /// far behind.
+    pub(crate) async fn online_replicas(
+        &self,
+        master: &Master,
+    ) -> Result<usize, redis::RedisError> {
+        let mut connection = master.connection.load().multiplexed.clone();
+        let (info, _) = probe(&mut connection).await?;
+        Ok(info.healthy_replicas(Duration::MAX))
+    }
+
     /// The nodes that may be replicas now: with Sentinel, those it lists
     /// and does not think down; with candidates, every candidate but the
     /// master, and what the master lists that no candidate resolves to.

@@ -36,6 +36,10 @@ pub(crate) struct Master {
     pub(crate) connection: ArcSwap<Connection>,
     /// Connections durable writes hold one at a time, opened on demand.
     pub(crate) dedicated: bb8::Pool<DedicatedManager>,
+    /// Set while this master may have fewer replicas than durable writes
+    /// wait for (from its installation, and after a `WAIT` fell short):
+    /// the next durable write counts them first.
+    pub(crate) replicas_unconfirmed: AtomicBool,
 }
 
 impl Master {
@@ -269,8 +273,13 @@ impl Shared {
                 Some(held) => held,
                 None => match durability {
                     Durability::Replicated { replicas, timeout } if write => {
-                        self.send_durable(&master, request, idempotent, replicas, timeout)
-                            .await
+                        match self.await_replicas(&master, replicas).await {
+                            Some(held) => held,
+                            None => {
+                                self.send_durable(&master, request, idempotent, replicas, timeout)
+                                    .await
+                            }
+                        }
                     }
                     _ => self.send_shared(&master, request, idempotent).await,
                 },
@@ -377,20 +386,40 @@ impl Shared {
                     min.count
                 )))
             }
-            Err(error) => {
-                // The master did not answer INFO: its connection is suspect.
-                if Failure::of(&error) == Failure::OutcomeUnknown {
-                    master
-                        .connection
-                        .load()
-                        .failed
-                        .store(true, Ordering::Release);
-                }
-                Some(Sent::Unreachable(format!(
-                    "could not read INFO replication: {error}"
-                )))
-            }
+            Err(error) => Some(self.info_failed(master, &error)),
         }
+    }
+
+    /// Holds a durable write back while the master, new or short of
+    /// replicas at its last `WAIT`, has fewer replicas online than the
+    /// write waits for: run now, it would only fail its `WAIT` (say, right
+    /// after a failover, until the old master rejoins as a replica).
+    async fn await_replicas(&self, master: &Master, replicas: u32) -> Option<Sent> {
+        if !master.replicas_unconfirmed.load(Ordering::Acquire) {
+            return None;
+        }
+        match self.online_replicas(master).await {
+            Ok(online) if online >= replicas as usize => {
+                master.replicas_unconfirmed.store(false, Ordering::Release);
+                None
+            }
+            Ok(online) => Some(Sent::Held(format!(
+                "{online} replicas online, the write waits for {replicas}"
+            ))),
+            Err(error) => Some(self.info_failed(master, &error)),
+        }
+    }
+
+    /// The master did not answer `INFO`: its connection is suspect.
+    fn info_failed(&self, master: &Master, error: &RedisError) -> Sent {
+        if Failure::of(error) == Failure::OutcomeUnknown {
+            master
+                .connection
+                .load()
+                .failed
+                .store(true, Ordering::Release);
+        }
+        Sent::Unreachable(format!("could not read INFO replication: {error}"))
     }
 
     /// Sends on the master's shared connection.
@@ -471,6 +500,9 @@ impl Shared {
         connection
             .multiplexed
             .set_response_timeout(self.settings.command_timeout);
+        if !acked.as_ref().is_ok_and(|acked| *acked >= replicas) {
+            master.replicas_unconfirmed.store(true, Ordering::Release);
+        }
         let error = match acked {
             Ok(acked) => {
                 connection.broken = false;
@@ -633,6 +665,7 @@ impl Shared {
                     pool,
                     dedicated,
                     connection: ArcSwap::new(Connection::new(connection)),
+                    replicas_unconfirmed: AtomicBool::new(true),
                 });
                 self.master.store(Some(Arc::clone(&master)));
                 let after_failure = state.first_failure.take().map(|at| at.elapsed());

@@ -660,3 +660,55 @@ async fn writes_wait_while_the_master_has_fewer_healthy_replicas_than_required()
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_write_waits_without_running_while_a_replica_it_needs_is_away() {
+    let topology = Topology::builder().sentinels(0).start().await.unwrap();
+    let master = topology.initial_master();
+    let away = replicas_of(&topology, master)[0];
+    let client = FailoverClient::candidates([topology.addr(master).into()])
+        .durability(Durability::Replicated {
+            replicas: 2,
+            timeout: Duration::from_millis(300),
+        })
+        .build()
+        .unwrap();
+    client.set("before", 1).await.unwrap();
+
+    topology.kill(away).unwrap();
+    // The first write after the loss runs, and says it fell short.
+    match client.set("short", 1).await {
+        Err(Error::NotReplicated { acked: 1, .. }) => {}
+        other => panic!("expected NotReplicated with 1 ack, got {other:?}"),
+    }
+    // The next one waits for the replica without running.
+    let retries = client.metrics().retries;
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.set("held", 1).await }
+    });
+    let started = Instant::now();
+    while client.metrics().retries < retries + 3 {
+        assert!(started.elapsed() < DEADLINE, "the write did not wait");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exists: u32 = topology
+        .query(master, redis::cmd("EXISTS").arg("held"))
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "the held write ran before the replica was back");
+
+    topology.restart(away).await.unwrap();
+    topology
+        .wait_for_replica_of(away, master, DEADLINE)
+        .await
+        .unwrap();
+    waiting.await.unwrap().unwrap();
+    for node in topology.data_nodes() {
+        let value: Option<u32> = topology
+            .query(node, redis::cmd("GET").arg("held"))
+            .await
+            .unwrap();
+        assert_eq!(value, Some(1), "{node}");
+    }
+}
