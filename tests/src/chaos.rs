@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use server::{JwtConfig, Server, ServerHandle};
 use tenant_kv::{Actor, NewUser, TenantId, TenantKv};
 
-use crate::Http;
+use crate::{Http, Reply};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -127,6 +127,10 @@ pub struct Report {
     pub acknowledged_writes: u64,
     /// Acknowledged writes whose value was not found at the end.
     pub lost_writes: Vec<String>,
+    /// Reads answered during the run.
+    pub reads: u64,
+    /// Reads during the run that missed an acknowledged write.
+    pub stale_reads: Vec<String>,
     /// Acknowledged mutations whose audit record never reached the receiver.
     pub missing_audit_records: Vec<String>,
     /// Audit records that reached the receiver more than once.
@@ -165,6 +169,8 @@ impl Report {
             "rounds": rounds,
             "acknowledged_writes": self.acknowledged_writes,
             "lost_writes": self.lost_writes.len(),
+            "reads": self.reads,
+            "stale_reads": self.stale_reads.len(),
             "missing_audit_records": self.missing_audit_records.len(),
             "duplicate_lines": self.duplicate_lines,
             "dead_lettered": self.dead_lettered,
@@ -328,6 +334,10 @@ struct Traffic {
     round: AtomicUsize,
     /// The first failed requests, described.
     failures: Mutex<Vec<String>>,
+    /// Reads answered.
+    reads: AtomicU64,
+    /// Reads that missed an acknowledged write.
+    stale_reads: Mutex<Vec<String>>,
 }
 
 #[derive(Default, Debug)]
@@ -347,12 +357,11 @@ async fn traffic_task(
         n += 1;
         let key = format!("t{task}-k{}", n % KEYS_PER_TASK as u64);
         let client = &clients[n as usize % clients.len()];
+        let id = (tenant.to_owned(), key.clone());
         let started = Instant::now();
         let reply = client
             .json("PUT", &format!("/data/{key}"), &json!({"value": n}))
             .await;
-        let elapsed = started.elapsed();
-        let id = (tenant.to_owned(), key.clone());
         if reply.status == StatusCode::OK {
             let version = reply.json()["version"].as_u64().unwrap_or_default();
             let mut state = traffic.state.lock().unwrap();
@@ -375,19 +384,52 @@ async fn traffic_task(
                 .or_default()
                 .maybe
                 .insert(n);
-            if elapsed >= RETRY_BUDGET {
-                traffic.errors_past_budget.fetch_add(1, Ordering::Relaxed);
-            } else {
-                traffic.errors_within_budget.fetch_add(1, Ordering::Relaxed);
+            traffic.failed(tenant, "PUT", &key, started.elapsed(), &reply);
+        }
+
+        // Every other round, a read of one of this task's keys, through the
+        // other server: only this task writes them, so it must see the
+        // last value acknowledged (or a later one that may have run).
+        if n % 2 == 0 {
+            let key = format!("t{task}-k{}", (n / 2) % KEYS_PER_TASK as u64);
+            let client = &clients[(n as usize + 1) % clients.len()];
+            let started = Instant::now();
+            let reply = client.get(&format!("/data/{key}")).await;
+            if reply.status != StatusCode::OK {
+                traffic.failed(tenant, "GET", &key, started.elapsed(), &reply);
+                continue;
             }
-            let mut failures = traffic.failures.lock().unwrap();
-            if failures.len() < 10 {
-                let body = String::from_utf8_lossy(&reply.body);
-                failures.push(format!(
-                    "{tenant} PUT {key} after {elapsed:?}: {} {body}",
-                    reply.status
+            traffic.reads.fetch_add(1, Ordering::Relaxed);
+            let found = reply.json()["value"].as_u64();
+            let state = traffic.state.lock().unwrap();
+            let Some(expected) = state.get(&(tenant.to_owned(), key.clone())) else {
+                continue;
+            };
+            let acked = expected.acked.map(|(value, _)| value);
+            if found != acked && !found.is_some_and(|v| expected.maybe.contains(&v)) {
+                traffic.stale_reads.lock().unwrap().push(format!(
+                    "{tenant}/{key}: acknowledged {acked:?}, read {found:?}"
                 ));
             }
+        }
+    }
+}
+
+impl Traffic {
+    /// Counts a failed request, within or past the retry budget.
+    fn failed(&self, tenant: &str, method: &str, key: &str, elapsed: Duration, reply: &Reply) {
+        if elapsed >= RETRY_BUDGET {
+            self.errors_past_budget.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.errors_within_budget.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut failures = self.failures.lock().unwrap();
+        if failures.len() < 10 {
+            let body = String::from_utf8_lossy(&reply.body);
+            failures.push(format!(
+                "{tenant} {method} {key} after {elapsed:?}: {} {body}",
+                reply.status
+            ));
         }
     }
 }
@@ -721,6 +763,8 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
         rounds: report_rounds,
         acknowledged_writes: acknowledged.len() as u64,
         lost_writes,
+        reads: traffic.reads.load(Ordering::Relaxed),
+        stale_reads: std::mem::take(&mut *traffic.stale_reads.lock().unwrap()),
         missing_audit_records,
         duplicate_lines,
         failures: std::mem::take(&mut *traffic.failures.lock().unwrap()),
@@ -737,11 +781,13 @@ pub fn print_totals(report: &Report) {
         .collect();
     let worst = recoveries.iter().copied().fold(0.0, f64::max);
     println!(
-        "chaos: {} rounds, {} acknowledged writes, {} lost, {} audit records missing, {} duplicate lines, \
-         {} errors within the retry budget, {} past it, worst recovery {worst:.2} s",
+        "chaos: {} rounds, {} acknowledged writes, {} lost, {} reads, {} stale, {} audit records missing, \
+         {} duplicate lines, {} errors within the retry budget, {} past it, worst recovery {worst:.2} s",
         report.rounds.len(),
         report.acknowledged_writes,
         report.lost_writes.len(),
+        report.reads,
+        report.stale_reads.len(),
         report.missing_audit_records.len(),
         report.duplicate_lines,
         report.errors_within_budget(),
@@ -758,6 +804,9 @@ pub fn print_totals(report: &Report) {
     }
     for lost in report.lost_writes.iter().take(10) {
         println!("  lost: {lost}");
+    }
+    for stale in report.stale_reads.iter().take(10) {
+        println!("  stale read: {stale}");
     }
     for missing in report.missing_audit_records.iter().take(10) {
         println!("  audit missing: {missing}");

@@ -730,7 +730,7 @@ async fn chaos(rounds: usize) -> Result<Value, Box<dyn Error>> {
         .map_err(|e| e.to_string())?;
     chaos::print_totals(&report);
     println!(
-        "targets: 0 acknowledged writes lost, 0 audit records missing, 0 client errors within the retry budget or past it"
+        "targets: 0 acknowledged writes lost or missed by a read, 0 audit records missing, 0 client errors within the retry budget or past it"
     );
     Ok(json!({ "scenario": "chaos", "report": report.to_json() }))
 }
