@@ -261,8 +261,9 @@ impl FailoverClientBuilder {
 
     /// In Sentinel mode, after every switch, turns the master left behind
     /// into a replica of the new one (`REPLICAOF`) as soon as it answers
-    /// and still claims to be master, and only while a majority of
-    /// sentinels name the new master. Sentinel does the same itself, but
+    /// and still claims to be master, and only while the new master is
+    /// installed and named by as many sentinels as a switch needs
+    /// ([`min_agreement`](Self::min_agreement)). Sentinel does the same itself, but
     /// only after the old master has answered for 8 s; until then writes
     /// that wait for every replica
     /// ([`Durability::Replicated`] with all of them) cannot be

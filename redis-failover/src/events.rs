@@ -152,6 +152,9 @@ pub struct MetricsSnapshot {
     /// How many times a write waited because the master had fewer healthy
     /// replicas than `min_replicas` asks.
     pub min_replicas_refusals: u64,
+    /// How many times a durable write waited, without running, because
+    /// the master had fewer replicas online than it waits for.
+    pub durable_writes_held: u64,
     /// How many stale masters this client demoted to replicas.
     pub stale_masters_demoted: u64,
 }
@@ -170,6 +173,7 @@ pub(crate) enum Counter {
     SessionFallbacks,
     UnreplicatedWrites,
     MinReplicasRefusals,
+    DurableWritesHeld,
     StaleMastersDemoted,
 }
 
@@ -204,6 +208,7 @@ impl Metrics {
             session_fallbacks: read(Counter::SessionFallbacks),
             unreplicated_writes: read(Counter::UnreplicatedWrites),
             min_replicas_refusals: read(Counter::MinReplicasRefusals),
+            durable_writes_held: read(Counter::DurableWritesHeld),
             stale_masters_demoted: read(Counter::StaleMastersDemoted),
         }
     }

@@ -137,7 +137,7 @@
 //! `SENTINEL FAILOVER`, or a master that hung and resumed); with
 //! [`demote_stale_masters`](FailoverClientBuilder::demote_stale_masters)
 //! the client sends it `REPLICAOF <new master>` as soon as it answers,
-//! while a majority of sentinels name the new master.
+//! while as many sentinels as a switch needs name the new master.
 //!
 //! ```no_run
 //! # async fn run(sentinels: Vec<redis_failover::NodeAddr>) -> redis_failover::Result<()> {

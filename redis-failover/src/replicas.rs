@@ -338,20 +338,19 @@ impl Shared {
         {
             return Ok(count);
         }
-        let mut connection = master.connection.load().multiplexed.clone();
-        let (info, _) = probe(&mut connection).await?;
-        Ok(info.healthy_replicas(max_lag))
+        Ok(self
+            .replication_info(master)
+            .await?
+            .healthy_replicas(max_lag))
     }
 
-    /// Replicas `master` reports online now (`INFO replication`), however
-    /// far behind.
-    pub(crate) async fn online_replicas(
+    /// `master`'s `INFO replication`, asked now.
+    pub(crate) async fn replication_info(
         &self,
         master: &Master,
-    ) -> Result<usize, redis::RedisError> {
+    ) -> Result<ReplicationInfo, redis::RedisError> {
         let mut connection = master.connection.load().multiplexed.clone();
-        let (info, _) = probe(&mut connection).await?;
-        Ok(info.healthy_replicas(Duration::MAX))
+        Ok(probe(&mut connection).await?.0)
     }
 
     /// The nodes that may be replicas now: with Sentinel, those it lists

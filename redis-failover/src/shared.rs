@@ -2,7 +2,7 @@
 //! master, single-flight rediscovery, and the retry loop.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,10 +36,10 @@ pub(crate) struct Master {
     pub(crate) connection: ArcSwap<Connection>,
     /// Connections durable writes hold one at a time, opened on demand.
     pub(crate) dedicated: bb8::Pool<DedicatedManager>,
-    /// Set while this master may have fewer replicas than durable writes
-    /// wait for (from its installation, and after a `WAIT` fell short):
-    /// the next durable write counts them first.
-    pub(crate) replicas_unconfirmed: AtomicBool,
+    /// Replicas this master last reported online; 0 until counted, and
+    /// again after a `WAIT` fell short. A durable write that waits for
+    /// more counts them first.
+    pub(crate) replicas_confirmed: AtomicU32,
 }
 
 impl Master {
@@ -390,24 +390,35 @@ impl Shared {
         }
     }
 
-    /// Holds a durable write back while the master, new or short of
-    /// replicas at its last `WAIT`, has fewer replicas online than the
-    /// write waits for: run now, it would only fail its `WAIT` (say, right
-    /// after a failover, until the old master rejoins as a replica).
+    /// Holds a durable write back while the master has fewer replicas
+    /// online than the write waits for: run now, it would only fail its
+    /// `WAIT` (say, right after a failover, until the old master rejoins as
+    /// a replica). Counted only when not confirmed since the master was
+    /// installed or a `WAIT` fell short.
     async fn await_replicas(&self, master: &Master, replicas: u32) -> Option<Sent> {
-        if !master.replicas_unconfirmed.load(Ordering::Acquire) {
+        if master.replicas_confirmed.load(Ordering::Acquire) >= replicas {
             return None;
         }
-        match self.online_replicas(master).await {
-            Ok(online) if online >= replicas as usize => {
-                master.replicas_unconfirmed.store(false, Ordering::Release);
-                None
-            }
-            Ok(online) => Some(Sent::Held(format!(
-                "{online} replicas online, the write waits for {replicas}"
-            ))),
-            Err(error) => Some(self.info_failed(master, &error)),
+        let info = match self.replication_info(master).await {
+            Ok(info) => info,
+            Err(error) => return Some(self.info_failed(master, &error)),
+        };
+        if !info.is_master {
+            // Demoted: look for the new master, as a READONLY reply would.
+            return Some(Sent::Failed(redis::make_extension_error(
+                "READONLY".to_owned(),
+                Some("INFO replication says replica".to_owned()),
+            )));
         }
+        let online = u32::try_from(info.healthy_replicas(Duration::MAX)).unwrap_or(u32::MAX);
+        master.replicas_confirmed.store(online, Ordering::Release);
+        if online >= replicas {
+            return None;
+        }
+        self.metrics.add(Counter::DurableWritesHeld);
+        Some(Sent::Held(format!(
+            "{online} replicas online, the write waits for {replicas}"
+        )))
     }
 
     /// The master did not answer `INFO`: its connection is suspect.
@@ -501,7 +512,7 @@ impl Shared {
             .multiplexed
             .set_response_timeout(self.settings.command_timeout);
         if !acked.as_ref().is_ok_and(|acked| *acked >= replicas) {
-            master.replicas_unconfirmed.store(true, Ordering::Release);
+            master.replicas_confirmed.store(0, Ordering::Release);
         }
         let error = match acked {
             Ok(acked) => {
@@ -665,7 +676,7 @@ impl Shared {
                     pool,
                     dedicated,
                     connection: ArcSwap::new(Connection::new(connection)),
-                    replicas_unconfirmed: AtomicBool::new(true),
+                    replicas_confirmed: AtomicU32::new(0),
                 });
                 self.master.store(Some(Arc::clone(&master)));
                 let after_failure = state.first_failure.take().map(|at| at.elapsed());

@@ -166,39 +166,53 @@ pub(crate) async fn watch_sentinel(
 /// How long after a switch the old master is watched for, to be demoted
 /// once it answers.
 const DEMOTION_WINDOW: Duration = Duration::from_secs(60);
-/// Pause between two attempts to reach the old master.
-const DEMOTION_RETRY: Duration = Duration::from_millis(200);
 
 /// With `demote_stale_masters`: after every switch, demotes the master left
 /// behind. A newer switch replaces the pending demotion. `events` is
-/// subscribed before the task starts, so no switch is missed.
+/// subscribed before the task starts; if it lags behind, the installed
+/// master tells whether a switch was missed.
 pub(crate) async fn demote_loop(
     shared: Arc<Shared>,
     mut events: broadcast::Receiver<Event>,
     mut stop: watch::Receiver<()>,
 ) {
+    let installed = || shared.master.load().as_ref().map(|m| m.node.clone());
+    let mut last = installed();
     let mut demotion: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(std::future::pending());
     loop {
-        tokio::select! {
+        let switched = tokio::select! {
             _ = stopped(&mut stop) => return,
-            () = &mut demotion => demotion = Box::pin(std::future::pending()),
+            () = &mut demotion => {
+                demotion = Box::pin(std::future::pending());
+                continue;
+            }
             event = events.recv() => match event {
-                Ok(Event::MasterChanged { from: Some(old), to, .. }) if old != to => {
-                    demotion = Box::pin(demote(Arc::clone(&shared), old, to));
+                Ok(Event::MasterChanged { from, to, .. }) => {
+                    last = Some(to.clone());
+                    from.filter(|from| *from != to).map(|from| (from, to))
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let now = installed();
+                    let missed = last.clone().zip(now.clone()).filter(|(from, to)| from != to);
+                    last = now.or(last);
+                    missed
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
-                _ => {}
+                Ok(_) => None,
             },
+        };
+        if let Some((old, new)) = switched {
+            demotion = Box::pin(demote(Arc::clone(&shared), old, new));
         }
     }
 }
 
 /// Tries to demote `old` until it is a replica, `new` is no longer the
-/// master, or the window closes.
+/// master, `old` refuses, or the window closes.
 async fn demote(shared: Arc<Shared>, old: NodeAddr, new: NodeAddr) {
     let deadline = Instant::now() + DEMOTION_WINDOW;
-    loop {
-        match demote_once(&shared, &old, &new).await {
+    for attempt in 0.. {
+        let why = match demote_once(&shared, &old, &new).await {
             Ok(Demotion::Done) => {
                 shared.metrics.add(Counter::StaleMastersDemoted);
                 tracing::info!(node = %old, master = %new, "stale master demoted");
@@ -209,23 +223,39 @@ async fn demote(shared: Arc<Shared>, old: NodeAddr, new: NodeAddr) {
                 return;
             }
             Ok(Demotion::NotNeeded) => return,
-            Ok(Demotion::Unconfirmed) => {}
-            Err(error) => tracing::debug!(node = %old, %error, "stale master not reached"),
-        }
+            Ok(Demotion::Wait(reason)) => reason,
+            // A refusal (no permission for REPLICAOF, say) will not change.
+            Err(error)
+                if error
+                    .code()
+                    .is_some_and(|code| !matches!(code, "LOADING" | "BUSY")) =>
+            {
+                tracing::warn!(node = %old, master = %new, %error, "stale master left to Sentinel: it refused to be demoted");
+                return;
+            }
+            Err(error) => format!("not reached: {error}"),
+        };
         if Instant::now() >= deadline {
-            tracing::warn!(node = %old, master = %new, "stale master left to Sentinel: it did not answer in time");
+            tracing::warn!(node = %old, master = %new, reason = %why, "stale master left to Sentinel: not demoted within {DEMOTION_WINDOW:?}");
             return;
         }
-        tokio::time::sleep(DEMOTION_RETRY).await;
+        let pause = backoff(
+            attempt,
+            Duration::from_millis(200),
+            Duration::from_secs(2),
+            &mut rand::rng(),
+        );
+        tokio::time::sleep(pause).await;
     }
 }
 
 enum Demotion {
     Done,
-    /// `old` is a replica already, or `new` is no longer the master.
+    /// `old` is a replica already, or another node than `new` is master.
     NotNeeded,
-    /// The sentinels do not (yet) agree that `new` is the master.
-    Unconfirmed,
+    /// Not now (this is why): no master is installed, or the sentinels do
+    /// not (yet) name `new`.
+    Wait(String),
 }
 
 async fn demote_once(
@@ -233,15 +263,14 @@ async fn demote_once(
     old: &NodeAddr,
     new: &NodeAddr,
 ) -> Result<Demotion, RedisError> {
-    let is_current = || {
-        shared
-            .master
-            .load()
-            .as_ref()
-            .is_none_or(|master| master.node == *new)
+    // Only a master this client has verified counts.
+    let blocked = || match shared.master.load().as_ref() {
+        Some(master) if master.node == *new => None,
+        Some(_) => Some(Demotion::NotNeeded),
+        None => Some(Demotion::Wait("no master installed".to_owned())),
     };
-    if !is_current() {
-        return Ok(Demotion::NotNeeded);
+    if let Some(blocked) = blocked() {
+        return Ok(blocked);
     }
     let mut connection = shared.data.connect(old).await?;
     let role: Role = redis::cmd("ROLE").query_async(&mut connection).await?;
@@ -257,10 +286,12 @@ async fn demote_once(
             .is_some()
     });
     if !named.is_ok_and(|named| named.node == *new) || superseded {
-        return Ok(Demotion::Unconfirmed);
+        return Ok(Demotion::Wait(format!(
+            "the sentinels do not agree on {new}"
+        )));
     }
-    if !is_current() {
-        return Ok(Demotion::NotNeeded);
+    if let Some(blocked) = blocked() {
+        return Ok(blocked);
     }
     redis::cmd("REPLICAOF")
         .arg(new.host())

@@ -252,6 +252,11 @@ pub(crate) fn render(app: &App) -> String {
             "Durable writes not acknowledged by enough replicas.",
         ),
         (
+            "durable_writes_held",
+            failover.durable_writes_held,
+            "Durable writes that waited for replicas before running.",
+        ),
+        (
             "stale_masters_demoted",
             failover.stale_masters_demoted,
             "Replaced masters made replicas by this client.",

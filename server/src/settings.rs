@@ -397,8 +397,9 @@ impl Settings {
     }
 }
 
-/// How long one `WAIT` for `redis_wait_replicas` lasts; a write still
-/// short of replicas is sent again within the retry budget.
+/// How long one `WAIT` for `redis_wait_replicas` lasts. A write short of
+/// replicas then answers `not_replicated`; the next ones wait, without
+/// running, for the replicas to come back (within the retry budget).
 const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl RedisSettings {

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use redis_failover::Durability;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -300,9 +301,11 @@ impl ApiKeys {
             }
             written.insert(id.to_owned(), Instant::now());
         }
-        // Best effort: a lost update only leaves `last_used` a little old.
+        // Best effort: a lost update only leaves `last_used` a little old,
+        // so it never waits for replicas, whatever the client's durability.
         let _: Result<(), _> = self
             .client()
+            .with_durability(Durability::Master)
             .query(
                 redis::cmd("HSET")
                     .arg(api_key_key(id))

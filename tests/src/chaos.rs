@@ -307,13 +307,17 @@ async fn server_instance(
 
 fn offloader(client: &FailoverClient, url: &str, name: &str) -> Result<Offloader, BoxError> {
     Ok(
-        Offloader::builder(client.clone(), LokiSink::builder(url).build()?)
-            .consumer(name)
-            .poll_interval(Duration::from_millis(50))
-            .discovery_interval(Duration::from_millis(500))
-            .claim_idle(Duration::from_secs(2))
-            .backoff(Duration::from_millis(100), Duration::from_secs(1))
-            .start()?,
+        // As `server offload` runs it: its bookkeeping waits for no replica.
+        Offloader::builder(
+            client.with_durability(Durability::Master),
+            LokiSink::builder(url).build()?,
+        )
+        .consumer(name)
+        .poll_interval(Duration::from_millis(50))
+        .discovery_interval(Duration::from_millis(500))
+        .claim_idle(Duration::from_secs(2))
+        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .start()?,
     )
 }
 
@@ -387,7 +391,7 @@ async fn traffic_task(
             traffic.failed(tenant, "PUT", &key, started.elapsed(), &reply);
         }
 
-        // Every other round, a read of one of this task's keys, through the
+        // Every other iteration, a read of one of this task's keys, through the
         // other server: only this task writes them, so it must see the
         // last value acknowledged (or a later one that may have run).
         if n % 2 == 0 {
