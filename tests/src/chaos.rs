@@ -394,7 +394,7 @@ async fn traffic_task(
         // Every other iteration, a read of one of this task's keys, through the
         // other server: only this task writes them, so it must see the
         // last value acknowledged (or a later one that may have run).
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             let key = format!("t{task}-k{}", (n / 2) % KEYS_PER_TASK as u64);
             let client = &clients[(n as usize + 1) % clients.len()];
             let started = Instant::now();
