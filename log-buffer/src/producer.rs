@@ -18,7 +18,7 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::{Error, Result};
-use crate::record::{Fields, Record, check_tenant, is_valid_tenant, log_stream, now_ns};
+use crate::record::{Fields, Record, check_tenant, log_stream, now_ns};
 
 /// How often a tenant's stream is trimmed while records flow.
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
@@ -251,18 +251,13 @@ where
                 }
             }
         }
+        // The event's own fields come last, after its spans'.
         event.record(&mut Visitor(&mut fields));
-        // The event's own fields come last: they win over a span's.
-        let tenant_field = (0..fields.len())
-            .rev()
-            .find(|index| fields.get(*index).0 == "tenant_id")
-            .filter(|index| is_valid_tenant(fields.get(*index).1));
         let record = Record {
             ts,
             level: level_name(metadata.level()),
             target: metadata.target(),
             fields,
-            tenant_field,
         };
         match self.sender.try_send(record) {
             Ok(()) => self.counters.queued.fetch_add(1, Ordering::Relaxed),
@@ -350,7 +345,6 @@ pub struct ProducerMetrics {
     pub dropped_shutdown: u64,
 }
 
-/// Appends queued records in pipelined batches until stopped and drained.
 /// What the append task needs from the builder.
 struct AppendSettings {
     default_tenant: String,
@@ -359,6 +353,7 @@ struct AppendSettings {
     max_age: Duration,
 }
 
+/// Appends queued records in pipelined batches until stopped and drained.
 async fn append(
     client: FailoverClient,
     mut receiver: mpsc::Receiver<Record>,

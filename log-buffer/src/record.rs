@@ -73,15 +73,19 @@ pub(crate) struct Record {
     pub(crate) target: &'static str,
     /// The spans' fields, then the event's.
     pub(crate) fields: Fields,
-    /// Which of `fields` names the record's tenant, if one validly does.
-    pub(crate) tenant_field: Option<usize>,
 }
 
 impl Record {
-    /// The record's tenant: its `tenant_id` field, or `default`.
+    /// The record's tenant: its last `tenant_id` field (the event's own
+    /// wins over a span's) if that is a valid tenant, else `default`.
     pub(crate) fn tenant<'a>(&'a self, default: &'a str) -> &'a str {
-        self.tenant_field
-            .map_or(default, |index| self.fields.get(index).1)
+        self.fields
+            .iter()
+            .rev()
+            .find(|(name, _)| *name == "tenant_id")
+            .map(|(_, value)| value)
+            .filter(|tenant| is_valid_tenant(tenant))
+            .unwrap_or(default)
     }
 }
 

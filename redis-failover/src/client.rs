@@ -80,8 +80,8 @@ impl FailoverClient {
             shared.track_replicas();
         }
         if shared.settings.demote_stale_masters {
-            let events = shared.events.subscribe();
-            runtime.spawn(demote_loop(Arc::clone(&shared), events, stopped.clone()));
+            let installed = shared.subscribe_installed();
+            runtime.spawn(demote_loop(Arc::clone(&shared), installed, stopped.clone()));
         }
         if let Mode::Sentinel { sentinels, .. } = &shared.settings.mode {
             for sentinel in sentinels {

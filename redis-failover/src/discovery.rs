@@ -46,6 +46,21 @@ impl Newest {
         }
     }
 
+    /// `named`, unless a node other than it was named in a newer epoch:
+    /// sentinels still naming it have not caught up.
+    fn current(&self, named: Named) -> Result<Named, Vec<NodeFailure>> {
+        match self.supersedes(&named.node, named.config_epoch) {
+            Some(newer) => Err(vec![NodeFailure {
+                node: named.node.clone(),
+                reason: format!(
+                    "named in epoch {}, but {newer} was named in epoch {}",
+                    named.config_epoch, self.config_epoch
+                ),
+            }]),
+            None => Ok(named),
+        }
+    }
+
     /// A node other than `node` named in a newer epoch than `config_epoch`:
     /// a failover decided since `node` was named.
     pub(crate) fn supersedes(&self, node: &NodeAddr, config_epoch: u64) -> Option<&NodeAddr> {
@@ -106,7 +121,7 @@ impl Shared {
                 Err(failures)
             }
             Mode::Sentinel { .. } => {
-                let agreed = self.ask_sentinels().await;
+                let agreed = self.ask_sentinels_current().await;
                 let newest = lock(&self.newest).clone();
                 if let Some(master) = current
                     && newest
@@ -117,20 +132,6 @@ impl Shared {
                     // healthy the current master looks, it is stale now.
                     self.fence(master);
                 }
-                // Sentinels still naming a master an older epoch replaced
-                // have not caught up yet: their agreement does not count.
-                let agreed = agreed.and_then(|named| {
-                    match newest.supersedes(&named.node, named.config_epoch) {
-                        Some(newer) => Err(vec![NodeFailure {
-                            node: named.node.clone(),
-                            reason: format!(
-                                "named in epoch {}, but {newer} was named in epoch {}",
-                                named.config_epoch, newest.config_epoch
-                            ),
-                        }]),
-                        None => Ok(named),
-                    }
-                });
                 let installed = self.master.load_full();
                 let named = match (agreed, &installed) {
                     (Ok(named), _) => named,
@@ -335,6 +336,14 @@ impl Shared {
             });
         }
         Err(failures)
+    }
+
+    /// [`ask_sentinels`](Self::ask_sentinels), except that an agreement on
+    /// a master an older epoch replaced does not count: those sentinels have
+    /// not caught up yet.
+    pub(crate) async fn ask_sentinels_current(&self) -> Result<Named, Vec<NodeFailure>> {
+        let agreed = self.ask_sentinels().await?;
+        lock(&self.newest).current(agreed)
     }
 
     /// One command to a sentinel over its cached connection.

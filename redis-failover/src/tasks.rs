@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Role};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::addr::NodeAddr;
 use crate::builder::Mode;
@@ -168,41 +169,32 @@ pub(crate) async fn watch_sentinel(
 const DEMOTION_WINDOW: Duration = Duration::from_secs(60);
 
 /// With `demote_stale_masters`: after every switch, demotes the master left
-/// behind. A newer switch replaces the pending demotion. `events` is
-/// subscribed before the task starts; if it lags behind, the installed
-/// master tells whether a switch was missed.
+/// behind. A newer switch replaces the pending demotion. `installed` is
+/// subscribed before the task starts, so no switch is missed.
 pub(crate) async fn demote_loop(
     shared: Arc<Shared>,
-    mut events: broadcast::Receiver<Event>,
+    mut installed: watch::Receiver<u64>,
     mut stop: watch::Receiver<()>,
 ) {
-    let installed = || shared.master.load().as_ref().map(|m| m.node.clone());
-    let mut last = installed();
+    let installed_node = || shared.master.load().as_ref().map(|m| m.node.clone());
+    let mut last: Option<NodeAddr> = None;
     let mut demotion: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(std::future::pending());
     loop {
-        let switched = tokio::select! {
+        tokio::select! {
             _ = stopped(&mut stop) => return,
-            () = &mut demotion => {
-                demotion = Box::pin(std::future::pending());
-                continue;
+            () = &mut demotion => demotion = Box::pin(std::future::pending()),
+            changed = installed.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = installed_node();
+                if let (Some(old), Some(new)) = (&last, &now)
+                    && old != new
+                {
+                    demotion = Box::pin(demote(Arc::clone(&shared), old.clone(), new.clone()));
+                }
+                last = now.or(last);
             }
-            event = events.recv() => match event {
-                Ok(Event::MasterChanged { from, to, .. }) => {
-                    last = Some(to.clone());
-                    from.filter(|from| *from != to).map(|from| (from, to))
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let now = installed();
-                    let missed = last.clone().zip(now.clone()).filter(|(from, to)| from != to);
-                    last = now.or(last);
-                    missed
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-                Ok(_) => None,
-            },
-        };
-        if let Some((old, new)) = switched {
-            demotion = Box::pin(demote(Arc::clone(&shared), old, new));
         }
     }
 }
@@ -211,8 +203,9 @@ pub(crate) async fn demote_loop(
 /// master, `old` refuses, or the window closes.
 async fn demote(shared: Arc<Shared>, old: NodeAddr, new: NodeAddr) {
     let deadline = Instant::now() + DEMOTION_WINDOW;
+    let mut connection = None;
     for attempt in 0.. {
-        let why = match demote_once(&shared, &old, &new).await {
+        let why = match demote_once(&shared, &old, &new, &mut connection).await {
             Ok(Demotion::Done) => {
                 shared.metrics.add(Counter::StaleMastersDemoted);
                 tracing::info!(node = %old, master = %new, "stale master demoted");
@@ -233,7 +226,10 @@ async fn demote(shared: Arc<Shared>, old: NodeAddr, new: NodeAddr) {
                 tracing::warn!(node = %old, master = %new, %error, "stale master left to Sentinel: it refused to be demoted");
                 return;
             }
-            Err(error) => format!("not reached: {error}"),
+            Err(error) => {
+                connection = None;
+                format!("not reached: {error}")
+            }
         };
         if Instant::now() >= deadline {
             tracing::warn!(node = %old, master = %new, reason = %why, "stale master left to Sentinel: not demoted within {DEMOTION_WINDOW:?}");
@@ -258,10 +254,12 @@ enum Demotion {
     Wait(String),
 }
 
+/// One attempt, over `connection` to `old` (opened if `None`).
 async fn demote_once(
     shared: &Shared,
     old: &NodeAddr,
     new: &NodeAddr,
+    connection: &mut Option<MultiplexedConnection>,
 ) -> Result<Demotion, RedisError> {
     // Only a master this client has verified counts.
     let blocked = || match shared.master.load().as_ref() {
@@ -272,20 +270,18 @@ async fn demote_once(
     if let Some(blocked) = blocked() {
         return Ok(blocked);
     }
-    let mut connection = shared.data.connect(old).await?;
-    let role: Role = redis::cmd("ROLE").query_async(&mut connection).await?;
+    let connection = match connection {
+        Some(connection) => connection,
+        None => connection.insert(shared.data.connect(old).await?),
+    };
+    let role: Role = redis::cmd("ROLE").query_async(connection).await?;
     if !matches!(role, Role::Primary { .. }) {
         return Ok(Demotion::NotNeeded);
     }
     // Checked just before acting: demoting a node the sentinels name as
     // master would take the only master away.
-    let named = shared.ask_sentinels().await;
-    let superseded = named.as_ref().is_ok_and(|named| {
-        lock(&shared.newest)
-            .supersedes(&named.node, named.config_epoch)
-            .is_some()
-    });
-    if !named.is_ok_and(|named| named.node == *new) || superseded {
+    let named = shared.ask_sentinels_current().await;
+    if !named.is_ok_and(|named| named.node == *new) {
         return Ok(Demotion::Wait(format!(
             "the sentinels do not agree on {new}"
         )));
@@ -296,7 +292,7 @@ async fn demote_once(
     redis::cmd("REPLICAOF")
         .arg(new.host())
         .arg(new.port())
-        .query_async::<()>(&mut connection)
+        .query_async::<()>(connection)
         .await?;
     Ok(Demotion::Done)
 }
