@@ -155,7 +155,7 @@ async fn dispatch(
     let principal = authenticate(request.headers(), app).await?;
     *tenant = Some(principal.tenant().clone());
     match operation {
-        Operation::CurrentUser => current_user(app, &principal).await,
+        Operation::CurrentUser => current_user(&principal),
         Operation::CreateItem => create_item(app, &principal, request).await,
         Operation::ListItems => list_items(app, &principal, &request).await,
         Operation::Batch => batch(app, &principal, request).await,
@@ -237,13 +237,12 @@ async fn issue_token(app: &App, request: Request<Incoming>) -> Result<Response<B
     Ok(response)
 }
 
-async fn current_user(app: &App, principal: &Principal) -> Result<Response<Body>, ApiError> {
-    let Principal::User { username, .. } = principal else {
+fn current_user(principal: &Principal) -> Result<Response<Body>, ApiError> {
+    let Principal::User(user) = principal else {
         return Err(ApiError::forbidden(
             "an API key is not a user; log in with POST /token",
         ));
     };
-    let user = app.store.users().get(username).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({

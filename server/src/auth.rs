@@ -7,7 +7,7 @@ use hyper::HeaderMap;
 use hyper::header::AUTHORIZATION;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tenant_kv::{Actor, ApiKey, Scope, TenantId};
+use tenant_kv::{Actor, ApiKey, Scope, TenantId, User};
 
 use crate::api::App;
 
@@ -24,7 +24,8 @@ pub struct JwtConfig {
     issuer: Option<String>,
     audience: Option<String>,
     ttl: Duration,
-    leeway: Duration,
+    /// Built once: it depends only on the settings.
+    validation: Validation,
 }
 
 impl std::fmt::Debug for JwtConfig {
@@ -35,7 +36,7 @@ impl std::fmt::Debug for JwtConfig {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("ttl", &self.ttl)
-            .field("leeway", &self.leeway)
+            .field("leeway_secs", &self.validation.leeway)
             .finish_non_exhaustive()
     }
 }
@@ -109,34 +110,13 @@ impl JwtConfig {
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
             ttl: settings.ttl,
-            leeway: settings.leeway,
+            validation: validation(settings),
         })
     }
 
     /// Lifetime of issued tokens.
     pub fn ttl(&self) -> Duration {
         self.ttl
-    }
-
-    fn validation(&self) -> Validation {
-        let mut validation = Validation::new(self.algorithm);
-        validation.leeway = self.leeway.as_secs();
-        validation.validate_nbf = true;
-        let mut required = vec!["exp", "sub"];
-        // Setting an issuer or audience does not make the claim required by itself.
-        if let Some(issuer) = &self.issuer {
-            validation.set_issuer(&[issuer]);
-            required.push("iss");
-        }
-        match &self.audience {
-            Some(audience) => {
-                validation.set_audience(&[audience]);
-                required.push("aud");
-            }
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
-        validation
     }
 
     /// A token for `username` of `tenant`, or `None` if this server has no
@@ -163,11 +143,31 @@ impl JwtConfig {
     }
 
     fn verify(&self, token: &str) -> Result<VerifiedClaims, jsonwebtoken::errors::Error> {
-        Ok(
-            jsonwebtoken::decode::<VerifiedClaims>(token, &self.decoding, &self.validation())?
-                .claims,
-        )
+        Ok(jsonwebtoken::decode::<VerifiedClaims>(token, &self.decoding, &self.validation)?.claims)
     }
+}
+
+/// What a token must satisfy: the one algorithm, `exp` and `sub`, `nbf`
+/// if present, and the configured issuer and audience.
+fn validation(settings: &JwtSettings) -> Validation {
+    let mut validation = Validation::new(settings.algorithm);
+    validation.leeway = settings.leeway.as_secs();
+    validation.validate_nbf = true;
+    let mut required = vec!["exp", "sub"];
+    // Setting an issuer or audience does not make the claim required by itself.
+    if let Some(issuer) = &settings.issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    match &settings.audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
 }
 
 fn unix_now() -> u64 {
@@ -202,8 +202,8 @@ struct VerifiedClaims {
 /// Who made a request, as proven by its credential.
 #[derive(Clone, Debug)]
 pub(crate) enum Principal {
-    /// A user, by a token.
-    User { username: String, tenant: TenantId },
+    /// A user, by a token, as stored when the request came in.
+    User(User),
     /// An API key.
     ApiKey(ApiKey),
 }
@@ -211,14 +211,14 @@ pub(crate) enum Principal {
 impl Principal {
     pub(crate) fn tenant(&self) -> &TenantId {
         match self {
-            Self::User { tenant, .. } => tenant,
+            Self::User(user) => &user.tenant,
             Self::ApiKey(key) => &key.tenant,
         }
     }
 
     pub(crate) fn actor(&self) -> Actor {
         match self {
-            Self::User { username, .. } => Actor::user(username),
+            Self::User(user) => Actor::user(&user.username),
             Self::ApiKey(key) => Actor::api_key(&key.id),
         }
     }
@@ -227,7 +227,7 @@ impl Principal {
     /// and key prefix allow (`key` is the item, or the listing's prefix).
     pub(crate) fn require(&self, scope: Scope, key: &str) -> Result<(), ApiError> {
         match self {
-            Self::User { .. } => Ok(()),
+            Self::User(_) => Ok(()),
             Self::ApiKey(api_key) if api_key.allows(scope, key) => Ok(()),
             Self::ApiKey(_) => Err(ApiError::forbidden(format!(
                 "this API key lacks the `{}` scope for this key",
@@ -266,10 +266,7 @@ pub(crate) async fn authenticate(headers: &HeaderMap, app: &App) -> Result<Princ
         if user.disabled || user.tenant != tenant {
             return Err(invalid());
         }
-        return Ok(Principal::User {
-            username: user.username,
-            tenant,
-        });
+        return Ok(Principal::User(user));
     }
     if let Some(value) = headers.get("x-api-key") {
         let presented = value.to_str().map_err(|_| invalid())?;

@@ -213,16 +213,10 @@ impl Settings {
 
     fn from_map(raw: &BTreeMap<&'static str, String>) -> Result<Self, SettingError> {
         let get = |name: &'static str| raw.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
-        let parse_with = |name: &'static str, default: Option<&str>| {
-            get(name).or(default).map(|value| (name, value.to_owned()))
-        };
-
-        let listen = match parse_with("listen", Some("0.0.0.0:8080")) {
-            Some((name, value)) => value
-                .parse()
-                .map_err(|_| SettingError::invalid(name, "expected ip:port"))?,
-            None => unreachable!("has a default"),
-        };
+        let listen = get("listen")
+            .unwrap_or("0.0.0.0:8080")
+            .parse()
+            .map_err(|_| SettingError::invalid("listen", "expected ip:port"))?;
 
         let nodes = |name: &'static str| -> Result<Option<Vec<NodeAddr>>, SettingError> {
             get(name)

@@ -346,7 +346,7 @@ struct Traffic {
 
 #[derive(Default, Debug)]
 struct KeyState {
-    acked: Option<(u64, u64)>,
+    acked: Option<u64>,
     maybe: BTreeSet<u64>,
 }
 
@@ -370,7 +370,7 @@ async fn traffic_task(
             let version = reply.json()["version"].as_u64().unwrap_or_default();
             let mut state = traffic.state.lock().unwrap();
             let entry = state.entry(id).or_default();
-            entry.acked = Some((n, version));
+            entry.acked = Some(n);
             entry.maybe.clear();
             traffic.acknowledged.lock().unwrap().push((
                 tenant.to_owned(),
@@ -409,7 +409,7 @@ async fn traffic_task(
             let Some(expected) = state.get(&(tenant.to_owned(), key.clone())) else {
                 continue;
             };
-            let acked = expected.acked.map(|(value, _)| value);
+            let acked = expected.acked;
             if found != acked && !found.is_some_and(|v| expected.maybe.contains(&v)) {
                 traffic.stale_reads.lock().unwrap().push(format!(
                     "{tenant}/{key}: acknowledged {acked:?}, read {found:?}"
@@ -497,13 +497,15 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
         ..Traffic::default()
     });
     let mut tasks = Vec::new();
+    // One logged-in client per tenant for the final checks.
+    let mut readers = HashMap::new();
     for (t, tenant) in TENANTS.into_iter().enumerate() {
         let mut clients = Vec::new();
         for server in [&server_a, &server_b] {
             let http = Http::new(server.local_addr());
-            let token = http.token(&format!("{tenant}-user"), PASSWORD).await;
-            clients.push(http.bearer(&token));
+            clients.push(http.login(&format!("{tenant}-user"), PASSWORD).await);
         }
+        readers.insert(tenant, clients[0].clone());
         // The items exist before the faults start: every write is a PUT, which
         // the server may send again after an unknown outcome.
         for task in t * TASKS_PER_TENANT..(t + 1) * TASKS_PER_TENANT {
@@ -645,18 +647,15 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
     }
 
     // Every acknowledged write is there (or a later attempt that may have run).
-    let reader = Http::new(server_a.local_addr());
     let mut lost_writes = Vec::new();
     let state: Vec<_> = std::mem::take(&mut *traffic.state.lock().unwrap())
         .into_iter()
         .collect();
     for ((tenant, key), key_state) in state {
-        let Some((value, _)) = key_state.acked else {
+        let Some(value) = key_state.acked else {
             continue;
         };
-        let token = reader.token(&format!("{tenant}-user"), PASSWORD).await;
-        let found = reader
-            .bearer(&token)
+        let found = readers[tenant.as_str()]
             .get(&format!("/data/{key}"))
             .await
             .json()["value"]
