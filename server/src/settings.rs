@@ -35,6 +35,14 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("redis_username", "Redis ACL user; default none"),
     ("redis_password", "Redis password; default none"),
     (
+        "redis_sentinel_username",
+        "ACL user on the sentinels; default none",
+    ),
+    (
+        "redis_sentinel_password",
+        "password of the sentinels (their requirepass); default none",
+    ),
+    (
         "redis_tls",
         "true to connect to Redis over TLS; default false",
     ),
@@ -130,6 +138,10 @@ pub struct RedisSettings {
     pub username: Option<String>,
     /// Password.
     pub password: Option<String>,
+    /// ACL user on the sentinels.
+    pub sentinel_username: Option<String>,
+    /// Password of the sentinels.
+    pub sentinel_password: Option<String>,
     /// Connect over TLS.
     pub tls: bool,
     /// The CA certificate (PEM) for TLS; `None` for the system roots.
@@ -264,10 +276,23 @@ impl Settings {
                 "set redis_tls = true too, or remove it",
             ));
         }
-        if get("redis_username").is_some() && get("redis_password").is_none() {
+        for (user, password) in [
+            ("redis_username", "redis_password"),
+            ("redis_sentinel_username", "redis_sentinel_password"),
+        ] {
+            if get(user).is_some() && get(password).is_none() {
+                return Err(SettingError::invalid(
+                    password,
+                    format!("{user} needs a password"),
+                ));
+            }
+        }
+        if get("redis_sentinel_password").is_some()
+            && !matches!(discovery, Discovery::Sentinel { .. })
+        {
             return Err(SettingError::invalid(
-                "redis_password",
-                "redis_username needs a password",
+                "redis_sentinel_password",
+                "only with redis_sentinels",
             ));
         }
         if last_resort.is_some() && matches!(discovery, Discovery::Sentinel { .. }) {
@@ -284,6 +309,8 @@ impl Settings {
             last_resort,
             username: get("redis_username").map(str::to_owned),
             password: get("redis_password").map(str::to_owned),
+            sentinel_username: get("redis_sentinel_username").map(str::to_owned),
+            sentinel_password: get("redis_sentinel_password").map(str::to_owned),
             tls,
             tls_ca,
             retry_budget: duration(raw, "redis_retry_budget", Duration::from_secs(8))?,
@@ -407,13 +434,17 @@ impl RedisSettings {
             } => FailoverClient::sentinel(master_name.clone(), sentinels.clone()),
             Discovery::Candidates(nodes) => FailoverClient::candidates(nodes.clone()),
         };
-        let credentials = match (&self.username, &self.password) {
+        let credentials = |user: &Option<String>, password: &Option<String>| match (user, password)
+        {
             (Some(user), Some(password)) => Some(Credentials::user(user.clone(), password.clone())),
             (None, Some(password)) => Some(Credentials::password(password.clone())),
             _ => None,
         };
-        if let Some(credentials) = credentials {
+        if let Some(credentials) = credentials(&self.username, &self.password) {
             builder = builder.credentials(credentials);
+        }
+        if let Some(credentials) = credentials(&self.sentinel_username, &self.sentinel_password) {
+            builder = builder.sentinel_credentials(credentials);
         }
         if self.tls {
             let tls = match &self.tls_ca {
@@ -686,6 +717,20 @@ mod tests {
                     ("SERVER_REDIS_USERNAME", "app"),
                 ],
                 "redis_password",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_SENTINELS", "s:26379"),
+                    ("SERVER_REDIS_SENTINEL_USERNAME", "app"),
+                ],
+                "redis_sentinel_password",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_REDIS_SENTINEL_PASSWORD", "secret"),
+                ],
+                "redis_sentinel_password",
             ),
             (
                 &[
