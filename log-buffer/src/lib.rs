@@ -11,6 +11,11 @@
 //! ([`ProducerMetrics`]), never silently. The tenant is an event's
 //! `tenant_id` field, or its span's, or a default. Streams are trimmed to
 //! a length cap and to Loki's 7-day window (`MAXLEN ~`, `MINID ~`).
+//! A record's size is bounded when the event is emitted: a field over
+//! [`LogBufferBuilder::max_field_bytes`], or past
+//! [`LogBufferBuilder::max_record_bytes`] for the whole record, is cut and
+//! ends with `…[cut <n> bytes]`, so no caller can make a record Loki
+//! would refuse, or fill Redis, by logging what it was sent.
 //!
 //! An entry is flat string fields: `ts` (nanoseconds when the event
 //! happened), `level`, `target`, `message` and the event's and its spans'
@@ -28,7 +33,9 @@
 //! backoff and pace, so one tenant's throttling (429) or outage never
 //! holds back another. Entries Loki would refuse (too old, too far in the
 //! future, lines too long) go to the stream's dead-letter stream
-//! (`<stream>:dead-letter`) with the reason, unsent. A batch Loki answers
+//! (`<stream>:dead-letter`) with the reason, unsent; dead-letter streams
+//! are capped ([`OffloaderBuilder::dead_letter_max_len`]) and trimmed to
+//! the same age, and their depth is a gauge ([`TenantMetrics`]). A batch Loki answers
 //! 400 (it stored the valid entries and refused the others) is halved and
 //! the halves pushed again, down to the single entries it refuses, which
 //! are dead-lettered with Loki's reason and never resent. A resent entry

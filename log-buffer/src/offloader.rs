@@ -41,6 +41,7 @@ pub struct OffloaderBuilder<S> {
     backoff: (Duration, Duration),
     tenant_bytes_per_second: u64,
     max_age: Duration,
+    dead_letter_max_len: u64,
 }
 
 impl<S> std::fmt::Debug for OffloaderBuilder<S> {
@@ -151,6 +152,14 @@ impl<S: LogSink> OffloaderBuilder<S> {
         self
     }
 
+    /// How many entries each dead-letter stream keeps at most (about:
+    /// `MAXLEN ~` on every addition); they are also trimmed to
+    /// [`max_age`](Self::max_age). Defaults to 10,000.
+    pub fn dead_letter_max_len(mut self, entries: u64) -> Self {
+        self.dead_letter_max_len = entries;
+        self
+    }
+
     /// Validates the settings and starts the offloader on the current
     /// Tokio runtime.
     pub fn start(self) -> Result<Offloader> {
@@ -174,6 +183,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
             self.backoff.0.is_zero() || self.backoff.1 < self.backoff.0,
         )?;
         zero("tenant_bytes_per_second", self.tenant_bytes_per_second == 0)?;
+        zero("dead_letter_max_len", self.dead_letter_max_len == 0)?;
         zero("sources", self.sources.is_empty())?;
         zero("group", self.group.is_empty())?;
         zero("consumer", self.consumer.is_empty())?;
@@ -194,6 +204,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
             backoff: self.backoff,
             tenant_bytes_per_second: self.tenant_bytes_per_second,
             max_age: self.max_age,
+            dead_letter_max_len: self.dead_letter_max_len,
             metrics: Mutex::new(BTreeMap::new()),
             stopped,
         });
@@ -235,6 +246,7 @@ impl Offloader {
             backoff: (Duration::from_millis(500), Duration::from_secs(30)),
             tenant_bytes_per_second: 3 * 1024 * 1024,
             max_age: LOKI_MAX_AGE,
+            dead_letter_max_len: 10_000,
         }
     }
 
@@ -286,6 +298,8 @@ pub struct TenantMetrics {
     pub depth: u64,
     /// Age of the oldest of them, at the last discovery.
     pub oldest_age: Option<Duration>,
+    /// Entries in the tenant's dead-letter streams, at the last discovery.
+    pub dead_letter_depth: u64,
 }
 
 struct Context {
@@ -304,6 +318,7 @@ struct Context {
     backoff: (Duration, Duration),
     tenant_bytes_per_second: u64,
     max_age: Duration,
+    dead_letter_max_len: u64,
     metrics: Mutex<BTreeMap<String, TenantMetrics>>,
     stopped: watch::Receiver<bool>,
 }
@@ -424,8 +439,16 @@ fn release(known: &mut BTreeMap<String, Known>, stream: &str) {
     }
 }
 
+/// One tenant's gauges, summed over its streams.
+#[derive(Default)]
+struct Gauges {
+    depth: u64,
+    oldest: Option<Duration>,
+    dead_letters: u64,
+}
+
 /// Finds the tenants' streams, creates the group on new ones, and
-/// refreshes the depth and age gauges.
+/// refreshes the depth, age and dead-letter gauges.
 async fn discover(
     context: &Context,
     known: &mut BTreeMap<String, Known>,
@@ -496,24 +519,27 @@ async fn discover(
             .arg("+")
             .arg("COUNT")
             .arg(1);
+        gauges.cmd("XLEN").arg(dead_letter_stream(stream));
     }
     let replies: Vec<Value> = context.client.read_pipeline(&gauges).await?;
-    let mut depths: HashMap<&str, (u64, Option<Duration>)> = HashMap::new();
-    for ((_, tenant), replies) in found.iter().zip(replies.chunks(2)) {
-        let depth = u64::from_redis_value(replies[0].clone()).unwrap_or(0);
+    let mut depths: HashMap<&str, Gauges> = HashMap::new();
+    for ((_, tenant), replies) in found.iter().zip(replies.chunks(3)) {
+        let count = |reply: &Value| u64::from_redis_value(reply.clone()).unwrap_or(0);
         let oldest = StreamRangeReply::from_redis_value(replies[1].clone())
             .ok()
             .and_then(|first| first.ids.into_iter().next())
             .and_then(|entry| entry.id.split('-').next()?.parse::<u64>().ok())
             .map(|ms| Duration::from_millis((now_ns() / 1_000_000).saturating_sub(ms)));
-        let slot = depths.entry(tenant).or_default();
-        slot.0 += depth;
-        slot.1 = slot.1.max(oldest);
+        let gauges = depths.entry(tenant).or_default();
+        gauges.depth += count(&replies[0]);
+        gauges.oldest = gauges.oldest.max(oldest);
+        gauges.dead_letters += count(&replies[2]);
     }
-    for (tenant, (depth, oldest)) in depths {
+    for (tenant, gauges) in depths {
         context.tenant_metrics(tenant, |m| {
-            m.depth = depth;
-            m.oldest_age = oldest;
+            m.depth = gauges.depth;
+            m.oldest_age = gauges.oldest;
+            m.dead_letter_depth = gauges.dead_letters;
         });
     }
     Ok(())
@@ -850,7 +876,8 @@ async fn acknowledge<'a>(context: &Context, stream: &str, ids: impl Iterator<Ite
 }
 
 /// Moves entries to the stream's dead-letter stream with the reason and
-/// acknowledges them, in one transaction.
+/// acknowledges them, in one transaction; the dead-letter stream is
+/// trimmed to its length cap and to the entries' age limit on the way.
 async fn dead_letter(
     context: &Context,
     stream: &str,
@@ -863,7 +890,13 @@ async fn dead_letter(
     let mut reasons: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut ids = Vec::with_capacity(entries.len());
     for (entry, reason, detail) in &entries {
-        pipeline.cmd("XADD").arg(&target).arg("*");
+        pipeline
+            .cmd("XADD")
+            .arg(&target)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(context.dead_letter_max_len)
+            .arg("*");
         let mut fields: Vec<(&String, &Value)> = entry.map.iter().collect();
         fields.sort_by_key(|(name, _)| *name);
         for (name, value) in fields {
@@ -882,7 +915,14 @@ async fn dead_letter(
         *reasons.entry(*reason).or_default() += 1;
         ids.push(entry.id.as_str());
     }
+    let max_age_ms = u64::try_from(context.max_age.as_millis()).unwrap_or(u64::MAX);
     pipeline
+        .cmd("XTRIM")
+        .arg(&target)
+        .arg("MINID")
+        .arg("~")
+        .arg((now_ns() / 1_000_000).saturating_sub(max_age_ms))
+        .ignore()
         .cmd("XACK")
         .arg(stream)
         .arg(&context.group)

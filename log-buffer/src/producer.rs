@@ -18,7 +18,7 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::{Error, Result};
-use crate::record::{Fields, Record, check_tenant, log_stream, now_ns};
+use crate::record::{Caps, Fields, Record, check_tenant, log_stream, now_ns};
 
 /// How often a tenant's stream is trimmed while records flow.
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
@@ -45,6 +45,7 @@ pub struct LogBufferBuilder {
     batch_size: usize,
     max_len: u64,
     max_age: Duration,
+    caps: Caps,
 }
 
 impl LogBufferBuilder {
@@ -85,6 +86,25 @@ impl LogBufferBuilder {
         self
     }
 
+    /// The largest field value of a record, in bytes; a larger one is cut
+    /// when the event is emitted, ending with `…[cut <n> bytes]`. At least
+    /// 64. Defaults to 2048, which also keeps any field fit to be a Loki
+    /// label.
+    pub fn max_field_bytes(mut self, bytes: usize) -> Self {
+        self.caps.field = bytes;
+        self
+    }
+
+    /// The largest record (its values together), in bytes; values past it
+    /// are cut the same way. At least 64. Defaults to 32 KiB, so that a
+    /// record stays under Loki's line limit (256 KiB) even once every
+    /// character of it is escaped in JSON, and no record is dead-lettered
+    /// for its size alone.
+    pub fn max_record_bytes(mut self, bytes: usize) -> Self {
+        self.caps.record = bytes;
+        self
+    }
+
     /// Validates the settings and starts the append task (on the current
     /// Tokio runtime).
     pub fn start(self) -> Result<LogBuffer> {
@@ -99,6 +119,17 @@ impl LogBufferBuilder {
                 return Err(Error::InvalidConfig {
                     setting,
                     reason: "must be more than zero".to_owned(),
+                });
+            }
+        }
+        for (setting, value) in [
+            ("max_field_bytes", self.caps.field),
+            ("max_record_bytes", self.caps.record),
+        ] {
+            if value < 64 {
+                return Err(Error::InvalidConfig {
+                    setting,
+                    reason: "must be at least 64".to_owned(),
                 });
             }
         }
@@ -122,6 +153,7 @@ impl LogBufferBuilder {
             layer: BufferLayer {
                 sender,
                 counters: Arc::clone(&counters),
+                caps: self.caps,
             },
             counters,
             stop,
@@ -153,6 +185,10 @@ impl LogBuffer {
             batch_size: 512,
             max_len: 1_000_000,
             max_age: LOKI_MAX_AGE,
+            caps: Caps {
+                field: 2048,
+                record: 32 * 1024,
+            },
         }
     }
 
@@ -201,6 +237,7 @@ impl LogBuffer {
 pub struct BufferLayer {
     sender: mpsc::Sender<Record>,
     counters: Arc<Counters>,
+    caps: Caps,
 }
 
 /// Fields recorded on a span, kept in its extensions for its events.
@@ -211,7 +248,7 @@ where
     S: tracing::Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
-        let mut fields = Fields::default();
+        let mut fields = Fields::with_capacity(4, 64, self.caps);
         attrs.record(&mut Visitor(&mut fields));
         if let Some(span) = ctx.span(id) {
             span.extensions_mut().insert(SpanFields(fields));
@@ -222,10 +259,10 @@ where
         let Some(span) = ctx.span(id) else { return };
         let mut extensions = span.extensions_mut();
         if let Some(SpanFields(fields)) = extensions.get_mut::<SpanFields>() {
-            let mut recorded = Fields::default();
+            let mut recorded = Fields::with_capacity(2, 64, self.caps);
             values.record(&mut Visitor(&mut recorded));
             // Rare: rebuilt, so that a field recorded again has one value.
-            let mut merged = Fields::with_capacity(fields.len() + recorded.len(), 64);
+            let mut merged = Fields::with_capacity(fields.len() + recorded.len(), 64, self.caps);
             for (name, value) in fields.iter() {
                 if !recorded.iter().any(|(n, _)| n == name) {
                     merged.push_str(name, value);
@@ -243,7 +280,7 @@ where
             return;
         }
         let ts = now_ns();
-        let mut fields = Fields::with_capacity(8, 128);
+        let mut fields = Fields::with_capacity(8, 128, self.caps);
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
                 if let Some(SpanFields(span_fields)) = span.extensions().get::<SpanFields>() {

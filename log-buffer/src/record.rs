@@ -89,45 +89,67 @@ impl Record {
     }
 }
 
+/// How large a record's values may get: each field, and all together
+/// (every value past the whole's limit is cut to what is left).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Caps {
+    pub(crate) field: usize,
+    pub(crate) record: usize,
+}
+
 /// Field names and values, the values packed in one string: two
 /// allocations for a whole event, freed on the append task's thread.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Values over the [`Caps`] are cut, with a marker saying how much went.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Fields {
     text: String,
     /// Each field's name and its value's byte range in `text`.
     entries: Vec<(&'static str, usize, usize)>,
+    caps: Caps,
 }
 
 impl Fields {
-    pub(crate) fn with_capacity(fields: usize, bytes: usize) -> Self {
+    pub(crate) fn with_capacity(fields: usize, bytes: usize, caps: Caps) -> Self {
         Self {
             text: String::with_capacity(bytes),
             entries: Vec::with_capacity(fields),
+            caps,
         }
     }
 
     pub(crate) fn push_str(&mut self, name: &'static str, value: &str) {
         let start = self.text.len();
         self.text.push_str(value);
-        self.entries.push((name, start, self.text.len()));
+        self.close(name, start);
     }
 
     pub(crate) fn push_debug(&mut self, name: &'static str, value: &dyn std::fmt::Debug) {
         use std::fmt::Write as _;
         let start = self.text.len();
         let _ = write!(self.text, "{value:?}");
+        self.close(name, start);
+    }
+
+    /// Ends the value written from `start`, cut to the caps.
+    fn close(&mut self, name: &'static str, start: usize) {
+        let allowed = self.caps.field.min(self.caps.record.saturating_sub(start));
+        let written = self.text.len() - start;
+        if written > allowed {
+            let marker = format!("…[cut {written} bytes]");
+            let mut keep = start + allowed.saturating_sub(marker.len());
+            while !self.text.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            self.text.truncate(keep);
+            self.text.push_str(&marker);
+        }
         self.entries.push((name, start, self.text.len()));
     }
 
     pub(crate) fn extend_from(&mut self, other: &Fields) {
-        let offset = self.text.len();
-        self.text.push_str(&other.text);
-        self.entries.extend(
-            other
-                .entries
-                .iter()
-                .map(|&(name, start, end)| (name, start + offset, end + offset)),
-        );
+        for (name, value) in other.iter() {
+            self.push_str(name, value);
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -165,6 +187,36 @@ mod tests {
             None
         );
         assert_eq!(tenant_of_stream("tenant:acmelogs", "logs"), None);
+    }
+
+    #[test]
+    fn values_are_cut_to_the_caps_with_a_marker() {
+        let caps = Caps {
+            field: 40,
+            record: 100,
+        };
+        let mut fields = Fields::with_capacity(4, 64, caps);
+        fields.push_str("short", "fits");
+        fields.push_str("long", &"é".repeat(100));
+        fields.push_debug("debug", &"x".repeat(1000));
+        fields.push_str("late", &"y".repeat(30));
+        let values: Vec<(&str, &str)> = fields.iter().collect();
+        assert_eq!(values[0], ("short", "fits"));
+        assert!(
+            values[1].1.len() <= 40 && values[1].1.ends_with("…[cut 200 bytes]"),
+            "{values:?}"
+        );
+        assert!(values[1].1.starts_with('é'));
+        assert!(values[2].1.ends_with("…[cut 1002 bytes]"), "{values:?}");
+        // The record's cap leaves the last field little or nothing.
+        let total: usize = values.iter().map(|(_, v)| v.len()).sum();
+        assert!(
+            total <= 100 + "…[cut 30 bytes]".len(),
+            "{total}: {values:?}"
+        );
+        let mut copy = Fields::with_capacity(4, 64, caps);
+        copy.extend_from(&fields);
+        assert_eq!(copy.iter().count(), 4);
     }
 
     #[test]

@@ -340,6 +340,10 @@ async fn only_refused_and_invalid_entries_are_dead_lettered() {
     let metrics = offloader.metrics();
     assert_eq!(metrics["globex"].dead_lettered.values().sum::<u64>(), 3);
     assert_eq!(metrics["acme"].dead_lettered["rejected"], 1);
+    eventually("the dead-letter depth gauge", || async {
+        offloader.metrics()["globex"].dead_letter_depth == 3
+    })
+    .await;
     // The six valid entries were stored (some twice, as Loki's duplicates);
     // the refused one never.
     let stored: std::collections::BTreeSet<u64> = receiver
@@ -417,4 +421,74 @@ async fn a_full_queue_drops_and_counts_and_shutdown_flushes_the_rest() {
         .await
         .unwrap();
     assert_eq!(len, 100);
+}
+
+#[tokio::test]
+async fn dead_letter_streams_are_capped() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    // 300 entries too old for Loki, dead-lettered unsent, into a stream
+    // capped near 10 (`MAXLEN ~` trims whole nodes of 100 entries).
+    let old = now_ns() - 8 * 24 * 3600 * 1_000_000_000;
+    let mut pipeline = redis::pipe();
+    for i in 0..300 {
+        pipeline
+            .cmd("XADD")
+            .arg("tenant:acme:audit")
+            .arg("*")
+            .arg("ts")
+            .arg((old + i).to_string())
+            .arg("action")
+            .arg("create_key")
+            .ignore();
+    }
+    let _: () = client.query_pipeline(&pipeline).await.unwrap();
+    let offloader = offloader(&client, &receiver)
+        .batch_size(50)
+        .dead_letter_max_len(10)
+        .start()
+        .unwrap();
+    eventually("every entry dead-lettered", || async {
+        offloader
+            .metrics()
+            .get("acme")
+            .is_some_and(|m| m.dead_lettered.get("too_old") == Some(&300))
+    })
+    .await;
+    let kept: u64 = client
+        .query(redis::cmd("XLEN").arg(dead_letter_stream("tenant:acme:audit")))
+        .await
+        .unwrap();
+    assert!((10..=110).contains(&kept), "{kept} dead letters kept");
+    offloader.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn oversized_fields_are_cut_when_emitted() {
+    let (_topology, client) = start(0).await;
+    let buffer = LogBuffer::builder(client.clone())
+        .max_field_bytes(100)
+        .max_record_bytes(1000)
+        .start()
+        .unwrap();
+    {
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(buffer.layer()));
+        let huge = "u".repeat(300_000);
+        tracing::info!(tenant_id = "acme", username = huge.as_str(), "login failed");
+    }
+    buffer.shutdown(Duration::from_secs(5)).await;
+    let entries: Vec<(String, BTreeMap<String, String>)> = client
+        .query(
+            redis::cmd("XRANGE")
+                .arg("tenant:acme:logs")
+                .arg("-")
+                .arg("+"),
+        )
+        .await
+        .unwrap();
+    let fields = &entries[0].1;
+    assert!(fields["username"].len() <= 100, "{}", fields["username"]);
+    assert!(fields["username"].ends_with("…[cut 300000 bytes]"));
+    assert_eq!(fields["message"], "login failed");
 }
