@@ -204,23 +204,37 @@ struct VerifiedClaims {
 pub(crate) enum Principal {
     /// A user, by a token, as stored when the request came in.
     User(User),
-    /// An API key.
-    ApiKey(ApiKey),
+    /// An API key, and the user it acts for (checked not disabled) if any.
+    ApiKey(ApiKey, Option<User>),
 }
 
 impl Principal {
     pub(crate) fn tenant(&self) -> &TenantId {
         match self {
             Self::User(user) => &user.tenant,
-            Self::ApiKey(key) => &key.tenant,
+            Self::ApiKey(key, _) => &key.tenant,
         }
     }
 
     pub(crate) fn actor(&self) -> Actor {
         match self {
             Self::User(user) => Actor::user(&user.username),
-            Self::ApiKey(key) => Actor::api_key(&key.id),
+            Self::ApiKey(key, _) => Actor::api_key(&key.id),
         }
+    }
+
+    /// The user the request acts for: the token's, or the key's owner.
+    pub(crate) fn user(&self) -> Option<&User> {
+        match self {
+            Self::User(user) => Some(user),
+            Self::ApiKey(_, owner) => owner.as_ref(),
+        }
+    }
+
+    /// Whether it may manage every API key of its tenant (an admin user,
+    /// or a key owned by one); others manage their own only.
+    pub(crate) fn is_admin(&self) -> bool {
+        self.user().is_some_and(|user| user.admin)
     }
 
     /// Users may do anything in their tenant; API keys what their scopes
@@ -228,8 +242,8 @@ impl Principal {
     pub(crate) fn require(&self, scope: Scope, key: &str) -> Result<(), ApiError> {
         match self {
             Self::User(_) => Ok(()),
-            Self::ApiKey(api_key) if api_key.allows(scope, key) => Ok(()),
-            Self::ApiKey(_) => Err(ApiError::forbidden(format!(
+            Self::ApiKey(api_key, _) if api_key.allows(scope, key) => Ok(()),
+            Self::ApiKey(..) => Err(ApiError::forbidden(format!(
                 "this API key lacks the `{}` scope for this key",
                 scope.as_str()
             ))),
@@ -270,8 +284,8 @@ pub(crate) async fn authenticate(headers: &HeaderMap, app: &App) -> Result<Princ
     }
     if let Some(value) = headers.get("x-api-key") {
         let presented = value.to_str().map_err(|_| invalid())?;
-        return match app.api_keys.verify(presented).await {
-            Ok(key) => Ok(Principal::ApiKey(key)),
+        return match app.api_keys.verify_with_owner(presented).await {
+            Ok((key, owner)) => Ok(Principal::ApiKey(key, owner)),
             Err(tenant_kv::Error::InvalidApiKey) => Err(invalid()),
             Err(other) => Err(other.into()),
         };

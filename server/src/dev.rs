@@ -8,12 +8,13 @@ use std::time::Duration;
 use log_buffer::{BufferLayer, LogBuffer, LogSink, Offloader};
 use redis_failover::{FailoverClient, NodeAddr};
 use redis_topology::Topology;
-use tenant_kv::{Actor, ExpiryWatcher, NewUser, TenantId, TenantKv};
+use tenant_kv::{Actor, ExpiryWatcher, LoginThrottle, NewUser, Quotas, TenantId, TenantKv};
 
 use crate::error::Error;
 use crate::{JwtConfig, Limits, Server, ServerHandle, ShutdownReport};
 
-/// The demo users, as (username, tenant).
+/// The demo users, as (username, tenant); `admin` manages every API key
+/// of its tenant.
 pub const DEMO_USERS: [(&str, &str); 3] = [
     ("user1", "tenant1"),
     ("admin", "tenant1"),
@@ -36,6 +37,13 @@ pub struct DevOptions {
     pub retry_budget: Duration,
     /// The HS256 secret of tokens. Defaults to 32 random bytes.
     pub jwt_secret: Option<Vec<u8>>,
+    /// Where `/metrics` and the probes are served. Defaults to
+    /// `127.0.0.1:0` (a free port: see [`DevSystem::admin_addr`]).
+    pub admin_listen: Option<SocketAddr>,
+    /// Every tenant's quotas. Defaults to [`Quotas::default`].
+    pub quotas: Quotas,
+    /// Login throttling. Defaults to [`LoginThrottle::default`].
+    pub login_throttle: LoginThrottle,
 }
 
 impl Default for DevOptions {
@@ -47,6 +55,9 @@ impl Default for DevOptions {
             limits: Limits::default(),
             retry_budget: Duration::from_secs(8),
             jwt_secret: None,
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            quotas: Quotas::default(),
+            login_throttle: LoginThrottle::default(),
         }
     }
 }
@@ -84,7 +95,10 @@ impl DevSystem {
             .retry_budget(options.retry_budget)
             .build()?;
         client.wait_for_master(Duration::from_secs(10)).await?;
-        let store = TenantKv::builder(client.clone()).build()?;
+        let store = TenantKv::builder(client.clone())
+            .quotas(options.quotas)
+            .login_throttle(options.login_throttle)
+            .build()?;
         let expiry = store.watch_expirations();
 
         let password = random_password();
@@ -95,6 +109,7 @@ impl DevSystem {
                 tenant: TenantId::new(tenant)?,
                 email: Some(format!("{username}@{tenant}.example")),
                 full_name: None,
+                admin: username == "admin",
             };
             users.create(user, &password, &Actor::system()).await?;
         }
@@ -122,12 +137,14 @@ impl DevSystem {
             .clone()
             .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
         let jwt = JwtConfig::hs256(&secret)?;
-        let server = Server::builder(store.clone(), client.clone(), jwt)
+        let mut builder = Server::builder(store.clone(), client.clone(), jwt)
             .limits(options.limits)
             .log_buffer(buffer)
-            .offloader(offloader)
-            .bind(options.listen)
-            .await?;
+            .offloader(offloader);
+        if let Some(admin) = options.admin_listen {
+            builder = builder.admin(admin);
+        }
+        let server = builder.bind(options.listen).await?;
         Ok(Self {
             topology,
             client,
@@ -143,6 +160,11 @@ impl DevSystem {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    /// The address serving `/metrics` and the probes, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.server.admin_addr()
     }
 
     /// The layer feeding the log buffer, to install in the process's

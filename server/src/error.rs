@@ -93,6 +93,8 @@ pub(crate) struct ApiError {
     pub(crate) retry_after: Option<u64>,
     /// Methods for `Allow`, with 405.
     pub(crate) allow: Option<String>,
+    /// The rate limit that refused the request, for the `RateLimit` fields.
+    pub(crate) rate_limit: Option<Box<tenant_kv::RateLimitStatus>>,
 }
 
 impl ApiError {
@@ -103,6 +105,7 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             allow: None,
+            rate_limit: None,
         }
     }
 
@@ -134,6 +137,11 @@ impl ApiError {
     }
 }
 
+/// Whole seconds for `Retry-After`, rounded up, at least 1.
+fn seconds(wait: std::time::Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
+}
+
 impl From<tenant_kv::Error> for ApiError {
     fn from(error: tenant_kv::Error) -> Self {
         use tenant_kv::Error as E;
@@ -154,8 +162,21 @@ impl From<tenant_kv::Error> for ApiError {
             E::VersionConflict { .. } => Self::precondition_failed(message),
             E::QuotaExceeded { .. } => Self::new(StatusCode::FORBIDDEN, "quota_exceeded", message),
             E::RateLimited { retry_after } => Self {
-                retry_after: Some(retry_after.as_secs_f64().ceil().max(1.0) as u64),
+                retry_after: Some(seconds(retry_after)),
                 ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+            },
+            E::RequestRateLimited { status } => Self {
+                retry_after: Some(seconds(status.retry_after.unwrap_or_default())),
+                rate_limit: Some(Box::new(status)),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+            },
+            E::LoginThrottled { retry_after } => Self {
+                retry_after: Some(seconds(retry_after)),
+                ..Self::new(StatusCode::TOO_MANY_REQUESTS, "login_throttled", message)
+            },
+            E::Overloaded { retry_after } => Self {
+                retry_after: Some(seconds(retry_after)),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
             },
             E::InvalidCredentials | E::InvalidApiKey => Self::unauthorized(message),
             E::BatchFailed { index, source } => {

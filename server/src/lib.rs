@@ -49,9 +49,13 @@
 #![warn(missing_docs)]
 
 mod api;
+mod api_keys;
 mod auth;
+mod conn;
 pub mod dev;
 mod error;
+mod http;
+mod items;
 mod limits;
 mod metrics;
 mod openapi;

@@ -23,6 +23,17 @@ pub struct Limits {
     /// Open connections at most (up to 1,000,000); more wait to be
     /// accepted. Defaults to 1024.
     pub max_connections: usize,
+    /// Open connections at most from one client address (an IPv6 client's
+    /// /64); more are closed at once. 0 for no cap (behind a proxy, every
+    /// connection comes from the proxy). Defaults to 128.
+    pub max_connections_per_address: usize,
+    /// Time an answer may wait for the client to read any of it; past it,
+    /// the connection is closed (a client that stops reading, or
+    /// pipelines requests and never reads, keeps nothing). Defaults to 10 s.
+    pub send_timeout: Duration,
+    /// Time a request's body has to arrive whole, from the end of its
+    /// head; past it, 408. Shorter than `request_timeout`. Defaults to 5 s.
+    pub body_timeout: Duration,
     /// On shutdown, time in-flight requests get to finish. Defaults to 10 s.
     pub shutdown_grace: Duration,
 }
@@ -36,6 +47,9 @@ impl Default for Limits {
             max_batch: 100,
             request_timeout: Duration::from_secs(10),
             max_connections: 1024,
+            max_connections_per_address: 128,
+            send_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -69,10 +83,19 @@ impl Limits {
                 "must be at least 8192",
             ));
         }
-        if self.request_timeout.is_zero() {
+        for (setting, value) in [
+            ("request_timeout", self.request_timeout),
+            ("send_timeout", self.send_timeout),
+            ("body_timeout", self.body_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(SettingError::invalid(setting, "must be longer than 0"));
+            }
+        }
+        if self.body_timeout >= self.request_timeout {
             return Err(SettingError::invalid(
-                "request_timeout",
-                "must be longer than 0",
+                "body_timeout",
+                "must be shorter than request_timeout, so that a late body gets 408",
             ));
         }
         Ok(())

@@ -19,7 +19,7 @@ use log_buffer::{BufferLayer, LogBuffer, LokiSink, Offloader};
 use redis_failover::Durability;
 use server::dev::{DEMO_USERS, DevOptions, DevSystem};
 use server::{Error, JwtConfig, SETTINGS, Server, SettingError, Settings};
-use tenant_kv::{Actor, NewUser, TenantId};
+use tenant_kv::{Actor, NewUser, Quota, Quotas, TenantId};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -51,6 +51,9 @@ enum Command {
         /// Ship logs to this file (NDJSON) instead; default: in the topology's directory.
         #[arg(long)]
         log_file: Option<PathBuf>,
+        /// Address serving /metrics and the probes (`off` for none).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: String,
     },
     /// Production mode: settings from a TOML file and SERVER_* environment
     /// variables (which win). Invalid settings exit with status 2.
@@ -101,6 +104,17 @@ enum UserCommand {
         /// Full name.
         #[arg(long)]
         full_name: Option<String>,
+        /// Let the user manage every API key of its tenant.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Grant or revoke the admin role (managing every API key of the tenant).
+    Admin {
+        /// The username.
+        username: String,
+        /// true to grant, false to revoke.
+        #[arg(action = clap::ArgAction::Set)]
+        admin: bool,
     },
     /// Refuse the user's logins and tokens from now on.
     Disable {
@@ -132,6 +146,32 @@ enum TenantCommand {
         /// The tenant.
         tenant: String,
     },
+    /// A tenant's quotas: see them, or override the defaults for it.
+    Limits {
+        #[command(subcommand)]
+        command: LimitsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LimitsCommand {
+    /// Each quota: the value in force, and whether it is overridden.
+    Get {
+        /// The tenant.
+        tenant: String,
+    },
+    /// Override quotas: `name=value` (a number, or `unlimited`), or
+    /// `name=default` to drop the override. Every instance applies them
+    /// within a second. Names: max_keys, max_bytes, writes_per_second,
+    /// write_burst, requests_per_second, request_burst,
+    /// api_key_requests_per_second, api_key_request_burst, max_api_keys.
+    Set {
+        /// The tenant.
+        tenant: String,
+        /// `name=value` pairs.
+        #[arg(required = true)]
+        quotas: Vec<String>,
+    },
 }
 
 fn settings_help() -> String {
@@ -151,7 +191,8 @@ async fn main() -> ExitCode {
             listen,
             loki_url,
             log_file,
-        } => dev(listen, loki_url, log_file).await,
+            admin_listen,
+        } => dev(listen, loki_url, log_file, admin_listen).await,
         Command::Serve { config } => serve(config).await,
         Command::Offload { config } => offload(config).await,
         Command::User { config, command } => user(config, command).await,
@@ -204,17 +245,29 @@ async fn dev(
     listen: SocketAddr,
     loki_url: Option<String>,
     log_file: Option<PathBuf>,
+    admin_listen: String,
 ) -> Result<(), Error> {
+    let admin_listen = match admin_listen.as_str() {
+        "off" => None,
+        addr => Some(addr.parse().map_err(|_| SettingError::Invalid {
+            setting: "admin_listen",
+            reason: "expected ip:port, or off".to_owned(),
+        })?),
+    };
     println!("starting a Redis master, 2 replicas and 3 sentinels on loopback...");
     let options = DevOptions {
         listen,
         loki_url,
         log_file,
+        admin_listen,
         ..DevOptions::default()
     };
     let mut system = DevSystem::start(options).await?;
     init_tracing(system.take_log_layer(), "info");
     let addr = system.local_addr();
+    let admin = system
+        .admin_addr()
+        .map_or_else(|| "off".to_owned(), |admin| format!("http://{admin}"));
     let master = system.topology.initial_master();
     let password = &system.password;
     let users: Vec<String> = DEMO_USERS
@@ -226,6 +279,7 @@ async fn dev(
          users:    {}\n\
          password: {password}\n\
          logs:     {}\n\
+         admin:    {admin} (/metrics, /healthz, /readyz)\n\
          redis master {} (pid {}), sentinels {:?}\n\n\
          Try:\n\
          TOKEN=$(curl -s -X POST http://{addr}/token -d username=user1 -d password={password} | sed -E 's/.*\"access_token\":\"([^\"]+)\".*/\\1/')\n\
@@ -233,7 +287,8 @@ async fn dev(
          curl -si http://{addr}/data/greeting -H \"Authorization: Bearer $TOKEN\"\n\
          curl -s 'http://{addr}/data?prefix=gr' -H \"Authorization: Bearer $TOKEN\"\n\
          curl -s -X POST http://{addr}/api-keys -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"name\": \"ci\", \"scopes\": [\"read\"]}}'\n\
-         curl -s http://{addr}/readyz; curl -s http://{addr}/metrics | head\n\
+         curl -s http://{addr}/usage -H \"Authorization: Bearer $TOKEN\"\n\
+         curl -s http://{addr}/readyz; curl -s {admin}/metrics | head\n\
          kill -9 {}   # kill the master: requests keep working once Sentinel promotes a replica\n\n\
          Ctrl-C stops the server and the topology.",
         users.join(", "),
@@ -259,6 +314,12 @@ async fn serve(config: Option<PathBuf>) -> Result<(), Error> {
     let store = settings.store(client.clone())?;
     let mut builder =
         Server::builder(store.clone(), client.clone(), jwt).limits(settings.limits.clone());
+    if let Some(admin) = settings.admin_listen {
+        builder = builder.admin(admin);
+    }
+    if let Some(header) = &settings.protection.client_address_header {
+        builder = builder.client_address_header(header.clone());
+    }
     // Log records and acknowledgements of shipped ones need no replica:
     // only the data's writes wait for `redis_wait_replicas`.
     let logs_client = client.with_durability(Durability::Master);
@@ -325,6 +386,7 @@ async fn user(config: Option<PathBuf>, command: UserCommand) -> Result<(), Error
             tenant,
             email,
             full_name,
+            admin,
         } => {
             let tenant = tenant_id(&tenant)?;
             let password = read_password()?;
@@ -333,6 +395,7 @@ async fn user(config: Option<PathBuf>, command: UserCommand) -> Result<(), Error
                 tenant,
                 email,
                 full_name,
+                admin,
             };
             let user = users.create(user, &password, &actor).await?;
             println!("created user {} in tenant {}", user.username, user.tenant);
@@ -345,11 +408,17 @@ async fn user(config: Option<PathBuf>, command: UserCommand) -> Result<(), Error
             users.set_disabled(&username, false, &actor).await?;
             println!("enabled {username}");
         }
+        UserCommand::Admin { username, admin } => {
+            users.set_admin(&username, admin, &actor).await?;
+            let role = if admin { "an admin" } else { "not an admin" };
+            println!("{username} is {role}");
+        }
         UserCommand::List { tenant } => {
             for user in users.list(&tenant_id(&tenant)?).await? {
                 let state = if user.disabled { "disabled" } else { "active" };
+                let role = if user.admin { "admin" } else { "user" };
                 println!(
-                    "{}\t{state}\t{}",
+                    "{}\t{state}\t{role}\t{}",
                     user.username,
                     user.email.unwrap_or_default()
                 );
@@ -372,7 +441,68 @@ async fn tenant(config: Option<PathBuf>, command: TenantCommand) -> Result<(), E
         TenantCommand::ApiKeys { tenant } => {
             for key in store.api_keys().list(&tenant_id(&tenant)?).await? {
                 let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
-                println!("{}\t{}\t{}", key.id, key.name, scopes.join(","));
+                let owner = key.owner.as_deref().unwrap_or("-");
+                println!("{}\t{}\t{owner}\t{}", key.id, key.name, scopes.join(","));
+            }
+        }
+        TenantCommand::Limits { command } => limits(&store, command).await?,
+    }
+    Ok(())
+}
+
+async fn limits(store: &tenant_kv::TenantKv, command: LimitsCommand) -> Result<(), Error> {
+    let show = |value: Option<u64>| value.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    match command {
+        LimitsCommand::Get { tenant } => {
+            let tenant = tenant_id(&tenant)?;
+            let quotas = store.quotas(&tenant).await?;
+            let overrides = store.quota_overrides(&tenant).await?;
+            for quota in Quota::ALL {
+                let source = if overrides.contains_key(&quota) {
+                    "override"
+                } else {
+                    "default"
+                };
+                println!("{quota}\t{}\t{source}", show(quotas.get(quota)));
+            }
+        }
+        LimitsCommand::Set { tenant, quotas } => {
+            let tenant = tenant_id(&tenant)?;
+            let invalid = |reason: String| SettingError::Invalid {
+                setting: "quotas",
+                reason,
+            };
+            // Every pair is checked before any is stored.
+            let mut changes = Vec::new();
+            for pair in &quotas {
+                let (name, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| invalid(format!("{pair:?} is not name=value")))?;
+                let quota: Quota = name
+                    .parse()
+                    .map_err(|e: tenant_kv::Error| invalid(e.to_string()))?;
+                let value = match value {
+                    "default" => None,
+                    "unlimited" => Some(None),
+                    number => Some(Some(number.parse::<u64>().map_err(|_| {
+                        invalid(format!("{pair:?}: a number, unlimited or default"))
+                    })?)),
+                };
+                if let Some(value) = value {
+                    Quotas::unlimited()
+                        .set(quota, value)
+                        .map_err(|e| invalid(format!("{pair:?}: {e}")))?;
+                }
+                changes.push((quota, value));
+            }
+            let actor = Actor::system();
+            for (quota, value) in changes {
+                match value {
+                    Some(value) => store.set_quota(&tenant, quota, value, &actor).await?,
+                    None => store.reset_quota(&tenant, quota, &actor).await?,
+                }
+                let shown = value.map_or_else(|| "default".to_owned(), show);
+                println!("{quota} = {shown}");
             }
         }
     }

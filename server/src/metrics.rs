@@ -35,6 +35,10 @@ pub(crate) struct HttpMetrics {
     pub(crate) in_flight: AtomicI64,
     /// Unconditional PUTs sent again after a failover left their outcome unknown.
     pub(crate) puts_resent: AtomicU64,
+    /// Connections closed at accept: their address had its share open.
+    pub(crate) connections_refused: AtomicU64,
+    /// Connections closed because an answer made no progress.
+    pub(crate) send_timeouts: AtomicU64,
 }
 
 impl HttpMetrics {
@@ -72,7 +76,7 @@ type TenantFigure = (
     fn(&TenantMetrics) -> f64,
 );
 
-const PER_TENANT: [TenantFigure; 5] = [
+const PER_TENANT: [TenantFigure; 6] = [
     (
         "log_offloader_sent_lines_total",
         "counter",
@@ -103,6 +107,12 @@ const PER_TENANT: [TenantFigure; 5] = [
         "Age of the tenant's oldest waiting entry.",
         |m| m.oldest_age.map_or(0.0, |age| age.as_secs_f64()),
     ),
+    (
+        "log_offloader_dead_letter_depth",
+        "gauge",
+        "Entries in the tenant's dead-letter streams.",
+        |m| m.dead_letter_depth as f64,
+    ),
 ];
 
 pub(crate) fn render(app: &App) -> String {
@@ -127,7 +137,7 @@ pub(crate) fn render(app: &App) -> String {
             &mut out,
             "http_errors_total",
             "counter",
-            "Error answers by route and code: the store's outcomes (not_found, conflict, precondition_failed, quota_exceeded, rate_limited, outcome_unknown, unavailable) among them.",
+            "Error answers by route and code: the store's outcomes (not_found, conflict, precondition_failed, quota_exceeded, rate_limited, login_throttled, overloaded, request_timeout, outcome_unknown, unavailable) among them.",
         );
         for (route, stats) in routes.iter() {
             for (code, count) in &stats.by_error {
@@ -191,6 +201,22 @@ pub(crate) fn render(app: &App) -> String {
         "http_open_connections {}",
         app.metrics.open_connections.load(Ordering::Relaxed)
     );
+
+    for (name, help, counter) in [
+        (
+            "http_connections_refused_total",
+            "Connections closed at accept: their client address had max_connections_per_address open.",
+            &app.metrics.connections_refused,
+        ),
+        (
+            "http_send_timeouts_total",
+            "Connections closed because the client read nothing of an answer within send_timeout.",
+            &app.metrics.send_timeouts,
+        ),
+    ] {
+        header(&mut out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+    }
 
     header(
         &mut out,

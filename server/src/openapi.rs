@@ -21,10 +21,20 @@ fn body(name: &str) -> Value {
     json!({"required": true, "content": {"application/json": {"schema": schema(name)}}})
 }
 
-/// An authenticated operation: adds 401, 403 (scope), 429 and 503.
+/// An authenticated operation: adds 401, 403 (scope), 408, 429 and 503,
+/// and the rate-limit fields sent when a request rate applies.
 fn authed(mut operation: Value) -> Value {
     operation["security"] = json!([{"bearer": []}, {"apiKey": []}]);
     let responses = operation["responses"].as_object_mut().expect("responses");
+    for response in responses.values_mut() {
+        let headers = response
+            .as_object_mut()
+            .expect("a response")
+            .entry("headers")
+            .or_insert_with(|| json!({}));
+        headers["RateLimit-Policy"] = json!({"description": "the request rate that applies: `\"<tenant|api_key>\";q=<quota>;w=<window seconds>` (draft-ietf-httpapi-ratelimit-headers)", "schema": {"type": "string"}});
+        headers["RateLimit"] = json!({"description": "what is left of it: `\"<policy>\";r=<remaining>;t=<seconds until whole>`", "schema": {"type": "string"}});
+    }
     responses.insert(
         "401".into(),
         error("missing, invalid or expired credential"),
@@ -34,8 +44,12 @@ fn authed(mut operation: Value) -> Value {
         error("the API key lacks the scope, or a storage quota is reached"),
     );
     responses.insert(
+        "408".into(),
+        error("the body did not arrive within the body timeout"),
+    );
+    responses.insert(
         "429".into(),
-        error("write rate quota exceeded; see Retry-After"),
+        error("the tenant's or API key's request rate, or the write rate quota, is exceeded; see Retry-After and RateLimit"),
     );
     responses.insert(
         "503".into(),
@@ -79,20 +93,28 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
                     "application/json": {"schema": schema("Login")}}},
                 "responses": {
                     "200": ok("a token", schema("Token")),
-                    "400": error("missing field or malformed JSON"),
+                    "400": error("missing field, malformed JSON, a malformed username or a password over 1024 bytes"),
                     "401": error("wrong username or password, or disabled user"),
+                    "408": error("the body did not arrive in time"),
+                    "413": error("body over 4 KiB"),
                     "415": error("neither a form nor JSON"),
+                    "429": error("too many attempts on this username or from this address lately; see Retry-After"),
                     "501": error("this server has no key to issue tokens"),
-                    "503": error("Redis unreachable")}}},
+                    "503": error("Redis unreachable, or too many passwords being checked (see Retry-After)")}}},
             "/users/me": {"get": authed(json!({
                 "operationId": "current_user",
                 "summary": "The logged-in user (tokens only)",
                 "responses": {"200": ok("the user", schema("User"))}}))},
+            "/usage": {"get": authed(json!({
+                "operationId": "usage",
+                "summary": "The tenant's usage, and the quotas it is held to",
+                "responses": {"200": ok("usage and quotas", schema("Usage"))}}))},
             "/data": {
                 "post": authed(json!({
                     "operationId": "create_item",
                     "summary": "Create an item",
-                    "parameters": [{"name": "key", "in": "query", "required": true, "schema": {"type": "string"}}],
+                    "parameters": [{"name": "key", "in": "query", "required": true, "schema": {"type": "string"},
+                        "description": "The item's key, percent-encoded as in a path: `+` is a plus sign (send a space as `%20`)."}],
                     "requestBody": body("ItemInput"),
                     "responses": {
                         "201": item_ok("created"),
@@ -166,8 +188,15 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
                         "415": error("not JSON")}})),
                 "get": authed(json!({
                     "operationId": "list_api_keys",
-                    "summary": "The tenant's API keys, without secrets",
-                    "responses": {"200": ok("the keys", json!({"type": "object", "properties": {"api_keys": {"type": "array", "items": schema("ApiKey")}}}))}}))},
+                    "summary": "API keys, oldest first, without secrets: every key of the tenant for an admin, one's own otherwise",
+                    "parameters": [
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 100}},
+                        {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "the `cursor` of the previous page"}],
+                    "responses": {
+                        "200": ok("a page of keys", json!({"type": "object", "properties": {
+                            "api_keys": {"type": "array", "items": schema("ApiKey")},
+                            "cursor": {"type": "string", "nullable": true}}})),
+                        "400": error("bad limit or cursor")}}))},
             "/api-keys/{key_id}": {"delete": authed(json!({
                 "operationId": "revoke_api_key",
                 "summary": "Revoke an API key at once",
@@ -179,7 +208,7 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
                 "operationId": "rotate_api_key",
                 "summary": "Give a key a new secret; the old one stays valid for `grace_seconds`",
                 "parameters": [key_id_param()],
-                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"grace_seconds": {"type": "integer", "minimum": 0, "default": 0}}}}}},
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"grace_seconds": {"type": "integer", "minimum": 0, "maximum": 86400, "default": 0}}}}}},
                 "responses": {
                     "200": ok("the key, with its new secret", schema("ApiKey")),
                     "404": error("no such key in the tenant")}}))},
@@ -187,8 +216,6 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
                 "responses": {"200": ok("up", json!({"type": "object"}))}}},
             "/readyz": {"get": {"operationId": "ready", "summary": "The Redis master answers (within the retry budget)",
                 "responses": {"200": ok("ready", json!({"type": "object"})), "503": error("the master is unreachable")}}},
-            "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
                 "responses": {"200": ok("OpenAPI 3", json!({"type": "object"}))}}}
         },
@@ -205,7 +232,12 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
                 "Token": {"type": "object", "properties": {"access_token": {"type": "string"},
                     "token_type": {"type": "string", "enum": ["bearer"]}, "expires_in": {"type": "integer"}}},
                 "User": {"type": "object", "properties": {"username": {"type": "string"}, "tenant_id": {"type": "string"},
-                    "email": {"type": "string", "nullable": true}, "full_name": {"type": "string", "nullable": true}, "disabled": {"type": "boolean"}}},
+                    "email": {"type": "string", "nullable": true}, "full_name": {"type": "string", "nullable": true}, "disabled": {"type": "boolean"},
+                    "admin": {"type": "boolean", "description": "manages every API key of the tenant"}}},
+                "Usage": {"type": "object", "properties": {"tenant_id": {"type": "string"},
+                    "usage": {"type": "object", "properties": {"keys": {"type": "integer"}, "bytes": {"type": "integer"}}},
+                    "quotas": {"type": "object", "description": "each quota's value, null for no limit",
+                        "additionalProperties": {"type": "integer", "nullable": true}}}},
                 "ItemInput": {"type": "object", "required": ["value"], "additionalProperties": false, "properties": {
                     "value": {"description": "any JSON value"},
                     "ttl": {"type": "integer", "minimum": 1, "description": "seconds"},
@@ -225,13 +257,16 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
                         "if_version": {"type": "integer", "description": "put and delete: the version the item must have"}}}}}},
                 "BatchResult": {"type": "object", "properties": {"results": {"type": "array", "items": {"type": "object"}}}},
                 "ApiKeyInput": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
-                    "name": {"type": "string"},
+                    "name": {"type": "string", "minLength": 1, "maxLength": 128, "description": "at most 128 bytes, without control characters"},
                     "scopes": {"type": "array", "items": {"type": "string", "enum": ["read", "write", "delete", "list", "admin"]},
                         "default": ["read", "write", "delete", "list"]},
-                    "key_prefix": {"type": "string", "description": "the key may only touch items under this prefix"},
-                    "ttl": {"type": "integer", "minimum": 1, "description": "seconds until the key expires"}}},
+                    "key_prefix": {"type": "string", "maxLength": 1024, "description": "the key may only touch items under this prefix"},
+                    "ttl": {"type": "integer", "minimum": 1, "description": "seconds until the key expires"},
+                    "requests_per_second": {"type": "integer", "minimum": 1, "maximum": 1000000, "description": "the key's own request rate, instead of the tenant's default for keys"}}},
                 "ApiKey": {"type": "object", "properties": {"key_id": {"type": "string"}, "name": {"type": "string"},
                     "scopes": {"type": "array", "items": {"type": "string"}}, "key_prefix": {"type": "string", "nullable": true},
+                    "owner": {"type": "string", "nullable": true, "description": "the user the key acts for; disabling the user disables the key"},
+                    "requests_per_second": {"type": "integer", "nullable": true},
                     "created_at": {"type": "string", "format": "date-time"},
                     "expires_at": {"type": "string", "format": "date-time", "nullable": true},
                     "last_used": {"type": "string", "format": "date-time", "nullable": true},

@@ -1,15 +1,34 @@
-//! The route table: one entry per endpoint, the single source of what the
-//! router serves (the OpenAPI document is checked against it).
-
-use percent_encoding::percent_decode_str;
+//! The route tables: one entry per endpoint, the single source of what the
+//! listeners serve (the OpenAPI document is checked against the public
+//! one). The admin listener serves what names tenants (metrics) and the
+//! probes; the public one never names a tenant but the caller's.
 
 use crate::error::ApiError;
 
 /// What a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Operation {
+    /// Answered without a credential.
+    Open(Open),
+    /// Answered for the tenant of the request's credential.
+    Tenant(TenantOp),
+}
+
+/// The operations that take no credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Open {
     IssueToken,
+    Health,
+    Ready,
+    Metrics,
+    ApiDocument,
+}
+
+/// The operations on the credential's tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TenantOp {
     CurrentUser,
+    Usage,
     CreateItem,
     ListItems,
     Batch,
@@ -20,10 +39,6 @@ pub(crate) enum Operation {
     ListApiKeys,
     RevokeApiKey,
     RotateApiKey,
-    Health,
-    Ready,
-    Metrics,
-    OpenApi,
 }
 
 struct Route {
@@ -36,29 +51,53 @@ struct Route {
 
 // Fixed paths come before templates that would also match them.
 const ROUTES: &[Route] = &[
-    route("POST", "/token", Operation::IssueToken),
-    route("GET", "/users/me", Operation::CurrentUser),
-    route("POST", "/data", Operation::CreateItem),
-    route("GET", "/data", Operation::ListItems),
-    route("POST", "/data/batch", Operation::Batch),
-    route("GET", "/data/{key}", Operation::GetItem),
-    route("PUT", "/data/{key}", Operation::PutItem),
-    route("DELETE", "/data/{key}", Operation::DeleteItem),
-    route("POST", "/api-keys", Operation::CreateApiKey),
-    route("GET", "/api-keys", Operation::ListApiKeys),
-    route("DELETE", "/api-keys/{key_id}", Operation::RevokeApiKey),
-    route("POST", "/api-keys/{key_id}/rotate", Operation::RotateApiKey),
-    route("GET", "/healthz", Operation::Health),
-    route("GET", "/readyz", Operation::Ready),
-    route("GET", "/metrics", Operation::Metrics),
-    route("GET", "/openapi.json", Operation::OpenApi),
+    open("POST", "/token", Open::IssueToken),
+    tenant("GET", "/users/me", TenantOp::CurrentUser),
+    tenant("GET", "/usage", TenantOp::Usage),
+    tenant("POST", "/data", TenantOp::CreateItem),
+    tenant("GET", "/data", TenantOp::ListItems),
+    tenant("POST", "/data/batch", TenantOp::Batch),
+    tenant("GET", "/data/{key}", TenantOp::GetItem),
+    tenant("PUT", "/data/{key}", TenantOp::PutItem),
+    tenant("DELETE", "/data/{key}", TenantOp::DeleteItem),
+    tenant("POST", "/api-keys", TenantOp::CreateApiKey),
+    tenant("GET", "/api-keys", TenantOp::ListApiKeys),
+    tenant("DELETE", "/api-keys/{key_id}", TenantOp::RevokeApiKey),
+    tenant("POST", "/api-keys/{key_id}/rotate", TenantOp::RotateApiKey),
+    open("GET", "/healthz", Open::Health),
+    open("GET", "/readyz", Open::Ready),
+    open("GET", "/openapi.json", Open::ApiDocument),
 ];
 
-const fn route(method: &'static str, path: &'static str, operation: Operation) -> Route {
+/// What the admin listener serves.
+const ADMIN_ROUTES: &[Route] = &[
+    open("GET", "/metrics", Open::Metrics),
+    open("GET", "/healthz", Open::Health),
+    open("GET", "/readyz", Open::Ready),
+];
+
+/// Which listener a request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Surface {
+    /// The service's own port.
+    Public,
+    /// `admin_listen`: metrics and probes.
+    Admin,
+}
+
+const fn open(method: &'static str, path: &'static str, operation: Open) -> Route {
     Route {
         method,
         path,
-        operation,
+        operation: Operation::Open(operation),
+    }
+}
+
+const fn tenant(method: &'static str, path: &'static str, operation: TenantOp) -> Route {
+    Route {
+        method,
+        path,
+        operation: Operation::Tenant(operation),
     }
 }
 
@@ -66,57 +105,67 @@ impl Operation {
     /// Its name in metrics and logs (the OpenAPI `operationId`).
     pub(crate) fn name(self) -> &'static str {
         match self {
-            Self::IssueToken => "issue_token",
-            Self::CurrentUser => "current_user",
-            Self::CreateItem => "create_item",
-            Self::ListItems => "list_items",
-            Self::Batch => "batch",
-            Self::GetItem => "get_item",
-            Self::PutItem => "put_item",
-            Self::DeleteItem => "delete_item",
-            Self::CreateApiKey => "create_api_key",
-            Self::ListApiKeys => "list_api_keys",
-            Self::RevokeApiKey => "revoke_api_key",
-            Self::RotateApiKey => "rotate_api_key",
-            Self::Health => "health",
-            Self::Ready => "ready",
-            Self::Metrics => "metrics",
-            Self::OpenApi => "openapi",
+            Self::Open(Open::IssueToken) => "issue_token",
+            Self::Open(Open::Health) => "health",
+            Self::Open(Open::Ready) => "ready",
+            Self::Open(Open::Metrics) => "metrics",
+            Self::Open(Open::ApiDocument) => "openapi",
+            Self::Tenant(TenantOp::CurrentUser) => "current_user",
+            Self::Tenant(TenantOp::Usage) => "usage",
+            Self::Tenant(TenantOp::CreateItem) => "create_item",
+            Self::Tenant(TenantOp::ListItems) => "list_items",
+            Self::Tenant(TenantOp::Batch) => "batch",
+            Self::Tenant(TenantOp::GetItem) => "get_item",
+            Self::Tenant(TenantOp::PutItem) => "put_item",
+            Self::Tenant(TenantOp::DeleteItem) => "delete_item",
+            Self::Tenant(TenantOp::CreateApiKey) => "create_api_key",
+            Self::Tenant(TenantOp::ListApiKeys) => "list_api_keys",
+            Self::Tenant(TenantOp::RevokeApiKey) => "revoke_api_key",
+            Self::Tenant(TenantOp::RotateApiKey) => "rotate_api_key",
         }
     }
 }
 
-/// Every route the server answers, as (method, path template).
+/// Every route the public listener answers, as (method, path template);
+/// `GET` routes answer `HEAD` too.
 pub fn routes() -> impl Iterator<Item = (&'static str, &'static str)> {
     ROUTES.iter().map(|route| (route.method, route.path))
 }
 
-/// The operation for `method` and `path`, with the path parameter
-/// percent-decoded; 404 for an unknown path, 405 (with the methods it
-/// has) for a known path and another method.
+/// The operation for `method` and `path` on the public listener.
+#[cfg(test)]
 pub(crate) fn find(method: &str, path: &str) -> Result<(Operation, Option<String>), ApiError> {
+    find_on(Surface::Public, method, path)
+}
+
+/// The operation for `method` and `path` on `surface`, with the path
+/// parameter percent-decoded (as [`crate::http::decode`] does for query
+/// parameters); 404 for an unknown path, 405 (with the methods it has)
+/// for a known path and another method. `HEAD` is `GET` without a body.
+pub(crate) fn find_on(
+    surface: Surface,
+    method: &str,
+    path: &str,
+) -> Result<(Operation, Option<String>), ApiError> {
+    let table = match surface {
+        Surface::Public => ROUTES,
+        Surface::Admin => ADMIN_ROUTES,
+    };
+    let wanted = if method == "HEAD" { "GET" } else { method };
     let mut allowed: Vec<&str> = Vec::new();
-    for route in ROUTES {
+    for route in table {
         let Some(param) = match_path(route.path, path) else {
             continue;
         };
-        if route.method != method {
+        if route.method != wanted {
             allowed.push(route.method);
+            if route.method == "GET" {
+                allowed.push("HEAD");
+            }
             continue;
         }
         let param = param
-            .map(|raw| {
-                percent_decode_str(raw)
-                    .decode_utf8()
-                    .map(|decoded| decoded.into_owned())
-                    .map_err(|_| {
-                        ApiError::new(
-                            hyper::StatusCode::BAD_REQUEST,
-                            "invalid_key",
-                            "the path parameter is not UTF-8 once percent-decoded",
-                        )
-                    })
-            })
+            .map(|raw| crate::http::decode(raw, "key"))
             .transpose()?;
         return Ok((route.operation, param));
     }
@@ -162,25 +211,36 @@ mod tests {
 
     #[test]
     fn fixed_paths_and_parameters() {
-        assert_eq!(find("POST", "/data/batch").unwrap().0, Operation::Batch);
+        let op = Operation::Tenant;
+        assert_eq!(find("POST", "/data/batch").unwrap().0, op(TenantOp::Batch));
         assert_eq!(
             find("GET", "/data/batch").unwrap(),
-            (Operation::GetItem, Some("batch".to_owned()))
+            (op(TenantOp::GetItem), Some("batch".to_owned()))
         );
         assert_eq!(
             find("GET", "/data/a/b%2Fc%20d").unwrap(),
-            (Operation::GetItem, Some("a/b/c d".to_owned()))
+            (op(TenantOp::GetItem), Some("a/b/c d".to_owned()))
         );
         assert_eq!(
             find("POST", "/api-keys/k1/rotate").unwrap(),
-            (Operation::RotateApiKey, Some("k1".to_owned()))
+            (op(TenantOp::RotateApiKey), Some("k1".to_owned()))
         );
         assert_eq!(find("GET", "/data/").unwrap_err().status, 404);
         assert_eq!(find("DELETE", "/api-keys/a/b").unwrap_err().status, 404);
         assert_eq!(find("GET", "/data/%FF").unwrap_err().code, "invalid_key");
         let not_allowed = find("PATCH", "/data/k").unwrap_err();
         assert_eq!(not_allowed.status, 405);
-        assert_eq!(not_allowed.allow.as_deref(), Some("GET, PUT, DELETE"));
+        assert_eq!(not_allowed.allow.as_deref(), Some("GET, HEAD, PUT, DELETE"));
+        assert_eq!(find("HEAD", "/data/k").unwrap().0, op(TenantOp::GetItem));
+        assert_eq!(find("GET", "/metrics").unwrap_err().status, 404);
+        assert_eq!(
+            find_on(Surface::Admin, "GET", "/metrics").unwrap().0,
+            Operation::Open(Open::Metrics)
+        );
+        assert_eq!(
+            find_on(Surface::Admin, "GET", "/usage").unwrap_err().status,
+            404
+        );
     }
 
     proptest! {
@@ -189,7 +249,7 @@ mod tests {
         fn every_key_round_trips_through_the_path(key in "\\PC{1,40}") {
             let encoded = percent_encoding::utf8_percent_encode(&key, percent_encoding::NON_ALPHANUMERIC);
             let path = format!("/data/{encoded}");
-            prop_assert_eq!(find("GET", &path).unwrap(), (Operation::GetItem, Some(key)));
+            prop_assert_eq!(find("GET", &path).unwrap(), (Operation::Tenant(TenantOp::GetItem), Some(key)));
         }
     }
 }

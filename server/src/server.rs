@@ -4,21 +4,27 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hyper::header::{CACHE_CONTROL, HeaderName, HeaderValue};
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use log_buffer::{LogBuffer, Offloader};
 use redis_failover::FailoverClient;
 use tenant_kv::TenantKv;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tower::ServiceBuilder;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::RequestBodyDeadlineLayer;
 
-use crate::api::{App, LogShipping, handle};
+use crate::api::{App, Exchange, LogShipping, handle};
 use crate::auth::JwtConfig;
+use crate::conn::{PerAddress, SendTimeout};
 use crate::error::Error;
 use crate::limits::Limits;
+use crate::router::Surface;
 
 /// Time the log buffer and offloader get to flush on shutdown.
 const LOG_FLUSH_DEADLINE: Duration = Duration::from_secs(5);
@@ -37,6 +43,8 @@ impl Server {
             jwt,
             limits: Limits::default(),
             logs: LogShipping::default(),
+            admin: None,
+            client_address_header: None,
         }
     }
 }
@@ -48,6 +56,8 @@ pub struct ServerBuilder {
     jwt: JwtConfig,
     limits: Limits,
     logs: LogShipping,
+    admin: Option<SocketAddr>,
+    client_address_header: Option<HeaderName>,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -55,6 +65,7 @@ impl std::fmt::Debug for ServerBuilder {
         f.debug_struct("ServerBuilder")
             .field("jwt", &self.jwt)
             .field("limits", &self.limits)
+            .field("admin", &self.admin)
             .finish_non_exhaustive()
     }
 }
@@ -81,30 +92,55 @@ impl ServerBuilder {
         self
     }
 
-    /// Listens on `addr` and serves until [`ServerHandle::shutdown`] (or
-    /// until the handle is dropped, which stops accepting at once).
+    /// Serves `/metrics` (which names tenants) and the probes
+    /// (`/healthz`, `/readyz`) on `addr` as well, never on the public
+    /// listener. Defaults to none: no metrics at all.
+    pub fn admin(mut self, addr: SocketAddr) -> Self {
+        self.admin = Some(addr);
+        self
+    }
+
+    /// The header a trusted proxy in front of the servers puts the
+    /// client's address in (`x-forwarded-for`, whose last address is the
+    /// one the proxy saw, or `x-real-ip`): logins are throttled by it.
+    /// Only set it when every request comes through such a proxy, as a
+    /// client could send it too. Defaults to none: the peer's address.
+    pub fn client_address_header(mut self, name: HeaderName) -> Self {
+        self.client_address_header = Some(name);
+        self
+    }
+
+    /// Listens on `addr` (and the admin address, if any) and serves until
+    /// [`ServerHandle::shutdown`] (or until the handle is dropped, which
+    /// stops accepting at once).
     pub async fn bind(self, addr: SocketAddr) -> Result<ServerHandle, Error> {
         self.limits.validate()?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Bind { addr, source })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| Error::Bind { addr, source })?;
+        let listener = listen(addr).await?;
+        let admin = match self.admin {
+            Some(admin) => Some(listen(admin).await?),
+            None => None,
+        };
+        let local_addr = local(&listener, addr)?;
+        let admin_addr = admin.as_ref().map(|l| local(l, addr)).transpose()?;
         let app = Arc::new(App {
             api_keys: self.store.api_keys(),
             store: self.store,
             client: self.client,
             jwt: self.jwt,
             limits: self.limits,
+            client_address_header: self.client_address_header,
             metrics: Default::default(),
             logs: Mutex::new(self.logs),
         });
         let (stop, stopped) = watch::channel(());
-        let task = tokio::spawn(accept(listener, app.clone(), stopped));
-        tracing::info!(%local_addr, "listening");
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut listeners = vec![(listener, Surface::Public)];
+        listeners.extend(admin.map(|admin| (admin, Surface::Admin)));
+        let task = tokio::spawn(serve(listeners, app.clone(), stopped, graceful));
+        tracing::info!(%local_addr, ?admin_addr, "listening");
         Ok(ServerHandle {
             local_addr,
+            admin_addr,
             stop,
             task,
             app,
@@ -116,6 +152,7 @@ impl ServerBuilder {
 #[derive(Debug)]
 pub struct ServerHandle {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     stop: watch::Sender<()>,
     task: JoinHandle<bool>,
     app: Arc<App>,
@@ -141,6 +178,11 @@ impl ServerHandle {
         self.local_addr
     }
 
+    /// The admin listener's address, if it has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// Stops accepting connections, lets in-flight requests finish within
     /// the grace period ([`Limits::shutdown_grace`]) while idle connections
     /// are closed, then flushes the log buffer and stops the offloader.
@@ -158,11 +200,63 @@ impl ServerHandle {
     }
 }
 
-/// Accepts until told to stop; then waits for the open connections'
-/// in-flight requests, and says whether they all finished in time.
-async fn accept(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<()>) -> bool {
-    let graceful = GracefulShutdown::new();
+async fn listen(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+fn local(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, Error> {
+    listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })
+}
+
+/// Accepts on every listener until told to stop; then waits for the open
+/// connections' in-flight requests, and says whether they all finished
+/// in time.
+async fn serve(
+    listeners: Vec<(TcpListener, Surface)>,
+    app: Arc<App>,
+    stop: watch::Receiver<()>,
+    graceful: Arc<GracefulShutdown>,
+) -> bool {
     let permits = Arc::new(Semaphore::new(app.limits.max_connections));
+    let per_address = PerAddress::new(app.limits.max_connections_per_address);
+    let mut accepting = tokio::task::JoinSet::new();
+    for (listener, surface) in listeners {
+        let shared = Shared {
+            app: Arc::clone(&app),
+            graceful: Arc::clone(&graceful),
+            permits: Arc::clone(&permits),
+            per_address: Arc::clone(&per_address),
+        };
+        accepting.spawn(accept(listener, surface, shared, stop.clone()));
+    }
+    accepting.join_all().await;
+    tracing::info!("stopped accepting; draining in-flight requests");
+    let graceful = Arc::into_inner(graceful).expect("every accept loop has ended");
+    tokio::time::timeout(app.limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_ok()
+}
+
+/// What every accept loop shares.
+struct Shared {
+    app: Arc<App>,
+    graceful: Arc<GracefulShutdown>,
+    permits: Arc<Semaphore>,
+    per_address: Arc<PerAddress>,
+}
+
+/// Accepts connections on one listener until told to stop.
+async fn accept(
+    listener: TcpListener,
+    surface: Surface,
+    shared: Shared,
+    mut stop: watch::Receiver<()>,
+) {
+    let app = &shared.app;
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(app.limits.request_timeout)
@@ -171,7 +265,7 @@ async fn accept(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<
         let permit = tokio::select! {
             biased;
             _ = stop.changed() => break,
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            permit = shared.permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
         let (stream, peer) = tokio::select! {
             biased;
@@ -186,26 +280,76 @@ async fn accept(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<
                 }
             },
         };
+        let Some(counted) = shared.per_address.admit(peer.ip()) else {
+            // Closed at once: the client's address holds its share already.
+            app.metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let service_app = app.clone();
-        let service = service_fn(move |request| {
-            let app = service_app.clone();
-            async move { Ok::<_, Infallible>(handle(app, request).await) }
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let stream = SendTimeout::new(stream, app.limits.send_timeout);
+        let connection = shared
+            .graceful
+            .watch(http.serve_connection(TokioIo::new(stream), service(app, surface, peer)));
         let app = app.clone();
         tokio::spawn(async move {
             app.metrics.open_connections.fetch_add(1, Ordering::Relaxed);
             if let Err(error) = connection.await {
+                if timed_out(&error) {
+                    app.metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
             app.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop((counted, permit));
         });
     }
-    drop(listener);
-    tracing::info!("stopped accepting; draining in-flight requests");
-    tokio::time::timeout(app.limits.shutdown_grace, graceful.shutdown())
-        .await
-        .is_ok()
+}
+
+/// The service of one connection: bodies due within the body timeout,
+/// and answers no shared cache may keep (they carry a tenant's data).
+fn service(
+    app: &Arc<App>,
+    surface: Surface,
+    peer: SocketAddr,
+) -> TowerToHyperService<
+    impl tower::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = hyper::Response<crate::http::Body>,
+        Error = Infallible,
+        Future: Send,
+    > + Clone
+    + use<>,
+> {
+    let app = app.clone();
+    let stack = ServiceBuilder::new()
+        .layer(SetResponseHeaderLayer::if_not_present(
+            CACHE_CONTROL,
+            HeaderValue::from_static("private, no-cache"),
+        ))
+        .layer(RequestBodyDeadlineLayer::new(app.limits.body_timeout))
+        .service_fn(move |request| {
+            let app = app.clone();
+            async move {
+                let exchange = Exchange::new(surface, peer.ip());
+                Ok::<_, Infallible>(handle(app, exchange, request).await)
+            }
+        });
+    TowerToHyperService::new(stack)
+}
+
+/// Whether a connection ended because an answer made no progress.
+fn timed_out(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }

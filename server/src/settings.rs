@@ -6,8 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hyper::header::HeaderName;
 use jsonwebtoken::Algorithm;
 use redis_failover::NodeAddr;
+use tenant_kv::{LoginThrottle, Quota, Quotas, Rate};
 
 use crate::error::SettingError;
 use crate::limits::Limits;
@@ -108,8 +110,84 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ("request_timeout", "time to answer a request; default 10s"),
     ("max_connections", "open connections at most; default 1024"),
     (
+        "max_connections_per_address",
+        "open connections at most from one client address (IPv6: its /64); 0 for no cap (behind a proxy); default 128",
+    ),
+    (
+        "send_timeout",
+        "time an answer may wait for the client to read any of it before the connection is closed; default 10s",
+    ),
+    (
+        "body_timeout",
+        "time a request body has to arrive whole (408 past it), shorter than request_timeout; default 5s, or half request_timeout if that is less",
+    ),
+    (
         "shutdown_grace",
         "time in-flight requests get to finish on shutdown; default 10s",
+    ),
+    (
+        "admin_listen",
+        "address serving /metrics and the probes (/healthz, /readyz), never the public one; `off` for none; default 127.0.0.1:9090",
+    ),
+    (
+        "client_address_header",
+        "header a trusted proxy puts the client's address in (x-forwarded-for: its last address; x-real-ip), for login throttling; default none: the peer's address",
+    ),
+    (
+        "login_attempts_per_username",
+        "login attempts a minute on one username (shared by every instance); 0 for no limit; default 10",
+    ),
+    (
+        "login_attempts_per_address",
+        "login attempts a minute from one client address; 0 for no limit; default 30",
+    ),
+    (
+        "login_failed_records_per_minute",
+        "login_failed audit records a minute per tenant, the rest counted in the next one; 0 for no limit; default 60",
+    ),
+    (
+        "password_hashing_slots",
+        "passwords checked at once (each takes 19 MiB and a core); default the number of cores",
+    ),
+    (
+        "password_hashing_queue",
+        "logins waiting for a slot; past it, 503 at once; default 4 per slot",
+    ),
+    (
+        "tenant_max_keys",
+        "items a tenant may hold, unless overridden (`server tenant limits set`); default no limit",
+    ),
+    (
+        "tenant_max_bytes",
+        "bytes of keys, values and metadata a tenant may hold; default no limit",
+    ),
+    (
+        "tenant_writes_per_second",
+        "item writes per second of a tenant; default no limit",
+    ),
+    (
+        "tenant_write_burst",
+        "item writes of a tenant at once; default a second's worth",
+    ),
+    (
+        "tenant_requests_per_second",
+        "requests per second of a tenant (429 past it); default no limit",
+    ),
+    (
+        "tenant_request_burst",
+        "requests of a tenant at once; default a second's worth",
+    ),
+    (
+        "tenant_api_key_requests_per_second",
+        "requests per second of each API key without a rate of its own; default no limit",
+    ),
+    (
+        "tenant_api_key_request_burst",
+        "requests at once of each such API key; default a second's worth",
+    ),
+    (
+        "tenant_max_api_keys",
+        "API keys a tenant may hold; default 100",
     ),
 ];
 
@@ -177,11 +255,26 @@ pub struct JwtSettings {
     pub leeway: Duration,
 }
 
+/// What keeps one client or tenant from exhausting the service.
+#[derive(Clone, Debug)]
+pub struct Protection {
+    /// The header a trusted proxy puts the client's address in.
+    pub client_address_header: Option<HeaderName>,
+    /// Login throttling.
+    pub login: LoginThrottle,
+    /// Passwords checked at once, and logins waiting for a slot.
+    pub password_hashing: (usize, usize),
+    /// Every tenant's quotas, unless overridden in Redis.
+    pub quotas: Quotas,
+}
+
 /// The service's settings, checked.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Address serving `/metrics` and the probes, if any.
+    pub admin_listen: Option<SocketAddr>,
     /// Redis.
     pub redis: RedisSettings,
     /// Tokens.
@@ -196,6 +289,8 @@ pub struct Settings {
     pub log_buffer: bool,
     /// Request limits.
     pub limits: Limits,
+    /// Throttles and quotas.
+    pub protection: Protection,
 }
 
 impl Settings {
@@ -378,13 +473,25 @@ impl Settings {
         }
 
         let defaults = Limits::default();
+        let request_timeout = duration(raw, "request_timeout", defaults.request_timeout)?;
         let limits = Limits {
             max_body_bytes: number(raw, "max_body_bytes", defaults.max_body_bytes)?,
             max_header_bytes: number(raw, "max_header_bytes", defaults.max_header_bytes)?,
             max_uri_bytes: number(raw, "max_uri_bytes", defaults.max_uri_bytes)?,
             max_batch: number(raw, "max_batch", defaults.max_batch)?,
-            request_timeout: duration(raw, "request_timeout", defaults.request_timeout)?,
+            request_timeout,
             max_connections: number(raw, "max_connections", defaults.max_connections)?,
+            max_connections_per_address: number(
+                raw,
+                "max_connections_per_address",
+                defaults.max_connections_per_address,
+            )?,
+            send_timeout: duration(raw, "send_timeout", defaults.send_timeout)?,
+            body_timeout: duration(
+                raw,
+                "body_timeout",
+                defaults.body_timeout.min(request_timeout / 2),
+            )?,
             shutdown_grace: duration(raw, "shutdown_grace", defaults.shutdown_grace)?,
         };
         limits.validate()?;
@@ -405,8 +512,22 @@ impl Settings {
             ));
         }
 
+        let admin_listen =
+            match get("admin_listen").unwrap_or("127.0.0.1:9090") {
+                "off" => None,
+                addr => Some(addr.parse().map_err(|_| {
+                    SettingError::invalid("admin_listen", "expected ip:port, or off")
+                })?),
+            };
+        if admin_listen == Some(listen) {
+            return Err(SettingError::invalid(
+                "admin_listen",
+                "must differ from listen: metrics name every tenant",
+            ));
+        }
         Ok(Self {
             listen,
+            admin_listen,
             redis,
             jwt,
             encryption_key,
@@ -414,9 +535,81 @@ impl Settings {
             loki_url,
             log_buffer: boolean(raw, "log_buffer", true)?,
             limits,
+            protection: protection(raw)?,
         })
     }
 }
+
+/// Throttles and quotas from their settings.
+fn protection(raw: &BTreeMap<&'static str, String>) -> Result<Protection, SettingError> {
+    let client_address_header = raw
+        .get("client_address_header")
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .map(|name| {
+            HeaderName::try_from(name)
+                .map_err(|_| SettingError::invalid("client_address_header", "not a header name"))
+        })
+        .transpose()?;
+    let per_minute = |name: &'static str, default: u32| -> Result<Option<Rate>, SettingError> {
+        let count: u32 = number(raw, name, default)?;
+        Ok((count > 0).then(|| Rate::per_minute(count)))
+    };
+    let login = LoginThrottle::default()
+        .per_username(per_minute("login_attempts_per_username", 10)?)
+        .per_source(per_minute("login_attempts_per_address", 30)?)
+        .failed_records(per_minute("login_failed_records_per_minute", 60)?);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let slots: usize = number(raw, "password_hashing_slots", cores)?;
+    if slots == 0 {
+        return Err(SettingError::invalid(
+            "password_hashing_slots",
+            "must be at least 1",
+        ));
+    }
+    let queue = number(raw, "password_hashing_queue", 4 * slots)?;
+    let mut quotas = Quotas::default();
+    for quota in Quota::ALL {
+        let setting = QUOTA_SETTINGS
+            .iter()
+            .find(|(q, _)| *q == quota)
+            .map(|(_, name)| *name)
+            .expect("every quota has a setting");
+        if let Some(text) = raw.get(setting).map(|v| v.trim()).filter(|v| !v.is_empty()) {
+            let value = match text {
+                "unlimited" | "none" => None,
+                number => Some(number.parse::<u64>().map_err(|_| {
+                    SettingError::invalid(setting, "expected a whole number, or unlimited")
+                })?),
+            };
+            quotas
+                .set(quota, value)
+                .map_err(|e| SettingError::invalid(setting, e.to_string()))?;
+        }
+    }
+    Ok(Protection {
+        client_address_header,
+        login,
+        password_hashing: (slots, queue),
+        quotas,
+    })
+}
+
+/// The setting giving each quota's default.
+const QUOTA_SETTINGS: [(Quota, &str); 9] = [
+    (Quota::MaxKeys, "tenant_max_keys"),
+    (Quota::MaxBytes, "tenant_max_bytes"),
+    (Quota::WritesPerSecond, "tenant_writes_per_second"),
+    (Quota::WriteBurst, "tenant_write_burst"),
+    (Quota::RequestsPerSecond, "tenant_requests_per_second"),
+    (Quota::RequestBurst, "tenant_request_burst"),
+    (
+        Quota::ApiKeyRequestsPerSecond,
+        "tenant_api_key_requests_per_second",
+    ),
+    (Quota::ApiKeyRequestBurst, "tenant_api_key_request_burst"),
+    (Quota::MaxApiKeys, "tenant_max_api_keys"),
+];
 
 /// How long one `WAIT` for `redis_wait_replicas` lasts. A write short of
 /// replicas then answers `not_replicated`; the next ones wait, without
@@ -475,7 +668,11 @@ impl Settings {
         &self,
         client: redis_failover::FailoverClient,
     ) -> Result<tenant_kv::TenantKv, tenant_kv::Error> {
-        let mut builder = tenant_kv::TenantKv::builder(client);
+        let protection = &self.protection;
+        let mut builder = tenant_kv::TenantKv::builder(client)
+            .quotas(protection.quotas)
+            .login_throttle(protection.login)
+            .password_hashing(protection.password_hashing.0, protection.password_hashing.1);
         if let Some(key) = self.encryption_key {
             builder = builder.encryption_key(key);
         }
@@ -616,10 +813,35 @@ mod tests {
                 ("SERVER_REDIS_WAIT_REPLICAS", "2"),
                 ("SERVER_REDIS_DEMOTE_STALE_MASTER", "true"),
                 ("SERVER_PORT", "tcp://10.0.0.1:80"),
+                ("SERVER_TENANT_MAX_KEYS", "1000"),
+                ("SERVER_TENANT_REQUESTS_PER_SECOND", "50"),
+                ("SERVER_TENANT_MAX_API_KEYS", "unlimited"),
+                ("SERVER_LOGIN_ATTEMPTS_PER_USERNAME", "0"),
+                ("SERVER_ADMIN_LISTEN", "off"),
+                ("SERVER_CLIENT_ADDRESS_HEADER", "X-Forwarded-For"),
                 SECRET,
             ]),
         )
         .unwrap();
+        let quotas = settings.protection.quotas;
+        assert_eq!(quotas.max_keys, Some(1000));
+        assert_eq!(quotas.requests_per_second, Some(50));
+        assert_eq!(quotas.max_api_keys, None);
+        assert_eq!(settings.protection.login.per_username, None);
+        assert_eq!(
+            settings.protection.login.per_source,
+            Some(tenant_kv::Rate::per_minute(30))
+        );
+        assert_eq!(settings.admin_listen, None);
+        assert_eq!(
+            settings
+                .protection
+                .client_address_header
+                .as_ref()
+                .map(|h| h.as_str()),
+            Some("x-forwarded-for")
+        );
+        assert_eq!(settings.limits.body_timeout, Duration::from_secs(1));
         assert_eq!(
             settings.redis.discovery,
             Discovery::Sentinel {
@@ -747,6 +969,48 @@ mod tests {
                     ("SERVER_JWT_ALGORITHM", "none"),
                 ],
                 "jwt_algorithm",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_TENANT_REQUESTS_PER_SECOND", "0"),
+                ],
+                "tenant_requests_per_second",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_TENANT_MAX_BYTES", "lots"),
+                ],
+                "tenant_max_bytes",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_ADMIN_LISTEN", "0.0.0.0:8080"),
+                ],
+                "admin_listen",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_CLIENT_ADDRESS_HEADER", "bad header"),
+                ],
+                "client_address_header",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_BODY_TIMEOUT", "10s"),
+                ],
+                "body_timeout",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_PASSWORD_HASHING_SLOTS", "0"),
+                ],
+                "password_hashing_slots",
             ),
         ];
         for (vars, setting) in cases {

@@ -1,6 +1,7 @@
 //! API keys: `tkv_<key id>_<secret><checksum>`, shown once, stored as a
-//! SHA-256 hash, scoped, optionally limited to a key prefix and an expiry,
-//! rotated with a grace period.
+//! SHA-256 hash, scoped, optionally limited to a key prefix, an expiry and
+//! a request rate, owned by the user who created them (a disabled owner
+//! disables them), rotated with a grace period.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -11,8 +12,17 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
-use crate::keys::{TenantId, TenantKeys};
-use crate::store::{Actor, TenantKv, audit_record};
+use crate::keys::{MAX_KEY_LEN, TenantId, TenantKeys, check_text};
+use crate::scripts::API_KEY_CREATE;
+use crate::store::{Actor, MAX_TTL, TenantKv, audit_record};
+use crate::users::User;
+
+/// The longest API key name, in bytes.
+pub const MAX_API_KEY_NAME_LEN: usize = 128;
+/// The longest a rotated-out secret may stay valid.
+pub const MAX_ROTATION_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// The most keys one page of [`ApiKeys::list_page`] holds.
+pub const MAX_API_KEY_PAGE: usize = 100;
 
 /// What an API key may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -73,8 +83,14 @@ pub struct NewApiKey {
     pub scopes: Vec<Scope>,
     /// If set, the item keys it may touch must start with this.
     pub key_prefix: Option<String>,
-    /// How long it is valid; `None` until revoked.
+    /// How long it is valid (at most [`MAX_TTL`]); `None` until revoked.
     pub ttl: Option<Duration>,
+    /// The user it acts for: disabling the user disables the key. `None`
+    /// for a key of no user (made by an operator).
+    pub owner: Option<String>,
+    /// Its own request rate, instead of the tenant's
+    /// `api_key_requests_per_second` (1 to 1,000,000).
+    pub requests_per_second: Option<u32>,
 }
 
 /// An API key as stored, without its secret.
@@ -97,6 +113,20 @@ pub struct ApiKey {
     pub expires_at: Option<SystemTime>,
     /// When it was last used, about (updated at most once a minute).
     pub last_used: Option<SystemTime>,
+    /// The user it acts for, if any.
+    pub owner: Option<String>,
+    /// Its own request rate, if it has one.
+    pub requests_per_second: Option<u32>,
+}
+
+/// One page of a tenant's API keys, from [`ApiKeys::list_page`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ApiKeyPage {
+    /// Keys, oldest first.
+    pub keys: Vec<ApiKey>,
+    /// Pass it to get the next page; `None` when the listing is done.
+    pub cursor: Option<String>,
 }
 
 impl ApiKey {
@@ -136,6 +166,45 @@ fn ms_to_time(ms: u64) -> SystemTime {
 
 fn api_key_key(id: &str) -> String {
     format!("api-key:{id}")
+}
+
+/// The key's request-rate state.
+pub(crate) fn rate_key(id: &str) -> String {
+    format!("api-key:{id}:request-rate")
+}
+
+/// Checks what a new key may be before anything is stored.
+fn check_new(new: &NewApiKey) -> Result<()> {
+    let invalid = |reason: String| Err(Error::InvalidApiKeySettings { reason });
+    if new.scopes.is_empty() {
+        return invalid("a key needs at least one scope".to_owned());
+    }
+    if new.name.is_empty() || new.name.len() > MAX_API_KEY_NAME_LEN {
+        return invalid(format!(
+            "a name is 1 to {MAX_API_KEY_NAME_LEN} bytes ({} given)",
+            new.name.len()
+        ));
+    }
+    check_text("a name", &new.name).or_else(invalid)?;
+    if let Some(prefix) = &new.key_prefix {
+        if prefix.len() > MAX_KEY_LEN {
+            return invalid(format!("a key prefix is at most {MAX_KEY_LEN} bytes"));
+        }
+        check_text("a key prefix", prefix).or_else(invalid)?;
+    }
+    if new.ttl.is_some_and(|ttl| ttl.is_zero() || ttl > MAX_TTL) {
+        return invalid(format!(
+            "a key lives 1 ms to {} days",
+            MAX_TTL.as_secs() / 86_400
+        ));
+    }
+    if new
+        .requests_per_second
+        .is_some_and(|rate| !(1..=1_000_000).contains(&rate))
+    {
+        return invalid("a key's request rate is 1 to 1000000 per second".to_owned());
+    }
+    Ok(())
 }
 
 fn sha256_hex(text: &str) -> String {
@@ -186,18 +255,16 @@ impl ApiKeys {
     }
 
     /// Creates a key for `tenant`; returns it with its secret form, shown
-    /// this once (only its hash is stored).
+    /// this once (only its hash is stored). Fails with
+    /// [`Error::QuotaExceeded`] (`api_keys`) when the tenant holds its
+    /// `max_api_keys` already.
     pub async fn create(
         &self,
         tenant: &TenantId,
         new: NewApiKey,
         actor: &Actor,
     ) -> Result<(ApiKey, String)> {
-        if new.scopes.is_empty() || new.name.is_empty() {
-            return Err(Error::InvalidApiKeySettings {
-                reason: "a key needs a name and at least one scope".to_owned(),
-            });
-        }
+        check_new(&new)?;
         let (id, secret) = (random_hex(8), random_hex(16));
         let presented = format_key(&id, &secret);
         let created = now_ms();
@@ -212,31 +279,40 @@ impl ApiKeys {
             ("hash", sha256_hex(&presented)),
             ("created", created.to_string()),
         ];
-        if let Some(prefix) = &new.key_prefix {
-            fields.push(("key_prefix", prefix.clone()));
+        let optional = [
+            ("key_prefix", new.key_prefix.clone()),
+            ("expires", expires.map(|e| e.to_string())),
+            ("owner", new.owner.clone()),
+            (
+                "requests_per_second",
+                new.requests_per_second.map(|r| r.to_string()),
+            ),
+        ];
+        fields.extend(optional.into_iter().filter_map(|(f, v)| Some((f, v?))));
+        let settings = &self.store.inner;
+        let max_keys = self.store.quotas(tenant).await?.max_api_keys;
+        let mut command = API_KEY_CREATE.command(&[
+            TenantKeys::new(tenant).api_keys(),
+            api_key_key(&id),
+            TenantKeys::new(tenant).audit(),
+        ]);
+        command
+            .arg(max_keys.map_or_else(String::new, |n| n.to_string()))
+            .arg(&id)
+            .arg(settings.audit_max_len)
+            .arg(tenant.as_str())
+            .arg(actor.as_str());
+        for (field, value) in &fields {
+            command.arg(*field).arg(value);
         }
-        if let Some(expires) = expires {
-            fields.push(("expires", expires.to_string()));
+        let held: i64 = API_KEY_CREATE.run(self.client(), &command, false).await?;
+        if held >= 0 {
+            return Err(Error::QuotaExceeded {
+                what: "api_keys",
+                limit: max_keys.unwrap_or(0),
+                would_be: held.unsigned_abs() + 1,
+            });
         }
-        let _: () = self
-            .client()
-            .query_pipeline(
-                redis::pipe()
-                    .atomic()
-                    .hset_multiple(api_key_key(&id), &fields)
-                    .ignore()
-                    .sadd(TenantKeys::new(tenant).api_keys(), &id)
-                    .ignore()
-                    .add_command(audit_record(
-                        &self.store.inner,
-                        tenant,
-                        actor,
-                        "create_api_key",
-                        &id,
-                    ))
-                    .ignore(),
-            )
-            .await?;
         let key = ApiKey {
             id,
             tenant: tenant.clone(),
@@ -246,6 +322,8 @@ impl ApiKeys {
             created_at: ms_to_time(created),
             expires_at: expires.map(ms_to_time),
             last_used: None,
+            owner: new.owner,
+            requests_per_second: new.requests_per_second,
         };
         Ok((key, presented))
     }
@@ -260,9 +338,16 @@ impl ApiKeys {
 
     /// The key `presented` stands for, if it is valid now: well formed, its
     /// hash matching (compared in constant time) the current secret or,
-    /// within a rotation's grace period, the previous one, and not
-    /// expired. Anything else is [`Error::InvalidApiKey`].
+    /// within a rotation's grace period, the previous one, not expired,
+    /// and its owner (if it has one) not disabled. Anything else is
+    /// [`Error::InvalidApiKey`].
     pub async fn verify(&self, presented: &str) -> Result<ApiKey> {
+        self.verify_with_owner(presented).await.map(|(key, _)| key)
+    }
+
+    /// Like [`verify`](Self::verify), and returns the key's owner as well
+    /// (whose rights, such as [`User::admin`], the key acts with).
+    pub async fn verify_with_owner(&self, presented: &str) -> Result<(ApiKey, Option<User>)> {
         let id = parse_key(presented).ok_or(Error::InvalidApiKey)?;
         let (key, fields) = self.load(id).await?.ok_or(Error::InvalidApiKey)?;
         let hash = sha256_hex(presented);
@@ -282,8 +367,19 @@ impl ApiKeys {
         if !valid {
             return Err(Error::InvalidApiKey);
         }
+        let owner = match &key.owner {
+            None => None,
+            Some(name) => match self.store.users().get(name).await {
+                Ok(user) if !user.disabled && user.tenant == key.tenant => Some(user),
+                // Disabled, gone, or moved: the key goes with its owner.
+                Ok(_) | Err(Error::UnknownUser { .. } | Error::InvalidUser { .. }) => {
+                    return Err(Error::InvalidApiKey);
+                }
+                Err(other) => return Err(other),
+            },
+        };
         self.touch(id).await;
-        Ok(key)
+        Ok((key, owner))
     }
 
     /// Writes `last_used`, at most once per minute per key and process.
@@ -324,7 +420,8 @@ impl ApiKeys {
     }
 
     /// Gives `tenant`'s key `id` a new secret, returned in full; the old
-    /// one stays valid for `grace` (0 to revoke it at once).
+    /// one stays valid for `grace` (0 to revoke it at once; at most
+    /// [`MAX_ROTATION_GRACE`]).
     pub async fn rotate(
         &self,
         tenant: &TenantId,
@@ -332,6 +429,14 @@ impl ApiKeys {
         grace: Duration,
         actor: &Actor,
     ) -> Result<(ApiKey, String)> {
+        if grace > MAX_ROTATION_GRACE {
+            return Err(Error::InvalidApiKeySettings {
+                reason: format!(
+                    "a rotation's grace period is at most {} s",
+                    MAX_ROTATION_GRACE.as_secs()
+                ),
+            });
+        }
         let (key, fields) = match self.load(id).await? {
             Some((key, fields)) if key.tenant == *tenant => (key, fields),
             _ => return Err(Error::UnknownApiKey { id: id.to_owned() }),
@@ -414,9 +519,58 @@ impl ApiKeys {
                 keys.push(key);
             }
         }
-        keys.sort_by_key(|k| k.created_at);
+        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         Ok(keys)
     }
+
+    /// Up to `limit` (at most [`MAX_API_KEY_PAGE`]) of `tenant`'s keys,
+    /// oldest first, after `cursor` (from the previous page), only those
+    /// of `owner` if given. A cursor names a position, not a key, so keys
+    /// revoked meanwhile do not break it.
+    pub async fn list_page(
+        &self,
+        tenant: &TenantId,
+        owner: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<ApiKeyPage> {
+        let after = cursor.map(parse_cursor).transpose()?;
+        let limit = limit.clamp(1, MAX_API_KEY_PAGE);
+        let mut keys: Vec<ApiKey> = self
+            .list(tenant)
+            .await?
+            .into_iter()
+            .filter(|key| owner.is_none_or(|owner| key.owner.as_deref() == Some(owner)))
+            .filter(|key| {
+                after
+                    .as_ref()
+                    .is_none_or(|(ms, id)| (key_ms(key), &key.id) > (*ms, id))
+            })
+            .collect();
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let cursor = more
+            .then(|| keys.last().map(|key| format!("{}.{}", key_ms(key), key.id)))
+            .flatten();
+        Ok(ApiKeyPage { keys, cursor })
+    }
+}
+
+fn key_ms(key: &ApiKey) -> u64 {
+    key.created_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A listing cursor: `<created ms>.<key id>`.
+fn parse_cursor(cursor: &str) -> Result<(u64, String)> {
+    cursor
+        .split_once('.')
+        .and_then(|(ms, id)| {
+            let hex = id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit());
+            Some((ms.parse().ok()?, id.to_owned())).filter(|_| hex)
+        })
+        .ok_or(Error::InvalidCursor)
 }
 
 /// A key from its hash fields; `None` if there is no such key.
@@ -437,11 +591,14 @@ fn key_from_fields(id: &str, fields: &HashMap<String, String>) -> Result<Option<
         created_at: ms_to_time(number("created").unwrap_or(0)),
         expires_at: number("expires").map(ms_to_time),
         last_used: number("last_used").map(ms_to_time),
+        owner: fields.get("owner").cloned(),
+        requests_per_second: number("requests_per_second")
+            .and_then(|rate| u32::try_from(rate).ok()),
     }))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -458,17 +615,88 @@ mod tests {
         }
     }
 
-    #[test]
-    fn scopes_and_prefixes_limit_a_key() {
-        let key = ApiKey {
-            id: "id".into(),
+    pub(crate) fn key_with_scopes(scopes: Vec<Scope>) -> ApiKey {
+        ApiKey {
+            id: "0123456789abcdef".into(),
             tenant: TenantId::new("t").unwrap(),
             name: "ci".into(),
-            scopes: vec![Scope::Read, Scope::List],
-            key_prefix: Some("public/".into()),
+            scopes,
+            key_prefix: None,
             created_at: UNIX_EPOCH,
             expires_at: None,
             last_used: None,
+            owner: None,
+            requests_per_second: None,
+        }
+    }
+
+    #[test]
+    fn new_keys_are_bounded() {
+        let new = |name: &str, prefix: Option<&str>, ttl: Option<Duration>, rate: Option<u32>| {
+            NewApiKey {
+                name: name.to_owned(),
+                scopes: vec![Scope::Read],
+                key_prefix: prefix.map(str::to_owned),
+                ttl,
+                owner: None,
+                requests_per_second: rate,
+            }
+        };
+        assert!(
+            check_new(&new(
+                "ci",
+                Some("a/"),
+                Some(Duration::from_secs(60)),
+                Some(5)
+            ))
+            .is_ok()
+        );
+        let too_long = "n".repeat(MAX_API_KEY_NAME_LEN + 1);
+        let long_prefix = "p".repeat(MAX_KEY_LEN + 1);
+        for bad in [
+            new("", None, None, None),
+            new(&too_long, None, None, None),
+            new("a\u{1b}[31m", None, None, None),
+            new("ci", Some(&long_prefix), None, None),
+            new("ci", Some("a\n"), None, None),
+            new("ci", None, Some(MAX_TTL + Duration::from_secs(1)), None),
+            new("ci", None, None, Some(0)),
+        ] {
+            assert!(
+                matches!(check_new(&bad), Err(Error::InvalidApiKeySettings { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            check_new(&NewApiKey {
+                scopes: vec![],
+                ..new("ci", None, None, None)
+            }),
+            Err(Error::InvalidApiKeySettings { .. })
+        ));
+        assert_eq!(
+            parse_cursor("17.0123456789abcdef").unwrap(),
+            (17, "0123456789abcdef".to_owned())
+        );
+        for bad in [
+            "",
+            "17",
+            "x.0123456789abcdef",
+            "17.0123",
+            "17.0123456789abcdeg",
+        ] {
+            assert!(
+                matches!(parse_cursor(bad), Err(Error::InvalidCursor)),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn scopes_and_prefixes_limit_a_key() {
+        let key = ApiKey {
+            key_prefix: Some("public/".into()),
+            ..key_with_scopes(vec![Scope::Read, Scope::List])
         };
         assert!(key.allows(Scope::Read, "public/a"));
         assert!(!key.allows(Scope::Read, "private/a"));

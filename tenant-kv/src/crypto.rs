@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -15,6 +16,10 @@ use redis_failover::FailoverClient;
 
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys};
+
+/// Where the destruction of a tenant's data key is announced (the message
+/// is the tenant id), so other instances stop using it at once.
+pub(crate) const DATA_KEY_DESTROYED: &str = "tenant-kv:data-key-destroyed";
 
 /// Marks an encrypted value, ahead of `base64(nonce || ciphertext)`.
 const ENCRYPTED: &str = "enc:v1:";
@@ -64,10 +69,13 @@ fn open(cipher: &XChaCha20Poly1305, sealed: &str, aad: &[u8]) -> Option<Vec<u8>>
         .ok()
 }
 
-/// The master key and the tenants' data keys met so far.
+/// The master key and the tenants' data keys met lately.
 pub(crate) struct Encryption {
     master: XChaCha20Poly1305,
-    data_keys: Mutex<HashMap<TenantId, XChaCha20Poly1305>>,
+    /// Each data key with when it was read: it is read again after
+    /// `lifetime`, so a key destroyed elsewhere stops being used.
+    data_keys: Mutex<HashMap<TenantId, (Instant, XChaCha20Poly1305)>>,
+    lifetime: Duration,
 }
 
 impl std::fmt::Debug for Encryption {
@@ -77,19 +85,30 @@ impl std::fmt::Debug for Encryption {
 }
 
 impl Encryption {
-    pub(crate) fn new(master_key: &[u8; 32]) -> Self {
+    pub(crate) fn new(master_key: &[u8; 32], lifetime: Duration) -> Self {
         Self {
             master: XChaCha20Poly1305::new(Key::from_slice(master_key)),
             data_keys: Mutex::default(),
+            lifetime,
         }
     }
 
-    fn cached(&self, tenant: &TenantId) -> Option<XChaCha20Poly1305> {
+    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, (Instant, XChaCha20Poly1305)>> {
         self.data_keys
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn cached(&self, tenant: &TenantId) -> Option<XChaCha20Poly1305> {
+        self.keys()
             .get(tenant)
-            .cloned()
+            .filter(|(read, _)| read.elapsed() < self.lifetime)
+            .map(|(_, key)| key.clone())
+    }
+
+    /// Stops using `tenant`'s data key from memory (it was destroyed).
+    pub(crate) fn forget(&self, tenant: &TenantId) {
+        self.keys().remove(tenant);
     }
 
     /// The tenant's data key: cached, else read from Redis, else (when
@@ -125,10 +144,13 @@ impl Encryption {
             key: redis_key,
             reason: "the tenant's data key has the wrong length".to_owned(),
         })?;
-        self.data_keys
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(tenant.clone(), key.clone());
+        let mut keys = self.keys();
+        // Tenants met long ago go, so the map holds only those in use.
+        if keys.len() >= 1024 {
+            let lifetime = self.lifetime;
+            keys.retain(|_, (read, _)| read.elapsed() < lifetime);
+        }
+        keys.insert(tenant.clone(), (Instant::now(), key.clone()));
         Ok(Some(key))
     }
 
@@ -175,15 +197,20 @@ impl Encryption {
         String::from_utf8(plaintext).map_err(|_| unreadable("the decrypted value is not UTF-8"))
     }
 
-    /// Deletes the tenant's data key: its encrypted values become unreadable.
+    /// Deletes the tenant's data key, and tells the other instances:
+    /// its encrypted values become unreadable.
     pub(crate) async fn destroy(&self, client: &FailoverClient, tenant: &TenantId) -> Result<()> {
-        let _: u64 = client
-            .query(redis::cmd("DEL").arg(TenantKeys::new(tenant).data_key()))
+        let _: () = client
+            .query_pipeline(
+                redis::pipe()
+                    .atomic()
+                    .del(TenantKeys::new(tenant).data_key())
+                    .ignore()
+                    .publish(DATA_KEY_DESTROYED, tenant.as_str())
+                    .ignore(),
+            )
             .await?;
-        self.data_keys
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(tenant);
+        self.forget(tenant);
         Ok(())
     }
 

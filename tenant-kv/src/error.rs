@@ -67,7 +67,7 @@ pub enum Error {
     /// The write would take the tenant past one of its quotas.
     #[error("quota exceeded: {what} would reach {would_be}, the limit is {limit}")]
     QuotaExceeded {
-        /// `keys` or `bytes`.
+        /// `keys`, `bytes` or `api_keys`.
         what: &'static str,
         /// The limit.
         limit: u64,
@@ -125,6 +125,30 @@ pub enum Error {
     #[error("write rate quota exceeded: retry after {retry_after:?}")]
     RateLimited {
         /// When the write would be allowed.
+        retry_after: Duration,
+    },
+
+    /// A request past the tenant's or the API key's request rate
+    /// ([`TenantKv::admit_request`](crate::TenantKv::admit_request)).
+    #[error("request rate limit `{}` exceeded: retry after {:?}", status.policy, status.retry_after.unwrap_or_default())]
+    RequestRateLimited {
+        /// The limit that refused the request.
+        status: crate::RateLimitStatus,
+    },
+
+    /// Too many login attempts for this username or from this address
+    /// lately; no password was checked.
+    #[error("too many login attempts: retry after {retry_after:?}")]
+    LoginThrottled {
+        /// When an attempt would be taken.
+        retry_after: Duration,
+    },
+
+    /// Every password hashing slot and its queue are taken: the attempt
+    /// was refused at once instead of waiting.
+    #[error("too many passwords being checked: retry after {retry_after:?}")]
+    Overloaded {
+        /// When to try again.
         retry_after: Duration,
     },
 

@@ -1,5 +1,7 @@
 //! The expiry watcher: `key_expiration` records as soon as Redis expires
 //! an item, from keyspace notifications, with sweeps for the ones missed.
+//! On the same subscription it hears of tenants' data keys destroyed by
+//! other instances, and stops using them at once.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -9,6 +11,7 @@ use redis_failover::{Event, FailoverClient};
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::crypto::DATA_KEY_DESTROYED;
 use crate::keys::TenantId;
 use crate::store::{Actor, TenantKv};
 
@@ -88,6 +91,9 @@ async fn subscribed(
         enable_notifications(client).await;
     }
     pubsub.subscribe(EXPIRED_CHANNEL).await?;
+    if store.inner.encryption.is_some() {
+        pubsub.subscribe(DATA_KEY_DESTROYED).await?;
+    }
     // Whatever expired while nobody listened.
     sweep(store).await?;
     let interval = store.inner.expiry_sweep_interval;
@@ -100,10 +106,10 @@ async fn subscribed(
                     return Err("the pub/sub connection was closed".into());
                 };
                 let mut tenants = BTreeSet::new();
-                tenants.extend(tenant_of_item(message.get_payload_bytes()));
+                take(store, &message, &mut tenants);
                 while tenants.len() < COALESCE {
                     match messages.next().now_or_never() {
-                        Some(Some(message)) => tenants.extend(tenant_of_item(message.get_payload_bytes())),
+                        Some(Some(message)) => take(store, &message, &mut tenants),
                         _ => break,
                     }
                 }
@@ -121,6 +127,22 @@ async fn subscribed(
             _ = sweeps.tick() => sweep(store).await?,
         }
     }
+}
+
+/// Handles one message: an expired item's tenant joins `tenants` (to
+/// purge); a destroyed data key is forgotten at once.
+fn take(store: &TenantKv, message: &redis::Msg, tenants: &mut BTreeSet<TenantId>) {
+    let payload = message.get_payload_bytes();
+    if message.get_channel_name() == DATA_KEY_DESTROYED {
+        let tenant = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|id| TenantId::new(id).ok());
+        if let (Some(encryption), Some(tenant)) = (&store.inner.encryption, tenant) {
+            encryption.forget(&tenant);
+        }
+        return;
+    }
+    tenants.extend(tenant_of_item(payload));
 }
 
 /// Adds `Ex` (expired-key events) to the master's `notify-keyspace-events`

@@ -61,7 +61,21 @@ impl std::str::FromStr for TenantId {
     }
 }
 
-/// Checks an item key: any UTF-8 text of 1 to [`MAX_KEY_LEN`] bytes.
+/// Whether `c` could act on a terminal or a log viewer instead of being
+/// shown: control characters (C0, DEL, C1, which include the escape that
+/// starts terminal sequences and the line breaks that forge log lines),
+/// the line and paragraph separators, and the bidirectional formatting
+/// characters that reorder what is displayed.
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// Checks an item key: 1 to [`MAX_KEY_LEN`] bytes of UTF-8 text without
+/// the characters [`is_unsafe_char`] refuses.
 pub(crate) fn check_key(key: &str) -> Result<(), Error> {
     if key.is_empty() || key.len() > MAX_KEY_LEN {
         return Err(Error::InvalidKey {
@@ -71,7 +85,19 @@ pub(crate) fn check_key(key: &str) -> Result<(), Error> {
             ),
         });
     }
-    Ok(())
+    check_text("keys", key).map_err(|reason| Error::InvalidKey { reason })
+}
+
+/// Refuses text holding a character [`is_unsafe_char`] refuses, naming
+/// where it is (`what` says what the text is).
+pub(crate) fn check_text(what: &str, text: &str) -> Result<(), String> {
+    match text.char_indices().find(|(_, c)| is_unsafe_char(*c)) {
+        Some((at, c)) => Err(format!(
+            "{what} cannot hold control or bidirectional formatting characters ({:?} at byte {at})",
+            c
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The Redis keys of one tenant.
@@ -123,6 +149,26 @@ impl TenantKeys {
         format!("{}rate", self.prefix)
     }
 
+    /// The tenant's quota overrides (a hash: quota name to value).
+    pub(crate) fn quotas(&self) -> String {
+        format!("{}quotas", self.prefix)
+    }
+
+    /// The tenant's request-rate state (GCRA).
+    pub(crate) fn request_rate(&self) -> String {
+        format!("{}request-rate", self.prefix)
+    }
+
+    /// The rate state of the tenant's `login_failed` audit records.
+    pub(crate) fn login_failed_rate(&self) -> String {
+        format!("{}login-failed-rate", self.prefix)
+    }
+
+    /// How many `login_failed` records were left out since the last one.
+    pub(crate) fn login_failed_suppressed(&self) -> String {
+        format!("{}login-failed-suppressed", self.prefix)
+    }
+
     /// The tenant's data key, wrapped by the master key.
     pub(crate) fn data_key(&self) -> String {
         format!("{}data-key", self.prefix)
@@ -142,6 +188,16 @@ impl TenantKeys {
     pub(crate) fn audit(&self) -> String {
         format!("{}audit", self.prefix)
     }
+}
+
+/// A short, fixed-size, non-reversible name for `text` (the first 16 hex
+/// digits of its SHA-256), to record or key by what must not appear raw.
+pub(crate) fn fingerprint(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Escapes Redis glob metacharacters (`*`, `?`, `[`, `]`, `\`) so that
@@ -322,6 +378,22 @@ mod tests {
             assert_eq!(decode(&own), None, "{own}");
         }
         assert!(check_key("").is_err());
+        for unsafe_key in [
+            "a\nb",
+            "\u{1b}[2J",
+            "a\u{7f}",
+            "\u{85}",
+            "x\u{202E}gnp.exe",
+            "a\u{2028}b",
+        ] {
+            assert!(
+                matches!(check_key(unsafe_key), Err(Error::InvalidKey { .. })),
+                "{unsafe_key:?}"
+            );
+        }
+        for fine in ["a b", "a/b:c*d", "é𝄞", "{tag}", "tab\\t"] {
+            assert!(check_key(fine).is_ok(), "{fine:?}");
+        }
         assert!(check_key(&"k".repeat(MAX_KEY_LEN + 1)).is_err());
         assert!(check_key(&"k".repeat(MAX_KEY_LEN)).is_ok());
     }

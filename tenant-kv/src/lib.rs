@@ -79,15 +79,27 @@ mod cursor;
 mod error;
 mod expiry;
 mod keys;
+mod limits;
+mod passwords;
+mod ratelimit;
+mod scripts;
 mod store;
 mod users;
 
-pub use api_keys::{ApiKey, ApiKeys, NewApiKey, Scope};
+pub use api_keys::{
+    ApiKey, ApiKeyPage, ApiKeys, MAX_API_KEY_NAME_LEN, MAX_API_KEY_PAGE, MAX_ROTATION_GRACE,
+    NewApiKey, Scope,
+};
 pub use error::{Error, Result};
 pub use expiry::ExpiryWatcher;
-pub use keys::{MAX_KEY_LEN, MAX_TENANT_ID_LEN, TenantId, escape_glob, tenant_acl_rules};
-pub use store::{
-    Actor, Item, MAX_TTL, NewItem, Page, Precondition, Quotas, Tenant, TenantKv, TenantKvBuilder,
-    Usage, Write, Written,
+pub use keys::{
+    MAX_KEY_LEN, MAX_TENANT_ID_LEN, TenantId, escape_glob, is_unsafe_char, tenant_acl_rules,
 };
-pub use users::{MAX_USERNAME_LEN, NewUser, User, Users};
+pub use limits::{QUOTA_REFRESH, Quota, Quotas};
+pub use passwords::MAX_PASSWORD_LEN;
+pub use ratelimit::{Rate, RateLimitStatus};
+pub use store::{
+    Actor, Item, MAX_TTL, NewItem, Page, Precondition, Tenant, TenantKv, TenantKvBuilder, Usage,
+    Write, Written,
+};
+pub use users::{LoginThrottle, MAX_USERNAME_LEN, NewUser, User, Users};

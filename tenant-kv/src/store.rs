@@ -1,10 +1,10 @@
 //! The store, its settings, and one tenant's view of it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::{Script, Value};
+use redis::Value;
 use redis_failover::FailoverClient;
 use serde_json::{Map, Value as Json};
 
@@ -13,62 +13,13 @@ use crate::cursor::Cursors;
 use crate::error::{Error, Result};
 use crate::expiry::ExpiryWatcher;
 use crate::keys::{TenantId, TenantKeys, check_key};
+use crate::limits::{QuotaCache, Quotas};
+use crate::passwords::Hasher;
+use crate::scripts::WRITE;
+use crate::users::LoginThrottle;
 
-const WRITE_SOURCE: &str = include_str!("write.lua");
-static WRITE_SHA: LazyLock<String> =
-    LazyLock::new(|| Script::new(WRITE_SOURCE).get_hash().to_owned());
 /// How many expired items the write script purges per call with no writes.
 const PURGE_BATCH: u64 = 256;
-
-/// Limits on one tenant's data.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Quotas {
-    /// How many items a tenant may hold. Defaults to no limit.
-    pub max_keys: Option<u64>,
-    /// How many bytes (keys, values and metadata) a tenant may hold.
-    /// Defaults to no limit.
-    pub max_bytes: Option<u64>,
-    /// How many writes per second a tenant may make, on average, shared by
-    /// every instance (GCRA, kept in Redis). Defaults to no limit.
-    pub writes_per_second: Option<u32>,
-    /// How many writes may come at once above that rate. Defaults to one
-    /// second's worth.
-    pub burst: Option<u32>,
-}
-
-impl Quotas {
-    /// No limit.
-    pub fn unlimited() -> Self {
-        Self::default()
-    }
-
-    /// At most `max_keys` items.
-    #[must_use]
-    pub fn max_keys(mut self, max_keys: u64) -> Self {
-        self.max_keys = Some(max_keys);
-        self
-    }
-
-    /// At most `max_bytes` bytes of keys, values and metadata.
-    #[must_use]
-    pub fn max_bytes(mut self, max_bytes: u64) -> Self {
-        self.max_bytes = Some(max_bytes);
-        self
-    }
-
-    /// At most `per_second` writes per second on average, and `burst` at once.
-    #[must_use]
-    pub fn writes_per_second(mut self, per_second: u32, burst: u32) -> Self {
-        self.writes_per_second = Some(per_second);
-        self.burst = Some(burst);
-        self
-    }
-
-    fn burst(&self) -> u32 {
-        self.burst.or(self.writes_per_second).unwrap_or(1).max(1)
-    }
-}
 
 /// Settings of a [`TenantKv`]; start from [`TenantKv::builder`].
 #[derive(Clone, Debug)]
@@ -84,9 +35,37 @@ pub struct TenantKvBuilder {
     encryption_key: Option<[u8; 32]>,
     expiry_notifications: bool,
     expiry_sweep_interval: Duration,
+    hashing: (usize, usize),
+    login_throttle: LoginThrottle,
+    data_key_lifetime: Duration,
 }
 
 impl TenantKvBuilder {
+    /// How many passwords are hashed or checked at once (each takes 19 MiB
+    /// and a core for tens of milliseconds), and how many callers may wait
+    /// for a slot; past them, a login or user creation fails at once with
+    /// [`Error::Overloaded`]. Defaults to the number of cores, and four
+    /// waiting per slot.
+    pub fn password_hashing(mut self, concurrency: usize, queue: usize) -> Self {
+        self.hashing = (concurrency, queue);
+        self
+    }
+
+    /// How logins are throttled. Defaults to [`LoginThrottle::default`].
+    pub fn login_throttle(mut self, throttle: LoginThrottle) -> Self {
+        self.login_throttle = throttle;
+        self
+    }
+
+    /// How long a tenant's data key is used from memory before it is read
+    /// again: once it is destroyed ([`TenantKv::destroy_data_key`]), other
+    /// instances stop using it within this, or at once if they run the
+    /// expiry watcher, which hears of the destruction. Defaults to 1 s.
+    pub fn data_key_lifetime(mut self, lifetime: Duration) -> Self {
+        self.data_key_lifetime = lifetime;
+        self
+    }
+
     /// Encrypts values at rest (XChaCha20-Poly1305) under a data key per
     /// tenant, stored in Redis wrapped by `master_key`. A value copied to
     /// another key or tenant does not decrypt, and
@@ -125,8 +104,9 @@ impl TenantKvBuilder {
         self
     }
 
-    /// The quotas of every tenant without quotas of its own. Defaults to
-    /// none.
+    /// The quotas of every tenant without quotas of its own (each tenant's
+    /// may be overridden in Redis: [`TenantKv::set_quota`]). Defaults to
+    /// [`Quotas::default`]: at most 100 API keys, nothing else limited.
     pub fn quotas(mut self, quotas: Quotas) -> Self {
         self.quotas = quotas;
         self
@@ -175,8 +155,15 @@ impl TenantKvBuilder {
         if self.expiry_sweep_interval.is_zero() {
             return invalid("expiry_sweep_interval", "must be more than zero");
         }
+        if self.hashing.0 == 0 {
+            return invalid("password_hashing", "needs at least one slot");
+        }
         if self.cursor_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return invalid("cursor_secret", "must be at least 16 bytes");
+        }
+        self.quotas.validate()?;
+        for quotas in self.tenant_quotas.values() {
+            quotas.validate()?;
         }
         let secret = self
             .cursor_secret
@@ -190,7 +177,13 @@ impl TenantKvBuilder {
                 cursors: Cursors::new(&secret),
                 quotas: self.quotas,
                 tenant_quotas: self.tenant_quotas,
-                encryption: self.encryption_key.as_ref().map(Encryption::new),
+                quota_cache: QuotaCache::default(),
+                hasher: Hasher::new(self.hashing.0, self.hashing.1),
+                login_throttle: self.login_throttle,
+                encryption: self
+                    .encryption_key
+                    .as_ref()
+                    .map(|key| Encryption::new(key, self.data_key_lifetime)),
                 expiry_notifications: self.expiry_notifications,
                 expiry_sweep_interval: self.expiry_sweep_interval,
             }),
@@ -207,9 +200,22 @@ pub(crate) struct Settings {
     cursors: Cursors,
     quotas: Quotas,
     tenant_quotas: HashMap<TenantId, Quotas>,
-    encryption: Option<Encryption>,
+    pub(crate) quota_cache: QuotaCache,
+    pub(crate) hasher: Hasher,
+    pub(crate) login_throttle: LoginThrottle,
+    pub(crate) encryption: Option<Encryption>,
     pub(crate) expiry_notifications: bool,
     pub(crate) expiry_sweep_interval: Duration,
+}
+
+impl Settings {
+    /// `tenant`'s quotas before the overrides stored in Redis.
+    pub(crate) fn default_quotas(&self, tenant: &TenantId) -> Quotas {
+        self.tenant_quotas
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.quotas)
+    }
 }
 
 /// A tenant-isolated key-value store over a [`FailoverClient`]. Cheap to
@@ -291,6 +297,12 @@ impl TenantKv {
             encryption_key: None,
             expiry_notifications: true,
             expiry_sweep_interval: Duration::from_secs(60),
+            hashing: {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                (cores, 4 * cores)
+            },
+            login_throttle: LoginThrottle::default(),
+            data_key_lifetime: Duration::from_secs(1),
         }
     }
 
@@ -329,12 +341,6 @@ impl TenantKv {
     pub fn tenant(&self, tenant: TenantId, actor: Actor) -> Tenant {
         Tenant {
             keys: TenantKeys::new(&tenant),
-            quotas: self
-                .inner
-                .tenant_quotas
-                .get(&tenant)
-                .copied()
-                .unwrap_or(self.inner.quotas),
             store: self.clone(),
             tenant,
             actor,
@@ -507,7 +513,6 @@ pub struct Tenant {
     tenant: TenantId,
     keys: TenantKeys,
     actor: Actor,
-    quotas: Quotas,
 }
 
 fn ms_to_time(ms: u64) -> SystemTime {
@@ -693,8 +698,13 @@ impl Tenant {
                 }
             }
         }
-        let reply = self
-            .eval(&self.write_script(&writes), false)
+        let quotas = self
+            .store
+            .quotas(&self.tenant)
+            .await
+            .map_err(|e| (None, e))?;
+        let reply: Vec<Value> = WRITE
+            .run(self.client(), &self.write_script(&writes, &quotas), false)
             .await
             .map_err(|e| (None, e))?;
         let status = match reply.first() {
@@ -749,12 +759,12 @@ impl Tenant {
             },
             "quota_keys" => Error::QuotaExceeded {
                 what: "keys",
-                limit: self.quotas.max_keys.unwrap_or(0),
+                limit: quotas.max_keys.unwrap_or(0),
                 would_be: number,
             },
             "quota_bytes" => Error::QuotaExceeded {
                 what: "bytes",
-                limit: self.quotas.max_bytes.unwrap_or(0),
+                limit: quotas.max_bytes.unwrap_or(0),
                 would_be: number,
             },
             "rate" => Error::RateLimited {
@@ -768,31 +778,28 @@ impl Tenant {
         Err((index, error))
     }
 
-    /// The write script's command for `writes` (none: a purge).
-    fn write_script(&self, writes: &[Prepared]) -> redis::Cmd {
+    /// The write script's command for `writes` (none: a purge) under `quotas`.
+    fn write_script(&self, writes: &[Prepared], quotas: &Quotas) -> redis::Cmd {
         let optional = |n: Option<u64>| n.map_or_else(String::new, |n| n.to_string());
-        let mut command = redis::cmd("EVALSHA");
-        command
-            .arg(WRITE_SHA.as_str())
-            .arg(6 + writes.len())
-            .arg(self.keys.index())
-            .arg(self.keys.expiry())
-            .arg(self.keys.expiring_sizes())
-            .arg(self.keys.usage())
-            .arg(self.keys.audit())
-            .arg(self.keys.rate());
-        for write in writes {
-            command.arg(self.keys.data(&write.key));
-        }
+        let mut keys = vec![
+            self.keys.index(),
+            self.keys.expiry(),
+            self.keys.expiring_sizes(),
+            self.keys.usage(),
+            self.keys.audit(),
+            self.keys.rate(),
+        ];
+        keys.extend(writes.iter().map(|write| self.keys.data(&write.key)));
+        let mut command = WRITE.command(&keys);
         command
             .arg(self.actor.as_str())
             .arg(self.keys.data_prefix())
-            .arg(optional(self.quotas.max_keys))
-            .arg(optional(self.quotas.max_bytes))
+            .arg(optional(quotas.max_keys))
+            .arg(optional(quotas.max_bytes))
             .arg(self.store.inner.audit_max_len)
             .arg(self.tenant.as_str())
-            .arg(optional(self.quotas.writes_per_second.map(u64::from)))
-            .arg(self.quotas.burst());
+            .arg(optional(quotas.writes_per_second.map(u64::from)))
+            .arg(quotas.write_burst());
         for write in writes {
             command
                 .arg(write.op)
@@ -812,39 +819,15 @@ impl Tenant {
     /// ([`TenantKv::watch_expirations`]) calls this when Redis reports an
     /// expiry, and writes purge a few on their way.
     pub async fn purge_expired(&self) -> Result<u64> {
-        let command = self.write_script(&[]);
+        let command = self.write_script(&[], &Quotas::unlimited());
         let mut total = 0;
         loop {
-            let reply = self.eval(&command, true).await?;
+            let reply: Vec<Value> = WRITE.run(self.client(), &command, true).await?;
             let purged = reply.get(1).and_then(int).unwrap_or(0);
             total += purged;
             if purged < PURGE_BATCH {
                 return Ok(total);
             }
-        }
-    }
-
-    /// Runs `EVALSHA`, loading the script first on a node that does not
-    /// know it (a new master after a failover, a restarted one).
-    async fn eval(&self, command: &redis::Cmd, idempotent: bool) -> Result<Vec<Value>> {
-        let run = || async {
-            if idempotent {
-                self.client().query_idempotent(command).await
-            } else {
-                self.client().query(command).await
-            }
-        };
-        match run().await {
-            Err(redis_failover::Error::Command { source, .. })
-                if source.code() == Some("NOSCRIPT") =>
-            {
-                let _: String = self
-                    .client()
-                    .query_idempotent(redis::cmd("SCRIPT").arg("LOAD").arg(WRITE_SOURCE))
-                    .await?;
-                Ok(run().await?)
-            }
-            other => Ok(other?),
         }
     }
 

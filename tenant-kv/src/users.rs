@@ -1,13 +1,15 @@
 //! Users: global usernames, each in one tenant, with argon2id password
-//! hashes (bcrypt hashes imported from elsewhere still verify).
+//! hashes (bcrypt hashes imported from elsewhere still verify), and the
+//! logins against them, throttled per username and per client address.
 
 use std::collections::HashMap;
-
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::keys::{TenantId, TenantKeys};
+use crate::keys::{TenantId, TenantKeys, fingerprint};
+use crate::passwords::{DECOY_HASH, check_password, is_known_hash};
+use crate::ratelimit::{self, Check, Rate};
+use crate::scripts::LOGIN_FAILED;
 use crate::store::{Actor, TenantKv, audit_record};
 
 /// The longest username, in bytes.
@@ -25,8 +27,11 @@ pub struct User {
     pub email: Option<String>,
     /// A display name, if given.
     pub full_name: Option<String>,
-    /// A disabled user cannot log in.
+    /// A disabled user cannot log in, and its tokens and API keys stop
+    /// working.
     pub disabled: bool,
+    /// An admin manages every API key of its tenant, not only its own.
+    pub admin: bool,
 }
 
 /// A user to create.
@@ -40,6 +45,67 @@ pub struct NewUser {
     pub email: Option<String>,
     /// A display name.
     pub full_name: Option<String>,
+    /// Whether the user manages every API key of its tenant.
+    pub admin: bool,
+}
+
+/// How logins are throttled, per username and per client address, with
+/// the state in Redis so that every instance shares it; `None` turns one
+/// off. A throttled attempt checks no password.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoginThrottle {
+    /// Attempts on one username. Defaults to 10 a minute.
+    pub per_username: Option<Rate>,
+    /// Attempts from one client address (as the caller names it: see
+    /// [`Users::authenticate_from`]). Defaults to 30 a minute.
+    pub per_source: Option<Rate>,
+    /// `login_failed` audit records of one tenant; failures past it are
+    /// counted, and the next record written carries the count
+    /// (`suppressed`). Defaults to 60 a minute.
+    pub failed_records: Option<Rate>,
+}
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        Self {
+            per_username: Some(Rate::per_minute(10)),
+            per_source: Some(Rate::per_minute(30)),
+            failed_records: Some(Rate::per_minute(60)),
+        }
+    }
+}
+
+impl LoginThrottle {
+    /// No throttling, and a record for every failed login.
+    pub fn off() -> Self {
+        Self {
+            per_username: None,
+            per_source: None,
+            failed_records: None,
+        }
+    }
+
+    /// With `rate` per username (`None`: off).
+    #[must_use]
+    pub fn per_username(mut self, rate: Option<Rate>) -> Self {
+        self.per_username = rate;
+        self
+    }
+
+    /// With `rate` per client address (`None`: off).
+    #[must_use]
+    pub fn per_source(mut self, rate: Option<Rate>) -> Self {
+        self.per_source = rate;
+        self
+    }
+
+    /// With `rate` of `login_failed` records per tenant (`None`: every one).
+    #[must_use]
+    pub fn failed_records(mut self, rate: Option<Rate>) -> Self {
+        self.failed_records = rate;
+        self
+    }
 }
 
 /// Users of every tenant, from [`TenantKv::users`].
@@ -61,49 +127,15 @@ fn check_username(username: &str) -> Result<()> {
     if valid {
         Ok(())
     } else {
+        // The name itself stays out: it may be huge, or forge what it is shown in.
         Err(Error::InvalidUser {
             reason: format!(
-                "{username:?} must be 1 to {MAX_USERNAME_LEN} ASCII letters, digits or _.@-"
+                "a username is 1 to {MAX_USERNAME_LEN} ASCII letters, digits or _.@- ({} bytes given)",
+                username.len()
             ),
         })
     }
 }
-
-/// Hashes `password` with argon2id and a random salt, off the async threads.
-async fn hash_password(password: String) -> Result<String> {
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
-            .expect("16 bytes make a valid salt");
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|hash| hash.to_string())
-            .map_err(|e| Error::InvalidUser {
-                reason: format!("the password cannot be hashed: {e}"),
-            })
-    })
-    .await
-    .expect("hashing does not panic")
-}
-
-/// Checks `password` against a stored argon2 (PHC string) or bcrypt hash.
-async fn verify_password(password: String, hash: String) -> bool {
-    tokio::task::spawn_blocking(move || {
-        if hash.starts_with("$2") {
-            bcrypt::verify(&password, &hash).unwrap_or(false)
-        } else {
-            PasswordHash::new(&hash).is_ok_and(|parsed| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok()
-            })
-        }
-    })
-    .await
-    .unwrap_or(false)
-}
-
-/// A hash to check unknown usernames against, so they take as long as known ones.
-const DECOY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$8CeSqt1f8C3sYBRE0GnCWc5d5RWq8bIPI+6VGbCFP0c";
 
 impl TenantKv {
     /// The users of every tenant.
@@ -122,20 +154,15 @@ impl Users {
     /// Creates a user with `password` (hashed with argon2id); fails with
     /// [`Error::UserExists`] if the username is taken in any tenant.
     pub async fn create(&self, user: NewUser, password: &str, actor: &Actor) -> Result<User> {
-        if password.is_empty() {
-            return Err(Error::InvalidUser {
-                reason: "the password is empty".to_owned(),
-            });
-        }
-        let hash = hash_password(password.to_owned()).await?;
+        check_password(password)?;
+        let hash = self.store.inner.hasher.hash(password.to_owned()).await?;
         self.create_with_hash(user, &hash, actor).await
     }
 
     /// Creates a user with a password hash made elsewhere: an argon2 PHC
     /// string, or a bcrypt hash (`$2b$...`) carried over from another system.
     pub async fn import(&self, user: NewUser, password_hash: &str, actor: &Actor) -> Result<User> {
-        let known = password_hash.starts_with("$2") || PasswordHash::new(password_hash).is_ok();
-        if !known {
+        if !is_known_hash(password_hash) {
             return Err(Error::InvalidUser {
                 reason: "the hash is neither an argon2 PHC string nor bcrypt".to_owned(),
             });
@@ -161,7 +188,8 @@ impl Users {
                 username: user.username,
             });
         }
-        let mut fields = vec![("password_hash", hash), ("disabled", "0")];
+        let admin = if user.admin { "1" } else { "0" };
+        let mut fields = vec![("password_hash", hash), ("disabled", "0"), ("admin", admin)];
         if let Some(email) = &user.email {
             fields.push(("email", email));
         }
@@ -194,6 +222,7 @@ impl Users {
             email: user.email,
             full_name: user.full_name,
             disabled: false,
+            admin: user.admin,
         })
     }
 
@@ -216,36 +245,130 @@ impl Users {
         }
     }
 
-    /// Checks a login. Unknown users, wrong passwords and disabled users
-    /// all fail with [`Error::InvalidCredentials`] (after the same work),
-    /// and each attempt on a known user leaves a `login_success` or
-    /// `login_failed` audit record in its tenant.
+    /// Checks a login, as [`authenticate_from`](Self::authenticate_from)
+    /// without a client address.
     pub async fn authenticate(&self, username: &str, password: &str) -> Result<User> {
-        let loaded = match check_username(username) {
-            Ok(()) => self.load(username).await?,
-            Err(_) => None,
-        };
-        let Some((user, hash)) = loaded else {
-            verify_password(password.to_owned(), DECOY_HASH.to_owned()).await;
-            tracing::info!(target: "audit", action = "login_failed", username, reason = "unknown user");
+        self.authenticate_from(username, password, None).await
+    }
+
+    /// Checks a login from the client address `source` (a text naming it,
+    /// such as an IP address or a network; only throttling uses it).
+    ///
+    /// A malformed username or a password over [`MAX_PASSWORD_LEN`] is
+    /// refused first ([`Error::InvalidUser`]), with nothing hashed or
+    /// recorded. Then the attempt is booked against the [`LoginThrottle`]
+    /// ([`Error::LoginThrottled`]) and waits for a hashing slot
+    /// ([`Error::Overloaded`] when none frees up soon). Unknown users,
+    /// wrong passwords and disabled users all fail with
+    /// [`Error::InvalidCredentials`] after the same work. A known user's
+    /// attempt leaves a `login_success` or `login_failed` record in its
+    /// tenant's audit stream (`login_failed` at most at the throttle's
+    /// `failed_records` rate); an unknown one, a log record naming only a
+    /// fingerprint of the username.
+    ///
+    /// [`MAX_PASSWORD_LEN`]: crate::MAX_PASSWORD_LEN
+    pub async fn authenticate_from(
+        &self,
+        username: &str,
+        password: &str,
+        source: Option<&str>,
+    ) -> Result<User> {
+        check_username(username)?;
+        check_password(password)?;
+        self.throttle(username, source).await?;
+        let hasher = &self.store.inner.hasher;
+        let Some((user, hash)) = self.load(username).await? else {
+            hasher
+                .verify(password.to_owned(), DECOY_HASH.to_owned())
+                .await?;
+            tracing::info!(
+                target: "audit",
+                action = "login_failed",
+                username_sha256 = fingerprint(username),
+                reason = "unknown user"
+            );
             return Err(Error::InvalidCredentials);
         };
-        let matches = verify_password(password.to_owned(), hash).await;
-        let ok = matches && !user.disabled;
-        let action = if ok { "login_success" } else { "login_failed" };
-        let record = audit_record(
-            &self.store.inner,
-            &user.tenant,
-            &Actor::user(&user.username),
-            action,
-            &user.username,
-        );
-        let _: String = self.client().query(&record).await?;
-        if ok {
-            Ok(user)
-        } else {
-            Err(Error::InvalidCredentials)
+        let matches = hasher.verify(password.to_owned(), hash).await?;
+        if matches && !user.disabled {
+            let record = audit_record(
+                &self.store.inner,
+                &user.tenant,
+                &Actor::user(&user.username),
+                "login_success",
+                &user.username,
+            );
+            let _: String = self.client().query(&record).await?;
+            return Ok(user);
         }
+        self.record_failure(&user).await?;
+        Err(Error::InvalidCredentials)
+    }
+
+    /// Books a login attempt against the throttle's limits.
+    async fn throttle(&self, username: &str, source: Option<&str>) -> Result<()> {
+        let throttle = &self.store.inner.login_throttle;
+        let mut checks = Vec::new();
+        if let Some(rate) = throttle.per_username {
+            let key = format!("login-throttle:user:{username}");
+            checks.push(Check {
+                policy: "login_username",
+                key,
+                rate,
+            });
+        }
+        if let (Some(rate), Some(source)) = (throttle.per_source, source) {
+            // A caller's odd text becomes a fixed-size name.
+            let source = if source.len() <= 64 && source.bytes().all(|b| b.is_ascii_graphic()) {
+                source.to_owned()
+            } else {
+                fingerprint(source)
+            };
+            let key = format!("login-throttle:source:{source}");
+            checks.push(Check {
+                policy: "login_address",
+                key,
+                rate,
+            });
+        }
+        let statuses = ratelimit::book(self.client(), &checks).await?;
+        match ratelimit::verdict(statuses) {
+            Ok(_) => Ok(()),
+            Err(refused) => Err(Error::LoginThrottled {
+                retry_after: refused.retry_after.unwrap_or(Duration::from_secs(1)),
+            }),
+        }
+    }
+
+    /// The `login_failed` record of `user`, or only its count when the
+    /// tenant's records come faster than the throttle allows.
+    async fn record_failure(&self, user: &User) -> Result<()> {
+        let settings = &self.store.inner;
+        let Some(rate) = settings.login_throttle.failed_records else {
+            let record = audit_record(
+                settings,
+                &user.tenant,
+                &Actor::user(&user.username),
+                "login_failed",
+                &user.username,
+            );
+            let _: String = self.client().query(&record).await?;
+            return Ok(());
+        };
+        let keys = TenantKeys::new(&user.tenant);
+        let mut command = LOGIN_FAILED.command(&[
+            keys.login_failed_rate(),
+            keys.login_failed_suppressed(),
+            keys.audit(),
+        ]);
+        command
+            .arg(format!("{:.3}", rate.interval_ms()))
+            .arg(rate.burst_size())
+            .arg(settings.audit_max_len)
+            .arg(user.tenant.as_str())
+            .arg(&user.username);
+        let _: u8 = LOGIN_FAILED.run(self.client(), &command, false).await?;
+        Ok(())
     }
 
     /// Disables (or enables again) a user: a disabled user cannot log in.
@@ -283,6 +406,31 @@ impl Users {
             )
             .await?;
         user.disabled = disabled;
+        Ok(user)
+    }
+
+    /// Makes a user an admin of its tenant's API keys, or not any more.
+    pub async fn set_admin(&self, username: &str, admin: bool, actor: &Actor) -> Result<User> {
+        let mut user = self.get(username).await?;
+        let action = if admin { "grant_admin" } else { "revoke_admin" };
+        let _: () = self
+            .client()
+            .query_pipeline(
+                redis::pipe()
+                    .atomic()
+                    .hset(user_key(username), "admin", if admin { "1" } else { "0" })
+                    .ignore()
+                    .add_command(audit_record(
+                        &self.store.inner,
+                        &user.tenant,
+                        actor,
+                        action,
+                        username,
+                    ))
+                    .ignore(),
+            )
+            .await?;
+        user.admin = admin;
         Ok(user)
     }
 
@@ -326,6 +474,7 @@ fn user_from_fields(
         email: fields.get("email").cloned(),
         full_name: fields.get("full_name").cloned(),
         disabled: fields.get("disabled").is_some_and(|d| d == "1"),
+        admin: fields.get("admin").is_some_and(|a| a == "1"),
     };
     Ok(Some((user, hash.clone())))
 }
@@ -340,18 +489,5 @@ mod tests {
         for bad in ["", "a b", "a:b", "ü", &"a".repeat(65)] {
             assert!(check_username(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[tokio::test]
-    async fn argon2_and_bcrypt_hashes_both_verify() {
-        let argon = hash_password("s3cret".to_owned()).await.unwrap();
-        assert!(argon.starts_with("$argon2id$"));
-        assert!(verify_password("s3cret".into(), argon.clone()).await);
-        assert!(!verify_password("wrong".into(), argon).await);
-        let bcrypt = bcrypt::hash("s3cret", 4).unwrap();
-        assert!(verify_password("s3cret".into(), bcrypt.clone()).await);
-        assert!(!verify_password("wrong".into(), bcrypt).await);
-        assert!(!verify_password("s3cret".into(), "garbage".into()).await);
-        assert!(PasswordHash::new(DECOY_HASH).is_ok());
     }
 }

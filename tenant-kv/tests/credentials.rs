@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use redis_topology::Topology;
-use tenant_kv::{Actor, Error, NewApiKey, NewUser, Scope, TenantKv};
+use tenant_kv::{Actor, Error, LoginThrottle, NewApiKey, NewUser, Quotas, Rate, Scope, TenantKv};
 
 mod common;
 
@@ -21,6 +21,18 @@ fn new_user(name: &str, tenant_id: &str) -> NewUser {
         tenant: tenant(tenant_id),
         email: Some(format!("{name}@example.com")),
         full_name: None,
+        admin: false,
+    }
+}
+
+fn new_key(name: &str, scopes: Vec<Scope>) -> NewApiKey {
+    NewApiKey {
+        name: name.into(),
+        scopes,
+        key_prefix: None,
+        ttl: None,
+        owner: None,
+        requests_per_second: None,
     }
 }
 
@@ -50,11 +62,24 @@ async fn users_log_in_with_argon2_or_migrated_bcrypt_hashes_and_every_attempt_is
         users.authenticate("bob", "legacy").await.unwrap().username,
         "bob"
     );
-    for (name, password) in [("alice", "wrong"), ("nobody", "x"), ("bad name", "x")] {
+    for (name, password) in [("alice", "wrong"), ("nobody", "x")] {
         assert!(matches!(
             users.authenticate(name, password).await,
             Err(Error::InvalidCredentials)
         ));
+    }
+    // Malformed names and overlong passwords are refused before any work.
+    let long_name = "n".repeat(300_000);
+    let long_password = "p".repeat(tenant_kv::MAX_PASSWORD_LEN + 1);
+    for (name, password) in [
+        ("bad name", "x"),
+        (long_name.as_str(), "x"),
+        ("alice", long_password.as_str()),
+    ] {
+        match users.authenticate(name, password).await {
+            Err(Error::InvalidUser { reason }) => assert!(reason.len() < 200, "{reason}"),
+            other => panic!("{other:?}"),
+        }
     }
     users.set_disabled("alice", true, &admin).await.unwrap();
     assert!(matches!(
@@ -93,10 +118,8 @@ async fn api_keys_verify_until_revoked_expired_or_past_their_rotation_grace() {
         .create(
             &acme,
             NewApiKey {
-                name: "ci".into(),
-                scopes: vec![Scope::Read, Scope::List],
                 key_prefix: Some("public/".into()),
-                ttl: None,
+                ..new_key("ci", vec![Scope::Read, Scope::List])
             },
             &admin,
         )
@@ -111,16 +134,7 @@ async fn api_keys_verify_until_revoked_expired_or_past_their_rotation_grace() {
 
     // A wrong secret with a valid checksum, and junk, are refused alike.
     let (_, unrelated) = keys
-        .create(
-            &other,
-            NewApiKey {
-                name: "x".into(),
-                scopes: vec![Scope::Read],
-                key_prefix: None,
-                ttl: None,
-            },
-            &admin,
-        )
+        .create(&other, new_key("x", vec![Scope::Read]), &admin)
         .await
         .unwrap();
     let forged = format!("tkv_{}_{}", key.id, &unrelated[21..]);
@@ -138,17 +152,35 @@ async fn api_keys_verify_until_revoked_expired_or_past_their_rotation_grace() {
     assert_eq!(keys.list(&other).await.unwrap().len(), 1);
 
     // Rotation: the old secret lives on for the grace period only.
-    let (_, rotated) = keys
-        .rotate(&acme, &key.id, Duration::from_millis(300), &admin)
+    let (_, first) = keys
+        .rotate(&acme, &key.id, Duration::from_secs(3600), &admin)
         .await
         .unwrap();
-    assert!(keys.verify(&rotated).await.is_ok());
+    assert!(keys.verify(&first).await.is_ok());
     assert!(
         keys.verify(&secret).await.is_ok(),
         "within the grace period"
     );
+    assert!(matches!(
+        keys.rotate(
+            &acme,
+            &key.id,
+            tenant_kv::MAX_ROTATION_GRACE + Duration::from_secs(1),
+            &admin
+        )
+        .await,
+        Err(Error::InvalidApiKeySettings { .. })
+    ));
+    let (_, rotated) = keys
+        .rotate(&acme, &key.id, Duration::from_millis(200), &admin)
+        .await
+        .unwrap();
+    assert!(
+        matches!(keys.verify(&secret).await, Err(Error::InvalidApiKey)),
+        "only the last secret replaced has a grace period"
+    );
     let started = Instant::now();
-    while keys.verify(&secret).await.is_ok() {
+    while keys.verify(&first).await.is_ok() {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "grace never ended"
@@ -164,32 +196,217 @@ async fn api_keys_verify_until_revoked_expired_or_past_their_rotation_grace() {
     ));
     assert!(keys.list(&acme).await.unwrap().is_empty());
 
-    let (_, short_lived) = keys
+    // Keys with a TTL work until it runs out.
+    let (long_lived, long_secret) = keys
         .create(
             &acme,
             NewApiKey {
-                name: "temp".into(),
-                scopes: vec![Scope::Read],
-                key_prefix: None,
-                ttl: Some(Duration::from_millis(200)),
+                ttl: Some(Duration::from_secs(3600)),
+                ..new_key("hour", vec![Scope::Read])
             },
             &admin,
         )
         .await
         .unwrap();
-    assert!(keys.verify(&short_lived).await.is_ok());
+    assert!(long_lived.expires_at.is_some());
+    assert!(keys.verify(&long_secret).await.is_ok());
+    let (_, short_lived) = keys
+        .create(
+            &acme,
+            NewApiKey {
+                ttl: Some(Duration::from_millis(1)),
+                ..new_key("temp", vec![Scope::Read])
+            },
+            &admin,
+        )
+        .await
+        .unwrap();
     let started = Instant::now();
     while keys.verify(&short_lived).await.is_ok() {
         assert!(started.elapsed() < Duration::from_secs(10), "never expired");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(
         actions(&audit(&topology, "acme").await),
         [
             "create_api_key",
             "rotate_api_key",
+            "rotate_api_key",
             "delete_api_key",
+            "create_api_key",
             "create_api_key"
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_are_throttled_per_username_and_per_address() {
+    let (_topology, client) = start(0).await;
+    let store = TenantKv::builder(client)
+        .login_throttle(
+            LoginThrottle::off()
+                .per_username(Some(Rate::per_minute(3)))
+                .per_source(Some(Rate::per_minute(5))),
+        )
+        .build()
+        .unwrap();
+    let users = store.users();
+    users
+        .create(new_user("alice", "acme"), "right", &Actor::system())
+        .await
+        .unwrap();
+    // Three attempts on alice, whatever their outcome; then none is taken.
+    for password in ["wrong", "wrong", "right"] {
+        let _ = users
+            .authenticate_from("alice", password, Some("10.0.0.1"))
+            .await;
+    }
+    match users
+        .authenticate_from("alice", "right", Some("10.0.0.2"))
+        .await
+    {
+        Err(Error::LoginThrottled { retry_after }) => {
+            assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(60));
+        }
+        other => panic!("{other:?}"),
+    }
+    // One address guessing many usernames: two more fit in its five.
+    for name in ["bob", "carol"] {
+        assert!(matches!(
+            users.authenticate_from(name, "x", Some("10.0.0.1")).await,
+            Err(Error::InvalidCredentials)
+        ));
+    }
+    assert!(matches!(
+        users.authenticate_from("dave", "x", Some("10.0.0.1")).await,
+        Err(Error::LoginThrottled { .. })
+    ));
+    // Another address is not held back by it.
+    assert!(matches!(
+        users.authenticate_from("dave", "x", Some("10.0.0.3")).await,
+        Err(Error::InvalidCredentials)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_cannot_flood_the_audit_stream() {
+    let (topology, client) = start(0).await;
+    let store = TenantKv::builder(client)
+        .login_throttle(LoginThrottle::off().failed_records(Some(Rate::per_minute(2))))
+        .build()
+        .unwrap();
+    let users = store.users();
+    users
+        .create(new_user("alice", "acme"), "right", &Actor::system())
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        assert!(matches!(
+            users.authenticate("alice", "wrong").await,
+            Err(Error::InvalidCredentials)
+        ));
+    }
+    let failed = |records: &[std::collections::HashMap<String, String>]| {
+        records
+            .iter()
+            .filter(|r| r["action"] == "login_failed")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let records = failed(&audit(&topology, "acme").await);
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert!(records.iter().all(|r| !r.contains_key("suppressed")));
+    // Once the rate allows records again (here: its state cleared), the
+    // next one says how many were left out.
+    let _: () = topology
+        .query(
+            topology.initial_master(),
+            redis::cmd("DEL").arg("tenant:acme:login-failed-rate"),
+        )
+        .await
+        .unwrap();
+    let _ = users.authenticate("alice", "wrong").await;
+    let records = failed(&audit(&topology, "acme").await);
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[2]["suppressed"], "3");
+    // A success is always recorded.
+    users.authenticate("alice", "right").await.unwrap();
+    assert_eq!(
+        actions(&audit(&topology, "acme").await).last().copied(),
+        Some("login_success")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_have_an_owner_a_maximum_and_pages() {
+    let (_topology, client) = start(0).await;
+    let store = TenantKv::builder(client)
+        .quotas(Quotas::default().max_api_keys(3))
+        .build()
+        .unwrap();
+    let (users, keys, acme) = (store.users(), store.api_keys(), tenant("acme"));
+    let system = Actor::system();
+    users
+        .create(new_user("alice", "acme"), "pw", &system)
+        .await
+        .unwrap();
+    let owned = NewApiKey {
+        owner: Some("alice".into()),
+        ..new_key("alice's", vec![Scope::Read])
+    };
+    let (key, secret) = keys.create(&acme, owned, &system).await.unwrap();
+    assert_eq!(key.owner.as_deref(), Some("alice"));
+    let (verified, owner) = keys.verify_with_owner(&secret).await.unwrap();
+    assert_eq!(
+        (verified.id.as_str(), owner.unwrap().username.as_str()),
+        (key.id.as_str(), "alice")
+    );
+    // Disabling the owner disables its keys at once; enabling brings them back.
+    users.set_disabled("alice", true, &system).await.unwrap();
+    assert!(matches!(
+        keys.verify(&secret).await,
+        Err(Error::InvalidApiKey)
+    ));
+    users.set_disabled("alice", false, &system).await.unwrap();
+    assert!(keys.verify(&secret).await.is_ok());
+
+    for name in ["b", "c"] {
+        keys.create(&acme, new_key(name, vec![Scope::Read]), &system)
+            .await
+            .unwrap();
+    }
+    match keys
+        .create(&acme, new_key("d", vec![Scope::Read]), &system)
+        .await
+    {
+        Err(Error::QuotaExceeded {
+            what: "api_keys",
+            limit: 3,
+            would_be: 4,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    // Pages, oldest first, and by owner.
+    let first = keys.list_page(&acme, None, 2, None).await.unwrap();
+    let second = keys
+        .list_page(&acme, None, 2, first.cursor.as_deref())
+        .await
+        .unwrap();
+    let names: Vec<String> = first
+        .keys
+        .iter()
+        .chain(&second.keys)
+        .map(|k| k.name.clone())
+        .collect();
+    assert_eq!(names, ["alice's", "b", "c"]);
+    assert_eq!(second.cursor, None);
+    let mine = keys
+        .list_page(&acme, Some("alice"), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(mine.keys.len(), 1);
+    assert!(matches!(
+        keys.list_page(&acme, None, 2, Some("junk")).await,
+        Err(Error::InvalidCursor)
+    ));
 }

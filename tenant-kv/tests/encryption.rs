@@ -86,3 +86,82 @@ async fn encrypted_values_read_back_only_where_they_were_written() {
     acme.create("fresh", NewItem::new(json!(1))).await.unwrap();
     assert_eq!(acme.get("fresh").await.unwrap().value, json!(1));
 }
+
+/// Polls `store`'s reads of `key` until they fail as unreadable.
+async fn until_unreadable(tenant: &tenant_kv::Tenant, key: &str) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    loop {
+        match tenant.get(key).await {
+            Ok(_) => {}
+            Err(Error::Corrupt { .. }) => return started.elapsed(),
+            Err(other) => panic!("{other}"),
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the destroyed data key is still used"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroyed_data_key_stops_being_used_by_every_instance() {
+    let (topology, client) = start(0).await;
+    let acme_id = TenantId::new("acme").unwrap();
+    let store = |lifetime| {
+        TenantKv::builder(common::client(&topology))
+            .encryption_key([7; 32])
+            .data_key_lifetime(lifetime)
+            .build()
+            .unwrap()
+    };
+    let destroyer = TenantKv::builder(client)
+        .encryption_key([7; 32])
+        .build()
+        .unwrap();
+    // One instance hears of the destruction through its watcher, and would
+    // otherwise keep the key for an hour; the other has no watcher and
+    // reads the key again every 200 ms.
+    let (listening, polling) = (
+        store(std::time::Duration::from_secs(3600)),
+        store(std::time::Duration::from_millis(200)),
+    );
+    let watcher = listening.watch_expirations();
+    let (a, b) = (
+        listening.tenant(acme_id.clone(), Actor::system()),
+        polling.tenant(acme_id.clone(), Actor::system()),
+    );
+    a.create("k", NewItem::new(json!("secret"))).await.unwrap();
+    // Both have the key in memory now.
+    assert_eq!(b.get("k").await.unwrap().value, json!("secret"));
+    assert_eq!(a.get("k").await.unwrap().value, json!("secret"));
+    // The watcher subscribes in the background: wait until it listens.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, subscribers): (String, u64) = topology
+            .query(
+                topology.initial_master(),
+                redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg("tenant-kv:data-key-destroyed"),
+            )
+            .await
+            .unwrap();
+        if subscribers > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watcher never subscribed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    destroyer.destroy_data_key(&acme_id).await.unwrap();
+    let heard = until_unreadable(&a, "k").await;
+    let polled = until_unreadable(&b, "k").await;
+    println!(
+        "stopped using the destroyed key after {heard:?} (watcher) and {polled:?} (lifetime 200 ms)"
+    );
+    watcher.shutdown().await;
+}

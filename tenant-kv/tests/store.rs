@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tenant_kv::{Actor, Error, NewItem, Precondition, Quotas, TenantKv, Write, Written};
+use tenant_kv::{Actor, Error, NewItem, Precondition, Quota, Quotas, TenantKv, Write, Written};
 
 mod common;
 
@@ -214,7 +214,7 @@ async fn tenants_cannot_reach_each_other() {
         "?ecret",
         "[s]ecret",
         "\\*",
-        "secret\n",
+        "secret ",
         "{bob}secret",
     ] {
         alice
@@ -388,4 +388,119 @@ async fn writes_past_the_rate_quota_are_refused_with_when_to_retry() {
     acme.put("k", NewItem::new(json!(0)), Precondition::None)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn keys_that_could_drive_a_terminal_are_refused() {
+    let (_topology, client) = start(0).await;
+    let store = TenantKv::builder(client).build().unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::system());
+    for key in ["line\nforged", "\u{1b}[2J", "bell\u{7}", "rtl\u{202E}txt"] {
+        assert!(
+            matches!(
+                acme.create(key, NewItem::new(json!(1))).await,
+                Err(Error::InvalidKey { .. })
+            ),
+            "{key:?}"
+        );
+        assert!(matches!(acme.get(key).await, Err(Error::InvalidKey { .. })));
+    }
+}
+
+#[tokio::test]
+async fn quota_overrides_in_redis_reach_every_instance() {
+    let (topology, client) = start(0).await;
+    let store = TenantKv::builder(client.clone()).build().unwrap();
+    let other_instance = TenantKv::builder(common::client(&topology))
+        .build()
+        .unwrap();
+    let acme_id = tenant("acme");
+    let acme = other_instance.tenant(acme_id.clone(), Actor::system());
+    acme.create("a", NewItem::new(json!(1))).await.unwrap();
+    assert_eq!(
+        other_instance.quotas(&acme_id).await.unwrap(),
+        Quotas::default()
+    );
+
+    store
+        .set_quota(&acme_id, Quota::MaxKeys, Some(1), &Actor::system())
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .quota_overrides(&acme_id)
+            .await
+            .unwrap()
+            .get(&Quota::MaxKeys),
+        Some(&Some(1))
+    );
+    // The other instance reads overrides again within QUOTA_REFRESH.
+    let deadline = std::time::Instant::now() + tenant_kv::QUOTA_REFRESH * 20;
+    while other_instance.quotas(&acme_id).await.unwrap().max_keys != Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the override never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(
+        acme.create("b", NewItem::new(json!(1))).await,
+        Err(Error::QuotaExceeded {
+            what: "keys",
+            limit: 1,
+            would_be: 2
+        })
+    ));
+    store
+        .reset_quota(&acme_id, Quota::MaxKeys, &Actor::system())
+        .await
+        .unwrap();
+    assert!(store.quota_overrides(&acme_id).await.unwrap().is_empty());
+    assert_eq!(
+        actions(&audit(&topology, "acme").await),
+        ["create_key", "set_quota", "reset_quota"]
+    );
+}
+
+#[tokio::test]
+async fn requests_past_the_tenant_rate_are_refused_with_the_limit() {
+    let (_topology, client) = start(0).await;
+    let store = TenantKv::builder(client)
+        .quotas(Quotas::unlimited().requests_per_second(1, 3))
+        .build()
+        .unwrap();
+    let acme = tenant("acme");
+    let first = store.admit_request(&acme, None).await.unwrap().unwrap();
+    assert_eq!(
+        (first.policy, first.quota, first.remaining),
+        ("tenant", 3, 2)
+    );
+    let mut admitted = 1;
+    let refused = loop {
+        match store.admit_request(&acme, None).await {
+            Ok(_) => admitted += 1,
+            Err(Error::RequestRateLimited { status }) => break status,
+            Err(other) => panic!("{other}"),
+        }
+        assert!(admitted < 20, "the rate never applied");
+    };
+    assert!(admitted >= 3, "the burst of 3 was not allowed: {admitted}");
+    assert_eq!(refused.remaining, 0);
+    let retry = refused.retry_after.unwrap();
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(1),
+        "{retry:?}"
+    );
+    // Other tenants and unlimited ones pay nothing.
+    assert!(
+        store
+            .admit_request(&tenant("other"), None)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let unlimited = TenantKv::builder(common::client(&_topology))
+        .build()
+        .unwrap();
+    assert_eq!(unlimited.admit_request(&acme, None).await.unwrap(), None);
 }

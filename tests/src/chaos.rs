@@ -478,6 +478,7 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
             tenant: TenantId::new(tenant)?,
             email: None,
             full_name: None,
+            admin: false,
         };
         store
             .users()

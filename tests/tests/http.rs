@@ -126,11 +126,24 @@ async fn logins_users_and_service_endpoints() {
         Some("Bearer")
     );
 
-    // Service endpoints need no credential.
+    // Service endpoints need no credential; metrics, which name tenants,
+    // are on the admin listener only.
     assert_eq!(http.get("/healthz").await.status, StatusCode::OK);
     let ready = http.get("/readyz").await;
     assert_eq!(ready.status, StatusCode::OK, "{ready:?}");
-    let metrics = http.get("/metrics").await;
+    assert_error(
+        &http.get("/metrics").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let admin = Http::new(system.admin_addr().expect("an admin listener"));
+    assert_eq!(admin.get("/readyz").await.status, StatusCode::OK);
+    assert_error(
+        &admin.get("/data/k").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let metrics = admin.get("/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body);
     for name in [
         "http_requests_total{route=\"issue_token\",status=\"200\"}",
@@ -150,7 +163,7 @@ async fn logins_users_and_service_endpoints() {
     );
     let patch = user1.send("PATCH", "/data/k", &[], "").await.unwrap();
     assert_error(&patch, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
-    assert_eq!(patch.header("allow"), Some("GET, PUT, DELETE"));
+    assert_eq!(patch.header("allow"), Some("GET, HEAD, PUT, DELETE"));
     let long = format!("/data/{}", "k".repeat(9000));
     assert_error(
         &user1.get(&long).await,

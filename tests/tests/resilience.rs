@@ -145,6 +145,7 @@ async fn metric(http: &Http, name: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_accepting_and_drains_the_request_in_flight() {
     let (system, http) = start().await;
+    let admin = Http::new(system.admin_addr().expect("an admin listener"));
     let token = http.token("user1", &system.password).await;
     let addr = system.local_addr();
 
@@ -161,7 +162,7 @@ async fn shutdown_stops_accepting_and_drains_the_request_in_flight() {
     slow.write_all(first).await.unwrap();
     // The /metrics request counts itself.
     let started = Instant::now();
-    while metric(&http, "http_requests_in_flight").await < 2 {
+    while metric(&admin, "http_requests_in_flight").await < 2 {
         assert!(
             started.elapsed() < DEADLINE,
             "the slow request never started"

@@ -16,9 +16,7 @@
 
 local HEADER = 8
 local writes = (#ARGV - HEADER) / 6
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local now_ns = time[1] .. string.format('%06d', tonumber(time[2])) .. '000'
+local now_ms, now_ns = clock()
 
 local function audit(actor, action, item_key, version, size)
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
@@ -84,16 +82,10 @@ end
 if ARGV[4] ~= '' and byte_delta > 0 and usage('bytes') + byte_delta > tonumber(ARGV[4]) then
   return {'quota_bytes', 0, usage('bytes') + byte_delta}
 end
--- The rate limit (GCRA): each write books 1/rate s; at most `burst` ahead.
+-- The write rate: each write books 1/rate s; at most `burst` ahead.
 if ARGV[7] ~= '' then
-  local interval = 1000 / tonumber(ARGV[7])
-  local limit = interval * tonumber(ARGV[8])
-  local tat = math.max(tonumber(redis.call('GET', KEYS[6]) or '0'), now_ms)
-  local booked = tat + interval * writes
-  if booked - now_ms > limit then
-    return {'rate', 0, math.ceil(booked - now_ms - limit)}
-  end
-  redis.call('SET', KEYS[6], string.format('%.3f', booked), 'PX', math.ceil(limit) + 1000)
+  local booked, _, retry = gcra(KEYS[6], now_ms, 1000 / tonumber(ARGV[7]), tonumber(ARGV[8]), writes)
+  if not booked then return {'rate', 0, retry} end
 end
 
 local reply = {'ok'}

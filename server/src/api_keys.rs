@@ -1,0 +1,231 @@
+//! The API key endpoints. A key belongs to the user who created it (a key
+//! created with a key belongs to that key's owner); users manage their
+//! own keys, admins every key of their tenant, and a key never manages a
+//! key that could do more than itself.
+
+use std::time::{Duration, SystemTime};
+
+use hyper::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tenant_kv::{ApiKey, MAX_API_KEY_PAGE, NewApiKey, Scope};
+
+use crate::api::App;
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::http::{Body, RequestBody, json_response, query_param, read_json, rfc3339};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyBody {
+    name: String,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    key_prefix: Option<String>,
+    /// Seconds.
+    #[serde(default)]
+    ttl: Option<u64>,
+    #[serde(default)]
+    requests_per_second: Option<u32>,
+}
+
+const DEFAULT_SCOPES: [Scope; 4] = [Scope::Read, Scope::Write, Scope::Delete, Scope::List];
+
+pub(crate) async fn create(
+    app: &App,
+    principal: &Principal,
+    request: Request<RequestBody>,
+) -> Result<Response<Body>, ApiError> {
+    principal.require(Scope::Admin, "")?;
+    let body: ApiKeyBody = read_json(request, app.limits.max_body_bytes).await?;
+    let scopes = match body.scopes {
+        None => DEFAULT_SCOPES.to_vec(),
+        Some(names) => names
+            .iter()
+            .map(|name| name.parse::<Scope>())
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let ttl = match body.ttl {
+        Some(0) => return Err(ApiError::bad_request("`ttl` must be at least 1 second")),
+        ttl => ttl.map(Duration::from_secs),
+    };
+    let expires_at = ttl.and_then(|ttl| SystemTime::now().checked_add(ttl));
+    may_manage(principal, &scopes, body.key_prefix.as_deref(), expires_at)?;
+    let new = NewApiKey {
+        name: body.name,
+        scopes,
+        key_prefix: body.key_prefix,
+        ttl,
+        owner: principal.user().map(|user| user.username.clone()),
+        requests_per_second: body.requests_per_second,
+    };
+    let (key, secret) = app
+        .api_keys
+        .create(principal.tenant(), new, &principal.actor())
+        .await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &api_key_json(&key, Some(&secret)),
+    ))
+}
+
+/// A page of the keys the principal manages: every key of the tenant for
+/// an admin, its own otherwise.
+pub(crate) async fn list(
+    app: &App,
+    principal: &Principal,
+    request: &Request<RequestBody>,
+) -> Result<Response<Body>, ApiError> {
+    principal.require(Scope::Admin, "")?;
+    let limit = match query_param(request.uri(), "limit")? {
+        None => MAX_API_KEY_PAGE,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|limit| (1..=MAX_API_KEY_PAGE).contains(limit))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("`limit` must be 1 to {MAX_API_KEY_PAGE}"))
+            })?,
+    };
+    let cursor = query_param(request.uri(), "cursor")?;
+    let owner = (!principal.is_admin()).then(|| owner_of(principal));
+    let page = app
+        .api_keys
+        .list_page(
+            principal.tenant(),
+            owner.flatten(),
+            limit,
+            cursor.as_deref(),
+        )
+        .await?;
+    let keys: Vec<Value> = page
+        .keys
+        .iter()
+        .map(|key| api_key_json(key, None))
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"api_keys": keys, "cursor": page.cursor}),
+    ))
+}
+
+/// The owner a principal's own keys have: its user's name, `None` for a
+/// key of no user (which manages only keys of no user).
+fn owner_of(principal: &Principal) -> Option<&str> {
+    principal.user().map(|user| user.username.as_str())
+}
+
+pub(crate) async fn revoke(
+    app: &App,
+    principal: &Principal,
+    id: &str,
+) -> Result<Response<Body>, ApiError> {
+    principal.require(Scope::Admin, "")?;
+    may_manage_key(app, principal, id).await?;
+    app.api_keys
+        .revoke(principal.tenant(), id, &principal.actor())
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"key_id": id, "revoked": true}),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    #[serde(default)]
+    grace_seconds: u64,
+}
+
+pub(crate) async fn rotate(
+    app: &App,
+    principal: &Principal,
+    id: &str,
+    request: Request<RequestBody>,
+) -> Result<Response<Body>, ApiError> {
+    principal.require(Scope::Admin, "")?;
+    may_manage_key(app, principal, id).await?;
+    let headers = request.headers();
+    let empty = headers.get(CONTENT_LENGTH).is_none_or(|len| len == "0")
+        && headers.get(TRANSFER_ENCODING).is_none();
+    let body: RotateBody = if empty {
+        RotateBody::default()
+    } else {
+        read_json(request, app.limits.max_body_bytes).await?
+    };
+    let grace = Duration::from_secs(body.grace_seconds);
+    let (key, secret) = app
+        .api_keys
+        .rotate(principal.tenant(), id, grace, &principal.actor())
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &api_key_json(&key, Some(&secret)),
+    ))
+}
+
+/// An API key manages (creates, rotates, revokes) only keys that may do no
+/// more than itself: no other scope, no wider prefix, no longer life.
+fn may_manage(
+    principal: &Principal,
+    scopes: &[Scope],
+    key_prefix: Option<&str>,
+    expires_at: Option<SystemTime>,
+) -> Result<(), ApiError> {
+    let Principal::ApiKey(own, _) = principal else {
+        return Ok(());
+    };
+    let prefix = key_prefix.unwrap_or_default();
+    if let Some(scope) = scopes.iter().find(|scope| !own.allows(**scope, prefix)) {
+        return Err(ApiError::forbidden(format!(
+            "this API key cannot manage a key with `{}` under this prefix",
+            scope.as_str()
+        )));
+    }
+    if let Some(own_expiry) = own.expires_at
+        && expires_at.is_none_or(|at| at > own_expiry)
+    {
+        return Err(ApiError::forbidden(
+            "this API key cannot manage a key that outlives it",
+        ));
+    }
+    Ok(())
+}
+
+/// The principal may manage key `id`: it is an admin or the key is its
+/// own, and (for an API key) the key can do no more than itself. Another
+/// user's key is answered as missing to a non-admin, as another tenant's.
+async fn may_manage_key(app: &App, principal: &Principal, id: &str) -> Result<(), ApiError> {
+    let target = app.api_keys.get(principal.tenant(), id).await?;
+    if !principal.is_admin() && target.owner.as_deref() != owner_of(principal) {
+        return Err(tenant_kv::Error::UnknownApiKey { id: id.to_owned() }.into());
+    }
+    may_manage(
+        principal,
+        &target.scopes,
+        target.key_prefix.as_deref(),
+        target.expires_at,
+    )
+}
+
+fn api_key_json(key: &ApiKey, secret: Option<&str>) -> Value {
+    let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+    let mut value = json!({
+        "key_id": key.id,
+        "name": key.name,
+        "scopes": scopes,
+        "key_prefix": key.key_prefix,
+        "owner": key.owner,
+        "requests_per_second": key.requests_per_second,
+        "created_at": rfc3339(key.created_at),
+        "expires_at": key.expires_at.map(rfc3339),
+        "last_used": key.last_used.map(rfc3339),
+    });
+    if let Some(secret) = secret {
+        value["api_key"] = Value::from(secret);
+    }
+    value
+}

@@ -1,0 +1,22 @@
+-- The audit record of a failed login, at most at the tenant's record rate:
+-- past it, the failure is only counted, and the next record written says
+-- how many were left out (`suppressed`), so an anonymous client guessing
+-- passwords cannot push the tenant's other records out of its stream.
+-- KEYS: 1 record rate state, 2 count of records left out, 3 audit stream.
+-- ARGV: 1 interval (ms per record), 2 burst, 3 audit stream length cap,
+--       4 tenant id, 5 username.
+-- Returns 1 if a record was written, 0 if the failure was only counted.
+local now_ms, now_ns = clock()
+if not gcra(KEYS[1], now_ms, tonumber(ARGV[1]), tonumber(ARGV[2]), 1) then
+  redis.call('INCR', KEYS[2])
+  return 0
+end
+local record = {'ts', now_ns,
+  'tenant', ARGV[4], 'actor', 'user:' .. ARGV[5], 'action', 'login_failed', 'key', ARGV[5]}
+local suppressed = redis.call('GETDEL', KEYS[2])
+if suppressed then
+  table.insert(record, 'suppressed')
+  table.insert(record, suppressed)
+end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(record))
+return 1

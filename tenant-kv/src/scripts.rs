@@ -1,0 +1,97 @@
+//! The store's Lua scripts: each sent as `EVALSHA`, and loaded first on a
+//! node that does not know it (a new master after a failover, a restart).
+
+use std::sync::LazyLock;
+
+use redis::{Cmd, FromRedisValue, Script};
+use redis_failover::FailoverClient;
+
+use crate::error::Result;
+
+/// What every script shares (the clock, GCRA), sent ahead of its own source.
+const COMMON: &str = include_str!("lua/common.lua");
+
+/// One script, with its SHA-1.
+pub(crate) struct Lua {
+    source: String,
+    sha: String,
+}
+
+impl Lua {
+    fn new(body: &str) -> Self {
+        let source = format!("{COMMON}\n{body}");
+        let sha = Script::new(&source).get_hash().to_owned();
+        Self { source, sha }
+    }
+
+    /// `EVALSHA <sha> <keys.len()> <keys...>`, for the caller to add ARGV.
+    pub(crate) fn command<K: redis::ToRedisArgs>(&self, keys: &[K]) -> Cmd {
+        let mut command = redis::cmd("EVALSHA");
+        command.arg(&self.sha).arg(keys.len()).arg(keys);
+        command
+    }
+
+    /// Runs `command` (from [`command`](Self::command)), loading the
+    /// script on a node that does not know it. Resent through a failover
+    /// only if `idempotent`.
+    pub(crate) async fn run<T: FromRedisValue>(
+        &self,
+        client: &FailoverClient,
+        command: &Cmd,
+        idempotent: bool,
+    ) -> Result<T> {
+        let run = || async {
+            if idempotent {
+                client.query_idempotent(command).await
+            } else {
+                client.query(command).await
+            }
+        };
+        match run().await {
+            Err(redis_failover::Error::Command { source, .. })
+                if source.code() == Some("NOSCRIPT") =>
+            {
+                let _: String = client
+                    .query_idempotent(redis::cmd("SCRIPT").arg("LOAD").arg(&self.source))
+                    .await?;
+                Ok(run().await?)
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+impl Lua {
+    /// Runs a pipeline of this script's commands (resent through a
+    /// failover when it surely did not run), loading the script first
+    /// where it is unknown.
+    pub(crate) async fn run_pipeline<T: FromRedisValue>(
+        &self,
+        client: &FailoverClient,
+        pipeline: &redis::Pipeline,
+    ) -> Result<T> {
+        match client.query_pipeline(pipeline).await {
+            Err(redis_failover::Error::Command { source, .. })
+                if source.code() == Some("NOSCRIPT") =>
+            {
+                let _: String = client
+                    .query_idempotent(redis::cmd("SCRIPT").arg("LOAD").arg(&self.source))
+                    .await?;
+                Ok(client.query_pipeline(pipeline).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+/// Item writes with their index, counters, quotas and audit records.
+pub(crate) static WRITE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("lua/write.lua")));
+/// One rate limit (GCRA).
+pub(crate) static RATE_LIMIT: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/ratelimit.lua")));
+/// A failed login's audit record, at most at the tenant's record rate.
+pub(crate) static LOGIN_FAILED: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/login_failed.lua")));
+/// An API key's creation, within the tenant's most keys.
+pub(crate) static API_KEY_CREATE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/api_key_create.lua")));
