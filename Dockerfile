@@ -15,7 +15,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /usr/local/bin/server /usr/local/bin/server
-USER nonroot:nonroot
+# By number (distroless's nonroot), so the kubelet can check runAsNonRoot.
+USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/server"]
 CMD ["serve"]
