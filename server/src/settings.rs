@@ -320,7 +320,7 @@ impl Settings {
 
     fn from_map(raw: &BTreeMap<&'static str, String>) -> Result<Self, SettingError> {
         let get = |name: &'static str| raw.get(name).map(|v| v.trim()).filter(|v| !v.is_empty());
-        let listen = get("listen")
+        let listen: SocketAddr = get("listen")
             .unwrap_or("0.0.0.0:8080")
             .parse()
             .map_err(|_| SettingError::invalid("listen", "expected ip:port"))?;
@@ -519,7 +519,8 @@ impl Settings {
                     SettingError::invalid("admin_listen", "expected ip:port, or off")
                 })?),
             };
-        if admin_listen == Some(listen) {
+        // Port 0 picks a free port for each.
+        if admin_listen == Some(listen) && listen.port() != 0 {
             return Err(SettingError::invalid(
                 "admin_listen",
                 "must differ from listen: metrics name every tenant",

@@ -70,7 +70,13 @@ fn exit_status(child: &mut KillOnDrop, deadline: Instant) -> std::process::ExitS
 fn dev_serves_until_sigint_and_leaves_nothing_behind() {
     let mut child = KillOnDrop(
         Command::new(BINARY)
-            .args(["dev", "--listen", "127.0.0.1:0"])
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -87,6 +93,7 @@ fn dev_serves_until_sigint_and_leaves_nothing_behind() {
     });
     let deadline = Instant::now() + DEADLINE;
     let (mut addr, mut logs, mut master_pid, mut password) = (None, None, None, None);
+    let mut admin = None;
     while master_pid.is_none() {
         let line = lines_rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -95,6 +102,11 @@ fn dev_serves_until_sigint_and_leaves_nothing_behind() {
             addr = Some(url.parse::<SocketAddr>().unwrap());
         } else if let Some(value) = line.strip_prefix("password: ") {
             password = Some(value.trim().to_owned());
+        } else if let Some(url) = line.strip_prefix("admin:    http://") {
+            admin = url
+                .split_whitespace()
+                .next()
+                .map(|a| a.parse::<SocketAddr>().unwrap());
         } else if let Some(path) = line.strip_prefix("logs: ") {
             logs = Some(PathBuf::from(path.trim()));
         } else if let Some((_, pid)) = line.split_once("(pid ") {
@@ -104,6 +116,12 @@ fn dev_serves_until_sigint_and_leaves_nothing_behind() {
     let (addr, logs, master_pid) = (addr.unwrap(), logs.unwrap(), master_pid.unwrap());
     assert_eq!(password.unwrap().len(), 16);
     assert!(get(addr, "/healthz").starts_with("HTTP/1.1 200"));
+    let metrics = get(
+        admin.expect("dev mode prints its admin address"),
+        "/metrics",
+    );
+    assert!(metrics.contains("http_open_connections"), "{metrics}");
+    assert!(get(addr, "/metrics").starts_with("HTTP/1.1 404"));
     let ready = get(addr, "/readyz");
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     assert!(alive(master_pid));
@@ -213,8 +231,9 @@ async fn admin_subcommands_manage_users_with_the_password_from_stdin() {
 
     assert!(ok(&run(&["user", "disable", "alice"], &env, "")).contains("disabled alice"));
     let listed = ok(&run(&["user", "list", "--tenant", "acme"], &env, ""));
-    assert_eq!(listed.trim(), "alice\tdisabled\ta@acme.example");
+    assert_eq!(listed.trim(), "alice\tdisabled\tuser\ta@acme.example");
     ok(&run(&["user", "enable", "alice"], &env, ""));
+    assert!(ok(&run(&["user", "admin", "alice", "true"], &env, "")).contains("alice is an admin"));
 
     // The password from stdin is the one that logs in.
     let client = redis_failover::FailoverClient::candidates([topology
@@ -229,8 +248,48 @@ async fn admin_subcommands_manage_users_with_the_password_from_stdin() {
         .await
         .unwrap();
     assert_eq!(user.tenant.as_str(), "acme");
+    assert!(user.admin);
     let usage = ok(&run(&["tenant", "usage", "acme"], &env, ""));
     assert_eq!(usage, "keys\t0\nbytes\t0\n");
+
+    // Quotas: overridden for one tenant, checked before any is stored.
+    let set = ok(&run(
+        &[
+            "tenant",
+            "limits",
+            "set",
+            "acme",
+            "max_keys=10",
+            "requests_per_second=unlimited",
+        ],
+        &env,
+        "",
+    ));
+    assert_eq!(set, "max_keys = 10\nrequests_per_second = unlimited\n");
+    let refused = run(
+        &[
+            "tenant",
+            "limits",
+            "set",
+            "acme",
+            "max_api_keys=3",
+            "request_burst=0",
+        ],
+        &env,
+        "",
+    );
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let got = ok(&run(&["tenant", "limits", "get", "acme"], &env, ""));
+    assert!(got.contains("max_keys\t10\toverride\n"), "{got}");
+    assert!(got.contains("max_api_keys\t100\tdefault\n"), "{got}");
+    ok(&run(
+        &["tenant", "limits", "set", "acme", "max_keys=default"],
+        &env,
+        "",
+    ));
+    let got = ok(&run(&["tenant", "limits", "get", "acme"], &env, ""));
+    assert!(got.contains("max_keys\tunlimited\tdefault\n"), "{got}");
+    assert!(store.quota_overrides(&user.tenant).await.unwrap().len() == 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,6 +313,7 @@ async fn serve_acknowledges_a_write_once_both_replicas_have_it() {
         ("SERVER_REDIS_DEMOTE_STALE_MASTER", "true"),
         ("SERVER_JWT_SECRET", "a secret of at least thirty-two bytes"),
         ("SERVER_LISTEN", "127.0.0.1:0"),
+        ("SERVER_ADMIN_LISTEN", "127.0.0.1:0"),
     ];
     let added = run(&["user", "add", "alice", "--tenant", "acme"], &env, "pw\n");
     assert!(added.status.success(), "{added:?}");
@@ -273,7 +333,8 @@ async fn serve_acknowledges_a_write_once_both_replicas_have_it() {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some((_, addr)) = line.split_once("local_addr=") {
-                let _ = addr_tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+                let addr = addr.split_whitespace().next().unwrap_or_default();
+                let _ = addr_tx.send(addr.parse::<SocketAddr>().unwrap());
             }
         }
     });
