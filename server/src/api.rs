@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -28,6 +28,10 @@ use crate::router::{self, Open, Operation, Surface, TenantOp};
 
 /// The largest login body: a username and a password, with room to spare.
 const LOGIN_BODY_LIMIT: usize = 4096;
+/// The longest a throttled login's answer is held back: a client that
+/// keeps guessing gets its refusals at this pace at most, so it cannot
+/// spend the server's CPU on them faster.
+const THROTTLED_LOGIN_DELAY: Duration = Duration::from_secs(1);
 
 /// What every request handler shares.
 pub(crate) struct App {
@@ -208,7 +212,13 @@ async fn answer_open(
             );
             Ok(response)
         }
-        Open::ApiDocument => Ok(json_response(StatusCode::OK, crate::openapi::document())),
+        Open::ApiDocument => {
+            let mut response = Response::new(Body::from(crate::openapi::serialised()));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok(response)
+        }
         Open::IssueToken => {
             let source = client_group(app, exchange.peer, request.headers());
             issue_token(app, request, &source).await
@@ -266,11 +276,18 @@ async fn issue_token(
     } else {
         read_json(request, limit).await?
     };
-    let user = app
+    let user = match app
         .store
         .users()
         .authenticate_from(&login.username, &login.password, Some(source))
-        .await?;
+        .await
+    {
+        Err(tenant_kv::Error::LoginThrottled { retry_after }) => {
+            tokio::time::sleep(retry_after.min(THROTTLED_LOGIN_DELAY)).await;
+            return Err(tenant_kv::Error::LoginThrottled { retry_after }.into());
+        }
+        other => other?,
+    };
     let Some(token) = app.jwt.issue(&user.username, &user.tenant) else {
         return Err(ApiError::new(
             StatusCode::NOT_IMPLEMENTED,

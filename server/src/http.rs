@@ -16,8 +16,10 @@ use crate::error::ApiError;
 
 /// The body of every answer.
 pub(crate) type Body = Full<Bytes>;
-/// A request's body: it must arrive whole within the body timeout.
-pub(crate) type RequestBody = tower_http::timeout::DeadlineBody<hyper::body::Incoming>;
+/// A request's body: once the handler reads it, it may not stall for
+/// longer than the body timeout (time spent before reading, say in
+/// authentication during a failover, does not count).
+pub(crate) type RequestBody = tower_http::timeout::TimeoutBody<hyper::body::Incoming>;
 
 pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(Body::from(
@@ -120,8 +122,8 @@ pub(crate) fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {
         .is_some_and(|media| media.trim().eq_ignore_ascii_case(expected))
 }
 
-/// The whole body, at most `limit` bytes (413 past it; 408 if it does
-/// not arrive within the body timeout).
+/// The whole body, at most `limit` bytes (413 past it; 408 if it stalls
+/// for the body timeout).
 pub(crate) async fn read_body(
     request: Request<RequestBody>,
     limit: usize,
@@ -147,7 +149,7 @@ pub(crate) async fn read_body(
         Err(error) if error.is::<tower_http::timeout::TimeoutError>() => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
-            "the body did not arrive in time",
+            "the body stopped arriving for longer than the body timeout",
         )),
         Err(error) => Err(ApiError::bad_request(format!(
             "cannot read the body: {error}"

@@ -31,8 +31,9 @@ pub struct Limits {
     /// the connection is closed (a client that stops reading, or
     /// pipelines requests and never reads, keeps nothing). Defaults to 10 s.
     pub send_timeout: Duration,
-    /// Time a request's body has to arrive whole, from the end of its
-    /// head; past it, 408. Shorter than `request_timeout`. Defaults to 5 s.
+    /// Time a request's body may stall (nothing more of it arriving) once
+    /// it is read; past it, 408. A body that trickles in stays bounded by
+    /// `request_timeout`, which it must be shorter than. Defaults to 5 s.
     pub body_timeout: Duration,
     /// On shutdown, time in-flight requests get to finish. Defaults to 10 s.
     pub shutdown_grace: Duration,

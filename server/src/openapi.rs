@@ -45,7 +45,7 @@ fn authed(mut operation: Value) -> Value {
     );
     responses.insert(
         "408".into(),
-        error("the body did not arrive within the body timeout"),
+        error("the body stalled for longer than the body timeout"),
     );
     responses.insert(
         "429".into(),
@@ -95,7 +95,7 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
                     "200": ok("a token", schema("Token")),
                     "400": error("missing field, malformed JSON, a malformed username or a password over 1024 bytes"),
                     "401": error("wrong username or password, or disabled user"),
-                    "408": error("the body did not arrive in time"),
+                    "408": error("the body stalled"),
                     "413": error("body over 4 KiB"),
                     "415": error("neither a form nor JSON"),
                     "429": error("too many attempts on this username or from this address lately; see Retry-After"),
@@ -276,9 +276,23 @@ static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
     })
 });
 
+/// The document serialised once: it is the largest answer, and anyone may
+/// ask for it.
+static SERIALISED: LazyLock<bytes::Bytes> = LazyLock::new(|| {
+    serde_json::to_vec(&*DOCUMENT)
+        .expect("a Value serialises")
+        .into()
+});
+
 /// The document.
+#[cfg(test)]
 pub(crate) fn document() -> &'static Value {
     &DOCUMENT
+}
+
+/// The document as JSON text.
+pub(crate) fn serialised() -> bytes::Bytes {
+    SERIALISED.clone()
 }
 
 #[cfg(test)]

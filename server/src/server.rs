@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tower::ServiceBuilder;
 use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::timeout::RequestBodyDeadlineLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::api::{App, Exchange, LogShipping, handle};
 use crate::auth::JwtConfig;
@@ -307,7 +307,8 @@ async fn accept(
     }
 }
 
-/// The service of one connection: bodies due within the body timeout,
+/// The service of one connection: bodies that may not stall for the body
+/// timeout,
 /// and answers no shared cache may keep (they carry a tenant's data).
 fn service(
     app: &Arc<App>,
@@ -328,7 +329,7 @@ fn service(
             CACHE_CONTROL,
             HeaderValue::from_static("private, no-cache"),
         ))
-        .layer(RequestBodyDeadlineLayer::new(app.limits.body_timeout))
+        .layer(RequestBodyTimeoutLayer::new(app.limits.body_timeout))
         .service_fn(move |request| {
             let app = app.clone();
             async move {

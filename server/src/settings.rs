@@ -119,7 +119,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "body_timeout",
-        "time a request body has to arrive whole (408 past it), shorter than request_timeout; default 5s, or half request_timeout if that is less",
+        "time a request body may stall once read (408 past it), shorter than request_timeout; default 5s, or half request_timeout if that is less",
     ),
     (
         "shutdown_grace",
@@ -147,7 +147,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "password_hashing_slots",
-        "passwords checked at once (each takes 19 MiB and a core); default the number of cores",
+        "passwords checked at once (each takes 19 MiB and a core): the most of the machine logins can take; default half the cores, at least 1",
     ),
     (
         "password_hashing_queue",
@@ -560,8 +560,8 @@ fn protection(raw: &BTreeMap<&'static str, String>) -> Result<Protection, Settin
         .per_username(per_minute("login_attempts_per_username", 10)?)
         .per_source(per_minute("login_attempts_per_address", 30)?)
         .failed_records(per_minute("login_failed_records_per_minute", 60)?);
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let slots: usize = number(raw, "password_hashing_slots", cores)?;
+    let half = (std::thread::available_parallelism().map_or(1, usize::from) / 2).max(1);
+    let slots: usize = number(raw, "password_hashing_slots", half)?;
     if slots == 0 {
         return Err(SettingError::invalid(
             "password_hashing_slots",

@@ -44,8 +44,9 @@ impl TenantKvBuilder {
     /// How many passwords are hashed or checked at once (each takes 19 MiB
     /// and a core for tens of milliseconds), and how many callers may wait
     /// for a slot; past them, a login or user creation fails at once with
-    /// [`Error::Overloaded`]. Defaults to the number of cores, and four
-    /// waiting per slot.
+    /// [`Error::Overloaded`]. The slots are the most of the machine that
+    /// logins can take, however many clients try at once. Defaults to half
+    /// the cores (at least one), and four waiting per slot.
     pub fn password_hashing(mut self, concurrency: usize, queue: usize) -> Self {
         self.hashing = (concurrency, queue);
         self
@@ -298,8 +299,9 @@ impl TenantKv {
             expiry_notifications: true,
             expiry_sweep_interval: Duration::from_secs(60),
             hashing: {
-                let cores = std::thread::available_parallelism().map_or(1, usize::from);
-                (cores, 4 * cores)
+                let slots =
+                    (std::thread::available_parallelism().map_or(1, usize::from) / 2).max(1);
+                (slots, 4 * slots)
             },
             login_throttle: LoginThrottle::default(),
             data_key_lifetime: Duration::from_secs(1),

@@ -10,6 +10,7 @@
 //! cargo run --release -p benches --bin harness -- list [--json FILE]
 //! cargo run --release -p benches --bin harness -- logs [--json FILE]
 //! cargo run --release -p benches --bin harness -- http [--json FILE]
+//! cargo build --release -p server && cargo run --release -p benches --bin harness -- abuse
 //! cargo run --release -p benches --bin harness -- chaos [--rounds N] [--json FILE]
 //! ```
 //!
@@ -55,6 +56,12 @@
 //!   hyper endpoint answering each request with one Redis `GET` on the
 //!   same master, the baseline, (b) `GET /data/{key}`, (c) `PUT
 //!   /data/{key}`. Targets: (b) and (c) >= 0.7x (a), p99 <= 5 ms.
+//! - `abuse`: `server serve` as its own process; a quiet tenant's GETs over
+//!   64 connections alone, then while (a) 512 clients guess passwords,
+//!   (b) 200 clients pipeline requests and never read, (c) a noisy tenant
+//!   sends ten times its request rate, in turn and together. Targets: the
+//!   quiet tenant keeps >= 0.8x its throughput, p99 at most doubles, no
+//!   5xx, and the server's resident memory peaks at <= 256 MiB.
 //! - `chaos`: the whole system (topology, two servers, two offloaders, a
 //!   Loki-compatible receiver) under PUT traffic from three tenants, one
 //!   fault per round cycling through kill -9 / SIGSTOP / `SENTINEL
@@ -77,10 +84,11 @@ use redis_failover::{Durability, FailoverClient, NodeAddr, ReadPolicy};
 use redis_topology::Topology;
 use serde_json::{Value, json};
 
+mod abuse;
 mod http;
 mod logs;
 
-const USAGE: &str = "usage: harness <kv|failover|reads|tenant-kv|list|logs|http|chaos> [--failovers N] [--rounds N] [--json FILE]";
+const USAGE: &str = "usage: harness <kv|failover|reads|tenant-kv|list|logs|http|abuse|chaos> [--failovers N] [--rounds N] [--json FILE]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -123,6 +131,7 @@ fn main() -> ExitCode {
             "list" => list().await,
             "logs" => logs::logs().await,
             "http" => http::http().await,
+            "abuse" => abuse::abuse().await,
             "chaos" => chaos(rounds).await,
             _ => Err(USAGE.into()),
         }
