@@ -256,6 +256,7 @@ class Pod:
         self.lock = threading.RLock()
         self.next_start = 0.0
         self.backoff = BACKOFF_FIRST
+        self.killed_at_grace = False
         self.logfile = test.logs / f"{name}.log"
         security = pod_spec.get("securityContext", {})
         container_security = self.container.get("securityContext", {})
@@ -400,10 +401,12 @@ class Pod:
             hook_time = time.monotonic() - began
         self.signal(signal.SIGTERM)
         if self.proc is not None:
+            self.killed_at_grace = False
             try:
                 self.proc.wait(timeout=max(1.0, grace - (time.monotonic() - began)))
             except subprocess.TimeoutExpired:
                 log(f"{self.name}: still running after the grace period: SIGKILL")
+                self.killed_at_grace = True
             kill_group(self.proc.pid)
             self.proc.wait(timeout=10)
         return hook_time
@@ -413,7 +416,7 @@ class Pod:
         hooks): its namespaces, user and environment."""
         if not self.alive():
             return subprocess.CompletedProcess(command, 126, "", f"{self.name} is not running")
-        argv = ["nsenter", f"--target={self.proc.pid}", "--net", "--mount", "--"] + self.setpriv() + command
+        argv = [TOOLS["nsenter"], f"--target={self.proc.pid}", "--net", "--mount", "--"] + self.setpriv() + command
         try:
             return subprocess.run(argv, env=self.env(), input=stdin, capture_output=True, text=True,
                                   timeout=timeout, start_new_session=True)
@@ -899,8 +902,11 @@ def started_within_budget(t: Smoke, pod: Pod, since: float) -> float:
 
 
 def server_ready(t: Smoke):
+    """The server's readinessProbe, as the Deployment defines it."""
+    if t.server.probe("readinessProbe"):
+        return True, ""
     status, body = t.api("GET", "/readyz", timeout=12)
-    return status == 200, f"/readyz {status} {body}"
+    return False, f"readinessProbe failing; /readyz on the public port: {status} {body}"
 
 
 def write_until_ok(t: Smoke, prefix: str, timeout: float) -> tuple[float, int, str]:
@@ -1025,6 +1031,10 @@ def scenario_graceful_master_stop(t: Smoke):
     try:
         began = time.monotonic()
         hook = master.stop(pre_stop=True)
+        stopped = time.monotonic() - began
+        if master.killed_at_grace:
+            raise Failed(f"{master.name} ignored SIGTERM after its preStop hook ({hook:.1f}s) and was "
+                         f"killed when the grace period ended")
         after = t.majority_master()
         if after is None or after == master.name:
             raise Failed(f"preStop of {master.name} ran {hook:.1f}s, then the sentinels still named {after}")
@@ -1035,8 +1045,8 @@ def scenario_graceful_master_stop(t: Smoke):
     finally:
         done.set()
         writer.join(timeout=30)
-    detail = (f"preStop of {master.name} switched the master to {after} in {hook:.1f}s; "
-              f"{master.name} back as a replica after {total:.1f}s; writes meanwhile: "
+    detail = (f"preStop of {master.name} switched the master to {after} in {hook:.1f}s, the pod "
+              f"stopped at {stopped:.1f}s and was back as a replica at {total:.1f}s; writes meanwhile: "
               f"{len(failures)} failed" + (f" (last: {failures[-1]})" if failures else ""))
     return hook, detail
 
@@ -1059,6 +1069,7 @@ def full_restart(t: Smoke, sentinels_first: bool):
     write_until_ok(t, "before-restart", timeout=15)
     kept = list(t.acknowledged)[-1]
     stop_all(t.redis + t.sentinels)
+    killed = [p.name for p in t.redis + t.sentinels if p.killed_at_grace]
     began = time.monotonic()
     if sentinels_first:
         for pod in t.sentinels:
@@ -1096,7 +1107,8 @@ def full_restart(t: Smoke, sentinels_first: bool):
     written = time.monotonic() - began
     return converge, (f"{order}: {state} after {converge:.1f}s, the same master as before ({master}, "
                       f"config epoch {epoch}); data from before read back; a write acknowledged at "
-                      f"{written:.1f}s")
+                      f"{written:.1f}s" + (f"; SIGKILLed at the end of the grace period: {killed}"
+                                           if killed else ""))
 
 
 def scenario_restart_redis_first(t: Smoke):
@@ -1277,6 +1289,32 @@ def missing_settings(server_bin: Path) -> list[str]:
             if s not in help_text]
 
 
+def run_scenarios(test: Smoke, only_option: str | None, unknown: list[str], results: list) -> None:
+    log(f"manifests: {test.source}; namespace {test.namespace}; run directory {test.root}")
+    if unknown:
+        log(f"the server binary does not know {', '.join(unknown)} (not landed yet?)")
+    test.start_fake_loki()
+    test.supervisor.start()
+    only = {int(n) for n in only_option.split(",")} if only_option else None
+    for number, (name, scenario) in enumerate(SCENARIOS, 1):
+        if only is not None and number not in only and number != 1:
+            continue
+        log(f"--- {number}. {name}")
+        began = time.monotonic()
+        try:
+            headline, detail = scenario(test)
+            results.append((name, "pass", headline, time.monotonic() - began, detail))
+        except Failed as error:
+            results.append((name, "FAIL", None, time.monotonic() - began, str(error)))
+        except Exception as error:  # a bug in the test itself: report it, go on
+            traceback.print_exc()
+            results.append((name, "FAIL", None, time.monotonic() - began, f"error: {error!r}"))
+        log(f"{results[-1][1]}: {results[-1][4]}")
+        if number == 1 and results[-1][1] != "pass":
+            log("first boot failed: the other scenarios need a running set; stopping here")
+            break
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("server_bin", type=Path, help="the server binary (target/debug/server)")
@@ -1306,35 +1344,22 @@ def main() -> int:
     results = []
     test = Smoke(options.server_bin, options.keep)
     try:
-        test.setup_network()
-        test.build()
-        log(f"manifests: {test.source}; namespace {test.namespace}; run directory {test.root}")
-        if unknown:
-            log(f"the server binary does not know {', '.join(unknown)} (not landed yet?)")
-        test.start_fake_loki()
-        test.supervisor.start()
-        only = {int(n) for n in options.only.split(",")} if options.only else None
-        for number, (name, scenario) in enumerate(SCENARIOS, 1):
-            if only is not None and number not in only and number != 1:
-                continue
-            log(f"--- {number}. {name}")
-            began = time.monotonic()
-            try:
-                headline, detail = scenario(test)
-                results.append((name, "pass", headline, time.monotonic() - began, detail))
-            except Failed as error:
-                results.append((name, "FAIL", None, time.monotonic() - began, str(error)))
-            except Exception as error:  # a bug in the test itself: report it, go on
-                traceback.print_exc()
-                results.append((name, "FAIL", None, time.monotonic() - began, f"error: {error!r}"))
-            log(f"{results[-1][1]}: {results[-1][4]}")
-            if number == 1 and results[-1][1] != "pass":
-                log("first boot failed: the other scenarios need a running set; stopping here")
-                break
+        try:
+            test.setup_network()
+            test.build()
+            ready = True
+        except (Failed, subprocess.CalledProcessError) as error:
+            results.append(("setting up the pods", "FAIL", None, 0.0, str(error)))
+            ready = False
+        if ready:
+            run_scenarios(test, options.only, unknown, results)
     except KeyboardInterrupt as why:
         print(f"\ninterrupted ({why}): cleaning up", file=sys.stderr)
         results.append(("(interrupted)", "FAIL", None, 0.0, str(why)))
     finally:
+        # A second Ctrl-C must not cut the cleanup short.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         failed = any(r[1] != "pass" for r in results)
         if failed:
             for pod in test.pods.values():
@@ -1343,6 +1368,12 @@ def main() -> int:
                     print(f"--- last lines of {pod.name}'s log (restarts: {pod.restarts})")
                     print("\n".join(tail))
         restarts = {p.name: p.restarts for p in test.pods.values() if p.restarts}
+        if failed:
+            # The run directory goes; its logs stay for whoever looks next.
+            kept_logs = REPO / "target" / "smoke-logs"
+            shutil.rmtree(kept_logs, ignore_errors=True)
+            shutil.copytree(test.logs, kept_logs)
+            print(f"the pods' logs are in {kept_logs}")
         test.cleanup()
 
     print()
