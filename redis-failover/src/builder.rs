@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::addr::{DnsResolver, NodeAddr, Resolve};
 use crate::client::FailoverClient;
+use crate::durable::LostReplicaGrace;
 use crate::error::{Error, Result};
 use crate::node::{Credentials, MasterCheck, Tls};
 use crate::read::{Durability, ReadPolicy, ReplicaPreference};
@@ -48,6 +49,7 @@ pub struct FailoverClientBuilder {
     pub(crate) replica_probe_interval: Duration,
     pub(crate) durability: Durability,
     pub(crate) durable_connections: u32,
+    pub(crate) lost_replica_grace: Option<LostReplicaGrace>,
     pub(crate) min_replicas: Option<MinReplicas>,
     pub(crate) demote_stale_masters: bool,
 }
@@ -84,6 +86,7 @@ impl FailoverClientBuilder {
             replica_probe_interval: Duration::from_millis(500),
             durability: Durability::Master,
             durable_connections: 16,
+            lost_replica_grace: None,
             min_replicas: None,
             demote_stale_masters: false,
         }
@@ -247,6 +250,23 @@ impl FailoverClientBuilder {
         self
     }
 
+    /// Lets durable writes ([`Durability::Replicated`]) wait for fewer
+    /// replicas than they ask for once the master has had fewer online
+    /// for `after`: then they wait for those online, never fewer than
+    /// `floor`. Set `after` longer than a failover takes: a replica that
+    /// drops out because it is being promoted is still waited for (the
+    /// client follows the promotion within that time), so a write the
+    /// failover would lose is never acknowledged, while a replica gone for
+    /// good (a lost node) stops holding every write. For a master installed
+    /// after the previous one failed, the time counts from that failure.
+    /// [`FailoverClient::replication_status`] tells where writes stand.
+    /// Defaults to off: writes wait for every replica asked, however long
+    /// one is missing.
+    pub fn lost_replica_grace(mut self, after: Duration, floor: u32) -> Self {
+        self.lost_replica_grace = Some(LostReplicaGrace { after, floor });
+        self
+    }
+
     /// Holds writes back while the master reports fewer than `count`
     /// replicas online whose last acknowledgement is at most `max_lag` old
     /// (`INFO replication`, whole seconds, like the server's
@@ -372,6 +392,14 @@ impl FailoverClientBuilder {
         self.durability.validate()?;
         if self.durable_connections == 0 {
             return invalid("durable_connections", "must be more than zero");
+        }
+        if let Some(grace) = self.lost_replica_grace
+            && (grace.floor == 0 || grace.after.is_zero())
+        {
+            return invalid(
+                "lost_replica_grace",
+                "needs a floor of at least one replica and a time above zero",
+            );
         }
         if let Some(min) = self.min_replicas
             && (min.count == 0 || min.max_lag < Duration::from_secs(1))

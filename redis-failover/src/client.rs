@@ -9,6 +9,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::addr::NodeAddr;
 use crate::builder::{FailoverClientBuilder, Mode};
+use crate::durable::ReplicationStatus;
 use crate::error::{Error, Result};
 use crate::events::{Event, MetricsSnapshot};
 use crate::read::{Durability, ReadPolicy};
@@ -265,6 +266,24 @@ impl FailoverClient {
     /// `DEL key`; returns how many keys were removed.
     pub async fn del(&self, key: &str) -> Result<u64> {
         self.query(redis::cmd("DEL").arg(key)).await
+    }
+
+    /// Where this handle's durable writes stand on the current master: the
+    /// replicas they ask for, those online at the last count, and those
+    /// they wait for (fewer than asked past the
+    /// [`lost_replica_grace`](crate::FailoverClientBuilder::lost_replica_grace)).
+    /// `None` without [`Durability::Replicated`] or without a master.
+    pub fn replication_status(&self) -> Option<ReplicationStatus> {
+        let Durability::Replicated { replicas, .. } = self.durability else {
+            return None;
+        };
+        let shared = self.shared();
+        let master = shared.master.load_full()?;
+        Some(
+            master
+                .replicas
+                .status(replicas, shared.settings.lost_replica_grace, Instant::now()),
+        )
     }
 
     /// The master requests go to now, if one is known.

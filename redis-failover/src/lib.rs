@@ -124,6 +124,13 @@
 //! it last saw furthest ahead, from an `INFO` that may be seconds old: only
 //! a write every replica acknowledged is sure to be on the one promoted.
 //!
+//! A replica that is gone for good (its node lost) would hold every such
+//! write; [`lost_replica_grace`](FailoverClientBuilder::lost_replica_grace)
+//! lets writes wait for the replicas online once the master has been
+//! short for longer than a failover takes, never for fewer than a floor,
+//! while a replica that drops out to be promoted is still waited for.
+//! [`FailoverClient::replication_status`] tells where writes stand.
+//!
 //! [`min_replicas`](FailoverClientBuilder::min_replicas) holds writes back
 //! while the master reports fewer healthy replicas than asked, so a master
 //! cut off from its replicas takes no writes from this client. And once
@@ -187,6 +194,7 @@ mod addr;
 mod builder;
 mod client;
 mod discovery;
+mod durable;
 mod error;
 mod events;
 mod node;
@@ -201,6 +209,7 @@ mod tasks;
 pub use addr::{DnsResolver, NodeAddr, Resolve, Resolving, StaticResolver};
 pub use builder::FailoverClientBuilder;
 pub use client::{FailoverClient, MasterConnection, MasterInfo, ReadConnection, ReplicaStatus};
+pub use durable::ReplicationStatus;
 pub use error::{Error, NodeFailure, Result};
 pub use events::{Event, MetricsSnapshot, Trigger};
 pub use node::{Credentials, MasterCheck, Tls};

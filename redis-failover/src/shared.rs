@@ -2,7 +2,7 @@
 //! master, single-flight rediscovery, and the retry loop.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::addr::NodeAddr;
 use crate::builder::{FailoverClientBuilder, Mode};
 use crate::discovery::Newest;
+use crate::durable::{Outcome, Replicas};
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event, Metrics, Trigger};
 use crate::node::{Connector, DedicatedManager, MasterCheck, MasterManager};
@@ -36,10 +37,8 @@ pub(crate) struct Master {
     pub(crate) connection: ArcSwap<Connection>,
     /// Connections durable writes hold one at a time, opened on demand.
     pub(crate) dedicated: bb8::Pool<DedicatedManager>,
-    /// Replicas this master last reported online; 0 until counted, and
-    /// again after a `WAIT` fell short. A durable write that waits for
-    /// more counts them first.
-    pub(crate) replicas_confirmed: AtomicU32,
+    /// Its replicas as durable writes last counted them.
+    pub(crate) replicas: Replicas,
 }
 
 impl Master {
@@ -274,9 +273,9 @@ impl Shared {
                 None => match durability {
                     Durability::Replicated { replicas, timeout } if write => {
                         match self.await_replicas(&master, replicas).await {
-                            Some(held) => held,
-                            None => {
-                                self.send_durable(&master, request, idempotent, replicas, timeout)
+                            Err(held) => held,
+                            Ok(waits_for) => {
+                                self.send_durable(&master, request, idempotent, waits_for, timeout)
                                     .await
                             }
                         }
@@ -390,35 +389,44 @@ impl Shared {
         }
     }
 
-    /// Holds a durable write back while the master has fewer replicas
-    /// online than the write waits for: run now, it would only fail its
-    /// `WAIT` (say, right after a failover, until the old master rejoins as
-    /// a replica). Counted only when not confirmed since the master was
-    /// installed or a `WAIT` fell short.
-    async fn await_replicas(&self, master: &Master, replicas: u32) -> Option<Sent> {
-        if master.replicas_confirmed.load(Ordering::Acquire) >= replicas {
-            return None;
-        }
-        let info = match self.replication_info(master).await {
-            Ok(info) => info,
-            Err(error) => return Some(self.info_failed(master, &error)),
+    /// How many replicas a durable write asking for `asked` waits for on
+    /// `master` (see [`crate::durable`]), or why it is held back: run now,
+    /// it would only fail its `WAIT` (say, right after a failover, until
+    /// the old master rejoins as a replica). Replicas are counted (`INFO
+    /// replication`) when not counted since the master was installed or a
+    /// `WAIT` fell short, and every second while short.
+    async fn await_replicas(&self, master: &Master, asked: u32) -> Result<u32, Sent> {
+        let grace = self.settings.lost_replica_grace;
+        let outcome = match master.replicas.cached(asked, grace, Instant::now()) {
+            Some(outcome) => outcome,
+            None => {
+                let info = match self.replication_info(master).await {
+                    Ok(info) => info,
+                    Err(error) => return Err(self.info_failed(master, &error)),
+                };
+                if !info.is_master {
+                    // Demoted: look for the new master, as a READONLY reply would.
+                    return Err(Sent::Failed(redis::make_extension_error(
+                        "READONLY".to_owned(),
+                        Some("INFO replication says replica".to_owned()),
+                    )));
+                }
+                let online =
+                    u32::try_from(info.healthy_replicas(Duration::MAX)).unwrap_or(u32::MAX);
+                master
+                    .replicas
+                    .counted(online, asked, grace, Instant::now())
+            }
         };
-        if !info.is_master {
-            // Demoted: look for the new master, as a READONLY reply would.
-            return Some(Sent::Failed(redis::make_extension_error(
-                "READONLY".to_owned(),
-                Some("INFO replication says replica".to_owned()),
-            )));
+        match outcome {
+            Outcome::Wait(waits_for) => Ok(waits_for),
+            Outcome::Hold { online, waits_for } => {
+                self.metrics.add(Counter::DurableWritesHeld);
+                Err(Sent::Held(format!(
+                    "{online} replicas online, the write waits for {waits_for}"
+                )))
+            }
         }
-        let online = u32::try_from(info.healthy_replicas(Duration::MAX)).unwrap_or(u32::MAX);
-        master.replicas_confirmed.store(online, Ordering::Release);
-        if online >= replicas {
-            return None;
-        }
-        self.metrics.add(Counter::DurableWritesHeld);
-        Some(Sent::Held(format!(
-            "{online} replicas online, the write waits for {replicas}"
-        )))
     }
 
     /// The master did not answer `INFO`: its connection is suspect.
@@ -512,7 +520,7 @@ impl Shared {
             .multiplexed
             .set_response_timeout(self.settings.command_timeout);
         if !acked.as_ref().is_ok_and(|acked| *acked >= replicas) {
-            master.replicas_confirmed.store(0, Ordering::Release);
+            master.replicas.forget_count();
         }
         let error = match acked {
             Ok(acked) => {
@@ -676,7 +684,8 @@ impl Shared {
                     pool,
                     dedicated,
                     connection: ArcSwap::new(Connection::new(connection)),
-                    replicas_confirmed: AtomicU32::new(0),
+                    // The replica it lacks is most likely the master that failed.
+                    replicas: Replicas::short_since(state.first_failure),
                 });
                 self.master.store(Some(Arc::clone(&master)));
                 let after_failure = state.first_failure.take().map(|at| at.elapsed());

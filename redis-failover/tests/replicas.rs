@@ -711,3 +711,94 @@ async fn a_durable_write_waits_without_running_while_a_replica_it_needs_is_away(
         assert_eq!(value, Some(1), "{node}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_gone_past_the_grace_stops_being_waited_for_but_never_below_the_floor() {
+    let topology = Topology::builder().sentinels(0).start().await.unwrap();
+    let master = topology.initial_master();
+    let [gone, last] = replicas_of(&topology, master)[..] else {
+        panic!("two replicas")
+    };
+    let grace = Duration::from_secs(2);
+    let client = FailoverClient::candidates([topology.addr(master).into()])
+        .durability(Durability::Replicated {
+            replicas: 2,
+            timeout: Duration::from_millis(300),
+        })
+        .lost_replica_grace(grace, 1)
+        .retry_budget(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    client.set("before", 1).await.unwrap();
+    let status = client.replication_status().unwrap();
+    assert_eq!(
+        (status.asked, status.online, status.waits_for),
+        (2, Some(2), 2)
+    );
+
+    topology.kill(gone).unwrap();
+    let killed = Instant::now();
+    // Writes fall short, then wait without running until the grace is over,
+    // then wait for the one replica left.
+    match client.set("short", 1).await {
+        Err(Error::NotReplicated { acked: 1, .. }) => {}
+        other => panic!("expected NotReplicated with 1 ack, got {other:?}"),
+    }
+    client.set("after the grace", 1).await.unwrap();
+    assert!(
+        killed.elapsed() >= grace,
+        "acknowledged {:?} after the loss",
+        killed.elapsed()
+    );
+    let status = client.replication_status().unwrap();
+    assert!(status.degraded() && status.writable(), "{status:?}");
+    assert_eq!((status.online, status.waits_for), (Some(1), 1));
+    let on_last: Option<u32> = topology
+        .query(last, redis::cmd("GET").arg("after the grace"))
+        .await
+        .unwrap();
+    assert_eq!(on_last, Some(1));
+
+    // Below the floor, writes wait again (one that ran in the meantime
+    // falls short), and go through once a replica is back.
+    topology.kill(last).unwrap();
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            loop {
+                match client.set("held at the floor", 1).await {
+                    Err(Error::NotReplicated { acked: 0, .. }) => continue,
+                    done => return done,
+                }
+            }
+        }
+    });
+    let started = Instant::now();
+    while client.replication_status().is_none_or(|s| s.writable()) {
+        assert!(started.elapsed() < DEADLINE, "writes never stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!waiting.is_finished());
+    topology.restart(last).await.unwrap();
+    waiting.await.unwrap().unwrap();
+    let on_last: Option<u32> = topology
+        .query(last, redis::cmd("GET").arg("held at the floor"))
+        .await
+        .unwrap();
+    assert_eq!(on_last, Some(1));
+    // With the other replica back too, writes wait for both again.
+    topology.restart(gone).await.unwrap();
+    topology
+        .wait_for_replica_of(gone, master, DEADLINE)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        client.set("both again", 1).await.unwrap();
+        if client.replication_status().is_some_and(|s| !s.degraded()) {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE, "never waited for both again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -226,6 +226,10 @@ async fn answer_open(
     }
 }
 
+/// Ready while the master answers. Where durable writes stand is in the
+/// answer (`writes`), not in its status: writes held back for want of
+/// replicas still leave reads to serve, and a load balancer that took
+/// every instance out for it would stop those too.
 async fn ready(app: &App) -> Result<Response<Body>, ApiError> {
     // PING goes through the client's retries: a failover that fits in the
     // retry budget does not make the service unready.
@@ -234,7 +238,25 @@ async fn ready(app: &App) -> Result<Response<Body>, ApiError> {
         .query_idempotent::<String>(&redis::cmd("PING"))
         .await
     {
-        Ok(_) => Ok(json_response(StatusCode::OK, &json!({"status": "ready"}))),
+        Ok(_) => {
+            let mut body = json!({"status": "ready"});
+            if let Some(status) = app.client.replication_status() {
+                let state = if !status.writable() {
+                    "held"
+                } else if status.degraded() {
+                    "degraded"
+                } else {
+                    "ok"
+                };
+                body["writes"] = json!({
+                    "state": state,
+                    "replicas_asked": status.asked,
+                    "replicas_online": status.online,
+                    "replicas_waited_for": status.waits_for,
+                });
+            }
+            Ok(json_response(StatusCode::OK, &body))
+        }
         Err(error) => {
             tracing::warn!(%error, "not ready: the Redis master is unreachable");
             Err(ApiError::unavailable("the Redis master is unreachable"))

@@ -308,6 +308,34 @@ pub(crate) fn render(app: &App) -> String {
         "redis_failover_master_known {}",
         u8::from(app.client.master().is_some())
     );
+    if let Some(status) = app.client.replication_status() {
+        let gauges = [
+            (
+                "redis_failover_replicas_asked",
+                "Replicas durable writes ask for.",
+                f64::from(status.asked),
+            ),
+            (
+                "redis_failover_replicas_online",
+                "Replicas online at the master's last count (NaN: not counted yet).",
+                status.online.map_or(f64::NAN, f64::from),
+            ),
+            (
+                "redis_failover_replicas_waited_for",
+                "Replicas durable writes wait for now: fewer than asked once one has been gone for redis_replica_lost_after.",
+                f64::from(status.waits_for),
+            ),
+            (
+                "redis_failover_durable_writes_blocked",
+                "1 while durable writes are held back: fewer replicas online than they wait for.",
+                f64::from(u8::from(!status.writable())),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            header(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+    }
 
     let logs = app.logs.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(buffer) = &logs.buffer {

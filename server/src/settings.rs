@@ -61,6 +61,14 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "replicas that must have each write before it is acknowledged (WAIT, 1s per try); default 0",
     ),
     (
+        "redis_wait_replicas_min",
+        "the fewest replicas writes wait for once one has been gone for redis_replica_lost_after; default redis_wait_replicas (always all)",
+    ),
+    (
+        "redis_replica_lost_after",
+        "how long the master must have been short of a replica before writes stop waiting for it (longer than a failover); default 8s",
+    ),
+    (
         "redis_demote_stale_master",
         "true to make a replaced master a replica as soon as it answers (needs REPLICAOF; Sentinel only); default false",
     ),
@@ -229,6 +237,11 @@ pub struct RedisSettings {
     /// Replicas that must have each write before it is acknowledged (0:
     /// the master's reply is enough).
     pub wait_replicas: u32,
+    /// The fewest replicas writes wait for once one has been gone for
+    /// `replica_lost_after` (no fewer than `wait_replicas` when equal).
+    pub wait_replicas_min: u32,
+    /// How long a replica must be gone before writes stop waiting for it.
+    pub replica_lost_after: Duration,
     /// Make a replaced master a replica of the new one as soon as it
     /// answers, instead of waiting for Sentinel to do it.
     pub demote_stale_master: bool,
@@ -399,7 +412,7 @@ impl Settings {
         let tls_ca = get("redis_tls_ca_file")
             .map(|path| read_pem("redis_tls_ca_file", path))
             .transpose()?;
-        let redis = RedisSettings {
+        let mut redis = RedisSettings {
             discovery,
             last_resort,
             username: get("redis_username").map(str::to_owned),
@@ -410,8 +423,25 @@ impl Settings {
             tls_ca,
             retry_budget: duration(raw, "redis_retry_budget", Duration::from_secs(8))?,
             wait_replicas: number(raw, "redis_wait_replicas", 0)?,
+            wait_replicas_min: 0,
+            replica_lost_after: duration(raw, "redis_replica_lost_after", Duration::from_secs(8))?,
             demote_stale_master: boolean(raw, "redis_demote_stale_master", false)?,
         };
+        redis.wait_replicas_min = number(raw, "redis_wait_replicas_min", redis.wait_replicas)?;
+        if redis.wait_replicas_min > redis.wait_replicas
+            || (redis.wait_replicas > 0 && redis.wait_replicas_min == 0)
+        {
+            return Err(SettingError::invalid(
+                "redis_wait_replicas_min",
+                "must be 1 to redis_wait_replicas",
+            ));
+        }
+        if redis.replica_lost_after.is_zero() {
+            return Err(SettingError::invalid(
+                "redis_replica_lost_after",
+                "must be longer than 0",
+            ));
+        }
         if redis.demote_stale_master && !matches!(redis.discovery, Discovery::Sentinel { .. }) {
             return Err(SettingError::invalid(
                 "redis_demote_stale_master",
@@ -656,6 +686,9 @@ impl RedisSettings {
                 timeout: WAIT_TIMEOUT,
             });
         }
+        if self.wait_replicas_min < self.wait_replicas {
+            builder = builder.lost_replica_grace(self.replica_lost_after, self.wait_replicas_min);
+        }
         builder
             .retry_budget(self.retry_budget)
             .demote_stale_masters(self.demote_stale_master)
@@ -812,6 +845,7 @@ mod tests {
                 ("SERVER_REQUEST_TIMEOUT", "2s"),
                 ("SERVER_REDIS_RETRY_BUDGET", "1500ms"),
                 ("SERVER_REDIS_WAIT_REPLICAS", "2"),
+                ("SERVER_REDIS_WAIT_REPLICAS_MIN", "1"),
                 ("SERVER_REDIS_DEMOTE_STALE_MASTER", "true"),
                 ("SERVER_PORT", "tcp://10.0.0.1:80"),
                 ("SERVER_TENANT_MAX_KEYS", "1000"),
@@ -853,6 +887,8 @@ mod tests {
         assert_eq!(settings.limits.request_timeout, Duration::from_secs(2));
         assert_eq!(settings.redis.retry_budget, Duration::from_millis(1500));
         assert_eq!(settings.redis.wait_replicas, 2);
+        assert_eq!(settings.redis.wait_replicas_min, 1);
+        assert_eq!(settings.redis.replica_lost_after, Duration::from_secs(8));
         assert!(settings.redis.demote_stale_master);
         assert_eq!(settings.listen, "0.0.0.0:8080".parse().unwrap());
     }
@@ -912,6 +948,14 @@ mod tests {
                     ("SERVER_CURSOR_SECRET", "short"),
                 ],
                 "cursor_secret",
+            ),
+            (
+                &[
+                    ("SERVER_REDIS_NODES", "r:6379"),
+                    ("SERVER_REDIS_WAIT_REPLICAS", "2"),
+                    ("SERVER_REDIS_WAIT_REPLICAS_MIN", "3"),
+                ],
+                "redis_wait_replicas_min",
             ),
             (
                 &[

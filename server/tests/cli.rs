@@ -310,6 +310,7 @@ async fn serve_acknowledges_a_write_once_both_replicas_have_it() {
         ("SERVER_REDIS_SENTINELS", sentinels.as_str()),
         ("SERVER_REDIS_MASTER_NAME", topology.master_name()),
         ("SERVER_REDIS_WAIT_REPLICAS", "2"),
+        ("SERVER_REDIS_WAIT_REPLICAS_MIN", "1"),
         ("SERVER_REDIS_DEMOTE_STALE_MASTER", "true"),
         ("SERVER_JWT_SECRET", "a secret of at least thirty-two bytes"),
         ("SERVER_LISTEN", "127.0.0.1:0"),
@@ -382,6 +383,13 @@ async fn serve_acknowledges_a_write_once_both_replicas_have_it() {
             .unwrap();
         assert_eq!(exists, 1, "{replica} lacks the acknowledged write");
     }
+    // Readiness says where durable writes stand.
+    let ready = get(addr, "/readyz");
+    let (_, body) = ready.split_once("\r\n\r\n").unwrap();
+    let ready: serde_json::Value = serde_json::from_str(body).expect(body);
+    assert_eq!(ready["writes"]["state"], "ok", "{ready}");
+    assert_eq!(ready["writes"]["replicas_asked"], 2, "{ready}");
+    assert_eq!(ready["writes"]["replicas_waited_for"], 2, "{ready}");
 
     kill(Pid::from_raw(child.0.id() as i32), Signal::SIGTERM).unwrap();
     let status = exit_status(&mut child, deadline);

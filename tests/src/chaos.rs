@@ -294,6 +294,9 @@ async fn server_instance(
             replicas: 2,
             timeout: Duration::from_secs(1),
         })
+        // As the manifests run it: a replica gone for 8 s stops being
+        // waited for, down to one.
+        .lost_replica_grace(Duration::from_secs(8), 1)
         .build()?;
     client.wait_for_master(Duration::from_secs(10)).await?;
     let store = TenantKv::builder(client.clone())
