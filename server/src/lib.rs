@@ -14,19 +14,24 @@
 //! algorithm with `exp`, `sub` and `tenant_id` required (`iss` and `aud`
 //! too when configured) and `nbf` honoured; the user is looked up on every
 //! request, so disabling a user or revoking a key takes effect at once. API
-//! keys are limited by their scopes and key prefix.
+//! keys are limited by their scopes and key prefix, and go with the user
+//! who owns them. Each request is then admitted against its tenant's and
+//! API key's request rates (`tenant_kv::TenantKv::admit_request`), whose
+//! state is in the `RateLimit-Policy` and `RateLimit` fields of the answer.
 //!
 //! Every answer is JSON; every error is `{"error": {"code", "message"}}`
-//! with a precise status (400, 401, 403, 404, 405, 409, 412, 413, 414, 415,
-//! 429 with `Retry-After`, 503 when Redis stays unreachable past the retry
-//! budget). Items carry their version as an `ETag`; `If-Match` and
+//! with a precise status (400, 401, 403, 404, 405, 408, 409, 412, 413, 414,
+//! 415, 429 with `Retry-After`, 503 when Redis stays unreachable past the
+//! retry budget or passwords are being checked on every slot). Items carry their version as an `ETag`; `If-Match` and
 //! `If-None-Match: *` make writes conditional. `GET /openapi.json`
 //! describes every endpoint.
 //!
-//! [`Limits`] bound bodies, request heads, targets, time per request and
-//! open connections. [`ServerHandle::shutdown`] stops accepting, lets
-//! in-flight requests finish within a grace period, and flushes the log
-//! buffer.
+//! [`Limits`] bound bodies, request heads, targets, time per request,
+//! stalled bodies, answers the client does not read, and open connections
+//! in total and per client address. Metrics, which name tenants, are served
+//! on the admin listener only ([`ServerBuilder::admin`]).
+//! [`ServerHandle::shutdown`] stops accepting, lets in-flight requests
+//! finish within a grace period, and flushes the log buffer.
 //!
 //! ```no_run
 //! # async fn run(client: redis_failover::FailoverClient) -> Result<(), server::Error> {

@@ -6,9 +6,11 @@
 //! `tenant:<tenant_id>:data:<key>`. A [`TenantId`] is 1 to 64 ASCII
 //! letters, digits, `_` or `-` (never `:`), and the key follows a fixed
 //! `data:` part verbatim, so the mapping from (tenant, key) to Redis key is
-//! injective whatever the key contains (`:`, `*`, newlines, any UTF-8 up
-//! to 1 KiB): no key of one tenant can name another tenant's data, nor the
-//! tenant's own bookkeeping keys. Patterns sent to Redis are escaped
+//! injective whatever the key contains (`:`, `*`, braces, any UTF-8 up to
+//! 1 KiB): no key of one tenant can name another tenant's data, nor the
+//! tenant's own bookkeeping keys. Keys holding characters that could act
+//! on a log viewer or terminal (controls, line separators, bidirectional
+//! formatting: [`is_unsafe_char`]) are refused. Patterns sent to Redis are escaped
 //! ([`escape_glob`]); [`tenant_acl_rules`] confines a Redis ACL user to one
 //! tenant's keys, as defence in depth.
 //!
@@ -33,18 +35,32 @@
 //!
 //! Users ([`TenantKv::users`]) have global usernames, belong to one
 //! tenant, and log in against argon2id hashes (bcrypt hashes imported from
-//! another system verify too); every attempt on a known user leaves a
-//! `login_success` or `login_failed` record. API keys ([`TenantKv::api_keys`])
+//! another system verify too). Logins are throttled per username and per
+//! client address ([`LoginThrottle`], kept in Redis), and passwords are
+//! checked on a fixed number of slots with a short queue, each slot
+//! keeping its own argon2 memory; every attempt on a known user leaves a
+//! `login_success` or `login_failed` record (`login_failed` at most at a
+//! rate per tenant, the rest counted). API keys ([`TenantKv::api_keys`])
 //! look like `tkv_<id>_<secret><crc>`: malformed ones are refused without a
 //! Redis round trip, only a SHA-256 hash is stored and compared in constant
-//! time, [`Scope`]s and a key prefix limit them, and a rotation keeps the
-//! old secret valid for a grace period.
+//! time, [`Scope`]s, a key prefix and a request rate limit them, a user
+//! owns them (a disabled owner disables them), and a rotation keeps the old
+//! secret valid for a grace period (at most [`MAX_ROTATION_GRACE`]).
+//!
+//! [`Quotas`] limit each tenant: items, bytes, write rate (in the write
+//! script), request rates of the tenant and of each API key
+//! ([`TenantKv::admit_request`], GCRA in Redis, shared by every instance),
+//! and API keys. Defaults come from the builder; per-tenant overrides live
+//! in Redis ([`TenantKv::set_quota`]) and reach every instance within
+//! [`QUOTA_REFRESH`].
 //!
 //! With [`TenantKvBuilder::encryption_key`], values are encrypted at rest
 //! (XChaCha20-Poly1305) under a data key per tenant, kept in Redis wrapped
 //! by the master key; a value's tenant and key are its associated data, so
 //! a ciphertext copied elsewhere does not decrypt, and
-//! [`TenantKv::destroy_data_key`] makes a tenant's values unreadable.
+//! [`TenantKv::destroy_data_key`] makes a tenant's values unreadable, on
+//! every instance within [`TenantKvBuilder::data_key_lifetime`] (at once
+//! where the expiry watcher runs: it hears of the destruction).
 //!
 //! Listing reads the tenant's own sorted-set index by lexical range, so it
 //! costs the same however many keys other tenants hold. Cursors are signed
