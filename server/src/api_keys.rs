@@ -93,12 +93,7 @@ pub(crate) async fn list(
     let owner = (!principal.is_admin()).then(|| owner_of(principal));
     let page = app
         .api_keys
-        .list_page(
-            principal.tenant(),
-            owner.flatten(),
-            limit,
-            cursor.as_deref(),
-        )
+        .list_page(principal.tenant(), owner, limit, cursor.as_deref())
         .await?;
     let keys: Vec<Value> = page
         .keys

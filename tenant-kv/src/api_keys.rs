@@ -524,13 +524,14 @@ impl ApiKeys {
     }
 
     /// Up to `limit` (at most [`MAX_API_KEY_PAGE`]) of `tenant`'s keys,
-    /// oldest first, after `cursor` (from the previous page), only those
-    /// of `owner` if given. A cursor names a position, not a key, so keys
-    /// revoked meanwhile do not break it.
+    /// oldest first, after `cursor` (from the previous page): every key
+    /// for `owner` `None`, else only those whose owner is `owner`
+    /// (`Some(None)`: keys of no user). A cursor names a position, not a
+    /// key, so keys revoked meanwhile do not break it.
     pub async fn list_page(
         &self,
         tenant: &TenantId,
-        owner: Option<&str>,
+        owner: Option<Option<&str>>,
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<ApiKeyPage> {
@@ -540,7 +541,7 @@ impl ApiKeys {
             .list(tenant)
             .await?
             .into_iter()
-            .filter(|key| owner.is_none_or(|owner| key.owner.as_deref() == Some(owner)))
+            .filter(|key| owner.is_none_or(|owner| key.owner.as_deref() == owner))
             .filter(|key| {
                 after
                     .as_ref()

@@ -403,10 +403,12 @@ async fn api_keys_have_an_owner_a_maximum_and_pages() {
     assert_eq!(names, ["alice's", "b", "c"], "each key once");
     assert_eq!((first.keys.len(), second.cursor), (2, None));
     let mine = keys
-        .list_page(&acme, Some("alice"), 10, None)
+        .list_page(&acme, Some(Some("alice")), 10, None)
         .await
         .unwrap();
     assert_eq!(mine.keys.len(), 1);
+    let of_no_user = keys.list_page(&acme, Some(None), 10, None).await.unwrap();
+    assert_eq!(of_no_user.keys.len(), 2);
     assert!(matches!(
         keys.list_page(&acme, None, 2, Some("junk")).await,
         Err(Error::InvalidCursor)
