@@ -371,39 +371,21 @@ impl Users {
         Ok(())
     }
 
-    /// Disables (or enables again) a user: a disabled user cannot log in.
+    /// Disables (or enables again) a user: a disabled user cannot log in,
+    /// and its tokens and API keys stop working.
     pub async fn set_disabled(
         &self,
         username: &str,
         disabled: bool,
         actor: &Actor,
     ) -> Result<User> {
-        let mut user = self.get(username).await?;
         let action = if disabled {
             "disable_user"
         } else {
             "enable_user"
         };
-        let _: () = self
-            .client()
-            .query_pipeline(
-                redis::pipe()
-                    .atomic()
-                    .hset(
-                        user_key(username),
-                        "disabled",
-                        if disabled { "1" } else { "0" },
-                    )
-                    .ignore()
-                    .add_command(audit_record(
-                        &self.store.inner,
-                        &user.tenant,
-                        actor,
-                        action,
-                        username,
-                    ))
-                    .ignore(),
-            )
+        let mut user = self
+            .set_flag(username, "disabled", disabled, action, actor)
             .await?;
         user.disabled = disabled;
         Ok(user)
@@ -411,26 +393,37 @@ impl Users {
 
     /// Makes a user an admin of its tenant's API keys, or not any more.
     pub async fn set_admin(&self, username: &str, admin: bool, actor: &Actor) -> Result<User> {
-        let mut user = self.get(username).await?;
         let action = if admin { "grant_admin" } else { "revoke_admin" };
+        let mut user = self
+            .set_flag(username, "admin", admin, action, actor)
+            .await?;
+        user.admin = admin;
+        Ok(user)
+    }
+
+    /// Sets one of a user's flags, with the `action` audit record; returns
+    /// the user as it was.
+    async fn set_flag(
+        &self,
+        username: &str,
+        flag: &str,
+        on: bool,
+        action: &str,
+        actor: &Actor,
+    ) -> Result<User> {
+        let user = self.get(username).await?;
+        let record = audit_record(&self.store.inner, &user.tenant, actor, action, username);
         let _: () = self
             .client()
             .query_pipeline(
                 redis::pipe()
                     .atomic()
-                    .hset(user_key(username), "admin", if admin { "1" } else { "0" })
+                    .hset(user_key(username), flag, if on { "1" } else { "0" })
                     .ignore()
-                    .add_command(audit_record(
-                        &self.store.inner,
-                        &user.tenant,
-                        actor,
-                        action,
-                        username,
-                    ))
+                    .add_command(record)
                     .ignore(),
             )
             .await?;
-        user.admin = admin;
         Ok(user)
     }
 
