@@ -1,0 +1,257 @@
+//! Production settings: a flat set of named settings read from an optional
+//! TOML file and from `SERVER_<NAME>` environment variables (which win).
+//! Each group is parsed and checked on its own ([`sections`]).
+
+mod parse;
+mod sections;
+mod table;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use hyper::header::HeaderName;
+use jsonwebtoken::Algorithm;
+use redis_failover::NodeAddr;
+use tenant_kv::{LoginThrottle, Quotas};
+
+use crate::error::SettingError;
+use crate::limits::Limits;
+use parse::Raw;
+pub use table::SETTINGS;
+
+/// How to find the Redis master.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Discovery {
+    /// Ask these sentinels about the master `master_name`.
+    Sentinel {
+        /// The master's name in Sentinel.
+        master_name: String,
+        /// The sentinels.
+        sentinels: Vec<NodeAddr>,
+    },
+    /// Try these data nodes in order.
+    Candidates(Vec<NodeAddr>),
+}
+
+/// How the service reaches Redis.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    /// Where the master is found.
+    pub discovery: Discovery,
+    /// Tried when no candidate is the master.
+    pub last_resort: Option<NodeAddr>,
+    /// ACL user.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// ACL user on the sentinels.
+    pub sentinel_username: Option<String>,
+    /// Password of the sentinels.
+    pub sentinel_password: Option<String>,
+    /// Connect over TLS.
+    pub tls: bool,
+    /// The CA certificate (PEM) for TLS; `None` for the system roots.
+    pub tls_ca: Option<Vec<u8>>,
+    /// How long a request may wait through a failover.
+    pub retry_budget: Duration,
+    /// Replicas that must have each write before it is acknowledged (0:
+    /// the master's reply is enough).
+    pub wait_replicas: u32,
+    /// The fewest replicas writes wait for once one has been gone for
+    /// `replica_lost_after` (no fewer than `wait_replicas` when equal).
+    pub wait_replicas_min: u32,
+    /// How long a replica must be gone before writes stop waiting for it.
+    pub replica_lost_after: Duration,
+    /// Make a replaced master a replica of the new one as soon as it
+    /// answers, instead of waiting for Sentinel to do it.
+    pub demote_stale_master: bool,
+}
+
+/// How tokens are checked and issued.
+#[derive(Clone, Debug)]
+pub struct JwtSettings {
+    /// The one algorithm accepted.
+    pub algorithm: Algorithm,
+    /// HMAC secret (HS*).
+    pub secret: Option<Vec<u8>>,
+    /// PEM private key (RS*, ES*, EdDSA).
+    pub private_key: Option<Vec<u8>>,
+    /// PEM public key (RS*, ES*, EdDSA).
+    pub public_key: Option<Vec<u8>>,
+    /// Required issuer.
+    pub issuer: Option<String>,
+    /// Required audience.
+    pub audience: Option<String>,
+    /// Lifetime of issued tokens.
+    pub ttl: Duration,
+    /// Clock skew allowed.
+    pub leeway: Duration,
+}
+
+/// What keeps one client or tenant from exhausting the service.
+#[derive(Clone, Debug)]
+pub struct Protection {
+    /// The header a trusted proxy puts the client's address in.
+    pub client_address_header: Option<HeaderName>,
+    /// Login throttling.
+    pub login: LoginThrottle,
+    /// Passwords checked at once, and logins waiting for a slot.
+    pub password_hashing: (usize, usize),
+    /// Every tenant's quotas, unless overridden in Redis.
+    pub quotas: Quotas,
+}
+
+/// The service's settings, checked.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Address serving `/metrics` and the probes, if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// Redis.
+    pub redis: RedisSettings,
+    /// Tokens.
+    pub jwt: JwtSettings,
+    /// Master key encrypting values at rest.
+    pub encryption_key: Option<[u8; 32]>,
+    /// Secret signing listing cursors.
+    pub cursor_secret: Option<Vec<u8>>,
+    /// Loki base URL, to ship logs from this process.
+    pub loki_url: Option<String>,
+    /// Whether logs are buffered in Redis.
+    pub log_buffer: bool,
+    /// Request limits.
+    pub limits: Limits,
+    /// Throttles and quotas.
+    pub protection: Protection,
+}
+
+impl Settings {
+    /// Reads `file` (TOML, optional) and the `SERVER_*` variables of `env`,
+    /// the environment winning, and checks every setting.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingError> {
+        let mut raw = match file {
+            Some(path) => Raw::from_file(path)?,
+            None => Raw::default(),
+        };
+        for (name, value) in env {
+            let Some(name) = name.strip_prefix("SERVER_") else {
+                continue;
+            };
+            // Unknown variables are ignored: Kubernetes injects `SERVER_PORT`
+            // and the like for a service named `server`.
+            raw.set_known(&name.to_ascii_lowercase(), value);
+        }
+        Self::from_raw(&raw)
+    }
+
+    fn from_raw(raw: &Raw) -> Result<Self, SettingError> {
+        let listen: SocketAddr = raw
+            .get("listen")
+            .unwrap_or("0.0.0.0:8080")
+            .parse()
+            .map_err(|_| SettingError::invalid("listen", "expected ip:port"))?;
+        let admin_listen = sections::admin_listen(raw, listen)?;
+        let redis = sections::redis(raw)?;
+        let limits = sections::limits(raw)?;
+        if redis.retry_budget.is_zero() || redis.retry_budget >= limits.request_timeout {
+            return Err(SettingError::invalid(
+                "redis_retry_budget",
+                "must be longer than 0 and shorter than request_timeout, so that a request can wait out a failover",
+            ));
+        }
+        Ok(Self {
+            listen,
+            admin_listen,
+            redis,
+            jwt: sections::jwt(raw)?,
+            encryption_key: sections::encryption_key(raw)?,
+            cursor_secret: sections::cursor_secret(raw)?,
+            loki_url: sections::loki_url(raw)?,
+            log_buffer: raw.boolean("log_buffer", true)?,
+            limits,
+            protection: sections::protection(raw)?,
+        })
+    }
+}
+
+impl Settings {
+    /// The store these settings describe, over `client`.
+    pub fn store(
+        &self,
+        client: redis_failover::FailoverClient,
+    ) -> Result<tenant_kv::TenantKv, tenant_kv::Error> {
+        let protection = &self.protection;
+        let mut builder = tenant_kv::TenantKv::builder(client)
+            .quotas(protection.quotas)
+            .login_throttle(protection.login)
+            .password_hashing(protection.password_hashing.0, protection.password_hashing.1);
+        if let Some(key) = self.encryption_key {
+            builder = builder.encryption_key(key);
+        }
+        if let Some(secret) = &self.cursor_secret {
+            builder = builder.cursor_secret(secret.clone());
+        }
+        builder.build()
+    }
+}
+
+/// How long one `WAIT` for `redis_wait_replicas` lasts. A write short of
+/// replicas then answers `not_replicated`; the next ones wait, without
+/// running, for the replicas to come back (within the retry budget).
+const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl RedisSettings {
+    /// A failover client as these settings describe.
+    pub fn client(&self) -> Result<redis_failover::FailoverClient, redis_failover::Error> {
+        use redis_failover::{Credentials, FailoverClient, Tls};
+        let mut builder = match &self.discovery {
+            Discovery::Sentinel {
+                master_name,
+                sentinels,
+            } => FailoverClient::sentinel(master_name.clone(), sentinels.clone()),
+            Discovery::Candidates(nodes) => FailoverClient::candidates(nodes.clone()),
+        };
+        let credentials = |user: &Option<String>, password: &Option<String>| match (user, password)
+        {
+            (Some(user), Some(password)) => Some(Credentials::user(user.clone(), password.clone())),
+            (None, Some(password)) => Some(Credentials::password(password.clone())),
+            _ => None,
+        };
+        if let Some(credentials) = credentials(&self.username, &self.password) {
+            builder = builder.credentials(credentials);
+        }
+        if let Some(credentials) = credentials(&self.sentinel_username, &self.sentinel_password) {
+            builder = builder.sentinel_credentials(credentials);
+        }
+        if self.tls {
+            let tls = match &self.tls_ca {
+                Some(pem) => Tls::root_cert(pem.clone()),
+                None => Tls::system_roots(),
+            };
+            builder = builder.tls(tls);
+        }
+        if let Some(addr) = &self.last_resort {
+            builder = builder.last_resort(addr.clone());
+        }
+        if self.wait_replicas > 0 {
+            builder = builder.durability(redis_failover::Durability::Replicated {
+                replicas: self.wait_replicas,
+                timeout: WAIT_TIMEOUT,
+            });
+        }
+        if self.wait_replicas_min < self.wait_replicas {
+            builder = builder.lost_replica_grace(self.replica_lost_after, self.wait_replicas_min);
+        }
+        builder
+            .retry_budget(self.retry_budget)
+            .demote_stale_masters(self.demote_stale_master)
+            .build()
+    }
+}
