@@ -6,6 +6,7 @@
 //! logs; `actor`, `action`, `key`, ... for tenant-kv's audit records). Logs
 //! of tenant `<id>` go to the stream `tenant:<id>:logs`.
 
+use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::Error;
@@ -97,6 +98,27 @@ pub(crate) struct Caps {
     pub(crate) record: usize,
 }
 
+/// Appends to a string up to `room` bytes (whole characters), and counts
+/// the bytes past it.
+pub(crate) struct Bounded<'a> {
+    text: &'a mut String,
+    room: usize,
+    dropped: usize,
+}
+
+impl std::fmt::Write for Bounded<'_> {
+    fn write_str(&mut self, piece: &str) -> std::fmt::Result {
+        let mut fits = piece.len().min(self.room);
+        while !piece.is_char_boundary(fits) {
+            fits -= 1;
+        }
+        self.text.push_str(&piece[..fits]);
+        self.room -= fits;
+        self.dropped += piece.len() - fits;
+        Ok(())
+    }
+}
+
 /// Field names and values, the values packed in one string: two
 /// allocations for a whole event, freed on the append task's thread.
 /// Values over the [`Caps`] are cut, with a marker saying how much went.
@@ -118,30 +140,45 @@ impl Fields {
     }
 
     pub(crate) fn push_str(&mut self, name: &'static str, value: &str) {
-        let start = self.text.len();
-        self.text.push_str(value);
-        self.close(name, start);
+        self.push(name, |bounded| bounded.write_str(value));
     }
 
     pub(crate) fn push_debug(&mut self, name: &'static str, value: &dyn std::fmt::Debug) {
-        use std::fmt::Write as _;
-        let start = self.text.len();
-        let _ = write!(self.text, "{value:?}");
-        self.close(name, start);
+        self.push(name, |bounded| write!(bounded, "{value:?}"));
     }
 
-    /// Ends the value written from `start`, cut to the caps.
-    fn close(&mut self, name: &'static str, start: usize) {
-        let allowed = self.caps.field.min(self.caps.record.saturating_sub(start));
-        let written = self.text.len() - start;
-        if written > allowed {
-            let marker = format!("…[cut {written} bytes]");
-            let mut keep = start + allowed.saturating_sub(marker.len());
+    /// Adds a field whose value `write` writes, cut to the caps with a
+    /// marker saying how much went. What is past the caps is counted, never
+    /// stored, so a huge value costs no memory. The record's cap spares
+    /// `tenant_id`: cut, it would send the record to another tenant.
+    fn push(
+        &mut self,
+        name: &'static str,
+        write: impl FnOnce(&mut Bounded<'_>) -> std::fmt::Result,
+    ) {
+        let start = self.text.len();
+        let mut allowed = self.caps.field;
+        if name != "tenant_id" {
+            allowed = allowed.min(self.caps.record.saturating_sub(start));
+        }
+        let mut bounded = Bounded {
+            text: &mut self.text,
+            room: allowed,
+            dropped: 0,
+        };
+        let _ = write(&mut bounded);
+        let dropped = bounded.dropped;
+        if dropped > 0 {
+            let written = self.text.len() - start;
+            // Room for the marker with the most it could say.
+            let marker_room = format!("…[cut {} bytes]", dropped + written).len();
+            let mut keep = start + allowed.saturating_sub(marker_room);
             while !self.text.is_char_boundary(keep) {
                 keep -= 1;
             }
+            let cut = dropped + (start + written - keep);
             self.text.truncate(keep);
-            self.text.push_str(&marker);
+            let _ = write!(self.text, "…[cut {cut} bytes]");
         }
         self.entries.push((name, start, self.text.len()));
     }
@@ -202,12 +239,16 @@ mod tests {
         fields.push_str("late", &"y".repeat(30));
         let values: Vec<(&str, &str)> = fields.iter().collect();
         assert_eq!(values[0], ("short", "fits"));
-        assert!(
-            values[1].1.len() <= 40 && values[1].1.ends_with("…[cut 200 bytes]"),
-            "{values:?}"
-        );
+        // What is kept and what the marker says was cut make the whole.
+        let whole = |value: &str| {
+            let (kept, marker) = value.split_once("…[cut ").expect("a marker");
+            let cut: usize = marker.trim_end_matches(" bytes]").parse().unwrap();
+            assert!(value.len() <= 40, "{value}");
+            kept.len() + cut
+        };
+        assert_eq!(whole(values[1].1), 200);
         assert!(values[1].1.starts_with('é'));
-        assert!(values[2].1.ends_with("…[cut 1002 bytes]"), "{values:?}");
+        assert_eq!(whole(values[2].1), 1002);
         // The record's cap leaves the last field little or nothing.
         let total: usize = values.iter().map(|(_, v)| v.len()).sum();
         assert!(
@@ -217,6 +258,11 @@ mod tests {
         let mut copy = Fields::with_capacity(4, 64, caps);
         copy.extend_from(&fields);
         assert_eq!(copy.iter().count(), 4);
+        // The record's cap spares the tenant: cut, it would name another.
+        let mut full = Fields::with_capacity(2, 64, caps);
+        full.push_str("message", &"m".repeat(200));
+        full.push_str("tenant_id", "acme");
+        assert_eq!(full.get(1), ("tenant_id", "acme"));
     }
 
     #[test]

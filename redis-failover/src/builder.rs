@@ -259,6 +259,9 @@ impl FailoverClientBuilder {
     /// failover would lose is never acknowledged, while a replica gone for
     /// good (a lost node) stops holding every write. For a master installed
     /// after the previous one failed, the time counts from that failure.
+    /// With Sentinel, fewer replicas are waited for only while a majority
+    /// of sentinels name the master (asked once a second), so a master cut
+    /// off from them on the minority side of a partition holds its writes.
     /// [`FailoverClient::replication_status`] tells where writes stand.
     /// Defaults to off: writes wait for every replica asked, however long
     /// one is missing.

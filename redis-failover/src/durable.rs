@@ -11,7 +11,11 @@
 //! lowers the count, so a write a failover could lose is not acknowledged.
 //! For a master installed after the previous one failed, the shortfall is
 //! counted from that failure: the replica missing is most likely that
-//! master.
+//! master. With Sentinel, writes wait for fewer replicas only while a
+//! majority of sentinels confirm (within the last second) that this master
+//! is still the master: cut off from them, it may have been replaced by a
+//! replica it no longer sees, and a write its remaining replicas
+//! acknowledge would be lost when the partition heals.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -42,6 +46,8 @@ struct State {
     online: Option<(u32, Instant)>,
     /// Since when the master has had fewer replicas online than asked.
     short_since: Option<Instant>,
+    /// When a majority of sentinels last named this master.
+    confirmed: Option<Instant>,
 }
 
 /// What a durable write should do.
@@ -86,6 +92,7 @@ impl Replicas {
             state: Mutex::new(State {
                 online: None,
                 short_since: since,
+                confirmed: None,
             }),
         }
     }
@@ -129,6 +136,19 @@ impl Replicas {
             state.short_since.get_or_insert(now);
         }
         outcome(&state, asked, grace, now)
+    }
+
+    /// Whether a majority of sentinels named this master within the last
+    /// second (writes may then wait for fewer replicas than asked).
+    pub(crate) fn confirmed(&self, now: Instant) -> bool {
+        self.state()
+            .confirmed
+            .is_some_and(|at| now.duration_since(at) < RECOUNT)
+    }
+
+    /// A majority of sentinels named this master at `now`.
+    pub(crate) fn confirm(&self, now: Instant) {
+        self.state().confirmed = Some(now);
     }
 
     /// A `WAIT` fell short, or failed: count again before the next write.
@@ -239,6 +259,15 @@ mod tests {
         );
         let status = replicas.status(2, Some(GRACE), past);
         assert!(!status.writable() && status.degraded());
+    }
+
+    #[test]
+    fn a_confirmation_lasts_a_second() {
+        let (replicas, t0) = (Replicas::default(), Instant::now());
+        assert!(!replicas.confirmed(t0));
+        replicas.confirm(t0);
+        assert!(replicas.confirmed(t0 + Duration::from_millis(999)));
+        assert!(!replicas.confirmed(t0 + RECOUNT));
     }
 
     #[test]

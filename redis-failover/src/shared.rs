@@ -419,6 +419,13 @@ impl Shared {
             }
         };
         match outcome {
+            Outcome::Wait(waits_for) if waits_for < asked && !self.still_named(master).await => {
+                self.metrics.add(Counter::DurableWritesHeld);
+                Err(Sent::Held(format!(
+                    "{waits_for} of {asked} replicas online, and the sentinels do not confirm {} as master",
+                    master.node
+                )))
+            }
             Outcome::Wait(waits_for) => Ok(waits_for),
             Outcome::Hold { online, waits_for } => {
                 self.metrics.add(Counter::DurableWritesHeld);
@@ -427,6 +434,26 @@ impl Shared {
                 )))
             }
         }
+    }
+
+    /// Whether a majority of sentinels name `master` (asked at most once a
+    /// second); always, without Sentinel, which has no one to ask.
+    async fn still_named(&self, master: &Master) -> bool {
+        if !matches!(self.settings.mode, Mode::Sentinel { .. }) {
+            return true;
+        }
+        let now = Instant::now();
+        if master.replicas.confirmed(now) {
+            return true;
+        }
+        let named = self
+            .ask_sentinels_current()
+            .await
+            .is_ok_and(|named| named.node == master.node);
+        if named {
+            master.replicas.confirm(now);
+        }
+        named
     }
 
     /// The master did not answer `INFO`: its connection is suspect.

@@ -802,3 +802,66 @@ async fn a_replica_gone_past_the_grace_stops_being_waited_for_but_never_below_th
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sentinel_fewer_replicas_are_waited_for_only_while_the_sentinels_confirm_the_master() {
+    let topology = Topology::builder().start().await.unwrap();
+    let master = topology.initial_master();
+    let gone = replicas_of(&topology, master)[0];
+    let sentinels: Vec<NodeAddr> = topology
+        .sentinel_addrs()
+        .into_iter()
+        .map(NodeAddr::from)
+        .collect();
+    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
+        .durability(Durability::Replicated {
+            replicas: 2,
+            timeout: Duration::from_millis(300),
+        })
+        .lost_replica_grace(Duration::from_secs(1), 1)
+        .retry_budget(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    client.set("before", 1).await.unwrap();
+
+    // Cut off from every sentinel (they are paused), the master may have
+    // been replaced for all it knows: past the grace, writes still wait.
+    for sentinel in topology.sentinels() {
+        topology.pause(sentinel).unwrap();
+    }
+    topology.kill(gone).unwrap();
+    // The first write after the loss runs, and falls short; the next waits.
+    match client.set("short", 1).await {
+        Err(Error::NotReplicated { acked: 1, .. }) => {}
+        other => panic!("expected NotReplicated with 1 ack, got {other:?}"),
+    }
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.set("unconfirmed", 1).await }
+    });
+    let started = Instant::now();
+    while client.replication_status().is_none_or(|s| !s.degraded()) {
+        assert!(started.elapsed() < DEADLINE, "the grace never passed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = client.metrics().durable_writes_held;
+    while client.metrics().durable_writes_held < held + 3 {
+        assert!(started.elapsed() < DEADLINE, "the write did not wait");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exists: u32 = topology
+        .query(master, redis::cmd("EXISTS").arg("unconfirmed"))
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "a write went to one replica unconfirmed");
+    // The sentinels back, naming the same master: the write goes through.
+    for sentinel in topology.sentinels() {
+        topology.resume(sentinel).unwrap();
+    }
+    waiting.await.unwrap().unwrap();
+    let on_master: Option<u32> = topology
+        .query(master, redis::cmd("GET").arg("unconfirmed"))
+        .await
+        .unwrap();
+    assert_eq!(on_master, Some(1));
+}

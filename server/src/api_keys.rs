@@ -5,7 +5,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use hyper::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use hyper::header::{CACHE_CONTROL, CONTENT_LENGTH, HeaderValue, TRANSFER_ENCODING};
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -52,7 +52,7 @@ pub(crate) async fn create(
         ttl => ttl.map(Duration::from_secs),
     };
     let expires_at = ttl.and_then(|ttl| SystemTime::now().checked_add(ttl));
-    may_manage(principal, &scopes, body.key_prefix.as_deref(), expires_at)?;
+    may_manage(principal, &scopes, expires_at, body.requests_per_second)?;
     let new = NewApiKey {
         name: body.name,
         scopes,
@@ -65,10 +65,16 @@ pub(crate) async fn create(
         .api_keys
         .create(principal.tenant(), new, &principal.actor())
         .await?;
-    Ok(json_response(
-        StatusCode::CREATED,
-        &api_key_json(&key, Some(&secret)),
-    ))
+    Ok(with_secret(StatusCode::CREATED, &key, &secret))
+}
+
+/// An answer carrying a key's secret: no cache, private or shared, keeps it.
+fn with_secret(status: StatusCode, key: &ApiKey, secret: &str) -> Response<Body> {
+    let mut response = json_response(status, &api_key_json(key, Some(secret)));
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// A page of the keys the principal manages: every key of the tenant for
@@ -156,27 +162,24 @@ pub(crate) async fn rotate(
         .api_keys
         .rotate(principal.tenant(), id, grace, &principal.actor())
         .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &api_key_json(&key, Some(&secret)),
-    ))
+    Ok(with_secret(StatusCode::OK, &key, &secret))
 }
 
 /// An API key manages (creates, rotates, revokes) only keys that may do no
-/// more than itself: no other scope, no wider prefix, no longer life.
+/// more than itself: no other scope, no longer life, no higher request
+/// rate. (Only keys without a key prefix have the `admin` scope.)
 fn may_manage(
     principal: &Principal,
     scopes: &[Scope],
-    key_prefix: Option<&str>,
     expires_at: Option<SystemTime>,
+    requests_per_second: Option<u32>,
 ) -> Result<(), ApiError> {
     let Principal::ApiKey(own, _) = principal else {
         return Ok(());
     };
-    let prefix = key_prefix.unwrap_or_default();
-    if let Some(scope) = scopes.iter().find(|scope| !own.allows(**scope, prefix)) {
+    if let Some(scope) = scopes.iter().find(|scope| !own.scopes.contains(scope)) {
         return Err(ApiError::forbidden(format!(
-            "this API key cannot manage a key with `{}` under this prefix",
+            "this API key cannot manage a key with `{}`",
             scope.as_str()
         )));
     }
@@ -186,6 +189,13 @@ fn may_manage(
         return Err(ApiError::forbidden(
             "this API key cannot manage a key that outlives it",
         ));
+    }
+    if let Some(own_rate) = own.requests_per_second
+        && requests_per_second.is_none_or(|rate| rate > own_rate)
+    {
+        return Err(ApiError::forbidden(format!(
+            "this API key cannot manage a key allowed more than its {own_rate} requests per second"
+        )));
     }
     Ok(())
 }
@@ -201,8 +211,8 @@ async fn may_manage_key(app: &App, principal: &Principal, id: &str) -> Result<()
     may_manage(
         principal,
         &target.scopes,
-        target.key_prefix.as_deref(),
         target.expires_at,
+        target.requests_per_second,
     )
 }
 

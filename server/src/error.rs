@@ -156,7 +156,7 @@ impl From<tenant_kv::Error> for ApiError {
             E::NotFound { .. } | E::UnknownApiKey { .. } | E::UnknownUser { .. } => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", message)
             }
-            E::AlreadyExists { .. } | E::UserExists { .. } => {
+            E::AlreadyExists { .. } | E::UserExists { .. } | E::ApiKeyChanged { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", message)
             }
             E::VersionConflict { .. } => Self::precondition_failed(message),

@@ -26,6 +26,9 @@ use crate::error::Error;
 use crate::limits::Limits;
 use crate::router::Surface;
 
+/// Open connections the admin listener takes at most (probes, scrapers).
+const ADMIN_CONNECTIONS: usize = 64;
+
 /// Time the log buffer and offloader get to flush on shutdown.
 const LOG_FLUSH_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -221,15 +224,22 @@ async fn serve(
     stop: watch::Receiver<()>,
     graceful: Arc<GracefulShutdown>,
 ) -> bool {
-    let permits = Arc::new(Semaphore::new(app.limits.max_connections));
-    let per_address = PerAddress::new(app.limits.max_connections_per_address);
     let mut accepting = tokio::task::JoinSet::new();
     for (listener, surface) in listeners {
+        // The admin listener has caps of its own: a flood of the public
+        // port must not keep the probes and Prometheus out.
+        let (permits, per_address) = match surface {
+            Surface::Public => (
+                app.limits.max_connections,
+                app.limits.max_connections_per_address,
+            ),
+            Surface::Admin => (ADMIN_CONNECTIONS, 0),
+        };
         let shared = Shared {
             app: Arc::clone(&app),
             graceful: Arc::clone(&graceful),
-            permits: Arc::clone(&permits),
-            per_address: Arc::clone(&per_address),
+            permits: Arc::new(Semaphore::new(permits)),
+            per_address: PerAddress::new(per_address),
         };
         accepting.spawn(accept(listener, surface, shared, stop.clone()));
     }

@@ -67,7 +67,8 @@ pub enum Error {
     /// The write would take the tenant past one of its quotas.
     #[error("quota exceeded: {what} would reach {would_be}, the limit is {limit}")]
     QuotaExceeded {
-        /// `keys`, `bytes` or `api_keys`.
+        /// `keys`, `bytes`, `api_keys`, or `write_burst` (a batch of more
+        /// writes than the write rate lets through at once).
         what: &'static str,
         /// The limit.
         limit: u64,
@@ -110,6 +111,14 @@ pub enum Error {
     /// The tenant has no API key with this id.
     #[error("no API key {id:?}")]
     UnknownApiKey {
+        /// The key id.
+        id: String,
+    },
+
+    /// The API key changed (revoked, or rotated by another caller) between
+    /// reading it and rotating it: nothing was done.
+    #[error("API key {id:?} changed meanwhile; read it again")]
+    ApiKeyChanged {
         /// The key id.
         id: String,
     },

@@ -70,7 +70,13 @@ pub fn is_unsafe_char(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
-            '\u{2028}' | '\u{2029}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+            '\u{061C}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{200E}'
+                | '\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
         )
 }
 
@@ -157,6 +163,11 @@ impl TenantKeys {
     /// The tenant's request-rate state (GCRA).
     pub(crate) fn request_rate(&self) -> String {
         format!("{}request-rate", self.prefix)
+    }
+
+    /// The request-rate state of the tenant's API key `id`.
+    pub(crate) fn api_key_rate(&self, id: &str) -> String {
+        format!("{}api-key-rate:{id}", self.prefix)
     }
 
     /// The rate state of the tenant's `login_failed` audit records.

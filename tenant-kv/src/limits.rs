@@ -273,14 +273,21 @@ impl Quotas {
         Some(Rate::per_second(per_second).burst(self.request_burst.unwrap_or(per_second)))
     }
 
+    /// A key's rate: the tenant's rate for keys, or the key's own where
+    /// it is lower (a key cannot give itself more than the tenant allows).
     fn api_key_rate(&self, key: &ApiKey) -> Option<Rate> {
-        match key.requests_per_second {
-            Some(own) => Some(Rate::per_second(own)),
-            None => {
-                let per_second = self.api_key_requests_per_second?;
-                let burst = self.api_key_request_burst.unwrap_or(per_second);
-                Some(Rate::per_second(per_second).burst(burst))
+        let tenant = self.api_key_requests_per_second.map(|per_second| {
+            let burst = self.api_key_request_burst.unwrap_or(per_second);
+            Rate::per_second(per_second).burst(burst)
+        });
+        match (key.requests_per_second, tenant) {
+            (Some(own), Some(tenant))
+                if tenant.interval_us() >= Rate::per_second(own).interval_us() =>
+            {
+                Some(tenant)
             }
+            (Some(own), _) => Some(Rate::per_second(own)),
+            (None, tenant) => tenant,
         }
     }
 }
@@ -435,7 +442,7 @@ impl TenantKv {
         if let Some(key) = api_key
             && let Some(rate) = quotas.api_key_rate(key)
         {
-            let key = crate::api_keys::rate_key(&key.id);
+            let key = TenantKeys::new(tenant).api_key_rate(&key.id);
             checks.push(Check {
                 policy: "api_key",
                 key,
@@ -445,7 +452,7 @@ impl TenantKv {
         if checks.is_empty() {
             return Ok(None);
         }
-        let statuses = ratelimit::book(&self.inner.client, &checks).await?;
+        let statuses = ratelimit::book(&self.inner.bookkeeping, &checks).await?;
         Ok(ratelimit::verdict(statuses)?)
     }
 }

@@ -106,7 +106,9 @@ impl Hasher {
             done
         })
         .await
-        .map_err(|error| Error::InvalidUser {
+        // Only a panic in the hashing code gets here: the server's fault.
+        .map_err(|error| Error::InvalidConfig {
+            setting: "password_hashing",
             reason: format!("password hashing failed: {error}"),
         })
     }

@@ -49,14 +49,15 @@ impl Rate {
         self.burst
     }
 
-    /// The time one unit books.
-    pub(crate) fn interval_ms(&self) -> f64 {
-        self.period.as_secs_f64() * 1000.0 / f64::from(self.count)
+    /// The time one unit books, in whole µs (the scripts count in them).
+    pub(crate) fn interval_us(&self) -> u64 {
+        let period = u64::try_from(self.period.as_micros()).unwrap_or(u64::MAX);
+        (period / u64::from(self.count)).max(1)
     }
 
     /// The time a full burst books: the window of `RateLimit-Policy`.
     pub fn window(&self) -> Duration {
-        Duration::from_secs_f64(self.interval_ms() * f64::from(self.burst) / 1000.0)
+        Duration::from_micros(self.interval_us().saturating_mul(u64::from(self.burst)))
     }
 }
 
@@ -85,9 +86,10 @@ pub(crate) struct Check {
     pub(crate) rate: Rate,
 }
 
-/// Books one unit against every limit, in one round trip. A unit refused
-/// by one limit is still booked against the others, which only makes
-/// them stricter.
+/// Books one unit against every limit, in one round trip, or against
+/// none of them if one refuses it. Rate state needs no replica (a
+/// failover that loses some only eases a limit for a moment), so `client`
+/// should not wait for any.
 pub(crate) async fn book(
     client: &FailoverClient,
     checks: &[Check],
@@ -95,31 +97,27 @@ pub(crate) async fn book(
     if checks.is_empty() {
         return Ok(Vec::new());
     }
-    let mut pipeline = redis::pipe();
+    let keys: Vec<&str> = checks.iter().map(|check| check.key.as_str()).collect();
+    let mut command = RATE_LIMIT.command(&keys);
     for check in checks {
-        pipeline.add_command(
-            RATE_LIMIT
-                .command(&[&check.key])
-                .arg(format!("{:.3}", check.rate.interval_ms()))
-                .arg(check.rate.burst)
-                .arg(1)
-                .clone(),
-        );
+        command.arg(check.rate.interval_us()).arg(check.rate.burst);
     }
-    let replies: Vec<(u8, u32, u64, u64)> = RATE_LIMIT.run_pipeline(client, &pipeline).await?;
+    let replies: Vec<u64> = RATE_LIMIT.run(client, &command, true).await?;
     Ok(checks
         .iter()
-        .zip(replies)
-        .map(
-            |(check, (booked, remaining, retry_ms, reset_ms))| RateLimitStatus {
+        .zip(replies.chunks_exact(4))
+        .map(|(check, reply)| {
+            let [allowed, remaining, retry_us, reset_us] =
+                <[u64; 4]>::try_from(reply).expect("chunks of four");
+            RateLimitStatus {
                 policy: check.policy,
                 quota: check.rate.burst,
                 window: check.rate.window(),
-                remaining,
-                reset: Duration::from_millis(reset_ms),
-                retry_after: (booked == 0).then(|| Duration::from_millis(retry_ms.max(1))),
-            },
-        )
+                remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+                reset: Duration::from_micros(reset_us),
+                retry_after: (allowed == 0).then(|| Duration::from_micros(retry_us.max(1))),
+            }
+        })
         .collect())
 }
 
@@ -176,8 +174,9 @@ mod tests {
     #[test]
     fn rates_and_windows() {
         let rate = Rate::per_minute(30).burst(10);
-        assert_eq!(rate.interval_ms(), 2000.0);
+        assert_eq!(rate.interval_us(), 2_000_000);
         assert_eq!(rate.window(), Duration::from_secs(20));
+        assert_eq!(Rate::per_second(3).interval_us(), 333_333);
         assert_eq!(Rate::per_second(0), Rate::per_second(1));
         assert!(Rate::new(0, Duration::from_secs(1)).is_none());
         assert!(Rate::new(1, Duration::ZERO).is_none());

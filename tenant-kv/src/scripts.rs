@@ -61,29 +61,6 @@ impl Lua {
     }
 }
 
-impl Lua {
-    /// Runs a pipeline of this script's commands (resent through a
-    /// failover when it surely did not run), loading the script first
-    /// where it is unknown.
-    pub(crate) async fn run_pipeline<T: FromRedisValue>(
-        &self,
-        client: &FailoverClient,
-        pipeline: &redis::Pipeline,
-    ) -> Result<T> {
-        match client.query_pipeline(pipeline).await {
-            Err(redis_failover::Error::Command { source, .. })
-                if source.code() == Some("NOSCRIPT") =>
-            {
-                let _: String = client
-                    .query_idempotent(redis::cmd("SCRIPT").arg("LOAD").arg(&self.source))
-                    .await?;
-                Ok(client.query_pipeline(pipeline).await?)
-            }
-            other => Ok(other?),
-        }
-    }
-}
-
 /// Item writes with their index, counters, quotas and audit records.
 pub(crate) static WRITE: LazyLock<Lua> = LazyLock::new(|| Lua::new(include_str!("lua/write.lua")));
 /// One rate limit (GCRA).
@@ -95,3 +72,6 @@ pub(crate) static LOGIN_FAILED: LazyLock<Lua> =
 /// An API key's creation, within the tenant's most keys.
 pub(crate) static API_KEY_CREATE: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(include_str!("lua/api_key_create.lua")));
+/// An API key's rotation, unless the key changed since it was read.
+pub(crate) static API_KEY_ROTATE: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(include_str!("lua/api_key_rotate.lua")));

@@ -171,6 +171,9 @@ impl TenantKvBuilder {
             .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
         Ok(TenantKv {
             inner: Arc::new(Settings {
+                bookkeeping: self
+                    .client
+                    .with_durability(redis_failover::Durability::Master),
                 client: self.client,
                 max_value_bytes: self.max_value_bytes,
                 max_metadata_bytes: self.max_metadata_bytes,
@@ -195,6 +198,11 @@ impl TenantKvBuilder {
 #[derive(Debug)]
 pub(crate) struct Settings {
     pub(crate) client: FailoverClient,
+    /// The same client for bookkeeping that needs no replica (rate state,
+    /// login records, `last_used`): a failover that loses some only eases
+    /// a limit or drops a record, and it must not hold up, or fail with,
+    /// writes that wait for replicas.
+    pub(crate) bookkeeping: FailoverClient,
     max_value_bytes: usize,
     max_metadata_bytes: usize,
     pub(crate) audit_max_len: u64,
@@ -768,6 +776,11 @@ impl Tenant {
                 what: "bytes",
                 limit: quotas.max_bytes.unwrap_or(0),
                 would_be: number,
+            },
+            "rate_batch" => Error::QuotaExceeded {
+                what: "write_burst",
+                limit: number,
+                would_be: writes.len() as u64,
             },
             "rate" => Error::RateLimited {
                 retry_after: Duration::from_millis(number),

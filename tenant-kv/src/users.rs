@@ -49,14 +49,20 @@ pub struct NewUser {
     pub admin: bool,
 }
 
-/// How logins are throttled, per username and per client address, with
-/// the state in Redis so that every instance shares it; `None` turns one
-/// off. A throttled attempt checks no password.
+/// How logins are throttled, with the state in Redis so that every
+/// instance shares it; `None` turns a limit off. An attempt one limit
+/// refuses counts against none (a guesser's refused attempts do not use
+/// up its victim's), and checks no password.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LoginThrottle {
-    /// Attempts on one username. Defaults to 10 a minute.
+    /// Attempts on one username from one client address (from anywhere
+    /// when the caller names no address). Defaults to 10 a minute.
     pub per_username: Option<Rate>,
+    /// Attempts on one username from every address together: what a
+    /// guesser with many addresses gets, and what it takes to lock the
+    /// user out. Defaults to 100 a minute.
+    pub per_username_total: Option<Rate>,
     /// Attempts from one client address (as the caller names it: see
     /// [`Users::authenticate_from`]). Defaults to 30 a minute.
     pub per_source: Option<Rate>,
@@ -70,6 +76,7 @@ impl Default for LoginThrottle {
     fn default() -> Self {
         Self {
             per_username: Some(Rate::per_minute(10)),
+            per_username_total: Some(Rate::per_minute(100)),
             per_source: Some(Rate::per_minute(30)),
             failed_records: Some(Rate::per_minute(60)),
         }
@@ -81,15 +88,23 @@ impl LoginThrottle {
     pub fn off() -> Self {
         Self {
             per_username: None,
+            per_username_total: None,
             per_source: None,
             failed_records: None,
         }
     }
 
-    /// With `rate` per username (`None`: off).
+    /// With `rate` per username and client address (`None`: off).
     #[must_use]
     pub fn per_username(mut self, rate: Option<Rate>) -> Self {
         self.per_username = rate;
+        self
+    }
+
+    /// With `rate` per username from every address (`None`: off).
+    #[must_use]
+    pub fn per_username_total(mut self, rate: Option<Rate>) -> Self {
+        self.per_username_total = rate;
         self
     }
 
@@ -228,6 +243,11 @@ impl Users {
 
     async fn load(&self, username: &str) -> Result<Option<(User, String)>> {
         check_username(username)?;
+        self.fetch(username).await
+    }
+
+    /// The user and its password hash, for a name already checked.
+    async fn fetch(&self, username: &str) -> Result<Option<(User, String)>> {
         let fields: HashMap<String, String> = self
             .client()
             .query(redis::cmd("HGETALL").arg(user_key(username)))
@@ -277,7 +297,7 @@ impl Users {
         check_password(password)?;
         self.throttle(username, source).await?;
         let hasher = &self.store.inner.hasher;
-        let Some((user, hash)) = self.load(username).await? else {
+        let Some((user, hash)) = self.fetch(username).await? else {
             hasher
                 .verify(password.to_owned(), DECOY_HASH.to_owned())
                 .await?;
@@ -298,40 +318,64 @@ impl Users {
                 "login_success",
                 &user.username,
             );
-            let _: String = self.client().query(&record).await?;
+            let _: String = self.store.inner.bookkeeping.query(&record).await?;
             return Ok(user);
         }
-        self.record_failure(&user).await?;
+        // Recorded off the answer's path: a known user's failure takes as
+        // long to answer as an unknown one's.
+        let users = self.clone();
+        tokio::spawn(async move {
+            if let Err(error) = users.record_failure(&user).await {
+                tracing::warn!(%error, username = user.username, "the login_failed record was not written");
+            }
+        });
         Err(Error::InvalidCredentials)
     }
 
-    /// Books a login attempt against the throttle's limits.
+    /// Books a login attempt against the throttle's limits, all or none.
     async fn throttle(&self, username: &str, source: Option<&str>) -> Result<()> {
         let throttle = &self.store.inner.login_throttle;
-        let mut checks = Vec::new();
-        if let Some(rate) = throttle.per_username {
-            let key = format!("login-throttle:user:{username}");
-            checks.push(Check {
-                policy: "login_username",
-                key,
-                rate,
-            });
-        }
-        if let (Some(rate), Some(source)) = (throttle.per_source, source) {
-            // A caller's odd text becomes a fixed-size name.
-            let source = if source.len() <= 64 && source.bytes().all(|b| b.is_ascii_graphic()) {
+        // A caller's odd text becomes a fixed-size name.
+        let source = source.map(|source| {
+            if source.len() <= 64 && source.bytes().all(|b| b.is_ascii_graphic()) {
                 source.to_owned()
             } else {
                 fingerprint(source)
-            };
-            let key = format!("login-throttle:source:{source}");
-            checks.push(Check {
-                policy: "login_address",
-                key,
-                rate,
-            });
-        }
-        let statuses = ratelimit::book(self.client(), &checks).await?;
+            }
+        });
+        // One hash tag: all of a login's limits are in one slot of a cluster.
+        let key = |rest: String| format!("{{login-throttle}}:{rest}");
+        let from = source
+            .as_deref()
+            .map_or_else(String::new, |s| format!(":from:{s}"));
+        let limits = [
+            (
+                "login_username",
+                throttle.per_username,
+                key(format!("user:{username}{from}")),
+            ),
+            (
+                "login_username",
+                throttle.per_username_total.filter(|_| source.is_some()),
+                key(format!("user:{username}")),
+            ),
+            (
+                "login_address",
+                throttle.per_source.filter(|_| source.is_some()),
+                key(format!("source:{}", source.as_deref().unwrap_or_default())),
+            ),
+        ];
+        let checks: Vec<Check> = limits
+            .into_iter()
+            .filter_map(|(policy, rate, key)| {
+                Some(Check {
+                    policy,
+                    key,
+                    rate: rate?,
+                })
+            })
+            .collect();
+        let statuses = ratelimit::book(&self.store.inner.bookkeeping, &checks).await?;
         match ratelimit::verdict(statuses) {
             Ok(_) => Ok(()),
             Err(refused) => Err(Error::LoginThrottled {
@@ -344,17 +388,7 @@ impl Users {
     /// tenant's records come faster than the throttle allows.
     async fn record_failure(&self, user: &User) -> Result<()> {
         let settings = &self.store.inner;
-        let Some(rate) = settings.login_throttle.failed_records else {
-            let record = audit_record(
-                settings,
-                &user.tenant,
-                &Actor::user(&user.username),
-                "login_failed",
-                &user.username,
-            );
-            let _: String = self.client().query(&record).await?;
-            return Ok(());
-        };
+        let rate = settings.login_throttle.failed_records;
         let keys = TenantKeys::new(&user.tenant);
         let mut command = LOGIN_FAILED.command(&[
             keys.login_failed_rate(),
@@ -362,12 +396,14 @@ impl Users {
             keys.audit(),
         ]);
         command
-            .arg(format!("{:.3}", rate.interval_ms()))
-            .arg(rate.burst_size())
+            .arg(rate.map_or_else(String::new, |rate| rate.interval_us().to_string()))
+            .arg(rate.map_or(1, |rate| rate.burst_size()))
             .arg(settings.audit_max_len)
             .arg(user.tenant.as_str())
             .arg(&user.username);
-        let _: u8 = LOGIN_FAILED.run(self.client(), &command, false).await?;
+        let _: u8 = LOGIN_FAILED
+            .run(&settings.bookkeeping, &command, false)
+            .await?;
         Ok(())
     }
 

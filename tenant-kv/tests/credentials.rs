@@ -68,6 +68,8 @@ async fn users_log_in_with_argon2_or_migrated_bcrypt_hashes_and_every_attempt_is
             Err(Error::InvalidCredentials)
         ));
     }
+    // A failure is recorded off the answer's path; an unknown user's only in logs.
+    until_audited(&topology, "acme", 5).await;
     // Malformed names and overlong passwords are refused before any work.
     let long_name = "n".repeat(300_000);
     let long_password = "p".repeat(tenant_kv::MAX_PASSWORD_LEN + 1);
@@ -86,6 +88,7 @@ async fn users_log_in_with_argon2_or_migrated_bcrypt_hashes_and_every_attempt_is
         users.authenticate("alice", "correct horse").await,
         Err(Error::InvalidCredentials)
     ));
+    until_audited(&topology, "acme", 7).await;
     let listed: Vec<String> = users
         .list(&tenant("acme"))
         .await
@@ -246,7 +249,8 @@ async fn logins_are_throttled_per_username_and_per_address() {
         .login_throttle(
             LoginThrottle::off()
                 .per_username(Some(Rate::per_minute(3)))
-                .per_source(Some(Rate::per_minute(5))),
+                .per_username_total(Some(Rate::per_minute(5)))
+                .per_source(Some(Rate::per_minute(6))),
         )
         .build()
         .unwrap();
@@ -255,35 +259,44 @@ async fn logins_are_throttled_per_username_and_per_address() {
         .create(new_user("alice", "acme"), "right", &Actor::system())
         .await
         .unwrap();
-    // Three attempts on alice, whatever their outcome; then none is taken.
+    let attempt = |name: &'static str, password: &'static str, from: &'static str| {
+        let users = users.clone();
+        async move { users.authenticate_from(name, password, Some(from)).await }
+    };
+    // Three attempts on alice from one address, whatever their outcome;
+    // then none from there.
     for password in ["wrong", "wrong", "right"] {
-        let _ = users
-            .authenticate_from("alice", password, Some("10.0.0.1"))
-            .await;
+        let _ = attempt("alice", password, "10.0.0.1").await;
     }
-    match users
-        .authenticate_from("alice", "right", Some("10.0.0.2"))
-        .await
-    {
+    match attempt("alice", "right", "10.0.0.1").await {
         Err(Error::LoginThrottled { retry_after }) => {
             assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(60));
         }
         other => panic!("{other:?}"),
     }
-    // One address guessing many usernames: two more fit in its five.
-    for name in ["bob", "carol"] {
+    // The guesser does not lock alice out elsewhere, up to the total for
+    // her name: two more (the refused attempt above counted for nothing).
+    for from in ["10.0.0.2", "10.0.0.3"] {
+        assert!(attempt("alice", "right", from).await.is_ok(), "from {from}");
+    }
+    assert!(matches!(
+        attempt("alice", "right", "10.0.0.4").await,
+        Err(Error::LoginThrottled { .. })
+    ));
+    // One address guessing many usernames: its six are spent after three more.
+    for name in ["bob", "carol", "dave"] {
         assert!(matches!(
-            users.authenticate_from(name, "x", Some("10.0.0.1")).await,
+            attempt(name, "x", "10.0.0.1").await,
             Err(Error::InvalidCredentials)
         ));
     }
     assert!(matches!(
-        users.authenticate_from("dave", "x", Some("10.0.0.1")).await,
+        attempt("erin", "x", "10.0.0.1").await,
         Err(Error::LoginThrottled { .. })
     ));
     // Another address is not held back by it.
     assert!(matches!(
-        users.authenticate_from("dave", "x", Some("10.0.0.3")).await,
+        attempt("erin", "x", "10.0.0.5").await,
         Err(Error::InvalidCredentials)
     ));
 }
@@ -313,6 +326,23 @@ async fn failed_logins_cannot_flood_the_audit_stream() {
             .cloned()
             .collect::<Vec<_>>()
     };
+    // Two records (after create_user) and three failures counted.
+    until_audited(&topology, "acme", 3).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let suppressed: Option<u64> = topology
+            .query(
+                topology.initial_master(),
+                redis::cmd("GET").arg("tenant:acme:login-failed-suppressed"),
+            )
+            .await
+            .unwrap();
+        if suppressed == Some(3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the failures were never counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let records = failed(&audit(&topology, "acme").await);
     assert_eq!(records.len(), 2, "{records:?}");
     assert!(records.iter().all(|r| !r.contains_key("suppressed")));
@@ -326,6 +356,7 @@ async fn failed_logins_cannot_flood_the_audit_stream() {
         .await
         .unwrap();
     let _ = users.authenticate("alice", "wrong").await;
+    until_audited(&topology, "acme", 4).await;
     let records = failed(&audit(&topology, "acme").await);
     assert_eq!(records.len(), 3);
     assert_eq!(records[2]["suppressed"], "3");
@@ -412,5 +443,57 @@ async fn api_keys_have_an_owner_a_maximum_and_pages() {
     assert!(matches!(
         keys.list_page(&acme, None, 2, Some("junk")).await,
         Err(Error::InvalidCursor)
+    ));
+}
+
+#[tokio::test]
+async fn rotations_never_race_and_expired_keys_free_their_place() {
+    let (topology, client) = start(0).await;
+    let store = TenantKv::builder(client)
+        .quotas(Quotas::default().max_api_keys(1))
+        .build()
+        .unwrap();
+    let (keys, acme, system) = (store.api_keys(), tenant("acme"), Actor::system());
+    // An id that is no key id names nothing, whatever Redis holds there.
+    assert!(matches!(
+        keys.get(&acme, "../request-rate").await,
+        Err(Error::UnknownApiKey { .. })
+    ));
+    let (key, _) = keys
+        .create(
+            &acme,
+            NewApiKey {
+                ttl: Some(Duration::from_millis(1)),
+                ..new_key("short", vec![Scope::Read])
+            },
+            &system,
+        )
+        .await
+        .unwrap();
+    // The expired key is revoked to make room for a new one.
+    let started = Instant::now();
+    let (fresh, _) = loop {
+        match keys
+            .create(&acme, new_key("fresh", vec![Scope::Read]), &system)
+            .await
+        {
+            Ok(created) => break created,
+            Err(Error::QuotaExceeded { .. }) => {
+                assert!(started.elapsed() < Duration::from_secs(10), "never expired");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    };
+    assert!(matches!(
+        keys.get(&acme, &key.id).await,
+        Err(Error::UnknownApiKey { .. })
+    ));
+    assert!(actions(&audit(&topology, "acme").await).contains(&"expire_api_key"));
+    // A rotation of a key revoked meanwhile brings nothing back.
+    keys.revoke(&acme, &fresh.id, &system).await.unwrap();
+    assert!(matches!(
+        keys.rotate(&acme, &fresh.id, Duration::ZERO, &system).await,
+        Err(Error::UnknownApiKey { .. })
     ));
 }

@@ -504,3 +504,82 @@ async fn requests_past_the_tenant_rate_are_refused_with_the_limit() {
         .unwrap();
     assert_eq!(unlimited.admit_request(&acme, None).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_key_over_its_own_rate_uses_up_nothing_of_its_tenants() {
+    let (_topology, client) = start(0).await;
+    // Burst 3 at 3 a second: three at once, exactly (whole µs, no rounding).
+    let store = TenantKv::builder(client)
+        .quotas(
+            Quotas::unlimited()
+                .requests_per_second(3, 3)
+                .api_key_requests_per_second(1, 1),
+        )
+        .build()
+        .unwrap();
+    let acme = tenant("acme");
+    let (key, _) = store
+        .api_keys()
+        .create(
+            &acme,
+            tenant_kv::NewApiKey {
+                name: "k".into(),
+                scopes: vec![tenant_kv::Scope::Read],
+                key_prefix: None,
+                ttl: None,
+                owner: None,
+                requests_per_second: None,
+            },
+            &Actor::system(),
+        )
+        .await
+        .unwrap();
+    let first = store
+        .admit_request(&acme, Some(&key))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.policy, "api_key");
+    // The key is over its rate: refused, and its tenant's burst untouched.
+    for _ in 0..5 {
+        match store.admit_request(&acme, Some(&key)).await {
+            Err(Error::RequestRateLimited { status }) => assert_eq!(status.policy, "api_key"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut admitted = 0;
+    while store.admit_request(&acme, None).await.is_ok() {
+        admitted += 1;
+        assert!(admitted < 20, "the tenant's rate never applied");
+    }
+    assert!(admitted >= 2, "the tenant had {admitted} of its 3 left");
+}
+
+#[tokio::test]
+async fn a_batch_larger_than_the_write_burst_is_refused_as_such() {
+    let (_topology, client) = start(0).await;
+    let store = TenantKv::builder(client)
+        .quotas(Quotas::unlimited().writes_per_second(3, 3))
+        .build()
+        .unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::system());
+    let writes = |n: usize| {
+        (0..n)
+            .map(|i| Write::Put {
+                key: format!("k{i}"),
+                item: NewItem::new(json!(i)),
+                precondition: Precondition::None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert!(matches!(
+        acme.batch(writes(4)).await,
+        Err(Error::QuotaExceeded {
+            what: "write_burst",
+            limit: 3,
+            would_be: 4
+        })
+    ));
+    // A full burst at once goes through (whole µs: no rounding refuses it).
+    assert_eq!(acme.batch(writes(3)).await.unwrap().len(), 3);
+}

@@ -350,6 +350,34 @@ async fn api_keys_go_with_their_owner_and_stay_bounded() {
         )
         .await;
     assert_error(&grace, StatusCode::BAD_REQUEST, "bad_request");
+    assert_error(
+        &admin.delete("/api-keys/not-a-key-id").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    // A key makes no key allowed more requests than itself.
+    let limited = admin
+        .json(
+            "POST",
+            "/api-keys",
+            &json!({"name": "limited", "scopes": ["admin", "read"], "requests_per_second": 5}),
+        )
+        .await;
+    let limited = http.with_header("x-api-key", limited.json()["api_key"].as_str().unwrap());
+    for (rate, status) in [
+        (Value::Null, StatusCode::FORBIDDEN),
+        (json!(10), StatusCode::FORBIDDEN),
+        (json!(5), StatusCode::CREATED),
+    ] {
+        let child = limited
+            .json(
+                "POST",
+                "/api-keys",
+                &json!({"name": "child", "scopes": ["read"], "requests_per_second": rate}),
+            )
+            .await;
+        assert_eq!(child.status, status, "{rate}: {child:?}");
+    }
     system
         .store
         .set_quota(

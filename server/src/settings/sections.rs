@@ -260,6 +260,7 @@ pub(super) fn protection(raw: &Raw) -> Result<Protection, SettingError> {
     };
     let login = LoginThrottle::default()
         .per_username(per_minute("login_attempts_per_username", 10)?)
+        .per_username_total(per_minute("login_attempts_per_username_total", 100)?)
         .per_source(per_minute("login_attempts_per_address", 30)?)
         .failed_records(per_minute("login_failed_records_per_minute", 60)?);
     let half = (std::thread::available_parallelism().map_or(1, usize::from) / 2).max(1);

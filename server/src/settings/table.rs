@@ -129,7 +129,11 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "login_attempts_per_username",
-        "login attempts a minute on one username (shared by every instance); 0 for no limit; default 10",
+        "login attempts a minute on one username from one client address (shared by every instance); 0 for no limit; default 10",
+    ),
+    (
+        "login_attempts_per_username_total",
+        "login attempts a minute on one username from every address: what it takes to lock a user out; 0 for no limit; default 100",
     ),
     (
         "login_attempts_per_address",

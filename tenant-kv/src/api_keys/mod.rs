@@ -9,12 +9,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use redis_failover::Durability;
 use subtle::ConstantTimeEq;
 
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys};
-use crate::scripts::API_KEY_CREATE;
+use crate::scripts::{API_KEY_CREATE, API_KEY_ROTATE};
 use crate::store::{Actor, TenantKv, audit_record};
 use crate::users::User;
 #[cfg(test)]
@@ -24,8 +23,8 @@ pub use model::{
     Scope,
 };
 use model::{
-    check_new, format_key, key_from_fields, ms_to_time, parse_cursor, parse_key, random_hex,
-    sha256_hex, time_to_ms,
+    check_new, format_key, is_key_id, key_from_fields, ms_to_time, parse_cursor, parse_key,
+    random_hex, sha256_hex, time_to_ms,
 };
 
 /// The API keys of every tenant, from [`TenantKv::api_keys`].
@@ -45,11 +44,6 @@ fn now_ms() -> u64 {
 
 fn api_key_key(id: &str) -> String {
     format!("api-key:{id}")
-}
-
-/// The key's request-rate state.
-pub(crate) fn rate_key(id: &str) -> String {
-    format!("api-key:{id}:request-rate")
 }
 
 impl TenantKv {
@@ -118,7 +112,11 @@ impl ApiKeys {
         for (field, value) in &fields {
             command.arg(*field).arg(value);
         }
-        let held: i64 = API_KEY_CREATE.run(self.client(), &command, false).await?;
+        let mut held: i64 = API_KEY_CREATE.run(self.client(), &command, false).await?;
+        // Expired keys still count until revoked: revoke them, then try again.
+        if held >= 0 && self.revoke_expired(tenant).await? > 0 {
+            held = API_KEY_CREATE.run(self.client(), &command, false).await?;
+        }
         if held >= 0 {
             return Err(Error::QuotaExceeded {
                 what: "api_keys",
@@ -142,6 +140,11 @@ impl ApiKeys {
     }
 
     async fn load(&self, id: &str) -> Result<Option<(ApiKey, HashMap<String, String>)>> {
+        // An id is 16 hex digits: anything else names no key (and no other
+        // Redis key either).
+        if !is_key_id(id) {
+            return Ok(None);
+        }
         let fields: HashMap<String, String> = self
             .client()
             .query(redis::cmd("HGETALL").arg(api_key_key(id)))
@@ -213,8 +216,9 @@ impl ApiKeys {
         // Best effort: a lost update only leaves `last_used` a little old,
         // so it never waits for replicas, whatever the client's durability.
         let _: Result<(), _> = self
-            .client()
-            .with_durability(Durability::Master)
+            .store
+            .inner
+            .bookkeeping
             .query(
                 redis::cmd("HSET")
                     .arg(api_key_key(id))
@@ -256,34 +260,55 @@ impl ApiKeys {
         };
         let presented = format_key(id, &random_hex(16));
         let until = now_ms().saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
-        let _: () = self
-            .client()
-            .query_pipeline(
-                redis::pipe()
-                    .atomic()
-                    .hset_multiple(
-                        api_key_key(id),
-                        &[
-                            ("hash", sha256_hex(&presented)),
-                            (
-                                "previous_hash",
-                                fields.get("hash").cloned().unwrap_or_default(),
-                            ),
-                            ("previous_until", until.to_string()),
-                        ],
-                    )
-                    .ignore()
-                    .add_command(audit_record(
-                        &self.store.inner,
-                        tenant,
-                        actor,
-                        "rotate_api_key",
-                        id,
-                    ))
-                    .ignore(),
-            )
-            .await?;
+        let mut command =
+            API_KEY_ROTATE.command(&[api_key_key(id), TenantKeys::new(tenant).audit()]);
+        command
+            .arg(fields.get("hash").map_or("", String::as_str))
+            .arg(sha256_hex(&presented))
+            .arg(until)
+            .arg(self.store.inner.audit_max_len)
+            .arg(tenant.as_str())
+            .arg(actor.as_str())
+            .arg(id);
+        let rotated: u8 = API_KEY_ROTATE.run(self.client(), &command, false).await?;
+        if rotated == 0 {
+            return Err(Error::ApiKeyChanged { id: id.to_owned() });
+        }
         Ok((key, presented))
+    }
+
+    /// Revokes `tenant`'s expired keys, each with an `expire_api_key` audit
+    /// record by the system; returns how many.
+    async fn revoke_expired(&self, tenant: &TenantId) -> Result<usize> {
+        let now = SystemTime::now();
+        let expired: Vec<ApiKey> = self
+            .list(tenant)
+            .await?
+            .into_iter()
+            .filter(|key| key.expires_at.is_some_and(|at| at <= now))
+            .collect();
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut pipeline = redis::pipe();
+        pipeline.atomic();
+        for key in &expired {
+            pipeline
+                .del(api_key_key(&key.id))
+                .ignore()
+                .srem(TenantKeys::new(tenant).api_keys(), &key.id)
+                .ignore()
+                .add_command(audit_record(
+                    &self.store.inner,
+                    tenant,
+                    &Actor::system(),
+                    "expire_api_key",
+                    &key.id,
+                ))
+                .ignore();
+        }
+        let _: () = self.client().query_pipeline(&pipeline).await?;
+        Ok(expired.len())
     }
 
     /// Revokes `tenant`'s key `id` at once.

@@ -199,13 +199,18 @@ pub(super) fn format_key(id: &str, secret: &str) -> String {
     format!("{body}{:08x}", crc32fast::hash(body.as_bytes()))
 }
 
+/// Whether `id` is a key id: 16 hex digits.
+pub(super) fn is_key_id(id: &str) -> bool {
+    id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// The id of a well-formed key with a valid checksum; `None` for anything
 /// else, which is refused without asking Redis.
 pub(super) fn parse_key(presented: &str) -> Option<&str> {
     let rest = presented.strip_prefix(PREFIX)?;
     let (id, secret_and_crc) = rest.split_once('_')?;
     let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    if !hex(id, 16) || !hex(secret_and_crc, 40) {
+    if !is_key_id(id) || !hex(secret_and_crc, 40) {
         return None;
     }
     let (body, crc) = presented.split_at(presented.len() - 8);
@@ -216,10 +221,7 @@ pub(super) fn parse_key(presented: &str) -> Option<&str> {
 pub(super) fn parse_cursor(cursor: &str) -> Result<(u64, String)> {
     cursor
         .split_once('.')
-        .and_then(|(ms, id)| {
-            let hex = id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit());
-            Some((ms.parse().ok()?, id.to_owned())).filter(|_| hex)
-        })
+        .and_then(|(ms, id)| Some((ms.parse().ok()?, id.to_owned())).filter(|_| is_key_id(id)))
         .ok_or(Error::InvalidCursor)
 }
 

@@ -1,27 +1,34 @@
 -- What every script of the store shares; the store sends it ahead of each
 -- script's own source.
 
--- Redis's clock: ms since the epoch, and ns as text (for audit records).
+-- Redis's clock: ms since the epoch, ns as text (for audit records), and
+-- µs (whole numbers, exact in a double for centuries).
 local function clock()
   local time = redis.call('TIME')
-  local ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-  return ms, time[1] .. string.format('%06d', tonumber(time[2])) .. '000'
+  local us = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  return math.floor(us / 1000), time[1] .. string.format('%06d', tonumber(time[2])) .. '000', us
 end
 
 -- GCRA (the generic cell rate algorithm), for every rate limit: `key`
--- holds the theoretical arrival time (TAT) in ms. Each unit books
--- `interval` ms; at most `burst` units may be booked ahead of now.
--- Returns whether the units were booked, how many more would be now, the
--- ms until they would have been (0 when booked), and the ms until nothing
--- is booked ahead any more.
-local function gcra(key, now_ms, interval, burst, cost)
+-- holds the theoretical arrival time (TAT), in µs since the epoch. Each
+-- unit books `interval` µs (a whole number); at most `burst` units may be
+-- booked ahead of now. Everything is counted in whole µs ahead of now, so
+-- the sums stay exact.
+-- Returns, without booking anything: whether `cost` units would be
+-- booked, how many more would be after them (or now, if refused), the µs
+-- until they would be (0 when they would), the µs booked ahead once they
+-- are (or now, if refused), and the TAT to store to book them.
+local function gcra_check(key, now_us, interval, burst, cost)
+  local ahead = math.max(tonumber(redis.call('GET', key) or '0') - now_us, 0)
   local limit = interval * burst
-  local tat = math.max(tonumber(redis.call('GET', key) or '0'), now_ms)
-  local booked = tat + interval * cost
-  if booked - now_ms > limit then
-    local remaining = math.max(0, math.floor((limit - (tat - now_ms)) / interval))
-    return false, remaining, math.ceil(booked - now_ms - limit), math.ceil(tat - now_ms)
+  local after = ahead + interval * cost
+  if after > limit then
+    return false, math.max(0, math.floor((limit - ahead) / interval)), after - limit, ahead, nil
   end
-  redis.call('SET', key, string.format('%.3f', booked), 'PX', math.ceil(limit) + 1000)
-  return true, math.floor((limit - (booked - now_ms)) / interval), 0, math.ceil(booked - now_ms)
+  return true, math.floor((limit - after) / interval), 0, after, now_us + after
+end
+
+-- Books what `gcra_check` allowed: the state lives as long as it matters.
+local function gcra_book(key, tat, interval, burst)
+  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil(interval * burst / 1000) + 1000)
 end

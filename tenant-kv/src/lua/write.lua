@@ -16,7 +16,7 @@
 
 local HEADER = 8
 local writes = (#ARGV - HEADER) / 6
-local now_ms, now_ns = clock()
+local now_ms, now_ns, now_us = clock()
 
 local function audit(actor, action, item_key, version, size)
   redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
@@ -82,10 +82,14 @@ end
 if ARGV[4] ~= '' and byte_delta > 0 and usage('bytes') + byte_delta > tonumber(ARGV[4]) then
   return {'quota_bytes', 0, usage('bytes') + byte_delta}
 end
--- The write rate: each write books 1/rate s; at most `burst` ahead.
+-- The write rate: each write books 1/rate s; at most `burst` ahead. A
+-- batch larger than the burst could never go through: refused as such.
 if ARGV[7] ~= '' then
-  local booked, _, retry = gcra(KEYS[6], now_ms, 1000 / tonumber(ARGV[7]), tonumber(ARGV[8]), writes)
-  if not booked then return {'rate', 0, retry} end
+  local interval, burst = math.floor(1000000 / tonumber(ARGV[7])), tonumber(ARGV[8])
+  if writes > burst then return {'rate_batch', 0, burst} end
+  local allowed, _, retry, _, tat = gcra_check(KEYS[6], now_us, interval, burst, writes)
+  if not allowed then return {'rate', 0, math.ceil(retry / 1000)} end
+  gcra_book(KEYS[6], tat, interval, burst)
 end
 
 local reply = {'ok'}

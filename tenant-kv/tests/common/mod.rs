@@ -61,3 +61,17 @@ pub async fn audit(topology: &Topology, tenant: &str) -> Vec<HashMap<String, Str
 pub fn actions(records: &[HashMap<String, String>]) -> Vec<&str> {
     records.iter().map(|r| r["action"].as_str()).collect()
 }
+
+/// Waits (up to 20 s) until the tenant's audit stream on the initial
+/// master holds `count` records: records some operations write off their
+/// caller's path (failed logins).
+pub async fn until_audited(topology: &Topology, tenant: &str, count: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while audit(topology, tenant).await.len() < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{tenant} never had {count} audit records"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
