@@ -335,7 +335,10 @@ impl TenantKv {
 
     /// Deletes `tenant`'s data key: every value it wrote encrypted becomes
     /// unreadable ([`Error::Corrupt`]), whatever copies of the data exist.
-    /// New writes get a new data key.
+    /// New writes get a new data key. Other instances stop using the old
+    /// one within [`TenantKvBuilder::data_key_lifetime`], or as soon as
+    /// their expiry watcher hears of the destruction; values they write
+    /// with it meanwhile are as unreadable as the older ones.
     pub async fn destroy_data_key(&self, tenant: &TenantId) -> Result<()> {
         match &self.inner.encryption {
             Some(encryption) => encryption.destroy(&self.inner.client, tenant).await,
