@@ -269,6 +269,11 @@ pub(crate) async fn authenticate(headers: &HeaderMap, app: &App) -> Result<Princ
             invalid()
         })?;
         let tenant = TenantId::new(&claims.tenant_id).map_err(|_| invalid())?;
+        // A tenant past its request rate is refused before any lookup: a
+        // flood over the limit costs the signature check and nothing more.
+        if let Some(status) = store.request_refused(&tenant) {
+            return Err(tenant_kv::Error::RequestRateLimited { status }.into());
+        }
         // Looked up on every request so that a disabled user is refused at once.
         let user = match store.users().get(&claims.sub).await {
             Ok(user) => user,

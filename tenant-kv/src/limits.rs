@@ -452,8 +452,19 @@ impl TenantKv {
         if checks.is_empty() {
             return Ok(None);
         }
-        let statuses = ratelimit::book(&self.inner.bookkeeping, &checks).await?;
+        let statuses =
+            ratelimit::book(&self.inner.bookkeeping, &self.inner.refusals, &checks).await?;
         Ok(ratelimit::verdict(statuses)?)
+    }
+
+    /// The refusal of `tenant`'s request rate still in force, if any: a
+    /// request that would be refused whoever made it, known without a
+    /// round trip (a server may answer it before looking anything up).
+    pub fn request_refused(&self, tenant: &TenantId) -> Option<RateLimitStatus> {
+        self.inner.refusals.active(
+            &TenantKeys::new(tenant).request_rate(),
+            std::time::Instant::now(),
+        )
     }
 }
 

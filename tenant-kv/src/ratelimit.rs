@@ -1,7 +1,9 @@
 //! Rate limits kept in Redis (GCRA), so that every instance of a service
 //! shares them: request rates, login throttles.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use redis_failover::FailoverClient;
 
@@ -86,14 +88,65 @@ pub(crate) struct Check {
     pub(crate) rate: Rate,
 }
 
+/// Refusals still in force, by limit: GCRA never lets a unit through
+/// before the time it named when refusing one (every instance's bookings
+/// only push that time back), so until then a refusal can be answered
+/// again without asking Redis. A flood past a limit costs no round trip.
+#[derive(Debug, Default)]
+pub(crate) struct Refusals(Mutex<HashMap<String, (Instant, RateLimitStatus)>>);
+
+/// Limits whose refusals are kept at once; past this, the lapsed go.
+const MAX_REFUSALS: usize = 10_000;
+
+impl Refusals {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, RateLimitStatus)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The refusal of the limit kept at `key`, if it is still in force,
+    /// with the time left.
+    pub(crate) fn active(&self, key: &str, now: Instant) -> Option<RateLimitStatus> {
+        let map = self.map();
+        let (until, status) = map.get(key).filter(|(until, _)| *until > now)?;
+        let left = until.duration_since(now);
+        Some(RateLimitStatus {
+            retry_after: Some(left),
+            reset: status
+                .reset
+                .saturating_sub(status.retry_after.unwrap_or_default() - left),
+            ..status.clone()
+        })
+    }
+
+    fn record(&self, key: &str, status: &RateLimitStatus, now: Instant) {
+        let Some(retry_after) = status.retry_after else {
+            return;
+        };
+        let mut map = self.map();
+        if map.len() >= MAX_REFUSALS {
+            map.retain(|_, (until, _)| *until > now);
+        }
+        map.insert(key.to_owned(), (now + retry_after, status.clone()));
+    }
+}
+
 /// Books one unit against every limit, in one round trip, or against
-/// none of them if one refuses it. Rate state needs no replica (a
-/// failover that loses some only eases a limit for a moment), so `client`
-/// should not wait for any.
+/// none of them if one refuses it (answered from `refusals` while an
+/// earlier refusal is in force). Rate state needs no replica (a failover
+/// that loses some only eases a limit for a moment), so `client` should
+/// not wait for any.
 pub(crate) async fn book(
     client: &FailoverClient,
+    refusals: &Refusals,
     checks: &[Check],
 ) -> Result<Vec<RateLimitStatus>> {
+    let now = Instant::now();
+    if let Some(refused) = checks
+        .iter()
+        .find_map(|check| refusals.active(&check.key, now))
+    {
+        return Ok(vec![refused]);
+    }
     if checks.is_empty() {
         return Ok(Vec::new());
     }
@@ -103,7 +156,7 @@ pub(crate) async fn book(
         command.arg(check.rate.interval_us()).arg(check.rate.burst);
     }
     let replies: Vec<u64> = RATE_LIMIT.run(client, &command, true).await?;
-    Ok(checks
+    let statuses: Vec<RateLimitStatus> = checks
         .iter()
         .zip(replies.chunks_exact(4))
         .map(|(check, reply)| {
@@ -118,7 +171,11 @@ pub(crate) async fn book(
                 retry_after: (allowed == 0).then(|| Duration::from_micros(retry_us.max(1))),
             }
         })
-        .collect())
+        .collect();
+    for (check, status) in checks.iter().zip(&statuses) {
+        refusals.record(&check.key, status, now);
+    }
+    Ok(statuses)
 }
 
 /// The status to report of a unit booked against `statuses`: the refusal
@@ -169,6 +226,20 @@ mod tests {
         ]);
         assert_eq!(refused.unwrap_err().policy, "api_key");
         assert_eq!(verdict(Vec::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_refusal_stands_until_its_time_then_lapses() {
+        let (refusals, t0) = (Refusals::default(), Instant::now());
+        let refused = status("tenant", 0, Some(300));
+        refusals.record("k", &refused, t0);
+        refusals.record("other", &status("tenant", 4, None), t0);
+        let later = t0 + Duration::from_millis(100);
+        let again = refusals.active("k", later).unwrap();
+        assert_eq!(again.retry_after, Some(Duration::from_millis(200)));
+        assert_eq!((again.policy, again.remaining), ("tenant", 0));
+        assert_eq!(refusals.active("k", t0 + Duration::from_millis(300)), None);
+        assert_eq!(refusals.active("other", t0), None, "only refusals are kept");
     }
 
     #[test]

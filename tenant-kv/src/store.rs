@@ -15,6 +15,7 @@ use crate::expiry::ExpiryWatcher;
 use crate::keys::{TenantId, TenantKeys, check_key};
 use crate::limits::{QuotaCache, Quotas};
 use crate::passwords::Hasher;
+use crate::ratelimit::Refusals;
 use crate::scripts::WRITE;
 use crate::users::LoginThrottle;
 
@@ -182,6 +183,7 @@ impl TenantKvBuilder {
                 quotas: self.quotas,
                 tenant_quotas: self.tenant_quotas,
                 quota_cache: QuotaCache::default(),
+                refusals: Refusals::default(),
                 hasher: Hasher::new(self.hashing.0, self.hashing.1),
                 login_throttle: self.login_throttle,
                 encryption: self
@@ -210,6 +212,8 @@ pub(crate) struct Settings {
     quotas: Quotas,
     tenant_quotas: HashMap<TenantId, Quotas>,
     pub(crate) quota_cache: QuotaCache,
+    /// Rate limits' refusals still in force.
+    pub(crate) refusals: Refusals,
     pub(crate) hasher: Hasher,
     pub(crate) login_throttle: LoginThrottle,
     pub(crate) encryption: Option<Encryption>,

@@ -375,7 +375,8 @@ impl Users {
                 })
             })
             .collect();
-        let statuses = ratelimit::book(&self.store.inner.bookkeeping, &checks).await?;
+        let settings = &self.store.inner;
+        let statuses = ratelimit::book(&settings.bookkeeping, &settings.refusals, &checks).await?;
         match ratelimit::verdict(statuses) {
             Ok(_) => Ok(()),
             Err(refused) => Err(Error::LoginThrottled {

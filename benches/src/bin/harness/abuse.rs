@@ -201,6 +201,8 @@ struct Window {
     other: u64,
     latencies_us: Vec<u32>,
     seconds: f64,
+    /// Cores the server used meanwhile, on average.
+    server_cores: f64,
 }
 
 impl Window {
@@ -476,19 +478,23 @@ pub(crate) async fn abuse() -> Result<Value, Box<dyn Error>> {
                     }
                 })
             };
-            let window = quiet(addr, &quiet_token, settings.duration).await;
+            let cpu_before = cpu_seconds(server.child.id());
+            let mut window = quiet(addr, &quiet_token, settings.duration).await;
+            window.server_cores =
+                (cpu_seconds(server.child.id()) - cpu_before) / settings.duration.as_secs_f64();
             stop.store(true, Ordering::Relaxed);
             let _ = sampler.await;
             attackers.abort_all();
             while attackers.join_next().await.is_some() {}
             *peak = peak.max(sampled.load(Ordering::Relaxed) as f64 / 1024.0);
             println!(
-                "  round {}: {:<34} {:>9.0} GET/s  p99 {:>8.2?}  5xx {}  peak {:.1} MiB",
+                "  round {}: {:<34} {:>9.0} GET/s  p99 {:>8.2?}  5xx {}  server {:.2} cores  peak {:.1} MiB",
                 round + 1,
                 phase.name,
                 window.per_second(),
                 window.p99(),
                 window.server_errors,
+                window.server_cores,
                 sampled.load(Ordering::Relaxed) as f64 / 1024.0
             );
             windows.push(window);
@@ -497,6 +503,23 @@ pub(crate) async fn abuse() -> Result<Value, Box<dyn Error>> {
         }
     }
     report(&results, &server, idle_rss)
+}
+
+/// The CPU time a process has used, in seconds (`utime` + `stime` of
+/// `/proc/<pid>/stat`, in clock ticks of 1/100 s on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -521,8 +544,8 @@ fn report(
     let baseline = median(results[0].1.iter().map(Window::per_second).collect());
     let baseline_p99 = median(results[0].1.iter().map(|w| w.p99().as_secs_f64()).collect());
     println!(
-        "\n{:<34} {:>10} {:>7} {:>10} {:>8} {:>6} {:>10}",
-        "phase", "GET/s", "ratio", "p99", "p99 x", "5xx", "peak MiB"
+        "\n{:<34} {:>10} {:>7} {:>10} {:>8} {:>6} {:>8} {:>10}",
+        "phase", "GET/s", "ratio", "p99", "p99 x", "5xx", "cores", "peak MiB"
     );
     let mut rows = Vec::new();
     for (phase, windows, peak) in results {
@@ -530,8 +553,9 @@ fn report(
         let p99 = median(windows.iter().map(|w| w.p99().as_secs_f64()).collect());
         let server_errors: u64 = windows.iter().map(|w| w.server_errors).sum();
         let other: u64 = windows.iter().map(|w| w.other).sum();
+        let cores = median(windows.iter().map(|w| w.server_cores).collect());
         println!(
-            "{:<34} {per_second:>10.0} {:>7.2} {:>10.2?} {:>8.2} {server_errors:>6} {peak:>10.1}",
+            "{:<34} {per_second:>10.0} {:>7.2} {:>10.2?} {:>8.2} {server_errors:>6} {cores:>8.2} {peak:>10.1}",
             phase.name,
             per_second / baseline,
             Duration::from_secs_f64(p99),
@@ -541,6 +565,7 @@ fn report(
             "phase": phase.name, "gets_per_second": per_second, "ratio": per_second / baseline,
             "p99_seconds": p99, "p99_ratio": p99 / baseline_p99,
             "server_errors": server_errors, "other_failures": other, "peak_rss_mib": peak,
+            "server_cores": cores,
         }));
     }
     let (_, high_water) = server.memory();
