@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
 use redis::{FromRedisValue, Value};
-use redis_failover::FailoverClient;
+use redis_failover::{Backoff, ErrorKind, FailoverClient};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -38,7 +38,7 @@ pub struct OffloaderBuilder<S> {
     discovery_interval: Duration,
     claim_idle: Duration,
     max_deliveries: u64,
-    backoff: (Duration, Duration),
+    backoff: Backoff,
     tenant_bytes_per_second: u64,
     max_age: Duration,
     dead_letter_max_len: u64,
@@ -129,11 +129,11 @@ impl<S: LogSink> OffloaderBuilder<S> {
         self
     }
 
-    /// The backoff of a tenant whose pushes fail and will be retried:
-    /// exponential from `base` to `cap`, with full jitter. Other tenants
-    /// are not held back. Defaults to 500 ms and 30 s.
-    pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
-        self.backoff = (base, cap);
+    /// The backoff of a tenant whose pushes fail and will be retried
+    /// (other tenants are not held back), and of reading the streams while
+    /// Redis fails. Defaults to 500 ms, up to 30 s.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
         self
     }
 
@@ -178,10 +178,6 @@ impl<S: LogSink> OffloaderBuilder<S> {
         zero("discovery_interval", self.discovery_interval.is_zero())?;
         zero("claim_idle", self.claim_idle.is_zero())?;
         zero("max_deliveries", self.max_deliveries == 0)?;
-        zero(
-            "backoff",
-            self.backoff.0.is_zero() || self.backoff.1 < self.backoff.0,
-        )?;
         zero("tenant_bytes_per_second", self.tenant_bytes_per_second == 0)?;
         zero("dead_letter_max_len", self.dead_letter_max_len == 0)?;
         zero("sources", self.sources.is_empty())?;
@@ -202,6 +198,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
             claim_idle: self.claim_idle,
             max_deliveries: self.max_deliveries,
             backoff: self.backoff,
+            read_backoff: Backoff::new(self.poll_interval, self.poll_interval * 32)?,
             tenant_bytes_per_second: self.tenant_bytes_per_second,
             max_age: self.max_age,
             dead_letter_max_len: self.dead_letter_max_len,
@@ -243,7 +240,8 @@ impl Offloader {
             discovery_interval: Duration::from_secs(5),
             claim_idle: Duration::from_secs(60),
             max_deliveries: 10,
-            backoff: (Duration::from_millis(500), Duration::from_secs(30)),
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
+                .expect("valid defaults"),
             tenant_bytes_per_second: 3 * 1024 * 1024,
             max_age: LOKI_MAX_AGE,
             dead_letter_max_len: 10_000,
@@ -315,7 +313,9 @@ struct Context {
     discovery_interval: Duration,
     claim_idle: Duration,
     max_deliveries: u64,
-    backoff: (Duration, Duration),
+    backoff: Backoff,
+    /// Between reads while Redis fails: from the poll interval, up to 32 of them.
+    read_backoff: Backoff,
     tenant_bytes_per_second: u64,
     max_age: Duration,
     dead_letter_max_len: u64,
@@ -387,9 +387,7 @@ async fn dispatch(context: Arc<Context>) {
                 batches
             }
             Err(error) => {
-                if let redis_failover::Error::Command { source, .. } = &error
-                    && source.code() == Some("NOGROUP")
-                {
+                if error.kind() == ErrorKind::NoGroup {
                     // A new master that missed the group's creation, or
                     // a stream deleted by hand: create the groups again.
                     last_discovery = None;
@@ -419,7 +417,10 @@ async fn dispatch(context: Arc<Context>) {
             });
         }
         if idle {
-            let wait = context.poll_interval * 2u32.pow(failures.min(5));
+            let wait = match failures {
+                0 => context.poll_interval,
+                failures => context.read_backoff.delay(failures - 1),
+            };
             tokio::select! {
                 () = context.stopping() => break,
                 () = tokio::time::sleep(wait) => {}
@@ -502,8 +503,7 @@ async fn discover(
                 )
                 .await;
             match created {
-                Err(redis_failover::Error::Command { source, .. })
-                    if source.code() == Some("BUSYGROUP") => {}
+                Err(error) if error.kind() == ErrorKind::GroupExists => {}
                 other => other?,
             }
             state.group_ready = true;
@@ -739,7 +739,7 @@ async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<Str
             }
             Err(PushError::Retry { reason }) => {
                 context.tenant_metrics(tenant, |m| m.retried_pushes += 1);
-                let wait = backoff(attempt, context.backoff);
+                let wait = context.backoff.delay(attempt);
                 attempt += 1;
                 tracing::warn!(
                     target: "log_buffer",
@@ -945,12 +945,4 @@ async fn dead_letter(
             tracing::warn!(target: "log_buffer", %error, stream, "offloader: dead-lettering failed; the entries stay pending");
         }
     }
-}
-
-/// Exponential backoff from `base` to `cap` with full jitter.
-fn backoff(attempt: u32, (base, cap): (Duration, Duration)) -> Duration {
-    let ceiling = base
-        .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-        .min(cap);
-    ceiling.mul_f64(rand::random::<f64>().max(0.1))
 }

@@ -28,7 +28,10 @@ fn offloader(
     Offloader::builder(client.clone(), sink(receiver, Encoding::Protobuf))
         .poll_interval(Duration::from_millis(20))
         .discovery_interval(Duration::from_millis(200))
-        .backoff(Duration::from_millis(50), Duration::from_millis(200))
+        .backoff(
+            redis_failover::Backoff::new(Duration::from_millis(50), Duration::from_millis(200))
+                .unwrap(),
+        )
 }
 
 fn json(line: &str) -> BTreeMap<String, String> {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::addr::{DnsResolver, NodeAddr, Resolve};
+use crate::backoff::Backoff;
 use crate::client::FailoverClient;
 use crate::durable::LostReplicaGrace;
 use crate::error::{Error, Result};
@@ -39,8 +40,7 @@ pub struct FailoverClientBuilder {
     pub(crate) connect_timeout: Duration,
     pub(crate) command_timeout: Duration,
     pub(crate) retry_budget: Duration,
-    pub(crate) backoff_base: Duration,
-    pub(crate) backoff_cap: Duration,
+    pub(crate) backoff: Backoff,
     pub(crate) recheck_interval: Duration,
     pub(crate) event_capacity: usize,
     pub(crate) read_policy: ReadPolicy,
@@ -76,8 +76,8 @@ impl FailoverClientBuilder {
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(500),
             retry_budget: Duration::from_secs(30),
-            backoff_base: Duration::from_millis(10),
-            backoff_cap: Duration::from_millis(500),
+            backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(500))
+                .expect("valid defaults"),
             recheck_interval: Duration::from_secs(1),
             event_capacity: 1024,
             read_policy: ReadPolicy::Master,
@@ -172,12 +172,10 @@ impl FailoverClientBuilder {
         self
     }
 
-    /// Bounds of the jittered exponential backoff between attempts.
-    /// Defaults to 10 ms and 500 ms. A new master found meanwhile ends the
+    /// The backoff between attempts. Defaults to 10 ms, up to 500 ms. A new master found meanwhile ends the
     /// wait at once.
-    pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
-        self.backoff_base = base;
-        self.backoff_cap = cap;
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
         self
     }
 
@@ -370,15 +368,11 @@ impl FailoverClientBuilder {
             ("connect_timeout", self.connect_timeout),
             ("command_timeout", self.command_timeout),
             ("retry_budget", self.retry_budget),
-            ("backoff", self.backoff_base),
             ("recheck_interval", self.recheck_interval),
         ] {
             if value.is_zero() {
                 return invalid(setting, "must be more than zero");
             }
-        }
-        if self.backoff_cap < self.backoff_base {
-            return invalid("backoff", "the cap must not be below the base");
         }
         if self.event_capacity == 0 {
             return invalid("event_capacity", "must be more than zero");
@@ -477,10 +471,6 @@ mod tests {
         assert_eq!(
             rejected(one.clone().retry_budget(Duration::ZERO)),
             "retry_budget"
-        );
-        assert_eq!(
-            rejected(one.backoff(Duration::from_secs(1), Duration::from_millis(1))),
-            "backoff"
         );
     }
 

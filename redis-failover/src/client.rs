@@ -14,7 +14,6 @@ use crate::error::{Error, Result};
 use crate::events::{Event, MetricsSnapshot};
 use crate::read::{Durability, ReadPolicy};
 use crate::request::{Reply, Request};
-use crate::retry::backoff;
 use crate::session::Session;
 use crate::shared::Shared;
 use crate::tasks::{demote_loop, recheck_loop, watch_sentinel};
@@ -318,12 +317,7 @@ impl FailoverClient {
                 });
             }
             let settings = &self.shared().settings;
-            let wait = backoff(
-                attempt,
-                settings.backoff_base,
-                settings.backoff_cap,
-                &mut rand::rng(),
-            );
+            let wait = settings.backoff.delay(attempt);
             tokio::time::sleep(wait.min(left)).await;
         }
         unreachable!("the loop returns")

@@ -106,6 +106,14 @@ pub enum Error {
         source: RedisError,
     },
 
+    /// A transaction's watched keys changed before every try within the
+    /// retry budget (or the tries allowed) could commit it.
+    #[error("the transaction's watched keys kept changing: gave up after {attempts} tries")]
+    TransactionConflict {
+        /// How many times it was tried.
+        attempts: u32,
+    },
+
     /// A connection of its own (pub/sub) to the master could not be opened.
     #[error("could not open a connection to {node}")]
     Connect {
@@ -115,6 +123,43 @@ pub enum Error {
         #[source]
         source: RedisError,
     },
+}
+
+/// What kind of failure an [`Error`] is: what a caller decides on, instead
+/// of Redis's error codes or this crate's variants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A setting cannot work.
+    InvalidConfig,
+    /// Redis could not be reached, or refused, until the retry budget ran
+    /// out: try again later.
+    Unavailable,
+    /// A write may or may not have run: read before writing again.
+    OutcomeUnknown,
+    /// A durable write ran, but too few replicas are known to have it.
+    NotReplicated,
+    /// No replica could serve a read that must not go to the master.
+    NoReplica,
+    /// A command not known to be read-only was sent as a read.
+    NotReadOnly,
+    /// A connection of its own could not be opened.
+    Connect,
+    /// The node does not know the script (`NOSCRIPT`): load it and run
+    /// it again.
+    NoScript,
+    /// The stream already has this consumer group (`BUSYGROUP`).
+    GroupExists,
+    /// The stream or its consumer group does not exist (`NOGROUP`).
+    NoGroup,
+    /// The key holds another type of value (`WRONGTYPE`).
+    WrongType,
+    /// A transaction's watched keys kept changing until the retry budget
+    /// ran out.
+    TransactionConflict,
+    /// Any other error Redis answered, or a reply that does not convert to
+    /// the type asked for ([`Error::code`] tells Redis's code).
+    Command,
 }
 
 /// The last failure seen on one node while looking for the master or
@@ -152,6 +197,38 @@ impl fmt::Display for Failures<'_> {
 }
 
 impl Error {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidConfig { .. } => ErrorKind::InvalidConfig,
+            Self::RetryBudgetExhausted { .. } => ErrorKind::Unavailable,
+            Self::OutcomeUnknown { .. } => ErrorKind::OutcomeUnknown,
+            Self::NotReplicated { .. } | Self::ReplicationUnknown { .. } => {
+                ErrorKind::NotReplicated
+            }
+            Self::NoReplicaAvailable { .. } => ErrorKind::NoReplica,
+            Self::NotReadOnly { .. } => ErrorKind::NotReadOnly,
+            Self::Connect { .. } => ErrorKind::Connect,
+            Self::TransactionConflict { .. } => ErrorKind::TransactionConflict,
+            Self::Command { .. } => match self.code() {
+                Some("NOSCRIPT") => ErrorKind::NoScript,
+                Some("BUSYGROUP") => ErrorKind::GroupExists,
+                Some("NOGROUP") => ErrorKind::NoGroup,
+                Some("WRONGTYPE") => ErrorKind::WrongType,
+                _ => ErrorKind::Command,
+            },
+        }
+    }
+
+    /// The error code Redis answered with (`WRONGTYPE`, `NOSCRIPT`, ...),
+    /// for a [`Command`](Self::Command) error that is a Redis answer.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Command { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+
     /// This error as a [`RedisError`], for the
     /// [`ConnectionLike`](redis::aio::ConnectionLike) interface: Redis's own
     /// answers pass through unchanged; an unknown outcome becomes an error
@@ -170,6 +247,7 @@ impl Error {
             Self::NotReadOnly { .. } => "NOTREADONLY",
             Self::NotReplicated { .. } | Self::ReplicationUnknown { .. } => "NOTREPLICATED",
             Self::Connect { .. } => "CONNECT",
+            Self::TransactionConflict { .. } => "TXCONFLICT",
             Self::Command { .. } => unreachable!("returned above"),
         };
         // The RedisError has no source chain: its detail carries the cause too.
@@ -211,10 +289,43 @@ mod tests {
             message.contains("redis-0:6379: connection refused; redis-1:6379: ROLE says replica"),
             "{message}"
         );
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
         let redis_error = error.into_redis_error();
         assert!(
             redis_error.to_string().contains("redis-1:6379"),
             "{redis_error}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[test]
+    fn redis_answers_are_told_apart_by_kind() {
+        let node: NodeAddr = "r:6379".parse().unwrap();
+        let answer = |code: &str| Error::Command {
+            node: node.clone(),
+            source: redis::make_extension_error(code.to_owned(), Some("detail".to_owned())),
+        };
+        assert_eq!(answer("NOSCRIPT").kind(), ErrorKind::NoScript);
+        assert_eq!(answer("BUSYGROUP").kind(), ErrorKind::GroupExists);
+        assert_eq!(answer("NOGROUP").kind(), ErrorKind::NoGroup);
+        assert_eq!(answer("WRONGTYPE").kind(), ErrorKind::WrongType);
+        assert_eq!(answer("ERR").kind(), ErrorKind::Command);
+        assert_eq!(answer("ERR").code(), Some("ERR"));
+        let conversion = Error::Command {
+            node,
+            source: redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "not a number",
+            )),
+        };
+        assert_eq!(conversion.kind(), ErrorKind::Command);
+        assert_eq!(
+            Error::TransactionConflict { attempts: 3 }.kind(),
+            ErrorKind::TransactionConflict
         );
     }
 }

@@ -191,6 +191,7 @@
 #![warn(missing_docs)]
 
 mod addr;
+mod backoff;
 mod builder;
 mod client;
 mod discovery;
@@ -207,10 +208,11 @@ mod shared;
 mod tasks;
 
 pub use addr::{DnsResolver, NodeAddr, Resolve, Resolving, StaticResolver};
+pub use backoff::Backoff;
 pub use builder::FailoverClientBuilder;
 pub use client::{FailoverClient, MasterConnection, MasterInfo, ReadConnection, ReplicaStatus};
 pub use durable::ReplicationStatus;
-pub use error::{Error, NodeFailure, Result};
+pub use error::{Error, ErrorKind, NodeFailure, Result};
 pub use events::{Event, MetricsSnapshot, Trigger};
 pub use node::{Credentials, MasterCheck, Tls};
 pub use read::{Durability, ReadPolicy};

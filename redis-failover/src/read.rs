@@ -13,7 +13,7 @@ use crate::error::{Error, NodeFailure, Result};
 use crate::events::Counter;
 use crate::replicas::{ReadReplica, ReadSet};
 use crate::request::{Reply, Request};
-use crate::retry::{Failure, backoff};
+use crate::retry::Failure;
 use crate::shared::{Connection, Shared};
 
 /// Where a read goes.
@@ -258,12 +258,7 @@ impl Shared {
                 }
                 return Err(Error::NoReplicaAvailable { failures });
             }
-            let wait = backoff(
-                attempt,
-                self.settings.backoff_base,
-                self.settings.backoff_cap,
-                &mut rand::rng(),
-            );
+            let wait = self.settings.backoff.delay(attempt);
             tokio::time::sleep(wait.min(self.settings.retry_budget - spent)).await;
         }
         unreachable!("the loop returns")

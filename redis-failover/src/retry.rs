@@ -1,8 +1,5 @@
-//! What a failed request means, and how long to wait before the next try.
+//! What a failed request means.
 
-use std::time::Duration;
-
-use rand::Rng;
 use redis::RedisError;
 
 /// Server error codes meaning "this node cannot serve that now, and did not
@@ -194,21 +191,8 @@ pub(crate) fn is_read_only(cmd: &redis::Cmd) -> bool {
         .any(|known| known.as_bytes().eq_ignore_ascii_case(name))
 }
 
-/// Exponential backoff with jitter: attempt `n` (from 0) waits between half
-/// and all of `min(cap, base * 2^n)`, so concurrent callers spread out but
-/// none retries in a hot loop.
-pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration, rng: &mut impl Rng) -> Duration {
-    let ceiling = base
-        .checked_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
-        .unwrap_or(cap)
-        .min(cap);
-    let half = ceiling / 2;
-    half + half.mul_f64(rng.random::<f64>())
-}
-
 #[cfg(test)]
 mod tests {
-    use proptest::prelude::*;
     use redis::{ErrorKind, RedisError};
     use std::io;
 
@@ -301,25 +285,5 @@ mod tests {
         assert!(!is_read_only(redis::cmd("SET").arg("k").arg("v")));
         assert!(!is_read_only(redis::cmd("INCR").arg("k")));
         assert!(!is_read_only(&redis::Cmd::new()));
-    }
-
-    proptest! {
-        #[test]
-        fn backoff_stays_within_half_and_all_of_the_capped_exponential(
-            attempt in 0u32..100,
-            base_ms in 1u64..1_000,
-            cap_ms in 1u64..60_000,
-            seed in any::<u64>(),
-        ) {
-            use rand::SeedableRng;
-            let (base, cap) = (Duration::from_millis(base_ms), Duration::from_millis(cap_ms));
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let wait = backoff(attempt, base, cap, &mut rng);
-            let ceiling = Duration::from_millis(
-                base_ms.saturating_mul(1u64 << attempt.min(40)).min(cap_ms),
-            );
-            prop_assert!(wait <= ceiling, "{wait:?} > {ceiling:?}");
-            prop_assert!(wait >= ceiling / 2, "{wait:?} < half of {ceiling:?}");
-        }
     }
 }

@@ -22,7 +22,7 @@ use crate::node::{Connector, DedicatedManager, MasterCheck, MasterManager};
 use crate::read::Durability;
 use crate::replicas::{ReadSet, replica_loop};
 use crate::request::{Reply, Request};
-use crate::retry::{Failure, backoff, refusal_means_not_master, refusal_of};
+use crate::retry::{Failure, refusal_means_not_master, refusal_of};
 
 /// The master requests go to.
 pub(crate) struct Master {
@@ -285,6 +285,16 @@ impl Shared {
             };
             let error = match sent {
                 Sent::Done(reply) => return Ok((master, reply)),
+                // Running an idempotent write again is harmless: it waits
+                // for the replicas once more, within the budget.
+                Sent::Unreplicated(error) if idempotent => {
+                    let failure = NodeFailure {
+                        node: master.node.clone(),
+                        reason: error.to_string(),
+                    };
+                    self.failed(&mut retrying, vec![failure]);
+                    continue;
+                }
                 Sent::Unreplicated(error) => return Err(error),
                 Sent::Held(reason) => {
                     let failure = NodeFailure {
@@ -608,13 +618,11 @@ impl Shared {
                 failures: std::mem::take(&mut state.failures),
             });
         }
-        let wait = backoff(
-            state.attempt,
-            self.settings.backoff_base,
-            self.settings.backoff_cap,
-            &mut rand::rng(),
-        )
-        .min(budget - spent);
+        let wait = self
+            .settings
+            .backoff
+            .delay(state.attempt)
+            .min(budget - spent);
         state.attempt += 1;
         self.metrics.add(Counter::Retries);
         tokio::select! {

@@ -14,11 +14,18 @@ use redis::{RedisError, Role};
 use tokio::sync::watch;
 
 use crate::addr::NodeAddr;
+use crate::backoff::Backoff;
 use crate::builder::Mode;
 use crate::events::{Counter, Event, Trigger};
 use crate::node::verify_master;
-use crate::retry::backoff;
 use crate::shared::{Master, Shared, lock};
+
+/// Between tries to reach a sentinel again.
+const SENTINEL_RECONNECT: Backoff =
+    Backoff::constant(Duration::from_millis(100), Duration::from_secs(2));
+/// Between tries to demote a stale master.
+const DEMOTION_RETRY: Backoff =
+    Backoff::constant(Duration::from_millis(200), Duration::from_secs(2));
 
 /// Resolves when the client is dropped.
 pub(crate) async fn stopped(stop: &mut watch::Receiver<()>) {
@@ -150,12 +157,7 @@ pub(crate) async fn watch_sentinel(
                 reason,
             });
         }
-        let wait = backoff(
-            attempt,
-            Duration::from_millis(100),
-            Duration::from_secs(2),
-            &mut rand::rng(),
-        );
+        let wait = SENTINEL_RECONNECT.delay(attempt);
         attempt = attempt.saturating_add(1);
         tokio::select! {
             _ = stopped(&mut stop) => return,
@@ -235,12 +237,7 @@ async fn demote(shared: Arc<Shared>, old: NodeAddr, new: NodeAddr) {
             tracing::warn!(node = %old, master = %new, reason = %why, "stale master left to Sentinel: not demoted within {DEMOTION_WINDOW:?}");
             return;
         }
-        let pause = backoff(
-            attempt,
-            Duration::from_millis(200),
-            Duration::from_secs(2),
-            &mut rand::rng(),
-        );
+        let pause = DEMOTION_RETRY.delay(attempt);
         tokio::time::sleep(pause).await;
     }
 }

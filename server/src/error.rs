@@ -137,6 +137,39 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// A failure of Redis itself, by its kind.
+    fn from_redis(source: &redis_failover::Error) -> Self {
+        use redis_failover::ErrorKind as K;
+        let retry_soon = |code, message| Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        };
+        match source.kind() {
+            K::OutcomeUnknown => retry_soon(
+                "outcome_unknown",
+                "the master failed while the write was in flight: it may or may not have been applied; read before retrying",
+            ),
+            K::NotReplicated => retry_soon(
+                "not_replicated",
+                "the write was applied but no replica confirmed it in time, so a failover could lose it; retry",
+            ),
+            K::Unavailable | K::Connect | K::NoReplica => {
+                tracing::warn!(error = %source, cause = ?std::error::Error::source(source), "Redis unreachable past the retry budget");
+                Self::unavailable("the store is unavailable; retry later")
+            }
+            _ => {
+                tracing::error!(error = %source, cause = ?std::error::Error::source(source), "Redis refused a request of the store");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the request failed on the server",
+                )
+            }
+        }
+    }
+}
+
 /// Whole seconds for `Retry-After`, rounded up, at least 1.
 fn seconds(wait: std::time::Duration) -> u64 {
     wait.as_secs_f64().ceil().max(1.0) as u64
@@ -189,29 +222,7 @@ impl From<tenant_kv::Error> for ApiError {
                     ..inner
                 }
             }
-            E::Redis(redis_failover::Error::OutcomeUnknown { .. }) => Self {
-                retry_after: Some(1),
-                ..Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "outcome_unknown",
-                    "the master failed while the write was in flight: it may or may not have been applied; read before retrying",
-                )
-            },
-            E::Redis(
-                redis_failover::Error::NotReplicated { .. }
-                | redis_failover::Error::ReplicationUnknown { .. },
-            ) => Self {
-                retry_after: Some(1),
-                ..Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not_replicated",
-                    "the write was applied but no replica confirmed it in time, so a failover could lose it; retry",
-                )
-            },
-            E::Redis(source) => {
-                tracing::warn!(error = %source, cause = ?std::error::Error::source(&source), "Redis unreachable past the retry budget");
-                Self::unavailable("the store is unavailable; retry later")
-            }
+            E::Redis(source) => Self::from_redis(&source),
             other => {
                 tracing::error!(error = %other, "store request failed");
                 Self::new(

@@ -1,8 +1,7 @@
 //! The item endpoints: create, read, replace, delete, list and batches,
 //! with ETags and conditional requests.
 
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::header::{ETAG, HeaderValue, IF_MATCH, IF_NONE_MATCH};
 use hyper::{HeaderMap, Request, Response, StatusCode};
@@ -113,11 +112,6 @@ pub(crate) async fn put(
     if if_match == IfMatch::Never {
         return Err(ApiError::precondition_failed("no item matches If-Match"));
     }
-    let precondition = match if_match {
-        IfMatch::Version(version) => Precondition::Version(version),
-        // Without a version, PUT replaces an existing item (404 if none).
-        _ => Precondition::Exists,
-    };
     let body: ItemBody = read_json(request, app.limits.max_body_bytes).await?;
     let new_item = body.into_new_item()?;
     let tenant = tenant(app, principal);
@@ -131,7 +125,17 @@ pub(crate) async fn put(
             other => other?,
         }
     } else {
-        match put_replacing(app, &tenant, key, new_item, precondition).await {
+        let written = match if_match {
+            IfMatch::Version(version) => {
+                tenant
+                    .put(key, new_item, Precondition::Version(version))
+                    .await
+            }
+            // Without a version, PUT replaces an existing item (404 if
+            // none), sent again through a failover as HTTP allows.
+            _ => tenant.replace(key, new_item).await,
+        };
+        match written {
             // A failed If-Match is a failed precondition, whether or not the item exists.
             Err(tenant_kv::Error::NotFound { .. }) if if_match != IfMatch::Absent => {
                 return Err(ApiError::precondition_failed("no item matches If-Match"));
@@ -141,40 +145,6 @@ pub(crate) async fn put(
     };
     Ok(item_response(StatusCode::OK, &item))
 }
-
-/// A PUT: an unconditional replacement whose outcome is unknown (the
-/// master failed mid-request), or that no replica confirmed in time, is
-/// sent again within the retry budget, as HTTP lets a server do with an
-/// idempotent method: either way the item ends up holding the body.
-async fn put_replacing(
-    app: &App,
-    tenant: &tenant_kv::Tenant,
-    key: &str,
-    item: NewItem,
-    precondition: Precondition,
-) -> tenant_kv::Result<Item> {
-    use redis_failover::Error as Failover;
-    let started = Instant::now();
-    loop {
-        match tenant.put(key, item.clone(), precondition).await {
-            Err(tenant_kv::Error::Redis(
-                Failover::OutcomeUnknown { .. }
-                | Failover::NotReplicated { .. }
-                | Failover::ReplicationUnknown { .. },
-            )) if precondition == Precondition::Exists
-                && started.elapsed() < app.client.retry_budget() =>
-            {
-                tracing::info!(key, "PUT not confirmed during a failover; sending it again");
-                app.metrics.puts_resent.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(PUT_RESEND_PAUSE).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Between two sends of a PUT: time for a new master or a replica to settle.
-const PUT_RESEND_PAUSE: Duration = Duration::from_millis(100);
 
 pub(crate) async fn delete(
     app: &App,

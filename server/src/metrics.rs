@@ -33,8 +33,6 @@ pub(crate) struct HttpMetrics {
     routes: Mutex<BTreeMap<&'static str, RouteStats>>,
     pub(crate) open_connections: AtomicI64,
     pub(crate) in_flight: AtomicI64,
-    /// Unconditional PUTs sent again after a failover left their outcome unknown.
-    pub(crate) puts_resent: AtomicU64,
     /// Connections closed at accept: their address had its share open.
     pub(crate) connections_refused: AtomicU64,
     /// Connections closed because an answer made no progress.
@@ -218,17 +216,6 @@ pub(crate) fn render(app: &App) -> String {
         let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
     }
 
-    header(
-        &mut out,
-        "tenant_kv_puts_resent_total",
-        "counter",
-        "Unconditional PUTs sent again after a failover left their outcome unknown.",
-    );
-    let _ = writeln!(
-        out,
-        "tenant_kv_puts_resent_total {}",
-        app.metrics.puts_resent.load(Ordering::Relaxed)
-    );
     let failover = app.client.metrics();
     let counters = [
         (

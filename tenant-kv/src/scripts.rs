@@ -4,7 +4,7 @@
 use std::sync::LazyLock;
 
 use redis::{Cmd, FromRedisValue, Script};
-use redis_failover::FailoverClient;
+use redis_failover::{ErrorKind, FailoverClient};
 
 use crate::error::Result;
 
@@ -48,9 +48,7 @@ impl Lua {
             }
         };
         match run().await {
-            Err(redis_failover::Error::Command { source, .. })
-                if source.code() == Some("NOSCRIPT") =>
-            {
+            Err(error) if error.kind() == ErrorKind::NoScript => {
                 let _: String = client
                     .query_idempotent(redis::cmd("SCRIPT").arg("LOAD").arg(&self.source))
                     .await?;

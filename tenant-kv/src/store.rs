@@ -560,7 +560,7 @@ impl Tenant {
             key: key.to_owned(),
             item,
         };
-        self.write_one(write).await.map(Written::into_item)
+        self.write_one(write, false).await.map(Written::into_item)
     }
 
     /// Stores `item` under `key`, replacing any item there, as
@@ -572,7 +572,23 @@ impl Tenant {
             item,
             precondition,
         };
-        self.write_one(write).await.map(Written::into_item)
+        self.write_one(write, false).await.map(Written::into_item)
+    }
+
+    /// Replaces the item under `key` with `item` ([`Error::NotFound`] if
+    /// there is none), as HTTP's PUT does: the write is sent again when a
+    /// failover leaves its outcome unknown or its replication unconfirmed,
+    /// within the client's retry budget. The item ends up holding `item`
+    /// either way, but a write that ran twice took two versions and left
+    /// two audit records. Use [`put`](Self::put) with a version to write at
+    /// most once.
+    pub async fn replace(&self, key: &str, item: NewItem) -> Result<Item> {
+        let write = Write::Put {
+            key: key.to_owned(),
+            item,
+            precondition: Precondition::Exists,
+        };
+        self.write_one(write, true).await.map(Written::into_item)
     }
 
     /// Deletes `key`'s item (at `expected_version`, if given); returns the
@@ -582,15 +598,19 @@ impl Tenant {
             key: key.to_owned(),
             expected_version,
         };
-        match self.write_one(write).await? {
+        match self.write_one(write, false).await? {
             Written::Deleted { version, .. } => Ok(version),
             Written::Stored(_) => unreachable!("a delete deletes"),
         }
     }
 
-    async fn write_one(&self, write: Write) -> Result<Written> {
+    /// One write, sent again through a failover only if `idempotent`.
+    async fn write_one(&self, write: Write, idempotent: bool) -> Result<Written> {
         let prepared = self.prepare(write)?;
-        let mut written = self.run(vec![prepared]).await.map_err(|(_, error)| error)?;
+        let mut written = self
+            .run(vec![prepared], idempotent)
+            .await
+            .map_err(|(_, error)| error)?;
         Ok(written.pop().expect("one write, one result"))
     }
 
@@ -617,7 +637,7 @@ impl Tenant {
         if prepared.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(prepared)
+        self.run(prepared, false)
             .await
             .map_err(|(index, error)| match index {
                 Some(index) => Error::BatchFailed {
@@ -703,7 +723,11 @@ impl Tenant {
 
     /// Runs prepared writes in one script. An error names the write at
     /// fault, if one is.
-    async fn run(&self, mut writes: Vec<Prepared>) -> Result<Vec<Written>, (Option<usize>, Error)> {
+    async fn run(
+        &self,
+        mut writes: Vec<Prepared>,
+        idempotent: bool,
+    ) -> Result<Vec<Written>, (Option<usize>, Error)> {
         let settings = &self.store.inner;
         if let Some(encryption) = &settings.encryption {
             for (index, write) in writes.iter_mut().enumerate() {
@@ -721,7 +745,11 @@ impl Tenant {
             .await
             .map_err(|e| (None, e))?;
         let reply: Vec<Value> = WRITE
-            .run(self.client(), &self.write_script(&writes, &quotas), false)
+            .run(
+                self.client(),
+                &self.write_script(&writes, &quotas),
+                idempotent,
+            )
             .await
             .map_err(|e| (None, e))?;
         let status = match reply.first() {

@@ -319,7 +319,10 @@ fn offloader(client: &FailoverClient, url: &str, name: &str) -> Result<Offloader
         .poll_interval(Duration::from_millis(50))
         .discovery_interval(Duration::from_millis(500))
         .claim_idle(Duration::from_secs(2))
-        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .backoff(redis_failover::Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        )?)
         .start()?,
     )
 }

@@ -163,7 +163,10 @@ pub async fn logs() -> Result<Value, Box<dyn Error>> {
     let offloader = Offloader::builder(client.clone(), LokiSink::builder(&receiver.url).build()?)
         .poll_interval(Duration::from_millis(10))
         .discovery_interval(Duration::from_millis(100))
-        .backoff(Duration::from_millis(100), Duration::from_secs(1))
+        .backoff(redis_failover::Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+        )?)
         .start()?;
     let appended_before = buffer.metrics().appended;
     let started = Instant::now();
