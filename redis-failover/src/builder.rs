@@ -9,6 +9,7 @@ use crate::client::FailoverClient;
 use crate::durable::LostReplicaGrace;
 use crate::error::{Error, Result};
 use crate::node::{Credentials, MasterCheck, Tls};
+use crate::policy::RetryPolicy;
 use crate::read::{Durability, ReadPolicy, ReplicaPreference};
 
 /// How the client finds the master.
@@ -48,7 +49,7 @@ pub struct FailoverClientBuilder {
     pub(crate) max_staleness: Duration,
     pub(crate) replica_probe_interval: Duration,
     pub(crate) durability: Durability,
-    pub(crate) durable_connections: u32,
+    pub(crate) dedicated_connections: u32,
     pub(crate) lost_replica_grace: Option<LostReplicaGrace>,
     pub(crate) min_replicas: Option<MinReplicas>,
     pub(crate) demote_stale_masters: bool,
@@ -85,7 +86,7 @@ impl FailoverClientBuilder {
             max_staleness: Duration::from_secs(5),
             replica_probe_interval: Duration::from_millis(500),
             durability: Durability::Master,
-            durable_connections: 16,
+            dedicated_connections: 16,
             lost_replica_grace: None,
             min_replicas: None,
             demote_stale_masters: false,
@@ -240,11 +241,14 @@ impl FailoverClientBuilder {
         self
     }
 
-    /// How many connections to the master durable writes may use at once:
-    /// each waits for its `WAIT` on a connection of its own, so that the
-    /// shared connection never blocks. Defaults to 16.
-    pub fn durable_connections(mut self, connections: u32) -> Self {
-        self.durable_connections = connections;
+    /// How many connections of their own to the master may be in use at
+    /// once, so that the shared connection never blocks: each blocking
+    /// command (`BLPOP`, `XREAD BLOCK`, ...), transaction and durable
+    /// write's `WAIT` holds one until it is answered. A request that finds
+    /// them all busy waits (up to the connect and command timeouts, then
+    /// within the retry budget). Defaults to 16.
+    pub fn dedicated_connections(mut self, connections: u32) -> Self {
+        self.dedicated_connections = connections;
         self
     }
 
@@ -308,6 +312,14 @@ impl FailoverClientBuilder {
             reason: "build() must be called within a Tokio runtime".to_owned(),
         })?;
         Ok(FailoverClient::start(self, &runtime))
+    }
+
+    /// The budget and backoff of every retry loop.
+    pub(crate) fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            budget: self.retry_budget,
+            backoff: self.backoff,
+        }
     }
 
     pub(crate) fn required_agreement(&self) -> usize {
@@ -387,8 +399,8 @@ impl FailoverClientBuilder {
             );
         }
         self.durability.validate()?;
-        if self.durable_connections == 0 {
-            return invalid("durable_connections", "must be more than zero");
+        if self.dedicated_connections == 0 {
+            return invalid("dedicated_connections", "must be more than zero");
         }
         if let Some(grace) = self.lost_replica_grace
             && (grace.floor == 0 || grace.after.is_zero())

@@ -12,6 +12,7 @@ use crate::builder::{FailoverClientBuilder, Mode};
 use crate::durable::ReplicationStatus;
 use crate::error::{Error, Result};
 use crate::events::{Event, MetricsSnapshot};
+use crate::policy::{Decision, RetryPolicy, Tried, Tries};
 use crate::read::{Durability, ReadPolicy};
 use crate::request::{Reply, Request};
 use crate::session::Session;
@@ -149,11 +150,14 @@ impl FailoverClient {
     ///
     /// Requests share one multiplexed connection per master, so commands
     /// that change connection state (`WATCH`, `SELECT`, `CLIENT`...) and
-    /// `MULTI`/`EXEC` sent as separate requests are not supported; send a
-    /// transaction as one atomic pipeline. A blocking command (`WAIT`,
-    /// `BLPOP`, `XREAD BLOCK`) holds up every request behind it on that
-    /// connection: give it a client of its own. (Writes made durable by
-    /// [`Durability::Replicated`] wait on connections of their own.)
+    /// `MULTI`/`EXEC` sent as separate requests are not supported: send a
+    /// transaction as one atomic pipeline, or use
+    /// [`transaction`](Self::transaction) for `WATCH`. Blocking commands
+    /// (`BLPOP`, `BRPOP`, `BLMOVE`, `BRPOPLPUSH`, `BLMPOP`, `BZPOPMIN`,
+    /// `BZPOPMAX`, `BZMPOP`, `XREAD`/`XREADGROUP` with `BLOCK`, `WAIT`,
+    /// `WAITAOF`), alone or in a pipeline, are recognised and sent on a
+    /// connection of their own, given their own timeout on top of the
+    /// command timeout.
     pub fn connection(&self) -> MasterConnection {
         MasterConnection {
             client: self.clone(),
@@ -296,9 +300,14 @@ impl FailoverClient {
     /// Finds the master if none is known yet and returns it, trying until
     /// `timeout`. Useful for readiness checks.
     pub async fn wait_for_master(&self, timeout: Duration) -> Result<MasterInfo> {
-        let started = Instant::now();
-        for attempt in 0.. {
-            let failures = match self.shared().current().await {
+        let shared = self.shared();
+        let policy = RetryPolicy {
+            budget: timeout,
+            ..shared.settings.retry_policy()
+        };
+        let mut tries = Tries::new();
+        loop {
+            let failures = match shared.current().await {
                 Ok((master, _)) => {
                     return Ok(MasterInfo {
                         node: master.node.clone(),
@@ -307,38 +316,17 @@ impl FailoverClient {
                 }
                 Err(failures) => failures,
             };
-            let left = timeout.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                return Err(Error::RetryBudgetExhausted {
-                    budget: timeout,
-                    spent: started.elapsed(),
-                    attempts: attempt + 1,
-                    failures,
-                });
+            match policy.decide(&mut tries, Tried::NotSent) {
+                Decision::Retry(wait) => tokio::time::sleep(wait).await,
+                Decision::GiveUp(_) => {
+                    return Err(Error::RetryBudgetExhausted {
+                        budget: timeout,
+                        spent: tries.spent(),
+                        attempts: tries.count(),
+                        failures,
+                    });
+                }
             }
-            let settings = &self.shared().settings;
-            let wait = settings.backoff.delay(attempt);
-            tokio::time::sleep(wait.min(left)).await;
-        }
-        unreachable!("the loop returns")
-    }
-
-    /// A pub/sub connection to the master (found first, within the retry
-    /// budget, if none is known), and the master it reaches. It does not
-    /// follow failovers: a subscriber watches [`events`](Self::events),
-    /// opens a new one after [`Event::MasterChanged`], and must expect to
-    /// have missed what was published in between, as Redis pub/sub keeps
-    /// nothing for absent subscribers.
-    pub async fn master_pubsub(&self) -> Result<(MasterInfo, redis::aio::PubSub)> {
-        let master = self
-            .wait_for_master(self.shared().settings.retry_budget)
-            .await?;
-        match self.shared().data.pubsub(&master.node).await {
-            Ok(pubsub) => Ok((master, pubsub)),
-            Err(source) => Err(Error::Connect {
-                node: master.node,
-                source,
-            }),
         }
     }
 

@@ -235,7 +235,7 @@ impl Shared {
             .map_err(|e| e.to_string())?;
         let _ = pool.add(connection.clone());
         let dedicated = bb8::Pool::builder()
-            .max_size(self.settings.durable_connections)
+            .max_size(self.settings.dedicated_connections)
             .min_idle(None)
             // A PING on checkout: an idle connection may have died unseen.
             .test_on_check_out(true)

@@ -365,9 +365,13 @@ impl bb8::ManageConnection for MasterManager {
     }
 }
 
-/// A connection a durable write holds alone while its `WAIT` blocks.
+/// A connection a blocking command, transaction or durable write's `WAIT`
+/// holds alone.
 pub(crate) struct Dedicated {
     pub(crate) multiplexed: MultiplexedConnection,
+    /// Its `CLIENT ID`, to unblock it from another connection (`None`
+    /// where `CLIENT ID` is not allowed).
+    pub(crate) id: Option<u64>,
     /// Set after a connection error or timeout: bb8 then drops it rather
     /// than hand it out again.
     pub(crate) broken: bool,
@@ -383,8 +387,15 @@ impl bb8::ManageConnection for DedicatedManager {
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+        let mut multiplexed = self.0.connect().await?;
+        let id = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut multiplexed)
+            .await
+            .ok();
         Ok(Dedicated {
-            multiplexed: self.0.connect().await?,
+            multiplexed,
+            id,
             broken: false,
         })
     }

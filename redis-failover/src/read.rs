@@ -11,6 +11,7 @@ use redis::{RedisError, Value};
 use crate::addr::NodeAddr;
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::Counter;
+use crate::policy::{Decision, GaveUp, Tried, Tries};
 use crate::replicas::{ReadReplica, ReadSet};
 use crate::request::{Reply, Request};
 use crate::retry::Failure;
@@ -70,7 +71,7 @@ pub enum Durability {
     /// than `replicas`, the write waits without running, within the retry
     /// budget. Each durable write holds a connection of its own until its
     /// `WAIT` returns (see
-    /// [`durable_connections`](crate::FailoverClientBuilder::durable_connections)).
+    /// [`dedicated_connections`](crate::FailoverClientBuilder::dedicated_connections)).
     Replicated {
         /// How many replicas must acknowledge the write (at least 1).
         replicas: u32,
@@ -180,6 +181,11 @@ impl Shared {
                 command: request.describe(),
             });
         }
+        if request.blocking().is_some() {
+            // Replicas share one connection each: a blocking read
+            // (`XREAD BLOCK`) waits on a master connection of its own.
+            return self.read_from_master(request).await;
+        }
         if session == Some(u64::MAX) && !policy.may_use_master() {
             // A write of the session left no offset (`ROLE` failed): no
             // replica can prove it has it.
@@ -202,7 +208,8 @@ impl Shared {
             let mut rounds = self.probe_rounds.subscribe();
             let _ = tokio::time::timeout(first_round, rounds.wait_for(|n| *n > 0)).await;
         }
-        let started = Instant::now();
+        let policy_of_retries = self.settings.retry_policy();
+        let mut tries = Tries::new();
         let mut failures: Vec<NodeFailure> = Vec::new();
         let mut failed =
             |node: &NodeAddr, reason: String| match failures.iter_mut().find(|f| f.node == *node) {
@@ -212,7 +219,7 @@ impl Shared {
                     reason,
                 }),
             };
-        for attempt in 0.. {
+        loop {
             let set = self.read_set.load_full();
             let plan = self.plan(&set, policy);
             if plan.master_first
@@ -248,8 +255,14 @@ impl Shared {
             }
             // Replicas only: a session waits (within the budget) for one to
             // catch up; anything else is final.
-            let spent = started.elapsed();
-            if !behind || spent >= self.settings.retry_budget {
+            let decision = if behind {
+                policy_of_retries.decide(&mut tries, Tried::Held)
+            } else {
+                Decision::GiveUp(GaveUp::Budget)
+            };
+            if let Decision::Retry(wait) = decision {
+                tokio::time::sleep(wait).await;
+            } else {
                 let now = Instant::now();
                 for replica in plan.unusable {
                     if let Some(reason) = replica.unusable(now, self.settings.max_staleness) {
@@ -258,10 +271,7 @@ impl Shared {
                 }
                 return Err(Error::NoReplicaAvailable { failures });
             }
-            let wait = self.settings.backoff.delay(attempt);
-            tokio::time::sleep(wait.min(self.settings.retry_budget - spent)).await;
         }
-        unreachable!("the loop returns")
     }
 
     /// A read on the master with the full retry handling. Not declared

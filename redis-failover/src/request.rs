@@ -3,7 +3,9 @@
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, Pipeline, RedisError, ServerError, Value};
 
-use crate::retry::{is_read_only, refusal_code, refused_without_running};
+use crate::retry::{
+    Block, blocking, is_read_only, refusal_code, refused_without_running, waits_for_data,
+};
 
 /// A command or a slice of a pipeline, as redis-rs's `ConnectionLike` hands them over.
 #[derive(Clone, Copy)]
@@ -20,6 +22,24 @@ pub(crate) enum Request<'a> {
 pub(crate) enum Reply {
     Value(Value),
     Values(Vec<Value>),
+}
+
+impl Reply {
+    /// The error a command was answered with, if it was.
+    pub(crate) fn error(self) -> Option<RedisError> {
+        match self {
+            Self::Value(value) => value.extract_error().err(),
+            Self::Values(_) => None,
+        }
+    }
+
+    /// A pipeline's replies.
+    pub(crate) fn into_values(self) -> Vec<Value> {
+        match self {
+            Self::Values(values) => values,
+            Self::Value(value) => vec![value],
+        }
+    }
 }
 
 impl Request<'_> {
@@ -60,6 +80,32 @@ impl Request<'_> {
             Self::Command(cmd) => is_read_only(cmd),
             Self::Pipeline { pipeline, .. } => {
                 !pipeline.is_transaction() && pipeline.cmd_iter().all(is_read_only)
+            }
+        }
+    }
+
+    /// How long it may block its connection, if it holds blocking commands.
+    pub(crate) fn blocking(self) -> Option<Block> {
+        match self {
+            Self::Command(cmd) => blocking(cmd),
+            Self::Pipeline { pipeline, .. } => {
+                pipeline.cmd_iter().filter_map(blocking).reduce(Block::then)
+            }
+        }
+    }
+
+    /// Whether a blocked request may be unblocked (refused, so that it is
+    /// known not to have run) without losing anything: it waits for data,
+    /// and whatever else it holds changes nothing.
+    pub(crate) fn may_unblock(self) -> bool {
+        match self {
+            Self::Command(cmd) => waits_for_data(cmd),
+            Self::Pipeline { pipeline, .. } => {
+                !pipeline.is_transaction()
+                    && pipeline.cmd_iter().any(waits_for_data)
+                    && pipeline
+                        .cmd_iter()
+                        .all(|cmd| waits_for_data(cmd) || is_read_only(cmd))
             }
         }
     }

@@ -1,4 +1,6 @@
-//! What a failed request means.
+//! What a request is (read-only, blocking) and what its failure means.
+
+use std::time::Duration;
 
 use redis::RedisError;
 
@@ -191,6 +193,83 @@ pub(crate) fn is_read_only(cmd: &redis::Cmd) -> bool {
         .any(|known| known.as_bytes().eq_ignore_ascii_case(name))
 }
 
+/// How long a blocking command may hold its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Block {
+    /// Up to this long (the command's own timeout).
+    For(Duration),
+    /// Until it is answered (a timeout of 0).
+    Forever,
+}
+
+impl Block {
+    /// One block after the other, as a pipeline runs them.
+    pub(crate) fn then(self, next: Self) -> Self {
+        match (self, next) {
+            (Self::For(a), Self::For(b)) => Self::For(a.saturating_add(b)),
+            _ => Self::Forever,
+        }
+    }
+
+    /// A timeout argument: `scale` (1 for milliseconds, 1000 for seconds)
+    /// times `arg`, where 0 means forever. One that does not parse is
+    /// refused by Redis, at once.
+    fn of(arg: Option<&[u8]>, scale: f64) -> Self {
+        let number = arg
+            .and_then(|arg| std::str::from_utf8(arg).ok())
+            .and_then(|arg| arg.parse::<f64>().ok());
+        match number {
+            Some(0.0) => Self::Forever,
+            Some(n) if n.is_finite() && n > 0.0 => {
+                Self::For(Duration::try_from_secs_f64(n * scale / 1000.0).unwrap_or(Duration::MAX))
+            }
+            _ => Self::For(Duration::ZERO),
+        }
+    }
+}
+
+/// Whether `cmd` blocks until data arrives (`BLPOP`, `XREAD BLOCK`, ...):
+/// a blocking command that is not `WAIT` or `WAITAOF`, which wait for
+/// replication of what ran before them.
+pub(crate) fn waits_for_data(cmd: &redis::Cmd) -> bool {
+    let is_wait = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name))
+        if name.eq_ignore_ascii_case(b"WAIT") || name.eq_ignore_ascii_case(b"WAITAOF"));
+    !is_wait && blocking(cmd).is_some()
+}
+
+/// Whether `cmd` blocks its connection until an event or its timeout
+/// (judged by its name and, for `XREAD`, a `BLOCK` argument), and how long.
+pub(crate) fn blocking(cmd: &redis::Cmd) -> Option<Block> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .map(|arg| match arg {
+            redis::Arg::Simple(arg) => arg,
+            _ => b"0".as_slice(),
+        })
+        .collect();
+    let (name, rest) = args.split_first()?;
+    let name = String::from_utf8_lossy(name).to_ascii_uppercase();
+    match name.as_str() {
+        "BLPOP" | "BRPOP" | "BRPOPLPUSH" | "BLMOVE" | "BZPOPMIN" | "BZPOPMAX" => {
+            Some(Block::of(rest.last().copied(), 1000.0))
+        }
+        "BLMPOP" | "BZMPOP" => Some(Block::of(rest.first().copied(), 1000.0)),
+        "WAIT" | "WAITAOF" => Some(Block::of(rest.last().copied(), 1.0)),
+        "XREAD" | "XREADGROUP" => {
+            // Options come before STREAMS; keys after it may be named BLOCK.
+            let options = rest
+                .iter()
+                .position(|arg| arg.eq_ignore_ascii_case(b"STREAMS"))
+                .map_or(rest, |streams| &rest[..streams]);
+            let block = options
+                .iter()
+                .position(|arg| arg.eq_ignore_ascii_case(b"BLOCK"))?;
+            Some(Block::of(options.get(block + 1).copied(), 1.0))
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use redis::{ErrorKind, RedisError};
@@ -285,5 +364,57 @@ mod tests {
         assert!(!is_read_only(redis::cmd("SET").arg("k").arg("v")));
         assert!(!is_read_only(redis::cmd("INCR").arg("k")));
         assert!(!is_read_only(&redis::Cmd::new()));
+    }
+
+    #[test]
+    fn blocking_commands_are_told_by_name_and_timeout() {
+        let block = |args: &[&str]| {
+            let mut cmd = redis::cmd(args[0]);
+            for arg in &args[1..] {
+                cmd.arg(*arg);
+            }
+            blocking(&cmd)
+        };
+        let secs = |s: f64| Some(Block::For(Duration::from_secs_f64(s)));
+        assert_eq!(block(&["BLPOP", "a", "b", "1.5"]), secs(1.5));
+        assert_eq!(block(&["brpop", "a", "0"]), Some(Block::Forever));
+        assert_eq!(
+            block(&["BLMOVE", "a", "b", "LEFT", "RIGHT", "2"]),
+            secs(2.0)
+        );
+        assert_eq!(block(&["BZMPOP", "3", "1", "z", "MIN"]), secs(3.0));
+        assert_eq!(block(&["WAIT", "1", "250"]), secs(0.25));
+        assert_eq!(
+            block(&["XREAD", "COUNT", "1", "BLOCK", "100", "STREAMS", "s", "$"]),
+            secs(0.1)
+        );
+        assert_eq!(block(&["XREAD", "STREAMS", "BLOCK", "0"]), None);
+        assert_eq!(
+            block(&[
+                "XREADGROUP",
+                "GROUP",
+                "g",
+                "c",
+                "BLOCK",
+                "0",
+                "STREAMS",
+                "s",
+                ">"
+            ]),
+            Some(Block::Forever)
+        );
+        assert_eq!(block(&["GET", "k"]), None);
+        assert_eq!(
+            block(&["BLPOP", "k", "soon"]),
+            Some(Block::For(Duration::ZERO))
+        );
+        assert_eq!(
+            Block::For(Duration::from_secs(1)).then(Block::For(Duration::from_secs(2))),
+            Block::For(Duration::from_secs(3))
+        );
+        assert_eq!(
+            Block::For(Duration::ZERO).then(Block::Forever),
+            Block::Forever
+        );
     }
 }

@@ -32,6 +32,14 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<()>) {
     while stop.changed().await.is_ok() {}
 }
 
+/// Resolves once a master other than generation `generation` is installed.
+pub(crate) async fn replaced(installed: &mut watch::Receiver<u64>, generation: u64) {
+    if installed.wait_for(|now| *now != generation).await.is_err() {
+        // The client is going away: nothing will be installed.
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Re-checks the master every `recheck_interval`; with Sentinel, also
 /// learns new sentinels every tenth time and watches them.
 pub(crate) async fn recheck_loop(shared: Arc<Shared>, mut stop: watch::Receiver<()>) {

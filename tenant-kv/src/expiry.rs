@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use redis_failover::{Event, FailoverClient};
-use tokio::sync::{broadcast, oneshot};
+use redis_failover::{Backoff, Delivery, FailoverClient, Subscription};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::crypto::DATA_KEY_DESTROYED;
@@ -57,75 +57,77 @@ impl Drop for ExpiryWatcher {
 
 async fn watch(store: TenantKv, mut stopped: oneshot::Receiver<()>) {
     let client = store.inner.client.clone();
-    let mut events = client.events();
-    let mut attempt = 0u32;
+    let mut channels = vec![EXPIRED_CHANNEL];
+    if store.inner.encryption.is_some() {
+        channels.push(DATA_KEY_DESTROYED);
+    }
+    let mut subscription = tokio::select! {
+        _ = &mut stopped => return,
+        subscribed = subscribe(&client, &channels) => subscribed,
+    };
+    // Whatever expired while nobody listened, then on every gap.
+    let mut catch_up = true;
+    let interval = store.inner.expiry_sweep_interval;
+    let mut sweeps = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     loop {
+        if std::mem::take(&mut catch_up) {
+            if store.inner.expiry_notifications {
+                enable_notifications(&client).await;
+            }
+            report(sweep(&store).await);
+        }
         tokio::select! {
             _ = &mut stopped => return,
-            ended = subscribed(&store, &client, &mut events) => {
-                if let Err(error) = ended {
-                    tracing::warn!(%error, "expiry watcher: subscription failed, retrying");
-                    let wait = Duration::from_millis(100 << attempt.min(5));
-                    attempt += 1;
-                    tokio::select! {
-                        _ = &mut stopped => return,
-                        () = tokio::time::sleep(wait) => {}
+            delivery = subscription.next() => match delivery {
+                Some(Delivery::Message(message)) => {
+                    let mut tenants = BTreeSet::new();
+                    take(&store, &message, &mut tenants);
+                    while tenants.len() < COALESCE {
+                        match subscription.next().now_or_never() {
+                            Some(Some(Delivery::Message(message))) => take(&store, &message, &mut tenants),
+                            Some(Some(_)) => catch_up = true,
+                            _ => break,
+                        }
                     }
-                } else {
-                    attempt = 0;
+                    for tenant in tenants {
+                        report(purge(&store, tenant).await);
+                    }
                 }
-            }
+                // On another master (whose notifications may be off), or
+                // after missing messages.
+                Some(_) => catch_up = true,
+                // The client is gone.
+                None => return,
+            },
+            _ = sweeps.tick() => report(sweep(&store).await),
         }
     }
 }
 
-/// One subscription to the current master, until it fails or the master
-/// changes (`Ok`: subscribe again at once).
-async fn subscribed(
-    store: &TenantKv,
-    client: &FailoverClient,
-    events: &mut broadcast::Receiver<Event>,
-) -> Result<(), BoxError> {
-    let (master, mut pubsub) = client.master_pubsub().await?;
-    if store.inner.expiry_notifications {
-        enable_notifications(client).await;
-    }
-    pubsub.subscribe(EXPIRED_CHANNEL).await?;
-    if store.inner.encryption.is_some() {
-        pubsub.subscribe(DATA_KEY_DESTROYED).await?;
-    }
-    // Whatever expired while nobody listened.
-    sweep(store).await?;
-    let interval = store.inner.expiry_sweep_interval;
-    let mut sweeps = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    let mut messages = pubsub.on_message();
-    loop {
-        tokio::select! {
-            message = messages.next() => {
-                let Some(message) = message else {
-                    return Err("the pub/sub connection was closed".into());
-                };
-                let mut tenants = BTreeSet::new();
-                take(store, &message, &mut tenants);
-                while tenants.len() < COALESCE {
-                    match messages.next().now_or_never() {
-                        Some(Some(message)) => take(store, &message, &mut tenants),
-                        _ => break,
-                    }
-                }
-                for tenant in tenants {
-                    purge(store, tenant).await?;
-                }
+/// Subscribes to `channels`, trying again (with backoff) until it works.
+async fn subscribe(client: &FailoverClient, channels: &[&str]) -> Subscription {
+    // Between tries, each of which had the client's whole retry budget.
+    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+        .expect("100 ms up to 5 s is a valid backoff");
+    for attempt in 0.. {
+        match client
+            .subscribe(channels.iter().copied(), Vec::<String>::new())
+            .await
+        {
+            Ok(subscription) => return subscription,
+            Err(error) => {
+                tracing::warn!(%error, "expiry watcher: could not subscribe, retrying");
+                tokio::time::sleep(backoff.delay(attempt)).await;
             }
-            event = events.recv() => match event {
-                Ok(Event::MasterChanged { generation, .. }) if generation != master.generation => {
-                    return Ok(());
-                }
-                Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                _ => {}
-            },
-            _ = sweeps.tick() => sweep(store).await?,
         }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Logs a failed purge or sweep: the next sweep tries again.
+fn report(done: Result<(), BoxError>) {
+    if let Err(error) = done {
+        tracing::warn!(%error, "expiry watcher: purge failed; the next sweep tries again");
     }
 }
 

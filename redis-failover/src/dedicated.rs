@@ -1,0 +1,225 @@
+//! Connections of their own to the master, for what must not share the
+//! multiplexed connection: blocking commands, durable writes' `WAIT`, and
+//! transactions. Each master has its pool of them, dropped with it once
+//! another master is installed.
+
+use std::time::Duration;
+
+use bb8::PooledConnection;
+use redis::{FromRedisValue, RedisError};
+
+use crate::error::Error;
+use crate::events::Counter;
+use crate::execute::Sent;
+use crate::node::{Dedicated, DedicatedManager};
+use crate::request::{Reply, Request};
+use crate::retry::{Block, Failure, refusal_of};
+use crate::shared::{Master, Shared};
+use crate::tasks::replaced;
+
+/// A dedicated connection checked out of a master's pool.
+pub(crate) type Checkout<'a> = PooledConnection<'a, DedicatedManager>;
+
+/// How a request on a dedicated connection goes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Exclusive {
+    /// It blocks this long: the reply may take that much longer.
+    pub(crate) block: Option<Block>,
+    /// A durable write: `WAIT` for this many replicas, this long.
+    pub(crate) replicated: Option<(u32, Duration)>,
+}
+
+impl Shared {
+    /// A dedicated connection to `master`, or why there is none (as the
+    /// retry loop takes it).
+    pub(crate) async fn checkout<'a>(&self, master: &'a Master) -> Result<Checkout<'a>, Sent> {
+        match master.dedicated.get().await {
+            Ok(pooled) => Ok(pooled),
+            // A refusal (the node is no master any more) stays a refusal.
+            Err(bb8::RunError::User(error)) if refusal_of(&error).is_some() => {
+                Err(Sent::Failed(error))
+            }
+            Err(bb8::RunError::User(error)) => Err(Sent::Unreachable(format!(
+                "could not open a connection: {error}"
+            ))),
+            Err(bb8::RunError::TimedOut) => Err(Sent::Held(format!(
+                "all {} dedicated connections stayed busy",
+                self.settings.dedicated_connections
+            ))),
+        }
+    }
+
+    /// Sends `request` on a dedicated connection, as `how` says.
+    pub(crate) async fn send_dedicated(
+        &self,
+        master: &Master,
+        request: Request<'_>,
+        idempotent: bool,
+        how: Exclusive,
+    ) -> Sent {
+        let mut pooled = match self.checkout(master).await {
+            Ok(pooled) => pooled,
+            Err(sent) => return sent,
+        };
+        let connection = &mut *pooled;
+        let reply = match how.block {
+            Some(block) => self.send_blocking(master, connection, request, block).await,
+            None => self.send_marked(connection, request).await,
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(error) => return Sent::Failed(error),
+        };
+        if let Some((refusal, _)) = request.refusal(&reply, idempotent) {
+            return Sent::Failed(refusal);
+        }
+        let Some((replicas, timeout)) = how.replicated.filter(|_| !has_error(&reply)) else {
+            // Not durable, or it failed: there is nothing to wait for.
+            return Sent::Done(reply);
+        };
+        match self
+            .wait_replicated(master, connection, replicas, timeout)
+            .await
+        {
+            Ok(()) => Sent::Done(reply),
+            Err(error) => Sent::Unreplicated(error),
+        }
+    }
+
+    /// Sends `request`, the connection marked broken until its reply is
+    /// in: the caller may drop the future halfway, and a connection with a
+    /// reply still to come is not fit to hand out again.
+    pub(crate) async fn send_marked(
+        &self,
+        connection: &mut Dedicated,
+        request: Request<'_>,
+    ) -> Result<Reply, RedisError> {
+        connection.broken = true;
+        let reply = request.send(&mut connection.multiplexed).await;
+        connection.broken = reply
+            .as_ref()
+            .is_err_and(|error| Failure::of(error) == Failure::OutcomeUnknown);
+        reply
+    }
+
+    /// Sends a blocking request, giving it `block` more than the command
+    /// timeout to answer. If another master is installed meanwhile, a
+    /// request that [may be unblocked](Request::may_unblock) is unblocked
+    /// on the old one (`CLIENT UNBLOCK … ERROR`): still blocked, it is
+    /// refused (`UNBLOCKED`), which says it did not run; if it ran
+    /// meanwhile, its reply comes. Any other request keeps its own
+    /// timeout; one that would block forever, or cannot be unblocked, is
+    /// given up with an error whose outcome is unknown.
+    async fn send_blocking(
+        &self,
+        master: &Master,
+        connection: &mut Dedicated,
+        request: Request<'_>,
+        block: Block,
+    ) -> Result<Reply, RedisError> {
+        let patience = match block {
+            Block::For(block) => block.saturating_add(self.settings.command_timeout),
+            Block::Forever => Duration::MAX,
+        };
+        let (id, mut installed) = (connection.id, self.subscribe_installed());
+        connection.multiplexed.set_response_timeout(patience);
+        let reply = {
+            let mut sent = std::pin::pin!(self.send_marked(connection, request));
+            tokio::select! {
+                reply = &mut sent => reply,
+                () = replaced(&mut installed, master.generation) => {
+                    let unblocked = request.may_unblock() && unblock(master, id).await;
+                    match (unblocked, block) {
+                        (true, _) => tokio::time::timeout(self.settings.command_timeout, sent)
+                            .await
+                            .unwrap_or_else(|_| Err(abandoned())),
+                        (false, Block::For(_)) => sent.await,
+                        (false, Block::Forever) => Err(abandoned()),
+                    }
+                }
+            }
+        };
+        connection
+            .multiplexed
+            .set_response_timeout(self.settings.command_timeout);
+        reply
+    }
+
+    /// `WAIT replicas timeout` on `connection`, after a write on it: the
+    /// error says how it fell short.
+    pub(crate) async fn wait_replicated(
+        &self,
+        master: &Master,
+        connection: &mut Dedicated,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let timeout_ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let wait = redis::cmd("WAIT").arg(replicas).arg(timeout_ms).to_owned();
+        connection
+            .multiplexed
+            .set_response_timeout(timeout.saturating_add(self.settings.command_timeout));
+        let acked = self.send_marked(connection, Request::Command(&wait)).await;
+        connection
+            .multiplexed
+            .set_response_timeout(self.settings.command_timeout);
+        let acked = acked.and_then(|reply| match reply {
+            Reply::Value(value) => {
+                u32::from_redis_value(value.extract_error()?).map_err(RedisError::from)
+            }
+            Reply::Values(_) => unreachable!("a command gets one reply"),
+        });
+        let error = match acked {
+            Ok(acked) if acked >= replicas => return Ok(()),
+            Ok(acked) => Error::NotReplicated {
+                node: master.node.clone(),
+                acked,
+                required: replicas,
+                timeout,
+            },
+            Err(source) => Error::ReplicationUnknown {
+                node: master.node.clone(),
+                source,
+            },
+        };
+        master.replicas.forget_count();
+        self.metrics.add(Counter::UnreplicatedWrites);
+        Err(error)
+    }
+}
+
+/// Unblocks the dedicated connection `id` on `master`, over its shared
+/// connection; whether that was done (or it was not blocked any more).
+async fn unblock(master: &Master, id: Option<u64>) -> bool {
+    let Some(id) = id else {
+        return false;
+    };
+    let mut shared = master.connection.load().multiplexed.clone();
+    let unblocked: redis::RedisResult<u64> = redis::cmd("CLIENT")
+        .arg("UNBLOCK")
+        .arg(id)
+        .arg("ERROR")
+        .query_async(&mut shared)
+        .await;
+    // 0: not blocked any more, its reply is on its way.
+    unblocked.is_ok()
+}
+
+/// The error of a blocking command given up on: it may have run.
+fn abandoned() -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "another master was installed while the command blocked",
+    ))
+}
+
+/// Whether the reply holds an error reply (of a command or in a pipeline).
+fn has_error(reply: &Reply) -> bool {
+    let is_error = |value: &redis::Value| matches!(value, redis::Value::ServerError(_));
+    match reply {
+        Reply::Value(value) => is_error(value),
+        Reply::Values(values) => values.iter().any(is_error),
+    }
+}
