@@ -5,12 +5,11 @@ use std::time::Duration;
 
 use crate::addr::{DnsResolver, NodeAddr, Resolve};
 use crate::backoff::Backoff;
-use crate::client::FailoverClient;
 use crate::durable::LostReplicaGrace;
 use crate::error::{Error, Result};
 use crate::node::{Credentials, MasterCheck, Tls};
 use crate::policy::RetryPolicy;
-use crate::read::{Durability, ReadPolicy, ReplicaPreference};
+use crate::routing::{Durability, ReadPolicy, ReplicaPreference};
 
 /// How the client finds the master.
 #[derive(Clone, Debug)]
@@ -302,18 +301,6 @@ impl FailoverClientBuilder {
         self
     }
 
-    /// Validates the settings and starts the client's background tasks.
-    /// Must be called within a Tokio runtime. The master is found in the
-    /// background and by the first request; nothing here waits for Redis.
-    pub fn build(self) -> Result<FailoverClient> {
-        self.validate()?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::InvalidConfig {
-            setting: "runtime",
-            reason: "build() must be called within a Tokio runtime".to_owned(),
-        })?;
-        Ok(FailoverClient::start(self, &runtime))
-    }
-
     /// The budget and backoff of every retry loop.
     pub(crate) fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
@@ -331,51 +318,8 @@ impl FailoverClientBuilder {
         }
     }
 
-    fn validate(&self) -> Result<()> {
-        let invalid = |setting, reason: &str| {
-            Err(Error::InvalidConfig {
-                setting,
-                reason: reason.to_owned(),
-            })
-        };
-        match &self.mode {
-            Mode::Candidates { nodes } => {
-                if nodes.is_empty() {
-                    return invalid("candidates", "at least one node is needed");
-                }
-                if self.min_agreement.is_some() {
-                    return invalid("min_agreement", "only applies with Sentinel");
-                }
-                if self.demote_stale_masters {
-                    return invalid(
-                        "demote_stale_masters",
-                        "only applies with Sentinel, which decides what is stale",
-                    );
-                }
-            }
-            Mode::Sentinel {
-                sentinels,
-                master_name,
-                ..
-            } => {
-                if sentinels.is_empty() {
-                    return invalid("sentinels", "at least one sentinel is needed");
-                }
-                if master_name.is_empty() {
-                    return invalid("master_name", "must not be empty");
-                }
-                let required = self.required_agreement();
-                if required == 0 || required > sentinels.len() {
-                    return invalid(
-                        "min_agreement",
-                        "must be between 1 and the number of sentinels",
-                    );
-                }
-                if self.last_resort.is_some() {
-                    return invalid("last_resort", "only applies to candidates");
-                }
-            }
-        }
+    pub(crate) fn validate(&self) -> Result<()> {
+        self.validate_mode()?;
         for (setting, value) in [
             ("connect_timeout", self.connect_timeout),
             ("command_timeout", self.command_timeout),
@@ -420,11 +364,63 @@ impl FailoverClientBuilder {
         }
         Ok(())
     }
+
+    /// The settings that belong to one way of finding the master.
+    fn validate_mode(&self) -> Result<()> {
+        match &self.mode {
+            Mode::Candidates { nodes } => {
+                if nodes.is_empty() {
+                    return invalid("candidates", "at least one node is needed");
+                }
+                if self.min_agreement.is_some() {
+                    return invalid("min_agreement", "only applies with Sentinel");
+                }
+                if self.demote_stale_masters {
+                    return invalid(
+                        "demote_stale_masters",
+                        "only applies with Sentinel, which decides what is stale",
+                    );
+                }
+            }
+            Mode::Sentinel {
+                sentinels,
+                master_name,
+                ..
+            } => {
+                if sentinels.is_empty() {
+                    return invalid("sentinels", "at least one sentinel is needed");
+                }
+                if master_name.is_empty() {
+                    return invalid("master_name", "must not be empty");
+                }
+                let required = self.required_agreement();
+                if required == 0 || required > sentinels.len() {
+                    return invalid(
+                        "min_agreement",
+                        "must be between 1 and the number of sentinels",
+                    );
+                }
+                if self.last_resort.is_some() {
+                    return invalid("last_resort", "only applies to candidates");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A setting that cannot work, and why.
+fn invalid(setting: &'static str, reason: &str) -> Result<()> {
+    Err(Error::InvalidConfig {
+        setting,
+        reason: reason.to_owned(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FailoverClient;
 
     fn sentinels(n: u16) -> Vec<NodeAddr> {
         (0..n)

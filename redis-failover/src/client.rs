@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionLike;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::addr::NodeAddr;
 use crate::builder::{FailoverClientBuilder, Mode};
@@ -13,9 +14,8 @@ use crate::durable::ReplicationStatus;
 use crate::error::{Error, Result};
 use crate::events::{Event, MetricsSnapshot};
 use crate::policy::{Decision, RetryPolicy, Tried, Tries};
-use crate::read::{Durability, ReadPolicy};
 use crate::request::{Reply, Request};
-use crate::session::Session;
+use crate::routing::{Durability, ReadPolicy};
 use crate::shared::Shared;
 use crate::tasks::{demote_loop, recheck_loop, watch_sentinel};
 
@@ -34,8 +34,8 @@ pub struct FailoverClient {
 #[derive(Debug)]
 struct Inner {
     shared: Arc<Shared>,
-    // Dropping the sender wakes every background task to stop.
-    _stop: watch::Sender<()>,
+    // Dropping the guard cancels the token every background task watches.
+    _stop: DropGuard,
 }
 
 /// The master the client currently writes to.
@@ -72,7 +72,7 @@ impl FailoverClient {
     }
 
     pub(crate) fn start(settings: FailoverClientBuilder, runtime: &tokio::runtime::Handle) -> Self {
-        let (stop, stopped) = watch::channel(());
+        let stopped = CancellationToken::new();
         let (read_policy, durability) = (settings.read_policy, settings.durability);
         let shared = Arc::new(Shared::new(settings, stopped.clone()));
         runtime.spawn(recheck_loop(Arc::clone(&shared), stopped.clone()));
@@ -94,7 +94,7 @@ impl FailoverClient {
         Self {
             inner: Arc::new(Inner {
                 shared,
-                _stop: stop,
+                _stop: stopped.drop_guard(),
             }),
             read_policy,
             durability,
@@ -281,7 +281,7 @@ impl FailoverClient {
             return None;
         };
         let shared = self.shared();
-        let master = shared.master.load_full()?;
+        let master = shared.state.master()?;
         Some(
             master
                 .replicas
@@ -291,7 +291,7 @@ impl FailoverClient {
 
     /// The master requests go to now, if one is known.
     pub fn master(&self) -> Option<MasterInfo> {
-        self.shared().master.load().as_ref().map(|m| MasterInfo {
+        self.shared().state.master().as_ref().map(|m| MasterInfo {
             node: m.node.clone(),
             generation: m.generation,
         })
@@ -330,19 +330,6 @@ impl FailoverClient {
         }
     }
 
-    /// A session whose reads see its own writes (see [`Session`]).
-    #[must_use]
-    pub fn session(&self) -> Session {
-        Session::new(self.clone(), 0)
-    }
-
-    /// Resumes a session from its [`Session::position`], for example one
-    /// carried by another process in a request header.
-    #[must_use]
-    pub fn session_after(&self, position: u64) -> Session {
-        Session::new(self.clone(), position)
-    }
-
     /// The replicas known now and whether each may serve reads. (The
     /// replica probes start on first need: the first call may find none.)
     #[must_use]
@@ -351,8 +338,8 @@ impl FailoverClient {
         let now = Instant::now();
         let max_staleness = self.shared().settings.max_staleness;
         self.shared()
-            .read_set
-            .load()
+            .state
+            .read_set()
             .replicas
             .iter()
             .map(|replica| ReplicaStatus {
@@ -372,12 +359,26 @@ impl FailoverClient {
     /// disagreements, exhausted budgets. A subscriber that lags more than
     /// the event capacity behind misses the oldest.
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.shared().events.subscribe()
+        self.shared().telemetry.subscribe()
     }
 
     /// The client's counters now.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.shared().metrics.snapshot()
+        self.shared().telemetry.metrics.snapshot()
+    }
+}
+
+impl FailoverClientBuilder {
+    /// Validates the settings and starts the client's background tasks.
+    /// Must be called within a Tokio runtime. The master is found in the
+    /// background and by the first request; nothing here waits for Redis.
+    pub fn build(self) -> Result<FailoverClient> {
+        self.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::InvalidConfig {
+            setting: "runtime",
+            reason: "build() must be called within a Tokio runtime".to_owned(),
+        })?;
+        Ok(FailoverClient::start(self, &runtime))
     }
 }
 

@@ -10,11 +10,11 @@ use redis::{FromRedisValue, RedisError};
 
 use crate::error::Error;
 use crate::events::Counter;
-use crate::execute::Sent;
 use crate::node::{Dedicated, DedicatedManager};
-use crate::request::{Reply, Request};
+use crate::request::{Reply, Request, Sent};
 use crate::retry::{Block, Failure, refusal_of};
-use crate::shared::{Master, Shared};
+use crate::shared::Shared;
+use crate::state::Master;
 use crate::tasks::replaced;
 
 /// A dedicated connection checked out of a master's pool.
@@ -185,7 +185,7 @@ impl Shared {
             },
         };
         master.replicas.forget_count();
-        self.metrics.add(Counter::UnreplicatedWrites);
+        self.telemetry.add(Counter::UnreplicatedWrites);
         Err(error)
     }
 }

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -13,63 +12,12 @@ use redis::{Cmd, FromRedisValue, RedisError};
 
 use crate::addr::NodeAddr;
 use crate::builder::Mode;
+use crate::epochs::{Named, Votes};
 use crate::error::NodeFailure;
-use crate::events::{Counter, Event, Trigger};
-use crate::node::{DedicatedManager, MasterManager, verify_master};
-use crate::shared::{Connection, Master, Opened, Shared, lock};
-
-/// A master as one sentinel, or enough of them, named it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Named {
-    pub(crate) node: NodeAddr,
-    /// The epoch of the failover that made it master (0 if none yet).
-    pub(crate) config_epoch: u64,
-}
-
-/// The newest config epoch any sentinel reported, and every node named in
-/// it. (While the leader finishes a failover, it reports the new epoch with
-/// the old address; the others soon report it with the new one.)
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Newest {
-    config_epoch: u64,
-    nodes: Vec<NodeAddr>,
-}
-
-impl Newest {
-    fn record(&mut self, named: &Named) {
-        if named.config_epoch > self.config_epoch {
-            self.config_epoch = named.config_epoch;
-            self.nodes.clear();
-        }
-        if named.config_epoch == self.config_epoch && !self.nodes.contains(&named.node) {
-            self.nodes.push(named.node.clone());
-        }
-    }
-
-    /// `named`, unless a node other than it was named in a newer epoch:
-    /// sentinels still naming it have not caught up.
-    fn current(&self, named: Named) -> Result<Named, Vec<NodeFailure>> {
-        match self.supersedes(&named.node, named.config_epoch) {
-            Some(newer) => Err(vec![NodeFailure {
-                node: named.node.clone(),
-                reason: format!(
-                    "named in epoch {}, but {newer} was named in epoch {}",
-                    named.config_epoch, self.config_epoch
-                ),
-            }]),
-            None => Ok(named),
-        }
-    }
-
-    /// A node other than `node` named in a newer epoch than `config_epoch`:
-    /// a failover decided since `node` was named.
-    pub(crate) fn supersedes(&self, node: &NodeAddr, config_epoch: u64) -> Option<&NodeAddr> {
-        if self.config_epoch <= config_epoch {
-            return None;
-        }
-        self.nodes.iter().find(|n| *n != node)
-    }
-}
+use crate::events::Event;
+use crate::node::{Connection, DedicatedManager, MasterManager, verify_master};
+use crate::shared::Shared;
+use crate::state::{Master, NewMaster, Opened, lock};
 
 /// Reads a `SENTINEL MASTER` reply.
 fn named_master(fields: &HashMap<String, String>) -> Result<Named, String> {
@@ -122,17 +70,14 @@ impl Shared {
             }
             Mode::Sentinel { .. } => {
                 let agreed = self.ask_sentinels_current().await;
-                let newest = lock(&self.newest).clone();
                 if let Some(master) = current
-                    && newest
-                        .supersedes(&master.node, master.config_epoch())
-                        .is_some()
+                    && self.state.superseded(master)
                 {
                     // A failover with a newer epoch was decided: however
                     // healthy the current master looks, it is stale now.
-                    self.fence(master);
+                    self.state.fence(master);
                 }
-                let installed = self.master.load_full();
+                let installed = self.state.master();
                 let named = match (agreed, &installed) {
                     (Ok(named), _) => named,
                     // Sentinels undecided (some down, or still disagreeing):
@@ -159,25 +104,6 @@ impl Shared {
         }
     }
 
-    /// Stops requests from using `master`, which the sentinels replaced in
-    /// a newer epoch: even if it still accepts writes (partitioned from the
-    /// sentinels but not from this client), they would be lost.
-    fn fence(&self, master: &Arc<Master>) {
-        let installed = self.master.load_full();
-        if installed.as_ref().is_some_and(|m| Arc::ptr_eq(m, master)) {
-            self.master.store(None);
-            // Its replicas may miss the new master's writes: no reads there
-            // until the probes vouch for replicas again.
-            self.read_set.store(Arc::default());
-            self.metrics.add(Counter::Fenced);
-            tracing::warn!(node = %master.node, "master fenced: the sentinels elected another in a newer epoch");
-            self.emit(Event::MasterLost {
-                node: master.node.clone(),
-                trigger: Trigger::Superseded,
-            });
-        }
-    }
-
     /// Proves `node` is the master and opens its shared connection through
     /// bb8, keeping the current master's if it is the same node and its
     /// connection still works.
@@ -190,7 +116,7 @@ impl Shared {
         let check = self.master_check();
         if let Some(master) = current.filter(|m| m.node == *node) {
             let shared = master.connection.load_full();
-            let mut connection = if shared.failed.load(Ordering::Acquire) {
+            let mut connection = if shared.has_failed() {
                 // bb8 checks the pooled connection with a unique PING token,
                 // and replaces it (checking the role on the new one) if it broke.
                 match master.pool.get().await {
@@ -206,12 +132,10 @@ impl Shared {
             verify_master(&mut connection, check)
                 .await
                 .map_err(|e| e.to_string())?;
-            if shared.failed.load(Ordering::Acquire) {
+            if shared.has_failed() {
                 master.connection.store(Connection::new(connection));
             }
-            master
-                .config_epoch
-                .fetch_max(config_epoch, Ordering::AcqRel);
+            master.named_in(config_epoch);
             return Ok(Opened::Same(Arc::clone(master)));
         }
         let manager = MasterManager {
@@ -242,13 +166,13 @@ impl Shared {
             .retry_connection(false)
             .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
             .build_unchecked(DedicatedManager(manager));
-        Ok(Opened::New {
+        Ok(Opened::New(NewMaster {
             node: node.clone(),
             config_epoch,
             dedicated,
             pool,
             connection,
-        })
+        }))
     }
 
     /// Asks the sentinels where the master is (`SENTINEL MASTER`): the
@@ -264,7 +188,7 @@ impl Shared {
             .arg("MASTER")
             .arg(master_name)
             .to_owned();
-        let sentinels = lock(&self.sentinels).clone();
+        let sentinels = lock(&self.sentinels.known).clone();
         let mut replies: FuturesUnordered<_> = sentinels
             .into_iter()
             .map(|sentinel| {
@@ -278,63 +202,33 @@ impl Shared {
             })
             .collect();
         let (mut failures, mut answers) = (Vec::new(), Vec::new());
-        let mut votes: HashMap<NodeAddr, (usize, u64)> = HashMap::new();
+        let mut votes = Votes::default();
         while let Some((sentinel, reply)) = replies.next().await {
             match reply
                 .map_err(|e| e.to_string())
                 .and_then(|fields| named_master(&fields))
             {
                 Ok(named) => {
-                    // The lowest epoch among those naming a node is the one
-                    // it became master in: a leader finishing a failover
-                    // names the old master with the new epoch.
-                    let vote = votes.entry(named.node.clone()).or_insert((0, u64::MAX));
-                    vote.0 += 1;
-                    vote.1 = vote.1.min(named.config_epoch);
+                    votes.add(&named);
                     answers.push((sentinel, named.node.clone()));
-                    lock(&self.newest).record(&named);
+                    self.state.record_named(&named);
                 }
                 Err(reason) => failures.push(NodeFailure {
                     node: sentinel,
                     reason,
                 }),
             }
-            // Enough agree, and the rest could not outvote them: done.
-            let undecided = replies.len();
-            let mut ranked: Vec<(&NodeAddr, usize, u64)> =
-                votes.iter().map(|(m, (c, e))| (m, *c, *e)).collect();
-            ranked.sort_by_key(|(_, count, _)| std::cmp::Reverse(*count));
-            if let [(leader, count, config_epoch), rest @ ..] = ranked.as_slice() {
-                let runner_up = rest.first().map_or(0, |(_, c, _)| *c);
-                if *count >= required && *count > runner_up + undecided {
-                    if votes.len() > 1 {
-                        self.emit(Event::SentinelDisagreement {
-                            answers: answers.clone(),
-                            required,
-                        });
-                    }
-                    let agreed = Named {
-                        node: (*leader).clone(),
-                        config_epoch: *config_epoch,
-                    };
-                    return Ok(agreed);
+            if let Some(agreed) = votes.decided(required, replies.len()) {
+                if votes.split() {
+                    self.emit(Event::SentinelDisagreement { answers, required });
                 }
+                return Ok(agreed);
             }
         }
         if !answers.is_empty() {
-            self.emit(Event::SentinelDisagreement {
-                answers: answers.clone(),
-                required,
-            });
+            self.emit(Event::SentinelDisagreement { answers, required });
         }
-        for (master, (count, _)) in votes {
-            failures.push(NodeFailure {
-                node: master,
-                reason: format!(
-                    "named by {count} sentinels, {required} must agree and outvote the rest"
-                ),
-            });
-        }
+        failures.extend(votes.undecided(required));
         Err(failures)
     }
 
@@ -343,7 +237,7 @@ impl Shared {
     /// not caught up yet.
     pub(crate) async fn ask_sentinels_current(&self) -> Result<Named, Vec<NodeFailure>> {
         let agreed = self.ask_sentinels().await?;
-        lock(&self.newest).current(agreed)
+        self.state.current_named(agreed)
     }
 
     /// One command to a sentinel over its cached connection.
@@ -352,12 +246,12 @@ impl Shared {
         sentinel: &NodeAddr,
         command: &Cmd,
     ) -> Result<T, RedisError> {
-        let cached = lock(&self.sentinel_connections).get(sentinel).cloned();
+        let cached = lock(&self.sentinels.connections).get(sentinel).cloned();
         let mut connection = match cached {
             Some(connection) => connection,
             None => {
-                let connection = self.sentinel_connector.connect(sentinel).await?;
-                lock(&self.sentinel_connections).insert(sentinel.clone(), connection.clone());
+                let connection = self.sentinels.connector.connect(sentinel).await?;
+                lock(&self.sentinels.connections).insert(sentinel.clone(), connection.clone());
                 connection
             }
         };
@@ -366,7 +260,7 @@ impl Shared {
             .as_ref()
             .is_err_and(|e| e.is_io_error() || e.is_timeout())
         {
-            lock(&self.sentinel_connections).remove(sentinel);
+            lock(&self.sentinels.connections).remove(sentinel);
         }
         reply
     }
@@ -379,11 +273,12 @@ impl Shared {
         let Mode::Sentinel { master_name, .. } = &self.settings.mode else {
             return Vec::new();
         };
-        let known = lock(&self.sentinels).clone();
+        let known = lock(&self.sentinels.known).clone();
         let mut known_addrs: Vec<SocketAddr> = Vec::new();
         for sentinel in &known {
             known_addrs.extend(
-                self.sentinel_connector
+                self.sentinels
+                    .connector
                     .resolve(sentinel)
                     .await
                     .unwrap_or_default(),
@@ -411,37 +306,9 @@ impl Shared {
                     !known.contains(addr) && listed.is_none_or(|l| !known_addrs.contains(&l))
                 })
                 .collect();
-            lock(&self.sentinels).extend(new.iter().cloned());
+            lock(&self.sentinels.known).extend(new.iter().cloned());
             return new;
         }
         Vec::new()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn named(port: u16, config_epoch: u64) -> Named {
-        Named {
-            node: NodeAddr::new("10.0.0.1", port).unwrap(),
-            config_epoch,
-        }
-    }
-
-    #[test]
-    fn a_master_is_superseded_by_another_node_named_in_a_newer_epoch() {
-        let (old, new) = (named(1, 0), named(2, 1));
-        let mut newest = Newest::default();
-        newest.record(&old);
-        assert_eq!(newest.supersedes(&old.node, 0), None);
-        // The leader finishing the failover: new epoch, old address.
-        newest.record(&named(1, 1));
-        newest.record(&new);
-        assert_eq!(newest.supersedes(&old.node, 0), Some(&new.node));
-        assert_eq!(newest.supersedes(&new.node, 1), None);
-        // An answer from a sentinel that has not caught up changes nothing.
-        newest.record(&old);
-        assert_eq!(newest.supersedes(&old.node, 0), Some(&new.node));
     }
 }

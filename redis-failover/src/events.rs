@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::broadcast;
+
 use crate::addr::NodeAddr;
 
 /// What made the client look for the master.
@@ -107,6 +109,37 @@ pub enum Event {
         /// How many attempts it made.
         attempts: u32,
     },
+}
+
+/// Where the client's events and counters go: the master state, the
+/// request paths and the background tasks share one.
+#[derive(Debug)]
+pub(crate) struct Telemetry {
+    events: broadcast::Sender<Event>,
+    pub(crate) metrics: Metrics,
+}
+
+impl Telemetry {
+    /// Keeping up to `capacity` events for a subscriber that lags.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            events: broadcast::channel(capacity).0,
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        // No subscriber is fine: events are for whoever listens.
+        let _ = self.events.send(event);
+    }
+
+    pub(crate) fn add(&self, counter: Counter) {
+        self.metrics.add(counter);
+    }
+
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
 }
 
 /// Counters of the client's life, readable at any time.

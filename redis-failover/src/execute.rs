@@ -2,7 +2,6 @@
 //! means, and what the policy makes of it.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use redis::RedisError;
 use tokio::sync::watch;
@@ -11,25 +10,11 @@ use crate::dedicated::Exclusive;
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event, Trigger};
 use crate::policy::{Decision, GaveUp, Tried, Tries};
-use crate::read::Durability;
-use crate::request::{Reply, Request};
+use crate::request::{Reply, Request, Sent};
 use crate::retry::{Failure, refusal_means_not_master, refusal_of};
-use crate::shared::{Master, Shared};
-
-/// What became of one attempt to send a request to the master.
-pub(crate) enum Sent {
-    /// The master answered; the reply is the caller's.
-    Done(Reply),
-    /// A durable write ran, but its `WAIT` fell short or failed.
-    Unreplicated(Error),
-    /// Sent, and failed with this error (or a refusal in the reply).
-    Failed(RedisError),
-    /// Not sent: the master could not be reached (this is why).
-    Unreachable(String),
-    /// Not sent: the master is fine but cannot take it yet (this is why);
-    /// wait and try again, without looking for another master.
-    Held(String),
-}
+use crate::routing::Durability;
+use crate::shared::Shared;
+use crate::state::Master;
 
 /// What a failed send means for the retry loop.
 pub(crate) enum Verdict {
@@ -162,7 +147,7 @@ impl Shared {
             Ok(()) => Ok(()),
             Err(GaveUp::Budget) => Err(self.exhausted(retrying)),
             Err(_) => {
-                self.metrics.add(Counter::OutcomeUnknown);
+                self.telemetry.add(Counter::OutcomeUnknown);
                 Err(Error::OutcomeUnknown {
                     node: master.node.clone(),
                     source: failure.expect("a request that may have run has an error"),
@@ -230,7 +215,7 @@ impl Shared {
             Failure::Final => Verdict::Final(error.clone()),
             Failure::NotExecuted => match refusal_of(error) {
                 Some("READONLY") => {
-                    self.metrics.add(Counter::ReadonlyReplies);
+                    self.telemetry.add(Counter::ReadonlyReplies);
                     Verdict::Rediscover(Tried::NotRun, Trigger::ReadOnly)
                 }
                 // Busy, or waiting for replicas: the master is fine.
@@ -297,7 +282,7 @@ impl Shared {
         match self.settings.retry_policy().decide(&mut state.tries, tried) {
             Decision::GiveUp(why) => Err(why),
             Decision::Retry(wait) => {
-                self.metrics.add(Counter::Retries);
+                self.telemetry.add(Counter::Retries);
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = state.installed.changed() => {}
@@ -313,7 +298,7 @@ impl Shared {
             .as_mut()
             .expect("a request out of budget has failed");
         let attempts = state.tries.count();
-        self.metrics.add(Counter::BudgetExhausted);
+        self.telemetry.add(Counter::BudgetExhausted);
         self.emit(Event::RetryBudgetExhausted { attempts });
         Error::RetryBudgetExhausted {
             budget: self.settings.retry_budget,
@@ -326,7 +311,7 @@ impl Shared {
     /// Sends on the master's shared connection.
     async fn send_shared(&self, master: &Master, request: Request<'_>, idempotent: bool) -> Sent {
         let connection = master.connection.load_full();
-        if connection.failed.load(Ordering::Acquire) {
+        if connection.has_failed() {
             // Known dead: sending would fail without reaching Redis.
             return Sent::Unreachable("the connection had failed".to_owned());
         }
@@ -337,20 +322,10 @@ impl Shared {
             },
             Err(error) => {
                 if Failure::of(&error) == Failure::OutcomeUnknown {
-                    connection.failed.store(true, Ordering::Release);
+                    connection.fail();
                 }
                 Sent::Failed(error)
             }
-        }
-    }
-}
-
-impl Master {
-    /// A failure of this master, for the errors that list them.
-    pub(crate) fn failure(&self, reason: String) -> NodeFailure {
-        NodeFailure {
-            node: self.node.clone(),
-            reason,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -250,6 +250,32 @@ impl Connector {
                 redis::Client::build_with_tls(info, tls.certificates())
             }
         }
+    }
+}
+
+/// A shared multiplexed connection, and whether it is known to have failed.
+pub(crate) struct Connection {
+    pub(crate) multiplexed: MultiplexedConnection,
+    /// Set on the first timeout or connection error: later requests do not
+    /// send on it (it would fail without sending) but wait for a new one.
+    failed: AtomicBool,
+}
+
+impl Connection {
+    pub(crate) fn new(multiplexed: MultiplexedConnection) -> Arc<Self> {
+        Arc::new(Self {
+            multiplexed,
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// It timed out or broke: nothing more is sent on it.
+    pub(crate) fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
     }
 }
 

@@ -14,8 +14,9 @@ use crate::addr::NodeAddr;
 use crate::client::FailoverClient;
 use crate::error::{Error, NodeFailure, Result};
 use crate::policy::{Decision, Tried, Tries};
-use crate::shared::{Master, Shared};
-use crate::tasks::{replaced, stopped};
+use crate::shared::Shared;
+use crate::state::Master;
+use crate::tasks::replaced;
 
 /// How many deliveries a subscriber may fall behind before messages are
 /// dropped (and a [`Gap`] says so).
@@ -177,13 +178,13 @@ async fn follow(
     mut master: Arc<Master>,
     mut messages: PubSubStream,
 ) {
-    let mut stop = shared.stopped();
+    let stop = shared.stopped();
     let mut installed = shared.subscribe_installed();
     // Waits for room and for the subscriber to leave, beside the forwarder.
     let subscriber = forwarder.sender.clone();
     loop {
         let reason = tokio::select! {
-            () = stopped(&mut stop) => return,
+            () = stop.cancelled() => return,
             () = subscriber.closed() => return,
             Ok(permit) = subscriber.reserve(), if forwarder.pending.is_some() => {
                 forwarder.deliver_gap(permit);
@@ -202,7 +203,7 @@ async fn follow(
         };
         tracing::debug!(node = %master.node, %reason, "subscription lost; subscribing again");
         let again = tokio::select! {
-            () = stopped(&mut stop) => return,
+            () = stop.cancelled() => return,
             () = subscriber.closed() => return,
             again = reopen(&shared, &topics) => again,
         };

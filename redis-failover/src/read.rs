@@ -1,6 +1,7 @@
-//! Reads routed by policy over the master and its replicas, sessions that
-//! read their own writes, and how many replicas a write needs.
+//! Reads routed by policy over the master and its replicas, with a
+//! session's position when it has one.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -11,99 +12,15 @@ use redis::{RedisError, Value};
 use crate::addr::NodeAddr;
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::Counter;
-use crate::policy::{Decision, GaveUp, Tried, Tries};
-use crate::replicas::{ReadReplica, ReadSet};
+use crate::node::Connection;
+use crate::policy::{Decision, Tried, Tries};
+use crate::replica_set::{ReadReplica, ReadSet};
 use crate::request::{Reply, Request};
 use crate::retry::Failure;
-use crate::shared::{Connection, Shared};
-
-/// Where a read goes.
-///
-/// A replica qualifies when it replicates the current master, its link to
-/// the master is up, it answers, and it is within
-/// [`max_staleness`](crate::FailoverClientBuilder::max_staleness). Replicas
-/// chosen by [`prefer_replicas`](crate::FailoverClientBuilder::prefer_replicas)
-/// are tried before the others. A read that fails on a replica (connection
-/// lost, `LOADING`, ...) is tried on the next one.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ReadPolicy {
-    /// Only the master, with the full failover handling of writes. This is
-    /// the default.
-    #[default]
-    Master,
-    /// The master; a replica when no master is known or the master fails
-    /// this read.
-    MasterPreferred,
-    /// A random qualifying replica; [`Error::NoReplicaAvailable`] when none
-    /// qualifies.
-    Replica,
-    /// A random qualifying replica; the master when none qualifies.
-    ReplicaPreferred,
-    /// The node (master or qualifying replica) with the lowest round-trip
-    /// time, as measured by the replica probes (a moving average, updated
-    /// every probe interval).
-    Nearest,
-    /// The qualifying replicas in turn; [`Error::NoReplicaAvailable`] when
-    /// none qualifies.
-    RoundRobin,
-}
-
-impl ReadPolicy {
-    fn may_use_master(self) -> bool {
-        !matches!(self, Self::Replica | Self::RoundRobin)
-    }
-}
-
-/// How many nodes must have a write before it counts as done.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Durability {
-    /// The master's reply is enough. A failover may lose the write if no
-    /// replica had it yet. This is the default.
-    #[default]
-    Master,
-    /// After the write, `WAIT replicas timeout` on the same connection. Fewer
-    /// acknowledgements than asked give [`Error::NotReplicated`]: the write
-    /// ran on the master and is not undone, but may not survive a failover.
-    /// On a master that is new, or whose last `WAIT` fell short, the
-    /// replicas online are counted first (`INFO replication`): while fewer
-    /// than `replicas`, the write waits without running, within the retry
-    /// budget. Each durable write holds a connection of its own until its
-    /// `WAIT` returns (see
-    /// [`dedicated_connections`](crate::FailoverClientBuilder::dedicated_connections)).
-    Replicated {
-        /// How many replicas must acknowledge the write (at least 1).
-        replicas: u32,
-        /// How long to wait for them (more than zero).
-        timeout: Duration,
-    },
-}
-
-impl Durability {
-    pub(crate) fn validate(self) -> Result<()> {
-        match self {
-            Self::Replicated { replicas, timeout } if replicas == 0 || timeout.is_zero() => {
-                Err(Error::InvalidConfig {
-                    setting: "durability",
-                    reason: "Replicated needs at least one replica and a timeout above zero"
-                        .to_owned(),
-                })
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-/// The user's choice of replicas to try first.
-#[derive(Clone)]
-pub(crate) struct ReplicaPreference(pub(crate) Arc<dyn Fn(&NodeAddr) -> bool + Send + Sync>);
-
-impl std::fmt::Debug for ReplicaPreference {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ReplicaPreference(..)")
-    }
-}
+use crate::routing::Durability;
+use crate::routing::ReadPolicy;
+use crate::shared::Shared;
+use crate::state::Observed;
 
 /// Where one read will be tried, in order.
 struct Plan<'a> {
@@ -114,6 +31,17 @@ struct Plan<'a> {
     unusable: Vec<&'a ReadReplica>,
     /// Send to the master (with the full retry handling) when no replica served.
     master_last: bool,
+}
+
+/// Keeps the latest failure of each node.
+fn record(failures: &mut Vec<NodeFailure>, node: &NodeAddr, reason: String) {
+    match failures.iter_mut().find(|f| f.node == *node) {
+        Some(known) => known.reason = reason,
+        None => failures.push(NodeFailure {
+            node: node.clone(),
+            reason,
+        }),
+    }
 }
 
 /// The outcome of a read sent to one replica.
@@ -190,8 +118,8 @@ impl Shared {
             // A write of the session left no offset (`ROLE` failed): no
             // replica can prove it has it.
             let failures = self
-                .read_set
-                .load()
+                .state
+                .read_set()
                 .replicas
                 .iter()
                 .map(|replica| NodeFailure {
@@ -208,77 +136,92 @@ impl Shared {
             let mut rounds = self.probe_rounds.subscribe();
             let _ = tokio::time::timeout(first_round, rounds.wait_for(|n| *n > 0)).await;
         }
-        let policy_of_retries = self.settings.retry_policy();
+        self.read_by_plan(request, policy, session).await
+    }
+
+    /// Reads as the latest read set and `policy` plan it; with replicas
+    /// only, a session waits (within the budget) for one to catch up.
+    async fn read_by_plan(
+        self: &Arc<Self>,
+        request: Request<'_>,
+        policy: ReadPolicy,
+        session: Option<u64>,
+    ) -> Result<(NodeAddr, Reply)> {
+        let retries = self.settings.retry_policy();
         let mut tries = Tries::new();
         let mut failures: Vec<NodeFailure> = Vec::new();
-        let mut failed =
-            |node: &NodeAddr, reason: String| match failures.iter_mut().find(|f| f.node == *node) {
-                Some(known) => known.reason = reason,
-                None => failures.push(NodeFailure {
-                    node: node.clone(),
-                    reason,
-                }),
-            };
         loop {
-            let set = self.read_set.load_full();
+            let set = self.state.read_set();
             let plan = self.plan(&set, policy);
             if plan.master_first
                 && let Some(served) = self.try_master_once(request).await
             {
                 return served;
             }
-            let mut behind = false;
-            for replica in &plan.replicas {
-                match self.read_from_replica(replica, request, session).await {
-                    Attempt::Served(reply) => {
-                        self.metrics.add(Counter::ReplicaReads);
-                        return Ok((replica.node.clone(), reply));
-                    }
-                    Attempt::Behind => {
-                        self.metrics.add(Counter::SessionFallbacks);
-                        behind = true;
-                        if plan.master_last {
-                            break;
-                        }
-                    }
-                    Attempt::Failed(reason) => failed(&replica.node, reason),
-                    Attempt::Final(source) => {
-                        return Err(Error::Command {
-                            node: replica.node.clone(),
-                            source,
-                        });
-                    }
-                }
-            }
+            let behind = match self
+                .try_replicas(&plan, request, session, &mut failures)
+                .await
+            {
+                ControlFlow::Break(served) => return served,
+                ControlFlow::Continue(behind) => behind,
+            };
             if plan.master_last {
                 return self.read_from_master(request).await;
             }
-            // Replicas only: a session waits (within the budget) for one to
-            // catch up; anything else is final.
-            let decision = if behind {
-                policy_of_retries.decide(&mut tries, Tried::Held)
-            } else {
-                Decision::GiveUp(GaveUp::Budget)
-            };
-            if let Decision::Retry(wait) = decision {
+            if behind && let Decision::Retry(wait) = retries.decide(&mut tries, Tried::Held) {
                 tokio::time::sleep(wait).await;
-            } else {
-                let now = Instant::now();
-                for replica in plan.unusable {
-                    if let Some(reason) = replica.unusable(now, self.settings.max_staleness) {
-                        failed(&replica.node, reason.to_string());
+                continue;
+            }
+            let now = Instant::now();
+            for replica in plan.unusable {
+                if let Some(reason) = replica.unusable(now, self.settings.max_staleness) {
+                    record(&mut failures, &replica.node, reason.to_string());
+                }
+            }
+            return Err(Error::NoReplicaAvailable { failures });
+        }
+    }
+
+    /// Tries the plan's replicas in turn: the answer for the caller, or
+    /// whether one of them was behind the session.
+    async fn try_replicas(
+        &self,
+        plan: &Plan<'_>,
+        request: Request<'_>,
+        session: Option<u64>,
+        failures: &mut Vec<NodeFailure>,
+    ) -> ControlFlow<Result<(NodeAddr, Reply)>, bool> {
+        let mut behind = false;
+        for replica in &plan.replicas {
+            match self.read_from_replica(replica, request, session).await {
+                Attempt::Served(reply) => {
+                    self.telemetry.add(Counter::ReplicaReads);
+                    return ControlFlow::Break(Ok((replica.node.clone(), reply)));
+                }
+                Attempt::Behind => {
+                    self.telemetry.add(Counter::SessionFallbacks);
+                    behind = true;
+                    if plan.master_last {
+                        break;
                     }
                 }
-                return Err(Error::NoReplicaAvailable { failures });
+                Attempt::Failed(reason) => record(failures, &replica.node, reason),
+                Attempt::Final(source) => {
+                    return ControlFlow::Break(Err(Error::Command {
+                        node: replica.node.clone(),
+                        source,
+                    }));
+                }
             }
         }
+        ControlFlow::Continue(behind)
     }
 
     /// A read on the master with the full retry handling. Not declared
     /// idempotent: with `ReadPolicy::Master` any command may come here, and
     /// read-only ones are resent anyway.
     async fn read_from_master(self: &Arc<Self>, request: Request<'_>) -> Result<(NodeAddr, Reply)> {
-        self.metrics.add(Counter::MasterReads);
+        self.telemetry.add(Counter::MasterReads);
         let (master, reply) = self.execute(request, false, Durability::Master).await?;
         Ok((master.node.clone(), reply))
     }
@@ -289,15 +232,15 @@ impl Shared {
         self: &Arc<Self>,
         request: Request<'_>,
     ) -> Option<Result<(NodeAddr, Reply)>> {
-        let master = self.master.load_full()?;
+        let Observed { master, epoch } = self.state.observe();
+        let master = master?;
         let connection = master.connection.load_full();
-        if connection.failed.load(Ordering::Acquire) {
+        if connection.has_failed() {
             return None;
         }
-        let epoch = self.epoch.load(Ordering::Acquire);
         match request.send(&mut connection.multiplexed.clone()).await {
             Ok(reply) if request.refusal(&reply, true).is_none() => {
-                self.metrics.add(Counter::MasterReads);
+                self.telemetry.add(Counter::MasterReads);
                 Some(Ok((master.node.clone(), reply)))
             }
             Ok(_) => None,
@@ -308,7 +251,7 @@ impl Shared {
                 })),
                 Failure::NotExecuted => None,
                 Failure::OutcomeUnknown => {
-                    connection.failed.store(true, Ordering::Release);
+                    connection.fail();
                     let trigger = crate::events::Trigger::ConnectionLost;
                     self.rediscover_in_background(epoch, trigger, Arc::clone(&master));
                     None
@@ -381,7 +324,7 @@ fn replica_failed(connection: &Connection, error: &RedisError) -> Attempt {
         Failure::NotExecuted => Attempt::Failed(error.to_string()),
         Failure::OutcomeUnknown => {
             // The probes replace it.
-            connection.failed.store(true, Ordering::Release);
+            connection.fail();
             Attempt::Failed(error.to_string())
         }
     }
@@ -421,17 +364,5 @@ mod tests {
         assert_eq!(applied_offset(&role("slave", -1)), None, "link down");
         assert_eq!(applied_offset(&role("master", 1234)), None);
         assert_eq!(applied_offset(&Value::Nil), None);
-    }
-
-    #[test]
-    fn replicated_durability_needs_a_replica_and_a_timeout() {
-        assert!(Durability::Master.validate().is_ok());
-        let replicated = |replicas, ms| Durability::Replicated {
-            replicas,
-            timeout: Duration::from_millis(ms),
-        };
-        assert!(replicated(1, 100).validate().is_ok());
-        assert!(replicated(0, 100).validate().is_err());
-        assert!(replicated(1, 0).validate().is_err());
     }
 }

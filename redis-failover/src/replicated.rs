@@ -2,7 +2,6 @@
 //! (`min_replicas`, [`Durability::Replicated`](crate::Durability)): run
 //! now, they would only be refused or fail their `WAIT`.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use redis::RedisError;
@@ -10,9 +9,10 @@ use redis::RedisError;
 use crate::builder::Mode;
 use crate::durable::Outcome;
 use crate::events::Counter;
-use crate::execute::Sent;
+use crate::request::Sent;
 use crate::retry::Failure;
-use crate::shared::{Master, Shared};
+use crate::shared::Shared;
+use crate::state::Master;
 
 impl Shared {
     /// With `min_replicas`, holds a write back while the master has too
@@ -22,7 +22,7 @@ impl Shared {
         match self.healthy_replicas(master, min.max_lag).await {
             Ok(healthy) if healthy >= min.count => None,
             Ok(healthy) => {
-                self.metrics.add(Counter::MinReplicasRefusals);
+                self.telemetry.add(Counter::MinReplicasRefusals);
                 Some(Sent::Held(format!(
                     "{healthy} healthy replicas, min_replicas asks for {}",
                     min.count
@@ -63,7 +63,7 @@ impl Shared {
         };
         match outcome {
             Outcome::Wait(waits_for) if waits_for < asked && !self.still_named(master).await => {
-                self.metrics.add(Counter::DurableWritesHeld);
+                self.telemetry.add(Counter::DurableWritesHeld);
                 Err(Sent::Held(format!(
                     "{waits_for} of {asked} replicas online, and the sentinels do not confirm {} as master",
                     master.node
@@ -71,7 +71,7 @@ impl Shared {
             }
             Outcome::Wait(waits_for) => Ok(waits_for),
             Outcome::Hold { online, waits_for } => {
-                self.metrics.add(Counter::DurableWritesHeld);
+                self.telemetry.add(Counter::DurableWritesHeld);
                 Err(Sent::Held(format!(
                     "{online} replicas online, the write waits for {waits_for}"
                 )))
@@ -102,11 +102,7 @@ impl Shared {
     /// The master did not answer `INFO`: its connection is suspect.
     fn info_failed(&self, master: &Master, error: &RedisError) -> Sent {
         if Failure::of(error) == Failure::OutcomeUnknown {
-            master
-                .connection
-                .load()
-                .failed
-                .store(true, Ordering::Release);
+            master.connection_failed();
         }
         Sent::Unreachable(format!("could not read INFO replication: {error}"))
     }

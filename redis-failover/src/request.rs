@@ -3,9 +3,26 @@
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, Pipeline, RedisError, ServerError, Value};
 
+use crate::error::Error;
+
 use crate::retry::{
     Block, blocking, is_read_only, refusal_code, refused_without_running, waits_for_data,
 };
+
+/// What became of one attempt to send a request to the master.
+pub(crate) enum Sent {
+    /// The master answered; the reply is the caller's.
+    Done(Reply),
+    /// A durable write ran, but its `WAIT` fell short or failed.
+    Unreplicated(Error),
+    /// Sent, and failed with this error (or a refusal in the reply).
+    Failed(RedisError),
+    /// Not sent: the master could not be reached (this is why).
+    Unreachable(String),
+    /// Not sent: the master is fine but cannot take it yet (this is why);
+    /// wait and try again, without looking for another master.
+    Held(String),
+}
 
 /// A command or a slice of a pipeline, as redis-rs's `ConnectionLike` hands them over.
 #[derive(Clone, Copy)]

@@ -7,8 +7,8 @@ use redis::{Cmd, FromRedisValue, Role};
 
 use crate::client::{FailoverClient, convert};
 use crate::error::{Error, Result};
-use crate::read::Durability;
 use crate::request::{Reply, Request};
+use crate::routing::Durability;
 
 /// A sequence of requests whose reads see the session's own writes, even
 /// when they are routed to replicas.
@@ -112,6 +112,21 @@ impl Session {
     /// `SET key value` within the session.
     pub async fn set(&self, key: &str, value: impl redis::ToRedisArgs + Send + Sync) -> Result<()> {
         self.query(redis::cmd("SET").arg(key).arg(value)).await
+    }
+}
+
+impl FailoverClient {
+    /// A session whose reads see its own writes (see [`Session`]).
+    #[must_use]
+    pub fn session(&self) -> Session {
+        Session::new(self.clone(), 0)
+    }
+
+    /// Resumes a session from its [`Session::position`], for example one
+    /// carried by another process in a request header.
+    #[must_use]
+    pub fn session_after(&self, position: u64) -> Session {
+        Session::new(self.clone(), position)
     }
 }
 

@@ -1,24 +1,25 @@
 //! Background work: the periodic re-check, one `+switch-master` watcher
 //! per sentinel, and the demotion of stale masters. Each runs until the
-//! client's last handle is dropped, which closes the `stop` channel.
+//! client's last handle is dropped, which cancels the `stop` token.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Role};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::addr::NodeAddr;
 use crate::backoff::Backoff;
 use crate::builder::Mode;
 use crate::events::{Counter, Event, Trigger};
 use crate::node::verify_master;
-use crate::shared::{Master, Shared, lock};
+use crate::shared::Shared;
+use crate::state::{Master, Observed};
 
 /// Between tries to reach a sentinel again.
 const SENTINEL_RECONNECT: Backoff =
@@ -26,11 +27,6 @@ const SENTINEL_RECONNECT: Backoff =
 /// Between tries to demote a stale master.
 const DEMOTION_RETRY: Backoff =
     Backoff::constant(Duration::from_millis(200), Duration::from_secs(2));
-
-/// Resolves when the client is dropped.
-pub(crate) async fn stopped(stop: &mut watch::Receiver<()>) {
-    while stop.changed().await.is_ok() {}
-}
 
 /// Resolves once a master other than generation `generation` is installed.
 pub(crate) async fn replaced(installed: &mut watch::Receiver<u64>, generation: u64) {
@@ -42,7 +38,7 @@ pub(crate) async fn replaced(installed: &mut watch::Receiver<u64>, generation: u
 
 /// Re-checks the master every `recheck_interval`; with Sentinel, also
 /// learns new sentinels every tenth time and watches them.
-pub(crate) async fn recheck_loop(shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
+pub(crate) async fn recheck_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let watchers_stop = stop.clone();
     let mut interval = tokio::time::interval(shared.settings.recheck_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -58,7 +54,7 @@ pub(crate) async fn recheck_loop(shared: Arc<Shared>, mut stop: watch::Receiver<
             }
         };
         tokio::select! {
-            _ = stopped(&mut stop) => return,
+            () = stop.cancelled() => return,
             _ = work => {}
         }
     }
@@ -67,8 +63,8 @@ pub(crate) async fn recheck_loop(shared: Arc<Shared>, mut stop: watch::Receiver<
 /// Is the master still master (and, with Sentinel, still the node the
 /// sentinels name)? If not, look again.
 async fn recheck(shared: &Shared) {
-    let epoch = shared.epoch.load(Ordering::Acquire);
-    let Some(master) = shared.master.load_full() else {
+    let Observed { master, epoch } = shared.state.observe();
+    let Some(master) = master else {
         let _ = shared.rediscover(epoch, Trigger::NoMaster, None).await;
         return;
     };
@@ -90,9 +86,7 @@ async fn sentinels_moved_from(shared: &Shared, master: &Master) -> bool {
         return false;
     }
     let agreed = shared.ask_sentinels().await;
-    let superseded = lock(&shared.newest)
-        .supersedes(&master.node, master.config_epoch())
-        .is_some();
+    let superseded = shared.state.superseded(master);
     superseded || agreed.is_ok_and(|named| named.node != master.node)
 }
 
@@ -102,7 +96,7 @@ async fn sentinels_moved_from(shared: &Shared, master: &Master) -> bool {
 pub(crate) async fn watch_sentinel(
     shared: Arc<Shared>,
     sentinel: NodeAddr,
-    mut stop: watch::Receiver<()>,
+    stop: CancellationToken,
 ) {
     let Mode::Sentinel { master_name, .. } = &shared.settings.mode else {
         return;
@@ -111,7 +105,7 @@ pub(crate) async fn watch_sentinel(
     let mut down = false;
     loop {
         let session = async {
-            let mut pubsub = shared.sentinel_connector.pubsub(&sentinel).await?;
+            let mut pubsub = shared.sentinels.connector.pubsub(&sentinel).await?;
             pubsub.subscribe("+switch-master").await?;
             attempt = 0;
             if std::mem::take(&mut down) {
@@ -119,9 +113,8 @@ pub(crate) async fn watch_sentinel(
                     node: sentinel.clone(),
                 });
             }
-            let epoch = shared.epoch.load(Ordering::Acquire);
-            let current = shared.master.load_full();
-            let stale = match &current {
+            let Observed { master, epoch } = shared.state.observe();
+            let stale = match &master {
                 None => true,
                 Some(master) => sentinels_moved_from(&shared, master).await,
             };
@@ -142,16 +135,16 @@ pub(crate) async fn watch_sentinel(
                     .parse()
                     .ok()
                     .and_then(|port| NodeAddr::new(*ip, port).ok());
-                let installed = shared.master.load_full().map(|m| m.node.clone());
+                let installed = shared.state.master().map(|m| m.node.clone());
                 if name == master_name && announced.is_some() && announced != installed {
-                    let epoch = shared.epoch.load(Ordering::Acquire);
+                    let epoch = shared.state.observe().epoch;
                     let _ = shared.rediscover(epoch, Trigger::PubSub, None).await;
                 }
             }
             Ok::<_, RedisError>(())
         };
         let reason = tokio::select! {
-            _ = stopped(&mut stop) => return,
+            () = stop.cancelled() => return,
             result = session => match result {
                 Ok(()) => "the connection closed".to_owned(),
                 Err(error) => error.to_string(),
@@ -168,7 +161,7 @@ pub(crate) async fn watch_sentinel(
         let wait = SENTINEL_RECONNECT.delay(attempt);
         attempt = attempt.saturating_add(1);
         tokio::select! {
-            _ = stopped(&mut stop) => return,
+            () = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
     }
@@ -184,14 +177,14 @@ const DEMOTION_WINDOW: Duration = Duration::from_secs(60);
 pub(crate) async fn demote_loop(
     shared: Arc<Shared>,
     mut installed: watch::Receiver<u64>,
-    mut stop: watch::Receiver<()>,
+    stop: CancellationToken,
 ) {
-    let installed_node = || shared.master.load().as_ref().map(|m| m.node.clone());
+    let installed_node = || shared.state.master().as_ref().map(|m| m.node.clone());
     let mut last: Option<NodeAddr> = None;
     let mut demotion: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(std::future::pending());
     loop {
         tokio::select! {
-            _ = stopped(&mut stop) => return,
+            () = stop.cancelled() => return,
             () = &mut demotion => demotion = Box::pin(std::future::pending()),
             changed = installed.changed() => {
                 if changed.is_err() {
@@ -217,7 +210,7 @@ async fn demote(shared: Arc<Shared>, old: NodeAddr, new: NodeAddr) {
     for attempt in 0.. {
         let why = match demote_once(&shared, &old, &new, &mut connection).await {
             Ok(Demotion::Done) => {
-                shared.metrics.add(Counter::StaleMastersDemoted);
+                shared.telemetry.add(Counter::StaleMastersDemoted);
                 tracing::info!(node = %old, master = %new, "stale master demoted");
                 shared.emit(Event::StaleMasterDemoted {
                     node: old,
@@ -267,7 +260,7 @@ async fn demote_once(
     connection: &mut Option<MultiplexedConnection>,
 ) -> Result<Demotion, RedisError> {
     // Only a master this client has verified counts.
-    let blocked = || match shared.master.load().as_ref() {
+    let blocked = || match shared.state.master().as_ref() {
         Some(master) if master.node == *new => None,
         Some(_) => Some(Demotion::NotNeeded),
         None => Some(Demotion::Wait("no master installed".to_owned())),

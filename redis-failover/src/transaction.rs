@@ -13,12 +13,13 @@ use redis::{
 use crate::addr::NodeAddr;
 use crate::client::FailoverClient;
 use crate::error::{Error, Result};
-use crate::execute::{Retrying, Sent};
+use crate::execute::Retrying;
 use crate::policy::{GaveUp, Tried};
-use crate::read::Durability;
-use crate::request::Request;
+use crate::request::{Request, Sent};
 use crate::retry::{Failure, refusal_code};
-use crate::shared::{Master, Shared, lock};
+use crate::routing::Durability;
+use crate::shared::Shared;
+use crate::state::{Master, lock};
 
 /// The connection a transaction's body reads on, between `WATCH` and
 /// `EXEC`: the master's, held by this transaction alone. See

@@ -467,8 +467,17 @@ async fn a_replaced_master_is_demoted_as_soon_as_it_answers_and_writes_to_every_
         .wait_for_replica_of(old, new, DEADLINE)
         .await
         .unwrap();
-    // Both replicas acknowledge again, the demoted one included.
-    client.set("after", 2).await.unwrap();
+    // Both replicas acknowledge again, the demoted one included, once it
+    // has loaded the new master's data (a full sync, which a loaded
+    // machine may take longer than one WAIT to finish).
+    let started = Instant::now();
+    while let Err(error) = client.set("after", 2).await {
+        assert!(
+            matches!(error, redis_failover::Error::NotReplicated { .. })
+                && started.elapsed() < DEADLINE,
+            "{error}"
+        );
+    }
     let value: Option<u32> = topology
         .query(old, redis::cmd("GET").arg("after"))
         .await
