@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
 use redis::{FromRedisValue, Value};
 use redis_failover::{Backoff, ErrorKind, FailoverClient};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::producer::LOKI_MAX_AGE;
@@ -183,7 +184,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
         zero("sources", self.sources.is_empty())?;
         zero("group", self.group.is_empty())?;
         zero("consumer", self.consumer.is_empty())?;
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
         let context = Arc::new(Context {
             client: self.client,
             sink: Box::new(self.sink),
@@ -203,7 +204,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
             max_age: self.max_age,
             dead_letter_max_len: self.dead_letter_max_len,
             metrics: Mutex::new(BTreeMap::new()),
-            stopped,
+            stopped: stop.clone(),
         });
         let task = tokio::spawn(dispatch(Arc::clone(&context)));
         Ok(Offloader {
@@ -219,7 +220,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
 #[derive(Debug)]
 pub struct Offloader {
     context: Arc<Context>,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -257,7 +258,7 @@ impl Offloader {
     /// returns. Entries not delivered by then stay pending in Redis, for
     /// this consumer after a restart or for another after `claim_idle`.
     pub async fn shutdown(mut self, deadline: Duration) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         if tokio::time::timeout(deadline, &mut self.task)
             .await
             .is_err()
@@ -320,7 +321,7 @@ struct Context {
     max_age: Duration,
     dead_letter_max_len: u64,
     metrics: Mutex<BTreeMap<String, TenantMetrics>>,
-    stopped: watch::Receiver<bool>,
+    stopped: CancellationToken,
 }
 
 impl std::fmt::Debug for Context {
@@ -343,8 +344,7 @@ impl Context {
 
     /// Resolves when the offloader is told to stop.
     async fn stopping(&self) {
-        let mut stopped = self.stopped.clone();
-        let _ = stopped.wait_for(|stop| *stop).await;
+        self.stopped.cancelled().await;
     }
 }
 
@@ -369,7 +369,7 @@ async fn dispatch(context: Arc<Context>) {
     let (done_sender, mut done) = mpsc::unbounded_channel::<String>();
     let mut last_discovery: Option<Instant> = None;
     let mut failures = 0u32;
-    while !*context.stopped.borrow() {
+    while !context.stopped.is_cancelled() {
         while let Ok(stream) = done.try_recv() {
             release(&mut known, &stream);
         }
@@ -778,7 +778,7 @@ async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<Str
                 dead_letter(context, stream, tenant, rejected).await;
             }
         }
-        if *context.stopped.borrow() && !queue.is_empty() {
+        if context.stopped.is_cancelled() && !queue.is_empty() {
             return;
         }
     }

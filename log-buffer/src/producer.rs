@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use redis_failover::FailoverClient;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::field::{Field, Visit};
 use tracing::span;
 use tracing_subscriber::layer::Context;
@@ -134,7 +135,7 @@ impl LogBufferBuilder {
             }
         }
         let (sender, receiver) = mpsc::channel(self.queue_capacity);
-        let (stop, stopped) = watch::channel(false);
+        let stop = CancellationToken::new();
         let counters = Arc::new(Counters::default());
         let settings = AppendSettings {
             default_tenant: self.default_tenant,
@@ -145,7 +146,7 @@ impl LogBufferBuilder {
         let task = tokio::spawn(append(
             self.client,
             receiver,
-            stopped,
+            stop.clone(),
             Arc::clone(&counters),
             settings,
         ));
@@ -171,7 +172,7 @@ impl LogBufferBuilder {
 pub struct LogBuffer {
     layer: BufferLayer,
     counters: Arc<Counters>,
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -206,7 +207,7 @@ impl LogBuffer {
     /// those queued, and returns once done or after `deadline`, whichever
     /// comes first; records still queued then are dropped as `shutdown`.
     pub async fn shutdown(mut self, deadline: Duration) -> ProducerMetrics {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         if tokio::time::timeout(deadline, &mut self.task)
             .await
             .is_err()
@@ -394,7 +395,7 @@ struct AppendSettings {
 async fn append(
     client: FailoverClient,
     mut receiver: mpsc::Receiver<Record>,
-    mut stopped: watch::Receiver<bool>,
+    stopped: CancellationToken,
     counters: Arc<Counters>,
     settings: AppendSettings,
 ) {
@@ -409,13 +410,12 @@ async fn append(
     // which Loki drops as a duplicate.
     let connection = client.idempotent_connection();
     let mut batch = Vec::with_capacity(batch_size);
-    let mut watching = true;
     let mut last_trim: HashMap<String, Instant> = HashMap::new();
     let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
     let mut in_flight = FuturesUnordered::new();
     let mut linger = false;
     loop {
-        if std::mem::take(&mut linger) && watching && !*stopped.borrow() {
+        if std::mem::take(&mut linger) && !stopped.is_cancelled() {
             tokio::time::sleep(LINGER).await;
         }
         tokio::select! {
@@ -428,13 +428,10 @@ async fn append(
                 }
                 linger = received < batch_size;
             }
-            changed = stopped.changed(), if watching => {
-                match changed {
-                    Ok(()) if *stopped.borrow() => receiver.close(),
-                    Ok(()) => {}
-                    // The handle is gone: run until every layer is.
-                    Err(_) => watching = false,
-                }
+            // Until shut down (a dropped handle never is), this runs
+            // until every layer is gone.
+            () = stopped.cancelled(), if !receiver.is_closed() => {
+                receiver.close();
                 continue;
             }
         }

@@ -13,8 +13,9 @@ use log_buffer::{LogBuffer, Offloader};
 use redis_failover::FailoverClient;
 use tenant_kv::TenantKv;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tower::ServiceBuilder;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -135,16 +136,16 @@ impl ServerBuilder {
             metrics: Default::default(),
             logs: Mutex::new(self.logs),
         });
-        let (stop, stopped) = watch::channel(());
+        let stop = CancellationToken::new();
         let graceful = Arc::new(GracefulShutdown::new());
         let mut listeners = vec![(listener, Surface::Public)];
         listeners.extend(admin.map(|admin| (admin, Surface::Admin)));
-        let task = tokio::spawn(serve(listeners, app.clone(), stopped, graceful));
+        let task = tokio::spawn(serve(listeners, app.clone(), stop.clone(), graceful));
         tracing::info!(%local_addr, ?admin_addr, "listening");
         Ok(ServerHandle {
             local_addr,
             admin_addr,
-            stop,
+            stop: stop.drop_guard(),
             task,
             app,
         })
@@ -156,7 +157,8 @@ impl ServerBuilder {
 pub struct ServerHandle {
     local_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
-    stop: watch::Sender<()>,
+    /// Stops the server when the handle is dropped.
+    stop: DropGuard,
     task: JoinHandle<bool>,
     app: Arc<App>,
 }
@@ -190,9 +192,12 @@ impl ServerHandle {
     /// the grace period ([`Limits::shutdown_grace`]) while idle connections
     /// are closed, then flushes the log buffer and stops the offloader.
     pub async fn shutdown(self) -> ShutdownReport {
-        let _ = self.stop.send(());
-        let drained = self.task.await.unwrap_or(false);
-        let logs = std::mem::take(&mut *self.app.logs.lock().unwrap_or_else(|e| e.into_inner()));
+        let Self {
+            stop, task, app, ..
+        } = self;
+        drop(stop);
+        let drained = task.await.unwrap_or(false);
+        let logs = std::mem::take(&mut *app.logs.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(buffer) = logs.buffer {
             buffer.shutdown(LOG_FLUSH_DEADLINE).await;
         }
@@ -221,7 +226,7 @@ fn local(listener: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, Error> 
 async fn serve(
     listeners: Vec<(TcpListener, Surface)>,
     app: Arc<App>,
-    stop: watch::Receiver<()>,
+    stop: CancellationToken,
     graceful: Arc<GracefulShutdown>,
 ) -> bool {
     let mut accepting = tokio::task::JoinSet::new();
@@ -260,12 +265,7 @@ struct Shared {
 }
 
 /// Accepts connections on one listener until told to stop.
-async fn accept(
-    listener: TcpListener,
-    surface: Surface,
-    shared: Shared,
-    mut stop: watch::Receiver<()>,
-) {
+async fn accept(listener: TcpListener, surface: Surface, shared: Shared, stop: CancellationToken) {
     let app = &shared.app;
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -274,12 +274,12 @@ async fn accept(
     loop {
         let permit = tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            () = stop.cancelled() => break,
             permit = shared.permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
         };
         let (stream, peer) = tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use redis_failover::{Backoff, Delivery, FailoverClient, Subscription};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::crypto::DATA_KEY_DESTROYED;
 use crate::keys::TenantId;
@@ -26,43 +26,39 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// stops when dropped, or on [`shutdown`](Self::shutdown).
 #[derive(Debug)]
 pub struct ExpiryWatcher {
-    stop: Option<oneshot::Sender<()>>,
+    // Cancels the task when the watcher is dropped: it ends at its next
+    // await point between purges.
+    stop: DropGuard,
     task: JoinHandle<()>,
 }
 
 impl ExpiryWatcher {
     pub(crate) fn start(store: TenantKv) -> Self {
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(watch(store, stopped));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(watch(store, stop.clone()));
         Self {
-            stop: Some(stop),
+            stop: stop.drop_guard(),
             task,
         }
     }
 
     /// Stops the watcher and waits until it has. (A purge cut short ran
     /// whole or not at all: it is one script.)
-    pub async fn shutdown(mut self) {
-        drop(self.stop.take());
-        let _ = (&mut self.task).await;
+    pub async fn shutdown(self) {
+        let Self { stop, task } = self;
+        drop(stop);
+        let _ = task.await;
     }
 }
 
-impl Drop for ExpiryWatcher {
-    fn drop(&mut self) {
-        // Dropping `stop` ends the task at its next await point between purges.
-        drop(self.stop.take());
-    }
-}
-
-async fn watch(store: TenantKv, mut stopped: oneshot::Receiver<()>) {
+async fn watch(store: TenantKv, stopped: CancellationToken) {
     let client = store.inner.client.clone();
     let mut channels = vec![EXPIRED_CHANNEL];
     if store.inner.encryption.is_some() {
         channels.push(DATA_KEY_DESTROYED);
     }
     let mut subscription = tokio::select! {
-        _ = &mut stopped => return,
+        () = stopped.cancelled() => return,
         subscribed = subscribe(&client, &channels) => subscribed,
     };
     // Whatever expired while nobody listened, then on every gap.
@@ -77,7 +73,7 @@ async fn watch(store: TenantKv, mut stopped: oneshot::Receiver<()>) {
             report(sweep(&store).await);
         }
         tokio::select! {
-            _ = &mut stopped => return,
+            () = stopped.cancelled() => return,
             delivery = subscription.next() => match delivery {
                 Some(Delivery::Message(message)) => {
                     let mut tenants = BTreeSet::new();
