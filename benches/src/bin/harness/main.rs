@@ -81,7 +81,7 @@ use std::time::{Duration, Instant};
 use benches::{Settings, Variant, compare, report};
 use futures_util::StreamExt;
 use redis_failover::{Durability, FailoverClient, NodeAddr, ReadPolicy};
-use redis_topology::Topology;
+use redis_topology::{NodeId, Topology};
 use serde_json::{Value, json};
 
 mod abuse;
@@ -228,8 +228,97 @@ async fn kv() -> Result<Value, Box<dyn Error>> {
     for (tasks, to_a, to_b) in &ratios {
         println!("  {tasks:>3} tasks: (c)/(a) = {to_a:.2}, (c)/(b) = {to_b:.2}");
     }
+    let transactions = kv_transactions(&topology, settings).await?;
     Ok(json!({ "scenario": "kv", "rounds": settings.rounds,
-                "seconds": settings.duration.as_secs_f64(), "results": rows }))
+                "seconds": settings.duration.as_secs_f64(), "results": rows,
+                "transactions": transactions }))
+}
+
+/// WATCH, GET, then MULTI SET EXEC on each task's own key: by hand on a
+/// connection of its own from a bb8 pool, and through the client's
+/// `transaction`, with as many connections each.
+async fn kv_transactions(topology: &Topology, settings: Settings) -> Result<Value, Box<dyn Error>> {
+    const CONNECTIONS: u32 = 32;
+    let master = topology.initial_master();
+    let pool = bb8::Pool::builder()
+        .max_size(CONNECTIONS)
+        .build(bb8_redis::RedisConnectionManager::new(
+            topology.connection_info(master),
+        )?)
+        .await?;
+    let client = FailoverClient::candidates([NodeAddr::from(topology.addr(master))])
+        .dedicated_connections(CONNECTIONS)
+        .build()?;
+    client.wait_for_master(Duration::from_secs(10)).await?;
+    let variants = [
+        Variant::new(
+            "(t1) redis-rs WATCH/MULTI/EXEC, bb8 checkout",
+            move |task| {
+                let pool = pool.clone();
+                async move {
+                    let mut connection = pool.get().await.map_err(|e| e.to_string())?;
+                    let key = format!("bench:tx:{task}");
+                    let fail = |e: redis::RedisError| e.to_string();
+                    let _: () = redis::cmd("WATCH")
+                        .arg(&key)
+                        .query_async(&mut *connection)
+                        .await
+                        .map_err(fail)?;
+                    let now: Option<u64> = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut *connection)
+                        .await
+                        .map_err(fail)?;
+                    let _: () = redis::pipe()
+                        .atomic()
+                        .set(&key, now.unwrap_or(0) + 1)
+                        .ignore()
+                        .query_async(&mut *connection)
+                        .await
+                        .map_err(fail)?;
+                    Ok(())
+                }
+            },
+        ),
+        Variant::new("(t2) redis-failover transaction", move |task| {
+            let client = client.clone();
+            async move {
+                let key = format!("bench:tx:{task}");
+                let _: Option<()> = client
+                    .transaction(&[&key], |mut watched| {
+                        let key = key.clone();
+                        async move {
+                            let now: Option<u64> = watched.get(&key).await?;
+                            let mut pipeline = redis::pipe();
+                            pipeline.set(&key, now.unwrap_or(0) + 1).ignore();
+                            Ok(Some(pipeline))
+                        }
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+        }),
+    ];
+    println!("kv transactions: WATCH + GET + MULTI/SET/EXEC on each task's own key");
+    let mut rows = Vec::new();
+    for tasks in [16, 64] {
+        let measurements = compare(&variants, tasks, settings).await;
+        print!("{}", report(&variants, tasks, &measurements));
+        let ratio = measurements[1].ops_per_sec() / measurements[0].ops_per_sec();
+        println!("  {tasks:>3} tasks: (t2)/(t1) = {ratio:.2}");
+        for (variant, m) in variants.iter().zip(&measurements) {
+            rows.push(json!({
+                "tasks": tasks,
+                "variant": variant.name,
+                "ops_per_sec": m.ops_per_sec(),
+                "p50_us": m.percentile(0.50).as_micros(),
+                "p99_us": m.percentile(0.99).as_micros(),
+                "errors": m.errors,
+            }));
+        }
+    }
+    Ok(json!(rows))
 }
 
 async fn reads() -> Result<Value, Box<dyn Error>> {
@@ -656,14 +745,21 @@ async fn failover(failovers: usize) -> Result<Value, Box<dyn Error>> {
         last_kill = Some(kill);
         topology.kill(master)?;
         killed_at.store(nanos(origin), Ordering::Release);
-        let promoted = match tokio::time::timeout(Duration::from_secs(30), notices.recv()).await {
+        // The promotion itself: the first survivor whose ROLE says master.
+        // No write can be acknowledged before it; the notices may come
+        // later (the leader publishes when it ends the failover).
+        let (new, promoted) = promotion(&topology, master).await?;
+        let noticed = match tokio::time::timeout(Duration::from_secs(30), notices.recv()).await {
             Ok(Some(at)) => at,
             Ok(None) => return Err("every sentinel connection closed".into()),
             Err(_) => return Err("no +switch-master within 30 s of the kill".into()),
         };
-        let new = topology
+        let named = topology
             .wait_for_new_master(master, Duration::from_secs(30))
             .await?;
+        if named != new {
+            return Err(format!("{new} was promoted, but the sentinels name {named}").into());
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         while first_write.load(Ordering::Acquire) == 0 {
             if Instant::now() > deadline {
@@ -673,22 +769,30 @@ async fn failover(failovers: usize) -> Result<Value, Box<dyn Error>> {
         }
         let first = origin + Duration::from_nanos(first_write.load(Ordering::Acquire));
         let promotion = promoted - kill;
-        // Negative if the client wrote to the new master before any notice
-        // arrived (it follows the sentinels' answers, not their notices).
-        let delay_ms = if first >= promoted {
-            (first - promoted).as_secs_f64() * 1e3
-        } else {
-            -((promoted - first).as_secs_f64() * 1e3)
+        let signed_ms = |from: Instant, to: Instant| {
+            if to >= from {
+                (to - from).as_secs_f64() * 1e3
+            } else {
+                -((from - to).as_secs_f64() * 1e3)
+            }
         };
+        // From the promotion, never negative: only a master acknowledges.
+        let delay_ms = signed_ms(promoted, first);
+        // From the first notice: negative when the leader announced the
+        // switch after the client had found the new master.
+        let notice_delay_ms = signed_ms(noticed, first);
         let round_errors = errors.load(Ordering::Relaxed) - errors_before;
         println!(
-            "failover {round}/{failovers}: +switch-master {:.2} s after the kill, first write {delay_ms:+.1} ms from it, {round_errors} errors",
+            "failover {round}/{failovers}: promoted {:.2} s after the kill, +switch-master {:+.1} ms from it, first write {delay_ms:+.1} ms from the promotion ({notice_delay_ms:+.1} ms from the notice), {round_errors} errors",
             promotion.as_secs_f64(),
+            signed_ms(promoted, noticed),
         );
         rows.push(json!({
             "failover": round,
             "promotion_ms": promotion.as_secs_f64() * 1e3,
+            "notice_after_promotion_ms": signed_ms(promoted, noticed),
             "client_delay_ms": delay_ms,
+            "client_delay_from_notice_ms": notice_delay_ms,
             "errors": round_errors,
         }));
         promotions.push(promotion.as_secs_f64() * 1e3);
@@ -717,8 +821,8 @@ async fn failover(failovers: usize) -> Result<Value, Box<dyn Error>> {
         json!({ "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0) })
     };
     println!("failover: {failovers} kill -9 failovers under 8 writers");
-    let promotion = summary("kill -> +switch-master", &mut promotions);
-    let client_delay = summary("+switch-master -> first write", &mut delays);
+    let promotion = summary("kill -> promotion (ROLE)", &mut promotions);
+    let client_delay = summary("promotion -> first write", &mut delays);
     println!(
         "  errors seen by callers: {total_errors} (target 0); target p99 client delay <= 50 ms"
     );
@@ -726,6 +830,31 @@ async fn failover(failovers: usize) -> Result<Value, Box<dyn Error>> {
         json!({ "scenario": "failover", "failovers": rows, "promotion": promotion,
                 "client_delay": client_delay, "errors": total_errors }),
     )
+}
+
+/// Polls the surviving data nodes' `ROLE` (every millisecond, each on a
+/// connection of its own) until one says master: that node, and when it
+/// was first seen so.
+async fn promotion(topology: &Topology, old: NodeId) -> Result<(NodeId, Instant), Box<dyn Error>> {
+    let mut survivors = Vec::new();
+    for node in topology
+        .data_nodes()
+        .into_iter()
+        .filter(|node| *node != old)
+    {
+        survivors.push((node, topology.connection(node).await?));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        for (node, connection) in &mut survivors {
+            let role = redis::cmd("ROLE").query_async(connection).await;
+            if let Ok(redis_topology::Role::Primary { .. }) = role {
+                return Ok((*node, Instant::now()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Err("no replica was promoted within 30 s of the kill".into())
 }
 
 async fn chaos(rounds: usize) -> Result<Value, Box<dyn Error>> {
