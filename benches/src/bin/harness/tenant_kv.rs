@@ -335,13 +335,12 @@ pub(crate) async fn list() -> Result<Value, Box<dyn Error>> {
     for batch in 0..OTHER_KEYS / 10_000 {
         let mut pipe = redis::pipe();
         for i in batch * 10_000..(batch + 1) * 10_000 {
-            pipe.cmd("HSET")
-                .arg(format!("tenant:t{}:data:item/{i:07}", i % 1000))
-                .arg("value")
+            pipe.cmd("SET")
+                .arg(format!("tenant:{{t{}}}:data:item/{i:07}", i % 1000))
                 .arg("1")
                 .ignore()
                 .cmd("ZADD")
-                .arg(format!("tenant:t{}:index", i % 1000))
+                .arg(format!("tenant:{{t{}}}:index", i % 1000))
                 .arg(0)
                 .arg(format!("item/{i:07}"))
                 .ignore();
