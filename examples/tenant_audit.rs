@@ -2,7 +2,7 @@
 //!
 //! Starts a local Redis master, stores, replaces and deletes a few items of
 //! tenant `acme` (each write and its audit record are one atomic step),
-//! then reads the tenant's audit stream `tenant:acme:audit` through a
+//! then reads the tenant's audit stream `tenant:{acme}:audit` through a
 //! consumer group of its own, as a billing or SIEM exporter would, and
 //! acknowledges what it printed. Rerun the consumer part and it gets only
 //! records it has not acknowledged yet.
@@ -46,7 +46,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     // The consumer: a group of its own, so it never competes with the log
     // offloader's group for the same records.
-    let stream = "tenant:acme:audit";
+    let stream = "tenant:{acme}:audit";
     let created: Result<String, _> = client
         .query(
             redis::cmd("XGROUP")

@@ -5,7 +5,7 @@
 //! A `tracing` layer ([`BufferLayer`], from [`LogBuffer::layer`]) turns
 //! events into records and hands them to a bounded in-memory queue, so
 //! emitting an event never waits on the network; a background task appends
-//! the queue to one Redis stream per tenant (`tenant:<id>:logs`, through
+//! the queue to one Redis stream per tenant (`tenant:{<id>}:logs`, through
 //! [`redis_failover`], so it follows failovers) in pipelined batches. When
 //! the queue is full, records are dropped and counted by reason
 //! ([`ProducerMetrics`]), never silently. The tenant is an event's
@@ -19,8 +19,10 @@
 //!
 //! An entry is flat string fields: `ts` (nanoseconds when the event
 //! happened), `level`, `target`, `message` and the event's and its spans'
-//! fields. tenant-kv's audit records (`tenant:<id>:audit`) have the same
-//! shape, so the offloader ships them too.
+//! fields. tenant-kv's audit records (`tenant:{<id>}:audit`) have the same
+//! shape, so the offloader ships them too. A tenant's streams and their
+//! dead-letter streams carry its Redis Cluster hash tag `{<id>}`, as every
+//! key of the tenant does in tenant-kv's storage layout 2.
 //!
 //! [`Offloader`]s read the streams through a consumer group (`XREADGROUP`),
 //! push each tenant's entries to a [`LogSink`] — Loki's

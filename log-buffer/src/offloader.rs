@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::producer::LOKI_MAX_AGE;
-use crate::record::{dead_letter_stream, now_ns, tenant_of_stream};
+use crate::record::{dead_letter_stream, now_ns, streams_pattern, tenant_of_stream};
 use crate::sink::{Entry, LogSink, Push, PushError, Stream};
 
 /// Loki's default `max_line_size`.
@@ -72,7 +72,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
         self
     }
 
-    /// The streams to offload, by the part after `tenant:<id>:`. Defaults
+    /// The streams to offload, by the part after `tenant:{<id>}:`. Defaults
     /// to `logs` (this crate's producer) and `audit` (tenant-kv's audit
     /// records).
     pub fn sources(mut self, suffixes: impl IntoIterator<Item = impl Into<String>>) -> Self {
@@ -456,7 +456,7 @@ async fn discover(
 ) -> std::result::Result<(), redis_failover::Error> {
     let mut found = Vec::new();
     for suffix in &context.sources {
-        let pattern = format!("tenant:*:{suffix}");
+        let pattern = streams_pattern(suffix);
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = context

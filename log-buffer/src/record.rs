@@ -4,7 +4,9 @@
 //! nanoseconds since the Unix epoch when the event happened), then any
 //! others (`level`, `target`, `message` and the event's own fields for
 //! logs; `actor`, `action`, `key`, ... for tenant-kv's audit records). Logs
-//! of tenant `<id>` go to the stream `tenant:<id>:logs`.
+//! of tenant `<id>` go to the stream `tenant:{<id>}:logs`: like every key of
+//! a tenant in tenant-kv's storage layout 2, under the Redis Cluster hash
+//! tag `{<id>}`, so a tenant's streams share the slot of its other keys.
 
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,9 +40,23 @@ pub(crate) fn check_tenant(setting: &'static str, tenant: &str) -> Result<(), Er
     }
 }
 
-/// The stream buffering `tenant`'s logs.
+/// The stream buffering `tenant`'s logs: `tenant:{<id>}:logs`.
 pub fn log_stream(tenant: &str) -> String {
-    format!("tenant:{tenant}:logs")
+    format!("tenant:{{{tenant}}}:logs")
+}
+
+/// A `SCAN MATCH` pattern for every tenant's stream `tenant:{<id>}:<suffix>`
+/// (and keys that only look like one, which [`tenant_of_stream`] tells
+/// apart). The braces are no glob characters; the suffix is escaped.
+pub(crate) fn streams_pattern(suffix: &str) -> String {
+    let mut pattern = String::from("tenant:{*}:");
+    for c in suffix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern
 }
 
 /// The dead-letter stream of `stream`: entries that cannot be delivered,
@@ -49,12 +65,12 @@ pub fn dead_letter_stream(stream: &str) -> String {
     format!("{stream}:dead-letter")
 }
 
-/// The tenant of a stream named `tenant:<id>:<suffix>`.
+/// The tenant of a stream named `tenant:{<id>}:<suffix>`.
 pub(crate) fn tenant_of_stream(stream: &str, suffix: &str) -> Option<String> {
     let id = stream
-        .strip_prefix("tenant:")?
+        .strip_prefix("tenant:{")?
         .strip_suffix(suffix)?
-        .strip_suffix(':')?;
+        .strip_suffix("}:")?;
     is_valid_tenant(id).then(|| id.to_owned())
 }
 
@@ -213,17 +229,23 @@ mod tests {
             tenant_of_stream(&log_stream("acme"), "logs").as_deref(),
             Some("acme")
         );
+        assert_eq!(log_stream("acme"), "tenant:{acme}:logs");
         assert_eq!(
-            tenant_of_stream("tenant:acme:audit", "audit").as_deref(),
+            tenant_of_stream("tenant:{acme}:audit", "audit").as_deref(),
             Some("acme")
         );
-        assert_eq!(tenant_of_stream("tenant:a:data:x:logs", "logs"), None);
-        assert_eq!(tenant_of_stream("tenant::logs", "logs"), None);
+        assert_eq!(tenant_of_stream("tenant:{a}:data:x}:logs", "logs"), None);
+        assert_eq!(tenant_of_stream("tenant:{a}:data:x:logs", "logs"), None);
+        assert_eq!(tenant_of_stream("tenant:{}:logs", "logs"), None);
         assert_eq!(
-            tenant_of_stream("tenant:acme:logs:dead-letter", "logs"),
+            tenant_of_stream("tenant:{acme}:logs:dead-letter", "logs"),
             None
         );
-        assert_eq!(tenant_of_stream("tenant:acmelogs", "logs"), None);
+        assert_eq!(tenant_of_stream("tenant:{acme}logs", "logs"), None);
+        // Layout 1's names are no stream of this version's.
+        assert_eq!(tenant_of_stream("tenant:acme:logs", "logs"), None);
+        assert_eq!(streams_pattern("audit"), "tenant:{*}:audit");
+        assert_eq!(streams_pattern("a*[b]"), "tenant:{*}:a\\*\\[b\\]");
     }
 
     #[test]

@@ -43,7 +43,7 @@ async fn audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, action: 
     let _: String = client
         .query(
             redis::cmd("XADD")
-                .arg(format!("tenant:{tenant}:audit"))
+                .arg(format!("tenant:{{{tenant}}}:audit"))
                 .arg("*")
                 .arg("ts")
                 .arg(ts_ns.to_string())
@@ -192,7 +192,7 @@ async fn a_killed_offloader_loses_nothing() {
     assert_eq!(stamps, (0..50).map(|i| base + i).collect::<Vec<_>>());
     eventually("the stream emptied", || async {
         client
-            .query::<u64>(redis::cmd("XLEN").arg("tenant:acme:audit"))
+            .query::<u64>(redis::cmd("XLEN").arg("tenant:{acme}:audit"))
             .await
             .unwrap()
             == 0
@@ -259,7 +259,7 @@ async fn only_refused_and_invalid_entries_are_dead_lettered() {
             let _: String = client
                 .query(
                     redis::cmd("XADD")
-                        .arg("tenant:acme:audit")
+                        .arg("tenant:{acme}:audit")
                         .arg("*")
                         .arg("ts")
                         .arg((now + i).to_string())
@@ -281,7 +281,7 @@ async fn only_refused_and_invalid_entries_are_dead_lettered() {
     let _: String = client
         .query(
             redis::cmd("XADD")
-                .arg("tenant:globex:audit")
+                .arg("tenant:{globex}:audit")
                 .arg("*")
                 .arg("ts")
                 .arg(now.to_string())
@@ -299,7 +299,7 @@ async fn only_refused_and_invalid_entries_are_dead_lettered() {
             let entries: Vec<(String, BTreeMap<String, String>)> = client
                 .query(
                     redis::cmd("XRANGE")
-                        .arg(dead_letter_stream(&format!("tenant:{tenant}:audit")))
+                        .arg(dead_letter_stream(&format!("tenant:{{{tenant}}}:audit")))
                         .arg("-")
                         .arg("+"),
                 )
@@ -365,7 +365,7 @@ async fn only_refused_and_invalid_entries_are_dead_lettered() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.requests("acme"), requests);
     let left: u64 = client
-        .query(redis::cmd("XLEN").arg("tenant:acme:audit"))
+        .query(redis::cmd("XLEN").arg("tenant:{acme}:audit"))
         .await
         .unwrap();
     assert_eq!(left, 0);
@@ -420,7 +420,7 @@ async fn a_full_queue_drops_and_counts_and_shutdown_flushes_the_rest() {
     assert_eq!(metrics.appended, 100);
     assert_eq!(metrics.dropped_shutdown, 0);
     let len: u64 = client
-        .query(redis::cmd("XLEN").arg("tenant:acme:logs"))
+        .query(redis::cmd("XLEN").arg("tenant:{acme}:logs"))
         .await
         .unwrap();
     assert_eq!(len, 100);
@@ -437,7 +437,7 @@ async fn dead_letter_streams_are_capped() {
     for i in 0..300 {
         pipeline
             .cmd("XADD")
-            .arg("tenant:acme:audit")
+            .arg("tenant:{acme}:audit")
             .arg("*")
             .arg("ts")
             .arg((old + i).to_string())
@@ -459,7 +459,7 @@ async fn dead_letter_streams_are_capped() {
     })
     .await;
     let kept: u64 = client
-        .query(redis::cmd("XLEN").arg(dead_letter_stream("tenant:acme:audit")))
+        .query(redis::cmd("XLEN").arg(dead_letter_stream("tenant:{acme}:audit")))
         .await
         .unwrap();
     assert!((10..=110).contains(&kept), "{kept} dead letters kept");
@@ -484,7 +484,7 @@ async fn oversized_fields_are_cut_when_emitted() {
     let entries: Vec<(String, BTreeMap<String, String>)> = client
         .query(
             redis::cmd("XRANGE")
-                .arg("tenant:acme:logs")
+                .arg("tenant:{acme}:logs")
                 .arg("-")
                 .arg("+"),
         )

@@ -99,6 +99,8 @@ impl DevSystem {
             .quotas(options.quotas)
             .login_throttle(options.login_throttle)
             .build()?;
+        // A new topology: marks it as the storage layout this version serves.
+        store.check_layout().await.map_err(Error::from_layout)?;
         let expiry = store.watch_expirations();
 
         let password = random_password();

@@ -59,9 +59,38 @@ pub enum Error {
     /// The log buffer or offloader could not be set up.
     #[error("cannot set up log shipping")]
     Logs(#[from] log_buffer::Error),
+    /// Redis holds data in a storage layout this version does not serve:
+    /// layout 1, to migrate first with `server migrate`, or a newer one.
+    #[error(
+        "Redis holds tenant-kv data in storage layout {found}, and this server serves layout 2 only{}",
+        migrate_advice(found)
+    )]
+    StorageLayout {
+        /// The layout found.
+        found: String,
+    },
     /// The local Redis topology of the dev mode could not start.
     #[error("cannot start the local Redis topology")]
     Topology(#[source] Box<redis_topology::Error>),
+}
+
+fn migrate_advice(found: &str) -> &'static str {
+    if found == "1" {
+        ": run `server migrate` with the same settings (servers of this version may start once it prints `prepared`)"
+    } else {
+        ""
+    }
+}
+
+impl Error {
+    /// The error of a storage layout check: [`Error::StorageLayout`] for a
+    /// layout the store does not serve.
+    pub fn from_layout(error: tenant_kv::Error) -> Self {
+        match error {
+            tenant_kv::Error::UnsupportedLayout { found } => Self::StorageLayout { found },
+            other => other.into(),
+        }
+    }
 }
 
 // Boxed: these errors are large, and `Error` travels on every start-up path.
@@ -221,6 +250,14 @@ impl From<tenant_kv::Error> for ApiError {
                     ),
                     ..inner
                 }
+            }
+            E::UnsupportedLayout { .. } => {
+                tracing::error!(error = %message, "the store refuses the data in Redis");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unsupported_layout",
+                    "the store cannot serve the data in Redis until it is migrated",
+                )
             }
             E::Redis(source) => Self::from_redis(&source),
             other => {

@@ -6,9 +6,10 @@
 //! server offload                                  # ship buffered logs to Loki, nothing else
 //! echo "$PASSWORD" | server user add --tenant acme alice
 //! server user disable alice
+//! server migrate                                  # storage layout 1 to 2, while servers serve
 //! ```
 
-use std::io::{BufRead, IsTerminal, Write as _};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,10 +20,11 @@ use log_buffer::{BufferLayer, LogBuffer, LokiSink, Offloader};
 use redis_failover::Durability;
 use server::dev::{DEMO_USERS, DevOptions, DevSystem};
 use server::{Error, JwtConfig, SETTINGS, Server, SettingError, Settings};
-use tenant_kv::{Actor, NewUser, Quota, Quotas, TenantId};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+
+mod commands;
 
 #[derive(Parser)]
 #[command(
@@ -77,7 +79,7 @@ enum Command {
         #[arg(long, env = "SERVER_CONFIG", global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
-        command: UserCommand,
+        command: commands::UserCommand,
     },
     /// Inspect tenants.
     Tenant {
@@ -85,92 +87,24 @@ enum Command {
         #[arg(long, env = "SERVER_CONFIG", global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
-        command: TenantCommand,
+        command: commands::TenantCommand,
     },
-}
-
-#[derive(Subcommand)]
-enum UserCommand {
-    /// Create a user; reads the password from the first line of stdin.
-    Add {
-        /// The username (unique across tenants).
-        username: String,
-        /// The user's tenant.
-        #[arg(long)]
-        tenant: String,
-        /// E-mail address.
-        #[arg(long)]
-        email: Option<String>,
-        /// Full name.
-        #[arg(long)]
-        full_name: Option<String>,
-        /// Let the user manage every API key of its tenant.
-        #[arg(long)]
-        admin: bool,
-    },
-    /// Grant or revoke the admin role (managing every API key of the tenant).
-    Admin {
-        /// The username.
-        username: String,
-        /// true to grant, false to revoke.
-        #[arg(action = clap::ArgAction::Set)]
-        admin: bool,
-    },
-    /// Refuse the user's logins and tokens from now on.
-    Disable {
-        /// The username.
-        username: String,
-    },
-    /// Let a disabled user in again.
-    Enable {
-        /// The username.
-        username: String,
-    },
-    /// List a tenant's users.
-    List {
-        /// The tenant.
-        #[arg(long)]
-        tenant: String,
-    },
-}
-
-#[derive(Subcommand)]
-enum TenantCommand {
-    /// A tenant's item count and bytes.
-    Usage {
-        /// The tenant.
-        tenant: String,
-    },
-    /// A tenant's API keys (without secrets).
-    ApiKeys {
-        /// The tenant.
-        tenant: String,
-    },
-    /// A tenant's quotas: see them, or override the defaults for it.
-    Limits {
-        #[command(subcommand)]
-        command: LimitsCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum LimitsCommand {
-    /// Each quota: the value in force, and whether it is overridden.
-    Get {
-        /// The tenant.
-        tenant: String,
-    },
-    /// Override quotas: `name=value` (a number, or `unlimited`), or
-    /// `name=default` to drop the override. Every instance applies them
-    /// within a second. Names: max_keys, max_bytes, writes_per_second,
-    /// write_burst, requests_per_second, request_burst,
-    /// api_key_requests_per_second, api_key_request_burst, max_api_keys.
-    Set {
-        /// The tenant.
-        tenant: String,
-        /// `name=value` pairs.
-        #[arg(required = true)]
-        quotas: Vec<String>,
+    /// Move the data in Redis from tenant-kv's storage layout 1 to layout
+    /// 2, printing progress, while servers of this version serve it (they
+    /// may start once it prints `prepared`; those of the previous version
+    /// must be stopped first). Run it again to resume after a stop; exits 0
+    /// once Redis holds layout 2.
+    #[command(after_long_help = settings_help())]
+    Migrate {
+        /// TOML file of settings (the redis_* ones and encryption_key are used).
+        #[arg(long, env = "SERVER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Items converted per script (1 to 10000); each holds Redis that long.
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// Milliseconds to wait after each batch, leaving Redis to the service.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
     },
 }
 
@@ -195,8 +129,13 @@ async fn main() -> ExitCode {
         } => dev(listen, loki_url, log_file, admin_listen).await,
         Command::Serve { config } => serve(config).await,
         Command::Offload { config } => offload(config).await,
-        Command::User { config, command } => user(config, command).await,
-        Command::Tenant { config, command } => tenant(config, command).await,
+        Command::User { config, command } => commands::user(config, command).await,
+        Command::Tenant { config, command } => commands::tenant(config, command).await,
+        Command::Migrate {
+            config,
+            batch_size,
+            pause_ms,
+        } => commands::migrate(config, batch_size, Duration::from_millis(pause_ms)).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -312,6 +251,7 @@ async fn serve(config: Option<PathBuf>) -> Result<(), Error> {
     let jwt = JwtConfig::from_settings(&settings.jwt)?;
     let client = settings.redis.client()?;
     let store = settings.store(client.clone())?;
+    check_layout(&store).await?;
     let mut builder =
         Server::builder(store.clone(), client.clone(), jwt).limits(settings.limits.clone());
     if let Some(admin) = settings.admin_listen {
@@ -347,6 +287,20 @@ async fn serve(config: Option<PathBuf>) -> Result<(), Error> {
     Ok(())
 }
 
+/// Refuses to serve a storage layout the store does not serve. Redis out
+/// of reach is no reason not to start: the store checks again before its
+/// first operation, and refuses then.
+async fn check_layout(store: &tenant_kv::TenantKv) -> Result<(), Error> {
+    match store.check_layout().await {
+        Ok(_) => Ok(()),
+        Err(tenant_kv::Error::Redis(error)) => {
+            eprintln!("warning: cannot check the storage layout in Redis yet: {error}");
+            Ok(())
+        }
+        Err(error) => Err(Error::from_layout(error)),
+    }
+}
+
 async fn offload(config: Option<PathBuf>) -> Result<(), Error> {
     let settings = Settings::load(config.as_deref(), std::env::vars())?;
     let url = settings
@@ -363,174 +317,4 @@ async fn offload(config: Option<PathBuf>) -> Result<(), Error> {
     tracing::info!("shutting down");
     offloader.shutdown(Duration::from_secs(10)).await;
     Ok(())
-}
-
-async fn admin_store(config: Option<PathBuf>) -> Result<tenant_kv::TenantKv, Error> {
-    let settings = Settings::load(config.as_deref(), std::env::vars())?;
-    init_tracing(None, "warn");
-    let client = settings.redis.client()?;
-    Ok(settings.store(client)?)
-}
-
-fn tenant_id(tenant: &str) -> Result<TenantId, Error> {
-    TenantId::new(tenant).map_err(Error::from)
-}
-
-async fn user(config: Option<PathBuf>, command: UserCommand) -> Result<(), Error> {
-    let store = admin_store(config).await?;
-    let users = store.users();
-    let actor = Actor::system();
-    match command {
-        UserCommand::Add {
-            username,
-            tenant,
-            email,
-            full_name,
-            admin,
-        } => {
-            let tenant = tenant_id(&tenant)?;
-            let password = read_password()?;
-            let user = NewUser {
-                username,
-                tenant,
-                email,
-                full_name,
-                admin,
-            };
-            let user = users.create(user, &password, &actor).await?;
-            println!("created user {} in tenant {}", user.username, user.tenant);
-        }
-        UserCommand::Disable { username } => {
-            users.set_disabled(&username, true, &actor).await?;
-            println!("disabled {username}");
-        }
-        UserCommand::Enable { username } => {
-            users.set_disabled(&username, false, &actor).await?;
-            println!("enabled {username}");
-        }
-        UserCommand::Admin { username, admin } => {
-            users.set_admin(&username, admin, &actor).await?;
-            let role = if admin { "an admin" } else { "not an admin" };
-            println!("{username} is {role}");
-        }
-        UserCommand::List { tenant } => {
-            for user in users.list(&tenant_id(&tenant)?).await? {
-                let state = if user.disabled { "disabled" } else { "active" };
-                let role = if user.admin { "admin" } else { "user" };
-                println!(
-                    "{}\t{state}\t{role}\t{}",
-                    user.username,
-                    user.email.unwrap_or_default()
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn tenant(config: Option<PathBuf>, command: TenantCommand) -> Result<(), Error> {
-    let store = admin_store(config).await?;
-    match command {
-        TenantCommand::Usage { tenant } => {
-            let usage = store
-                .tenant(tenant_id(&tenant)?, Actor::system())
-                .usage()
-                .await?;
-            println!("keys\t{}\nbytes\t{}", usage.keys, usage.bytes);
-        }
-        TenantCommand::ApiKeys { tenant } => {
-            for key in store.api_keys().list(&tenant_id(&tenant)?).await? {
-                let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
-                let owner = key.owner.as_deref().unwrap_or("-");
-                println!("{}\t{}\t{owner}\t{}", key.id, key.name, scopes.join(","));
-            }
-        }
-        TenantCommand::Limits { command } => limits(&store, command).await?,
-    }
-    Ok(())
-}
-
-async fn limits(store: &tenant_kv::TenantKv, command: LimitsCommand) -> Result<(), Error> {
-    let show = |value: Option<u64>| value.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
-    match command {
-        LimitsCommand::Get { tenant } => {
-            let tenant = tenant_id(&tenant)?;
-            let quotas = store.quotas(&tenant).await?;
-            let overrides = store.quota_overrides(&tenant).await?;
-            for quota in Quota::ALL {
-                let source = if overrides.contains_key(&quota) {
-                    "override"
-                } else {
-                    "default"
-                };
-                println!("{quota}\t{}\t{source}", show(quotas.get(quota)));
-            }
-        }
-        LimitsCommand::Set { tenant, quotas } => {
-            let tenant = tenant_id(&tenant)?;
-            let invalid = |reason: String| SettingError::Invalid {
-                setting: "quotas",
-                reason,
-            };
-            // Every pair is checked before any is stored.
-            let mut changes = Vec::new();
-            for pair in &quotas {
-                let (name, value) = pair
-                    .split_once('=')
-                    .ok_or_else(|| invalid(format!("{pair:?} is not name=value")))?;
-                let quota: Quota = name
-                    .parse()
-                    .map_err(|e: tenant_kv::Error| invalid(e.to_string()))?;
-                let value = match value {
-                    "default" => None,
-                    "unlimited" => Some(None),
-                    number => Some(Some(number.parse::<u64>().map_err(|_| {
-                        invalid(format!("{pair:?}: a number, unlimited or default"))
-                    })?)),
-                };
-                if let Some(value) = value {
-                    Quotas::unlimited()
-                        .set(quota, value)
-                        .map_err(|e| invalid(format!("{pair:?}: {e}")))?;
-                }
-                changes.push((quota, value));
-            }
-            let actor = Actor::system();
-            for (quota, value) in changes {
-                match value {
-                    Some(value) => store.set_quota(&tenant, quota, value, &actor).await?,
-                    None => store.reset_quota(&tenant, quota, &actor).await?,
-                }
-                let shown = value.map_or_else(|| "default".to_owned(), show);
-                println!("{quota} = {shown}");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The first line of stdin, without its line ending.
-fn read_password() -> Result<String, Error> {
-    let stdin = std::io::stdin();
-    if stdin.is_terminal() {
-        eprint!("password (echoed; pipe it in to avoid that): ");
-        let _ = std::io::stderr().flush();
-    }
-    let mut line = String::new();
-    stdin
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| SettingError::Invalid {
-            setting: "password",
-            reason: format!("cannot read stdin: {e}"),
-        })?;
-    let password = line.trim_end_matches(['\r', '\n']).to_owned();
-    if password.is_empty() {
-        return Err(SettingError::Invalid {
-            setting: "password",
-            reason: "stdin gave an empty password".to_owned(),
-        }
-        .into());
-    }
-    Ok(password)
 }

@@ -377,7 +377,7 @@ async fn serve_acknowledges_a_write_once_both_replicas_have_it() {
         let exists: u32 = topology
             .query(
                 replica,
-                redis::cmd("EXISTS").arg("tenant:acme:data:greeting"),
+                redis::cmd("EXISTS").arg("tenant:{acme}:data:greeting"),
             )
             .await
             .unwrap();

@@ -215,8 +215,8 @@ impl Encryption {
     }
 
     /// Whether a stored value is encrypted.
-    pub(crate) fn is_encrypted(stored: &str) -> bool {
-        stored.starts_with(ENCRYPTED)
+    pub(crate) fn is_encrypted(stored: &[u8]) -> bool {
+        stored.starts_with(ENCRYPTED.as_bytes())
     }
 }
 

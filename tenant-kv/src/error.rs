@@ -185,10 +185,32 @@ pub enum Error {
         reason: String,
     },
 
+    /// Redis holds the store's data in a storage layout this version does
+    /// not serve: layout 1, to migrate first ([`TenantKv::migration`]), or
+    /// a newer one. Nothing was read or written.
+    ///
+    /// [`TenantKv::migration`]: crate::TenantKv::migration
+    #[error(
+        "Redis holds tenant-kv data in storage layout {found}, and this version serves layout 2 only{}",
+        layout_advice(found)
+    )]
+    UnsupportedLayout {
+        /// The layout found: `1`, or the marker's value.
+        found: String,
+    },
+
     /// Redis could not be reached within the retry budget, or answered
     /// with an error.
     #[error("redis request failed")]
     Redis(#[from] redis_failover::Error),
+}
+
+fn layout_advice(found: &str) -> &'static str {
+    if found == "1" {
+        ": migrate it first (`TenantKv::migration`)"
+    } else {
+        ""
+    }
 }
 
 /// The result type of this crate.

@@ -17,6 +17,10 @@ use crate::store::{Actor, TenantKv};
 
 /// Where Redis announces every key it expires (database 0).
 const EXPIRED_CHANNEL: &str = "__keyevent@0__:expired";
+/// Every tenant's expiry index (and items whose key ends so, which
+/// [`tenant_of_expiry_index`] tells apart). `{` and `}` are no glob
+/// characters: they match themselves.
+const EXPIRY_INDEXES: &str = "tenant:{*}:expiry";
 /// How many notifications already received are handled together.
 const COALESCE: usize = 1024;
 
@@ -186,19 +190,32 @@ fn has_expired_events(flags: &str) -> bool {
     flags.contains('E') && (flags.contains('x') || flags.contains('A'))
 }
 
-/// The tenant of an item's Redis key `tenant:<id>:data:<key>`, if it is one.
+/// The tenant of an item's Redis key `tenant:{<id>}:data:<key>`, or of a
+/// layout 1 item's `tenant:<id>:data:<key>` (expiring while a migration
+/// runs), if it is one.
 fn tenant_of_item(redis_key: &[u8]) -> Option<TenantId> {
     let rest = redis_key.strip_prefix(b"tenant:")?;
-    let end = rest.iter().position(|&b| b == b':')?;
-    if !rest[end + 1..].starts_with(b"data:") {
+    let (id, after) = match rest.strip_prefix(b"{") {
+        Some(tagged) => {
+            let end = tagged.iter().position(|&b| b == b'}')?;
+            (&tagged[..end], tagged[end + 1..].strip_prefix(b":")?)
+        }
+        None => {
+            let end = rest.iter().position(|&b| b == b':')?;
+            (&rest[..end], &rest[end + 1..])
+        }
+    };
+    if !after.starts_with(b"data:") {
         return None;
     }
-    TenantId::new(std::str::from_utf8(&rest[..end]).ok()?).ok()
+    TenantId::new(std::str::from_utf8(id).ok()?).ok()
 }
 
-/// The tenant of an expiry index's Redis key `tenant:<id>:expiry`.
+/// The tenant of an expiry index's Redis key `tenant:{<id>}:expiry`.
 fn tenant_of_expiry_index(redis_key: &str) -> Option<TenantId> {
-    let id = redis_key.strip_prefix("tenant:")?.strip_suffix(":expiry")?;
+    let id = redis_key
+        .strip_prefix("tenant:{")?
+        .strip_suffix("}:expiry")?;
     TenantId::new(id).ok()
 }
 
@@ -226,7 +243,7 @@ async fn sweep(store: &TenantKv) -> Result<(), BoxError> {
                 redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
-                    .arg("tenant:*:expiry")
+                    .arg(EXPIRY_INDEXES)
                     .arg("COUNT")
                     .arg(1000)
                     .arg("TYPE")
@@ -269,22 +286,29 @@ mod tests {
     #[test]
     fn item_keys_name_their_tenant() {
         let tenant = |key: &[u8]| tenant_of_item(key).map(|t| t.as_str().to_owned());
+        assert_eq!(tenant(b"tenant:{acme}:data:a:b"), Some("acme".to_owned()));
+        assert_eq!(tenant(b"tenant:{acme}:data:"), Some("acme".to_owned()));
+        assert_eq!(tenant(b"tenant:{acme}:data:}x"), Some("acme".to_owned()));
+        // Layout 1's, while a migration runs.
         assert_eq!(tenant(b"tenant:acme:data:a:b"), Some("acme".to_owned()));
-        assert_eq!(tenant(b"tenant:acme:data:"), Some("acme".to_owned()));
-        assert_eq!(tenant(b"tenant:acme:rate"), None);
-        assert_eq!(tenant(b"tenant:acme:index"), None);
-        assert_eq!(tenant(b"tenant:a*b:data:x"), None);
-        assert_eq!(tenant(b"other:acme:data:x"), None);
-        assert_eq!(tenant(b"tenant:\xff:data:x"), None);
+        assert_eq!(tenant(b"tenant:{acme}:rate"), None);
+        assert_eq!(tenant(b"tenant:{acme}:index"), None);
+        assert_eq!(tenant(b"tenant:{acme}data:x"), None);
+        assert_eq!(tenant(b"tenant:{a*b}:data:x"), None);
+        assert_eq!(tenant(b"tenant:{acme:data:x"), None);
+        assert_eq!(tenant(b"other:{acme}:data:x"), None);
+        assert_eq!(tenant(b"tenant:{\xff}:data:x"), None);
     }
 
     #[test]
     fn only_expiry_indexes_name_a_tenant() {
         let tenant = |key| tenant_of_expiry_index(key).map(|t| t.as_str().to_owned());
-        assert_eq!(tenant("tenant:acme:expiry"), Some("acme".to_owned()));
+        assert_eq!(tenant("tenant:{acme}:expiry"), Some("acme".to_owned()));
         // An item whose key ends in `:expiry` is not an index.
-        assert_eq!(tenant("tenant:acme:data:x:expiry"), None);
-        assert_eq!(tenant("tenant::expiry"), None);
+        assert_eq!(tenant("tenant:{acme}:data:x}:expiry"), None);
+        assert_eq!(tenant("tenant:{acme}:data:x:expiry"), None);
+        assert_eq!(tenant("tenant:{}:expiry"), None);
+        assert_eq!(tenant("tenant:acme:expiry"), None);
     }
 
     #[test]

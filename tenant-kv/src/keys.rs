@@ -1,12 +1,19 @@
 //! Tenant ids, item keys, and the Redis keys they map to.
 //!
-//! Every Redis key of a tenant starts with `tenant:<tenant_id>:`. A tenant
-//! id never contains `:`, so the first `:` after `tenant:` ends it: a Redis
-//! key names exactly one tenant. An item's Redis key is
-//! `tenant:<tenant_id>:data:<key>`, its key verbatim after the fixed
-//! `data:` part, so the mapping from (tenant, key) is injective whatever
-//! the key contains. The tenant's other keys (`index`, `expiry`, ...) do
-//! not start with `data:`, so no item key can reach them.
+//! Every Redis key of a tenant starts with `tenant:{<tenant_id>}:` (storage
+//! layout 2). The braces are a Redis Cluster hash tag: only the tenant id
+//! is hashed, so all of a tenant's keys share one slot, and a script or
+//! transaction over them is never cross-slot. A tenant id holds neither
+//! braces nor `:`, so the first `}` after `tenant:{` ends it: a Redis key
+//! names exactly one tenant, and the tag is always the tenant. An item's
+//! Redis key is `tenant:{<tenant_id>}:data:<key>`, its key verbatim after
+//! the fixed `data:` part, so the mapping from (tenant, key) is injective
+//! whatever the key contains (braces included: only the first `{...}` of a
+//! key is its tag). The tenant's other keys (`index`, `expiry`, ...) do not
+//! start with `data:`, so no item key can reach them.
+//!
+//! Layout 1 spelled the same keys `tenant:<tenant_id>:...`, without the tag;
+//! [`TenantKeys::legacy_data`] names its item keys for the migration.
 
 use std::fmt;
 
@@ -106,23 +113,74 @@ pub(crate) fn check_text(what: &str, text: &str) -> Result<(), String> {
     }
 }
 
+/// The start of every Redis key of `tenant`: `tenant:{<id>}:`.
+pub(crate) fn tenant_prefix(tenant: &str) -> String {
+    format!("tenant:{{{tenant}}}:")
+}
+
+/// The start of every Redis key of `tenant` under storage layout 1:
+/// `tenant:<id>:`.
+pub(crate) fn legacy_prefix(tenant: &str) -> String {
+    format!("tenant:{tenant}:")
+}
+
+/// The names after a tenant's prefix of the keys the write script takes.
+pub(crate) const USAGE: &str = "usage";
+pub(crate) const AUDIT: &str = "audit";
+pub(crate) const INDEX: &str = "index";
+pub(crate) const EXPIRY: &str = "expiry";
+pub(crate) const EXPIRING_SIZES: &str = "expiring-sizes";
+pub(crate) const RATE: &str = "rate";
+
+/// A Redis key written into a command from its parts, without a string of
+/// its own: the tenant's prefix, then the rest.
+pub(crate) struct KeyArg<'a>(&'a str, &'a str, &'a str);
+
+impl redis::ToRedisArgs for KeyArg<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write as _;
+        let mut arg = out.writer_for_next_arg();
+        for part in [self.0, self.1, self.2] {
+            // Writing into the command's own buffer cannot fail.
+            let _ = arg.write_all(part.as_bytes());
+        }
+    }
+}
+
 /// The Redis keys of one tenant.
 #[derive(Clone, Debug)]
 pub(crate) struct TenantKeys {
-    /// `tenant:<id>:`
+    /// `tenant:{<id>}:`
     prefix: String,
+    /// `tenant:<id>:`, layout 1's.
+    legacy: String,
 }
 
 impl TenantKeys {
     pub(crate) fn new(tenant: &TenantId) -> Self {
         Self {
-            prefix: format!("tenant:{tenant}:"),
+            prefix: tenant_prefix(tenant.as_str()),
+            legacy: legacy_prefix(tenant.as_str()),
         }
     }
 
-    /// `tenant:<id>:data:`, followed by the item key in an item's Redis key.
-    pub(crate) fn data_prefix(&self) -> String {
-        format!("{}data:", self.prefix)
+    fn named(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// The key `name` (one of this module's constants), as a command's argument.
+    pub(crate) fn arg<'a>(&'a self, name: &'a str) -> KeyArg<'a> {
+        KeyArg(&self.prefix, name, "")
+    }
+
+    /// An item's Redis key, as a command's argument.
+    pub(crate) fn data_arg<'a>(&'a self, key: &'a str) -> KeyArg<'a> {
+        KeyArg(&self.prefix, "data:", key)
+    }
+
+    /// An item's layout 1 Redis key, as a command's argument.
+    pub(crate) fn legacy_data_arg<'a>(&'a self, key: &'a str) -> KeyArg<'a> {
+        KeyArg(&self.legacy, "data:", key)
     }
 
     /// An item's Redis key.
@@ -130,29 +188,35 @@ impl TenantKeys {
         format!("{}data:{key}", self.prefix)
     }
 
+    /// An item's Redis key under storage layout 1 (a hash), which the store
+    /// still reads and replaces while a migration runs.
+    pub(crate) fn legacy_data(&self, key: &str) -> String {
+        format!("{}data:{key}", self.legacy)
+    }
+
+    /// The tenant's progress through a migration (a hash).
+    pub(crate) fn migration(&self) -> String {
+        format!("{}migration", self.prefix)
+    }
+
     /// The sorted set of every item key (score 0, read by lexical range).
     pub(crate) fn index(&self) -> String {
-        format!("{}index", self.prefix)
+        self.named(INDEX)
     }
 
     /// The sorted set of item keys with a TTL, scored by expiry (ms).
     pub(crate) fn expiry(&self) -> String {
-        format!("{}expiry", self.prefix)
+        self.named(EXPIRY)
     }
 
     /// Sizes of the items with a TTL, for the usage counters once they expire.
     pub(crate) fn expiring_sizes(&self) -> String {
-        format!("{}expiring-sizes", self.prefix)
+        self.named(EXPIRING_SIZES)
     }
 
     /// The tenant's counters: `keys`, `bytes`, and `rev` (the last version given).
     pub(crate) fn usage(&self) -> String {
-        format!("{}usage", self.prefix)
-    }
-
-    /// The tenant's write-rate state (GCRA's theoretical arrival time).
-    pub(crate) fn rate(&self) -> String {
-        format!("{}rate", self.prefix)
+        self.named(USAGE)
     }
 
     /// The tenant's quota overrides (a hash: quota name to value).
@@ -197,7 +261,7 @@ impl TenantKeys {
 
     /// The stream of the tenant's audit records.
     pub(crate) fn audit(&self) -> String {
-        format!("{}audit", self.prefix)
+        self.named(AUDIT)
     }
 }
 
@@ -225,21 +289,25 @@ pub fn escape_glob(text: &str) -> String {
 }
 
 /// ACL rules confining a Redis user to `tenant`'s keys, as defence in depth
-/// under the library's own isolation: `resetkeys ~tenant:<id>:*` and no
+/// under the library's own isolation: `resetkeys ~tenant:{<id>}:*` and no
 /// command that reaches keys by pattern or the whole keyspace. Add the
 /// user's password and `on` to use it, e.g.
 /// `ACL SETUSER <name> on ><password> <rules...>`.
 ///
 /// A [`TenantKv`](crate::TenantKv) over a client that logs in as this user
-/// serves that tenant's items (`ROLE`, for finding the master, and `TIME`,
-/// for the write script's clock, are allowed)
+/// serves that tenant's items (`ROLE`, for finding the master, `TIME`, for
+/// the write script's clock, and reading the storage layout marker
+/// `tenant-kv:layout` are allowed; the marker must have been set by an
+/// unconfined client, unless the database is empty)
 /// and gets `NOPERM` errors for any other tenant's. Replica reads also need
 /// `+info`, and the expiry watcher, users and API keys (kept outside the
 /// tenants' keys) need an unconfined user.
 pub fn tenant_acl_rules(tenant: &TenantId) -> Vec<String> {
     let mut rules = vec![
         "resetkeys".to_owned(),
-        format!("~{}*", escape_glob(&format!("tenant:{tenant}:"))),
+        format!("~{}*", escape_glob(&tenant_prefix(tenant.as_str()))),
+        // The storage layout marker, read (never written) before serving.
+        format!("%R~{}", escape_glob(crate::layout::LAYOUT_KEY)),
         "resetchannels".to_owned(),
         "-@all".to_owned(),
         "+@read".to_owned(),
@@ -274,12 +342,23 @@ mod tests {
     use super::*;
 
     /// Recovers (tenant, key) from an item's Redis key, as anyone reading
-    /// the keyspace would: the tenant id ends at the first `:`.
+    /// the keyspace would: the tenant id ends at the first `}`.
     fn decode(redis_key: &str) -> Option<(String, String)> {
-        let rest = redis_key.strip_prefix("tenant:")?;
-        let (tenant, rest) = rest.split_once(':')?;
-        let key = rest.strip_prefix("data:")?;
+        let rest = redis_key.strip_prefix("tenant:{")?;
+        let (tenant, rest) = rest.split_once('}')?;
+        let key = rest.strip_prefix(":data:")?;
         Some((tenant.to_owned(), key.to_owned()))
+    }
+
+    /// What Redis Cluster hashes of a key: the text between its first `{`
+    /// and the next `}`, if that is not empty; else the whole key.
+    fn hash_tag(redis_key: &str) -> &str {
+        redis_key
+            .split_once('{')
+            .and_then(|(_, rest)| rest.split_once('}'))
+            .map(|(tag, _)| tag)
+            .filter(|tag| !tag.is_empty())
+            .unwrap_or(redis_key)
     }
 
     /// Redis's glob matching for what `escape_glob` produces: literal
@@ -327,7 +406,12 @@ mod tests {
     }
 
     fn any_key() -> impl Strategy<Value = String> {
-        prop_oneof![nasty_key(), "\\PC{1,40}", "tenant:[a-z]{1,5}:data:.{0,10}"]
+        prop_oneof![
+            nasty_key(),
+            "\\PC{1,40}",
+            "tenant:[a-z]{1,5}:data:.{0,10}",
+            "\\}?:data:\\{[a-z]{1,5}\\}:.{0,10}"
+        ]
     }
 
     proptest! {
@@ -337,6 +421,14 @@ mod tests {
         fn an_item_key_names_exactly_its_tenant_and_key(tenant in tenant(), key in any_key()) {
             let redis_key = TenantKeys::new(&tenant).data(&key);
             prop_assert_eq!(decode(&redis_key), Some((tenant.to_string(), key)));
+        }
+
+        #[test]
+        fn every_key_of_a_tenant_is_tagged_with_it(tenant in tenant(), key in any_key()) {
+            let keys = TenantKeys::new(&tenant);
+            for redis_key in [keys.data(&key), keys.index(), keys.audit(), keys.api_key_rate(&key)] {
+                prop_assert_eq!(hash_tag(&redis_key), tenant.as_str());
+            }
         }
 
         #[test]
@@ -375,13 +467,15 @@ mod tests {
         let mine = TenantKeys::new(&TenantId::new("alice").unwrap());
         for attack in [
             "x:tenant:bob:data:secret",
+            "}:data:x",
+            "{bob}",
             "../bob",
             "*",
             ":index",
             "\ntenant:bob:data:k",
         ] {
             let redis_key = mine.data(attack);
-            assert!(redis_key.starts_with("tenant:alice:data:"), "{redis_key}");
+            assert!(redis_key.starts_with("tenant:{alice}:data:"), "{redis_key}");
             assert_eq!(decode(&redis_key).unwrap().0, "alice");
         }
         // The tenant's own bookkeeping keys are not item keys.
@@ -412,7 +506,7 @@ mod tests {
     #[test]
     fn acl_rules_confine_a_user_to_its_tenant() {
         let rules = tenant_acl_rules(&TenantId::new("acme").unwrap());
-        assert!(rules.contains(&"~tenant:acme:*".to_owned()));
+        assert!(rules.contains(&"~tenant:{acme}:*".to_owned()));
         assert!(rules.contains(&"-scan".to_owned()));
         assert!(rules.contains(&"-flushall".to_owned()));
     }

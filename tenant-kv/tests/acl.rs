@@ -41,7 +41,7 @@ async fn a_tenant_acl_user_reaches_its_own_tenant_only() {
     let store = TenantKv::builder(client.clone()).build().unwrap();
     let acme = store.tenant(tenant("acme"), Actor::user("alice"));
     // Keys full of glob and separator characters stay inside the pattern.
-    for key in ["plain", "a*b?[c]\\", "tenant:globex:data:x", "../x"] {
+    for key in ["plain", "a*b?[c]\\", "tenant:{globex}:data:x", "../x"] {
         let created = acme.create(key, NewItem::new(json!(key))).await.unwrap();
         acme.put(
             key,
@@ -66,7 +66,7 @@ async fn a_tenant_acl_user_reaches_its_own_tenant_only() {
     // And directly: other tenants' keys, pattern and keyspace-wide commands.
     refused(
         client
-            .query::<Option<String>>(redis::cmd("GET").arg("tenant:globex:data:x"))
+            .query::<Option<String>>(redis::cmd("GET").arg("tenant:{globex}:data:x"))
             .await,
     );
     refused(

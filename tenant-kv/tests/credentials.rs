@@ -333,7 +333,7 @@ async fn failed_logins_cannot_flood_the_audit_stream() {
         let suppressed: Option<u64> = topology
             .query(
                 topology.initial_master(),
-                redis::cmd("GET").arg("tenant:acme:login-failed-suppressed"),
+                redis::cmd("GET").arg("tenant:{acme}:login-failed-suppressed"),
             )
             .await
             .unwrap();
@@ -351,7 +351,7 @@ async fn failed_logins_cannot_flood_the_audit_stream() {
     let _: () = topology
         .query(
             topology.initial_master(),
-            redis::cmd("DEL").arg("tenant:acme:login-failed-rate"),
+            redis::cmd("DEL").arg("tenant:{acme}:login-failed-rate"),
         )
         .await
         .unwrap();

@@ -41,24 +41,22 @@ async fn encrypted_values_read_back_only_where_they_were_written() {
         let key = key.to_owned();
         let topology = &topology;
         async move {
-            let value: String = topology
-                .query(master, redis::cmd("HGET").arg(key).arg("value"))
+            let value: Vec<u8> = topology
+                .query(master, redis::cmd("GET").arg(key))
                 .await
                 .unwrap();
             value
         }
     };
-    let stored = raw("tenant:acme:data:card").await;
-    assert!(stored.starts_with("enc:v1:"), "{stored}");
-    assert!(!stored.contains("4111"), "the value is in clear");
+    let stored = raw("tenant:{acme}:data:card").await;
+    let text = String::from_utf8_lossy(&stored);
+    assert!(text.contains("enc:v1:"), "{text}");
+    assert!(!text.contains("4111"), "the value is in clear");
 
     // The same ciphertext copied under another key, or another tenant.
-    for target in ["tenant:acme:data:other", "tenant:bob:data:card"] {
+    for target in ["tenant:{acme}:data:other", "tenant:{bob}:data:card"] {
         let _: () = topology
-            .query(
-                master,
-                redis::cmd("HSET").arg(target).arg("value").arg(&stored),
-            )
+            .query(master, redis::cmd("SET").arg(target).arg(&stored))
             .await
             .unwrap();
     }

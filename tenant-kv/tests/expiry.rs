@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use redis_topology::Topology;
 use serde_json::json;
-use tenant_kv::{Actor, NewItem, TenantKv};
+use tenant_kv::{Actor, NewItem, Precondition, Quotas, TenantKv};
 
 mod common;
 
@@ -171,4 +171,54 @@ async fn the_watcher_follows_a_new_master() {
     let records = expirations_on(&topology, new, "acme", 2).await;
     assert_eq!(records[1]["key"], "after");
     assert!(notify_flags(&topology, new).await.contains('x'));
+}
+
+/// Polls `get` until the item is gone (Redis expired it).
+async fn until_expired(acme: &tenant_kv::Tenant, key: &str) {
+    let started = Instant::now();
+    while acme.get(key).await.is_ok() {
+        assert!(started.elapsed() < DEADLINE, "{key} never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn writes_purge_only_the_expired_items_they_need() {
+    let (topology, client) = start(0).await;
+    let store = TenantKv::builder(client)
+        .quotas(Quotas::unlimited().max_keys(3))
+        .build()
+        .unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::user("alice"));
+    let short = || NewItem::new(json!(1)).ttl(Duration::from_millis(50));
+    for key in ["a", "b", "c"] {
+        acme.create(key, short()).await.unwrap();
+    }
+    for key in ["a", "b", "c"] {
+        until_expired(&acme, key).await;
+    }
+    // Writing over an expired item takes it out of the counters first, in
+    // the same script, and leaves the others.
+    acme.put("a", NewItem::new(json!(2)), Precondition::None)
+        .await
+        .unwrap();
+    let records = audit(&topology, "acme").await;
+    let tail: Vec<(&str, &str)> = records[3..]
+        .iter()
+        .map(|r| (r["action"].as_str(), r["key"].as_str()))
+        .collect();
+    assert_eq!(tail, [("key_expiration", "a"), ("create_key", "a")]);
+    assert_eq!(acme.usage().await.unwrap().keys, 3, "b and c still counted");
+    // A write the quota would refuse while expired items still count
+    // purges them, then goes through.
+    acme.create("d", NewItem::new(json!(3))).await.unwrap();
+    let records = audit(&topology, "acme").await;
+    let mut purged: Vec<&str> = expirations(&records)
+        .iter()
+        .map(|r| r["key"].as_str())
+        .collect();
+    purged.sort_unstable();
+    assert_eq!(purged, ["a", "b", "c"]);
+    assert_eq!(acme.usage().await.unwrap().keys, 2);
+    assert_eq!(acme.list("", 10, None).await.unwrap().keys, ["a", "d"]);
 }

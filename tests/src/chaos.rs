@@ -679,7 +679,7 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
         let mut left = 0u64;
         for tenant in TENANTS {
             left += client
-                .query::<u64>(redis::cmd("XLEN").arg(format!("tenant:{tenant}:audit")))
+                .query::<u64>(redis::cmd("XLEN").arg(format!("tenant:{{{tenant}}}:audit")))
                 .await
                 .unwrap_or(1);
         }
@@ -690,7 +690,7 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
         // What holds entries back, for the report.
         let mut state = String::new();
         for tenant in TENANTS {
-            let stream = format!("tenant:{tenant}:audit");
+            let stream = format!("tenant:{{{tenant}}}:audit");
             let groups: redis::Value = client
                 .query(redis::cmd("XINFO").arg("GROUPS").arg(&stream))
                 .await
@@ -752,7 +752,7 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
     // Entries any offloader, killed ones included, set aside.
     let mut dead_lettered: BTreeMap<String, u64> = BTreeMap::new();
     for tenant in TENANTS {
-        let stream = log_buffer::dead_letter_stream(&format!("tenant:{tenant}:audit"));
+        let stream = log_buffer::dead_letter_stream(&format!("tenant:{{{tenant}}}:audit"));
         let entries: Vec<(String, HashMap<String, String>)> = client
             .query(redis::cmd("XRANGE").arg(stream).arg("-").arg("+"))
             .await?;

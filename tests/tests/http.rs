@@ -467,7 +467,8 @@ async fn tenants_cannot_touch_each_others_items() {
         "plain",
         "a/b",
         "../plain",
-        "tenant:tenant1:data:plain",
+        "tenant:{tenant1}:data:plain",
+        "{tenant1}:data:plain",
         "tenant1:data:plain",
         "*",
         "pl?in",
@@ -527,7 +528,15 @@ async fn tenants_cannot_touch_each_others_items() {
             "not_found",
         );
     }
-    for prefix in ["", "tenant", "tenant:tenant1", "*", "a", "tenant1"] {
+    for prefix in [
+        "",
+        "tenant",
+        "tenant:{tenant1}",
+        "{tenant1}",
+        "*",
+        "a",
+        "tenant1",
+    ] {
         let listed = user2
             .get(&format!("/data?prefix={}&limit=1000", encode(prefix)))
             .await;

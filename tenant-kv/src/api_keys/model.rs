@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::item::MAX_TTL;
 use crate::keys::{MAX_KEY_LEN, TenantId, check_text};
-use crate::store::MAX_TTL;
 
 /// The longest API key name, in bytes.
 pub const MAX_API_KEY_NAME_LEN: usize = 128;

@@ -1,143 +1,140 @@
 -- Writes to a tenant's items, all or nothing, with the index, usage
--- counters, rate limit and one audit record per write. Items whose TTL ran
--- out leave the index first (16 per call, or 256 when called with no
--- writes, to purge), each with a `key_expiration` record by `system`.
+-- counters, rate limit and one audit record per write. Each write does
+-- what it needs and no more: it reads the header of the item it replaces,
+-- and touches the index, the expiry index and the counters only when they
+-- change. Items whose TTL ran out are purged by the expiry watcher, except
+-- one that a write replaces, which it takes out of the counters first
+-- (with its `key_expiration` record).
+-- Item times come from Redis's clock, as the ms of the audit record's
+-- stream id (the record is appended before the item is written); the
+-- records' `ts` is the writer's clock, in ns.
 --
--- KEYS: 1 index, 2 expiry, 3 expiring sizes, 4 usage, 5 audit, 6 rate,
---       then the item key of each write, in order.
--- ARGV: 1 actor, 2 item key prefix, 3 max keys or '', 4 max bytes or '',
---       5 audit stream length cap, 6 tenant id, 7 rate (writes per second)
---       or '', 8 burst, then 6 per write: op (create | put | update |
---       delete), key, expected version or '', value (JSON), metadata (JSON)
---       or '', TTL in ms or ''.
--- Returns {'ok', version, created ms, updated ms, ...} with three numbers
--- per write, or {'ok', items purged} with no writes, or
--- {status, index of the write at fault (1-based), number}.
+-- KEYS: 1 usage, 2 audit, 3 index, 4 expiry, 5 expiring sizes, 6 rate,
+--       then the item key of each write, in order, then (while a
+--       migration runs) each write's item key under layout 1.
+-- ARGV: 1 actor, 2 tenant id, 3 audit stream length cap, 4 the records'
+--       ts (ns), 5 max keys or '', 6 max bytes or '', 7 rate (writes per
+--       second) or '', 8 burst, then 6 per write: op (create | put |
+--       update | delete), key, expected version or '', TTL in ms or '',
+--       metadata (JSON) or '', value (JSON).
+-- Returns, once written, each write's envelope header, one after the
+-- other (a deletion's with created and expires 0); else {status, index of
+-- the write at fault (1-based), number}.
 
 local HEADER = 8
 local writes = (#ARGV - HEADER) / 6
-local now_ms, now_ns, now_us = clock()
+local legacy = #KEYS > 6 + writes
 
-local function audit(actor, action, item_key, version, size)
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[5], '*',
-    'ts', now_ns, 'tenant', ARGV[6], 'actor', actor, 'action', action,
-    'key', item_key, 'version', tostring(version), 'size', tostring(size))
-end
-
-local function usage(field)
-  return tonumber(redis.call('HGET', KEYS[4], field) or '0')
-end
-
-local function arg(i, field)
-  return ARGV[HEADER + (i - 1) * 6 + field]
-end
-
-local purge_limit = 16
-if writes == 0 then purge_limit = 256 end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0, purge_limit)
-local purged = 0
-for _, gone in ipairs(expired) do
-  -- The item itself may still be there for a moment (Redis expires lazily)
-  -- or may have been written again since, with a new TTL or none.
-  if redis.call('EXISTS', ARGV[2] .. gone) == 0 then
-    local size = tonumber(redis.call('HGET', KEYS[3], gone) or '0')
-    redis.call('ZREM', KEYS[1], gone)
-    redis.call('ZREM', KEYS[2], gone)
-    redis.call('HDEL', KEYS[3], gone)
-    redis.call('HINCRBY', KEYS[4], 'keys', -1)
-    redis.call('HINCRBY', KEYS[4], 'bytes', -size)
-    audit('system', 'key_expiration', gone, '', size)
-    purged = purged + 1
-  end
-end
-if writes == 0 then return {'ok', purged} end
-
--- Check every write before doing any.
-local state = {}
+-- What each write finds under its key (the item's header, or while a
+-- migration runs its layout 1 hash), checked before any is done.
+local found = {}
 local key_delta, byte_delta = 0, 0
 for i = 1, writes do
-  local item = KEYS[6 + i]
-  local op, expected = arg(i, 1), arg(i, 3)
-  local exists = redis.call('EXISTS', item) == 1
-  local current, old_size, created = 0, 0, now_ms
-  if exists then
-    local fields = redis.call('HMGET', item, 'version', 'size', 'created')
-    current, old_size, created = tonumber(fields[1]), tonumber(fields[2]), tonumber(fields[3])
+  local at = HEADER + (i - 1) * 6
+  local op, key, expected = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local version, created, expires, size = envelope_header(KEYS[6 + i])
+  local exists, from_legacy, expired_size = version ~= nil, false, nil
+  if not exists and legacy then
+    local old = redis.call('HMGET', KEYS[6 + writes + i], 'version', 'created', 'expires', 'size')
+    if old[1] then
+      exists, from_legacy = true, true
+      version, created = tonumber(old[1]), tonumber(old[2])
+      expires, size = tonumber(old[3] or '0'), tonumber(old[4] or '0')
+    end
   end
-  if op == 'create' and exists then return {'exists', i, current} end
+  if not exists then
+    version, created, expires, size = 0, nil, 0, 0
+    if redis.call('ZSCORE', KEYS[4], key) then
+      -- Expired, still counted: this write purges it.
+      expired_size = tonumber(redis.call('HGET', KEYS[5], key) or '0')
+      key_delta, byte_delta = key_delta - 1, byte_delta - expired_size
+    end
+  end
+  if op == 'create' and exists then return {'exists', i, version} end
   if (op == 'update' or op == 'delete') and not exists then return {'missing', i, 0} end
-  if expected ~= '' and (not exists or tonumber(expected) ~= current) then
-    return {'conflict', i, current}
+  if expected ~= '' and (not exists or tonumber(expected) ~= version) then
+    return {'conflict', i, version}
   end
-  local size = 0
-  if op ~= 'delete' then size = #arg(i, 2) + #arg(i, 4) + #arg(i, 5) end
-  if op == 'delete' then key_delta = key_delta - 1
-  elseif not exists then key_delta = key_delta + 1 end
-  byte_delta = byte_delta + size - old_size
-  state[i] = {exists = exists, old_size = old_size, size = size, created = created}
+  local new_size = 0
+  if op == 'delete' then
+    key_delta = key_delta - 1
+  else
+    new_size = #key + #ARGV[at + 5] + #ARGV[at + 6]
+    if not exists then key_delta = key_delta + 1 end
+  end
+  byte_delta = byte_delta + new_size - size
+  found[i] = {exists, created, expires, size, new_size, from_legacy, expired_size}
 end
-if ARGV[3] ~= '' and key_delta > 0 and usage('keys') + key_delta > tonumber(ARGV[3]) then
-  return {'quota_keys', 0, usage('keys') + key_delta}
+if ARGV[5] ~= '' and key_delta > 0 then
+  local keys = tonumber(redis.call('HGET', KEYS[1], 'keys') or '0') + key_delta
+  if keys > tonumber(ARGV[5]) then return {'quota_keys', 0, keys} end
 end
-if ARGV[4] ~= '' and byte_delta > 0 and usage('bytes') + byte_delta > tonumber(ARGV[4]) then
-  return {'quota_bytes', 0, usage('bytes') + byte_delta}
+if ARGV[6] ~= '' and byte_delta > 0 then
+  local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0') + byte_delta
+  if bytes > tonumber(ARGV[6]) then return {'quota_bytes', 0, bytes} end
 end
 -- The write rate: each write books 1/rate s; at most `burst` ahead. A
 -- batch larger than the burst could never go through: refused as such.
 if ARGV[7] ~= '' then
   local interval, burst = math.floor(1000000 / tonumber(ARGV[7])), tonumber(ARGV[8])
   if writes > burst then return {'rate_batch', 0, burst} end
+  local _, _, now_us = clock()
   local allowed, _, retry, _, tat = gcra_check(KEYS[6], now_us, interval, burst, writes)
   if not allowed then return {'rate', 0, math.ceil(retry / 1000)} end
   gcra_book(KEYS[6], tat, interval, burst)
 end
 
-local reply = {'ok'}
+local function audit(actor, action, key, version, size)
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
+    'ts', ARGV[4], 'tenant', ARGV[2], 'actor', actor, 'action', action,
+    'key', key, 'version', version, 'size', size)
+  return tonumber(string.match(id, '%d+'))
+end
+
+-- One increment of the tenant's version counter for the whole batch.
+local first = redis.call('HINCRBY', KEYS[1], 'rev', writes) - writes
+local headers = {}
 for i = 1, writes do
-  local item, op, key = KEYS[6 + i], arg(i, 1), arg(i, 2)
-  local s = state[i]
-  local version = redis.call('HINCRBY', KEYS[4], 'rev', 1)
+  local at = HEADER + (i - 1) * 6
+  local op, key, ttl = ARGV[at + 1], ARGV[at + 2], ARGV[at + 4]
+  local f, item, version = found[i], KEYS[6 + i], first + i
+  local exists, created, expires, size, new_size = f[1], f[2], f[3], f[4], f[5]
+  if f[6] then redis.call('DEL', KEYS[6 + writes + i]) end
+  if f[7] then audit('system', 'key_expiration', key, '', f[7]) end
   if op == 'delete' then
+    local now_ms = audit(ARGV[1], 'delete_key', key, version, size)
     redis.call('DEL', item)
-    redis.call('ZREM', KEYS[1], key)
-    redis.call('ZREM', KEYS[2], key)
-    redis.call('HDEL', KEYS[3], key)
-    audit(ARGV[1], 'delete_key', key, version, s.old_size)
-    table.insert(reply, version)
-    table.insert(reply, 0)
-    table.insert(reply, now_ms)
+    redis.call('ZREM', KEYS[3], key)
+    if expires > 0 then
+      redis.call('ZREM', KEYS[4], key)
+      redis.call('HDEL', KEYS[5], key)
+    end
+    headers[i] = struct.pack(ENVELOPE, 1, version, 0, now_ms, 0, 0, 0)
   else
-    redis.call('DEL', item)
-    local fields = {'value', arg(i, 4), 'version', version, 'created', s.created,
-      'updated', now_ms, 'size', s.size}
-    if arg(i, 5) ~= '' then
-      table.insert(fields, 'metadata')
-      table.insert(fields, arg(i, 5))
-    end
-    local expires = nil
-    if arg(i, 6) ~= '' then
-      expires = now_ms + tonumber(arg(i, 6))
-      table.insert(fields, 'expires')
-      table.insert(fields, expires)
-    end
-    redis.call('HSET', item, unpack(fields))
-    if expires then
-      redis.call('PEXPIREAT', item, expires)
-      redis.call('ZADD', KEYS[2], expires, key)
-      redis.call('HSET', KEYS[3], key, s.size)
+    local action = 'update_key'
+    if not exists then action = 'create_key' end
+    local now_ms = audit(ARGV[1], action, key, version, new_size)
+    created = created or now_ms
+    local expires_at = 0
+    if ttl ~= '' then expires_at = now_ms + tonumber(ttl) end
+    local metadata = ARGV[at + 5]
+    local header = struct.pack(ENVELOPE, 1, version, created, now_ms, expires_at, new_size, #metadata)
+    headers[i] = header
+    if expires_at > 0 then
+      redis.call('SET', item, header .. metadata .. ARGV[at + 6], 'PXAT', expires_at)
+      redis.call('ZADD', KEYS[4], expires_at, key)
+      redis.call('HSET', KEYS[5], key, new_size)
     else
-      redis.call('ZREM', KEYS[2], key)
-      redis.call('HDEL', KEYS[3], key)
+      redis.call('SET', item, header .. metadata .. ARGV[at + 6])
+      if expires > 0 or f[7] then
+        redis.call('ZREM', KEYS[4], key)
+        redis.call('HDEL', KEYS[5], key)
+      end
     end
-    redis.call('ZADD', KEYS[1], 0, key)
-    local action = 'create_key'
-    if s.exists then action = 'update_key' end
-    audit(ARGV[1], action, key, version, s.size)
-    table.insert(reply, version)
-    table.insert(reply, s.created)
-    table.insert(reply, now_ms)
+    if not exists then redis.call('ZADD', KEYS[3], 0, key) end
   end
 end
-if key_delta ~= 0 then redis.call('HINCRBY', KEYS[4], 'keys', key_delta) end
-if byte_delta ~= 0 then redis.call('HINCRBY', KEYS[4], 'bytes', byte_delta) end
-return reply
+if key_delta ~= 0 then redis.call('HINCRBY', KEYS[1], 'keys', key_delta) end
+if byte_delta ~= 0 then redis.call('HINCRBY', KEYS[1], 'bytes', byte_delta) end
+if writes == 1 then return headers[1] end
+return table.concat(headers)

@@ -43,7 +43,7 @@ pub async fn audit_on(
         .query(
             node,
             redis::cmd("XRANGE")
-                .arg(format!("tenant:{tenant}:audit"))
+                .arg(format!("tenant:{{{tenant}}}:audit"))
                 .arg("-")
                 .arg("+"),
         )
