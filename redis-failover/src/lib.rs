@@ -24,6 +24,17 @@
 //! own; once a newer master is installed, requests no longer pick the old
 //! one's connections (a request already sent on one finishes there).
 //!
+//! One owner holds that state: the master and its generation, the
+//! discovery epoch (bumped whenever a request saw the master fail), the
+//! newest Sentinel config epoch any sentinel named, and the replicas
+//! serving reads, under one lock. They change only through named
+//! transitions, each emitting its [`Event`]: *install* a master found by a
+//! discovery (refused if a newer discovery or epoch superseded it),
+//! *lose* it when a request saw it fail, *fence* it when a sentinel names
+//! another in a newer epoch, *publish* a probed read set. Requests read a
+//! snapshot without waiting, and a discovery started before a failure
+//! was seen cannot install over it.
+//!
 //! # Failures and retries
 //!
 //! - A request the master refused without running it (`READONLY`,
@@ -41,6 +52,15 @@
 //!   installed, until the retry budget (a time, counted from the first
 //!   failure) is spent; then [`Error::RetryBudgetExhausted`] names each node
 //!   tried and why it failed.
+//!
+//! Every retry loop (plain requests, durable writes, blocking commands,
+//! transactions) asks one pure policy what a try came to: not sent, held
+//! back, refused unrun, maybe run, unreplicated or a conflict, and it
+//! answers resend after a delay, find the master first, or fail with an
+//! error. [`Error::kind`] classifies every error into an [`ErrorKind`] so
+//! callers decide on kinds (unavailable, outcome unknown, not replicated,
+//! no script, ...), never on Redis's error strings, and [`Backoff`] is the
+//! one jittered exponential backoff for callers' own retries.
 //!
 //! One discovery runs at a time: a burst of failed requests waits for a
 //! single one. Requests share one multiplexed connection per master. bb8
@@ -167,6 +187,87 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! # Blocking commands, transactions and subscriptions
+//!
+//! Requests share one multiplexed connection per master. What must not
+//! share it gets an exclusive connection from a small pool per master
+//! ([`dedicated_connections`](FailoverClientBuilder::dedicated_connections)),
+//! emptied at every switch.
+//!
+//! Blocking commands (`BLPOP`, `BRPOP`, `BLMOVE`, `BRPOPLPUSH`, `BLMPOP`,
+//! `BZPOPMIN`, `BZPOPMAX`, `BZMPOP`, `XREAD`/`XREADGROUP` with `BLOCK`,
+//! `WAIT`, `WAITAOF`) are recognised by name, alone or in a pipeline, and
+//! wait there, their own timeout added to the command timeout. When
+//! another master is installed while one blocks, the client unblocks it on
+//! the old master with `CLIENT UNBLOCK … ERROR`: refused, it provably did
+//! not run and is sent to the new master. A connection lost while it
+//! blocks leaves its outcome unknown: resent only if declared idempotent.
+//!
+//! ```no_run
+//! # async fn run(client: redis_failover::FailoverClient) -> redis_failover::Result<()> {
+//! // Waits up to 5 s for a job, on the master of the moment.
+//! let job: Option<(String, String)> =
+//!     client.query(redis::cmd("BLPOP").arg("jobs").arg(5)).await?;
+//! # let _ = job; Ok(()) }
+//! ```
+//!
+//! [`FailoverClient::transaction`] runs `WATCH`, the body's reads (on the
+//! same connection, through [`Watched`]) and the pipeline it returns in
+//! `MULTI`/`EXEC`. A conflict, or a failover before `EXEC`, runs it all
+//! again within the retry budget, then [`Error::TransactionConflict`]; an
+//! `EXEC` cut off by a failover is [`Error::OutcomeUnknown`] unless the
+//! transaction is declared idempotent
+//! ([`idempotent_transaction`](FailoverClient::idempotent_transaction)),
+//! so a transaction is never applied twice.
+//!
+//! ```no_run
+//! # async fn run(client: redis_failover::FailoverClient) -> redis_failover::Result<()> {
+//! let key = "stock:42".to_owned();
+//! // `None`: out of stock, nothing run; `Some((left,))`: one taken.
+//! let left: Option<(i64,)> = client
+//!     .transaction(&[&key], |mut watched| {
+//!         let key = key.clone();
+//!         async move {
+//!             let stock = watched.get::<Option<i64>>(&key).await?.unwrap_or(0);
+//!             if stock == 0 {
+//!                 return Ok(None);
+//!             }
+//!             let mut pipeline = redis::pipe();
+//!             pipeline.decr(&key, 1);
+//!             Ok(Some(pipeline))
+//!         }
+//!     })
+//!     .await?;
+//! # let _ = left; Ok(()) }
+//! ```
+//!
+//! [`FailoverClient::subscribe`] is a [`Subscription`], a `Stream` that
+//! subscribes again on every new master and after every lost connection,
+//! and yields [`Delivery::Gap`] wherever messages may have been missed
+//! (pub/sub keeps nothing for an absent subscriber), also when the
+//! subscriber falls [`SUBSCRIPTION_BUFFER`] deliveries behind: the rest
+//! are dropped, never buffered without bound.
+//!
+//! ```no_run
+//! # async fn run(client: redis_failover::FailoverClient) -> redis_failover::Result<()> {
+//! use futures_util::StreamExt;
+//! use redis_failover::Delivery;
+//!
+//! let mut news = client.subscribe(["news"], Vec::<String>::new()).await?;
+//! while let Some(delivery) = news.next().await {
+//!     match delivery {
+//!         Delivery::Message(message) => println!("{:?}", message.get_payload::<String>()),
+//!         Delivery::Gap(gap) => println!("may have missed some: {}", gap.reason),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Background tasks (the re-check, the sentinel watchers, the replica
+//! probes, demotions, subscriptions) end when the client's last handle is
+//! dropped.
 //!
 //! # Example
 //!

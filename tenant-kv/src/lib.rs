@@ -3,16 +3,44 @@
 //! # Model
 //!
 //! Every item belongs to exactly one tenant and lives under the Redis key
-//! `tenant:<tenant_id>:data:<key>`. A [`TenantId`] is 1 to 64 ASCII
-//! letters, digits, `_` or `-` (never `:`), and the key follows a fixed
-//! `data:` part verbatim, so the mapping from (tenant, key) to Redis key is
-//! injective whatever the key contains (`:`, `*`, braces, any UTF-8 up to
-//! 1 KiB): no key of one tenant can name another tenant's data, nor the
-//! tenant's own bookkeeping keys. Keys holding characters that could act
-//! on a log viewer or terminal (controls, line separators, bidirectional
-//! formatting: [`is_unsafe_char`]) are refused. Patterns sent to Redis are escaped
-//! ([`escape_glob`]); [`tenant_acl_rules`] confines a Redis ACL user to one
-//! tenant's keys, as defence in depth.
+//! `tenant:{<tenant_id>}:data:<key>`. A [`TenantId`] is 1 to 64 ASCII
+//! letters, digits, `_` or `-` (never `:` nor a brace), and the key follows
+//! a fixed `data:` part verbatim, so the mapping from (tenant, key) to
+//! Redis key is injective whatever the key contains (`:`, `*`, braces, any
+//! UTF-8 up to 1 KiB): no key of one tenant can name another tenant's
+//! data, nor the tenant's own bookkeeping keys. Keys holding characters
+//! that could act on a log viewer or terminal (controls, line separators,
+//! bidirectional formatting: [`is_unsafe_char`]) are refused. Patterns
+//! sent to Redis are escaped ([`escape_glob`]); [`tenant_acl_rules`]
+//! confines a Redis ACL user to one tenant's keys, as defence in depth.
+//!
+//! # Storage layout
+//!
+//! Every key of a tenant (items, index, counters, quotas, audit and log
+//! streams, data key, users, API keys, rate states) starts with
+//! `tenant:{<tenant_id>}:`. The braces are a Redis Cluster hash tag, and
+//! the first `{`…`}` of a key is always the tenant id, so all of a
+//! tenant's keys hash to one slot: every script names only keys of that
+//! slot and declares each of them in `KEYS`. A few keys are global
+//! (usernames and API key ids to their tenant, the layout marker).
+//!
+//! An item is one string, its envelope: a fixed 45-byte header (version,
+//! creation, update and expiry times, size, metadata length), then the
+//! metadata, then the value. A get is one `GET`, [`Tenant::get_many`] one
+//! `MGET`; the write script reads only the header of the item it
+//! replaces (`GETRANGE`). Expired items are purged by the expiry watcher,
+//! by the write that replaces one, or when a quota refusal needs the room
+//! they hold, never by a scan on every write.
+//!
+//! The layout's version is kept in Redis (`tenant-kv:layout`,
+//! [`STORAGE_LAYOUT`]); a store refuses a database it cannot serve with
+//! [`Error::UnsupportedLayout`], naming the migration. A database of
+//! layout 1 (`tenant:<id>:…`, one hash per item) moves to layout 2 while
+//! servers run ([`TenantKv::migration`], `server migrate`): tenants'
+//! bookkeeping keys are renamed first, then items are converted in
+//! resumable batches while reads fall back to an item's layout 1 hash and
+//! writes replace it, so clients see every value, version and TTL
+//! throughout and no write waits.
 //!
 //! An item is any JSON value with optional metadata (a JSON object) and
 //! TTL, plus a version and timestamps kept by the store. Versions come
@@ -30,7 +58,7 @@
 //! items, updates the tenant's index and usage counters, and appends the
 //! audit record (`create_key`, `update_key`, `delete_key`, with actor,
 //! key, version and size, never the value) to the tenant's audit stream
-//! `tenant:<id>:audit`, all or nothing. Reads are audited (`get_key`)
+//! `tenant:{<id>}:audit`, all or nothing. Reads are audited (`get_key`)
 //! through a `tracing` event with target `audit`, never through a write.
 //!
 //! Users ([`TenantKv::users`]) have global usernames, belong to one

@@ -80,16 +80,15 @@
 use std::error::Error;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use benches::{Settings, Variant, compare, report};
-use futures_util::StreamExt;
 use redis_failover::{Durability, FailoverClient, NodeAddr, ReadPolicy};
-use redis_topology::{NodeId, Topology};
+use redis_topology::Topology;
 use serde_json::{Value, json};
 
 mod abuse;
+mod failover;
 mod http;
 mod logs;
 mod tenant_kv;
@@ -131,7 +130,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match scenario.as_str() {
             "kv" => kv().await,
-            "failover" => failover(failovers).await,
+            "failover" => failover::failover(failovers).await,
             "reads" => reads().await,
             "tenant-kv" => tenant_kv::tenant_kv().await,
             "list" => tenant_kv::list().await,
@@ -497,219 +496,6 @@ async fn set_get(
         .await
         .map_err(|e| e.to_string())?;
     Ok(())
-}
-
-/// Nanoseconds since `origin`, for timestamps shared through atomics.
-fn nanos(origin: Instant) -> u64 {
-    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
-async fn failover(failovers: usize) -> Result<Value, Box<dyn Error>> {
-    println!("failover: starting a master, 2 replicas and 3 sentinels");
-    // Sentinel starts no new failover of a master within twice the failover
-    // timeout of the last one: keep it short, and space the kills by it.
-    let failover_timeout = Duration::from_secs(2);
-    let spacing = failover_timeout * 2 + Duration::from_secs(1);
-    let topology = Topology::builder()
-        .failover_timeout(failover_timeout)
-        .start()
-        .await?;
-    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
-    let client = FailoverClient::sentinel(topology.master_name(), sentinels).build()?;
-    client.wait_for_master(Duration::from_secs(10)).await?;
-
-    // The earliest `+switch-master` of any sentinel marks the promotion:
-    // the leader publishes first, the others once they hear of it.
-    let (notice_tx, mut notices) = tokio::sync::mpsc::unbounded_channel::<Instant>();
-    for sentinel in topology.sentinels() {
-        let client = redis::Client::open(topology.connection_info(sentinel))?;
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub.subscribe("+switch-master").await?;
-        let notice_tx = notice_tx.clone();
-        tokio::spawn(async move {
-            let mut messages = pubsub.into_on_message();
-            while messages.next().await.is_some() {
-                if notice_tx.send(Instant::now()).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-
-    // Writers: each success whose request started after the kill (so it
-    // can only have reached the new master) may be the first one.
-    let origin = Instant::now();
-    let killed_at = Arc::new(AtomicU64::new(u64::MAX));
-    let first_write = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
-    let writers: Vec<_> = (0..8)
-        .map(|task| {
-            let mut connection = client.idempotent_connection();
-            let (killed_at, first_write, errors) = (
-                Arc::clone(&killed_at),
-                Arc::clone(&first_write),
-                Arc::clone(&errors),
-            );
-            tokio::spawn(async move {
-                for i in 0u64.. {
-                    let started = nanos(origin);
-                    let written: redis::RedisResult<()> = redis::cmd("SET")
-                        .arg(format!("failover:{task}"))
-                        .arg(i)
-                        .query_async(&mut connection)
-                        .await;
-                    match written {
-                        Ok(()) if started > killed_at.load(Ordering::Acquire) => {
-                            let _ = first_write.compare_exchange(
-                                0,
-                                nanos(origin),
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            );
-                        }
-                        Ok(()) => {}
-                        Err(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-
-    let mut rows = Vec::new();
-    let (mut promotions, mut delays) = (Vec::new(), Vec::new());
-    let mut master = topology.initial_master();
-    let mut last_kill: Option<Instant> = None;
-    for round in 1..=failovers {
-        let earliest = last_kill.map_or_else(Instant::now, |at| at + spacing);
-        tokio::time::sleep_until(
-            earliest
-                .max(Instant::now() + Duration::from_millis(500))
-                .into(),
-        )
-        .await;
-        // Notices left over from the previous switch must not count for this one.
-        while notices.try_recv().is_ok() {}
-        let errors_before = errors.load(Ordering::Relaxed);
-        // Disarm before resetting, so no write is measured against the
-        // previous kill.
-        killed_at.store(u64::MAX, Ordering::Release);
-        first_write.store(0, Ordering::Release);
-        let kill = Instant::now();
-        last_kill = Some(kill);
-        topology.kill(master)?;
-        killed_at.store(nanos(origin), Ordering::Release);
-        // The promotion itself: the first survivor whose ROLE says master.
-        // No write can be acknowledged before it; the notices may come
-        // later (the leader publishes when it ends the failover).
-        let (new, promoted) = promotion(&topology, master).await?;
-        let noticed = match tokio::time::timeout(Duration::from_secs(30), notices.recv()).await {
-            Ok(Some(at)) => at,
-            Ok(None) => return Err("every sentinel connection closed".into()),
-            Err(_) => return Err("no +switch-master within 30 s of the kill".into()),
-        };
-        let named = topology
-            .wait_for_new_master(master, Duration::from_secs(30))
-            .await?;
-        if named != new {
-            return Err(format!("{new} was promoted, but the sentinels name {named}").into());
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while first_write.load(Ordering::Acquire) == 0 {
-            if Instant::now() > deadline {
-                return Err("no write succeeded within 30 s of the promotion".into());
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let first = origin + Duration::from_nanos(first_write.load(Ordering::Acquire));
-        let promotion = promoted - kill;
-        let signed_ms = |from: Instant, to: Instant| {
-            if to >= from {
-                (to - from).as_secs_f64() * 1e3
-            } else {
-                -((from - to).as_secs_f64() * 1e3)
-            }
-        };
-        // From the promotion, never negative: only a master acknowledges.
-        let delay_ms = signed_ms(promoted, first);
-        // From the first notice: negative when the leader announced the
-        // switch after the client had found the new master.
-        let notice_delay_ms = signed_ms(noticed, first);
-        let round_errors = errors.load(Ordering::Relaxed) - errors_before;
-        println!(
-            "failover {round}/{failovers}: promoted {:.2} s after the kill, +switch-master {:+.1} ms from it, first write {delay_ms:+.1} ms from the promotion ({notice_delay_ms:+.1} ms from the notice), {round_errors} errors",
-            promotion.as_secs_f64(),
-            signed_ms(promoted, noticed),
-        );
-        rows.push(json!({
-            "failover": round,
-            "promotion_ms": promotion.as_secs_f64() * 1e3,
-            "notice_after_promotion_ms": signed_ms(promoted, noticed),
-            "client_delay_ms": delay_ms,
-            "client_delay_from_notice_ms": notice_delay_ms,
-            "errors": round_errors,
-        }));
-        promotions.push(promotion.as_secs_f64() * 1e3);
-        delays.push(delay_ms);
-        // The old master comes back as a replica of the new one, as a pod
-        // whose init asks Sentinel for the master does.
-        topology.restart(master).await?;
-        topology
-            .replicate(master, new, Duration::from_secs(30))
-            .await?;
-        master = new;
-    }
-    for writer in writers {
-        writer.abort();
-    }
-    let total_errors = errors.load(Ordering::Relaxed);
-    let summary = |name: &str, values: &mut Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
-        println!(
-            "  {name:<34} p50 {:>8.1} ms  p99 {:>8.1} ms  max {:>8.1} ms",
-            at(0.5),
-            at(0.99),
-            at(1.0)
-        );
-        json!({ "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0) })
-    };
-    println!("failover: {failovers} kill -9 failovers under 8 writers");
-    let promotion = summary("kill -> promotion (ROLE)", &mut promotions);
-    let client_delay = summary("promotion -> first write", &mut delays);
-    println!(
-        "  errors seen by callers: {total_errors} (target 0); target p99 client delay <= 50 ms"
-    );
-    Ok(
-        json!({ "scenario": "failover", "failovers": rows, "promotion": promotion,
-                "client_delay": client_delay, "errors": total_errors }),
-    )
-}
-
-/// Polls the surviving data nodes' `ROLE` (every millisecond, each on a
-/// connection of its own) until one says master: that node, and when it
-/// was first seen so.
-async fn promotion(topology: &Topology, old: NodeId) -> Result<(NodeId, Instant), Box<dyn Error>> {
-    let mut survivors = Vec::new();
-    for node in topology
-        .data_nodes()
-        .into_iter()
-        .filter(|node| *node != old)
-    {
-        survivors.push((node, topology.connection(node).await?));
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        for (node, connection) in &mut survivors {
-            let role = redis::cmd("ROLE").query_async(connection).await;
-            if let Ok(redis_topology::Role::Primary { .. }) = role {
-                return Ok((*node, Instant::now()));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Err("no replica was promoted within 30 s of the kill".into())
 }
 
 async fn chaos(rounds: usize) -> Result<Value, Box<dyn Error>> {
