@@ -38,7 +38,7 @@ pub(crate) async fn failover(failovers: usize) -> Result<Value> {
     let writers = Writers::start(&client);
 
     let mut rows = Vec::new();
-    let (mut promotions, mut delays) = (Vec::new(), Vec::new());
+    let (mut promotions, mut delays, mut own_delays) = (Vec::new(), Vec::new(), Vec::new());
     let mut master = topology.initial_master();
     let mut last_kill: Option<Instant> = None;
     for round in 1..=failovers {
@@ -57,6 +57,7 @@ pub(crate) async fn failover(failovers: usize) -> Result<Value> {
         );
         promotions.push(timing.promotion_ms);
         delays.push(timing.client_delay_ms);
+        own_delays.push(timing.client_delay_from_notice_ms);
         rows.push(timing.json(round));
         // The old master comes back as a replica of the new one, as a pod
         // whose init asks Sentinel for the master does.
@@ -67,13 +68,17 @@ pub(crate) async fn failover(failovers: usize) -> Result<Value> {
     let total_errors = writers.stop();
     println!("failover: {failovers} kill -9 failovers under {WRITERS} writers");
     let promotion = summary("kill -> promotion (ROLE)", &mut promotions);
-    let client_delay = summary("promotion -> first write", &mut delays);
+    let switch_delay = summary("promotion -> first write", &mut delays);
+    // Sentinel names the new master only when it ends the failover (the
+    // `+switch-master` notice): from then on, the delay is the client's.
+    let client_delay = summary("+switch-master -> first write", &mut own_delays);
     println!(
-        "  errors seen by callers: {total_errors} (target 0); target p99 client delay <= 50 ms"
+        "  errors seen by callers: {total_errors} (target 0); target p99 client delay (from the notice) <= 50 ms"
     );
     Ok(
         json!({ "scenario": "failover", "failovers": rows, "promotion": promotion,
-                "client_delay": client_delay, "errors": total_errors }),
+                "delay_from_promotion": switch_delay, "client_delay": client_delay,
+                "errors": total_errors }),
     )
 }
 
@@ -261,7 +266,9 @@ async fn one_failover(
 
 /// Polls the surviving data nodes' `ROLE` (every millisecond, each on a
 /// connection of its own) until one says master: that node, and when it
-/// was first seen so.
+/// became master. Sentinel promotes a replica in one `MULTI` that also
+/// runs `CLIENT KILL TYPE normal`, so a poller's connection dropped then
+/// marks the promotion; the poller connects again to see the new role.
 async fn promotion(topology: &Topology, old: NodeId) -> Result<(NodeId, Instant)> {
     let mut survivors = Vec::new();
     for node in topology
@@ -269,14 +276,23 @@ async fn promotion(topology: &Topology, old: NodeId) -> Result<(NodeId, Instant)
         .into_iter()
         .filter(|node| *node != old)
     {
-        survivors.push((node, topology.connection(node).await?));
+        survivors.push((node, topology.connection(node).await?, None));
     }
     let deadline = Instant::now() + STEP_LIMIT;
     while Instant::now() < deadline {
-        for (node, connection) in &mut survivors {
-            let role = redis::cmd("ROLE").query_async(connection).await;
-            if let Ok(redis_topology::Role::Primary { .. }) = role {
-                return Ok((*node, Instant::now()));
+        for (node, connection, dropped) in &mut survivors {
+            match redis::cmd("ROLE").query_async(connection).await {
+                Ok(redis_topology::Role::Primary { .. }) => {
+                    let seen = Instant::now();
+                    return Ok((*node, dropped.unwrap_or(seen)));
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    dropped.get_or_insert_with(Instant::now);
+                    if let Ok(again) = topology.connection(*node).await {
+                        *connection = again;
+                    }
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
