@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use redis::aio::MultiplexedConnection;
 use redis::{Cmd, FromRedisValue, RedisError};
 
 use crate::addr::NodeAddr;
@@ -38,8 +37,6 @@ fn named_master(fields: &HashMap<String, String>) -> Result<Named, String> {
 
 /// How many connections through the last-resort address are tried per discovery.
 const LAST_RESORT_TRIES: usize = 3;
-/// Connections bb8 may hold to one master: the shared one and a replacement.
-const CONNECTIONS_PER_MASTER: u32 = 2;
 
 impl Shared {
     pub(crate) async fn find_master(
@@ -104,9 +101,9 @@ impl Shared {
         }
     }
 
-    /// Proves `node` is the master and opens its shared connection through
-    /// bb8, keeping the current master's if it is the same node and its
-    /// connection still works.
+    /// Proves `node` is the master and opens its shared connection,
+    /// keeping the current master's if it is the same node and its
+    /// connection has not failed.
     async fn open_master(
         &self,
         node: &NodeAddr,
@@ -116,48 +113,24 @@ impl Shared {
         let check = self.master_check();
         if let Some(master) = current.filter(|m| m.node == *node) {
             let shared = master.connection.load_full();
-            let mut connection = if shared.has_failed() {
-                // bb8 checks the pooled connection with a unique PING token,
-                // and replaces it (checking the role on the new one) if it broke.
-                match master.pool.get().await {
-                    Ok(pooled) => MultiplexedConnection::clone(&pooled),
-                    Err(bb8::RunError::User(error)) => return Err(error.to_string()),
-                    Err(bb8::RunError::TimedOut) => {
-                        return Err("timed out opening a connection".to_owned());
-                    }
-                }
-            } else {
-                shared.multiplexed.clone()
-            };
-            verify_master(&mut connection, check)
-                .await
-                .map_err(|e| e.to_string())?;
             if shared.has_failed() {
+                // Opening checks the role.
+                let connection = master.opener.connect().await.map_err(|e| e.to_string())?;
                 master.connection.store(Connection::new(connection));
+            } else {
+                verify_master(&mut shared.multiplexed.clone(), check)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             master.named_in(config_epoch);
             return Ok(Opened::Same(Arc::clone(master)));
         }
-        let manager = MasterManager {
+        let opener = MasterManager {
             connector: self.data.clone(),
             node: node.clone(),
             check,
         };
-        let pool = bb8::Pool::builder()
-            .max_size(CONNECTIONS_PER_MASTER)
-            .test_on_check_out(true)
-            .retry_connection(false)
-            .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
-            // bb8 reaps idle pooled copies with its defaults; the shared
-            // connection lives on in its clones.
-            .build_unchecked(manager.clone());
-        // Opened directly so that a failure says why (`Pool::get` only
-        // times out), then handed to the pool to hold and check later.
-        let connection = pool
-            .dedicated_connection()
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = pool.add(connection.clone());
+        let connection = opener.connect().await.map_err(|e| e.to_string())?;
         let dedicated = bb8::Pool::builder()
             .max_size(self.settings.dedicated_connections)
             .min_idle(None)
@@ -165,14 +138,14 @@ impl Shared {
             .test_on_check_out(true)
             .retry_connection(false)
             .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
-            .build_unchecked(DedicatedManager(manager));
-        Ok(Opened::New(NewMaster {
+            .build_unchecked(DedicatedManager(opener.clone()));
+        Ok(Opened::New(Box::new(NewMaster {
             node: node.clone(),
             config_epoch,
             dedicated,
-            pool,
+            opener,
             connection,
-        }))
+        })))
     }
 
     /// Asks the sentinels where the master is (`SENTINEL MASTER`): the

@@ -63,11 +63,9 @@
 //! one jittered exponential backoff for callers' own retries.
 //!
 //! One discovery runs at a time: a burst of failed requests waits for a
-//! single one. Requests share one multiplexed connection per master. bb8
-//! holds each master's connections: every one is opened through its
-//! manager, which checks the node's role, and a connection that failed is
-//! replaced through the pool, which first checks the pooled one with a
-//! unique PING token.
+//! single one. Requests share one multiplexed connection per master,
+//! opened with a check of the node's role; once it fails, the next
+//! discovery that finds the same master opens another.
 //!
 //! # Reads from replicas
 //!

@@ -1,5 +1,5 @@
-//! Opening connections to one node, checking its role, and the bb8 manager
-//! that decides which connections to a node exist.
+//! Opening connections to one node and checking its role; the master's
+//! shared connection, and the bb8 manager of its dedicated ones.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -347,9 +347,9 @@ fn not_master(role: &Role) -> RedisError {
     redis::make_extension_error("READONLY".to_owned(), Some(what))
 }
 
-/// bb8's view of one master: it creates every connection to the master
-/// (checking on each that the node is master) and holds them; a connection
-/// checked out of the pool must echo a unique PING token.
+/// Opens connections to one master, checking on each that the node is
+/// master: its shared connection (again once it failed) and, through
+/// [`DedicatedManager`], those a request holds alone.
 #[derive(Clone, Debug)]
 pub(crate) struct MasterManager {
     pub(crate) connector: Connector,
@@ -357,18 +357,15 @@ pub(crate) struct MasterManager {
     pub(crate) check: MasterCheck,
 }
 
-impl bb8::ManageConnection for MasterManager {
-    type Connection = MultiplexedConnection;
-    type Error = RedisError;
-
-    async fn connect(&self) -> Result<Self::Connection, Self::Error> {
+impl MasterManager {
+    pub(crate) async fn connect(&self) -> Result<MultiplexedConnection, RedisError> {
         let mut connection = self.connector.connect(&self.node).await?;
         verify_master(&mut connection, self.check).await?;
         Ok(connection)
     }
 
-    async fn is_valid(&self, connection: &mut Self::Connection) -> Result<(), Self::Error> {
-        // A unique token catches a connection whose replies are out of step.
+    /// A unique token catches a connection whose replies are out of step.
+    async fn ping(&self, connection: &mut MultiplexedConnection) -> Result<(), RedisError> {
         let token = unique_token();
         let echoed: String = redis::cmd("PING")
             .arg(&token)
@@ -383,11 +380,6 @@ impl bb8::ManageConnection for MasterManager {
                 echoed,
             )))
         }
-    }
-
-    fn has_broken(&self, _: &mut Self::Connection) -> bool {
-        // A multiplexed connection does not tell; `is_valid` finds out.
-        false
     }
 }
 
@@ -427,7 +419,7 @@ impl bb8::ManageConnection for DedicatedManager {
     }
 
     async fn is_valid(&self, connection: &mut Self::Connection) -> Result<(), Self::Error> {
-        self.0.is_valid(&mut connection.multiplexed).await
+        self.0.ping(&mut connection.multiplexed).await
     }
 
     fn has_broken(&self, connection: &mut Self::Connection) -> bool {

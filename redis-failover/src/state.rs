@@ -30,10 +30,10 @@ pub(crate) struct Master {
     pub(crate) node: NodeAddr,
     /// The latest Sentinel config epoch it was named in (0 without Sentinel).
     config_epoch: AtomicU64,
-    /// Holds the connections to this master; replaces a failed one.
-    pub(crate) pool: bb8::Pool<MasterManager>,
-    /// The multiplexed connection every request shares, replaced through
-    /// `pool` once it fails.
+    /// Opens a new shared connection once the current one failed.
+    pub(crate) opener: MasterManager,
+    /// The multiplexed connection every request shares, replaced once it
+    /// fails.
     pub(crate) connection: ArcSwap<Connection>,
     /// Connections a request holds alone (blocking commands, transactions,
     /// `WAIT`), opened on demand.
@@ -71,14 +71,14 @@ pub(crate) enum Opened {
     /// The current master, still master, with a working connection.
     Same(Arc<Master>),
     /// Another node.
-    New(NewMaster),
+    New(Box<NewMaster>),
 }
 
 /// A node that proved it is master, with its connections, not installed.
 pub(crate) struct NewMaster {
     pub(crate) node: NodeAddr,
     pub(crate) config_epoch: u64,
-    pub(crate) pool: bb8::Pool<MasterManager>,
+    pub(crate) opener: MasterManager,
     pub(crate) dedicated: bb8::Pool<DedicatedManager>,
     pub(crate) connection: MultiplexedConnection,
 }
@@ -280,7 +280,7 @@ impl Discovery<'_> {
     }
 
     /// Installs `new`, with a generation of its own.
-    pub(crate) fn install(mut self, new: NewMaster, trigger: Trigger) -> (Arc<Master>, u64) {
+    pub(crate) fn install(mut self, new: Box<NewMaster>, trigger: Trigger) -> (Arc<Master>, u64) {
         let state = self.state;
         let generation = *state.installed.borrow() + 1;
         let node = new.node.clone();
@@ -288,7 +288,7 @@ impl Discovery<'_> {
             generation,
             node: new.node,
             config_epoch: AtomicU64::new(new.config_epoch),
-            pool: new.pool,
+            opener: new.opener,
             dedicated: new.dedicated,
             connection: ArcSwap::new(Connection::new(new.connection)),
             // The replica it lacks is most likely the master that failed.
