@@ -79,13 +79,13 @@ impl Stored {
             return Err(format!("envelope format {} is not known", bytes[0]));
         }
         let header = Header::read(&bytes);
-        let value_at = HEADER_LEN + header.metadata_len;
-        if bytes.len() < value_at {
+        let value_at = HEADER_LEN.checked_add(header.metadata_len);
+        let Some(value_at) = value_at.filter(|&at| at <= bytes.len()) else {
             return Err(format!(
                 "the metadata's length ({}) runs past the envelope",
                 header.metadata_len
             ));
-        }
+        };
         let mut item = Self {
             value: Vec::new(),
             metadata: None,

@@ -40,7 +40,7 @@
 //! bookkeeping keys are renamed first, then items are converted in
 //! resumable batches while reads fall back to an item's layout 1 hash and
 //! writes replace it, so clients see every value, version and TTL
-//! throughout and no write waits.
+//! throughout (see [`Migration`] for the one short pause).
 //!
 //! An item is any JSON value with optional metadata (a JSON object) and
 //! TTL, plus a version and timestamps kept by the store. Versions come
@@ -96,8 +96,8 @@
 //! listings at once, and leave the index with a `key_expiration` audit
 //! record as soon as Redis expires them if an expiry watcher runs
 //! ([`TenantKv::watch_expirations`]: keyspace notifications, with periodic
-//! sweeps for the notifications lost), or else during the tenant's next
-//! writes.
+//! sweeps for the notifications lost); without a watcher, only when a
+//! write replaces one or a quota refusal needs its room.
 //!
 //! ```no_run
 //! # async fn run(client: redis_failover::FailoverClient) -> tenant_kv::Result<()> {

@@ -26,12 +26,21 @@
 //! layout to the other in one script, whoever moves it, so nothing a
 //! client sees depends on how far the migration got, and no write waits.
 //!
+//! Only the prepare step pauses anything: from a tenant's fence until the
+//! marker says `migrating`, servers of the previous version fail that
+//! tenant's writes and servers of this version do not start yet (they
+//! find layout 1's keys and no marker). The step renames keys only, a few
+//! per tenant; a migration stopped during it leaves that state until it is
+//! run again.
+//!
 //! Every step is idempotent: a migration stopped anywhere (even by
 //! `kill -9`) resumes where it was when run again, and two running at
 //! once only do some work twice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
+
+use redis::Value;
 
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys, legacy_prefix, tenant_prefix};
@@ -50,6 +59,9 @@ const FENCE_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
 /// gives up (only a server of the previous version writing all along
 /// keeps leaving some).
 const FINISH_SCANS: usize = 5;
+/// Sets the marker to `migrating` unless it says the migration is over.
+const MARK_MIGRATING: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[2] then \
+     redis.call('SET', KEYS[1], ARGV[1]) end return 0";
 /// The most items one batch converts.
 pub const MAX_MIGRATION_BATCH: usize = 10_000;
 
@@ -184,8 +196,16 @@ impl Migration {
         for (tenant, legacy) in &found {
             self.prepare(tenant, legacy, &mut report).await?;
         }
-        let _: () = client
-            .query_idempotent(redis::cmd("SET").arg(LAYOUT_KEY).arg(MIGRATING))
+        // Not over a `2` that a migration running beside this one set.
+        let _: Value = client
+            .query_idempotent(
+                redis::cmd("EVAL")
+                    .arg(MARK_MIGRATING)
+                    .arg(1)
+                    .arg(LAYOUT_KEY)
+                    .arg(MIGRATING)
+                    .arg(STORAGE_LAYOUT),
+            )
             .await?;
         progress(&MigrationProgress::Prepared {
             tenants: found.len(),
@@ -376,7 +396,13 @@ impl Migration {
         last: Option<&String>,
     ) -> Result<u64> {
         let keys = TenantKeys::new(tenant);
-        let mut redis_keys = vec![keys.migration(), keys.index()];
+        let mut redis_keys = vec![
+            keys.migration(),
+            keys.index(),
+            keys.usage(),
+            keys.expiry(),
+            keys.expiring_sizes(),
+        ];
         redis_keys.extend(items.iter().map(|item| keys.legacy_data(item)));
         redis_keys.extend(items.iter().map(|item| keys.data(item)));
         let mut command = MIGRATE_ITEMS.command(&redis_keys);

@@ -321,8 +321,11 @@ impl TenantKv {
 
     /// Starts the expiry watcher, which writes each `key_expiration` audit
     /// record (and takes the item out of the index and usage counters) as
-    /// soon as Redis expires the item. Without it, that happens during the
-    /// tenant's next writes; listings leave expired items out either way.
+    /// soon as Redis expires the item. Without it, an expired item stays
+    /// in the index and the usage counters until a write replaces it or a
+    /// quota refusal needs its room (writes do not scan for expired
+    /// items); listings and reads leave expired items out either way. Run
+    /// one watcher per deployment (the server does).
     ///
     /// It subscribes to the master's expired-key notifications
     /// ([`TenantKvBuilder::expiry_notifications`]) and follows failovers.

@@ -5,8 +5,9 @@
 -- fails there (WRONGTYPE) before writing anything, so that a server of the
 -- previous version still running cannot write where nobody reads any more.
 -- A key found under both names (written by such a server after an earlier
--- pass) is merged into layout 2's: sets and sorted sets joined, hash
--- fields added where missing, stream entries appended, strings dropped.
+-- pass) is merged into layout 2's: sets and sorted sets joined, usage
+-- counts added (the version counter the higher), other hash fields added
+-- where missing, stream entries appended, strings dropped.
 -- Running it again changes nothing.
 -- KEYS: pairs (layout 1 name, layout 2 name); the first pair is `expiry`'s.
 -- ARGV: 1 the fence's text, 2 its lifetime in ms.
@@ -18,6 +19,21 @@ local function merge(kind, old, new)
     redis.call('SUNIONSTORE', new, new, old)
   elseif kind == 'zset' then
     redis.call('ZUNIONSTORE', new, 2, new, old, 'AGGREGATE', 'MAX')
+  elseif kind == 'hash' and string.sub(new, -6) == ':usage' then
+    -- Both sides counted their own items: add the counts, and let the
+    -- next version follow the higher of the two.
+    local fields = redis.call('HGETALL', old)
+    for i = 1, #fields, 2 do
+      local field, count = fields[i], tonumber(fields[i + 1]) or 0
+      if field == 'rev' then
+        local mine = tonumber(redis.call('HGET', new, 'rev')) or 0
+        if count > mine then redis.call('HSET', new, 'rev', count) end
+      elseif field == 'keys' or field == 'bytes' then
+        redis.call('HINCRBY', new, field, count)
+      else
+        redis.call('HSETNX', new, field, fields[i + 1])
+      end
+    end
   elseif kind == 'hash' then
     local fields = redis.call('HGETALL', old)
     for i = 1, #fields, 2 do redis.call('HSETNX', new, fields[i], fields[i + 1]) end
