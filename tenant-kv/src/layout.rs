@@ -21,7 +21,7 @@ pub(crate) const LAYOUT_KEY: &str = "tenant-kv:layout";
 /// The marker's value while a migration from layout 1 runs.
 pub(crate) const MIGRATING: &str = "migrating";
 /// Layout 1's keys: `tenant:` followed by anything but layout 2's `{`.
-pub(crate) const LEGACY_PATTERN: &str = "tenant:[^{]*";
+const LEGACY_PATTERN: &str = "tenant:[^{]*";
 /// How long an instance goes on reading layout 1's items beside layout 2's
 /// once the migration is over, at most: it reads the marker again this often.
 const MIGRATING_RECHECK: Duration = Duration::from_secs(1);
@@ -166,18 +166,7 @@ impl TenantKv {
     pub(crate) async fn find_legacy_key(&self) -> redis_failover::Result<Option<String>> {
         let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .inner
-                .client
-                .query_idempotent(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(LEGACY_PATTERN)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
+            let (next, keys) = self.scan_legacy(cursor).await?;
             if let Some(key) = keys.into_iter().next() {
                 return Ok(Some(key));
             }
@@ -186,5 +175,24 @@ impl TenantKv {
             }
             cursor = next;
         }
+    }
+
+    /// One `SCAN` step over layout 1's keys from `cursor`: the next cursor
+    /// (0 once done) and the keys found.
+    pub(crate) async fn scan_legacy(
+        &self,
+        cursor: u64,
+    ) -> redis_failover::Result<(u64, Vec<String>)> {
+        self.inner
+            .client
+            .query_idempotent(
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(LEGACY_PATTERN)
+                    .arg("COUNT")
+                    .arg(1000),
+            )
+            .await
     }
 }

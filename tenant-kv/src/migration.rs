@@ -44,7 +44,7 @@ use redis::Value;
 
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys, legacy_prefix, tenant_prefix};
-use crate::layout::{LAYOUT_KEY, LEGACY_PATTERN, MIGRATING, STORAGE_LAYOUT};
+use crate::layout::{LAYOUT_KEY, MIGRATING, STORAGE_LAYOUT};
 use crate::scripts::{MIGRATE_ITEMS, MIGRATE_PREPARE};
 use crate::store::TenantKv;
 
@@ -226,20 +226,10 @@ impl Migration {
     /// Layout 1's keys by tenant, from a scan of the whole keyspace; with
     /// the items' keys if `keep_items`.
     async fn scan(&self, keep_items: bool) -> Result<BTreeMap<TenantId, Legacy>> {
-        let client = &self.store.inner.client;
         let mut found: BTreeMap<TenantId, Legacy> = BTreeMap::new();
         let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = client
-                .query_idempotent(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(LEGACY_PATTERN)
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
+            let (next, keys) = self.store.scan_legacy(cursor).await?;
             for key in keys {
                 let Some((id, name)) = key
                     .strip_prefix("tenant:")
