@@ -33,20 +33,28 @@ impl Shared {
     /// A dedicated connection to `master`, or why there is none (as the
     /// retry loop takes it).
     pub(crate) async fn checkout<'a>(&self, master: &'a Master) -> Result<Checkout<'a>, Sent> {
-        match master.dedicated.get().await {
-            Ok(pooled) => Ok(pooled),
-            // A refusal (the node is no master any more) stays a refusal.
-            Err(bb8::RunError::User(error)) if refusal_of(&error).is_some() => {
-                Err(Sent::Failed(error))
-            }
-            Err(bb8::RunError::User(error)) => Err(Sent::Unreachable(format!(
-                "could not open a connection: {error}"
-            ))),
-            Err(bb8::RunError::TimedOut) => Err(Sent::Held(format!(
+        let pool = &master.dedicated;
+        let state = pool.state();
+        if state.idle_connections == 0 && state.connections < self.settings.dedicated_connections {
+            // bb8 opens connections in the background and only times out
+            // a checkout whose connection failed: open it here instead, so
+            // that a master gone or demoted says so at once.
+            let opened = pool.dedicated_connection().await.map_err(|error| {
+                match refusal_of(&error) {
+                    // A refusal (the node is no master any more) stays a refusal.
+                    Some(_) => Sent::Failed(error),
+                    None => Sent::Unreachable(format!("could not open a connection: {error}")),
+                }
+            })?;
+            // At capacity meanwhile: the connection is dropped.
+            let _ = pool.add(opened);
+        }
+        pool.get().await.map_err(|_timed_out| {
+            Sent::Held(format!(
                 "all {} dedicated connections stayed busy",
                 self.settings.dedicated_connections
-            ))),
-        }
+            ))
+        })
     }
 
     /// Sends `request` on a dedicated connection, as `how` says.
@@ -73,8 +81,8 @@ impl Shared {
         if let Some((refusal, _)) = request.refusal(&reply, idempotent) {
             return Sent::Failed(refusal);
         }
-        let Some((replicas, timeout)) = how.replicated.filter(|_| !has_error(&reply)) else {
-            // Not durable, or it failed: there is nothing to wait for.
+        let Some((replicas, timeout)) = how.replicated.filter(|_| !all_failed(&reply)) else {
+            // Not durable, or every command failed: nothing to wait for.
             return Sent::Done(reply);
         };
         match self
@@ -215,11 +223,11 @@ fn abandoned() -> RedisError {
     ))
 }
 
-/// Whether the reply holds an error reply (of a command or in a pipeline).
-fn has_error(reply: &Reply) -> bool {
+/// Whether every reply is an error (so no write ran).
+fn all_failed(reply: &Reply) -> bool {
     let is_error = |value: &redis::Value| matches!(value, redis::Value::ServerError(_));
     match reply {
         Reply::Value(value) => is_error(value),
-        Reply::Values(values) => values.iter().any(is_error),
+        Reply::Values(values) => values.iter().all(is_error),
     }
 }

@@ -111,7 +111,12 @@ impl Shared {
                 let failure = master.failure(error.to_string());
                 return match self.retry_after(retrying, tried, vec![failure]).await {
                     Ok(()) => Ok(()),
-                    Err(GaveUp::Budget) => Err(self.exhausted(retrying)),
+                    // The write ran: the caller learns that, not only
+                    // that the budget ran out.
+                    Err(GaveUp::Budget) => {
+                        let _ = self.exhausted(retrying);
+                        Err(error)
+                    }
                     Err(_) => Err(error),
                 };
             }

@@ -163,9 +163,17 @@ async fn open(
         }
         Ok::<_, redis::RedisError>(pubsub.into_on_message())
     };
-    match subscribed.await {
-        Ok(messages) => Ok((master, messages)),
-        Err(error) => Err(vec![master.failure(error.to_string())]),
+    // Subscribing has no reply timeout of its own: a node that accepts the
+    // connection and never answers must not hold the subscriber.
+    let limit = shared.settings.connect_timeout + shared.settings.command_timeout;
+    match tokio::time::timeout(limit, subscribed).await {
+        Ok(Ok(messages)) => Ok((master, messages)),
+        Ok(Err(error)) => Err(vec![master.failure(error.to_string())]),
+        Err(_) => {
+            Err(vec![master.failure(format!(
+                "no answer to SUBSCRIBE within {limit:?}"
+            ))])
+        }
     }
 }
 

@@ -105,6 +105,8 @@ impl Request<'_> {
     pub(crate) fn blocking(self) -> Option<Block> {
         match self {
             Self::Command(cmd) => blocking(cmd),
+            // Within MULTI/EXEC nothing blocks.
+            Self::Pipeline { pipeline, .. } if pipeline.is_transaction() => None,
             Self::Pipeline { pipeline, .. } => {
                 pipeline.cmd_iter().filter_map(blocking).reduce(Block::then)
             }
@@ -225,6 +227,21 @@ mod tests {
             request.refusal(&half_ran, true).map(|(_, code)| code),
             Some("UNBLOCKED")
         );
+    }
+
+    #[test]
+    fn nothing_blocks_within_multi() {
+        let mut plain = redis::pipe();
+        plain.cmd("BLPOP").arg("k").arg(0);
+        let mut atomic = plain.clone();
+        atomic.atomic();
+        let request = |pipeline| Request::Pipeline {
+            pipeline,
+            offset: 0,
+            count: 1,
+        };
+        assert!(request(&plain).blocking().is_some());
+        assert!(request(&atomic).blocking().is_none());
     }
 
     #[test]

@@ -166,9 +166,21 @@ impl MasterState {
         self.read_set.load_full()
     }
 
-    /// A new round of replica probes.
+    /// A new round of replica probes, unless its master was replaced or
+    /// fenced while it ran: replicas judged against a fenced master must
+    /// not serve reads.
     pub(crate) fn publish_read_set(&self, set: ReadSet) {
+        // Generation 0: probed with no master installed.
+        let generation = set.master_generation;
+        let current = || self.current.load().as_ref().map_or(0, |m| m.generation);
+        if current() != generation {
+            return;
+        }
         self.read_set.store(Arc::new(set));
+        // A fence between the check and the store cleared the set first.
+        if current() != generation {
+            self.read_set.store(Arc::default());
+        }
     }
 
     /// A sentinel named `named`.
@@ -268,6 +280,9 @@ impl Discovery<'_> {
                 node: master.node.clone(),
                 trigger,
             });
+            // Demoted: if it is master again, that is a new master, with a
+            // generation of its own.
+            self.current = None;
         }
     }
 

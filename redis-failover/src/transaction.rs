@@ -3,6 +3,7 @@
 //! master moved before `EXEC`, never run twice after it.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -31,6 +32,9 @@ pub struct Watched {
     /// Why the connection failed while the body used it: the try is cut
     /// short and made again, whatever the body made of the error.
     interrupted: Arc<Mutex<Option<RedisError>>>,
+    /// Set once the body returned: the connection goes on to `EXEC` and
+    /// back to the pool, so a clone kept past the body must not use it.
+    returned: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Watched {
@@ -50,6 +54,15 @@ impl Watched {
     /// Sends `cmd` (a read, typically of the watched keys) and converts
     /// the reply.
     pub async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T> {
+        if self.returned.load(Ordering::Acquire) {
+            return Err(Error::Command {
+                node: self.node.clone(),
+                source: RedisError::from((
+                    redis::ErrorKind::Client,
+                    "the transaction's body has returned: its connection is no longer watched",
+                )),
+            });
+        }
         let reply = match self.connection.send_packed_command(cmd).await {
             Ok(reply) => reply.extract_error(),
             Err(error) => Err(error),
@@ -260,14 +273,17 @@ impl Shared {
             }
         }
         let interrupted = Arc::default();
+        let returned = Arc::new(AtomicBool::new(false));
         let watched = Watched {
             connection: connection.multiplexed.clone(),
             node: master.node.clone(),
             interrupted: Arc::clone(&interrupted),
+            returned: Arc::clone(&returned),
         };
         // Watching until EXEC or UNWATCH: not fit for another user before.
         connection.broken = true;
         let pipeline = body(watched).await;
+        returned.store(true, Ordering::Release);
         if let Some(error) = lock(&interrupted).take() {
             return Try::Failed(not_run(error));
         }
