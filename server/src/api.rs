@@ -50,7 +50,7 @@ pub(crate) struct App {
 
 /// The log buffer and offloader this process runs, if any: their figures
 /// go to `/metrics`, and shutdown flushes them.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct LogShipping {
     pub(crate) buffer: Option<LogBuffer>,
     pub(crate) offloader: Option<Offloader>,

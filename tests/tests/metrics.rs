@@ -1,13 +1,16 @@
-//! The admin listener's `/metrics` as Prometheus reads it: `promtool check
-//! metrics` passes on a server's real output, and every series the alert
-//! rules and dashboards in deploy/ query is one the server exports.
+//! The admin listeners' `/metrics` as Prometheus reads it: `promtool check
+//! metrics` passes on a server's and an offloader's real output.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use e2e_tests::Http;
+use log_buffer::{FileSink, Offloader};
+use redis_failover::FailoverClient;
+use redis_topology::Topology;
 use serde_json::json;
+use server::OffloaderAdmin;
 use server::dev::{DevOptions, DevSystem};
 
 /// A dev system that has answered requests (a success, an error) and shipped
@@ -51,12 +54,8 @@ fn promtool() -> Option<Command> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn promtool_accepts_the_servers_metrics() {
-    let Some(mut promtool) = promtool() else {
-        return;
-    };
-    let (system, text) = served_metrics().await;
+/// Fails the test with promtool's complaints about `text`.
+fn check_with_promtool(mut promtool: Command, text: &str) {
     let mut child = promtool
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -79,5 +78,101 @@ async fn promtool_accepts_the_servers_metrics() {
     );
     let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
     eprintln!("promtool check metrics: no problem in {families} families{problems}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_the_servers_metrics() {
+    let Some(promtool) = promtool() else {
+        return;
+    };
+    let (system, text) = served_metrics().await;
+    check_with_promtool(promtool, &text);
     system.shutdown().await;
+}
+
+/// A running offloader, with its admin listener, that has shipped an audit
+/// record of `acme`; and its `/metrics`.
+async fn offloader_metrics() -> (Shipping, String) {
+    let topology = Topology::builder()
+        .replicas(0)
+        .sentinels(0)
+        .start()
+        .await
+        .unwrap();
+    let client = FailoverClient::candidates([topology.addr(topology.initial_master()).into()])
+        .build()
+        .unwrap();
+    let _: String = client
+        .query(
+            redis::cmd("XADD")
+                .arg("tenant:{acme}:audit")
+                .arg("*")
+                .arg("ts")
+                .arg(now_ns().to_string())
+                .arg("action")
+                .arg("create_key"),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sink = FileSink::new(dir.path().join("shipped.ndjson"));
+    let offloader = Offloader::builder(client.clone(), sink)
+        .poll_interval(Duration::from_millis(20))
+        .discovery_interval(Duration::from_millis(100))
+        .start()
+        .unwrap();
+    let admin = OffloaderAdmin::bind("127.0.0.1:0".parse().unwrap(), client, offloader)
+        .await
+        .unwrap();
+    let http = Http::new(admin.local_addr());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = String::from_utf8(http.get("/metrics").await.body.to_vec()).unwrap();
+        if text.contains("log_offloader_sent_lines_total{tenant_id=\"acme\"} 1") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "nothing shipped: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let shipping = Shipping {
+        admin,
+        _dir: dir,
+        _topology: topology,
+    };
+    (shipping, text)
+}
+
+/// What [`offloader_metrics`] runs, stopped by [`Shipping::shutdown`].
+struct Shipping {
+    admin: OffloaderAdmin,
+    _dir: tempfile::TempDir,
+    _topology: Topology,
+}
+
+impl Shipping {
+    async fn shutdown(self, grace: Duration) {
+        self.admin.shutdown(grace).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offloader_serves_its_figures_to_prometheus() {
+    let (offloader, text) = offloader_metrics().await;
+    let http = Http::new(offloader.admin.local_addr());
+    assert_eq!(http.get("/healthz").await.status, 200);
+    assert_eq!(http.get("/elsewhere").await.status, 404);
+    assert!(text.contains("redis_failover_master_known 1"), "{text}");
+    assert!(
+        !text.contains("http_"),
+        "an offloader answers no requests: {text}"
+    );
+    if let Some(promtool) = promtool() {
+        check_with_promtool(promtool, &text);
+    }
+    offloader.shutdown(Duration::from_secs(5)).await;
+}
+
+fn now_ns() -> u64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    u64::try_from(since_epoch.unwrap().as_nanos()).unwrap()
 }

@@ -127,30 +127,42 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     pub(crate) fn new(client: FailoverClient, logs: Arc<Mutex<LogShipping>>) -> Self {
+        let registry = pipeline(client, logs);
         // Every name is a constant of this crate and registered once, so a
         // failure here is a bug (the unit test below meets it first).
-        let build = || -> prometheus::Result<Self> {
-            let registry = Registry::new();
-            let http = HttpMetrics::new()?;
-            http.register(&registry)?;
-            registry.register(Box::new(failover::FailoverCollector::new(client)))?;
-            registry.register(Box::new(logs::LogCollector::new(logs)))?;
-            Ok(Self { registry, http })
-        };
-        build().unwrap_or_else(|error| panic!("the server's metrics: {error}"))
+        let http = HttpMetrics::new()
+            .and_then(|http| http.register(&registry).map(|()| http))
+            .unwrap_or_else(|error| panic!("the server's HTTP metrics: {error}"));
+        Self { registry, http }
     }
 
     /// Every family in the text format, sorted by name.
     pub(crate) fn render(&self) -> String {
-        // The encoder refuses only families the registry's checks at
-        // registration rule out; an empty answer is then better than none.
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|error| {
-                tracing::error!(%error, "cannot encode /metrics");
-                String::new()
-            })
+        render(&self.registry)
     }
+}
+
+/// A registry of the figures every process of the service has, a server or
+/// an offloader alone: the failover client's and the log pipeline's.
+pub(crate) fn pipeline(client: FailoverClient, logs: Arc<Mutex<LogShipping>>) -> Registry {
+    let registry = Registry::new();
+    registry
+        .register(Box::new(failover::FailoverCollector::new(client)))
+        .and_then(|()| registry.register(Box::new(logs::LogCollector::new(logs))))
+        .unwrap_or_else(|error| panic!("the pipeline's metrics: {error}"));
+    registry
+}
+
+/// Every family of `registry` in the text format, sorted by name.
+pub(crate) fn render(registry: &Registry) -> String {
+    // The encoder refuses only families the registry's checks at
+    // registration rule out; an empty answer is then better than none.
+    TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot encode /metrics");
+            String::new()
+        })
 }
 
 #[cfg(test)]
