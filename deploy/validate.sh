@@ -9,6 +9,9 @@
 # result checked, so patches and the base are checked together; without
 # it, the base's and overlays' resource files are checked one by one
 # (kustomization.yaml files and patches are then not checked).
+# Then checks deploy/monitoring with promtool (Debian's prometheus package,
+# which .ci/run installs): the scrape configuration and its alert rules,
+# the alerts' unit tests, and every dashboard query (as recording rules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,3 +70,17 @@ for file in "${files[@]}"; do checkov_args+=(--file "$file"); done
 "$checkov_venv/bin/checkov" --framework kubernetes --skip-download --compact --quiet \
   --skip-check "$skip" "${checkov_args[@]}"
 echo "checkov: every policy passes for ${files[*]} (skipped: $skip)"
+
+# Prometheus and Grafana. promtool is required: without it, nothing would
+# say that a rule or a dashboard query no longer parses.
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "promtool not found: install Debian's prometheus package (.ci/run does)" >&2
+  exit 1
+fi
+promtool check config deploy/monitoring/prometheus.yml
+promtool test rules deploy/monitoring/alerts.test.yml
+dashboard_rules=target/dashboard-rules.json
+mkdir -p target
+python3 deploy/monitoring/dashboard_rules.py deploy/monitoring/dashboards/*.json > "$dashboard_rules"
+promtool check rules "$dashboard_rules"
+echo "promtool: the scrape configuration, alert rules and their tests, and every dashboard query pass"

@@ -33,6 +33,7 @@ pub struct OffloaderBuilder<S> {
     consumer: String,
     sources: Vec<String>,
     job: String,
+    source_jobs: BTreeMap<String, String>,
     label_fields: Vec<String>,
     batch_size: usize,
     poll_interval: Duration,
@@ -80,9 +81,20 @@ impl<S: LogSink> OffloaderBuilder<S> {
         self
     }
 
-    /// The `job` label of every line. Defaults to `log-buffer`.
+    /// The `job` label of every line whose source has no job of its own
+    /// ([`source_job`](Self::source_job)): the application's logs, by
+    /// default. Defaults to `log-buffer`.
     pub fn job(mut self, job: impl Into<String>) -> Self {
         self.job = job.into();
+        self
+    }
+
+    /// The `job` label of the lines from one source (by its suffix, as in
+    /// [`sources`](Self::sources)), in place of [`job`](Self::job).
+    /// Defaults to `audit_logs` for `audit`, the label audit records had
+    /// before this crate shipped them, which Grafana queries select them by.
+    pub fn source_job(mut self, source: impl Into<String>, job: impl Into<String>) -> Self {
+        self.source_jobs.insert(source.into(), job.into());
         self
     }
 
@@ -192,6 +204,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
             consumer: self.consumer,
             sources: self.sources,
             job: self.job,
+            source_jobs: self.source_jobs,
             label_fields: self.label_fields,
             batch_size: self.batch_size,
             poll_interval: self.poll_interval,
@@ -235,6 +248,7 @@ impl Offloader {
             consumer: format!("offloader-{:016x}", rand::random::<u64>()),
             sources: vec!["logs".to_owned(), "audit".to_owned()],
             job: "log-buffer".to_owned(),
+            source_jobs: BTreeMap::from([("audit".to_owned(), "audit_logs".to_owned())]),
             label_fields: vec!["level".to_owned(), "action".to_owned()],
             batch_size: 1000,
             poll_interval: Duration::from_millis(100),
@@ -308,6 +322,8 @@ struct Context {
     consumer: String,
     sources: Vec<String>,
     job: String,
+    /// Jobs of the sources that do not use `job`, by suffix.
+    source_jobs: BTreeMap<String, String>,
     label_fields: Vec<String>,
     batch_size: usize,
     poll_interval: Duration,
@@ -695,10 +711,11 @@ async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<Str
     let now = now_ns();
     let oldest = now.saturating_sub(u64::try_from(context.max_age.as_nanos()).unwrap_or(u64::MAX));
     let newest = now + LOKI_MAX_FUTURE.as_nanos() as u64;
+    let job = job_of(context, stream);
     let mut ready = Vec::with_capacity(entries.len());
     let mut invalid = Vec::new();
     for entry in entries {
-        match prepare(context, tenant, &entry, oldest, newest) {
+        match prepare(context, job, tenant, &entry, oldest, newest) {
             Ok((labels, line)) => ready.push(Ready {
                 stored: entry,
                 labels,
@@ -788,9 +805,19 @@ type Labels = BTreeMap<String, String>;
 /// Why an entry cannot go to Loki: the reason's name and the detail.
 type Invalid = (&'static str, String);
 
+/// The `job` label of a stream's lines: its source's own, or the default.
+fn job_of<'a>(context: &'a Context, stream: &str) -> &'a str {
+    context
+        .source_jobs
+        .iter()
+        .find(|(source, _)| tenant_of_stream(stream, source).is_some())
+        .map_or(&context.job, |(_, job)| job)
+}
+
 /// Labels and line of an entry, or why it cannot go to Loki.
 fn prepare(
     context: &Context,
+    job: &str,
     tenant: &str,
     entry: &StreamId,
     oldest: u64,
@@ -815,7 +842,7 @@ fn prepare(
         ));
     }
     let mut labels = BTreeMap::new();
-    labels.insert("job".to_owned(), context.job.clone());
+    labels.insert("job".to_owned(), job.to_owned());
     labels.insert("tenant_id".to_owned(), tenant.to_owned());
     for name in &context.label_fields {
         if let Some(value) = fields.get(name) {

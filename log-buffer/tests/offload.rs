@@ -127,6 +127,7 @@ async fn lines_arrive_per_tenant_with_their_labels_in_every_encoding() {
     assert_eq!(labels["level"], "error");
     let (audit, labels) = &by_message["create_key"];
     assert_eq!(audit["actor"], "user:alice");
+    assert_eq!(labels["job"], "audit_logs", "audit records keep their job");
     assert_eq!(labels["action"], "create_key");
     assert!(!labels.contains_key("level"));
     for received in receiver.accepted() {
@@ -159,6 +160,39 @@ async fn lines_arrive_per_tenant_with_their_labels_in_every_encoding() {
         assert_eq!(receiver.accepted()[0].content_type, "application/json");
         offloader.shutdown(Duration::from_secs(5)).await;
     }
+}
+
+#[tokio::test]
+async fn each_source_ships_under_the_job_it_is_given() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let buffer = LogBuffer::builder(client.clone()).start().unwrap();
+    {
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(buffer.layer()));
+        tracing::info!(tenant_id = "acme", "an application line");
+    }
+    buffer.shutdown(Duration::from_secs(5)).await;
+    audit_entry(&client, "acme", now_ns(), "create_key").await;
+
+    let offloader = offloader(&client, &receiver)
+        .job("kv-server")
+        .source_job("audit", "kv-audit")
+        .start()
+        .unwrap();
+    receiver.wait_for_lines("acme", 2).await;
+    let jobs: BTreeMap<String, String> = receiver
+        .lines("acme")
+        .iter()
+        .map(|(_, line, labels)| {
+            let fields = json(line);
+            let what = fields.get("message").or(fields.get("action")).unwrap();
+            (what.clone(), labels["job"].clone())
+        })
+        .collect();
+    assert_eq!(jobs["an application line"], "kv-server");
+    assert_eq!(jobs["create_key"], "kv-audit");
+    offloader.shutdown(Duration::from_secs(5)).await;
 }
 
 #[tokio::test]

@@ -3,13 +3,13 @@
 //! request's figures.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use log_buffer::{LogBuffer, Offloader};
+use prometheus::IntGauge;
 use redis_failover::FailoverClient;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -23,7 +23,7 @@ use crate::http::{
     read_body, read_json,
 };
 use crate::limits::Limits;
-use crate::metrics::HttpMetrics;
+use crate::metrics::Metrics;
 use crate::router::{self, Open, Operation, Surface, TenantOp};
 
 /// The largest login body: a username and a password, with room to spare.
@@ -43,13 +43,14 @@ pub(crate) struct App {
     pub(crate) limits: Limits,
     /// The header a trusted proxy puts the client's address in, if any.
     pub(crate) client_address_header: Option<HeaderName>,
-    pub(crate) metrics: HttpMetrics,
-    pub(crate) logs: Mutex<LogShipping>,
+    pub(crate) metrics: Metrics,
+    /// Shared with the metrics' log collector, which reads their figures.
+    pub(crate) logs: Arc<Mutex<LogShipping>>,
 }
 
 /// The log buffer and offloader this process runs, if any: their figures
 /// go to `/metrics`, and shutdown flushes them.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct LogShipping {
     pub(crate) buffer: Option<LogBuffer>,
     pub(crate) offloader: Option<Offloader>,
@@ -74,11 +75,11 @@ impl Exchange {
     }
 }
 
-struct InFlight<'a>(&'a AtomicI64);
+struct InFlight<'a>(&'a IntGauge);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
@@ -89,9 +90,9 @@ pub(crate) async fn handle(
     request: Request<RequestBody>,
 ) -> Response<Body> {
     let started = Instant::now();
-    app.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+    app.metrics.http.in_flight.inc();
     // Decrements also when hyper drops this future (the client went away).
-    let _in_flight = InFlight(&app.metrics.in_flight);
+    let _in_flight = InFlight(&app.metrics.http.in_flight);
     let request_id = request
         .headers()
         .get("x-request-id")
@@ -145,7 +146,10 @@ pub(crate) async fn handle(
     let route = operation.map_or("unmatched", Operation::name);
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    app.metrics.record(route, status, error_code, elapsed);
+    let tenant = exchange.tenant.as_ref().map(TenantId::as_str);
+    app.metrics
+        .http
+        .record(route, status, error_code, tenant, elapsed);
     tracing::info!(
         target: "access",
         request_id,
@@ -205,10 +209,10 @@ async fn answer_open(
         Open::Health => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         Open::Ready => ready(app).await,
         Open::Metrics => {
-            let mut response = Response::new(Body::from(crate::metrics::render(app)));
+            let mut response = Response::new(Body::from(app.metrics.render()));
             response.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
             );
             Ok(response)
         }

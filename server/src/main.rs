@@ -270,8 +270,9 @@ async fn serve(config: Option<PathBuf>) -> Result<(), Error> {
         builder = builder.log_buffer(buffer);
     }
     if let Some(url) = &settings.loki_url {
-        let offloader =
-            Offloader::builder(logs_client, LokiSink::builder(url.clone()).build()?).start()?;
+        let offloader = Offloader::builder(logs_client, LokiSink::builder(url.clone()).build()?)
+            .job(settings.loki_job.clone())
+            .start()?;
         builder = builder.offloader(offloader);
     }
     init_tracing(layer, "info");
@@ -312,7 +313,18 @@ async fn offload(config: Option<PathBuf>) -> Result<(), Error> {
         })?;
     let client = settings.redis.client()?.with_durability(Durability::Master);
     init_tracing(None, "info");
-    let offloader = Offloader::builder(client, LokiSink::builder(url).build()?).start()?;
+    let offloader = Offloader::builder(client.clone(), LokiSink::builder(url).build()?)
+        .job(settings.loki_job.clone())
+        .start()?;
+    // Its figures on /metrics, as a server's, unless `admin_listen = off`.
+    let Some(admin) = settings.admin_listen else {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        offloader.shutdown(Duration::from_secs(10)).await;
+        return Ok(());
+    };
+    let offloader = server::OffloaderAdmin::bind(admin, client, offloader).await?;
+    tracing::info!(admin = %offloader.local_addr(), "serving /metrics");
     wait_for_signal().await;
     tracing::info!("shutting down");
     offloader.shutdown(Duration::from_secs(10)).await;

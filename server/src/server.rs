@@ -1,6 +1,5 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use crate::auth::JwtConfig;
 use crate::conn::{PerAddress, SendTimeout};
 use crate::error::Error;
 use crate::limits::Limits;
+use crate::metrics::Metrics;
 use crate::router::Surface;
 
 /// Open connections the admin listener takes at most (probes, scrapers).
@@ -126,15 +126,16 @@ impl ServerBuilder {
         };
         let local_addr = local(&listener, addr)?;
         let admin_addr = admin.as_ref().map(|l| local(l, addr)).transpose()?;
+        let logs = Arc::new(Mutex::new(self.logs));
         let app = Arc::new(App {
             api_keys: self.store.api_keys(),
             store: self.store,
+            metrics: Metrics::new(self.client.clone(), logs.clone()),
             client: self.client,
             jwt: self.jwt,
             limits: self.limits,
             client_address_header: self.client_address_header,
-            metrics: Default::default(),
-            logs: Mutex::new(self.logs),
+            logs,
         });
         let stop = CancellationToken::new();
         let graceful = Arc::new(GracefulShutdown::new());
@@ -292,9 +293,7 @@ async fn accept(listener: TcpListener, surface: Surface, shared: Shared, stop: C
         };
         let Some(counted) = shared.per_address.admit(peer.ip()) else {
             // Closed at once: the client's address holds its share already.
-            app.metrics
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
+            app.metrics.http.connections_refused.inc();
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -304,14 +303,14 @@ async fn accept(listener: TcpListener, surface: Surface, shared: Shared, stop: C
             .watch(http.serve_connection(TokioIo::new(stream), service(app, surface, peer)));
         let app = app.clone();
         tokio::spawn(async move {
-            app.metrics.open_connections.fetch_add(1, Ordering::Relaxed);
+            app.metrics.http.open_connections.inc();
             if let Err(error) = connection.await {
                 if timed_out(&error) {
-                    app.metrics.send_timeouts.fetch_add(1, Ordering::Relaxed);
+                    app.metrics.http.send_timeouts.inc();
                 }
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
-            app.metrics.open_connections.fetch_sub(1, Ordering::Relaxed);
+            app.metrics.http.open_connections.dec();
             drop((counted, permit));
         });
     }

@@ -121,6 +121,9 @@ pub struct Settings {
     pub cursor_secret: Option<Vec<u8>>,
     /// Loki base URL, to ship logs from this process.
     pub loki_url: Option<String>,
+    /// The `job` label of the application's logs shipped to Loki (audit
+    /// records always ship as `job="audit_logs"`).
+    pub loki_job: String,
     /// Whether logs are buffered in Redis.
     pub log_buffer: bool,
     /// Request limits.
@@ -174,6 +177,7 @@ impl Settings {
             encryption_key: sections::encryption_key(raw)?,
             cursor_secret: sections::cursor_secret(raw)?,
             loki_url: sections::loki_url(raw)?,
+            loki_job: sections::loki_job(raw)?,
             log_buffer: raw.boolean("log_buffer", true)?,
             limits,
             protection: sections::protection(raw)?,

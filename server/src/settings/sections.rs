@@ -219,6 +219,18 @@ pub(super) fn loki_url(raw: &Raw) -> Result<Option<String>, SettingError> {
     Ok(url)
 }
 
+/// `loki_job`: a label value Loki takes (at most 2048 bytes).
+pub(super) fn loki_job(raw: &Raw) -> Result<String, SettingError> {
+    let job = raw.get("loki_job").unwrap_or("log-buffer");
+    if job.len() > 2048 {
+        return Err(SettingError::invalid(
+            "loki_job",
+            "at most 2048 bytes (Loki's longest label value)",
+        ));
+    }
+    Ok(job.to_owned())
+}
+
 /// The request and connection limits.
 pub(super) fn limits(raw: &Raw) -> Result<Limits, SettingError> {
     let defaults = Limits::default();

@@ -91,6 +91,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "Loki base URL: ship logs and audit records from this process",
     ),
     (
+        "loki_job",
+        "job label of the application's logs in Loki (audit records are job=audit_logs); default log-buffer",
+    ),
+    (
         "log_buffer",
         "false to keep logs out of Redis (stderr only); default true",
     ),

@@ -46,6 +46,7 @@ fn sentinel_settings_from_the_environment() {
         Some(tenant_kv::Rate::per_minute(30))
     );
     assert_eq!(settings.admin_listen, None);
+    assert_eq!(settings.loki_job, "log-buffer", "the default");
     assert_eq!(
         settings
             .protection
@@ -73,6 +74,7 @@ fn sentinel_settings_from_the_environment() {
 
 #[test]
 fn errors_name_the_setting() {
+    let long_job = "j".repeat(2049);
     let cases: &[(&[(&str, &str)], &str)] = &[
         (&[SECRET], "redis_sentinels"),
         (
@@ -141,6 +143,13 @@ fn errors_name_the_setting() {
                 ("SERVER_LOKI_URL", "http://"),
             ],
             "loki_url",
+        ),
+        (
+            &[
+                ("SERVER_REDIS_NODES", "r:6379"),
+                ("SERVER_LOKI_JOB", long_job.as_str()),
+            ],
+            "loki_job",
         ),
         (
             &[
@@ -252,11 +261,12 @@ fn file_settings_are_overridden_by_the_environment_and_unknown_keys_refused() {
     let path = dir.path().join("server.toml");
     std::fs::write(
         &path,
-        "redis_nodes = [\"r-0:6379\", \"r-1:6379\"]\nmax_batch = 7\njwt_secret = \"0123456789abcdef0123456789abcdef\"\n",
+        "redis_nodes = [\"r-0:6379\", \"r-1:6379\"]\nmax_batch = 7\nloki_job = \"kv-server\"\njwt_secret = \"0123456789abcdef0123456789abcdef\"\n",
     )
     .unwrap();
     let settings = Settings::load(Some(&path), env(&[("SERVER_MAX_BATCH", "9")])).unwrap();
     assert_eq!(settings.limits.max_batch, 9);
+    assert_eq!(settings.loki_job, "kv-server");
     assert_eq!(
         settings.redis.discovery,
         Discovery::Candidates(vec![
