@@ -1,0 +1,102 @@
+//! What the offloader's parts share: its settings, its per-tenant
+//! figures and its stop signal, and what the dispatcher knows of each
+//! stream.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis_failover::{Backoff, FailoverClient};
+use tokio_util::sync::CancellationToken;
+
+use crate::sink::LogSink;
+
+/// Everything the dispatcher and the delivery tasks share.
+pub(super) struct Context {
+    pub(super) client: FailoverClient,
+    pub(super) sink: Box<dyn LogSink>,
+    pub(super) group: String,
+    pub(super) consumer: String,
+    pub(super) sources: Vec<String>,
+    pub(super) job: String,
+    /// Jobs of the sources that do not use `job`, by suffix.
+    pub(super) source_jobs: BTreeMap<String, String>,
+    pub(super) label_fields: Vec<String>,
+    pub(super) batch_size: usize,
+    pub(super) poll_interval: Duration,
+    pub(super) discovery_interval: Duration,
+    pub(super) claim_idle: Duration,
+    pub(super) max_deliveries: u64,
+    pub(super) backoff: Backoff,
+    /// Between reads while Redis fails: from the poll interval, up to 32 of them.
+    pub(super) read_backoff: Backoff,
+    pub(super) tenant_bytes_per_second: u64,
+    pub(super) max_age: Duration,
+    pub(super) dead_letter_max_len: u64,
+    pub(super) metrics: Mutex<BTreeMap<String, TenantMetrics>>,
+    pub(super) stopped: CancellationToken,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offloader")
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Context {
+    pub(super) fn tenant_metrics(&self, tenant: &str, update: impl FnOnce(&mut TenantMetrics)) {
+        update(lock(&self.metrics).entry(tenant.to_owned()).or_default());
+    }
+
+    /// Resolves when the offloader is told to stop.
+    pub(super) async fn stopping(&self) {
+        self.stopped.cancelled().await;
+    }
+}
+
+/// What the dispatcher knows of one stream.
+pub(super) struct Known {
+    pub(super) tenant: String,
+    /// Whether the consumer group is known to exist on the stream.
+    pub(super) group_ready: bool,
+    /// Whether this consumer's own pending entries were read (they are
+    /// read first, from id 0, after a restart under the same name).
+    pub(super) own_pending_read: bool,
+    /// Whether a delivery task owns the stream's entries now.
+    pub(super) busy: bool,
+    pub(super) last_claim: Instant,
+}
+
+/// One tenant's counters and gauges.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TenantMetrics {
+    /// Lines the sink accepted.
+    pub sent_lines: u64,
+    /// Bytes of those lines.
+    pub sent_bytes: u64,
+    /// Pushes that failed and were retried.
+    pub retried_pushes: u64,
+    /// Entries moved to the dead-letter stream, by reason (`too_old`,
+    /// `too_far_in_future`, `line_too_long`, `bad_timestamp`, `bad_label`,
+    /// `rejected`, `too_large`, `poison`).
+    pub dead_lettered: BTreeMap<&'static str, u64>,
+    /// Accepted pushes, and their total latency.
+    pub pushes: u64,
+    /// Total time of the accepted pushes.
+    pub push_latency: Duration,
+    /// Entries in the tenant's streams (not yet delivered), at the last
+    /// discovery.
+    pub depth: u64,
+    /// Age of the oldest of them, at the last discovery.
+    pub oldest_age: Option<Duration>,
+    /// Entries in the tenant's dead-letter streams, at the last discovery.
+    pub dead_letter_depth: u64,
+}

@@ -1,0 +1,370 @@
+//! The offloader: reads the tenants' streams through a consumer group and
+//! delivers each tenant's entries to a [`LogSink`] on its own schedule.
+//!
+//! `context` holds what every part shares; `streams` finds the streams and
+//! reads (or claims) their entries; `deliver` pushes one stream's entries
+//! to the sink, dead-lettering what Loki cannot take.
+
+mod context;
+mod deliver;
+mod streams;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis_failover::{Backoff, ErrorKind, FailoverClient};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::producer::LOKI_MAX_AGE;
+use crate::sink::LogSink;
+pub use context::TenantMetrics;
+use context::{Context, Known, lock};
+use deliver::deliver;
+use streams::{discover, read};
+
+/// Settings of an [`Offloader`].
+#[must_use]
+pub struct OffloaderBuilder<S> {
+    client: FailoverClient,
+    sink: S,
+    group: String,
+    consumer: String,
+    sources: Vec<String>,
+    job: String,
+    source_jobs: BTreeMap<String, String>,
+    label_fields: Vec<String>,
+    batch_size: usize,
+    poll_interval: Duration,
+    discovery_interval: Duration,
+    claim_idle: Duration,
+    max_deliveries: u64,
+    backoff: Backoff,
+    tenant_bytes_per_second: u64,
+    max_age: Duration,
+    dead_letter_max_len: u64,
+}
+
+impl<S> std::fmt::Debug for OffloaderBuilder<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OffloaderBuilder")
+            .field("group", &self.group)
+            .field("consumer", &self.consumer)
+            .field("sources", &self.sources)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: LogSink> OffloaderBuilder<S> {
+    /// The consumer group every offloader instance shares. Defaults to
+    /// `log-offloader`.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = group.into();
+        self
+    }
+
+    /// This instance's name in the group (a pod name, say): entries it
+    /// read and did not deliver are read again under the same name after
+    /// a restart, or claimed by another instance after
+    /// [`claim_idle`](Self::claim_idle). Defaults to a random name.
+    pub fn consumer(mut self, consumer: impl Into<String>) -> Self {
+        self.consumer = consumer.into();
+        self
+    }
+
+    /// The streams to offload, by the part after `tenant:{<id>}:`. Defaults
+    /// to `logs` (this crate's producer) and `audit` (tenant-kv's audit
+    /// records).
+    pub fn sources(mut self, suffixes: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.sources = suffixes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The `job` label of every line whose source has no job of its own
+    /// ([`source_job`](Self::source_job)): the application's logs, by
+    /// default. Defaults to `log-buffer`.
+    pub fn job(mut self, job: impl Into<String>) -> Self {
+        self.job = job.into();
+        self
+    }
+
+    /// The `job` label of the lines from one source (by its suffix, as in
+    /// [`sources`](Self::sources)), in place of [`job`](Self::job).
+    /// Defaults to `audit_logs` for `audit`, the label audit records had
+    /// before this crate shipped them, which Grafana queries select them by.
+    pub fn source_job(mut self, source: impl Into<String>, job: impl Into<String>) -> Self {
+        self.source_jobs.insert(source.into(), job.into());
+        self
+    }
+
+    /// Entry fields that become labels when present, beside `job` and
+    /// `tenant_id`; keep them few and of few values (Loki indexes every
+    /// label set). Defaults to `level` and `action`.
+    pub fn label_fields(mut self, fields: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.label_fields = fields.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The most entries read from a stream, and pushed, at once.
+    /// Defaults to 1000.
+    pub fn batch_size(mut self, entries: usize) -> Self {
+        self.batch_size = entries;
+        self
+    }
+
+    /// How long to wait before reading again when every stream was empty.
+    /// Defaults to 100 ms.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// How often to look for new tenants' streams (`SCAN`, which costs in
+    /// proportion to the whole keyspace). Defaults to 5 s.
+    pub fn discovery_interval(mut self, interval: Duration) -> Self {
+        self.discovery_interval = interval;
+        self
+    }
+
+    /// How long an entry read by another consumer stays undelivered before
+    /// this one claims it (`XAUTOCLAIM`): the other is taken for dead.
+    /// Keep it well above the longest push. Defaults to 60 s.
+    pub fn claim_idle(mut self, idle: Duration) -> Self {
+        self.claim_idle = idle;
+        self
+    }
+
+    /// How many deliveries an entry may have (reads by crashed consumers
+    /// count) before it is taken for poison and dead-lettered. Defaults to 10.
+    pub fn max_deliveries(mut self, deliveries: u64) -> Self {
+        self.max_deliveries = deliveries;
+        self
+    }
+
+    /// The backoff of a tenant whose pushes fail and will be retried
+    /// (other tenants are not held back), and of reading the streams while
+    /// Redis fails. Defaults to 500 ms, up to 30 s.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The pace of one tenant's pushes, in bytes of lines per second, so
+    /// that a backlog replayed after an outage stays below Loki's
+    /// per-tenant ingestion rate (4 MB/s by default). Defaults to 3 MiB/s.
+    pub fn tenant_bytes_per_second(mut self, rate: u64) -> Self {
+        self.tenant_bytes_per_second = rate;
+        self
+    }
+
+    /// Entries older than this are dead-lettered without being sent, as
+    /// Loki would refuse them. Defaults to 7 days.
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = age;
+        self
+    }
+
+    /// How many entries each dead-letter stream keeps at most (about:
+    /// `MAXLEN ~` on every addition); they are also trimmed to
+    /// [`max_age`](Self::max_age). Defaults to 10,000.
+    pub fn dead_letter_max_len(mut self, entries: u64) -> Self {
+        self.dead_letter_max_len = entries;
+        self
+    }
+
+    /// Validates the settings and starts the offloader on the current
+    /// Tokio runtime.
+    pub fn start(self) -> Result<Offloader> {
+        let zero = |setting: &'static str, is_zero: bool| {
+            if is_zero {
+                Err(Error::InvalidConfig {
+                    setting,
+                    reason: "must be more than zero".to_owned(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        zero("batch_size", self.batch_size == 0)?;
+        zero("poll_interval", self.poll_interval.is_zero())?;
+        zero("discovery_interval", self.discovery_interval.is_zero())?;
+        zero("claim_idle", self.claim_idle.is_zero())?;
+        zero("max_deliveries", self.max_deliveries == 0)?;
+        zero("tenant_bytes_per_second", self.tenant_bytes_per_second == 0)?;
+        zero("dead_letter_max_len", self.dead_letter_max_len == 0)?;
+        zero("sources", self.sources.is_empty())?;
+        zero("group", self.group.is_empty())?;
+        zero("consumer", self.consumer.is_empty())?;
+        let stop = CancellationToken::new();
+        let context = Arc::new(Context {
+            client: self.client,
+            sink: Box::new(self.sink),
+            group: self.group,
+            consumer: self.consumer,
+            sources: self.sources,
+            job: self.job,
+            source_jobs: self.source_jobs,
+            label_fields: self.label_fields,
+            batch_size: self.batch_size,
+            poll_interval: self.poll_interval,
+            discovery_interval: self.discovery_interval,
+            claim_idle: self.claim_idle,
+            max_deliveries: self.max_deliveries,
+            backoff: self.backoff,
+            read_backoff: Backoff::new(self.poll_interval, self.poll_interval * 32)?,
+            tenant_bytes_per_second: self.tenant_bytes_per_second,
+            max_age: self.max_age,
+            dead_letter_max_len: self.dead_letter_max_len,
+            metrics: Mutex::new(BTreeMap::new()),
+            stopped: stop.clone(),
+        });
+        let task = tokio::spawn(dispatch(Arc::clone(&context)));
+        Ok(Offloader {
+            context,
+            stop,
+            task,
+        })
+    }
+}
+
+/// A running offloader (see the crate docs). Stops when dropped, leaving
+/// what it had not delivered pending for the group.
+#[derive(Debug)]
+pub struct Offloader {
+    context: Arc<Context>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Offloader {
+    /// Settings for an offloader reading through `client` and delivering
+    /// to `sink`.
+    pub fn builder<S: LogSink>(client: FailoverClient, sink: S) -> OffloaderBuilder<S> {
+        OffloaderBuilder {
+            client,
+            sink,
+            group: "log-offloader".to_owned(),
+            consumer: format!("offloader-{:016x}", rand::random::<u64>()),
+            sources: vec!["logs".to_owned(), "audit".to_owned()],
+            job: "log-buffer".to_owned(),
+            source_jobs: BTreeMap::from([("audit".to_owned(), "audit_logs".to_owned())]),
+            label_fields: vec!["level".to_owned(), "action".to_owned()],
+            batch_size: 1000,
+            poll_interval: Duration::from_millis(100),
+            discovery_interval: Duration::from_secs(5),
+            claim_idle: Duration::from_secs(60),
+            max_deliveries: 10,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
+                .expect("valid defaults"),
+            tenant_bytes_per_second: 3 * 1024 * 1024,
+            max_age: LOKI_MAX_AGE,
+            dead_letter_max_len: 10_000,
+        }
+    }
+
+    /// The counters of every tenant seen, by tenant.
+    pub fn metrics(&self) -> BTreeMap<String, TenantMetrics> {
+        lock(&self.context.metrics).clone()
+    }
+
+    /// Stops reading, lets pushes under way finish until `deadline`, and
+    /// returns. Entries not delivered by then stay pending in Redis, for
+    /// this consumer after a restart or for another after `claim_idle`.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        self.stop.cancel();
+        if tokio::time::timeout(deadline, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+    }
+}
+
+impl Drop for Offloader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads the streams and hands each stream's entries to a delivery task,
+/// one at a time per stream, until stopped.
+async fn dispatch(context: Arc<Context>) {
+    let mut known: BTreeMap<String, Known> = BTreeMap::new();
+    let mut tasks = JoinSet::new();
+    let (done_sender, mut done) = mpsc::unbounded_channel::<String>();
+    let mut last_discovery: Option<Instant> = None;
+    let mut failures = 0u32;
+    while !context.stopped.is_cancelled() {
+        while let Ok(stream) = done.try_recv() {
+            release(&mut known, &stream);
+        }
+        while tasks.try_join_next().is_some() {}
+        let round = async {
+            if last_discovery.is_none_or(|at| at.elapsed() >= context.discovery_interval) {
+                discover(&context, &mut known).await?;
+                last_discovery = Some(Instant::now());
+            }
+            read(&context, &mut known).await
+        };
+        let batches = match round.await {
+            Ok(batches) => {
+                failures = 0;
+                batches
+            }
+            Err(error) => {
+                if error.kind() == ErrorKind::NoGroup {
+                    // A new master that missed the group's creation, or
+                    // a stream deleted by hand: create the groups again.
+                    last_discovery = None;
+                    for state in known.values_mut() {
+                        state.group_ready = false;
+                    }
+                }
+                failures += 1;
+                tracing::warn!(target: "log_buffer", %error, "offloader: reading the streams failed");
+                Vec::new()
+            }
+        };
+        let idle = batches.is_empty();
+        for (stream, entries) in batches {
+            let Some(state) = known.get_mut(&stream) else {
+                continue;
+            };
+            state.busy = true;
+            let (context, done, tenant) = (
+                Arc::clone(&context),
+                done_sender.clone(),
+                state.tenant.clone(),
+            );
+            tasks.spawn(async move {
+                deliver(&context, &stream, &tenant, entries).await;
+                let _ = done.send(stream);
+            });
+        }
+        if idle {
+            let wait = match failures {
+                0 => context.poll_interval,
+                failures => context.read_backoff.delay(failures - 1),
+            };
+            tokio::select! {
+                () = context.stopping() => break,
+                () = tokio::time::sleep(wait) => {}
+                Some(stream) = done.recv() => release(&mut known, &stream),
+            }
+        }
+    }
+    // Pushes under way finish (the caller's deadline bounds this); tasks
+    // waiting to retry stop at once, leaving their entries pending.
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Marks `stream` free for reading again: its delivery task ended.
+fn release(known: &mut BTreeMap<String, Known>, stream: &str) {
+    if let Some(state) = known.get_mut(stream) {
+        state.busy = false;
+    }
+}
