@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use redis_failover::FailoverClient;
+use redis_failover::{FailoverClient, MasterConnection};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -411,7 +411,6 @@ async fn append(
     let connection = client.idempotent_connection();
     let mut batch = Vec::with_capacity(batch_size);
     let mut last_trim: HashMap<String, Instant> = HashMap::new();
-    let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
     let mut in_flight = FuturesUnordered::new();
     let mut linger = false;
     loop {
@@ -436,76 +435,103 @@ async fn append(
             }
         }
         let count = batch.len() as u64;
-        let mut pipeline = redis::pipe();
-        let mut tenants: Vec<&str> = Vec::new();
-        for record in &batch {
-            let tenant = record.tenant(&default_tenant);
-            let stream = log_stream(tenant);
-            pipeline
-                .cmd("XADD")
-                .arg(&stream)
-                .arg("*")
-                .arg("ts")
-                .arg(record.ts)
-                .arg("level")
-                .arg(record.level)
-                .arg("target")
-                .arg(record.target)
-                .ignore();
-            for (name, value) in record.fields.iter() {
-                pipeline.arg(name).arg(value);
-            }
-            if !tenants.contains(&tenant) {
-                tenants.push(tenant);
-            }
-        }
-        let min_id = (now_ns() / 1_000_000).saturating_sub(max_age_ms);
-        // Trimming costs Redis more than appending: once a second per tenant.
-        tenants.retain(|tenant| {
-            let due = last_trim
-                .get(*tenant)
-                .is_none_or(|at: &Instant| at.elapsed() >= TRIM_INTERVAL);
-            if due {
-                last_trim.insert((*tenant).to_owned(), Instant::now());
-            }
-            due
-        });
-        for tenant in &tenants {
-            let stream = log_stream(tenant);
-            pipeline
-                .cmd("XTRIM")
-                .arg(&stream)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(max_len);
-            pipeline
-                .cmd("XTRIM")
-                .arg(&stream)
-                .arg("MINID")
-                .arg("~")
-                .arg(min_id);
-        }
+        let pipeline = appends(&batch, &default_tenant, &mut last_trim, max_len, max_age);
         batch.clear();
-        let (mut connection, counters) = (connection.clone(), Arc::clone(&counters));
-        in_flight.push(async move {
-            match pipeline.query_async::<Vec<u64>>(&mut connection).await {
-                Ok(trimmed) => {
-                    counters.appended.fetch_add(count, Ordering::Relaxed);
-                    counters
-                        .trimmed
-                        .fetch_add(trimmed.iter().sum(), Ordering::Relaxed);
-                }
-                Err(error) => {
-                    counters.redis_failed.fetch_add(count, Ordering::Relaxed);
-                    tracing::warn!(
-                        target: "log_buffer",
-                        %error,
-                        records = count,
-                        "log buffer: records dropped, Redis did not take them"
-                    );
-                }
-            }
-        });
+        in_flight.push(send(
+            pipeline,
+            connection.clone(),
+            Arc::clone(&counters),
+            count,
+        ));
     }
     while in_flight.next().await.is_some() {}
+}
+
+/// One pipeline appending `batch` to its tenants' streams, trimming each
+/// stream (by length and by age) at most once a `TRIM_INTERVAL`, as
+/// `last_trim` keeps count.
+fn appends(
+    batch: &[Record],
+    default_tenant: &str,
+    last_trim: &mut HashMap<String, Instant>,
+    max_len: u64,
+    max_age: Duration,
+) -> redis::Pipeline {
+    let mut pipeline = redis::pipe();
+    let mut tenants: Vec<&str> = Vec::new();
+    for record in batch {
+        let tenant = record.tenant(default_tenant);
+        pipeline
+            .cmd("XADD")
+            .arg(log_stream(tenant))
+            .arg("*")
+            .arg("ts")
+            .arg(record.ts)
+            .arg("level")
+            .arg(record.level)
+            .arg("target")
+            .arg(record.target)
+            .ignore();
+        for (name, value) in record.fields.iter() {
+            pipeline.arg(name).arg(value);
+        }
+        if !tenants.contains(&tenant) {
+            tenants.push(tenant);
+        }
+    }
+    let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
+    let min_id = (now_ns() / 1_000_000).saturating_sub(max_age_ms);
+    // Trimming costs Redis more than appending: once a second per tenant.
+    tenants.retain(|tenant| {
+        let due = last_trim
+            .get(*tenant)
+            .is_none_or(|at: &Instant| at.elapsed() >= TRIM_INTERVAL);
+        if due {
+            last_trim.insert((*tenant).to_owned(), Instant::now());
+        }
+        due
+    });
+    for tenant in &tenants {
+        let stream = log_stream(tenant);
+        pipeline
+            .cmd("XTRIM")
+            .arg(&stream)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(max_len);
+        pipeline
+            .cmd("XTRIM")
+            .arg(&stream)
+            .arg("MINID")
+            .arg("~")
+            .arg(min_id);
+    }
+    pipeline
+}
+
+/// Sends one batch's pipeline, counting its `count` records as appended
+/// or dropped.
+async fn send(
+    pipeline: redis::Pipeline,
+    mut connection: MasterConnection,
+    counters: Arc<Counters>,
+    count: u64,
+) {
+    match pipeline.query_async::<Vec<u64>>(&mut connection).await {
+        Ok(trimmed) => {
+            counters.appended.fetch_add(count, Ordering::Relaxed);
+            counters
+                .trimmed
+                .fetch_add(trimmed.iter().sum(), Ordering::Relaxed);
+        }
+        Err(error) => {
+            counters.redis_failed.fetch_add(count, Ordering::Relaxed);
+            tracing::warn!(
+                target: "log_buffer",
+                %error,
+                records = count,
+                "log buffer: records dropped, Redis did not take them"
+            );
+        }
+    }
 }
