@@ -17,15 +17,11 @@
 //! answered for 8 s, and writes meanwhile would use up their retry budget.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::StatusCode;
 use log_buffer::{LokiSink, Offloader};
 use redis_failover::{Durability, FailoverClient, NodeAddr};
 use redis_topology::{NodeId, Topology};
@@ -34,6 +30,14 @@ use server::{JwtConfig, Server, ServerHandle};
 use tenant_kv::{Actor, NewUser, TenantId, TenantKv};
 
 use crate::{Http, Reply};
+use receiver::{Mode, Receiver};
+
+mod fault;
+mod receiver;
+mod report;
+
+pub use fault::Fault;
+pub use report::{Report, Round, print_totals};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -46,239 +50,6 @@ const FAILOVER_TIMEOUT: Duration = Duration::from_secs(2);
 const DEADLINE: Duration = Duration::from_secs(60);
 /// How long a receiver fault lasts.
 const OUTAGE: Duration = Duration::from_secs(3);
-
-/// One fault injected in a round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fault {
-    /// kill -9 of the master (it comes back as a replica afterwards).
-    KillMaster,
-    /// SIGSTOP of the master past Sentinel's down-after, then SIGCONT.
-    PauseMaster,
-    /// `SENTINEL FAILOVER`.
-    SentinelFailover,
-    /// Every sentinel killed and restarted.
-    RestartSentinels,
-    /// One offloader aborted mid-work; another takes its place.
-    KillOffloader,
-    /// The receiver answers 500 for a while.
-    Receiver500,
-    /// The receiver answers 429 for a while.
-    Receiver429,
-    /// The receiver drops every connection for a while.
-    ReceiverDown,
-}
-
-impl Fault {
-    /// Every fault, in the order rounds cycle through them: master faults
-    /// are spaced by others, as Sentinel waits between two failovers.
-    pub const ALL: [Fault; 8] = [
-        Fault::KillMaster,
-        Fault::KillOffloader,
-        Fault::Receiver500,
-        Fault::PauseMaster,
-        Fault::RestartSentinels,
-        Fault::Receiver429,
-        Fault::SentinelFailover,
-        Fault::ReceiverDown,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Fault::KillMaster => "kill -9 master",
-            Fault::PauseMaster => "SIGSTOP master",
-            Fault::SentinelFailover => "SENTINEL FAILOVER",
-            Fault::RestartSentinels => "restart sentinels",
-            Fault::KillOffloader => "kill offloader",
-            Fault::Receiver500 => "receiver 500",
-            Fault::Receiver429 => "receiver 429",
-            Fault::ReceiverDown => "receiver down",
-        }
-    }
-
-    fn changes_master(self) -> bool {
-        matches!(
-            self,
-            Fault::KillMaster | Fault::PauseMaster | Fault::SentinelFailover
-        )
-    }
-}
-
-/// What one round saw.
-#[derive(Clone, Debug)]
-pub struct Round {
-    /// The fault.
-    pub fault: Fault,
-    /// Requests that failed although they had not used up the retry budget.
-    pub errors_within_budget: u64,
-    /// Requests that failed after the whole retry budget.
-    pub errors_past_budget: u64,
-    /// From the fault's injection until it is over (the old master back as
-    /// a replica, the receiver answering again) and every traffic task has
-    /// written since.
-    pub recovery: Duration,
-}
-
-/// What the whole run saw.
-#[derive(Clone, Debug)]
-pub struct Report {
-    /// Each round.
-    pub rounds: Vec<Round>,
-    /// Writes acknowledged to clients.
-    pub acknowledged_writes: u64,
-    /// Acknowledged writes whose value was not found at the end.
-    pub lost_writes: Vec<String>,
-    /// Reads answered during the run.
-    pub reads: u64,
-    /// Reads during the run that missed an acknowledged write.
-    pub stale_reads: Vec<String>,
-    /// Acknowledged mutations whose audit record never reached the receiver.
-    pub missing_audit_records: Vec<String>,
-    /// Audit records that reached the receiver more than once.
-    pub duplicate_lines: u64,
-    /// The first failed requests, described.
-    pub failures: Vec<String>,
-    /// Audit entries the offloaders dead-lettered, by reason.
-    pub dead_lettered: BTreeMap<String, u64>,
-}
-
-impl Report {
-    /// Client errors that the retry budget should have hidden.
-    pub fn errors_within_budget(&self) -> u64 {
-        self.rounds.iter().map(|r| r.errors_within_budget).sum()
-    }
-
-    /// Client errors after the whole retry budget.
-    pub fn errors_past_budget(&self) -> u64 {
-        self.rounds.iter().map(|r| r.errors_past_budget).sum()
-    }
-
-    /// The report as JSON.
-    pub fn to_json(&self) -> Value {
-        let rounds: Vec<Value> = self
-            .rounds
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                json!({"round": i + 1, "fault": r.fault.name(),
-                       "errors_within_budget": r.errors_within_budget,
-                       "errors_past_budget": r.errors_past_budget,
-                       "recovery_ms": r.recovery.as_millis() as u64})
-            })
-            .collect();
-        json!({
-            "rounds": rounds,
-            "acknowledged_writes": self.acknowledged_writes,
-            "lost_writes": self.lost_writes.len(),
-            "reads": self.reads,
-            "stale_reads": self.stale_reads.len(),
-            "missing_audit_records": self.missing_audit_records.len(),
-            "duplicate_lines": self.duplicate_lines,
-            "dead_lettered": self.dead_lettered,
-            "errors_within_budget": self.errors_within_budget(),
-            "errors_past_budget": self.errors_past_budget(),
-        })
-    }
-}
-
-/// How the receiver answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Accept,
-    Status(u16),
-    Down,
-}
-
-/// A line as the receiver got it: tenant, timestamp, text.
-type Line = (String, u64, String);
-
-/// A Loki push endpoint that keeps every line it accepts.
-struct Receiver {
-    url: String,
-    mode: Arc<Mutex<Mode>>,
-    /// How often each line arrived.
-    lines: Arc<Mutex<HashMap<Line, u64>>>,
-}
-
-impl Receiver {
-    async fn start() -> Result<Self, BoxError> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let mode = Arc::new(Mutex::new(Mode::Accept));
-        let lines = Arc::new(Mutex::new(HashMap::new()));
-        let (shared_mode, shared_lines) = (Arc::clone(&mode), Arc::clone(&lines));
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                if *shared_mode.lock().unwrap() == Mode::Down {
-                    continue;
-                }
-                let (mode, lines) = (Arc::clone(&shared_mode), Arc::clone(&shared_lines));
-                let service = hyper::service::service_fn(
-                    move |request: hyper::Request<hyper::body::Incoming>| {
-                        let (mode, lines) = (Arc::clone(&mode), Arc::clone(&lines));
-                        async move {
-                            let header = |name: &str| {
-                                request
-                                    .headers()
-                                    .get(name)
-                                    .and_then(|v| v.to_str().ok())
-                                    .map(str::to_owned)
-                            };
-                            let (tenant, content_type, encoding) = (
-                                header("x-scope-orgid"),
-                                header("content-type"),
-                                header("content-encoding"),
-                            );
-                            let body = request
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let status = match *mode.lock().unwrap() {
-                                Mode::Accept => StatusCode::NO_CONTENT,
-                                Mode::Status(status) => StatusCode::from_u16(status)
-                                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                                Mode::Down => StatusCode::SERVICE_UNAVAILABLE,
-                            };
-                            let decoded = log_buffer::loki::decode_push_body(
-                                content_type.as_deref().unwrap_or_default(),
-                                encoding.as_deref(),
-                                &body,
-                            );
-                            let status = match (tenant, decoded) {
-                                (Some(tenant), Ok(streams)) if status.is_success() => {
-                                    let mut lines = lines.lock().unwrap();
-                                    for stream in streams {
-                                        for entry in stream.entries {
-                                            *lines
-                                                .entry((tenant.clone(), entry.ts_ns, entry.line))
-                                                .or_default() += 1;
-                                        }
-                                    }
-                                    status
-                                }
-                                (None, _) | (_, Err(_)) => StatusCode::BAD_REQUEST,
-                                _ => status,
-                            };
-                            let mut response = Response::new(Full::new(Bytes::new()));
-                            *response.status_mut() = status;
-                            Ok::<_, Infallible>(response)
-                        }
-                    },
-                );
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service),
-                );
-            }
-        });
-        Ok(Self { url, mode, lines })
-    }
-
-    fn set(&self, mode: Mode) {
-        *self.mode.lock().unwrap() = mode;
-    }
-}
 
 /// One server instance with its own failover client and store.
 async fn server_instance(
@@ -780,45 +551,4 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
         failures: std::mem::take(&mut *traffic.failures.lock().unwrap()),
         dead_lettered,
     })
-}
-
-/// Prints a report's totals.
-pub fn print_totals(report: &Report) {
-    let recoveries: Vec<f64> = report
-        .rounds
-        .iter()
-        .map(|r| r.recovery.as_secs_f64())
-        .collect();
-    let worst = recoveries.iter().copied().fold(0.0, f64::max);
-    println!(
-        "chaos: {} rounds, {} acknowledged writes, {} lost, {} reads, {} stale, {} audit records missing, \
-         {} duplicate lines, {} errors within the retry budget, {} past it, worst recovery {worst:.2} s",
-        report.rounds.len(),
-        report.acknowledged_writes,
-        report.lost_writes.len(),
-        report.reads,
-        report.stale_reads.len(),
-        report.missing_audit_records.len(),
-        report.duplicate_lines,
-        report.errors_within_budget(),
-        report.errors_past_budget(),
-    );
-    if !report.dead_lettered.is_empty() {
-        println!(
-            "  dead-lettered by the offloaders: {:?}",
-            report.dead_lettered
-        );
-    }
-    for failure in &report.failures {
-        println!("  failed: {failure}");
-    }
-    for lost in report.lost_writes.iter().take(10) {
-        println!("  lost: {lost}");
-    }
-    for stale in report.stale_reads.iter().take(10) {
-        println!("  stale read: {stale}");
-    }
-    for missing in report.missing_audit_records.iter().take(10) {
-        println!("  audit missing: {missing}");
-    }
 }
