@@ -232,20 +232,26 @@ fn to_push(tenant: &str, batch: &[Ready]) -> Push {
 async fn acknowledge<'a>(context: &Context, stream: &str, ids: impl Iterator<Item = &'a str>) {
     let ids: Vec<&str> = ids.collect();
     let mut pipeline = redis::pipe();
-    pipeline
-        .atomic()
-        .cmd("XACK")
-        .arg(stream)
-        .arg(&context.group)
-        .arg(&ids)
-        .ignore()
-        .cmd("XDEL")
-        .arg(stream)
-        .arg(&ids)
-        .ignore();
+    pipeline.atomic();
+    ack_and_delete(&mut pipeline, context, stream, &ids);
     if let Err(error) = context.client.query_pipeline::<()>(&pipeline).await {
         tracing::warn!(target: "log_buffer", %error, stream, "offloader: acknowledging failed; the entries will be delivered again");
     }
+}
+
+/// Adds `XACK` and `XDEL` of `ids` to `pipeline`: entries done with leave
+/// the group's pending list and the stream.
+fn ack_and_delete(pipeline: &mut redis::Pipeline, context: &Context, stream: &str, ids: &[&str]) {
+    pipeline
+        .cmd("XACK")
+        .arg(stream)
+        .arg(&context.group)
+        .arg(ids)
+        .ignore()
+        .cmd("XDEL")
+        .arg(stream)
+        .arg(ids)
+        .ignore();
 }
 
 /// Moves entries to the stream's dead-letter stream with the reason and
@@ -295,16 +301,8 @@ pub(super) async fn dead_letter(
         .arg("MINID")
         .arg("~")
         .arg((now_ns() / 1_000_000).saturating_sub(max_age_ms))
-        .ignore()
-        .cmd("XACK")
-        .arg(stream)
-        .arg(&context.group)
-        .arg(&ids)
-        .ignore()
-        .cmd("XDEL")
-        .arg(stream)
-        .arg(&ids)
         .ignore();
+    ack_and_delete(&mut pipeline, context, stream, &ids);
     match context.client.query_pipeline::<()>(&pipeline).await {
         Ok(()) => {
             tracing::warn!(target: "log_buffer", tenant, stream, entries = ids.len(), ?reasons, "offloader: entries dead-lettered");

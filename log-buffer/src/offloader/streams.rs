@@ -154,20 +154,9 @@ pub(super) async fn read(
     let mut fresh = Vec::new();
     for (stream, state) in known.iter_mut().filter(|(_, s)| !s.busy) {
         if !state.own_pending_read {
-            let reply: Option<StreamReadReply> = context
-                .client
-                .query(
-                    redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg(&context.group)
-                        .arg(&context.consumer)
-                        .arg("COUNT")
-                        .arg(context.batch_size)
-                        .arg("STREAMS")
-                        .arg(stream)
-                        .arg("0"),
-                )
-                .await?;
+            let mut command = read_group(context, std::slice::from_ref(stream));
+            command.arg("0");
+            let reply: Option<StreamReadReply> = context.client.query(&command).await?;
             let entries = entries_of(reply);
             if entries.is_empty() {
                 state.own_pending_read = true;
@@ -187,15 +176,7 @@ pub(super) async fn read(
         }
     }
     if !fresh.is_empty() {
-        let mut command = redis::cmd("XREADGROUP");
-        command
-            .arg("GROUP")
-            .arg(&context.group)
-            .arg(&context.consumer)
-            .arg("COUNT")
-            .arg(context.batch_size)
-            .arg("STREAMS")
-            .arg(&fresh);
+        let mut command = read_group(context, &fresh);
         for _ in &fresh {
             command.arg(">");
         }
@@ -209,6 +190,21 @@ pub(super) async fn read(
         }
     }
     Ok(batches)
+}
+
+/// `XREADGROUP` of this consumer over `streams`, a batch each, for the
+/// caller to add one id per stream.
+fn read_group(context: &Context, streams: &[String]) -> redis::Cmd {
+    let mut command = redis::cmd("XREADGROUP");
+    command
+        .arg("GROUP")
+        .arg(&context.group)
+        .arg(&context.consumer)
+        .arg("COUNT")
+        .arg(context.batch_size)
+        .arg("STREAMS")
+        .arg(streams);
+    command
 }
 
 fn entries_of(reply: Option<StreamReadReply>) -> Vec<StreamId> {
