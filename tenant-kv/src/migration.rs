@@ -45,7 +45,7 @@ use redis::Value;
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys, legacy_prefix, tenant_prefix};
 use crate::layout::{LAYOUT_KEY, MIGRATING, STORAGE_LAYOUT};
-use crate::scripts::{MIGRATE_ITEMS, MIGRATE_PREPARE};
+use crate::scripts::{MARK_MIGRATING, MIGRATE_ITEMS, MIGRATE_PREPARE};
 use crate::store::TenantKv;
 
 /// The set of tenants whose items remain to convert.
@@ -59,9 +59,6 @@ const FENCE_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
 /// gives up (only a server of the previous version writing all along
 /// keeps leaving some).
 const FINISH_SCANS: usize = 5;
-/// Sets the marker to `migrating` unless it says the migration is over.
-const MARK_MIGRATING: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[2] then \
-     redis.call('SET', KEYS[1], ARGV[1]) end return 0";
 /// The most items one batch converts.
 pub const MAX_MIGRATION_BATCH: usize = 10_000;
 
@@ -196,17 +193,9 @@ impl Migration {
         for (tenant, legacy) in &found {
             self.prepare(tenant, legacy, &mut report).await?;
         }
-        // Not over a `2` that a migration running beside this one set.
-        let _: Value = client
-            .query_idempotent(
-                redis::cmd("EVAL")
-                    .arg(MARK_MIGRATING)
-                    .arg(1)
-                    .arg(LAYOUT_KEY)
-                    .arg(MIGRATING)
-                    .arg(STORAGE_LAYOUT),
-            )
-            .await?;
+        let mut mark = MARK_MIGRATING.command(&[LAYOUT_KEY]);
+        mark.arg(MIGRATING).arg(STORAGE_LAYOUT);
+        let _: Value = MARK_MIGRATING.run(client, &mark, true).await?;
         progress(&MigrationProgress::Prepared {
             tenants: found.len(),
             items: found.values().map(|legacy| legacy.items).sum(),

@@ -83,6 +83,9 @@ pub(crate) static PURGE: LazyLock<Lua> =
 /// A tenant's keys other than items, moved from layout 1 to layout 2.
 pub(crate) static MIGRATE_PREPARE: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(&[include_str!("lua/migrate_prepare.lua")]));
+/// The layout marker set to `migrating`, unless already done.
+pub(crate) static MARK_MIGRATING: LazyLock<Lua> =
+    LazyLock::new(|| Lua::new(&[include_str!("lua/mark_migrating.lua")]));
 /// Items converted from layout 1 to layout 2.
 pub(crate) static MIGRATE_ITEMS: LazyLock<Lua> =
     LazyLock::new(|| Lua::new(&[ENVELOPE, include_str!("lua/migrate_items.lua")]));
