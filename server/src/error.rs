@@ -113,7 +113,9 @@ impl From<redis_topology::Error> for Error {
 }
 
 /// An error answered to an HTTP client: `{"error": {"code", "message"}}`.
-#[derive(Debug)]
+/// An error type too, so that a tower layer can refuse a request with one.
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message}")]
 pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) code: &'static str,
@@ -136,6 +138,10 @@ impl ApiError {
             allow: None,
             rate_limit: None,
         }
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
     pub(crate) fn bad_request(message: impl Into<String>) -> Self {
@@ -189,11 +195,7 @@ impl ApiError {
             }
             _ => {
                 tracing::error!(error = %source, cause = ?std::error::Error::source(source), "Redis refused a request of the store");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the request failed on the server",
-                )
+                Self::internal("the request failed on the server")
             }
         }
     }
@@ -262,11 +264,7 @@ impl From<tenant_kv::Error> for ApiError {
             E::Redis(source) => Self::from_redis(&source),
             other => {
                 tracing::error!(error = %other, "store request failed");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the request failed on the server",
-                )
+                Self::internal("the request failed on the server")
             }
         }
     }

@@ -63,6 +63,7 @@ mod http;
 mod items;
 mod limits;
 mod metrics;
+mod middleware;
 mod offload;
 mod openapi;
 mod router;
