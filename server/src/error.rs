@@ -70,6 +70,7 @@ pub enum Error {
         found: String,
     },
     /// The local Redis topology of the dev mode could not start.
+    #[cfg(feature = "dev")]
     #[error("cannot start the local Redis topology")]
     Topology(#[source] Box<redis_topology::Error>),
 }
@@ -106,6 +107,7 @@ impl From<tenant_kv::Error> for Error {
     }
 }
 
+#[cfg(feature = "dev")]
 impl From<redis_topology::Error> for Error {
     fn from(error: redis_topology::Error) -> Self {
         Self::Topology(Box::new(error))
