@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use log_buffer::{BufferLayer, LogBuffer, LokiSink, Offloader};
 use redis_failover::Durability;
 use server::dev::{DEMO_USERS, DevOptions, DevSystem};
-use server::{Error, JwtConfig, SETTINGS, Server, SettingError, Settings};
+use server::{Error, JwtConfig, Server, SettingError, Settings, settings_help};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -106,15 +106,6 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
     },
-}
-
-fn settings_help() -> String {
-    let mut help =
-        String::from("Settings (TOML key; environment variable SERVER_<KEY in upper case>):\n");
-    for (name, meaning) in SETTINGS {
-        help.push_str(&format!("  {name:<22} {meaning}\n"));
-    }
-    help
 }
 
 #[tokio::main]
