@@ -27,13 +27,56 @@ impl Raw {
         if let Some(path) = file {
             figment = figment.merge(Serialized::defaults(file_layer(path)?));
         }
-        figment
+        let mut raw: Self = figment
             .merge(Serialized::defaults(env_layer(env)))
             // Lossy: the environment's text reads as numbers and booleans
             // where the field is one, and stays text where it is text (an
             // all-digit password).
             .extract_lossy()
-            .map_err(|error| setting_error(error, file))
+            .map_err(|error| setting_error(error, file))?;
+        raw.read_secret_files()?;
+        Ok(raw)
+    }
+
+    /// Moves each secret given as a `*_file` into its setting.
+    fn read_secret_files(&mut self) -> Result<(), SettingError> {
+        // Each setting's name is its field's: no spelling to drift.
+        macro_rules! secret {
+            ($value:ident, $file:ident) => {
+                (
+                    &mut self.$value,
+                    &mut self.$file,
+                    stringify!($value),
+                    stringify!($file),
+                )
+            };
+        }
+        let secrets = [
+            secret!(redis_password, redis_password_file),
+            secret!(redis_sentinel_password, redis_sentinel_password_file),
+            secret!(jwt_secret, jwt_secret_file),
+            secret!(encryption_key, encryption_key_file),
+            secret!(cursor_secret, cursor_secret_file),
+        ];
+        for (value, file, name, file_name) in secrets {
+            let Some(path) = file.take() else {
+                continue;
+            };
+            if value.is_some() {
+                return Err(SettingError::invalid(
+                    name,
+                    format!("set {name} or {file_name}, not both"),
+                ));
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                SettingError::invalid(file_name, format!("cannot read {path:?}: {e}"))
+            })?;
+            // `echo secret > file` and editors end the file with a newline
+            // that is no part of the secret.
+            let text = text.trim_end_matches(['\n', '\r']);
+            *value = (!text.is_empty()).then(|| text.to_owned());
+        }
+        Ok(())
     }
 }
 

@@ -77,10 +77,14 @@ settings! {
     redis_username: Option<String>;
     /// Redis password; default none.
     redis_password: Option<String>;
+    /// File holding redis_password (a trailing newline is dropped).
+    redis_password_file: Option<PathBuf>;
     /// ACL user on the sentinels; default none.
     redis_sentinel_username: Option<String>;
     /// Password of the sentinels (their requirepass); default none.
     redis_sentinel_password: Option<String>;
+    /// File holding redis_sentinel_password (a trailing newline is dropped).
+    redis_sentinel_password_file: Option<PathBuf>;
     /// true to connect to Redis over TLS.
     redis_tls: bool = "false";
     /// PEM file of the CA that signed Redis's certificates; default the
@@ -104,6 +108,8 @@ settings! {
     jwt_algorithm: String = "HS256";
     /// HMAC secret for HS*, at least 32 bytes.
     jwt_secret: Option<String>;
+    /// File holding jwt_secret (a trailing newline is dropped).
+    jwt_secret_file: Option<PathBuf>;
     /// PEM private key for RS*/ES*/EdDSA; without it, POST /token is off.
     jwt_private_key_file: Option<PathBuf>;
     /// PEM public key for RS*/ES*/EdDSA.
@@ -118,9 +124,13 @@ settings! {
     jwt_leeway: Duration [serde(with = "humantime_serde")] = "5s";
     /// 64 hex digits: encrypt values at rest under this master key.
     encryption_key: Option<String>;
+    /// File holding encryption_key (a trailing newline is dropped).
+    encryption_key_file: Option<PathBuf>;
     /// Secret signing listing cursors, shared by all instances, at least 16
     /// bytes; default random.
     cursor_secret: Option<String>;
+    /// File holding cursor_secret (a trailing newline is dropped).
+    cursor_secret_file: Option<PathBuf>;
     /// Loki base URL (http://): ship logs and audit records from this
     /// process.
     loki_url: Option<String>;

@@ -1,10 +1,11 @@
-//! Where settings come from: the file and the environment, and
+//! Where settings come from: the file, the environment, secret files, and
 //! the one table behind the struct and `--help`.
 
 use super::table::Raw;
 use super::*;
 
 const NODES: (&str, &str) = ("SERVER_REDIS_NODES", "r:6379");
+const TEXT: &str = "0123456789abcdef0123456789abcdef";
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
@@ -98,6 +99,96 @@ fn the_defaults_are_the_limits_defaults() {
         Some("127.0.0.1:9090".parse().unwrap())
     );
     assert!(settings.log_buffer);
+}
+
+/// Every `<secret>_file` beside a `<secret>` setting.
+fn secret_files() -> Vec<(&'static str, &'static str)> {
+    SETTINGS
+        .iter()
+        .filter_map(|setting| {
+            let secret = setting.name.strip_suffix("_file")?;
+            let secret = SETTINGS.iter().find(|s| s.name == secret)?;
+            Some((secret.name, setting.name))
+        })
+        .collect()
+}
+
+#[test]
+fn every_secret_can_be_read_from_a_file() {
+    let secrets = secret_files();
+    let names: Vec<_> = secrets.iter().map(|(secret, _)| *secret).collect();
+    assert_eq!(
+        names,
+        [
+            "redis_password",
+            "redis_sentinel_password",
+            "jwt_secret",
+            "encryption_key",
+            "cursor_secret"
+        ]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = file(&dir, "secret", &format!("{TEXT}\n"));
+    let path = path.to_str().unwrap();
+    for (secret, secret_file) in secrets {
+        let var = |name: &str| format!("SERVER_{}", name.to_ascii_uppercase());
+        let given = Raw::load(None, vec![(var(secret), TEXT.to_owned())]).unwrap();
+        let read = Raw::load(None, vec![(var(secret_file), path.to_owned())]).unwrap();
+        assert_eq!(format!("{given:?}"), format!("{read:?}"), "{secret_file}");
+
+        let both = Raw::load(
+            None,
+            vec![
+                (var(secret), TEXT.to_owned()),
+                (var(secret_file), path.to_owned()),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            both.contains(&format!("`{secret}`")) && both.contains(secret_file),
+            "{both}"
+        );
+    }
+}
+
+#[test]
+fn secret_files_reach_the_settings_and_a_missing_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = file(&dir, "jwt", &format!("{TEXT}\r\n"));
+    let key = file(&dir, "key", &format!("{}\n", "ab".repeat(32)));
+    let toml = file(
+        &dir,
+        "server.toml",
+        &format!("redis_nodes = \"r:6379\"\njwt_secret_file = {jwt:?}\n"),
+    );
+    let settings = Settings::load(
+        Some(&toml),
+        env(&[("SERVER_ENCRYPTION_KEY_FILE", key.to_str().unwrap())]),
+    )
+    .unwrap();
+    assert_eq!(settings.jwt.secret.as_deref(), Some(TEXT.as_bytes()));
+    assert_eq!(settings.encryption_key, Some([0xab; 32]));
+
+    let missing = dir.path().join("missing");
+    let error = Settings::load(
+        None,
+        env(&[
+            NODES,
+            ("SERVER_CURSOR_SECRET_FILE", missing.to_str().unwrap()),
+        ]),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            SettingError::Invalid {
+                setting: "cursor_secret_file",
+                ..
+            }
+        ),
+        "{error}"
+    );
 }
 
 #[test]
