@@ -2,6 +2,7 @@
 //! environment), merged into [`Raw`], and what serde cannot read alone.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -166,6 +167,14 @@ fn parse_node<E: de::Error>(text: &str) -> Result<NodeAddr, E> {
     let text = text.trim();
     text.parse()
         .map_err(|_| E::custom(format!("{text:?} is not host:port")))
+}
+
+/// An `ip:port` address; serde's own error would not say what is expected.
+pub(super) fn address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    let text = text.trim();
+    text.parse()
+        .map_err(|_| de::Error::custom(format!("{text:?} is not ip:port")))
 }
 
 /// A quota's default: a number, or `unlimited` (or `none`).

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use redis_failover::NodeAddr;
 
-use super::parse::{QuotaLimit, node, nodes};
+use super::parse::{QuotaLimit, address, node, nodes};
 
 /// One setting, as `--help` shows it.
 #[derive(Clone, Copy, Debug)]
@@ -58,7 +58,7 @@ macro_rules! settings {
 
 settings! {
     /// Address to listen on.
-    listen: SocketAddr = "0.0.0.0:8080";
+    listen: SocketAddr [serde(deserialize_with = "address")] = "0.0.0.0:8080";
     /// Address serving /metrics and the probes (/healthz, /readyz), never
     /// the public one; `off` for none.
     admin_listen: String = "127.0.0.1:9090";

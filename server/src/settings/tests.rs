@@ -94,6 +94,10 @@ fn errors_name_the_setting() {
         ),
         (&[("SERVER_REDIS_NODES", "no-port"), SECRET], "redis_nodes"),
         (
+            &[("SERVER_REDIS_NODES", "r:6379"), ("SERVER_LISTEN", "r:80")],
+            "listen",
+        ),
+        (
             &[
                 ("SERVER_REDIS_NODES", "r:6379"),
                 ("SERVER_REDIS_RETRY_BUDGET", "10s"),
