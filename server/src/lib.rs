@@ -82,5 +82,7 @@ pub use limits::Limits;
 pub use offload::OffloaderAdmin;
 pub use router::routes;
 pub use server::{Server, ServerBuilder, ServerHandle, ShutdownReport};
-pub use settings::{Discovery, JwtSettings, RedisSettings, SETTINGS, Settings};
+pub use settings::{
+    Discovery, JwtSettings, RedisSettings, SETTINGS, Setting, Settings, settings_help,
+};
 pub use system::{System, SystemBuilder, log_client};

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use log_buffer::{BufferLayer, LokiSink, Offloader};
-use server::{Error, SETTINGS, SettingError, Settings, System};
+use server::{Error, SettingError, Settings, System, settings_help};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -106,15 +106,6 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
     },
-}
-
-fn settings_help() -> String {
-    let mut help =
-        String::from("Settings (TOML key; environment variable SERVER_<KEY in upper case>):\n");
-    for (name, meaning) in SETTINGS {
-        help.push_str(&format!("  {name:<22} {meaning}\n"));
-    }
-    help
 }
 
 #[tokio::main]
