@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use bb8::PooledConnection;
-use redis::{FromRedisValue, RedisError};
+use redis::RedisError;
 
+use crate::durable::{acked_replicas, wait_command};
 use crate::error::Error;
 use crate::events::Counter;
 use crate::node::{Dedicated, DedicatedManager};
@@ -162,10 +163,7 @@ impl Shared {
         replicas: u32,
         timeout: Duration,
     ) -> Result<(), Error> {
-        let timeout_ms = u64::try_from(timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let wait = redis::cmd("WAIT").arg(replicas).arg(timeout_ms).to_owned();
+        let wait = wait_command(replicas, timeout);
         connection
             .multiplexed
             .set_response_timeout(timeout.saturating_add(self.settings.command_timeout));
@@ -174,9 +172,7 @@ impl Shared {
             .multiplexed
             .set_response_timeout(self.settings.command_timeout);
         let acked = acked.and_then(|reply| match reply {
-            Reply::Value(value) => {
-                u32::from_redis_value(value.extract_error()?).map_err(RedisError::from)
-            }
+            Reply::Value(value) => acked_replicas(value),
             Reply::Values(_) => unreachable!("a command gets one reply"),
         });
         let error = match acked {
@@ -224,7 +220,7 @@ fn abandoned() -> RedisError {
 }
 
 /// Whether every reply is an error (so no write ran).
-fn all_failed(reply: &Reply) -> bool {
+pub(crate) fn all_failed(reply: &Reply) -> bool {
     let is_error = |value: &redis::Value| matches!(value, redis::Value::ServerError(_));
     match reply {
         Reply::Value(value) => is_error(value),

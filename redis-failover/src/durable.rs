@@ -20,6 +20,8 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use redis::{FromRedisValue, RedisError};
+
 /// When a shortfall of replicas stops holding writes
 /// ([`FailoverClientBuilder::lost_replica_grace`](crate::FailoverClientBuilder::lost_replica_grace)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +194,19 @@ fn waits_for(state: &State, asked: u32, grace: Option<LostReplicaGrace>, now: In
         return asked;
     }
     online.max(grace.floor).min(asked)
+}
+
+/// `WAIT replicas timeout` (at least 1 ms: 0 would wait forever).
+pub(crate) fn wait_command(replicas: u32, timeout: Duration) -> redis::Cmd {
+    let timeout_ms = u64::try_from(timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    redis::cmd("WAIT").arg(replicas).arg(timeout_ms).to_owned()
+}
+
+/// The replicas a `WAIT`'s reply counted.
+pub(crate) fn acked_replicas(reply: redis::Value) -> Result<u32, RedisError> {
+    u32::from_redis_value(reply.extract_error()?).map_err(RedisError::from)
 }
 
 #[cfg(test)]

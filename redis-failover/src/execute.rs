@@ -165,8 +165,8 @@ impl Shared {
     /// or on a dedicated one when it blocks or must be waited for
     /// (durable writes).
     async fn send_once(
-        &self,
-        master: &Master,
+        self: &Arc<Self>,
+        master: &Arc<Master>,
         request: Request<'_>,
         idempotent: bool,
         durability: Durability,
@@ -177,8 +177,14 @@ impl Shared {
             Err(held) => return held,
         };
         let block = request.blocking();
-        if block.is_none() && replicated.is_none() {
-            return self.send_shared(master, request, idempotent).await;
+        match (block, replicated) {
+            (None, None) => return self.send_shared(master, request, idempotent).await,
+            (None, Some(replicated)) => {
+                return self
+                    .send_durable(master, request, idempotent, replicated)
+                    .await;
+            }
+            _ => {}
         }
         let how = Exclusive { block, replicated };
         self.send_dedicated(master, request, idempotent, how).await

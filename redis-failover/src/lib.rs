@@ -13,6 +13,8 @@ mod epochs;
 mod error;
 mod events;
 mod execute;
+mod group_commit;
+mod lane;
 mod node;
 mod policy;
 mod pubsub;

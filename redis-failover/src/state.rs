@@ -21,6 +21,7 @@ use crate::durable::Replicas;
 use crate::epochs::{Named, Newest};
 use crate::error::NodeFailure;
 use crate::events::{Counter, Event, Telemetry, Trigger};
+use crate::lane::Lane;
 use crate::node::{Connection, DedicatedManager, MasterManager};
 use crate::replica_set::ReadSet;
 
@@ -40,6 +41,11 @@ pub(crate) struct Master {
     pub(crate) dedicated: bb8::Pool<DedicatedManager>,
     /// Its replicas as durable writes last counted them.
     pub(crate) replicas: Replicas,
+    /// The connection of durable writes, opened on the first
+    /// ([`crate::group_commit`]).
+    pub(crate) lane: ArcSwapOption<Lane>,
+    /// Held while the lane is opened, so that it is opened once.
+    pub(crate) lane_opening: tokio::sync::Mutex<()>,
 }
 
 impl Master {
@@ -308,6 +314,8 @@ impl Discovery<'_> {
             connection: ArcSwap::new(Connection::new(new.connection)),
             // The replica it lacks is most likely the master that failed.
             replicas: Replicas::short_since(self.guard.first_failure),
+            lane: ArcSwapOption::empty(),
+            lane_opening: tokio::sync::Mutex::new(()),
         });
         state.current.store(Some(Arc::clone(&master)));
         let after_failure = self.guard.first_failure.take().map(|at| at.elapsed());

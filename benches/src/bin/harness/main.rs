@@ -34,7 +34,8 @@
 //!   (d) `Nearest`, (e) `ReplicaPreferred` in a read-your-writes session;
 //!   then `SET` through (f) a plain redis-failover client, the writes'
 //!   baseline, (g) a session (the write and a `ROLE`), (h)
-//!   `Durability::Replicated { replicas: 1 }` (the write and a `WAIT`).
+//!   `Durability::Replicated { replicas: 1 }` (the write and a share of a
+//!   `WAIT`: group commit).
 //!   Read ratios are to (a), write ratios to (f).
 //! - `tenant-kv`: 64 tasks against one master, updating and reading 64
 //!   existing items of 64 bytes: (a) raw redis-rs `SET`, the baseline of

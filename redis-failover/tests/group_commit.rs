@@ -1,0 +1,69 @@
+//! Durable writes sharing their `WAIT`s, against a real master and replica.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use redis_failover::{Durability, FailoverClient};
+use redis_topology::Topology;
+
+mod common;
+
+const TASKS: usize = 32;
+const WRITES_PER_TASK: usize = 10;
+
+/// Each write is on the replica once acknowledged (the `WAIT` that counted
+/// it was sent after it), and the writes of concurrent callers share
+/// their `WAIT`s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_durable_writes_share_waits_and_are_on_the_replica_once_acknowledged() {
+    let topology = Topology::builder()
+        .replicas(1)
+        .sentinels(0)
+        .start()
+        .await
+        .unwrap();
+    let master = topology.initial_master();
+    let replica = topology
+        .data_nodes()
+        .into_iter()
+        .find(|node| *node != master)
+        .unwrap();
+    let client = FailoverClient::candidates([topology.addr(master).into()])
+        .durability(Durability::Replicated {
+            replicas: 1,
+            timeout: Duration::from_secs(5),
+        })
+        .build()
+        .unwrap();
+    let on_replica = redis::Client::open(topology.connection_info(replica))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let tasks = (0..TASKS).map(|task| {
+        let (client, mut on_replica) = (client.clone(), on_replica.clone());
+        async move {
+            for write in 0..WRITES_PER_TASK {
+                let key = format!("durable:{task}:{write}");
+                client.set(&key, write).await.unwrap();
+                let replicated: Option<usize> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut on_replica)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    replicated,
+                    Some(write),
+                    "{key} acknowledged, not on the replica"
+                );
+            }
+        }
+    });
+    join_all(tasks).await;
+    let writes = (TASKS * WRITES_PER_TASK) as u64;
+    let waits = common::command_calls(&topology, master, "wait").await;
+    assert!(
+        waits < writes,
+        "{writes} concurrent durable writes sent {waits} WAITs"
+    );
+}
