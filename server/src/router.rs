@@ -153,11 +153,18 @@ pub(crate) fn find_on(
     };
     let wanted = if method == "HEAD" { "GET" } else { method };
     let mut allowed: Vec<&str> = Vec::new();
+    // `Allow` names the methods of the most specific template that fits,
+    // as the OpenAPI document does (`/data/batch` is POST there, though
+    // GET on it reads the item `batch`).
+    let mut fitting: Option<&str> = None;
     for route in table {
         let Some(param) = match_path(route.path, path) else {
             continue;
         };
         if route.method != wanted {
+            if *fitting.get_or_insert(route.path) != route.path {
+                continue;
+            }
             allowed.push(route.method);
             if route.method == "GET" {
                 allowed.push("HEAD");
