@@ -66,6 +66,7 @@ mod metrics;
 mod offload;
 mod openapi;
 mod router;
+mod schema;
 mod server;
 mod settings;
 

@@ -132,6 +132,16 @@ pub fn routes() -> impl Iterator<Item = (&'static str, &'static str)> {
     ROUTES.iter().map(|route| (route.method, route.path))
 }
 
+/// Whether the public route `method path` (a template) answers for the
+/// tenant of a credential.
+pub(crate) fn takes_credential(method: &str, path: &str) -> bool {
+    ROUTES.iter().any(|route| {
+        route.method == method
+            && route.path == path
+            && matches!(route.operation, Operation::Tenant(_))
+    })
+}
+
 /// The operation for `method` and `path` on the public listener.
 #[cfg(test)]
 pub(crate) fn find(method: &str, path: &str) -> Result<(Operation, Option<String>), ApiError> {
