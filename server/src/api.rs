@@ -28,8 +28,9 @@ use crate::schema::{
     WriteState,
 };
 
-/// The largest login body: a username and a password, with room to spare.
-const LOGIN_BODY_LIMIT: usize = 4096;
+/// The largest login body: the longest username and password, each byte
+/// escaped in six (`\u0001` in JSON), with room to spare.
+const LOGIN_BODY_LIMIT: usize = 8192;
 /// The longest a throttled login's answer is held back: a client that
 /// keeps guessing gets its refusals at this pace at most, so it cannot
 /// spend the server's CPU on them faster.
@@ -298,7 +299,7 @@ pub(crate) async fn ready(app: &App) -> Result<Response<Body>, ApiError> {
             ("Cache-Control" = String, description = "`no-store`"))),
         (status = 400, description = "a missing field, malformed JSON or a malformed username", body = ErrorBody),
         (status = 401, description = "wrong username or password, or a disabled user", body = ErrorBody),
-        (status = 413, description = "a body over 4 KiB", body = ErrorBody),
+        (status = 413, description = "a body over 8 KiB", body = ErrorBody),
         (status = 429, description = "too many attempts on this username or from this address lately", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 501, description = "this server verifies tokens but has no key to issue them", body = ErrorBody),
