@@ -341,6 +341,50 @@ async fn items_etags_listing_and_batches() {
     assert_eq!(fresh.status, StatusCode::OK, "{fresh:?}");
     assert_eq!(user1.get("/data/fresh").await.json()["value"], 3);
     assert_eq!(put("fresh", vec![], json!(4)).await.status, StatusCode::OK);
+    // If-Match and If-None-Match: * never both hold (RFC 9110): 412;
+    // empty ones are as good as none; an invalid key is a bad request
+    // whatever the preconditions.
+    assert_error(
+        &put(
+            "fresh",
+            vec![("if-match", "*"), ("if-none-match", "*")],
+            json!(5),
+        )
+        .await,
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+    );
+    let blank = put(
+        "fresh",
+        vec![("if-match", ""), ("if-none-match", "")],
+        json!(5),
+    )
+    .await;
+    assert_eq!(blank.status, StatusCode::OK, "{blank:?}");
+    assert_error(
+        &put("%01", vec![("if-match", "W/\"1\"")], json!(5)).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_key",
+    );
+    // JSON Schema's integers include `60.0`; an array is no object.
+    let whole = user1
+        .json(
+            "POST",
+            "/data?key=whole",
+            &json!({"value": 1.5, "ttl": 60.0}),
+        )
+        .await;
+    assert_eq!(whole.status, StatusCode::CREATED, "{whole:?}");
+    let array = user1
+        .send(
+            "PUT",
+            "/data/whole",
+            &[("content-type", "application/json")],
+            "[1, null]",
+        )
+        .await
+        .unwrap();
+    assert_error(&array, StatusCode::BAD_REQUEST, "invalid_json");
 
     // Listing: pages, limits, cursors.
     for i in 0..5 {
@@ -742,9 +786,15 @@ async fn api_keys_scopes_rotation_and_revocation() {
         "bad_request",
     );
 
-    // Rotation without grace: the old secret stops working at once.
+    // Rotation without grace (no body, or `null`): the old secret stops
+    // working at once.
     let rotated = user1
-        .send("POST", &format!("/api-keys/{reader_id}/rotate"), &[], "")
+        .send(
+            "POST",
+            &format!("/api-keys/{reader_id}/rotate"),
+            &[("content-type", "application/json")],
+            "null",
+        )
         .await
         .unwrap();
     assert_eq!(rotated.status, StatusCode::OK, "{rotated:?}");
