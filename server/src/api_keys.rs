@@ -120,6 +120,7 @@ fn owner_of(principal: &Principal) -> Option<&str> {
     params(KeyIdParam),
     responses(
         (status = 200, description = "revoked", body = Revoked),
+        (status = 400, description = "a key id that is not UTF-8 once percent-decoded", body = ErrorBody),
         (status = 404, description = "no such key that the caller manages", body = ErrorBody)))]
 pub(crate) async fn revoke(
     app: &App,
@@ -156,7 +157,8 @@ struct KeyIdParam {
         (status = 200, description = "the key, with its new secret", body = ApiKeyView, headers(
             ("Cache-Control" = String, description = "`no-store`"))),
         (status = 400, description = "malformed JSON or grace period", body = ErrorBody),
-        (status = 404, description = "no such key that the caller manages", body = ErrorBody)))]
+        (status = 404, description = "no such key that the caller manages", body = ErrorBody),
+        (status = 409, description = "the key changed (rotated or revoked) meanwhile", body = ErrorBody)))]
 pub(crate) async fn rotate(
     app: &App,
     principal: &Principal,

@@ -64,6 +64,7 @@ fn retry_after() -> Value {
 /// operations that take a credential or a body.
 fn add_common(operation: &mut Value, takes_credential: bool) {
     let has_body = operation.get("requestBody").is_some();
+    let asks_the_store = takes_credential || operation["operationId"] == "issue_token";
     let responses = operation["responses"].as_object_mut().expect("responses");
     let mut add = |status: &str, response: Value| {
         responses.entry(status).or_insert(response);
@@ -76,10 +77,13 @@ fn add_common(operation: &mut Value, takes_credential: bool) {
         error("Redis unreachable past the retry budget, overloaded, or the request took too long");
     unavailable["headers"] = json!({"Retry-After": retry_after()});
     add("503", unavailable);
-    add(
-        "500",
-        error("the store refused a request it should not have (a bug)"),
-    );
+    // Where the store is asked.
+    if asks_the_store {
+        add(
+            "500",
+            error("the store refused a request it should not have (a bug)"),
+        );
+    }
     if has_body {
         let mut stalled = error("the body stalled for longer than the body timeout");
         stalled["headers"] = json!({"Connection": header("`close`", json!({"type": "string"}))});
