@@ -270,8 +270,13 @@ mod tests {
         );
         let limit = &paths["/api-keys"]["get"]["parameters"][0];
         assert_eq!(limit["schema"]["maximum"], tenant_kv::MAX_API_KEY_PAGE);
-        // The pattern of keys and names leaves out what the store refuses.
+        // One pattern for keys, names and prefixes (the attributes take only
+        // literals), which leaves out what the store refuses.
         let pattern = key["schema"]["pattern"].as_str().unwrap();
+        let query_key = &paths["/data"]["post"]["parameters"][0]["schema"]["pattern"];
+        let prefix = api_key["key_prefix"]["pattern"].as_str().unwrap();
+        assert_eq!(query_key, pattern);
+        assert_eq!(prefix.replace("]*$", "]+$"), pattern);
         for c in [
             '\u{0}', '\u{1f}', '\u{7f}', '\u{9f}', '\u{61c}', '\u{200e}', '\u{2028}', '\u{202e}',
             '\u{2069}',
