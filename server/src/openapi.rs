@@ -159,6 +159,17 @@ fn document(limits: &Limits) -> Value {
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
             "description": "An API key from `POST /api-keys`"}
     });
+    // Answers of no operation: to a method a path does not take, and to a
+    // request head over the server's limit (hyper's, without a body).
+    let mut not_allowed = error("the path does not take the method");
+    not_allowed["headers"] = json!({"Allow": header(
+        "The methods the path takes (`HEAD` with `GET`)",
+        json!({"type": "string"}),
+    )});
+    document["components"]["responses"] = json!({
+        "MethodNotAllowed": not_allowed,
+        "RequestHeaderFieldsTooLarge": {"description": "the request head is over the server's limit (431)"},
+    });
     let schemas = &mut document["components"]["schemas"];
     // The batch size is a setting: the document says this server's.
     schemas["BatchInput"]["properties"]["operations"]["maxItems"] = json!(limits.max_batch);
