@@ -280,14 +280,15 @@ pub(crate) async fn list(
 }
 
 impl BatchOperation {
-    /// The write, if the caller may do it.
+    /// The write, if the caller may do it. (`if_version` is never
+    /// negative: it is read as a whole number of at most 2^63 - 1.)
     fn into_write(self, principal: &Principal) -> Result<Write, ApiError> {
         match self {
             Self::Delete { key, if_version } => {
                 principal.require(Scope::Delete, &key)?;
                 Ok(Write::Delete {
                     key,
-                    expected_version: if_version,
+                    expected_version: if_version.map(i64::unsigned_abs),
                 })
             }
             Self::Create {
@@ -309,7 +310,9 @@ impl BatchOperation {
             } => {
                 principal.require(Scope::Write, &key)?;
                 let item = new_item(value, ttl, metadata)?;
-                let precondition = if_version.map_or(Precondition::Exists, Precondition::Version);
+                let precondition = if_version
+                    .map(i64::unsigned_abs)
+                    .map_or(Precondition::Exists, Precondition::Version);
                 Ok(Write::Put {
                     key,
                     item,

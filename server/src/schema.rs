@@ -140,6 +140,7 @@ pub(crate) struct UsageFigures {
 /// The body of `POST /data` and `PUT /data/{key}`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"value": {"text": "hello"}, "ttl": 3600, "metadata": {"lang": "en"}}))]
 pub(crate) struct ItemInput {
     /// Any JSON value, at most 1 MiB as JSON text.
     pub(crate) value: Value,
@@ -205,6 +206,9 @@ pub(crate) struct Page {
 /// cannot say so: the server answers 400).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"operations": [
+    {"op": "put", "key": "greeting", "value": "hi"},
+    {"op": "delete", "key": "old", "if_version": 3}]}))]
 pub(crate) struct BatchInput {
     /// 1 to the server's `max_batch` operations (100 unless configured).
     #[serde(deserialize_with = "objects")]
@@ -212,7 +216,8 @@ pub(crate) struct BatchInput {
     pub(crate) operations: Vec<BatchOperation>,
 }
 
-/// One write of a batch, by `op`.
+/// One write of a batch, by `op`. A version is at most 2^63 - 1, as
+/// Redis counts.
 #[derive(Deserialize, ToSchema)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub(crate) enum BatchOperation {
@@ -251,7 +256,8 @@ pub(crate) enum BatchOperation {
         metadata: Option<Map<String, Value>>,
         /// The version the item must have.
         #[serde(default, deserialize_with = "whole")]
-        if_version: Option<u64>,
+        #[schema(minimum = 0)]
+        if_version: Option<i64>,
     },
     /// Deletes the item, which must exist (at `if_version`, if given).
     Delete {
@@ -263,7 +269,8 @@ pub(crate) enum BatchOperation {
         key: String,
         /// The version the item must have.
         #[serde(default, deserialize_with = "whole")]
-        if_version: Option<u64>,
+        #[schema(minimum = 0)]
+        if_version: Option<i64>,
     },
 }
 
@@ -328,6 +335,7 @@ impl ScopeName {
 /// The settings of a new API key.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "ci", "scopes": ["read", "list"], "key_prefix": "reports/", "ttl": 86400}))]
 pub(crate) struct ApiKeyInput {
     /// For people to recognise the key by: 1 to 128 bytes.
     #[schema(
