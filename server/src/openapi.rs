@@ -53,11 +53,31 @@ fn header(description: &str, schema: Value) -> Value {
     json!({"description": description, "schema": schema})
 }
 
-fn retry_after() -> Value {
-    header(
-        "Seconds to wait before trying again",
-        json!({"type": "integer", "minimum": 1}),
-    )
+/// The headers many answers carry, once in `components.headers`.
+fn shared_headers() -> Value {
+    json!({
+        "X-Request-Id": header(
+            "The request's id: the one sent, if 1 to 64 visible ASCII characters, or a new one",
+            json!({"type": "string"}),
+        ),
+        "RateLimit-Policy": header(
+            "The request rate that applies, if any: `\"<tenant|api_key>\";q=<quota>;w=<window seconds>` (draft-ietf-httpapi-ratelimit-headers)",
+            json!({"type": "string"}),
+        ),
+        "RateLimit": header(
+            "What is left of it: `\"<policy>\";r=<remaining>;t=<seconds until whole>`",
+            json!({"type": "string"}),
+        ),
+        "Retry-After": header(
+            "Seconds to wait before trying again",
+            json!({"type": "integer", "minimum": 1}),
+        ),
+    })
+}
+
+/// A reference to one of [`shared_headers`].
+fn shared(name: &str) -> Value {
+    json!({"$ref": format!("#/components/headers/{name}")})
 }
 
 /// The statuses and headers every operation can get, and those of the
@@ -75,7 +95,7 @@ fn add_common(operation: &mut Value, takes_credential: bool) {
     );
     let mut unavailable =
         error("Redis unreachable past the retry budget, overloaded, or the request took too long");
-    unavailable["headers"] = json!({"Retry-After": retry_after()});
+    unavailable["headers"] = json!({"Retry-After": shared("Retry-After")});
     add("503", unavailable);
     // Where the store is asked.
     if asks_the_store {
@@ -105,7 +125,7 @@ fn add_common(operation: &mut Value, takes_credential: bool) {
         );
         let mut limited =
             error("the tenant's or API key's request rate, or the write rate quota, is exceeded");
-        limited["headers"] = json!({"Retry-After": retry_after()});
+        limited["headers"] = json!({"Retry-After": shared("Retry-After")});
         add("429", limited);
     }
     for response in responses.values_mut() {
@@ -114,19 +134,10 @@ fn add_common(operation: &mut Value, takes_credential: bool) {
             .expect("a response")
             .entry("headers")
             .or_insert_with(|| json!({}));
-        headers["X-Request-Id"] = header(
-            "The request's id: the one sent, if 1 to 64 visible ASCII characters, or a new one",
-            json!({"type": "string"}),
-        );
+        headers["X-Request-Id"] = shared("X-Request-Id");
         if takes_credential {
-            headers["RateLimit-Policy"] = header(
-                "The request rate that applies, if any: `\"<tenant|api_key>\";q=<quota>;w=<window seconds>` (draft-ietf-httpapi-ratelimit-headers)",
-                json!({"type": "string"}),
-            );
-            headers["RateLimit"] = header(
-                "What is left of it: `\"<policy>\";r=<remaining>;t=<seconds until whole>`",
-                json!({"type": "string"}),
-            );
+            headers["RateLimit-Policy"] = shared("RateLimit-Policy");
+            headers["RateLimit"] = shared("RateLimit");
         }
     }
     let parameters = operation
@@ -166,6 +177,7 @@ fn document(limits: &Limits) -> Value {
         "The methods the path takes (`HEAD` with `GET`)",
         json!({"type": "string"}),
     )});
+    document["components"]["headers"] = shared_headers();
     document["components"]["responses"] = json!({
         "MethodNotAllowed": not_allowed,
         "RequestHeaderFieldsTooLarge": {"description": "the request head is over the server's limit (431)"},
