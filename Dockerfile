@@ -10,7 +10,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p server \
+    cargo build --release --locked -p server --no-default-features \
     && cp target/release/server /usr/local/bin/server
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -33,11 +33,11 @@ if [ ! -x "$checkov_venv/bin/checkov" ]; then
 fi
 
 # Checks that do not apply here, each for a reason:
-# - CKV_K8S_35 (secrets as files, not environment variables): the server
-#   and offloader read their settings only from SERVER_* variables (or a
-#   TOML file, which a Secret's keys are not), and redis-cli takes a
-#   password only from REDISCLI_AUTH or its command line; the variable is
-#   the way that keeps passwords off every command line.
+# - CKV_K8S_35 (secrets as files, not environment variables): redis-cli
+#   takes a password only from REDISCLI_AUTH or its command line, and the
+#   variable is the way that keeps passwords off every command line; the
+#   server and offloader, which could read SERVER_*_FILE settings, take
+#   theirs from the same Secret the same way.
 # - CKV_K8S_43 (images by digest): every image is pinned to an exact
 #   version tag; the project's own image is built locally (dev) or pushed
 #   by the release (production), so it has no digest the manifests could

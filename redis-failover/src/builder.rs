@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use crate::addr::{DnsResolver, NodeAddr, Resolve};
 use crate::backoff::Backoff;
+// Named by the docs' links only.
+#[cfg(doc)]
+use crate::client::FailoverClient;
 use crate::durable::LostReplicaGrace;
 use crate::error::{Error, Result};
 use crate::node::{Credentials, MasterCheck, Tls};

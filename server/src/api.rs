@@ -1,28 +1,26 @@
-//! Answering a request: routing, authentication and admission, the
-//! endpoints that are neither items nor API keys, the access log and the
-//! request's figures.
+//! Answering a request: routing, authentication and admission, and the
+//! endpoints that are neither items nor API keys.
 
-use std::net::IpAddr;
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use log_buffer::{LogBuffer, Offloader};
-use prometheus::IntGauge;
 use redis_failover::FailoverClient;
-use tenant_kv::{ApiKeys, RateLimitStatus, TenantId, TenantKv};
+use tenant_kv::{ApiKeys, TenantKv};
 
 use crate::auth::{JwtConfig, Principal, authenticate};
 use crate::conn::client_group;
 use crate::error::ApiError;
 use crate::http::{
-    Body, RequestBody, content_type_is, error_response, json_response, rate_limit_headers,
-    read_body, read_json,
+    Body, RequestBody, content_type_is, error_response, json_response, read_body, read_json,
 };
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::router::{self, Open, Operation, Surface, TenantOp};
+use crate::middleware::Facts;
+use crate::router::{self, Open, Operation, TenantOp};
 use crate::schema::{
     ErrorBody, Health, Login, Readiness, Token, TokenType, UsageFigures, UsageReport, UserInfo,
     WriteState,
@@ -59,110 +57,27 @@ pub(crate) struct LogShipping {
     pub(crate) offloader: Option<Offloader>,
 }
 
-/// Where a request came from, and what was learnt while answering it.
-pub(crate) struct Exchange {
-    pub(crate) surface: Surface,
-    pub(crate) peer: IpAddr,
-    tenant: Option<TenantId>,
-    rate_limit: Option<RateLimitStatus>,
-}
-
-impl Exchange {
-    pub(crate) fn new(surface: Surface, peer: IpAddr) -> Self {
-        Self {
-            surface,
-            peer,
-            tenant: None,
-            rate_limit: None,
-        }
-    }
-}
-
-struct InFlight<'a>(&'a IntGauge);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// Answers one request; never fails (errors are JSON answers).
+/// Routes and answers one request; never fails (errors are JSON answers).
+/// The layers around it ([`crate::middleware`]) log and count it.
 pub(crate) async fn handle(
     app: Arc<App>,
-    mut exchange: Exchange,
     request: Request<RequestBody>,
-) -> Response<Body> {
-    let started = Instant::now();
-    app.metrics.http.in_flight.inc();
-    // Decrements also when hyper drops this future (the client went away).
-    let _in_flight = InFlight(&app.metrics.http.in_flight);
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| format!("{:016x}", rand::random::<u64>()), str::to_owned);
-    let method = request.method().as_str().to_owned();
-    let target_len = request
-        .uri()
-        .path_and_query()
-        .map_or(0, |t| t.as_str().len());
-    let (operation, result) = if target_len > app.limits.max_uri_bytes {
-        let error = ApiError::new(
-            StatusCode::URI_TOO_LONG,
-            "uri_too_long",
-            "the request target is too long",
-        );
-        (None, Err(error))
-    } else {
-        match router::find_on(exchange.surface, &method, request.uri().path()) {
-            Ok((operation, param)) => {
-                let answered = tokio::time::timeout(
-                    app.limits.request_timeout,
-                    dispatch(&app, operation, param, request, &mut exchange),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ApiError {
-                        retry_after: Some(1),
-                        ..ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "timeout",
-                            "the request took too long",
-                        )
-                    })
-                });
-                (Some(operation), answered)
-            }
-            Err(error) => (None, Err(error)),
-        }
+) -> Result<Response<Body>, Infallible> {
+    let Some(facts) = request.extensions().get::<Facts>().cloned() else {
+        // Only a service built without the layers gets here.
+        return Ok(error_response(ApiError::internal(
+            "the request has no facts",
+        )));
     };
-    let error_code = result.as_ref().err().map(|error| error.code);
-    let mut response = result.unwrap_or_else(error_response);
-    let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        headers.insert("x-request-id", value);
-    }
-    if let Some(status) = &exchange.rate_limit {
-        rate_limit_headers(headers, status);
-    }
-    let route = operation.map_or("unmatched", Operation::name);
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed();
-    let tenant = exchange.tenant.as_ref().map(TenantId::as_str);
-    app.metrics
-        .http
-        .record(route, status, error_code, tenant, elapsed);
-    tracing::info!(
-        target: "access",
-        request_id,
-        tenant_id = exchange.tenant.as_ref().map(TenantId::as_str),
-        method,
-        route,
-        status,
-        micros = elapsed.as_micros() as u64,
-    );
-    response
+    let surface = facts.get().surface;
+    let answer = match router::find_on(surface, request.method().as_str(), request.uri().path()) {
+        Ok((operation, param)) => {
+            facts.get().route = Some(operation);
+            dispatch(&app, operation, param, request, &facts).await
+        }
+        Err(error) => Err(error),
+    };
+    Ok(answer.unwrap_or_else(error_response))
 }
 
 async fn dispatch(
@@ -170,19 +85,20 @@ async fn dispatch(
     operation: Operation,
     param: Option<String>,
     request: Request<RequestBody>,
-    exchange: &mut Exchange,
+    facts: &Facts,
 ) -> Result<Response<Body>, ApiError> {
     let operation = match operation {
-        Operation::Open(open) => return answer_open(app, open, request, exchange).await,
+        Operation::Open(open) => return answer_open(app, open, request, facts).await,
         Operation::Tenant(operation) => operation,
     };
     let principal = authenticate(request.headers(), app).await?;
-    exchange.tenant = Some(principal.tenant().clone());
+    facts.get().tenant = Some(principal.tenant().clone());
     let api_key = match &principal {
         Principal::ApiKey(key, _) => Some(key),
         Principal::User(_) => None,
     };
-    exchange.rate_limit = app.store.admit_request(principal.tenant(), api_key).await?;
+    let rate_limit = app.store.admit_request(principal.tenant(), api_key).await?;
+    facts.get().rate_limit = rate_limit;
     let key = param.unwrap_or_default();
     match operation {
         TenantOp::CurrentUser => current_user(&principal),
@@ -206,7 +122,7 @@ async fn answer_open(
     app: &App,
     open: Open,
     request: Request<RequestBody>,
-    exchange: &Exchange,
+    facts: &Facts,
 ) -> Result<Response<Body>, ApiError> {
     match open {
         Open::Health => Ok(health()),
@@ -228,7 +144,8 @@ async fn answer_open(
             Ok(response)
         }
         Open::IssueToken => {
-            let source = client_group(app, exchange.peer, request.headers());
+            let peer = facts.get().peer;
+            let source = client_group(app, peer, request.headers());
             issue_token(app, request, &source).await
         }
     }

@@ -98,7 +98,7 @@ pub(crate) enum LimitsCommand {
 /// The store of the settings, on a storage layout it serves.
 async fn admin_store(config: Option<PathBuf>) -> Result<tenant_kv::TenantKv, Error> {
     let settings = Settings::load(config.as_deref(), std::env::vars())?;
-    crate::init_tracing(None, "warn");
+    crate::init_tracing("warn");
     let client = settings.redis.client()?;
     let store = settings.store(client)?;
     store.check_layout().await.map_err(Error::from_layout)?;
@@ -113,7 +113,7 @@ pub(crate) async fn migrate(
     pause: Duration,
 ) -> Result<(), Error> {
     let settings = Settings::load(config.as_deref(), std::env::vars())?;
-    crate::init_tracing(None, "warn");
+    crate::init_tracing("warn");
     let store = settings.store(settings.redis.client()?)?;
     let migration = store.migration().batch_size(batch_size).pause(pause);
     migration.run(print_progress).await?;

@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use log_buffer::{BufferLayer, LogBuffer, LogSink, Offloader};
-use redis_failover::{FailoverClient, NodeAddr};
+use log_buffer::{BufferLayer, LogSink};
+use redis_failover::FailoverClient;
 use redis_topology::Topology;
-use tenant_kv::{Actor, ExpiryWatcher, LoginThrottle, NewUser, Quotas, TenantId, TenantKv};
+use tenant_kv::{Actor, LoginThrottle, NewUser, Quotas, TenantId, TenantKv};
 
 use crate::error::Error;
-use crate::{JwtConfig, Limits, Server, ServerHandle, ShutdownReport};
+use crate::{Limits, Settings, ShutdownReport, System};
 
 /// The demo users, as (username, tenant); `admin` manages every API key
 /// of its tenant.
@@ -63,8 +63,8 @@ impl Default for DevOptions {
 }
 
 /// A running dev system: a master, 2 replicas and 3 sentinels on free
-/// loopback ports, the server on them, an expiry watcher, the log buffer
-/// and an offloader shipping to a file or Loki.
+/// loopback ports, and a [`System`] on them (as `server serve` runs it)
+/// whose offloader ships to a file or Loki, with demo users.
 #[derive(Debug)]
 pub struct DevSystem {
     /// The local topology; dropping it kills every Redis process.
@@ -77,47 +77,14 @@ pub struct DevSystem {
     pub password: String,
     /// Where logs are shipped: a file path or the Loki URL.
     pub logs_to: String,
-    server: ServerHandle,
-    expiry: ExpiryWatcher,
-    layer: Option<BufferLayer>,
+    system: System,
 }
 
 impl DevSystem {
     /// Starts everything; needs `redis-server` on `PATH`.
     pub async fn start(options: DevOptions) -> Result<Self, Error> {
         let topology = Topology::builder().replicas(2).sentinels(3).start().await?;
-        let sentinels: Vec<NodeAddr> = topology
-            .sentinel_addrs()
-            .into_iter()
-            .map(NodeAddr::from)
-            .collect();
-        let client = FailoverClient::sentinel(topology.master_name(), sentinels)
-            .retry_budget(options.retry_budget)
-            .build()?;
-        client.wait_for_master(Duration::from_secs(10)).await?;
-        let store = TenantKv::builder(client.clone())
-            .quotas(options.quotas)
-            .login_throttle(options.login_throttle)
-            .build()?;
-        // A new topology: marks it as the storage layout this version serves.
-        store.check_layout().await.map_err(Error::from_layout)?;
-        let expiry = store.watch_expirations();
-
-        let password = random_password();
-        let users = store.users();
-        for (username, tenant) in DEMO_USERS {
-            let user = NewUser {
-                username: username.to_owned(),
-                tenant: TenantId::new(tenant)?,
-                email: Some(format!("{username}@{tenant}.example")),
-                full_name: None,
-                admin: username == "admin",
-            };
-            users.create(user, &password, &Actor::system()).await?;
-        }
-
-        let buffer = LogBuffer::builder(client.clone()).start()?;
-        let layer = buffer.layer();
+        let settings = settings(&topology, &options)?;
         let (sink, logs_to): (Box<dyn LogSink>, String) = match &options.loki_url {
             Some(url) => (
                 Box::new(log_buffer::LokiSink::builder(url.clone()).build()?),
@@ -132,57 +99,87 @@ impl DevSystem {
                 (Box::new(log_buffer::FileSink::new(path)), shown)
             }
         };
-        let offloader = Offloader::builder(client.clone(), sink).start()?;
-
-        let secret = options
-            .jwt_secret
-            .clone()
-            .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec());
-        let jwt = JwtConfig::hs256(&secret)?;
-        let mut builder = Server::builder(store.clone(), client.clone(), jwt)
-            .limits(options.limits)
-            .log_buffer(buffer)
-            .offloader(offloader);
-        if let Some(admin) = options.admin_listen {
-            builder = builder.admin(admin);
+        let system = System::builder(settings).log_sink(sink).start().await?;
+        let (client, store) = (system.client().clone(), system.store().clone());
+        client.wait_for_master(Duration::from_secs(10)).await?;
+        let password = random_password();
+        let users = store.users();
+        for (username, tenant) in DEMO_USERS {
+            let user = NewUser {
+                username: username.to_owned(),
+                tenant: TenantId::new(tenant)?,
+                email: Some(format!("{username}@{tenant}.example")),
+                full_name: None,
+                admin: username == "admin",
+            };
+            users.create(user, &password, &Actor::system()).await?;
         }
-        let server = builder.bind(options.listen).await?;
         Ok(Self {
             topology,
             client,
             store,
             password,
             logs_to,
-            server,
-            expiry,
-            layer: Some(layer),
+            system,
         })
     }
 
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.server.local_addr()
+        self.system.local_addr()
     }
 
     /// The address serving `/metrics` and the probes, if any.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.server.admin_addr()
+        self.system.admin_addr()
     }
 
     /// The layer feeding the log buffer, to install in the process's
     /// `tracing` subscriber (once: later calls return `None`).
     pub fn take_log_layer(&mut self) -> Option<BufferLayer> {
-        self.layer.take()
+        self.system.take_log_layer()
     }
 
-    /// Shuts the server down (draining requests, flushing logs), then
-    /// the expiry watcher, then the topology.
+    /// Shuts the system down (draining requests, flushing logs), then
+    /// the topology.
     pub async fn shutdown(self) -> ShutdownReport {
-        let report = self.server.shutdown().await;
-        self.expiry.shutdown().await;
+        let report = self.system.shutdown().await;
         drop(self.topology);
         report
     }
+}
+
+/// The settings of a server on `topology`, as a deployment would set them,
+/// with the options' values.
+fn settings(topology: &Topology, options: &DevOptions) -> Result<Settings, Error> {
+    let sentinels: Vec<String> = topology
+        .sentinel_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let env = [
+        ("SERVER_REDIS_SENTINELS", sentinels.join(",")),
+        (
+            "SERVER_REDIS_MASTER_NAME",
+            topology.master_name().to_owned(),
+        ),
+    ];
+    let env = env.map(|(name, value)| (name.to_owned(), value));
+    let mut settings = Settings::load(None, env)?;
+    settings.listen = options.listen;
+    settings.admin_listen = options.admin_listen;
+    settings.redis.retry_budget = options.retry_budget;
+    settings.limits = options.limits.clone();
+    settings.protection.quotas = options.quotas;
+    settings.protection.login = options.login_throttle;
+    settings.loki_url = None; // the offloader ships to the sink DevSystem gives
+    settings.jwt.secret = Some(
+        options
+            .jwt_secret
+            .clone()
+            .unwrap_or_else(|| rand::random::<[u8; 32]>().to_vec()),
+    );
+    Ok(settings)
 }
 
 fn random_password() -> String {

@@ -70,6 +70,7 @@ pub enum Error {
         found: String,
     },
     /// The local Redis topology of the dev mode could not start.
+    #[cfg(feature = "dev")]
     #[error("cannot start the local Redis topology")]
     Topology(#[source] Box<redis_topology::Error>),
 }
@@ -106,6 +107,7 @@ impl From<tenant_kv::Error> for Error {
     }
 }
 
+#[cfg(feature = "dev")]
 impl From<redis_topology::Error> for Error {
     fn from(error: redis_topology::Error) -> Self {
         Self::Topology(Box::new(error))
@@ -113,7 +115,9 @@ impl From<redis_topology::Error> for Error {
 }
 
 /// An error answered to an HTTP client: `{"error": {"code", "message"}}`.
-#[derive(Debug)]
+/// An error type too, so that a tower layer can refuse a request with one.
+#[derive(Debug, thiserror::Error)]
+#[error("{code}: {message}")]
 pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) code: &'static str,
@@ -136,6 +140,10 @@ impl ApiError {
             allow: None,
             rate_limit: None,
         }
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
     pub(crate) fn bad_request(message: impl Into<String>) -> Self {
@@ -189,11 +197,7 @@ impl ApiError {
             }
             _ => {
                 tracing::error!(error = %source, cause = ?std::error::Error::source(source), "Redis refused a request of the store");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the request failed on the server",
-                )
+                Self::internal("the request failed on the server")
             }
         }
     }
@@ -262,11 +266,7 @@ impl From<tenant_kv::Error> for ApiError {
             E::Redis(source) => Self::from_redis(&source),
             other => {
                 tracing::error!(error = %other, "store request failed");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "the request failed on the server",
-                )
+                Self::internal("the request failed on the server")
             }
         }
     }

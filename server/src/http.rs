@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use tenant_kv::RateLimitStatus;
 
 use crate::error::ApiError;
+use crate::middleware::ErrorCode;
 use crate::schema::{ErrorBody, ErrorDetail};
 
 /// The body of every answer.
@@ -43,6 +44,7 @@ pub(crate) fn error_response(error: ApiError) -> Response<Body> {
         },
     };
     let mut response = json_response(error.status, &body);
+    response.extensions_mut().insert(ErrorCode(error.code));
     let headers = response.headers_mut();
     if let Some(seconds) = error.retry_after {
         headers.insert("retry-after", HeaderValue::from(seconds));
@@ -195,33 +197,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
 
 /// `2024-05-01T12:00:00.123Z`.
 pub(crate) fn rfc3339(time: SystemTime) -> String {
-    let since = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let (seconds, millis) = (since.as_secs(), since.subsec_millis());
-    let days = (seconds / 86_400) as i64;
-    let secs_of_day = seconds % 86_400;
-    // Days since 1970-01-01 to a civil date, in the proleptic Gregorian calendar.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        secs_of_day / 3600,
-        secs_of_day / 60 % 60,
-        secs_of_day % 60
-    )
+    humantime::format_rfc3339_millis(time).to_string()
 }
 
 #[cfg(test)]

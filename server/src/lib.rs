@@ -47,9 +47,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The `server` binary runs it: `server dev` on a local topology with demo
-//! users, `server serve` from [`Settings`], `server offload` as a log
-//! shipper only, and admin subcommands.
+//! [`System`] wires a whole server process from [`Settings`] (the failover
+//! client, the store and its expiry watcher, the log buffer and offloader,
+//! the server), once for every caller: the `server` binary's `serve` and
+//! `dev` (on a local topology with demo users, the [`dev`] module, behind
+//! the default `dev` cargo feature), the chaos run and the end-to-end
+//! tests. `server offload` runs a log shipper only, and admin subcommands
+//! manage users and tenants.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -57,18 +61,21 @@ mod api;
 mod api_keys;
 mod auth;
 mod conn;
+#[cfg(feature = "dev")]
 pub mod dev;
 mod error;
 mod http;
 mod items;
 mod limits;
 mod metrics;
+mod middleware;
 mod offload;
 mod openapi;
 mod router;
 mod schema;
 mod server;
 mod settings;
+mod system;
 
 pub use auth::JwtConfig;
 pub use error::{Error, SettingError};
@@ -76,4 +83,7 @@ pub use limits::Limits;
 pub use offload::OffloaderAdmin;
 pub use router::routes;
 pub use server::{Server, ServerBuilder, ServerHandle, ShutdownReport};
-pub use settings::{Discovery, JwtSettings, RedisSettings, SETTINGS, Settings};
+pub use settings::{
+    Discovery, JwtSettings, RedisSettings, SETTINGS, Setting, Settings, settings_help,
+};
+pub use system::{System, SystemBuilder, log_client};

@@ -10,21 +10,20 @@
 //! ```
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use log_buffer::{BufferLayer, LogBuffer, LokiSink, Offloader};
-use redis_failover::Durability;
-use server::dev::{DEMO_USERS, DevOptions, DevSystem};
-use server::{Error, JwtConfig, SETTINGS, Server, SettingError, Settings};
-use tracing_subscriber::EnvFilter;
+use log_buffer::{BufferLayer, LokiSink, Offloader};
+use server::{Error, SettingError, Settings, System, settings_help};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 mod commands;
+#[cfg(feature = "dev")]
+mod dev_command;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +38,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    #[cfg(feature = "dev")]
     /// Run everything locally: a Redis master, 2 replicas and 3 sentinels on
     /// free loopback ports, demo users (user1 and admin in tenant1, user2 in
     /// tenant2) with a password printed at start-up, a random JWT secret,
@@ -46,7 +46,7 @@ enum Command {
     Dev {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
+        listen: std::net::SocketAddr,
         /// Ship logs and audit records to this Loki (e.g. http://127.0.0.1:3100).
         #[arg(long)]
         loki_url: Option<String>,
@@ -108,25 +108,17 @@ enum Command {
     },
 }
 
-fn settings_help() -> String {
-    let mut help =
-        String::from("Settings (TOML key; environment variable SERVER_<KEY in upper case>):\n");
-    for (name, meaning) in SETTINGS {
-        help.push_str(&format!("  {name:<22} {meaning}\n"));
-    }
-    help
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
+        #[cfg(feature = "dev")]
         Command::Dev {
             listen,
             loki_url,
             log_file,
             admin_listen,
-        } => dev(listen, loki_url, log_file, admin_listen).await,
+        } => dev_command::dev(listen, loki_url, log_file, admin_listen).await,
         Command::Serve { config } => serve(config).await,
         Command::Offload { config } => offload(config).await,
         Command::User { config, command } => commands::user(config, command).await,
@@ -156,19 +148,34 @@ async fn main() -> ExitCode {
     }
 }
 
-/// stderr logging filtered by `RUST_LOG` (default `info`), plus the log
-/// buffer's layer when there is one.
-fn init_tracing(buffer: Option<BufferLayer>, default: &str) {
+/// stderr logging filtered by `RUST_LOG` (default `default`), and a slot
+/// for the log buffer's layer.
+fn init_tracing(default: &str) -> BufferSlot {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Next to the registry, so that the handle's type is short; the filter
+    // applies to every layer wherever it stands.
+    let (buffer, slot) = reload::Layer::new(None);
     tracing_subscriber::registry()
+        .with(buffer)
         .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::stderr().is_terminal()),
         )
-        .with(buffer)
         .init();
+    BufferSlot(slot)
+}
+
+/// Where the log buffer's layer goes once there is one.
+struct BufferSlot(reload::Handle<Option<BufferLayer>, Registry>);
+
+impl BufferSlot {
+    fn install(self, layer: Option<BufferLayer>) {
+        if let Err(error) = self.0.reload(layer) {
+            tracing::warn!(%error, "logs are not buffered");
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -180,126 +187,21 @@ async fn wait_for_signal() {
     }
 }
 
-async fn dev(
-    listen: SocketAddr,
-    loki_url: Option<String>,
-    log_file: Option<PathBuf>,
-    admin_listen: String,
-) -> Result<(), Error> {
-    let admin_listen = match admin_listen.as_str() {
-        "off" => None,
-        addr => Some(addr.parse().map_err(|_| SettingError::Invalid {
-            setting: "admin_listen",
-            reason: "expected ip:port, or off".to_owned(),
-        })?),
-    };
-    println!("starting a Redis master, 2 replicas and 3 sentinels on loopback...");
-    let options = DevOptions {
-        listen,
-        loki_url,
-        log_file,
-        admin_listen,
-        ..DevOptions::default()
-    };
-    let mut system = DevSystem::start(options).await?;
-    init_tracing(system.take_log_layer(), "info");
-    let addr = system.local_addr();
-    let admin = system
-        .admin_addr()
-        .map_or_else(|| "off".to_owned(), |admin| format!("http://{admin}"));
-    let master = system.topology.initial_master();
-    let password = &system.password;
-    let users: Vec<String> = DEMO_USERS
-        .iter()
-        .map(|(user, tenant)| format!("{user} ({tenant})"))
-        .collect();
-    println!(
-        "\nserver listening on http://{addr}\n\
-         users:    {}\n\
-         password: {password}\n\
-         logs:     {}\n\
-         admin:    {admin} (/metrics, /healthz, /readyz)\n\
-         redis master {} (pid {}), sentinels {:?}\n\n\
-         Try:\n\
-         TOKEN=$(curl -s -X POST http://{addr}/token -d username=user1 -d password={password} | sed -E 's/.*\"access_token\":\"([^\"]+)\".*/\\1/')\n\
-         curl -s -X POST 'http://{addr}/data?key=greeting' -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"value\": {{\"text\": \"hello\"}}, \"ttl\": 3600}}'\n\
-         curl -si http://{addr}/data/greeting -H \"Authorization: Bearer $TOKEN\"\n\
-         curl -s 'http://{addr}/data?prefix=gr' -H \"Authorization: Bearer $TOKEN\"\n\
-         curl -s -X POST http://{addr}/api-keys -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"name\": \"ci\", \"scopes\": [\"read\"]}}'\n\
-         curl -s http://{addr}/usage -H \"Authorization: Bearer $TOKEN\"\n\
-         curl -s http://{addr}/readyz; curl -s {admin}/metrics | head\n\
-         kill -9 {}   # kill the master: requests keep working once Sentinel promotes a replica\n\n\
-         Ctrl-C stops the server and the topology.",
-        users.join(", "),
-        system.logs_to,
-        system.topology.addr(master),
-        system.topology.pid(master).unwrap_or_default(),
-        system.topology.sentinel_addrs(),
-        system.topology.pid(master).unwrap_or_default(),
-    );
-    wait_for_signal().await;
-    println!("shutting down...");
-    let report = system.shutdown().await;
-    if !report.drained {
-        eprintln!("some requests were still running after the grace period");
-    }
-    Ok(())
-}
-
 async fn serve(config: Option<PathBuf>) -> Result<(), Error> {
     let settings = Settings::load(config.as_deref(), std::env::vars())?;
-    let jwt = JwtConfig::from_settings(&settings.jwt)?;
-    let client = settings.redis.client()?;
-    let store = settings.store(client.clone())?;
-    check_layout(&store).await?;
-    let mut builder =
-        Server::builder(store.clone(), client.clone(), jwt).limits(settings.limits.clone());
-    if let Some(admin) = settings.admin_listen {
-        builder = builder.admin(admin);
-    }
-    if let Some(header) = &settings.protection.client_address_header {
-        builder = builder.client_address_header(header.clone());
-    }
-    // Log records and acknowledgements of shipped ones need no replica:
-    // only the data's writes wait for `redis_wait_replicas`.
-    let logs_client = client.with_durability(Durability::Master);
-    let mut layer = None;
-    if settings.log_buffer {
-        let buffer = LogBuffer::builder(logs_client.clone()).start()?;
-        layer = Some(buffer.layer());
-        builder = builder.log_buffer(buffer);
-    }
-    if let Some(url) = &settings.loki_url {
-        let offloader = Offloader::builder(logs_client, LokiSink::builder(url.clone()).build()?)
-            .job(settings.loki_job.clone())
-            .start()?;
-        builder = builder.offloader(offloader);
-    }
-    init_tracing(layer, "info");
-    let expiry = store.watch_expirations();
-    let server = builder.bind(settings.listen).await?;
+    // Logging starts before the system, so that its start-up is logged; the
+    // log buffer's layer joins once the system has one.
+    let buffer_layer = init_tracing("info");
+    let mut system = System::builder(settings).start().await?;
+    buffer_layer.install(system.take_log_layer());
+    tracing::info!(addr = %system.local_addr(), admin = ?system.admin_addr(), "serving");
     wait_for_signal().await;
     tracing::info!("shutting down");
-    let report = server.shutdown().await;
-    expiry.shutdown().await;
+    let report = system.shutdown().await;
     if !report.drained {
         tracing::warn!("some requests were still running after the grace period");
     }
     Ok(())
-}
-
-/// Refuses to serve a storage layout the store does not serve. Redis out
-/// of reach is no reason not to start: the store checks again before its
-/// first operation, and refuses then.
-async fn check_layout(store: &tenant_kv::TenantKv) -> Result<(), Error> {
-    match store.check_layout().await {
-        Ok(_) => Ok(()),
-        Err(tenant_kv::Error::Redis(error)) => {
-            eprintln!("warning: cannot check the storage layout in Redis yet: {error}");
-            Ok(())
-        }
-        Err(error) => Err(Error::from_layout(error)),
-    }
 }
 
 async fn offload(config: Option<PathBuf>) -> Result<(), Error> {
@@ -311,8 +213,8 @@ async fn offload(config: Option<PathBuf>) -> Result<(), Error> {
             setting: "loki_url",
             reason: "the offloader needs it".to_owned(),
         })?;
-    let client = settings.redis.client()?.with_durability(Durability::Master);
-    init_tracing(None, "info");
+    let client = server::log_client(&settings.redis.client()?);
+    init_tracing("info");
     let offloader = Offloader::builder(client.clone(), LokiSink::builder(url).build()?)
         .job(settings.loki_job.clone())
         .start()?;

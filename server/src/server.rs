@@ -1,9 +1,8 @@
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::header::{CACHE_CONTROL, HeaderName, HeaderValue};
+use hyper::header::HeaderName;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -15,16 +14,14 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tower::ServiceBuilder;
-use tower_http::set_header::SetResponseHeaderLayer;
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
-use crate::api::{App, Exchange, LogShipping, handle};
+use crate::api::{App, LogShipping};
 use crate::auth::JwtConfig;
 use crate::conn::{PerAddress, SendTimeout};
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
+use crate::middleware::connection_service;
 use crate::router::Surface;
 
 /// Open connections the admin listener takes at most (probes, scrapers).
@@ -298,9 +295,10 @@ async fn accept(listener: TcpListener, surface: Surface, shared: Shared, stop: C
         };
         let _ = stream.set_nodelay(true);
         let stream = SendTimeout::new(stream, app.limits.send_timeout);
-        let connection = shared
-            .graceful
-            .watch(http.serve_connection(TokioIo::new(stream), service(app, surface, peer)));
+        let connection = shared.graceful.watch(http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(connection_service(app, surface, peer.ip())),
+        ));
         let app = app.clone();
         tokio::spawn(async move {
             app.metrics.http.open_connections.inc();
@@ -314,39 +312,6 @@ async fn accept(listener: TcpListener, surface: Surface, shared: Shared, stop: C
             drop((counted, permit));
         });
     }
-}
-
-/// The service of one connection: bodies that may not stall for the body
-/// timeout,
-/// and answers no shared cache may keep (they carry a tenant's data).
-fn service(
-    app: &Arc<App>,
-    surface: Surface,
-    peer: SocketAddr,
-) -> TowerToHyperService<
-    impl tower::Service<
-        hyper::Request<hyper::body::Incoming>,
-        Response = hyper::Response<crate::http::Body>,
-        Error = Infallible,
-        Future: Send,
-    > + Clone
-    + use<>,
-> {
-    let app = app.clone();
-    let stack = ServiceBuilder::new()
-        .layer(SetResponseHeaderLayer::if_not_present(
-            CACHE_CONTROL,
-            HeaderValue::from_static("private, no-cache"),
-        ))
-        .layer(RequestBodyTimeoutLayer::new(app.limits.body_timeout))
-        .service_fn(move |request| {
-            let app = app.clone();
-            async move {
-                let exchange = Exchange::new(surface, peer.ip());
-                Ok::<_, Infallible>(handle(app, exchange, request).await)
-            }
-        });
-    TowerToHyperService::new(stack)
 }
 
 /// Whether a connection ended because an answer made no progress.

@@ -4,6 +4,10 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Map, Value as Json};
 
+// Named by the docs' links only.
+#[cfg(doc)]
+use crate::tenant::Tenant;
+
 /// The longest TTL an item may have: 100 years, far inside what Redis's
 /// millisecond expiry times can hold.
 pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);

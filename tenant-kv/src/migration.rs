@@ -149,7 +149,7 @@ impl TenantKv {
 }
 
 impl Migration {
-    /// How many items one script converts (1 to [`MAX_MIGRATION_BATCH`]):
+    /// How many items one script converts (1 to 10 000):
     /// each batch holds Redis for its length. Defaults to 500.
     pub fn batch_size(mut self, items: usize) -> Self {
         self.batch_size = items.clamp(1, MAX_MIGRATION_BATCH);

@@ -27,6 +27,8 @@ const BUCKETS: [f64; 12] = [
 ];
 
 /// Requests by route and status, latency by route, open connections.
+/// Clones count together.
+#[derive(Clone)]
 pub(crate) struct HttpMetrics {
     requests: IntCounterVec,
     errors: IntCounterVec,
@@ -41,7 +43,7 @@ pub(crate) struct HttpMetrics {
 }
 
 impl HttpMetrics {
-    fn new() -> prometheus::Result<Self> {
+    pub(crate) fn new() -> prometheus::Result<Self> {
         Ok(Self {
             requests: IntCounterVec::new(
                 Opts::new(
@@ -91,6 +93,12 @@ impl HttpMetrics {
         registry.register(Box::new(self.in_flight.clone()))?;
         registry.register(Box::new(self.connections_refused.clone()))?;
         registry.register(Box::new(self.send_timeouts.clone()))
+    }
+
+    /// Error answers counted for `route` and `code`.
+    #[cfg(test)]
+    pub(crate) fn errors(&self, route: &str, code: &str) -> u64 {
+        self.errors.with_label_values(&[route, code]).get()
     }
 
     pub(crate) fn record(

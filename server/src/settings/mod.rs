@@ -1,12 +1,16 @@
-//! Production settings: a flat set of named settings read from an optional
-//! TOML file and from `SERVER_<NAME>` environment variables (which win).
-//! Each group is parsed and checked on its own ([`sections`]).
+//! Production settings: a flat set of named settings, declared once with
+//! their meaning and default ([`table`]), read from an optional TOML file
+//! and from `SERVER_<NAME>` environment variables (which win) into one
+//! typed struct ([`parse`]), then each group checked against the others
+//! ([`sections`]).
 
 mod parse;
 mod sections;
 mod table;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_layers;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -19,8 +23,8 @@ use tenant_kv::{LoginThrottle, Quotas};
 
 use crate::error::SettingError;
 use crate::limits::Limits;
-use parse::Raw;
-pub use table::SETTINGS;
+use table::Raw;
+pub use table::{SETTINGS, Setting, settings_help};
 
 /// How to find the Redis master.
 #[derive(Clone, Debug, PartialEq)]
@@ -139,27 +143,11 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, SettingError> {
-        let mut raw = match file {
-            Some(path) => Raw::from_file(path)?,
-            None => Raw::default(),
-        };
-        for (name, value) in env {
-            let Some(name) = name.strip_prefix("SERVER_") else {
-                continue;
-            };
-            // Unknown variables are ignored: Kubernetes injects `SERVER_PORT`
-            // and the like for a service named `server`.
-            raw.set_known(&name.to_ascii_lowercase(), value);
-        }
-        Self::from_raw(&raw)
+        Self::from_raw(&Raw::load(file, env)?)
     }
 
     fn from_raw(raw: &Raw) -> Result<Self, SettingError> {
-        let listen: SocketAddr = raw
-            .get("listen")
-            .unwrap_or("0.0.0.0:8080")
-            .parse()
-            .map_err(|_| SettingError::invalid("listen", "expected ip:port"))?;
+        let listen = raw.listen;
         let admin_listen = sections::admin_listen(raw, listen)?;
         let redis = sections::redis(raw)?;
         let limits = sections::limits(raw)?;
@@ -178,7 +166,7 @@ impl Settings {
             cursor_secret: sections::cursor_secret(raw)?,
             loki_url: sections::loki_url(raw)?,
             loki_job: sections::loki_job(raw)?,
-            log_buffer: raw.boolean("log_buffer", true)?,
+            log_buffer: raw.log_buffer,
             limits,
             protection: sections::protection(raw)?,
         })

@@ -1,131 +1,204 @@
-//! Settings as text, by name, and how each kind of value is read.
+//! The layers settings come from (defaults, the TOML file, the
+//! environment), merged into [`Raw`], and what serde cannot read alone.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use super::SETTINGS;
+use figment::Figment;
+use figment::error::Kind;
+use figment::providers::Serialized;
+use redis_failover::NodeAddr;
+use serde::{Deserialize, Deserializer, de};
+
+use super::table::{Raw, SETTINGS};
 use crate::error::SettingError;
 
-/// Every setting given, by its name in [`SETTINGS`], as text.
-#[derive(Debug, Default)]
-pub(super) struct Raw(BTreeMap<&'static str, String>);
-
 impl Raw {
-    /// The settings of a TOML file; an unknown name is an error.
-    pub(super) fn from_file(path: &Path) -> Result<Self, SettingError> {
-        let file_error = |reason: String| SettingError::File {
-            path: path.to_owned(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| file_error(e.message().to_owned()))?;
-        let mut raw = Self::default();
-        for (name, value) in table {
-            let text = match value {
-                toml::Value::String(s) => s,
-                toml::Value::Array(items) => items
-                    .iter()
-                    .map(|item| {
-                        item.as_str()
-                            .map_or_else(|| item.to_string(), str::to_owned)
-                    })
-                    .collect::<Vec<_>>()
-                    .join(","),
-                other => other.to_string(),
-            };
-            if !raw.set_known(&name, text) {
-                return Err(file_error(format!("unknown setting `{name}`")));
-            }
+    /// The defaults, under `file`, under the `SERVER_*` variables of `env`.
+    pub(super) fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingError> {
+        let defaults: BTreeMap<&str, &str> = SETTINGS
+            .iter()
+            .filter_map(|setting| Some((setting.name, setting.default?)))
+            .collect();
+        let mut figment = Figment::from(Serialized::defaults(defaults));
+        if let Some(path) = file {
+            figment = figment.merge(Serialized::defaults(file_layer(path)?));
         }
+        let mut raw: Self = figment
+            .merge(Serialized::defaults(env_layer(env)))
+            // Lossy: the environment's text reads as numbers and booleans
+            // where the field is one, and stays text where it is text (an
+            // all-digit password).
+            .extract_lossy()
+            .map_err(|error| setting_error(error, file))?;
+        raw.read_secret_files()?;
         Ok(raw)
     }
 
-    /// Sets `name` if it is a setting; says whether it is.
-    pub(super) fn set_known(&mut self, name: &str, value: String) -> bool {
-        let known = SETTINGS.iter().find(|(known, _)| *known == name);
-        if let Some((known, _)) = known {
-            self.0.insert(known, value);
+    /// Moves each secret given as a `*_file` into its setting.
+    fn read_secret_files(&mut self) -> Result<(), SettingError> {
+        // Each setting's name is its field's: no spelling to drift.
+        macro_rules! secret {
+            ($value:ident, $file:ident) => {
+                (
+                    &mut self.$value,
+                    &mut self.$file,
+                    stringify!($value),
+                    stringify!($file),
+                )
+            };
         }
-        known.is_some()
-    }
-
-    /// The setting's text, trimmed; `None` when unset or empty.
-    pub(super) fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
-    }
-
-    pub(super) fn boolean(&self, name: &'static str, default: bool) -> Result<bool, SettingError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some("true" | "1" | "yes") => Ok(true),
-            Some("false" | "0" | "no") => Ok(false),
-            Some(_) => Err(SettingError::invalid(name, "expected true or false")),
+        let secrets = [
+            secret!(redis_password, redis_password_file),
+            secret!(redis_sentinel_password, redis_sentinel_password_file),
+            secret!(jwt_secret, jwt_secret_file),
+            secret!(encryption_key, encryption_key_file),
+            secret!(cursor_secret, cursor_secret_file),
+        ];
+        for (value, file, name, file_name) in secrets {
+            let Some(path) = file.take() else {
+                continue;
+            };
+            if value.is_some() {
+                return Err(SettingError::invalid(
+                    name,
+                    format!("set {name} or {file_name}, not both"),
+                ));
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                SettingError::invalid(file_name, format!("cannot read {path:?}: {e}"))
+            })?;
+            // `echo secret > file` and editors end the file with a newline
+            // that is no part of the secret.
+            let text = text.trim_end_matches(['\n', '\r']);
+            *value = (!text.is_empty()).then(|| text.to_owned());
         }
-    }
-
-    pub(super) fn number<T: std::str::FromStr>(
-        &self,
-        name: &'static str,
-        default: T,
-    ) -> Result<T, SettingError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(text) => text
-                .parse()
-                .map_err(|_| SettingError::invalid(name, "expected a whole number")),
-        }
-    }
-
-    pub(super) fn duration(
-        &self,
-        name: &'static str,
-        default: Duration,
-    ) -> Result<Duration, SettingError> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(text) => parse_duration(text).ok_or_else(|| {
-                SettingError::invalid(name, "expected a duration such as 500ms, 5s, 30m or 1h")
-            }),
-        }
-    }
-
-    /// The contents of the PEM file the setting names.
-    pub(super) fn pem(&self, name: &'static str) -> Result<Option<Vec<u8>>, SettingError> {
-        self.get(name)
-            .map(|path| {
-                std::fs::read(PathBuf::from(path))
-                    .map_err(|e| SettingError::invalid(name, format!("cannot read {path:?}: {e}")))
-            })
-            .transpose()
+        Ok(())
     }
 }
 
-/// Parses `<whole number><ms|s|m|h>`.
-pub(super) fn parse_duration(text: &str) -> Option<Duration> {
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let millis = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return None,
+/// The file's settings, with empty strings dropped (unset, as in the
+/// environment).
+fn file_layer(path: &Path) -> Result<toml::Table, SettingError> {
+    let file_error = |reason: String| SettingError::File {
+        path: path.to_owned(),
+        reason,
     };
-    Some(Duration::from_millis(number.checked_mul(millis)?))
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| file_error(e.message().to_owned()))?;
+    table.retain(|_, value| value.as_str().is_none_or(|text| !text.trim().is_empty()));
+    Ok(table)
 }
 
-/// 64 hex digits as 32 bytes.
-pub(super) fn parse_key_hex(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
+/// The known settings among the `SERVER_*` variables, trimmed, empty ones
+/// dropped. Unknown ones are ignored: Kubernetes injects `SERVER_PORT` and
+/// the like for a service named `server`.
+fn env_layer(env: impl IntoIterator<Item = (String, String)>) -> BTreeMap<&'static str, String> {
+    env.into_iter()
+        .filter_map(|(name, value)| {
+            let name = name.strip_prefix("SERVER_")?.to_ascii_lowercase();
+            let setting = SETTINGS.iter().find(|setting| setting.name == name)?;
+            let value = value.trim();
+            (!value.is_empty()).then(|| (setting.name, value.to_owned()))
+        })
+        .collect()
+}
+
+/// The error of the first setting that failed, by name.
+fn setting_error(error: figment::Error, file: Option<&Path>) -> SettingError {
+    // Only the file can hold an unknown key: the defaults and the
+    // environment give known ones only.
+    if let (Kind::UnknownField(name, _), Some(path)) = (&error.kind, file) {
+        return SettingError::File {
+            path: path.to_owned(),
+            reason: format!("unknown setting `{name}`"),
+        };
     }
-    let mut key = [0u8; 32];
-    for (byte, pair) in key.iter_mut().zip(hex.as_bytes().chunks(2)) {
-        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    let setting = error
+        .path
+        .first()
+        .and_then(|key| SETTINGS.iter().find(|setting| setting.name == key));
+    match setting {
+        Some(setting) => SettingError::invalid(setting.name, error.kind.to_string()),
+        None => SettingError::File {
+            path: file.map_or_else(PathBuf::new, Path::to_owned),
+            reason: error.to_string(),
+        },
     }
-    Some(key)
+}
+
+/// Text (a variable, or a TOML string) or a TOML array of text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextOrList {
+    Text(String),
+    List(Vec<String>),
+}
+
+/// `host:port` nodes, comma-separated or as a TOML array.
+pub(super) fn nodes<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<NodeAddr>>, D::Error> {
+    let items = match TextOrList::deserialize(deserializer)? {
+        TextOrList::Text(text) => text.split(',').map(str::to_owned).collect(),
+        TextOrList::List(items) => items,
+    };
+    items
+        .iter()
+        .map(|item| parse_node(item))
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+/// One `host:port` node.
+pub(super) fn node<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<NodeAddr>, D::Error> {
+    parse_node(&String::deserialize(deserializer)?).map(Some)
+}
+
+fn parse_node<E: de::Error>(text: &str) -> Result<NodeAddr, E> {
+    let text = text.trim();
+    text.parse()
+        .map_err(|_| E::custom(format!("{text:?} is not host:port")))
+}
+
+/// An `ip:port` address; serde's own error would not say what is expected.
+pub(super) fn address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    let text = text.trim();
+    text.parse()
+        .map_err(|_| de::Error::custom(format!("{text:?} is not ip:port")))
+}
+
+/// A quota's default: a number, or `unlimited` (or `none`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct QuotaLimit(pub(super) Option<u64>);
+
+impl<'de> Deserialize<'de> for QuotaLimit {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Number(u64),
+            Text(String),
+        }
+        let expected = "expected a whole number, or unlimited";
+        match Given::deserialize(deserializer).map_err(|_| de::Error::custom(expected))? {
+            Given::Number(number) => Ok(Self(Some(number))),
+            Given::Text(text) => match text.trim() {
+                "unlimited" | "none" => Ok(Self(None)),
+                number => number
+                    .parse()
+                    .map(|number| Self(Some(number)))
+                    .map_err(|_| de::Error::custom(format!("{number:?}: {expected}"))),
+            },
+        }
+    }
 }

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use super::parse::parse_duration;
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -94,6 +93,10 @@ fn errors_name_the_setting() {
             "max_header_bytes",
         ),
         (&[("SERVER_REDIS_NODES", "no-port"), SECRET], "redis_nodes"),
+        (
+            &[("SERVER_REDIS_NODES", "r:6379"), ("SERVER_LISTEN", "r:80")],
+            "listen",
+        ),
         (
             &[
                 ("SERVER_REDIS_NODES", "r:6379"),
@@ -294,12 +297,23 @@ fn a_short_hmac_secret_is_refused() {
 }
 
 #[test]
-fn durations() {
-    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-    assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
-    assert_eq!(parse_duration("5"), None);
-    assert_eq!(parse_duration("s"), None);
-    assert_eq!(parse_duration("-1s"), None);
+fn durations_take_a_unit() {
+    let load = |value: &str| {
+        Settings::load(
+            None,
+            env(&[
+                ("SERVER_REDIS_NODES", "r:6379"),
+                ("SERVER_REDIS_RETRY_BUDGET", value),
+            ]),
+        )
+        .map(|settings| settings.redis.retry_budget)
+    };
+    assert_eq!(load("500ms").unwrap(), Duration::from_millis(500));
+    assert_eq!(load("2s").unwrap(), Duration::from_secs(2));
+    for wrong in ["5", "s", "-1s"] {
+        let error = load(wrong).unwrap_err();
+        assert!(error.to_string().contains("redis_retry_budget"), "{error}");
+    }
 }
 
 #[test]

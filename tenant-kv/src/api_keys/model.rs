@@ -7,6 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+// Named by the docs' links only.
+#[cfg(doc)]
+use crate::api_keys::ApiKeys;
 use crate::item::MAX_TTL;
 use crate::keys::{MAX_KEY_LEN, TenantId, check_text};
 

@@ -23,11 +23,11 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use log_buffer::{LokiSink, Offloader};
-use redis_failover::{Durability, FailoverClient, NodeAddr};
+use redis_failover::FailoverClient;
 use redis_topology::{NodeId, Topology};
 use serde_json::{Value, json};
-use server::{JwtConfig, Server, ServerHandle};
-use tenant_kv::{Actor, NewUser, TenantId, TenantKv};
+use server::{Settings, System};
+use tenant_kv::{Actor, NewUser, TenantId};
 
 use crate::{Http, Reply};
 use receiver::{Mode, Receiver};
@@ -51,50 +51,64 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// How long a receiver fault lasts.
 const OUTAGE: Duration = Duration::from_secs(3);
 
-/// One server instance with its own failover client and store.
+/// One server as the manifests run it (`deploy/k8s`), with its own
+/// failover client: writes wait for both replicas, down to one once a
+/// replica has been gone for 8 s, and a replaced master is made a replica
+/// as soon as it answers.
 async fn server_instance(
     topology: &Topology,
     secret: &[u8],
     cursor_secret: &[u8],
-) -> Result<(ServerHandle, TenantKv, FailoverClient), BoxError> {
-    let sentinels = topology.sentinel_addrs().into_iter().map(NodeAddr::from);
-    let client = FailoverClient::sentinel(topology.master_name(), sentinels)
-        .retry_budget(RETRY_BUDGET)
-        .demote_stale_masters(true)
-        .durability(Durability::Replicated {
-            replicas: 2,
-            timeout: Duration::from_secs(1),
-        })
-        // As the manifests run it: a replica gone for 8 s stops being
-        // waited for, down to one.
-        .lost_replica_grace(Duration::from_secs(8), 1)
-        .build()?;
-    client.wait_for_master(Duration::from_secs(10)).await?;
-    let store = TenantKv::builder(client.clone())
-        .cursor_secret(cursor_secret.to_vec())
-        .build()?;
-    let server = Server::builder(store.clone(), client.clone(), JwtConfig::hs256(secret)?)
-        .bind("127.0.0.1:0".parse()?)
+) -> Result<System, BoxError> {
+    let sentinels: Vec<String> = topology
+        .sentinel_addrs()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let env = [
+        ("SERVER_LISTEN", "127.0.0.1:0".to_owned()),
+        ("SERVER_ADMIN_LISTEN", "off".to_owned()),
+        ("SERVER_REDIS_SENTINELS", sentinels.join(",")),
+        (
+            "SERVER_REDIS_MASTER_NAME",
+            topology.master_name().to_owned(),
+        ),
+        (
+            "SERVER_REDIS_RETRY_BUDGET",
+            format!("{}s", RETRY_BUDGET.as_secs()),
+        ),
+        ("SERVER_REDIS_WAIT_REPLICAS", "2".to_owned()),
+        ("SERVER_REDIS_WAIT_REPLICAS_MIN", "1".to_owned()),
+        ("SERVER_REDIS_REPLICA_LOST_AFTER", "8s".to_owned()),
+        ("SERVER_REDIS_DEMOTE_STALE_MASTER", "true".to_owned()),
+        // Audit records go to Redis streams from the store itself; this
+        // process's own logs are not what the run checks.
+        ("SERVER_LOG_BUFFER", "false".to_owned()),
+    ];
+    let mut settings = Settings::load(None, env.map(|(name, value)| (name.to_owned(), value)))?;
+    settings.jwt.secret = Some(secret.to_vec());
+    settings.cursor_secret = Some(cursor_secret.to_vec());
+    let system = System::builder(settings).start().await?;
+    system
+        .client()
+        .wait_for_master(Duration::from_secs(10))
         .await?;
-    Ok((server, store, client))
+    Ok(system)
 }
 
 fn offloader(client: &FailoverClient, url: &str, name: &str) -> Result<Offloader, BoxError> {
     Ok(
-        // As `server offload` runs it: its bookkeeping waits for no replica.
-        Offloader::builder(
-            client.with_durability(Durability::Master),
-            LokiSink::builder(url).build()?,
-        )
-        .consumer(name)
-        .poll_interval(Duration::from_millis(50))
-        .discovery_interval(Duration::from_millis(500))
-        .claim_idle(Duration::from_secs(2))
-        .backoff(redis_failover::Backoff::new(
-            Duration::from_millis(100),
-            Duration::from_secs(1),
-        )?)
-        .start()?,
+        // As `server offload` runs it.
+        Offloader::builder(server::log_client(client), LokiSink::builder(url).build()?)
+            .consumer(name)
+            .poll_interval(Duration::from_millis(50))
+            .discovery_interval(Duration::from_millis(500))
+            .claim_idle(Duration::from_secs(2))
+            .backoff(redis_failover::Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(1),
+            )?)
+            .start()?,
     )
 }
 
@@ -247,8 +261,9 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
         .await?;
     let receiver = Receiver::start().await?;
     let (secret, cursor_secret): ([u8; 32], [u8; 32]) = (rand::random(), rand::random());
-    let (server_a, store, client) = server_instance(&topology, &secret, &cursor_secret).await?;
-    let (server_b, _, _) = server_instance(&topology, &secret, &cursor_secret).await?;
+    let server_a = server_instance(&topology, &secret, &cursor_secret).await?;
+    let server_b = server_instance(&topology, &secret, &cursor_secret).await?;
+    let (store, client) = (server_a.store().clone(), server_a.client().clone());
     for tenant in TENANTS {
         let user = NewUser {
             username: format!("{tenant}-user"),
