@@ -9,8 +9,6 @@ use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use log_buffer::{LogBuffer, Offloader};
 use redis_failover::FailoverClient;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
 use tenant_kv::{ApiKeys, TenantKv};
 
 use crate::auth::{JwtConfig, Principal, authenticate};
@@ -23,9 +21,14 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::middleware::Facts;
 use crate::router::{self, Open, Operation, TenantOp};
+use crate::schema::{
+    ErrorBody, Health, Login, Readiness, Token, TokenType, UsageFigures, UsageReport, UserInfo,
+    WriteState,
+};
 
-/// The largest login body: a username and a password, with room to spare.
-const LOGIN_BODY_LIMIT: usize = 4096;
+/// The largest login body: the longest username and password, each byte
+/// escaped in six (`\u0001` in JSON), with room to spare.
+const LOGIN_BODY_LIMIT: usize = 8192;
 /// The longest a throttled login's answer is held back: a client that
 /// keeps guessing gets its refusals at this pace at most, so it cannot
 /// spend the server's CPU on them faster.
@@ -122,7 +125,7 @@ async fn answer_open(
     facts: &Facts,
 ) -> Result<Response<Body>, ApiError> {
     match open {
-        Open::Health => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        Open::Health => Ok(health()),
         Open::Ready => ready(app).await,
         Open::Metrics => {
             let mut response = Response::new(Body::from(app.metrics.render()));
@@ -133,7 +136,8 @@ async fn answer_open(
             Ok(response)
         }
         Open::ApiDocument => {
-            let mut response = Response::new(Body::from(crate::openapi::serialised()));
+            let document = crate::openapi::serialised(&app.limits);
+            let mut response = Response::new(Body::from(document));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -147,11 +151,25 @@ async fn answer_open(
     }
 }
 
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", operation_id = "health", tag = "probes",
+    responses((status = 200, description = "up", body = Health)))]
+pub(crate) fn health() -> Response<Body> {
+    let health = Health {
+        status: "ok".to_owned(),
+    };
+    json_response(StatusCode::OK, &health)
+}
+
 /// Ready while the master answers. Where durable writes stand is in the
 /// answer (`writes`), not in its status: writes held back for want of
 /// replicas still leave reads to serve, and a load balancer that took
 /// every instance out for it would stop those too.
-async fn ready(app: &App) -> Result<Response<Body>, ApiError> {
+#[utoipa::path(get, path = "/readyz", operation_id = "ready", tag = "probes",
+    responses(
+        (status = 200, description = "the Redis master answers (within the retry budget)", body = Readiness),
+        (status = 503, description = "the master is unreachable", body = ErrorBody)))]
+pub(crate) async fn ready(app: &App) -> Result<Response<Body>, ApiError> {
     // PING goes through the client's retries: a failover that fits in the
     // retry budget does not make the service unready.
     match app
@@ -160,8 +178,7 @@ async fn ready(app: &App) -> Result<Response<Body>, ApiError> {
         .await
     {
         Ok(_) => {
-            let mut body = json!({"status": "ready"});
-            if let Some(status) = app.client.replication_status() {
+            let writes = app.client.replication_status().map(|status| {
                 let state = if !status.writable() {
                     "held"
                 } else if status.degraded() {
@@ -169,13 +186,17 @@ async fn ready(app: &App) -> Result<Response<Body>, ApiError> {
                 } else {
                     "ok"
                 };
-                body["writes"] = json!({
-                    "state": state,
-                    "replicas_asked": status.asked,
-                    "replicas_online": status.online,
-                    "replicas_waited_for": status.waits_for,
-                });
-            }
+                WriteState {
+                    state: state.to_owned(),
+                    replicas_asked: status.asked,
+                    replicas_online: status.online,
+                    replicas_waited_for: status.waits_for,
+                }
+            });
+            let body = Readiness {
+                status: "ready".to_owned(),
+                writes,
+            };
             Ok(json_response(StatusCode::OK, &body))
         }
         Err(error) => {
@@ -185,13 +206,23 @@ async fn ready(app: &App) -> Result<Response<Body>, ApiError> {
     }
 }
 
-#[derive(Deserialize)]
-struct Login {
-    username: String,
-    password: String,
-}
-
-async fn issue_token(
+/// Log in: a username and password (as a form or JSON) for a JWT.
+#[utoipa::path(post, path = "/token", operation_id = "issue_token", tag = "users",
+    request_body(content(
+        (Login = "application/x-www-form-urlencoded"),
+        (Login = "application/json"))),
+    responses(
+        (status = 200, description = "a token", body = Token, headers(
+            ("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, description = "a missing field, malformed JSON or a malformed username", body = ErrorBody),
+        (status = 401, description = "wrong username or password, or a disabled user", body = ErrorBody),
+        (status = 413, description = "a body over 8 KiB", body = ErrorBody),
+        (status = 429, description = "too many attempts on this username or from this address lately", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 501, description = "this server verifies tokens but has no key to issue them", body = ErrorBody),
+        (status = 503, description = "Redis unreachable, or too many passwords being checked", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait")))))]
+pub(crate) async fn issue_token(
     app: &App,
     request: Request<RequestBody>,
     source: &str,
@@ -238,37 +269,42 @@ async fn issue_token(
             "this server verifies tokens but has no key to issue them",
         ));
     };
-    let mut response = json_response(
-        StatusCode::OK,
-        &json!({"access_token": token, "token_type": "bearer", "expires_in": app.jwt.ttl().as_secs()}),
-    );
+    let token = Token {
+        access_token: token,
+        token_type: TokenType::Bearer,
+        expires_in: app.jwt.ttl().as_secs(),
+    };
+    let mut response = json_response(StatusCode::OK, &token);
     response
         .headers_mut()
         .insert("cache-control", HeaderValue::from_static("no-store"));
     Ok(response)
 }
 
-fn current_user(principal: &Principal) -> Result<Response<Body>, ApiError> {
+/// The logged-in user (tokens only: an API key gets 403).
+#[utoipa::path(get, path = "/users/me", operation_id = "current_user", tag = "users",
+    responses((status = 200, description = "the user", body = UserInfo)))]
+pub(crate) fn current_user(principal: &Principal) -> Result<Response<Body>, ApiError> {
     let Principal::User(user) = principal else {
         return Err(ApiError::forbidden(
             "an API key is not a user; log in with POST /token",
         ));
     };
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "username": user.username,
-            "tenant_id": user.tenant.as_str(),
-            "email": user.email,
-            "full_name": user.full_name,
-            "disabled": user.disabled,
-            "admin": user.admin,
-        }),
-    ))
+    let info = UserInfo {
+        username: user.username.clone(),
+        tenant_id: user.tenant.as_str().to_owned(),
+        email: user.email.clone(),
+        full_name: user.full_name.clone(),
+        disabled: user.disabled,
+        admin: user.admin,
+    };
+    Ok(json_response(StatusCode::OK, &info))
 }
 
 /// The tenant's usage and the quotas it is held to (`null`: no limit).
-async fn usage(app: &App, principal: &Principal) -> Result<Response<Body>, ApiError> {
+#[utoipa::path(get, path = "/usage", operation_id = "usage", tag = "users",
+    responses((status = 200, description = "usage and quotas", body = UsageReport)))]
+pub(crate) async fn usage(app: &App, principal: &Principal) -> Result<Response<Body>, ApiError> {
     let tenant = principal.tenant();
     let usage = app
         .store
@@ -276,18 +312,18 @@ async fn usage(app: &App, principal: &Principal) -> Result<Response<Body>, ApiEr
         .usage()
         .await?;
     let quotas = app.store.quotas(tenant).await?;
-    let limits: Map<String, Value> = tenant_kv::Quota::ALL
-        .into_iter()
-        .map(|quota| (quota.as_str().to_owned(), json!(quotas.get(quota))))
-        .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "tenant_id": tenant.as_str(),
-            "usage": {"keys": usage.keys, "bytes": usage.bytes},
-            "quotas": limits,
-        }),
-    ))
+    let report = UsageReport {
+        tenant_id: tenant.as_str().to_owned(),
+        usage: UsageFigures {
+            keys: usage.keys,
+            bytes: usage.bytes,
+        },
+        quotas: tenant_kv::Quota::ALL
+            .into_iter()
+            .map(|quota| (quota.as_str().to_owned(), quotas.get(quota)))
+            .collect(),
+    };
+    Ok(json_response(StatusCode::OK, &report))
 }
 
 /// The store's view of the principal's tenant, acting as the principal.

@@ -7,45 +7,34 @@ use std::time::{Duration, SystemTime};
 
 use hyper::header::{CACHE_CONTROL, CONTENT_LENGTH, HeaderValue, TRANSFER_ENCODING};
 use hyper::{Request, Response, StatusCode};
-use serde::Deserialize;
-use serde_json::{Value, json};
 use tenant_kv::{ApiKey, MAX_API_KEY_PAGE, NewApiKey, Scope};
 
 use crate::api::App;
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::http::{Body, RequestBody, json_response, query_param, read_json, rfc3339};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ApiKeyBody {
-    name: String,
-    #[serde(default)]
-    scopes: Option<Vec<String>>,
-    #[serde(default)]
-    key_prefix: Option<String>,
-    /// Seconds.
-    #[serde(default)]
-    ttl: Option<u64>,
-    #[serde(default)]
-    requests_per_second: Option<u32>,
-}
+use crate::http::{Body, RequestBody, json_response, query_param, read_json};
+use crate::schema::{ApiKeyInput, ApiKeyPage, ApiKeyView, ErrorBody, Revoked, RotateInput};
 
 const DEFAULT_SCOPES: [Scope; 4] = [Scope::Read, Scope::Write, Scope::Delete, Scope::List];
 
+/// Create an API key (a user, or a key with the `admin` scope); its
+/// secret is shown once.
+#[utoipa::path(post, path = "/api-keys", operation_id = "create_api_key", tag = "api keys",
+    request_body = ApiKeyInput,
+    responses(
+        (status = 201, description = "the key, with its secret", body = ApiKeyView, headers(
+            ("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, description = "invalid settings or malformed JSON", body = ErrorBody)))]
 pub(crate) async fn create(
     app: &App,
     principal: &Principal,
     request: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     principal.require(Scope::Admin, "")?;
-    let body: ApiKeyBody = read_json(request, app.limits.max_body_bytes).await?;
+    let body: ApiKeyInput = read_json(request, app.limits.max_body_bytes).await?;
     let scopes = match body.scopes {
         None => DEFAULT_SCOPES.to_vec(),
-        Some(names) => names
-            .iter()
-            .map(|name| name.parse::<Scope>())
-            .collect::<Result<Vec<_>, _>>()?,
+        Some(names) => names.into_iter().map(Scope::from).collect(),
     };
     let ttl = match body.ttl {
         Some(0) => return Err(ApiError::bad_request("`ttl` must be at least 1 second")),
@@ -70,7 +59,7 @@ pub(crate) async fn create(
 
 /// An answer carrying a key's secret: no cache, private or shared, keeps it.
 fn with_secret(status: StatusCode, key: &ApiKey, secret: &str) -> Response<Body> {
-    let mut response = json_response(status, &api_key_json(key, Some(secret)));
+    let mut response = json_response(status, &ApiKeyView::new(key, Some(secret)));
     response
         .headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -79,6 +68,14 @@ fn with_secret(status: StatusCode, key: &ApiKey, secret: &str) -> Response<Body>
 
 /// A page of the keys the principal manages: every key of the tenant for
 /// an admin, its own otherwise.
+#[utoipa::path(get, path = "/api-keys", operation_id = "list_api_keys", tag = "api keys",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Keys per page; 100 without"),
+        ("cursor" = Option<String>, Query, min_length = 1,
+            description = "The `cursor` of the previous page; any other is refused (400)")),
+    responses(
+        (status = 200, description = "API keys, oldest first, without secrets", body = ApiKeyPage),
+        (status = 400, description = "bad limit or cursor", body = ErrorBody)))]
 pub(crate) async fn list(
     app: &App,
     principal: &Principal,
@@ -101,15 +98,15 @@ pub(crate) async fn list(
         .api_keys
         .list_page(principal.tenant(), owner, limit, cursor.as_deref())
         .await?;
-    let keys: Vec<Value> = page
-        .keys
-        .iter()
-        .map(|key| api_key_json(key, None))
-        .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"api_keys": keys, "cursor": page.cursor}),
-    ))
+    let page = ApiKeyPage {
+        api_keys: page
+            .keys
+            .iter()
+            .map(|key| ApiKeyView::new(key, None))
+            .collect(),
+        cursor: page.cursor,
+    };
+    Ok(json_response(StatusCode::OK, &page))
 }
 
 /// The owner a principal's own keys have: its user's name, `None` for a
@@ -118,6 +115,13 @@ fn owner_of(principal: &Principal) -> Option<&str> {
     principal.user().map(|user| user.username.as_str())
 }
 
+/// Revoke an API key at once.
+#[utoipa::path(delete, path = "/api-keys/{key_id}", operation_id = "revoke_api_key", tag = "api keys",
+    params(KeyIdParam),
+    responses(
+        (status = 200, description = "revoked", body = Revoked),
+        (status = 400, description = "a key id that is not UTF-8 once percent-decoded", body = ErrorBody),
+        (status = 404, description = "no such key that the caller manages", body = ErrorBody)))]
 pub(crate) async fn revoke(
     app: &App,
     principal: &Principal,
@@ -128,19 +132,33 @@ pub(crate) async fn revoke(
     app.api_keys
         .revoke(principal.tenant(), id, &principal.actor())
         .await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"key_id": id, "revoked": true}),
-    ))
+    let revoked = Revoked {
+        key_id: id.to_owned(),
+        revoked: true,
+    };
+    Ok(json_response(StatusCode::OK, &revoked))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RotateBody {
-    #[serde(default)]
-    grace_seconds: u64,
+/// The `{key_id}` of `/api-keys/{key_id}`.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // Only its description is used: the router reads the id.
+struct KeyIdParam {
+    /// The key's id: 16 hex digits (the part of the key between its first two `_`).
+    #[param(pattern = "^[0-9a-fA-F]{16}$")]
+    key_id: String,
 }
 
+/// Give a key a new secret; the old one stays valid for `grace_seconds`.
+#[utoipa::path(post, path = "/api-keys/{key_id}/rotate", operation_id = "rotate_api_key", tag = "api keys",
+    params(KeyIdParam),
+    request_body(content = Option<RotateInput>, description = "May be left out (no grace period)"),
+    responses(
+        (status = 200, description = "the key, with its new secret", body = ApiKeyView, headers(
+            ("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, description = "malformed JSON or grace period", body = ErrorBody),
+        (status = 404, description = "no such key that the caller manages", body = ErrorBody),
+        (status = 409, description = "the key changed (rotated or revoked) meanwhile", body = ErrorBody)))]
 pub(crate) async fn rotate(
     app: &App,
     principal: &Principal,
@@ -152,10 +170,13 @@ pub(crate) async fn rotate(
     let headers = request.headers();
     let empty = headers.get(CONTENT_LENGTH).is_none_or(|len| len == "0")
         && headers.get(TRANSFER_ENCODING).is_none();
-    let body: RotateBody = if empty {
-        RotateBody::default()
+    // No body, or `null`, is no grace period.
+    let body: RotateInput = if empty {
+        RotateInput::default()
     } else {
-        read_json(request, app.limits.max_body_bytes).await?
+        read_json::<Option<RotateInput>>(request, app.limits.max_body_bytes)
+            .await?
+            .unwrap_or_default()
     };
     let grace = Duration::from_secs(body.grace_seconds);
     let (key, secret) = app
@@ -214,23 +235,4 @@ async fn may_manage_key(app: &App, principal: &Principal, id: &str) -> Result<()
         target.expires_at,
         target.requests_per_second,
     )
-}
-
-fn api_key_json(key: &ApiKey, secret: Option<&str>) -> Value {
-    let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
-    let mut value = json!({
-        "key_id": key.id,
-        "name": key.name,
-        "scopes": scopes,
-        "key_prefix": key.key_prefix,
-        "owner": key.owner,
-        "requests_per_second": key.requests_per_second,
-        "created_at": rfc3339(key.created_at),
-        "expires_at": key.expires_at.map(rfc3339),
-        "last_used": key.last_used.map(rfc3339),
-    });
-    if let Some(secret) = secret {
-        value["api_key"] = Value::from(secret);
-    }
-    value
 }

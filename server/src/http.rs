@@ -8,12 +8,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use percent_encoding::percent_decode_str;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
 use tenant_kv::RateLimitStatus;
 
 use crate::error::ApiError;
 use crate::middleware::ErrorCode;
+use crate::schema::{ErrorBody, ErrorDetail};
 
 /// The body of every answer.
 pub(crate) type Body = Full<Bytes>;
@@ -22,9 +23,11 @@ pub(crate) type Body = Full<Bytes>;
 /// authentication during a failover, does not count).
 pub(crate) type RequestBody = tower_http::timeout::TimeoutBody<hyper::body::Incoming>;
 
-pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+/// `value` as the JSON answer: one of the types of [`crate::schema`],
+/// which the OpenAPI document describes.
+pub(crate) fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let mut response = Response::new(Body::from(
-        serde_json::to_vec(value).expect("a Value serialises"),
+        serde_json::to_vec(value).expect("the API's types serialise"),
     ));
     *response.status_mut() = status;
     response
@@ -34,10 +37,13 @@ pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response<Body>
 }
 
 pub(crate) fn error_response(error: ApiError) -> Response<Body> {
-    let mut response = json_response(
-        error.status,
-        &json!({"error": {"code": error.code, "message": error.message}}),
-    );
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: error.code.to_owned(),
+            message: error.message,
+        },
+    };
+    let mut response = json_response(error.status, &body);
     response.extensions_mut().insert(ErrorCode(error.code));
     let headers = response.headers_mut();
     if let Some(seconds) = error.retry_after {
@@ -171,6 +177,15 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
         ));
     }
     let body = read_body(request, limit).await?;
+    // Every body of the API is an object (or nothing): serde would also
+    // read a struct from an array of its fields.
+    if body.trim_ascii_start().starts_with(b"[") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "invalid JSON body: expected an object, not an array",
+        ));
+    }
     serde_json::from_slice(&body).map_err(|error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -72,6 +72,7 @@ mod middleware;
 mod offload;
 mod openapi;
 mod router;
+mod schema;
 mod server;
 mod settings;
 mod system;

@@ -1,298 +1,220 @@
-//! The OpenAPI 3 document served at `/openapi.json`, written out by hand;
-//! a test checks that its paths and methods are exactly the router's.
+//! The OpenAPI 3.1 document served at `/openapi.json`, derived from the
+//! request and response types ([`crate::schema`]) and the handlers'
+//! `#[utoipa::path]` attributes; what every operation of a kind shares
+//! (credentials, rate limits, the request id, the statuses any request
+//! can get) is added here from the route table. Tests check that its
+//! paths and methods are exactly the router's, and its constraints the
+//! store's.
 
-use std::sync::LazyLock;
+use std::sync::Mutex;
 
+use bytes::Bytes;
 use serde_json::{Value, json};
+use utoipa::OpenApi;
+
+use crate::limits::Limits;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Multi-tenant key-value service",
+        description = "Items, users and API keys of many tenants, stored in Redis through failovers. \
+The tenant comes only from the verified credential. Every error is `{\"error\": {\"code\", \"message\"}}`. \
+A known path asked with a method it does not take gets 405 with `Allow`; a `GET` route answers `HEAD` too. \
+A request head over the server's limit gets 431."
+    ),
+    paths(
+        crate::api::issue_token,
+        crate::api::current_user,
+        crate::api::usage,
+        crate::items::create,
+        crate::items::list,
+        crate::items::batch,
+        crate::items::get,
+        crate::items::put,
+        crate::items::delete,
+        crate::api_keys::create,
+        crate::api_keys::list,
+        crate::api_keys::revoke,
+        crate::api_keys::rotate,
+        crate::api::health,
+        crate::api::ready,
+        serialised,
+    )
+)]
+struct ApiDoc;
 
 fn error(description: &str) -> Value {
-    json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+    json!({"description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
 }
 
-fn ok(description: &str, schema: Value) -> Value {
-    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+fn header(description: &str, schema: Value) -> Value {
+    json!({"description": description, "schema": schema})
 }
 
-fn schema(name: &str) -> Value {
-    json!({"$ref": format!("#/components/schemas/{name}")})
+/// The headers many answers carry, once in `components.headers`.
+fn shared_headers() -> Value {
+    json!({
+        "X-Request-Id": header(
+            "The request's id: the one sent, if 1 to 64 visible ASCII characters, or a new one",
+            json!({"type": "string"}),
+        ),
+        "RateLimit-Policy": header(
+            "The request rate that applies, if any: `\"<tenant|api_key>\";q=<quota>;w=<window seconds>` (draft-ietf-httpapi-ratelimit-headers)",
+            json!({"type": "string"}),
+        ),
+        "RateLimit": header(
+            "What is left of it: `\"<policy>\";r=<remaining>;t=<seconds until whole>`",
+            json!({"type": "string"}),
+        ),
+        "Retry-After": header(
+            "Seconds to wait before trying again",
+            json!({"type": "integer", "minimum": 1}),
+        ),
+    })
 }
 
-fn body(name: &str) -> Value {
-    json!({"required": true, "content": {"application/json": {"schema": schema(name)}}})
+/// A reference to one of [`shared_headers`].
+fn shared(name: &str) -> Value {
+    json!({"$ref": format!("#/components/headers/{name}")})
 }
 
-/// An authenticated operation: adds 401, 403 (scope), 408, 429 and 503,
-/// and the rate-limit fields sent when a request rate applies.
-fn authed(mut operation: Value) -> Value {
-    operation["security"] = json!([{"bearer": []}, {"apiKey": []}]);
+/// The statuses and headers every operation can get, and those of the
+/// operations that take a credential or a body.
+fn add_common(operation: &mut Value, takes_credential: bool) {
+    let has_body = operation.get("requestBody").is_some();
+    let asks_the_store = takes_credential || operation["operationId"] == "issue_token";
     let responses = operation["responses"].as_object_mut().expect("responses");
+    let mut add = |status: &str, response: Value| {
+        responses.entry(status).or_insert(response);
+    };
+    add(
+        "414",
+        error("the request target is over the server's limit"),
+    );
+    let mut unavailable =
+        error("Redis unreachable past the retry budget, overloaded, or the request took too long");
+    unavailable["headers"] = json!({"Retry-After": shared("Retry-After")});
+    add("503", unavailable);
+    // Where the store is asked.
+    if asks_the_store {
+        add(
+            "500",
+            error("the store refused a request it should not have (a bug)"),
+        );
+    }
+    if has_body {
+        let mut stalled = error("the body stalled for longer than the body timeout");
+        stalled["headers"] = json!({"Connection": header("`close`", json!({"type": "string"}))});
+        add("408", stalled);
+        add("413", error("the body is over the server's limit"));
+        add(
+            "415",
+            error("the body is not of a media type the operation takes"),
+        );
+    }
+    if takes_credential {
+        let mut unauthorized = error("a missing, invalid or expired credential");
+        unauthorized["headers"] =
+            json!({"WWW-Authenticate": header("`Bearer`", json!({"type": "string"}))});
+        add("401", unauthorized);
+        add(
+            "403",
+            error("the API key lacks the scope or key prefix, or a storage quota is reached"),
+        );
+        let mut limited =
+            error("the tenant's or API key's request rate, or the write rate quota, is exceeded");
+        limited["headers"] = json!({"Retry-After": shared("Retry-After")});
+        add("429", limited);
+    }
     for response in responses.values_mut() {
         let headers = response
             .as_object_mut()
             .expect("a response")
             .entry("headers")
             .or_insert_with(|| json!({}));
-        headers["RateLimit-Policy"] = json!({"description": "the request rate that applies: `\"<tenant|api_key>\";q=<quota>;w=<window seconds>` (draft-ietf-httpapi-ratelimit-headers)", "schema": {"type": "string"}});
-        headers["RateLimit"] = json!({"description": "what is left of it: `\"<policy>\";r=<remaining>;t=<seconds until whole>`", "schema": {"type": "string"}});
-    }
-    responses.insert(
-        "401".into(),
-        error("missing, invalid or expired credential"),
-    );
-    responses.insert(
-        "403".into(),
-        error("the API key lacks the scope, or a storage quota is reached"),
-    );
-    responses.insert(
-        "408".into(),
-        error("the body stalled for longer than the body timeout"),
-    );
-    responses.insert(
-        "429".into(),
-        error("the tenant's or API key's request rate, or the write rate quota, is exceeded; see Retry-After and RateLimit"),
-    );
-    responses.insert(
-        "503".into(),
-        error("Redis unreachable past the retry budget, or the request timed out"),
-    );
-    operation
-}
-
-fn key_param() -> Value {
-    json!({"name": "key", "in": "path", "required": true, "schema": {"type": "string"},
-           "description": "The item's key, percent-encoded; it may contain `/`."})
-}
-
-fn key_id_param() -> Value {
-    json!({"name": "key_id", "in": "path", "required": true, "schema": {"type": "string"}})
-}
-
-fn etag_header() -> Value {
-    json!({"ETag": {"description": "The item's version, quoted", "schema": {"type": "string"}}})
-}
-
-static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
-    let item_ok = |description: &str| {
-        let mut response = ok(description, schema("Item"));
-        response["headers"] = etag_header();
-        response
-    };
-    json!({
-        "openapi": "3.0.3",
-        "info": {
-            "title": "Multi-tenant key-value service",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "Items, users and API keys of many tenants, stored in Redis through failovers. The tenant comes only from the verified credential. Every error is `{\"error\": {\"code\", \"message\"}}`."
-        },
-        "paths": {
-            "/token": {"post": {
-                "operationId": "issue_token",
-                "summary": "Log in: username and password (form or JSON) for a JWT",
-                "requestBody": {"required": true, "content": {
-                    "application/x-www-form-urlencoded": {"schema": schema("Login")},
-                    "application/json": {"schema": schema("Login")}}},
-                "responses": {
-                    "200": ok("a token", schema("Token")),
-                    "400": error("missing field, malformed JSON, a malformed username or a password over 1024 bytes"),
-                    "401": error("wrong username or password, or disabled user"),
-                    "408": error("the body stalled"),
-                    "413": error("body over 4 KiB"),
-                    "415": error("neither a form nor JSON"),
-                    "429": error("too many attempts on this username or from this address lately; see Retry-After"),
-                    "501": error("this server has no key to issue tokens"),
-                    "503": error("Redis unreachable, or too many passwords being checked (see Retry-After)")}}},
-            "/users/me": {"get": authed(json!({
-                "operationId": "current_user",
-                "summary": "The logged-in user (tokens only)",
-                "responses": {"200": ok("the user", schema("User"))}}))},
-            "/usage": {"get": authed(json!({
-                "operationId": "usage",
-                "summary": "The tenant's usage, and the quotas it is held to",
-                "responses": {"200": ok("usage and quotas", schema("Usage"))}}))},
-            "/data": {
-                "post": authed(json!({
-                    "operationId": "create_item",
-                    "summary": "Create an item",
-                    "parameters": [{"name": "key", "in": "query", "required": true, "schema": {"type": "string"},
-                        "description": "The item's key, percent-encoded as in a path: `+` is a plus sign (send a space as `%20`)."}],
-                    "requestBody": body("ItemInput"),
-                    "responses": {
-                        "201": item_ok("created"),
-                        "400": error("missing key, invalid key, malformed JSON or invalid item"),
-                        "409": error("an item with this key exists"),
-                        "413": error("body over the limit"),
-                        "415": error("not JSON")}})),
-                "get": authed(json!({
-                    "operationId": "list_items",
-                    "summary": "List keys by prefix, one page at a time",
-                    "parameters": [
-                        {"name": "prefix", "in": "query", "schema": {"type": "string", "default": ""}},
-                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "the `cursor` of the previous page"}],
-                    "responses": {
-                        "200": ok("a page of keys", schema("Page")),
-                        "400": error("bad limit or cursor")}}))},
-            "/data/batch": {"post": authed(json!({
-                "operationId": "batch",
-                "summary": "Several writes, all or nothing",
-                "requestBody": body("Batch"),
-                "responses": {
-                    "200": ok("what each operation did", schema("BatchResult")),
-                    "400": error("empty or oversized batch, malformed JSON, or an invalid operation"),
-                    "404": error("an operation's item does not exist; nothing was done"),
-                    "409": error("a create's item exists; nothing was done"),
-                    "412": error("an operation's version did not match; nothing was done"),
-                    "413": error("body over the limit"),
-                    "415": error("not JSON")}}))},
-            "/data/{key}": {
-                "get": authed(json!({
-                    "operationId": "get_item",
-                    "summary": "Read an item",
-                    "parameters": [key_param(), {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}],
-                    "responses": {
-                        "200": item_ok("the item"),
-                        "304": {"description": "the item still has the ETag sent", "headers": etag_header()},
-                        "400": error("invalid key"),
-                        "404": error("no such item")}})),
-                "put": authed(json!({
-                    "operationId": "put_item",
-                    "summary": "Replace an item; create it with `If-None-Match: *`; compare-and-set with `If-Match`",
-                    "parameters": [key_param(),
-                        {"name": "If-Match", "in": "header", "schema": {"type": "string"}},
-                        {"name": "If-None-Match", "in": "header", "schema": {"type": "string", "enum": ["*"]}}],
-                    "requestBody": body("ItemInput"),
-                    "responses": {
-                        "200": item_ok("stored"),
-                        "400": error("invalid key, malformed JSON or invalid item"),
-                        "404": error("no such item (without preconditions)"),
-                        "412": error("the precondition failed"),
-                        "413": error("body over the limit"),
-                        "415": error("not JSON")}})),
-                "delete": authed(json!({
-                    "operationId": "delete_item",
-                    "summary": "Delete an item, optionally only at a version (`If-Match`)",
-                    "parameters": [key_param(), {"name": "If-Match", "in": "header", "schema": {"type": "string"}}],
-                    "responses": {
-                        "200": ok("deleted", schema("Deleted")),
-                        "400": error("invalid key"),
-                        "404": error("no such item"),
-                        "412": error("the version did not match")}}))},
-            "/api-keys": {
-                "post": authed(json!({
-                    "operationId": "create_api_key",
-                    "summary": "Create an API key (needs a user or the `admin` scope); its secret is shown once",
-                    "requestBody": body("ApiKeyInput"),
-                    "responses": {
-                        "201": ok("the key, with its secret", schema("ApiKey")),
-                        "400": error("invalid settings or malformed JSON"),
-                        "415": error("not JSON")}})),
-                "get": authed(json!({
-                    "operationId": "list_api_keys",
-                    "summary": "API keys, oldest first, without secrets: every key of the tenant for an admin, one's own otherwise",
-                    "parameters": [
-                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 100}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "the `cursor` of the previous page"}],
-                    "responses": {
-                        "200": ok("a page of keys", json!({"type": "object", "properties": {
-                            "api_keys": {"type": "array", "items": schema("ApiKey")},
-                            "cursor": {"type": "string", "nullable": true}}})),
-                        "400": error("bad limit or cursor")}}))},
-            "/api-keys/{key_id}": {"delete": authed(json!({
-                "operationId": "revoke_api_key",
-                "summary": "Revoke an API key at once",
-                "parameters": [key_id_param()],
-                "responses": {
-                    "200": ok("revoked", json!({"type": "object", "properties": {"key_id": {"type": "string"}, "revoked": {"type": "boolean"}}})),
-                    "404": error("no such key in the tenant")}}))},
-            "/api-keys/{key_id}/rotate": {"post": authed(json!({
-                "operationId": "rotate_api_key",
-                "summary": "Give a key a new secret; the old one stays valid for `grace_seconds`",
-                "parameters": [key_id_param()],
-                "requestBody": {"required": false, "content": {"application/json": {"schema": {"type": "object", "properties": {"grace_seconds": {"type": "integer", "minimum": 0, "maximum": 86400, "default": 0}}}}}},
-                "responses": {
-                    "200": ok("the key, with its new secret", schema("ApiKey")),
-                    "404": error("no such key in the tenant")}}))},
-            "/healthz": {"get": {"operationId": "health", "summary": "The process is up",
-                "responses": {"200": ok("up", json!({"type": "object"}))}}},
-            "/readyz": {"get": {"operationId": "ready", "summary": "The Redis master answers (within the retry budget)",
-                "responses": {"200": ok("ready", json!({"type": "object"})), "503": error("the master is unreachable")}}},
-            "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
-                "responses": {"200": ok("OpenAPI 3", json!({"type": "object"}))}}}
-        },
-        "components": {
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
-            },
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object",
-                    "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
-                "Login": {"type": "object", "required": ["username", "password"], "properties": {
-                    "username": {"type": "string"}, "password": {"type": "string"}}},
-                "Token": {"type": "object", "properties": {"access_token": {"type": "string"},
-                    "token_type": {"type": "string", "enum": ["bearer"]}, "expires_in": {"type": "integer"}}},
-                "User": {"type": "object", "properties": {"username": {"type": "string"}, "tenant_id": {"type": "string"},
-                    "email": {"type": "string", "nullable": true}, "full_name": {"type": "string", "nullable": true}, "disabled": {"type": "boolean"},
-                    "admin": {"type": "boolean", "description": "manages every API key of the tenant"}}},
-                "Usage": {"type": "object", "properties": {"tenant_id": {"type": "string"},
-                    "usage": {"type": "object", "properties": {"keys": {"type": "integer"}, "bytes": {"type": "integer"}}},
-                    "quotas": {"type": "object", "description": "each quota's value, null for no limit",
-                        "additionalProperties": {"type": "integer", "nullable": true}}}},
-                "ItemInput": {"type": "object", "required": ["value"], "additionalProperties": false, "properties": {
-                    "value": {"description": "any JSON value"},
-                    "ttl": {"type": "integer", "minimum": 1, "description": "seconds"},
-                    "metadata": {"type": "object"}}},
-                "Item": {"type": "object", "properties": {"key": {"type": "string"}, "value": {},
-                    "metadata": {"type": "object", "nullable": true}, "version": {"type": "integer"},
-                    "created_at": {"type": "string", "format": "date-time"}, "updated_at": {"type": "string", "format": "date-time"},
-                    "expires_at": {"type": "string", "format": "date-time", "nullable": true}}},
-                "Deleted": {"type": "object", "properties": {"key": {"type": "string"}, "deleted": {"type": "boolean"}, "version": {"type": "integer"}}},
-                "Page": {"type": "object", "properties": {"keys": {"type": "array", "items": {"type": "string"}},
-                    "cursor": {"type": "string", "nullable": true}}},
-                "Batch": {"type": "object", "required": ["operations"], "properties": {"operations": {"type": "array", "items": {
-                    "type": "object", "required": ["op", "key"], "properties": {
-                        "op": {"type": "string", "enum": ["create", "put", "delete"]},
-                        "key": {"type": "string"}, "value": {}, "ttl": {"type": "integer", "minimum": 1},
-                        "metadata": {"type": "object"},
-                        "if_version": {"type": "integer", "description": "put and delete: the version the item must have"}}}}}},
-                "BatchResult": {"type": "object", "properties": {"results": {"type": "array", "items": {"type": "object"}}}},
-                "ApiKeyInput": {"type": "object", "required": ["name"], "additionalProperties": false, "properties": {
-                    "name": {"type": "string", "minLength": 1, "maxLength": 128, "description": "at most 128 bytes, without control characters"},
-                    "scopes": {"type": "array", "items": {"type": "string", "enum": ["read", "write", "delete", "list", "admin"]},
-                        "default": ["read", "write", "delete", "list"]},
-                    "key_prefix": {"type": "string", "maxLength": 1024, "description": "the key may only touch items under this prefix"},
-                    "ttl": {"type": "integer", "minimum": 1, "description": "seconds until the key expires"},
-                    "requests_per_second": {"type": "integer", "minimum": 1, "maximum": 1000000, "description": "the key's own request rate, instead of the tenant's default for keys"}}},
-                "ApiKey": {"type": "object", "properties": {"key_id": {"type": "string"}, "name": {"type": "string"},
-                    "scopes": {"type": "array", "items": {"type": "string"}}, "key_prefix": {"type": "string", "nullable": true},
-                    "owner": {"type": "string", "nullable": true, "description": "the user the key acts for; disabling the user disables the key"},
-                    "requests_per_second": {"type": "integer", "nullable": true},
-                    "created_at": {"type": "string", "format": "date-time"},
-                    "expires_at": {"type": "string", "format": "date-time", "nullable": true},
-                    "last_used": {"type": "string", "format": "date-time", "nullable": true},
-                    "api_key": {"type": "string", "description": "the secret, only when created or rotated"}}}
-            }
+        headers["X-Request-Id"] = shared("X-Request-Id");
+        if takes_credential {
+            headers["RateLimit-Policy"] = shared("RateLimit-Policy");
+            headers["RateLimit"] = shared("RateLimit");
         }
-    })
-});
-
-/// The document serialised once: it is the largest answer, and anyone may
-/// ask for it.
-static SERIALISED: LazyLock<bytes::Bytes> = LazyLock::new(|| {
-    serde_json::to_vec(&*DOCUMENT)
-        .expect("a Value serialises")
-        .into()
-});
-
-/// The document.
-#[cfg(test)]
-pub(crate) fn document() -> &'static Value {
-    &DOCUMENT
+    }
+    let parameters = operation
+        .as_object_mut()
+        .expect("an operation")
+        .entry("parameters")
+        .or_insert_with(|| json!([]));
+    parameters.as_array_mut().expect("parameters").push(json!({
+        "name": "X-Request-Id", "in": "header", "required": false,
+        "description": "An id for the request's log lines, echoed in the answer; the server makes one if this is not 1 to 64 visible ASCII characters",
+        "schema": {"type": "string"}}));
+    if takes_credential {
+        operation["security"] = json!([{"bearer": []}, {"apiKey": []}]);
+    }
 }
 
-/// The document as JSON text.
-pub(crate) fn serialised() -> bytes::Bytes {
-    SERIALISED.clone()
+/// The whole document, for a server with `limits`.
+fn document(limits: &Limits) -> Value {
+    let mut document = serde_json::to_value(ApiDoc::openapi()).expect("the document serialises");
+    for (path, item) in document["paths"].as_object_mut().expect("paths") {
+        for (method, operation) in item.as_object_mut().expect("a path item") {
+            let takes_credential =
+                crate::router::takes_credential(&method.to_ascii_uppercase(), path);
+            add_common(operation, takes_credential);
+        }
+    }
+    document["components"]["securitySchemes"] = json!({
+        "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+            "description": "A token from `POST /token`"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+            "description": "An API key from `POST /api-keys`"}
+    });
+    // Answers of no operation: to a method a path does not take, and to a
+    // request head over the server's limit (hyper's, without a body).
+    let mut not_allowed = error("the path does not take the method");
+    not_allowed["headers"] = json!({"Allow": header(
+        "The methods the path takes (`HEAD` with `GET`)",
+        json!({"type": "string"}),
+    )});
+    document["components"]["headers"] = shared_headers();
+    document["components"]["responses"] = json!({
+        "MethodNotAllowed": not_allowed,
+        "RequestHeaderFieldsTooLarge": {"description": "the request head is over the server's limit (431)"},
+    });
+    let schemas = &mut document["components"]["schemas"];
+    // The batch size is a setting: the document says this server's.
+    schemas["BatchInput"]["properties"]["operations"]["maxItems"] = json!(limits.max_batch);
+    // utoipa leaves `deny_unknown_fields` out of an enum's variants.
+    for variant in schemas["BatchOperation"]["oneOf"]
+        .as_array_mut()
+        .expect("the operations")
+    {
+        variant["additionalProperties"] = json!(false);
+    }
+    document
+}
+
+/// The last document serialised, and the batch size it was made for: it
+/// is the largest answer, and anyone may ask for it.
+static SERIALISED: Mutex<Option<(usize, Bytes)>> = Mutex::new(None);
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "probes",
+    responses((status = 200, description = "the OpenAPI 3.1 document", body = Object)))]
+pub(crate) fn serialised(limits: &Limits) -> Bytes {
+    let mut cached = SERIALISED
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    match &*cached {
+        Some((max_batch, bytes)) if *max_batch == limits.max_batch => bytes.clone(),
+        _ => {
+            let bytes =
+                Bytes::from(serde_json::to_vec(&document(limits)).expect("a Value serialises"));
+            *cached = Some((limits.max_batch, bytes.clone()));
+            bytes
+        }
+    }
 }
 
 #[cfg(test)]
@@ -303,10 +225,12 @@ mod tests {
 
     #[test]
     fn the_document_has_exactly_the_routers_routes() {
+        let document = document(&Limits::default());
+        assert_eq!(document["openapi"], "3.1.0");
         let routed: BTreeSet<(String, String)> = crate::router::routes()
             .map(|(method, path)| (method.to_ascii_lowercase(), path.to_owned()))
             .collect();
-        let documented: BTreeSet<(String, String)> = document()["paths"]
+        let documented: BTreeSet<(String, String)> = document["paths"]
             .as_object()
             .unwrap()
             .iter()
@@ -319,5 +243,93 @@ mod tests {
             })
             .collect();
         assert_eq!(routed, documented);
+    }
+
+    /// The document states the store's own limits, which the schema's
+    /// attributes can only spell as literals.
+    #[test]
+    fn the_constraints_are_the_stores() {
+        let document = document(&Limits::default());
+        let schemas = &document["components"]["schemas"];
+        let ttl_max = tenant_kv::MAX_TTL.as_secs();
+        for variant in schemas["BatchOperation"]["oneOf"].as_array().unwrap() {
+            let key = &variant["properties"]["key"];
+            assert_eq!(key["maxLength"], tenant_kv::MAX_KEY_LEN);
+            assert_eq!(
+                key["pattern"],
+                schemas["ApiKeyInput"]["properties"]["name"]["pattern"]
+            );
+            if let Some(ttl) = variant["properties"].get("ttl") {
+                assert_eq!(ttl["maximum"], ttl_max);
+            }
+        }
+        assert_eq!(
+            schemas["BatchInput"]["properties"]["operations"]["maxItems"],
+            Limits::default().max_batch
+        );
+        assert_eq!(
+            schemas["ItemInput"]["properties"]["ttl"]["maximum"],
+            ttl_max
+        );
+        let api_key = &schemas["ApiKeyInput"]["properties"];
+        assert_eq!(
+            api_key["name"]["maxLength"],
+            tenant_kv::MAX_API_KEY_NAME_LEN
+        );
+        assert_eq!(api_key["key_prefix"]["maxLength"], tenant_kv::MAX_KEY_LEN);
+        assert_eq!(api_key["ttl"]["maximum"], ttl_max);
+        assert_eq!(
+            schemas["RotateInput"]["properties"]["grace_seconds"]["maximum"],
+            tenant_kv::MAX_ROTATION_GRACE.as_secs()
+        );
+        let login = &schemas["Login"]["properties"];
+        assert_eq!(login["username"]["maxLength"], tenant_kv::MAX_USERNAME_LEN);
+        assert_eq!(login["password"]["maxLength"], tenant_kv::MAX_PASSWORD_LEN);
+        let paths = &document["paths"];
+        let key = &paths["/data/{key}"]["get"]["parameters"][0];
+        assert_eq!(
+            (&key["name"], &key["schema"]["maxLength"]),
+            (&json!("key"), &json!(tenant_kv::MAX_KEY_LEN))
+        );
+        let limit = &paths["/api-keys"]["get"]["parameters"][0];
+        assert_eq!(limit["schema"]["maximum"], tenant_kv::MAX_API_KEY_PAGE);
+        // One pattern for keys, names and prefixes (the attributes take only
+        // literals), which leaves out what the store refuses.
+        let pattern = key["schema"]["pattern"].as_str().unwrap();
+        let query_key = &paths["/data"]["post"]["parameters"][0]["schema"]["pattern"];
+        let prefix = api_key["key_prefix"]["pattern"].as_str().unwrap();
+        assert_eq!(query_key, pattern);
+        assert_eq!(prefix.replace("]*$", "]+$"), pattern);
+        for c in [
+            '\u{0}', '\u{1f}', '\u{7f}', '\u{9f}', '\u{61c}', '\u{200e}', '\u{2028}', '\u{202e}',
+            '\u{2069}',
+        ] {
+            assert!(tenant_kv::is_unsafe_char(c));
+            assert!(pattern.contains(&format!("\\u{:04x}", c as u32)), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn operations_with_a_credential_say_so() {
+        let document = document(&Limits::default());
+        for (path, methods) in document["paths"].as_object().unwrap() {
+            for (method, operation) in methods.as_object().unwrap() {
+                let responses = &operation["responses"];
+                assert!(responses.get("414").is_some(), "{method} {path}");
+                let takes = crate::router::takes_credential(&method.to_ascii_uppercase(), path);
+                assert_eq!(
+                    operation.get("security").is_some(),
+                    takes,
+                    "{method} {path}"
+                );
+                assert_eq!(
+                    responses.get("401").is_some(),
+                    takes || path == "/token",
+                    "{method} {path}"
+                );
+                let has_body = operation.get("requestBody").is_some();
+                assert_eq!(responses.get("415").is_some(), has_body, "{method} {path}");
+            }
+        }
     }
 }

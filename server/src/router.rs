@@ -132,6 +132,16 @@ pub fn routes() -> impl Iterator<Item = (&'static str, &'static str)> {
     ROUTES.iter().map(|route| (route.method, route.path))
 }
 
+/// Whether the public route `method path` (a template) answers for the
+/// tenant of a credential.
+pub(crate) fn takes_credential(method: &str, path: &str) -> bool {
+    ROUTES.iter().any(|route| {
+        route.method == method
+            && route.path == path
+            && matches!(route.operation, Operation::Tenant(_))
+    })
+}
+
 /// The operation for `method` and `path` on the public listener.
 #[cfg(test)]
 pub(crate) fn find(method: &str, path: &str) -> Result<(Operation, Option<String>), ApiError> {
@@ -153,11 +163,18 @@ pub(crate) fn find_on(
     };
     let wanted = if method == "HEAD" { "GET" } else { method };
     let mut allowed: Vec<&str> = Vec::new();
+    // `Allow` names the methods of the most specific template that fits,
+    // as the OpenAPI document does (`/data/batch` is POST there, though
+    // GET on it reads the item `batch`).
+    let mut fitting: Option<&str> = None;
     for route in table {
         let Some(param) = match_path(route.path, path) else {
             continue;
         };
         if route.method != wanted {
+            if *fitting.get_or_insert(route.path) != route.path {
+                continue;
+            }
             allowed.push(route.method);
             if route.method == "GET" {
                 allowed.push("HEAD");

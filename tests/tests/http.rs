@@ -341,6 +341,50 @@ async fn items_etags_listing_and_batches() {
     assert_eq!(fresh.status, StatusCode::OK, "{fresh:?}");
     assert_eq!(user1.get("/data/fresh").await.json()["value"], 3);
     assert_eq!(put("fresh", vec![], json!(4)).await.status, StatusCode::OK);
+    // If-Match and If-None-Match: * never both hold (RFC 9110): 412;
+    // empty ones are as good as none; an invalid key is a bad request
+    // whatever the preconditions.
+    assert_error(
+        &put(
+            "fresh",
+            vec![("if-match", "*"), ("if-none-match", "*")],
+            json!(5),
+        )
+        .await,
+        StatusCode::PRECONDITION_FAILED,
+        "precondition_failed",
+    );
+    let blank = put(
+        "fresh",
+        vec![("if-match", ""), ("if-none-match", "")],
+        json!(5),
+    )
+    .await;
+    assert_eq!(blank.status, StatusCode::OK, "{blank:?}");
+    assert_error(
+        &put("%01", vec![("if-match", "W/\"1\"")], json!(5)).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_key",
+    );
+    // JSON Schema's integers include `60.0`; an array is no object.
+    let whole = user1
+        .json(
+            "POST",
+            "/data?key=whole",
+            &json!({"value": 1.5, "ttl": 60.0}),
+        )
+        .await;
+    assert_eq!(whole.status, StatusCode::CREATED, "{whole:?}");
+    let array = user1
+        .send(
+            "PUT",
+            "/data/whole",
+            &[("content-type", "application/json")],
+            "[1, null]",
+        )
+        .await
+        .unwrap();
+    assert_error(&array, StatusCode::BAD_REQUEST, "invalid_json");
 
     // Listing: pages, limits, cursors.
     for i in 0..5 {
@@ -729,10 +773,12 @@ async fn api_keys_scopes_rotation_and_revocation() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         "unsupported_media_type",
     );
+    // An unknown scope is a body that does not fit its schema, as an
+    // unknown field is.
     assert_error(
         &create(json!({"name": "bad", "scopes": ["root"]})).await,
         StatusCode::BAD_REQUEST,
-        "bad_request",
+        "invalid_json",
     );
     assert_error(
         &create(json!({"name": "bad", "scopes": []})).await,
@@ -740,9 +786,15 @@ async fn api_keys_scopes_rotation_and_revocation() {
         "bad_request",
     );
 
-    // Rotation without grace: the old secret stops working at once.
+    // Rotation without grace (no body, or `null`): the old secret stops
+    // working at once.
     let rotated = user1
-        .send("POST", &format!("/api-keys/{reader_id}/rotate"), &[], "")
+        .send(
+            "POST",
+            &format!("/api-keys/{reader_id}/rotate"),
+            &[("content-type", "application/json")],
+            "null",
+        )
         .await
         .unwrap();
     assert_eq!(rotated.status, StatusCode::OK, "{rotated:?}");
@@ -807,7 +859,7 @@ async fn api_keys_scopes_rotation_and_revocation() {
 async fn the_openapi_document_matches_the_routes() {
     let (_system, http) = start().await;
     let document = http.get("/openapi.json").await.json();
-    assert_eq!(document["openapi"], "3.0.3");
+    assert_eq!(document["openapi"], "3.1.0");
     let mut documented = BTreeSet::new();
     for (path, methods) in document["paths"].as_object().unwrap() {
         for method in methods.as_object().unwrap().keys() {
