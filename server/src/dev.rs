@@ -149,23 +149,31 @@ impl DevSystem {
     }
 }
 
-/// The settings of a server on `topology`, as a deployment would set them,
-/// with the options' values.
-fn settings(topology: &Topology, options: &DevOptions) -> Result<Settings, Error> {
+/// The settings of a server on `topology` (its sentinels, its master's
+/// name) and the `SERVER_*` variables of `env`, read as `server serve`
+/// reads a deployment's.
+pub fn topology_settings(
+    topology: &Topology,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, Error> {
     let sentinels: Vec<String> = topology
         .sentinel_addrs()
         .iter()
         .map(ToString::to_string)
         .collect();
-    let env = [
-        ("SERVER_REDIS_SENTINELS", sentinels.join(",")),
+    let discovery = [
+        ("SERVER_REDIS_SENTINELS".to_owned(), sentinels.join(",")),
         (
-            "SERVER_REDIS_MASTER_NAME",
+            "SERVER_REDIS_MASTER_NAME".to_owned(),
             topology.master_name().to_owned(),
         ),
     ];
-    let env = env.map(|(name, value)| (name.to_owned(), value));
-    let mut settings = Settings::load(None, env)?;
+    Ok(Settings::load(None, discovery.into_iter().chain(env))?)
+}
+
+/// The settings of the dev system on `topology`, with the options' values.
+fn settings(topology: &Topology, options: &DevOptions) -> Result<Settings, Error> {
+    let mut settings = topology_settings(topology, [])?;
     settings.listen = options.listen;
     settings.admin_listen = options.admin_listen;
     settings.redis.retry_budget = options.retry_budget;

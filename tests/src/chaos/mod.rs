@@ -26,7 +26,7 @@ use log_buffer::{LokiSink, Offloader};
 use redis_failover::FailoverClient;
 use redis_topology::{NodeId, Topology};
 use serde_json::{Value, json};
-use server::{Settings, System};
+use server::System;
 use tenant_kv::{Actor, NewUser, TenantId};
 
 use crate::{Http, Reply};
@@ -60,19 +60,9 @@ async fn server_instance(
     secret: &[u8],
     cursor_secret: &[u8],
 ) -> Result<System, BoxError> {
-    let sentinels: Vec<String> = topology
-        .sentinel_addrs()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
     let env = [
         ("SERVER_LISTEN", "127.0.0.1:0".to_owned()),
         ("SERVER_ADMIN_LISTEN", "off".to_owned()),
-        ("SERVER_REDIS_SENTINELS", sentinels.join(",")),
-        (
-            "SERVER_REDIS_MASTER_NAME",
-            topology.master_name().to_owned(),
-        ),
         (
             "SERVER_REDIS_RETRY_BUDGET",
             format!("{}s", RETRY_BUDGET.as_secs()),
@@ -85,7 +75,8 @@ async fn server_instance(
         // process's own logs are not what the run checks.
         ("SERVER_LOG_BUFFER", "false".to_owned()),
     ];
-    let mut settings = Settings::load(None, env.map(|(name, value)| (name.to_owned(), value)))?;
+    let env = env.map(|(name, value)| (name.to_owned(), value));
+    let mut settings = server::dev::topology_settings(topology, env)?;
     settings.jwt.secret = Some(secret.to_vec());
     settings.cursor_secret = Some(cursor_secret.to_vec());
     let system = System::builder(settings).start().await?;

@@ -1,7 +1,8 @@
 //! The `http` scenario: the service's `GET /data/{key}` and `PUT
 //! /data/{key}` over 64 keep-alive connections, against a minimal hyper
-//! endpoint answering each request with one Redis `GET`, measured in the
-//! same run on the same Redis.
+//! endpoint answering each request with one Redis `GET` and, when its
+//! binary is on `PATH`, webdis's `GET` and `SET`, all measured in the same
+//! interleaved rounds on the same Redis.
 
 use std::convert::Infallible;
 use std::error::Error;
@@ -17,6 +18,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use server::dev::{DevOptions, DevSystem};
 use tokio::sync::Mutex;
+
+use crate::webdis::Webdis;
 
 const CONNECTIONS: usize = 64;
 
@@ -159,9 +162,55 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
             .await?;
     }
 
-    let baseline_addr = minimal_endpoint(redis).await?;
-    let baseline = Connections::new(baseline_addr);
-    let minimal = Variant::new("(a) hyper + one Redis GET", move |task| {
+    let mut variants = vec![
+        minimal_variant(minimal_endpoint(redis).await?),
+        get_variant("(b) server GET /data/{key}", &service, &token),
+        put_variant(&service, &token, &body),
+    ];
+    let redis_addr = system.topology.addr(master);
+    let webdis = Webdis::start(system.topology.dir(), redis_addr).await?;
+    if let Some(webdis) = &webdis {
+        variants.extend(webdis_variants(webdis.addr, &value)?);
+    }
+    println!(
+        "http: {CONNECTIONS} connections; {} interleaved rounds of {:?} per variant",
+        settings.rounds, settings.duration
+    );
+    let rows = crate::groups(&[&variants], CONNECTIONS, settings).await;
+    let ratios = ratios(&rows);
+    println!(
+        "ratios: GET (b)/(a) = {:.2}, (b)/(d) webdis GET = {:.2}; PUT (c)/(e) webdis SET = {:.2}",
+        ratios["get_to_minimal"].as_f64().unwrap_or(0.0),
+        ratios["get_to_webdis_get"].as_f64().unwrap_or(0.0),
+        ratios["put_to_webdis_set"].as_f64().unwrap_or(0.0),
+    );
+    println!("targets: (b)/(a) and (b)/(d) >= 0.70, (c)/(e) >= 0.50, p99 <= 5 ms");
+    drop(webdis);
+    system.shutdown().await;
+    Ok(json!({ "scenario": "http", "rounds": settings.rounds,
+                "seconds": settings.duration.as_secs_f64(), "results": rows,
+                "ratios": ratios }))
+}
+
+/// The ratios the targets are about (0 where a variant is missing).
+fn ratios(rows: &[Value]) -> Value {
+    let ops = |name: &str| {
+        rows.iter()
+            .find(|row| row["variant"].as_str().is_some_and(|v| v.starts_with(name)))
+            .and_then(|row| row["ops_per_sec"].as_f64())
+            .unwrap_or(0.0)
+    };
+    let ratio = |of: &str, to: &str| ops(of) / ops(to).max(f64::MIN_POSITIVE);
+    json!({
+        "get_to_minimal": ratio("(b)", "(a)"),
+        "get_to_webdis_get": ratio("(b)", "(d)"),
+        "put_to_webdis_set": ratio("(c)", "(e)"),
+    })
+}
+
+fn minimal_variant(addr: SocketAddr) -> Variant {
+    let baseline = Connections::new(addr);
+    Variant::new("(a) hyper + one Redis GET", move |task| {
         let baseline = Arc::clone(&baseline);
         async move {
             let request = Request::get(format!("/k{task}"))
@@ -170,22 +219,27 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
                 .map_err(|e| e.to_string())?;
             baseline.send(task, request).await.map(drop)
         }
-    });
-    let get = Variant::new("(b) server GET /data/{key}", {
+    })
+}
+
+fn get_variant(name: &str, service: &Arc<Connections>, token: &str) -> Variant {
+    let (service, token) = (Arc::clone(service), token.to_owned());
+    Variant::new(name, move |task| {
         let (service, token) = (Arc::clone(&service), token.clone());
-        move |task| {
-            let (service, token) = (Arc::clone(&service), token.clone());
-            async move {
-                let request = Request::get(format!("/data/k{task}"))
-                    .header("host", "bench")
-                    .header("authorization", token)
-                    .body(Full::new(Bytes::new()))
-                    .map_err(|e| e.to_string())?;
-                service.send(task, request).await.map(drop)
-            }
+        async move {
+            let request = Request::get(format!("/data/k{task}"))
+                .header("host", "bench")
+                .header("authorization", token)
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| e.to_string())?;
+            service.send(task, request).await.map(drop)
         }
-    });
-    let put = Variant::new("(c) server PUT /data/{key}", move |task| {
+    })
+}
+
+fn put_variant(service: &Arc<Connections>, token: &str, body: &Bytes) -> Variant {
+    let (service, token, body) = (Arc::clone(service), token.to_owned(), body.clone());
+    Variant::new("(c) server PUT /data/{key}", move |task| {
         let (service, token, body) = (Arc::clone(&service), token.clone(), body.clone());
         async move {
             let request = Request::put(format!("/data/k{task}"))
@@ -196,14 +250,36 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
                 .map_err(|e| e.to_string())?;
             service.send(task, request).await.map(drop)
         }
+    })
+}
+
+/// webdis's `GET /GET/<key>` and `PUT /SET/<key>` (the body is the value),
+/// on the keys the baseline reads.
+fn webdis_variants(addr: SocketAddr, value: &Value) -> Result<[Variant; 2], Box<dyn Error>> {
+    let webdis = Connections::new(addr);
+    let value = Bytes::from(serde_json::to_vec(value)?);
+    let get = Variant::new("(d) webdis GET /GET/{key}", {
+        let webdis = Arc::clone(&webdis);
+        move |task| {
+            let webdis = Arc::clone(&webdis);
+            async move {
+                let request = Request::get(format!("/GET/k{task}"))
+                    .header("host", "bench")
+                    .body(Full::new(Bytes::new()))
+                    .map_err(|e| e.to_string())?;
+                webdis.send(task, request).await.map(drop)
+            }
+        }
     });
-    println!(
-        "http: {CONNECTIONS} connections; {} interleaved rounds of {:?} per variant",
-        settings.rounds, settings.duration
-    );
-    let rows = crate::groups(&[&[minimal, get, put]], CONNECTIONS, settings).await;
-    println!("targets: (b)/(a) and (c)/(a) >= 0.70, p99 <= 5 ms");
-    system.shutdown().await;
-    Ok(json!({ "scenario": "http", "rounds": settings.rounds,
-                "seconds": settings.duration.as_secs_f64(), "results": rows }))
+    let set = Variant::new("(e) webdis PUT /SET/{key}", move |task| {
+        let (webdis, value) = (Arc::clone(&webdis), value.clone());
+        async move {
+            let request = Request::put(format!("/SET/k{task}"))
+                .header("host", "bench")
+                .body(Full::new(value))
+                .map_err(|e| e.to_string())?;
+            webdis.send(task, request).await.map(drop)
+        }
+    });
+    Ok([get, set])
 }

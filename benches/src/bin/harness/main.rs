@@ -93,6 +93,7 @@ mod failover;
 mod http;
 mod logs;
 mod tenant_kv;
+mod webdis;
 
 const USAGE: &str = "usage: harness <kv|failover|reads|tenant-kv|list|logs|http|abuse|chaos> [--failovers N] [--rounds N] [--json FILE]";
 
