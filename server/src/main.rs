@@ -21,6 +21,11 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
+// mimalloc: `harness abuse` measured 38-41 µs of server CPU per GET with it
+// against 52-57 µs with glibc's malloc, for 14 MiB more at idle.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod commands;
 #[cfg(feature = "dev")]
 mod dev_command;
