@@ -153,10 +153,16 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Audit records (reads' come through `tracing`) pass any filter.
+const AUDIT: &str = "audit=info";
+
 /// stderr logging filtered by `RUST_LOG` (default `default`), and a slot
 /// for the log buffer's layer.
 fn init_tracing(default: &str) -> BufferSlot {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(default))
+        // Every operation has its audit record, whatever `RUST_LOG` says.
+        .add_directive(AUDIT.parse().expect("a valid directive"));
     // Next to the registry, so that the handle's type is short; the filter
     // applies to every layer wherever it stands.
     let (buffer, slot) = reload::Layer::new(None);

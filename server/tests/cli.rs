@@ -77,6 +77,8 @@ fn dev_serves_until_sigint_and_leaves_nothing_behind() {
                 "--admin-listen",
                 "127.0.0.1:0",
             ])
+            // Audit records ship whatever the filter of the process's logs.
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -114,7 +116,8 @@ fn dev_serves_until_sigint_and_leaves_nothing_behind() {
         }
     }
     let (addr, logs, master_pid) = (addr.unwrap(), logs.unwrap(), master_pid.unwrap());
-    assert_eq!(password.unwrap().len(), 16);
+    let password = password.unwrap();
+    assert_eq!(password.len(), 16);
     assert!(get(addr, "/healthz").starts_with("HTTP/1.1 200"));
     let metrics = get(
         admin.expect("dev mode prints its admin address"),
@@ -125,6 +128,7 @@ fn dev_serves_until_sigint_and_leaves_nothing_behind() {
     let ready = get(addr, "/readyz");
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     assert!(alive(master_pid));
+    read_is_audited(addr, &password, &logs, deadline);
 
     kill(Pid::from_raw(child.0.id() as i32), Signal::SIGINT).unwrap();
     let status = exit_status(&mut child, deadline);
@@ -137,6 +141,43 @@ fn dev_serves_until_sigint_and_leaves_nothing_behind() {
         topology_dir.display()
     );
     assert!(TcpStream::connect(addr).is_err(), "still listening");
+}
+
+/// A read of user1's reaches the shipped logs as a `get_key` record.
+fn read_is_audited(addr: SocketAddr, password: &str, logs: &std::path::Path, deadline: Instant) {
+    let form = "content-type: application/x-www-form-urlencoded\r\n";
+    let login = http(
+        addr,
+        "POST",
+        "/token",
+        form,
+        &format!("username=user1&password={password}"),
+    );
+    let body = login.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let token: serde_json::Value = serde_json::from_str(body).expect(&login);
+    let auth = format!(
+        "authorization: Bearer {}\r\n",
+        token["access_token"].as_str().unwrap()
+    );
+    let json = format!("{auth}content-type: application/json\r\n");
+    let created = http(addr, "POST", "/data?key=audited", &json, r#"{"value": 1}"#);
+    assert!(created.starts_with("HTTP/1.1 201"), "{created}");
+    let read = http(addr, "GET", "/data/audited", &auth, "");
+    assert!(read.starts_with("HTTP/1.1 200"), "{read}");
+    let shipped = |action: &str| {
+        std::fs::read_to_string(logs)
+            .unwrap_or_default()
+            .lines()
+            .any(|line| line.contains(action) && line.contains("audited"))
+    };
+    while !shipped("get_key") {
+        assert!(
+            Instant::now() < deadline,
+            "the read's audit record never shipped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(shipped("create_key"));
 }
 
 fn run(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
