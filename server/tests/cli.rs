@@ -1,4 +1,5 @@
-//! The `server` binary: `dev` serves until SIGINT and then leaves no Redis
+//! The `server` binary: `dev` serves until SIGINT (shipping a read's audit
+//! record whatever `RUST_LOG` says) and then leaves no Redis
 //! behind; `serve` acknowledges a write once the replicas it is told to
 //! wait for have it; invalid settings exit with status 2 naming the
 //! setting; the admin subcommands manage users with the password from stdin.

@@ -2,7 +2,9 @@
 //! /data/{key}` over 64 keep-alive connections, against a minimal hyper
 //! endpoint answering each request with one Redis `GET` and, when its
 //! binary is on `PATH`, webdis's `GET` and `SET`, all measured in the same
-//! interleaved rounds on the same Redis.
+//! interleaved rounds on the same Redis. The server logs as in production
+//! (access logs and read audits into the log buffer) unless
+//! `BENCH_HTTP_LOGS=off`.
 
 use std::convert::Infallible;
 use std::error::Error;
@@ -120,11 +122,23 @@ async fn minimal_endpoint(
 pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
     let settings = Settings::from_env();
     println!("http: starting a master, 2 replicas, 3 sentinels and the server");
-    let system = DevSystem::start(DevOptions {
+    let mut system = DevSystem::start(DevOptions {
         listen: "127.0.0.1:0".parse()?,
         ..DevOptions::default()
     })
     .await?;
+    // As `server dev` and `serve` run: every request's access log and every
+    // read's audit record go to the log buffer, unless BENCH_HTTP_LOGS=off
+    // (to measure what they cost).
+    let logs = std::env::var("BENCH_HTTP_LOGS").map_or(true, |v| v != "off");
+    if logs {
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry()
+            .with(system.take_log_layer())
+            .with(tracing_subscriber::EnvFilter::new("info"));
+        tracing::subscriber::set_global_default(subscriber)?;
+    }
+    println!("http: access logs and read audits buffered: {logs}");
     let master = system.topology.initial_master();
     let redis = redis::Client::open(system.topology.connection_info(master))?
         .get_multiplexed_async_connection()
