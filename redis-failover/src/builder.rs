@@ -245,8 +245,8 @@ impl FailoverClientBuilder {
 
     /// How many connections of their own to the master may be in use at
     /// once, so that the shared connection never blocks: each blocking
-    /// command (`BLPOP`, `XREAD BLOCK`, ...), transaction and durable
-    /// write's `WAIT` holds one until it is answered. A request that finds
+    /// command (`BLPOP`, `XREAD BLOCK`, ...) and transaction holds one until
+    /// it is answered (durable writes share a connection of their own). A request that finds
     /// them all busy waits (up to the connect and command timeouts, then
     /// within the retry budget). Defaults to 16.
     pub fn dedicated_connections(mut self, connections: u32) -> Self {

@@ -13,9 +13,11 @@
 //!
 //! The `WAIT`s are sent by a task spawned when a write finds none running,
 //! which ends when no write waits: nothing runs while no durable write is
-//! under way. A lane that fails is replaced; the writes that were sent on
-//! it learn that their replication is unknown (the `WAIT` of another
-//! connection would not count their writes).
+//! under way; if it stops before its time (a panic, a runtime shutting
+//! down), the writes it leaves learn that their replication is unknown. A
+//! lane that fails is replaced; the writes that were sent on it learn that
+//! their replication is unknown (the `WAIT` of another connection would
+//! not count their writes).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,28 +31,53 @@ use crate::events::Counter;
 use crate::lane::Lane;
 use crate::node::Connection;
 use crate::request::{Request, Sent};
-use crate::retry::Failure;
+use crate::retry::{Failure, refusal_of};
 use crate::shared::Shared;
 use crate::state::Master;
 
+/// A lane idle for this long answers a `PING` before it takes a write.
+const IDLE_CHECK: Duration = Duration::from_secs(10);
+
 impl Shared {
     /// `master`'s lane, opened if it has none or it failed (opening proves
-    /// the node is still the master).
-    pub(crate) async fn lane(&self, master: &Master) -> Result<Arc<Lane>, String> {
-        if let Some(lane) = master.lane.load_full().filter(|lane| !lane.has_failed()) {
+    /// the node is still the master), or why there is none (as the retry
+    /// loop takes it). One idle for long is checked first: a connection
+    /// closed meanwhile would fail a write that was never sent as one that
+    /// may have run.
+    pub(crate) async fn lane(&self, master: &Master) -> Result<Arc<Lane>, Sent> {
+        if let Some(lane) = master.lane.load_full().filter(|lane| !lane.has_failed())
+            && (lane.idle_then_used() < IDLE_CHECK || self.answers(&lane).await)
+        {
             return Ok(lane);
         }
         let _opening = master.lane_opening.lock().await;
         if let Some(lane) = master.lane.load_full().filter(|lane| !lane.has_failed()) {
             return Ok(lane);
         }
-        let connection =
-            master.opener.connect().await.map_err(|error| {
-                format!("could not open the connection of durable writes: {error}")
-            })?;
+        let connection = master.opener.connect().await.map_err(|error| {
+            match refusal_of(&error) {
+                // A refusal (the node is no master any more) stays a refusal.
+                Some(_) => Sent::Failed(error),
+                None => Sent::Unreachable(format!(
+                    "could not open the connection of durable writes: {error}"
+                )),
+            }
+        })?;
         let lane = Lane::new(Connection::new(connection));
         master.lane.store(Some(Arc::clone(&lane)));
         Ok(lane)
+    }
+
+    /// Whether `lane` answers a `PING`; marked failed if not.
+    async fn answers(&self, lane: &Lane) -> bool {
+        let mut connection = lane.connection.multiplexed.clone();
+        connection.set_response_timeout(self.settings.command_timeout);
+        let pong: redis::RedisResult<String> =
+            redis::cmd("PING").query_async(&mut connection).await;
+        if pong.is_err() {
+            lane.connection.fail();
+        }
+        pong.is_ok()
     }
 
     /// Sends a durable write on `master`'s lane, and once it ran, waits
@@ -64,11 +91,12 @@ impl Shared {
     ) -> Sent {
         let lane = match self.lane(master).await {
             Ok(lane) => lane,
-            Err(reason) => return Sent::Unreachable(reason),
+            Err(sent) => return sent,
         };
         let mut connection = lane.connection.multiplexed.clone();
         // A write may wait behind the lane's `WAIT` before it runs.
-        connection.set_response_timeout(timeout.saturating_add(self.settings.command_timeout));
+        let patience = lane.patience(timeout);
+        connection.set_response_timeout(patience.saturating_add(self.settings.command_timeout));
         let reply = match request.send(&mut connection).await {
             Ok(reply) => reply,
             Err(error) => {
@@ -117,6 +145,11 @@ impl Shared {
     /// Sends a `WAIT` for the writes waiting on `lane`, answers them, and
     /// again while writes wait.
     async fn send_waits(&self, master: &Master, lane: &Lane) {
+        let mut stopping = Abandoned {
+            master,
+            lane,
+            ended: false,
+        };
         while let Some(batch) = lane.waiting() {
             let replicas = batch.iter().map(|w| w.replicas).max().unwrap_or(0);
             let timeout = batch.iter().map(|w| w.timeout).max().unwrap_or_default();
@@ -147,6 +180,8 @@ impl Shared {
                 waiter.answer(result);
             }
         }
+        // Ended as it should: nothing waits, and the next write starts again.
+        stopping.ended = true;
     }
 
     /// `WAIT replicas timeout` on the lane: the replicas that have every
@@ -175,5 +210,28 @@ impl Shared {
             lane.connection.fail();
         }
         acked
+    }
+}
+
+/// Answers the writes still queued if the task sending `WAIT`s stops
+/// before its time (a panic, a runtime shutting down): their replication
+/// is unknown, and the next write starts another task.
+struct Abandoned<'a> {
+    master: &'a Master,
+    lane: &'a Lane,
+    ended: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        for waiter in self.lane.abandon() {
+            waiter.answer(Err(Error::ReplicationUnknown {
+                node: self.master.node.clone(),
+                source: RedisError::from(std::io::Error::other("the task sending WAITs stopped")),
+            }));
+        }
     }
 }

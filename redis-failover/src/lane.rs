@@ -1,8 +1,9 @@
 //! A master's connection for durable writes and the writes waiting for its
 //! next `WAIT` ([`crate::group_commit`] sends them).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -13,6 +14,11 @@ use crate::node::Connection;
 pub(crate) struct Lane {
     pub(crate) connection: Arc<Connection>,
     queue: Mutex<Queue>,
+    opened: Instant,
+    /// Ms after `opened` that the lane was last used.
+    used: AtomicU64,
+    /// The longest `WAIT` asked for on it, in ms.
+    longest_wait: AtomicU64,
 }
 
 #[derive(Default)]
@@ -41,7 +47,25 @@ impl Lane {
         Arc::new(Self {
             connection,
             queue: Mutex::default(),
+            opened: Instant::now(),
+            used: AtomicU64::new(0),
+            longest_wait: AtomicU64::new(0),
         })
+    }
+
+    /// How long a write on the lane may take to answer, besides the
+    /// command timeout: it may run only once the `WAIT` ahead of it is
+    /// answered, and a `WAIT` asks for the longest timeout of its writes.
+    pub(crate) fn patience(&self, timeout: Duration) -> Duration {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let longest = self.longest_wait.fetch_max(ms, Ordering::Relaxed).max(ms);
+        Duration::from_millis(longest)
+    }
+
+    /// How long since the lane was last used; and it is used now.
+    pub(crate) fn idle_then_used(&self) -> Duration {
+        let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(now.saturating_sub(self.used.swap(now, Ordering::Relaxed)))
     }
 
     /// The queue, going on after a panic elsewhere (it stays valid).
@@ -69,6 +93,15 @@ impl Lane {
         });
         let start = !std::mem::replace(&mut queue.running, true);
         (outcome, start)
+    }
+
+    /// The writes waiting, taken from the queue, as the task sending the
+    /// `WAIT`s stops before its time (a panic, a runtime shutting down):
+    /// the next write starts another.
+    pub(crate) fn abandon(&self) -> Vec<Waiter> {
+        let mut queue = self.queue();
+        queue.running = false;
+        std::mem::take(&mut queue.waiting)
     }
 
     /// The writes waiting for a `WAIT`; none when there are none, and the

@@ -53,14 +53,18 @@ pub enum Durability {
     /// replica had it yet. This is the default.
     #[default]
     Master,
-    /// After the write, `WAIT replicas timeout` on the same connection. Fewer
-    /// acknowledgements than asked give [`Error::NotReplicated`]: the write
-    /// ran on the master and is not undone, but may not survive a failover.
-    /// On a master that is new, or whose last `WAIT` fell short, the
-    /// replicas online are counted first (`INFO replication`): while fewer
-    /// than `replicas`, the write waits without running, within the retry
-    /// budget. Each durable write holds a connection of its own until its
-    /// `WAIT` returns (see
+    /// The write goes over the master's connection of durable writes, and
+    /// is acknowledged once a `WAIT replicas timeout` sent there after its
+    /// reply counted enough replicas; concurrent writes share one `WAIT`
+    /// (group commit). A write may wait for the `WAIT` ahead of it, then
+    /// for its own: up to about twice `timeout` when replicas are short.
+    /// Fewer acknowledgements than asked give [`Error::NotReplicated`]:
+    /// the write ran on the master and is not undone, but may not survive
+    /// a failover. On a master that is new, or whose last `WAIT` fell
+    /// short, the replicas online are counted first (`INFO replication`):
+    /// while fewer than `replicas`, the write waits without running, within
+    /// the retry budget. Transactions and blocking commands wait on their
+    /// own connection (see
     /// [`dedicated_connections`](crate::FailoverClientBuilder::dedicated_connections)).
     Replicated {
         /// How many replicas must acknowledge the write (at least 1).

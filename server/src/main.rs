@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use log_buffer::{BufferLayer, LokiSink, Offloader};
 use server::{Error, SettingError, Settings, System, settings_help};
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, reload};
@@ -159,20 +160,20 @@ const AUDIT: &str = "audit=info";
 /// stderr logging filtered by `RUST_LOG` (default `default`), and a slot
 /// for the log buffer's layer.
 fn init_tracing(default: &str) -> BufferSlot {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(default))
-        // Every operation has its audit record, whatever `RUST_LOG` says.
-        .add_directive(AUDIT.parse().expect("a valid directive"));
-    // Next to the registry, so that the handle's type is short; the filter
-    // applies to every layer wherever it stands.
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Next to the registry, so that the handle's type is short.
     let (buffer, slot) = reload::Layer::new(None);
     tracing_subscriber::registry()
         .with(buffer)
-        .with(filter)
+        // Every operation has its audit record, whatever `RUST_LOG` says:
+        // the filter of the whole subscriber lets them through...
+        .with(filter().add_directive(AUDIT.parse().expect("a valid directive")))
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal()),
+                .with_ansi(std::io::stderr().is_terminal())
+                // ...and stderr shows only what `RUST_LOG` asks for.
+                .with_filter(filter()),
         )
         .init();
     BufferSlot(slot)
@@ -203,8 +204,10 @@ async fn serve(config: Option<PathBuf>) -> Result<(), Error> {
     // Logging starts before the system, so that its start-up is logged; the
     // log buffer's layer joins once the system has one.
     let buffer_layer = init_tracing("info");
-    let mut system = System::builder(settings).start().await?;
-    buffer_layer.install(system.take_log_layer());
+    let system = System::builder(settings)
+        .install_log_layer(move |layer| buffer_layer.install(Some(layer)))
+        .start()
+        .await?;
     tracing::info!(addr = %system.local_addr(), admin = ?system.admin_addr(), "serving");
     wait_for_signal().await;
     tracing::info!("shutting down");

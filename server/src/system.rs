@@ -35,6 +35,7 @@ pub struct System {
 pub struct SystemBuilder {
     settings: Settings,
     sink: Option<Box<dyn LogSink>>,
+    install_log_layer: Option<Box<dyn FnOnce(BufferLayer) + Send>>,
 }
 
 impl std::fmt::Debug for SystemBuilder {
@@ -51,6 +52,7 @@ impl System {
         SystemBuilder {
             settings,
             sink: None,
+            install_log_layer: None,
         }
     }
 
@@ -81,12 +83,11 @@ impl System {
         self.layer.take()
     }
 
-    /// Shuts the server down (draining requests, flushing logs), then the
-    /// expiry watcher.
+    /// Stops the expiry watcher, then shuts the server down (draining
+    /// requests, then flushing the logs of both).
     pub async fn shutdown(self) -> ShutdownReport {
-        let report = self.server.shutdown().await;
         self.expiry.shutdown().await;
-        report
+        self.server.shutdown().await
     }
 }
 
@@ -99,9 +100,22 @@ impl SystemBuilder {
         self
     }
 
+    /// Hands the log buffer's layer to `install` (which puts it in the
+    /// process's `tracing` subscriber) before the server takes its first
+    /// request, so that no request's log or audit record is missed.
+    /// Defaults to keeping it for [`System::take_log_layer`].
+    pub fn install_log_layer(mut self, install: impl FnOnce(BufferLayer) + Send + 'static) -> Self {
+        self.install_log_layer = Some(Box::new(install));
+        self
+    }
+
     /// Connects, checks the storage layout and starts serving.
     pub async fn start(self) -> Result<System, Error> {
-        let Self { settings, sink } = self;
+        let Self {
+            settings,
+            sink,
+            install_log_layer,
+        } = self;
         let jwt = JwtConfig::from_settings(&settings.jwt)?;
         let client = settings.redis.client()?;
         let store = settings.store(client.clone())?;
@@ -117,7 +131,10 @@ impl SystemBuilder {
         let mut layer = None;
         if settings.log_buffer {
             let buffer = LogBuffer::builder(log_client(&client)).start()?;
-            layer = Some(buffer.layer());
+            match install_log_layer {
+                Some(install) => install(buffer.layer()),
+                None => layer = Some(buffer.layer()),
+            }
             builder = builder.log_buffer(buffer);
         }
         let sink: Option<Box<dyn LogSink>> = match (sink, &settings.loki_url) {
