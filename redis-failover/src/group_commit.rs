@@ -134,7 +134,8 @@ impl Shared {
             tokio::spawn(async move { shared.send_waits(&master, &lane).await });
         }
         replicated.await.unwrap_or_else(|_| {
-            // The task ended without answering: it panicked.
+            // The task stopped with this write's batch in hand (a panic, a
+            // runtime shutting down).
             Err(Error::ReplicationUnknown {
                 node: master.node.clone(),
                 source: RedisError::from(std::io::Error::other("the WAIT task ended")),
