@@ -4,20 +4,73 @@
 //!
 //! The tests live in this crate's `tests/` directory; each starts its own
 //! topology on free loopback ports, so they run in parallel. This library
-//! holds what they share: a small HTTP/1.1 client, and the chaos run
-//! ([`chaos`]) that the harness's `chaos` scenario drives for longer.
+//! holds what they share: a dev system on free ports ([`start`]), a small
+//! HTTP/1.1 client, checks of answers and shipped audit records, and the
+//! chaos run ([`chaos`]) that the harness's `chaos` scenario drives for
+//! longer.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod chaos;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use server::dev::{DevOptions, DevSystem};
+
+/// A dev system listening on a free loopback port, with the options
+/// `configure` sets, and a client of it.
+pub async fn start(configure: impl FnOnce(&mut DevOptions)) -> (DevSystem, Http) {
+    let mut options = DevOptions {
+        listen: "127.0.0.1:0".parse().expect("an address"),
+        ..DevOptions::default()
+    };
+    configure(&mut options);
+    let system = DevSystem::start(options).await.expect("dev system");
+    let http = Http::new(system.local_addr());
+    (system, http)
+}
+
+/// Asserts that `reply` is the error `code` with `status`, and a message.
+pub fn assert_error(reply: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(reply.status, status, "{reply:?}");
+    assert_eq!(reply.error_code(), code, "{reply:?}");
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!message.is_empty(), "{reply:?}");
+}
+
+/// Waits until the shipped log file holds an audit record of each action
+/// for `tenant` (the offloader ships and then deletes the audit stream).
+pub async fn wait_for_audit(system: &DevSystem, tenant: &str, actions: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&system.logs_to).unwrap_or_default();
+        let shipped: BTreeSet<String> = text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line["labels"]["tenant_id"] == tenant)
+            .filter_map(|line| line["labels"]["action"].as_str().map(str::to_owned))
+            .collect();
+        let missing: Vec<&&str> = actions.iter().filter(|a| !shipped.contains(**a)).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "audit actions {missing:?} of {tenant} never shipped; shipped: {shipped:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// A client of one server; each request opens its own connection.
 #[derive(Clone, Debug)]

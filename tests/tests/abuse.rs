@@ -7,31 +7,15 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use e2e_tests::{Http, Reply};
+use e2e_tests::{Http, Reply, assert_error, start};
 use hyper::StatusCode;
 use serde_json::{Value, json};
-use server::dev::{DevOptions, DevSystem};
+use server::dev::DevSystem;
 use tenant_kv::{Actor, LoginThrottle, Quota, Rate, TenantId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-async fn start(configure: impl FnOnce(&mut DevOptions)) -> (DevSystem, Http) {
-    let mut options = DevOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..DevOptions::default()
-    };
-    configure(&mut options);
-    let system = DevSystem::start(options).await.expect("dev system");
-    let http = Http::new(system.local_addr());
-    (system, http)
-}
-
-fn assert_error(reply: &Reply, status: StatusCode, code: &str) {
-    assert_eq!(reply.status, status, "{reply:?}");
-    assert_eq!(reply.error_code(), code, "{reply:?}");
-}
 
 /// A connection to `addr` from the loopback address `from`.
 async fn connect_from(from: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {

@@ -9,20 +9,13 @@ use std::time::{Duration, Instant};
 use e2e_tests::Http;
 use hyper::StatusCode;
 use serde_json::json;
-use server::dev::{DevOptions, DevSystem};
+use server::dev::DevSystem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn start() -> (DevSystem, Http) {
-    let system = DevSystem::start(DevOptions {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..DevOptions::default()
-    })
-    .await
-    .expect("dev system");
-    let http = Http::new(system.local_addr());
-    (system, http)
+    e2e_tests::start(|_| {}).await
 }
 
 async fn wait_for(what: &str, done: impl Fn() -> bool) {
