@@ -8,7 +8,7 @@ use std::time::Duration;
 use bb8::PooledConnection;
 use redis::RedisError;
 
-use crate::durable::{acked_replicas, wait_command};
+use crate::durable::{acked_replicas, replication_outcome, wait_command};
 use crate::error::Error;
 use crate::events::Counter;
 use crate::node::{Dedicated, DedicatedManager};
@@ -175,22 +175,12 @@ impl Shared {
             Reply::Value(value) => acked_replicas(value),
             Reply::Values(_) => unreachable!("a command gets one reply"),
         });
-        let error = match acked {
-            Ok(acked) if acked >= replicas => return Ok(()),
-            Ok(acked) => Error::NotReplicated {
-                node: master.node.clone(),
-                acked,
-                required: replicas,
-                timeout,
-            },
-            Err(source) => Error::ReplicationUnknown {
-                node: master.node.clone(),
-                source,
-            },
-        };
-        master.replicas.forget_count();
-        self.telemetry.add(Counter::UnreplicatedWrites);
-        Err(error)
+        let outcome = replication_outcome(&master.node, &acked, replicas, timeout);
+        if outcome.is_err() {
+            master.replicas.forget_count();
+            self.telemetry.add(Counter::UnreplicatedWrites);
+        }
+        outcome
     }
 }
 

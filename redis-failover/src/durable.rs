@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 
 use redis::{FromRedisValue, RedisError};
 
+use crate::addr::NodeAddr;
+use crate::error::Error;
+
 /// When a shortfall of replicas stops holding writes
 /// ([`FailoverClientBuilder::lost_replica_grace`](crate::FailoverClientBuilder::lost_replica_grace)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,6 +205,29 @@ pub(crate) fn wait_command(replicas: u32, timeout: Duration) -> redis::Cmd {
         .unwrap_or(u64::MAX)
         .max(1);
     redis::cmd("WAIT").arg(replicas).arg(timeout_ms).to_owned()
+}
+
+/// What a `WAIT` that answered `acked` means for a write that asked for
+/// `replicas` within `timeout` on the master `node`.
+pub(crate) fn replication_outcome(
+    node: &NodeAddr,
+    acked: &Result<u32, RedisError>,
+    replicas: u32,
+    timeout: Duration,
+) -> crate::error::Result<()> {
+    match acked {
+        Ok(acked) if *acked >= replicas => Ok(()),
+        Ok(acked) => Err(Error::NotReplicated {
+            node: node.clone(),
+            acked: *acked,
+            required: replicas,
+            timeout,
+        }),
+        Err(source) => Err(Error::ReplicationUnknown {
+            node: node.clone(),
+            source: source.clone(),
+        }),
+    }
 }
 
 /// The replicas a `WAIT`'s reply counted.

@@ -25,7 +25,7 @@ use std::time::Duration;
 use redis::RedisError;
 
 use crate::dedicated::all_failed;
-use crate::durable::{acked_replicas, wait_command};
+use crate::durable::{acked_replicas, replication_outcome, wait_command};
 use crate::error::Error;
 use crate::events::Counter;
 use crate::lane::Lane;
@@ -159,25 +159,11 @@ impl Shared {
                 master.replicas.forget_count();
             }
             for waiter in batch {
-                let result = match &acked {
-                    Ok(acked) if *acked >= waiter.replicas => Ok(()),
-                    Ok(acked) => {
-                        self.telemetry.add(Counter::UnreplicatedWrites);
-                        Err(Error::NotReplicated {
-                            node: master.node.clone(),
-                            acked: *acked,
-                            required: waiter.replicas,
-                            timeout: waiter.timeout,
-                        })
-                    }
-                    Err(source) => {
-                        self.telemetry.add(Counter::UnreplicatedWrites);
-                        Err(Error::ReplicationUnknown {
-                            node: master.node.clone(),
-                            source: source.clone(),
-                        })
-                    }
-                };
+                let result =
+                    replication_outcome(&master.node, &acked, waiter.replicas, waiter.timeout);
+                if result.is_err() {
+                    self.telemetry.add(Counter::UnreplicatedWrites);
+                }
                 waiter.answer(result);
             }
         }
