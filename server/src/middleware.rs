@@ -275,24 +275,23 @@ where
 struct Seen {
     metrics: HttpMetrics,
     started: Instant,
-    method: String,
-    request_id: String,
+    // Kept as they came: copying them to text would cost every request
+    // allocations, even when the access log is filtered out.
+    method: hyper::Method,
+    request_id: Option<HeaderValue>,
 }
 
 impl Seen {
     fn new<B>(metrics: HttpMetrics, request: &Request<B>) -> Self {
         metrics.in_flight.inc();
-        let request_id = request
-            .extensions()
-            .get::<RequestId>()
-            .and_then(|id| id.header_value().to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
         Self {
             metrics,
             started: Instant::now(),
-            method: request.method().as_str().to_owned(),
-            request_id,
+            method: request.method().clone(),
+            request_id: request
+                .extensions()
+                .get::<RequestId>()
+                .map(|id| id.header_value().clone()),
         }
     }
 
@@ -310,9 +309,13 @@ impl Seen {
             .record(route, status, error_code, tenant, elapsed);
         tracing::info!(
             target: "access",
-            request_id = self.request_id,
+            request_id = self
+                .request_id
+                .as_ref()
+                .and_then(|id| id.to_str().ok())
+                .unwrap_or_default(),
             tenant_id = tenant,
-            method = self.method,
+            method = self.method.as_str(),
             route,
             status,
             micros = micros(elapsed),
