@@ -191,12 +191,17 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
         settings.rounds, settings.duration
     );
     let rows = crate::groups(&[&variants], CONNECTIONS, settings).await;
-    let ratios = ratios(&rows);
+    let ratio = |of: &str, to: &str| crate::ratio(&rows, of, to);
+    let ratios = json!({
+        "get_to_minimal": ratio("(b)", "(a)"),
+        "get_to_webdis_get": ratio("(b)", "(d)"),
+        "put_to_webdis_set": ratio("(c)", "(e)"),
+    });
     println!(
         "ratios: GET (b)/(a) = {:.2}, (b)/(d) webdis GET = {:.2}; PUT (c)/(e) webdis SET = {:.2}",
-        ratios["get_to_minimal"].as_f64().unwrap_or(0.0),
-        ratios["get_to_webdis_get"].as_f64().unwrap_or(0.0),
-        ratios["put_to_webdis_set"].as_f64().unwrap_or(0.0),
+        ratio("(b)", "(a)"),
+        ratio("(b)", "(d)"),
+        ratio("(c)", "(e)"),
     );
     println!("targets: (b)/(a) and (b)/(d) >= 0.70, (c)/(e) >= 0.50, p99 <= 5 ms");
     drop(webdis);
@@ -204,22 +209,6 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
     Ok(json!({ "scenario": "http", "rounds": settings.rounds,
                 "seconds": settings.duration.as_secs_f64(), "results": rows,
                 "ratios": ratios }))
-}
-
-/// The ratios the targets are about (0 where a variant is missing).
-fn ratios(rows: &[Value]) -> Value {
-    let ops = |name: &str| {
-        rows.iter()
-            .find(|row| row["variant"].as_str().is_some_and(|v| v.starts_with(name)))
-            .and_then(|row| row["ops_per_sec"].as_f64())
-            .unwrap_or(0.0)
-    };
-    let ratio = |of: &str, to: &str| ops(of) / ops(to).max(f64::MIN_POSITIVE);
-    json!({
-        "get_to_minimal": ratio("(b)", "(a)"),
-        "get_to_webdis_get": ratio("(b)", "(d)"),
-        "put_to_webdis_set": ratio("(c)", "(e)"),
-    })
 }
 
 fn minimal_variant(addr: SocketAddr) -> Variant {

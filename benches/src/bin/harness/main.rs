@@ -455,6 +455,18 @@ async fn reads() -> Result<Value, Box<dyn Error>> {
                 "seconds": settings.duration.as_secs_f64(), "results": rows }))
 }
 
+/// The throughput of the variant whose name starts with `of` over that of
+/// the one starting with `to`, from `groups`' rows (0 if `of` is missing).
+fn ratio(rows: &[Value], of: &str, to: &str) -> f64 {
+    let ops = |name: &str| {
+        rows.iter()
+            .find(|row| row["variant"].as_str().is_some_and(|v| v.starts_with(name)))
+            .and_then(|row| row["ops_per_sec"].as_f64())
+            .unwrap_or(0.0)
+    };
+    ops(of) / ops(to).max(f64::MIN_POSITIVE)
+}
+
 /// Runs each group of variants at `tasks` concurrency, the first of each
 /// the baseline, and prints and returns rows with ratios to it.
 async fn groups(groups: &[&[Variant]], tasks: usize, settings: Settings) -> Vec<Value> {

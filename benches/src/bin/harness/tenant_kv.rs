@@ -80,15 +80,7 @@ pub(crate) async fn tenant_kv() -> Result<Value, Box<dyn Error>> {
         settings.rounds, settings.duration
     );
     let rows = groups(&[&writes, &reads], TASKS, settings).await;
-    let ratio = |of: &str, to: &str| {
-        let ops = |name: &str| {
-            rows.iter()
-                .find(|row| row["variant"].as_str().is_some_and(|v| v.starts_with(name)))
-                .and_then(|row| row["ops_per_sec"].as_f64())
-                .unwrap_or(0.0)
-        };
-        ops(of) / ops(to).max(f64::MIN_POSITIVE)
-    };
+    let ratio = |of: &str, to: &str| super::ratio(&rows, of, to);
     let ratios = json!({
         "put_to_hand_written": ratio("(c)", "(b)"),
         "put_to_raw_set": ratio("(c)", "(a)"),
