@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::server;
 use crate::tls::TlsFiles;
 use crate::topology::Topology;
 
@@ -40,6 +41,7 @@ pub struct TopologyBuilder {
     pub(crate) sentinel_password: Option<String>,
     extra_config: Vec<String>,
     pub(crate) redis_server: PathBuf,
+    pub(crate) redis_cli: PathBuf,
     pub(crate) start_timeout: Duration,
     pub(crate) keep_dir: bool,
     pub(crate) tls: bool,
@@ -60,6 +62,7 @@ impl std::fmt::Debug for TopologyBuilder {
             .field("sentinel_password", &redacted(&self.sentinel_password))
             .field("extra_config", &self.extra_config)
             .field("redis_server", &self.redis_server)
+            .field("redis_cli", &self.redis_cli)
             .field("start_timeout", &self.start_timeout)
             .field("keep_dir", &self.keep_dir)
             .field("tls", &self.tls)
@@ -80,7 +83,8 @@ impl Default for TopologyBuilder {
             password: None,
             sentinel_password: None,
             extra_config: Vec::new(),
-            redis_server: PathBuf::from("redis-server"),
+            redis_server: server::default_server_bin(),
+            redis_cli: server::default_cli_bin(),
             start_timeout: Duration::from_secs(30),
             keep_dir: std::env::var_os(KEEP_DIR_ENV).is_some_and(|v| !v.is_empty()),
             tls: false,
@@ -172,10 +176,21 @@ impl TopologyBuilder {
         self
     }
 
-    /// The `redis-server` binary to run: a path, or a name looked up on
-    /// `PATH`. Defaults to `redis-server`.
+    /// The server binary every node runs (`redis-server` or
+    /// `valkey-server`; sentinels run it with `--sentinel`): a path, or a
+    /// name looked up on `PATH`. Defaults to the environment variable
+    /// `REDIS_SERVER_BIN` if set and not empty, else `redis-server`.
     pub fn redis_server(mut self, binary: impl Into<PathBuf>) -> Self {
         self.redis_server = binary.into();
+        self
+    }
+
+    /// The command-line client matching the server (`redis-cli` or
+    /// `valkey-cli`), for the commands [`Topology::redis_cli`] hands out:
+    /// a path, or a name looked up on `PATH`. Defaults to the environment
+    /// variable `REDIS_CLI_BIN` if set and not empty, else `redis-cli`.
+    pub fn redis_cli(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.redis_cli = binary.into();
         self
     }
 

@@ -10,6 +10,7 @@ mod error;
 mod node;
 mod orphans;
 mod ports;
+mod server;
 mod tls;
 mod topology;
 
@@ -19,4 +20,5 @@ pub use node::{NodeId, NodeKind};
 /// The Redis client this crate speaks through; [`Role`] and connection types come from it.
 pub use redis;
 pub use redis::Role;
+pub use server::{Server, ServerKind};
 pub use topology::Topology;

@@ -140,16 +140,14 @@ async fn print_summary(topology: &Topology) {
     }
     println!("Configs and logs: {}", topology.dir().display());
     println!("Try:");
-    println!("  redis-cli -p {master_port} SET hello world");
+    let cli = topology.redis_cli().display();
+    println!("  {cli} -p {master_port} SET hello world");
     if let Some(replica) = topology.data_nodes().get(1) {
-        println!(
-            "  redis-cli -p {} GET hello",
-            topology.addr(*replica).port()
-        );
+        println!("  {cli} -p {} GET hello", topology.addr(*replica).port());
     }
     if let Some(sentinel) = topology.sentinels().first() {
         println!(
-            "  redis-cli -p {} SENTINEL GET-MASTER-ADDR-BY-NAME {}",
+            "  {cli} -p {} SENTINEL GET-MASTER-ADDR-BY-NAME {}",
             topology.addr(*sentinel).port(),
             topology.master_name()
         );

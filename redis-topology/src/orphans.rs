@@ -106,7 +106,8 @@ fn read_node(path: &Path) -> Option<(i32, u16)> {
     Some((pid.parse().ok()?, port.parse().ok()?))
 }
 
-/// Whether `pid` is a live (not zombie) `redis-server` showing `port`.
+/// Whether `pid` is a live (not zombie) `redis-server` or `valkey-server`
+/// showing `port`.
 fn is_node(pid: i32, port: u16) -> bool {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let zombie = stat
@@ -120,7 +121,8 @@ fn is_node(pid: i32, port: u16) -> bool {
     let shows_port = cmdline
         .split(|c: char| c == '\0' || c.is_whitespace())
         .any(|word| word.rsplit_once(':').is_some_and(|(_, p)| p == port));
-    !zombie && cmdline.contains("redis-server") && shows_port
+    let server = cmdline.contains("redis-server") || cmdline.contains("valkey-server");
+    !zombie && server && shows_port
 }
 
 #[cfg(all(test, target_os = "linux"))]

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use tempfile::TempDir;
 use crate::builder::TopologyBuilder;
 use crate::error::{Error, Result};
 use crate::node::{Exit, NodeId, NodeKind, NodeProcess};
+use crate::server::{self, Server};
 use crate::tls::{self, TlsFiles};
 use crate::{orphans, ports};
 
@@ -41,6 +41,7 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Topology {
     settings: TopologyBuilder,
     binary: PathBuf,
+    server: Server,
     tls: Option<TlsFiles>,
     nodes: Mutex<Nodes>,
     /// Held while the topology lives; see `orphans`.
@@ -106,8 +107,7 @@ impl Topology {
     }
 
     pub(crate) async fn start(settings: TopologyBuilder) -> Result<Self> {
-        let binary = find_binary(&settings.redis_server)?;
-        check_version(&binary)?;
+        let (binary, server) = server::resolve(&settings.redis_server)?;
         let temp_dir = std::env::temp_dir();
         orphans::sweep(&temp_dir);
         let mut dir = tempfile::Builder::new()
@@ -133,6 +133,7 @@ impl Topology {
         let topology = Self {
             settings,
             binary,
+            server,
             tls,
             nodes: Mutex::default(),
             _owner_lock: owner_lock,
@@ -394,6 +395,17 @@ impl Topology {
     }
 
     // ----- what the topology is made of -----
+
+    /// The server binary every node runs: Redis or Valkey, and its version.
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// The command-line client that goes with the server, as set by
+    /// [`TopologyBuilder::redis_cli`].
+    pub fn redis_cli(&self) -> &Path {
+        &self.settings.redis_cli
+    }
 
     /// The directory holding every node's config and log.
     pub fn dir(&self) -> &Path {
@@ -880,68 +892,9 @@ fn online_replica_ports(info: &str) -> Vec<u16> {
         .collect()
 }
 
-/// Resolves the server binary: a path as given, a bare name on `PATH`.
-fn find_binary(binary: &Path) -> Result<PathBuf> {
-    let not_found = || Error::RedisServerNotFound {
-        binary: binary.to_path_buf(),
-    };
-    if binary.components().count() > 1 {
-        return binary
-            .is_file()
-            .then(|| binary.to_path_buf())
-            .ok_or_else(not_found);
-    }
-    let path = std::env::var_os("PATH").ok_or_else(not_found)?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(binary))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(not_found)
-}
-
-/// Fails unless `binary --version` reports Redis 6.2 or newer.
-fn check_version(binary: &Path) -> Result<()> {
-    let output = Command::new(binary)
-        .arg("--version")
-        .output()
-        .map_err(|source| Error::Io {
-            path: binary.to_path_buf(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    match parse_version(&text) {
-        Some(version) if version >= (6, 2) => Ok(()),
-        Some((major, minor)) => Err(Error::UnsupportedVersion {
-            binary: binary.to_path_buf(),
-            found: format!("{major}.{minor}"),
-        }),
-        None => Err(Error::UnsupportedVersion {
-            binary: binary.to_path_buf(),
-            found: format!("of unknown version (it printed {:?})", text.trim()),
-        }),
-    }
-}
-
-/// `(major, minor)` from `redis-server --version` ("Redis server v=7.0.15 sha=...").
-fn parse_version(text: &str) -> Option<(u32, u32)> {
-    let version = text
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix("v="))?;
-    let mut parts = version.split('.');
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_are_read_from_the_version_banner() {
-        let banner =
-            "Redis server v=7.0.15 sha=00000000:0 malloc=jemalloc-5.3.0 bits=64 build=ae4d7c";
-        assert_eq!(parse_version(banner), Some((7, 0)));
-        assert_eq!(parse_version("Redis server v=6.2.14 sha=0"), Some((6, 2)));
-        assert_eq!(parse_version("something else"), None);
-    }
 
     #[test]
     fn online_replicas_are_read_from_info_replication() {
@@ -950,18 +903,5 @@ mod tests {
             slave1:ip=127.0.0.1,port=20002,state=wait_bgsave,offset=0,lag=0\r\n\
             master_failover_state:no-failover\r\n";
         assert_eq!(online_replica_ports(info), vec![20001]);
-    }
-
-    #[test]
-    fn a_missing_binary_is_reported_with_the_package_to_install() {
-        let error = find_binary(Path::new("no-such-redis-server-binary")).unwrap_err();
-        assert!(matches!(error, Error::RedisServerNotFound { .. }));
-        let message = error.to_string();
-        assert!(
-            message.contains("apt-get install redis-server"),
-            "{message}"
-        );
-        let error = find_binary(Path::new("/nonexistent/redis-server")).unwrap_err();
-        assert!(matches!(error, Error::RedisServerNotFound { .. }));
     }
 }
