@@ -154,6 +154,14 @@ pub enum ErrorKind {
     NoGroup,
     /// The key holds another type of value (`WRONGTYPE`).
     WrongType,
+    /// The master refused a write because it reached `maxmemory` and may
+    /// not evict (`OOM`). Not retried: it lasts until memory is freed or
+    /// raised.
+    OutOfMemory,
+    /// The master refused a write because it cannot persist: its last
+    /// snapshot or AOF write failed, as on a full disk (`MISCONF`). Not
+    /// retried: it lasts until an operator mends the disk.
+    PersistenceFailing,
     /// A transaction's watched keys kept changing until the retry budget
     /// ran out.
     TransactionConflict,
@@ -215,6 +223,8 @@ impl Error {
                 Some("BUSYGROUP") => ErrorKind::GroupExists,
                 Some("NOGROUP") => ErrorKind::NoGroup,
                 Some("WRONGTYPE") => ErrorKind::WrongType,
+                Some("OOM") => ErrorKind::OutOfMemory,
+                Some("MISCONF") => ErrorKind::PersistenceFailing,
                 _ => ErrorKind::Command,
             },
         }
@@ -313,6 +323,8 @@ mod kind_tests {
         assert_eq!(answer("BUSYGROUP").kind(), ErrorKind::GroupExists);
         assert_eq!(answer("NOGROUP").kind(), ErrorKind::NoGroup);
         assert_eq!(answer("WRONGTYPE").kind(), ErrorKind::WrongType);
+        assert_eq!(answer("OOM").kind(), ErrorKind::OutOfMemory);
+        assert_eq!(answer("MISCONF").kind(), ErrorKind::PersistenceFailing);
         assert_eq!(answer("ERR").kind(), ErrorKind::Command);
         assert_eq!(answer("ERR").code(), Some("ERR"));
         let conversion = Error::Command {

@@ -191,6 +191,26 @@ impl ApiError {
                 "not_replicated",
                 "the write was applied but no replica confirmed it in time, so a failover could lose it; retry",
             ),
+            // Refusals that last until an operator acts: answered at once,
+            // never retried inside the budget.
+            K::OutOfMemory | K::PersistenceFailing => {
+                tracing::error!(error = %source, "the master refuses writes");
+                let (code, message) = if source.kind() == K::OutOfMemory {
+                    (
+                        "store_full",
+                        "the store is out of memory and refuses writes; retry later",
+                    )
+                } else {
+                    (
+                        "store_not_persisting",
+                        "the store cannot persist data and refuses writes; retry later",
+                    )
+                };
+                Self {
+                    retry_after: Some(30),
+                    ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+                }
+            }
             K::Unavailable | K::Connect | K::NoReplica => {
                 tracing::warn!(error = %source, cause = ?std::error::Error::source(source), "Redis unreachable past the retry budget");
                 Self::unavailable("the store is unavailable; retry later")
@@ -311,5 +331,21 @@ mod tests {
             "{}",
             batch.message
         );
+    }
+
+    #[test]
+    fn a_full_or_failing_store_is_503_with_a_code_of_its_own() {
+        for (code, expected) in [("OOM", "store_full"), ("MISCONF", "store_not_persisting")] {
+            let refusal = redis_failover::Error::Command {
+                node: "redis-0:6379".parse().unwrap(),
+                source: redis::make_extension_error(code.to_owned(), Some("refused".to_owned())),
+            };
+            let answer = ApiError::from_redis(&refusal);
+            assert_eq!(
+                (answer.status, answer.code),
+                (StatusCode::SERVICE_UNAVAILABLE, expected)
+            );
+            assert_eq!(answer.retry_after, Some(30));
+        }
     }
 }
