@@ -26,3 +26,36 @@ async fn three_faults_lose_nothing_acknowledged_and_fail_no_request() {
     assert_eq!(report.errors_within_budget(), 0, "{:?}", report.failures);
     assert_eq!(report.errors_past_budget(), 0, "{:?}", report.failures);
 }
+
+/// Limits and a quick restart: the master out of memory and unable to
+/// persist refuses writes at once (counted as refusals, never retried for
+/// the budget); maxclients reached and a master restarted before Sentinel
+/// notices (with AOF) cost no request and lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_writes_at_once_and_a_persistent_restart_loses_nothing() {
+    let faults = [
+        Fault::OutOfMemory,
+        Fault::MaxClients,
+        Fault::DiskFull,
+        Fault::RestartMaster,
+    ];
+    let report = chaos::run(faults.len(), &faults).await.expect("chaos run");
+    chaos::print_totals(&report);
+    assert_eq!(report.lost_writes, Vec::<String>::new());
+    assert_eq!(report.stale_reads, Vec::<String>::new());
+    assert_eq!(report.missing_audit_records, Vec::<String>::new());
+    assert_eq!(report.errors_within_budget(), 0, "{:?}", report.failures);
+    assert_eq!(report.errors_past_budget(), 0, "{:?}", report.failures);
+    for round in &report.rounds {
+        if round.fault.refuses_writes() {
+            assert!(round.refusals > 0, "{round:?}");
+            // Answered at once: far from the 8 s retry budget.
+            assert!(
+                round.slowest_refusal < std::time::Duration::from_secs(4),
+                "{round:?}"
+            );
+        } else {
+            assert_eq!(round.refusals, 0, "{round:?}");
+        }
+    }
+}

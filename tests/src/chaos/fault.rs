@@ -1,4 +1,10 @@
-//! The faults a chaos round injects.
+//! The faults a chaos round injects, and how each is injected.
+use redis::aio::MultiplexedConnection;
+use redis_topology::NodeId;
+
+use super::receiver::Mode;
+use super::rig::{Rig, wait_until};
+use super::{BoxError, DEADLINE, OUTAGE};
 
 /// One fault injected in a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,20 +25,41 @@ pub enum Fault {
     Receiver429,
     /// The receiver drops every connection for a while.
     ReceiverDown,
+    /// The master at `maxmemory` (no eviction) for a while: writes get
+    /// `OOM`.
+    OutOfMemory,
+    /// The master unable to persist for a while, as on a full disk: a
+    /// snapshot fails (its directory vanished) and writes get `MISCONF`.
+    DiskFull,
+    /// The master accepts no new connection for a while (`maxclients`
+    /// reached) and every client connection but the sentinels' is closed.
+    MaxClients,
+    /// kill -9 of the master and an immediate restart, before Sentinel
+    /// notices, with persistence on (AOF, fsync at every write).
+    RestartMaster,
+    /// The same without persistence: the master comes back empty and its
+    /// replicas empty themselves to follow it. Loses acknowledged writes by
+    /// design (Redis's documented hazard); runs on its own.
+    RestartMasterEmpty,
 }
 
 impl Fault {
-    /// Every fault, in the order rounds cycle through them: master faults
-    /// are spaced by others, as Sentinel waits between two failovers.
-    pub const ALL: [Fault; 8] = [
+    /// Every fault that loses nothing, in the order rounds cycle through
+    /// them: master faults are spaced by others, as Sentinel waits between
+    /// two failovers.
+    pub const ALL: [Fault; 12] = [
         Fault::KillMaster,
         Fault::KillOffloader,
         Fault::Receiver500,
         Fault::PauseMaster,
+        Fault::OutOfMemory,
         Fault::RestartSentinels,
         Fault::Receiver429,
         Fault::SentinelFailover,
+        Fault::DiskFull,
         Fault::ReceiverDown,
+        Fault::MaxClients,
+        Fault::RestartMaster,
     ];
 
     pub(super) fn name(self) -> &'static str {
@@ -45,13 +72,233 @@ impl Fault {
             Fault::Receiver500 => "receiver 500",
             Fault::Receiver429 => "receiver 429",
             Fault::ReceiverDown => "receiver down",
+            Fault::OutOfMemory => "maxmemory (OOM)",
+            Fault::DiskFull => "disk full (MISCONF)",
+            Fault::MaxClients => "maxclients reached",
+            Fault::RestartMaster => "restart master, AOF",
+            Fault::RestartMasterEmpty => "restart master, empty",
         }
     }
 
+    /// Whether the fault may make Sentinel fail over: rounds wait before
+    /// the next such fault, as Sentinel refuses a new failover sooner.
     pub(super) fn changes_master(self) -> bool {
         matches!(
             self,
-            Fault::KillMaster | Fault::PauseMaster | Fault::SentinelFailover
+            Fault::KillMaster
+                | Fault::PauseMaster
+                | Fault::SentinelFailover
+                | Fault::DiskFull
+                | Fault::RestartMaster
+                | Fault::RestartMasterEmpty
         )
     }
+
+    /// Whether the master refuses writes at once while the fault lasts
+    /// (answered 503 with a code of their own, not retried).
+    pub fn refuses_writes(self) -> bool {
+        matches!(self, Fault::OutOfMemory | Fault::DiskFull)
+    }
+}
+
+/// Injects `fault`, and returns once it is over (the old master back as a
+/// replica, the receiver answering again, limits lifted).
+pub(super) async fn inject(rig: &mut Rig, fault: Fault) -> Result<(), BoxError> {
+    let topology = &rig.topology;
+    match fault {
+        Fault::KillMaster => {
+            let old = rig.current_master().await?;
+            topology.kill(old)?;
+            let new = topology.wait_for_new_master(old, DEADLINE).await?;
+            topology.restart(old).await?;
+            topology.replicate(old, new, DEADLINE).await?;
+        }
+        Fault::PauseMaster => {
+            let old = rig.current_master().await?;
+            topology.pause(old)?;
+            let new = topology.wait_for_new_master(old, DEADLINE).await;
+            topology.resume(old)?;
+            topology.wait_for_replica_of(old, new?, DEADLINE).await?;
+        }
+        Fault::SentinelFailover => {
+            let old = rig.current_master().await?;
+            topology.sentinel_failover().await?;
+            let new = topology.wait_for_new_master(old, DEADLINE).await?;
+            topology.wait_for_replica_of(old, new, DEADLINE).await?;
+        }
+        Fault::RestartSentinels => {
+            for sentinel in topology.sentinels() {
+                topology.kill(sentinel)?;
+            }
+            for sentinel in topology.sentinels() {
+                topology.restart(sentinel).await?;
+            }
+        }
+        Fault::KillOffloader => {
+            // Dropped mid-work: its pending entries are claimed by the others.
+            drop(rig.offloaders.remove(0));
+            rig.add_offloader()?;
+        }
+        Fault::Receiver500 | Fault::Receiver429 | Fault::ReceiverDown => {
+            rig.receiver.set(match fault {
+                Fault::Receiver500 => Mode::Status(500),
+                Fault::Receiver429 => Mode::Status(429),
+                _ => Mode::Down,
+            });
+            tokio::time::sleep(OUTAGE).await;
+            rig.receiver.set(Mode::Accept);
+        }
+        Fault::OutOfMemory => out_of_memory(rig).await?,
+        Fault::DiskFull => disk_full(rig).await?,
+        Fault::MaxClients => max_clients(rig).await?,
+        Fault::RestartMaster | Fault::RestartMasterEmpty => {
+            restart_master(rig, fault == Fault::RestartMaster).await?;
+        }
+    }
+    Ok(())
+}
+
+/// A connection of its own to the master, for the commands that set a
+/// fault up and lift it.
+async fn master_connection(rig: &Rig) -> Result<(NodeId, MultiplexedConnection), BoxError> {
+    let master = rig.current_master().await?;
+    Ok((master, rig.topology.connection(master).await?))
+}
+
+async fn config_set(
+    conn: &mut MultiplexedConnection,
+    name: &str,
+    value: &str,
+) -> Result<(), BoxError> {
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(name)
+        .arg(value)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+async fn out_of_memory(rig: &Rig) -> Result<(), BoxError> {
+    let (_, mut conn) = master_connection(rig).await?;
+    // Any dataset is over one byte; the default policy evicts nothing.
+    config_set(&mut conn, "maxmemory", "1").await?;
+    tokio::time::sleep(OUTAGE).await;
+    config_set(&mut conn, "maxmemory", "0").await
+}
+
+/// A failed snapshot stops writes (`stop-writes-on-bgsave-error`, on by
+/// default, while snapshots are configured), as when a full disk fails its
+/// write: here the snapshot cannot take its file name, which a non-empty
+/// directory holds. The master then answers `MISCONF` to writes and to
+/// Sentinel's pings, so Sentinel fails over too.
+async fn disk_full(rig: &Rig) -> Result<(), BoxError> {
+    let (old, mut conn) = master_connection(rig).await?;
+    let blocked = format!("no-room-{}", rand::random::<u32>());
+    let (_, dir): (String, String) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("dir")
+        .query_async(&mut conn)
+        .await?;
+    let dir = std::path::Path::new(&dir).join(&blocked);
+    std::fs::create_dir(&dir)?;
+    std::fs::write(dir.join("keep"), "")?;
+    config_set(&mut conn, "dbfilename", &blocked).await?;
+    config_set(&mut conn, "save", "3600 1").await?;
+    let () = redis::cmd("BGSAVE").query_async(&mut conn).await?;
+    wait_until("the snapshot failing", async || {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        info.contains("rdb_last_bgsave_status:err")
+    })
+    .await?;
+    tokio::time::sleep(OUTAGE).await;
+    // Without snapshots configured, a failed one no longer stops writes.
+    config_set(&mut conn, "save", "").await?;
+    config_set(&mut conn, "dbfilename", "dump.rdb").await?;
+    std::fs::remove_dir_all(&dir)?;
+    let new = rig.current_master().await?;
+    if new != old {
+        rig.topology.wait_for_replica_of(old, new, DEADLINE).await?;
+    }
+    Ok(())
+}
+
+async fn max_clients(rig: &Rig) -> Result<(), BoxError> {
+    let (_, mut conn) = master_connection(rig).await?;
+    let (_, limit): (String, String) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxclients")
+        .query_async(&mut conn)
+        .await?;
+    config_set(&mut conn, "maxclients", "1").await?;
+    // The sentinels keep theirs, so that no failover follows.
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await?;
+    let own: u64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut conn)
+        .await?;
+    for line in list.lines() {
+        let field = |name: &str| {
+            line.split(' ')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .unwrap_or_default()
+        };
+        let replica = field("flags").contains('S');
+        if field("id") == own.to_string() || replica || field("name").starts_with("sentinel-") {
+            continue;
+        }
+        let _: redis::Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(field("id"))
+            .query_async(&mut conn)
+            .await?;
+    }
+    tokio::time::sleep(OUTAGE).await;
+    config_set(&mut conn, "maxclients", &limit).await
+}
+
+/// kill -9 and restart at once; with `persist`, AOF with an fsync per
+/// write is turned on (and written to the node's config) first.
+async fn restart_master(rig: &Rig, persist: bool) -> Result<(), BoxError> {
+    let (master, mut conn) = master_connection(rig).await?;
+    let topology = &rig.topology;
+    if persist {
+        config_set(&mut conn, "appendfsync", "always").await?;
+        config_set(&mut conn, "appendonly", "yes").await?;
+        wait_until("the AOF written", async || {
+            let info: String = redis::cmd("INFO")
+                .arg("persistence")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            info.contains("aof_enabled:1")
+                && info.contains("aof_rewrite_in_progress:0")
+                && info.contains("aof_rewrite_scheduled:0")
+        })
+        .await?;
+        let () = redis::cmd("CONFIG")
+            .arg("REWRITE")
+            .query_async(&mut conn)
+            .await?;
+    }
+    drop(conn);
+    topology.kill(master)?;
+    topology.restart(master).await?;
+    // Back as the master, before Sentinel's down-after, with every
+    // replica following it again.
+    let master = rig.current_master().await?;
+    for node in topology.data_nodes() {
+        if node != master {
+            topology.wait_for_replica_of(node, master, DEADLINE).await?;
+        }
+    }
+    Ok(())
 }

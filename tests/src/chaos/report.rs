@@ -16,6 +16,12 @@ pub struct Round {
     pub errors_within_budget: u64,
     /// Requests that failed after the whole retry budget.
     pub errors_past_budget: u64,
+    /// Requests answered at once with 503 `store_full` or
+    /// `store_not_persisting`: the master refused the write (not errors
+    /// the budget should hide; only faults that refuse writes cause them).
+    pub refusals: u64,
+    /// The slowest of those answers.
+    pub slowest_refusal: Duration,
     /// From the fault's injection until it is over (the old master back as
     /// a replica, the receiver answering again) and every traffic task has
     /// written since.
@@ -66,6 +72,8 @@ impl Report {
                 json!({"round": i + 1, "fault": r.fault.name(),
                        "errors_within_budget": r.errors_within_budget,
                        "errors_past_budget": r.errors_past_budget,
+                       "refusals": r.refusals,
+                       "slowest_refusal_ms": r.slowest_refusal.as_secs_f64() * 1e3,
                        "recovery_ms": r.recovery.as_millis() as u64})
             })
             .collect();
