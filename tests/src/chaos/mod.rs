@@ -39,7 +39,7 @@ mod rig;
 mod traffic;
 
 pub use fault::Fault;
-pub use report::{Report, Round, print_totals};
+pub use report::{Report, Round, print_table, print_totals};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -132,8 +132,12 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
         checks::audit_at_receiver(&traffic, &rig.receiver, faults);
     let dead_lettered = checks::dead_letters(rig.client()).await?;
     let acknowledged_writes = traffic.acknowledged.lock().unwrap().len() as u64;
+    let server = rig.topology.server();
+    let (major, minor) = server.version();
+    let server = format!("{:?} {major}.{minor}", server.kind());
     rig.shutdown().await;
     Ok(Report {
+        server,
         rounds: report_rounds,
         acknowledged_writes,
         lost_writes,

@@ -31,6 +31,8 @@ pub struct Round {
 /// What the whole run saw.
 #[derive(Clone, Debug)]
 pub struct Report {
+    /// The server every node ran, and its version ("Redis 7.0").
+    pub server: String,
     /// Each round.
     pub rounds: Vec<Round>,
     /// Writes acknowledged to clients.
@@ -78,6 +80,7 @@ impl Report {
             })
             .collect();
         json!({
+            "server": self.server,
             "rounds": rounds,
             "acknowledged_writes": self.acknowledged_writes,
             "lost_writes": self.lost_writes.len(),
@@ -92,6 +95,35 @@ impl Report {
     }
 }
 
+/// Prints the rounds as a Markdown table, one row per round, and the
+/// run's totals (for the README's chaos table).
+pub fn print_table(report: &Report) {
+    println!(
+        "| fault ({}) | errors within budget | past budget | refused at once (slowest) | recovery |",
+        report.server
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for round in &report.rounds {
+        println!(
+            "| {} | {} | {} | {} ({:.0} ms) | {:.2} s |",
+            round.fault.name(),
+            round.errors_within_budget,
+            round.errors_past_budget,
+            round.refusals,
+            round.slowest_refusal.as_secs_f64() * 1e3,
+            round.recovery.as_secs_f64()
+        );
+    }
+    println!(
+        "\n{} acknowledged writes: {} lost; {} reads: {} stale; {} audit records missing at the receiver",
+        report.acknowledged_writes,
+        report.lost_writes.len(),
+        report.reads,
+        report.stale_reads.len(),
+        report.missing_audit_records.len()
+    );
+}
+
 /// Prints a report's totals.
 pub fn print_totals(report: &Report) {
     let recoveries: Vec<f64> = report
@@ -101,8 +133,9 @@ pub fn print_totals(report: &Report) {
         .collect();
     let worst = recoveries.iter().copied().fold(0.0, f64::max);
     println!(
-        "chaos: {} rounds, {} acknowledged writes, {} lost, {} reads, {} stale, {} audit records missing, \
+        "chaos on {}: {} rounds, {} acknowledged writes, {} lost, {} reads, {} stale, {} audit records missing, \
          {} duplicate lines, {} errors within the retry budget, {} past it, worst recovery {worst:.2} s",
+        report.server,
         report.rounds.len(),
         report.acknowledged_writes,
         report.lost_writes.len(),

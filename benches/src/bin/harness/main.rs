@@ -522,6 +522,7 @@ async fn chaos(rounds: usize) -> Result<Value, Box<dyn Error>> {
         .await
         .map_err(|e| e.to_string())?;
     chaos::print_totals(&report);
+    chaos::print_table(&report);
     println!(
         "targets: 0 acknowledged writes lost or missed by a read, 0 audit records missing, 0 client errors within the retry budget or past it"
     );
