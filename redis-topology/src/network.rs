@@ -153,6 +153,7 @@ impl Network {
     /// is removed again.
     pub(crate) fn create(data_nodes: usize, sentinels: usize) -> Result<Self> {
         let ip = find_ip()?;
+        crate::orphans::sweep_namespaces(&ip);
         let (pid, n) = (
             std::process::id(),
             TOPOLOGIES.fetch_add(1, Ordering::Relaxed) % COUNTER_MODULUS,
