@@ -282,6 +282,38 @@ async fn a_replica_cut_from_the_master_drops_out_and_comes_back_when_healed() {
 }
 
 #[tokio::test]
+async fn kill_pause_and_restart_reach_the_server_inside_its_namespace() {
+    let builder = Topology::builder().replicas(1).sentinels(0);
+    let Some(topology) = start(builder).await else {
+        return;
+    };
+    let (master, replica) = (topology.initial_master(), topology.data_nodes()[1]);
+    // `ip netns exec` execs the server: the pid we hold is the server's own.
+    let info: String = topology
+        .query(replica, redis::cmd("INFO").arg("server"))
+        .await
+        .unwrap();
+    let pid = topology.pid(replica).unwrap();
+    assert!(info.contains(&format!("process_id:{pid}\r\n")), "{info}");
+
+    topology.pause(replica).unwrap();
+    assert_unreachable(&topology, replica).await;
+    topology.resume(replica).unwrap();
+    assert_eq!(ping(&topology, replica).await.unwrap(), "PONG");
+
+    let addr = topology.addr(replica);
+    topology.kill(replica).unwrap();
+    assert!(ping(&topology, replica).await.is_err());
+    topology.restart(replica).await.unwrap();
+    assert_eq!(topology.addr(replica), addr);
+    topology
+        .wait_for_replica_of(replica, master, SYNC_DEADLINE)
+        .await
+        .unwrap();
+    drop_and_assert_clean(topology);
+}
+
+#[tokio::test]
 async fn network_faults_without_namespaces_are_refused() {
     let topology = Topology::builder()
         .replicas(0)
