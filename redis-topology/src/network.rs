@@ -185,7 +185,7 @@ impl Network {
         format!("{}-{node}", self.prefix)
     }
 
-    /// Every namespace of the topology, the hub last.
+    /// Every namespace of the topology, the hub first.
     pub(crate) fn netns_names(&self) -> Vec<String> {
         self.created.clone()
     }

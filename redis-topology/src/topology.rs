@@ -31,7 +31,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A running set of local `redis-server` processes: one master, its
 /// replicas, and optionally sentinels watching them.
 ///
-/// Every process runs on a loopback port chosen at start, with its config and
+/// Every process runs on a loopback port chosen at start (or in a network
+/// namespace of its own: [`cut`](Self::cut)), with its config and
 /// log in a directory of its own under [`dir`](Self::dir). Dropping the
 /// topology SIGKILLs every process it started (paused ones included) and
 /// removes the directory, also when the drop happens while a test panics.
