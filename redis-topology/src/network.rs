@@ -515,7 +515,9 @@ pub(crate) fn run(ip: &Path, args: &[&str]) -> Result<String> {
 fn unavailable(error: Error) -> Error {
     match error {
         Error::Network { command, output } => Error::NetworkUnavailable {
-            reason: format!("`{command}` failed: {output}"),
+            reason: format!(
+                "`{command}` failed: {output} (needs root, or CAP_SYS_ADMIN and CAP_NET_ADMIN)"
+            ),
         },
         other => other,
     }
