@@ -1,13 +1,14 @@
 //! The topology builder: settings, their validation, and the config files they produce.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::server;
 use crate::tls::TlsFiles;
 use crate::topology::Topology;
+use crate::{network, server};
 
 /// Set to a non-empty value to keep every topology's directory by default.
 const KEEP_DIR_ENV: &str = "REDIS_TOPOLOGY_KEEP_DIR";
@@ -45,6 +46,7 @@ pub struct TopologyBuilder {
     pub(crate) start_timeout: Duration,
     pub(crate) keep_dir: bool,
     pub(crate) tls: bool,
+    pub(crate) network_namespaces: bool,
 }
 
 impl std::fmt::Debug for TopologyBuilder {
@@ -66,6 +68,7 @@ impl std::fmt::Debug for TopologyBuilder {
             .field("start_timeout", &self.start_timeout)
             .field("keep_dir", &self.keep_dir)
             .field("tls", &self.tls)
+            .field("network_namespaces", &self.network_namespaces)
             .finish()
     }
 }
@@ -88,6 +91,7 @@ impl Default for TopologyBuilder {
             start_timeout: Duration::from_secs(30),
             keep_dir: std::env::var_os(KEEP_DIR_ENV).is_some_and(|v| !v.is_empty()),
             tls: false,
+            network_namespaces: false,
         }
     }
 }
@@ -222,6 +226,22 @@ impl TopologyBuilder {
         self
     }
 
+    /// Runs every node in a Linux network namespace of its own, joined to
+    /// the others and to this process by veth pairs and a bridge, with an
+    /// address of its own in a private `/24` (so [`Topology::addr`] is no
+    /// loopback address). This is what lets a test cut links
+    /// ([`Topology::cut`], [`Topology::heal`]) as a partition does.
+    /// Defaults to false.
+    ///
+    /// Needs root (or `CAP_SYS_ADMIN` and `CAP_NET_ADMIN`) and the `ip`
+    /// command; without them [`start`](Self::start) returns
+    /// [`Error::NetworkUnavailable`], on which a test should skip. Not
+    /// available with [`tls`](Self::tls) (the certificates name 127.0.0.1).
+    pub fn network_namespaces(mut self, enabled: bool) -> Self {
+        self.network_namespaces = enabled;
+        self
+    }
+
     /// Starts the master, then the replicas, then the sentinels, and returns
     /// once every replica is online at the master and every sentinel sees
     /// the master, every replica and every other sentinel.
@@ -259,6 +279,15 @@ impl TopologyBuilder {
         }
         if self.failover_timeout < Duration::from_millis(100) {
             return invalid("failover_timeout", "must be at least 100 ms");
+        }
+        if self.network_namespaces && self.tls {
+            return invalid("network_namespaces", "cannot be combined with tls");
+        }
+        if self.network_namespaces && self.replicas + 1 + self.sentinels > network::MAX_NODES {
+            return invalid(
+                "network_namespaces",
+                "a topology's /24 holds at most 252 nodes",
+            );
         }
         if self.start_timeout.is_zero() {
             return invalid("start_timeout", "must be more than zero");
@@ -300,17 +329,17 @@ impl TopologyBuilder {
         Ok(())
     }
 
-    /// The `redis.conf` of a data node; `master_port` is `None` for the master.
+    /// The `redis.conf` of a data node listening on `addr`; `master` is
+    /// `None` for the master.
     pub(crate) fn data_config(
         &self,
-        port: u16,
-        master_port: Option<u16>,
+        addr: SocketAddr,
+        master: Option<SocketAddr>,
         tls: Option<&TlsFiles>,
     ) -> String {
-        let mut conf = listen(port, tls);
+        let mut conf = listen(addr, tls);
         conf.push_str(
-            "bind 127.0.0.1\n\
-             daemonize no\n\
+            "daemonize no\n\
              logfile \"\"\n\
              save \"\"\n\
              appendonly no\n\
@@ -332,8 +361,8 @@ impl TopologyBuilder {
             }
             _ => {}
         }
-        if let Some(master_port) = master_port {
-            let _ = writeln!(conf, "replicaof 127.0.0.1 {master_port}");
+        if let Some(master) = master {
+            let _ = writeln!(conf, "replicaof {} {}", master.ip(), master.port());
         }
         for line in &self.extra_config {
             let _ = writeln!(conf, "{line}");
@@ -341,24 +370,26 @@ impl TopologyBuilder {
         conf
     }
 
-    /// The `sentinel.conf` of a sentinel watching the master on `master_port`.
+    /// The `sentinel.conf` of a sentinel listening on `addr` and watching
+    /// the master on `master`.
     pub(crate) fn sentinel_config(
         &self,
-        port: u16,
-        master_port: u16,
+        addr: SocketAddr,
+        master: SocketAddr,
         tls: Option<&TlsFiles>,
     ) -> String {
         let name = &self.master_name;
-        let mut conf = listen(port, tls);
+        let mut conf = listen(addr, tls);
         let _ = write!(
             conf,
-            "bind 127.0.0.1\n\
-             daemonize no\n\
+            "daemonize no\n\
              logfile \"\"\n\
-             sentinel monitor {name} 127.0.0.1 {master_port} {quorum}\n\
+             sentinel monitor {name} {master_ip} {master_port} {quorum}\n\
              sentinel down-after-milliseconds {name} {down_after}\n\
              sentinel failover-timeout {name} {failover_timeout}\n\
              sentinel parallel-syncs {name} 1\n",
+            master_ip = master.ip(),
+            master_port = master.port(),
             quorum = self.quorum_or_majority(),
             down_after = self.down_after.as_millis(),
             failover_timeout = self.failover_timeout.as_millis(),
@@ -379,12 +410,19 @@ impl TopologyBuilder {
     }
 }
 
-/// The lines that make a node listen on `port`, over TLS if `tls` is set.
-fn listen(port: u16, tls: Option<&TlsFiles>) -> String {
-    match tls {
-        Some(tls) => tls.config(port),
-        None => format!("port {port}\n"),
+/// The lines that make a node listen on `addr`, over TLS if `tls` is set.
+/// A node in a network namespace of its own binds to its own address;
+/// nobody else can reach that namespace, so protected mode is off.
+fn listen(addr: SocketAddr, tls: Option<&TlsFiles>) -> String {
+    let mut conf = match tls {
+        Some(tls) => tls.config(addr.port()),
+        None => format!("port {}\n", addr.port()),
+    };
+    let _ = writeln!(conf, "bind {}", addr.ip());
+    if !addr.ip().is_loopback() {
+        conf.push_str("protected-mode no\n");
     }
+    conf
 }
 
 /// Safe to write unquoted in a config file and as a Sentinel master name.
@@ -406,6 +444,10 @@ fn is_password(password: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn local(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
 
     fn rejected_setting(builder: TopologyBuilder) -> &'static str {
         match builder.validate() {
@@ -446,6 +488,10 @@ mod tests {
         );
         assert_eq!(rejected_setting(b().extra_config("a\nb")), "extra_config");
         assert_eq!(
+            rejected_setting(b().network_namespaces(true).tls(true)),
+            "network_namespaces"
+        );
+        assert_eq!(
             rejected_setting(b().down_after(Duration::ZERO)),
             "down_after"
         );
@@ -460,10 +506,11 @@ mod tests {
         let conf = TopologyBuilder::default()
             .acl_user("app", "s3cret")
             .extra_config("maxmemory 64mb")
-            .data_config(20001, Some(20000), None);
+            .data_config(local(20001), Some(local(20000)), None);
         for line in [
             "port 20001",
             "replicaof 127.0.0.1 20000",
+            "bind 127.0.0.1",
             "user default off",
             "user app on >s3cret ~* &* +@all",
             "masteruser app",
@@ -483,7 +530,7 @@ mod tests {
             .password("pw")
             .sentinel_password("spw")
             .down_after(Duration::from_millis(2500))
-            .sentinel_config(20010, 20000, None);
+            .sentinel_config(local(20010), local(20000), None);
         for line in [
             "sentinel monitor mymaster 127.0.0.1 20000 2",
             "sentinel down-after-milliseconds mymaster 2500",

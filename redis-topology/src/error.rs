@@ -151,6 +151,31 @@ pub enum Error {
         source: nix::Error,
     },
 
+    /// Network namespaces cannot be made on this machine: no privileges
+    /// (root, or `CAP_SYS_ADMIN` and `CAP_NET_ADMIN`), no `ip` command, or no
+    /// free subnet. Tests that need them skip on this error rather than fail.
+    #[error("network namespaces are unavailable: {reason}")]
+    NetworkUnavailable {
+        /// What failed.
+        reason: String,
+    },
+
+    /// A network fault was asked of a topology started without
+    /// [`TopologyBuilder::network_namespaces`](crate::TopologyBuilder::network_namespaces).
+    #[error(
+        "this topology runs without network namespaces; start it with `network_namespaces(true)`"
+    )]
+    NoNetworkNamespaces,
+
+    /// An `ip` command that sets up or changes a topology's network failed.
+    #[error("`{command}` failed: {output}")]
+    Network {
+        /// The command line.
+        command: String,
+        /// What it printed on stderr.
+        output: String,
+    },
+
     /// A command sent to a node failed.
     #[error("command on {node} failed")]
     Redis {

@@ -7,6 +7,7 @@
 
 mod builder;
 mod error;
+mod network;
 mod node;
 mod orphans;
 mod ports;
@@ -16,6 +17,7 @@ mod topology;
 
 pub use builder::TopologyBuilder;
 pub use error::{Error, Result};
+pub use network::{Endpoint, check_network_namespaces};
 pub use node::{NodeId, NodeKind};
 /// The Redis client this crate speaks through; [`Role`] and connection types come from it.
 pub use redis;

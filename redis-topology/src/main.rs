@@ -7,21 +7,25 @@
 
 use std::process::ExitCode;
 
-use redis_topology::{Role, Topology};
+use redis_topology::{NodeId, Role, Topology};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 const USAGE: &str = "\
 Usage: redis-topology [--replicas N] [--sentinels N] [--master-name NAME]
+                      [--network-namespaces]
 
 Runs a real Redis master with N replicas (default 2) and N sentinels
 (default 3; 0 for none) on free loopback ports until Ctrl-C or SIGTERM,
 then kills every process and removes the topology's directory.
+With --network-namespaces, every node runs in a network namespace of its
+own with an address of its own instead (needs root and `ip`).
 Needs redis-server (Redis >= 6.2) on PATH.";
 
 struct Options {
     replicas: usize,
     sentinels: usize,
     master_name: String,
+    network_namespaces: bool,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
@@ -29,6 +33,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
         replicas: 2,
         sentinels: 3,
         master_name: "mymaster".to_owned(),
+        network_namespaces: false,
     };
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value"));
@@ -37,6 +42,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Options>,
             "--replicas" => options.replicas = parse_count(&arg, &value()?)?,
             "--sentinels" => options.sentinels = parse_count(&arg, &value()?)?,
             "--master-name" => options.master_name = value()?,
+            "--network-namespaces" => options.network_namespaces = true,
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
@@ -75,6 +81,7 @@ async fn main() -> ExitCode {
         .replicas(options.replicas)
         .sentinels(options.sentinels)
         .master_name(options.master_name)
+        .network_namespaces(options.network_namespaces)
         .start();
     let started = tokio::select! {
         started = starting => started,
@@ -110,7 +117,11 @@ async fn main() -> ExitCode {
 
 async fn print_summary(topology: &Topology) {
     let master = topology.initial_master();
-    let master_port = topology.addr(master).port();
+    // `-h <ip> -p <port>`: with network namespaces, nodes are not on loopback.
+    let at = |node: NodeId| {
+        let addr = topology.addr(node);
+        format!("-h {} -p {}", addr.ip(), addr.port())
+    };
     println!(
         "Redis topology \"{}\": 1 master, {} replicas, {} sentinels",
         topology.master_name(),
@@ -139,16 +150,20 @@ async fn print_summary(topology: &Topology) {
         );
     }
     println!("Configs and logs: {}", topology.dir().display());
+    let namespaces = topology.netns_names();
+    if !namespaces.is_empty() {
+        println!("Network namespaces: {}", namespaces.join(" "));
+    }
     println!("Try:");
     let cli = topology.redis_cli().display();
-    println!("  {cli} -p {master_port} SET hello world");
+    println!("  {cli} {} SET hello world", at(master));
     if let Some(replica) = topology.data_nodes().get(1) {
-        println!("  {cli} -p {} GET hello", topology.addr(*replica).port());
+        println!("  {cli} {} GET hello", at(*replica));
     }
     if let Some(sentinel) = topology.sentinels().first() {
         println!(
-            "  {cli} -p {} SENTINEL GET-MASTER-ADDR-BY-NAME {}",
-            topology.addr(*sentinel).port(),
+            "  {cli} {} SENTINEL GET-MASTER-ADDR-BY-NAME {}",
+            at(*sentinel),
             topology.master_name()
         );
         if let Some(pid) = topology.pid(master) {

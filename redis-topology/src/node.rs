@@ -1,5 +1,6 @@
 //! One `redis-server` process: its identity, files and lifecycle.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
@@ -82,7 +83,10 @@ pub(crate) enum Exit {
 #[derive(Debug)]
 pub(crate) struct NodeProcess {
     pub(crate) id: NodeId,
-    pub(crate) port: u16,
+    addr: SocketAddr,
+    /// What the command line starts with before the binary: empty, or
+    /// `ip netns exec <namespace>` (which execs, so the pid stays the node's).
+    launcher: Vec<OsString>,
     binary: PathBuf,
     conf: PathBuf,
     log: PathBuf,
@@ -93,13 +97,14 @@ pub(crate) struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Writes `config` (which must contain the `port` line) into a directory of
-    /// the node's own under `root` and starts `redis-server` on it.
+    /// Writes `config` (which must make it listen on `addr`) into a
+    /// directory of the node's own under `root` and starts `redis-server` on
+    /// it, behind `launcher` if that is not empty.
     pub(crate) fn spawn(
         id: NodeId,
         root: &Path,
         binary: &Path,
-        port: u16,
+        (addr, launcher): (SocketAddr, Vec<OsString>),
         config: &str,
     ) -> Result<Self> {
         let dir = root.join(id.to_string());
@@ -118,7 +123,8 @@ impl NodeProcess {
         })?;
         let mut node = Self {
             id,
-            port,
+            addr,
+            launcher,
             binary: binary.to_path_buf(),
             conf,
             log: dir.join("redis.log"),
@@ -149,7 +155,15 @@ impl NodeProcess {
             NodeKind::Data => &[],
             NodeKind::Sentinel => &["--sentinel"],
         };
-        let child = Command::new(&self.binary)
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
+        let child = command
             .arg(&self.conf)
             .args(binary_args)
             .stdin(Stdio::null())
@@ -161,7 +175,7 @@ impl NodeProcess {
                 source,
             })?;
         let record = self.conf.with_file_name(crate::orphans::NODE_FILE);
-        let pid_and_port = format!("{} {}", child.id(), self.port);
+        let pid_and_port = format!("{} {}", child.id(), self.addr.port());
         self.child = Some(child);
         self.paused = false;
         // Lets a later topology reap this node if our process dies unannounced.
@@ -172,7 +186,7 @@ impl NodeProcess {
     }
 
     pub(crate) fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.addr
     }
 
     pub(crate) fn pid(&self) -> Option<u32> {

@@ -15,10 +15,16 @@
 //! alone. A directory is removed only once all its nodes are gone; until
 //! then the next sweep tries again. The sweep needs `/proc`, so it runs on
 //! Linux only.
+//!
+//! Network namespaces and the machine-side veth of a namespaced topology
+//! carry their owner's pid in their names (see `network`); a topology that
+//! uses namespaces first removes those whose owner is dead, killing what
+//! still runs inside.
 
 use std::fs::{self, File};
 use std::io;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
@@ -100,6 +106,70 @@ pub(crate) fn sweep(temp_dir: &Path) {
     }
 }
 
+/// Removes the network namespaces and machine-side veths whose owner
+/// process is dead, killing any process left inside those namespaces.
+pub(crate) fn sweep_namespaces(ip: &Path) {
+    let list = |args: &[&str]| {
+        Command::new(ip)
+            .args(args)
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let orphaned = |owner: Option<i32>| owner.is_some_and(|pid| !is_alive(pid));
+    for line in list(&["netns", "list"]).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if orphaned(netns_owner(name)) {
+            for pid in list(&["netns", "pids", name]).split_whitespace() {
+                if let Ok(pid) = pid.parse() {
+                    let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+            let _ = Command::new(ip).args(["netns", "del", name]).output();
+        }
+    }
+    // `12: rt1234-0@if11: <BROADCAST,...`
+    for line in list(&["-o", "link", "show"]).lines() {
+        let Some(name) = line.split(": ").nth(1).and_then(|n| n.split('@').next()) else {
+            continue;
+        };
+        if orphaned(link_owner(name)) {
+            let _ = Command::new(ip).args(["link", "del", name]).output();
+        }
+    }
+}
+
+/// The owner's pid in `rt-<pid>-<n>-<rest>`.
+fn netns_owner(name: &str) -> Option<i32> {
+    let mut parts = name
+        .strip_prefix(crate::network::NETNS_STEM)?
+        .splitn(3, '-');
+    let pid = parts.next()?.parse().ok()?;
+    parts.next()?.parse::<u32>().ok()?;
+    parts.next().map(|_| pid)
+}
+
+/// The owner's pid in `rt<pid>-<n>`.
+fn link_owner(name: &str) -> Option<i32> {
+    let (pid, n) = name
+        .strip_prefix(crate::network::LINK_STEM)?
+        .split_once('-')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+/// Whether `pid` runs and is no zombie.
+fn is_alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !is_zombie(&stat))
+}
+
+fn is_zombie(stat: &str) -> bool {
+    stat.rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('Z'))
+}
+
 fn read_node(path: &Path) -> Option<(i32, u16)> {
     let text = fs::read_to_string(path).ok()?;
     let (pid, port) = text.trim().split_once(' ')?;
@@ -110,9 +180,7 @@ fn read_node(path: &Path) -> Option<(i32, u16)> {
 /// showing `port`.
 fn is_node(pid: i32, port: u16) -> bool {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit_once(") ")
-        .is_some_and(|(_, rest)| rest.starts_with('Z'));
+    let zombie = is_zombie(&stat);
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
@@ -168,5 +236,17 @@ mod tests {
             "not a topology directory"
         );
         assert!(!is_node(i32::try_from(std::process::id()).unwrap(), 1));
+    }
+
+    #[test]
+    fn owners_are_read_from_namespace_and_link_names() {
+        assert_eq!(netns_owner("rt-1234-7-redis-0"), Some(1234));
+        assert_eq!(netns_owner("rt-1234-7-hub"), Some(1234));
+        assert_eq!(netns_owner("rt-1234-hub"), None);
+        assert_eq!(netns_owner("rt1234-7"), None);
+        assert_eq!(link_owner("rt1234-7"), Some(1234));
+        assert_eq!(link_owner("rt-1234-7-hub"), None);
+        assert_eq!(link_owner("rtx-7"), None);
+        assert!(is_alive(i32::try_from(std::process::id()).unwrap()));
     }
 }

@@ -12,6 +12,7 @@ use tempfile::TempDir;
 
 use crate::builder::TopologyBuilder;
 use crate::error::{Error, Result};
+use crate::network::{self, Network};
 use crate::node::{Exit, NodeId, NodeKind, NodeProcess};
 use crate::server::{self, Server};
 use crate::tls::{self, TlsFiles};
@@ -30,7 +31,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A running set of local `redis-server` processes: one master, its
 /// replicas, and optionally sentinels watching them.
 ///
-/// Every process runs on a loopback port chosen at start, with its config and
+/// Every process runs on a loopback port chosen at start (or in a network
+/// namespace of its own: [`cut`](Self::cut)), with its config and
 /// log in a directory of its own under [`dir`](Self::dir). Dropping the
 /// topology SIGKILLs every process it started (paused ones included) and
 /// removes the directory, also when the drop happens while a test panics.
@@ -44,6 +46,8 @@ pub struct Topology {
     server: Server,
     tls: Option<TlsFiles>,
     nodes: Mutex<Nodes>,
+    /// With `network_namespaces`; dropped after the processes are killed.
+    pub(crate) network: Option<Network>,
     /// Held while the topology lives; see `orphans`.
     _owner_lock: std::fs::File,
     // Declared last: the directory goes only after Drop has killed the processes.
@@ -131,6 +135,7 @@ impl Topology {
             None
         };
         let topology = Self {
+            network: Network::for_settings(&settings)?,
             settings,
             binary,
             server,
@@ -143,13 +148,13 @@ impl Topology {
         let settings = &topology.settings;
         let tls = topology.tls.as_ref();
         let master = NodeId::data(0);
-        let master_port = topology
-            .spawn_node(master, |port| settings.data_config(port, None, tls))
+        let master_addr = topology
+            .spawn_node(master, |addr| settings.data_config(addr, None, tls))
             .await?;
         for index in 1..=settings.replicas {
             topology
-                .spawn_node(NodeId::data(index), |port| {
-                    settings.data_config(port, Some(master_port), tls)
+                .spawn_node(NodeId::data(index), |addr| {
+                    settings.data_config(addr, Some(master_addr), tls)
                 })
                 .await?;
         }
@@ -163,8 +168,8 @@ impl Topology {
         topology.wait_for_replication_stream(master).await?;
         for index in 0..settings.sentinels {
             topology
-                .spawn_node(NodeId::sentinel(index), |port| {
-                    settings.sentinel_config(port, master_port, tls)
+                .spawn_node(NodeId::sentinel(index), |addr| {
+                    settings.sentinel_config(addr, master_addr, tls)
                 })
                 .await?;
         }
@@ -175,13 +180,20 @@ impl Topology {
     }
 
     /// Starts a new node on a free port, trying another port when a
-    /// concurrent process takes the chosen one first. Returns the port.
-    async fn spawn_node(&self, id: NodeId, config: impl Fn(u16) -> String) -> Result<u16> {
+    /// concurrent process takes the chosen one first. Returns its address.
+    async fn spawn_node(
+        &self,
+        id: NodeId,
+        config: impl Fn(SocketAddr) -> String,
+    ) -> Result<SocketAddr> {
+        let (ip, launcher) = network::placement(self.network.as_ref(), id);
         let mut port = 0;
         for _ in 0..PORT_ATTEMPTS {
             port = ports::pick_free_port().ok_or(Error::NoFreePort { node: id })?;
+            let addr = SocketAddr::new(ip, port);
+            let place = (addr, launcher.clone());
             let process =
-                NodeProcess::spawn(id, self.dir.path(), &self.binary, port, &config(port))?;
+                NodeProcess::spawn(id, self.dir.path(), &self.binary, place, &config(addr))?;
             {
                 let mut nodes = self.lock();
                 let list = match id.kind() {
@@ -193,7 +205,7 @@ impl Topology {
                 list.push(process);
             }
             if self.wait_until_answering(id).await? {
-                return Ok(port);
+                return Ok(addr);
             }
         }
         Err(Error::PortTaken { node: id, port })
@@ -438,7 +450,8 @@ impl Topology {
         self.sentinels().into_iter().map(|s| self.addr(s)).collect()
     }
 
-    /// The loopback address a node listens on. It keeps it across restarts.
+    /// The address a node listens on: loopback, or with network namespaces
+    /// its own. It keeps it across restarts.
     pub fn addr(&self, node: NodeId) -> SocketAddr {
         self.lock().get(node).addr()
     }
@@ -464,7 +477,7 @@ impl Topology {
         if let Some(password) = password {
             redis = redis.set_password(password);
         }
-        let (host, port) = ("127.0.0.1".to_owned(), self.addr(node).port());
+        let (host, port) = (self.addr(node).ip().to_string(), self.addr(node).port());
         let addr = match self.tls {
             Some(_) => ConnectionAddr::TcpTls {
                 host,
@@ -716,11 +729,11 @@ impl Topology {
         let _: String = self
             .query(node, redis::cmd("REPLICAOF").arg("NO").arg("ONE"))
             .await?;
-        let port = self.addr(node).port();
+        let (ip, port) = (self.addr(node).ip().to_string(), self.addr(node).port());
         for other in self.reachable(self.data_nodes()) {
             if other != node {
                 let _: String = self
-                    .query(other, redis::cmd("REPLICAOF").arg("127.0.0.1").arg(port))
+                    .query(other, redis::cmd("REPLICAOF").arg(&ip).arg(port))
                     .await?;
             }
         }
