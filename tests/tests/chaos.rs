@@ -59,3 +59,25 @@ async fn limits_refuse_writes_at_once_and_a_persistent_restart_loses_nothing() {
         }
     }
 }
+
+/// Network partitions, in namespaces the run creates (skipped without the
+/// privileges): the master cut from the sentinels while the clients still
+/// reach it (Sentinel replaces it; writes waiting for both replicas cannot
+/// be acknowledged by it), and the clients cut from the master for 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_lose_nothing_acknowledged_and_fail_no_request() {
+    if let Err(error) = redis_topology::check_network_namespaces() {
+        eprintln!("skipped: {error}");
+        return;
+    }
+    let report = chaos::run(Fault::NETWORK.len(), &Fault::NETWORK)
+        .await
+        .expect("chaos run");
+    chaos::print_totals(&report);
+    assert!(report.acknowledged_writes > 0);
+    assert_eq!(report.lost_writes, Vec::<String>::new());
+    assert_eq!(report.stale_reads, Vec::<String>::new());
+    assert_eq!(report.missing_audit_records, Vec::<String>::new());
+    assert_eq!(report.errors_within_budget(), 0, "{:?}", report.failures);
+    assert_eq!(report.errors_past_budget(), 0, "{:?}", report.failures);
+}

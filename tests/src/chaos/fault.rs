@@ -1,6 +1,6 @@
 //! The faults a chaos round injects, and how each is injected.
 use redis::aio::MultiplexedConnection;
-use redis_topology::NodeId;
+use redis_topology::{Endpoint, NodeId};
 
 use super::receiver::Mode;
 use super::rig::{Rig, wait_until};
@@ -41,6 +41,13 @@ pub enum Fault {
     /// replicas empty themselves to follow it. Loses acknowledged writes by
     /// design (Redis's documented hazard); runs on its own.
     RestartMasterEmpty,
+    /// The master cut from every sentinel (a network partition) while the
+    /// clients still reach it: Sentinel promotes a replica; healed once the
+    /// old master is replaced.
+    CutMasterFromSentinels,
+    /// The clients (both servers) cut from the master for a while, the
+    /// sentinels still reaching it, then healed.
+    CutClientFromMaster,
 }
 
 impl Fault {
@@ -62,6 +69,15 @@ impl Fault {
         Fault::RestartMaster,
     ];
 
+    /// The network faults: they need the nodes in network namespaces
+    /// (root, or the capabilities to create them).
+    pub const NETWORK: [Fault; 2] = [Fault::CutMasterFromSentinels, Fault::CutClientFromMaster];
+
+    /// Whether the fault needs the nodes in network namespaces.
+    pub fn needs_network(self) -> bool {
+        Self::NETWORK.contains(&self)
+    }
+
     pub(super) fn name(self) -> &'static str {
         match self {
             Fault::KillMaster => "kill -9 master",
@@ -77,6 +93,8 @@ impl Fault {
             Fault::MaxClients => "maxclients reached",
             Fault::RestartMaster => "restart master, AOF",
             Fault::RestartMasterEmpty => "restart master, empty",
+            Fault::CutMasterFromSentinels => "master cut from sentinels",
+            Fault::CutClientFromMaster => "clients cut from master",
         }
     }
 
@@ -91,6 +109,7 @@ impl Fault {
                 | Fault::DiskFull
                 | Fault::RestartMaster
                 | Fault::RestartMasterEmpty
+                | Fault::CutMasterFromSentinels
         )
     }
 
@@ -153,6 +172,23 @@ pub(super) async fn inject(rig: &mut Rig, fault: Fault) -> Result<(), BoxError> 
         Fault::MaxClients => max_clients(rig).await?,
         Fault::RestartMaster | Fault::RestartMasterEmpty => {
             restart_master(rig, fault == Fault::RestartMaster).await?;
+        }
+        Fault::CutMasterFromSentinels => {
+            let old = rig.current_master().await?;
+            for sentinel in topology.sentinels() {
+                topology.cut(old, sentinel)?;
+            }
+            let new = topology.wait_for_new_master(old, DEADLINE).await;
+            for sentinel in topology.sentinels() {
+                topology.heal(old, sentinel)?;
+            }
+            topology.wait_for_replica_of(old, new?, DEADLINE).await?;
+        }
+        Fault::CutClientFromMaster => {
+            let master = rig.current_master().await?;
+            topology.cut(Endpoint::Client, master)?;
+            tokio::time::sleep(OUTAGE).await;
+            topology.heal(Endpoint::Client, master)?;
         }
     }
     Ok(())

@@ -54,8 +54,10 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const OUTAGE: Duration = Duration::from_secs(3);
 
 /// Runs `rounds` rounds, cycling through `faults`, and checks the end state.
+/// The nodes run in network namespaces when a fault needs them (see
+/// [`redis_topology::check_network_namespaces`]).
 pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
-    let mut rig = Rig::start().await?;
+    let mut rig = Rig::start(faults.iter().any(|f| f.needs_network())).await?;
     let traffic = Traffic::new(TENANTS.len() * TASKS_PER_TENANT);
     let mut tasks = Vec::new();
     // One logged-in client per tenant for the final checks.

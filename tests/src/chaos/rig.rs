@@ -22,8 +22,11 @@ pub(super) struct Rig {
 }
 
 impl Rig {
-    pub(super) async fn start() -> Result<Self, BoxError> {
+    /// Starts everything; with `network`, each node in a network namespace
+    /// of its own, so that links can be cut.
+    pub(super) async fn start(network: bool) -> Result<Self, BoxError> {
         let topology = Topology::builder()
+            .network_namespaces(network)
             .down_after(Duration::from_millis(1000))
             .failover_timeout(FAILOVER_TIMEOUT)
             // The disk-full fault moves the master's directory at run time.
