@@ -11,7 +11,7 @@ use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event, Trigger};
 use crate::policy::{Decision, GaveUp, Tried, Tries};
 use crate::request::{Reply, Request, Sent};
-use crate::retry::{Failure, refusal_means_not_master, refusal_of};
+use crate::retry::{Failure, redirect_target, refusal_means_not_master, refusal_of};
 use crate::routing::Durability;
 use crate::shared::Shared;
 use crate::state::Master;
@@ -141,8 +141,17 @@ impl Shared {
             Verdict::Held => Tried::Held,
             Verdict::Rediscover(tried, trigger) => {
                 tracing::debug!(node = %master.node, %reason, ?trigger, "request to the master failed");
-                self.after_master_failed(master, epoch, tried, trigger)
-                    .await
+                let redirect = failure.as_ref().ok().and_then(redirect_target);
+                match redirect.filter(|_| trigger == Trigger::Redirect) {
+                    Some(target) => {
+                        self.follow_redirect(master, epoch, &target).await;
+                        tried
+                    }
+                    None => {
+                        self.after_master_failed(master, epoch, tried, trigger)
+                            .await
+                    }
+                }
             }
         };
         match self
@@ -228,6 +237,10 @@ impl Shared {
                 Some("READONLY") => {
                     self.telemetry.add(Counter::ReadonlyReplies);
                     Verdict::Rediscover(Tried::NotRun, Trigger::ReadOnly)
+                }
+                Some("REDIRECT") => {
+                    self.telemetry.add(Counter::RedirectReplies);
+                    Verdict::Rediscover(Tried::NotRun, Trigger::Redirect)
                 }
                 // Busy, or waiting for replicas: the master is fine.
                 Some(code) if !refusal_means_not_master(code) => Verdict::Held,

@@ -233,6 +233,17 @@ impl MasterState {
     /// once no other runs; or, if one finished since that observation,
     /// what it found.
     pub(crate) async fn begin(&self, epoch: u64) -> Result<Discovery<'_>, Found> {
+        self.begin_counted(epoch, Counter::Discoveries).await
+    }
+
+    /// [`begin`](Self::begin) for a check of the one node a `REDIRECT`
+    /// named: the same single flight and epochs, counted apart from
+    /// discoveries.
+    pub(crate) async fn begin_redirect(&self, epoch: u64) -> Result<Discovery<'_>, Found> {
+        self.begin_counted(epoch, Counter::RedirectsFollowed).await
+    }
+
+    async fn begin_counted(&self, epoch: u64, counter: Counter) -> Result<Discovery<'_>, Found> {
         let guard = self.discovery.lock().await;
         let now = self.epoch.load(Ordering::Acquire);
         if now != epoch {
@@ -244,7 +255,7 @@ impl MasterState {
         // Bumped as the discovery starts: only a discovery that started
         // after a caller's observation answers for that caller.
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        self.telemetry.add(Counter::Discoveries);
+        self.telemetry.add(counter);
         Ok(Discovery {
             state: self,
             guard,
@@ -272,7 +283,8 @@ impl Discovery<'_> {
     }
 
     /// The caller saw `failed` fail (`trigger` says how). A demoted master
-    /// (`READONLY`) is given up at once: no request may use it meanwhile.
+    /// (`READONLY`, `REDIRECT`) is given up at once: no request may use it
+    /// meanwhile.
     pub(crate) fn saw_failure(&mut self, failed: Option<&Arc<Master>>, trigger: Trigger) {
         self.failed_is_current = matches!((failed, &self.current),
             (Some(f), Some(c)) if Arc::ptr_eq(f, c));
@@ -281,7 +293,8 @@ impl Discovery<'_> {
         }
         self.guard.first_failure.get_or_insert_with(Instant::now);
         let master = failed.expect("checked above");
-        if trigger == Trigger::ReadOnly && self.state.give_up(master) {
+        let demoted = matches!(trigger, Trigger::ReadOnly | Trigger::Redirect);
+        if demoted && self.state.give_up(master) {
             self.state.telemetry.emit(Event::MasterLost {
                 node: master.node.clone(),
                 trigger,
