@@ -7,6 +7,7 @@ use redis::RedisError;
 use tokio::sync::watch;
 
 use crate::dedicated::Exclusive;
+use crate::durable::Ack;
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event, Trigger};
 use crate::policy::{Decision, GaveUp, Tried, Tries};
@@ -120,6 +121,7 @@ impl Shared {
                     Err(_) => Err(error),
                 };
             }
+            Sent::Refused(error) => return Err(error),
             Sent::Held(reason) => (Verdict::Held, Err(reason)),
             Sent::Unreachable(reason) => (
                 Verdict::Rediscover(Tried::NotRun, Trigger::ConnectionLost),
@@ -200,21 +202,40 @@ impl Shared {
     }
 
     /// Whether a write may go to `master` now (`Err`: held back, or why
-    /// not), and for a durable one, how many replicas to `WAIT` for and
-    /// how long.
+    /// not), and for a durable one, what to wait for once it ran.
     pub(crate) async fn admit(
         &self,
         master: &Master,
         durability: Durability,
         write: bool,
-    ) -> Result<Option<(u32, std::time::Duration)>, Sent> {
+    ) -> Result<Option<Ack>, Sent> {
         if let Some(held) = self.hold_back(master, write).await {
             return Err(held);
         }
         match durability {
             Durability::Replicated { replicas, timeout } if write => {
-                let waits_for = self.await_replicas(master, replicas).await?;
-                Ok(Some((waits_for, timeout)))
+                let replicas = self.await_replicas(master, replicas).await?;
+                Ok(Some(Ack {
+                    aof: None,
+                    replicas,
+                    timeout,
+                }))
+            }
+            Durability::Persisted {
+                local,
+                replicas,
+                timeout,
+            } if write => {
+                self.check_waitaof(master, local).await?;
+                let replicas = match replicas {
+                    0 => 0,
+                    asked => self.await_replicas(master, asked).await?,
+                };
+                Ok(Some(Ack {
+                    aof: Some(local),
+                    replicas,
+                    timeout,
+                }))
             }
             _ => Ok(None),
         }

@@ -23,6 +23,7 @@ use crate::error::NodeFailure;
 use crate::events::{Counter, Event, Telemetry, Trigger};
 use crate::lane::Lane;
 use crate::node::{Connection, DedicatedManager, MasterManager};
+use crate::persisted::AofSupport;
 use crate::replica_set::ReadSet;
 
 /// The master requests go to.
@@ -41,6 +42,8 @@ pub(crate) struct Master {
     pub(crate) dedicated: bb8::Pool<DedicatedManager>,
     /// Its replicas as durable writes last counted them.
     pub(crate) replicas: Replicas,
+    /// Whether it was seen to acknowledge persisted writes (`WAITAOF`).
+    pub(crate) aof: AofSupport,
     /// The connection of durable writes, opened on the first
     /// ([`crate::group_commit`]).
     pub(crate) lane: ArcSwapOption<Lane>,
@@ -327,6 +330,7 @@ impl Discovery<'_> {
             connection: ArcSwap::new(Connection::new(new.connection)),
             // The replica it lacks is most likely the master that failed.
             replicas: Replicas::short_since(self.guard.first_failure),
+            aof: AofSupport::default(),
             lane: ArcSwapOption::empty(),
             lane_opening: tokio::sync::Mutex::new(()),
         });
