@@ -140,7 +140,9 @@ pub enum Error {
     /// failed (the connection was lost, the node was demoted meanwhile,
     /// `appendonly` was turned off), so whether replicas have it is
     /// unknown. It is not rolled back.
-    #[error("the write ran on {node}, but WAIT failed: whether replicas have it is unknown")]
+    #[error(
+        "the write ran on {node}, but its WAIT (or WAITAOF) failed: whether replicas have it is unknown"
+    )]
     ReplicationUnknown {
         /// The master that ran the write.
         node: NodeAddr,
