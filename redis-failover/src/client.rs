@@ -275,11 +275,14 @@ impl FailoverClient {
     /// replicas they ask for, those online at the last count, and those
     /// they wait for (fewer than asked past the
     /// [`lost_replica_grace`](crate::FailoverClientBuilder::lost_replica_grace)).
-    /// `None` without [`Durability::Replicated`] or without a master.
+    /// `None` without a durability that asks for replicas
+    /// ([`Durability::Replicated`], [`Durability::Persisted`] with
+    /// replicas) or without a master.
     pub fn replication_status(&self) -> Option<ReplicationStatus> {
-        let Durability::Replicated { replicas, .. } = self.durability else {
+        let replicas = self.durability.replicas();
+        if replicas == 0 {
             return None;
-        };
+        }
         let shared = self.shared();
         let master = shared.state.master()?;
         Some(

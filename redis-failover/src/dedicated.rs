@@ -8,7 +8,7 @@ use std::time::Duration;
 use bb8::PooledConnection;
 use redis::RedisError;
 
-use crate::durable::{acked_replicas, replication_outcome, wait_command};
+use crate::durable::{Ack, Acked};
 use crate::error::Error;
 use crate::events::Counter;
 use crate::node::{Dedicated, DedicatedManager};
@@ -26,8 +26,8 @@ pub(crate) type Checkout<'a> = PooledConnection<'a, DedicatedManager>;
 pub(crate) struct Exclusive {
     /// It blocks this long: the reply may take that much longer.
     pub(crate) block: Option<Block>,
-    /// A durable write: `WAIT` for this many replicas, this long.
-    pub(crate) replicated: Option<(u32, Duration)>,
+    /// A durable write: what to wait for once it ran.
+    pub(crate) replicated: Option<Ack>,
 }
 
 impl Shared {
@@ -82,14 +82,11 @@ impl Shared {
         if let Some((refusal, _)) = request.refusal(&reply, idempotent) {
             return Sent::Failed(refusal);
         }
-        let Some((replicas, timeout)) = how.replicated.filter(|_| !all_failed(&reply)) else {
+        let Some(ack) = how.replicated.filter(|_| !all_failed(&reply)) else {
             // Not durable, or every command failed: nothing to wait for.
             return Sent::Done(reply);
         };
-        match self
-            .wait_replicated(master, connection, replicas, timeout)
-            .await
-        {
+        match self.wait_replicated(master, connection, ack).await {
             Ok(()) => Sent::Done(reply),
             Err(error) => Sent::Unreplicated(error),
         }
@@ -154,33 +151,49 @@ impl Shared {
         reply
     }
 
-    /// `WAIT replicas timeout` on `connection`, after a write on it: the
+    /// `WAIT` (or `WAITAOF`) on `connection`, after a write on it: the
     /// error says how it fell short.
     pub(crate) async fn wait_replicated(
         &self,
         master: &Master,
         connection: &mut Dedicated,
-        replicas: u32,
-        timeout: Duration,
+        ack: Ack,
     ) -> Result<(), Error> {
-        let wait = wait_command(replicas, timeout);
+        let wait = ack.command();
         connection
             .multiplexed
-            .set_response_timeout(timeout.saturating_add(self.settings.command_timeout));
+            .set_response_timeout(ack.timeout.saturating_add(self.settings.command_timeout));
         let acked = self.send_marked(connection, Request::Command(&wait)).await;
         connection
             .multiplexed
             .set_response_timeout(self.settings.command_timeout);
         let acked = acked.and_then(|reply| match reply {
-            Reply::Value(value) => acked_replicas(value),
+            Reply::Value(value) => ack.acked(value),
             Reply::Values(_) => unreachable!("a command gets one reply"),
         });
-        let outcome = replication_outcome(&master.node, &acked, replicas, timeout);
+        self.wait_answered(master, ack, &acked);
+        let outcome = ack.outcome(&master.node, &acked);
         if outcome.is_err() {
-            master.replicas.forget_count();
             self.telemetry.add(Counter::UnreplicatedWrites);
         }
         outcome
+    }
+
+    /// Records what a wait for `ack` answered: counts the replicas again
+    /// before the next durable write if it fell short, checks `WAITAOF`
+    /// again if it failed.
+    pub(crate) fn wait_answered(
+        &self,
+        master: &Master,
+        ack: Ack,
+        acked: &Result<Acked, RedisError>,
+    ) {
+        if acked.is_err() && ack.aof.is_some() {
+            master.aof.forget();
+        }
+        if !acked.as_ref().is_ok_and(|acked| ack.met_by(*acked)) {
+            master.replicas.forget_count();
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! agreeing sentinels, each answer proven by the node itself.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -13,7 +13,7 @@ use crate::addr::NodeAddr;
 use crate::builder::Mode;
 use crate::epochs::{Named, Votes};
 use crate::error::NodeFailure;
-use crate::events::Event;
+use crate::events::{Event, Trigger};
 use crate::node::{Connection, DedicatedManager, MasterManager, verify_master};
 use crate::shared::Shared;
 use crate::state::{Master, NewMaster, Opened, lock};
@@ -99,6 +99,74 @@ impl Shared {
                     })
             }
         }
+    }
+
+    /// After `master` (observed at discovery `epoch`) answered a request
+    /// with `-REDIRECT target`: in candidates mode, checks `target` alone
+    /// (as configured, `ROLE` by default) and installs it, with no round
+    /// over the candidates; if it does not prove itself, the master is
+    /// given up and the next try looks for one as usual. In Sentinel mode
+    /// the redirect is only a hint: the sentinels must name the new master
+    /// before the client switches, so it is a discovery like any other.
+    pub(crate) async fn follow_redirect(
+        &self,
+        master: &Arc<Master>,
+        epoch: u64,
+        target: &NodeAddr,
+    ) {
+        if matches!(self.settings.mode, Mode::Sentinel { .. }) {
+            let _ = self
+                .rediscover(epoch, Trigger::Redirect, Some(master))
+                .await;
+            return;
+        }
+        let Ok(mut discovery) = self.state.begin_redirect(epoch).await else {
+            // Someone looked for the master since: their answer stands.
+            return;
+        };
+        discovery.saw_failure(Some(master), Trigger::Redirect);
+        let target = self.as_candidate(target).await;
+        tracing::debug!(from = %master.node, to = %target, "following a redirect");
+        match self.open_master(&target, 0, discovery.current()).await {
+            Ok(Opened::Same(master)) => {
+                discovery.keep(master);
+            }
+            Ok(Opened::New(new)) => {
+                discovery.install(new, Trigger::Redirect);
+            }
+            Err(reason) => {
+                let failure = NodeFailure {
+                    node: target,
+                    reason: format!("named by a REDIRECT, but {reason}"),
+                };
+                discovery.not_found(vec![failure], Trigger::Redirect);
+            }
+        }
+    }
+
+    /// The candidate whose name resolves to `target`'s address (a redirect
+    /// names the master as its replicas reach it, usually by IP), so that
+    /// the master installed keeps its configured name and a later
+    /// discovery through the candidates finds the same master, not one by
+    /// another name; `target` itself when no candidate does.
+    async fn as_candidate(&self, target: &NodeAddr) -> NodeAddr {
+        let Mode::Candidates { nodes } = &self.settings.mode else {
+            return target.clone();
+        };
+        if nodes.contains(target) {
+            return target.clone();
+        }
+        let wanted = match target.host().parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, target.port())],
+            Err(_) => self.data.resolve(target).await.unwrap_or_default(),
+        };
+        for node in nodes {
+            let addrs = self.data.resolve(node).await.unwrap_or_default();
+            if addrs.iter().any(|addr| wanted.contains(addr)) {
+                return node.clone();
+            }
+        }
+        target.clone()
     }
 
     /// Proves `node` is the master and opens its shared connection,

@@ -199,40 +199,114 @@ fn waits_for(state: &State, asked: u32, grace: Option<LostReplicaGrace>, now: In
     online.max(grace.floor).min(asked)
 }
 
-/// `WAIT replicas timeout` (at least 1 ms: 0 would wait forever).
-pub(crate) fn wait_command(replicas: u32, timeout: Duration) -> redis::Cmd {
-    let timeout_ms = u64::try_from(timeout.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    redis::cmd("WAIT").arg(replicas).arg(timeout_ms).to_owned()
+/// What a durable write waits for once it ran: `WAIT` (replicas
+/// received it) or `WAITAOF` (fsynced to the append-only file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ack {
+    /// `Some(local)`: `WAITAOF`, the master's own fsync asked for too when
+    /// `local`; `None`: `WAIT`.
+    pub(crate) aof: Option<bool>,
+    /// How many replicas must have it.
+    pub(crate) replicas: u32,
+    /// How long to wait for them.
+    pub(crate) timeout: Duration,
 }
 
-/// What a `WAIT` that answered `acked` means for a write that asked for
-/// `replicas` within `timeout` on the master `node`.
-pub(crate) fn replication_outcome(
-    node: &NodeAddr,
-    acked: &Result<u32, RedisError>,
-    replicas: u32,
-    timeout: Duration,
-) -> crate::error::Result<()> {
-    match acked {
-        Ok(acked) if *acked >= replicas => Ok(()),
-        Ok(acked) => Err(Error::NotReplicated {
-            node: node.clone(),
-            acked: *acked,
-            required: replicas,
-            timeout,
-        }),
-        Err(source) => Err(Error::ReplicationUnknown {
-            node: node.clone(),
-            source: source.clone(),
-        }),
+/// What a `WAIT` or `WAITAOF` counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Acked {
+    /// Whether the master fsynced the writes (`WAITAOF` only).
+    pub(crate) local: bool,
+    /// How many replicas have them.
+    pub(crate) replicas: u32,
+}
+
+impl Ack {
+    /// `WAIT replicas ms`, or `WAITAOF local replicas ms` (at least 1 ms:
+    /// 0 would wait forever).
+    pub(crate) fn command(self) -> redis::Cmd {
+        let timeout_ms = u64::try_from(self.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        match self.aof {
+            None => redis::cmd("WAIT")
+                .arg(self.replicas)
+                .arg(timeout_ms)
+                .to_owned(),
+            Some(local) => redis::cmd("WAITAOF")
+                .arg(u32::from(local))
+                .arg(self.replicas)
+                .arg(timeout_ms)
+                .to_owned(),
+        }
     }
-}
 
-/// The replicas a `WAIT`'s reply counted.
-pub(crate) fn acked_replicas(reply: redis::Value) -> Result<u32, RedisError> {
-    u32::from_redis_value(reply.extract_error()?).map_err(RedisError::from)
+    /// One wait that answers for `self` and `other` (of the same command):
+    /// the most of each. Its counts tell each write whether it got its own.
+    pub(crate) fn merge(self, other: Self) -> Self {
+        debug_assert_eq!(self.aof.is_some(), other.aof.is_some());
+        Self {
+            aof: self.aof.zip(other.aof).map(|(a, b)| a || b),
+            replicas: self.replicas.max(other.replicas),
+            timeout: self.timeout.max(other.timeout),
+        }
+    }
+
+    /// Reads the command's reply: a count of replicas (`WAIT`), or the
+    /// local fsync and the replicas' (`WAITAOF`).
+    pub(crate) fn acked(self, reply: redis::Value) -> Result<Acked, RedisError> {
+        let reply = reply.extract_error()?;
+        if self.aof.is_none() {
+            let replicas = u32::from_redis_value(reply)?;
+            return Ok(Acked {
+                local: false,
+                replicas,
+            });
+        }
+        let (local, replicas) = <(u32, u32)>::from_redis_value(reply)?;
+        Ok(Acked {
+            local: local >= 1,
+            replicas,
+        })
+    }
+
+    /// Whether `acked` is all that was asked.
+    pub(crate) fn met_by(self, acked: Acked) -> bool {
+        acked.replicas >= self.replicas && (acked.local || self.aof != Some(true))
+    }
+
+    /// What the wait's answer means for a write that asked for `self` on
+    /// the master `node`: done, short (`NotReplicated`, `NotPersisted`),
+    /// or unknown (the wait failed; the write ran all the same).
+    pub(crate) fn outcome(
+        self,
+        node: &NodeAddr,
+        acked: &Result<Acked, RedisError>,
+    ) -> crate::error::Result<()> {
+        match acked {
+            Ok(acked) if self.met_by(*acked) => Ok(()),
+            Ok(acked) => Err(match self.aof {
+                None => Error::NotReplicated {
+                    node: node.clone(),
+                    acked: acked.replicas,
+                    required: self.replicas,
+                    timeout: self.timeout,
+                },
+                Some(local) => Error::NotPersisted {
+                    node: node.clone(),
+                    local: acked.local,
+                    local_required: local,
+                    acked: acked.replicas,
+                    required: self.replicas,
+                    timeout: self.timeout,
+                },
+            }),
+            Err(source) => Err(Error::ReplicationUnknown {
+                node: node.clone(),
+                source: source.clone(),
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -243,6 +317,56 @@ mod tests {
         after: Duration::from_secs(8),
         floor: 1,
     };
+
+    #[test]
+    fn waitaof_answers_for_the_local_fsync_and_the_replicas() {
+        let node: NodeAddr = "r:6379".parse().unwrap();
+        let ack = |aof, replicas| Ack {
+            aof,
+            replicas,
+            timeout: Duration::from_millis(100),
+        };
+        let persisted = ack(Some(true), 1);
+        let packed =
+            String::from_utf8_lossy(&persisted.command().get_packed_command()).into_owned();
+        assert!(
+            packed.contains("WAITAOF") && packed.ends_with("$3\r\n100\r\n"),
+            "{packed:?}"
+        );
+        let reply = |local: i64, replicas: i64| {
+            redis::Value::Array(vec![redis::Value::Int(local), redis::Value::Int(replicas)])
+        };
+        let acked = persisted.acked(reply(1, 1));
+        assert!(persisted.outcome(&node, &acked).is_ok());
+        let not_local = persisted.outcome(&node, &persisted.acked(reply(0, 1)));
+        assert!(matches!(
+            not_local,
+            Err(Error::NotPersisted {
+                local: false,
+                local_required: true,
+                acked: 1,
+                ..
+            })
+        ));
+        // The master's fsync not asked for: only the replicas count.
+        assert!(
+            ack(Some(false), 1)
+                .outcome(&node, &ack(Some(false), 1).acked(reply(0, 1)))
+                .is_ok()
+        );
+        let merged = ack(Some(false), 2).merge(ack(Some(true), 1));
+        assert_eq!(merged, ack(Some(true), 2));
+        let replicated = ack(None, 2);
+        let short = replicated.outcome(&node, &replicated.acked(redis::Value::Int(1)));
+        assert!(matches!(
+            short,
+            Err(Error::NotReplicated {
+                acked: 1,
+                required: 2,
+                ..
+            })
+        ));
+    }
 
     #[test]
     fn a_full_master_is_waited_on_for_every_replica() {

@@ -94,10 +94,55 @@ pub enum Error {
         timeout: Duration,
     },
 
-    /// A durable write ran on the master, but its `WAIT` failed (the
-    /// connection was lost, or the node was demoted meanwhile), so whether
-    /// replicas have it is unknown. It is not rolled back.
-    #[error("the write ran on {node}, but WAIT failed: whether replicas have it is unknown")]
+    /// A persisted write ([`Durability::Persisted`](crate::Durability::Persisted))
+    /// ran on the master, but its `WAITAOF` counted fewer fsyncs than asked
+    /// in time: the master's own (`local`), or the replicas'. It is not
+    /// rolled back: it may not survive a crash or a failover. Its
+    /// [`kind`](Error::kind) is [`ErrorKind::NotReplicated`], as for
+    /// [`NotReplicated`](Error::NotReplicated): the write ran, and is on
+    /// fewer nodes than asked.
+    #[error(
+        "the write ran on {node}, but within {timeout:?} it was fsynced {} and on {acked} of the {required} replicas asked; it may not survive a crash or failover",
+        if *.local { "locally" } else if *.local_required { "not locally" } else { "(locally not asked)" }
+    )]
+    NotPersisted {
+        /// The master that ran the write.
+        node: NodeAddr,
+        /// Whether the master fsynced it.
+        local: bool,
+        /// Whether that was asked for.
+        local_required: bool,
+        /// How many replicas fsynced it.
+        acked: u32,
+        /// How many were asked for.
+        required: u32,
+        /// How long `WAITAOF` waited.
+        timeout: Duration,
+    },
+
+    /// The master cannot do what the write's durability asks: it has no
+    /// `WAITAOF` (Redis before 7.2: [`Durability::Persisted`](crate::Durability::Persisted)
+    /// needs Redis 7.2 or Valkey), or its own fsync was asked for and
+    /// `appendonly` is off. Checked before the write is sent, so it did
+    /// not run; not retried, as trying again would not change it.
+    #[error("{node} cannot {what}: the write was not sent")]
+    Unsupported {
+        /// The master.
+        node: NodeAddr,
+        /// What it cannot do.
+        what: &'static str,
+        /// Its answer.
+        #[source]
+        source: RedisError,
+    },
+
+    /// A durable write ran on the master, but its `WAIT` (or `WAITAOF`)
+    /// failed (the connection was lost, the node was demoted meanwhile,
+    /// `appendonly` was turned off), so whether replicas have it is
+    /// unknown. It is not rolled back.
+    #[error(
+        "the write ran on {node}, but its WAIT (or WAITAOF) failed: whether replicas have it is unknown"
+    )]
     ReplicationUnknown {
         /// The master that ran the write.
         node: NodeAddr,
@@ -137,8 +182,12 @@ pub enum ErrorKind {
     Unavailable,
     /// A write may or may not have run: read before writing again.
     OutcomeUnknown,
-    /// A durable write ran, but too few replicas are known to have it.
+    /// A durable write ran, but too few replicas are known to have it (or,
+    /// persisted, to have fsynced it).
     NotReplicated,
+    /// The server lacks what was asked (`WAITAOF`, an append-only file):
+    /// nothing ran, and trying again will not help.
+    Unsupported,
     /// No replica could serve a read that must not go to the master.
     NoReplica,
     /// A command not known to be read-only was sent as a read.
@@ -211,9 +260,10 @@ impl Error {
             Self::InvalidConfig { .. } => ErrorKind::InvalidConfig,
             Self::RetryBudgetExhausted { .. } => ErrorKind::Unavailable,
             Self::OutcomeUnknown { .. } => ErrorKind::OutcomeUnknown,
-            Self::NotReplicated { .. } | Self::ReplicationUnknown { .. } => {
-                ErrorKind::NotReplicated
-            }
+            Self::NotReplicated { .. }
+            | Self::NotPersisted { .. }
+            | Self::ReplicationUnknown { .. } => ErrorKind::NotReplicated,
+            Self::Unsupported { .. } => ErrorKind::Unsupported,
             Self::NoReplicaAvailable { .. } => ErrorKind::NoReplica,
             Self::NotReadOnly { .. } => ErrorKind::NotReadOnly,
             Self::Connect { .. } => ErrorKind::Connect,
@@ -256,6 +306,8 @@ impl Error {
             Self::NoReplicaAvailable { .. } => "NOREPLICA",
             Self::NotReadOnly { .. } => "NOTREADONLY",
             Self::NotReplicated { .. } | Self::ReplicationUnknown { .. } => "NOTREPLICATED",
+            Self::NotPersisted { .. } => "NOTPERSISTED",
+            Self::Unsupported { .. } => "UNSUPPORTED",
             Self::Connect { .. } => "CONNECT",
             Self::TransactionConflict { .. } => "TXCONFLICT",
             Self::Command { .. } => unreachable!("returned above"),

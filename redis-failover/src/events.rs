@@ -22,6 +22,11 @@ pub enum Trigger {
     Poll,
     /// The master refused a write with `READONLY` (it was demoted).
     ReadOnly,
+    /// The master, demoted, answered `-REDIRECT` with the new master's
+    /// address (Valkey 8 and later): in candidates mode that node is
+    /// checked and installed without asking the other candidates; Sentinel
+    /// mode still asks the sentinels.
+    Redirect,
     /// The master refused a request as a node that cannot serve as master
     /// now (`LOADING`, `MASTERDOWN`, `UNBLOCKED`), or a transaction was
     /// discarded for such a refusal.
@@ -190,6 +195,13 @@ pub struct MetricsSnapshot {
     pub durable_writes_held: u64,
     /// How many stale masters this client demoted to replicas.
     pub stale_masters_demoted: u64,
+    /// How many `REDIRECT` replies requests met (Valkey's answer, instead
+    /// of `READONLY`, from a demoted master).
+    pub redirect_replies: u64,
+    /// How many times the node a `REDIRECT` named was checked and kept or
+    /// installed as master directly (candidates mode), instead of a
+    /// discovery; not counted in `discoveries`.
+    pub redirects_followed: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -208,10 +220,12 @@ pub(crate) enum Counter {
     MinReplicasRefusals,
     DurableWritesHeld,
     StaleMastersDemoted,
+    RedirectReplies,
+    RedirectsFollowed,
 }
 
 impl Counter {
-    const COUNT: usize = Self::StaleMastersDemoted as usize + 1;
+    const COUNT: usize = Self::RedirectsFollowed as usize + 1;
 }
 
 impl Metrics {
@@ -243,6 +257,8 @@ impl Metrics {
             min_replicas_refusals: read(Counter::MinReplicasRefusals),
             durable_writes_held: read(Counter::DurableWritesHeld),
             stale_masters_demoted: read(Counter::StaleMastersDemoted),
+            redirect_replies: read(Counter::RedirectReplies),
+            redirects_followed: read(Counter::RedirectsFollowed),
         }
     }
 }

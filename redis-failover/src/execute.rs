@@ -7,11 +7,12 @@ use redis::RedisError;
 use tokio::sync::watch;
 
 use crate::dedicated::Exclusive;
+use crate::durable::Ack;
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event, Trigger};
 use crate::policy::{Decision, GaveUp, Tried, Tries};
 use crate::request::{Reply, Request, Sent};
-use crate::retry::{Failure, refusal_means_not_master, refusal_of};
+use crate::retry::{Failure, redirect_target, refusal_means_not_master, refusal_of};
 use crate::routing::Durability;
 use crate::shared::Shared;
 use crate::state::Master;
@@ -120,6 +121,7 @@ impl Shared {
                     Err(_) => Err(error),
                 };
             }
+            Sent::Refused(error) => return Err(error),
             Sent::Held(reason) => (Verdict::Held, Err(reason)),
             Sent::Unreachable(reason) => (
                 Verdict::Rediscover(Tried::NotRun, Trigger::ConnectionLost),
@@ -141,8 +143,17 @@ impl Shared {
             Verdict::Held => Tried::Held,
             Verdict::Rediscover(tried, trigger) => {
                 tracing::debug!(node = %master.node, %reason, ?trigger, "request to the master failed");
-                self.after_master_failed(master, epoch, tried, trigger)
-                    .await
+                let redirect = failure.as_ref().ok().and_then(redirect_target);
+                match redirect.filter(|_| trigger == Trigger::Redirect) {
+                    Some(target) => {
+                        self.follow_redirect(master, epoch, &target).await;
+                        tried
+                    }
+                    None => {
+                        self.after_master_failed(master, epoch, tried, trigger)
+                            .await
+                    }
+                }
             }
         };
         match self
@@ -191,21 +202,40 @@ impl Shared {
     }
 
     /// Whether a write may go to `master` now (`Err`: held back, or why
-    /// not), and for a durable one, how many replicas to `WAIT` for and
-    /// how long.
+    /// not), and for a durable one, what to wait for once it ran.
     pub(crate) async fn admit(
         &self,
         master: &Master,
         durability: Durability,
         write: bool,
-    ) -> Result<Option<(u32, std::time::Duration)>, Sent> {
+    ) -> Result<Option<Ack>, Sent> {
         if let Some(held) = self.hold_back(master, write).await {
             return Err(held);
         }
         match durability {
             Durability::Replicated { replicas, timeout } if write => {
-                let waits_for = self.await_replicas(master, replicas).await?;
-                Ok(Some((waits_for, timeout)))
+                let replicas = self.await_replicas(master, replicas).await?;
+                Ok(Some(Ack {
+                    aof: None,
+                    replicas,
+                    timeout,
+                }))
+            }
+            Durability::Persisted {
+                local,
+                replicas,
+                timeout,
+            } if write => {
+                self.check_waitaof(master, local).await?;
+                let replicas = match replicas {
+                    0 => 0,
+                    asked => self.await_replicas(master, asked).await?,
+                };
+                Ok(Some(Ack {
+                    aof: Some(local),
+                    replicas,
+                    timeout,
+                }))
             }
             _ => Ok(None),
         }
@@ -228,6 +258,10 @@ impl Shared {
                 Some("READONLY") => {
                     self.telemetry.add(Counter::ReadonlyReplies);
                     Verdict::Rediscover(Tried::NotRun, Trigger::ReadOnly)
+                }
+                Some("REDIRECT") => {
+                    self.telemetry.add(Counter::RedirectReplies);
+                    Verdict::Rediscover(Tried::NotRun, Trigger::Redirect)
                 }
                 // Busy, or waiting for replicas: the master is fine.
                 Some(code) if !refusal_means_not_master(code) => Verdict::Held,

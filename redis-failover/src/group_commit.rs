@@ -9,7 +9,12 @@
 //! holds the lane while a `WAIT` waits, so writes sent then run when it is
 //! answered; a second lane taking writes meanwhile measured no faster.)
 //! A write is acknowledged only when a `WAIT` sent after its reply counted
-//! enough replicas, as when each write sent its own.
+//! enough replicas, as when each write sent its own. Persisted writes
+//! ([`Durability::Persisted`](crate::Durability::Persisted)) share a
+//! `WAITAOF` the same way: a batch holding both kinds sends one `WAIT` for
+//! the replicated ones, then one `WAITAOF` for the persisted ones (each
+//! asking for the most any of its writes asks), both after every write of
+//! the batch.
 //!
 //! The `WAIT`s are sent by a task spawned when a write finds none running,
 //! which ends when no write waits: nothing runs while no durable write is
@@ -25,10 +30,10 @@ use std::time::Duration;
 use redis::RedisError;
 
 use crate::dedicated::all_failed;
-use crate::durable::{acked_replicas, replication_outcome, wait_command};
+use crate::durable::{Ack, Acked};
 use crate::error::Error;
 use crate::events::Counter;
-use crate::lane::Lane;
+use crate::lane::{Lane, Waiter};
 use crate::node::Connection;
 use crate::request::{Request, Sent};
 use crate::retry::{Failure, refusal_of};
@@ -81,13 +86,13 @@ impl Shared {
     }
 
     /// Sends a durable write on `master`'s lane, and once it ran, waits
-    /// for a `WAIT` to count `replicas` of it.
+    /// for a `WAIT` (or `WAITAOF`) to count what `ack` asks.
     pub(crate) async fn send_durable(
         self: &Arc<Self>,
         master: &Arc<Master>,
         request: Request<'_>,
         idempotent: bool,
-        (replicas, timeout): (u32, Duration),
+        ack: Ack,
     ) -> Sent {
         let lane = match self.lane(master).await {
             Ok(lane) => lane,
@@ -95,7 +100,7 @@ impl Shared {
         };
         let mut connection = lane.connection.multiplexed.clone();
         // A write may wait behind the lane's `WAIT` before it runs.
-        let patience = lane.patience(timeout);
+        let patience = lane.patience(ack.timeout);
         connection.set_response_timeout(patience.saturating_add(self.settings.command_timeout));
         let reply = match request.send(&mut connection).await {
             Ok(reply) => reply,
@@ -113,22 +118,21 @@ impl Shared {
             // No write ran: nothing to wait for.
             return Sent::Done(reply);
         }
-        match self.next_wait(master, &lane, replicas, timeout).await {
+        match self.next_wait(master, &lane, ack).await {
             Ok(()) => Sent::Done(reply),
             Err(error) => Sent::Unreplicated(error),
         }
     }
 
     /// Waits for the next `WAIT` on `lane` (starting the task that sends
-    /// them if none runs), and says whether it counted `replicas`.
+    /// them if none runs), and says whether it counted what `ack` asks.
     async fn next_wait(
         self: &Arc<Self>,
         master: &Arc<Master>,
         lane: &Arc<Lane>,
-        replicas: u32,
-        timeout: Duration,
+        ack: Ack,
     ) -> Result<(), Error> {
-        let (replicated, start) = lane.join(replicas, timeout);
+        let (replicated, start) = lane.join(ack);
         if start {
             let (shared, master, lane) = (Arc::clone(self), Arc::clone(master), Arc::clone(lane));
             tokio::spawn(async move { shared.send_waits(&master, &lane).await });
@@ -152,44 +156,49 @@ impl Shared {
             ended: false,
         };
         while let Some(batch) = lane.waiting() {
-            let replicas = batch.iter().map(|w| w.replicas).max().unwrap_or(0);
-            let timeout = batch.iter().map(|w| w.timeout).max().unwrap_or_default();
-            let acked = self.send_wait(lane, replicas, timeout).await;
-            if !acked.as_ref().is_ok_and(|acked| *acked >= replicas) {
-                master.replicas.forget_count();
-            }
-            for waiter in batch {
-                let result =
-                    replication_outcome(&master.node, &acked, waiter.replicas, waiter.timeout);
-                if result.is_err() {
-                    self.telemetry.add(Counter::UnreplicatedWrites);
-                }
-                waiter.answer(result);
+            let (persisted, replicated): (Vec<_>, Vec<_>) =
+                batch.into_iter().partition(|w| w.ack.aof.is_some());
+            for group in [replicated, persisted] {
+                self.answer_group(master, lane, group).await;
             }
         }
         // Ended as it should: nothing waits, and the next write starts again.
         stopping.ended = true;
     }
 
-    /// `WAIT replicas timeout` on the lane: the replicas that have every
-    /// write sent on it so far.
-    async fn send_wait(
-        &self,
-        lane: &Lane,
-        replicas: u32,
-        timeout: Duration,
-    ) -> Result<u32, RedisError> {
+    /// Sends one wait for `group` (writes all waiting for `WAIT`, or all
+    /// for `WAITAOF`), asking for the most any of them asks, and answers
+    /// each by its own ask.
+    async fn answer_group(&self, master: &Master, lane: &Lane, group: Vec<Waiter>) {
+        let Some(ack) = group.iter().map(|w| w.ack).reduce(Ack::merge) else {
+            return;
+        };
+        let acked = self.send_wait(lane, ack).await;
+        self.wait_answered(master, ack, &acked);
+        for waiter in group {
+            let result = waiter.ack.outcome(&master.node, &acked);
+            if result.is_err() {
+                self.telemetry.add(Counter::UnreplicatedWrites);
+            }
+            waiter.answer(result);
+        }
+    }
+
+    /// `WAIT` (or `WAITAOF`) on the lane: what has every write sent on it
+    /// so far.
+    async fn send_wait(&self, lane: &Lane, ack: Ack) -> Result<Acked, RedisError> {
         if lane.has_failed() {
             return Err(RedisError::from(std::io::Error::other(
                 "the connection of durable writes failed",
             )));
         }
         let mut connection = lane.connection.multiplexed.clone();
-        connection.set_response_timeout(timeout.saturating_add(self.settings.command_timeout));
-        let acked = wait_command(replicas, timeout)
+        connection.set_response_timeout(ack.timeout.saturating_add(self.settings.command_timeout));
+        let acked = ack
+            .command()
             .query_async::<redis::Value>(&mut connection)
             .await
-            .and_then(acked_replicas);
+            .and_then(|reply| ack.acked(reply));
         if acked
             .as_ref()
             .is_err_and(|error| Failure::of(error) == Failure::OutcomeUnknown)

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::durable::Ack;
 use crate::error::Error;
 use crate::node::Connection;
 
@@ -28,10 +29,10 @@ struct Queue {
     waiting: Vec<Waiter>,
 }
 
-/// A write whose reply is in, waiting for a `WAIT` sent after it.
+/// A write whose reply is in, waiting for a `WAIT` (or `WAITAOF`) sent
+/// after it.
 pub(crate) struct Waiter {
-    pub(crate) replicas: u32,
-    pub(crate) timeout: Duration,
+    pub(crate) ack: Ack,
     done: oneshot::Sender<Result<(), Error>>,
 }
 
@@ -79,18 +80,10 @@ impl Lane {
 
     /// Queues a write for the next `WAIT`: where its outcome comes, and
     /// whether the caller must start the task sending them (none runs).
-    pub(crate) fn join(
-        &self,
-        replicas: u32,
-        timeout: Duration,
-    ) -> (oneshot::Receiver<Result<(), Error>>, bool) {
+    pub(crate) fn join(&self, ack: Ack) -> (oneshot::Receiver<Result<(), Error>>, bool) {
         let (done, outcome) = oneshot::channel();
         let mut queue = self.queue();
-        queue.waiting.push(Waiter {
-            replicas,
-            timeout,
-            done,
-        });
+        queue.waiting.push(Waiter { ack, done });
         let start = !std::mem::replace(&mut queue.running, true);
         (outcome, start)
     }

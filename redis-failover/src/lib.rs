@@ -16,6 +16,7 @@ mod execute;
 mod group_commit;
 mod lane;
 mod node;
+mod persisted;
 mod policy;
 mod pubsub;
 mod read;

@@ -334,6 +334,26 @@ pub(crate) async fn verify_master(
     }
 }
 
+/// Declares `CLIENT CAPA redirect` (Valkey 8 and later): once demoted,
+/// the node answers a write (or a read: the connection is not `READONLY`)
+/// with `-REDIRECT host:port`, the new master, instead of `READONLY`, and
+/// the client goes straight there. Only connections to the master declare
+/// it: a replica would redirect the reads it is meant to serve. A server
+/// without it (Redis, an older Valkey, an ACL that denies it) answers an
+/// error, which is ignored: `READONLY` is handled as before. Only a lost
+/// connection fails.
+async fn ask_for_redirects(connection: &mut MultiplexedConnection) -> RedisResult<()> {
+    let declared = redis::cmd("CLIENT")
+        .arg("CAPA")
+        .arg("redirect")
+        .query_async::<()>(connection)
+        .await;
+    match declared {
+        Err(error) if error.clone().into_server_errors().is_none() => Err(error),
+        _ => Ok(()),
+    }
+}
+
 fn not_master(role: &Role) -> RedisError {
     let what = match role {
         Role::Replica {
@@ -360,6 +380,7 @@ pub(crate) struct MasterManager {
 impl MasterManager {
     pub(crate) async fn connect(&self) -> Result<MultiplexedConnection, RedisError> {
         let mut connection = self.connector.connect(&self.node).await?;
+        ask_for_redirects(&mut connection).await?;
         verify_master(&mut connection, self.check).await?;
         Ok(connection)
     }

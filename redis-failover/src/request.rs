@@ -15,6 +15,9 @@ pub(crate) enum Sent {
     Done(Reply),
     /// A durable write ran, but its `WAIT` fell short or failed.
     Unreplicated(Error),
+    /// Not sent: the master cannot serve it as asked (this error says
+    /// why), and trying again would not change that.
+    Refused(Error),
     /// Sent, and failed with this error (or a refusal in the reply).
     Failed(RedisError),
     /// Not sent: the master could not be reached (this is why).

@@ -4,13 +4,18 @@ use std::time::Duration;
 
 use redis::RedisError;
 
+use crate::addr::NodeAddr;
+
 /// Server error codes meaning "this node cannot serve that now, and did not
 /// run the command": the request is safe to send again elsewhere or later.
 /// (`NOREPLICAS`: a new master waiting for its replicas under
 /// `min-replicas-to-write`; `UNBLOCKED`: a blocked command released because
-/// the node changed role; `BUSY`: a script is running.)
+/// the node changed role; `BUSY`: a script is running; `REDIRECT`: a
+/// Valkey replica naming its master to a connection that declared `CLIENT
+/// CAPA redirect`, where Redis answers `READONLY`.)
 const NOT_EXECUTED_CODES: &[&str] = &[
     "READONLY",
+    "REDIRECT",
     "LOADING",
     "MASTERDOWN",
     "TRYAGAIN",
@@ -170,7 +175,19 @@ pub(crate) fn refusal_of(error: &RedisError) -> Option<&'static str> {
 /// longer a master that can serve (demoted, loading, cut off). The other
 /// refusals (`BUSY`, `NOREPLICAS`, `TRYAGAIN`) pass on the same master.
 pub(crate) fn refusal_means_not_master(code: &str) -> bool {
-    matches!(code, "READONLY" | "LOADING" | "MASTERDOWN" | "UNBLOCKED")
+    matches!(
+        code,
+        "READONLY" | "REDIRECT" | "LOADING" | "MASTERDOWN" | "UNBLOCKED"
+    )
+}
+
+/// The master a `-REDIRECT host:port` refusal names, if the request was
+/// refused so. The port follows the last colon (as [`NodeAddr`] parses
+/// it): an IPv6 host has colons of its own.
+pub(crate) fn redirect_target(error: &RedisError) -> Option<NodeAddr> {
+    let errors = error.clone().into_server_errors()?;
+    let (_, redirect) = errors.iter().find(|(_, e)| e.code() == "REDIRECT")?;
+    redirect.details()?.trim().parse().ok()
 }
 
 /// Whether the error replies of one request show the node refused all of
@@ -290,6 +307,7 @@ mod tests {
     fn refusals_of_a_node_that_cannot_serve_are_not_executed() {
         for code in [
             "READONLY",
+            "REDIRECT",
             "LOADING",
             "MASTERDOWN",
             "TRYAGAIN",
@@ -303,6 +321,20 @@ mod tests {
                 "{code}"
             );
         }
+    }
+
+    #[test]
+    fn a_redirect_names_the_master_to_resend_to() {
+        let redirect = |details: &str| {
+            redis::make_extension_error("REDIRECT".to_owned(), Some(details.to_owned()))
+        };
+        let target = redirect_target(&redirect("127.0.0.1:6380")).unwrap();
+        assert_eq!((target.host(), target.port()), ("127.0.0.1", 6380));
+        let target = redirect_target(&redirect("::1:6380")).unwrap();
+        assert_eq!((target.host(), target.port()), ("::1", 6380));
+        assert!(redirect_target(&redirect("no-port")).is_none());
+        assert!(redirect_target(&server_error("READONLY")).is_none());
+        assert!(refusal_means_not_master("REDIRECT"));
     }
 
     #[test]

@@ -72,6 +72,26 @@ pub enum Durability {
         /// How long to wait for them (more than zero).
         timeout: Duration,
     },
+    /// As [`Replicated`](Self::Replicated), with `WAITAOF local replicas
+    /// timeout` instead of `WAIT`: acknowledged once fsynced to the
+    /// append-only file, on the master itself when `local`, and on
+    /// `replicas` replicas. `WAIT` only says replicas received the write,
+    /// which a crash of them all (a power cut of the whole deployment)
+    /// loses. Concurrent persisted writes share one `WAITAOF`. Fewer
+    /// acknowledgements than asked give [`Error::NotPersisted`] (of kind
+    /// [`NotReplicated`](crate::ErrorKind::NotReplicated)): the write ran
+    /// and is not undone. Needs `WAITAOF` (Redis 7.2 or Valkey), and with
+    /// `local`, `appendonly yes` on the master; replicas without it never
+    /// acknowledge. A master lacking either gives [`Error::Unsupported`]
+    /// before the write is sent (checked once per master), not retried.
+    Persisted {
+        /// Whether the master must have fsynced the write too.
+        local: bool,
+        /// How many replicas must have fsynced it.
+        replicas: u32,
+        /// How long to wait for them (more than zero).
+        timeout: Duration,
+    },
 }
 
 impl Durability {
@@ -84,7 +104,24 @@ impl Durability {
                         .to_owned(),
                 })
             }
+            Self::Persisted {
+                local,
+                replicas,
+                timeout,
+            } if (!local && replicas == 0) || timeout.is_zero() => Err(Error::InvalidConfig {
+                setting: "durability",
+                reason: "Persisted needs the local fsync or a replica, and a timeout above zero"
+                    .to_owned(),
+            }),
             _ => Ok(()),
+        }
+    }
+
+    /// How many replicas a durable write asks for (0 when not durable).
+    pub(crate) fn replicas(self) -> u32 {
+        match self {
+            Self::Master => 0,
+            Self::Replicated { replicas, .. } | Self::Persisted { replicas, .. } => replicas,
         }
     }
 }
@@ -113,5 +150,14 @@ mod tests {
         assert!(replicated(1, 100).validate().is_ok());
         assert!(replicated(0, 100).validate().is_err());
         assert!(replicated(1, 0).validate().is_err());
+        let persisted = |local, replicas, ms| Durability::Persisted {
+            local,
+            replicas,
+            timeout: Duration::from_millis(ms),
+        };
+        assert!(persisted(true, 0, 100).validate().is_ok());
+        assert!(persisted(false, 1, 100).validate().is_ok());
+        assert!(persisted(false, 0, 100).validate().is_err());
+        assert!(persisted(true, 1, 0).validate().is_err());
     }
 }

@@ -23,6 +23,7 @@ use crate::error::NodeFailure;
 use crate::events::{Counter, Event, Telemetry, Trigger};
 use crate::lane::Lane;
 use crate::node::{Connection, DedicatedManager, MasterManager};
+use crate::persisted::AofSupport;
 use crate::replica_set::ReadSet;
 
 /// The master requests go to.
@@ -41,6 +42,8 @@ pub(crate) struct Master {
     pub(crate) dedicated: bb8::Pool<DedicatedManager>,
     /// Its replicas as durable writes last counted them.
     pub(crate) replicas: Replicas,
+    /// Whether it was seen to acknowledge persisted writes (`WAITAOF`).
+    pub(crate) aof: AofSupport,
     /// The connection of durable writes, opened on the first
     /// ([`crate::group_commit`]).
     pub(crate) lane: ArcSwapOption<Lane>,
@@ -233,6 +236,17 @@ impl MasterState {
     /// once no other runs; or, if one finished since that observation,
     /// what it found.
     pub(crate) async fn begin(&self, epoch: u64) -> Result<Discovery<'_>, Found> {
+        self.begin_counted(epoch, Counter::Discoveries).await
+    }
+
+    /// [`begin`](Self::begin) for a check of the one node a `REDIRECT`
+    /// named: the same single flight and epochs, counted apart from
+    /// discoveries.
+    pub(crate) async fn begin_redirect(&self, epoch: u64) -> Result<Discovery<'_>, Found> {
+        self.begin_counted(epoch, Counter::RedirectsFollowed).await
+    }
+
+    async fn begin_counted(&self, epoch: u64, counter: Counter) -> Result<Discovery<'_>, Found> {
         let guard = self.discovery.lock().await;
         let now = self.epoch.load(Ordering::Acquire);
         if now != epoch {
@@ -244,7 +258,7 @@ impl MasterState {
         // Bumped as the discovery starts: only a discovery that started
         // after a caller's observation answers for that caller.
         let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-        self.telemetry.add(Counter::Discoveries);
+        self.telemetry.add(counter);
         Ok(Discovery {
             state: self,
             guard,
@@ -272,7 +286,8 @@ impl Discovery<'_> {
     }
 
     /// The caller saw `failed` fail (`trigger` says how). A demoted master
-    /// (`READONLY`) is given up at once: no request may use it meanwhile.
+    /// (`READONLY`, `REDIRECT`) is given up at once: no request may use it
+    /// meanwhile.
     pub(crate) fn saw_failure(&mut self, failed: Option<&Arc<Master>>, trigger: Trigger) {
         self.failed_is_current = matches!((failed, &self.current),
             (Some(f), Some(c)) if Arc::ptr_eq(f, c));
@@ -281,7 +296,8 @@ impl Discovery<'_> {
         }
         self.guard.first_failure.get_or_insert_with(Instant::now);
         let master = failed.expect("checked above");
-        if trigger == Trigger::ReadOnly && self.state.give_up(master) {
+        let demoted = matches!(trigger, Trigger::ReadOnly | Trigger::Redirect);
+        if demoted && self.state.give_up(master) {
             self.state.telemetry.emit(Event::MasterLost {
                 node: master.node.clone(),
                 trigger,
@@ -314,6 +330,7 @@ impl Discovery<'_> {
             connection: ArcSwap::new(Connection::new(new.connection)),
             // The replica it lacks is most likely the master that failed.
             replicas: Replicas::short_since(self.guard.first_failure),
+            aof: AofSupport::default(),
             lane: ArcSwapOption::empty(),
             lane_opening: tokio::sync::Mutex::new(()),
         });

@@ -13,6 +13,7 @@ use redis::{
 
 use crate::addr::NodeAddr;
 use crate::client::FailoverClient;
+use crate::durable::Ack;
 use crate::error::{Error, Result};
 use crate::execute::Retrying;
 use crate::policy::{GaveUp, Tried};
@@ -255,7 +256,7 @@ impl Shared {
         master: &Master,
         watch: Option<&Cmd>,
         body: &mut F,
-        replicated: Option<(u32, std::time::Duration)>,
+        replicated: Option<Ack>,
     ) -> Try
     where
         F: FnMut(Watched) -> B,
@@ -315,15 +316,10 @@ impl Shared {
         match exec_outcome(replies) {
             Ok(Some(exec)) => match replicated {
                 None => Try::Committed(replay(&pipeline, exec)),
-                Some((replicas, timeout)) => {
-                    match self
-                        .wait_replicated(master, connection, replicas, timeout)
-                        .await
-                    {
-                        Ok(()) => Try::Committed(replay(&pipeline, exec)),
-                        Err(error) => Try::Failed(Sent::Unreplicated(error)),
-                    }
-                }
+                Some(ack) => match self.wait_replicated(master, connection, ack).await {
+                    Ok(()) => Try::Committed(replay(&pipeline, exec)),
+                    Err(error) => Try::Failed(Sent::Unreplicated(error)),
+                },
             },
             Ok(None) => Try::Conflict,
             Err(error) => Try::Failed(Sent::Failed(error)),

@@ -124,3 +124,25 @@ pub async fn missing_keys(topology: &Topology, node: NodeId, keys: &[String]) ->
     }
     missing
 }
+
+/// Whether `binary` is on `PATH`.
+pub fn on_path(binary: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(binary).is_file()))
+}
+
+/// A topology builder running Valkey, or `None` (the test says it is
+/// skipped) when `valkey-server` is not installed: Valkey-only tests run
+/// in both CI passes, on Valkey whatever `REDIS_SERVER_BIN` says.
+pub fn valkey() -> Option<redis_topology::TopologyBuilder> {
+    if !on_path("valkey-server") {
+        println!("skipped: valkey-server not installed");
+        return None;
+    }
+    let builder = Topology::builder().redis_server("valkey-server");
+    Some(if on_path("valkey-cli") {
+        builder.redis_cli("valkey-cli")
+    } else {
+        builder
+    })
+}

@@ -69,6 +69,9 @@ pub struct RedisSettings {
     pub wait_replicas_min: u32,
     /// How long a replica must be gone before writes stop waiting for it.
     pub replica_lost_after: Duration,
+    /// Acknowledge writes once fsynced (`WAITAOF`): on the master, and on
+    /// `wait_replicas` replicas; `WAIT` alone does not wait for disks.
+    pub waitaof_local: bool,
     /// Make a replaced master a replica of the new one as soon as it
     /// answers, instead of waiting for Sentinel to do it.
     pub demote_stale_master: bool,
@@ -194,12 +197,29 @@ impl Settings {
     }
 }
 
-/// How long one `WAIT` for `redis_wait_replicas` lasts. A write short of
+/// How long one `WAIT` (or `WAITAOF`) for `redis_wait_replicas` lasts. A write short of
 /// replicas then answers `not_replicated`; the next ones wait, without
 /// running, for the replicas to come back (within the retry budget).
 const WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl RedisSettings {
+    /// What a write waits for before it is acknowledged.
+    pub fn durability(&self) -> redis_failover::Durability {
+        use redis_failover::Durability;
+        match (self.waitaof_local, self.wait_replicas) {
+            (true, replicas) => Durability::Persisted {
+                local: true,
+                replicas,
+                timeout: WAIT_TIMEOUT,
+            },
+            (false, 0) => Durability::Master,
+            (false, replicas) => Durability::Replicated {
+                replicas,
+                timeout: WAIT_TIMEOUT,
+            },
+        }
+    }
+
     /// A failover client as these settings describe.
     pub fn client(&self) -> Result<redis_failover::FailoverClient, redis_failover::Error> {
         use redis_failover::{Credentials, FailoverClient, Tls};
@@ -232,12 +252,7 @@ impl RedisSettings {
         if let Some(addr) = &self.last_resort {
             builder = builder.last_resort(addr.clone());
         }
-        if self.wait_replicas > 0 {
-            builder = builder.durability(redis_failover::Durability::Replicated {
-                replicas: self.wait_replicas,
-                timeout: WAIT_TIMEOUT,
-            });
-        }
+        builder = builder.durability(self.durability());
         if self.wait_replicas_min < self.wait_replicas {
             builder = builder.lost_replica_grace(self.replica_lost_after, self.wait_replicas_min);
         }

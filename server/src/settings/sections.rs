@@ -131,6 +131,7 @@ pub(super) fn redis(raw: &Raw) -> Result<RedisSettings, SettingError> {
         wait_replicas_min,
         replica_lost_after,
         demote_stale_master,
+        waitaof_local: raw.redis_waitaof_local,
     })
 }
 

@@ -98,6 +98,10 @@ settings! {
     /// The fewest replicas writes wait for once one has been gone for
     /// redis_replica_lost_after; default redis_wait_replicas (always all).
     redis_wait_replicas_min: Option<u32>;
+    /// true to acknowledge writes only once fsynced to the master's
+    /// append-only file and, with redis_wait_replicas, the replicas'
+    /// (WAITAOF instead of WAIT; needs Redis 7.2 or Valkey, appendonly yes).
+    redis_waitaof_local: bool = "false";
     /// How long the master must have been short of a replica before writes
     /// stop waiting for it (longer than a failover).
     redis_replica_lost_after: Duration [serde(with = "humantime_serde")] = "8s";

@@ -68,6 +68,14 @@ fn sentinel_settings_from_the_environment() {
     assert_eq!(settings.redis.wait_replicas_min, 1);
     assert_eq!(settings.redis.replica_lost_after, Duration::from_secs(8));
     assert!(settings.redis.demote_stale_master);
+    assert!(!settings.redis.waitaof_local, "the default");
+    assert_eq!(
+        settings.redis.durability(),
+        redis_failover::Durability::Replicated {
+            replicas: 2,
+            timeout: Duration::from_secs(1)
+        }
+    );
     assert_eq!(settings.listen, "0.0.0.0:8080".parse().unwrap());
 }
 
@@ -331,4 +339,30 @@ fn every_quota_has_a_setting() {
         .unwrap();
         assert_eq!(settings.protection.quotas.get(quota), Some(7), "{quota}");
     }
+}
+
+#[test]
+fn waitaof_local_asks_for_persisted_writes() {
+    let load = |pairs: &[(&str, &str)]| {
+        let mut all = vec![SECRET, ("SERVER_REDIS_NODES", "r:6379")];
+        all.extend_from_slice(pairs);
+        Settings::load(None, env(&all)).unwrap().redis.durability()
+    };
+    assert_eq!(load(&[]), redis_failover::Durability::Master);
+    let persisted = |replicas| redis_failover::Durability::Persisted {
+        local: true,
+        replicas,
+        timeout: Duration::from_secs(1),
+    };
+    assert_eq!(
+        load(&[("SERVER_REDIS_WAITAOF_LOCAL", "true")]),
+        persisted(0)
+    );
+    assert_eq!(
+        load(&[
+            ("SERVER_REDIS_WAITAOF_LOCAL", "true"),
+            ("SERVER_REDIS_WAIT_REPLICAS", "2"),
+        ]),
+        persisted(2)
+    );
 }
