@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use redis::aio::MultiplexedConnection;
 use redis::{Cmd, FromRedisValue, RedisError};
 
 use crate::addr::NodeAddr;
@@ -179,26 +180,48 @@ impl Shared {
         current: Option<&Arc<Master>>,
     ) -> Result<Opened, String> {
         let check = self.master_check();
-        if let Some(master) = current.filter(|m| m.node == *node) {
-            let shared = master.connection.load_full();
-            if shared.has_failed() {
-                // Opening checks the role.
-                let connection = master.opener.connect().await.map_err(|e| e.to_string())?;
-                master.connection.store(Connection::new(connection));
-            } else {
-                verify_master(&mut shared.multiplexed.clone(), check)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            master.named_in(config_epoch);
-            return Ok(Opened::Same(Arc::clone(master)));
-        }
         let opener = MasterManager {
             connector: self.data.clone(),
             node: node.clone(),
             check,
         };
-        let connection = opener.connect().await.map_err(|e| e.to_string())?;
+        if let Some(master) = current.filter(|m| m.node == *node) {
+            let shared = master.connection.load_full();
+            if !shared.has_failed() {
+                verify_master(&mut shared.multiplexed.clone(), check)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                master.named_in(config_epoch);
+                return Ok(Opened::Same(Arc::clone(master)));
+            }
+            // Opening checks the role.
+            let mut connection = master.opener.connect().await.map_err(|e| e.to_string())?;
+            if !self
+                .restarts
+                .check(node, &mut connection, &self.telemetry)
+                .await
+            {
+                master.connection.store(Connection::new(connection));
+                master.named_in(config_epoch);
+                return Ok(Opened::Same(Arc::clone(master)));
+            }
+            // Restarted: installed as a new master below.
+            return Ok(self.new_master(opener, config_epoch, connection));
+        }
+        let mut connection = opener.connect().await.map_err(|e| e.to_string())?;
+        self.restarts
+            .check(node, &mut connection, &self.telemetry)
+            .await;
+        Ok(self.new_master(opener, config_epoch, connection))
+    }
+
+    /// A master not installed yet, with its pool of dedicated connections.
+    fn new_master(
+        &self,
+        opener: MasterManager,
+        config_epoch: u64,
+        connection: MultiplexedConnection,
+    ) -> Opened {
         let dedicated = bb8::Pool::builder()
             .max_size(self.settings.dedicated_connections)
             .min_idle(None)
@@ -207,13 +230,13 @@ impl Shared {
             .retry_connection(false)
             .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
             .build_unchecked(DedicatedManager(opener.clone()));
-        Ok(Opened::New(Box::new(NewMaster {
-            node: node.clone(),
+        Opened::New(Box::new(NewMaster {
+            node: opener.node.clone(),
             config_epoch,
             dedicated,
             opener,
             connection,
-        })))
+        }))
     }
 
     /// Asks the sentinels where the master is (`SENTINEL MASTER`): the

@@ -109,6 +109,17 @@ pub enum Event {
         /// The master it now replicates.
         master: NodeAddr,
     },
+    /// The master restarted (its run id changed) between two connections,
+    /// without a failover: it is installed again as a new master. With
+    /// `replication_id_changed`, it came back without its replication
+    /// history, which without persistence means empty, and its replicas
+    /// empty themselves to follow it.
+    MasterRestarted {
+        /// The master.
+        node: NodeAddr,
+        /// Whether it started a new replication history.
+        replication_id_changed: bool,
+    },
     /// A request gave up after its retry budget.
     RetryBudgetExhausted {
         /// How many attempts it made.
@@ -202,6 +213,9 @@ pub struct MetricsSnapshot {
     /// installed as master directly (candidates mode), instead of a
     /// discovery; not counted in `discoveries`.
     pub redirects_followed: u64,
+    /// How many times a master was found restarted (a new run id) when its
+    /// connection was opened again.
+    pub master_restarts: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -222,10 +236,11 @@ pub(crate) enum Counter {
     StaleMastersDemoted,
     RedirectReplies,
     RedirectsFollowed,
+    MasterRestarts,
 }
 
 impl Counter {
-    const COUNT: usize = Self::RedirectsFollowed as usize + 1;
+    const COUNT: usize = Self::MasterRestarts as usize + 1;
 }
 
 impl Metrics {
@@ -259,6 +274,7 @@ impl Metrics {
             stale_masters_demoted: read(Counter::StaleMastersDemoted),
             redirect_replies: read(Counter::RedirectReplies),
             redirects_followed: read(Counter::RedirectsFollowed),
+            master_restarts: read(Counter::MasterRestarts),
         }
     }
 }

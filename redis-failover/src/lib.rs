@@ -24,6 +24,7 @@ mod replica_set;
 mod replicas;
 mod replicated;
 mod request;
+mod restarts;
 mod retry;
 mod routing;
 mod session;

@@ -15,6 +15,7 @@ use crate::addr::NodeAddr;
 use crate::builder::{FailoverClientBuilder, Mode};
 use crate::events::{Event, Telemetry, Trigger};
 use crate::node::{Connector, MasterCheck};
+use crate::restarts::Restarts;
 use crate::state::{Found, Master, MasterState, Observed, Opened};
 
 /// The sentinels to ask, and how.
@@ -38,6 +39,8 @@ pub(crate) struct Shared {
     pub(crate) tracking: AtomicBool,
     /// How many rounds of replica probes have completed.
     pub(crate) probe_rounds: watch::Sender<u64>,
+    /// Who each master was, to tell a restart from a reconnection.
+    pub(crate) restarts: Restarts,
     stopped: CancellationToken,
 }
 
@@ -84,6 +87,7 @@ impl Shared {
             round_robin: AtomicUsize::new(0),
             tracking: AtomicBool::new(false),
             probe_rounds: watch::channel(0).0,
+            restarts: Restarts::default(),
             stopped,
         }
     }
