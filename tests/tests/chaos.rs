@@ -4,7 +4,18 @@
 //! no client may see an error, within the retry budget or past it. `harness chaos --rounds 20`
 //! runs every kind of fault.
 
-use e2e_tests::chaos::{self, Fault};
+use e2e_tests::chaos::{self, Fault, Report};
+
+/// Nothing acknowledged lost, missed by a read or missing at the receiver,
+/// and no request failed, within the retry budget or past it.
+fn assert_nothing_lost_and_no_error(report: &Report) {
+    assert!(report.acknowledged_writes > 0);
+    assert_eq!(report.lost_writes, Vec::<String>::new());
+    assert_eq!(report.stale_reads, Vec::<String>::new());
+    assert_eq!(report.missing_audit_records, Vec::<String>::new());
+    assert_eq!(report.errors_within_budget(), 0, "{:?}", report.failures);
+    assert_eq!(report.errors_past_budget(), 0, "{:?}", report.failures);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_faults_lose_nothing_acknowledged_and_fail_no_request() {
@@ -19,12 +30,7 @@ async fn three_faults_lose_nothing_acknowledged_and_fail_no_request() {
     .await
     .expect("chaos run");
     chaos::print_totals(&report);
-    assert!(report.acknowledged_writes > 0);
-    assert_eq!(report.lost_writes, Vec::<String>::new());
-    assert_eq!(report.stale_reads, Vec::<String>::new());
-    assert_eq!(report.missing_audit_records, Vec::<String>::new());
-    assert_eq!(report.errors_within_budget(), 0, "{:?}", report.failures);
-    assert_eq!(report.errors_past_budget(), 0, "{:?}", report.failures);
+    assert_nothing_lost_and_no_error(&report);
 }
 
 /// Limits and a quick restart: the master out of memory and unable to
@@ -41,11 +47,7 @@ async fn limits_refuse_writes_at_once_and_a_persistent_restart_loses_nothing() {
     ];
     let report = chaos::run(faults.len(), &faults).await.expect("chaos run");
     chaos::print_totals(&report);
-    assert_eq!(report.lost_writes, Vec::<String>::new());
-    assert_eq!(report.stale_reads, Vec::<String>::new());
-    assert_eq!(report.missing_audit_records, Vec::<String>::new());
-    assert_eq!(report.errors_within_budget(), 0, "{:?}", report.failures);
-    assert_eq!(report.errors_past_budget(), 0, "{:?}", report.failures);
+    assert_nothing_lost_and_no_error(&report);
     for round in &report.rounds {
         if round.fault.refuses_writes() {
             assert!(round.refusals > 0, "{round:?}");
@@ -74,10 +76,5 @@ async fn partitions_lose_nothing_acknowledged_and_fail_no_request() {
         .await
         .expect("chaos run");
     chaos::print_totals(&report);
-    assert!(report.acknowledged_writes > 0);
-    assert_eq!(report.lost_writes, Vec::<String>::new());
-    assert_eq!(report.stale_reads, Vec::<String>::new());
-    assert_eq!(report.missing_audit_records, Vec::<String>::new());
-    assert_eq!(report.errors_within_budget(), 0, "{:?}", report.failures);
-    assert_eq!(report.errors_past_budget(), 0, "{:?}", report.failures);
+    assert_nothing_lost_and_no_error(&report);
 }

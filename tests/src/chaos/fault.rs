@@ -215,6 +215,23 @@ async fn config_set(
     Ok(())
 }
 
+/// Polls `INFO persistence` until `done` holds.
+async fn wait_for_persistence(
+    conn: &mut MultiplexedConnection,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> Result<(), BoxError> {
+    wait_until(what, async || {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(conn)
+            .await
+            .unwrap_or_default();
+        done(&info)
+    })
+    .await
+}
+
 async fn out_of_memory(rig: &Rig) -> Result<(), BoxError> {
     let (_, mut conn) = master_connection(rig).await?;
     // Any dataset is over one byte; the default policy evicts nothing.
@@ -242,12 +259,7 @@ async fn disk_full(rig: &Rig) -> Result<(), BoxError> {
     config_set(&mut conn, "dbfilename", &blocked).await?;
     config_set(&mut conn, "save", "3600 1").await?;
     let () = redis::cmd("BGSAVE").query_async(&mut conn).await?;
-    wait_until("the snapshot failing", async || {
-        let info: String = redis::cmd("INFO")
-            .arg("persistence")
-            .query_async(&mut conn)
-            .await
-            .unwrap_or_default();
+    wait_for_persistence(&mut conn, "the snapshot failing", |info| {
         info.contains("rdb_last_bgsave_status:err")
     })
     .await?;
@@ -309,12 +321,7 @@ async fn restart_master(rig: &Rig, persist: bool) -> Result<(), BoxError> {
     if persist {
         config_set(&mut conn, "appendfsync", "always").await?;
         config_set(&mut conn, "appendonly", "yes").await?;
-        wait_until("the AOF written", async || {
-            let info: String = redis::cmd("INFO")
-                .arg("persistence")
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
+        wait_for_persistence(&mut conn, "the AOF written", |info| {
             info.contains("aof_enabled:1")
                 && info.contains("aof_rewrite_in_progress:0")
                 && info.contains("aof_rewrite_scheduled:0")

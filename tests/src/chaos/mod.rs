@@ -22,12 +22,15 @@
 //! counted as refusals, apart from the errors a retry budget should hide.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use serde_json::json;
+use tokio::task::JoinHandle;
 
+use crate::Http;
 use rig::{Rig, wait_until};
 use traffic::Traffic;
 
@@ -59,36 +62,7 @@ const OUTAGE: Duration = Duration::from_secs(3);
 pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
     let mut rig = Rig::start(faults.iter().any(|f| f.needs_network())).await?;
     let traffic = Traffic::new(TENANTS.len() * TASKS_PER_TENANT);
-    let mut tasks = Vec::new();
-    // One logged-in client per tenant for the final checks.
-    let mut readers = HashMap::new();
-    for (t, tenant) in TENANTS.into_iter().enumerate() {
-        let clients = rig.clients(tenant).await;
-        readers.insert(tenant, clients[0].clone());
-        // The items exist before the faults start: every write is a PUT, which
-        // the server may send again after an unknown outcome.
-        for task in t * TASKS_PER_TENANT..(t + 1) * TASKS_PER_TENANT {
-            for k in 0..KEYS_PER_TASK {
-                let reply = clients[0]
-                    .json(
-                        "POST",
-                        &format!("/data?key=t{task}-k{k}"),
-                        &json!({"value": 0}),
-                    )
-                    .await;
-                if reply.status != StatusCode::CREATED {
-                    return Err(format!("chaos: seeding failed: {reply:?}").into());
-                }
-            }
-            let traffic = std::sync::Arc::clone(&traffic);
-            tasks.push(tokio::spawn(traffic::task(
-                traffic,
-                task,
-                tenant,
-                clients.clone(),
-            )));
-        }
-    }
+    let (tasks, readers) = start_traffic(&rig, &traffic).await?;
     let start_counts = traffic.snapshot();
     wait_until("traffic flowing", async || {
         traffic.all_succeeded_since(&start_counts)
@@ -152,6 +126,44 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
     })
 }
 
+/// Seeds every task's keys and starts the tasks; returns them, and a
+/// logged-in client per tenant for the final checks.
+async fn start_traffic(
+    rig: &Rig,
+    traffic: &Arc<Traffic>,
+) -> Result<(Vec<JoinHandle<()>>, HashMap<&'static str, Http>), BoxError> {
+    let mut tasks = Vec::new();
+    let mut readers = HashMap::new();
+    for (t, tenant) in TENANTS.into_iter().enumerate() {
+        let clients = rig.clients(tenant).await;
+        readers.insert(tenant, clients[0].clone());
+        // The items exist before the faults start: every write is a PUT, which
+        // the server may send again after an unknown outcome.
+        for task in t * TASKS_PER_TENANT..(t + 1) * TASKS_PER_TENANT {
+            for k in 0..KEYS_PER_TASK {
+                let reply = clients[0]
+                    .json(
+                        "POST",
+                        &format!("/data?key=t{task}-k{k}"),
+                        &json!({"value": 0}),
+                    )
+                    .await;
+                if reply.status != StatusCode::CREATED {
+                    return Err(format!("chaos: seeding failed: {reply:?}").into());
+                }
+            }
+            let traffic = Arc::clone(traffic);
+            tasks.push(tokio::spawn(traffic::task(
+                traffic,
+                task,
+                tenant,
+                clients.clone(),
+            )));
+        }
+    }
+    Ok((tasks, readers))
+}
+
 /// Injects one fault, waits until every task has written since, and
 /// tells what the round saw.
 async fn one_round(
@@ -167,13 +179,19 @@ async fn one_round(
     fault::inject(rig, fault)
         .await
         .map_err(|error| format!("chaos: injecting {}: {error}", fault.name()))?;
-    // Recovered once every task has written after the fault was over; a
-    // request in flight until then is counted in this round.
-    let after = traffic.snapshot();
-    wait_until("traffic after the fault", async || {
-        traffic.all_succeeded_since(&after)
-    })
-    .await?;
+    if fault == Fault::RestartMasterEmpty {
+        // Nothing to recover to: the dataset, users included, is gone. What
+        // clients see is watched for a while, then the run ends.
+        tokio::time::sleep(OUTAGE).await;
+    } else {
+        // Recovered once every task has written after the fault was over; a
+        // request in flight until then is counted in this round.
+        let after = traffic.snapshot();
+        wait_until("traffic after the fault", async || {
+            traffic.all_succeeded_since(&after)
+        })
+        .await?;
+    }
     let now = traffic.counts();
     Ok(Round {
         fault,

@@ -105,13 +105,17 @@ pub fn print_table(report: &Report) {
     println!("|---|---:|---:|---:|---:|");
     for round in &report.rounds {
         println!(
-            "| {} | {} | {} | {} ({:.0} ms) | {:.2} s |",
+            "| {} | {} | {} | {} ({:.0} ms) | {} |",
             round.fault.name(),
             round.errors_within_budget,
             round.errors_past_budget,
             round.refusals,
             round.slowest_refusal.as_secs_f64() * 1e3,
-            round.recovery.as_secs_f64()
+            if round.fault == Fault::RestartMasterEmpty {
+                "none: the data is gone".to_owned()
+            } else {
+                format!("{:.2} s", round.recovery.as_secs_f64())
+            }
         );
     }
     println!(

@@ -29,8 +29,9 @@ impl Rig {
             .network_namespaces(network)
             .down_after(Duration::from_millis(1000))
             .failover_timeout(FAILOVER_TIMEOUT)
-            // The disk-full fault moves the master's directory at run time.
-            .extra_config("enable-protected-configs local")
+            // The disk-full fault changes the snapshot file name at run time
+            // (from the client, which is not on loopback with namespaces).
+            .extra_config("enable-protected-configs yes")
             .start()
             .await?;
         let receiver = Receiver::start().await?;
