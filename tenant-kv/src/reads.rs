@@ -136,15 +136,28 @@ impl Tenant {
             .map(serde_json::from_slice)
             .transpose()
             .map_err(|e| corrupt(key, format!("`metadata`: {e}")))?;
-        tracing::info!(
-            target: "audit",
-            tenant_id = %self.tenant,
-            actor = self.actor.as_str(),
-            action = "get_key",
-            key,
-            version = stored.version,
-            size = stored.size,
-        );
+        match settings.read_audits.next() {
+            Some(1) => tracing::info!(
+                target: "audit",
+                tenant_id = %self.tenant,
+                actor = self.actor.as_str(),
+                action = "get_key",
+                key,
+                version = stored.version,
+                size = stored.size,
+            ),
+            Some(sampled) => tracing::info!(
+                target: "audit",
+                tenant_id = %self.tenant,
+                actor = self.actor.as_str(),
+                action = "get_key",
+                key,
+                version = stored.version,
+                size = stored.size,
+                sampled,
+            ),
+            None => {}
+        }
         Ok(Item {
             key: key.to_owned(),
             value,

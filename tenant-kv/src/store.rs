@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis_failover::FailoverClient;
@@ -35,6 +36,7 @@ pub struct TenantKvBuilder {
     hashing: (usize, usize),
     login_throttle: LoginThrottle,
     data_key_lifetime: Duration,
+    read_audit_sample: u32,
 }
 
 impl TenantKvBuilder {
@@ -84,6 +86,17 @@ impl TenantKvBuilder {
     /// The largest metadata object, as JSON text. Defaults to 8 KiB.
     pub fn max_metadata_bytes(mut self, bytes: usize) -> Self {
         self.max_metadata_bytes = bytes;
+        self
+    }
+
+    /// Audits one read in `every` (`get` and each item of `get_many`), the
+    /// records of sampled reads saying `sampled = every`; writes are always
+    /// audited. A read audit is a log record buffered, replicated and
+    /// shipped, about as dear as the read itself: sampling trades the
+    /// record of every read for throughput. Defaults to 1: every read is
+    /// audited.
+    pub fn read_audit_sample(mut self, every: u32) -> Self {
+        self.read_audit_sample = every;
         self
     }
 
@@ -150,6 +163,12 @@ impl TenantKvBuilder {
         if self.audit_max_len == 0 {
             return invalid("audit_max_len", "must be more than zero");
         }
+        if self.read_audit_sample == 0 {
+            return invalid(
+                "read_audit_sample",
+                "must be more than zero (1: every read)",
+            );
+        }
         if self.expiry_sweep_interval.is_zero() {
             return invalid("expiry_sweep_interval", "must be more than zero");
         }
@@ -189,6 +208,7 @@ impl TenantKvBuilder {
                     .map(|key| Encryption::new(key, self.data_key_lifetime)),
                 expiry_notifications: self.expiry_notifications,
                 expiry_sweep_interval: self.expiry_sweep_interval,
+                read_audits: ReadAudits::new(self.read_audit_sample),
             }),
         })
     }
@@ -218,6 +238,33 @@ pub(crate) struct Settings {
     pub(crate) encryption: Option<Encryption>,
     pub(crate) expiry_notifications: bool,
     pub(crate) expiry_sweep_interval: Duration,
+    pub(crate) read_audits: ReadAudits,
+}
+
+/// Which reads are audited: one in `every`, counted across the store.
+#[derive(Debug)]
+pub(crate) struct ReadAudits {
+    every: u64,
+    reads: AtomicU64,
+}
+
+impl ReadAudits {
+    fn new(every: u32) -> Self {
+        Self {
+            every: u64::from(every),
+            reads: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this read is audited, and for how many reads its record
+    /// stands (1 when every read is).
+    pub(crate) fn next(&self) -> Option<u64> {
+        if self.every == 1 {
+            return Some(1);
+        }
+        let n = self.reads.fetch_add(1, Ordering::Relaxed);
+        n.is_multiple_of(self.every).then_some(self.every)
+    }
 }
 
 impl Settings {
@@ -316,6 +363,7 @@ impl TenantKv {
             },
             login_throttle: LoginThrottle::default(),
             data_key_lifetime: Duration::from_secs(1),
+            read_audit_sample: 1,
         }
     }
 
@@ -359,5 +407,19 @@ impl TenantKv {
     /// another tenant's data.
     pub fn tenant(&self, tenant: TenantId, actor: Actor) -> Tenant {
         Tenant::new(self.clone(), tenant, actor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadAudits;
+
+    #[test]
+    fn one_read_in_every_is_audited_and_says_for_how_many() {
+        let every = ReadAudits::new(1);
+        assert!((0..5).all(|_| every.next() == Some(1)));
+        let sampled = ReadAudits::new(3);
+        let seen: Vec<Option<u64>> = (0..7).map(|_| sampled.next()).collect();
+        assert_eq!(seen, [Some(3), None, None, Some(3), None, None, Some(3)]);
     }
 }

@@ -133,6 +133,8 @@ pub struct Settings {
     pub loki_job: String,
     /// Whether logs are buffered in Redis.
     pub log_buffer: bool,
+    /// One read in this many is audited (1: every read).
+    pub read_audit_sample: u32,
     /// Request limits.
     pub limits: Limits,
     /// Throttles and quotas.
@@ -170,6 +172,7 @@ impl Settings {
             loki_url: sections::loki_url(raw)?,
             loki_job: sections::loki_job(raw)?,
             log_buffer: raw.log_buffer,
+            read_audit_sample: sections::read_audit_sample(raw)?,
             limits,
             protection: sections::protection(raw)?,
         })
@@ -186,7 +189,8 @@ impl Settings {
         let mut builder = tenant_kv::TenantKv::builder(client)
             .quotas(protection.quotas)
             .login_throttle(protection.login)
-            .password_hashing(protection.password_hashing.0, protection.password_hashing.1);
+            .password_hashing(protection.password_hashing.0, protection.password_hashing.1)
+            .read_audit_sample(self.read_audit_sample);
         if let Some(key) = self.encryption_key {
             builder = builder.encryption_key(key);
         }

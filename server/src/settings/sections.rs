@@ -185,6 +185,17 @@ pub(super) fn encryption_key(raw: &Raw) -> Result<Option<[u8; 32]>, SettingError
         .transpose()
 }
 
+/// `read_audit_sample`: at least 1.
+pub(super) fn read_audit_sample(raw: &Raw) -> Result<u32, SettingError> {
+    if raw.read_audit_sample == 0 {
+        return Err(SettingError::invalid(
+            "read_audit_sample",
+            "must be at least 1 (1 audits every read)",
+        ));
+    }
+    Ok(raw.read_audit_sample)
+}
+
 /// `cursor_secret`: at least 16 bytes.
 pub(super) fn cursor_secret(raw: &Raw) -> Result<Option<Vec<u8>>, SettingError> {
     let secret = raw.cursor_secret.as_ref().map(|s| s.as_bytes().to_vec());

@@ -143,6 +143,9 @@ settings! {
     loki_job: String = "log-buffer";
     /// false to keep logs out of Redis (stderr only).
     log_buffer: bool = "true";
+    /// Audit one read in this many (the records say sampled=N); writes are
+    /// always audited; 1 audits every read.
+    read_audit_sample: u32 = "1";
     /// Largest request body, in bytes.
     max_body_bytes: usize = "1048576";
     /// Largest request head (line and headers), in bytes, at least 8192.

@@ -366,3 +366,17 @@ fn waitaof_local_asks_for_persisted_writes() {
         persisted(2)
     );
 }
+
+#[test]
+fn read_audit_sample_defaults_to_every_read_and_refuses_zero() {
+    let load = |pairs: &[(&str, &str)]| {
+        let mut all = vec![SECRET, ("SERVER_REDIS_NODES", "r:6379")];
+        all.extend_from_slice(pairs);
+        Settings::load(None, env(&all))
+    };
+    assert_eq!(load(&[]).unwrap().read_audit_sample, 1);
+    let sampled = load(&[("SERVER_READ_AUDIT_SAMPLE", "10")]).unwrap();
+    assert_eq!(sampled.read_audit_sample, 10);
+    let error = load(&[("SERVER_READ_AUDIT_SAMPLE", "0")]).unwrap_err();
+    assert!(error.to_string().contains("read_audit_sample"), "{error}");
+}
