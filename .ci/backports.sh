@@ -8,18 +8,37 @@ set -euo pipefail
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 [ -n "$codename" ] || { echo "backports: no VERSION_CODENAME in /etc/os-release" >&2; exit 1; }
 suite="$codename-backports"
-if grep -rqs -- "$suite" /etc/apt/sources.list /etc/apt/sources.list.d/; then exit 0; fi
+# Already enabled: an active line or stanza names the suite.
+if grep -Eqs "^(deb .* $suite( |\$)|Suites:(.* )?$suite( |\$))" \
+  /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; then
+  exit 0
+fi
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
 
-# deb822: the stanza whose Suites has the bare codename gets the suite too.
+# deb822: Debian's own stanza (its URI or keyring says Debian) whose
+# Suites has the bare codename gets the suite too; a third-party stanza
+# naming the codename is left alone.
 for file in /etc/apt/sources.list.d/*.sources; do
   [ -f "$file" ] || continue
-  if grep -Eq "^Suites:(.* )?$codename( |$)" "$file"; then
-    $sudo sed -E -i "s/^(Suites:(.* )?$codename( .*)?)$/\1 $suite/" "$file"
-    echo "backports: added $suite to $file"
-    exit 0
-  fi
+  updated=$(awk -v codename="$codename" -v suite="$suite" '
+    function flush() {
+      if (n == 0) return
+      debian = (stanza ~ /\nURIs:[^\n]*debian\.org\/debian([ \/]|\n)/ || stanza ~ /debian-archive-keyring/)
+      for (i = 1; i <= n; i++) {
+        line = lines[i]
+        if (debian && line ~ "^Suites:(.* )?" codename "( |$)") { line = line " " suite; changed = 1 }
+        print line
+      }
+      n = 0; stanza = ""
+    }
+    /^[[:space:]]*$/ { flush(); print; next }
+    { lines[++n] = $0; stanza = stanza "\n" $0 }
+    END { flush(); exit changed ? 0 : 1 }
+  ' "$file") || continue
+  printf '%s\n' "$updated" | $sudo tee "$file" >/dev/null
+  echo "backports: added $suite to $file"
+  exit 0
 done
 # One-line format: the first `deb <uri> <codename> <components>` line,
 # repeated for the suite.

@@ -235,6 +235,18 @@ impl fmt::Display for NodeFailure {
     }
 }
 
+/// The code that tells what `error` is: its own, or for a transaction
+/// discarded because a queued command was refused (`EXECABORT Transaction
+/// discarded because of: OOM ...`), the refused command's.
+fn cause_code(error: &RedisError) -> Option<&str> {
+    let code = error.code()?;
+    if code != "EXECABORT" {
+        return Some(code);
+    }
+    let cause = error.detail()?.split_once("because of: ")?.1;
+    cause.split_whitespace().next().or(Some(code))
+}
+
 struct Failures<'a>(&'a [NodeFailure]);
 
 impl fmt::Display for Failures<'_> {
@@ -268,7 +280,7 @@ impl Error {
             Self::NotReadOnly { .. } => ErrorKind::NotReadOnly,
             Self::Connect { .. } => ErrorKind::Connect,
             Self::TransactionConflict { .. } => ErrorKind::TransactionConflict,
-            Self::Command { .. } => match self.code() {
+            Self::Command { source, .. } => match cause_code(source) {
                 Some("NOSCRIPT") => ErrorKind::NoScript,
                 Some("BUSYGROUP") => ErrorKind::GroupExists,
                 Some("NOGROUP") => ErrorKind::NoGroup,
@@ -281,7 +293,8 @@ impl Error {
     }
 
     /// The error code Redis answered with (`WRONGTYPE`, `NOSCRIPT`, ...),
-    /// for a [`Command`](Self::Command) error that is a Redis answer.
+    /// for a [`Command`](Self::Command) error that is a Redis answer; for a
+    /// discarded transaction, `EXECABORT` (its kind is its cause's).
     pub fn code(&self) -> Option<&str> {
         match self {
             Self::Command { source, .. } => source.code(),
@@ -377,6 +390,15 @@ mod kind_tests {
         assert_eq!(answer("WRONGTYPE").kind(), ErrorKind::WrongType);
         assert_eq!(answer("OOM").kind(), ErrorKind::OutOfMemory);
         assert_eq!(answer("MISCONF").kind(), ErrorKind::PersistenceFailing);
+        let discarded = Error::Command {
+            node: node.clone(),
+            source: redis::make_extension_error(
+                "EXECABORT".to_owned(),
+                Some("Transaction discarded because of: OOM command not allowed".to_owned()),
+            ),
+        };
+        assert_eq!(discarded.kind(), ErrorKind::OutOfMemory);
+        assert_eq!(discarded.code(), Some("EXECABORT"));
         assert_eq!(answer("ERR").kind(), ErrorKind::Command);
         assert_eq!(answer("ERR").code(), Some("ERR"));
         let conversion = Error::Command {

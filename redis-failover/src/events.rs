@@ -209,9 +209,10 @@ pub struct MetricsSnapshot {
     /// How many `REDIRECT` replies requests met (Valkey's answer, instead
     /// of `READONLY`, from a demoted master).
     pub redirect_replies: u64,
-    /// How many times the node a `REDIRECT` named was checked and kept or
-    /// installed as master directly (candidates mode), instead of a
-    /// discovery; not counted in `discoveries`.
+    /// How many times the node a `REDIRECT` named was checked directly
+    /// (candidates mode), instead of a discovery: kept or installed as
+    /// master, or given up when it did not prove itself; not counted in
+    /// `discoveries`.
     pub redirects_followed: u64,
     /// How many times a master was found restarted (a new run id) when its
     /// connection was opened again.

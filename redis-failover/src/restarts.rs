@@ -7,12 +7,15 @@
 //! Every start draws a new run id, and a start without the old history a
 //! new replication id, both in `INFO`. The client reads them whenever it
 //! opens a master's shared connection and compares them with what the
-//! node said last: a change is reported ([`Event::MasterRestarted`]) and
-//! the node is installed as a new master, in a new generation, so nothing
-//! learnt of the old process (replicas counted, the durable-writes lane,
-//! the persistence check) is kept.
+//! last master it opened said, if that was the same node: a change is
+//! reported ([`Event::MasterRestarted`]) and the node is installed as a
+//! new master, in a new generation, so nothing learnt of the old process
+//! (replicas counted, the durable-writes lane, the persistence check) is
+//! kept. Only the last master counts: a node that was master, lost the
+//! role in a failover, restarted as a replica and was promoted again is
+//! a failover's work, not a restart. (Behind one load-balanced address,
+//! another process answering counts as a restart: it is another dataset.)
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use redis::aio::MultiplexedConnection;
@@ -30,16 +33,17 @@ struct Identity {
     replication_id: String,
 }
 
-/// What each master said it was when its connection was last opened.
+/// Who the last master opened was.
 #[derive(Debug, Default)]
 pub(crate) struct Restarts {
-    seen: Mutex<HashMap<NodeAddr, Identity>>,
+    last: Mutex<Option<(NodeAddr, Identity)>>,
 }
 
 impl Restarts {
     /// Reads who `node` is on `connection` and whether it restarted since
-    /// it was last seen (reporting it if so). A node that cannot say
-    /// (`INFO` refused, say by an ACL) counts as not restarted.
+    /// it was last opened as master, with no other master opened since
+    /// (reporting it if so). A node that cannot say (`INFO` refused, say by
+    /// an ACL) counts as not restarted.
     pub(crate) async fn check(
         &self,
         node: &NodeAddr,
@@ -50,11 +54,13 @@ impl Restarts {
             return false;
         };
         let before = self
-            .seen
+            .last
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(node.clone(), identity.clone());
-        let Some(before) = before.filter(|before| before.run_id != identity.run_id) else {
+            .replace((node.clone(), identity.clone()));
+        let Some((_, before)) =
+            before.filter(|(last, before)| last == node && before.run_id != identity.run_id)
+        else {
             return false;
         };
         let replication_id_changed = before.replication_id != identity.replication_id;

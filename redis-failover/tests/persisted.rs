@@ -77,8 +77,9 @@ async fn persisted_writes_are_acknowledged_once_fsynced_and_reported_when_not() 
     let short = client.with_durability(persisted(true, 1, 300));
     match short.set("short", "ran").await {
         Err(
+            // The master's own fsync may or may not fall within the 300 ms
+            // (`appendfsync everysec`); the replica's never comes.
             error @ Error::NotPersisted {
-                local: true,
                 acked: 0,
                 required: 1,
                 ..

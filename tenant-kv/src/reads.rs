@@ -136,8 +136,8 @@ impl Tenant {
             .map(serde_json::from_slice)
             .transpose()
             .map_err(|e| corrupt(key, format!("`metadata`: {e}")))?;
-        match settings.read_audits.next() {
-            Some(1) => tracing::info!(
+        if let Some(sampled) = settings.read_audits.next() {
+            tracing::info!(
                 target: "audit",
                 tenant_id = %self.tenant,
                 actor = self.actor.as_str(),
@@ -145,18 +145,9 @@ impl Tenant {
                 key,
                 version = stored.version,
                 size = stored.size,
-            ),
-            Some(sampled) => tracing::info!(
-                target: "audit",
-                tenant_id = %self.tenant,
-                actor = self.actor.as_str(),
-                action = "get_key",
-                key,
-                version = stored.version,
-                size = stored.size,
-                sampled,
-            ),
-            None => {}
+                // Recorded only when reads are sampled.
+                sampled = (sampled > 1).then_some(sampled),
+            );
         }
         Ok(Item {
             key: key.to_owned(),

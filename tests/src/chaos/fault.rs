@@ -1,4 +1,6 @@
 //! The faults a chaos round injects, and how each is injected.
+use std::time::Duration;
+
 use redis::aio::MultiplexedConnection;
 use redis_topology::{Endpoint, NodeId};
 
@@ -28,8 +30,9 @@ pub enum Fault {
     /// The master at `maxmemory` (no eviction) for a while: writes get
     /// `OOM`.
     OutOfMemory,
-    /// The master unable to persist for a while, as on a full disk: a
-    /// snapshot fails (its directory vanished) and writes get `MISCONF`.
+    /// The master unable to persist, as on a full disk: a snapshot fails
+    /// and writes get `MISCONF` until Sentinel, whose pings get it too,
+    /// has replaced the master.
     DiskFull,
     /// The master accepts no new connection for a while (`maxclients`
     /// reached) and every client connection but the sentinels' is closed.
@@ -244,7 +247,8 @@ async fn out_of_memory(rig: &Rig) -> Result<(), BoxError> {
 /// default, while snapshots are configured), as when a full disk fails its
 /// write: here the snapshot cannot take its file name, which a non-empty
 /// directory holds. The master then answers `MISCONF` to writes and to
-/// Sentinel's pings, so Sentinel fails over too.
+/// Sentinel's pings, so Sentinel fails over; the disk is mended once it
+/// has.
 async fn disk_full(rig: &Rig) -> Result<(), BoxError> {
     let (old, mut conn) = master_connection(rig).await?;
     let blocked = format!("no-room-{}", rand::random::<u32>());
@@ -263,15 +267,14 @@ async fn disk_full(rig: &Rig) -> Result<(), BoxError> {
         info.contains("rdb_last_bgsave_status:err")
     })
     .await?;
-    tokio::time::sleep(OUTAGE).await;
+    // The disk stays full until Sentinel has replaced the master: it
+    // answers Sentinel's pings with `MISCONF`, and is seen as down.
+    let new = rig.topology.wait_for_new_master(old, DEADLINE).await?;
     // Without snapshots configured, a failed one no longer stops writes.
     config_set(&mut conn, "save", "").await?;
     config_set(&mut conn, "dbfilename", "dump.rdb").await?;
     std::fs::remove_dir_all(&dir)?;
-    let new = rig.current_master().await?;
-    if new != old {
-        rig.topology.wait_for_replica_of(old, new, DEADLINE).await?;
-    }
+    rig.topology.wait_for_replica_of(old, new, DEADLINE).await?;
     Ok(())
 }
 
@@ -335,13 +338,27 @@ async fn restart_master(rig: &Rig, persist: bool) -> Result<(), BoxError> {
     drop(conn);
     topology.kill(master)?;
     topology.restart(master).await?;
-    // Back as the master, before Sentinel's down-after, with every
-    // replica following it again.
-    let master = rig.current_master().await?;
-    for node in topology.data_nodes() {
-        if node != master {
-            topology.wait_for_replica_of(node, master, DEADLINE).await?;
+    settled(rig).await
+}
+
+/// Waits until the master the sentinels name has every other data node as
+/// an online replica, naming it afresh at each try: a failover may be
+/// under way (a restart that took longer than Sentinel's down-after).
+async fn settled(rig: &Rig) -> Result<(), BoxError> {
+    let topology = &rig.topology;
+    wait_until("the topology settled", async || {
+        let Ok(master) = rig.current_master().await else {
+            return false;
+        };
+        for node in topology.data_nodes() {
+            let online = topology
+                .wait_for_replica_of(node, master, Duration::from_secs(2))
+                .await;
+            if node != master && online.is_err() {
+                return false;
+            }
         }
-    }
-    Ok(())
+        true
+    })
+    .await
 }
