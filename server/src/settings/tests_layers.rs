@@ -112,8 +112,8 @@ fn the_auth_cache_is_sized_or_turned_off() {
             Settings::load(None, env(&[NODES, ("SERVER_AUTH_CACHE_RECORDS", given)])).unwrap();
         assert_eq!(settings.auth_cache_records, records);
     }
-    let error = Settings::load(None, env(&[NODES, ("SERVER_AUTH_CACHE_RECORDS", "-1")]))
-        .unwrap_err();
+    let error =
+        Settings::load(None, env(&[NODES, ("SERVER_AUTH_CACHE_RECORDS", "-1")])).unwrap_err();
     assert!(error.to_string().contains("auth_cache_records"), "{error}");
 }
 
