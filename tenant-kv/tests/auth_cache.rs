@@ -348,3 +348,31 @@ async fn a_promoted_replica_drops_the_cache() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_master_stops_the_cache_within_its_lease() {
+    let (topology, client) = start(0).await;
+    let (store, _cache) = cached_store(client).await;
+    store
+        .users()
+        .create(new_user("frank"), "correct horse battery", &Actor::system())
+        .await
+        .unwrap();
+    until_cached(&store, "frank").await;
+    let master = topology.initial_master();
+    // Frozen: its connections stay open, and nothing is answered, so no
+    // invalidation could arrive either.
+    topology.pause(master).unwrap();
+    let stopped = time_until("the cache to stop serving", || async {
+        !store.auth_cache_stats().serving
+    })
+    .await;
+    topology.resume(master).unwrap();
+    time_until("the cache to serve again", || async {
+        store.auth_cache_stats().serving
+    })
+    .await;
+    println!("hung master: the cache stopped serving after {stopped:?}");
+    // The lease (1 s) plus a heartbeat period, with room for a slow host.
+    assert!(stopped < Duration::from_secs(5), "{stopped:?}");
+}

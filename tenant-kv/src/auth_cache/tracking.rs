@@ -41,7 +41,7 @@ pub(super) async fn run(store: TenantKv, stop: CancellationToken) {
             () = stop.cancelled() => break,
             opened = open(client, sender) => opened,
         };
-        let reason = match opened {
+        match opened {
             Ok((generation, connection, sent)) => {
                 attempt = 0;
                 state.reset(Some(Tracking {
@@ -54,23 +54,29 @@ pub(super) async fn run(store: TenantKv, stop: CancellationToken) {
                     generation,
                     connection,
                 };
-                tokio::select! {
+                let reason = tokio::select! {
                     () = stop.cancelled() => break,
                     reason = connected.serve(pushes, events) => reason,
-                }
+                };
+                state.reset(None);
+                tracing::info!(%reason, "authentication cache dropped; turning tracking on again");
             }
             Err(error) => {
+                // Once loud (a user without `CLIENT`, a Redis before 6),
+                // then quiet while it goes on failing.
+                if attempt == 0 {
+                    tracing::warn!(%error, "authentication cache: tracking could not be turned on; retrying");
+                } else {
+                    tracing::debug!(%error, "authentication cache: tracking could not be turned on");
+                }
                 let wait = backoff.delay(attempt);
                 attempt += 1;
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = tokio::time::sleep(wait) => {}
                 }
-                format!("tracking could not be turned on: {error}")
             }
-        };
-        state.reset(None);
-        tracing::info!(%reason, "authentication cache dropped; turning tracking on again");
+        }
     }
     state.reset(None);
     state
