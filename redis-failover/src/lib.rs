@@ -19,6 +19,7 @@ mod node;
 mod persisted;
 mod policy;
 mod pubsub;
+mod push;
 mod read;
 mod replica_set;
 mod replicas;

@@ -214,6 +214,29 @@ impl Connector {
         .await
     }
 
+    /// A multiplexed connection to `node` over RESP3, its push messages
+    /// (and a `Disconnection` when it ends) sent to `pushes`.
+    pub(crate) async fn connect_push(
+        &self,
+        node: &NodeAddr,
+        pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> RedisResult<MultiplexedConnection> {
+        self.first_address(node, |addr| {
+            let pushes = pushes.clone();
+            async move {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.response_timeout))
+                    .set_dns_resolver(ResolvedAddr(addr))
+                    .set_push_sender(pushes);
+                self.client_with(node, addr, redis::ProtocolVersion::RESP3)?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            }
+        })
+        .await
+    }
+
     /// A pub/sub connection to `node`. (Over TLS, redis-rs resolves the
     /// name itself, with the system resolver.)
     pub(crate) async fn pubsub(&self, node: &NodeAddr) -> RedisResult<redis::aio::PubSub> {
@@ -230,7 +253,17 @@ impl Connector {
     /// A client for `node` at `addr`: by address in plain TCP, by name over
     /// TLS so that the certificate is checked against the name.
     fn client(&self, node: &NodeAddr, addr: SocketAddr) -> RedisResult<redis::Client> {
-        let settings = self.credentials.redis_settings();
+        self.client_with(node, addr, redis::ProtocolVersion::RESP2)
+    }
+
+    /// [`client`](Self::client) speaking `protocol`.
+    fn client_with(
+        &self,
+        node: &NodeAddr,
+        addr: SocketAddr,
+        protocol: redis::ProtocolVersion,
+    ) -> RedisResult<redis::Client> {
+        let settings = self.credentials.redis_settings().set_protocol(protocol);
         match &self.tls {
             None => {
                 let info = ConnectionAddr::Tcp(addr.ip().to_string(), addr.port())

@@ -126,8 +126,8 @@ impl ServerBuilder {
         let logs = Arc::new(Mutex::new(self.logs));
         let app = Arc::new(App {
             api_keys: self.store.api_keys(),
+            metrics: Metrics::new(self.client.clone(), self.store.clone(), logs.clone()),
             store: self.store,
-            metrics: Metrics::new(self.client.clone(), logs.clone()),
             client: self.client,
             jwt: self.jwt,
             limits: self.limits,

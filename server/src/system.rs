@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use log_buffer::{BufferLayer, LogBuffer, LogSink, LokiSink, Offloader};
 use redis_failover::{Durability, FailoverClient};
-use tenant_kv::{ExpiryWatcher, TenantKv};
+use tenant_kv::{AuthCache, ExpiryWatcher, TenantKv};
 
 use crate::error::Error;
 use crate::{JwtConfig, Server, ServerHandle, Settings, ShutdownReport};
@@ -19,8 +19,8 @@ pub fn log_client(client: &FailoverClient) -> FailoverClient {
     client.with_durability(Durability::Master)
 }
 
-/// Everything one server process runs: the failover client, the store and
-/// its expiry watcher, the log buffer and an offloader when the settings
+/// Everything one server process runs: the failover client, the store, its
+/// expiry watcher and authentication cache, the log buffer and an offloader when the settings
 /// ask for them, and the HTTP server. See [`System::builder`].
 #[derive(Debug)]
 pub struct System {
@@ -28,6 +28,8 @@ pub struct System {
     store: TenantKv,
     server: ServerHandle,
     expiry: ExpiryWatcher,
+    /// `None` with `auth_cache_records = 0`.
+    auth_cache: Option<AuthCache>,
     layer: Option<BufferLayer>,
 }
 
@@ -84,10 +86,15 @@ impl System {
     }
 
     /// Stops the expiry watcher, then shuts the server down (draining
-    /// requests, then flushing the logs of both).
+    /// requests, then flushing the logs of both), then stops the
+    /// authentication cache (the last requests may still use it).
     pub async fn shutdown(self) -> ShutdownReport {
         self.expiry.shutdown().await;
-        self.server.shutdown().await
+        let report = self.server.shutdown().await;
+        if let Some(cache) = self.auth_cache {
+            cache.shutdown().await;
+        }
+        report
     }
 }
 
@@ -148,6 +155,11 @@ impl SystemBuilder {
                 .start()?;
             builder = builder.offloader(offloader);
         }
+        let auth_cache = if settings.auth_cache_records > 0 {
+            Some(store.cache_auth().map_err(|e| Error::Store(Box::new(e)))?)
+        } else {
+            None
+        };
         let expiry = store.watch_expirations();
         let server = builder.bind(settings.listen).await?;
         Ok(System {
@@ -155,6 +167,7 @@ impl SystemBuilder {
             store,
             server,
             expiry,
+            auth_cache,
             layer,
         })
     }

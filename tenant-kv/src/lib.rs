@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 mod api_keys;
+mod auth_cache;
 mod crypto;
 mod cursor;
 mod envelope;
@@ -25,6 +26,7 @@ pub use api_keys::{
     ApiKey, ApiKeyPage, ApiKeys, MAX_API_KEY_NAME_LEN, MAX_API_KEY_PAGE, MAX_ROTATION_GRACE,
     NewApiKey, Scope,
 };
+pub use auth_cache::{AuthCache, AuthCacheStats, DEFAULT_AUTH_CACHE_CAPACITY};
 pub use error::{Error, Result};
 pub use expiry::ExpiryWatcher;
 pub use item::{Item, MAX_TTL, NewItem, Page, Precondition, Usage, Write, Written};

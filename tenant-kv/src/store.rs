@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis_failover::FailoverClient;
 
+use crate::auth_cache::{AuthCacheState, DEFAULT_AUTH_CACHE_CAPACITY};
 use crate::crypto::Encryption;
 use crate::cursor::Cursors;
 use crate::error::{Error, Result};
@@ -37,6 +38,7 @@ pub struct TenantKvBuilder {
     login_throttle: LoginThrottle,
     data_key_lifetime: Duration,
     read_audit_sample: u32,
+    auth_cache_capacity: usize,
 }
 
 impl TenantKvBuilder {
@@ -149,6 +151,15 @@ impl TenantKvBuilder {
         self
     }
 
+    /// How many user and API-key records the authentication cache holds
+    /// at most ([`TenantKv::cache_auth`]), past which it forgets one to
+    /// store another. A record is a few hundred bytes. Defaults to
+    /// [`DEFAULT_AUTH_CACHE_CAPACITY`] (10,000).
+    pub fn auth_cache_capacity(mut self, records: usize) -> Self {
+        self.auth_cache_capacity = records;
+        self
+    }
+
     /// Validates the settings.
     pub fn build(self) -> Result<TenantKv> {
         let invalid = |setting, reason: &str| {
@@ -171,6 +182,9 @@ impl TenantKvBuilder {
         }
         if self.expiry_sweep_interval.is_zero() {
             return invalid("expiry_sweep_interval", "must be more than zero");
+        }
+        if self.auth_cache_capacity == 0 {
+            return invalid("auth_cache_capacity", "must be more than zero");
         }
         if self.hashing.0 == 0 {
             return invalid("password_hashing", "needs at least one slot");
@@ -209,6 +223,7 @@ impl TenantKvBuilder {
                 expiry_notifications: self.expiry_notifications,
                 expiry_sweep_interval: self.expiry_sweep_interval,
                 read_audits: ReadAudits::new(self.read_audit_sample),
+                auth_cache: AuthCacheState::new(self.auth_cache_capacity),
             }),
         })
     }
@@ -239,6 +254,8 @@ pub(crate) struct Settings {
     pub(crate) expiry_notifications: bool,
     pub(crate) expiry_sweep_interval: Duration,
     pub(crate) read_audits: ReadAudits,
+    /// User and API-key records, while [`TenantKv::cache_auth`] runs.
+    pub(crate) auth_cache: AuthCacheState,
 }
 
 /// Which reads are audited: one in `every`, counted across the store.
@@ -364,6 +381,7 @@ impl TenantKv {
             login_throttle: LoginThrottle::default(),
             data_key_lifetime: Duration::from_secs(1),
             read_audit_sample: 1,
+            auth_cache_capacity: DEFAULT_AUTH_CACHE_CAPACITY,
         }
     }
 

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::auth_cache::USER_PREFIX;
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys, fingerprint};
 use crate::passwords::{DECOY_HASH, check_password, is_known_hash};
@@ -129,8 +130,8 @@ pub struct Users {
     store: TenantKv,
 }
 
-fn user_key(username: &str) -> String {
-    format!("user:{username}")
+pub(crate) fn user_key(username: &str) -> String {
+    format!("{USER_PREFIX}{username}")
 }
 
 fn check_username(username: &str) -> Result<()> {
@@ -241,9 +242,16 @@ impl Users {
         })
     }
 
-    async fn load(&self, username: &str) -> Result<Option<(User, String)>> {
+    /// The user and its password hash, from the authentication cache when
+    /// it serves ([`TenantKv::cache_auth`]).
+    async fn load_cached(&self, username: &str) -> Result<Option<(User, String)>> {
         check_username(username)?;
-        self.fetch(username).await
+        let inner = &self.store.inner;
+        let fields = inner
+            .auth_cache
+            .fetch(&inner.client, &user_key(username))
+            .await?;
+        user_from_fields(username, &fields)
     }
 
     /// The user and its password hash, for a name already checked.
@@ -252,12 +260,15 @@ impl Users {
             .client()
             .query(redis::cmd("HGETALL").arg(user_key(username)))
             .await?;
-        user_from_fields(username, fields)
+        user_from_fields(username, &fields)
     }
 
-    /// The user named `username`.
+    /// The user named `username`. While the authentication cache runs
+    /// ([`TenantKv::cache_auth`]), from the cache when it holds the user:
+    /// a change made elsewhere shows within the master's invalidation
+    /// push, one made through this store at once.
     pub async fn get(&self, username: &str) -> Result<User> {
-        match self.load(username).await? {
+        match self.load_cached(username).await? {
             Some((user, _)) => Ok(user),
             None => Err(Error::UnknownUser {
                 username: username.to_owned(),
@@ -448,9 +459,15 @@ impl Users {
         action: &str,
         actor: &Actor,
     ) -> Result<User> {
-        let user = self.get(username).await?;
+        check_username(username)?;
+        // Not from the cache: the write acts on what Redis holds.
+        let Some((user, _)) = self.fetch(username).await? else {
+            return Err(Error::UnknownUser {
+                username: username.to_owned(),
+            });
+        };
         let record = audit_record(&self.store.inner, &user.tenant, actor, action, username);
-        let _: () = self
+        let written: redis_failover::Result<()> = self
             .client()
             .query_pipeline(
                 redis::pipe()
@@ -460,7 +477,14 @@ impl Users {
                     .add_command(record)
                     .ignore(),
             )
-            .await?;
+            .await;
+        // Forgotten here at once, even if the outcome is unknown; other
+        // instances hear of it from the master.
+        self.store
+            .inner
+            .auth_cache
+            .invalidate([user_key(username).as_str()]);
+        written?;
         Ok(user)
     }
 
@@ -482,7 +506,7 @@ impl Users {
         let mut users = Vec::with_capacity(names.len());
         for (name, fields) in names.iter().zip(all) {
             // A user deleted meanwhile is left out.
-            if let Some((user, _)) = user_from_fields(name, fields)? {
+            if let Some((user, _)) = user_from_fields(name, &fields)? {
                 users.push(user);
             }
         }
@@ -493,7 +517,7 @@ impl Users {
 /// A user and its password hash from its hash fields; `None` if there is no such user.
 fn user_from_fields(
     username: &str,
-    fields: HashMap<String, String>,
+    fields: &HashMap<String, String>,
 ) -> Result<Option<(User, String)>> {
     let (Some(tenant), Some(hash)) = (fields.get("tenant"), fields.get("password_hash")) else {
         return Ok(None);

@@ -2,8 +2,10 @@
 //! crate: the HTTP figures are its metric types, recorded as requests are
 //! answered; the failover client's, the log buffer's and the offloader's
 //! are read from those crates' own snapshots by a collector each
-//! ([`failover`], [`logs`]) when `/metrics` is asked.
+//! ([`failover`], [`logs`]) when `/metrics` is asked, and so are the
+//! store's authentication cache's ([`auth_cache`]).
 
+mod auth_cache;
 mod failover;
 mod family;
 mod logs;
@@ -15,6 +17,7 @@ use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 use redis_failover::FailoverClient;
+use tenant_kv::TenantKv;
 
 use crate::api::LogShipping;
 
@@ -134,8 +137,15 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn new(client: FailoverClient, logs: Arc<Mutex<LogShipping>>) -> Self {
+    pub(crate) fn new(
+        client: FailoverClient,
+        store: TenantKv,
+        logs: Arc<Mutex<LogShipping>>,
+    ) -> Self {
         let registry = pipeline(client, logs);
+        registry
+            .register(Box::new(auth_cache::AuthCacheCollector::new(store)))
+            .unwrap_or_else(|error| panic!("the authentication cache's metrics: {error}"));
         // Every name is a constant of this crate and registered once, so a
         // failure here is a bug (the unit test below meets it first).
         let http = HttpMetrics::new()
@@ -181,7 +191,8 @@ mod tests {
     async fn every_collector_registers_and_renders_its_families() {
         let node = "127.0.0.1:1".parse().unwrap();
         let client = FailoverClient::candidates([node]).build().unwrap();
-        let metrics = Metrics::new(client, Arc::default());
+        let store = TenantKv::builder(client.clone()).build().unwrap();
+        let metrics = Metrics::new(client, store, Arc::default());
         let http = &metrics.http;
         http.record(
             "get_item",
@@ -212,6 +223,9 @@ mod tests {
             "# TYPE redis_failover_master_changes_total counter",
             "redis_failover_master_changes_total 0",
             "redis_failover_master_known 0",
+            "# TYPE tenant_kv_auth_cache_hits_total counter",
+            "tenant_kv_auth_cache_hits_total 0",
+            "tenant_kv_auth_cache_serving 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

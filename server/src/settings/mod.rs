@@ -139,6 +139,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Throttles and quotas.
     pub protection: Protection,
+    /// User and API-key records cached per instance (0: no cache).
+    pub auth_cache_records: usize,
 }
 
 impl Settings {
@@ -175,6 +177,7 @@ impl Settings {
             read_audit_sample: sections::read_audit_sample(raw)?,
             limits,
             protection: sections::protection(raw)?,
+            auth_cache_records: raw.auth_cache_records,
         })
     }
 }
@@ -191,6 +194,9 @@ impl Settings {
             .login_throttle(protection.login)
             .password_hashing(protection.password_hashing.0, protection.password_hashing.1)
             .read_audit_sample(self.read_audit_sample);
+        if self.auth_cache_records > 0 {
+            builder = builder.auth_cache_capacity(self.auth_cache_records);
+        }
         if let Some(key) = self.encryption_key {
             builder = builder.encryption_key(key);
         }

@@ -189,6 +189,11 @@ settings! {
     password_hashing_slots: Option<usize>;
     /// Logins waiting for a slot; past it, 503 at once; default 4 per slot.
     password_hashing_queue: Option<usize>;
+    /// User and API-key records each instance caches, so that a request
+    /// authenticates without a Redis round trip; invalidated by the master
+    /// (RESP3 client tracking: Redis 6 or later, CLIENT allowed) within
+    /// about a millisecond, dropped on failover; 0 turns the cache off.
+    auth_cache_records: usize = "10000";
     /// Items a tenant may hold, unless overridden (`server tenant limits
     /// set`); a number or unlimited; default no limit.
     tenant_max_keys: Option<QuotaLimit>;

@@ -99,6 +99,22 @@ fn the_defaults_are_the_limits_defaults() {
         Some("127.0.0.1:9090".parse().unwrap())
     );
     assert!(settings.log_buffer);
+    assert_eq!(
+        settings.auth_cache_records,
+        tenant_kv::DEFAULT_AUTH_CACHE_CAPACITY
+    );
+}
+
+#[test]
+fn the_auth_cache_is_sized_or_turned_off() {
+    for (given, records) in [("0", 0), ("250", 250)] {
+        let settings =
+            Settings::load(None, env(&[NODES, ("SERVER_AUTH_CACHE_RECORDS", given)])).unwrap();
+        assert_eq!(settings.auth_cache_records, records);
+    }
+    let error =
+        Settings::load(None, env(&[NODES, ("SERVER_AUTH_CACHE_RECORDS", "-1")])).unwrap_err();
+    assert!(error.to_string().contains("auth_cache_records"), "{error}");
 }
 
 /// Every `<secret>_file` beside a `<secret>` setting.

@@ -6,11 +6,12 @@
 mod model;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use subtle::ConstantTimeEq;
 
+use crate::auth_cache::{API_KEY_PREFIX, Fields};
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys};
 use crate::scripts::{API_KEY_CREATE, API_KEY_ROTATE};
@@ -43,7 +44,7 @@ fn now_ms() -> u64 {
 }
 
 fn api_key_key(id: &str) -> String {
-    format!("api-key:{id}")
+    format!("{API_KEY_PREFIX}{id}")
 }
 
 impl TenantKv {
@@ -139,17 +140,37 @@ impl ApiKeys {
         Ok((key, presented))
     }
 
-    async fn load(&self, id: &str) -> Result<Option<(ApiKey, HashMap<String, String>)>> {
+    /// The key `id` and its fields; with `cached`, from the authentication
+    /// cache when it serves ([`TenantKv::cache_auth`]).
+    async fn load(&self, id: &str, cached: bool) -> Result<Option<(ApiKey, Fields)>> {
         // An id is 16 hex digits: anything else names no key (and no other
         // Redis key either).
         if !is_key_id(id) {
             return Ok(None);
         }
-        let fields: HashMap<String, String> = self
-            .client()
-            .query(redis::cmd("HGETALL").arg(api_key_key(id)))
-            .await?;
+        let fields: Fields = if cached {
+            let inner = &self.store.inner;
+            inner
+                .auth_cache
+                .fetch(&inner.client, &api_key_key(id))
+                .await?
+        } else {
+            let fields: HashMap<String, String> = self
+                .client()
+                .query(redis::cmd("HGETALL").arg(api_key_key(id)))
+                .await?;
+            Arc::new(fields)
+        };
         Ok(key_from_fields(id, &fields)?.map(|key| (key, fields)))
+    }
+
+    /// Forgets the key `id` in this process at once (other instances hear
+    /// of the change from the master).
+    fn forget(&self, id: &str) {
+        self.store
+            .inner
+            .auth_cache
+            .invalidate([api_key_key(id).as_str()]);
     }
 
     /// The key `presented` stands for, if it is valid now: well formed, its
@@ -165,7 +186,7 @@ impl ApiKeys {
     /// (whose rights, such as [`User::admin`], the key acts with).
     pub async fn verify_with_owner(&self, presented: &str) -> Result<(ApiKey, Option<User>)> {
         let id = parse_key(presented).ok_or(Error::InvalidApiKey)?;
-        let (key, fields) = self.load(id).await?.ok_or(Error::InvalidApiKey)?;
+        let (key, fields) = self.load(id, true).await?.ok_or(Error::InvalidApiKey)?;
         let hash = sha256_hex(presented);
         let matches = |field: &str| {
             fields
@@ -230,7 +251,7 @@ impl ApiKeys {
 
     /// `tenant`'s key `id`; [`Error::UnknownApiKey`] if it has none such.
     pub async fn get(&self, tenant: &TenantId, id: &str) -> Result<ApiKey> {
-        match self.load(id).await? {
+        match self.load(id, true).await? {
             Some((key, _)) if key.tenant == *tenant => Ok(key),
             _ => Err(Error::UnknownApiKey { id: id.to_owned() }),
         }
@@ -254,7 +275,8 @@ impl ApiKeys {
                 ),
             });
         }
-        let (key, fields) = match self.load(id).await? {
+        // Not from the cache: the script checks the hash read here.
+        let (key, fields) = match self.load(id, false).await? {
             Some((key, fields)) if key.tenant == *tenant => (key, fields),
             _ => return Err(Error::UnknownApiKey { id: id.to_owned() }),
         };
@@ -270,7 +292,9 @@ impl ApiKeys {
             .arg(tenant.as_str())
             .arg(actor.as_str())
             .arg(id);
-        let rotated: u8 = API_KEY_ROTATE.run(self.client(), &command, false).await?;
+        let rotated = API_KEY_ROTATE.run(self.client(), &command, false).await;
+        self.forget(id);
+        let rotated: u8 = rotated?;
         if rotated == 0 {
             return Err(Error::ApiKeyChanged { id: id.to_owned() });
         }
@@ -307,14 +331,18 @@ impl ApiKeys {
                 ))
                 .ignore();
         }
-        let _: () = self.client().query_pipeline(&pipeline).await?;
+        let revoked: redis_failover::Result<()> = self.client().query_pipeline(&pipeline).await;
+        for key in &expired {
+            self.forget(&key.id);
+        }
+        revoked?;
         Ok(expired.len())
     }
 
     /// Revokes `tenant`'s key `id` at once.
     pub async fn revoke(&self, tenant: &TenantId, id: &str, actor: &Actor) -> Result<()> {
         self.get(tenant, id).await?;
-        let _: () = self
+        let revoked: redis_failover::Result<()> = self
             .client()
             .query_pipeline(
                 redis::pipe()
@@ -332,7 +360,9 @@ impl ApiKeys {
                     ))
                     .ignore(),
             )
-            .await?;
+            .await;
+        self.forget(id);
+        revoked?;
         Ok(())
     }
 

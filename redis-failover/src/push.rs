@@ -1,0 +1,64 @@
+//! Connections of the caller's own to the master, over RESP3 with push
+//! messages: for connection state the shared connections cannot hold,
+//! such as `CLIENT TRACKING` (the server's invalidation messages of a
+//! client-side cache arrive as pushes on the tracked connection itself).
+
+use std::sync::Arc;
+
+use redis::PushInfo;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::client::{FailoverClient, MasterInfo};
+use crate::error::{Error, Result};
+use crate::policy::{Decision, Tried, Tries};
+
+impl FailoverClient {
+    /// Opens a connection of the caller's own to the master (found first,
+    /// within the retry budget), with the client's credentials, TLS and
+    /// timeouts, speaking RESP3: the server's push messages go to `pushes`,
+    /// followed by one [`PushKind::Disconnection`](redis::PushKind) when
+    /// the connection ends. Needs Redis 6 or later (or Valkey).
+    ///
+    /// The connection does not follow failovers: the [`MasterInfo`] says
+    /// which master, and which generation, it reached, and
+    /// [`events`](Self::events) and [`master`](Self::master) tell when
+    /// another one is installed. Whatever state the caller sets on it is
+    /// its own to set again on a new connection.
+    pub async fn push_connection(
+        &self,
+        pushes: UnboundedSender<PushInfo>,
+    ) -> Result<(MasterInfo, MultiplexedConnection)> {
+        let shared = Arc::clone(self.shared());
+        let policy = shared.settings.retry_policy();
+        let mut tries = Tries::new();
+        loop {
+            let failures = match shared.current().await {
+                Ok((master, _)) => {
+                    match shared.data.connect_push(&master.node, pushes.clone()).await {
+                        Ok(connection) => {
+                            let info = MasterInfo {
+                                node: master.node.clone(),
+                                generation: master.generation,
+                            };
+                            return Ok((info, connection));
+                        }
+                        Err(error) => vec![master.failure(error.to_string())],
+                    }
+                }
+                Err(failures) => failures,
+            };
+            match policy.decide(&mut tries, Tried::NotSent) {
+                Decision::Retry(wait) => tokio::time::sleep(wait).await,
+                Decision::GiveUp(_) => {
+                    return Err(Error::RetryBudgetExhausted {
+                        budget: policy.budget,
+                        spent: tries.spent(),
+                        attempts: tries.count(),
+                        failures,
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The tracking task: one RESP3 connection of its own to the master with
+//! broadcast tracking on the records' prefixes, whose invalidation pushes
+//! it applies to the cache, and which it replaces (dropping the cache)
+//! whenever it fails or another master is installed.
+//!
+//! Why RESP3 on one connection rather than RESP2 with `REDIRECT` to a
+//! `__redis__:invalidate` subscriber: the failover client's subscriptions
+//! hide their connection, whose `CLIENT ID` a redirect would need, and a
+//! connection that is both tracked and the receiver of its own pushes has
+//! no second connection whose loss could go unnoticed. (RESP2 tracking
+//! without a redirect is accepted by the server but delivers nothing.)
+
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::{PushInfo, PushKind, Value};
+use redis_failover::{Backoff, Event, FailoverClient};
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio_util::sync::CancellationToken;
+
+use super::{API_KEY_PREFIX, AuthCacheState, LEASE, Tracking, USER_PREFIX, generation};
+use crate::store::TenantKv;
+
+/// How often the tracking connection is pinged: each answer renews the
+/// [`LEASE`], so several may be slow or lost before the cache stops serving.
+const HEARTBEAT: Duration = Duration::from_millis(200);
+
+/// Keeps tracking on, on the current master, until `stop` is cancelled.
+pub(super) async fn run(store: TenantKv, stop: CancellationToken) {
+    let state = &store.inner.auth_cache;
+    let client = &store.inner.client;
+    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+        .expect("100 ms up to 5 s is a valid backoff");
+    let mut attempt = 0;
+    loop {
+        // Subscribed before connecting: no change after it goes unseen.
+        let events = client.events();
+        let (sender, pushes) = unbounded_channel();
+        let opened = tokio::select! {
+            () = stop.cancelled() => break,
+            opened = open(client, sender) => opened,
+        };
+        match opened {
+            Ok((generation, connection, sent)) => {
+                attempt = 0;
+                state.reset(Some(Tracking {
+                    generation,
+                    valid_until: sent + LEASE,
+                }));
+                let connected = Connected {
+                    state,
+                    client,
+                    generation,
+                    connection,
+                };
+                let reason = tokio::select! {
+                    () = stop.cancelled() => break,
+                    reason = connected.serve(pushes, events) => reason,
+                };
+                state.reset(None);
+                tracing::info!(%reason, "authentication cache dropped; turning tracking on again");
+            }
+            Err(error) => {
+                // Once loud (a user without `CLIENT`, a Redis before 6),
+                // then quiet while it goes on failing.
+                if attempt == 0 {
+                    tracing::warn!(%error, "authentication cache: tracking could not be turned on; retrying");
+                } else {
+                    tracing::debug!(%error, "authentication cache: tracking could not be turned on");
+                }
+                let wait = backoff.delay(attempt);
+                attempt += 1;
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+    state.reset(None);
+    state
+        .started
+        .store(false, std::sync::atomic::Ordering::Release);
+}
+
+/// Connects to the master and turns broadcast tracking on; returns the
+/// master's generation, the connection, and when tracking was asked for
+/// (the lease runs from then).
+async fn open(
+    client: &FailoverClient,
+    pushes: tokio::sync::mpsc::UnboundedSender<PushInfo>,
+) -> Result<(u64, MultiplexedConnection, Instant), Box<dyn std::error::Error + Send + Sync>> {
+    let (master, mut connection) = client.push_connection(pushes).await?;
+    let sent = Instant::now();
+    let () = redis::cmd("CLIENT")
+        .arg("TRACKING")
+        .arg("ON")
+        .arg("BCAST")
+        .arg("PREFIX")
+        .arg(USER_PREFIX)
+        .arg("PREFIX")
+        .arg(API_KEY_PREFIX)
+        .query_async(&mut connection)
+        .await?;
+    Ok((master.generation, connection, sent))
+}
+
+/// Tracking on, on one master.
+struct Connected<'a> {
+    state: &'a AuthCacheState,
+    client: &'a FailoverClient,
+    generation: u64,
+    connection: MultiplexedConnection,
+}
+
+impl Connected<'_> {
+    /// Applies invalidations and renews the lease until tracking cannot
+    /// be trusted any more; says why.
+    async fn serve(
+        mut self,
+        mut pushes: UnboundedReceiver<PushInfo>,
+        mut events: broadcast::Receiver<Event>,
+    ) -> String {
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                push = pushes.recv() => match push {
+                    Some(push) if push.kind == PushKind::Invalidate => self.apply(push),
+                    Some(push) if push.kind != PushKind::Disconnection => {}
+                    _ => return "the tracking connection was lost".to_owned(),
+                },
+                event = events.recv() => match event {
+                    Ok(Event::MasterChanged { generation, .. }) if generation == self.generation => {}
+                    Ok(event @ (Event::MasterChanged { .. }
+                        | Event::MasterLost { .. }
+                        | Event::MasterRestarted { .. })) => return format!("{event:?}"),
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => return "master events were missed".to_owned(),
+                    // Cannot happen while the store (and so its client) lives.
+                    Err(RecvError::Closed) => return "the client is gone".to_owned(),
+                },
+                _ = heartbeat.tick() => {
+                    if generation(self.client) != Some(self.generation) {
+                        return "another master is in use".to_owned();
+                    }
+                    let sent = Instant::now();
+                    let answer: redis::RedisResult<String> =
+                        redis::cmd("PING").query_async(&mut self.connection).await;
+                    match answer {
+                        Ok(_) => self.state.renew(self.generation, sent),
+                        Err(error) => return format!("the tracking connection failed: {error}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets the keys an `invalidate` push names; all of them for a
+    /// null (`FLUSHALL`, `FLUSHDB`).
+    fn apply(&self, push: PushInfo) {
+        match push.data.into_iter().next() {
+            Some(Value::Array(keys)) => {
+                let keys: Result<Vec<String>, _> =
+                    keys.into_iter().map(redis::from_redis_value).collect();
+                match keys {
+                    Ok(keys) => self.state.invalidate(keys.iter().map(String::as_str)),
+                    // Not one of ours, yet unreadable: forget everything.
+                    Err(_) => self.state.flush(),
+                }
+            }
+            _ => self.state.flush(),
+        }
+    }
+}
