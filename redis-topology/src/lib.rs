@@ -14,6 +14,7 @@ mod ports;
 mod server;
 mod tls;
 mod topology;
+mod waits;
 
 pub use builder::TopologyBuilder;
 pub use error::{Error, Result};

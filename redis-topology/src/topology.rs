@@ -41,7 +41,7 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// more nodes of that kind; ids are only ever obtained from the topology.
 #[derive(Debug)]
 pub struct Topology {
-    settings: TopologyBuilder,
+    pub(crate) settings: TopologyBuilder,
     binary: PathBuf,
     server: Server,
     tls: Option<TlsFiles>,
@@ -76,14 +76,14 @@ impl Nodes {
 }
 
 /// Why one attempt of a wait did not reach its goal.
-enum Attempt {
+pub(crate) enum Attempt {
     /// Not yet; `node` is the one to blame (its log goes into a timeout error).
     Pending { node: NodeId, reason: String },
     /// Give up at once.
     Fatal(Error),
 }
 
-fn pending(node: NodeId, reason: impl Into<String>) -> Attempt {
+pub(crate) fn pending(node: NodeId, reason: impl Into<String>) -> Attempt {
     Attempt::Pending {
         node,
         reason: reason.into(),
@@ -91,7 +91,7 @@ fn pending(node: NodeId, reason: impl Into<String>) -> Attempt {
 }
 
 /// Turns a command error into "not yet", keeping the whole cause chain.
-fn pending_on(node: NodeId) -> impl Fn(Error) -> Attempt {
+pub(crate) fn pending_on(node: NodeId) -> impl Fn(Error) -> Attempt {
     move |error| {
         let mut reason = error.to_string();
         let mut source = std::error::Error::source(&error);
@@ -338,7 +338,7 @@ impl Topology {
     /// Repeats `attempt` every [`POLL_INTERVAL`] until it succeeds, fails
     /// fatally, or `timeout` has passed. An attempt still running at the
     /// deadline is cut short and blamed on `blame`.
-    async fn poll<T, F>(
+    pub(crate) async fn poll<T, F>(
         &self,
         what: &str,
         blame: NodeId,
@@ -398,7 +398,7 @@ impl Topology {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn require_kind(node: NodeId, kind: NodeKind, reason: &'static str) -> Result<()> {
+    pub(crate) fn require_kind(node: NodeId, kind: NodeKind, reason: &'static str) -> Result<()> {
         if node.kind() == kind {
             Ok(())
         } else {
@@ -624,7 +624,7 @@ impl Topology {
     }
 
     /// Of `nodes`, those running and not paused.
-    fn reachable(&self, nodes: Vec<NodeId>) -> Vec<NodeId> {
+    pub(crate) fn reachable(&self, nodes: Vec<NodeId>) -> Vec<NodeId> {
         let mut all = self.lock();
         nodes
             .into_iter()
@@ -767,102 +767,6 @@ impl Topology {
             .await?;
         self.wait_for_replica_of(replica, master, timeout).await
     }
-
-    // ----- waits -----
-
-    /// Waits until a master other than `old` is known: with sentinels, until
-    /// every running sentinel names the same new master and that node's
-    /// `ROLE` confirms it; without, until exactly one running data node other
-    /// than `old` says it is master. Returns the new master.
-    pub async fn wait_for_new_master(&self, old: NodeId, timeout: Duration) -> Result<NodeId> {
-        let old_addr = self.addr(old);
-        let what = format!("a master other than {old}");
-        self.poll(&what, old, timeout, || async move {
-            let sentinels = self.reachable(self.sentinels());
-            let candidate = if sentinels.is_empty() && self.settings.sentinels == 0 {
-                match self.masters().await.map_err(pending_on(old))?.as_slice() {
-                    [only] if *only != old => *only,
-                    masters => return Err(pending(old, format!("masters are {}", names(masters)))),
-                }
-            } else {
-                let mut agreed = None;
-                for &sentinel in &sentinels {
-                    let addr = self
-                        .sentinel_master_addr(sentinel)
-                        .await
-                        .map_err(pending_on(sentinel))?;
-                    match (addr, agreed) {
-                        (Some(addr), _) if addr == old_addr => {
-                            return Err(pending(sentinel, format!("still names {old}")));
-                        }
-                        (Some(addr), None) => agreed = Some(addr),
-                        (Some(addr), Some(first)) if addr == first => {}
-                        (addr, _) => {
-                            return Err(pending(
-                                sentinel,
-                                format!("names {addr:?}, others {agreed:?}"),
-                            ));
-                        }
-                    }
-                }
-                let addr =
-                    agreed.ok_or_else(|| pending(NodeId::sentinel(0), "no sentinel is running"))?;
-                self.node_at(addr).ok_or_else(|| {
-                    pending(
-                        old,
-                        format!("sentinels name {addr}, which is no node of this topology"),
-                    )
-                })?
-            };
-            match self.role(candidate).await.map_err(pending_on(candidate))? {
-                Role::Primary { .. } => Ok(candidate),
-                role => Err(pending(
-                    candidate,
-                    format!("named master, but ROLE says {role:?}"),
-                )),
-            }
-        })
-        .await
-    }
-
-    /// Waits until `replica` replicates from `master`: its `ROLE` names
-    /// `master` with the link connected, and `master`'s `INFO replication`
-    /// lists it as online.
-    pub async fn wait_for_replica_of(
-        &self,
-        replica: NodeId,
-        master: NodeId,
-        timeout: Duration,
-    ) -> Result<()> {
-        Self::require_kind(replica, NodeKind::Data, "only a data node replicates")?;
-        Self::require_kind(master, NodeKind::Data, "only a data node can be a master")?;
-        let master_port = self.addr(master).port();
-        let replica_port = self.addr(replica).port();
-        let what = format!("{replica} to replicate from {master}");
-        self.poll(&what, replica, timeout, || async move {
-            match self.role(replica).await.map_err(pending_on(replica))? {
-                Role::Replica {
-                    primary_port,
-                    replication_state,
-                    ..
-                } if primary_port == master_port && replication_state == "connected" => {}
-                role => return Err(pending(replica, format!("ROLE says {role:?}"))),
-            }
-            let info: String = self
-                .query(master, redis::cmd("INFO").arg("replication"))
-                .await
-                .map_err(pending_on(master))?;
-            if online_replica_ports(&info).contains(&replica_port) {
-                Ok(())
-            } else {
-                Err(pending(
-                    master,
-                    format!("does not list {replica} as online"),
-                ))
-            }
-        })
-        .await
-    }
 }
 
 impl Drop for Topology {
@@ -878,43 +782,4 @@ fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines()
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .map(str::trim)
-}
-
-/// `[redis-0, redis-2]`.
-fn names(nodes: &[NodeId]) -> String {
-    let names: Vec<String> = nodes.iter().map(NodeId::to_string).collect();
-    format!("[{}]", names.join(", "))
-}
-
-/// The ports of the replicas `INFO replication` lists with `state=online`.
-fn online_replica_ports(info: &str) -> Vec<u16> {
-    info.lines()
-        .filter(|line| {
-            line.strip_prefix("slave")
-                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
-        })
-        .filter_map(|line| {
-            let fields = line.split_once(':')?.1;
-            let field = |key: &str| {
-                fields
-                    .split(',')
-                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-            };
-            (field("state")? == "online").then(|| field("port")?.parse().ok())?
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn online_replicas_are_read_from_info_replication() {
-        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
-            slave0:ip=127.0.0.1,port=20001,state=online,offset=42,lag=0\r\n\
-            slave1:ip=127.0.0.1,port=20002,state=wait_bgsave,offset=0,lag=0\r\n\
-            master_failover_state:no-failover\r\n";
-        assert_eq!(online_replica_ports(info), vec![20001]);
-    }
 }
