@@ -5,6 +5,7 @@
 mod error;
 pub mod loki;
 mod offloader;
+mod packed;
 mod producer;
 mod record;
 mod sink;

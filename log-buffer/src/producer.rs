@@ -19,6 +19,7 @@ use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::{Error, Result};
+use crate::packed;
 use crate::record::{Caps, Fields, Record, check_tenant, log_stream, now_ns};
 
 /// How often a tenant's stream is trimmed while records flow.
@@ -70,9 +71,9 @@ impl LogBufferBuilder {
         self
     }
 
-    /// How many entries a tenant's stream keeps at most (about: trimmed
-    /// with `MAXLEN ~` once a second while records flow); the oldest go
-    /// first, counted (`trimmed`).
+    /// How many entries (of up to 64 records each) a tenant's stream keeps
+    /// at most (about: trimmed with `MAXLEN ~` once a second while records
+    /// flow); the oldest go first, counted (`trimmed`).
     /// Defaults to 1 000 000.
     pub fn max_len(mut self, entries: u64) -> Self {
         self.max_len = entries;
@@ -376,8 +377,8 @@ pub struct ProducerMetrics {
     /// Records dropped because Redis could not take them within the
     /// failover client's retry budget.
     pub dropped_redis_failed: u64,
-    /// Entries trimmed from the streams before delivery (`max_len`,
-    /// `max_age`).
+    /// Stream entries (of up to 64 records each) trimmed before delivery
+    /// (`max_len`, `max_age`).
     pub trimmed: u64,
     /// Records still queued when the shutdown deadline passed.
     pub dropped_shutdown: u64,
@@ -447,9 +448,10 @@ async fn append(
     while in_flight.next().await.is_some() {}
 }
 
-/// One pipeline appending `batch` to its tenants' streams, trimming each
-/// stream (by length and by age) at most once a `TRIM_INTERVAL`, as
-/// `last_trim` keeps count.
+/// One pipeline appending `batch` to its tenants' streams, packed (each
+/// tenant's records in order, [`packed::MAX_RECORDS`] to an entry at
+/// most), and trimming each stream (by length and by age) at most once a
+/// `TRIM_INTERVAL`, as `last_trim` keeps count.
 fn appends(
     batch: &[Record],
     default_tenant: &str,
@@ -458,27 +460,33 @@ fn appends(
     max_age: Duration,
 ) -> redis::Pipeline {
     let mut pipeline = redis::pipe();
-    let mut tenants: Vec<&str> = Vec::new();
-    for record in batch {
-        let tenant = record.tenant(default_tenant);
-        pipeline
-            .cmd("XADD")
-            .arg(log_stream(tenant))
-            .arg("*")
-            .arg("ts")
-            .arg(record.ts)
-            .arg("level")
-            .arg(record.level)
-            .arg("target")
-            .arg(record.target)
-            .ignore();
-        for (name, value) in record.fields.iter() {
-            pipeline.arg(name).arg(value);
-        }
-        if !tenants.contains(&tenant) {
-            tenants.push(tenant);
+    let mut records: Vec<(&str, &Record)> = batch
+        .iter()
+        .map(|record| (record.tenant(default_tenant), record))
+        .collect();
+    // A stable sort: each tenant's records keep their order.
+    records.sort_by_key(|(tenant, _)| *tenant);
+    let (mut lines, mut packed) = (Vec::new(), 0);
+    for (index, (tenant, record)) in records.iter().enumerate() {
+        packed::encode(record, &mut lines);
+        packed += 1;
+        let tenant_ends = records
+            .get(index + 1)
+            .is_none_or(|(next, _)| next != tenant);
+        if tenant_ends || packed == packed::MAX_RECORDS || lines.len() >= packed::MAX_BYTES {
+            pipeline
+                .cmd("XADD")
+                .arg(log_stream(tenant))
+                .arg("*")
+                .arg(packed::RECORDS_FIELD)
+                .arg(&lines)
+                .ignore();
+            lines.clear();
+            packed = 0;
         }
     }
+    let mut tenants: Vec<&str> = records.iter().map(|(tenant, _)| *tenant).collect();
+    tenants.dedup();
     let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
     let min_id = (now_ns() / 1_000_000).saturating_sub(max_age_ms);
     // Trimming costs Redis more than appending: once a second per tenant.

@@ -1,9 +1,10 @@
 //! Records, tenants, and the Redis streams that buffer them.
 //!
-//! A buffered record is one stream entry of flat string fields: `ts` (the
-//! nanoseconds since the Unix epoch when the event happened), then any
-//! others (`level`, `target`, `message` and the event's own fields for
-//! logs; `actor`, `action`, `key`, ... for tenant-kv's audit records). Logs
+//! A buffered record is flat string fields: `ts` (the nanoseconds since
+//! the Unix epoch when the event happened), then any others (`level`,
+//! `target`, `message` and the event's own fields for logs; `actor`,
+//! `action`, `key`, ... for tenant-kv's audit records, one stream entry
+//! each). The log buffer packs several records to an entry (`packed.rs`). Logs
 //! of tenant `<id>` go to the stream `tenant:{<id>}:logs`: like every key of
 //! a tenant in tenant-kv's storage layout 2, under the Redis Cluster hash
 //! tag `{<id>}`, so a tenant's streams share the slot of its other keys.

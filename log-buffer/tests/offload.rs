@@ -282,6 +282,67 @@ async fn a_throttled_tenant_does_not_hold_back_others_and_catches_up_in_order() 
 }
 
 #[tokio::test]
+async fn a_packed_entry_is_delivered_record_by_record_and_acknowledged_once_settled() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let now = now_ns();
+    let week = 7 * 24 * 3600 * 1_000_000_000u64;
+    let lines = format!(
+        "{{\"ts\":\"{now}\",\"level\":\"info\",\"message\":\"kept\"}}\n\
+         not json\n\
+         {{\"ts\":\"{}\",\"message\":\"stale\"}}\n\
+         {{\"ts\":\"{}\",\"message\":\"kept too\"}}\n",
+        now - week - 1_000_000_000,
+        now + 1
+    );
+    let _: String = client
+        .query(
+            redis::cmd("XADD")
+                .arg("tenant:{acme}:logs")
+                .arg("*")
+                .arg("records")
+                .arg(lines),
+        )
+        .await
+        .unwrap();
+    let offloader = offloader(&client, &receiver).start().unwrap();
+    receiver.wait_for_lines("acme", 2).await;
+    let messages: Vec<String> = receiver
+        .lines("acme")
+        .into_iter()
+        .map(|(_, line, _)| json(&line)["message"].clone())
+        .collect();
+    assert_eq!(messages, ["kept", "kept too"]);
+    eventually("the entry acknowledged and deleted", || async {
+        let len: u64 = client
+            .query(redis::cmd("XLEN").arg("tenant:{acme}:logs"))
+            .await
+            .unwrap();
+        len == 0
+    })
+    .await;
+    let dead: Vec<(String, BTreeMap<String, String>)> = client
+        .query(
+            redis::cmd("XRANGE")
+                .arg(dead_letter_stream("tenant:{acme}:logs"))
+                .arg("-")
+                .arg("+"),
+        )
+        .await
+        .unwrap();
+    let mut reasons: Vec<(&str, &str)> = dead
+        .iter()
+        .map(|(_, f)| {
+            let what = f.get("line").or(f.get("message")).unwrap();
+            (f["dead_letter_reason"].as_str(), what.as_str())
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, [("bad_record", "not json"), ("too_old", "stale")]);
+    offloader.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
 async fn only_refused_and_invalid_entries_are_dead_lettered() {
     let (_topology, client) = start(0).await;
     let receiver = Receiver::start().await;
@@ -453,11 +514,16 @@ async fn a_full_queue_drops_and_counts_and_shutdown_flushes_the_rest() {
     let metrics = buffer.shutdown(Duration::from_secs(5)).await;
     assert_eq!(metrics.appended, 100);
     assert_eq!(metrics.dropped_shutdown, 0);
+    let records = buffered(&client, "tenant:{acme}:logs").await;
+    let numbers: Vec<&str> = records.iter().map(|r| r["i"].as_str()).collect();
+    let expected: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    assert_eq!(numbers, expected);
+    // Packed: 64 records to an entry at most, so at least 2 entries.
     let len: u64 = client
         .query(redis::cmd("XLEN").arg("tenant:{acme}:logs"))
         .await
         .unwrap();
-    assert_eq!(len, 100);
+    assert!((2..100).contains(&len), "{len} entries");
 }
 
 #[tokio::test]
@@ -515,16 +581,8 @@ async fn oversized_fields_are_cut_when_emitted() {
         tracing::info!(tenant_id = "acme", username = huge.as_str(), "login failed");
     }
     buffer.shutdown(Duration::from_secs(5)).await;
-    let entries: Vec<(String, BTreeMap<String, String>)> = client
-        .query(
-            redis::cmd("XRANGE")
-                .arg("tenant:{acme}:logs")
-                .arg("-")
-                .arg("+"),
-        )
-        .await
-        .unwrap();
-    let fields = &entries[0].1;
+    let records = buffered(&client, "tenant:{acme}:logs").await;
+    let fields = &records[0];
     let username = &fields["username"];
     assert!(username.len() <= 100, "{username}");
     let (kept, cut) = username.split_once("…[cut ").expect("a marker");

@@ -9,6 +9,7 @@ use redis::streams::StreamId;
 use redis::{FromRedisValue, Value};
 
 use super::context::Context;
+use crate::packed;
 use crate::record::{dead_letter_stream, now_ns, tenant_of_stream};
 use crate::sink::{Entry, Push, PushError, Stream};
 
@@ -19,20 +20,77 @@ const LOKI_MAX_FUTURE: Duration = Duration::from_secs(10 * 60);
 /// Loki's default longest label value.
 const LOKI_MAX_LABEL_VALUE: usize = 2048;
 
-/// An entry ready to push, with its id.
+/// The most lines in one push: an entry may pack many records.
+const MAX_PUSH_LINES: usize = 1000;
+
+/// A record ready to push, with the index of the entry it came from.
 struct Ready {
-    /// The entry as stored, for the dead-letter stream if the sink refuses it.
-    stored: StreamId,
+    source: usize,
     labels: BTreeMap<String, String>,
     entry: Entry,
 }
 
-/// Delivers one stream's entries: invalid ones to the dead-letter stream
-/// at once, the rest to the sink, retried with the tenant's backoff until
-/// accepted or the offloader stops.
+/// A record (or a whole entry) for the dead-letter stream: its fields,
+/// the id of its entry, and why.
+pub(super) struct Dead {
+    pub(super) id: String,
+    pub(super) fields: Vec<(String, String)>,
+    pub(super) reason: &'static str,
+    pub(super) detail: String,
+}
+
+/// How many records of each entry of one delivery are neither delivered
+/// nor dead-lettered yet: an entry is acknowledged only when none is left,
+/// so a packed entry whose records went out in several pushes is read
+/// again after a crash between them, never lost.
+struct Tally {
+    ids: Vec<String>,
+    left: Vec<usize>,
+}
+
+impl Tally {
+    /// Counts the records of `sources` as settled; the ids of the entries
+    /// this settles completely.
+    fn settle(&mut self, sources: impl IntoIterator<Item = usize>) -> Vec<String> {
+        let mut done = Vec::new();
+        for source in sources {
+            self.left[source] -= 1;
+            if self.left[source] == 0 {
+                done.push(self.ids[source].clone());
+            }
+        }
+        done
+    }
+
+    /// Takes back a [`settle`](Self::settle) whose writes failed.
+    fn unsettle(&mut self, sources: impl IntoIterator<Item = usize>) {
+        for source in sources {
+            self.left[source] += 1;
+        }
+    }
+}
+
+/// Delivers one stream's entries: invalid records to the dead-letter
+/// stream at once, the rest to the sink, retried with the tenant's backoff
+/// until accepted or the offloader stops.
 pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<StreamId>) {
-    let ready = sort_out(context, stream, tenant, entries).await;
-    let mut queue = vec![ready];
+    let (ready, invalid, mut tally) = sort_out(context, stream, tenant, entries);
+    let empty: Vec<String> = (tally.left.iter().zip(&tally.ids))
+        .filter(|(left, _)| **left == 0)
+        .map(|(_, id)| id.clone())
+        .collect();
+    if !empty.is_empty() {
+        acknowledge(context, stream, empty.iter().map(String::as_str)).await;
+    }
+    if !invalid.is_empty() {
+        dead_letter_records(context, stream, tenant, invalid, &mut tally).await;
+    }
+    let mut queue: Vec<Vec<Ready>> = Vec::new();
+    let mut ready = ready.into_iter().peekable();
+    while ready.peek().is_some() {
+        queue.push(ready.by_ref().take(MAX_PUSH_LINES).collect());
+    }
+    queue.reverse();
     let mut attempt = 0u32;
     while let Some(batch) = queue.pop() {
         if batch.is_empty() {
@@ -43,7 +101,7 @@ pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entri
         match context.sink.push(&push).await {
             Ok(()) => {
                 attempt = 0;
-                delivered(context, stream, tenant, &batch, started).await;
+                delivered(context, stream, tenant, &batch, started, &mut tally).await;
             }
             Err(PushError::Retry { reason }) => {
                 context.tenant_metrics(tenant, |m| m.retried_pushes += 1);
@@ -81,9 +139,12 @@ pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entri
                 };
                 let rejected = batch
                     .into_iter()
-                    .map(|r| (r.stored, reason, detail.clone()))
+                    .map(|ready| {
+                        let fields = fields_of(&ready.entry);
+                        (ready.source, (fields, reason, detail.clone()))
+                    })
                     .collect();
-                dead_letter(context, stream, tenant, rejected).await;
+                dead_letter_records(context, stream, tenant, rejected, &mut tally).await;
             }
         }
         if context.stopped.is_cancelled() && !queue.is_empty() {
@@ -92,45 +153,91 @@ pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entri
     }
 }
 
-/// `entries` ready to push, oldest first; those Loki would refuse go to
-/// the dead-letter stream at once.
-async fn sort_out(
+/// A record that cannot go to Loki, by the index of its entry: its
+/// fields, the reason's name and the detail.
+type Invalid = (usize, Rejected);
+
+/// `entries`' records ready to push, oldest first; those Loki would
+/// refuse; and the tally of records per entry.
+fn sort_out(
     context: &Context,
     stream: &str,
     tenant: &str,
     entries: Vec<StreamId>,
-) -> Vec<Ready> {
+) -> (Vec<Ready>, Vec<Invalid>, Tally) {
     let now = now_ns();
     let oldest = now.saturating_sub(u64::try_from(context.max_age.as_nanos()).unwrap_or(u64::MAX));
     let newest = now + LOKI_MAX_FUTURE.as_nanos() as u64;
     let job = job_of(context, stream);
     let mut ready = Vec::with_capacity(entries.len());
     let mut invalid = Vec::new();
-    for entry in entries {
-        match prepare(context, job, tenant, &entry, oldest, newest) {
-            Ok((labels, line)) => ready.push(Ready {
-                stored: entry,
-                labels,
-                entry: line,
-            }),
-            Err((reason, detail)) => invalid.push((entry, reason, detail)),
+    let mut tally = Tally {
+        ids: Vec::with_capacity(entries.len()),
+        left: Vec::with_capacity(entries.len()),
+    };
+    for (source, entry) in entries.iter().enumerate() {
+        let records = unpack(entry);
+        tally.ids.push(entry.id.clone());
+        tally.left.push(records.len());
+        for record in records {
+            let prepared = record.and_then(|fields| {
+                prepare(context, job, tenant, &fields, oldest, newest)
+                    .map_err(|(reason, detail)| (sorted(fields), reason, detail))
+            });
+            match prepared {
+                Ok((labels, line)) => ready.push(Ready {
+                    source,
+                    labels,
+                    entry: line,
+                }),
+                Err(dead) => invalid.push((source, dead)),
+            }
         }
     }
-    if !invalid.is_empty() {
-        dead_letter(context, stream, tenant, invalid).await;
-    }
     ready.sort_by_key(|r| r.entry.ts_ns);
-    ready
+    (ready, invalid, tally)
+}
+
+/// The records of an entry: one for a plain entry (its fields), one per
+/// line for a packed one; or the fields to dead-letter and why.
+fn unpack(entry: &StreamId) -> Vec<Result<BTreeMap<String, String>, Rejected>> {
+    let Some(packed) = entry.map.get(packed::RECORDS_FIELD) else {
+        let fields = entry
+            .map
+            .iter()
+            .map(|(name, value)| (name.clone(), text(value)));
+        return vec![Ok(fields.collect())];
+    };
+    packed::decode(&text(packed))
+        .map(|record| {
+            record.map_err(|(line, detail)| (vec![("line".to_owned(), line)], "bad_record", detail))
+        })
+        .collect()
+}
+
+/// A record's fields, sorted by name, as the dead-letter stream keeps them.
+fn sorted(fields: BTreeMap<String, String>) -> Vec<(String, String)> {
+    fields.into_iter().collect()
+}
+
+/// The fields of a prepared record: its line's, and `ts`.
+fn fields_of(entry: &Entry) -> Vec<(String, String)> {
+    let mut fields: BTreeMap<String, String> =
+        serde_json::from_str(&entry.line).unwrap_or_default();
+    fields.insert("ts".to_owned(), entry.ts_ns.to_string());
+    sorted(fields)
 }
 
 /// After the sink accepted `batch` (pushed at `started`): the figures, the
-/// entries acknowledged, and the tenant paced.
+/// entries whose records are all settled acknowledged, and the tenant
+/// paced.
 async fn delivered(
     context: &Context,
     stream: &str,
     tenant: &str,
     batch: &[Ready],
     started: Instant,
+    tally: &mut Tally,
 ) {
     let bytes: u64 = batch.iter().map(|r| r.entry.line.len() as u64).sum();
     context.tenant_metrics(tenant, |m| {
@@ -139,7 +246,10 @@ async fn delivered(
         m.pushes += 1;
         m.push_latency += started.elapsed();
     });
-    acknowledge(context, stream, batch.iter().map(|r| r.stored.id.as_str())).await;
+    let done = tally.settle(batch.iter().map(|r| r.source));
+    if !done.is_empty() {
+        acknowledge(context, stream, done.iter().map(String::as_str)).await;
+    }
     // Pace the tenant: a replayed backlog must not trip Loki's rate limit.
     let pace = Duration::from_secs_f64(bytes as f64 / context.tenant_bytes_per_second as f64);
     if pace > started.elapsed() {
@@ -147,9 +257,38 @@ async fn delivered(
     }
 }
 
+/// Dead-letters records of this delivery, acknowledging the entries this
+/// settles in the same transaction; if that fails, the records count as
+/// unsettled again, so their entries stay pending.
+async fn dead_letter_records(
+    context: &Context,
+    stream: &str,
+    tenant: &str,
+    records: Vec<Invalid>,
+    tally: &mut Tally,
+) {
+    let sources: Vec<usize> = records.iter().map(|(source, _)| *source).collect();
+    let done = tally.settle(sources.iter().copied());
+    let dead = records
+        .into_iter()
+        .map(|(source, (fields, reason, detail))| Dead {
+            id: tally.ids[source].clone(),
+            fields,
+            reason,
+            detail,
+        })
+        .collect();
+    if !dead_letter(context, stream, tenant, dead, &done).await {
+        tally.unsettle(sources);
+    }
+}
+
 type Labels = BTreeMap<String, String>;
-/// Why an entry cannot go to Loki: the reason's name and the detail.
-type Invalid = (&'static str, String);
+/// Why a record cannot go to Loki: the reason's name and the detail.
+type Refusal = (&'static str, String);
+/// A record for the dead-letter stream: its fields, sorted, and the
+/// reason's name and detail.
+type Rejected = (Vec<(String, String)>, &'static str, String);
 
 /// The `job` label of a stream's lines: its source's own, or the default.
 fn job_of<'a>(context: &'a Context, stream: &str) -> &'a str {
@@ -160,22 +299,17 @@ fn job_of<'a>(context: &'a Context, stream: &str) -> &'a str {
         .map_or(&context.job, |(_, job)| job)
 }
 
-/// Labels and line of an entry, or why it cannot go to Loki.
+/// Labels and line of a record, or why it cannot go to Loki.
 fn prepare(
     context: &Context,
     job: &str,
     tenant: &str,
-    entry: &StreamId,
+    fields: &BTreeMap<String, String>,
     oldest: u64,
     newest: u64,
-) -> std::result::Result<(Labels, Entry), Invalid> {
-    let mut fields: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in &entry.map {
-        let text = String::from_redis_value(value.clone()).unwrap_or_default();
-        fields.insert(name.clone(), text);
-    }
+) -> std::result::Result<(Labels, Entry), Refusal> {
     let ts_ns = fields
-        .remove("ts")
+        .get("ts")
         .and_then(|ts| ts.parse::<u64>().ok())
         .ok_or(("bad_timestamp", "no `ts` field of nanoseconds".to_owned()))?;
     if ts_ns < oldest {
@@ -198,11 +332,20 @@ fn prepare(
             labels.insert(name.clone(), value.clone());
         }
     }
-    let line = serde_json::to_string(&fields).expect("strings serialize");
+    let line = serde_json::to_string(&WithoutTs(fields)).expect("strings serialize");
     if line.len() > LOKI_MAX_LINE {
         return Err(("line_too_long", format!("{} bytes", line.len())));
     }
     Ok((labels, Entry { ts_ns, line }))
+}
+
+/// A record's fields but `ts` (the line's timestamp), as a JSON object.
+struct WithoutTs<'a>(&'a BTreeMap<String, String>);
+
+impl serde::Serialize for WithoutTs<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().filter(|(name, _)| *name != "ts"))
+    }
 }
 
 fn to_push(tenant: &str, batch: &[Ready]) -> Push {
@@ -254,21 +397,23 @@ fn ack_and_delete(pipeline: &mut redis::Pipeline, context: &Context, stream: &st
         .ignore();
 }
 
-/// Moves entries to the stream's dead-letter stream with the reason and
-/// acknowledges them, in one transaction; the dead-letter stream is
-/// trimmed to its length cap and to the entries' age limit on the way.
+/// Moves records (or whole entries) to the stream's dead-letter stream
+/// with the reason, and acknowledges the entries `done`, in one
+/// transaction; the dead-letter stream is trimmed to its length cap and
+/// to the entries' age limit on the way. Whether it worked: if not, the
+/// entries stay pending.
 pub(super) async fn dead_letter(
     context: &Context,
     stream: &str,
     tenant: &str,
-    entries: Vec<(StreamId, &'static str, String)>,
-) {
+    dead: Vec<Dead>,
+    done: &[String],
+) -> bool {
     let target = dead_letter_stream(stream);
     let mut pipeline = redis::pipe();
     pipeline.atomic();
     let mut reasons: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let mut ids = Vec::with_capacity(entries.len());
-    for (entry, reason, detail) in &entries {
+    for record in &dead {
         pipeline
             .cmd("XADD")
             .arg(&target)
@@ -276,23 +421,18 @@ pub(super) async fn dead_letter(
             .arg("~")
             .arg(context.dead_letter_max_len)
             .arg("*");
-        let mut fields: Vec<(&String, &Value)> = entry.map.iter().collect();
-        fields.sort_by_key(|(name, _)| *name);
-        for (name, value) in fields {
-            pipeline
-                .arg(name)
-                .arg(String::from_redis_value(value.clone()).unwrap_or_default());
+        for (name, value) in &record.fields {
+            pipeline.arg(name).arg(value);
         }
         pipeline
             .arg("dead_letter_reason")
-            .arg(*reason)
+            .arg(record.reason)
             .arg("dead_letter_detail")
-            .arg(detail)
+            .arg(&record.detail)
             .arg("dead_letter_id")
-            .arg(&entry.id)
+            .arg(&record.id)
             .ignore();
-        *reasons.entry(*reason).or_default() += 1;
-        ids.push(entry.id.as_str());
+        *reasons.entry(record.reason).or_default() += 1;
     }
     let max_age_ms = u64::try_from(context.max_age.as_millis()).unwrap_or(u64::MAX);
     pipeline
@@ -302,18 +442,60 @@ pub(super) async fn dead_letter(
         .arg("~")
         .arg((now_ns() / 1_000_000).saturating_sub(max_age_ms))
         .ignore();
-    ack_and_delete(&mut pipeline, context, stream, &ids);
+    if !done.is_empty() {
+        let ids: Vec<&str> = done.iter().map(String::as_str).collect();
+        ack_and_delete(&mut pipeline, context, stream, &ids);
+    }
     match context.client.query_pipeline::<()>(&pipeline).await {
         Ok(()) => {
-            tracing::warn!(target: "log_buffer", tenant, stream, entries = ids.len(), ?reasons, "offloader: entries dead-lettered");
+            tracing::warn!(target: "log_buffer", tenant, stream, records = dead.len(), ?reasons, "offloader: records dead-lettered");
             context.tenant_metrics(tenant, |m| {
                 for (reason, count) in reasons {
                     *m.dead_lettered.entry(reason).or_default() += count;
                 }
             });
+            true
         }
         Err(error) => {
             tracing::warn!(target: "log_buffer", %error, stream, "offloader: dead-lettering failed; the entries stay pending");
+            false
         }
+    }
+}
+
+/// A whole entry as stored, for the dead-letter stream: its fields,
+/// sorted by name.
+pub(super) fn stored(entry: &StreamId) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = entry
+        .map
+        .iter()
+        .map(|(name, value)| (name.clone(), text(value)))
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// A stream entry's field value as text.
+fn text(value: &Value) -> String {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        other => String::from_redis_value(other.clone()).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_done_once_each_of_its_records_is_settled() {
+        let mut tally = Tally {
+            ids: vec!["1-0".to_owned(), "2-0".to_owned()],
+            left: vec![3, 1],
+        };
+        assert!(tally.settle([0, 0]).is_empty());
+        tally.unsettle([0]);
+        assert!(tally.settle([0]).is_empty());
+        assert_eq!(tally.settle([1, 0]), ["2-0", "1-0"]);
     }
 }

@@ -108,8 +108,9 @@ impl<S: LogSink> OffloaderBuilder<S> {
         self
     }
 
-    /// The most entries read from a stream, and pushed, at once.
-    /// Defaults to 1000.
+    /// The most entries read from a stream at once. An entry of the log
+    /// buffer packs up to 64 records, so a read may hold many more lines;
+    /// they are pushed 1000 at most at a time. Defaults to 100.
     pub fn batch_size(mut self, entries: usize) -> Self {
         self.batch_size = entries;
         self
@@ -252,7 +253,7 @@ impl Offloader {
             job: "log-buffer".to_owned(),
             source_jobs: BTreeMap::from([("audit".to_owned(), "audit_logs".to_owned())]),
             label_fields: vec!["level".to_owned(), "action".to_owned()],
-            batch_size: 1000,
+            batch_size: 100,
             poll_interval: Duration::from_millis(100),
             discovery_interval: Duration::from_secs(5),
             claim_idle: Duration::from_secs(60),

@@ -10,7 +10,7 @@ use redis::{FromRedisValue, Value};
 use redis_failover::ErrorKind;
 
 use super::context::{Context, Known};
-use super::deliver::dead_letter;
+use super::deliver::{Dead, dead_letter, stored};
 use crate::record::{dead_letter_stream, now_ns, streams_pattern, tenant_of_stream};
 
 /// One tenant's gauges, summed over its streams.
@@ -265,11 +265,17 @@ async fn claim(
         deliveries.get(&entry.id).copied().unwrap_or(0) > context.max_deliveries
     });
     if !poison.is_empty() {
-        let rejected: Vec<_> = poison
-            .into_iter()
-            .map(|entry| (entry, "poison", "delivered too many times".to_owned()))
+        let ids: Vec<String> = poison.iter().map(|entry| entry.id.clone()).collect();
+        let dead = poison
+            .iter()
+            .map(|entry| Dead {
+                id: entry.id.clone(),
+                fields: stored(entry),
+                reason: "poison",
+                detail: "delivered too many times".to_owned(),
+            })
             .collect();
-        dead_letter(context, stream, tenant, rejected).await;
+        dead_letter(context, stream, tenant, dead, &ids).await;
     }
     Ok(claimed)
 }

@@ -259,3 +259,20 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The records buffered in `stream`, oldest first: every line of every
+/// entry's `records` field (the log buffer packs records), as its fields.
+pub async fn buffered(
+    client: &FailoverClient,
+    stream: &str,
+) -> Vec<std::collections::BTreeMap<String, String>> {
+    let entries: Vec<(String, HashMap<String, String>)> = client
+        .query(redis::cmd("XRANGE").arg(stream).arg("-").arg("+"))
+        .await
+        .unwrap();
+    entries
+        .iter()
+        .flat_map(|(_, fields)| fields["records"].lines())
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}

@@ -74,7 +74,7 @@ impl LogCollector {
             logs,
             records: Family::counter(
                 "log_buffer_records_total",
-                "Log records by outcome: queued, appended to Redis, trimmed away, or dropped by reason.",
+                "Log records by outcome: queued, appended to Redis, or dropped by reason; trimmed counts stream entries (of up to 64 records) trimmed away.",
                 &["outcome"],
             ),
             per_tenant: counters.chain(gauges).collect(),
