@@ -93,6 +93,11 @@ use redis_failover::{Durability, FailoverClient, NodeAddr, ReadPolicy};
 use redis_topology::Topology;
 use serde_json::{Value, json};
 
+// The allocator `server` runs with, so that the scenarios running the
+// server in this process (`http`, `tenant-kv`) measure what it does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod abuse;
 mod failover;
 mod http;
