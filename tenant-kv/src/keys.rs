@@ -134,13 +134,13 @@ pub(crate) const RATE: &str = "rate";
 
 /// A Redis key written into a command from its parts, without a string of
 /// its own: the tenant's prefix, then the rest.
-pub(crate) struct KeyArg<'a>(&'a str, &'a str, &'a str);
+pub(crate) struct KeyArg<'a>([&'a str; 4]);
 
 impl redis::ToRedisArgs for KeyArg<'_> {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
         use std::io::Write as _;
         let mut arg = out.writer_for_next_arg();
-        for part in [self.0, self.1, self.2] {
+        for part in self.0 {
             // Writing into the command's own buffer cannot fail.
             let _ = arg.write_all(part.as_bytes());
         }
@@ -152,16 +152,19 @@ impl redis::ToRedisArgs for KeyArg<'_> {
 pub(crate) struct TenantKeys {
     /// `tenant:{<id>}:`
     prefix: String,
-    /// `tenant:<id>:`, layout 1's.
-    legacy: String,
 }
 
 impl TenantKeys {
     pub(crate) fn new(tenant: &TenantId) -> Self {
         Self {
             prefix: tenant_prefix(tenant.as_str()),
-            legacy: legacy_prefix(tenant.as_str()),
         }
+    }
+
+    /// The tenant's id, from the prefix (layout 1's keys are made from it
+    /// only while a migration runs, so they cost no string of their own).
+    fn id(&self) -> &str {
+        &self.prefix["tenant:{".len()..self.prefix.len() - "}:".len()]
     }
 
     fn named(&self, name: &str) -> String {
@@ -170,17 +173,17 @@ impl TenantKeys {
 
     /// The key `name` (one of this module's constants), as a command's argument.
     pub(crate) fn arg<'a>(&'a self, name: &'a str) -> KeyArg<'a> {
-        KeyArg(&self.prefix, name, "")
+        KeyArg([&self.prefix, name, "", ""])
     }
 
     /// An item's Redis key, as a command's argument.
     pub(crate) fn data_arg<'a>(&'a self, key: &'a str) -> KeyArg<'a> {
-        KeyArg(&self.prefix, "data:", key)
+        KeyArg([&self.prefix, "data:", key, ""])
     }
 
     /// An item's layout 1 Redis key, as a command's argument.
     pub(crate) fn legacy_data_arg<'a>(&'a self, key: &'a str) -> KeyArg<'a> {
-        KeyArg(&self.legacy, "data:", key)
+        KeyArg(["tenant:", self.id(), ":data:", key])
     }
 
     /// An item's Redis key.
@@ -191,7 +194,7 @@ impl TenantKeys {
     /// An item's Redis key under storage layout 1 (a hash), which the store
     /// still reads and replaces while a migration runs.
     pub(crate) fn legacy_data(&self, key: &str) -> String {
-        format!("{}data:{key}", self.legacy)
+        format!("tenant:{}:data:{key}", self.id())
     }
 
     /// The tenant's progress through a migration (a hash).

@@ -461,6 +461,9 @@ impl TenantKv {
     /// request that would be refused whoever made it, known without a
     /// round trip (a server may answer it before looking anything up).
     pub fn request_refused(&self, tenant: &TenantId) -> Option<RateLimitStatus> {
+        if !self.inner.refusals.any() {
+            return None;
+        }
         self.inner.refusals.active(
             &TenantKeys::new(tenant).request_rate(),
             std::time::Instant::now(),

@@ -118,6 +118,12 @@ impl Refusals {
         })
     }
 
+    /// Whether any refusal is kept: none, nearly always, and then a caller
+    /// need not even make the key to look up.
+    pub(crate) fn any(&self) -> bool {
+        !self.map().is_empty()
+    }
+
     fn record(&self, key: &str, status: &RateLimitStatus, now: Instant) {
         let Some(retry_after) = status.retry_after else {
             return;

@@ -112,14 +112,16 @@ impl HttpMetrics {
         tenant: Option<&str>,
         elapsed: Duration,
     ) {
-        let status = status.to_string();
-        self.requests.with_label_values(&[route, &status]).inc();
+        // The code's own text, without formatting a string per request.
+        let code = hyper::StatusCode::from_u16(status).ok();
+        let status = code.as_ref().map_or("000", hyper::StatusCode::as_str);
+        self.requests.with_label_values(&[route, status]).inc();
         if let Some(code) = error {
             self.errors.with_label_values(&[route, code]).inc();
         }
         if let Some(tenant) = tenant {
             self.tenant_requests
-                .with_label_values(&[tenant, &status])
+                .with_label_values(&[tenant, status])
                 .inc();
         }
         self.duration
