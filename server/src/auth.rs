@@ -1,6 +1,7 @@
 //! Credentials: JWTs issued by `POST /token` (or by another issuer sharing
 //! the key) and API keys; both name the tenant, which nothing else may.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::HeaderMap;
@@ -13,6 +14,7 @@ use crate::api::App;
 
 use crate::error::{ApiError, SettingError};
 use crate::settings::JwtSettings;
+use crate::verified_tokens::VerifiedTokens;
 
 /// How tokens are verified and issued: one pinned algorithm, `exp`, `sub`
 /// and `tenant_id` always required, `iss` and `aud` required when set.
@@ -26,6 +28,8 @@ pub struct JwtConfig {
     ttl: Duration,
     /// Built once: it depends only on the settings.
     validation: Validation,
+    /// Tokens verified already, shared by the clones.
+    verified: Arc<VerifiedTokens<VerifiedClaims>>,
 }
 
 impl std::fmt::Debug for JwtConfig {
@@ -111,6 +115,7 @@ impl JwtConfig {
             audience: settings.audience.clone(),
             ttl: settings.ttl,
             validation: validation(settings),
+            verified: Arc::default(),
         })
     }
 
@@ -142,8 +147,19 @@ impl JwtConfig {
         }
     }
 
-    fn verify(&self, token: &str) -> Result<VerifiedClaims, jsonwebtoken::errors::Error> {
-        Ok(jsonwebtoken::decode::<VerifiedClaims>(token, &self.decoding, &self.validation)?.claims)
+    /// The claims of `token` once its signature, algorithm and claims
+    /// check out; from [`VerifiedTokens`] when it was checked before.
+    fn verify(&self, token: &str) -> Result<Arc<VerifiedClaims>, jsonwebtoken::errors::Error> {
+        let (now, leeway) = (unix_now(), self.validation.leeway);
+        if let Some(claims) = self.verified.get(token, now, leeway) {
+            return Ok(claims);
+        }
+        let claims =
+            jsonwebtoken::decode::<VerifiedClaims>(token, &self.decoding, &self.validation)?.claims;
+        let (exp, claims) = (claims.exp, Arc::new(claims));
+        self.verified
+            .insert(token, Arc::clone(&claims), exp, now, leeway);
+        Ok(claims)
     }
 }
 
@@ -195,7 +211,6 @@ struct IssuedClaims<'a> {
 struct VerifiedClaims {
     sub: String,
     tenant_id: String,
-    #[allow(dead_code, reason = "present and numeric is what is checked")]
     exp: u64,
 }
 

@@ -76,6 +76,7 @@ mod schema;
 mod server;
 mod settings;
 mod system;
+mod verified_tokens;
 
 pub use auth::JwtConfig;
 pub use error::{Error, SettingError};
