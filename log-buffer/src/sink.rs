@@ -118,17 +118,26 @@ impl FileSink {
 #[async_trait::async_trait]
 impl LogSink for FileSink {
     async fn push(&self, push: &Push) -> Result<(), PushError> {
-        let mut text = String::new();
+        /// One line of the file, written straight from the push's parts.
+        #[derive(serde::Serialize)]
+        struct FileLine<'a> {
+            tenant: &'a str,
+            labels: &'a BTreeMap<String, String>,
+            ts: String,
+            line: &'a str,
+        }
+        let mut text = Vec::new();
         for stream in &push.streams {
             for entry in &stream.entries {
-                let line = serde_json::json!({
-                    "tenant": push.tenant,
-                    "labels": stream.labels,
-                    "ts": entry.ts_ns.to_string(),
-                    "line": entry.line,
-                });
-                text.push_str(&line.to_string());
-                text.push('\n');
+                let line = FileLine {
+                    tenant: &push.tenant,
+                    labels: &stream.labels,
+                    ts: entry.ts_ns.to_string(),
+                    line: &entry.line,
+                };
+                // Strings and maps of strings always serialize.
+                let _ = serde_json::to_writer(&mut text, &line);
+                text.push(b'\n');
             }
         }
         let retry = |error: std::io::Error| PushError::Retry {
@@ -145,7 +154,7 @@ impl LogSink for FileSink {
             *file = Some(opened);
         }
         let open = file.as_mut().expect("opened above");
-        let written = open.write_all(text.as_bytes()).await;
+        let written = open.write_all(&text).await;
         let written = match written {
             Ok(()) => open.flush().await,
             Err(error) => Err(error),

@@ -2,6 +2,7 @@
 //! limits, pushed with the tenant's backoff and pace, acknowledged once
 //! accepted, dead-lettered when they cannot be.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use redis::streams::StreamId;
 use redis::{FromRedisValue, Value};
 
 use super::context::Context;
-use crate::packed;
+use crate::packed::{self, Parsed, Text};
 use crate::record::{dead_letter_stream, now_ns, tenant_of_stream};
 use crate::sink::{Entry, Push, PushError, Stream};
 
@@ -176,7 +177,8 @@ fn sort_out(
         left: Vec::with_capacity(entries.len()),
     };
     for (source, entry) in entries.iter().enumerate() {
-        let records = unpack(entry);
+        let packed = entry.map.get(packed::RECORDS_FIELD).map(text);
+        let records = unpack(entry, packed.as_deref());
         tally.ids.push(entry.id.clone());
         tally.left.push(records.len());
         for record in records {
@@ -198,17 +200,18 @@ fn sort_out(
     (ready, invalid, tally)
 }
 
-/// The records of an entry: one for a plain entry (its fields), one per
-/// line for a packed one; or the fields to dead-letter and why.
-fn unpack(entry: &StreamId) -> Vec<Result<BTreeMap<String, String>, Rejected>> {
-    let Some(packed) = entry.map.get(packed::RECORDS_FIELD) else {
+/// The records of an entry, borrowed from it: one for a plain entry (its
+/// fields), one per line for a packed one (whose `records` field is
+/// `packed`); or the fields to dead-letter and why.
+fn unpack<'a>(entry: &'a StreamId, packed: Option<&'a str>) -> Vec<Result<Parsed<'a>, Rejected>> {
+    let Some(packed) = packed else {
         let fields = entry
             .map
             .iter()
-            .map(|(name, value)| (name.clone(), text(value)));
+            .map(|(name, value)| (Text(Cow::Borrowed(name.as_str())), Text(text(value))));
         return vec![Ok(fields.collect())];
     };
-    packed::decode(&text(packed))
+    packed::decode(packed)
         .map(|record| {
             record.map_err(|(line, detail)| (vec![("line".to_owned(), line)], "bad_record", detail))
         })
@@ -216,8 +219,11 @@ fn unpack(entry: &StreamId) -> Vec<Result<BTreeMap<String, String>, Rejected>> {
 }
 
 /// A record's fields, sorted by name, as the dead-letter stream keeps them.
-fn sorted(fields: BTreeMap<String, String>) -> Vec<(String, String)> {
-    fields.into_iter().collect()
+fn sorted(fields: Parsed<'_>) -> Vec<(String, String)> {
+    fields
+        .into_iter()
+        .map(|(name, value)| (name.0.into_owned(), value.0.into_owned()))
+        .collect()
 }
 
 /// The fields of a prepared record: its line's, and `ts`.
@@ -225,7 +231,7 @@ fn fields_of(entry: &Entry) -> Vec<(String, String)> {
     let mut fields: BTreeMap<String, String> =
         serde_json::from_str(&entry.line).unwrap_or_default();
     fields.insert("ts".to_owned(), entry.ts_ns.to_string());
-    sorted(fields)
+    fields.into_iter().collect()
 }
 
 /// After the sink accepted `batch` (pushed at `started`): the figures, the
@@ -304,13 +310,13 @@ fn prepare(
     context: &Context,
     job: &str,
     tenant: &str,
-    fields: &BTreeMap<String, String>,
+    fields: &Parsed<'_>,
     oldest: u64,
     newest: u64,
 ) -> std::result::Result<(Labels, Entry), Refusal> {
     let ts_ns = fields
         .get("ts")
-        .and_then(|ts| ts.parse::<u64>().ok())
+        .and_then(|ts| ts.as_str().parse::<u64>().ok())
         .ok_or(("bad_timestamp", "no `ts` field of nanoseconds".to_owned()))?;
     if ts_ns < oldest {
         return Err(("too_old", format!("older than {:?}", context.max_age)));
@@ -325,11 +331,12 @@ fn prepare(
     labels.insert("job".to_owned(), job.to_owned());
     labels.insert("tenant_id".to_owned(), tenant.to_owned());
     for name in &context.label_fields {
-        if let Some(value) = fields.get(name) {
+        if let Some(value) = fields.get(name.as_str()) {
+            let value = value.as_str();
             if value.is_empty() || value.len() > LOKI_MAX_LABEL_VALUE {
                 return Err(("bad_label", format!("label {name:?} is empty or too long")));
             }
-            labels.insert(name.clone(), value.clone());
+            labels.insert(name.clone(), value.to_owned());
         }
     }
     let line = serde_json::to_string(&WithoutTs(fields)).expect("strings serialize");
@@ -340,11 +347,11 @@ fn prepare(
 }
 
 /// A record's fields but `ts` (the line's timestamp), as a JSON object.
-struct WithoutTs<'a>(&'a BTreeMap<String, String>);
+struct WithoutTs<'a, 'b>(&'a Parsed<'b>);
 
-impl serde::Serialize for WithoutTs<'_> {
+impl serde::Serialize for WithoutTs<'_, '_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().filter(|(name, _)| *name != "ts"))
+        serializer.collect_map(self.0.iter().filter(|(name, _)| name.as_str() != "ts"))
     }
 }
 
@@ -469,17 +476,17 @@ pub(super) fn stored(entry: &StreamId) -> Vec<(String, String)> {
     let mut fields: Vec<(String, String)> = entry
         .map
         .iter()
-        .map(|(name, value)| (name.clone(), text(value)))
+        .map(|(name, value)| (name.clone(), text(value).into_owned()))
         .collect();
     fields.sort();
     fields
 }
 
-/// A stream entry's field value as text.
-fn text(value: &Value) -> String {
+/// A stream entry's field value as text (borrowed, when it is valid UTF-8).
+fn text(value: &Value) -> Cow<'_, str> {
     match value {
-        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-        other => String::from_redis_value(other.clone()).unwrap_or_default(),
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes),
+        other => Cow::Owned(String::from_redis_value(other.clone()).unwrap_or_default()),
     }
 }
 
