@@ -1,0 +1,304 @@
+//! Faults and changes of a cluster: killed and hung nodes, manual
+//! failovers, slot moves, new shards and rebalancing.
+
+use std::time::Duration;
+
+use super::view::{Entry, SLOT_COUNT, View};
+use super::{Cluster, SlotMap};
+use crate::error::{Error, Result};
+use crate::node::NodeId;
+use crate::waits::pending;
+
+/// How many keys one `MIGRATE` moves.
+const MIGRATE_BATCH: usize = 100;
+/// How long one `MIGRATE` may wait for the target, in milliseconds; under the
+/// connection's 2 s response timeout.
+const MIGRATE_TIMEOUT_MS: u64 = 1500;
+
+/// How a replica takes over its master in [`Cluster::failover`]
+/// (`CLUSTER FAILOVER [FORCE|TAKEOVER]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverMode {
+    /// The replica and its master agree: the master stops clients, the
+    /// replica catches up with its stream, then takes over, with the votes
+    /// of a majority of masters. Needs the master to be reachable.
+    Default,
+    /// Without the master's agreement (it may be down), but with the votes
+    /// of a majority of masters.
+    Force,
+    /// Without anyone's agreement: the replica takes a new epoch itself.
+    /// Works even without a majority of masters.
+    Takeover,
+}
+
+impl Cluster {
+    /// Kills a node with SIGKILL (it gets no chance to react) and reaps it.
+    /// The cluster flags it failed after the node timeout; for a master,
+    /// [`wait_for_failover`](Self::wait_for_failover) waits for its replica
+    /// to take over.
+    pub fn kill(&self, node: NodeId) -> Result<()> {
+        self.topology.kill(node)
+    }
+
+    /// Freezes a node with SIGSTOP: its ports still accept connections, but
+    /// nothing is answered, neither clients nor the cluster bus.
+    pub fn pause(&self, node: NodeId) -> Result<()> {
+        self.topology.pause(node)
+    }
+
+    /// Lets a paused node go on with SIGCONT. A master that was failed over
+    /// meanwhile learns of the newer epoch and turns into a replica of its
+    /// successor; [`wait_stable`](Self::wait_stable) waits for that.
+    pub fn resume(&self, node: NodeId) -> Result<()> {
+        self.topology.resume(node)
+    }
+
+    /// Starts a killed node again on its old ports, from its `nodes.conf`,
+    /// and waits until it answers PING; it rejoins the cluster by itself.
+    pub async fn restart(&self, node: NodeId) -> Result<()> {
+        self.topology.restart(node).await
+    }
+
+    /// After `old` (a master when the cluster was last stable) was killed
+    /// or paused, waits until the cluster is stable again with another node
+    /// serving `old`'s slots, which it returns: the replica the cluster
+    /// promoted, about twice the node timeout later.
+    pub async fn wait_for_failover(&self, old: NodeId, timeout: Duration) -> Result<NodeId> {
+        let slot = first_slot_of(&self.stable_map(), old).ok_or(Error::WrongKind {
+            node: old,
+            reason: "served no slots when the cluster was last stable",
+        })?;
+        let what = format!("a node other than {old} to serve slot {slot}, and a stable cluster");
+        let map = self
+            .topology
+            .poll(&what, old, timeout, || async move {
+                let map = self.agreed_map().await?;
+                match owner_in(&map, slot) {
+                    Some(owner) if owner != old => Ok(map),
+                    _ => Err(pending(old, format!("still serves slot {slot}"))),
+                }
+            })
+            .await?;
+        let new = owner_in(&map, slot).expect("checked by the wait");
+        self.remember(map);
+        Ok(new)
+    }
+
+    /// Makes `replica` take over its master with `CLUSTER FAILOVER` in the
+    /// given mode, and waits until the cluster is stable with `replica`
+    /// serving the slots (the old master, if reachable, then replicates from
+    /// it).
+    pub async fn failover(&self, replica: NodeId, mode: FailoverMode) -> Result<()> {
+        let view = self.view(replica).await?;
+        let master_id = view
+            .myself()
+            .filter(|me| me.is_replica())
+            .and_then(|me| me.master_id.clone())
+            .ok_or(Error::WrongKind {
+                node: replica,
+                reason: "only a replica can take over its master",
+            })?;
+        let master = view.entry(&master_id).ok_or_else(|| Error::ClusterState {
+            node: replica,
+            reason: format!("its master {master_id} is unknown"),
+        })?;
+        let slot = master.slots.first().map(|&(first, _)| first);
+        let slot = slot.ok_or_else(|| Error::ClusterState {
+            node: replica,
+            reason: format!("its master {master_id} serves no slot"),
+        })?;
+        let mut command = redis::cmd("CLUSTER");
+        command.arg("FAILOVER");
+        match mode {
+            FailoverMode::Default => {}
+            FailoverMode::Force => {
+                command.arg("FORCE");
+            }
+            FailoverMode::Takeover => {
+                command.arg("TAKEOVER");
+            }
+        }
+        let _: String = self.query(replica, &command).await?;
+        let what = format!("{replica} to serve slot {slot}, and a stable cluster");
+        let timeout = self.settings.wait_timeout;
+        let map = self
+            .topology
+            .poll(&what, replica, timeout, || async move {
+                let map = self.agreed_map().await?;
+                match owner_in(&map, slot) {
+                    Some(owner) if owner == replica => Ok(map),
+                    owner => Err(pending(replica, format!("slot {slot} is {owner:?}'s"))),
+                }
+            })
+            .await?;
+        self.remember(map);
+        Ok(())
+    }
+
+    /// Moves `slot`, keys included, to the master `to`, as `redis-cli
+    /// --cluster reshard` does: `CLUSTER SETSLOT IMPORTING` on `to` and
+    /// `MIGRATING` on the slot's master, `MIGRATE` of its keys in batches,
+    /// then `CLUSTER SETSLOT NODE` on `to`, the old master and every other
+    /// master. Returns once the cluster is stable again.
+    ///
+    /// Meanwhile clients get `ASK` for keys already moved (and new keys),
+    /// and `MOVED` afterwards: no key is lost. Moving a slot to the master
+    /// already serving it does nothing.
+    ///
+    /// # Panics
+    ///
+    /// If `slot` is not below [`SLOT_COUNT`].
+    pub async fn move_slot(&self, slot: u16, to: NodeId) -> Result<()> {
+        assert!(slot < SLOT_COUNT, "slot {slot} does not exist");
+        let view = self.view(to).await?;
+        let target = view
+            .myself()
+            .filter(|me| me.is_master())
+            .ok_or(Error::WrongKind {
+                node: to,
+                reason: "only a master can serve slots",
+            })?;
+        let source = view.owner(slot).ok_or_else(|| Error::ClusterState {
+            node: to,
+            reason: format!("no master serves slot {slot}"),
+        })?;
+        if source.id == target.id {
+            return Ok(());
+        }
+        let from = self.node_of(to, source)?;
+        self.setslot(to, slot, "IMPORTING", &source.id).await?;
+        self.setslot(from, slot, "MIGRATING", &target.id).await?;
+        self.migrate_keys(from, to, slot).await?;
+        // The new owner first: it takes a new epoch, which wins everywhere else.
+        self.setslot(to, slot, "NODE", &target.id).await?;
+        self.setslot(from, slot, "NODE", &target.id).await?;
+        for master in other_masters(&view, &[&source.id, &target.id]) {
+            let master = self.node_of(to, master)?;
+            if self.topology.reachable(vec![master]).contains(&master) {
+                self.setslot(master, slot, "NODE", &target.id).await?;
+            }
+        }
+        self.wait_stable(self.settings.wait_timeout).await
+    }
+
+    async fn setslot(&self, node: NodeId, slot: u16, state: &str, id: &str) -> Result<()> {
+        let mut command = redis::cmd("CLUSTER");
+        command.arg("SETSLOT").arg(slot).arg(state).arg(id);
+        self.query::<()>(node, &command).await
+    }
+
+    /// Moves every key of `slot` from `from` to `to`, `MIGRATE_BATCH` at a time.
+    async fn migrate_keys(&self, from: NodeId, to: NodeId, slot: u16) -> Result<()> {
+        let addr = self.addr(to);
+        let mut connection = self.connection(from).await?;
+        let redis_error = |source| Error::Redis { node: from, source };
+        loop {
+            let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(MIGRATE_BATCH)
+                .query_async(&mut connection)
+                .await
+                .map_err(redis_error)?;
+            if keys.is_empty() {
+                return Ok(());
+            }
+            redis::cmd("MIGRATE")
+                .arg(addr.ip().to_string())
+                .arg(addr.port())
+                .arg("")
+                .arg(0)
+                .arg(MIGRATE_TIMEOUT_MS)
+                .arg("KEYS")
+                .arg(keys)
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(redis_error)?;
+        }
+    }
+
+    /// Adds a shard: starts a master and as many replicas as every shard
+    /// had at start, has each meet the cluster (`CLUSTER MEET`), the
+    /// replicas follow the master (`CLUSTER REPLICATE`), and waits until
+    /// the cluster is stable. The new master serves no slots until
+    /// [`move_slot`](Self::move_slot) or [`rebalance`](Self::rebalance)
+    /// gives it some. Returns the new master.
+    pub async fn add_shard(&self) -> Result<NodeId> {
+        let (seen_by, view) = self.any_view().await?;
+        let me = view.myself().ok_or_else(|| Error::ClusterState {
+            node: seen_by,
+            reason: "CLUSTER NODES has no `myself` line".to_owned(),
+        })?;
+        let (addr, bus_port) = (self.addr(seen_by), me.bus_port);
+        let bus_port = bus_port.ok_or_else(|| Error::ClusterState {
+            node: seen_by,
+            reason: "its own bus port is not listed".to_owned(),
+        })?;
+        let first = self.nodes().len();
+        let new: Vec<NodeId> = (first..=first + self.settings.replicas_per_shard)
+            .map(NodeId::data)
+            .collect();
+        for &node in &new {
+            self.spawn_node(node).await?;
+            let mut meet = redis::cmd("CLUSTER");
+            meet.arg("MEET")
+                .arg(addr.ip().to_string())
+                .arg(addr.port())
+                .arg(bus_port);
+            self.query::<()>(node, &meet).await?;
+        }
+        // CLUSTER REPLICATE needs the replica to know the master: wait
+        // until everyone knows everyone.
+        self.wait_stable(self.settings.wait_timeout).await?;
+        let master = new[0];
+        let master_id: String = self
+            .query(master, redis::cmd("CLUSTER").arg("MYID"))
+            .await?;
+        for &replica in &new[1..] {
+            let mut replicate = redis::cmd("CLUSTER");
+            replicate.arg("REPLICATE").arg(&master_id);
+            self.query::<()>(replica, &replicate).await?;
+        }
+        self.wait_stable(self.settings.wait_timeout).await?;
+        Ok(master)
+    }
+
+    /// Spreads the slots evenly over every master, those serving none
+    /// included (`redis-cli --cluster rebalance --cluster-use-empty-masters`),
+    /// moving keys with them, and waits until the cluster is stable. Every
+    /// node the cluster knows must be running: `redis-cli` refuses to work
+    /// on a cluster with a failed node.
+    pub async fn rebalance(&self) -> Result<()> {
+        let (seen_by, _) = self.any_view().await?;
+        let args = [
+            "--cluster".to_owned(),
+            "rebalance".to_owned(),
+            self.addr(seen_by).to_string(),
+            "--cluster-use-empty-masters".to_owned(),
+        ];
+        self.run_cli(&args).await?;
+        self.wait_stable(self.settings.wait_timeout).await
+    }
+}
+
+/// The node serving `slot` in `map`.
+fn owner_in(map: &SlotMap, slot: u16) -> Option<NodeId> {
+    map.iter()
+        .find(|(range, _)| range.contains(&slot))
+        .map(|&(_, node)| node)
+}
+
+/// The first slot `node` serves in `map`.
+fn first_slot_of(map: &SlotMap, node: NodeId) -> Option<u16> {
+    map.iter()
+        .find(|&&(_, owner)| owner == node)
+        .map(|(range, _)| *range.start())
+}
+
+/// The masters of `view` other than those with the ids in `except`.
+fn other_masters<'a>(view: &'a View, except: &[&str]) -> impl Iterator<Item = &'a Entry> {
+    let except: Vec<String> = except.iter().map(|&id| id.to_owned()).collect();
+    view.entries
+        .iter()
+        .filter(move |e| e.is_master() && !e.has_flag("fail") && !except.contains(&e.id))
+}
