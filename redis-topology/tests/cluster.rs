@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis_topology::{Cluster, FailoverMode, NodeId, SLOT_COUNT, Shard, slot_of};
+use redis_topology::{Cluster, Error, FailoverMode, NodeId, SLOT_COUNT, Shard, slot_of};
 
 /// A failover after a kill or a hang takes about twice the 2 s node
 /// timeout; this leaves room for a loaded 2-core machine.
@@ -311,6 +311,9 @@ async fn a_slot_moves_with_its_keys_while_a_client_keeps_using_it() {
     stop.store(true, Ordering::Relaxed);
     let (written, moved, asked) = load.await.unwrap();
     eprintln!("{written} keys written during the move; {moved} MOVED, {asked} ASK");
+    // New keys are sent on (ASK) while the slot migrates, then the old
+    // owner redirects for good (MOVED).
+    assert!(asked >= 1, "the client was never sent to the importing node");
     assert!(moved >= 1, "the client never learnt the new owner");
 
     let count: usize = cluster
@@ -358,6 +361,42 @@ async fn a_new_shard_gets_slots_after_rebalance_and_keys_are_kept() {
         assert_eq!(client.get(key).await.as_ref(), Some(key));
     }
     assert!(client.moved > 0, "some keys moved to the new shard");
+}
+
+#[tokio::test]
+async fn a_shard_without_replicas_stays_down_and_the_wait_says_why() {
+    let cluster = Cluster::builder()
+        .replicas_per_shard(0)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(cluster.nodes().len(), 3);
+    let master = cluster.shards().await.unwrap()[2].master;
+    cluster.kill(master).unwrap();
+    let error = cluster
+        .wait_for_failover(master, Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    let Error::Timeout {
+        node, reason, log, ..
+    } = &error
+    else {
+        panic!("expected a timeout, got {error:?}")
+    };
+    assert!(log.starts_with(cluster.dir()), "{}", log.display());
+    // Blamed on the dead master until the others flag it failed, then on them.
+    if *node == master {
+        assert!(reason.contains("down or paused"), "{reason}");
+    } else {
+        assert!(reason.contains("cluster_state is fail"), "{reason}");
+    }
+    assert!(error.to_string().contains("stable cluster"), "{error}");
+    // A replica's failover needs a replica.
+    let error = cluster
+        .failover(cluster.nodes()[0], FailoverMode::Takeover)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::WrongKind { .. }), "{error:?}");
 }
 
 #[tokio::test]

@@ -101,9 +101,11 @@ impl ClusterBuilder {
         self
     }
 
-    /// How long start-up may take, and how long each fault (failover, slot
-    /// move, new shard, rebalance) may take to leave the cluster stable
-    /// again. Defaults to 30 s.
+    /// How long each step of start-up (a node answering, `redis-cli
+    /// --cluster create`, the cluster becoming stable) may take, and how long
+    /// each change ([`Cluster::failover`], [`Cluster::move_slot`],
+    /// [`Cluster::add_shard`], [`Cluster::rebalance`]) may take to leave the
+    /// cluster stable again. Defaults to 30 s.
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.wait_timeout = timeout;
         self

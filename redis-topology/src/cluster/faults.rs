@@ -1,7 +1,7 @@
 //! Faults and changes of a cluster: killed and hung nodes, manual
 //! failovers, slot moves, new shards and rebalancing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::view::{Entry, SLOT_COUNT, View};
 use super::{Cluster, SlotMap};
@@ -14,6 +14,11 @@ const MIGRATE_BATCH: usize = 100;
 /// How long one `MIGRATE` may wait for the target, in milliseconds; under the
 /// connection's 2 s response timeout.
 const MIGRATE_TIMEOUT_MS: u64 = 1500;
+
+/// How long [`Cluster::failover`] waits before asking again: a replica
+/// drops a manual failover it could not finish within 5 s (on a loaded
+/// machine, say), and an election takes up to twice the node timeout.
+const MANUAL_FAILOVER_RETRY: Duration = Duration::from_secs(10);
 
 /// How a replica takes over its master in [`Cluster::failover`]
 /// (`CLUSTER FAILOVER [FORCE|TAKEOVER]`).
@@ -87,8 +92,42 @@ impl Cluster {
     /// Makes `replica` take over its master with `CLUSTER FAILOVER` in the
     /// given mode, and waits until the cluster is stable with `replica`
     /// serving the slots (the old master, if reachable, then replicates from
-    /// it).
+    /// it). The command is sent again if the replica gave the failover up.
     pub async fn failover(&self, replica: NodeId, mode: FailoverMode) -> Result<()> {
+        let slot = self.slot_of_master_of(replica).await?;
+        let mut command = redis::cmd("CLUSTER");
+        command.arg("FAILOVER");
+        match mode {
+            FailoverMode::Default => {}
+            FailoverMode::Force => {
+                command.arg("FORCE");
+            }
+            FailoverMode::Takeover => {
+                command.arg("TAKEOVER");
+            }
+        }
+        let deadline = Instant::now() + self.settings.wait_timeout;
+        loop {
+            // Not again once it is master: it would refuse the command.
+            let view = self.view(replica).await?;
+            if view.myself().is_some_and(Entry::is_replica) {
+                let _: String = self.query(replica, &command).await?;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let serving = self
+                .wait_until_serving(replica, slot, left.min(MANUAL_FAILOVER_RETRY))
+                .await;
+            match serving {
+                // A manual failover that could not complete in time is
+                // dropped by the replica: ask again.
+                Err(Error::Timeout { .. }) if Instant::now() < deadline => {}
+                serving => return serving,
+            }
+        }
+    }
+
+    /// The first slot of `replica`'s master, as `replica` sees it.
+    async fn slot_of_master_of(&self, replica: NodeId) -> Result<u16> {
         let view = self.view(replica).await?;
         let master_id = view
             .myself()
@@ -103,31 +142,22 @@ impl Cluster {
             reason: format!("its master {master_id} is unknown"),
         })?;
         let slot = master.slots.first().map(|&(first, _)| first);
-        let slot = slot.ok_or_else(|| Error::ClusterState {
+        slot.ok_or_else(|| Error::ClusterState {
             node: replica,
             reason: format!("its master {master_id} serves no slot"),
-        })?;
-        let mut command = redis::cmd("CLUSTER");
-        command.arg("FAILOVER");
-        match mode {
-            FailoverMode::Default => {}
-            FailoverMode::Force => {
-                command.arg("FORCE");
-            }
-            FailoverMode::Takeover => {
-                command.arg("TAKEOVER");
-            }
-        }
-        let _: String = self.query(replica, &command).await?;
-        let what = format!("{replica} to serve slot {slot}, and a stable cluster");
-        let timeout = self.settings.wait_timeout;
+        })
+    }
+
+    /// Waits until the cluster is stable with `node` serving `slot`.
+    async fn wait_until_serving(&self, node: NodeId, slot: u16, timeout: Duration) -> Result<()> {
+        let what = format!("{node} to serve slot {slot}, and a stable cluster");
         let map = self
             .topology
-            .poll(&what, replica, timeout, || async move {
+            .poll(&what, node, timeout, || async move {
                 let map = self.agreed_map().await?;
                 match owner_in(&map, slot) {
-                    Some(owner) if owner == replica => Ok(map),
-                    owner => Err(pending(replica, format!("slot {slot} is {owner:?}'s"))),
+                    Some(owner) if owner == node => Ok(map),
+                    owner => Err(pending(node, format!("slot {slot} is {owner:?}'s"))),
                 }
             })
             .await?;
