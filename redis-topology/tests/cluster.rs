@@ -313,7 +313,10 @@ async fn a_slot_moves_with_its_keys_while_a_client_keeps_using_it() {
     eprintln!("{written} keys written during the move; {moved} MOVED, {asked} ASK");
     // New keys are sent on (ASK) while the slot migrates, then the old
     // owner redirects for good (MOVED).
-    assert!(asked >= 1, "the client was never sent to the importing node");
+    assert!(
+        asked >= 1,
+        "the client was never sent to the importing node"
+    );
     assert!(moved >= 1, "the client never learnt the new owner");
 
     let count: usize = cluster
