@@ -8,6 +8,7 @@
 
 mod builder;
 mod faults;
+mod migration;
 mod view;
 
 use std::net::SocketAddr;

@@ -176,7 +176,7 @@ pub enum Error {
         output: String,
     },
 
-    /// A `redis-cli --cluster` command (creating or rebalancing a cluster) failed.
+    /// A `redis-cli --cluster` command (creating a cluster) failed.
     #[error("`{command}` failed ({status}); the end of its output:\n{output}")]
     ClusterCommand {
         /// The command line.

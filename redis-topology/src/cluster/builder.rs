@@ -93,7 +93,7 @@ impl ClusterBuilder {
     }
 
     /// The command-line client matching the server (`redis-cli` or
-    /// `valkey-cli`), which creates and rebalances the cluster. Defaults to
+    /// `valkey-cli`), which creates the cluster. Defaults to
     /// the environment variable `REDIS_CLI_BIN` if set and not empty, else
     /// `redis-cli`.
     pub fn redis_cli(mut self, binary: impl Into<PathBuf>) -> Self {

@@ -1,19 +1,13 @@
 //! Faults and changes of a cluster: killed and hung nodes, manual
-//! failovers, slot moves, new shards and rebalancing.
+//! failovers, new shards. Slot moves are in `migration`.
 
 use std::time::{Duration, Instant};
 
-use super::view::{Entry, SLOT_COUNT, View};
+use super::view::Entry;
 use super::{Cluster, SlotMap};
 use crate::error::{Error, Result};
 use crate::node::NodeId;
 use crate::waits::pending;
-
-/// How many keys one `MIGRATE` moves.
-const MIGRATE_BATCH: usize = 100;
-/// How long one `MIGRATE` may wait for the target, in milliseconds; under the
-/// connection's 2 s response timeout.
-const MIGRATE_TIMEOUT_MS: u64 = 1500;
 
 /// How long [`Cluster::failover`] waits before asking again: a replica
 /// drops a manual failover it could not finish within 5 s (on a loaded
@@ -165,88 +159,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// Moves `slot`, keys included, to the master `to`, as `redis-cli
-    /// --cluster reshard` does: `CLUSTER SETSLOT IMPORTING` on `to` and
-    /// `MIGRATING` on the slot's master, `MIGRATE` of its keys in batches,
-    /// then `CLUSTER SETSLOT NODE` on `to`, the old master and every other
-    /// master. Returns once the cluster is stable again.
-    ///
-    /// Meanwhile clients get `ASK` for keys already moved (and new keys),
-    /// and `MOVED` afterwards: no key is lost. Moving a slot to the master
-    /// already serving it does nothing.
-    ///
-    /// # Panics
-    ///
-    /// If `slot` is not below [`SLOT_COUNT`].
-    pub async fn move_slot(&self, slot: u16, to: NodeId) -> Result<()> {
-        assert!(slot < SLOT_COUNT, "slot {slot} does not exist");
-        let view = self.view(to).await?;
-        let target = view
-            .myself()
-            .filter(|me| me.is_master())
-            .ok_or(Error::WrongKind {
-                node: to,
-                reason: "only a master can serve slots",
-            })?;
-        let source = view.owner(slot).ok_or_else(|| Error::ClusterState {
-            node: to,
-            reason: format!("no master serves slot {slot}"),
-        })?;
-        if source.id == target.id {
-            return Ok(());
-        }
-        let from = self.node_of(to, source)?;
-        self.setslot(to, slot, "IMPORTING", &source.id).await?;
-        self.setslot(from, slot, "MIGRATING", &target.id).await?;
-        self.migrate_keys(from, to, slot).await?;
-        // The new owner first: it takes a new epoch, which wins everywhere else.
-        self.setslot(to, slot, "NODE", &target.id).await?;
-        self.setslot(from, slot, "NODE", &target.id).await?;
-        for master in other_masters(&view, &[&source.id, &target.id]) {
-            let master = self.node_of(to, master)?;
-            if self.topology.reachable(vec![master]).contains(&master) {
-                self.setslot(master, slot, "NODE", &target.id).await?;
-            }
-        }
-        self.wait_stable(self.settings.wait_timeout).await
-    }
-
-    async fn setslot(&self, node: NodeId, slot: u16, state: &str, id: &str) -> Result<()> {
-        let mut command = redis::cmd("CLUSTER");
-        command.arg("SETSLOT").arg(slot).arg(state).arg(id);
-        self.query::<()>(node, &command).await
-    }
-
-    /// Moves every key of `slot` from `from` to `to`, `MIGRATE_BATCH` at a time.
-    async fn migrate_keys(&self, from: NodeId, to: NodeId, slot: u16) -> Result<()> {
-        let addr = self.addr(to);
-        let mut connection = self.connection(from).await?;
-        let redis_error = |source| Error::Redis { node: from, source };
-        loop {
-            let keys: Vec<Vec<u8>> = redis::cmd("CLUSTER")
-                .arg("GETKEYSINSLOT")
-                .arg(slot)
-                .arg(MIGRATE_BATCH)
-                .query_async(&mut connection)
-                .await
-                .map_err(redis_error)?;
-            if keys.is_empty() {
-                return Ok(());
-            }
-            redis::cmd("MIGRATE")
-                .arg(addr.ip().to_string())
-                .arg(addr.port())
-                .arg("")
-                .arg(0)
-                .arg(MIGRATE_TIMEOUT_MS)
-                .arg("KEYS")
-                .arg(keys)
-                .query_async::<()>(&mut connection)
-                .await
-                .map_err(redis_error)?;
-        }
-    }
-
     /// Adds a shard: starts a master and as many replicas as every shard
     /// had at start, has each meet the cluster (`CLUSTER MEET`), the
     /// replicas follow the master (`CLUSTER REPLICATE`), and waits until
@@ -292,23 +204,6 @@ impl Cluster {
         self.wait_stable(self.settings.wait_timeout).await?;
         Ok(master)
     }
-
-    /// Spreads the slots evenly over every master, those serving none
-    /// included (`redis-cli --cluster rebalance --cluster-use-empty-masters`),
-    /// moving keys with them, and waits until the cluster is stable. Every
-    /// node the cluster knows must be running: `redis-cli` refuses to work
-    /// on a cluster with a failed node.
-    pub async fn rebalance(&self) -> Result<()> {
-        let (seen_by, _) = self.any_view().await?;
-        let args = [
-            "--cluster".to_owned(),
-            "rebalance".to_owned(),
-            self.addr(seen_by).to_string(),
-            "--cluster-use-empty-masters".to_owned(),
-        ];
-        self.run_cli(&args).await?;
-        self.wait_stable(self.settings.wait_timeout).await
-    }
 }
 
 /// The node serving `slot` in `map`.
@@ -323,12 +218,4 @@ fn first_slot_of(map: &SlotMap, node: NodeId) -> Option<u16> {
     map.iter()
         .find(|&&(_, owner)| owner == node)
         .map(|(range, _)| *range.start())
-}
-
-/// The masters of `view` other than those with the ids in `except`.
-fn other_masters<'a>(view: &'a View, except: &[&str]) -> impl Iterator<Item = &'a Entry> {
-    let except: Vec<String> = except.iter().map(|&id| id.to_owned()).collect();
-    view.entries
-        .iter()
-        .filter(move |e| e.is_master() && !e.has_flag("fail") && !except.contains(&e.id))
 }
