@@ -19,13 +19,15 @@ const MIGRATE_BATCH: usize = 100;
 /// How long one `MIGRATE` may wait for the target, in milliseconds; under the
 /// connection's 2 s response timeout.
 const MIGRATE_TIMEOUT_MS: u64 = 1500;
-/// How many slots are moved together: set importing, migrating, then
-/// owned by the target, in pipelines of `CLUSTER SETSLOT`s.
-const SETSLOT_BATCH: usize = 1024;
-/// Over how many connections to a master those pipelines are spread; each
-/// then carries 64 `SETSLOT`s, well inside the connection's 2 s response
-/// timeout even when Valkey waits for replicas on each.
+/// How many `CLUSTER SETSLOT`s one pipeline carries: well inside the
+/// connection's 2 s response timeout even when Valkey waits for replicas on
+/// each.
+const SETSLOTS_PER_PIPELINE: usize = 64;
+/// Over how many connections to a master the pipelines are spread.
 const PARALLEL_SETSLOTS: usize = 16;
+/// How many slots are moved together: set importing, migrating, then
+/// owned by the target.
+const SETSLOT_BATCH: usize = SETSLOTS_PER_PIPELINE * PARALLEL_SETSLOTS;
 
 /// A group of slots to move from one master to another.
 #[derive(Debug, PartialEq, Eq)]
@@ -118,11 +120,16 @@ impl Cluster {
                 others.push(node);
             }
         }
-        let source_links = Links::open(self, from).await?;
-        let target_links = Links::open(self, to).await?;
+        // One connection per master for one slot, up to 16 for a rebalance.
+        let parallel = slots
+            .len()
+            .div_ceil(SETSLOTS_PER_PIPELINE)
+            .clamp(1, PARALLEL_SETSLOTS);
+        let source_links = Links::open(self, from, parallel).await?;
+        let target_links = Links::open(self, to, parallel).await?;
         let mut other_links = Vec::with_capacity(others.len());
         for &other in &others {
-            other_links.push(Links::open(self, other).await?);
+            other_links.push(Links::open(self, other, parallel).await?);
         }
         let mut source_connection = source_links.connections[0].clone();
         for batch in slots.chunks(SETSLOT_BATCH) {
@@ -191,9 +198,9 @@ struct Links {
 }
 
 impl Links {
-    async fn open(cluster: &Cluster, node: NodeId) -> Result<Self> {
-        let mut connections = Vec::with_capacity(PARALLEL_SETSLOTS);
-        for _ in 0..PARALLEL_SETSLOTS {
+    async fn open(cluster: &Cluster, node: NodeId, count: usize) -> Result<Self> {
+        let mut connections = Vec::with_capacity(count);
+        for _ in 0..count {
             connections.push(cluster.connection(node).await?);
         }
         Ok(Self { node, connections })
