@@ -176,6 +176,27 @@ pub enum Error {
         output: String,
     },
 
+    /// A `redis-cli --cluster` command (creating a cluster) failed.
+    #[error("`{command}` failed ({status}); the end of its output:\n{output}")]
+    ClusterCommand {
+        /// The command line.
+        command: String,
+        /// Its exit status, or why it has none.
+        status: String,
+        /// The last lines it printed (stdout, then stderr).
+        output: String,
+    },
+
+    /// A cluster operation cannot be done with the cluster as a node sees it
+    /// (an unassigned slot, a replica where a master is needed, ...).
+    #[error("the cluster as {node} sees it: {reason}")]
+    ClusterState {
+        /// The node whose view was read.
+        node: NodeId,
+        /// What is wrong.
+        reason: String,
+    },
+
     /// A command sent to a node failed.
     #[error("command on {node} failed")]
     Redis {

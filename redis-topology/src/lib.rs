@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 mod builder;
+mod cluster;
 mod error;
 mod network;
 mod node;
@@ -17,6 +18,7 @@ mod topology;
 mod waits;
 
 pub use builder::TopologyBuilder;
+pub use cluster::{Cluster, ClusterBuilder, FailoverMode, SLOT_COUNT, Shard, slot_of};
 pub use error::{Error, Result};
 pub use network::{Endpoint, check_network_namespaces};
 pub use node::{NodeId, NodeKind};

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisConnectionInfo, Role};
@@ -16,10 +16,9 @@ use crate::network::{self, Network};
 use crate::node::{Exit, NodeId, NodeKind, NodeProcess};
 use crate::server::{self, Server};
 use crate::tls::{self, TlsFiles};
+use crate::waits::{Attempt, pending, pending_on};
 use crate::{orphans, ports};
 
-/// How often waits look again.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How many ports a new node tries when it loses the race for one.
 const PORT_ATTEMPTS: usize = 5;
 /// How many log lines an error carries.
@@ -75,42 +74,16 @@ impl Nodes {
     }
 }
 
-/// Why one attempt of a wait did not reach its goal.
-pub(crate) enum Attempt {
-    /// Not yet; `node` is the one to blame (its log goes into a timeout error).
-    Pending { node: NodeId, reason: String },
-    /// Give up at once.
-    Fatal(Error),
-}
-
-pub(crate) fn pending(node: NodeId, reason: impl Into<String>) -> Attempt {
-    Attempt::Pending {
-        node,
-        reason: reason.into(),
-    }
-}
-
-/// Turns a command error into "not yet", keeping the whole cause chain.
-pub(crate) fn pending_on(node: NodeId) -> impl Fn(Error) -> Attempt {
-    move |error| {
-        let mut reason = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            reason.push_str(": ");
-            reason.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        pending(node, reason)
-    }
-}
-
 impl Topology {
     /// A builder with the defaults: 2 replicas, 3 sentinels, fast failover.
     pub fn builder() -> TopologyBuilder {
         TopologyBuilder::default()
     }
 
-    pub(crate) async fn start(settings: TopologyBuilder) -> Result<Self> {
+    /// The topology's directory, server and (if set) TLS files and network,
+    /// with no node started yet. A [`Cluster`](crate::Cluster) starts its
+    /// own nodes in it.
+    pub(crate) fn without_nodes(settings: TopologyBuilder) -> Result<Self> {
         let (binary, server) = server::resolve(&settings.redis_server)?;
         let temp_dir = std::env::temp_dir();
         orphans::sweep(&temp_dir);
@@ -134,7 +107,7 @@ impl Topology {
         } else {
             None
         };
-        let topology = Self {
+        Ok(Self {
             network: Network::for_settings(&settings)?,
             settings,
             binary,
@@ -143,7 +116,11 @@ impl Topology {
             nodes: Mutex::default(),
             _owner_lock: owner_lock,
             dir,
-        };
+        })
+    }
+
+    pub(crate) async fn start(settings: TopologyBuilder) -> Result<Self> {
+        let topology = Self::without_nodes(settings)?;
         // From here on, an early return drops `topology`, which kills what it started.
         let settings = &topology.settings;
         let tls = topology.tls.as_ref();
@@ -181,7 +158,7 @@ impl Topology {
 
     /// Starts a new node on a free port, trying another port when a
     /// concurrent process takes the chosen one first. Returns its address.
-    async fn spawn_node(
+    pub(crate) async fn spawn_node(
         &self,
         id: NodeId,
         config: impl Fn(SocketAddr) -> String,
@@ -335,60 +312,14 @@ impl Topology {
         .await
     }
 
-    /// Repeats `attempt` every [`POLL_INTERVAL`] until it succeeds, fails
-    /// fatally, or `timeout` has passed. An attempt still running at the
-    /// deadline is cut short and blamed on `blame`.
-    pub(crate) async fn poll<T, F>(
-        &self,
-        what: &str,
-        blame: NodeId,
-        timeout: Duration,
-        mut attempt: impl FnMut() -> F,
-    ) -> Result<T>
-    where
-        F: Future<Output = Result<T, Attempt>>,
-    {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::from_std(started + timeout);
-        let mut previous: Option<(NodeId, String)> = None;
-        loop {
-            let outcome = tokio::time::timeout_at(deadline, attempt())
-                .await
-                .unwrap_or_else(|_| {
-                    // Cut short: the previous attempt's reason says more.
-                    let (node, reason) = previous.take().unwrap_or((blame, String::new()));
-                    Err(pending(
-                        node,
-                        format!("{reason} (next attempt still running at the deadline)"),
-                    ))
-                });
-            match outcome {
-                Ok(value) => return Ok(value),
-                Err(Attempt::Fatal(error)) => return Err(error),
-                Err(Attempt::Pending { node, reason }) if started.elapsed() >= timeout => {
-                    let (log, log_tail) = {
-                        let mut nodes = self.lock();
-                        let process = nodes.get(node);
-                        (
-                            process.log_path().to_owned(),
-                            process.log_tail(LOG_TAIL_LINES),
-                        )
-                    };
-                    return Err(Error::Timeout {
-                        what: what.to_owned(),
-                        waited: started.elapsed(),
-                        node,
-                        reason,
-                        log,
-                        log_tail,
-                    });
-                }
-                Err(Attempt::Pending { node, reason }) => {
-                    previous = Some((node, reason));
-                    tokio::time::sleep(POLL_INTERVAL).await;
-                }
-            }
-        }
+    /// The log file of a node and its last lines, for an error.
+    pub(crate) fn log_of(&self, node: NodeId) -> (PathBuf, String) {
+        let mut nodes = self.lock();
+        let process = nodes.get(node);
+        (
+            process.log_path().to_owned(),
+            process.log_tail(LOG_TAIL_LINES),
+        )
     }
 
     fn lock(&self) -> MutexGuard<'_, Nodes> {
@@ -437,7 +368,7 @@ impl Topology {
 
     /// Every data node, the initial master first.
     pub fn data_nodes(&self) -> Vec<NodeId> {
-        (0..=self.settings.replicas).map(NodeId::data).collect()
+        (0..self.lock().data.len()).map(NodeId::data).collect()
     }
 
     /// Every sentinel.
@@ -778,7 +709,7 @@ impl Drop for Topology {
 }
 
 /// The value of `field` in an `INFO` reply.
-fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+pub(crate) fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines()
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .map(str::trim)

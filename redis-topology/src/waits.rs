@@ -1,14 +1,96 @@
-//! Waiting on a topology: for a new master, for a replica to follow.
+//! Waiting on a topology: the polling loop every wait uses, and the waits
+//! for a new master and for a replica to follow.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::Role;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::node::{NodeId, NodeKind};
-use crate::topology::{Topology, pending, pending_on};
+use crate::topology::Topology;
+
+/// How often waits look again.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Why one attempt of a wait did not reach its goal.
+pub(crate) enum Attempt {
+    /// Not yet; `node` is the one to blame (its log goes into a timeout error).
+    Pending { node: NodeId, reason: String },
+    /// Give up at once.
+    Fatal(Error),
+}
+
+pub(crate) fn pending(node: NodeId, reason: impl Into<String>) -> Attempt {
+    Attempt::Pending {
+        node,
+        reason: reason.into(),
+    }
+}
+
+/// Turns a command error into "not yet", keeping the whole cause chain.
+pub(crate) fn pending_on(node: NodeId) -> impl Fn(Error) -> Attempt {
+    move |error| {
+        let mut reason = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        pending(node, reason)
+    }
+}
 
 impl Topology {
+    /// Repeats `attempt` every [`POLL_INTERVAL`] until it succeeds, fails
+    /// fatally, or `timeout` has passed. An attempt still running at the
+    /// deadline is cut short and blamed on `blame`.
+    pub(crate) async fn poll<T, F>(
+        &self,
+        what: &str,
+        blame: NodeId,
+        timeout: Duration,
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T>
+    where
+        F: Future<Output = Result<T, Attempt>>,
+    {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started + timeout);
+        let mut previous: Option<(NodeId, String)> = None;
+        loop {
+            let outcome = tokio::time::timeout_at(deadline, attempt())
+                .await
+                .unwrap_or_else(|_| {
+                    // Cut short: the previous attempt's reason says more.
+                    let (node, reason) = previous.take().unwrap_or((blame, String::new()));
+                    Err(pending(
+                        node,
+                        format!("{reason} (next attempt still running at the deadline)"),
+                    ))
+                });
+            match outcome {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Fatal(error)) => return Err(error),
+                Err(Attempt::Pending { node, reason }) if started.elapsed() >= timeout => {
+                    let (log, log_tail) = self.log_of(node);
+                    return Err(Error::Timeout {
+                        what: what.to_owned(),
+                        waited: started.elapsed(),
+                        node,
+                        reason,
+                        log,
+                        log_tail,
+                    });
+                }
+                Err(Attempt::Pending { node, reason }) => {
+                    previous = Some((node, reason));
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                }
+            }
+        }
+    }
+
     /// Waits until a master other than `old` is known: with sentinels, until
     /// every running sentinel names the same new master and that node's
     /// `ROLE` confirms it; without, until exactly one running data node other

@@ -120,11 +120,28 @@ fn runs_a_topology_until_interrupted_then_cleans_up() {
 #[test]
 #[cfg(target_os = "linux")]
 fn nodes_of_a_sigkilled_owner_are_reaped_by_the_next_topology() {
+    let running = start(&["--replicas", "1", "--sentinels", "0"]);
+    assert_eq!(running.pids.len(), 2);
+    assert_reaped_after_sigkill(running);
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn nodes_of_a_sigkilled_cluster_owner_are_reaped_by_the_next_topology() {
+    let running = start(&["--cluster", "--shards", "3", "--replicas", "1"]);
+    assert_eq!(running.pids.len(), 6, "3 masters and 3 replicas");
+    assert_reaped_after_sigkill(running);
+}
+
+/// SIGKILLs the binary, then checks the next topology started kills the
+/// nodes it left and removes their directory.
+#[cfg(target_os = "linux")]
+fn assert_reaped_after_sigkill(running: Running) {
     let Running {
         mut child,
         pids,
         dir,
-    } = start(&["--replicas", "1", "--sentinels", "0"]);
+    } = running;
     kill(pid(child.0.id()), Signal::SIGKILL).unwrap();
     child.0.wait().unwrap();
     assert!(
@@ -159,4 +176,17 @@ fn bad_arguments_exit_with_usage_and_status_2() {
         "{stderr}"
     );
     assert!(stderr.contains("Usage: redis-topology"), "{stderr}");
+
+    for (args, message) in [
+        (
+            &["--cluster", "--sentinels", "1"][..],
+            "--sentinels cannot be combined with --cluster",
+        ),
+        (&["--shards", "4"][..], "--shards needs --cluster"),
+    ] {
+        let output = Command::new(BINARY).args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains(message), "{stderr}");
+    }
 }
