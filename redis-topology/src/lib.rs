@@ -8,6 +8,7 @@
 mod builder;
 mod cluster;
 mod error;
+mod faults;
 mod network;
 mod node;
 mod orphans;
