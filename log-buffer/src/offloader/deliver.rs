@@ -63,6 +63,14 @@ impl Tally {
         done
     }
 
+    /// The ids of the entries that hold no record at all: done already.
+    fn empty(&self) -> Vec<String> {
+        (self.left.iter().zip(&self.ids))
+            .filter(|(left, _)| **left == 0)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
     /// Takes back a [`settle`](Self::settle) whose writes failed.
     fn unsettle(&mut self, sources: impl IntoIterator<Item = usize>) {
         for source in sources {
@@ -76,22 +84,14 @@ impl Tally {
 /// until accepted or the offloader stops.
 pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<StreamId>) {
     let (ready, invalid, mut tally) = sort_out(context, stream, tenant, entries);
-    let empty: Vec<String> = (tally.left.iter().zip(&tally.ids))
-        .filter(|(left, _)| **left == 0)
-        .map(|(_, id)| id.clone())
-        .collect();
+    let empty = tally.empty();
     if !empty.is_empty() {
         acknowledge(context, stream, empty.iter().map(String::as_str)).await;
     }
     if !invalid.is_empty() {
         dead_letter_records(context, stream, tenant, invalid, &mut tally).await;
     }
-    let mut queue: Vec<Vec<Ready>> = Vec::new();
-    let mut ready = ready.into_iter().peekable();
-    while ready.peek().is_some() {
-        queue.push(ready.by_ref().take(MAX_PUSH_LINES).collect());
-    }
-    queue.reverse();
+    let mut queue = in_pushes(ready);
     let mut attempt = 0u32;
     while let Some(batch) = queue.pop() {
         if batch.is_empty() {
@@ -152,6 +152,17 @@ pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entri
             return;
         }
     }
+}
+
+/// `ready` cut into pushes of at most [`MAX_PUSH_LINES`], the oldest last
+/// (the queue is popped from its end).
+fn in_pushes<T>(mut ready: Vec<T>) -> Vec<Vec<T>> {
+    let mut pushes = Vec::new();
+    while !ready.is_empty() {
+        let at = (ready.len() - 1) / MAX_PUSH_LINES * MAX_PUSH_LINES;
+        pushes.push(ready.split_off(at));
+    }
+    pushes
 }
 
 /// A record that cannot go to Loki, by the index of its entry: its
@@ -504,5 +515,29 @@ mod tests {
         tally.unsettle([0]);
         assert!(tally.settle([0]).is_empty());
         assert_eq!(tally.settle([1, 0]), ["2-0", "1-0"]);
+        let empty = Tally {
+            ids: vec!["3-0".to_owned(), "4-0".to_owned()],
+            left: vec![0, 2],
+        };
+        assert_eq!(empty.empty(), ["3-0"]);
+    }
+
+    #[test]
+    fn records_go_out_oldest_first_in_pushes_of_at_most_the_limit() {
+        for len in [
+            0,
+            1,
+            MAX_PUSH_LINES,
+            MAX_PUSH_LINES + 1,
+            3 * MAX_PUSH_LINES - 1,
+        ] {
+            let mut pushes = in_pushes((0..len).collect::<Vec<usize>>());
+            let mut sent = Vec::new();
+            while let Some(push) = pushes.pop() {
+                assert!(!push.is_empty() && push.len() <= MAX_PUSH_LINES);
+                sent.extend(push);
+            }
+            assert_eq!(sent, (0..len).collect::<Vec<_>>(), "{len}");
+        }
     }
 }
