@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use redis_failover::{ClusterClient, Error, ErrorKind, FailoverClient, NodeAddr};
-use redis_topology::{Cluster, NodeId, Shard, slot_of};
+use redis_topology::{Cluster, FailoverMode, NodeId, Shard, slot_of};
 
 /// A failover after a kill takes about twice the 2 s node timeout; this
 /// leaves room for a loaded 2-core machine.
@@ -237,4 +237,66 @@ async fn a_pipeline_keeps_to_one_slot_or_is_refused_before_sending() {
     assert!(matches!(&error, Error::CrossSlot { slots, .. } if slots.len() == 2));
     let exists: u32 = client.query(redis::cmd("EXISTS").arg(&a)).await.unwrap();
     assert_eq!(exists, 0, "nothing of a refused pipeline ran");
+}
+
+#[tokio::test]
+async fn a_script_on_a_demoted_master_is_resent_to_the_new_one() {
+    let cluster = cluster().await;
+    let client = client(&cluster);
+    let shards = cluster.shards().await.unwrap();
+    let key = key_in(&shards[0], "script");
+    client.set(&key, "before").await.unwrap();
+    let promoted = shards[0].replicas[0];
+    cluster
+        .failover(promoted, FailoverMode::Default)
+        .await
+        .unwrap();
+    // The map still names the demoted master, which may answer a script
+    // with READONLY rather than MOVED: either way the write is resent.
+    let script = redis::cmd("EVAL")
+        .arg("return redis.call('SET', KEYS[1], ARGV[1])")
+        .arg(1)
+        .arg(&key)
+        .arg("after")
+        .clone();
+    let _: () = client.query(&script).await.unwrap();
+    assert_eq!(client.get::<String>(&key).await.unwrap(), "after");
+    assert_eq!(client.master_of(&key), Some(addr_of(&cluster, promoted)));
+}
+
+#[tokio::test]
+async fn a_write_to_a_master_that_stops_answering_has_an_unknown_outcome() {
+    let cluster = cluster().await;
+    let client = client(&cluster);
+    let shards = cluster.shards().await.unwrap();
+    let key = key_in(&shards[0], "stalled");
+    client.set(&key, 1).await.unwrap();
+    cluster.pause(shards[0].master).unwrap();
+    let started = Instant::now();
+    let result = client.query::<i64>(redis::cmd("INCR").arg(&key)).await;
+    cluster.resume(shards[0].master).unwrap();
+    let error = result.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::OutcomeUnknown, "{error}");
+    // One command timeout, not the retry budget: it must not run twice.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn unworkable_cluster_settings_are_named() {
+    let setting = |builder: redis_failover::ClusterClientBuilder| match builder.build() {
+        Err(Error::InvalidConfig { setting, .. }) => setting,
+        other => panic!("{other:?}"),
+    };
+    let seed = NodeAddr::new("127.0.0.1", 7000).unwrap();
+    assert_eq!(setting(FailoverClient::cluster([])), "seed_nodes");
+    let one = || FailoverClient::cluster([seed.clone()]);
+    assert_eq!(
+        setting(one().slot_refresh_interval(Duration::ZERO)),
+        "slot_refresh_interval"
+    );
+    assert_eq!(setting(one().retry_budget(Duration::ZERO)), "retry_budget");
 }
