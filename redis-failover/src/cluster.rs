@@ -138,6 +138,18 @@ impl ClusterClientBuilder {
     }
 }
 
+/// Blocking commands would hold the one connection to their master that
+/// every request shares, and time out: not sent until they get connections
+/// of their own, as in the other modes.
+fn refuse_blocking(request: Request<'_>) -> Result<()> {
+    match request.blocking() {
+        Some(_) => Err(Error::NotInCluster {
+            what: "a blocking command (BLPOP, XREAD BLOCK, WAIT...)",
+        }),
+        None => Ok(()),
+    }
+}
+
 fn invalid(setting: &'static str, reason: &str) -> Error {
     Error::InvalidConfig {
         setting,
@@ -168,7 +180,8 @@ impl ClusterClient {
     /// Sends `cmd` to the master of its first key's slot (any master for
     /// a keyless command) and converts the reply. Resent after redirects
     /// and failovers within the retry budget; after an unknown outcome
-    /// only if the command is read-only.
+    /// only if the command is read-only. Blocking commands fail with
+    /// [`Error::NotInCluster`], unsent.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
         self.query_as(cmd, false).await
     }
@@ -182,6 +195,7 @@ impl ClusterClient {
     async fn query_as<T: FromRedisValue>(&self, cmd: &Cmd, idempotent: bool) -> Result<T> {
         let slot = slot_of_command(cmd);
         let request = Request::Command(cmd);
+        refuse_blocking(request)?;
         let (node, reply) = Box::pin(self.inner.shared.execute(request, slot, idempotent)).await?;
         convert(&node, reply)
     }
@@ -220,6 +234,7 @@ impl ClusterClient {
             offset: 0,
             count: pipeline.len(),
         };
+        refuse_blocking(request)?;
         let slot = slot_of_pipeline(pipeline, || request.describe())?;
         let (node, reply) = Box::pin(self.inner.shared.execute(request, slot, idempotent)).await?;
         let values = match reply {

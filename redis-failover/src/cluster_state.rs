@@ -160,7 +160,7 @@ impl ClusterShared {
     async fn load_from(&self, node: &NodeAddr) -> RedisResult<Option<SlotMap>> {
         let mut connection = self.connection(node).await?;
         let reply = connection
-            .send_packed_command(&redis::cmd("CLUSTER").arg("SLOTS"))
+            .send_packed_command(redis::cmd("CLUSTER").arg("SLOTS"))
             .await?;
         let map = SlotMap::from_cluster_slots(&reply.extract_error()?, node);
         Ok(map.filter(|map| map.covered() == SLOT_COUNT))

@@ -76,8 +76,8 @@ pub(crate) fn slot_of(key: &[u8]) -> u16 {
         let close = rest.iter().position(|b| *b == b'}')?;
         (close > 0).then(|| &rest[..close])
     });
-    // The modulo keeps the value below 16384, so it fits.
-    (crc16(tagged.unwrap_or(key)) % SLOT_COUNT as u16) as u16
+    // Modulo 16384 (a power of two).
+    crc16(tagged.unwrap_or(key)) & 0x3FFF
 }
 
 /// The arguments of `cmd` as bytes (a cursor argument counts as none).

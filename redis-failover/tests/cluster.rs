@@ -235,6 +235,17 @@ async fn a_pipeline_keeps_to_one_slot_or_is_refused_before_sending() {
     let error = client.query_pipeline::<()>(&crossed).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::CrossSlot, "{error}");
     assert!(matches!(&error, Error::CrossSlot { slots, .. } if slots.len() == 2));
+    let mut transaction = redis::pipe();
+    transaction.atomic().set("{user:1}:name", "bob");
+    let error = client.query_pipeline::<()>(&transaction).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
+    let blocking = client
+        .query::<()>(redis::cmd("BLPOP").arg("{user:1}:q").arg(1))
+        .await;
+    assert!(
+        matches!(blocking, Err(Error::NotInCluster { .. })),
+        "{blocking:?}"
+    );
     let exists: u32 = client.query(redis::cmd("EXISTS").arg(&a)).await.unwrap();
     assert_eq!(exists, 0, "nothing of a refused pipeline ran");
 }
