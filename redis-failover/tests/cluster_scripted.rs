@@ -167,3 +167,55 @@ async fn a_write_whose_connection_is_lost_is_resent_only_if_idempotent() {
     let () = client.query_idempotent(&set).await.unwrap();
     assert_eq!(*sets.lock().unwrap(), 3, "lost once, resent once");
 }
+
+/// A node serving every slot that refuses each SET with the next of
+/// `refusals` (an error line) and then answers OK; counts the SETs.
+async fn refusing_node(refusals: Vec<&'static str>) -> (u16, Arc<Mutex<usize>>) {
+    let sets = Arc::new(Mutex::new(0usize));
+    let port = Arc::new(Mutex::new(0u16));
+    let node = {
+        let (sets, port) = (Arc::clone(&sets), Arc::clone(&port));
+        scripted_node(Arc::new(move |command: &[String]| {
+            if is(command, "SET") {
+                let mut sets = sets.lock().unwrap();
+                *sets += 1;
+                return Answer::Reply(match refusals.get(*sets - 1) {
+                    Some(refusal) => format!("-{refusal}\r\n"),
+                    None => "+OK\r\n".to_owned(),
+                });
+            }
+            common(command, *port.lock().unwrap())
+        }))
+        .await
+    };
+    *port.lock().unwrap() = node;
+    (node, sets)
+}
+
+#[tokio::test]
+async fn tryagain_and_clusterdown_are_waited_out_and_the_write_resent() {
+    let (node, sets) = refusing_node(vec![
+        "TRYAGAIN Multiple keys request during rehashing of slot",
+        "CLUSTERDOWN The cluster is down",
+        "TRYAGAIN Multiple keys request during rehashing of slot",
+    ])
+    .await;
+    // Not idempotent: neither refusal ran it, so resending is safe.
+    client(node).set("k", "v").await.unwrap();
+    assert_eq!(*sets.lock().unwrap(), 4);
+}
+
+#[tokio::test]
+async fn a_cluster_that_stays_down_fails_within_the_budget() {
+    let (node, _) = refusing_node(vec!["CLUSTERDOWN The cluster is down"; 10_000]).await;
+    let budget = Duration::from_millis(800);
+    let client = FailoverClient::cluster([NodeAddr::new("127.0.0.1", node).unwrap()])
+        .retry_budget(budget)
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let error = client.set("k", "v").await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unavailable, "{error}");
+    assert!(error.to_string().contains("ClusterDown"), "{error}");
+    assert!(started.elapsed() < budget * 3, "{:?}", started.elapsed());
+}
