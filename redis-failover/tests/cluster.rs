@@ -311,3 +311,47 @@ async fn unworkable_cluster_settings_are_named() {
     );
     assert_eq!(setting(one().retry_budget(Duration::ZERO)), "retry_budget");
 }
+
+#[tokio::test]
+async fn writes_to_a_slot_that_moves_under_them_all_succeed_and_stay() {
+    let cluster = cluster().await;
+    let client = client(&cluster);
+    let shards = cluster.shards().await.unwrap();
+    let stem = key_in(&shards[0], "busy");
+    let key = move |n: usize| format!("{{{stem}}}:{n}");
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (client, key, running) = (client.clone(), key.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                // Not idempotent: MOVED and ASK mean it did not run.
+                if let Err(error) = client.set(&key(n), n).await {
+                    return Err((n, error));
+                }
+                n += 1;
+            }
+            Ok(n)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster
+        .move_slot(slot_of(&key(0)), shards[1].master)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let written = match writer.await.unwrap() {
+        Ok(written) => written,
+        Err((n, error)) => panic!("write {n} failed: {error}"),
+    };
+    assert!(written > 10, "{written}");
+    for n in 0..written {
+        let stored: Option<usize> = client.get(&key(n)).await.unwrap();
+        assert_eq!(stored, Some(n), "write {n} lost");
+    }
+    assert_eq!(
+        client.master_of(&key(0)),
+        Some(addr_of(&cluster, shards[1].master))
+    );
+}
