@@ -126,7 +126,7 @@ impl ClusterShared {
     ) -> Result<Tried, RedisError> {
         match Failure::of(error) {
             Failure::Final => Err(error.clone()),
-            Failure::NotExecuted => Ok(match (refusal_of(error), cluster_redirect(error)) {
+            Failure::NotExecuted => Ok(match (refusal_of(error), cluster_redirect(error, node)) {
                 (Some("MOVED"), Some((slot, owner))) => {
                     self.moved(slot, owner);
                     Tried::Redirected

@@ -197,16 +197,20 @@ pub(crate) fn redirect_target(error: &RedisError) -> Option<NodeAddr> {
 }
 
 /// The slot and node a cluster's `-MOVED slot host:port` or `-ASK slot
-/// host:port` refusal names, if the request was refused so. The port
-/// follows the last colon, as for `REDIRECT`.
-pub(crate) fn cluster_redirect(error: &RedisError) -> Option<(u16, NodeAddr)> {
+/// host:port` refusal from `asked` names, if the request was refused so.
+/// The port follows the last colon, as for `REDIRECT`. An empty host (a
+/// node that does not know its own endpoint answers `MOVED 3999 :6381`)
+/// is `asked`'s.
+pub(crate) fn cluster_redirect(error: &RedisError, asked: &NodeAddr) -> Option<(u16, NodeAddr)> {
     let errors = error.clone().into_server_errors()?;
     let (_, redirect) = errors
         .iter()
         .find(|(_, e)| matches!(e.code(), "MOVED" | "ASK"))?;
     let mut fields = redirect.details()?.split_whitespace();
     let slot = fields.next()?.parse().ok()?;
-    let node = fields.next()?.parse().ok()?;
+    let (host, port) = fields.next()?.rsplit_once(':')?;
+    let host = if host.is_empty() { asked.host() } else { host };
+    let node = NodeAddr::new(host, port.parse().ok()?).ok()?;
     Some((slot, node))
 }
 
@@ -365,12 +369,16 @@ mod tests {
         let refusal = |code: &str, details: &str| {
             redis::make_extension_error(code.to_owned(), Some(details.to_owned()))
         };
-        let (slot, node) = cluster_redirect(&refusal("MOVED", "3999 127.0.0.1:6381")).unwrap();
+        let asked = NodeAddr::new("10.0.0.9", 6379).unwrap();
+        let redirect = |code, details| cluster_redirect(&refusal(code, details), &asked);
+        let (slot, node) = redirect("MOVED", "3999 127.0.0.1:6381").unwrap();
         assert_eq!((slot, node.host(), node.port()), (3999, "127.0.0.1", 6381));
-        let (slot, node) = cluster_redirect(&refusal("ASK", "12 ::1:7000")).unwrap();
+        let (slot, node) = redirect("ASK", "12 ::1:7000").unwrap();
         assert_eq!((slot, node.host(), node.port()), (12, "::1", 7000));
-        assert!(cluster_redirect(&refusal("MOVED", "x")).is_none());
-        assert!(cluster_redirect(&server_error("READONLY")).is_none());
+        let (_, node) = redirect("MOVED", "5 :6390").unwrap();
+        assert_eq!((node.host(), node.port()), ("10.0.0.9", 6390));
+        assert!(redirect("MOVED", "x").is_none());
+        assert!(cluster_redirect(&server_error("READONLY"), &asked).is_none());
     }
 
     #[test]
