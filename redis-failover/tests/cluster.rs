@@ -336,7 +336,7 @@ async fn writes_to_a_slot_that_moves_under_them_all_succeed_and_stay() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     cluster
-        .move_slot(slot_of(&key(0)), shards[1].master)
+        .move_slot(slot_of(key(0)), shards[1].master)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
