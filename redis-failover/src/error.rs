@@ -159,6 +159,26 @@ pub enum Error {
         attempts: u32,
     },
 
+    /// A cluster request whose keys hash to more than one slot: Redis
+    /// Cluster runs a command or pipeline on one node, and only when all
+    /// its keys are in one slot (use a `{hash tag}` to put them together).
+    /// Checked before sending, so nothing ran.
+    #[error("`{command}` has keys in {} slots ({slots:?}); a cluster request must keep to one", .slots.len())]
+    CrossSlot {
+        /// The command (or a pipeline's commands).
+        command: String,
+        /// The slots its keys hash to.
+        slots: Vec<u16>,
+    },
+
+    /// A request the cluster client does not support yet (transactions,
+    /// blocking commands). Checked before sending, so nothing ran.
+    #[error("{what} is not supported in cluster mode yet")]
+    NotInCluster {
+        /// What was asked.
+        what: &'static str,
+    },
+
     /// A connection of its own (pub/sub) to the master could not be opened.
     #[error("could not open a connection to {node}")]
     Connect {
@@ -214,6 +234,8 @@ pub enum ErrorKind {
     /// A transaction's watched keys kept changing until the retry budget
     /// ran out.
     TransactionConflict,
+    /// A cluster request's keys are in more than one slot: nothing ran.
+    CrossSlot,
     /// Any other error Redis answered, or a reply that does not convert to
     /// the type asked for ([`Error::code`] tells Redis's code).
     Command,
@@ -275,7 +297,8 @@ impl Error {
             Self::NotReplicated { .. }
             | Self::NotPersisted { .. }
             | Self::ReplicationUnknown { .. } => ErrorKind::NotReplicated,
-            Self::Unsupported { .. } => ErrorKind::Unsupported,
+            Self::Unsupported { .. } | Self::NotInCluster { .. } => ErrorKind::Unsupported,
+            Self::CrossSlot { .. } => ErrorKind::CrossSlot,
             Self::NoReplicaAvailable { .. } => ErrorKind::NoReplica,
             Self::NotReadOnly { .. } => ErrorKind::NotReadOnly,
             Self::Connect { .. } => ErrorKind::Connect,
@@ -320,7 +343,8 @@ impl Error {
             Self::NotReadOnly { .. } => "NOTREADONLY",
             Self::NotReplicated { .. } | Self::ReplicationUnknown { .. } => "NOTREPLICATED",
             Self::NotPersisted { .. } => "NOTPERSISTED",
-            Self::Unsupported { .. } => "UNSUPPORTED",
+            Self::Unsupported { .. } | Self::NotInCluster { .. } => "UNSUPPORTED",
+            Self::CrossSlot { .. } => "CROSSSLOT",
             Self::Connect { .. } => "CONNECT",
             Self::TransactionConflict { .. } => "TXCONFLICT",
             Self::Command { .. } => unreachable!("returned above"),

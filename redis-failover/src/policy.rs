@@ -12,6 +12,11 @@ use crate::backoff::Backoff;
 /// still master: each resend of a slow request runs it again.
 const MAX_RESENDS_AFTER_STALL: u32 = 2;
 
+/// How many redirects in a row (`MOVED`, `ASK`) are followed at once;
+/// past them the backoff applies, so that nodes that disagree on a slot's
+/// owner are not asked in a tight loop.
+const IMMEDIATE_REDIRECTS: u32 = 5;
+
 /// What one failed try came to, as the policy needs to know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Tried {
@@ -20,6 +25,9 @@ pub(crate) enum Tried {
     /// The master is fine but cannot take the request yet (too few
     /// replicas, `BUSY`, `NOREPLICAS`): try it again there.
     Held,
+    /// A cluster node named the node that owns the slot (`MOVED`, `ASK`)
+    /// without running the request: resend there, at once.
+    Redirected,
     /// The node refused without running the request (`READONLY`,
     /// `LOADING`, ...), or could not be reached: it surely did not run.
     NotRun,
@@ -69,6 +77,7 @@ pub(crate) struct Tries {
     started: Instant,
     retries: u32,
     stalls: u32,
+    redirects: u32,
 }
 
 impl Tries {
@@ -78,6 +87,7 @@ impl Tries {
             started: Instant::now(),
             retries: 0,
             stalls: 0,
+            redirects: 0,
         }
     }
 
@@ -114,6 +124,11 @@ impl RetryPolicy {
         let spent = tries.spent();
         if spent >= self.budget {
             return Decision::GiveUp(GaveUp::Budget);
+        }
+        if tried == Tried::Redirected && tries.redirects < IMMEDIATE_REDIRECTS {
+            tries.redirects += 1;
+            tries.retries += 1;
+            return Decision::Retry(Duration::ZERO);
         }
         let wait = self.backoff.delay(tries.retries).min(self.budget - spent);
         tries.retries += 1;
@@ -209,6 +224,26 @@ mod tests {
         );
         let (why, _) = until_given_up(&policy, Tried::Unreplicated { resendable: true }).await;
         assert_eq!(why, GaveUp::Budget);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn redirects_are_followed_at_once_then_backed_off_within_the_budget() {
+        let policy = policy(1_000);
+        let mut tries = Tries::new();
+        for _ in 0..IMMEDIATE_REDIRECTS {
+            assert_eq!(
+                policy.decide(&mut tries, Tried::Redirected),
+                Decision::Retry(Duration::ZERO)
+            );
+        }
+        let Decision::Retry(wait) = policy.decide(&mut tries, Tried::Redirected) else {
+            panic!("gave up within the budget");
+        };
+        assert!(wait > Duration::ZERO);
+        let started = Instant::now();
+        let (why, _) = until_given_up(&policy, Tried::Redirected).await;
+        assert_eq!(why, GaveUp::Budget);
+        assert!(started.elapsed() <= Duration::from_millis(1_000));
     }
 
     #[tokio::test(start_paused = true)]

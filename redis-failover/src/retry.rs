@@ -12,9 +12,15 @@ use crate::addr::NodeAddr;
 /// `min-replicas-to-write`; `UNBLOCKED`: a blocked command released because
 /// the node changed role; `BUSY`: a script is running; `REDIRECT`: a
 /// Valkey replica naming its master to a connection that declared `CLIENT
-/// CAPA redirect`, where Redis answers `READONLY`.)
+/// CAPA redirect`, where Redis answers `READONLY`. In Redis Cluster:
+/// `MOVED` and `ASK` name the node that owns the key's slot; `TRYAGAIN`
+/// refuses a multi-key command while its slot migrates; `CLUSTERDOWN`
+/// refuses while a slot has no master. None of them runs the command.)
 const NOT_EXECUTED_CODES: &[&str] = &[
     "READONLY",
+    "MOVED",
+    "ASK",
+    "CLUSTERDOWN",
     "REDIRECT",
     "LOADING",
     "MASTERDOWN",
@@ -190,6 +196,24 @@ pub(crate) fn redirect_target(error: &RedisError) -> Option<NodeAddr> {
     redirect.details()?.trim().parse().ok()
 }
 
+/// The slot and node a cluster's `-MOVED slot host:port` or `-ASK slot
+/// host:port` refusal from `asked` names, if the request was refused so.
+/// The port follows the last colon, as for `REDIRECT`. An empty host (a
+/// node that does not know its own endpoint answers `MOVED 3999 :6381`)
+/// is `asked`'s.
+pub(crate) fn cluster_redirect(error: &RedisError, asked: &NodeAddr) -> Option<(u16, NodeAddr)> {
+    let errors = error.clone().into_server_errors()?;
+    let (_, redirect) = errors
+        .iter()
+        .find(|(_, e)| matches!(e.code(), "MOVED" | "ASK"))?;
+    let mut fields = redirect.details()?.split_whitespace();
+    let slot = fields.next()?.parse().ok()?;
+    let (host, port) = fields.next()?.rsplit_once(':')?;
+    let host = if host.is_empty() { asked.host() } else { host };
+    let node = NodeAddr::new(host, port.parse().ok()?).ok()?;
+    Some((slot, node))
+}
+
 /// Whether the error replies of one request show the node refused all of
 /// it without running any: a refusal, and besides refusals only the
 /// `EXECABORT` a refused transaction ends with.
@@ -307,6 +331,9 @@ mod tests {
     fn refusals_of_a_node_that_cannot_serve_are_not_executed() {
         for code in [
             "READONLY",
+            "MOVED",
+            "ASK",
+            "CLUSTERDOWN",
             "REDIRECT",
             "LOADING",
             "MASTERDOWN",
@@ -335,6 +362,23 @@ mod tests {
         assert!(redirect_target(&redirect("no-port")).is_none());
         assert!(redirect_target(&server_error("READONLY")).is_none());
         assert!(refusal_means_not_master("REDIRECT"));
+    }
+
+    #[test]
+    fn a_cluster_redirect_names_the_slot_and_its_node() {
+        let refusal = |code: &str, details: &str| {
+            redis::make_extension_error(code.to_owned(), Some(details.to_owned()))
+        };
+        let asked = NodeAddr::new("10.0.0.9", 6379).unwrap();
+        let redirect = |code, details| cluster_redirect(&refusal(code, details), &asked);
+        let (slot, node) = redirect("MOVED", "3999 127.0.0.1:6381").unwrap();
+        assert_eq!((slot, node.host(), node.port()), (3999, "127.0.0.1", 6381));
+        let (slot, node) = redirect("ASK", "12 ::1:7000").unwrap();
+        assert_eq!((slot, node.host(), node.port()), (12, "::1", 7000));
+        let (_, node) = redirect("MOVED", "5 :6390").unwrap();
+        assert_eq!((node.host(), node.port()), ("10.0.0.9", 6390));
+        assert!(redirect("MOVED", "x").is_none());
+        assert!(cluster_redirect(&server_error("READONLY"), &asked).is_none());
     }
 
     #[test]

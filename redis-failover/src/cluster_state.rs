@@ -1,0 +1,188 @@
+//! What a cluster client's handles and its refresh task share: the slot
+//! map, one multiplexed connection per master, and single-flight refreshes
+//! of the map.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::RedisResult;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::addr::NodeAddr;
+use crate::node::Connector;
+use crate::policy::RetryPolicy;
+use crate::slots::{SLOT_COUNT, SlotMap};
+
+/// The least time between two refreshes of the background task, so that a
+/// burst of `MOVED` replies asks for one refresh, not one each.
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
+
+/// The settings a cluster client runs with.
+#[derive(Clone, Debug)]
+pub(crate) struct ClusterSettings {
+    pub(crate) seeds: Vec<NodeAddr>,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) refresh_interval: Duration,
+}
+
+pub(crate) struct ClusterShared {
+    pub(crate) settings: ClusterSettings,
+    connector: Connector,
+    map: Mutex<SlotMap>,
+    connections: Mutex<HashMap<NodeAddr, MultiplexedConnection>>,
+    /// Held while the map is being refreshed: one refresh at a time.
+    refreshing: tokio::sync::Mutex<()>,
+    /// Bumped after every refresh that loaded a map.
+    generation: AtomicU64,
+    /// Asks the background task for a refresh soon.
+    wake: Notify,
+}
+
+impl std::fmt::Debug for ClusterShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterShared")
+            .field("seeds", &self.settings.seeds)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterShared {
+    pub(crate) fn new(settings: ClusterSettings, connector: Connector) -> Self {
+        Self {
+            settings,
+            connector,
+            map: Mutex::new(SlotMap::empty()),
+            connections: Mutex::new(HashMap::new()),
+            refreshing: tokio::sync::Mutex::new(()),
+            generation: AtomicU64::new(0),
+            wake: Notify::new(),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, SlotMap> {
+        // The map is valid after any panic of a holder: each change is one store.
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many refreshes loaded a map so far.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The master of `slot`; for a keyless request (`None`), any master.
+    pub(crate) fn route(&self, slot: Option<u16>) -> Option<NodeAddr> {
+        let map = self.map();
+        match slot {
+            Some(slot) => map.owner(slot).cloned(),
+            None => map.masters().first().cloned(),
+        }
+    }
+
+    /// Records that `node` now serves `slot` (a `MOVED` reply said so), and
+    /// asks for a full refresh: a moved slot rarely moves alone.
+    pub(crate) fn moved(&self, slot: u16, node: NodeAddr) {
+        self.map().set(slot, node);
+        self.wake.notify_one();
+    }
+
+    /// Asks the background task to refresh the map soon.
+    pub(crate) fn refresh_soon(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The connection to `node`, opened if there is none.
+    pub(crate) async fn connection(&self, node: &NodeAddr) -> RedisResult<MultiplexedConnection> {
+        let known = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .cloned();
+        if let Some(connection) = known {
+            return Ok(connection);
+        }
+        let connection = self.connector.connect(node).await?;
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(node.clone(), connection.clone());
+        Ok(connection)
+    }
+
+    /// Drops the connection to `node` after it failed, so that the next
+    /// request opens a new one.
+    pub(crate) fn forget(&self, node: &NodeAddr) {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(node);
+    }
+
+    /// Loads the map again unless a refresh ended since `seen` (the
+    /// generation the caller acted on): callers that fail together wait
+    /// for one refresh. Tries the known masters, then the seeds; keeps the
+    /// old map when none answers with a full one.
+    pub(crate) async fn refresh(&self, seen: u64) -> bool {
+        let _one_at_a_time = self.refreshing.lock().await;
+        if self.generation() != seen {
+            return true;
+        }
+        let mut nodes = self.map().masters().to_vec();
+        for seed in &self.settings.seeds {
+            if !nodes.contains(seed) {
+                nodes.push(seed.clone());
+            }
+        }
+        for node in nodes {
+            match self.load_from(&node).await {
+                Ok(Some(map)) => {
+                    *self.map() = map;
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    return true;
+                }
+                Ok(None) => tracing::debug!(%node, "CLUSTER SLOTS did not cover every slot"),
+                Err(error) => {
+                    tracing::debug!(%node, %error, "CLUSTER SLOTS failed");
+                    self.forget(&node);
+                }
+            }
+        }
+        false
+    }
+
+    /// The map `node` describes, if it covers every slot (a partial one
+    /// comes from a node that is not in the cluster yet, or a cluster that
+    /// is down: better keep the map known).
+    async fn load_from(&self, node: &NodeAddr) -> RedisResult<Option<SlotMap>> {
+        let mut connection = self.connection(node).await?;
+        let reply = connection
+            .send_packed_command(redis::cmd("CLUSTER").arg("SLOTS"))
+            .await?;
+        let map = SlotMap::from_cluster_slots(&reply.extract_error()?, node);
+        Ok(map.filter(|map| map.covered() == SLOT_COUNT))
+    }
+}
+
+/// Refreshes the slot map now, then every refresh interval and whenever a
+/// request asks for it, until `stop` is cancelled (the client dropped).
+pub(crate) async fn refresh_loop(shared: Arc<ClusterShared>, stop: CancellationToken) {
+    let interval = shared.settings.refresh_interval;
+    let run = async {
+        loop {
+            shared.refresh(shared.generation()).await;
+            tokio::time::sleep(MIN_REFRESH_GAP).await;
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shared.wake.notified() => {}
+            }
+        }
+    };
+    tokio::select! {
+        () = stop.cancelled() => {}
+        _ = run => {}
+    }
+}
