@@ -15,41 +15,10 @@ use tenant_kv::{
 };
 use tracing_subscriber::layer::SubscriberExt;
 
-/// CRC16/XMODEM, Redis Cluster's key hash.
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc = 0u16;
-    for &byte in bytes {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
-/// The slot of `key`, as `CLUSTER KEYSLOT` gives it: the text between the
-/// first `{` and the next `}` is hashed if it is not empty, else the key.
+/// The slot of `key`, as `CLUSTER KEYSLOT` gives it (redis-topology's
+/// CRC16, checked there against the specification's reference values).
 fn keyslot(key: &[u8]) -> u16 {
-    let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &key[open + 1..];
-        let close = rest.iter().position(|&b| b == b'}')?;
-        (close > 0).then(|| &rest[..close])
-    });
-    crc16(tag.unwrap_or(key)) % 16384
-}
-
-#[test]
-fn keyslot_matches_redis_cluster() {
-    // The reference values of the Redis Cluster specification.
-    assert_eq!(crc16(b"123456789"), 0x31C3);
-    assert_eq!(keyslot(b"foo"), 12182);
-    assert_eq!(keyslot(b"{user1000}.following"), keyslot(b"user1000"));
-    assert_eq!(keyslot(b"foo{}{bar}"), keyslot(b"foo{}{bar}"));
-    assert_ne!(keyslot(b"foo{}{bar}"), keyslot(b"bar"));
+    redis_topology::slot_of(key)
 }
 
 /// Keys of no tenant: looked up before the tenant is known (users, API
