@@ -149,35 +149,10 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
 
     let value = json!({"text": "v".repeat(50)});
     let body = Bytes::from(serde_json::to_vec(&json!({ "value": value }))?);
-    let login = format!("username=user1&password={}", system.password);
     let service = Connections::new(system.local_addr());
-    let token = {
-        let request = Request::post("/token")
-            .header("host", "bench")
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(login)))?;
-        let reply: Value = serde_json::from_slice(&service.send(0, request).await?)?;
-        format!(
-            "Bearer {}",
-            reply["access_token"].as_str().ok_or("no token")?
-        )
-    };
+    let token = bearer_token(&service, &system.password).await?;
 
-    // The same items for both: the baseline's keys hold what the service returns.
-    for task in 0..CONNECTIONS {
-        let create = Request::post(format!("/data?key=k{task}"))
-            .header("host", "bench")
-            .header("authorization", &token)
-            .header("content-type", "application/json")
-            .body(Full::new(body.clone()))?;
-        service.send(task, create).await?;
-        let mut redis = redis.clone();
-        let _: () = redis::cmd("SET")
-            .arg(format!("k{task}"))
-            .arg(serde_json::to_vec(&value)?)
-            .query_async(&mut redis)
-            .await?;
-    }
+    seed_items(&service, &token, &body, &redis, &value).await?;
 
     let durable = durable_server(&system, jwt_secret).await?;
     let mut variants = vec![
@@ -222,6 +197,43 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
     Ok(json!({ "scenario": "http", "rounds": settings.rounds,
                 "seconds": settings.duration.as_secs_f64(), "results": rows,
                 "ratios": ratios }))
+}
+
+/// `Bearer <token>` for the demo user `user1`, from `POST /token`.
+async fn bearer_token(service: &Connections, password: &str) -> Result<String, Box<dyn Error>> {
+    let login = format!("username=user1&password={password}");
+    let request = Request::post("/token")
+        .header("host", "bench")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(login)))?;
+    let reply: Value = serde_json::from_slice(&service.send(0, request).await?)?;
+    let token = reply["access_token"].as_str().ok_or("no token")?;
+    Ok(format!("Bearer {token}"))
+}
+
+/// The same items for the service and the baseline: each connection's key
+/// `k<n>`, created through the service and SET raw to what it returns.
+async fn seed_items(
+    service: &Connections,
+    token: &str,
+    body: &Bytes,
+    redis: &redis::aio::MultiplexedConnection,
+    value: &Value,
+) -> Result<(), Box<dyn Error>> {
+    for task in 0..CONNECTIONS {
+        let create = Request::post(format!("/data?key=k{task}"))
+            .header("host", "bench")
+            .header("authorization", token)
+            .header("content-type", "application/json")
+            .body(Full::new(body.clone()))?;
+        service.send(task, create).await?;
+        let _: () = redis::cmd("SET")
+            .arg(format!("k{task}"))
+            .arg(serde_json::to_vec(value)?)
+            .query_async(&mut redis.clone())
+            .await?;
+    }
+    Ok(())
 }
 
 /// A second server on the same Redis and JWT secret whose writes wait for
