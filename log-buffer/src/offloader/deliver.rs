@@ -141,8 +141,13 @@ pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entri
                 let rejected = batch
                     .into_iter()
                     .map(|ready| {
-                        let fields = fields_of(&ready.entry);
-                        (ready.source, (fields, reason, detail.clone()))
+                        let dead = Dead {
+                            id: tally.ids[ready.source].clone(),
+                            fields: fields_of(&ready.entry),
+                            reason,
+                            detail: detail.clone(),
+                        };
+                        (ready.source, dead)
                     })
                     .collect();
                 dead_letter_records(context, stream, tenant, rejected, &mut tally).await;
@@ -165,9 +170,8 @@ fn in_pushes<T>(mut ready: Vec<T>) -> Vec<Vec<T>> {
     pushes
 }
 
-/// A record that cannot go to Loki, by the index of its entry: its
-/// fields, the reason's name and the detail.
-type Invalid = (usize, Rejected);
+/// A record that cannot go to Loki, by the index of its entry.
+type Invalid = (usize, Dead);
 
 /// `entries`' records ready to push, oldest first; those Loki would
 /// refuse; and the tally of records per entry.
@@ -194,8 +198,14 @@ fn sort_out(
         tally.left.push(records.len());
         for record in records {
             let prepared = record.and_then(|fields| {
-                prepare(context, job, tenant, &fields, oldest, newest)
-                    .map_err(|(reason, detail)| (sorted(fields), reason, detail))
+                prepare(context, job, tenant, &fields, oldest, newest).map_err(
+                    |(reason, detail)| Dead {
+                        id: entry.id.clone(),
+                        fields: sorted(fields),
+                        reason,
+                        detail,
+                    },
+                )
             });
             match prepared {
                 Ok((labels, line)) => ready.push(Ready {
@@ -214,7 +224,7 @@ fn sort_out(
 /// The records of an entry, borrowed from it: one for a plain entry (its
 /// fields), one per line for a packed one (whose `records` field is
 /// `packed`); or the fields to dead-letter and why.
-fn unpack<'a>(entry: &'a StreamId, packed: Option<&'a str>) -> Vec<Result<Parsed<'a>, Rejected>> {
+fn unpack<'a>(entry: &'a StreamId, packed: Option<&'a str>) -> Vec<Result<Parsed<'a>, Dead>> {
     let Some(packed) = packed else {
         let fields = entry
             .map
@@ -224,7 +234,12 @@ fn unpack<'a>(entry: &'a StreamId, packed: Option<&'a str>) -> Vec<Result<Parsed
     };
     packed::decode(packed)
         .map(|record| {
-            record.map_err(|(line, detail)| (vec![("line".to_owned(), line)], "bad_record", detail))
+            record.map_err(|(line, detail)| Dead {
+                id: entry.id.clone(),
+                fields: vec![("line".to_owned(), line)],
+                reason: "bad_record",
+                detail,
+            })
         })
         .collect()
 }
@@ -284,17 +299,8 @@ async fn dead_letter_records(
     records: Vec<Invalid>,
     tally: &mut Tally,
 ) {
-    let sources: Vec<usize> = records.iter().map(|(source, _)| *source).collect();
+    let (sources, dead): (Vec<usize>, Vec<Dead>) = records.into_iter().unzip();
     let done = tally.settle(sources.iter().copied());
-    let dead = records
-        .into_iter()
-        .map(|(source, (fields, reason, detail))| Dead {
-            id: tally.ids[source].clone(),
-            fields,
-            reason,
-            detail,
-        })
-        .collect();
     if !dead_letter(context, stream, tenant, dead, &done).await {
         tally.unsettle(sources);
     }
@@ -303,9 +309,6 @@ async fn dead_letter_records(
 type Labels = BTreeMap<String, String>;
 /// Why a record cannot go to Loki: the reason's name and the detail.
 type Refusal = (&'static str, String);
-/// A record for the dead-letter stream: its fields, sorted, and the
-/// reason's name and detail.
-type Rejected = (Vec<(String, String)>, &'static str, String);
 
 /// The `job` label of a stream's lines: its source's own, or the default.
 fn job_of<'a>(context: &'a Context, stream: &str) -> &'a str {
