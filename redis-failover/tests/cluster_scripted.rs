@@ -138,25 +138,12 @@ async fn a_script_refused_with_readonly_refreshes_the_map_and_is_resent() {
 
 #[tokio::test]
 async fn a_write_whose_connection_is_lost_is_resent_only_if_idempotent() {
-    let sets = Arc::new(Mutex::new(0u32));
-    let port = Arc::new(Mutex::new(0u16));
-    let node = {
-        let (sets, port) = (Arc::clone(&sets), Arc::clone(&port));
-        scripted_node(Arc::new(move |command: &[String]| {
-            if is(command, "SET") {
-                let mut sets = sets.lock().unwrap();
-                *sets += 1;
-                // The first two SETs are lost with their connection.
-                if *sets <= 2 {
-                    return Answer::Hang;
-                }
-                return Answer::Reply("+OK\r\n".to_owned());
-            }
-            common(command, *port.lock().unwrap())
-        }))
-        .await
-    };
-    *port.lock().unwrap() = node;
+    // The first two SETs are lost with their connection.
+    let (node, sets) = set_counting_node(|set| match set {
+        1 | 2 => Answer::Hang,
+        _ => Answer::Reply("+OK\r\n".to_owned()),
+    })
+    .await;
     let client = client(node);
 
     let error = client.set("k", "v").await.unwrap_err();
@@ -168,9 +155,11 @@ async fn a_write_whose_connection_is_lost_is_resent_only_if_idempotent() {
     assert_eq!(*sets.lock().unwrap(), 3, "lost once, resent once");
 }
 
-/// A node serving every slot that refuses each SET with the next of
-/// `refusals` (an error line) and then answers OK; counts the SETs.
-async fn refusing_node(refusals: Vec<&'static str>) -> (u16, Arc<Mutex<usize>>) {
+/// A node serving every slot that answers the n-th SET (from 1) as
+/// `answer` says; counts the SETs.
+async fn set_counting_node(
+    answer: impl Fn(usize) -> Answer + Send + Sync + 'static,
+) -> (u16, Arc<Mutex<usize>>) {
     let sets = Arc::new(Mutex::new(0usize));
     let port = Arc::new(Mutex::new(0u16));
     let node = {
@@ -179,10 +168,7 @@ async fn refusing_node(refusals: Vec<&'static str>) -> (u16, Arc<Mutex<usize>>) 
             if is(command, "SET") {
                 let mut sets = sets.lock().unwrap();
                 *sets += 1;
-                return Answer::Reply(match refusals.get(*sets - 1) {
-                    Some(refusal) => format!("-{refusal}\r\n"),
-                    None => "+OK\r\n".to_owned(),
-                });
+                return answer(*sets);
             }
             common(command, *port.lock().unwrap())
         }))
@@ -190,6 +176,18 @@ async fn refusing_node(refusals: Vec<&'static str>) -> (u16, Arc<Mutex<usize>>) 
     };
     *port.lock().unwrap() = node;
     (node, sets)
+}
+
+/// A node serving every slot that refuses each SET with the next of
+/// `refusals` (an error line) and then answers OK; counts the SETs.
+async fn refusing_node(refusals: Vec<&'static str>) -> (u16, Arc<Mutex<usize>>) {
+    set_counting_node(move |set| {
+        Answer::Reply(match refusals.get(set - 1) {
+            Some(refusal) => format!("-{refusal}\r\n"),
+            None => "+OK\r\n".to_owned(),
+        })
+    })
+    .await
 }
 
 #[tokio::test]
