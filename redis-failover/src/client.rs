@@ -3,13 +3,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionLike;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
+use redis::{Cmd, FromRedisValue, Pipeline};
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::addr::NodeAddr;
+use crate::backend::Backend;
 use crate::builder::{FailoverClientBuilder, Mode};
+use crate::connections::{MasterConnection, ReadConnection, Typed};
 use crate::durable::ReplicationStatus;
 use crate::error::{Error, Result};
 use crate::events::{Event, MetricsSnapshot};
@@ -33,7 +34,7 @@ pub struct FailoverClient {
 
 #[derive(Debug)]
 struct Inner {
-    shared: Arc<Shared>,
+    backend: Backend,
     // Dropping the guard cancels the token every background task watches.
     _stop: DropGuard,
 }
@@ -91,9 +92,24 @@ impl FailoverClient {
                 runtime.spawn(watcher);
             }
         }
+        Self::with_backend(
+            Backend::Replicated(shared),
+            stopped,
+            read_policy,
+            durability,
+        )
+    }
+
+    /// A client of `backend`, whose background tasks watch `stopped`.
+    pub(crate) fn with_backend(
+        backend: Backend,
+        stopped: CancellationToken,
+        read_policy: ReadPolicy,
+        durability: Durability,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                shared,
+                backend,
                 _stop: stopped.drop_guard(),
             }),
             read_policy,
@@ -101,8 +117,8 @@ impl FailoverClient {
         }
     }
 
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.inner.shared
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
     }
 
     /// This client (sharing everything with it) with reads routed by
@@ -141,7 +157,10 @@ impl FailoverClient {
     /// How long a request may take through failovers before it fails
     /// ([`FailoverClientBuilder::retry_budget`](crate::FailoverClientBuilder::retry_budget)).
     pub fn retry_budget(&self) -> Duration {
-        self.shared().settings.retry_budget
+        match self.backend() {
+            Backend::Replicated(shared) => shared.settings.retry_budget,
+            Backend::Cluster(cluster) => cluster.settings.policy.budget,
+        }
     }
 
     /// A handle for redis-rs's API (`cmd.query_async(&mut connection)`,
@@ -200,27 +219,15 @@ impl FailoverClient {
     }
 
     async fn query_as<T: FromRedisValue>(&self, cmd: &Cmd, idempotent: bool) -> Result<T> {
-        // Boxed: the retry loop's state machine is deep, and callers' futures
-        // that hold it inline can exceed the compiler's type-depth limit.
-        let (master, reply) = Box::pin(self.shared().execute(
-            Request::Command(cmd),
-            idempotent,
-            self.durability,
-        ))
-        .await?;
-        convert(&master.node, reply)
+        let (node, reply) = self.send(Request::Command(cmd), idempotent).await?;
+        convert(&node, reply)
     }
 
     /// Sends the read-only `cmd` where this handle's read policy says and
     /// converts the reply. Commands not known to be read-only fail with
     /// [`Error::NotReadOnly`] unless the policy is [`ReadPolicy::Master`].
     pub async fn read<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let (node, reply) = Box::pin(self.shared().read(
-            Request::Command(cmd),
-            self.read_policy,
-            None,
-        ))
-        .await?;
+        let (node, reply) = self.send_read(Request::Command(cmd), None).await?;
         convert(&node, reply)
     }
 
@@ -283,7 +290,9 @@ impl FailoverClient {
         if replicas == 0 {
             return None;
         }
-        let shared = self.shared();
+        let Backend::Replicated(shared) = self.backend() else {
+            return None;
+        };
         let master = shared.state.master()?;
         Some(
             master
@@ -292,18 +301,28 @@ impl FailoverClient {
         )
     }
 
-    /// The master requests go to now, if one is known.
+    /// The master requests go to now, if one is known. `None` for a
+    /// cluster client: see [`masters`](Self::masters) and
+    /// [`master_of`](Self::master_of).
     pub fn master(&self) -> Option<MasterInfo> {
-        self.shared().state.master().as_ref().map(|m| MasterInfo {
+        let Backend::Replicated(shared) = self.backend() else {
+            return None;
+        };
+        shared.state.master().as_ref().map(|m| MasterInfo {
             node: m.node.clone(),
             generation: m.generation,
         })
     }
 
     /// Finds the master if none is known yet and returns it, trying until
-    /// `timeout`. Useful for readiness checks.
+    /// `timeout`. Useful for readiness checks. A cluster client waits for
+    /// a slot map that covers every slot, and returns the first master in
+    /// it, with the map's generation.
     pub async fn wait_for_master(&self, timeout: Duration) -> Result<MasterInfo> {
-        let shared = self.shared();
+        let shared = match self.backend() {
+            Backend::Replicated(shared) => shared,
+            Backend::Cluster(cluster) => return cluster.wait_for_map(timeout).await,
+        };
         let policy = RetryPolicy {
             budget: timeout,
             ..shared.settings.retry_policy()
@@ -337,10 +356,13 @@ impl FailoverClient {
     /// replica probes start on first need: the first call may find none.)
     #[must_use]
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
-        self.shared().track_replicas();
+        let Backend::Replicated(shared) = self.backend() else {
+            return Vec::new();
+        };
+        shared.track_replicas();
         let now = Instant::now();
-        let max_staleness = self.shared().settings.max_staleness;
-        self.shared()
+        let max_staleness = shared.settings.max_staleness;
+        shared
             .state
             .read_set()
             .replicas
@@ -362,12 +384,12 @@ impl FailoverClient {
     /// disagreements, exhausted budgets. A subscriber that lags more than
     /// the event capacity behind misses the oldest.
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.shared().telemetry.subscribe()
+        self.backend().telemetry().subscribe()
     }
 
     /// The client's counters now.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.shared().telemetry.metrics.snapshot()
+        self.backend().telemetry().metrics.snapshot()
     }
 }
 
@@ -413,130 +435,3 @@ pub struct ReplicaStatus {
     /// Its round-trip time, averaged over the probes.
     pub latency: Option<Duration>,
 }
-
-/// A [`ConnectionLike`] handle on the current master, from
-/// [`FailoverClient::connection`] or [`FailoverClient::idempotent_connection`].
-#[derive(Clone, Debug)]
-pub struct MasterConnection {
-    client: FailoverClient,
-    idempotent: bool,
-}
-
-impl MasterConnection {
-    async fn execute(&mut self, request: Request<'_>) -> redis::RedisResult<Reply> {
-        let client = &self.client;
-        match client
-            .shared()
-            .execute(request, self.idempotent, client.durability)
-            .await
-        {
-            Ok((_, reply)) => Ok(reply),
-            Err(error) => Err(error.into_redis_error()),
-        }
-    }
-}
-
-/// A [`ConnectionLike`] handle for reads routed by a read policy, from
-/// [`FailoverClient::read_connection`].
-#[derive(Clone, Debug)]
-pub struct ReadConnection {
-    client: FailoverClient,
-}
-
-impl ReadConnection {
-    async fn execute(&mut self, request: Request<'_>) -> redis::RedisResult<Reply> {
-        let client = &self.client;
-        match client
-            .shared()
-            .read(request, client.read_policy, None)
-            .await
-        {
-            Ok((_, reply)) => Ok(reply),
-            Err(error) => Err(error.into_redis_error()),
-        }
-    }
-}
-
-/// Implements [`ConnectionLike`] for a handle with an
-/// `execute(&mut self, Request) -> RedisResult<Reply>` method.
-macro_rules! connection_like {
-    ($handle:ty) => {
-        impl ConnectionLike for $handle {
-            fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-                Box::pin(async move {
-                    match self.execute(Request::Command(cmd)).await? {
-                        Reply::Value(value) => Ok(value),
-                        Reply::Values(_) => unreachable!("a command gets one reply"),
-                    }
-                })
-            }
-
-            fn req_packed_commands<'a>(
-                &'a mut self,
-                pipeline: &'a Pipeline,
-                offset: usize,
-                count: usize,
-            ) -> RedisFuture<'a, Vec<Value>> {
-                Box::pin(async move {
-                    let request = Request::Pipeline {
-                        pipeline,
-                        offset,
-                        count,
-                    };
-                    match self.execute(request).await? {
-                        Reply::Values(values) => Ok(values),
-                        Reply::Value(_) => unreachable!("a pipeline gets a list of replies"),
-                    }
-                })
-            }
-
-            fn get_db(&self) -> i64 {
-                0
-            }
-        }
-    };
-}
-
-connection_like!(MasterConnection);
-connection_like!(ReadConnection);
-
-/// A handle that keeps the typed error of a failed request, for
-/// [`FailoverClient::query_pipeline`] and [`FailoverClient::read_pipeline`],
-/// and the node that answered.
-struct Typed {
-    client: FailoverClient,
-    /// Route by the read policy instead of to the master.
-    read: bool,
-    failure: Option<Error>,
-    node: Option<NodeAddr>,
-}
-
-impl Typed {
-    async fn execute(&mut self, request: Request<'_>) -> redis::RedisResult<Reply> {
-        let client = &self.client;
-        let shared = client.shared();
-        let result = if self.read {
-            shared.read(request, client.read_policy, None).await
-        } else {
-            let executed = shared.execute(request, false, client.durability).await;
-            executed.map(|(master, reply)| (master.node.clone(), reply))
-        };
-        match result {
-            Ok((node, reply)) => {
-                self.node = Some(node);
-                Ok(reply)
-            }
-            Err(error) => {
-                let reported = redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "request failed",
-                    error.to_string(),
-                ));
-                self.failure = Some(error);
-                Err(reported)
-            }
-        }
-    }
-}
-
-connection_like!(Typed);

@@ -1,20 +1,24 @@
-//! The Redis Cluster client: [`ClusterClient`] and its builder.
+//! Redis Cluster mode: its builder, and what a client tells of the
+//! cluster's masters.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{Cmd, FromRedisValue, Pipeline, Value};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use redis::{Cmd, FromRedisValue};
+use tokio_util::sync::CancellationToken;
 
 use crate::addr::{NodeAddr, Resolve};
+use crate::backend::Backend;
 use crate::backoff::Backoff;
 use crate::builder::FailoverClientBuilder;
 use crate::client::{FailoverClient, convert};
 use crate::cluster_state::{ClusterSettings, ClusterShared, refresh_loop};
 use crate::error::{Error, Result};
+use crate::events::Telemetry;
 use crate::node::{Connector, Credentials, Tls};
-use crate::request::{Reply, Request};
-use crate::slots::{slot_of, slot_of_command, slot_of_pipeline};
+use crate::request::Request;
+use crate::routing::{Durability, ReadPolicy};
+use crate::slots::slot_of;
 
 /// How often the slot map is loaded again by default, besides on `MOVED`,
 /// `READONLY` and lost masters.
@@ -36,7 +40,7 @@ impl FailoverClient {
     }
 }
 
-/// Settings of a [`ClusterClient`]; start from [`FailoverClient::cluster`].
+/// Settings of a Redis Cluster client; start from [`FailoverClient::cluster`].
 /// The settings it shares with the other modes have the same defaults.
 #[derive(Clone, Debug)]
 #[must_use]
@@ -91,6 +95,13 @@ impl ClusterClientBuilder {
         self
     }
 
+    /// How many events a subscriber may lag behind before it misses the
+    /// oldest. Defaults to 1024.
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.base = self.base.event_capacity(capacity);
+        self
+    }
+
     /// How often the slot map is loaded again even when nothing asked for
     /// it (`MOVED`, `READONLY` and unreachable masters ask at once).
     /// Defaults to 15 s.
@@ -103,7 +114,7 @@ impl ClusterClientBuilder {
     /// runs in the background until the last clone is dropped). Must be
     /// called within a Tokio runtime. No node is contacted before the
     /// first request.
-    pub fn build(self) -> Result<ClusterClient> {
+    pub fn build(self) -> Result<FailoverClient> {
         if self.seeds.is_empty() {
             return Err(invalid("seed_nodes", "at least one node is needed"));
         }
@@ -126,27 +137,16 @@ impl ClusterClientBuilder {
             policy: base.retry_policy(),
             refresh_interval: self.slot_refresh_interval,
         };
-        let shared = Arc::new(ClusterShared::new(settings, connector));
+        let telemetry = Telemetry::new(base.event_capacity);
+        let shared = Arc::new(ClusterShared::new(settings, connector, telemetry));
         let stopped = CancellationToken::new();
         runtime.spawn(refresh_loop(Arc::clone(&shared), stopped.clone()));
-        Ok(ClusterClient {
-            inner: Arc::new(Inner {
-                shared,
-                _stop: stopped.drop_guard(),
-            }),
-        })
-    }
-}
-
-/// Blocking commands would hold the one connection to their master that
-/// every request shares, and time out: not sent until they get connections
-/// of their own, as in the other modes.
-fn refuse_blocking(request: Request<'_>) -> Result<()> {
-    match request.blocking() {
-        Some(_) => Err(Error::NotInCluster {
-            what: "a blocking command (BLPOP, XREAD BLOCK, WAIT...)",
-        }),
-        None => Ok(()),
+        Ok(FailoverClient::with_backend(
+            Backend::Cluster(shared),
+            stopped,
+            ReadPolicy::Master,
+            Durability::Master,
+        ))
     }
 }
 
@@ -157,120 +157,39 @@ fn invalid(setting: &'static str, reason: &str) -> Error {
     }
 }
 
-/// A Redis Cluster client: each request goes to the master of its key's
-/// slot, and is resent after `MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`,
-/// `READONLY` and lost masters within the retry budget; a write whose
-/// outcome is unknown is never resent unless declared idempotent.
-///
-/// Cheap to clone; all clones share the slot map, the connections and the
-/// background refresh, which stops when the last clone is dropped.
-#[derive(Clone, Debug)]
-pub struct ClusterClient {
-    inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    shared: Arc<ClusterShared>,
-    // Dropping the guard cancels the token the refresh task watches.
-    _stop: DropGuard,
-}
-
-impl ClusterClient {
-    /// Sends `cmd` to the master of its first key's slot (any master for
-    /// a keyless command) and converts the reply. Resent after redirects
-    /// and failovers within the retry budget; after an unknown outcome
-    /// only if the command is read-only. Blocking commands fail with
-    /// [`Error::NotInCluster`], unsent.
-    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        self.query_as(cmd, false).await
+impl FailoverClient {
+    /// Whether this is a Redis Cluster client ([`FailoverClient::cluster`]).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend(), Backend::Cluster(_))
     }
 
-    /// Like [`query`](Self::query), for a command that is harmless to run
-    /// twice: it is resent even when its first outcome is unknown.
-    pub async fn query_idempotent<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        self.query_as(cmd, true).await
-    }
-
-    async fn query_as<T: FromRedisValue>(&self, cmd: &Cmd, idempotent: bool) -> Result<T> {
-        let slot = slot_of_command(cmd);
-        let request = Request::Command(cmd);
-        refuse_blocking(request)?;
-        let (node, reply) = Box::pin(self.inner.shared.execute(request, slot, idempotent)).await?;
-        convert(&node, reply)
-    }
-
-    /// Sends a plain pipeline whose keys are all in one slot to that
-    /// slot's master, as one request, and converts its replies (as a
-    /// tuple or a `Vec`). Fails with [`Error::CrossSlot`] when its keys
-    /// span slots and [`Error::NotInCluster`] for a transaction, before
-    /// sending. Resent like [`query`](Self::query): after an unknown
-    /// outcome only if every command in it is read-only.
-    pub async fn query_pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T> {
-        self.pipeline_as(pipeline, false).await
-    }
-
-    /// Like [`query_pipeline`](Self::query_pipeline), for a pipeline that
-    /// is harmless to run twice.
-    pub async fn query_pipeline_idempotent<T: FromRedisValue>(
-        &self,
-        pipeline: &Pipeline,
-    ) -> Result<T> {
-        self.pipeline_as(pipeline, true).await
-    }
-
-    async fn pipeline_as<T: FromRedisValue>(
-        &self,
-        pipeline: &Pipeline,
-        idempotent: bool,
-    ) -> Result<T> {
-        if pipeline.is_transaction() {
-            return Err(Error::NotInCluster {
-                what: "a transaction (MULTI/EXEC)",
-            });
+    /// The masters requests go to now: every master of the cluster's slot
+    /// map, or the one master, if known.
+    pub fn masters(&self) -> Vec<NodeAddr> {
+        match self.backend() {
+            Backend::Cluster(cluster) => cluster.masters(),
+            Backend::Replicated(_) => self.master().into_iter().map(|m| m.node).collect(),
         }
-        let request = Request::Pipeline {
-            pipeline,
-            offset: 0,
-            count: pipeline.len(),
-        };
-        refuse_blocking(request)?;
-        let slot = slot_of_pipeline(pipeline, || request.describe())?;
-        let (node, reply) = Box::pin(self.inner.shared.execute(request, slot, idempotent)).await?;
-        let values = match reply {
-            Reply::Values(values) => values,
-            Reply::Value(value) => vec![value],
-        };
-        let values: Vec<Value> = values
-            .into_iter()
-            .map(Value::extract_error)
-            .collect::<redis::RedisResult<_>>()
-            .map_err(|source| Error::Command {
-                node: node.clone(),
-                source,
-            })?;
-        convert(&node, Reply::Value(Value::Array(values)))
     }
 
-    /// `GET key`.
-    pub async fn get<T: FromRedisValue>(&self, key: &str) -> Result<T> {
-        self.query(redis::cmd("GET").arg(key)).await
-    }
-
-    /// `SET key value`. Not resent after an unknown outcome: a resend could
-    /// overwrite another client's later write.
-    pub async fn set(&self, key: &str, value: impl redis::ToRedisArgs + Send + Sync) -> Result<()> {
-        self.query(redis::cmd("SET").arg(key).arg(value)).await
+    /// Sends `cmd` to the master `node`, one of [`masters`](Self::masters),
+    /// and converts the reply: for what each master answers for its own
+    /// keys (`SCAN`, `DBSIZE`, `CONFIG SET`, `FLUSHALL`...). Retried like
+    /// [`query`](Self::query) while `node` cannot be reached, within the
+    /// retry budget; a node that is no master any more refuses it (a
+    /// `MOVED` or `READONLY` error: load [`masters`](Self::masters) again).
+    /// With one master, it goes to the master requests go to now, which
+    /// has every key, whatever `node`.
+    pub async fn query_on<T: FromRedisValue>(&self, node: &NodeAddr, cmd: &Cmd) -> Result<T> {
+        let (node, reply) = self.send_to(node, Request::Command(cmd), false).await?;
+        convert(&node, reply)
     }
 
     /// The master the client sends `key`'s requests to now, if it knows.
     pub fn master_of(&self, key: &str) -> Option<NodeAddr> {
-        self.inner.shared.route(Some(slot_of(key.as_bytes())))
-    }
-
-    /// How long a request may take through redirects and failovers before
-    /// it fails.
-    pub fn retry_budget(&self) -> Duration {
-        self.inner.shared.settings.policy.budget
+        match self.backend() {
+            Backend::Cluster(cluster) => cluster.route(Some(slot_of(key.as_bytes()))),
+            Backend::Replicated(_) => self.master().map(|m| m.node),
+        }
     }
 }

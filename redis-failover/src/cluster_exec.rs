@@ -8,9 +8,20 @@ use redis::aio::MultiplexedConnection;
 use crate::addr::NodeAddr;
 use crate::cluster_state::ClusterShared;
 use crate::error::{Error, NodeFailure, Result};
+use crate::events::{Counter, Event};
 use crate::policy::{Decision, GaveUp, Tried, Tries};
 use crate::request::{Reply, Request};
 use crate::retry::{Failure, cluster_redirect, refusal_of};
+
+/// Where a request goes.
+#[derive(Clone, Debug)]
+pub(crate) enum Destination {
+    /// To the master of this slot, following redirects (any master for
+    /// `None`: the request has no key).
+    Slot(Option<u16>),
+    /// To this node only: a redirect is the caller's answer.
+    Node(NodeAddr),
+}
 
 /// Where one try goes.
 struct Target {
@@ -48,13 +59,13 @@ enum Attempt {
 }
 
 impl ClusterShared {
-    /// Sends `request` to the master of `slot` (any master for `None`),
-    /// following redirects and retrying as the retry policy allows.
-    /// `idempotent` when running it twice is harmless.
+    /// Sends `request` to `destination`, following redirects (to a slot's
+    /// master) and retrying as the retry policy allows. `idempotent` when
+    /// running it twice is harmless.
     pub(crate) async fn execute(
         &self,
         request: Request<'_>,
-        slot: Option<u16>,
+        destination: Destination,
         idempotent: bool,
     ) -> Result<(NodeAddr, Reply)> {
         let resendable = idempotent || request.is_read_only();
@@ -64,7 +75,10 @@ impl ClusterShared {
             let generation = self.generation();
             let routed = ask.take().map(|node| Target { node, asking: true });
             let routed = routed.or_else(|| {
-                let node = self.route(slot)?;
+                let node = match &destination {
+                    Destination::Slot(slot) => self.route(*slot)?,
+                    Destination::Node(node) => node.clone(),
+                };
                 Some(Target {
                     node,
                     asking: false,
@@ -88,14 +102,16 @@ impl ClusterShared {
                 }
                 Attempt::Failed(error) => {
                     retrying.note(&target.node, error.to_string());
+                    let follow = matches!(destination, Destination::Slot(_));
                     let tried = self
-                        .judge(&target.node, &error, resendable, &mut ask)
+                        .judge(&target.node, &error, resendable, follow, &mut ask)
                         .map_err(|source| Error::Command {
                             node: target.node.clone(),
                             source,
                         })?;
                     if refusal_of(&error) == Some("READONLY") {
                         // A demoted master: scripts get READONLY, not MOVED.
+                        self.telemetry.add(Counter::ReadonlyReplies);
                         self.refresh(generation).await;
                     }
                     (tried, Some(error))
@@ -104,6 +120,7 @@ impl ClusterShared {
             match (self.wait(&mut retrying, tried).await, error) {
                 (Ok(()), _) => {}
                 (Err(GaveUp::OutcomeUnknown), Some(source)) => {
+                    self.telemetry.add(Counter::OutcomeUnknown);
                     return Err(Error::OutcomeUnknown {
                         node: target.node,
                         source,
@@ -116,22 +133,27 @@ impl ClusterShared {
 
     /// What a failed send means: `Err` an answer for the caller, else what
     /// to tell the retry policy. Follows `MOVED` in the map and `ASK` in
-    /// `ask`.
+    /// `ask` when it may `follow` redirects.
     fn judge(
         &self,
         node: &NodeAddr,
         error: &RedisError,
         resendable: bool,
+        follow: bool,
         ask: &mut Option<NodeAddr>,
     ) -> Result<Tried, RedisError> {
+        let redirect = matches!(refusal_of(error), Some("MOVED" | "ASK" | "READONLY"));
         match Failure::of(error) {
             Failure::Final => Err(error.clone()),
+            Failure::NotExecuted if redirect && !follow => Err(error.clone()),
             Failure::NotExecuted => Ok(match (refusal_of(error), cluster_redirect(error, node)) {
                 (Some("MOVED"), Some((slot, owner))) => {
+                    self.telemetry.add(Counter::RedirectReplies);
                     self.moved(slot, owner);
                     Tried::Redirected
                 }
                 (Some("ASK"), Some((_, owner))) => {
+                    self.telemetry.add(Counter::RedirectReplies);
                     *ask = Some(owner);
                     Tried::Redirected
                 }
@@ -188,6 +210,7 @@ impl ClusterShared {
         match self.settings.policy.decide(tries, tried) {
             Decision::GiveUp(why) => Err(why),
             Decision::Retry(wait) => {
+                self.telemetry.add(Counter::Retries);
                 tokio::time::sleep(wait).await;
                 Ok(())
             }
@@ -197,6 +220,10 @@ impl ClusterShared {
     /// The error of a request whose retry budget ran out.
     fn exhausted(&self, retrying: Retrying) -> Error {
         let tries = retrying.tries.unwrap_or_else(Tries::new);
+        self.telemetry.add(Counter::BudgetExhausted);
+        self.telemetry.emit(Event::RetryBudgetExhausted {
+            attempts: tries.count(),
+        });
         Error::RetryBudgetExhausted {
             budget: self.settings.policy.budget,
             spent: tries.spent(),

@@ -13,8 +13,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::NodeAddr;
+use crate::client::MasterInfo;
+use crate::error::{Error, Result};
+use crate::events::{Counter, Event, Telemetry, Trigger};
 use crate::node::Connector;
-use crate::policy::RetryPolicy;
+use crate::policy::{Decision, RetryPolicy, Tried, Tries};
 use crate::slots::{SLOT_COUNT, SlotMap};
 
 /// The least time between two refreshes of the background task, so that a
@@ -31,6 +34,7 @@ pub(crate) struct ClusterSettings {
 
 pub(crate) struct ClusterShared {
     pub(crate) settings: ClusterSettings,
+    pub(crate) telemetry: Telemetry,
     connector: Connector,
     map: Mutex<SlotMap>,
     connections: Mutex<HashMap<NodeAddr, MultiplexedConnection>>,
@@ -51,9 +55,14 @@ impl std::fmt::Debug for ClusterShared {
 }
 
 impl ClusterShared {
-    pub(crate) fn new(settings: ClusterSettings, connector: Connector) -> Self {
+    pub(crate) fn new(
+        settings: ClusterSettings,
+        connector: Connector,
+        telemetry: Telemetry,
+    ) -> Self {
         Self {
             settings,
+            telemetry,
             connector,
             map: Mutex::new(SlotMap::empty()),
             connections: Mutex::new(HashMap::new()),
@@ -80,6 +89,11 @@ impl ClusterShared {
             Some(slot) => map.owner(slot).cloned(),
             None => map.masters().first().cloned(),
         }
+    }
+
+    /// Every master of the map.
+    pub(crate) fn masters(&self) -> Vec<NodeAddr> {
+        self.map().masters().to_vec()
     }
 
     /// Records that `node` now serves `slot` (a `MOVED` reply said so), and
@@ -137,11 +151,11 @@ impl ClusterShared {
                 nodes.push(seed.clone());
             }
         }
+        self.telemetry.add(Counter::Discoveries);
         for node in nodes {
             match self.load_from(&node).await {
                 Ok(Some(map)) => {
-                    *self.map() = map;
-                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    self.install(map);
                     return true;
                 }
                 Ok(None) => tracing::debug!(%node, "CLUSTER SLOTS did not cover every slot"),
@@ -152,6 +166,58 @@ impl ClusterShared {
             }
         }
         false
+    }
+
+    /// Makes `map` the one requests route by, and tells of each shard
+    /// whose master changed: a master of the old map that serves no slot
+    /// now, its slots gone to another node (a failover, or all its slots
+    /// moved away).
+    fn install(&self, map: SlotMap) {
+        let successors = map.successors(&self.map());
+        *self.map() = map;
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        for (from, to) in successors {
+            tracing::info!(%from, %to, "a shard's slots moved to another master");
+            self.telemetry.add(Counter::MasterChanges);
+            self.telemetry.emit(Event::MasterChanged {
+                from: Some(from),
+                to,
+                generation,
+                trigger: Trigger::SlotMap,
+                after_failure: None,
+            });
+        }
+    }
+
+    /// Waits, until `timeout`, for a map that covers every slot, and
+    /// returns its first master.
+    pub(crate) async fn wait_for_map(&self, timeout: Duration) -> Result<MasterInfo> {
+        let policy = RetryPolicy {
+            budget: timeout,
+            ..self.settings.policy
+        };
+        let mut tries = Tries::new();
+        loop {
+            let generation = self.generation();
+            if let Some(node) = self.route(None) {
+                return Ok(MasterInfo { node, generation });
+            }
+            self.refresh(generation).await;
+            if self.route(None).is_some() {
+                continue;
+            }
+            match policy.decide(&mut tries, Tried::NotSent) {
+                Decision::Retry(wait) => tokio::time::sleep(wait).await,
+                Decision::GiveUp(_) => {
+                    return Err(Error::RetryBudgetExhausted {
+                        budget: timeout,
+                        spent: tries.spent(),
+                        attempts: tries.count(),
+                        failures: Vec::new(),
+                    });
+                }
+            }
+        }
     }
 
     /// The map `node` describes, if it covers every slot (a partial one

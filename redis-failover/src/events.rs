@@ -38,6 +38,10 @@ pub enum Trigger {
     /// A sentinel named another master in a newer config epoch: the old
     /// one is fenced, even if it still accepts writes.
     Superseded,
+    /// A Redis Cluster's slot map, loaded again (on its timer, or after
+    /// `MOVED`, `READONLY` or a lost master), gave a shard's slots to
+    /// another master.
+    SlotMap,
 }
 
 /// Something that happened to the client's view of the deployment.
@@ -180,7 +184,8 @@ pub struct MetricsSnapshot {
     pub outcome_unknown: u64,
     /// How many requests gave up after their retry budget.
     pub budget_exhausted: u64,
-    /// How many discoveries of the master ran.
+    /// How many discoveries of the master ran (for a cluster client, loads
+    /// of the slot map).
     pub discoveries: u64,
     /// For the latest switch that followed a failure, the time from that
     /// failure to the switch, in milliseconds (0 if none yet).
@@ -207,7 +212,8 @@ pub struct MetricsSnapshot {
     /// How many stale masters this client demoted to replicas.
     pub stale_masters_demoted: u64,
     /// How many `REDIRECT` replies requests met (Valkey's answer, instead
-    /// of `READONLY`, from a demoted master).
+    /// of `READONLY`, from a demoted master); for a cluster client, how
+    /// many `MOVED` and `ASK` replies.
     pub redirect_replies: u64,
     /// How many times the node a `REDIRECT` named was checked directly
     /// (candidates mode), instead of a discovery: kept or installed as

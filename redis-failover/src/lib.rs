@@ -3,12 +3,14 @@
 #![warn(missing_docs)]
 
 mod addr;
+mod backend;
 mod backoff;
 mod builder;
 mod client;
 mod cluster;
 mod cluster_exec;
 mod cluster_state;
+mod connections;
 mod dedicated;
 mod discovery;
 mod durable;
@@ -41,8 +43,9 @@ mod transaction;
 pub use addr::{DnsResolver, NodeAddr, Resolve, Resolving, StaticResolver};
 pub use backoff::Backoff;
 pub use builder::FailoverClientBuilder;
-pub use client::{FailoverClient, MasterConnection, MasterInfo, ReadConnection, ReplicaStatus};
-pub use cluster::{ClusterClient, ClusterClientBuilder};
+pub use client::{FailoverClient, MasterInfo, ReplicaStatus};
+pub use cluster::ClusterClientBuilder;
+pub use connections::{MasterConnection, ReadConnection};
 pub use durable::ReplicationStatus;
 pub use error::{Error, ErrorKind, NodeFailure, Result};
 pub use events::{Event, MetricsSnapshot, Trigger};

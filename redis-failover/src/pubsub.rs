@@ -115,7 +115,7 @@ impl FailoverClient {
                 reason: "needs a channel or a pattern".to_owned(),
             });
         }
-        let shared = Arc::clone(self.shared());
+        let shared = Arc::clone(self.replicated("a subscription (SUBSCRIBE, PSUBSCRIBE)")?);
         let policy = shared.settings.retry_policy();
         let mut tries = Tries::new();
         let (master, messages) = loop {

@@ -29,7 +29,7 @@ impl FailoverClient {
         &self,
         pushes: UnboundedSender<PushInfo>,
     ) -> Result<(MasterInfo, MultiplexedConnection)> {
-        let shared = Arc::clone(self.shared());
+        let shared = Arc::clone(self.replicated("a push connection (RESP3 client tracking)")?);
         let policy = shared.settings.retry_policy();
         let mut tries = Tries::new();
         loop {

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redis::{Cmd, FromRedisValue, Role};
 
+use crate::backend::Backend;
 use crate::client::{FailoverClient, convert};
 use crate::error::{Error, Result};
 use crate::request::{Reply, Request};
@@ -55,6 +56,10 @@ impl Session {
     /// Sends the write `cmd` like [`FailoverClient::query`] and records the
     /// master's offset after it, from a `ROLE` pipelined behind it.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let Backend::Replicated(shared) = self.client.backend() else {
+            // A cluster client reads from masters: its reads see its writes.
+            return self.client.query(cmd).await;
+        };
         let mut pipeline = redis::pipe();
         pipeline.add_command(cmd.clone()).cmd("ROLE");
         let request = Request::Pipeline {
@@ -62,7 +67,6 @@ impl Session {
             offset: 0,
             count: 2,
         };
-        let shared = self.client.shared();
         // Boxed, as in `FailoverClient::query`: the retry loop is deep.
         let executed = Box::pin(shared.execute(request, false, self.client.durability())).await;
         let (master, reply) = match executed {
@@ -94,13 +98,10 @@ impl Session {
     /// Sends the read-only `cmd` by the client's read policy, to a node that
     /// has the session's writes.
     pub async fn read<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let shared = self.client.shared();
-        let reading = shared.read(
-            Request::Command(cmd),
-            self.client.read_policy(),
-            Some(self.position()),
-        );
-        let (node, reply) = Box::pin(reading).await?;
+        let reading = self
+            .client
+            .send_read(Request::Command(cmd), Some(self.position()));
+        let (node, reply) = reading.await?;
         convert(&node, reply)
     }
 

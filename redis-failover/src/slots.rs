@@ -190,6 +190,24 @@ impl SlotMap {
         }
     }
 
+    /// For each master of `old` that serves no slot in this map, the master
+    /// that serves here the first slot it served there: the shards whose
+    /// master changed.
+    pub(crate) fn successors(&self, old: &SlotMap) -> Vec<(NodeAddr, NodeAddr)> {
+        let gone = old
+            .masters
+            .iter()
+            .enumerate()
+            .filter(|(_, master)| !self.masters.contains(master));
+        gone.filter_map(|(index, master)| {
+            let index = u16::try_from(index).ok()?;
+            let slot = old.owners.iter().position(|owner| *owner == Some(index))?;
+            let successor = self.owner(u16::try_from(slot).ok()?)?;
+            Some((master.clone(), successor.clone()))
+        })
+        .collect()
+    }
+
     /// The map a `CLUSTER SLOTS` reply from `asked` describes: ranges of
     /// `[first, last, [host, port, id, ...], replicas...]`. An empty host
     /// means the node asked (the node does not know its own address).
@@ -322,5 +340,21 @@ mod tests {
         assert_eq!(map.owner(0).unwrap().to_string(), "10.0.0.1:7000");
         assert_eq!(map.owner(16383).unwrap().to_string(), "seed:7001");
         assert_eq!(map.masters().len(), 2);
+    }
+
+    #[test]
+    fn a_shard_whose_slots_went_to_another_master_is_told() {
+        let node = |port| NodeAddr::new("127.0.0.1", port).unwrap();
+        let mut old = SlotMap::empty();
+        old.set(0, node(1));
+        old.set(1, node(2));
+        old.set(2, node(2));
+        let mut new = SlotMap::empty();
+        new.set(0, node(1));
+        new.set(1, node(3));
+        new.set(2, node(3));
+        assert_eq!(new.successors(&old), vec![(node(2), node(3))]);
+        assert!(old.successors(&SlotMap::empty()).is_empty());
+        assert!(new.successors(&new).is_empty());
     }
 }

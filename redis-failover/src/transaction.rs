@@ -171,9 +171,12 @@ impl FailoverClient {
     {
         let watch = (!keys.is_empty()).then(|| redis::cmd("WATCH").arg(keys).to_owned());
         // Boxed, as in `query`: the retry loop is deep.
-        let running =
-            self.shared()
-                .transaction(watch.as_ref(), body, idempotent, self.durability());
+        let running = self.replicated("a transaction with WATCH")?.transaction(
+            watch.as_ref(),
+            body,
+            idempotent,
+            self.durability(),
+        );
         Box::pin(running).await
     }
 }

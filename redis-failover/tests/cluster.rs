@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use redis_failover::{ClusterClient, Error, ErrorKind, FailoverClient, NodeAddr};
+use redis_failover::{Error, ErrorKind, Event, FailoverClient, NodeAddr, Trigger};
 use redis_topology::{Cluster, FailoverMode, NodeId, Shard, slot_of};
 
 /// A failover after a kill takes about twice the 2 s node timeout; this
@@ -20,7 +20,7 @@ async fn cluster() -> Cluster {
         .unwrap()
 }
 
-fn client(cluster: &Cluster) -> ClusterClient {
+fn client(cluster: &Cluster) -> FailoverClient {
     let seeds = cluster
         .nodes()
         .into_iter()
@@ -85,6 +85,32 @@ async fn keys_of_every_shard_are_written_and_read_on_their_master() {
     assert_eq!(set, "OK");
     let pong: String = client.query(&redis::cmd("PING")).await.unwrap();
     assert_eq!(pong, "PONG");
+
+    // Each master answers for its own keys: one per shard, and the script's.
+    let mut masters = client.masters();
+    masters.sort_by_key(|node| node.port());
+    let mut expected: Vec<NodeAddr> = shards.iter().map(|s| addr_of(&cluster, s.master)).collect();
+    expected.sort_by_key(|node| node.port());
+    assert_eq!(masters, expected);
+    let mut total = 0;
+    for master in &masters {
+        let keys: usize = client
+            .query_on(master, &redis::cmd("DBSIZE"))
+            .await
+            .unwrap();
+        total += keys;
+    }
+    assert_eq!(total, 4);
+    // A node that is no master refuses a key it does not serve.
+    let replica = addr_of(&cluster, shards[0].replicas[0]);
+    let refused = client
+        .query_on::<()>(
+            &replica,
+            redis::cmd("SET").arg(key_in(&shards[0], "r")).arg(1),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("MOVED"), "{refused}");
 }
 
 #[tokio::test]
@@ -102,14 +128,19 @@ async fn a_moved_slot_is_followed_without_an_error() {
         .move_slot(slot_of(&key), shards[1].master)
         .await
         .unwrap();
-    // The client's map still names the old master: it answers MOVED.
-    assert_eq!(client.get::<String>(&key).await.unwrap(), "kept");
+    // The client's map still names the old master: it refuses the
+    // transaction's commands with MOVED, and EXEC with EXECABORT, so
+    // nothing ran and the transaction is sent again to the new master.
+    let mut transaction = redis::pipe();
+    transaction.atomic().get(&key).set(&key, "again");
+    let (kept, ()): (String, ()) = client.query_pipeline(&transaction).await.unwrap();
+    assert_eq!(kept, "kept");
     assert_eq!(
         client.master_of(&key),
         Some(addr_of(&cluster, shards[1].master))
     );
-    client.set(&key, "again").await.unwrap();
     assert_eq!(client.get::<String>(&key).await.unwrap(), "again");
+    assert!(client.metrics().redirect_replies >= 1);
 }
 
 #[tokio::test]
@@ -199,6 +230,7 @@ async fn a_killed_master_costs_no_caller_error_and_no_acknowledged_write() {
             Ok(acknowledged)
         })
     };
+    let mut events = client.events();
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.kill(victim.master).unwrap();
     let new = cluster
@@ -215,6 +247,24 @@ async fn a_killed_master_costs_no_caller_error_and_no_acknowledged_write() {
         assert_eq!(stored, Some(n), "acknowledged write {n} lost");
     }
     assert_eq!(client.master_of(&key(0)), Some(addr_of(&cluster, new)));
+    // The shard's change of master was told, once the map had it.
+    let (old, new) = (addr_of(&cluster, victim.master), addr_of(&cluster, new));
+    loop {
+        match events.try_recv() {
+            Ok(Event::MasterChanged {
+                from: Some(from),
+                to,
+                trigger: Trigger::SlotMap,
+                ..
+            }) if from == old => {
+                assert_eq!(to, new);
+                break;
+            }
+            Ok(_) => {}
+            Err(error) => panic!("no MasterChanged event for the shard: {error}"),
+        }
+    }
+    assert!(client.metrics().master_changes >= 1);
 }
 
 #[tokio::test]
@@ -236,9 +286,19 @@ async fn a_pipeline_keeps_to_one_slot_or_is_refused_before_sending() {
     assert_eq!(error.kind(), ErrorKind::CrossSlot, "{error}");
     assert!(matches!(&error, Error::CrossSlot { slots, .. } if slots.len() == 2));
     let mut transaction = redis::pipe();
-    transaction.atomic().set("{user:1}:name", "bob");
-    let error = client.query_pipeline::<()>(&transaction).await.unwrap_err();
-    assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
+    transaction
+        .atomic()
+        .set("{user:1}:name", "bob")
+        .incr("{user:1}:age", 1);
+    let ((), age): ((), u32) = client.query_pipeline(&transaction).await.unwrap();
+    assert_eq!(age, 37, "a transaction in one slot runs on its master");
+    let mut crossed_transaction = redis::pipe();
+    crossed_transaction.atomic().set(&a, 1).set(&b, 2);
+    let error = client
+        .query_pipeline::<()>(&crossed_transaction)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::CrossSlot, "{error}");
     let blocking = client
         .query::<()>(redis::cmd("BLPOP").arg("{user:1}:q").arg(1))
         .await;

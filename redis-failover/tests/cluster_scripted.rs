@@ -85,7 +85,7 @@ fn common(command: &[String], owner: u16) -> Answer {
     Answer::Reply("-ERR unknown command\r\n".to_owned())
 }
 
-fn client(port: u16) -> redis_failover::ClusterClient {
+fn client(port: u16) -> redis_failover::FailoverClient {
     FailoverClient::cluster([NodeAddr::new("127.0.0.1", port).unwrap()])
         .retry_budget(Duration::from_secs(5))
         .build()

@@ -1,0 +1,133 @@
+//! Where a client's requests go: the one master of a Sentinel or
+//! candidates deployment, or the master of each request's slot in a Redis
+//! Cluster. Every handle ([`FailoverClient`] and its connections) sends
+//! through here, so the two modes share one public API.
+
+use std::sync::Arc;
+
+use crate::addr::NodeAddr;
+use crate::client::FailoverClient;
+use crate::cluster_exec::Destination;
+use crate::cluster_state::ClusterShared;
+use crate::error::{Error, Result};
+use crate::events::{Counter, Telemetry};
+use crate::request::{Reply, Request};
+use crate::routing::{Durability, ReadPolicy};
+use crate::shared::Shared;
+use crate::slots::{slot_of_command, slot_of_pipeline};
+
+/// The deployment behind a client.
+#[derive(Debug)]
+pub(crate) enum Backend {
+    /// One master at a time, found among candidates or by sentinels.
+    Replicated(Arc<Shared>),
+    /// A Redis Cluster: a master per slot.
+    Cluster(Arc<ClusterShared>),
+}
+
+impl Backend {
+    pub(crate) fn telemetry(&self) -> &Telemetry {
+        match self {
+            Self::Replicated(shared) => &shared.telemetry,
+            Self::Cluster(cluster) => &cluster.telemetry,
+        }
+    }
+}
+
+impl FailoverClient {
+    /// The one-master machinery, for what a cluster client does not
+    /// support yet (`what` names it in the error).
+    pub(crate) fn replicated(&self, what: &'static str) -> Result<&Arc<Shared>> {
+        match self.backend() {
+            Backend::Replicated(shared) => Ok(shared),
+            Backend::Cluster(_) => Err(Error::NotInCluster { what }),
+        }
+    }
+
+    /// Sends `request` to the master (of its slot, in a cluster) with this
+    /// handle's durability, and says which node answered. `idempotent`
+    /// when running it twice is harmless.
+    pub(crate) async fn send(
+        &self,
+        request: Request<'_>,
+        idempotent: bool,
+    ) -> Result<(NodeAddr, Reply)> {
+        match self.backend() {
+            Backend::Replicated(shared) => {
+                // Boxed: the retry loop's state machine is deep, and callers'
+                // futures that hold it inline can exceed the type-depth limit.
+                let sent = Box::pin(shared.execute(request, idempotent, self.durability()));
+                let (master, reply) = sent.await?;
+                Ok((master.node.clone(), reply))
+            }
+            Backend::Cluster(cluster) => {
+                if self.durability() != Durability::Master {
+                    return Err(Error::NotInCluster {
+                        what: "a durable write (WAIT or WAITAOF on the shard's master)",
+                    });
+                }
+                let slot = Destination::Slot(cluster_slot(request)?);
+                Box::pin(cluster.execute(request, slot, idempotent)).await
+            }
+        }
+    }
+
+    /// Sends `request` to the master `node` (one of
+    /// [`masters`](Self::masters)), without following redirects.
+    pub(crate) async fn send_to(
+        &self,
+        node: &NodeAddr,
+        request: Request<'_>,
+        idempotent: bool,
+    ) -> Result<(NodeAddr, Reply)> {
+        match self.backend() {
+            Backend::Replicated(_) => self.send(request, idempotent).await,
+            Backend::Cluster(cluster) => {
+                cluster_slot(request)?;
+                let destination = Destination::Node(node.clone());
+                Box::pin(cluster.execute(request, destination, idempotent)).await
+            }
+        }
+    }
+
+    /// Sends the read `request` where this handle's read policy says (in
+    /// a cluster, to the master of its slot), within a session whose
+    /// writes reached replication offset `session`.
+    pub(crate) async fn send_read(
+        &self,
+        request: Request<'_>,
+        session: Option<u64>,
+    ) -> Result<(NodeAddr, Reply)> {
+        match self.backend() {
+            Backend::Replicated(shared) => {
+                Box::pin(shared.read(request, self.read_policy(), session)).await
+            }
+            Backend::Cluster(cluster) => {
+                if self.read_policy() != ReadPolicy::Master && !request.is_read_only() {
+                    return Err(Error::NotReadOnly {
+                        command: request.describe(),
+                    });
+                }
+                let slot = Destination::Slot(cluster_slot(request)?);
+                cluster.telemetry.add(Counter::MasterReads);
+                Box::pin(cluster.execute(request, slot, false)).await
+            }
+        }
+    }
+}
+
+/// The slot a cluster request goes to (`None`: it has no key, any master
+/// will do), or why it cannot be sent as one request. Blocking commands
+/// would hold the one connection to their master that every request
+/// shares, and time out: refused until they get connections of their own.
+fn cluster_slot(request: Request<'_>) -> Result<Option<u16>> {
+    if request.blocking().is_some() {
+        return Err(Error::NotInCluster {
+            what: "a blocking command (BLPOP, XREAD BLOCK, WAIT...)",
+        });
+    }
+    match request {
+        Request::Command(cmd) => Ok(slot_of_command(cmd)),
+        Request::Pipeline { pipeline, .. } => slot_of_pipeline(pipeline, || request.describe()),
+    }
+}
