@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use crate::addr::NodeAddr;
 use crate::client::FailoverClient;
-use crate::cluster_exec::Destination;
+use crate::cluster_exec::{Destination, Via};
 use crate::cluster_state::ClusterShared;
+use crate::durable::Ack;
 use crate::error::{Error, Result};
 use crate::events::{Counter, Telemetry};
 use crate::request::{Reply, Request};
@@ -61,13 +62,9 @@ impl FailoverClient {
                 Ok((master.node.clone(), reply))
             }
             Backend::Cluster(cluster) => {
-                if self.durability() != Durability::Master {
-                    return Err(Error::NotInCluster {
-                        what: "a durable write (WAIT or WAITAOF on the shard's master)",
-                    });
-                }
                 let slot = Destination::Slot(cluster_slot(request)?);
-                Box::pin(cluster.execute(request, slot, idempotent)).await
+                let via = cluster_via(request, self.durability())?;
+                Box::pin(cluster.execute(request, slot, idempotent, via)).await
             }
         }
     }
@@ -85,7 +82,7 @@ impl FailoverClient {
             Backend::Cluster(cluster) => {
                 cluster_slot(request)?;
                 let destination = Destination::Node(node.clone());
-                Box::pin(cluster.execute(request, destination, idempotent)).await
+                Box::pin(cluster.execute(request, destination, idempotent, Via::Shared)).await
             }
         }
     }
@@ -110,7 +107,7 @@ impl FailoverClient {
                 }
                 let slot = Destination::Slot(cluster_slot(request)?);
                 cluster.telemetry.add(Counter::MasterReads);
-                Box::pin(cluster.execute(request, slot, false)).await
+                Box::pin(cluster.execute(request, slot, false, Via::Shared)).await
             }
         }
     }
@@ -129,5 +126,27 @@ fn cluster_slot(request: Request<'_>) -> Result<Option<u16>> {
     match request {
         Request::Command(cmd) => Ok(slot_of_command(cmd)),
         Request::Pipeline { pipeline, .. } => slot_of_pipeline(pipeline, || request.describe()),
+    }
+}
+
+/// The connection a cluster request goes over on its master: a write
+/// made durable goes over the master's lane and waits for a `WAIT` there,
+/// as with one master (but never held back by a count of its replicas:
+/// it runs, and a shortfall is `NotReplicated`).
+fn cluster_via(request: Request<'_>, durability: Durability) -> Result<Via> {
+    if request.is_read_only() {
+        return Ok(Via::Shared);
+    }
+    durability.validate()?;
+    match durability {
+        Durability::Replicated { replicas, timeout } => Ok(Via::Durable(Ack {
+            aof: None,
+            replicas,
+            timeout,
+        })),
+        Durability::Persisted { .. } => Err(Error::NotInCluster {
+            what: "a persisted write (WAITAOF on the shard's master)",
+        }),
+        _ => Ok(Via::Shared),
     }
 }

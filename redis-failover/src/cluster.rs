@@ -102,6 +102,13 @@ impl ClusterClientBuilder {
         self
     }
 
+    /// How many connections of its own (blocking commands, transactions)
+    /// each master may have open at once. Defaults to 16.
+    pub fn dedicated_connections(mut self, connections: u32) -> Self {
+        self.base = self.base.dedicated_connections(connections);
+        self
+    }
+
     /// How often the slot map is loaded again even when nothing asked for
     /// it (`MOVED`, `READONLY` and unreachable masters ask at once).
     /// Defaults to 15 s.
@@ -136,6 +143,7 @@ impl ClusterClientBuilder {
             seeds: self.seeds,
             policy: base.retry_policy(),
             refresh_interval: self.slot_refresh_interval,
+            dedicated_connections: base.dedicated_connections,
         };
         let telemetry = Telemetry::new(base.event_capacity);
         let shared = Arc::new(ClusterShared::new(settings, connector, telemetry));

@@ -2,15 +2,18 @@
 //! each failure what the shared retry policy says (`MOVED`, `ASK`,
 //! `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`, lost connections).
 
+use std::sync::Arc;
+
 use redis::RedisError;
-use redis::aio::MultiplexedConnection;
 
 use crate::addr::NodeAddr;
 use crate::cluster_state::ClusterShared;
+use crate::durable::Ack;
 use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Counter, Event};
+use crate::group_commit::send_durable;
 use crate::policy::{Decision, GaveUp, Tried, Tries};
-use crate::request::{Reply, Request};
+use crate::request::{Reply, Request, Sent};
 use crate::retry::{Failure, cluster_redirect, refusal_of};
 
 /// Where a request goes.
@@ -21,6 +24,16 @@ pub(crate) enum Destination {
     Slot(Option<u16>),
     /// To this node only: a redirect is the caller's answer.
     Node(NodeAddr),
+}
+
+/// The connection a request goes over on its node.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Via {
+    /// The node's multiplexed connection, shared by every request.
+    Shared,
+    /// The node's lane of durable writes, then a `WAIT` there
+    /// ([`crate::group_commit`]).
+    Durable(Ack),
 }
 
 /// Where one try goes.
@@ -49,42 +62,45 @@ impl Retrying {
     }
 }
 
-/// What one try came to.
-enum Attempt {
-    Done(Reply),
-    /// The node could not be reached: nothing was sent.
-    Unreachable(String),
-    /// Sent, and failed with this error (or a refusal in the reply).
-    Failed(RedisError),
+/// How a failed try is judged.
+#[derive(Clone, Copy)]
+struct Judging {
+    /// Running the request twice is harmless.
+    resendable: bool,
+    /// Redirects are followed (the request goes to a slot's master).
+    follow: bool,
+    /// The map generation the try was routed by.
+    generation: u64,
+}
+
+/// What a failed try leaves to the caller once the retry policy gives up.
+enum Lost {
+    /// Nothing that ran: the caller learns that the budget ran out.
+    Nothing,
+    /// Sent, and failed with this error: it may have run.
+    Sent(RedisError),
+    /// A durable write that ran, its `WAIT` short or failed.
+    Unreplicated(Error),
 }
 
 impl ClusterShared {
-    /// Sends `request` to `destination`, following redirects (to a slot's
-    /// master) and retrying as the retry policy allows. `idempotent` when
-    /// running it twice is harmless.
+    /// Sends `request` to `destination` as `via` says, following redirects
+    /// (to a slot's master) and retrying as the retry policy allows.
+    /// `idempotent` when running it twice is harmless.
     pub(crate) async fn execute(
-        &self,
+        self: &Arc<Self>,
         request: Request<'_>,
         destination: Destination,
         idempotent: bool,
+        via: Via,
     ) -> Result<(NodeAddr, Reply)> {
         let resendable = idempotent || request.is_read_only();
+        let follow = matches!(destination, Destination::Slot(_));
         let mut retrying = Retrying::default();
         let mut ask: Option<NodeAddr> = None;
         loop {
             let generation = self.generation();
-            let routed = ask.take().map(|node| Target { node, asking: true });
-            let routed = routed.or_else(|| {
-                let node = match &destination {
-                    Destination::Slot(slot) => self.route(*slot)?,
-                    Destination::Node(node) => node.clone(),
-                };
-                Some(Target {
-                    node,
-                    asking: false,
-                })
-            });
-            let Some(target) = routed else {
+            let Some(target) = self.target(&destination, ask.take()) else {
                 // No map yet, or none that names this slot's master.
                 self.refresh(generation).await;
                 if self.wait(&mut retrying, Tried::NotSent).await.is_err() {
@@ -92,34 +108,22 @@ impl ClusterShared {
                 }
                 continue;
             };
-            let (tried, error) = match self.send(&target, request, idempotent).await {
-                Attempt::Done(reply) => return Ok((target.node, reply)),
-                Attempt::Unreachable(reason) => {
-                    // A dead master: the map will name its successor.
-                    retrying.note(&target.node, reason);
-                    self.refresh(generation).await;
-                    (Tried::NotRun, None)
-                }
-                Attempt::Failed(error) => {
-                    retrying.note(&target.node, error.to_string());
-                    let follow = matches!(destination, Destination::Slot(_));
-                    let tried = self
-                        .judge(&target.node, &error, resendable, follow, &mut ask)
-                        .map_err(|source| Error::Command {
-                            node: target.node.clone(),
-                            source,
-                        })?;
-                    if refusal_of(&error) == Some("READONLY") {
-                        // A demoted master: scripts get READONLY, not MOVED.
-                        self.telemetry.add(Counter::ReadonlyReplies);
-                        self.refresh(generation).await;
-                    }
-                    (tried, Some(error))
-                }
+            let failed = match self.send(&target, request, idempotent, via).await {
+                Sent::Done(reply) => return Ok((target.node, reply)),
+                failed => failed,
             };
-            match (self.wait(&mut retrying, tried).await, error) {
+            let judging = Judging {
+                resendable,
+                follow,
+                generation,
+            };
+            let (tried, lost) = self
+                .judge_sent(&target.node, failed, judging, &mut ask, &mut retrying)
+                .await?;
+            match (self.wait(&mut retrying, tried).await, lost) {
                 (Ok(()), _) => {}
-                (Err(GaveUp::OutcomeUnknown), Some(source)) => {
+                (Err(_), Lost::Unreplicated(error)) => return Err(error),
+                (Err(GaveUp::OutcomeUnknown), Lost::Sent(source)) => {
                     self.telemetry.add(Counter::OutcomeUnknown);
                     return Err(Error::OutcomeUnknown {
                         node: target.node,
@@ -127,6 +131,72 @@ impl ClusterShared {
                     });
                 }
                 (Err(_), _) => return Err(self.exhausted(retrying)),
+            }
+        }
+    }
+
+    /// Where the next try goes: an `ASK` redirect's node for one try, else
+    /// `destination` (`None`: the map names no master for the slot).
+    fn target(&self, destination: &Destination, ask: Option<NodeAddr>) -> Option<Target> {
+        if let Some(node) = ask {
+            return Some(Target { node, asking: true });
+        }
+        let node = match destination {
+            Destination::Slot(slot) => self.route(*slot)?,
+            Destination::Node(node) => node.clone(),
+        };
+        Some(Target {
+            node,
+            asking: false,
+        })
+    }
+
+    /// What a failed try on `node` means: what to tell the retry policy,
+    /// and what the caller gets if it gives up; `Err`, an answer for the
+    /// caller now.
+    async fn judge_sent(
+        &self,
+        node: &NodeAddr,
+        failed: Sent,
+        judging: Judging,
+        ask: &mut Option<NodeAddr>,
+        retrying: &mut Retrying,
+    ) -> Result<(Tried, Lost)> {
+        let resendable = judging.resendable;
+        match failed {
+            Sent::Done(_) => unreachable!("a reply is not a failure"),
+            Sent::Refused(error) => Err(error),
+            Sent::Unreplicated(error) => {
+                retrying.note(node, error.to_string());
+                Ok((
+                    Tried::Unreplicated { resendable },
+                    Lost::Unreplicated(error),
+                ))
+            }
+            Sent::Held(reason) => {
+                retrying.note(node, reason);
+                Ok((Tried::Held, Lost::Nothing))
+            }
+            Sent::Unreachable(reason) => {
+                // A dead master: the map will name its successor.
+                retrying.note(node, reason);
+                self.refresh(judging.generation).await;
+                Ok((Tried::NotRun, Lost::Nothing))
+            }
+            Sent::Failed(error) => {
+                retrying.note(node, error.to_string());
+                let tried = self
+                    .judge(node, &error, resendable, judging.follow, ask)
+                    .map_err(|source| Error::Command {
+                        node: node.clone(),
+                        source,
+                    })?;
+                if refusal_of(&error) == Some("READONLY") {
+                    // A demoted master: scripts get READONLY, not MOVED.
+                    self.telemetry.add(Counter::ReadonlyReplies);
+                    self.refresh(judging.generation).await;
+                }
+                Ok((tried, Lost::Sent(error)))
             }
         }
     }
@@ -180,26 +250,35 @@ impl ClusterShared {
         }
     }
 
-    /// One try on `target`, after `ASKING` when it is an `ASK` redirect.
-    async fn send(&self, target: &Target, request: Request<'_>, idempotent: bool) -> Attempt {
+    /// One try on `target` (after `ASKING` for an `ASK` redirect), on the
+    /// connection `via` says.
+    async fn send(
+        self: &Arc<Self>,
+        target: &Target,
+        request: Request<'_>,
+        idempotent: bool,
+        via: Via,
+    ) -> Sent {
+        match via {
+            Via::Shared => {}
+            Via::Durable(ack) => {
+                let host = self.lane_host(&target.node);
+                return send_durable(&host, request, idempotent, ack, target.asking).await;
+            }
+        }
         let mut connection = match self.connection(&target.node).await {
             Ok(connection) => connection,
             Err(error) => {
                 self.forget(&target.node);
-                return Attempt::Unreachable(error.to_string());
+                return Sent::Unreachable(error.to_string());
             }
         };
-        let sent = if target.asking {
-            send_asking(&mut connection, request).await
-        } else {
-            request.send(&mut connection).await
-        };
-        match sent {
+        match request.send_on(&mut connection, target.asking).await {
             Ok(reply) => match request.refusal(&reply, idempotent) {
-                None => Attempt::Done(reply),
-                Some((refusal, _)) => Attempt::Failed(refusal),
+                None => Sent::Done(reply),
+                Some((refusal, _)) => Sent::Failed(refusal),
             },
-            Err(error) => Attempt::Failed(error),
+            Err(error) => Sent::Failed(error),
         }
     }
 
@@ -231,38 +310,4 @@ impl ClusterShared {
             failures: retrying.failures,
         }
     }
-}
-
-/// Sends `request` right after `ASKING`, in one write so that nothing
-/// else on the multiplexed connection comes between them (`ASKING` holds
-/// for the next command only), and returns the request's replies alone.
-async fn send_asking(
-    connection: &mut MultiplexedConnection,
-    request: Request<'_>,
-) -> Result<Reply, RedisError> {
-    let mut pipeline = redis::pipe();
-    pipeline.cmd("ASKING");
-    let single = match request {
-        Request::Command(cmd) => {
-            pipeline.add_command(cmd.clone());
-            true
-        }
-        Request::Pipeline { pipeline: sent, .. } => {
-            for cmd in sent.cmd_iter() {
-                pipeline.add_command(cmd.clone());
-            }
-            false
-        }
-    };
-    let count = pipeline.len() - 1;
-    let mut values = connection.send_packed_commands(&pipeline, 1, count).await?;
-    if !single {
-        return Ok(Reply::Values(values));
-    }
-    values.pop().map(Reply::Value).ok_or_else(|| {
-        RedisError::from((
-            redis::ErrorKind::UnexpectedReturnType,
-            "no reply after ASKING",
-        ))
-    })
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::addr::NodeAddr;
 use crate::client::MasterInfo;
+use crate::cluster_nodes::ClusterNodes;
 use crate::error::{Error, Result};
 use crate::events::{Counter, Event, Telemetry, Trigger};
 use crate::node::Connector;
@@ -30,12 +31,15 @@ pub(crate) struct ClusterSettings {
     pub(crate) seeds: Vec<NodeAddr>,
     pub(crate) policy: RetryPolicy,
     pub(crate) refresh_interval: Duration,
+    pub(crate) dedicated_connections: u32,
 }
 
 pub(crate) struct ClusterShared {
     pub(crate) settings: ClusterSettings,
     pub(crate) telemetry: Telemetry,
-    connector: Connector,
+    pub(crate) connector: Connector,
+    /// Each master's lane and dedicated connections.
+    pub(crate) nodes: ClusterNodes,
     map: Mutex<SlotMap>,
     connections: Mutex<HashMap<NodeAddr, MultiplexedConnection>>,
     /// Held while the map is being refreshed: one refresh at a time.
@@ -61,6 +65,7 @@ impl ClusterShared {
         telemetry: Telemetry,
     ) -> Self {
         Self {
+            nodes: ClusterNodes::new(settings.dedicated_connections),
             settings,
             telemetry,
             connector,

@@ -18,6 +18,23 @@ use crate::shared::Shared;
 use crate::state::Master;
 use crate::tasks::replaced;
 
+/// A master's pool of up to `max` dedicated connections, opened on
+/// demand; a checkout waits at most `timeout` for one.
+pub(crate) fn dedicated_pool(
+    manager: DedicatedManager,
+    max: u32,
+    timeout: Duration,
+) -> bb8::Pool<DedicatedManager> {
+    bb8::Pool::builder()
+        .max_size(max)
+        .min_idle(None)
+        // A PING on checkout: an idle connection may have died unseen.
+        .test_on_check_out(true)
+        .retry_connection(false)
+        .connection_timeout(timeout)
+        .build_unchecked(manager)
+}
+
 /// A dedicated connection checked out of a master's pool.
 pub(crate) type Checkout<'a> = PooledConnection<'a, DedicatedManager>;
 

@@ -12,6 +12,7 @@ use redis::{Cmd, FromRedisValue, RedisError};
 
 use crate::addr::NodeAddr;
 use crate::builder::Mode;
+use crate::dedicated::dedicated_pool;
 use crate::epochs::{Named, Votes};
 use crate::error::NodeFailure;
 use crate::events::{Event, Trigger};
@@ -222,14 +223,11 @@ impl Shared {
         config_epoch: u64,
         connection: MultiplexedConnection,
     ) -> Opened {
-        let dedicated = bb8::Pool::builder()
-            .max_size(self.settings.dedicated_connections)
-            .min_idle(None)
-            // A PING on checkout: an idle connection may have died unseen.
-            .test_on_check_out(true)
-            .retry_connection(false)
-            .connection_timeout(self.settings.connect_timeout + self.settings.command_timeout)
-            .build_unchecked(DedicatedManager(opener.clone()));
+        let dedicated = dedicated_pool(
+            DedicatedManager(opener.clone()),
+            self.settings.dedicated_connections,
+            self.settings.connect_timeout + self.settings.command_timeout,
+        );
         Opened::New(Box::new(NewMaster {
             node: opener.node.clone(),
             config_epoch,

@@ -5,11 +5,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use tokio::sync::oneshot;
 
 use crate::durable::Ack;
 use crate::error::Error;
 use crate::node::Connection;
+
+/// Where a node's lane is kept: none before its first durable write, and
+/// a new one once it failed.
+#[derive(Default)]
+pub(crate) struct LaneSlot {
+    pub(crate) current: ArcSwapOption<Lane>,
+    /// Held while a lane is opened, so that it is opened once.
+    pub(crate) opening: tokio::sync::Mutex<()>,
+}
 
 /// The connection durable writes go over, and those waiting for a `WAIT`.
 pub(crate) struct Lane {

@@ -9,6 +9,7 @@ mod builder;
 mod client;
 mod cluster;
 mod cluster_exec;
+mod cluster_nodes;
 mod cluster_state;
 mod connections;
 mod dedicated;

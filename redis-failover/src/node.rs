@@ -172,6 +172,15 @@ impl Connector {
         }
     }
 
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// How long a reply may take (the command timeout).
+    pub(crate) fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     /// The addresses `node` resolves to now, the lookup bounded by the
     /// connect timeout.
     pub(crate) async fn resolve(&self, node: &NodeAddr) -> RedisResult<Vec<SocketAddr>> {

@@ -80,6 +80,54 @@ impl Request<'_> {
         }
     }
 
+    /// Sends it, right after `ASKING` when `asking` (a cluster's `ASK`
+    /// redirect).
+    pub(crate) async fn send_on(
+        self,
+        connection: &mut MultiplexedConnection,
+        asking: bool,
+    ) -> Result<Reply, RedisError> {
+        if asking {
+            self.send_asking(connection).await
+        } else {
+            self.send(connection).await
+        }
+    }
+
+    /// Sends it right after `ASKING`, in one write so that nothing else on
+    /// the multiplexed connection comes between them (`ASKING` holds for
+    /// the next command only), and returns its replies alone.
+    async fn send_asking(
+        self,
+        connection: &mut MultiplexedConnection,
+    ) -> Result<Reply, RedisError> {
+        let mut pipeline = redis::pipe();
+        pipeline.cmd("ASKING");
+        let single = match self {
+            Self::Command(cmd) => {
+                pipeline.add_command(cmd.clone());
+                true
+            }
+            Self::Pipeline { pipeline: sent, .. } => {
+                for cmd in sent.cmd_iter() {
+                    pipeline.add_command(cmd.clone());
+                }
+                false
+            }
+        };
+        let count = pipeline.len() - 1;
+        let mut values = connection.send_packed_commands(&pipeline, 1, count).await?;
+        if !single {
+            return Ok(Reply::Values(values));
+        }
+        values.pop().map(Reply::Value).ok_or_else(|| {
+            RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "no reply after ASKING",
+            ))
+        })
+    }
+
     /// Its command names, for error messages.
     pub(crate) fn describe(self) -> String {
         let name = |cmd: &Cmd| match cmd.args_iter().next() {

@@ -21,7 +21,7 @@ use crate::durable::Replicas;
 use crate::epochs::{Named, Newest};
 use crate::error::NodeFailure;
 use crate::events::{Counter, Event, Telemetry, Trigger};
-use crate::lane::Lane;
+use crate::lane::LaneSlot;
 use crate::node::{Connection, DedicatedManager, MasterManager};
 use crate::persisted::AofSupport;
 use crate::replica_set::ReadSet;
@@ -46,9 +46,7 @@ pub(crate) struct Master {
     pub(crate) aof: AofSupport,
     /// The connection of durable writes, opened on the first
     /// ([`crate::group_commit`]).
-    pub(crate) lane: ArcSwapOption<Lane>,
-    /// Held while the lane is opened, so that it is opened once.
-    pub(crate) lane_opening: tokio::sync::Mutex<()>,
+    pub(crate) lane: LaneSlot,
 }
 
 impl Master {
@@ -331,8 +329,7 @@ impl Discovery<'_> {
             // The replica it lacks is most likely the master that failed.
             replicas: Replicas::short_since(self.guard.first_failure),
             aof: AofSupport::default(),
-            lane: ArcSwapOption::empty(),
-            lane_opening: tokio::sync::Mutex::new(()),
+            lane: LaneSlot::default(),
         });
         state.current.store(Some(Arc::clone(&master)));
         let after_failure = self.guard.first_failure.take().map(|at| at.elapsed());

@@ -1,0 +1,115 @@
+//! What a cluster client keeps per master besides its shared connection:
+//! the lane of durable writes ([`crate::group_commit`]) and the pool of
+//! dedicated connections (blocking commands, transactions), opened on
+//! first use, like the one master's in the other modes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use redis::RedisError;
+use redis::aio::MultiplexedConnection;
+
+use crate::addr::NodeAddr;
+use crate::cluster_state::ClusterShared;
+use crate::dedicated::dedicated_pool;
+use crate::durable::{Ack, Acked};
+use crate::events::Telemetry;
+use crate::group_commit::LaneHost;
+use crate::lane::LaneSlot;
+use crate::node::{Connector, DedicatedManager, MasterCheck, MasterManager};
+
+/// One master's connections of its own.
+pub(crate) struct ClusterNode {
+    pub(crate) node: NodeAddr,
+    pub(crate) lane: LaneSlot,
+    pub(crate) dedicated: bb8::Pool<DedicatedManager>,
+}
+
+/// Every master's [`ClusterNode`], by address.
+pub(crate) struct ClusterNodes {
+    nodes: Mutex<HashMap<NodeAddr, Arc<ClusterNode>>>,
+    /// The most dedicated connections open to one master.
+    pub(crate) dedicated_connections: u32,
+}
+
+impl ClusterNodes {
+    pub(crate) fn new(dedicated_connections: u32) -> Self {
+        Self {
+            nodes: Mutex::default(),
+            dedicated_connections,
+        }
+    }
+
+    /// `node`'s connections, kept from its first use on. (A node that
+    /// leaves the cluster keeps its entry: at most one per node ever seen,
+    /// its connections failed and closed.)
+    pub(crate) fn of(&self, node: &NodeAddr, connector: &Connector) -> Arc<ClusterNode> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = nodes.entry(node.clone()).or_insert_with(|| {
+            // ROLE on every new connection: a demoted master refuses it.
+            let manager = MasterManager {
+                connector: connector.clone(),
+                node: node.clone(),
+                check: MasterCheck::Role,
+            };
+            let timeout = connector.connect_timeout() + connector.response_timeout();
+            Arc::new(ClusterNode {
+                node: node.clone(),
+                lane: LaneSlot::default(),
+                dedicated: dedicated_pool(
+                    DedicatedManager(manager),
+                    self.dedicated_connections,
+                    timeout,
+                ),
+            })
+        });
+        Arc::clone(entry)
+    }
+}
+
+/// A cluster master as a lane's host.
+pub(crate) struct ClusterLane {
+    cluster: Arc<ClusterShared>,
+    node: Arc<ClusterNode>,
+}
+
+impl ClusterShared {
+    /// The lane host of the master `node`.
+    pub(crate) fn lane_host(self: &Arc<Self>, node: &NodeAddr) -> Arc<ClusterLane> {
+        Arc::new(ClusterLane {
+            cluster: Arc::clone(self),
+            node: self.nodes.of(node, &self.connector),
+        })
+    }
+}
+
+impl LaneHost for ClusterLane {
+    fn node(&self) -> &NodeAddr {
+        &self.node.node
+    }
+
+    fn lane_slot(&self) -> &LaneSlot {
+        &self.node.lane
+    }
+
+    fn command_timeout(&self) -> Duration {
+        self.cluster.connector.response_timeout()
+    }
+
+    fn telemetry(&self) -> &Telemetry {
+        &self.cluster.telemetry
+    }
+
+    fn open(&self) -> impl Future<Output = redis::RedisResult<MultiplexedConnection>> + Send {
+        // No role check: a write to a node that does not serve its slot
+        // is refused with MOVED, and followed.
+        self.cluster.connector.connect(&self.node.node)
+    }
+
+    fn wait_answered(&self, _: Ack, _: &Result<Acked, RedisError>) {
+        // Nothing cached to forget: cluster writes are not held back by a
+        // count of replicas, they run and wait.
+    }
+}
