@@ -82,7 +82,8 @@ impl FailoverClient {
             Backend::Cluster(cluster) => {
                 cluster_slot(request)?;
                 let destination = Destination::Node(node.clone());
-                Box::pin(cluster.execute(request, destination, idempotent, Via::Shared)).await
+                let via = cluster_via(request, Durability::Master)?;
+                Box::pin(cluster.execute(request, destination, idempotent, via)).await
             }
         }
     }
@@ -107,39 +108,44 @@ impl FailoverClient {
                 }
                 let slot = Destination::Slot(cluster_slot(request)?);
                 cluster.telemetry.add(Counter::MasterReads);
-                Box::pin(cluster.execute(request, slot, false, Via::Shared)).await
+                let via = cluster_via(request, Durability::Master)?;
+                Box::pin(cluster.execute(request, slot, false, via)).await
             }
         }
     }
 }
 
 /// The slot a cluster request goes to (`None`: it has no key, any master
-/// will do), or why it cannot be sent as one request. Blocking commands
-/// would hold the one connection to their master that every request
-/// shares, and time out: refused until they get connections of their own.
+/// will do), or why it cannot be sent as one request.
 fn cluster_slot(request: Request<'_>) -> Result<Option<u16>> {
-    if request.blocking().is_some() {
-        return Err(Error::NotInCluster {
-            what: "a blocking command (BLPOP, XREAD BLOCK, WAIT...)",
-        });
-    }
     match request {
         Request::Command(cmd) => Ok(slot_of_command(cmd)),
         Request::Pipeline { pipeline, .. } => slot_of_pipeline(pipeline, || request.describe()),
     }
 }
 
-/// The connection a cluster request goes over on its master: a write
-/// made durable goes over the master's lane and waits for a `WAIT` there,
-/// as with one master (but never held back by a count of its replicas:
-/// it runs, and a shortfall is `NotReplicated`).
+/// The connection a cluster request goes over on its master, as with one
+/// master: a blocking command gets one of its own; a write made durable
+/// goes over the master's lane and waits for a `WAIT` there.
 fn cluster_via(request: Request<'_>, durability: Durability) -> Result<Via> {
-    if request.is_read_only() {
-        return Ok(Via::Shared);
-    }
+    let ack = match request.is_read_only() {
+        true => None,
+        false => cluster_ack(durability)?,
+    };
+    Ok(match (request.blocking(), ack) {
+        (Some(block), ack) => Via::Dedicated { block, ack },
+        (None, Some(ack)) => Via::Durable(ack),
+        (None, None) => Via::Shared,
+    })
+}
+
+/// What a cluster write made durable as `durability` says waits for once
+/// it ran. Unlike with one master, it is never held back by a count of
+/// the master's replicas: it runs, and a shortfall is `NotReplicated`.
+pub(crate) fn cluster_ack(durability: Durability) -> Result<Option<Ack>> {
     durability.validate()?;
     match durability {
-        Durability::Replicated { replicas, timeout } => Ok(Via::Durable(Ack {
+        Durability::Replicated { replicas, timeout } => Ok(Some(Ack {
             aof: None,
             replicas,
             timeout,
@@ -147,6 +153,6 @@ fn cluster_via(request: Request<'_>, durability: Durability) -> Result<Via> {
         Durability::Persisted { .. } => Err(Error::NotInCluster {
             what: "a persisted write (WAITAOF on the shard's master)",
         }),
-        _ => Ok(Via::Shared),
+        _ => Ok(None),
     }
 }

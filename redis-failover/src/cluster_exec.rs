@@ -14,7 +14,7 @@ use crate::events::{Counter, Event};
 use crate::group_commit::send_durable;
 use crate::policy::{Decision, GaveUp, Tried, Tries};
 use crate::request::{Reply, Request, Sent};
-use crate::retry::{Failure, cluster_redirect, refusal_of};
+use crate::retry::{Block, Failure, cluster_redirect, refusal_of};
 
 /// Where a request goes.
 #[derive(Clone, Debug)]
@@ -34,6 +34,9 @@ pub(crate) enum Via {
     /// The node's lane of durable writes, then a `WAIT` there
     /// ([`crate::group_commit`]).
     Durable(Ack),
+    /// A connection of its own from the node's pool, for a command that
+    /// blocks this long (then `WAIT`ed for there, when `ack` says).
+    Dedicated { block: Block, ack: Option<Ack> },
 }
 
 /// Where one try goes.
@@ -45,13 +48,18 @@ struct Target {
 
 /// A failed request's tries and the latest failure on each node.
 #[derive(Default)]
-struct Retrying {
+pub(crate) struct Retrying {
     tries: Option<Tries>,
     failures: Vec<NodeFailure>,
 }
 
 impl Retrying {
-    fn note(&mut self, node: &NodeAddr, reason: String) {
+    /// How many tries were made so far.
+    pub(crate) fn attempts(&self) -> u32 {
+        self.tries.as_ref().map_or(1, Tries::count)
+    }
+
+    pub(crate) fn note(&mut self, node: &NodeAddr, reason: String) {
         match self.failures.iter_mut().find(|f| f.node == *node) {
             Some(known) => known.reason = reason,
             None => self.failures.push(NodeFailure {
@@ -64,17 +72,17 @@ impl Retrying {
 
 /// How a failed try is judged.
 #[derive(Clone, Copy)]
-struct Judging {
+pub(crate) struct Judging {
     /// Running the request twice is harmless.
-    resendable: bool,
+    pub(crate) resendable: bool,
     /// Redirects are followed (the request goes to a slot's master).
-    follow: bool,
+    pub(crate) follow: bool,
     /// The map generation the try was routed by.
-    generation: u64,
+    pub(crate) generation: u64,
 }
 
 /// What a failed try leaves to the caller once the retry policy gives up.
-enum Lost {
+pub(crate) enum Lost {
     /// Nothing that ran: the caller learns that the budget ran out.
     Nothing,
     /// Sent, and failed with this error: it may have run.
@@ -120,18 +128,31 @@ impl ClusterShared {
             let (tried, lost) = self
                 .judge_sent(&target.node, failed, judging, &mut ask, &mut retrying)
                 .await?;
-            match (self.wait(&mut retrying, tried).await, lost) {
-                (Ok(()), _) => {}
-                (Err(_), Lost::Unreplicated(error)) => return Err(error),
-                (Err(GaveUp::OutcomeUnknown), Lost::Sent(source)) => {
-                    self.telemetry.add(Counter::OutcomeUnknown);
-                    return Err(Error::OutcomeUnknown {
-                        node: target.node,
-                        source,
-                    });
-                }
-                (Err(_), _) => return Err(self.exhausted(retrying)),
+            self.retry(&mut retrying, tried, lost, &target.node).await?;
+        }
+    }
+
+    /// Waits before the next try as the retry policy decides on `tried`,
+    /// or fails with what the caller gets: `lost`'s error, the unknown
+    /// outcome of a request sent to `node`, or the budget run out.
+    pub(crate) async fn retry(
+        &self,
+        retrying: &mut Retrying,
+        tried: Tried,
+        lost: Lost,
+        node: &NodeAddr,
+    ) -> Result<()> {
+        match (self.wait(retrying, tried).await, lost) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Lost::Unreplicated(error)) => Err(error),
+            (Err(GaveUp::OutcomeUnknown), Lost::Sent(source)) => {
+                self.telemetry.add(Counter::OutcomeUnknown);
+                Err(Error::OutcomeUnknown {
+                    node: node.clone(),
+                    source,
+                })
             }
+            (Err(_), _) => Err(self.exhausted(std::mem::take(retrying))),
         }
     }
 
@@ -154,7 +175,7 @@ impl ClusterShared {
     /// What a failed try on `node` means: what to tell the retry policy,
     /// and what the caller gets if it gives up; `Err`, an answer for the
     /// caller now.
-    async fn judge_sent(
+    pub(crate) async fn judge_sent(
         &self,
         node: &NodeAddr,
         failed: Sent,
@@ -265,6 +286,12 @@ impl ClusterShared {
                 let host = self.lane_host(&target.node);
                 return send_durable(&host, request, idempotent, ack, target.asking).await;
             }
+            Via::Dedicated { block, ack } => {
+                let (node, asking) = (&target.node, target.asking);
+                return self
+                    .send_dedicated(node, request, idempotent, asking, (block, ack))
+                    .await;
+            }
         }
         let mut connection = match self.connection(&target.node).await {
             Ok(connection) => connection,
@@ -284,7 +311,7 @@ impl ClusterShared {
 
     /// Records a failed try and waits as the retry policy decides, or says
     /// why it gave up.
-    async fn wait(&self, retrying: &mut Retrying, tried: Tried) -> Result<(), GaveUp> {
+    pub(crate) async fn wait(&self, retrying: &mut Retrying, tried: Tried) -> Result<(), GaveUp> {
         let tries = retrying.tries.get_or_insert_with(Tries::new);
         match self.settings.policy.decide(tries, tried) {
             Decision::GiveUp(why) => Err(why),
@@ -297,7 +324,7 @@ impl ClusterShared {
     }
 
     /// The error of a request whose retry budget ran out.
-    fn exhausted(&self, retrying: Retrying) -> Error {
+    pub(crate) fn exhausted(&self, retrying: Retrying) -> Error {
         let tries = retrying.tries.unwrap_or_else(Tries::new);
         self.telemetry.add(Counter::BudgetExhausted);
         self.telemetry.emit(Event::RetryBudgetExhausted {

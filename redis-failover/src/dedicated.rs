@@ -51,28 +51,7 @@ impl Shared {
     /// A dedicated connection to `master`, or why there is none (as the
     /// retry loop takes it).
     pub(crate) async fn checkout<'a>(&self, master: &'a Master) -> Result<Checkout<'a>, Sent> {
-        let pool = &master.dedicated;
-        let state = pool.state();
-        if state.idle_connections == 0 && state.connections < self.settings.dedicated_connections {
-            // bb8 opens connections in the background and only times out
-            // a checkout whose connection failed: open it here instead, so
-            // that a master gone or demoted says so at once.
-            let opened = pool.dedicated_connection().await.map_err(|error| {
-                match refusal_of(&error) {
-                    // A refusal (the node is no master any more) stays a refusal.
-                    Some(_) => Sent::Failed(error),
-                    None => Sent::Unreachable(format!("could not open a connection: {error}")),
-                }
-            })?;
-            // At capacity meanwhile: the connection is dropped.
-            let _ = pool.add(opened);
-        }
-        pool.get().await.map_err(|_timed_out| {
-            Sent::Held(format!(
-                "all {} dedicated connections stayed busy",
-                self.settings.dedicated_connections
-            ))
-        })
+        checkout(&master.dedicated, self.settings.dedicated_connections).await
     }
 
     /// Sends `request` on a dedicated connection, as `how` says.
@@ -90,7 +69,7 @@ impl Shared {
         let connection = &mut *pooled;
         let reply = match how.block {
             Some(block) => self.send_blocking(master, connection, request, block).await,
-            None => self.send_marked(connection, request).await,
+            None => send_marked(connection, request).await,
         };
         let reply = match reply {
             Ok(reply) => reply,
@@ -107,22 +86,6 @@ impl Shared {
             Ok(()) => Sent::Done(reply),
             Err(error) => Sent::Unreplicated(error),
         }
-    }
-
-    /// Sends `request`, the connection marked broken until its reply is
-    /// in: the caller may drop the future halfway, and a connection with a
-    /// reply still to come is not fit to hand out again.
-    pub(crate) async fn send_marked(
-        &self,
-        connection: &mut Dedicated,
-        request: Request<'_>,
-    ) -> Result<Reply, RedisError> {
-        connection.broken = true;
-        let reply = request.send(&mut connection.multiplexed).await;
-        connection.broken = reply
-            .as_ref()
-            .is_err_and(|error| Failure::of(error) == Failure::OutcomeUnknown);
-        reply
     }
 
     /// Sends a blocking request, giving it `block` more than the command
@@ -147,7 +110,7 @@ impl Shared {
         let (id, mut installed) = (connection.id, self.subscribe_installed());
         connection.multiplexed.set_response_timeout(patience);
         let reply = {
-            let mut sent = std::pin::pin!(self.send_marked(connection, request));
+            let mut sent = std::pin::pin!(send_marked(connection, request));
             tokio::select! {
                 reply = &mut sent => reply,
                 () = replaced(&mut installed, master.generation) => {
@@ -176,18 +139,7 @@ impl Shared {
         connection: &mut Dedicated,
         ack: Ack,
     ) -> Result<(), Error> {
-        let wait = ack.command();
-        connection
-            .multiplexed
-            .set_response_timeout(ack.timeout.saturating_add(self.settings.command_timeout));
-        let acked = self.send_marked(connection, Request::Command(&wait)).await;
-        connection
-            .multiplexed
-            .set_response_timeout(self.settings.command_timeout);
-        let acked = acked.and_then(|reply| match reply {
-            Reply::Value(value) => ack.acked(value),
-            Reply::Values(_) => unreachable!("a command gets one reply"),
-        });
+        let acked = wait_on(connection, ack, self.settings.command_timeout).await;
         self.wait_answered(master, ack, &acked);
         let outcome = ack.outcome(&master.node, &acked);
         if outcome.is_err() {
@@ -212,6 +164,76 @@ impl Shared {
             master.replicas.forget_count();
         }
     }
+}
+
+/// A dedicated connection from `pool` (of at most `limit`), or why there
+/// is none (as the retry loops take it).
+pub(crate) async fn checkout(
+    pool: &bb8::Pool<DedicatedManager>,
+    limit: u32,
+) -> Result<Checkout<'_>, Sent> {
+    let state = pool.state();
+    if state.idle_connections == 0 && state.connections < limit {
+        // bb8 opens connections in the background and only times out a
+        // checkout whose connection failed: open it here instead, so that
+        // a master gone or demoted says so at once.
+        let opened = pool.dedicated_connection().await.map_err(|error| {
+            match refusal_of(&error) {
+                // A refusal (the node is no master any more) stays a refusal.
+                Some(_) => Sent::Failed(error),
+                None => Sent::Unreachable(format!("could not open a connection: {error}")),
+            }
+        })?;
+        // At capacity meanwhile: the connection is dropped.
+        let _ = pool.add(opened);
+    }
+    pool.get()
+        .await
+        .map_err(|_timed_out| Sent::Held(format!("all {limit} dedicated connections stayed busy")))
+}
+
+/// Sends `request`, the connection marked broken until its reply is in:
+/// the caller may drop the future halfway, and a connection with a reply
+/// still to come is not fit to hand out again.
+pub(crate) async fn send_marked(
+    connection: &mut Dedicated,
+    request: Request<'_>,
+) -> Result<Reply, RedisError> {
+    send_marked_on(connection, request, false).await
+}
+
+/// [`send_marked`], right after `ASKING` when `asking` (a cluster's `ASK`
+/// redirect).
+pub(crate) async fn send_marked_on(
+    connection: &mut Dedicated,
+    request: Request<'_>,
+    asking: bool,
+) -> Result<Reply, RedisError> {
+    connection.broken = true;
+    let reply = request.send_on(&mut connection.multiplexed, asking).await;
+    connection.broken = reply
+        .as_ref()
+        .is_err_and(|error| Failure::of(error) == Failure::OutcomeUnknown);
+    reply
+}
+
+/// `WAIT` (or `WAITAOF`) on `connection`, after a write on it, given the
+/// command timeout besides its own: what it counted.
+pub(crate) async fn wait_on(
+    connection: &mut Dedicated,
+    ack: Ack,
+    command_timeout: Duration,
+) -> Result<Acked, RedisError> {
+    let wait = ack.command();
+    connection
+        .multiplexed
+        .set_response_timeout(ack.timeout.saturating_add(command_timeout));
+    let acked = send_marked(connection, Request::Command(&wait)).await;
+    connection.multiplexed.set_response_timeout(command_timeout);
+    acked.and_then(|reply| match reply {
+        Reply::Value(value) => ack.acked(value),
+        Reply::Values(_) => unreachable!("a command gets one reply"),
+    })
 }
 
 /// Unblocks the dedicated connection `id` on `master`, over its shared

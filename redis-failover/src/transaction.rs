@@ -12,15 +12,20 @@ use redis::{
 };
 
 use crate::addr::NodeAddr;
+use crate::backend::{Backend, cluster_ack};
 use crate::client::FailoverClient;
+use crate::cluster_transaction::{Watching, watched_slot};
+use crate::dedicated::send_marked;
 use crate::durable::Ack;
 use crate::error::{Error, Result};
 use crate::execute::Retrying;
+use crate::node::Dedicated;
 use crate::policy::{GaveUp, Tried};
 use crate::request::{Request, Sent};
 use crate::retry::{Failure, refusal_code};
 use crate::routing::Durability;
 use crate::shared::Shared;
+use crate::slots::slot_of_pipeline;
 use crate::state::{Master, lock};
 
 /// The connection a transaction's body reads on, between `WATCH` and
@@ -170,19 +175,28 @@ impl FailoverClient {
         B: Future<Output = Result<Option<Pipeline>>>,
     {
         let watch = (!keys.is_empty()).then(|| redis::cmd("WATCH").arg(keys).to_owned());
-        // Boxed, as in `query`: the retry loop is deep.
-        let running = self.replicated("a transaction with WATCH")?.transaction(
-            watch.as_ref(),
-            body,
-            idempotent,
-            self.durability(),
-        );
-        Box::pin(running).await
+        // Boxed, as in `query`: the retry loops are deep.
+        match self.backend() {
+            Backend::Replicated(shared) => {
+                let running =
+                    shared.transaction(watch.as_ref(), body, idempotent, self.durability());
+                Box::pin(running).await
+            }
+            Backend::Cluster(cluster) => {
+                let slot = watched_slot(keys)?;
+                let watching = Watching {
+                    slot,
+                    watch: watch.as_ref().expect("a slot means keys to watch"),
+                    ack: cluster_ack(self.durability())?,
+                };
+                Box::pin(cluster.transaction(watching, body, idempotent)).await
+            }
+        }
     }
 }
 
 /// What one try of a transaction came to.
-enum Try {
+pub(crate) enum Try {
     /// `EXEC` ran it: its replies.
     Committed(Value),
     /// The body chose not to run it.
@@ -270,63 +284,104 @@ impl Shared {
             Err(held) => return Try::Failed(held),
         };
         let connection = &mut *pooled;
-        if let Some(watch) = watch {
-            let watched = self.send_marked(connection, Request::Command(watch)).await;
-            if let Some(error) = watched.map_or_else(Some, |reply| reply.error()) {
-                return Try::Failed(not_run(error));
+        match watch_and_exec(connection, &master.node, watch, body, None).await {
+            Try::Committed(exec) if replicated.is_some() => {
+                let ack = replicated.expect("checked");
+                match self.wait_replicated(master, connection, ack).await {
+                    Ok(()) => Try::Committed(exec),
+                    Err(error) => Try::Failed(Sent::Unreplicated(error)),
+                }
             }
+            tried => tried,
         }
-        let interrupted = Arc::default();
-        let returned = Arc::new(AtomicBool::new(false));
-        let watched = Watched {
-            connection: connection.multiplexed.clone(),
-            node: master.node.clone(),
-            interrupted: Arc::clone(&interrupted),
-            returned: Arc::clone(&returned),
-        };
-        // Watching until EXEC or UNWATCH: not fit for another user before.
-        connection.broken = true;
-        let pipeline = body(watched).await;
-        returned.store(true, Ordering::Release);
-        if let Some(error) = lock(&interrupted).take() {
+    }
+}
+
+/// One try of a transaction on `connection`, to `node`: `watch`, the
+/// body's reads, then its pipeline in `MULTI` … `EXEC`. With `slot` (a
+/// cluster's), the pipeline's keys must be in that slot too.
+pub(crate) async fn watch_and_exec<F, B>(
+    connection: &mut Dedicated,
+    node: &NodeAddr,
+    watch: Option<&Cmd>,
+    body: &mut F,
+    slot: Option<u16>,
+) -> Try
+where
+    F: FnMut(Watched) -> B,
+    B: Future<Output = Result<Option<Pipeline>>>,
+{
+    if let Some(watch) = watch {
+        let watched = send_marked(connection, Request::Command(watch)).await;
+        if let Some(error) = watched.map_or_else(Some, |reply| reply.error()) {
             return Try::Failed(not_run(error));
         }
-        let mut pipeline = match pipeline {
-            Ok(Some(pipeline)) if !pipeline.is_empty() => pipeline,
-            outcome => {
-                let unwatch = redis::cmd("UNWATCH");
-                let _ = self
-                    .send_marked(connection, Request::Command(&unwatch))
-                    .await;
-                return match outcome {
-                    Ok(Some(_)) => Try::Committed(Value::Array(Vec::new())),
-                    Ok(None) => Try::Aborted,
-                    Err(error) => Try::Body(error),
-                };
-            }
-        };
-        pipeline.atomic();
-        let queued = pipeline.len() + 2;
+    }
+    let interrupted = Arc::default();
+    let returned = Arc::new(AtomicBool::new(false));
+    let watched = Watched {
+        connection: connection.multiplexed.clone(),
+        node: node.clone(),
+        interrupted: Arc::clone(&interrupted),
+        returned: Arc::clone(&returned),
+    };
+    // Watching until EXEC or UNWATCH: not fit for another user before.
+    connection.broken = true;
+    let pipeline = body(watched).await;
+    returned.store(true, Ordering::Release);
+    if let Some(error) = lock(&interrupted).take() {
+        return Try::Failed(not_run(error));
+    }
+    let pipeline = pipeline.and_then(|pipeline| match (pipeline, slot) {
+        (Some(pipeline), Some(slot)) => in_slot(pipeline, slot).map(Some),
+        (pipeline, _) => Ok(pipeline),
+    });
+    let mut pipeline = match pipeline {
+        Ok(Some(pipeline)) if !pipeline.is_empty() => pipeline,
+        outcome => {
+            let unwatch = redis::cmd("UNWATCH");
+            let _ = send_marked(connection, Request::Command(&unwatch)).await;
+            return match outcome {
+                Ok(Some(_)) => Try::Committed(Value::Array(Vec::new())),
+                Ok(None) => Try::Aborted,
+                Err(error) => Try::Body(error),
+            };
+        }
+    };
+    pipeline.atomic();
+    let queued = pipeline.len() + 2;
+    let request = Request::Pipeline {
+        pipeline: &pipeline,
+        offset: 0,
+        count: queued,
+    };
+    let replies = match send_marked(connection, request).await {
+        Ok(reply) => reply.into_values(),
+        Err(error) => return Try::Failed(Sent::Failed(error)),
+    };
+    match exec_outcome(replies) {
+        Ok(Some(exec)) => Try::Committed(replay(&pipeline, exec)),
+        Ok(None) => Try::Conflict,
+        Err(error) => Try::Failed(Sent::Failed(error)),
+    }
+}
+
+/// `pipeline`, if its keys are in `slot` (that of the watched keys).
+fn in_slot(pipeline: Pipeline, slot: u16) -> Result<Pipeline> {
+    let describe = || {
         let request = Request::Pipeline {
             pipeline: &pipeline,
             offset: 0,
-            count: queued,
+            count: pipeline.len(),
         };
-        let replies = match self.send_marked(connection, request).await {
-            Ok(reply) => reply.into_values(),
-            Err(error) => return Try::Failed(Sent::Failed(error)),
-        };
-        match exec_outcome(replies) {
-            Ok(Some(exec)) => match replicated {
-                None => Try::Committed(replay(&pipeline, exec)),
-                Some(ack) => match self.wait_replicated(master, connection, ack).await {
-                    Ok(()) => Try::Committed(replay(&pipeline, exec)),
-                    Err(error) => Try::Failed(Sent::Unreplicated(error)),
-                },
-            },
-            Ok(None) => Try::Conflict,
-            Err(error) => Try::Failed(Sent::Failed(error)),
-        }
+        request.describe()
+    };
+    match slot_of_pipeline(&pipeline, describe)? {
+        Some(other) if other != slot => Err(Error::CrossSlot {
+            command: describe(),
+            slots: vec![slot.min(other), slot.max(other)],
+        }),
+        _ => Ok(pipeline),
     }
 }
 
@@ -400,7 +455,7 @@ fn replay(pipeline: &Pipeline, exec: Value) -> Value {
 }
 
 /// `EXEC`'s replies from `node` as `T`.
-fn converted<T: FromRedisValue>(node: &NodeAddr, replies: Value) -> Result<T> {
+pub(crate) fn converted<T: FromRedisValue>(node: &NodeAddr, replies: Value) -> Result<T> {
     replies
         .extract_error()
         .and_then(|value| T::from_redis_value(value).map_err(Into::into))
