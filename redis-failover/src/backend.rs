@@ -150,9 +150,15 @@ pub(crate) fn cluster_ack(durability: Durability) -> Result<Option<Ack>> {
             replicas,
             timeout,
         })),
-        Durability::Persisted { .. } => Err(Error::NotInCluster {
-            what: "a persisted write (WAITAOF on the shard's master)",
-        }),
+        Durability::Persisted {
+            local,
+            replicas,
+            timeout,
+        } => Ok(Some(Ack {
+            aof: Some(local),
+            replicas,
+            timeout,
+        })),
         _ => Ok(None),
     }
 }

@@ -280,6 +280,11 @@ impl ClusterShared {
         idempotent: bool,
         via: Via,
     ) -> Sent {
+        if let Via::Durable(ack) | Via::Dedicated { ack: Some(ack), .. } = via
+            && let Err(sent) = self.check_ack(&target.node, Some(ack)).await
+        {
+            return sent;
+        }
         match via {
             Via::Shared => {}
             Via::Durable(ack) => {

@@ -19,12 +19,16 @@ use crate::events::Telemetry;
 use crate::group_commit::LaneHost;
 use crate::lane::LaneSlot;
 use crate::node::{Connector, DedicatedManager, MasterCheck, MasterManager};
+use crate::persisted::AofSupport;
+use crate::request::Sent;
 
 /// One master's connections of its own.
 pub(crate) struct ClusterNode {
     pub(crate) node: NodeAddr,
     pub(crate) lane: LaneSlot,
     pub(crate) dedicated: bb8::Pool<DedicatedManager>,
+    /// Whether it was seen to acknowledge persisted writes (`WAITAOF`).
+    pub(crate) aof: AofSupport,
 }
 
 /// Every master's [`ClusterNode`], by address.
@@ -58,6 +62,7 @@ impl ClusterNodes {
             Arc::new(ClusterNode {
                 node: node.clone(),
                 lane: LaneSlot::default(),
+                aof: AofSupport::default(),
                 dedicated: dedicated_pool(
                     DedicatedManager(manager),
                     self.dedicated_connections,
@@ -76,6 +81,28 @@ pub(crate) struct ClusterLane {
 }
 
 impl ClusterShared {
+    /// Whether `node` can acknowledge what `ack` asks once a write ran
+    /// (`WAITAOF`, asked on its shared connection before its first
+    /// persisted write, as with one master), or why it cannot be sent there.
+    pub(crate) async fn check_ack(&self, node: &NodeAddr, ack: Option<Ack>) -> Result<(), Sent> {
+        let Some(local) = ack.and_then(|ack| ack.aof) else {
+            return Ok(());
+        };
+        let mut connection = match self.connection(node).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                self.forget(node);
+                return Err(Sent::Unreachable(error.to_string()));
+            }
+        };
+        let exclusive = self.nodes.of(node, &self.connector);
+        let checked = exclusive.aof.check(node, &mut connection, local).await;
+        if let Err(Sent::Unreachable(_)) = &checked {
+            self.forget(node);
+        }
+        checked
+    }
+
     /// The lane host of the master `node`.
     pub(crate) fn lane_host(self: &Arc<Self>, node: &NodeAddr) -> Arc<ClusterLane> {
         Arc::new(ClusterLane {
@@ -108,8 +135,11 @@ impl LaneHost for ClusterLane {
         self.cluster.connector.connect(&self.node.node)
     }
 
-    fn wait_answered(&self, _: Ack, _: &Result<Acked, RedisError>) {
-        // Nothing cached to forget: cluster writes are not held back by a
-        // count of replicas, they run and wait.
+    fn wait_answered(&self, ack: Ack, acked: &Result<Acked, RedisError>) {
+        // No count of replicas to forget (cluster writes are not held back
+        // by one: they run and wait); a failed WAITAOF is checked again.
+        if acked.is_err() && ack.aof.is_some() {
+            self.node.aof.forget();
+        }
     }
 }

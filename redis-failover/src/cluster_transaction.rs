@@ -120,6 +120,9 @@ impl ClusterShared {
         F: FnMut(Watched) -> B,
         B: Future<Output = Result<Option<Pipeline>>>,
     {
+        if let Err(sent) = self.check_ack(node, watching.ack).await {
+            return Try::Failed(sent);
+        }
         let exclusive = self.nodes.of(node, &self.connector);
         let limit = self.nodes.dedicated_connections;
         let mut pooled = match checkout(&exclusive.dedicated, limit).await {

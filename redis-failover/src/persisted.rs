@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use redis::RedisError;
 
+use redis::aio::MultiplexedConnection;
+
+use crate::addr::NodeAddr;
 use crate::durable::Ack;
 use crate::error::Error;
 use crate::request::Sent;
@@ -44,18 +47,20 @@ impl AofSupport {
     }
 }
 
-impl Shared {
-    /// Whether `master` can acknowledge a persisted write, with its own
-    /// fsync when `local`: `WAITAOF local 0 1` on its shared connection,
-    /// which counts no write and answers at once. Once it answered, not
-    /// asked again until a `WAITAOF` fails.
-    pub(crate) async fn check_waitaof(&self, master: &Master, local: bool) -> Result<(), Sent> {
-        if master.aof.supports(local) {
+impl AofSupport {
+    /// Whether `node` can acknowledge a persisted write, with its own
+    /// fsync when `local`: `WAITAOF local 0 1` on `connection` (a shared
+    /// one: it counts no write and answers at once). Once it answered, not
+    /// asked again until a `WAITAOF` fails. `Sent::Unreachable` when the
+    /// connection failed.
+    pub(crate) async fn check(
+        &self,
+        node: &NodeAddr,
+        connection: &mut MultiplexedConnection,
+        local: bool,
+    ) -> Result<(), Sent> {
+        if self.supports(local) {
             return Ok(());
-        }
-        let connection = master.connection.load_full();
-        if connection.has_failed() {
-            return Err(Sent::Unreachable("the connection had failed".to_owned()));
         }
         let probe = Ack {
             aof: Some(local),
@@ -64,48 +69,67 @@ impl Shared {
         };
         let answer = probe
             .command()
-            .query_async::<redis::Value>(&mut connection.multiplexed.clone())
+            .query_async::<redis::Value>(connection)
             .await
             .and_then(|reply| reply.extract_error());
         match answer {
             Ok(_) => {
-                master.aof.supported(local);
+                self.supported(local);
                 Ok(())
             }
-            Err(error) => Err(self.waitaof_refused(master, error)),
+            Err(error) => Err(waitaof_refused(node, error)),
         }
     }
+}
 
-    /// What a failed `WAITAOF` probe means for the write: a refusal of a
-    /// demoted master (look for the master again), a lost connection, or
-    /// a server that cannot do it.
-    fn waitaof_refused(&self, master: &Master, error: RedisError) -> Sent {
-        if Failure::of(&error) == Failure::OutcomeUnknown {
+impl Shared {
+    /// Whether `master` can acknowledge a persisted write (see
+    /// [`AofSupport::check`]), asked on its shared connection.
+    pub(crate) async fn check_waitaof(&self, master: &Master, local: bool) -> Result<(), Sent> {
+        let connection = master.connection.load_full();
+        if connection.has_failed() {
+            return Err(Sent::Unreachable("the connection had failed".to_owned()));
+        }
+        let mut multiplexed = connection.multiplexed.clone();
+        let checked = master
+            .aof
+            .check(&master.node, &mut multiplexed, local)
+            .await;
+        if let Err(Sent::Unreachable(_)) = &checked {
             master.connection_failed();
-            return Sent::Unreachable(format!("WAITAOF failed: {error}"));
         }
-        let detail = error.detail().unwrap_or_default().to_ascii_lowercase();
-        if refusal_of(&error).is_some() {
-            return Sent::Failed(error);
-        }
-        if detail.contains("replica") {
-            // "cannot be used with replica instances": demoted.
-            return Sent::Failed(redis::make_extension_error(
-                "READONLY".to_owned(),
-                Some(format!("WAITAOF says replica: {error}")),
-            ));
-        }
-        let what = if detail.contains("appendonly") {
-            "fsync the write to its append-only file (appendonly is off)"
-        } else if detail.contains("unknown command") {
-            "acknowledge persisted writes (no WAITAOF: it needs Redis 7.2 or Valkey)"
-        } else {
-            "acknowledge persisted writes (WAITAOF refused)"
-        };
-        Sent::Refused(Error::Unsupported {
-            node: master.node.clone(),
-            what,
-            source: error,
-        })
+        checked
     }
+}
+
+/// What a failed `WAITAOF` probe of `node` means for the write: a refusal
+/// of a demoted master (look for the master again), a lost connection, or
+/// a server that cannot do it.
+fn waitaof_refused(node: &NodeAddr, error: RedisError) -> Sent {
+    if Failure::of(&error) == Failure::OutcomeUnknown {
+        return Sent::Unreachable(format!("WAITAOF failed: {error}"));
+    }
+    let detail = error.detail().unwrap_or_default().to_ascii_lowercase();
+    if refusal_of(&error).is_some() {
+        return Sent::Failed(error);
+    }
+    if detail.contains("replica") {
+        // "cannot be used with replica instances": demoted.
+        return Sent::Failed(redis::make_extension_error(
+            "READONLY".to_owned(),
+            Some(format!("WAITAOF says replica: {error}")),
+        ));
+    }
+    let what = if detail.contains("appendonly") {
+        "fsync the write to its append-only file (appendonly is off)"
+    } else if detail.contains("unknown command") {
+        "acknowledge persisted writes (no WAITAOF: it needs Redis 7.2 or Valkey)"
+    } else {
+        "acknowledge persisted writes (WAITAOF refused)"
+    };
+    Sent::Refused(Error::Unsupported {
+        node: node.clone(),
+        what,
+        source: error,
+    })
 }

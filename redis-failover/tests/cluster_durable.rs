@@ -103,6 +103,71 @@ async fn durable_writes_wait_for_the_replica_of_their_own_shard() {
     let sets = command_calls(&cluster, shards[1].master, "set").await;
     assert_eq!(sets, 2, "one SET per write on that master: never resent");
     assert!(client.replication_status().is_none());
+
+    // A master that cannot fsync (Redis 7.0 has no WAITAOF; here
+    // appendonly is off) says so before the write runs.
+    let persisted = client.with_durability(Durability::Persisted {
+        local: true,
+        replicas: 0,
+        timeout: Duration::from_secs(1),
+    });
+    let key = key_in(&shards[0], "persisted");
+    let error = persisted.set(&key, "no").await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Unsupported, "{error}");
+    let exists: u32 = client.query(redis::cmd("EXISTS").arg(&key)).await.unwrap();
+    assert_eq!(exists, 0, "refused before it ran");
+}
+
+/// On Valkey with `appendonly yes`, a persisted write is acknowledged once
+/// its master and its shard's replica fsynced it (`WAITAOF`). Skipped
+/// where `valkey-server` is not installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisted_writes_wait_for_waitaof_on_their_master() {
+    let on_path = |binary: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(binary).is_file()))
+    };
+    if !on_path("valkey-server") {
+        println!("skipped: valkey-server not installed");
+        return;
+    }
+    let mut builder = Cluster::builder()
+        .shards(3)
+        .replicas_per_shard(1)
+        .redis_server("valkey-server")
+        .extra_config("appendonly yes");
+    if on_path("valkey-cli") {
+        builder = builder.redis_cli("valkey-cli");
+    }
+    let cluster = builder.start().await.unwrap();
+    let persisted = client(&cluster).with_durability(Durability::Persisted {
+        local: true,
+        replicas: 1,
+        timeout: Duration::from_secs(5),
+    });
+    let shards = cluster.shards().await.unwrap();
+    for (i, shard) in shards.iter().enumerate() {
+        let key = key_in(shard, &format!("aof-{i}"));
+        persisted.set(&key, i).await.unwrap();
+        assert_eq!(
+            command_calls(&cluster, shard.master, "waitaof").await,
+            2,
+            "probe, then the write's"
+        );
+    }
+    let key = key_in(&shards[0], "aof-tx");
+    let reply: Option<(i64,)> = persisted
+        .transaction(&[&key], |_| {
+            let key = key.clone();
+            async move {
+                let mut pipeline = redis::pipe();
+                pipeline.incr(&key, 5);
+                Ok(Some(pipeline))
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply, Some((5,)));
 }
 
 /// Concurrent durable writes to one shard share their `WAIT`s there.
