@@ -284,7 +284,8 @@ impl FailoverClient {
     /// [`lost_replica_grace`](crate::FailoverClientBuilder::lost_replica_grace)).
     /// `None` without a durability that asks for replicas
     /// ([`Durability::Replicated`], [`Durability::Persisted`] with
-    /// replicas) or without a master.
+    /// replicas) or without a master, and in cluster mode, where writes
+    /// are not held back by a count of replicas (each runs and waits).
     pub fn replication_status(&self) -> Option<ReplicationStatus> {
         let replicas = self.durability.replicas();
         if replicas == 0 {

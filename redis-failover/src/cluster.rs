@@ -102,6 +102,18 @@ impl ClusterClientBuilder {
         self
     }
 
+    /// How writes are made durable unless a call says otherwise
+    /// ([`FailoverClient::with_durability`]): after a write, a `WAIT` (or
+    /// `WAITAOF`) on the master that ran it, shared by concurrent writes
+    /// to that master. Unlike with one master, a write is not held back
+    /// while its master has fewer replicas than asked: it runs, and the
+    /// shortfall is [`Error::NotReplicated`]. Defaults to
+    /// [`Durability::Master`].
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.base = self.base.durability(durability);
+        self
+    }
+
     /// How many connections of its own (blocking commands, transactions)
     /// each master may have open at once. Defaults to 16.
     pub fn dedicated_connections(mut self, connections: u32) -> Self {
@@ -153,7 +165,7 @@ impl ClusterClientBuilder {
             Backend::Cluster(shared),
             stopped,
             ReadPolicy::Master,
-            Durability::Master,
+            base.durability,
         ))
     }
 }

@@ -26,7 +26,7 @@
 //!
 //! The mechanism needs only a node to open connections to: it runs for the
 //! one master ([`MasterLane`]) and for each master of a cluster
-//! ([`crate::cluster_lanes`]), each a [`LaneHost`].
+//! ([`crate::cluster_nodes`]), each a [`LaneHost`].
 
 use std::future::Future;
 use std::sync::Arc;

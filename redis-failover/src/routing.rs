@@ -66,6 +66,10 @@ pub enum Durability {
     /// the retry budget. Transactions and blocking commands wait on their
     /// own connection (see
     /// [`dedicated_connections`](crate::FailoverClientBuilder::dedicated_connections)).
+    /// In cluster mode each master of the slot map has its connection of
+    /// durable writes, and a write waits on the master that ran it;
+    /// replicas are not counted first there: the write runs, and a
+    /// shortfall is [`Error::NotReplicated`].
     Replicated {
         /// How many replicas must acknowledge the write (at least 1).
         replicas: u32,

@@ -118,6 +118,12 @@ impl FailoverClient {
     /// [`dedicated_connections`](crate::FailoverClientBuilder::dedicated_connections)).
     /// With [`Durability::Replicated`] it is `WAIT`ed for there after `EXEC`.
     ///
+    /// In cluster mode the watched keys and those of the returned
+    /// pipeline must share one slot ([`Error::CrossSlot`] otherwise, the
+    /// watched keys checked before anything is sent, the pipeline's before
+    /// `EXEC`), and at least one key is watched; it runs on the slot's
+    /// master, and a `MOVED` before `EXEC` runs it again on the new owner.
+    ///
     /// ```no_run
     /// # async fn example(client: redis_failover::FailoverClient) -> redis_failover::Result<()> {
     /// // Doubles a number kept as a decimal string.
