@@ -55,22 +55,39 @@ impl Lua {
         command: &Cmd,
         idempotent: bool,
     ) -> Result<T> {
-        let run = || async {
-            if idempotent {
-                client.query_idempotent(command).await
-            } else {
-                client.query(command).await
-            }
-        };
-        match run().await {
+        match send(client, command, idempotent).await {
+            // EVAL of the source runs it and caches it on the node that
+            // did not know it: the one its keys route to. (A `SCRIPT LOAD`
+            // has no key, and a cluster sends it to any master.)
             Err(error) if error.kind() == ErrorKind::NoScript => {
-                let _: String = client
-                    .query_idempotent(redis::cmd("SCRIPT").arg("LOAD").arg(&self.source))
-                    .await?;
-                Ok(run().await?)
+                Ok(send(client, &self.eval(command), idempotent).await?)
             }
             other => Ok(other?),
         }
+    }
+
+    /// `command` (an `EVALSHA` of this script) as an `EVAL` of its source.
+    fn eval(&self, command: &Cmd) -> Cmd {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(&self.source);
+        for arg in command.args_iter().skip(2) {
+            if let redis::Arg::Simple(bytes) = arg {
+                eval.arg(bytes);
+            }
+        }
+        eval
+    }
+}
+
+async fn send<T: FromRedisValue>(
+    client: &FailoverClient,
+    command: &Cmd,
+    idempotent: bool,
+) -> redis_failover::Result<T> {
+    if idempotent {
+        client.query_idempotent(command).await
+    } else {
+        client.query(command).await
     }
 }
 

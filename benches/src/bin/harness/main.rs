@@ -12,6 +12,7 @@
 //! cargo run --release -p benches --bin harness -- http [--json FILE]
 //! cargo build --release -p server && cargo run --release -p benches --bin harness -- abuse
 //! cargo run --release -p benches --bin harness -- chaos [--rounds N] [--json FILE]
+//! cargo run --release -p benches --bin harness -- cluster [--json FILE]
 //! ```
 //!
 //! - `kv`: `SET` then `GET` of a 64-byte value from 1, 16, 64 and 256
@@ -82,6 +83,12 @@
 //!   Then, on a system of its own, a master without persistence restarted
 //!   at once: the data it loses. Targets for N = 20: 0 lost, 0 missing, 0
 //!   errors within the budget.
+//! - `cluster`: tenant-kv over 12 tenants from 64 tasks, (a) put and (c)
+//!   get on one master with a replica, the baselines, against (b) put and
+//!   (d) get on a Redis Cluster of 3 such shards, on the same cores. Then
+//!   (b) and (d) alone, with each shard master's operations per second and
+//!   Redis CPU per operation (`INFO commandstats`, `INFO cpu`). Target:
+//!   (b)/(a) and (d)/(c) >= 0.9 (at most 10% overhead).
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -99,13 +106,14 @@ use serde_json::{Value, json};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod abuse;
+mod cluster;
 mod failover;
 mod http;
 mod logs;
 mod tenant_kv;
 mod webdis;
 
-const USAGE: &str = "usage: harness <kv|failover|reads|tenant-kv|list|logs|http|abuse|chaos> [--failovers N] [--rounds N] [--json FILE]";
+const USAGE: &str = "usage: harness <kv|failover|reads|tenant-kv|list|logs|http|abuse|chaos|cluster> [--failovers N] [--rounds N] [--json FILE]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -150,6 +158,7 @@ fn main() -> ExitCode {
             "http" => http::http().await,
             "abuse" => abuse::abuse().await,
             "chaos" => chaos(rounds).await,
+            "cluster" => cluster::cluster().await,
             _ => Err(USAGE.into()),
         }
     });
@@ -166,7 +175,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("harness: {error}");
+            let mut message = format!("harness: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{message}");
             ExitCode::FAILURE
         }
     }
