@@ -509,8 +509,18 @@ fn appends(
             .is_none_or(|at: &Instant| at.elapsed() >= TRIM_INTERVAL);
         if due {
             last_trim.insert(tenant.to_owned(), Instant::now());
-            pipeline.cmd("XTRIM").arg(&stream).arg("MAXLEN").arg("~").arg(max_len);
-            pipeline.cmd("XTRIM").arg(&stream).arg("MINID").arg("~").arg(min_id);
+            pipeline
+                .cmd("XTRIM")
+                .arg(&stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(max_len);
+            pipeline
+                .cmd("XTRIM")
+                .arg(&stream)
+                .arg("MINID")
+                .arg("~")
+                .arg(min_id);
         }
     }
     pipelines

@@ -141,7 +141,11 @@ async fn layout_is_checked_on_every_master(store: &TenantKv, client: &FailoverCl
     client.del(&legacy).await.unwrap();
     assert_eq!(store.check_layout().await.unwrap(), LayoutStatus::Current);
     let mut steps = Vec::new();
-    store.migration().run(|step| steps.push(step.clone())).await.unwrap();
+    store
+        .migration()
+        .run(|step| steps.push(step.clone()))
+        .await
+        .unwrap();
     assert_eq!(steps, vec![MigrationProgress::AlreadyCurrent]);
 }
 
@@ -150,12 +154,20 @@ async fn items_work(store: &TenantKv, id: &TenantId) {
     let first = kv.create("a", NewItem::new(json!({"n": 1}))).await.unwrap();
     kv.create("b", NewItem::new(json!(2))).await.unwrap();
     let updated = kv
-        .put("a", NewItem::new(json!({"n": 3})), Precondition::Version(first.version))
+        .put(
+            "a",
+            NewItem::new(json!({"n": 3})),
+            Precondition::Version(first.version),
+        )
         .await
         .unwrap();
     assert!(matches!(
-        kv.put("a", NewItem::new(json!(0)), Precondition::Version(first.version))
-            .await,
+        kv.put(
+            "a",
+            NewItem::new(json!(0)),
+            Precondition::Version(first.version)
+        )
+        .await,
         Err(Error::VersionConflict { .. })
     ));
     assert_eq!(kv.get("a").await.unwrap().value, json!({"n": 3}));
@@ -216,7 +228,13 @@ async fn credentials_work(
             .tenant,
         *id
     );
-    let listed: Vec<String> = users.list(id).await.unwrap().into_iter().map(|u| u.username).collect();
+    let listed: Vec<String> = users
+        .list(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.username)
+        .collect();
     assert_eq!(listed, vec![username.to_owned()]);
 
     let (key, secret) = keys.create(id, new_key(username), &admin).await.unwrap();
@@ -226,16 +244,31 @@ async fn credentials_work(
         .rotate(id, &key.id, std::time::Duration::ZERO, &admin)
         .await
         .unwrap();
-    assert!(matches!(keys.verify(&secret).await, Err(Error::InvalidApiKey)));
+    assert!(matches!(
+        keys.verify(&secret).await,
+        Err(Error::InvalidApiKey)
+    ));
     assert_eq!(keys.verify(&rotated).await.unwrap().id, key.id);
     users.set_disabled(username, true, &admin).await.unwrap();
-    assert!(matches!(keys.verify(&rotated).await, Err(Error::InvalidApiKey)));
+    assert!(matches!(
+        keys.verify(&rotated).await,
+        Err(Error::InvalidApiKey)
+    ));
     users.set_disabled(username, false, &admin).await.unwrap();
-    let listed: Vec<String> = keys.list(id).await.unwrap().into_iter().map(|k| k.id).collect();
+    let listed: Vec<String> = keys
+        .list(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
     assert_eq!(listed, vec![key.id.clone()]);
     keys.revoke(id, &key.id, &admin).await.unwrap();
     assert!(keys.list(id).await.unwrap().is_empty());
-    assert!(matches!(keys.verify(&rotated).await, Err(Error::InvalidApiKey)));
+    assert!(matches!(
+        keys.verify(&rotated).await,
+        Err(Error::InvalidApiKey)
+    ));
 
     let entries: Vec<(String, HashMap<String, String>)> = client
         .query(

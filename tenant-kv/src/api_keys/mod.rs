@@ -317,13 +317,7 @@ impl ApiKeys {
             // The record first, in its own slot: a rotation whose script
             // then fails or is refused leaves a record of a rotation that
             // did not happen, never a secret handed out unrecorded.
-            let record = audit_record(
-                &self.store.inner,
-                tenant,
-                actor,
-                "rotate_api_key",
-                id,
-            );
+            let record = audit_record(&self.store.inner, tenant, actor, "rotate_api_key", id);
             let _: String = self.client().query(&record).await?;
         } else {
             keys.push(TenantKeys::new(tenant).audit());

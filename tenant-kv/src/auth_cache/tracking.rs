@@ -34,9 +34,7 @@ pub(super) async fn run(store: TenantKv, stop: CancellationToken) {
         // A tracking connection is one master's, and the client has no push
         // connection on a cluster yet: the cache never serves, so every
         // lookup reads Redis, which is always right.
-        tracing::info!(
-            "authentication cache: off on a Redis Cluster; every lookup reads Redis"
-        );
+        tracing::info!("authentication cache: off on a Redis Cluster; every lookup reads Redis");
         stop.cancelled().await;
     } else {
         track(state, client, &stop).await;
