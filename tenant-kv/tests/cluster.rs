@@ -270,6 +270,11 @@ async fn credentials_work(
         Err(Error::InvalidApiKey)
     ));
 
+    assert_audited(client, id).await;
+}
+
+/// The tenant's audit stream holds a record of each credential change.
+async fn assert_audited(client: &FailoverClient, id: &TenantId) {
     let entries: Vec<(String, HashMap<String, String>)> = client
         .query(
             redis::cmd("XRANGE")
