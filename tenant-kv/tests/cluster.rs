@@ -101,6 +101,11 @@ async fn a_store_serves_tenants_spread_over_every_shard() {
         items_work(&store, id).await;
         credentials_work(&store, &client, id, &format!("user{n}")).await;
     }
+    // A data key's destruction (a `DEL` and a keyless `PUBLISH` in one
+    // transaction) on the tenant's master.
+    store.destroy_data_key(&tenants[0]).await.unwrap();
+    let kv = store.tenant(tenants[0].clone(), Actor::system());
+    assert!(matches!(kv.get("a").await, Err(Error::Corrupt { .. })));
     let stats = store.auth_cache_stats();
     assert!(!stats.serving && stats.hits == 0, "{stats:?}");
 
