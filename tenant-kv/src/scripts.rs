@@ -46,9 +46,9 @@ impl Lua {
         command
     }
 
-    /// Runs `command` (from [`command`](Self::command)), loading the
-    /// script on a node that does not know it. Resent through a failover
-    /// only if `idempotent`.
+    /// Runs `command` (from [`command`](Self::command)), sending the
+    /// script itself to a node that does not know it. Resent through a
+    /// failover only if `idempotent`.
     pub(crate) async fn run<T: FromRedisValue>(
         &self,
         client: &FailoverClient,
@@ -56,29 +56,31 @@ impl Lua {
         idempotent: bool,
     ) -> Result<T> {
         match send(client, command, idempotent).await {
-            // EVAL of the source runs it and caches it on the node that
-            // did not know it: the one its keys route to. (A `SCRIPT LOAD`
-            // has no key, and a cluster sends it to any master.)
+            // `EVAL` with the same keys, rather than `SCRIPT LOAD`: a
+            // keyless `SCRIPT LOAD` may reach another master of a cluster
+            // than the one the keys route to. `EVAL` caches the script on
+            // its node as `SCRIPT LOAD` would.
             Err(error) if error.kind() == ErrorKind::NoScript => {
-                Ok(send(client, &self.eval(command), idempotent).await?)
+                Ok(send(client, &self.with_source(command), idempotent).await?)
             }
             other => Ok(other?),
         }
     }
 
-    /// `command` (an `EVALSHA` of this script) as an `EVAL` of its source.
-    fn eval(&self, command: &Cmd) -> Cmd {
+    /// `command` (`EVALSHA <sha> ...`) as `EVAL <source> ...`.
+    fn with_source(&self, command: &Cmd) -> Cmd {
         let mut eval = redis::cmd("EVAL");
         eval.arg(&self.source);
         for arg in command.args_iter().skip(2) {
-            if let redis::Arg::Simple(bytes) = arg {
-                eval.arg(bytes);
+            if let redis::Arg::Simple(arg) = arg {
+                eval.arg(arg);
             }
         }
         eval
     }
 }
 
+/// Sends `command`, resent through a failover only if `idempotent`.
 async fn send<T: FromRedisValue>(
     client: &FailoverClient,
     command: &Cmd,
