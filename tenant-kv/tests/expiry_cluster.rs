@@ -40,7 +40,8 @@ async fn tenants_on_every_shard(cluster: &Cluster) -> Vec<String> {
     unreachable!("the loop returns")
 }
 
-/// The actions of `tenant`'s audit records, from the master of its slot.
+/// How many `key_expiration` audit records `tenant` has (read from the
+/// master of its slot).
 async fn expiry_records(client: &FailoverClient, tenant: &str) -> usize {
     let entries: Vec<(String, HashMap<String, String>)> = client
         .query(
