@@ -138,8 +138,13 @@ impl ClusterClientBuilder {
             refresh_interval: self.slot_refresh_interval,
         };
         let telemetry = Telemetry::new(base.event_capacity);
-        let shared = Arc::new(ClusterShared::new(settings, connector, telemetry));
         let stopped = CancellationToken::new();
+        let shared = Arc::new(ClusterShared::new(
+            settings,
+            connector,
+            telemetry,
+            stopped.clone(),
+        ));
         runtime.spawn(refresh_loop(Arc::clone(&shared), stopped.clone()));
         Ok(FailoverClient::with_backend(
             Backend::Cluster(shared),

@@ -24,6 +24,8 @@ mod node;
 mod persisted;
 mod policy;
 mod pubsub;
+mod pubsub_each;
+mod pubsub_source;
 mod push;
 mod read;
 mod replica_set;
