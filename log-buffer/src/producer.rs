@@ -435,86 +435,95 @@ async fn append(
                 continue;
             }
         }
-        let count = batch.len() as u64;
-        let pipeline = appends(&batch, &default_tenant, &mut last_trim, max_len, max_age);
+        let pipelines = appends(
+            &batch,
+            &default_tenant,
+            &mut last_trim,
+            (max_len, max_age),
+            client.is_cluster(),
+        );
         batch.clear();
-        in_flight.push(send(
-            pipeline,
-            connection.clone(),
-            Arc::clone(&counters),
-            count,
-        ));
+        for (pipeline, count) in pipelines {
+            in_flight.push(send(
+                pipeline,
+                connection.clone(),
+                Arc::clone(&counters),
+                count,
+            ));
+        }
     }
     while in_flight.next().await.is_some() {}
 }
 
-/// One pipeline appending `batch` to its tenants' streams, packed (each
+/// The pipelines appending `batch` to its tenants' streams, packed (each
 /// tenant's records in order, [`packed::MAX_RECORDS`] to an entry at
 /// most), and trimming each stream (by length and by age) at most once a
-/// `TRIM_INTERVAL`, as `last_trim` keeps count.
+/// `TRIM_INTERVAL`, as `last_trim` keeps count; each with how many
+/// records it carries. One pipeline, or with `per_tenant` (a cluster, where
+/// a pipeline keeps to one slot: one tenant's) one per tenant.
 fn appends(
     batch: &[Record],
     default_tenant: &str,
     last_trim: &mut HashMap<String, Instant>,
-    max_len: u64,
-    max_age: Duration,
-) -> redis::Pipeline {
-    let mut pipeline = redis::pipe();
+    trim: (u64, Duration),
+    per_tenant: bool,
+) -> Vec<(redis::Pipeline, u64)> {
+    let (max_len, max_age) = trim;
     let mut records: Vec<(&str, &Record)> = batch
         .iter()
         .map(|record| (record.tenant(default_tenant), record))
         .collect();
     // A stable sort: each tenant's records keep their order.
     records.sort_by_key(|(tenant, _)| *tenant);
-    let (mut lines, mut packed) = (Vec::new(), 0);
-    for (index, (tenant, record)) in records.iter().enumerate() {
-        packed::encode(record, &mut lines);
-        packed += 1;
-        let tenant_ends = records
-            .get(index + 1)
-            .is_none_or(|(next, _)| next != tenant);
-        if tenant_ends || packed == packed::MAX_RECORDS || lines.len() >= packed::MAX_BYTES {
-            pipeline
-                .cmd("XADD")
-                .arg(log_stream(tenant))
-                .arg("*")
-                .arg(packed::RECORDS_FIELD)
-                .arg(&lines)
-                .ignore();
-            lines.clear();
-            packed = 0;
-        }
-    }
-    let mut tenants: Vec<&str> = records.iter().map(|(tenant, _)| *tenant).collect();
-    tenants.dedup();
     let max_age_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX);
     let min_id = (now_ns() / 1_000_000).saturating_sub(max_age_ms);
-    // Trimming costs Redis more than appending: once a second per tenant.
-    tenants.retain(|tenant| {
+    let mut pipelines = vec![(redis::pipe(), 0)];
+    for tenant_records in records.chunk_by(|a, b| a.0 == b.0) {
+        let tenant = tenant_records[0].0;
+        if per_tenant && pipelines[pipelines.len() - 1].1 > 0 {
+            pipelines.push((redis::pipe(), 0));
+        }
+        let (pipeline, count) = pipelines.last_mut().expect("never empty");
+        *count += tenant_records.len() as u64;
+        let stream = log_stream(tenant);
+        let (mut lines, mut packed) = (Vec::new(), 0);
+        for (index, (_, record)) in tenant_records.iter().enumerate() {
+            packed::encode(record, &mut lines);
+            packed += 1;
+            let tenant_ends = index + 1 == tenant_records.len();
+            if tenant_ends || packed == packed::MAX_RECORDS || lines.len() >= packed::MAX_BYTES {
+                pipeline
+                    .cmd("XADD")
+                    .arg(&stream)
+                    .arg("*")
+                    .arg(packed::RECORDS_FIELD)
+                    .arg(&lines)
+                    .ignore();
+                lines.clear();
+                packed = 0;
+            }
+        }
+        // Trimming costs Redis more than appending: once a second per tenant.
         let due = last_trim
-            .get(*tenant)
+            .get(tenant)
             .is_none_or(|at: &Instant| at.elapsed() >= TRIM_INTERVAL);
         if due {
-            last_trim.insert((*tenant).to_owned(), Instant::now());
+            last_trim.insert(tenant.to_owned(), Instant::now());
+            pipeline
+                .cmd("XTRIM")
+                .arg(&stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(max_len);
+            pipeline
+                .cmd("XTRIM")
+                .arg(&stream)
+                .arg("MINID")
+                .arg("~")
+                .arg(min_id);
         }
-        due
-    });
-    for tenant in &tenants {
-        let stream = log_stream(tenant);
-        pipeline
-            .cmd("XTRIM")
-            .arg(&stream)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(max_len);
-        pipeline
-            .cmd("XTRIM")
-            .arg(&stream)
-            .arg("MINID")
-            .arg("~")
-            .arg(min_id);
     }
-    pipeline
+    pipelines
 }
 
 /// Sends one batch's pipeline, counting its `count` records as appended

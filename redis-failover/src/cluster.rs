@@ -158,8 +158,13 @@ impl ClusterClientBuilder {
             dedicated_connections: base.dedicated_connections,
         };
         let telemetry = Telemetry::new(base.event_capacity);
-        let shared = Arc::new(ClusterShared::new(settings, connector, telemetry));
         let stopped = CancellationToken::new();
+        let shared = Arc::new(ClusterShared::new(
+            settings,
+            connector,
+            telemetry,
+            stopped.clone(),
+        ));
         runtime.spawn(refresh_loop(Arc::clone(&shared), stopped.clone()));
         Ok(FailoverClient::with_backend(
             Backend::Cluster(shared),

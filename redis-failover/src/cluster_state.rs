@@ -3,13 +3,12 @@
 //! of the map.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::RedisResult;
 use redis::aio::MultiplexedConnection;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::NodeAddr;
@@ -44,10 +43,14 @@ pub(crate) struct ClusterShared {
     connections: Mutex<HashMap<NodeAddr, MultiplexedConnection>>,
     /// Held while the map is being refreshed: one refresh at a time.
     refreshing: tokio::sync::Mutex<()>,
-    /// Bumped after every refresh that loaded a map.
-    generation: AtomicU64,
+    /// Bumped after every refresh that loaded a map; a watch, so that
+    /// subscriptions following the masters wake when the map changes.
+    generation: watch::Sender<u64>,
     /// Asks the background task for a refresh soon.
     wake: Notify,
+    /// Cancelled when the client is dropped; background tasks started
+    /// later (subscriptions) watch it.
+    stopped: CancellationToken,
 }
 
 impl std::fmt::Debug for ClusterShared {
@@ -63,6 +66,7 @@ impl ClusterShared {
         settings: ClusterSettings,
         connector: Connector,
         telemetry: Telemetry,
+        stopped: CancellationToken,
     ) -> Self {
         Self {
             nodes: ClusterNodes::new(settings.dedicated_connections),
@@ -72,8 +76,9 @@ impl ClusterShared {
             map: Mutex::new(SlotMap::empty()),
             connections: Mutex::new(HashMap::new()),
             refreshing: tokio::sync::Mutex::new(()),
-            generation: AtomicU64::new(0),
+            generation: watch::channel(0).0,
             wake: Notify::new(),
+            stopped,
         }
     }
 
@@ -84,7 +89,22 @@ impl ClusterShared {
 
     /// How many refreshes loaded a map so far.
     pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        *self.generation.borrow()
+    }
+
+    /// Wakes whenever a refresh loaded a map, with its generation.
+    pub(crate) fn generations(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Cancelled when the client is dropped.
+    pub(crate) fn stopped(&self) -> CancellationToken {
+        self.stopped.clone()
+    }
+
+    /// How the client connects to the cluster's nodes.
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.connector
     }
 
     /// The master of `slot`; for a keyless request (`None`), any master.
@@ -180,7 +200,9 @@ impl ClusterShared {
     fn install(&self, map: SlotMap) {
         let successors = map.successors(&self.map());
         *self.map() = map;
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        // Bumped after the map is in place: a waiter woken reads the new one.
+        self.generation.send_modify(|generation| *generation += 1);
+        let generation = self.generation();
         for (from, to) in successors {
             tracing::info!(%from, %to, "a shard's slots moved to another master");
             self.telemetry.add(Counter::MasterChanges);

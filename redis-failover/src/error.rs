@@ -171,9 +171,9 @@ pub enum Error {
         slots: Vec<u16>,
     },
 
-    /// A request the cluster client does not support yet (subscriptions,
-    /// push connections, a transaction that watches no key). Checked
-    /// before sending, so nothing ran.
+    /// A request the cluster client does not support yet (push
+    /// connections, a transaction that watches no key). Checked before
+    /// sending, so nothing ran.
     #[error("{what} is not supported in cluster mode yet")]
     NotInCluster {
         /// What was asked.

@@ -246,6 +246,12 @@ impl Connector {
         .await
     }
 
+    /// How long subscribing may take: connecting, then the answer, since a
+    /// pub/sub connection has no reply timeout of its own.
+    pub(crate) fn subscribe_limit(&self) -> Duration {
+        self.connect_timeout + self.response_timeout
+    }
+
     /// A pub/sub connection to `node`. (Over TLS, redis-rs resolves the
     /// name itself, with the system resolver.)
     pub(crate) async fn pubsub(&self, node: &NodeAddr) -> RedisResult<redis::aio::PubSub> {

@@ -7,16 +7,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::{Stream, StreamExt};
-use redis::aio::PubSubStream;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::addr::NodeAddr;
+use crate::backend::Backend;
 use crate::client::FailoverClient;
-use crate::error::{Error, NodeFailure, Result};
+use crate::error::{Error, Result};
 use crate::policy::{Decision, Tried, Tries};
-use crate::shared::Shared;
-use crate::state::Master;
-use crate::tasks::replaced;
+use crate::pubsub_source::{Opened, Source};
 
 /// How many deliveries a subscriber may fall behind before messages are
 /// dropped (and a [`Gap`] says so).
@@ -34,7 +33,9 @@ pub enum Delivery {
 }
 
 /// Messages may have been missed: the subscription moved to another
-/// master or connection, or the subscriber fell
+/// master or connection, a node's subscription started after the others
+/// ([`FailoverClient::subscribe_each_master`]: a node that became a
+/// master may have published before it), or the subscriber fell
 /// [`SUBSCRIPTION_BUFFER`] deliveries behind. Redis keeps nothing for
 /// absent subscribers, so what was published meanwhile is lost to this
 /// subscriber; read the state it tracks again if it matters.
@@ -47,17 +48,20 @@ pub struct Gap {
     pub reason: String,
 }
 
-/// A subscription to channels and patterns on the master, from
-/// [`FailoverClient::subscribe`]: a [`Stream`] of [`Delivery`]s that ends
-/// only when the client is dropped. Dropping it unsubscribes.
+/// A subscription to channels and patterns, from
+/// [`FailoverClient::subscribe`] (on the master, or one master of a
+/// cluster) or [`FailoverClient::subscribe_each_master`] (on every master
+/// of a cluster, merged): a [`Stream`] of [`Delivery`]s that ends only
+/// when the client is dropped. Dropping it unsubscribes.
 #[derive(Debug)]
 pub struct Subscription {
-    deliveries: mpsc::Receiver<Delivery>,
-    node: NodeAddr,
+    pub(crate) deliveries: mpsc::Receiver<Delivery>,
+    pub(crate) node: NodeAddr,
 }
 
 impl Subscription {
-    /// The master the subscription was first made on.
+    /// The master the subscription was first made on (with
+    /// [`FailoverClient::subscribe_each_master`], the first of them).
     pub fn first_node(&self) -> &NodeAddr {
         &self.node
     }
@@ -73,9 +77,30 @@ impl Stream for Subscription {
 
 /// The channels and patterns of one subscription.
 #[derive(Clone, Debug)]
-struct Topics {
-    channels: Vec<String>,
-    patterns: Vec<String>,
+pub(crate) struct Topics {
+    pub(crate) channels: Vec<String>,
+    pub(crate) patterns: Vec<String>,
+}
+
+impl Topics {
+    /// The topics of a subscription made by `what`, refused when empty.
+    pub(crate) fn new(
+        what: &'static str,
+        channels: impl IntoIterator<Item = impl Into<String>>,
+        patterns: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Result<Self> {
+        let topics = Self {
+            channels: channels.into_iter().map(Into::into).collect(),
+            patterns: patterns.into_iter().map(Into::into).collect(),
+        };
+        if topics.channels.is_empty() && topics.patterns.is_empty() {
+            return Err(Error::InvalidConfig {
+                setting: what,
+                reason: "needs a channel or a pattern".to_owned(),
+            });
+        }
+        Ok(topics)
+    }
 }
 
 impl FailoverClient {
@@ -84,6 +109,14 @@ impl FailoverClient {
     /// after another master is installed, or the connection is lost, it
     /// subscribes again and yields a [`Gap`], since Redis pub/sub delivers
     /// at most once and keeps nothing for a subscriber that is away.
+    ///
+    /// On a cluster client ([`is_cluster`](Self::is_cluster)), the
+    /// subscription is made on one master of the slot map, any one: a
+    /// cluster propagates `PUBLISH` to every node. It moves, with a
+    /// [`Gap`], when its connection is lost or that node is no master of
+    /// the map any more. For what a node publishes only to its own
+    /// subscribers (keyspace notifications), see
+    /// [`subscribe_each_master`](Self::subscribe_each_master).
     ///
     /// ```no_run
     /// # async fn example(client: redis_failover::FailoverClient) -> redis_failover::Result<()> {
@@ -105,130 +138,138 @@ impl FailoverClient {
         channels: impl IntoIterator<Item = impl Into<String>>,
         patterns: impl IntoIterator<Item = impl Into<String>>,
     ) -> Result<Subscription> {
-        let topics = Topics {
-            channels: channels.into_iter().map(Into::into).collect(),
-            patterns: patterns.into_iter().map(Into::into).collect(),
+        let topics = Topics::new("subscribe", channels, patterns)?;
+        self.subscribe_to(topics).await
+    }
+
+    /// [`subscribe`](Self::subscribe) to `topics`.
+    pub(crate) async fn subscribe_to(&self, topics: Topics) -> Result<Subscription> {
+        let source = match self.backend() {
+            Backend::Replicated(shared) => Source::Master(Arc::clone(shared)),
+            Backend::Cluster(cluster) => Source::AnyMaster(Arc::clone(cluster)),
         };
-        if topics.channels.is_empty() && topics.patterns.is_empty() {
-            return Err(Error::InvalidConfig {
-                setting: "subscribe",
-                reason: "needs a channel or a pattern".to_owned(),
-            });
-        }
-        let shared = Arc::clone(self.replicated("a subscription (SUBSCRIBE, PSUBSCRIBE)")?);
-        let policy = shared.settings.retry_policy();
-        let mut tries = Tries::new();
-        let (master, messages) = loop {
-            let failures = match open(&shared, &topics).await {
-                Ok(opened) => break opened,
-                Err(failures) => failures,
-            };
-            if let Decision::Retry(wait) = policy.decide(&mut tries, Tried::NotSent) {
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-            return Err(Error::RetryBudgetExhausted {
-                budget: policy.budget,
-                spent: tries.spent(),
-                attempts: tries.count(),
-                failures,
-            });
-        };
+        let opened = open_within(&source, &topics, &mut Tries::new()).await?;
         let (sender, deliveries) = mpsc::channel(SUBSCRIPTION_BUFFER);
-        let node = master.node.clone();
-        tokio::spawn(follow(
-            shared,
+        let node = opened.node.clone();
+        let follower = Follower {
+            stop: source.stopped(),
+            source,
             topics,
-            Forwarder::new(sender),
-            master,
-            messages,
-        ));
+            forwarder: Forwarder::new(sender),
+        };
+        tokio::spawn(follower.run(Start::Opened(opened)));
         Ok(Subscription { deliveries, node })
     }
 }
 
-/// Subscribes on the current master, or says why it could not.
-async fn open(
-    shared: &Shared,
+/// Subscribes on `source`, trying again as the retry policy says until
+/// its budget is spent (counting the `tries` made before).
+pub(crate) async fn open_within(
+    source: &Source,
     topics: &Topics,
-) -> Result<(Arc<Master>, PubSubStream), Vec<NodeFailure>> {
-    let (master, _) = shared.current().await?;
-    let subscribed = async {
-        let mut pubsub = shared.data.pubsub(&master.node).await?;
-        if !topics.channels.is_empty() {
-            pubsub.subscribe(&topics.channels).await?;
+    tries: &mut Tries,
+) -> Result<Opened> {
+    let policy = source.policy();
+    loop {
+        let failures = match source.open(topics).await {
+            Ok(opened) => return Ok(opened),
+            Err(failures) => failures,
+        };
+        if let Decision::Retry(wait) = policy.decide(tries, Tried::NotSent) {
+            tokio::time::sleep(wait).await;
+            continue;
         }
-        if !topics.patterns.is_empty() {
-            pubsub.psubscribe(&topics.patterns).await?;
-        }
-        Ok::<_, redis::RedisError>(pubsub.into_on_message())
-    };
-    // Subscribing has no reply timeout of its own: a node that accepts the
-    // connection and never answers must not hold the subscriber.
-    let limit = shared.settings.connect_timeout + shared.settings.command_timeout;
-    match tokio::time::timeout(limit, subscribed).await {
-        Ok(Ok(messages)) => Ok((master, messages)),
-        Ok(Err(error)) => Err(vec![master.failure(error.to_string())]),
-        Err(_) => {
-            Err(vec![master.failure(format!(
-                "no answer to SUBSCRIBE within {limit:?}"
-            ))])
-        }
+        return Err(Error::RetryBudgetExhausted {
+            budget: policy.budget,
+            spent: tries.spent(),
+            attempts: tries.count(),
+            failures,
+        });
     }
 }
 
-/// Delivers messages until the subscription is dropped or the client is,
-/// subscribing again (with backoff) whenever the current one ends.
-async fn follow(
-    shared: Arc<Shared>,
-    topics: Topics,
-    mut forwarder: Forwarder,
-    mut master: Arc<Master>,
-    mut messages: PubSubStream,
-) {
-    let stop = shared.stopped();
-    let mut installed = shared.subscribe_installed();
-    // Waits for room and for the subscriber to leave, beside the forwarder.
-    let subscriber = forwarder.sender.clone();
-    loop {
-        let reason = tokio::select! {
-            () = stop.cancelled() => return,
-            () = subscriber.closed() => return,
-            Ok(permit) = subscriber.reserve(), if forwarder.pending.is_some() => {
-                forwarder.deliver_gap(permit);
-                continue;
-            }
-            message = messages.next() => match message {
-                Some(message) => {
-                    forwarder.offer(&master.node, Delivery::Message(message));
+/// How a [`Follower`] starts.
+pub(crate) enum Start {
+    /// On a subscription made already.
+    Opened(Opened),
+    /// By subscribing, then delivering a gap for this reason.
+    Gap(String),
+}
+
+/// Keeps one subscription of `source` going, into `forwarder`, until the
+/// subscriber leaves or `stop` is cancelled.
+pub(crate) struct Follower {
+    pub(crate) source: Source,
+    pub(crate) topics: Topics,
+    pub(crate) forwarder: Forwarder,
+    pub(crate) stop: CancellationToken,
+}
+
+impl Follower {
+    /// Delivers messages, subscribing again (with backoff) whenever the
+    /// current subscription ends.
+    pub(crate) async fn run(mut self, start: Start) {
+        let mut opened = match start {
+            Start::Opened(opened) => opened,
+            Start::Gap(reason) => match self.reopen(reason).await {
+                Some(opened) => opened,
+                None => return,
+            },
+        };
+        let mut installed = self.source.installed();
+        // Waits for room and for the subscriber to leave, beside the forwarder.
+        let subscriber = self.forwarder.sender.clone();
+        loop {
+            let forwarder = &mut self.forwarder;
+            let reason = tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = subscriber.closed() => return,
+                Ok(permit) = subscriber.reserve(), if forwarder.pending.is_some() => {
+                    forwarder.deliver_gap(permit);
                     continue;
                 }
-                None => "the connection was lost".to_owned(),
-            },
-            () = replaced(&mut installed, master.generation) => {
-                "another master was installed".to_owned()
-            }
+                message = opened.messages.next() => match message {
+                    Some(message) => {
+                        forwarder.offer(&opened.node, Delivery::Message(message));
+                        continue;
+                    }
+                    None => "the connection was lost".to_owned(),
+                },
+                reason = self.source.left(&mut installed, &opened.node, opened.generation) => reason,
+            };
+            tracing::debug!(node = %opened.node, %reason, "subscription lost; subscribing again");
+            opened = match self.reopen(reason).await {
+                Some(opened) => opened,
+                None => return,
+            };
+        }
+    }
+
+    /// Subscribes again, waiting as the backoff says between tries, for
+    /// as long as it takes, then records a gap for `reason`; `None` once
+    /// the subscriber or the client is gone.
+    async fn reopen(&mut self, reason: String) -> Option<Opened> {
+        let subscriber = self.forwarder.sender.clone();
+        let opened = tokio::select! {
+            () = self.stop.cancelled() => return None,
+            () = subscriber.closed() => return None,
+            opened = reopen(&self.source, &self.topics) => opened,
         };
-        tracing::debug!(node = %master.node, %reason, "subscription lost; subscribing again");
-        let again = tokio::select! {
-            () = stop.cancelled() => return,
-            () = subscriber.closed() => return,
-            again = reopen(&shared, &topics) => again,
-        };
-        (master, messages) = again;
-        forwarder.missed(&master.node, reason);
+        self.forwarder.missed(&opened.node, reason);
+        Some(opened)
     }
 }
 
-/// Subscribes again, waiting as the backoff says between tries, for as
-/// long as it takes.
-async fn reopen(shared: &Shared, topics: &Topics) -> (Arc<Master>, PubSubStream) {
+/// Subscribes on `source`, waiting as the backoff says between tries, for
+/// as long as it takes.
+async fn reopen(source: &Source, topics: &Topics) -> Opened {
+    let backoff = source.backoff();
     for attempt in 0.. {
-        match open(shared, topics).await {
+        match source.open(topics).await {
             Ok(opened) => return opened,
             Err(failures) => {
                 tracing::debug!(?failures, "could not subscribe");
-                tokio::time::sleep(shared.settings.backoff.delay(attempt)).await;
+                tokio::time::sleep(backoff.delay(attempt)).await;
             }
         }
     }
@@ -238,13 +279,13 @@ async fn reopen(shared: &Shared, topics: &Topics) -> (Arc<Master>, PubSubStream)
 /// Hands deliveries over without ever waiting for the subscriber: what
 /// does not fit is dropped, and a gap is delivered as soon as there is
 /// room, before anything else.
-struct Forwarder {
+pub(crate) struct Forwarder {
     sender: mpsc::Sender<Delivery>,
     pending: Option<Gap>,
 }
 
 impl Forwarder {
-    fn new(sender: mpsc::Sender<Delivery>) -> Self {
+    pub(crate) fn new(sender: mpsc::Sender<Delivery>) -> Self {
         Self {
             sender,
             pending: None,

@@ -396,7 +396,7 @@ async fn a_session_reads_its_own_writes_from_replicas() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn durable_writes_survive_ten_killed_masters() {
+async fn durable_writes_survive_four_killed_masters() {
     // Sentinel starts no new failover within twice the failover timeout of
     // the last one: keep it short, and space the kills by it.
     let failover_timeout = Duration::from_secs(2);
@@ -448,7 +448,9 @@ async fn durable_writes_survive_ten_killed_masters() {
 
     let mut master = topology.initial_master();
     let mut last_kill: Option<Instant> = None;
-    for round in 1..=10 {
+    // Four kills of three data nodes: one killed, restarted as a replica,
+    // is killed again as master. (`harness failover` runs twenty.)
+    for round in 1..=4 {
         let before = acked();
         eventually("durable writes before the kill", DEADLINE, || {
             acked() >= before + 20 && last_kill.is_none_or(|at| at.elapsed() >= spacing)

@@ -2,12 +2,12 @@
 //! demo tenants and users, in one call.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use log_buffer::{BufferLayer, LogSink};
 use redis_failover::FailoverClient;
-use redis_topology::Topology;
+use redis_topology::{Cluster, Topology};
 use tenant_kv::{Actor, LoginThrottle, NewUser, Quotas, TenantId, TenantKv};
 
 use crate::error::Error;
@@ -63,13 +63,15 @@ impl Default for DevOptions {
 }
 
 /// A running dev system: a master, 2 replicas and 3 sentinels on free
-/// loopback ports, and a [`System`] on them (as `server serve` runs it)
-/// whose offloader ships to a file or Loki, with demo users.
+/// loopback ports ([`DevSystem::start`]), or a Redis Cluster
+/// ([`DevSystem::start_cluster`]), and a [`System`] on them (as `server
+/// serve` runs it) whose offloader ships to a file or Loki, with demo users.
 #[derive(Debug)]
-pub struct DevSystem {
-    /// The local topology; dropping it kills every Redis process.
-    pub topology: Topology,
-    /// The server's failover client (Sentinel discovery).
+pub struct DevSystem<T = Topology> {
+    /// The local topology ([`Topology`] or [`Cluster`]); dropping it kills
+    /// every Redis process.
+    pub topology: T,
+    /// The server's failover client (Sentinel or cluster discovery).
     pub client: FailoverClient,
     /// The store the server uses.
     pub store: TenantKv,
@@ -84,7 +86,29 @@ impl DevSystem {
     /// Starts everything; needs `redis-server` on `PATH`.
     pub async fn start(options: DevOptions) -> Result<Self, Error> {
         let topology = Topology::builder().replicas(2).sentinels(3).start().await?;
-        let settings = settings(&topology, &options)?;
+        let settings = settings(topology_settings(&topology, [])?, &options)?;
+        Self::run(topology, settings, &options).await
+    }
+}
+
+impl DevSystem<Cluster> {
+    /// Starts everything on a local Redis Cluster of `shards` shards of a
+    /// master and one replica; needs `redis-server` 7 or later on `PATH`.
+    pub async fn start_cluster(options: DevOptions, shards: usize) -> Result<Self, Error> {
+        let cluster = Cluster::builder()
+            .shards(shards)
+            .replicas_per_shard(1)
+            .start()
+            .await?;
+        let settings = settings(cluster_settings(&cluster, [])?, &options)?;
+        Self::run(cluster, settings, &options).await
+    }
+}
+
+impl<T: Dir> DevSystem<T> {
+    /// Starts the system on `topology`, its client waits for Redis, and
+    /// the demo users are created.
+    async fn run(topology: T, settings: Settings, options: &DevOptions) -> Result<Self, Error> {
         let (sink, logs_to): (Box<dyn LogSink>, String) = match &options.loki_url {
             Some(url) => (
                 Box::new(log_buffer::LokiSink::builder(url.clone()).build()?),
@@ -171,9 +195,41 @@ pub fn topology_settings(
     Ok(Settings::load(None, discovery.into_iter().chain(env))?)
 }
 
-/// The settings of the dev system on `topology`, with the options' values.
-fn settings(topology: &Topology, options: &DevOptions) -> Result<Settings, Error> {
-    let mut settings = topology_settings(topology, [])?;
+/// The settings of a server on the local Redis Cluster `cluster` (its
+/// nodes as seeds) and the `SERVER_*` variables of `env`.
+pub fn cluster_settings(
+    cluster: &Cluster,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Settings, Error> {
+    let nodes: Vec<String> = cluster
+        .nodes()
+        .into_iter()
+        .map(|node| cluster.addr(node).to_string())
+        .collect();
+    let discovery = [("SERVER_REDIS_CLUSTER_NODES".to_owned(), nodes.join(","))];
+    Ok(Settings::load(None, discovery.into_iter().chain(env))?)
+}
+
+/// Where a local topology keeps its files.
+pub trait Dir {
+    /// The topology's directory (removed when it is dropped).
+    fn dir(&self) -> &Path;
+}
+
+impl Dir for Topology {
+    fn dir(&self) -> &Path {
+        Topology::dir(self)
+    }
+}
+
+impl Dir for Cluster {
+    fn dir(&self) -> &Path {
+        Cluster::dir(self)
+    }
+}
+
+/// `settings` (of the dev system's topology) with the options' values.
+fn settings(mut settings: Settings, options: &DevOptions) -> Result<Settings, Error> {
     settings.listen = options.listen;
     settings.admin_listen = options.admin_listen;
     settings.redis.retry_budget = options.retry_budget;

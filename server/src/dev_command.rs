@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use server::dev::{DEMO_USERS, DevOptions, DevSystem};
+use server::dev::{DEMO_USERS, DevOptions, DevSystem, Dir};
 use server::{Error, SettingError};
 
 use crate::{init_tracing, wait_for_signal};
@@ -13,6 +13,7 @@ pub(crate) async fn dev(
     loki_url: Option<String>,
     log_file: Option<PathBuf>,
     admin_listen: String,
+    cluster: bool,
 ) -> Result<(), Error> {
     let admin_listen = match admin_listen.as_str() {
         "off" => None,
@@ -21,7 +22,6 @@ pub(crate) async fn dev(
             reason: "expected ip:port, or off".to_owned(),
         })?),
     };
-    println!("starting a Redis master, 2 replicas and 3 sentinels on loopback...");
     let options = DevOptions {
         listen,
         loki_url,
@@ -29,13 +29,49 @@ pub(crate) async fn dev(
         admin_listen,
         ..DevOptions::default()
     };
-    let mut system = DevSystem::start(options).await?;
+    if cluster {
+        println!(
+            "starting a Redis Cluster of 3 shards (a master and a replica each) on loopback..."
+        );
+        let system = DevSystem::start_cluster(options, 3).await?;
+        let masters: Vec<String> = system
+            .client
+            .masters()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let redis = format!(
+            "redis cluster masters {}\n\
+             (redis-topology's local cluster; each tenant's keys live on one shard)",
+            masters.join(", ")
+        );
+        serve(system, &redis, "").await
+    } else {
+        println!("starting a Redis master, 2 replicas and 3 sentinels on loopback...");
+        let system = DevSystem::start(options).await?;
+        let topology = &system.topology;
+        let master = topology.initial_master();
+        let pid = topology.pid(master).unwrap_or_default();
+        let redis = format!(
+            "redis master {} (pid {pid}), sentinels {:?}",
+            topology.addr(master),
+            topology.sentinel_addrs(),
+        );
+        let kill = format!(
+            "kill -9 {pid}   # kill the master: requests keep working once Sentinel promotes a replica\n"
+        );
+        serve(system, &redis, &kill).await
+    }
+}
+
+/// Prints how to use the running `system` (on Redis described by
+/// `redis`, with a last hint `kill`), then serves until a signal.
+async fn serve<T: Dir>(mut system: DevSystem<T>, redis: &str, kill: &str) -> Result<(), Error> {
     init_tracing("info").install(system.take_log_layer());
     let addr = system.local_addr();
     let admin = system
         .admin_addr()
         .map_or_else(|| "off".to_owned(), |admin| format!("http://{admin}"));
-    let master = system.topology.initial_master();
     let password = &system.password;
     let users: Vec<String> = DEMO_USERS
         .iter()
@@ -47,7 +83,7 @@ pub(crate) async fn dev(
          password: {password}\n\
          logs:     {}\n\
          admin:    {admin} (/metrics, /healthz, /readyz)\n\
-         redis master {} (pid {}), sentinels {:?}\n\n\
+         {redis}\n\n\
          Try:\n\
          TOKEN=$(curl -s -X POST http://{addr}/token -d username=user1 -d password={password} | sed -E 's/.*\"access_token\":\"([^\"]+)\".*/\\1/')\n\
          curl -s -X POST 'http://{addr}/data?key=greeting' -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"value\": {{\"text\": \"hello\"}}, \"ttl\": 3600}}'\n\
@@ -56,14 +92,10 @@ pub(crate) async fn dev(
          curl -s -X POST http://{addr}/api-keys -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"name\": \"ci\", \"scopes\": [\"read\"]}}'\n\
          curl -s http://{addr}/usage -H \"Authorization: Bearer $TOKEN\"\n\
          curl -s http://{addr}/readyz; curl -s {admin}/metrics | head\n\
-         kill -9 {}   # kill the master: requests keep working once Sentinel promotes a replica\n\n\
+         {kill}\n\
          Ctrl-C stops the server and the topology.",
         users.join(", "),
         system.logs_to,
-        system.topology.addr(master),
-        system.topology.pid(master).unwrap_or_default(),
-        system.topology.sentinel_addrs(),
-        system.topology.pid(master).unwrap_or_default(),
     );
     wait_for_signal().await;
     println!("shutting down...");

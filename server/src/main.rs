@@ -62,6 +62,10 @@ enum Command {
         /// Address serving /metrics and the probes (`off` for none).
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: String,
+        /// Run on a local Redis Cluster (3 shards of a master and a
+        /// replica) instead of a master, 2 replicas and 3 sentinels.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Production mode: settings from a TOML file and SERVER_* environment
     /// variables (which win). Invalid settings exit with status 2.
@@ -124,7 +128,8 @@ async fn main() -> ExitCode {
             loki_url,
             log_file,
             admin_listen,
-        } => dev_command::dev(listen, loki_url, log_file, admin_listen).await,
+            cluster,
+        } => dev_command::dev(listen, loki_url, log_file, admin_listen, cluster).await,
         Command::Serve { config } => serve(config).await,
         Command::Offload { config } => offload(config).await,
         Command::User { config, command } => commands::user(config, command).await,

@@ -2,12 +2,20 @@
 //! an item, from keyspace notifications, with sweeps for the ones missed.
 //! On the same subscription it hears of tenants' data keys destroyed by
 //! other instances, and stops using them at once.
+//!
+//! On a Redis Cluster each master publishes only its own keys' expiries,
+//! and `SCAN` on a master sees only its own keys: the watcher subscribes
+//! on every master (`subscribe_each_master`, which follows failovers and
+//! new shards), enables the notifications on each (again after every
+//! gap: a promoted replica does not inherit them), and sweeps each
+//! (`scan_keys`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
-use redis_failover::{Backoff, Delivery, FailoverClient, Subscription};
+use redis::FromRedisValue;
+use redis_failover::{Backoff, Delivery, FailoverClient, NodeAddr, Subscription};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -93,8 +101,8 @@ async fn watch(store: TenantKv, stopped: CancellationToken) {
                         report(purge(&store, tenant).await);
                     }
                 }
-                // On another master (whose notifications may be off), or
-                // after missing messages.
+                // On another master, or a new master of a cluster (whose
+                // notifications may be off), or after missing messages.
                 Some(_) => catch_up = true,
                 // The client is gone.
                 None => return,
@@ -104,14 +112,18 @@ async fn watch(store: TenantKv, stopped: CancellationToken) {
     }
 }
 
-/// Subscribes to `channels`, trying again (with backoff) until it works.
+/// Subscribes to `channels` on every master (a cluster's masters each
+/// publish their own keys' expiries; with one master, on it), trying
+/// again (with backoff) until it works. A cluster propagates a `PUBLISH`
+/// (a destroyed data key) to every node, so each master delivers it: it
+/// is forgotten again, which is harmless.
 async fn subscribe(client: &FailoverClient, channels: &[&str]) -> Subscription {
     // Between tries, each of which had the client's whole retry budget.
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
         .expect("100 ms up to 5 s is a valid backoff");
     for attempt in 0.. {
         match client
-            .subscribe(channels.iter().copied(), Vec::<String>::new())
+            .subscribe_each_master(channels.iter().copied(), Vec::<String>::new())
             .await
         {
             Ok(subscription) => return subscription,
@@ -147,42 +159,70 @@ fn take(store: &TenantKv, message: &redis::Msg, tenants: &mut BTreeSet<TenantId>
     tenants.extend(tenant_of_item(payload));
 }
 
-/// Adds `Ex` (expired-key events) to the master's `notify-keyspace-events`
-/// if they are not on. Where `CONFIG` is not allowed, says so: records
+/// Where each master's own `CONFIG` goes: each master of a cluster by
+/// name; with one master, `None`, the master requests go to.
+fn each_master(client: &FailoverClient) -> Vec<Option<NodeAddr>> {
+    if client.is_cluster() {
+        client.masters().into_iter().map(Some).collect()
+    } else {
+        vec![None]
+    }
+}
+
+/// Sends `cmd` to the master `node` (see [`each_master`]); with one
+/// master as an idempotent request, since every command sent so runs
+/// twice harmlessly.
+async fn query_master<T: FromRedisValue>(
+    client: &FailoverClient,
+    node: Option<&NodeAddr>,
+    cmd: &redis::Cmd,
+) -> redis_failover::Result<T> {
+    match node {
+        Some(node) => client.query_on(node, cmd).await,
+        None => client.query_idempotent(cmd).await,
+    }
+}
+
+/// Adds `Ex` (expired-key events) to each master's `notify-keyspace-events`
+/// where they are not on. Where `CONFIG` is not allowed, says so: records
 /// then come from the sweeps only.
 async fn enable_notifications(client: &FailoverClient) {
-    let current: Result<(String, String), _> = client
-        .query_idempotent(
-            redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("notify-keyspace-events"),
-        )
-        .await;
-    let result = match current {
-        Ok((_, flags)) if has_expired_events(&flags) => return,
-        Ok((_, flags)) => client
-            .query_idempotent::<()>(
-                redis::cmd("CONFIG")
-                    .arg("SET")
-                    .arg("notify-keyspace-events")
-                    .arg(format!("{flags}Ex")),
-            )
-            .await
-            .map(|()| {
-                tracing::info!(
-                    previous = flags,
-                    "expiry watcher: enabled keyspace notifications of expired keys"
-                )
-            }),
-        Err(error) => Err(error),
-    };
-    if let Err(error) = result {
-        tracing::warn!(
-            %error,
-            "expiry watcher: cannot enable keyspace notifications (`notify-keyspace-events Ex`); \
-             key_expiration records come from the periodic sweeps only"
-        );
+    for node in each_master(client) {
+        if let Err(error) = enable_notifications_on(client, node.as_ref()).await {
+            tracing::warn!(
+                %error,
+                node = node.map(|n| n.to_string()),
+                "expiry watcher: cannot enable keyspace notifications (`notify-keyspace-events Ex`); \
+                 key_expiration records come from the periodic sweeps only"
+            );
+        }
     }
+}
+
+async fn enable_notifications_on(
+    client: &FailoverClient,
+    node: Option<&NodeAddr>,
+) -> redis_failover::Result<()> {
+    let get = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .clone();
+    let (_, flags): (String, String) = query_master(client, node, &get).await?;
+    if has_expired_events(&flags) {
+        return Ok(());
+    }
+    let set = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(format!("{flags}Ex"))
+        .clone();
+    query_master::<()>(client, node, &set).await?;
+    tracing::info!(
+        previous = flags,
+        node = node.map(|n| n.to_string()),
+        "expiry watcher: enabled keyspace notifications of expired keys"
+    );
+    Ok(())
 }
 
 /// Whether `notify-keyspace-events` flags publish expired-key events.
@@ -231,52 +271,60 @@ async fn purge(store: &TenantKv, tenant: TenantId) -> Result<(), BoxError> {
 }
 
 /// Purges every tenant whose expiry index holds an item past its time.
-/// Scans the keyspace for expiry indexes: this costs in proportion to the
-/// whole database, which is why it runs seldom and notifications do the
-/// prompt work.
+/// Scans the keyspace (every master's) for expiry indexes: this costs in
+/// proportion to the whole database, which is why it runs seldom and
+/// notifications do the prompt work.
 async fn sweep(store: &TenantKv) -> Result<(), BoxError> {
     let client = &store.inner.client;
-    let mut cursor = 0u64;
-    loop {
-        let (next, indexes): (u64, Vec<String>) = client
-            .query_idempotent(
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(EXPIRY_INDEXES)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .arg("TYPE")
-                    .arg("zset"),
-            )
-            .await?;
+    let mut scan = client.scan_keys(EXPIRY_INDEXES).of_type("zset");
+    while let Some(indexes) = scan.next_batch().await? {
         let tenants: Vec<(&String, TenantId)> = indexes
             .iter()
             .filter_map(|index| Some((index, tenant_of_expiry_index(index)?)))
             .collect();
-        if !tenants.is_empty() {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
-            let mut due = redis::pipe();
-            for (index, _) in &tenants {
-                due.cmd("ZCOUNT")
-                    .arg(index)
-                    .arg("-inf")
-                    .arg(now_ms.to_string());
-            }
-            let counts: Vec<u64> = client.query_pipeline(&due).await?;
-            for ((_, tenant), count) in tenants.into_iter().zip(counts) {
-                if count > 0 {
-                    purge(store, tenant).await?;
-                }
+        if tenants.is_empty() {
+            continue;
+        }
+        let indexes: Vec<&String> = tenants.iter().map(|(index, _)| *index).collect();
+        let counts = due_counts(client, &indexes).await?;
+        for ((_, tenant), count) in tenants.into_iter().zip(counts) {
+            if count > 0 {
+                purge(store, tenant).await?;
             }
         }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
     }
+    Ok(())
+}
+
+/// How many items of each expiry index are past their time.
+async fn due_counts(
+    client: &FailoverClient,
+    indexes: &[&String],
+) -> redis_failover::Result<Vec<u64>> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let zcount = |index: &String| {
+        redis::cmd("ZCOUNT")
+            .arg(index)
+            .arg("-inf")
+            .arg(now_ms.to_string())
+            .clone()
+    };
+    if !client.is_cluster() {
+        let mut due = redis::pipe();
+        for index in indexes {
+            due.add_command(zcount(index));
+        }
+        return client.query_pipeline(&due).await;
+    }
+    // Each tenant's index is in its tenant's slot: a pipeline of several
+    // would span slots, which a cluster refuses.
+    let mut counts = Vec::with_capacity(indexes.len());
+    for index in indexes {
+        counts.push(client.query_idempotent(&zcount(index)).await?);
+    }
+    Ok(counts)
 }
 
 #[cfg(test)]

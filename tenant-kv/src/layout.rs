@@ -11,6 +11,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use redis_failover::KeyScan;
+
 use crate::error::{Error, Result};
 use crate::store::TenantKv;
 
@@ -122,7 +124,7 @@ impl TenantKv {
             }
             None => {}
         }
-        let keys: u64 = client.query_idempotent(&redis::cmd("DBSIZE")).await?;
+        let keys = self.key_count().await?;
         if keys > 0 {
             match self.find_legacy_key().await {
                 Ok(None) => {}
@@ -162,37 +164,34 @@ impl TenantKv {
     }
 
     /// A key of layout 1, if the database holds one (a scan of the whole
-    /// keyspace when it holds none).
+    /// keyspace, every master of a cluster, when it holds none).
     pub(crate) async fn find_legacy_key(&self) -> redis_failover::Result<Option<String>> {
-        let mut cursor = 0u64;
-        loop {
-            let (next, keys) = self.scan_legacy(cursor).await?;
+        let mut scan = self.scan_legacy();
+        while let Some(keys) = scan.next_batch().await? {
             if let Some(key) = keys.into_iter().next() {
                 return Ok(Some(key));
             }
-            if next == 0 {
-                return Ok(None);
-            }
-            cursor = next;
         }
+        Ok(None)
     }
 
-    /// One `SCAN` step over layout 1's keys from `cursor`: the next cursor
-    /// (0 once done) and the keys found.
-    pub(crate) async fn scan_legacy(
-        &self,
-        cursor: u64,
-    ) -> redis_failover::Result<(u64, Vec<String>)> {
-        self.inner
-            .client
-            .query_idempotent(
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(LEGACY_PATTERN)
-                    .arg("COUNT")
-                    .arg(1000),
-            )
-            .await
+    /// A `SCAN` over layout 1's keys, on every master.
+    pub(crate) fn scan_legacy(&self) -> KeyScan {
+        self.inner.client.scan_keys(LEGACY_PATTERN)
+    }
+
+    /// How many keys the database holds: on a cluster, the sum over its
+    /// masters (a keyless `DBSIZE` would count one master's).
+    async fn key_count(&self) -> redis_failover::Result<u64> {
+        let client = &self.inner.client;
+        if !client.is_cluster() {
+            return client.query_idempotent(&redis::cmd("DBSIZE")).await;
+        }
+        let mut total = 0;
+        for master in client.masters() {
+            let keys: u64 = client.query_on(&master, &redis::cmd("DBSIZE")).await?;
+            total += keys;
+        }
+        Ok(total)
     }
 }

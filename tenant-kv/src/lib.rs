@@ -18,6 +18,7 @@ mod passwords;
 mod ratelimit;
 mod reads;
 mod scripts;
+mod slots;
 mod store;
 mod tenant;
 mod users;

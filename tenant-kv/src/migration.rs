@@ -189,6 +189,16 @@ impl Migration {
             }
         }
         let found = self.scan(false).await?;
+        if !found.is_empty() && client.is_cluster() {
+            // Layout 1's names have no hash tag: a tenant's keys, and each
+            // key's two names, lie in different slots, which no script of
+            // the migration may name together. Layout 1 never ran on a
+            // cluster for the same reason.
+            return Err(Error::UnsupportedLayout {
+                found: "1, on a Redis Cluster (migrate on one master, then move the data)"
+                    .to_owned(),
+            });
+        }
         report.tenants = found.len();
         for (tenant, legacy) in &found {
             self.prepare(tenant, legacy, &mut report).await?;
@@ -216,9 +226,8 @@ impl Migration {
     /// the items' keys if `keep_items`.
     async fn scan(&self, keep_items: bool) -> Result<BTreeMap<TenantId, Legacy>> {
         let mut found: BTreeMap<TenantId, Legacy> = BTreeMap::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, keys) = self.store.scan_legacy(cursor).await?;
+        let mut scan = self.store.scan_legacy();
+        while let Some(keys) = scan.next_batch().await? {
             for key in keys {
                 let Some((id, name)) = key
                     .strip_prefix("tenant:")
@@ -239,11 +248,8 @@ impl Migration {
                     legacy.names.insert(name.to_owned());
                 }
             }
-            if next == 0 {
-                return Ok(found);
-            }
-            cursor = next;
         }
+        Ok(found)
     }
 
     /// Moves a tenant's keys but its items to layout 2, fences layout 1's

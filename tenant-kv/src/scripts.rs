@@ -46,31 +46,50 @@ impl Lua {
         command
     }
 
-    /// Runs `command` (from [`command`](Self::command)), loading the
-    /// script on a node that does not know it. Resent through a failover
-    /// only if `idempotent`.
+    /// Runs `command` (from [`command`](Self::command)), sending the
+    /// script itself to a node that does not know it. Resent through a
+    /// failover only if `idempotent`.
     pub(crate) async fn run<T: FromRedisValue>(
         &self,
         client: &FailoverClient,
         command: &Cmd,
         idempotent: bool,
     ) -> Result<T> {
-        let run = || async {
-            if idempotent {
-                client.query_idempotent(command).await
-            } else {
-                client.query(command).await
-            }
-        };
-        match run().await {
+        match send(client, command, idempotent).await {
+            // `EVAL` with the same keys, rather than `SCRIPT LOAD`: a
+            // keyless `SCRIPT LOAD` may reach another master of a cluster
+            // than the one the keys route to. `EVAL` caches the script on
+            // its node as `SCRIPT LOAD` would.
             Err(error) if error.kind() == ErrorKind::NoScript => {
-                let _: String = client
-                    .query_idempotent(redis::cmd("SCRIPT").arg("LOAD").arg(&self.source))
-                    .await?;
-                Ok(run().await?)
+                Ok(send(client, &self.with_source(command), idempotent).await?)
             }
             other => Ok(other?),
         }
+    }
+
+    /// `command` (`EVALSHA <sha> ...`) as `EVAL <source> ...`.
+    fn with_source(&self, command: &Cmd) -> Cmd {
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(&self.source);
+        for arg in command.args_iter().skip(2) {
+            if let redis::Arg::Simple(arg) = arg {
+                eval.arg(arg);
+            }
+        }
+        eval
+    }
+}
+
+/// Sends `command`, resent through a failover only if `idempotent`.
+async fn send<T: FromRedisValue>(
+    client: &FailoverClient,
+    command: &Cmd,
+    idempotent: bool,
+) -> redis_failover::Result<T> {
+    if idempotent {
+        client.query_idempotent(command).await
+    } else {
+        client.query(command).await
     }
 }
 

@@ -11,6 +11,7 @@ use crate::keys::{TenantId, TenantKeys, fingerprint};
 use crate::passwords::{DECOY_HASH, check_password, is_known_hash};
 use crate::ratelimit::{self, Check, Rate};
 use crate::scripts::LOGIN_FAILED;
+use crate::slots;
 use crate::store::{Actor, TenantKv, audit_record};
 
 /// The longest username, in bytes.
@@ -212,26 +213,23 @@ impl Users {
         if let Some(full_name) = &user.full_name {
             fields.push(("full_name", full_name));
         }
-        let settings = &self.store.inner;
-        let _: () = self
-            .client()
-            .query_pipeline(
-                redis::pipe()
-                    .atomic()
-                    .hset_multiple(&key, &fields)
-                    .ignore()
-                    .sadd(TenantKeys::new(&user.tenant).users(), &user.username)
-                    .ignore()
-                    .add_command(audit_record(
-                        settings,
-                        &user.tenant,
-                        actor,
-                        "create_user",
-                        &user.username,
-                    ))
-                    .ignore(),
-            )
-            .await?;
+        let mut listed = redis::pipe();
+        listed
+            .sadd(TenantKeys::new(&user.tenant).users(), &user.username)
+            .ignore()
+            .add_command(audit_record(
+                &self.store.inner,
+                &user.tenant,
+                actor,
+                "create_user",
+                &user.username,
+            ))
+            .ignore();
+        let mut record = redis::pipe();
+        record.hset_multiple(&key, &fields).ignore();
+        // The password hash last: on a cluster, a user is never able to
+        // log in before it is listed and recorded.
+        slots::apply(self.client(), vec![listed, record]).await?;
         Ok(User {
             username: user.username,
             tenant: user.tenant,
@@ -466,18 +464,21 @@ impl Users {
                 username: username.to_owned(),
             });
         };
-        let record = audit_record(&self.store.inner, &user.tenant, actor, action, username);
-        let written: redis_failover::Result<()> = self
-            .client()
-            .query_pipeline(
-                redis::pipe()
-                    .atomic()
-                    .hset(user_key(username), flag, if on { "1" } else { "0" })
-                    .ignore()
-                    .add_command(record)
-                    .ignore(),
-            )
-            .await;
+        let mut record = redis::pipe();
+        record
+            .add_command(audit_record(
+                &self.store.inner,
+                &user.tenant,
+                actor,
+                action,
+                username,
+            ))
+            .ignore();
+        let mut change = redis::pipe();
+        change
+            .hset(user_key(username), flag, if on { "1" } else { "0" })
+            .ignore();
+        let written = slots::apply(self.client(), vec![record, change]).await;
         // Forgotten here at once, even if the outcome is unknown; other
         // instances hear of it from the master.
         self.store
@@ -498,11 +499,11 @@ impl Users {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipeline = redis::pipe();
-        for name in &names {
-            pipeline.cmd("HGETALL").arg(user_key(name));
-        }
-        let all: Vec<HashMap<String, String>> = self.client().query_pipeline(&pipeline).await?;
+        let reads = names
+            .iter()
+            .map(|name| redis::cmd("HGETALL").arg(user_key(name)).clone())
+            .collect();
+        let all: Vec<HashMap<String, String>> = slots::read_all(self.client(), reads).await?;
         let mut users = Vec::with_capacity(names.len());
         for (name, fields) in names.iter().zip(all) {
             // A user deleted meanwhile is left out.

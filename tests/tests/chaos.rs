@@ -78,3 +78,15 @@ async fn partitions_lose_nothing_acknowledged_and_fail_no_request() {
     chaos::print_totals(&report);
     assert_nothing_lost_and_no_error(&report);
 }
+
+/// On a Redis Cluster of 3 shards: a shard master killed and one stopped,
+/// a `CLUSTER FAILOVER`, and a busy tenant's slot moved to another shard,
+/// each on the shard of a tenant under traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_faults_lose_nothing_acknowledged_and_fail_no_request() {
+    let report = chaos::run(Fault::CLUSTER.len(), &Fault::CLUSTER)
+        .await
+        .expect("chaos run");
+    chaos::print_totals(&report);
+    assert_nothing_lost_and_no_error(&report);
+}

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use futures_util::future::try_join_all;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
 use redis::{FromRedisValue, Value};
 use redis_failover::ErrorKind;
@@ -44,39 +45,28 @@ pub(super) async fn discover(
     refresh_gauges(context, &found).await
 }
 
-/// Every stream of every source, with its tenant.
+/// Every stream of every source, with its tenant: a `SCAN` of every
+/// master (each master of a cluster holds the streams of its own slots).
 async fn find_streams(
     context: &Context,
 ) -> std::result::Result<Vec<(String, String)>, redis_failover::Error> {
     let mut found = Vec::new();
     for suffix in &context.sources {
-        let pattern = streams_pattern(suffix);
-        let mut cursor = 0u64;
-        loop {
-            let (next, keys): (u64, Vec<String>) = context
-                .client
-                .query_idempotent(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .arg("TYPE")
-                        .arg("stream"),
-                )
-                .await?;
+        let mut scan = context
+            .client
+            .scan_keys(&streams_pattern(suffix))
+            .of_type("stream");
+        while let Some(keys) = scan.next_batch().await? {
             for key in keys {
                 if let Some(tenant) = tenant_of_stream(&key, suffix) {
                     found.push((key, tenant));
                 }
             }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
     }
+    // A slot that moved during the walk may show a stream twice.
+    found.sort();
+    found.dedup();
     Ok(found)
 }
 
@@ -107,19 +97,35 @@ async fn refresh_gauges(
     context: &Context,
     found: &[(String, String)],
 ) -> std::result::Result<(), redis_failover::Error> {
-    let mut gauges = redis::pipe();
-    for (stream, _) in found {
-        gauges.cmd("XLEN").arg(stream);
+    let gauges = |streams: &[(String, String)]| {
+        let mut gauges = redis::pipe();
+        for (stream, _) in streams {
+            gauges.cmd("XLEN").arg(stream);
+            gauges
+                .cmd("XRANGE")
+                .arg(stream)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
+            gauges.cmd("XLEN").arg(dead_letter_stream(stream));
+        }
         gauges
-            .cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .arg("COUNT")
-            .arg(1);
-        gauges.cmd("XLEN").arg(dead_letter_stream(stream));
-    }
-    let replies: Vec<Value> = context.client.read_pipeline(&gauges).await?;
+    };
+    // One pipeline, or on a cluster one per stream (a stream and its
+    // dead-letter stream share their tenant's slot).
+    let pipelines: Vec<redis::Pipeline> = if context.client.is_cluster() {
+        found.chunks(1).map(gauges).collect()
+    } else {
+        vec![gauges(found)]
+    };
+    let replies: Vec<Value> = try_join_all(
+        pipelines
+            .iter()
+            .map(|pipeline| context.client.read_pipeline::<Vec<Value>>(pipeline)),
+    )
+    .await?
+    .concat();
     let mut depths: HashMap<&str, Gauges> = HashMap::new();
     for ((_, tenant), replies) in found.iter().zip(replies.chunks(3)) {
         let count = |reply: &Value| u64::from_redis_value(reply.clone()).unwrap_or(0);
@@ -175,14 +181,7 @@ pub(super) async fn read(
             fresh.push(stream.clone());
         }
     }
-    if !fresh.is_empty() {
-        let mut command = read_group(context, &fresh);
-        for _ in &fresh {
-            command.arg(">");
-        }
-        // Not idempotent: a lost reply leaves entries pending under this
-        // consumer, read again after a restart or claimed by another.
-        let reply: Option<StreamReadReply> = context.client.query(&command).await?;
+    for reply in read_new(context, &fresh).await? {
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             if !key.ids.is_empty() {
                 batches.push((key.key, key.ids));
@@ -190,6 +189,42 @@ pub(super) async fn read(
         }
     }
     Ok(batches)
+}
+
+/// New entries of `streams` (in order, so a tenant's streams are next to
+/// each other): one `XREADGROUP`, or on a cluster one per tenant, whose
+/// streams share a slot, all at once.
+async fn read_new(
+    context: &Context,
+    streams: &[String],
+) -> std::result::Result<Vec<Option<StreamReadReply>>, redis_failover::Error> {
+    let groups: Vec<&[String]> = if context.client.is_cluster() {
+        streams
+            .chunk_by(|a, b| hash_tag(a) == hash_tag(b))
+            .collect()
+    } else if streams.is_empty() {
+        Vec::new()
+    } else {
+        vec![streams]
+    };
+    let commands: Vec<redis::Cmd> = groups
+        .into_iter()
+        .map(|streams| {
+            let mut command = read_group(context, streams);
+            for _ in streams {
+                command.arg(">");
+            }
+            command
+        })
+        .collect();
+    // Not idempotent: a lost reply leaves entries pending under this
+    // consumer, read again after a restart or claimed by another.
+    try_join_all(commands.iter().map(|command| context.client.query(command))).await
+}
+
+/// A key's Redis Cluster hash tag (`{...}`): a stream's tenant.
+fn hash_tag(key: &str) -> Option<&str> {
+    key.split_once('{')?.1.split_once('}').map(|(tag, _)| tag)
 }
 
 /// `XREADGROUP` of this consumer over `streams`, a batch each, for the

@@ -38,6 +38,8 @@ pub enum Discovery {
     },
     /// Try these data nodes in order.
     Candidates(Vec<NodeAddr>),
+    /// Load a Redis Cluster's slot map from these nodes.
+    Cluster(Vec<NodeAddr>),
 }
 
 /// How the service reaches Redis.
@@ -232,31 +234,22 @@ impl RedisSettings {
 
     /// A failover client as these settings describe.
     pub fn client(&self) -> Result<redis_failover::FailoverClient, redis_failover::Error> {
-        use redis_failover::{Credentials, FailoverClient, Tls};
+        use redis_failover::FailoverClient;
         let mut builder = match &self.discovery {
             Discovery::Sentinel {
                 master_name,
                 sentinels,
             } => FailoverClient::sentinel(master_name.clone(), sentinels.clone()),
             Discovery::Candidates(nodes) => FailoverClient::candidates(nodes.clone()),
+            Discovery::Cluster(nodes) => return self.cluster_client(nodes),
         };
-        let credentials = |user: &Option<String>, password: &Option<String>| match (user, password)
-        {
-            (Some(user), Some(password)) => Some(Credentials::user(user.clone(), password.clone())),
-            (None, Some(password)) => Some(Credentials::password(password.clone())),
-            _ => None,
-        };
-        if let Some(credentials) = credentials(&self.username, &self.password) {
+        if let Some(credentials) = self.credentials() {
             builder = builder.credentials(credentials);
         }
         if let Some(credentials) = credentials(&self.sentinel_username, &self.sentinel_password) {
             builder = builder.sentinel_credentials(credentials);
         }
-        if self.tls {
-            let tls = match &self.tls_ca {
-                Some(pem) => Tls::root_cert(pem.clone()),
-                None => Tls::system_roots(),
-            };
+        if let Some(tls) = self.tls() {
             builder = builder.tls(tls);
         }
         if let Some(addr) = &self.last_resort {
@@ -270,5 +263,49 @@ impl RedisSettings {
             .retry_budget(self.retry_budget)
             .demote_stale_masters(self.demote_stale_master)
             .build()
+    }
+
+    /// A Redis Cluster client on `seeds`; the settings that apply to one
+    /// master only were refused with `redis_cluster_nodes` already.
+    fn cluster_client(
+        &self,
+        seeds: &[NodeAddr],
+    ) -> Result<redis_failover::FailoverClient, redis_failover::Error> {
+        let mut builder = redis_failover::FailoverClient::cluster(seeds.to_vec());
+        if let Some(credentials) = self.credentials() {
+            builder = builder.credentials(credentials);
+        }
+        if let Some(tls) = self.tls() {
+            builder = builder.tls(tls);
+        }
+        let client = builder.retry_budget(self.retry_budget).build()?;
+        Ok(client.with_durability(self.durability()))
+    }
+
+    /// The data nodes' credentials, if any.
+    fn credentials(&self) -> Option<redis_failover::Credentials> {
+        credentials(&self.username, &self.password)
+    }
+
+    /// TLS to the data nodes, if on.
+    fn tls(&self) -> Option<redis_failover::Tls> {
+        use redis_failover::Tls;
+        self.tls.then(|| match &self.tls_ca {
+            Some(pem) => Tls::root_cert(pem.clone()),
+            None => Tls::system_roots(),
+        })
+    }
+}
+
+/// A user and password, or a password alone, as Redis's `AUTH` takes them.
+fn credentials(
+    user: &Option<String>,
+    password: &Option<String>,
+) -> Option<redis_failover::Credentials> {
+    use redis_failover::Credentials;
+    match (user, password) {
+        (Some(user), Some(password)) => Some(Credentials::user(user.clone(), password.clone())),
+        (None, Some(password)) => Some(Credentials::password(password.clone())),
+        _ => None,
     }
 }

@@ -38,19 +38,25 @@ pub(super) fn admin_listen(
 }
 
 fn discovery(raw: &Raw) -> Result<Discovery, SettingError> {
-    match (&raw.redis_sentinels, &raw.redis_nodes) {
-        (Some(sentinels), None) => Ok(Discovery::Sentinel {
+    match (
+        &raw.redis_sentinels,
+        &raw.redis_nodes,
+        &raw.redis_cluster_nodes,
+    ) {
+        (Some(sentinels), None, None) => Ok(Discovery::Sentinel {
             master_name: raw.redis_master_name.clone(),
             sentinels: sentinels.clone(),
         }),
-        (None, Some(nodes)) => Ok(Discovery::Candidates(nodes.clone())),
-        (Some(_), Some(_)) => Err(SettingError::invalid(
+        (None, Some(nodes), None) => Ok(Discovery::Candidates(nodes.clone())),
+        (None, None, Some(nodes)) => Ok(Discovery::Cluster(nodes.clone())),
+        (None, None, None) => Err(SettingError::invalid(
             "redis_sentinels",
-            "set either redis_sentinels or redis_nodes, not both",
+            "set redis_sentinels (Sentinel), redis_nodes (ordered candidates) \
+             or redis_cluster_nodes (Redis Cluster)",
         )),
-        (None, None) => Err(SettingError::invalid(
+        _ => Err(SettingError::invalid(
             "redis_sentinels",
-            "set redis_sentinels (Sentinel) or redis_nodes (ordered candidates)",
+            "set only one of redis_sentinels, redis_nodes and redis_cluster_nodes",
         )),
     }
 }
@@ -92,10 +98,10 @@ pub(super) fn redis(raw: &Raw) -> Result<RedisSettings, SettingError> {
     if raw.redis_sentinel_password.is_some() && !sentinel {
         return refuse("redis_sentinel_password", "only with redis_sentinels");
     }
-    if last_resort.is_some() && sentinel {
+    if last_resort.is_some() && !matches!(discovery, Discovery::Candidates(_)) {
         return refuse(
             "redis_last_resort",
-            "only with redis_nodes: with Sentinel, the sentinels name the master",
+            "only with redis_nodes: Sentinel names the master, a cluster its slot map",
         );
     }
     let wait_replicas = raw.redis_wait_replicas;
@@ -104,6 +110,12 @@ pub(super) fn redis(raw: &Raw) -> Result<RedisSettings, SettingError> {
         return refuse(
             "redis_wait_replicas_min",
             "must be 1 to redis_wait_replicas",
+        );
+    }
+    if matches!(discovery, Discovery::Cluster(_)) && wait_replicas_min < wait_replicas {
+        return refuse(
+            "redis_wait_replicas_min",
+            "not with redis_cluster_nodes yet: a cluster's writes wait for redis_wait_replicas",
         );
     }
     let replica_lost_after = raw.redis_replica_lost_after;

@@ -70,6 +70,10 @@ settings! {
     /// host:port of the data nodes, comma-separated (or a TOML array),
     /// tried in order (without Sentinel).
     redis_nodes: Option<Vec<NodeAddr>> [serde(default, deserialize_with = "nodes")];
+    /// host:port of some nodes of a Redis Cluster, comma-separated (or a
+    /// TOML array), whose slot map the client loads (instead of Sentinel
+    /// or candidates).
+    redis_cluster_nodes: Option<Vec<NodeAddr>> [serde(default, deserialize_with = "nodes")];
     /// host:port tried when no candidate is the master (a load-balanced
     /// service).
     redis_last_resort: Option<NodeAddr> [serde(default, deserialize_with = "node")];

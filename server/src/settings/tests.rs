@@ -121,6 +121,32 @@ fn errors_name_the_setting() {
         ),
         (
             &[
+                ("SERVER_REDIS_CLUSTER_NODES", "c:6379"),
+                ("SERVER_REDIS_LAST_RESORT", "r:6379"),
+            ],
+            "redis_last_resort",
+        ),
+        (
+            &[
+                ("SERVER_REDIS_CLUSTER_NODES", "c:6379"),
+                ("SERVER_REDIS_NODES", "r:6379"),
+            ],
+            "redis_sentinels",
+        ),
+        (
+            &[
+                ("SERVER_REDIS_CLUSTER_NODES", "c:6379"),
+                ("SERVER_REDIS_WAIT_REPLICAS", "2"),
+                ("SERVER_REDIS_WAIT_REPLICAS_MIN", "1"),
+            ],
+            "redis_wait_replicas_min",
+        ),
+        (
+            &[("SERVER_REDIS_CLUSTER_NODES", "no-port"), SECRET],
+            "redis_cluster_nodes",
+        ),
+        (
+            &[
                 ("SERVER_REDIS_NODES", "r:6379"),
                 ("SERVER_REDIS_DEMOTE_STALE_MASTER", "true"),
             ],
@@ -379,4 +405,18 @@ fn read_audit_sample_defaults_to_every_read_and_refuses_zero() {
     assert_eq!(sampled.read_audit_sample, 10);
     let error = load(&[("SERVER_READ_AUDIT_SAMPLE", "0")]).unwrap_err();
     assert!(error.to_string().contains("read_audit_sample"), "{error}");
+}
+
+#[test]
+fn cluster_nodes_give_a_cluster_discovery() {
+    let settings = Settings::load(
+        None,
+        env(&[("SERVER_REDIS_CLUSTER_NODES", "c-0:6379, c-1:6379"), SECRET]),
+    )
+    .unwrap();
+    let Discovery::Cluster(nodes) = &settings.redis.discovery else {
+        panic!("{:?}", settings.redis.discovery);
+    };
+    let names: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+    assert_eq!(names, ["c-0:6379", "c-1:6379"]);
 }

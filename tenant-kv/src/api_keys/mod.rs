@@ -15,6 +15,7 @@ use crate::auth_cache::{API_KEY_PREFIX, Fields};
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys};
 use crate::scripts::{API_KEY_CREATE, API_KEY_ROTATE};
+use crate::slots;
 use crate::store::{Actor, TenantKv, audit_record};
 use crate::users::User;
 #[cfg(test)]
@@ -97,27 +98,8 @@ impl ApiKeys {
             ),
         ];
         fields.extend(optional.into_iter().filter_map(|(f, v)| Some((f, v?))));
-        let settings = &self.store.inner;
         let max_keys = self.store.quotas(tenant).await?.max_api_keys;
-        let mut command = API_KEY_CREATE.command(&[
-            TenantKeys::new(tenant).api_keys(),
-            api_key_key(&id),
-            TenantKeys::new(tenant).audit(),
-        ]);
-        command
-            .arg(max_keys.map_or_else(String::new, |n| n.to_string()))
-            .arg(&id)
-            .arg(settings.audit_max_len)
-            .arg(tenant.as_str())
-            .arg(actor.as_str());
-        for (field, value) in &fields {
-            command.arg(*field).arg(value);
-        }
-        let mut held: i64 = API_KEY_CREATE.run(self.client(), &command, false).await?;
-        // Expired keys still count until revoked: revoke them, then try again.
-        if held >= 0 && self.revoke_expired(tenant).await? > 0 {
-            held = API_KEY_CREATE.run(self.client(), &command, false).await?;
-        }
+        let held = self.claim(tenant, &id, &fields, max_keys, actor).await?;
         if held >= 0 {
             return Err(Error::QuotaExceeded {
                 what: "api_keys",
@@ -138,6 +120,54 @@ impl ApiKeys {
             requests_per_second: new.requests_per_second,
         };
         Ok((key, presented))
+    }
+
+    /// Records the key `id` with `fields` and lists it in `tenant`'s set,
+    /// with its audit record, unless the tenant holds `max_keys` already
+    /// (expired keys revoked first): -1 once done, else how many it holds.
+    async fn claim(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        fields: &[(&str, String)],
+        max_keys: Option<u64>,
+        actor: &Actor,
+    ) -> Result<i64> {
+        let keys = TenantKeys::new(tenant);
+        let mut script_keys = vec![keys.api_keys(), keys.audit()];
+        // On a cluster the record lies in another slot than the tenant's
+        // set: it is written first and dropped if the script refuses or
+        // fails. Nobody knows its secret until this returns, so a record
+        // left behind by a crash opens nothing.
+        let cluster = self.client().is_cluster();
+        if cluster {
+            let () = self
+                .client()
+                .query_idempotent(redis::cmd("HSET").arg(api_key_key(id)).arg(fields))
+                .await?;
+        } else {
+            script_keys.push(api_key_key(id));
+        }
+        let mut command = API_KEY_CREATE.command(&script_keys);
+        command
+            .arg(max_keys.map_or_else(String::new, |n| n.to_string()))
+            .arg(id)
+            .arg(self.store.inner.audit_max_len)
+            .arg(tenant.as_str())
+            .arg(actor.as_str());
+        if !cluster {
+            command.arg(fields);
+        }
+        let run = || API_KEY_CREATE.run::<i64>(self.client(), &command, false);
+        let mut held = run().await;
+        // Expired keys still count until revoked: revoke them, then try again.
+        if matches!(held, Ok(n) if n >= 0) && self.revoke_expired(tenant).await? > 0 {
+            held = run().await;
+        }
+        if cluster && !matches!(held, Ok(-1)) {
+            let _: redis_failover::Result<u64> = self.client().del(&api_key_key(id)).await;
+        }
+        held
     }
 
     /// The key `id` and its fields; with `cached`, from the authentication
@@ -282,8 +312,17 @@ impl ApiKeys {
         };
         let presented = format_key(id, &random_hex(16));
         let until = now_ms().saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
-        let mut command =
-            API_KEY_ROTATE.command(&[api_key_key(id), TenantKeys::new(tenant).audit()]);
+        let mut keys = vec![api_key_key(id)];
+        if self.client().is_cluster() {
+            // The record first, in its own slot: a rotation whose script
+            // then fails or is refused leaves a record of a rotation that
+            // did not happen, never a secret handed out unrecorded.
+            let record = audit_record(&self.store.inner, tenant, actor, "rotate_api_key", id);
+            let _: String = self.client().query(&record).await?;
+        } else {
+            keys.push(TenantKeys::new(tenant).audit());
+        }
+        let mut command = API_KEY_ROTATE.command(&keys);
         command
             .arg(fields.get("hash").map_or("", String::as_str))
             .arg(sha256_hex(&presented))
@@ -314,24 +353,10 @@ impl ApiKeys {
         if expired.is_empty() {
             return Ok(0);
         }
-        let mut pipeline = redis::pipe();
-        pipeline.atomic();
-        for key in &expired {
-            pipeline
-                .del(api_key_key(&key.id))
-                .ignore()
-                .srem(TenantKeys::new(tenant).api_keys(), &key.id)
-                .ignore()
-                .add_command(audit_record(
-                    &self.store.inner,
-                    tenant,
-                    &Actor::system(),
-                    "expire_api_key",
-                    &key.id,
-                ))
-                .ignore();
-        }
-        let revoked: redis_failover::Result<()> = self.client().query_pipeline(&pipeline).await;
+        let ids: Vec<&str> = expired.iter().map(|key| key.id.as_str()).collect();
+        let revoked = self
+            .remove(tenant, &ids, &Actor::system(), "expire_api_key")
+            .await;
         for key in &expired {
             self.forget(&key.id);
         }
@@ -342,28 +367,39 @@ impl ApiKeys {
     /// Revokes `tenant`'s key `id` at once.
     pub async fn revoke(&self, tenant: &TenantId, id: &str, actor: &Actor) -> Result<()> {
         self.get(tenant, id).await?;
-        let revoked: redis_failover::Result<()> = self
-            .client()
-            .query_pipeline(
-                redis::pipe()
-                    .atomic()
-                    .del(api_key_key(id))
-                    .ignore()
-                    .srem(TenantKeys::new(tenant).api_keys(), id)
-                    .ignore()
-                    .add_command(audit_record(
-                        &self.store.inner,
-                        tenant,
-                        actor,
-                        "delete_api_key",
-                        id,
-                    ))
-                    .ignore(),
-            )
-            .await;
+        let revoked = self.remove(tenant, &[id], actor, "delete_api_key").await;
         self.forget(id);
         revoked?;
         Ok(())
+    }
+
+    /// Deletes `tenant`'s keys `ids`, out of its set, each with an
+    /// `action` audit record: all in one transaction with one master. On a
+    /// cluster, the set and records first, then each key's record in its
+    /// own slot: a failure between them leaves a key unlisted but still
+    /// known to [`get`](Self::get), so revoking it again finishes the job.
+    async fn remove(
+        &self,
+        tenant: &TenantId,
+        ids: &[&str],
+        actor: &Actor,
+        action: &str,
+    ) -> redis_failover::Result<()> {
+        let mut listed = redis::pipe();
+        for id in ids {
+            listed
+                .srem(TenantKeys::new(tenant).api_keys(), id)
+                .ignore()
+                .add_command(audit_record(&self.store.inner, tenant, actor, action, id))
+                .ignore();
+        }
+        let mut parts = vec![listed];
+        parts.extend(ids.iter().map(|id| {
+            let mut record = redis::pipe();
+            record.del(api_key_key(id)).ignore();
+            record
+        }));
+        slots::apply(self.client(), parts).await
     }
 
     /// `tenant`'s keys, oldest first, without secrets.
@@ -375,11 +411,11 @@ impl ApiKeys {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipeline = redis::pipe();
-        for id in &ids {
-            pipeline.cmd("HGETALL").arg(api_key_key(id));
-        }
-        let all: Vec<HashMap<String, String>> = self.client().query_pipeline(&pipeline).await?;
+        let reads = ids
+            .iter()
+            .map(|id| redis::cmd("HGETALL").arg(api_key_key(id)).clone())
+            .collect();
+        let all: Vec<HashMap<String, String>> = slots::read_all(self.client(), reads).await?;
         let mut keys = Vec::with_capacity(ids.len());
         for (id, fields) in ids.iter().zip(all) {
             // A key revoked meanwhile is left out.

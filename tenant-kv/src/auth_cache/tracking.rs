@@ -30,6 +30,23 @@ const HEARTBEAT: Duration = Duration::from_millis(200);
 pub(super) async fn run(store: TenantKv, stop: CancellationToken) {
     let state = &store.inner.auth_cache;
     let client = &store.inner.client;
+    if client.is_cluster() {
+        // A tracking connection is one master's, and the client has no push
+        // connection on a cluster yet: the cache never serves, so every
+        // lookup reads Redis, which is always right.
+        tracing::info!("authentication cache: off on a Redis Cluster; every lookup reads Redis");
+        stop.cancelled().await;
+    } else {
+        track(state, client, &stop).await;
+    }
+    state.reset(None);
+    state
+        .started
+        .store(false, std::sync::atomic::Ordering::Release);
+}
+
+/// Turns tracking on, and on again whenever it is lost, until `stop`.
+async fn track(state: &AuthCacheState, client: &FailoverClient, stop: &CancellationToken) {
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
         .expect("100 ms up to 5 s is a valid backoff");
     let mut attempt = 0;
@@ -78,10 +95,6 @@ pub(super) async fn run(store: TenantKv, stop: CancellationToken) {
             }
         }
     }
-    state.reset(None);
-    state
-        .started
-        .store(false, std::sync::atomic::Ordering::Release);
 }
 
 /// Connects to the master and turns broadcast tracking on; returns the

@@ -2,14 +2,17 @@
 -- time, unless the key changed since it was read (revoked, or rotated by
 -- another caller): a rotation never brings back a revoked key, nor drops
 -- a secret another rotation handed out.
--- KEYS: 1 the key's hash, 2 audit stream.
+-- KEYS: 1 the key's hash, 2 audit stream, unless the caller wrote the
+--       record already (on a Redis Cluster, where it lies in another slot).
 -- ARGV: 1 the secret's hash as read, 2 the new one, 3 until when the old
 --       one stays valid (ms), 4 audit stream length cap, 5 tenant id,
 --       6 actor, 7 key id.
 -- Returns 1 once rotated, 0 if the key changed.
 if redis.call('HGET', KEYS[1], 'hash') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'hash', ARGV[2], 'previous_hash', ARGV[1], 'previous_until', ARGV[3])
-local _, now_ns = clock()
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'ts', now_ns, 'tenant', ARGV[5],
-  'actor', ARGV[6], 'action', 'rotate_api_key', 'key', ARGV[7])
+if KEYS[2] then
+  local _, now_ns = clock()
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'ts', now_ns, 'tenant', ARGV[5],
+    'actor', ARGV[6], 'action', 'rotate_api_key', 'key', ARGV[7])
+end
 return 1

@@ -51,6 +51,18 @@ pub enum Fault {
     /// The clients (both servers) cut from the master for a while, the
     /// sentinels still reaching it, then healed.
     CutClientFromMaster,
+    /// Redis Cluster: kill -9 of the master of the first tenant's shard;
+    /// restarted once its replica took over, it rejoins as a replica.
+    KillShardMaster,
+    /// Redis Cluster: SIGSTOP of the master of the second tenant's shard
+    /// past the node timeout, then SIGCONT.
+    PauseShardMaster,
+    /// Redis Cluster: `CLUSTER FAILOVER` on the replica of the third
+    /// tenant's shard.
+    ClusterFailover,
+    /// Redis Cluster: the first tenant's slot (all its keys) moved to
+    /// another shard under its traffic.
+    MoveTenantSlot,
 }
 
 impl Fault {
@@ -76,6 +88,20 @@ impl Fault {
     /// (root, or the capabilities to create them).
     pub const NETWORK: [Fault; 2] = [Fault::CutMasterFromSentinels, Fault::CutClientFromMaster];
 
+    /// The Redis Cluster faults, in the order rounds cycle through them.
+    pub const CLUSTER: [Fault; 4] = [
+        Fault::KillShardMaster,
+        Fault::MoveTenantSlot,
+        Fault::PauseShardMaster,
+        Fault::ClusterFailover,
+    ];
+
+    /// Whether the fault is made for a Redis Cluster: a run with one runs
+    /// on a cluster (and only such faults).
+    pub fn needs_cluster(self) -> bool {
+        Self::CLUSTER.contains(&self)
+    }
+
     /// Whether the fault needs the nodes in network namespaces.
     pub fn needs_network(self) -> bool {
         Self::NETWORK.contains(&self)
@@ -98,6 +124,10 @@ impl Fault {
             Fault::RestartMasterEmpty => "restart master, empty",
             Fault::CutMasterFromSentinels => "master cut from sentinels",
             Fault::CutClientFromMaster => "clients cut from master",
+            Fault::KillShardMaster => "kill -9 shard master",
+            Fault::PauseShardMaster => "SIGSTOP shard master",
+            Fault::ClusterFailover => "CLUSTER FAILOVER",
+            Fault::MoveTenantSlot => "tenant's slot moved",
         }
     }
 
@@ -126,7 +156,30 @@ impl Fault {
 /// Injects `fault`, and returns once it is over (the old master back as a
 /// replica, the receiver answering again, limits lifted).
 pub(super) async fn inject(rig: &mut Rig, fault: Fault) -> Result<(), BoxError> {
-    let topology = &rig.topology;
+    match fault {
+        Fault::KillOffloader => {
+            // Dropped mid-work: its pending entries are claimed by the others.
+            drop(rig.offloaders.remove(0));
+            rig.add_offloader()
+        }
+        Fault::Receiver500 | Fault::Receiver429 | Fault::ReceiverDown => {
+            rig.receiver.set(match fault {
+                Fault::Receiver500 => Mode::Status(500),
+                Fault::Receiver429 => Mode::Status(429),
+                _ => Mode::Down,
+            });
+            tokio::time::sleep(OUTAGE).await;
+            rig.receiver.set(Mode::Accept);
+            Ok(())
+        }
+        _ if fault.needs_cluster() => super::cluster_faults::inject(rig.cluster()?, fault).await,
+        _ => sentinel_fault(rig, fault).await,
+    }
+}
+
+/// Injects a fault of the Sentinel topology.
+async fn sentinel_fault(rig: &Rig, fault: Fault) -> Result<(), BoxError> {
+    let topology = rig.topology()?;
     match fault {
         Fault::KillMaster => {
             let old = rig.current_master().await?;
@@ -156,20 +209,6 @@ pub(super) async fn inject(rig: &mut Rig, fault: Fault) -> Result<(), BoxError> 
                 topology.restart(sentinel).await?;
             }
         }
-        Fault::KillOffloader => {
-            // Dropped mid-work: its pending entries are claimed by the others.
-            drop(rig.offloaders.remove(0));
-            rig.add_offloader()?;
-        }
-        Fault::Receiver500 | Fault::Receiver429 | Fault::ReceiverDown => {
-            rig.receiver.set(match fault {
-                Fault::Receiver500 => Mode::Status(500),
-                Fault::Receiver429 => Mode::Status(429),
-                _ => Mode::Down,
-            });
-            tokio::time::sleep(OUTAGE).await;
-            rig.receiver.set(Mode::Accept);
-        }
         Fault::OutOfMemory => out_of_memory(rig).await?,
         Fault::DiskFull => disk_full(rig).await?,
         Fault::MaxClients => max_clients(rig).await?,
@@ -193,6 +232,7 @@ pub(super) async fn inject(rig: &mut Rig, fault: Fault) -> Result<(), BoxError> 
             tokio::time::sleep(OUTAGE).await;
             topology.heal(Endpoint::Client, master)?;
         }
+        other => return Err(format!("chaos: {} is no Sentinel fault", other.name()).into()),
     }
     Ok(())
 }
@@ -201,7 +241,7 @@ pub(super) async fn inject(rig: &mut Rig, fault: Fault) -> Result<(), BoxError> 
 /// fault up and lift it.
 async fn master_connection(rig: &Rig) -> Result<(NodeId, MultiplexedConnection), BoxError> {
     let master = rig.current_master().await?;
-    Ok((master, rig.topology.connection(master).await?))
+    Ok((master, rig.topology()?.connection(master).await?))
 }
 
 async fn config_set(
@@ -269,12 +309,14 @@ async fn disk_full(rig: &Rig) -> Result<(), BoxError> {
     .await?;
     // The disk stays full until Sentinel has replaced the master: it
     // answers Sentinel's pings with `MISCONF`, and is seen as down.
-    let new = rig.topology.wait_for_new_master(old, DEADLINE).await?;
+    let new = rig.topology()?.wait_for_new_master(old, DEADLINE).await?;
     // Without snapshots configured, a failed one no longer stops writes.
     config_set(&mut conn, "save", "").await?;
     config_set(&mut conn, "dbfilename", "dump.rdb").await?;
     std::fs::remove_dir_all(&dir)?;
-    rig.topology.wait_for_replica_of(old, new, DEADLINE).await?;
+    rig.topology()?
+        .wait_for_replica_of(old, new, DEADLINE)
+        .await?;
     Ok(())
 }
 
@@ -320,7 +362,7 @@ async fn max_clients(rig: &Rig) -> Result<(), BoxError> {
 /// write is turned on (and written to the node's config) first.
 async fn restart_master(rig: &Rig, persist: bool) -> Result<(), BoxError> {
     let (master, mut conn) = master_connection(rig).await?;
-    let topology = &rig.topology;
+    let topology = rig.topology()?;
     if persist {
         config_set(&mut conn, "appendfsync", "always").await?;
         config_set(&mut conn, "appendonly", "yes").await?;
@@ -345,7 +387,7 @@ async fn restart_master(rig: &Rig, persist: bool) -> Result<(), BoxError> {
 /// an online replica, naming it afresh at each try: a failover may be
 /// under way (a restart that took longer than Sentinel's down-after).
 async fn settled(rig: &Rig) -> Result<(), BoxError> {
-    let topology = &rig.topology;
+    let topology = rig.topology()?;
     wait_until("the topology settled", async || {
         let Ok(master) = rig.current_master().await else {
             return false;

@@ -16,6 +16,11 @@
 //! (`demote_stale_masters`); Sentinel alone would wait until it had
 //! answered for 8 s, and writes meanwhile would use up their retry budget.
 //!
+//! A run whose faults are Redis Cluster faults ([`Fault::CLUSTER`]) runs on
+//! a cluster of 3 shards of a master and a replica instead, writes waiting
+//! for their shard's replica, so that a promoted replica has every
+//! acknowledged write of its shard.
+//!
 //! Limits reached on the master (`maxmemory`, a disk that cannot take a
 //! snapshot) make it refuse writes until an operator acts: those requests
 //! are answered at once (503 `store_full`, `store_not_persisting`) and
@@ -35,6 +40,7 @@ use rig::{Rig, wait_until};
 use traffic::Traffic;
 
 mod checks;
+mod cluster_faults;
 mod fault;
 mod receiver;
 mod report;
@@ -60,7 +66,8 @@ const OUTAGE: Duration = Duration::from_secs(3);
 /// The nodes run in network namespaces when a fault needs them (see
 /// [`redis_topology::check_network_namespaces`]).
 pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
-    let mut rig = Rig::start(faults.iter().any(|f| f.needs_network())).await?;
+    let network = faults.iter().any(|f| f.needs_network());
+    let mut rig = Rig::start(network, faults.iter().any(|f| f.needs_cluster())).await?;
     let traffic = Traffic::new(TENANTS.len() * TASKS_PER_TENANT);
     let (tasks, readers) = start_traffic(&rig, &traffic).await?;
     let start_counts = traffic.snapshot();
@@ -108,9 +115,7 @@ pub async fn run(rounds: usize, faults: &[Fault]) -> Result<Report, BoxError> {
         checks::audit_at_receiver(&traffic, &rig.receiver, faults);
     let dead_lettered = checks::dead_letters(rig.client()).await?;
     let acknowledged_writes = traffic.acknowledged.lock().unwrap().len() as u64;
-    let server = rig.topology.server();
-    let (major, minor) = server.version();
-    let server = format!("{:?} {major}.{minor}", server.kind());
+    let server = rig.server_version();
     rig.shutdown().await;
     Ok(Report {
         server,

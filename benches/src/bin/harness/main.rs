@@ -11,7 +11,8 @@
 //! cargo run --release -p benches --bin harness -- logs [--json FILE]
 //! cargo run --release -p benches --bin harness -- http [--json FILE]
 //! cargo build --release -p server && cargo run --release -p benches --bin harness -- abuse
-//! cargo run --release -p benches --bin harness -- chaos [--rounds N] [--json FILE]
+//! cargo run --release -p benches --bin harness -- chaos [--rounds N] [--cluster] [--json FILE]
+//! cargo run --release -p benches --bin harness -- cluster [--json FILE]
 //! ```
 //!
 //! - `kv`: `SET` then `GET` of a 64-byte value from 1, 16, 64 and 256
@@ -81,7 +82,17 @@
 //!   the retry budget, writes refused at once, and recovery time per round.
 //!   Then, on a system of its own, a master without persistence restarted
 //!   at once: the data it loses. Targets for N = 20: 0 lost, 0 missing, 0
-//!   errors within the budget.
+//!   errors within the budget. With `--cluster`, the system runs on a
+//!   Redis Cluster of 3 shards (a master and a replica each; writes wait
+//!   for their shard's replica), and the faults are a shard master killed
+//!   (kill -9) or stopped (SIGSTOP), a `CLUSTER FAILOVER`, and a busy
+//!   tenant's slot moved to another shard, each on a tenant's shard.
+//! - `cluster`: tenant-kv over 12 tenants from 64 tasks, (a) put and (c)
+//!   get on one master with a replica, the baselines, against (b) put and
+//!   (d) get on a Redis Cluster of 3 such shards, on the same cores. Then
+//!   (b) and (d) alone, with each shard master's operations per second and
+//!   Redis CPU per operation (`INFO commandstats`, `INFO cpu`). Target:
+//!   (b)/(a) and (d)/(c) >= 0.9 (at most 10% overhead).
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -99,13 +110,14 @@ use serde_json::{Value, json};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod abuse;
+mod cluster;
 mod failover;
 mod http;
 mod logs;
 mod tenant_kv;
 mod webdis;
 
-const USAGE: &str = "usage: harness <kv|failover|reads|tenant-kv|list|logs|http|abuse|chaos> [--failovers N] [--rounds N] [--json FILE]";
+const USAGE: &str = "usage: harness <kv|failover|reads|tenant-kv|list|logs|http|abuse|chaos|cluster> [--failovers N] [--rounds N] [--cluster] [--json FILE]";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -114,7 +126,12 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let (mut json_path, mut failovers, mut rounds) = (None, 20usize, 20usize);
+    let mut cluster = false;
     while let Some(arg) = args.next() {
+        if arg == "--cluster" {
+            cluster = true;
+            continue;
+        }
         match (arg.as_str(), args.next()) {
             ("--json", Some(path)) => json_path = Some(path),
             ("--failovers", Some(n)) if n.parse::<usize>().is_ok_and(|n| n > 0) => {
@@ -149,7 +166,9 @@ fn main() -> ExitCode {
             "logs" => logs::logs().await,
             "http" => http::http().await,
             "abuse" => abuse::abuse().await,
+            "chaos" if cluster => chaos_cluster(rounds).await,
             "chaos" => chaos(rounds).await,
+            "cluster" => cluster::cluster().await,
             _ => Err(USAGE.into()),
         }
     });
@@ -166,7 +185,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("harness: {error}");
+            let mut message = format!("harness: {error}");
+            let mut source = error.source();
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{message}");
             ExitCode::FAILURE
         }
     }
@@ -520,6 +545,22 @@ async fn set_get(
         .await
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// The chaos run on a Redis Cluster: its faults only, on 3 shards.
+async fn chaos_cluster(rounds: usize) -> Result<Value, Box<dyn Error>> {
+    use e2e_tests::chaos::{self, Fault};
+    let faults = Fault::CLUSTER;
+    println!("chaos --cluster: {rounds} rounds, faults cycling through {faults:?}");
+    let report = chaos::run(rounds, &faults)
+        .await
+        .map_err(|e| e.to_string())?;
+    chaos::print_totals(&report);
+    chaos::print_table(&report);
+    println!(
+        "targets: 0 acknowledged writes lost or missed by a read, 0 audit records missing, 0 client errors within the retry budget or past it"
+    );
+    Ok(json!({ "scenario": "chaos --cluster", "report": report.to_json() }))
 }
 
 async fn chaos(rounds: usize) -> Result<Value, Box<dyn Error>> {
