@@ -61,11 +61,31 @@ fn discovery(raw: &Raw) -> Result<Discovery, SettingError> {
     }
 }
 
+/// Refuses the settings of one way of finding Redis given with another.
+fn only_where_they_apply(raw: &Raw, discovery: &Discovery) -> Result<(), SettingError> {
+    let sentinel = matches!(discovery, Discovery::Sentinel { .. });
+    let refuse = |setting, reason: &str| Err(SettingError::invalid(setting, reason));
+    if raw.redis_sentinel_password.is_some() && !sentinel {
+        return refuse("redis_sentinel_password", "only with redis_sentinels");
+    }
+    if raw.redis_last_resort.is_some() && !matches!(discovery, Discovery::Candidates(_)) {
+        return refuse(
+            "redis_last_resort",
+            "only with redis_nodes: Sentinel names the master, a cluster its slot map",
+        );
+    }
+    if raw.redis_demote_stale_master && !sentinel {
+        return refuse(
+            "redis_demote_stale_master",
+            "only with redis_sentinels: the sentinels decide which master is stale",
+        );
+    }
+    Ok(())
+}
+
 /// The `redis_*` settings.
 pub(super) fn redis(raw: &Raw) -> Result<RedisSettings, SettingError> {
     let discovery = discovery(raw)?;
-    let sentinel = matches!(discovery, Discovery::Sentinel { .. });
-    let last_resort = raw.redis_last_resort.clone();
     let tls = raw.redis_tls;
     let refuse = |setting, reason: &str| Err(SettingError::invalid(setting, reason));
     if raw.redis_tls_ca_file.is_some() && !tls {
@@ -95,15 +115,7 @@ pub(super) fn redis(raw: &Raw) -> Result<RedisSettings, SettingError> {
             ));
         }
     }
-    if raw.redis_sentinel_password.is_some() && !sentinel {
-        return refuse("redis_sentinel_password", "only with redis_sentinels");
-    }
-    if last_resort.is_some() && !matches!(discovery, Discovery::Candidates(_)) {
-        return refuse(
-            "redis_last_resort",
-            "only with redis_nodes: Sentinel names the master, a cluster its slot map",
-        );
-    }
+    only_where_they_apply(raw, &discovery)?;
     let wait_replicas = raw.redis_wait_replicas;
     let wait_replicas_min = raw.redis_wait_replicas_min.unwrap_or(wait_replicas);
     if wait_replicas_min > wait_replicas || (wait_replicas > 0 && wait_replicas_min == 0) {
@@ -122,16 +134,9 @@ pub(super) fn redis(raw: &Raw) -> Result<RedisSettings, SettingError> {
     if replica_lost_after.is_zero() {
         return refuse("redis_replica_lost_after", "must be longer than 0");
     }
-    let demote_stale_master = raw.redis_demote_stale_master;
-    if demote_stale_master && !sentinel {
-        return refuse(
-            "redis_demote_stale_master",
-            "only with redis_sentinels: the sentinels decide which master is stale",
-        );
-    }
     Ok(RedisSettings {
         discovery,
-        last_resort,
+        last_resort: raw.redis_last_resort.clone(),
         username: raw.redis_username.clone(),
         password: raw.redis_password.clone(),
         sentinel_username: raw.redis_sentinel_username.clone(),
@@ -142,7 +147,7 @@ pub(super) fn redis(raw: &Raw) -> Result<RedisSettings, SettingError> {
         wait_replicas,
         wait_replicas_min,
         replica_lost_after,
-        demote_stale_master,
+        demote_stale_master: raw.redis_demote_stale_master,
         waitaof_local: raw.redis_waitaof_local,
     })
 }
