@@ -162,15 +162,6 @@ impl SlotMap {
         }
     }
 
-    /// The replicas of `master` (none if it is no master of the map).
-    pub(crate) fn replicas_of(&self, master: &NodeAddr) -> &[NodeAddr] {
-        self.masters
-            .iter()
-            .position(|m| m == master)
-            .and_then(|index| self.replicas.get(index))
-            .map_or(&[], Vec::as_slice)
-    }
-
     /// Every master with its replicas.
     pub(crate) fn shards(&self) -> Vec<(NodeAddr, Vec<NodeAddr>)> {
         self.masters
@@ -376,9 +367,9 @@ mod tests {
         assert_eq!(map.owner(0).unwrap().to_string(), "10.0.0.1:7000");
         assert_eq!(map.owner(16383).unwrap().to_string(), "seed:7001");
         assert_eq!(map.masters().len(), 2);
-        assert!(map.replicas_of(map.owner(0).unwrap()).is_empty());
-        let replicas = map.replicas_of(map.owner(16383).unwrap());
-        assert_eq!(replicas, [NodeAddr::new("r", 1).unwrap()]);
+        let shards = map.shards();
+        assert!(shards[0].1.is_empty());
+        assert_eq!(shards[1].1, [NodeAddr::new("r", 1).unwrap()]);
     }
 
     #[test]
