@@ -92,9 +92,8 @@ impl ClusterShared {
         policy: ReadPolicy,
         session: Option<u64>,
     ) -> Result<(NodeAddr, Reply)> {
-        let on_master = policy == ReadPolicy::Master
-            || request.blocking().is_some()
-            || session.is_some();
+        let on_master =
+            policy == ReadPolicy::Master || request.blocking().is_some() || session.is_some();
         let Some(slot) = slot.filter(|_| !on_master) else {
             return self.read_from_master(request, slot).await;
         };
@@ -130,7 +129,11 @@ impl ClusterShared {
             if plan.master_last {
                 return self.read_from_master(request, Some(slot)).await;
             }
-            return Err(no_replica(plan, failures, self.reads.settings.max_staleness));
+            return Err(no_replica(
+                plan,
+                failures,
+                self.reads.settings.max_staleness,
+            ));
         }
     }
 
@@ -238,9 +241,9 @@ impl ClusterShared {
             .map(|(master, replicas, tracker)| self.probe_shard(master, replicas, tracker));
         let sets = join_all(rounds).await;
         let published = probing.iter().map(|(master, ..)| master.clone());
-        self.reads
-            .sets
-            .store(Arc::new(published.zip(sets.into_iter().map(Arc::new)).collect()));
+        self.reads.sets.store(Arc::new(
+            published.zip(sets.into_iter().map(Arc::new)).collect(),
+        ));
         trackers.extend(probing.into_iter().map(|(master, _, t)| (master, t)));
     }
 
