@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use redis_failover::{Durability, FailoverClient, NodeAddr, ReadPolicy};
+use redis_failover::{ClusterClientBuilder, Durability, FailoverClient, NodeAddr, ReadPolicy};
 use redis_topology::{Cluster, NodeId, Shard, slot_of};
 
 /// Room for a loaded 2-core machine; nothing here fails over.
@@ -26,7 +26,7 @@ async fn cluster() -> Cluster {
 
 /// A client reading by `policy`, whose writes are on a replica before
 /// they are acknowledged (so that a read of them on a replica sees them).
-fn client(cluster: &Cluster, policy: ReadPolicy) -> FailoverClient {
+fn builder(cluster: &Cluster, policy: ReadPolicy) -> ClusterClientBuilder {
     let seeds = cluster
         .nodes()
         .into_iter()
@@ -36,14 +36,10 @@ fn client(cluster: &Cluster, policy: ReadPolicy) -> FailoverClient {
         .read_policy(policy)
         .replica_probe_interval(Duration::from_millis(100))
         .max_staleness(Duration::from_secs(1))
-        // A resumed replica is listed again by the next map.
-        .slot_refresh_interval(Duration::from_millis(300))
         .durability(Durability::Replicated {
             replicas: 1,
             timeout: Duration::from_secs(2),
         })
-        .build()
-        .unwrap()
 }
 
 /// A key whose slot `shard` serves.
@@ -88,27 +84,55 @@ fn usable(client: &FailoverClient, node: &NodeAddr) -> bool {
         .any(|r| r.node == *node && r.unusable.is_none())
 }
 
+/// Writes a key on every shard (so that each replica has replicated
+/// something: `CLUSTER SLOTS` lists it only then), and waits until every
+/// node lists every shard's replica, so that a client built next knows
+/// them all from its first map.
+async fn write_on_every_shard(cluster: &Cluster, shards: &[Shard], stem: &str) -> Vec<String> {
+    let writer = builder(cluster, ReadPolicy::Master).build().unwrap();
+    let keys: Vec<String> = (0..shards.len())
+        .map(|i| key_in(&shards[i], &format!("{stem}-{i}")))
+        .collect();
+    for (i, key) in keys.iter().enumerate() {
+        writer.set(key, i).await.unwrap();
+    }
+    wait_until("every node lists every replica", || async {
+        for node in cluster.nodes() {
+            let slots = redis::cmd("CLUSTER").arg("SLOTS").to_owned();
+            let Ok(redis::Value::Array(ranges)) = cluster.query(node, &slots).await else {
+                return false;
+            };
+            // A range is [first, last, master, replicas...].
+            if ranges
+                .iter()
+                .any(|r| matches!(r, redis::Value::Array(f) if f.len() < 4))
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    keys
+}
+
+/// Waits until the client may read from every replica (`Replica` fails
+/// while none qualifies).
+async fn wait_usable(client: &FailoverClient, count: usize) {
+    wait_until("every replica is usable", || async {
+        let replicas = client.replicas();
+        replicas.iter().filter(|r| r.unusable.is_none()).count() == count
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn reads_of_every_shard_are_served_by_its_replica() {
     let cluster = cluster().await;
-    let client = client(&cluster, ReadPolicy::Replica);
     let shards = cluster.shards().await.unwrap();
-    let keys: Vec<String> = (0..shards.len())
-        .map(|i| key_in(&shards[i], &format!("read-{i}")))
-        .collect();
-    for (i, key) in keys.iter().enumerate() {
-        client.set(key, i).await.unwrap();
-    }
-    // `CLUSTER SLOTS` lists a replica once it has replicated something,
-    // and `Replica` fails while none qualifies: the probes vouch first.
-    let replicas: Vec<NodeAddr> = shards
-        .iter()
-        .map(|shard| NodeAddr::from(cluster.addr(shard.replicas[0])))
-        .collect();
-    wait_until("every replica is usable", || async {
-        replicas.iter().all(|replica| usable(&client, replica))
-    })
-    .await;
+    let keys = write_on_every_shard(&cluster, &shards, "read").await;
+    let client = builder(&cluster, ReadPolicy::Replica).build().unwrap();
+    wait_usable(&client, shards.len()).await;
     for (i, key) in keys.iter().enumerate() {
         assert_eq!(client.get::<usize>(key).await.unwrap(), i);
         let tagged = format!("{{{key}}}");
@@ -144,7 +168,11 @@ async fn reads_of_every_shard_are_served_by_its_replica() {
 #[tokio::test]
 async fn a_paused_replica_serves_no_reads_until_resumed() {
     let cluster = cluster().await;
-    let client = client(&cluster, ReadPolicy::ReplicaPreferred);
+    let client = builder(&cluster, ReadPolicy::ReplicaPreferred)
+        // A resumed replica is listed again by the next map.
+        .slot_refresh_interval(Duration::from_millis(300))
+        .build()
+        .unwrap();
     let shards = cluster.shards().await.unwrap();
     let (shard, other) = (&shards[0], &shards[1]);
     let (key, other_key) = (key_in(shard, "paused"), key_in(other, "other"));
@@ -188,4 +216,37 @@ async fn a_paused_replica_serves_no_reads_until_resumed() {
             && client.metrics().replica_reads > before
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_replica_of_a_moved_slot_sends_the_read_to_the_new_shard() {
+    let cluster = cluster().await;
+    // The map is not loaded again by itself during the test: the replica's
+    // MOVED tells of the move.
+    let shards = cluster.shards().await.unwrap();
+    let keys = write_on_every_shard(&cluster, &shards, "moving").await;
+    let client = builder(&cluster, ReadPolicy::Replica).build().unwrap();
+    wait_usable(&client, shards.len()).await;
+    assert_eq!(client.get::<usize>(&keys[0]).await.unwrap(), 0);
+    cluster
+        .move_slot(slot_of(&keys[0]), shards[1].master)
+        .await
+        .unwrap();
+    // The migrated key on the new shard's replica before it is read there.
+    let waited: i64 = cluster
+        .query(shards[1].master, redis::cmd("WAIT").arg(1).arg(2000))
+        .await
+        .unwrap();
+    assert_eq!(waited, 1);
+    let (gets, redirects) = (
+        gets_on(&cluster, shards[1].replicas[0]).await,
+        client.metrics().redirect_replies,
+    );
+    assert_eq!(client.get::<usize>(&keys[0]).await.unwrap(), 0);
+    assert!(client.metrics().redirect_replies > redirects, "a MOVED");
+    assert_eq!(gets_on(&cluster, shards[1].replicas[0]).await, gets + 1);
+    assert_eq!(
+        client.master_of(&keys[0]),
+        Some(NodeAddr::from(cluster.addr(shards[1].master)))
+    );
 }
