@@ -250,3 +250,15 @@ async fn a_replica_of_a_moved_slot_sends_the_read_to_the_new_shard() {
         Some(NodeAddr::from(cluster.addr(shards[1].master)))
     );
 }
+
+#[tokio::test]
+async fn the_staleness_bound_is_checked_as_with_one_master() {
+    let seed = NodeAddr::new("127.0.0.1", 1).unwrap();
+    let too_tight = FailoverClient::cluster([seed])
+        .replica_probe_interval(Duration::from_millis(100))
+        .max_staleness(Duration::from_millis(150))
+        .build();
+    let error = too_tight.unwrap_err();
+    assert_eq!(error.kind(), redis_failover::ErrorKind::InvalidConfig);
+    assert!(error.to_string().contains("max_staleness"), "{error}");
+}
