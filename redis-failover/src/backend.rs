@@ -11,7 +11,7 @@ use crate::cluster_exec::{Destination, Via};
 use crate::cluster_state::ClusterShared;
 use crate::durable::Ack;
 use crate::error::{Error, Result};
-use crate::events::{Counter, Telemetry};
+use crate::events::Telemetry;
 use crate::request::{Reply, Request};
 use crate::routing::{Durability, ReadPolicy};
 use crate::shared::Shared;
@@ -89,8 +89,8 @@ impl FailoverClient {
     }
 
     /// Sends the read `request` where this handle's read policy says (in
-    /// a cluster, to the master of its slot), within a session whose
-    /// writes reached replication offset `session`.
+    /// a cluster, among the master and replicas of its slot), within a
+    /// session whose writes reached replication offset `session`.
     pub(crate) async fn send_read(
         &self,
         request: Request<'_>,
@@ -106,10 +106,8 @@ impl FailoverClient {
                         command: request.describe(),
                     });
                 }
-                let slot = Destination::Slot(cluster_slot(request)?);
-                cluster.telemetry.add(Counter::MasterReads);
-                let via = cluster_via(request, Durability::Master)?;
-                Box::pin(cluster.execute(request, slot, false, via)).await
+                let slot = cluster_slot(request)?;
+                Box::pin(cluster.read(request, slot, self.read_policy(), session)).await
             }
         }
     }
@@ -127,7 +125,7 @@ fn cluster_slot(request: Request<'_>) -> Result<Option<u16>> {
 /// The connection a cluster request goes over on its master, as with one
 /// master: a blocking command gets one of its own; a write made durable
 /// goes over the master's lane and waits for a `WAIT` there.
-fn cluster_via(request: Request<'_>, durability: Durability) -> Result<Via> {
+pub(crate) fn cluster_via(request: Request<'_>, durability: Durability) -> Result<Via> {
     let ack = match request.is_read_only() {
         true => None,
         false => cluster_ack(durability)?,

@@ -15,6 +15,7 @@ use crate::durable::ReplicationStatus;
 use crate::error::{Error, Result};
 use crate::events::{Event, MetricsSnapshot};
 use crate::policy::{Decision, RetryPolicy, Tried, Tries};
+use crate::replica_set::ReadReplica;
 use crate::request::{Reply, Request};
 use crate::routing::{Durability, ReadPolicy};
 use crate::shared::Shared;
@@ -353,32 +354,40 @@ impl FailoverClient {
         }
     }
 
-    /// The replicas known now and whether each may serve reads. (The
-    /// replica probes start on first need: the first call may find none.)
+    /// The replicas known now and whether each may serve reads; in a
+    /// cluster, those of every master. (The replica probes start on first
+    /// need: the first call may find none.)
     #[must_use]
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
-        let Backend::Replicated(shared) = self.backend() else {
-            return Vec::new();
-        };
-        shared.track_replicas();
         let now = Instant::now();
-        let max_staleness = shared.settings.max_staleness;
-        shared
-            .state
-            .read_set()
-            .replicas
-            .iter()
-            .map(|replica| ReplicaStatus {
-                node: replica.node.clone(),
-                unusable: replica
-                    .unusable(now, max_staleness)
-                    .map(|why| why.to_string()),
-                staleness: replica
-                    .caught_up_at
-                    .map(|at| now.saturating_duration_since(at)),
-                latency: replica.latency,
-            })
-            .collect()
+        let status = |replica: &ReadReplica, max_staleness| ReplicaStatus {
+            node: replica.node.clone(),
+            unusable: replica
+                .unusable(now, max_staleness)
+                .map(|why| why.to_string()),
+            staleness: replica
+                .caught_up_at
+                .map(|at| now.saturating_duration_since(at)),
+            latency: replica.latency,
+        };
+        match self.backend() {
+            Backend::Replicated(shared) => {
+                shared.track_replicas();
+                let max_staleness = shared.settings.max_staleness;
+                let set = shared.state.read_set();
+                set.replicas
+                    .iter()
+                    .map(|r| status(r, max_staleness))
+                    .collect()
+            }
+            Backend::Cluster(cluster) => {
+                cluster.track_replicas();
+                let max_staleness = cluster.reads.settings.max_staleness;
+                let sets = cluster.reads.sets();
+                let replicas = sets.values().flat_map(|set| set.replicas.iter());
+                replicas.map(|r| status(r, max_staleness)).collect()
+            }
+        }
     }
 
     /// Events as they happen: master changes, lost masters, sentinel

@@ -12,6 +12,7 @@ use crate::backend::Backend;
 use crate::backoff::Backoff;
 use crate::builder::FailoverClientBuilder;
 use crate::client::{FailoverClient, convert};
+use crate::cluster_reads::ReadSettings;
 use crate::cluster_state::{ClusterSettings, ClusterShared, refresh_loop};
 use crate::error::{Error, Result};
 use crate::events::Telemetry;
@@ -114,6 +115,45 @@ impl ClusterClientBuilder {
         self
     }
 
+    /// Where reads ([`FailoverClient::read`], [`FailoverClient::get`],
+    /// [`FailoverClient::read_pipeline`], [`FailoverClient::read_connection`])
+    /// go unless a handle says otherwise ([`FailoverClient::with_read_policy`]):
+    /// by the rules of the one-master modes, among the master of the key's
+    /// slot and its replicas (as `CLUSTER SLOTS` lists them) that are within
+    /// [`max_staleness`](Self::max_staleness). Keyless reads, blocking reads
+    /// and reads of a [`Session`](crate::Session) go to a master. Defaults
+    /// to [`ReadPolicy::Master`].
+    pub fn read_policy(mut self, policy: ReadPolicy) -> Self {
+        self.base = self.base.read_policy(policy);
+        self
+    }
+
+    /// How stale a replica may be and still serve reads, measured as in
+    /// the one-master modes against its own master
+    /// ([`FailoverClientBuilder::max_staleness`]). Defaults to 5 s; must be
+    /// at least two probe intervals.
+    pub fn max_staleness(mut self, bound: Duration) -> Self {
+        self.base = self.base.max_staleness(bound);
+        self
+    }
+
+    /// How often each master and its replicas are probed (`INFO
+    /// replication`) once reads use replicas. Defaults to 500 ms.
+    pub fn replica_probe_interval(mut self, interval: Duration) -> Self {
+        self.base = self.base.replica_probe_interval(interval);
+        self
+    }
+
+    /// Replicas for which `prefer` returns true are used first; the others
+    /// only when none of those qualifies. Defaults to no preference.
+    pub fn prefer_replicas(
+        mut self,
+        prefer: impl Fn(&NodeAddr) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.base = self.base.prefer_replicas(prefer);
+        self
+    }
+
     /// How many connections of its own (blocking commands, transactions)
     /// each master may have open at once. Defaults to 16.
     pub fn dedicated_connections(mut self, connections: u32) -> Self {
@@ -156,6 +196,11 @@ impl ClusterClientBuilder {
             policy: base.retry_policy(),
             refresh_interval: self.slot_refresh_interval,
             dedicated_connections: base.dedicated_connections,
+            reads: ReadSettings {
+                max_staleness: base.max_staleness,
+                probe_interval: base.replica_probe_interval,
+                preference: base.replica_preference.clone(),
+            },
         };
         let telemetry = Telemetry::new(base.event_capacity);
         let stopped = CancellationToken::new();
@@ -169,7 +214,7 @@ impl ClusterClientBuilder {
         Ok(FailoverClient::with_backend(
             Backend::Cluster(shared),
             stopped,
-            ReadPolicy::Master,
+            base.read_policy,
             base.durability,
         ))
     }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::addr::NodeAddr;
 use crate::client::MasterInfo;
 use crate::cluster_nodes::ClusterNodes;
+use crate::cluster_reads::{ClusterReads, ReadSettings};
 use crate::error::{Error, Result};
 use crate::events::{Counter, Event, Telemetry, Trigger};
 use crate::node::Connector;
@@ -31,6 +32,7 @@ pub(crate) struct ClusterSettings {
     pub(crate) policy: RetryPolicy,
     pub(crate) refresh_interval: Duration,
     pub(crate) dedicated_connections: u32,
+    pub(crate) reads: ReadSettings,
 }
 
 pub(crate) struct ClusterShared {
@@ -39,6 +41,8 @@ pub(crate) struct ClusterShared {
     pub(crate) connector: Connector,
     /// Each master's lane and dedicated connections.
     pub(crate) nodes: ClusterNodes,
+    /// The replicas reads may use, once they do.
+    pub(crate) reads: ClusterReads,
     map: Mutex<SlotMap>,
     connections: Mutex<HashMap<NodeAddr, MultiplexedConnection>>,
     /// Held while the map is being refreshed: one refresh at a time.
@@ -70,6 +74,7 @@ impl ClusterShared {
     ) -> Self {
         Self {
             nodes: ClusterNodes::new(settings.dedicated_connections),
+            reads: ClusterReads::new(settings.reads.clone(), &connector),
             settings,
             telemetry,
             connector,
@@ -119,6 +124,11 @@ impl ClusterShared {
     /// Every master of the map.
     pub(crate) fn masters(&self) -> Vec<NodeAddr> {
         self.map().masters().to_vec()
+    }
+
+    /// Every master of the map with its replicas.
+    pub(crate) fn shards(&self) -> Vec<(NodeAddr, Vec<NodeAddr>)> {
+        self.map().shards()
     }
 
     /// Records that `node` now serves `slot` (a `MOVED` reply said so), and

@@ -11,6 +11,7 @@ mod cluster;
 mod cluster_blocking;
 mod cluster_exec;
 mod cluster_nodes;
+mod cluster_reads;
 mod cluster_state;
 mod cluster_transaction;
 mod connections;

@@ -153,6 +153,9 @@ pub(crate) struct Connector {
     tls: Option<Tls>,
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// Sends `READONLY` on each new connection: a cluster replica answers
+    /// reads only on connections that asked for it (else `MOVED`).
+    read_only: bool,
 }
 
 impl Connector {
@@ -169,6 +172,16 @@ impl Connector {
             tls,
             connect_timeout,
             response_timeout,
+            read_only: false,
+        }
+    }
+
+    /// This connector for the replicas of a cluster: each connection it
+    /// opens sends `READONLY` once first.
+    pub(crate) fn read_only(&self) -> Self {
+        Self {
+            read_only: true,
+            ..self.clone()
         }
     }
 
@@ -211,16 +224,23 @@ impl Connector {
 
     /// A multiplexed connection to `node`.
     pub(crate) async fn connect(&self, node: &NodeAddr) -> RedisResult<MultiplexedConnection> {
-        self.first_address(node, |addr| async move {
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(self.connect_timeout))
-                .set_response_timeout(Some(self.response_timeout))
-                .set_dns_resolver(ResolvedAddr(addr));
-            self.client(node, addr)?
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-        })
-        .await
+        let mut connection = self
+            .first_address(node, |addr| async move {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.response_timeout))
+                    .set_dns_resolver(ResolvedAddr(addr));
+                self.client(node, addr)?
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            })
+            .await?;
+        if self.read_only {
+            redis::cmd("READONLY")
+                .query_async::<()>(&mut connection)
+                .await?;
+        }
+        Ok(connection)
     }
 
     /// A multiplexed connection to `node` over RESP3, its push messages

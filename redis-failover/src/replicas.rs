@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::addr::NodeAddr;
 use crate::builder::Mode;
-use crate::events::Event;
+use crate::events::{Event, Telemetry};
 use crate::node::{Connection, Connector};
 use crate::replica_set::{OffsetHistory, ReadReplica, ReadSet, ReplicationInfo};
 use crate::shared::Shared;
@@ -144,6 +144,129 @@ async fn probe(
     Ok((info, took))
 }
 
+/// How a round of replica probes runs.
+pub(crate) struct Probing<'a> {
+    /// Opens the replicas' connections.
+    pub(crate) connector: &'a Connector,
+    /// A probe still running after this long is judged at a later round.
+    pub(crate) interval: Duration,
+    pub(crate) max_staleness: Duration,
+    /// Where replicas becoming usable or unusable are told.
+    pub(crate) telemetry: &'a Telemetry,
+}
+
+/// One master's replicas as the probes follow them: the master's offsets
+/// over time, its latency, and what each replica showed. The one-master
+/// modes keep one; a cluster client one per master of its slot map.
+#[derive(Default)]
+pub(crate) struct ReplicaTracker {
+    history: OffsetHistory,
+    tracked: HashMap<NodeAddr, Tracked>,
+    pub(crate) master_latency: Option<Duration>,
+}
+
+impl ReplicaTracker {
+    /// The replicas followed now.
+    pub(crate) fn members(&self) -> Vec<NodeAddr> {
+        self.tracked.keys().cloned().collect()
+    }
+
+    /// The master's `INFO replication` on `connection`, sampled into the
+    /// history (its offset at `sent`, kept for `keep`) and its latency;
+    /// `None` if it did not answer as a master.
+    pub(crate) async fn probe_master(
+        &mut self,
+        connection: &mut MultiplexedConnection,
+        sent: Instant,
+        keep: Duration,
+    ) -> Option<ReplicationInfo> {
+        match probe(connection).await {
+            Ok((info, took)) if info.is_master => {
+                self.master_latency = Some(average(self.master_latency, took));
+                self.history.record(sent, &info.replid, info.offset, keep);
+                Some(info)
+            }
+            Ok(_) | Err(_) => None,
+        }
+    }
+
+    /// Probes `members` (forgetting the replicas no longer listed), judged
+    /// against `master_info`, sampled at `sent`; the replicas as reads see
+    /// them.
+    pub(crate) async fn probe_replicas(
+        &mut self,
+        members: &[NodeAddr],
+        master_info: Option<&ReplicationInfo>,
+        sent: Instant,
+        probing: &Probing<'_>,
+    ) -> Vec<ReadReplica> {
+        self.tracked.retain(|node, entry| {
+            let listed = members.contains(node);
+            if !listed && entry.usable {
+                probing.telemetry.emit(Event::ReplicaUnusable {
+                    node: node.clone(),
+                    reason: "no longer listed as a replica".to_owned(),
+                });
+            }
+            listed
+        });
+        // Each replica is probed by a task of its own: one that hangs (or
+        // takes a connect timeout) must not hold up the others' samples.
+        for node in members {
+            let entry = self
+                .tracked
+                .entry(node.clone())
+                .or_insert_with(Tracked::new);
+            if entry.pending.is_none() {
+                let connection = entry.connection.clone().filter(|c| !c.has_failed());
+                let (connector, node) = (probing.connector.clone(), node.clone());
+                entry.pending = Some(tokio::spawn(probe_replica(connector, node, connection)));
+            }
+        }
+        let deadline = tokio::time::Instant::from_std(sent) + probing.interval;
+        let mut replicas = Vec::new();
+        for node in members {
+            let entry = self.tracked.get_mut(node).expect("tracked above");
+            if let Some(pending) = &mut entry.pending
+                && let Ok(joined) = tokio::time::timeout_at(deadline, pending).await
+            {
+                // A probe still running is judged at a later round; until
+                // then the replica ages from its last sample.
+                entry.pending = None;
+                let probed = joined.unwrap_or_else(|error| (None, Err(error.to_string())));
+                entry.judge(probed, master_info, &self.history);
+            }
+            replicas.push(read_replica(node, entry, probing));
+        }
+        replicas
+    }
+}
+
+/// The replica at `node` as reads see it, with an event when it became
+/// usable or unusable.
+fn read_replica(node: &NodeAddr, entry: &mut Tracked, probing: &Probing<'_>) -> ReadReplica {
+    let replica = ReadReplica {
+        node: node.clone(),
+        connection: entry.connection.clone(),
+        problem: entry.problem.clone(),
+        caught_up_at: entry.caught_up_at,
+        latency: entry.latency,
+    };
+    let reason = replica.unusable(Instant::now(), probing.max_staleness);
+    match (&reason, entry.usable) {
+        (None, false) => probing
+            .telemetry
+            .emit(Event::ReplicaUsable { node: node.clone() }),
+        (Some(reason), true) => probing.telemetry.emit(Event::ReplicaUnusable {
+            node: node.clone(),
+            reason: reason.to_string(),
+        }),
+        _ => {}
+    }
+    entry.usable = reason.is_none();
+    replica
+}
+
 impl Shared {
     /// Healthy replicas of `master` by `max_lag`, from the latest probe if
     /// it is recent and of this master, else asked now.
@@ -242,115 +365,40 @@ impl Shared {
     }
 
     /// One round of probes; publishes the new read set.
-    async fn probe_replicas(
-        &self,
-        history: &mut OffsetHistory,
-        tracked: &mut HashMap<NodeAddr, Tracked>,
-        master_latency: &mut Option<Duration>,
-    ) {
+    async fn probe_replicas(&self, tracker: &mut ReplicaTracker) {
         let master = self.state.master();
         let sent = Instant::now();
         let master_info = match &master {
             Some(master) => {
-                self.probe_master(master, sent, history, master_latency)
-                    .await
+                let mut connection = master.connection.load().multiplexed.clone();
+                let keep = self.settings.max_staleness + self.settings.replica_probe_interval;
+                tracker.probe_master(&mut connection, sent, keep).await
             }
             None => None,
         };
-        let previous: Vec<NodeAddr> = tracked.keys().cloned().collect();
+        let previous = tracker.members();
         let members = self
             .replica_members(master.as_deref(), master_info.as_ref(), previous)
             .await;
-        tracked.retain(|node, entry| {
-            let listed = members.contains(node);
-            if !listed && entry.usable {
-                self.emit(Event::ReplicaUnusable {
-                    node: node.clone(),
-                    reason: "no longer listed as a replica".to_owned(),
-                });
-            }
-            listed
-        });
-        // Each replica is probed by a task of its own: one that hangs (or
-        // takes a connect timeout) must not hold up the others' samples.
-        for node in &members {
-            let entry = tracked.entry(node.clone()).or_insert_with(Tracked::new);
-            if entry.pending.is_none() {
-                let connection = entry.connection.clone().filter(|c| !c.has_failed());
-                let (connector, node) = (self.data.clone(), node.clone());
-                entry.pending = Some(tokio::spawn(probe_replica(connector, node, connection)));
-            }
-        }
-        let deadline = tokio::time::Instant::from_std(sent) + self.settings.replica_probe_interval;
-        let mut replicas = Vec::new();
-        for node in &members {
-            let entry = tracked.get_mut(node).expect("tracked above");
-            if let Some(pending) = &mut entry.pending
-                && let Ok(joined) = tokio::time::timeout_at(deadline, pending).await
-            {
-                // A probe still running is judged at a later round; until
-                // then the replica ages from its last sample.
-                entry.pending = None;
-                let probed = joined.unwrap_or_else(|error| (None, Err(error.to_string())));
-                entry.judge(probed, master_info.as_ref(), history);
-            }
-            replicas.push(self.read_replica(node, entry));
-        }
+        let probing = Probing {
+            connector: &self.data,
+            interval: self.settings.replica_probe_interval,
+            max_staleness: self.settings.max_staleness,
+            telemetry: &self.telemetry,
+        };
+        let replicas = tracker
+            .probe_replicas(&members, master_info.as_ref(), sent, &probing)
+            .await;
         let healthy = match (&master_info, self.settings.min_replicas) {
             (Some(info), Some(min)) => Some((info.healthy_replicas(min.max_lag), sent)),
             _ => None,
         };
         self.state.publish_read_set(ReadSet {
             master_generation: master.as_ref().map_or(0, |m| m.generation),
-            master_latency: *master_latency,
+            master_latency: tracker.master_latency,
             healthy_replicas: healthy,
             replicas,
         });
-    }
-
-    /// The master's `INFO replication`, sampled into `history` (its
-    /// offset at `sent`) and its latency into `master_latency`; `None` if it
-    /// did not answer as a master.
-    async fn probe_master(
-        &self,
-        master: &Master,
-        sent: Instant,
-        history: &mut OffsetHistory,
-        master_latency: &mut Option<Duration>,
-    ) -> Option<ReplicationInfo> {
-        let mut connection = master.connection.load().multiplexed.clone();
-        match probe(&mut connection).await {
-            Ok((info, took)) if info.is_master => {
-                *master_latency = Some(average(*master_latency, took));
-                let keep = self.settings.max_staleness + self.settings.replica_probe_interval;
-                history.record(sent, &info.replid, info.offset, keep);
-                Some(info)
-            }
-            Ok(_) | Err(_) => None,
-        }
-    }
-
-    /// The replica at `node` as reads see it, with an event when it
-    /// became usable or unusable.
-    fn read_replica(&self, node: &NodeAddr, entry: &mut Tracked) -> ReadReplica {
-        let replica = ReadReplica {
-            node: node.clone(),
-            connection: entry.connection.clone(),
-            problem: entry.problem.clone(),
-            caught_up_at: entry.caught_up_at,
-            latency: entry.latency,
-        };
-        let reason = replica.unusable(Instant::now(), self.settings.max_staleness);
-        match (&reason, entry.usable) {
-            (None, false) => self.emit(Event::ReplicaUsable { node: node.clone() }),
-            (Some(reason), true) => self.emit(Event::ReplicaUnusable {
-                node: node.clone(),
-                reason: reason.to_string(),
-            }),
-            _ => {}
-        }
-        entry.usable = reason.is_none();
-        replica
     }
 
     /// Starts the replica probes unless they run: on the first read that
@@ -368,9 +416,7 @@ pub(crate) async fn replica_loop(shared: Arc<Shared>, stop: CancellationToken) {
     let mut installed = shared.subscribe_installed();
     let mut interval = tokio::time::interval(shared.settings.replica_probe_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut history = OffsetHistory::default();
-    let mut tracked = HashMap::new();
-    let mut master_latency = None;
+    let mut tracker = ReplicaTracker::default();
     let mut generation = 0;
     loop {
         tokio::select! {
@@ -381,9 +427,9 @@ pub(crate) async fn replica_loop(shared: Arc<Shared>, stop: CancellationToken) {
         let now = *installed.borrow_and_update();
         if now != generation {
             generation = now;
-            master_latency = None;
+            tracker.master_latency = None;
         }
-        let round = shared.probe_replicas(&mut history, &mut tracked, &mut master_latency);
+        let round = shared.probe_replicas(&mut tracker);
         tokio::select! {
             () = stop.cancelled() => return,
             _ = round => shared.probe_rounds.send_modify(|rounds| *rounds += 1),

@@ -15,6 +15,10 @@ use crate::error::{Error, Result};
 /// chosen by [`prefer_replicas`](crate::FailoverClientBuilder::prefer_replicas)
 /// are tried before the others. A read that fails on a replica (connection
 /// lost, `LOADING`, ...) is tried on the next one.
+///
+/// In cluster mode the same rules apply to the master of the key's slot
+/// and its replicas, each replica's staleness measured against its own
+/// master; keyless reads go to a master.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ReadPolicy {

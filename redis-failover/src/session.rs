@@ -30,6 +30,10 @@ use crate::routing::Durability;
 /// master from then on. A write whose outcome is unknown
 /// ([`Error::OutcomeUnknown`]) is not tracked.
 ///
+/// On a cluster client ([`FailoverClient::cluster`]) a session's writes
+/// record no offset and its reads go to the masters of their slots, which
+/// are never stale, whatever the read policy.
+///
 /// Cheap to clone; clones share the position. The position can travel
 /// (say, in a cookie) and resume the session elsewhere with
 /// [`FailoverClient::session_after`].

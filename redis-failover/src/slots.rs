@@ -141,12 +141,15 @@ pub(crate) fn slot_of_pipeline(
     }
 }
 
-/// Which master serves each slot, as far as the client knows.
+/// Which master serves each slot, as far as the client knows, and the
+/// replicas of each master.
 #[derive(Clone, Debug)]
 pub(crate) struct SlotMap {
     /// Per slot, an index into `masters`.
     owners: Vec<Option<u16>>,
     masters: Vec<NodeAddr>,
+    /// Per master (same index), its replicas as `CLUSTER SLOTS` listed them.
+    replicas: Vec<Vec<NodeAddr>>,
 }
 
 impl SlotMap {
@@ -155,7 +158,17 @@ impl SlotMap {
         Self {
             owners: vec![None; SLOT_COUNT],
             masters: Vec::new(),
+            replicas: Vec::new(),
         }
+    }
+
+    /// Every master with its replicas.
+    pub(crate) fn shards(&self) -> Vec<(NodeAddr, Vec<NodeAddr>)> {
+        self.masters
+            .iter()
+            .cloned()
+            .zip(self.replicas.iter().cloned())
+            .collect()
     }
 
     /// The master of `slot`, if known.
@@ -176,17 +189,23 @@ impl SlotMap {
 
     /// Records that `node` serves `slot` (as a `MOVED` said).
     pub(crate) fn set(&mut self, slot: u16, node: NodeAddr) {
-        let index = match self.masters.iter().position(|m| *m == node) {
-            Some(index) => index,
-            None => {
-                self.masters.push(node);
-                self.masters.len() - 1
-            }
-        };
+        let index = self.index_of(node);
         if let (Some(owner), Ok(index)) =
             (self.owners.get_mut(usize::from(slot)), u16::try_from(index))
         {
             *owner = Some(index);
+        }
+    }
+
+    /// The index of the master `node`, added (without replicas) if new.
+    fn index_of(&mut self, node: NodeAddr) -> usize {
+        match self.masters.iter().position(|m| *m == node) {
+            Some(index) => index,
+            None => {
+                self.masters.push(node);
+                self.replicas.push(Vec::new());
+                self.masters.len() - 1
+            }
         }
     }
 
@@ -210,7 +229,8 @@ impl SlotMap {
 
     /// The map a `CLUSTER SLOTS` reply from `asked` describes: ranges of
     /// `[first, last, [host, port, id, ...], replicas...]`. An empty host
-    /// means the node asked (the node does not know its own address).
+    /// means the node asked (the node does not know its own address). The
+    /// server leaves out replicas it considers failed.
     pub(crate) fn from_cluster_slots(reply: &Value, asked: &NodeAddr) -> Option<Self> {
         let Value::Array(ranges) = reply else {
             return None;
@@ -221,12 +241,19 @@ impl SlotMap {
                 return None;
             };
             let (first, last) = (integer(fields.first()?)?, integer(fields.get(1)?)?);
-            let master = master_of(fields.get(2)?, asked)?;
+            let master = node_of(fields.get(2)?, asked)?;
             if first > last || last >= SLOT_COUNT as i64 || first < 0 {
                 return None;
             }
             for slot in first..=last {
                 map.set(u16::try_from(slot).ok()?, master.clone());
+            }
+            let index = map.index_of(master);
+            for entry in fields.get(3..).unwrap_or_default() {
+                let replica = node_of(entry, asked)?;
+                if !map.replicas[index].contains(&replica) {
+                    map.replicas[index].push(replica);
+                }
             }
         }
         Some(map)
@@ -234,7 +261,7 @@ impl SlotMap {
 }
 
 /// The address in a `CLUSTER SLOTS` node entry.
-fn master_of(entry: &Value, asked: &NodeAddr) -> Option<NodeAddr> {
+fn node_of(entry: &Value, asked: &NodeAddr) -> Option<NodeAddr> {
     let Value::Array(fields) = entry else {
         return None;
     };
@@ -340,6 +367,9 @@ mod tests {
         assert_eq!(map.owner(0).unwrap().to_string(), "10.0.0.1:7000");
         assert_eq!(map.owner(16383).unwrap().to_string(), "seed:7001");
         assert_eq!(map.masters().len(), 2);
+        let shards = map.shards();
+        assert!(shards[0].1.is_empty());
+        assert_eq!(shards[1].1, [NodeAddr::new("r", 1).unwrap()]);
     }
 
     #[test]
