@@ -2,45 +2,23 @@
 //! each): routing by slot, `MOVED` after a slot moves, `ASK` during a
 //! migration, a master killed under writes, and cross-slot refusals.
 
+mod common;
+
+use common::{addr_of, cluster, cluster_seeds, key_in};
 use std::time::{Duration, Instant};
 
 use redis_failover::{Error, ErrorKind, Event, FailoverClient, NodeAddr, Trigger};
-use redis_topology::{Cluster, FailoverMode, NodeId, Shard, slot_of};
+use redis_topology::{Cluster, FailoverMode, NodeId, slot_of};
 
 /// A failover after a kill takes about twice the 2 s node timeout; this
 /// leaves room for a loaded 2-core machine.
 const FAILOVER_BUDGET: Duration = Duration::from_secs(20);
 
-async fn cluster() -> Cluster {
-    Cluster::builder()
-        .shards(3)
-        .replicas_per_shard(1)
-        .start()
-        .await
-        .unwrap()
-}
-
 fn client(cluster: &Cluster) -> FailoverClient {
-    let seeds = cluster
-        .nodes()
-        .into_iter()
-        .map(|n| NodeAddr::from(cluster.addr(n)));
-    FailoverClient::cluster(seeds)
+    FailoverClient::cluster(cluster_seeds(cluster))
         .retry_budget(FAILOVER_BUDGET)
         .build()
         .unwrap()
-}
-
-/// A key whose slot `shard` serves.
-fn key_in(shard: &Shard, stem: &str) -> String {
-    (0..)
-        .map(|n| format!("{stem}-{n}"))
-        .find(|key| shard.slots.iter().any(|r| r.contains(&slot_of(key))))
-        .unwrap()
-}
-
-fn addr_of(cluster: &Cluster, node: NodeId) -> NodeAddr {
-    NodeAddr::from(cluster.addr(node))
 }
 
 async fn node_id(cluster: &Cluster, node: NodeId) -> String {

@@ -2,32 +2,22 @@
 //! cluster mode, against one real local Redis Cluster per test (3 masters,
 //! 1 replica each).
 
+mod common;
+
+use common::{cluster, cluster_seeds, key_in};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use redis_failover::{Durability, Error, ErrorKind, FailoverClient, NodeAddr};
-use redis_topology::{Cluster, NodeId, Shard, slot_of};
+use redis_topology::{Cluster, NodeId, slot_of};
 
 /// Room for a loaded 2-core machine; nothing here fails over.
 const BUDGET: Duration = Duration::from_secs(10);
 
-async fn cluster() -> Cluster {
-    Cluster::builder()
-        .shards(3)
-        .replicas_per_shard(1)
-        .start()
-        .await
-        .unwrap()
-}
-
 fn client(cluster: &Cluster) -> FailoverClient {
-    let seeds = cluster
-        .nodes()
-        .into_iter()
-        .map(|n| NodeAddr::from(cluster.addr(n)));
-    FailoverClient::cluster(seeds)
+    FailoverClient::cluster(cluster_seeds(cluster))
         .retry_budget(BUDGET)
         .build()
         .unwrap()
@@ -35,14 +25,6 @@ fn client(cluster: &Cluster) -> FailoverClient {
 
 fn replicated(replicas: u32, timeout: Duration) -> Durability {
     Durability::Replicated { replicas, timeout }
-}
-
-/// A key whose slot `shard` serves.
-fn key_in(shard: &Shard, stem: &str) -> String {
-    (0..)
-        .map(|n| format!("{stem}-{n}"))
-        .find(|key| shard.slots.iter().any(|r| r.contains(&slot_of(key))))
-        .unwrap()
 }
 
 /// `GET key` on a replica, which serves reads of its shard's slots once

@@ -3,12 +3,15 @@
 //! master hears every shard's keyspace notifications, and both follow a
 //! master killed and failed over, with a gap naming where they went.
 
+mod common;
+
+use common::{addr_of, cluster, cluster_seeds, key_in};
 use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis_failover::{Delivery, FailoverClient, NodeAddr, Subscription};
-use redis_topology::{Cluster, NodeId, Shard, slot_of};
+use redis_topology::Cluster;
 
 /// A failover after a kill takes about twice the 2 s node timeout; this
 /// leaves room for a loaded 2-core machine.
@@ -18,32 +21,10 @@ const FAILOVER_BUDGET: Duration = Duration::from_secs(20);
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(10);
 const EXPIRED: &str = "__keyevent@0__:expired";
 
-async fn cluster() -> Cluster {
-    Cluster::builder()
-        .shards(3)
-        .replicas_per_shard(1)
-        .start()
-        .await
-        .unwrap()
-}
-
 fn client(cluster: &Cluster) -> FailoverClient {
-    let seeds = cluster.nodes().into_iter().map(|n| addr_of(cluster, n));
-    FailoverClient::cluster(seeds)
+    FailoverClient::cluster(cluster_seeds(cluster))
         .retry_budget(FAILOVER_BUDGET)
         .build()
-        .unwrap()
-}
-
-fn addr_of(cluster: &Cluster, node: NodeId) -> NodeAddr {
-    NodeAddr::from(cluster.addr(node))
-}
-
-/// A key whose slot `shard` serves.
-fn key_in(shard: &Shard, stem: &str) -> String {
-    (0..)
-        .map(|n| format!("{stem}-{n}"))
-        .find(|key| shard.slots.iter().any(|r| r.contains(&slot_of(key))))
         .unwrap()
 }
 

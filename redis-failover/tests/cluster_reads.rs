@@ -3,6 +3,9 @@
 //! served by its replica, and a replica paused beyond the staleness bound
 //! stops serving until it is resumed.
 
+mod common;
+
+use common::{cluster, cluster_seeds, key_in};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -15,23 +18,10 @@ const BUDGET: Duration = Duration::from_secs(10);
 /// How long a condition may take to come true.
 const DEADLINE: Duration = Duration::from_secs(8);
 
-async fn cluster() -> Cluster {
-    Cluster::builder()
-        .shards(3)
-        .replicas_per_shard(1)
-        .start()
-        .await
-        .unwrap()
-}
-
 /// A client reading by `policy`, whose writes are on a replica before
 /// they are acknowledged (so that a read of them on a replica sees them).
 fn builder(cluster: &Cluster, policy: ReadPolicy) -> ClusterClientBuilder {
-    let seeds = cluster
-        .nodes()
-        .into_iter()
-        .map(|n| NodeAddr::from(cluster.addr(n)));
-    FailoverClient::cluster(seeds)
+    FailoverClient::cluster(cluster_seeds(cluster))
         .retry_budget(BUDGET)
         .read_policy(policy)
         .replica_probe_interval(Duration::from_millis(100))
@@ -40,14 +30,6 @@ fn builder(cluster: &Cluster, policy: ReadPolicy) -> ClusterClientBuilder {
             replicas: 1,
             timeout: Duration::from_secs(2),
         })
-}
-
-/// A key whose slot `shard` serves.
-fn key_in(shard: &Shard, stem: &str) -> String {
-    (0..)
-        .map(|n| format!("{stem}-{n}"))
-        .find(|key| shard.slots.iter().any(|r| r.contains(&slot_of(key))))
-        .unwrap()
 }
 
 /// How many `GET`s `node` has run.

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use redis_failover::{FailoverClient, FailoverClientBuilder, NodeAddr, StaticResolver};
-use redis_topology::{NodeId, Role, Topology};
+use redis_topology::{Cluster, NodeId, Role, Shard, Topology, slot_of};
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 /// Sentinel demotes a returning old master after it looked sane for 8 s.
@@ -145,4 +145,36 @@ pub fn valkey() -> Option<redis_topology::TopologyBuilder> {
     } else {
         builder
     })
+}
+
+/// A local Redis Cluster of 3 shards of a master and a replica.
+pub async fn cluster() -> Cluster {
+    Cluster::builder()
+        .shards(3)
+        .replicas_per_shard(1)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Every node of `cluster`, as seeds of a cluster client.
+pub fn cluster_seeds(cluster: &Cluster) -> Vec<NodeAddr> {
+    cluster
+        .nodes()
+        .into_iter()
+        .map(|n| addr_of(cluster, n))
+        .collect()
+}
+
+/// The address of a cluster node, as the client names it.
+pub fn addr_of(cluster: &Cluster, node: NodeId) -> NodeAddr {
+    NodeAddr::from(cluster.addr(node))
+}
+
+/// A key whose slot `shard` serves.
+pub fn key_in(shard: &Shard, stem: &str) -> String {
+    (0..)
+        .map(|n| format!("{stem}-{n}"))
+        .find(|key| shard.slots.iter().any(|r| r.contains(&slot_of(key))))
+        .unwrap()
 }
