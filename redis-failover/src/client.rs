@@ -12,7 +12,7 @@ use crate::backend::Backend;
 use crate::builder::{FailoverClientBuilder, Mode};
 use crate::connections::{MasterConnection, ReadConnection, Typed};
 use crate::durable::ReplicationStatus;
-use crate::error::{Error, Result};
+use crate::error::{Error, NodeFailure, Result};
 use crate::events::{Event, MetricsSnapshot};
 use crate::policy::{Decision, RetryPolicy, Tried, Tries};
 use crate::replica_set::ReadReplica;
@@ -329,29 +329,14 @@ impl FailoverClient {
             budget: timeout,
             ..shared.settings.retry_policy()
         };
-        let mut tries = Tries::new();
-        loop {
-            let failures = match shared.current().await {
-                Ok((master, _)) => {
-                    return Ok(MasterInfo {
-                        node: master.node.clone(),
-                        generation: master.generation,
-                    });
-                }
-                Err(failures) => failures,
-            };
-            match policy.decide(&mut tries, Tried::NotSent) {
-                Decision::Retry(wait) => tokio::time::sleep(wait).await,
-                Decision::GiveUp(_) => {
-                    return Err(Error::RetryBudgetExhausted {
-                        budget: timeout,
-                        spent: tries.spent(),
-                        attempts: tries.count(),
-                        failures,
-                    });
-                }
-            }
-        }
+        wait_for(policy, || async {
+            let (master, _) = shared.current().await?;
+            Ok(MasterInfo {
+                node: master.node.clone(),
+                generation: master.generation,
+            })
+        })
+        .await
     }
 
     /// The replicas known now and whether each may serve reads; in a
@@ -414,6 +399,35 @@ impl FailoverClientBuilder {
             reason: "build() must be called within a Tokio runtime".to_owned(),
         })?;
         Ok(FailoverClient::start(self, &runtime))
+    }
+}
+
+/// Calls `find` until it finds a master, waiting as `policy` says between
+/// tries; when its budget runs out, the last failures `find` gave.
+pub(crate) async fn wait_for<F>(
+    policy: RetryPolicy,
+    mut find: impl FnMut() -> F,
+) -> Result<MasterInfo>
+where
+    F: Future<Output = std::result::Result<MasterInfo, Vec<NodeFailure>>>,
+{
+    let mut tries = Tries::new();
+    loop {
+        let failures = match find().await {
+            Ok(found) => return Ok(found),
+            Err(failures) => failures,
+        };
+        match policy.decide(&mut tries, Tried::NotSent) {
+            Decision::Retry(wait) => tokio::time::sleep(wait).await,
+            Decision::GiveUp(_) => {
+                return Err(Error::RetryBudgetExhausted {
+                    budget: policy.budget,
+                    spent: tries.spent(),
+                    attempts: tries.count(),
+                    failures,
+                });
+            }
+        }
     }
 }
 

@@ -12,13 +12,13 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::addr::NodeAddr;
-use crate::client::MasterInfo;
+use crate::client::{MasterInfo, wait_for};
 use crate::cluster_nodes::ClusterNodes;
 use crate::cluster_reads::{ClusterReads, ReadSettings};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::events::{Counter, Event, Telemetry, Trigger};
 use crate::node::Connector;
-use crate::policy::{Decision, RetryPolicy, Tried, Tries};
+use crate::policy::RetryPolicy;
 use crate::slots::{SLOT_COUNT, SlotMap};
 
 /// The least time between two refreshes of the background task, so that a
@@ -233,28 +233,18 @@ impl ClusterShared {
             budget: timeout,
             ..self.settings.policy
         };
-        let mut tries = Tries::new();
-        loop {
+        wait_for(policy, || async {
             let generation = self.generation();
-            if let Some(node) = self.route(None) {
-                return Ok(MasterInfo { node, generation });
+            if self.route(None).is_none() {
+                self.refresh(generation).await;
             }
-            self.refresh(generation).await;
-            if self.route(None).is_some() {
-                continue;
-            }
-            match policy.decide(&mut tries, Tried::NotSent) {
-                Decision::Retry(wait) => tokio::time::sleep(wait).await,
-                Decision::GiveUp(_) => {
-                    return Err(Error::RetryBudgetExhausted {
-                        budget: timeout,
-                        spent: tries.spent(),
-                        attempts: tries.count(),
-                        failures: Vec::new(),
-                    });
-                }
-            }
-        }
+            let node = self.route(None).ok_or_else(Vec::new)?;
+            Ok(MasterInfo {
+                node,
+                generation: self.generation(),
+            })
+        })
+        .await
     }
 
     /// The map `node` describes, if it covers every slot (a partial one

@@ -141,7 +141,7 @@ async fn per_master(
             .arg("RESETSTAT")
             .query_async(connection)
             .await?;
-        before.push(cpu_seconds(connection).await?);
+        before.push(super::tenant_kv::redis_cpu_seconds(connection).await?);
     }
     let once = Settings {
         duration: settings.duration,
@@ -155,7 +155,7 @@ async fn per_master(
     );
     let mut rows = Vec::new();
     for ((addr, connection), cpu_before) in masters.iter_mut().zip(before) {
-        let cpu = cpu_seconds(connection).await?;
+        let cpu = super::tenant_kv::redis_cpu_seconds(connection).await?;
         let stats: String = redis::cmd("INFO")
             .arg("commandstats")
             .query_async(connection)
@@ -172,21 +172,6 @@ async fn per_master(
             "redis_cpu_us_per_op": cpu_us, "ops_per_sec_per_core": per_core }));
     }
     Ok(json!({ "variant": variant.name, "ops_per_sec": total, "masters": rows }))
-}
-
-/// The CPU time a Redis used so far, system and user, in seconds.
-async fn cpu_seconds(connection: &mut MultiplexedConnection) -> Result<f64, Box<dyn Error>> {
-    let info: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query_async(connection)
-        .await?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    Ok(field("used_cpu_sys") + field("used_cpu_user"))
 }
 
 /// How many calls of `commands` an `INFO commandstats` reply counts.

@@ -547,12 +547,15 @@ async fn set_get(
     Ok(())
 }
 
-/// The chaos run on a Redis Cluster: its faults only, on 3 shards.
-async fn chaos_cluster(rounds: usize) -> Result<Value, Box<dyn Error>> {
-    use e2e_tests::chaos::{self, Fault};
-    let faults = Fault::CLUSTER;
-    println!("chaos --cluster: {rounds} rounds, faults cycling through {faults:?}");
-    let report = chaos::run(rounds, &faults)
+/// Runs `rounds` chaos rounds cycling through `faults`, and prints the
+/// totals, the table and the targets.
+async fn chaos_rounds(
+    rounds: usize,
+    faults: &[e2e_tests::chaos::Fault],
+) -> Result<e2e_tests::chaos::Report, Box<dyn Error>> {
+    use e2e_tests::chaos;
+    println!("chaos: {rounds} rounds, faults cycling through {faults:?}");
+    let report = chaos::run(rounds, faults)
         .await
         .map_err(|e| e.to_string())?;
     chaos::print_totals(&report);
@@ -560,6 +563,12 @@ async fn chaos_cluster(rounds: usize) -> Result<Value, Box<dyn Error>> {
     println!(
         "targets: 0 acknowledged writes lost or missed by a read, 0 audit records missing, 0 client errors within the retry budget or past it"
     );
+    Ok(report)
+}
+
+/// The chaos run on a Redis Cluster: its faults only, on 3 shards.
+async fn chaos_cluster(rounds: usize) -> Result<Value, Box<dyn Error>> {
+    let report = chaos_rounds(rounds, &e2e_tests::chaos::Fault::CLUSTER).await?;
     Ok(json!({ "scenario": "chaos --cluster", "report": report.to_json() }))
 }
 
@@ -570,15 +579,7 @@ async fn chaos(rounds: usize) -> Result<Value, Box<dyn Error>> {
         Ok(()) => faults.extend(Fault::NETWORK),
         Err(error) => println!("chaos: no network faults ({error})"),
     }
-    println!("chaos: {rounds} rounds, faults cycling through {faults:?}");
-    let report = chaos::run(rounds, &faults)
-        .await
-        .map_err(|e| e.to_string())?;
-    chaos::print_totals(&report);
-    chaos::print_table(&report);
-    println!(
-        "targets: 0 acknowledged writes lost or missed by a read, 0 audit records missing, 0 client errors within the retry budget or past it"
-    );
+    let report = chaos_rounds(rounds, &faults).await?;
     // Redis's documented hazard, on a system of its own: a master without
     // persistence restarted before Sentinel notices comes back empty.
     println!("\nchaos: a master without persistence restarted at once");

@@ -292,7 +292,9 @@ async fn redis_cost(
 }
 
 /// The Redis process's CPU time so far, user and system, in seconds.
-async fn redis_cpu_seconds(raw: &mut MultiplexedConnection) -> Result<f64, Box<dyn Error>> {
+pub(crate) async fn redis_cpu_seconds(
+    raw: &mut MultiplexedConnection,
+) -> Result<f64, Box<dyn Error>> {
     let info: String = redis::cmd("INFO").arg("cpu").query_async(raw).await?;
     let field = |name: &str| {
         info.lines()
