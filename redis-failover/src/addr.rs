@@ -7,6 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::error::Error;
 
@@ -17,7 +18,9 @@ use crate::error::Error;
 /// the name afresh.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct NodeAddr {
-    host: String,
+    /// Shared: every reply names the node that served it, so an address
+    /// is cloned per request.
+    host: Arc<str>,
     port: u16,
 }
 
@@ -31,7 +34,10 @@ impl NodeAddr {
                 reason: format!("{host:?} is not a host name"),
             });
         }
-        Ok(Self { host, port })
+        Ok(Self {
+            host: host.into(),
+            port,
+        })
     }
 
     /// The host name or IP.
@@ -48,7 +54,7 @@ impl NodeAddr {
 impl From<SocketAddr> for NodeAddr {
     fn from(addr: SocketAddr) -> Self {
         Self {
-            host: addr.ip().to_string(),
+            host: addr.ip().to_string().into(),
             port: addr.port(),
         }
     }

@@ -80,46 +80,38 @@ pub(crate) fn slot_of(key: &[u8]) -> u16 {
     crc16(tagged.unwrap_or(key)) & 0x3FFF
 }
 
-/// The arguments of `cmd` as bytes (a cursor argument counts as none).
-fn args(cmd: &Cmd) -> Vec<&[u8]> {
-    cmd.args_iter()
-        .map(|arg| match arg {
-            redis::Arg::Simple(arg) => arg,
-            _ => b"".as_slice(),
-        })
-        .collect()
-}
-
 /// The key that decides where `cmd` goes, `None` for a keyless command.
-fn first_key(cmd: &Cmd) -> Option<Vec<u8>> {
-    let args = args(cmd);
-    let (name, rest) = args.split_first()?;
-    let name = String::from_utf8_lossy(name).to_ascii_uppercase();
-    let is = |list: &[&str]| list.contains(&name.as_str());
-    let key = if is(KEYLESS) {
+/// Runs on every cluster request: it neither allocates nor copies.
+fn first_key(cmd: &Cmd) -> Option<&[u8]> {
+    // A cursor argument counts as none.
+    let mut args = cmd.args_iter().map(|arg| match arg {
+        redis::Arg::Simple(arg) => arg,
+        _ => b"".as_slice(),
+    });
+    let name = args.next()?;
+    let is = |list: &[&str]| list.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(name));
+    if is(KEYLESS) {
         None
     } else if is(KEYS_AFTER_COUNT) {
-        let count = std::str::from_utf8(rest.get(1)?)
+        let _script = args.next()?;
+        let count = std::str::from_utf8(args.next()?)
             .ok()?
             .parse::<u64>()
             .ok()?;
-        if count == 0 { None } else { rest.get(2) }
+        if count == 0 { None } else { args.next() }
     } else if is(KEY_AFTER_SUBCOMMAND) {
-        rest.get(1)
-    } else if name == "XREAD" || name == "XREADGROUP" {
-        let streams = rest
-            .iter()
-            .position(|a| a.eq_ignore_ascii_case(b"STREAMS"))?;
-        rest.get(streams + 1)
+        args.nth(1)
+    } else if is(&["XREAD", "XREADGROUP"]) {
+        args.skip_while(|a| !a.eq_ignore_ascii_case(b"STREAMS"))
+            .nth(1)
     } else {
-        rest.first()
-    };
-    key.map(|key| key.to_vec())
+        args.next()
+    }
 }
 
 /// The slot `cmd` must go to, `None` when any master will do.
 pub(crate) fn slot_of_command(cmd: &Cmd) -> Option<u16> {
-    first_key(cmd).map(|key| slot_of(&key))
+    first_key(cmd).map(slot_of)
 }
 
 /// The one slot all keyed commands of `pipeline` go to (`None`: no keys),
@@ -303,7 +295,7 @@ mod tests {
 
     #[test]
     fn the_routing_key_is_found_by_command() {
-        let key = |cmd: &Cmd| first_key(cmd).map(|k| String::from_utf8(k).unwrap());
+        let key = |cmd: &Cmd| first_key(cmd).map(|k| String::from_utf8_lossy(k).into_owned());
         assert_eq!(key(redis::cmd("SET").arg("k").arg("v")), Some("k".into()));
         assert_eq!(
             key(redis::cmd("EVALSHA").arg("abc").arg(2).arg("a").arg("b")),

@@ -6,9 +6,10 @@
 use std::error::Error;
 
 use benches::{Settings, Variant, compare};
+use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use redis_failover::{FailoverClient, NodeAddr};
-use redis_topology::{Cluster, Topology};
+use redis_topology::{Cluster, Topology, slot_of};
 use serde_json::{Value, json};
 use tenant_kv::{Actor, NewItem, Precondition, Tenant, TenantId, TenantKv};
 
@@ -45,19 +46,47 @@ pub(crate) async fn cluster() -> Result<Value, Box<dyn Error>> {
         get("(c) get, one master", &single),
         get("(d) get, 3-shard cluster", &sharded),
     ];
+    // The same GETs with redis-rs alone, routed by hand: what sharding
+    // costs on this machine whatever the client.
+    let mut by_hand = vec![topology.connection(topology.initial_master()).await?];
+    let mut owners = vec![0u8; usize::from(redis_topology::SLOT_COUNT)];
+    for (index, shard) in cluster.shards().await?.into_iter().enumerate() {
+        by_hand.push(cluster.connection(shard.master).await?);
+        for slot in shard.slots.into_iter().flatten() {
+            owners[usize::from(slot)] = index as u8 + 1;
+        }
+    }
+    let raw = [
+        raw_get(
+            "(e) GET by redis-rs, one master",
+            &by_hand,
+            &[0; redis_topology::SLOT_COUNT as usize],
+        )
+        .await?,
+        raw_get(
+            "(f) GET by redis-rs routed by hand, 3 shards",
+            &by_hand,
+            &owners,
+        )
+        .await?,
+    ];
     println!(
         "cluster: {TASKS} tasks over {TENANTS} tenants; {} interleaved rounds of {:?} per variant",
         settings.rounds, settings.duration
     );
-    let rows = groups(&[&writes, &reads], TASKS, settings).await;
+    let rows = groups(&[&writes, &reads, &raw], TASKS, settings).await;
     let ratios = json!({
         "put_cluster_to_single": super::ratio(&rows, "(b)", "(a)"),
         "get_cluster_to_single": super::ratio(&rows, "(d)", "(c)"),
+        "raw_get_cluster_to_single": super::ratio(&rows, "(f)", "(e)"),
     });
+    let ratio = |name: &str| ratios[name].as_f64().unwrap_or(0.0);
     println!(
-        "ratios: (b)/(a) = {:.2}, (d)/(c) = {:.2} (target >= 0.90: at most 10% overhead)",
-        ratios["put_cluster_to_single"].as_f64().unwrap_or(0.0),
-        ratios["get_cluster_to_single"].as_f64().unwrap_or(0.0),
+        "ratios: (b)/(a) = {:.2}, (d)/(c) = {:.2} (target >= 0.90: at most 10% overhead); \
+         (f)/(e) = {:.2} (sharding's cost on this machine without tenant-kv's client)",
+        ratio("put_cluster_to_single"),
+        ratio("get_cluster_to_single"),
+        ratio("raw_get_cluster_to_single"),
     );
     let mut masters = vec![(
         topology.addr(topology.initial_master()).to_string(),
@@ -124,6 +153,32 @@ fn get(name: &str, tenants: &[Tenant]) -> Variant {
                 .map_err(|e| e.to_string())
         }
     })
+}
+
+/// A raw `GET` of each task's own key on `connections[owners[slot]]`
+/// (its slot's master), the keys written first.
+async fn raw_get(
+    name: &str,
+    connections: &[MultiplexedConnection],
+    owners: &[u8],
+) -> Result<Variant, Box<dyn Error>> {
+    let mut keys = Vec::new();
+    for task in 0..TASKS {
+        let key = format!("{{bench{}}}:raw:k{task}", task % TENANTS);
+        let mut connection = connections[usize::from(owners[usize::from(slot_of(&key))])].clone();
+        let _: () = connection.set(&key, "v".repeat(64)).await?;
+        keys.push((key, connection));
+    }
+    Ok(Variant::new(name, move |task| {
+        let (key, mut connection) = keys[task].clone();
+        async move {
+            connection
+                .get::<_, Vec<u8>>(key)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+    }))
 }
 
 /// Runs `variant` alone and prints, for each of `masters` (an address and
