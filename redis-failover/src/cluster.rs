@@ -242,6 +242,21 @@ impl FailoverClient {
         }
     }
 
+    /// A number that changes whenever [`masters`](Self::masters) changes:
+    /// with one master, its generation ([`MasterInfo`]); on a cluster, a
+    /// count of the slot-map changes that added or removed a master (a
+    /// failover, a shard added or emptied), not of every map reload.
+    /// `None` while no master is known. State kept per master (a tracking
+    /// connection on each) is current while this number is.
+    ///
+    /// [`MasterInfo`]: crate::MasterInfo
+    pub fn masters_epoch(&self) -> Option<u64> {
+        match self.backend() {
+            Backend::Cluster(cluster) => cluster.masters_epoch(),
+            Backend::Replicated(_) => self.master().map(|m| m.generation),
+        }
+    }
+
     /// Sends `cmd` to the master `node`, one of [`masters`](Self::masters),
     /// and converts the reply: for what each master answers for its own
     /// keys (`SCAN`, `DBSIZE`, `CONFIG SET`, `FLUSHALL`...). Retried like

@@ -3,6 +3,7 @@
 //! of the map.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub(crate) struct ClusterShared {
     /// Bumped after every refresh that loaded a map; a watch, so that
     /// subscriptions following the masters wake when the map changes.
     generation: watch::Sender<u64>,
+    /// Bumped whenever the set of masters in the map changes.
+    masters_epoch: AtomicU64,
     /// Asks the background task for a refresh soon.
     wake: Notify,
     /// Cancelled when the client is dropped; background tasks started
@@ -82,6 +85,7 @@ impl ClusterShared {
             connections: Mutex::new(HashMap::new()),
             refreshing: tokio::sync::Mutex::new(()),
             generation: watch::channel(0).0,
+            masters_epoch: AtomicU64::new(0),
             wake: Notify::new(),
             stopped,
         }
@@ -121,6 +125,12 @@ impl ClusterShared {
         }
     }
 
+    /// A number bumped whenever the set of masters in the map changes
+    /// (`None` before the first map).
+    pub(crate) fn masters_epoch(&self) -> Option<u64> {
+        Some(self.masters_epoch.load(Ordering::Acquire)).filter(|epoch| *epoch > 0)
+    }
+
     /// Every master of the map.
     pub(crate) fn masters(&self) -> Vec<NodeAddr> {
         self.map().masters().to_vec()
@@ -134,7 +144,12 @@ impl ClusterShared {
     /// Records that `node` now serves `slot` (a `MOVED` reply said so), and
     /// asks for a full refresh: a moved slot rarely moves alone.
     pub(crate) fn moved(&self, slot: u16, node: NodeAddr) {
-        self.map().set(slot, node);
+        let mut map = self.map();
+        if !map.masters().contains(&node) {
+            self.masters_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        map.set(slot, node);
+        drop(map);
         self.wake.notify_one();
     }
 
@@ -208,8 +223,16 @@ impl ClusterShared {
     /// now, its slots gone to another node (a failover, or all its slots
     /// moved away).
     fn install(&self, map: SlotMap) {
-        let successors = map.successors(&self.map());
-        *self.map() = map;
+        let mut known = self.map();
+        let successors = map.successors(&known);
+        let same_masters = map.masters().len() == known.masters().len()
+            && map.masters().iter().all(|m| known.masters().contains(m));
+        if !same_masters {
+            // Before the map: whoever reads the old epoch acts on the old map.
+            self.masters_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        *known = map;
+        drop(known);
         // Bumped after the map is in place: a waiter woken reads the new one.
         self.generation.send_modify(|generation| *generation += 1);
         let generation = self.generation();

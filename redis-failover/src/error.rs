@@ -171,10 +171,10 @@ pub enum Error {
         slots: Vec<u16>,
     },
 
-    /// A request the cluster client does not support yet (push
-    /// connections, a transaction that watches no key). Checked before
-    /// sending, so nothing ran.
-    #[error("{what} is not supported in cluster mode yet")]
+    /// A request a cluster client cannot serve as asked (one push
+    /// connection to "the" master, a transaction that watches no key).
+    /// Checked before sending, so nothing ran.
+    #[error("{what} is not supported in cluster mode")]
     NotInCluster {
         /// What was asked.
         what: &'static str,

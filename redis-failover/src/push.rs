@@ -9,8 +9,10 @@ use redis::PushInfo;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::addr::NodeAddr;
+use crate::backend::Backend;
 use crate::client::{FailoverClient, MasterInfo};
-use crate::error::{Error, Result};
+use crate::error::{Error, NodeFailure, Result};
 use crate::policy::{Decision, Tried, Tries};
 
 impl FailoverClient {
@@ -29,7 +31,9 @@ impl FailoverClient {
         &self,
         pushes: UnboundedSender<PushInfo>,
     ) -> Result<(MasterInfo, MultiplexedConnection)> {
-        let shared = Arc::clone(self.replicated("a push connection (RESP3 client tracking)")?);
+        let shared = Arc::clone(self.replicated(
+            "one push connection to the master (open one per master with push_connection_to)",
+        )?);
         let policy = shared.settings.retry_policy();
         let mut tries = Tries::new();
         loop {
@@ -56,6 +60,47 @@ impl FailoverClient {
                         spent: tries.spent(),
                         attempts: tries.count(),
                         failures,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Opens a connection of the caller's own to `node` (one of
+    /// [`masters`](Self::masters), typically: on a cluster, one per master
+    /// for state such as `CLIENT TRACKING` kept on each), as
+    /// [`push_connection`](Self::push_connection) does: RESP3, with the
+    /// client's credentials, TLS and timeouts, its pushes and a final
+    /// `Disconnection` sent to `pushes`. Retried within the retry budget
+    /// while `node` cannot be reached. The connection stays on `node`
+    /// whatever becomes of it: [`masters_epoch`](Self::masters_epoch)
+    /// tells when the masters change.
+    pub async fn push_connection_to(
+        &self,
+        node: &NodeAddr,
+        pushes: UnboundedSender<PushInfo>,
+    ) -> Result<MultiplexedConnection> {
+        let (connector, policy) = match self.backend() {
+            Backend::Replicated(shared) => (&shared.data, shared.settings.retry_policy()),
+            Backend::Cluster(cluster) => (cluster.connector(), cluster.settings.policy),
+        };
+        let mut tries = Tries::new();
+        loop {
+            let error = match connector.connect_push(node, pushes.clone()).await {
+                Ok(connection) => return Ok(connection),
+                Err(error) => error,
+            };
+            match policy.decide(&mut tries, Tried::NotSent) {
+                Decision::Retry(wait) => tokio::time::sleep(wait).await,
+                Decision::GiveUp(_) => {
+                    return Err(Error::RetryBudgetExhausted {
+                        budget: policy.budget,
+                        spent: tries.spent(),
+                        attempts: tries.count(),
+                        failures: vec![NodeFailure {
+                            node: node.clone(),
+                            reason: error.to_string(),
+                        }],
                     });
                 }
             }

@@ -102,6 +102,8 @@ async fn a_moved_slot_is_followed_without_an_error() {
         client.master_of(&key),
         Some(addr_of(&cluster, shards[0].master))
     );
+    let epoch = client.masters_epoch();
+    assert!(epoch.is_some());
     cluster
         .move_slot(slot_of(&key), shards[1].master)
         .await
@@ -119,6 +121,8 @@ async fn a_moved_slot_is_followed_without_an_error() {
     );
     assert_eq!(client.get::<String>(&key).await.unwrap(), "again");
     assert!(client.metrics().redirect_replies >= 1);
+    // A slot moved between masters leaves the set of masters as it was.
+    assert_eq!(client.masters_epoch(), epoch);
 }
 
 #[tokio::test]
@@ -210,6 +214,7 @@ async fn a_killed_master_costs_no_caller_error_and_no_acknowledged_write() {
     };
     let mut events = client.events();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let epoch = client.masters_epoch();
     cluster.kill(victim.master).unwrap();
     let new = cluster
         .wait_for_failover(victim.master, Duration::from_secs(30))
@@ -225,6 +230,7 @@ async fn a_killed_master_costs_no_caller_error_and_no_acknowledged_write() {
         assert_eq!(stored, Some(n), "acknowledged write {n} lost");
     }
     assert_eq!(client.master_of(&key(0)), Some(addr_of(&cluster, new)));
+    assert_ne!(client.masters_epoch(), epoch, "a new master is a new epoch");
     // The shard's change of master was told, once the map had it.
     let (old, new) = (addr_of(&cluster, victim.master), addr_of(&cluster, new));
     loop {

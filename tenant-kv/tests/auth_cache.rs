@@ -6,7 +6,7 @@
 //! auth_cache -- --nocapture` (with `REDIS_SERVER_BIN=valkey-server
 //! REDIS_CLI_BIN=valkey-cli` for Valkey).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis_failover::{FailoverClient, NodeAddr};
 use redis_topology::{NodeId, Topology};
@@ -14,20 +14,7 @@ use tenant_kv::{Actor, Error, NewApiKey, NewUser, Scope, TenantKv, Users};
 
 mod common;
 
-use common::{client, start, tenant};
-
-const DEADLINE: Duration = Duration::from_secs(30);
-
-/// Polls `done` (without sleeping: a check is what is timed) until it
-/// holds; returns how long that took. Panics after [`DEADLINE`].
-async fn time_until<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) -> Duration {
-    let started = Instant::now();
-    while !done().await {
-        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
-        tokio::task::yield_now().await;
-    }
-    started.elapsed()
-}
+use common::{DEADLINE, client, start, tenant, time_until, until_cached};
 
 /// A store over `client` with its cache running (and serving).
 async fn cached_store(client: FailoverClient) -> (TenantKv, tenant_kv::AuthCache) {
@@ -67,20 +54,6 @@ fn new_user(name: &str) -> NewUser {
         full_name: None,
         admin: false,
     }
-}
-
-/// Reads `name` until a lookup is answered from the cache.
-async fn until_cached(store: &TenantKv, name: &str) {
-    let users = store.users();
-    let hits = store.auth_cache_stats().hits;
-    time_until("a cache hit", || {
-        let users = users.clone();
-        async move {
-            users.get(name).await.unwrap();
-            store.auth_cache_stats().hits > hits
-        }
-    })
-    .await;
 }
 
 fn median_and_max(mut delays: Vec<Duration>) -> (Duration, Duration) {

@@ -4,12 +4,23 @@
 //!
 //! Model. Users live at `user:<name>` and API keys at `api-key:<id>`,
 //! outside the tenants' keys, so two fixed prefixes cover every record:
-//! [`tracking`] keeps one connection of its own to the master with
+//! [`tracking`] keeps one connection of its own to the master (to each
+//! master of a cluster) with
 //! `CLIENT TRACKING on BCAST PREFIX user: PREFIX api-key:`, and the master
 //! pushes the name of every such key any client modifies (or a null for
 //! `FLUSHALL`/`FLUSHDB`) on that connection. BCAST needs no tracked read:
 //! the records are read over the failover client's shared connections,
 //! which know nothing of tracking.
+//!
+//! On a cluster, "the master generation" below is the client's
+//! [`masters_epoch`](FailoverClient::masters_epoch), which changes when a
+//! master joins or leaves the slot map; the lease runs from a `PING`
+//! every master answered; and a record is stored only when the master the
+//! map names for its slot served it (`query_on`): one read through an
+//! `ASK` redirect could come from a node not tracked yet. A slot moving
+//! between tracked masters needs nothing more: `MIGRATE` deletes the
+//! record on one (an invalidation) and writes after it on the other are
+//! pushed by that one.
 //!
 //! Why the cache can never serve what an old master said:
 //! - It serves only while tracking is on for the master generation the
@@ -111,9 +122,10 @@ pub(crate) struct AuthCacheState {
     drops: AtomicU64,
 }
 
-/// The generation of the master `client` uses now.
+/// The generation of the master `client` uses now; on a cluster, the
+/// epoch of its set of masters.
 fn generation(client: &FailoverClient) -> Option<u64> {
-    client.master().map(|master| master.generation)
+    client.masters_epoch()
 }
 
 /// What a read from Redis needs to be stored: the sequence it began at.
@@ -187,8 +199,23 @@ impl AuthCacheState {
             Ok(fields) => return Ok(fields),
             Err(ticket) => ticket,
         };
-        let fields: Fields = Arc::new(client.query(redis::cmd("HGETALL").arg(key)).await?);
-        if let Some(ticket) = ticket {
+        let hgetall = redis::cmd("HGETALL").arg(key).clone();
+        let (fields, tracked) = match (ticket.is_some(), client.master_of(key)) {
+            (true, Some(master)) if client.is_cluster() => {
+                match client.query_on::<HashMap<_, _>>(&master, &hgetall).await {
+                    Ok(fields) => (fields, true),
+                    // A redirect: the slot is moving, maybe to a node not
+                    // tracked yet. Read where the cluster says, keep nothing.
+                    Err(redis_failover::Error::Command { .. }) => {
+                        (client.query(&hgetall).await?, false)
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            _ => (client.query(&hgetall).await?, true),
+        };
+        let fields = Arc::new(fields);
+        if let (Some(ticket), true) = (ticket, tracked) {
             // The generation after the read: a read served by a master
             // installed meanwhile is not stored.
             self.store(ticket, key, &fields, generation(client));

@@ -1,7 +1,8 @@
-//! The tracking task: one RESP3 connection of its own to the master with
-//! broadcast tracking on the records' prefixes, whose invalidation pushes
-//! it applies to the cache, and which it replaces (dropping the cache)
-//! whenever it fails or another master is installed.
+//! The tracking task: one RESP3 connection of its own to each master (the
+//! one master, or every master of a cluster) with broadcast tracking on
+//! the records' prefixes, whose invalidation pushes it applies to the
+//! cache, and which it replaces (dropping the cache) whenever one fails or
+//! the masters change.
 //!
 //! Why RESP3 on one connection rather than RESP2 with `REDIRECT` to a
 //! `__redis__:invalidate` subscriber: the failover client's subscriptions
@@ -16,7 +17,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use redis_failover::{Backoff, Event, FailoverClient};
 use tokio::sync::broadcast::{self, error::RecvError};
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio_util::sync::CancellationToken;
 
 use super::{API_KEY_PREFIX, AuthCacheState, LEASE, Tracking, USER_PREFIX, generation};
@@ -26,19 +27,12 @@ use crate::store::TenantKv;
 /// [`LEASE`], so several may be slow or lost before the cache stops serving.
 const HEARTBEAT: Duration = Duration::from_millis(200);
 
-/// Keeps tracking on, on the current master, until `stop` is cancelled.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Keeps tracking on, on the current masters, until `stop` is cancelled.
 pub(super) async fn run(store: TenantKv, stop: CancellationToken) {
     let state = &store.inner.auth_cache;
-    let client = &store.inner.client;
-    if client.is_cluster() {
-        // A tracking connection is one master's, and the client has no push
-        // connection on a cluster yet: the cache never serves, so every
-        // lookup reads Redis, which is always right.
-        tracing::info!("authentication cache: off on a Redis Cluster; every lookup reads Redis");
-        stop.cancelled().await;
-    } else {
-        track(state, client, &stop).await;
-    }
+    track(state, &store.inner.client, &stop).await;
     state.reset(None);
     state
         .started
@@ -59,7 +53,7 @@ async fn track(state: &AuthCacheState, client: &FailoverClient, stop: &Cancellat
             opened = open(client, sender) => opened,
         };
         match opened {
-            Ok((generation, connection, sent)) => {
+            Ok((generation, connections, sent)) => {
                 attempt = 0;
                 state.reset(Some(Tracking {
                     generation,
@@ -69,7 +63,7 @@ async fn track(state: &AuthCacheState, client: &FailoverClient, stop: &Cancellat
                     state,
                     client,
                     generation,
-                    connection,
+                    connections,
                 };
                 let reason = tokio::select! {
                     () = stop.cancelled() => break,
@@ -97,16 +91,36 @@ async fn track(state: &AuthCacheState, client: &FailoverClient, stop: &Cancellat
     }
 }
 
-/// Connects to the master and turns broadcast tracking on; returns the
-/// master's generation, the connection, and when tracking was asked for
-/// (the lease runs from then).
+/// Connects to every master and turns broadcast tracking on; returns the
+/// masters' epoch, the connections, and when tracking was asked for (the
+/// lease runs from then).
 async fn open(
     client: &FailoverClient,
-    pushes: tokio::sync::mpsc::UnboundedSender<PushInfo>,
-) -> Result<(u64, MultiplexedConnection, Instant), Box<dyn std::error::Error + Send + Sync>> {
-    let (master, mut connection) = client.push_connection(pushes).await?;
+    pushes: UnboundedSender<PushInfo>,
+) -> Result<(u64, Vec<MultiplexedConnection>, Instant), BoxError> {
     let sent = Instant::now();
-    let () = redis::cmd("CLIENT")
+    if !client.is_cluster() {
+        let (master, mut connection) = client.push_connection(pushes).await?;
+        track_prefixes(&mut connection).await?;
+        return Ok((master.generation, vec![connection], sent));
+    }
+    let epoch = generation(client).ok_or("no slot map yet")?;
+    let mut connections = Vec::new();
+    for master in client.masters() {
+        let mut connection = client.push_connection_to(&master, pushes.clone()).await?;
+        track_prefixes(&mut connection).await?;
+        connections.push(connection);
+    }
+    // Every master of this epoch is tracked only if the epoch held.
+    if generation(client) != Some(epoch) {
+        return Err("the masters changed while tracking was turned on".into());
+    }
+    Ok((epoch, connections, sent))
+}
+
+/// Broadcast tracking of every user and API-key record on `connection`.
+async fn track_prefixes(connection: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    redis::cmd("CLIENT")
         .arg("TRACKING")
         .arg("ON")
         .arg("BCAST")
@@ -114,17 +128,17 @@ async fn open(
         .arg(USER_PREFIX)
         .arg("PREFIX")
         .arg(API_KEY_PREFIX)
-        .query_async(&mut connection)
-        .await?;
-    Ok((master.generation, connection, sent))
+        .query_async(connection)
+        .await
 }
 
-/// Tracking on, on one master.
+/// Tracking on, on every master.
 struct Connected<'a> {
     state: &'a AuthCacheState,
     client: &'a FailoverClient,
+    /// The master's generation, or the cluster's masters' epoch.
     generation: u64,
-    connection: MultiplexedConnection,
+    connections: Vec<MultiplexedConnection>,
 }
 
 impl Connected<'_> {
@@ -145,7 +159,10 @@ impl Connected<'_> {
                     _ => return "the tracking connection was lost".to_owned(),
                 },
                 event = events.recv() => match event {
-                    Ok(Event::MasterChanged { generation, .. }) if generation == self.generation => {}
+                    // One master: the change to the master tracked. (A
+                    // cluster's events carry map generations, not epochs.)
+                    Ok(Event::MasterChanged { generation, .. })
+                        if generation == self.generation && !self.client.is_cluster() => {}
                     Ok(event @ (Event::MasterChanged { .. }
                         | Event::MasterLost { .. }
                         | Event::MasterRestarted { .. })) => return format!("{event:?}"),
@@ -159,11 +176,14 @@ impl Connected<'_> {
                         return "another master is in use".to_owned();
                     }
                     let sent = Instant::now();
-                    let answer: redis::RedisResult<String> =
-                        redis::cmd("PING").query_async(&mut self.connection).await;
-                    match answer {
+                    let ping = redis::cmd("PING");
+                    let pings = self
+                        .connections
+                        .iter_mut()
+                        .map(|connection| ping.query_async::<String>(connection));
+                    match futures_util::future::try_join_all(pings).await {
                         Ok(_) => self.state.renew(self.generation, sent),
-                        Err(error) => return format!("the tracking connection failed: {error}"),
+                        Err(error) => return format!("a tracking connection failed: {error}"),
                     }
                 }
             }

@@ -2,10 +2,11 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use redis_failover::{FailoverClient, NodeAddr};
 use redis_topology::Topology;
-use tenant_kv::TenantId;
+use tenant_kv::{TenantId, TenantKv};
 
 /// A master with `replicas` replicas and no sentinel, and a client that
 /// finds the master among them.
@@ -74,4 +75,35 @@ pub async fn until_audited(topology: &Topology, tenant: &str, count: usize) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// How long the waiting helpers wait for what they wait for.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `done` (without sleeping: a check is what is timed) until it
+/// holds; returns how long that took. Panics after [`DEADLINE`].
+pub async fn time_until<F: Future<Output = bool>>(
+    what: &str,
+    mut done: impl FnMut() -> F,
+) -> Duration {
+    let started = Instant::now();
+    while !done().await {
+        assert!(started.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::task::yield_now().await;
+    }
+    started.elapsed()
+}
+
+/// Reads `name` until a lookup is answered from the cache.
+pub async fn until_cached(store: &TenantKv, name: &str) {
+    let users = store.users();
+    let hits = store.auth_cache_stats().hits;
+    time_until("a cache hit", || {
+        let users = users.clone();
+        async move {
+            users.get(name).await.unwrap();
+            store.auth_cache_stats().hits > hits
+        }
+    })
+    .await;
 }
