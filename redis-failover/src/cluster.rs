@@ -17,6 +17,7 @@ use crate::cluster_state::{ClusterSettings, ClusterShared, refresh_loop};
 use crate::error::{Error, Result};
 use crate::events::Telemetry;
 use crate::node::{Connector, Credentials, Tls};
+use crate::node_metrics::NodeMetrics;
 use crate::request::Request;
 use crate::routing::{Durability, ReadPolicy};
 use crate::slots::slot_of;
@@ -254,6 +255,16 @@ impl FailoverClient {
         match self.backend() {
             Backend::Cluster(cluster) => cluster.masters_epoch(),
             Backend::Replicated(_) => self.master().map(|m| m.generation),
+        }
+    }
+
+    /// A cluster client's figures per node of the slot map it sent
+    /// requests to, ordered by address: to see a hot or failing shard.
+    /// Empty with one master, whose figures are [`metrics`](Self::metrics).
+    pub fn node_metrics(&self) -> Vec<NodeMetrics> {
+        match self.backend() {
+            Backend::Cluster(cluster) => cluster.per_node.snapshot(),
+            Backend::Replicated(_) => Vec::new(),
         }
     }
 

@@ -116,7 +116,9 @@ impl ClusterShared {
                 }
                 continue;
             };
-            let failed = match self.send(&target, request, idempotent, via).await {
+            let sent = self.send(&target, request, idempotent, via).await;
+            self.per_node.record(&target.node, &sent);
+            let failed = match sent {
                 Sent::Done(reply) => return Ok((target.node, reply)),
                 failed => failed,
             };

@@ -3,7 +3,7 @@
 //! dedicated connections (blocking commands, transactions), opened on
 //! first use, like the one master's in the other modes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -46,9 +46,16 @@ impl ClusterNodes {
         }
     }
 
-    /// `node`'s connections, kept from its first use on. (A node that
-    /// leaves the cluster keeps its entry: at most one per node ever seen,
-    /// its connections failed and closed.)
+    /// Forgets every node but `members`: the lanes and pools of nodes
+    /// gone from the map close once their requests in flight are done.
+    pub(crate) fn retain(&self, members: &HashSet<NodeAddr>) {
+        self.nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|node, _| members.contains(node));
+    }
+
+    /// `node`'s connections, kept while it is in the map.
     pub(crate) fn of(&self, node: &NodeAddr, connector: &Connector) -> Arc<ClusterNode> {
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = nodes.entry(node.clone()).or_insert_with(|| {
@@ -141,5 +148,33 @@ impl LaneHost for ClusterLane {
         if acked.is_err() && ack.aof.is_some() {
             self.node.aof.forget();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::addr::DnsResolver;
+    use crate::node::Credentials;
+
+    #[tokio::test]
+    async fn a_node_gone_from_the_map_loses_its_connections_and_one_kept_keeps_them() {
+        let second = Duration::from_secs(1);
+        let connector = Connector::new(
+            Arc::new(DnsResolver),
+            Credentials::default(),
+            None,
+            second,
+            second,
+        );
+        let nodes = ClusterNodes::new(2);
+        let (kept, gone): (NodeAddr, NodeAddr) = (
+            "127.0.0.1:7000".parse().unwrap(),
+            "127.0.0.1:7001".parse().unwrap(),
+        );
+        let (kept_before, gone_before) = (nodes.of(&kept, &connector), nodes.of(&gone, &connector));
+        nodes.retain(&HashSet::from([kept.clone()]));
+        assert!(Arc::ptr_eq(&kept_before, &nodes.of(&kept, &connector)));
+        assert!(!Arc::ptr_eq(&gone_before, &nodes.of(&gone, &connector)));
     }
 }

@@ -19,6 +19,7 @@ use crate::cluster_reads::{ClusterReads, ReadSettings};
 use crate::error::Result;
 use crate::events::{Counter, Event, Telemetry, Trigger};
 use crate::node::Connector;
+use crate::node_metrics::PerNode;
 use crate::policy::RetryPolicy;
 use crate::slots::{SLOT_COUNT, SlotMap};
 
@@ -44,6 +45,8 @@ pub(crate) struct ClusterShared {
     pub(crate) nodes: ClusterNodes,
     /// The replicas reads may use, once they do.
     pub(crate) reads: ClusterReads,
+    /// Where requests went, per node.
+    pub(crate) per_node: PerNode,
     map: Mutex<SlotMap>,
     connections: Mutex<HashMap<NodeAddr, MultiplexedConnection>>,
     /// Held while the map is being refreshed: one refresh at a time.
@@ -78,6 +81,7 @@ impl ClusterShared {
         Self {
             nodes: ClusterNodes::new(settings.dedicated_connections),
             reads: ClusterReads::new(settings.reads.clone(), &connector),
+            per_node: PerNode::default(),
             settings,
             telemetry,
             connector,
@@ -232,7 +236,17 @@ impl ClusterShared {
             self.masters_epoch.fetch_add(1, Ordering::AcqRel);
         }
         *known = map;
+        let members = known.members();
         drop(known);
+        // A node gone from the map (a pod replaced under a new IP, a shard
+        // removed) takes its connections along; one that comes back gets
+        // new ones on first use.
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|node, _| members.contains(node));
+        self.nodes.retain(&members);
+        self.per_node.retain(&members);
         // Bumped after the map is in place: a waiter woken reads the new one.
         self.generation.send_modify(|generation| *generation += 1);
         let generation = self.generation();

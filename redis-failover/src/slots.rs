@@ -1,6 +1,8 @@
 //! Redis Cluster's key space: which slot a key hashes to, which key of a
 //! command decides its slot, and the map from slots to masters.
 
+use std::collections::HashSet;
+
 use redis::{Cmd, Pipeline, Value};
 
 use crate::addr::NodeAddr;
@@ -152,6 +154,12 @@ impl SlotMap {
             masters: Vec::new(),
             replicas: Vec::new(),
         }
+    }
+
+    /// Every node of the map: masters and replicas.
+    pub(crate) fn members(&self) -> HashSet<NodeAddr> {
+        let replicas = self.replicas.iter().flatten();
+        self.masters.iter().chain(replicas).cloned().collect()
     }
 
     /// Every master with its replicas.

@@ -89,6 +89,14 @@ async fn keys_of_every_shard_are_written_and_read_on_their_master() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Some("MOVED"), "{refused}");
+    // Per node: every master served its keys; the replica redirected once.
+    let figures = client.node_metrics();
+    for master in &masters {
+        let served = figures.iter().find(|m| m.node == *master).unwrap();
+        assert!(served.requests >= 3 && served.failures == 0, "{served:?}");
+    }
+    let redirected = figures.iter().find(|m| m.node == replica).unwrap();
+    assert_eq!((redirected.requests, redirected.redirects), (1, 1));
 }
 
 #[tokio::test]

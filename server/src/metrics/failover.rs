@@ -3,7 +3,7 @@
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use redis_failover::{FailoverClient, MetricsSnapshot};
+use redis_failover::{FailoverClient, MetricsSnapshot, NodeMetrics};
 
 use super::family::Family;
 
@@ -70,7 +70,14 @@ pub(crate) struct FailoverCollector {
     replicas_online: Family,
     replicas_waited_for: Family,
     durable_writes_blocked: Family,
+    /// A cluster client's figures per node: requests, failures, redirects.
+    per_node: [Family; 3],
 }
+
+/// Reads one figure of a node.
+type NodeField = fn(&NodeMetrics) -> u64;
+
+const NODE_FIELDS: [NodeField; 3] = [|m| m.requests, |m| m.failures, |m| m.redirects];
 
 impl FailoverCollector {
     pub(crate) fn new(client: FailoverClient) -> Self {
@@ -109,6 +116,14 @@ impl FailoverCollector {
                 "1 while durable writes are held back: fewer replicas online than they wait for.",
                 &[],
             ),
+            per_node: [
+                ("requests", "Tries sent to a cluster node (each retry counts)."),
+                ("failures", "Tries that failed on a cluster node (errors other than redirects, lost connections)."),
+                ("redirects", "MOVED and ASK replies of a cluster node."),
+            ]
+            .map(|(name, help)| {
+                Family::counter(&format!("redis_failover_node_{name}_total"), help, &["node"])
+            }),
         }
     }
 }
@@ -126,6 +141,7 @@ impl Collector for FailoverCollector {
             .iter()
             .map(|(family, _)| family)
             .chain(gauges)
+            .chain(&self.per_node)
             .map(Family::desc)
             .collect()
     }
@@ -137,7 +153,8 @@ impl Collector for FailoverCollector {
             .iter()
             .map(|(family, field)| family.single(field(&snapshot)))
             .collect();
-        let known = u8::from(self.client.master().is_some());
+        // A cluster client knows "a master" once it has a slot map.
+        let known = u8::from(self.client.masters_epoch().is_some());
         families.push(self.master_known.single(f64::from(known)));
         // Only a client whose writes wait for replicas has a replication
         // status; the others export none of these gauges.
@@ -150,6 +167,16 @@ impl Collector for FailoverCollector {
                 self.replicas_waited_for.single(f64::from(status.waits_for)),
                 self.durable_writes_blocked.single(blocked),
             ]);
+        }
+        let nodes = self.client.node_metrics();
+        // An empty family is not valid exposition: a one-master client has none.
+        if !nodes.is_empty() {
+            let names: Vec<String> = nodes.iter().map(|m| m.node.to_string()).collect();
+            for (family, field) in self.per_node.iter().zip(NODE_FIELDS) {
+                let samples = nodes.iter().zip(&names);
+                families
+                    .push(family.samples(samples.map(|(m, name)| (vec![name.as_str()], field(m)))));
+            }
         }
         families
     }
