@@ -1,7 +1,9 @@
 //! The `cluster` scenario: tenant-kv's put and get on a 3-shard Redis
-//! Cluster against the same on one master, in one run, then what each
-//! shard served and what it cost that shard's Redis, for a projection to
-//! one machine per shard.
+//! Cluster against the same on one master, in one run, with raw `GET`s
+//! (one master, and routed by hand over the shards) as what sharding costs
+//! any client on the machine; then what each shard served and what it
+//! cost that shard's Redis and the harness, for a projection to one
+//! machine per shard.
 
 use std::error::Error;
 
@@ -101,8 +103,9 @@ pub(crate) async fn cluster() -> Result<Value, Box<dyn Error>> {
     for (variant, masters) in [(&writes[0], &mut masters), (&writes[1], &mut shard_masters)] {
         shards.push(per_master(masters, variant, settings).await?);
     }
-    for (variant, masters) in [(&reads[0], &mut masters), (&reads[1], &mut shard_masters)] {
-        shards.push(per_master(masters, variant, settings).await?);
+    for [single, sharded] in [&reads, &raw] {
+        shards.push(per_master(&mut masters, single, settings).await?);
+        shards.push(per_master(&mut shard_masters, sharded, settings).await?);
     }
     Ok(json!({ "scenario": "cluster", "rounds": settings.rounds,
                 "seconds": settings.duration.as_secs_f64(), "results": rows,
@@ -202,10 +205,13 @@ async fn per_master(
         duration: settings.duration,
         rounds: 1,
     };
+    let harness_before = harness_cpu_seconds();
     let measured = compare(std::slice::from_ref(variant), TASKS, once).await;
     let total = measured[0].ops_per_sec();
+    let harness_cpu = harness_cpu_seconds() - harness_before;
+    let harness_us = harness_cpu * 1e6 / (total * settings.duration.as_secs_f64()).max(1.0);
     println!(
-        "{} alone: {total:.0} ops/s; per master:\n  {:<22} {:>10} {:>16} {:>24}",
+        "{} alone: {total:.0} ops/s, harness (client) CPU {harness_us:.2} µs/op; per master:\n  {:<22} {:>10} {:>16} {:>24}",
         variant.name, "master", "ops/s", "Redis CPU µs/op", "ops/s per core at that"
     );
     let mut rows = Vec::new();
@@ -226,7 +232,24 @@ async fn per_master(
         rows.push(json!({ "master": addr, "ops_per_sec": ops as f64 / seconds,
             "redis_cpu_us_per_op": cpu_us, "ops_per_sec_per_core": per_core }));
     }
-    Ok(json!({ "variant": variant.name, "ops_per_sec": total, "masters": rows }))
+    Ok(json!({ "variant": variant.name, "ops_per_sec": total,
+               "harness_cpu_us_per_op": harness_us, "masters": rows }))
+}
+
+/// The CPU time (user and system) this process used so far, from
+/// `/proc/self/stat` (0 where there is none).
+fn harness_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th, in clock ticks of 1/100 s on Linux.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: Vec<f64> = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    ticks.iter().sum::<f64>() / 100.0
 }
 
 /// How many calls of `commands` an `INFO commandstats` reply counts.
