@@ -402,14 +402,12 @@ impl FailoverClientBuilder {
     }
 }
 
-/// Calls `find` until it finds a master, waiting as `policy` says between
-/// tries; when its budget runs out, the last failures `find` gave.
-pub(crate) async fn wait_for<F>(
-    policy: RetryPolicy,
-    mut find: impl FnMut() -> F,
-) -> Result<MasterInfo>
+/// Calls `find` until it finds what it looks for (a master, a connection
+/// to one), waiting as `policy` says between tries; when its budget runs
+/// out, the last failures `find` gave.
+pub(crate) async fn wait_for<T, F>(policy: RetryPolicy, mut find: impl FnMut() -> F) -> Result<T>
 where
-    F: Future<Output = std::result::Result<MasterInfo, Vec<NodeFailure>>>,
+    F: Future<Output = std::result::Result<T, Vec<NodeFailure>>>,
 {
     let mut tries = Tries::new();
     loop {

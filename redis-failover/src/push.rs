@@ -11,9 +11,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::addr::NodeAddr;
 use crate::backend::Backend;
-use crate::client::{FailoverClient, MasterInfo};
-use crate::error::{Error, NodeFailure, Result};
-use crate::policy::{Decision, Tried, Tries};
+use crate::client::{FailoverClient, MasterInfo, wait_for};
+use crate::error::{NodeFailure, Result};
 
 impl FailoverClient {
     /// Opens a connection of the caller's own to the master (found first,
@@ -34,36 +33,20 @@ impl FailoverClient {
         let shared = Arc::clone(self.replicated(
             "one push connection to the master (open one per master with push_connection_to)",
         )?);
-        let policy = shared.settings.retry_policy();
-        let mut tries = Tries::new();
-        loop {
-            let failures = match shared.current().await {
-                Ok((master, _)) => {
-                    match shared.data.connect_push(&master.node, pushes.clone()).await {
-                        Ok(connection) => {
-                            let info = MasterInfo {
-                                node: master.node.clone(),
-                                generation: master.generation,
-                            };
-                            return Ok((info, connection));
-                        }
-                        Err(error) => vec![master.failure(error.to_string())],
-                    }
+        wait_for(shared.settings.retry_policy(), || async {
+            let (master, _) = shared.current().await?;
+            match shared.data.connect_push(&master.node, pushes.clone()).await {
+                Ok(connection) => {
+                    let info = MasterInfo {
+                        node: master.node.clone(),
+                        generation: master.generation,
+                    };
+                    Ok((info, connection))
                 }
-                Err(failures) => failures,
-            };
-            match policy.decide(&mut tries, Tried::NotSent) {
-                Decision::Retry(wait) => tokio::time::sleep(wait).await,
-                Decision::GiveUp(_) => {
-                    return Err(Error::RetryBudgetExhausted {
-                        budget: policy.budget,
-                        spent: tries.spent(),
-                        attempts: tries.count(),
-                        failures,
-                    });
-                }
+                Err(error) => Err(vec![master.failure(error.to_string())]),
             }
-        }
+        })
+        .await
     }
 
     /// Opens a connection of the caller's own to `node` (one of
@@ -84,26 +67,17 @@ impl FailoverClient {
             Backend::Replicated(shared) => (&shared.data, shared.settings.retry_policy()),
             Backend::Cluster(cluster) => (cluster.connector(), cluster.settings.policy),
         };
-        let mut tries = Tries::new();
-        loop {
-            let error = match connector.connect_push(node, pushes.clone()).await {
-                Ok(connection) => return Ok(connection),
-                Err(error) => error,
-            };
-            match policy.decide(&mut tries, Tried::NotSent) {
-                Decision::Retry(wait) => tokio::time::sleep(wait).await,
-                Decision::GiveUp(_) => {
-                    return Err(Error::RetryBudgetExhausted {
-                        budget: policy.budget,
-                        spent: tries.spent(),
-                        attempts: tries.count(),
-                        failures: vec![NodeFailure {
-                            node: node.clone(),
-                            reason: error.to_string(),
-                        }],
-                    });
-                }
-            }
-        }
+        wait_for(policy, || async {
+            connector
+                .connect_push(node, pushes.clone())
+                .await
+                .map_err(|error| {
+                    vec![NodeFailure {
+                        node: node.clone(),
+                        reason: error.to_string(),
+                    }]
+                })
+        })
+        .await
     }
 }

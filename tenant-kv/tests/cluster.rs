@@ -78,11 +78,7 @@ async fn a_store_serves_tenants_spread_over_every_shard() {
         .start()
         .await
         .unwrap();
-    let seeds = cluster
-        .nodes()
-        .into_iter()
-        .map(|n| NodeAddr::from(cluster.addr(n)));
-    let client = FailoverClient::cluster(seeds).build().unwrap();
+    let client = cluster_client(&cluster);
     let store = TenantKv::builder(client.clone())
         .encryption_key([7; 32])
         .build()
