@@ -245,10 +245,13 @@ impl FailoverClient {
 
     /// A number that changes whenever [`masters`](Self::masters) changes:
     /// with one master, its generation ([`MasterInfo`]); on a cluster, a
-    /// count of the slot-map changes that added or removed a master (a
-    /// failover, a shard added or emptied), not of every map reload.
-    /// `None` while no master is known. State kept per master (a tracking
-    /// connection on each) is current while this number is.
+    /// count of the changes of the client's slot map that added or removed
+    /// a master (a failover, a shard added or emptied, learnt from a
+    /// `MOVED` or a reload of the map), not of every reload. `None` while
+    /// no master is known. State kept per master (a tracking connection on
+    /// each) must be set up again when it changes; what happens on the
+    /// nodes before the client's map learns of it is for that state to
+    /// detect (a master restarted at the same address, one cut off).
     ///
     /// [`MasterInfo`]: crate::MasterInfo
     pub fn masters_epoch(&self) -> Option<u64> {
@@ -258,8 +261,9 @@ impl FailoverClient {
         }
     }
 
-    /// A cluster client's figures per node of the slot map it sent
-    /// requests to, ordered by address: to see a hot or failing shard.
+    /// A cluster client's figures per node it sent requests to (see
+    /// [`NodeMetrics`] for what counts), ordered by address: to see a hot
+    /// or failing shard.
     /// Empty with one master, whose figures are [`metrics`](Self::metrics).
     pub fn node_metrics(&self) -> Vec<NodeMetrics> {
         match self.backend() {

@@ -232,7 +232,8 @@ impl ClusterShared {
         let same_masters = map.masters().len() == known.masters().len()
             && map.masters().iter().all(|m| known.masters().contains(m));
         if !same_masters {
-            // Before the map: whoever reads the old epoch acts on the old map.
+            // Before the map: whoever saw the new map reads the new epoch
+            // after it (a cache fill checks the epoch after its read).
             self.masters_epoch.fetch_add(1, Ordering::AcqRel);
         }
         *known = map;

@@ -17,9 +17,11 @@ use crate::retry::refusal_of;
 pub struct NodeMetrics {
     /// The node.
     pub node: NodeAddr,
-    /// Tries sent to it (each retry counts), routed by slot or to the
-    /// node itself; reads a replica served are counted in
-    /// [`MetricsSnapshot::replica_reads`](crate::MetricsSnapshot::replica_reads).
+    /// Tries of requests routed by slot or to the node itself (each retry
+    /// counts, and so does a try whose connection could not be opened).
+    /// Not counted here: `WATCH` transactions, the first try of a
+    /// `MasterPreferred` read, and reads a replica served (see
+    /// [`MetricsSnapshot::replica_reads`](crate::MetricsSnapshot::replica_reads)).
     pub requests: u64,
     /// Tries that failed there: an error reply other than a redirect, a
     /// lost or refused connection, a durable write's `WAIT` short.
@@ -35,7 +37,9 @@ struct Counts {
     redirects: AtomicU64,
 }
 
-/// Every node's counts, kept while the node is in the slot map.
+/// Every node's counts, kept until a reload of the slot map finds the node
+/// gone (a node reached outside the map, through `ASK` or `query_on`,
+/// shows until the next reload).
 #[derive(Default)]
 pub(crate) struct PerNode(Mutex<HashMap<NodeAddr, Counts>>);
 
@@ -50,8 +54,7 @@ impl PerNode {
         let (requests, failures, redirects) = match sent {
             Sent::Done(_) => (1, 0, 0),
             Sent::Failed(error) if matches!(refusal_of(error), Some("MOVED" | "ASK")) => (1, 0, 1),
-            Sent::Failed(_) | Sent::Unreplicated(_) => (1, 1, 0),
-            Sent::Unreachable(_) => (0, 1, 0),
+            Sent::Failed(_) | Sent::Unreplicated(_) | Sent::Unreachable(_) => (1, 1, 0),
             // Not sent: nothing the node did.
             Sent::Held(_) | Sent::Refused(_) => return,
         };
@@ -113,9 +116,9 @@ mod tests {
         };
         assert_eq!(
             per_node.snapshot(),
-            vec![figures(&a, 2, 0, 1), figures(&b, 0, 1, 0)]
+            vec![figures(&a, 2, 0, 1), figures(&b, 1, 1, 0)]
         );
         per_node.retain(&HashSet::from([b.clone()]));
-        assert_eq!(per_node.snapshot(), vec![figures(&b, 0, 1, 0)]);
+        assert_eq!(per_node.snapshot(), vec![figures(&b, 1, 1, 0)]);
     }
 }

@@ -1,5 +1,5 @@
-//! Connections of the caller's own to the master, over RESP3 with push
-//! messages: for connection state the shared connections cannot hold,
+//! Connections of the caller's own to the master (or to a node the caller
+//! names: each master of a cluster), over RESP3 with push messages: for connection state the shared connections cannot hold,
 //! such as `CLIENT TRACKING` (the server's invalidation messages of a
 //! client-side cache arrive as pushes on the tracked connection itself).
 

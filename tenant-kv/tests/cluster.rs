@@ -371,6 +371,12 @@ async fn the_auth_cache_tracks_every_master_and_follows_a_shard_failover() {
         .failover(shard.replicas[0], FailoverMode::Default)
         .await
         .unwrap();
+    // Before this client's map knows: the old master, now a replica, fails
+    // the heartbeat's check that it is a master.
+    time_until("the cache to stop serving", || async {
+        !cached.auth_cache_stats().serving
+    })
+    .await;
     // A write through the cached store's client meets the new master
     // (a `MOVED`), or the next reload of the slot map finds it.
     cached

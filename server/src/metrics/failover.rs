@@ -70,14 +70,32 @@ pub(crate) struct FailoverCollector {
     replicas_online: Family,
     replicas_waited_for: Family,
     durable_writes_blocked: Family,
-    /// A cluster client's figures per node: requests, failures, redirects.
-    per_node: [Family; 3],
+    /// A cluster client's figures per node ([`NODE_COUNTERS`]).
+    per_node: Vec<(Family, NodeField)>,
 }
 
 /// Reads one figure of a node.
 type NodeField = fn(&NodeMetrics) -> u64;
 
-const NODE_FIELDS: [NodeField; 3] = [|m| m.requests, |m| m.failures, |m| m.redirects];
+/// A cluster client's figures per node: the name after
+/// `redis_failover_node_` and before `_total`, the help text, and the field.
+const NODE_COUNTERS: [(&str, &str, NodeField); 3] = [
+    (
+        "requests",
+        "Tries sent to a cluster node (each retry counts).",
+        |m| m.requests,
+    ),
+    (
+        "failures",
+        "Tries that failed on a cluster node: error replies other than redirects, and lost or refused connections.",
+        |m| m.failures,
+    ),
+    (
+        "redirects",
+        "MOVED and ASK replies of a cluster node.",
+        |m| m.redirects,
+    ),
+];
 
 impl FailoverCollector {
     pub(crate) fn new(client: FailoverClient) -> Self {
@@ -116,14 +134,13 @@ impl FailoverCollector {
                 "1 while durable writes are held back: fewer replicas online than they wait for.",
                 &[],
             ),
-            per_node: [
-                ("requests", "Tries sent to a cluster node (each retry counts)."),
-                ("failures", "Tries that failed on a cluster node (errors other than redirects, lost connections)."),
-                ("redirects", "MOVED and ASK replies of a cluster node."),
-            ]
-            .map(|(name, help)| {
-                Family::counter(&format!("redis_failover_node_{name}_total"), help, &["node"])
-            }),
+            per_node: NODE_COUNTERS
+                .iter()
+                .map(|(name, help, field)| {
+                    let name = format!("redis_failover_node_{name}_total");
+                    (Family::counter(&name, help, &["node"]), *field)
+                })
+                .collect(),
         }
     }
 }
@@ -141,7 +158,7 @@ impl Collector for FailoverCollector {
             .iter()
             .map(|(family, _)| family)
             .chain(gauges)
-            .chain(&self.per_node)
+            .chain(self.per_node.iter().map(|(family, _)| family))
             .map(Family::desc)
             .collect()
     }
@@ -172,7 +189,7 @@ impl Collector for FailoverCollector {
         // An empty family is not valid exposition: a one-master client has none.
         if !nodes.is_empty() {
             let names: Vec<String> = nodes.iter().map(|m| m.node.to_string()).collect();
-            for (family, field) in self.per_node.iter().zip(NODE_FIELDS) {
+            for (family, field) in &self.per_node {
                 let samples = nodes.iter().zip(&names);
                 families
                     .push(family.samples(samples.map(|(m, name)| (vec![name.as_str()], field(m)))));

@@ -13,21 +13,30 @@
 //! which know nothing of tracking.
 //!
 //! On a cluster, "the master generation" below is the client's
-//! [`masters_epoch`](FailoverClient::masters_epoch), which changes when a
-//! master joins or leaves the slot map; the lease runs from a `PING`
-//! every master answered; and a record is stored only when the master the
-//! map names for its slot served it (`query_on`): one read through an
-//! `ASK` redirect could come from a node not tracked yet. A slot moving
-//! between tracked masters needs nothing more: `MIGRATE` deletes the
-//! record on one (an invalidation) and writes after it on the other are
-//! pushed by that one.
+//! [`masters_epoch`](FailoverClient::masters_epoch), which changes once the
+//! client's slot map has a master join or leave (after a `MOVED`, or at a
+//! reload of the map). Until then, the heartbeat covers a failover: the
+//! lease runs from a round in which every tracked node said it still is a
+//! master of a cluster that serves (`ROLE`, `CLUSTER INFO`): a master
+//! cut off in a minority reports `cluster_state:fail` after the node
+//! timeout, the one after which the majority may promote its replica, so
+//! the cache stops within the lease of that; a master demoted in good order (`CLUSTER
+//! FAILOVER`) stays tracked as a replica, and Redis pushes the
+//! invalidations of the writes it replicates. A record is stored only
+//! when the master the map names for its slot served it (`query_on`):
+//! one read through an `ASK` redirect could come from a node not tracked
+//! yet. A slot moving between tracked masters needs nothing more: every
+//! write to a record on either one is pushed, and `MIGRATE` (what
+//! `redis-cli --cluster reshard` and `rebalance` use) deletes the record
+//! on the source, which pushes its invalidation too.
 //!
 //! Why the cache can never serve what an old master said:
 //! - It serves only while tracking is on for the master generation the
 //!   failover client uses *now* ([`FailoverClient::master`]): a new master
-//!   (failover, restart, a master found again) stops it at once, before the
-//!   tracking task has even heard of it, and the task then drops every
-//!   entry and turns tracking on again on the new master.
+//!   the client installed (failover, restart, a master found again) stops
+//!   it at once, before the tracking task has even heard of it, and the
+//!   task then drops every entry and turns tracking on again on the new
+//!   master.
 //! - It serves only within [`LEASE`] of the send time of the last `PING`
 //!   the master answered on the tracking connection: an answer to a `PING`
 //!   comes after every invalidation of writes the master ran before it, so
@@ -202,16 +211,16 @@ impl AuthCacheState {
         let hgetall = redis::cmd("HGETALL").arg(key).clone();
         let (fields, tracked) = match (ticket.is_some(), client.master_of(key)) {
             (true, Some(master)) if client.is_cluster() => {
-                match client.query_on::<HashMap<_, _>>(&master, &hgetall).await {
-                    Ok(fields) => (fields, true),
-                    // A redirect: the slot is moving, maybe to a node not
-                    // tracked yet. Read where the cluster says, keep nothing.
-                    Err(redis_failover::Error::Command { .. }) => {
-                        (client.query(&hgetall).await?, false)
-                    }
-                    Err(error) => return Err(error.into()),
+                let on_master = client.query_on::<HashMap<_, _>>(&master, &hgetall);
+                match tokio::time::timeout(LEASE, on_master).await {
+                    Ok(Ok(fields)) => (fields, true),
+                    // A redirect (the slot is moving, maybe to a node not
+                    // tracked yet), or a master failing: read where the
+                    // cluster says, following its failover; keep nothing.
+                    _ => (client.query(&hgetall).await?, false),
                 }
             }
+            (true, None) if client.is_cluster() => (client.query(&hgetall).await?, false),
             _ => (client.query(&hgetall).await?, true),
         };
         let fields = Arc::new(fields);

@@ -13,6 +13,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::future::{BoxFuture, try_join_all};
 use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind, Value};
 use redis_failover::{Backoff, Event, FailoverClient};
@@ -26,6 +27,9 @@ use crate::store::TenantKv;
 /// How often the tracking connection is pinged: each answer renews the
 /// [`LEASE`], so several may be slow or lost before the cache stops serving.
 const HEARTBEAT: Duration = Duration::from_millis(200);
+
+/// How long turning tracking on for every master of a cluster may take.
+const OPEN_LIMIT: Duration = Duration::from_secs(2);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -105,12 +109,20 @@ async fn open(
         return Ok((master.generation, vec![connection], sent));
     }
     let epoch = generation(client).ok_or("no slot map yet")?;
-    let mut connections = Vec::new();
-    for master in client.masters() {
-        let mut connection = client.push_connection_to(&master, pushes.clone()).await?;
-        track_prefixes(&mut connection).await?;
-        connections.push(connection);
-    }
+    // Side by side, and within a bound: a dead master of a map about to
+    // change must not hold tracking off for a retry budget (`track` backs
+    // off and tries again, with the masters of then).
+    let opening = client.masters().into_iter().map(|master| {
+        let pushes = pushes.clone();
+        async move {
+            let mut connection = client.push_connection_to(&master, pushes).await?;
+            track_prefixes(&mut connection).await?;
+            Ok::<_, BoxError>(connection)
+        }
+    });
+    let connections = tokio::time::timeout(OPEN_LIMIT, try_join_all(opening))
+        .await
+        .map_err(|_| "a master did not answer in time")??;
     // Every master of this epoch is tracked only if the epoch held.
     if generation(client) != Some(epoch) {
         return Err("the masters changed while tracking was turned on".into());
@@ -145,24 +157,29 @@ impl Connected<'_> {
     /// Applies invalidations and renews the lease until tracking cannot
     /// be trusted any more; says why.
     async fn serve(
-        mut self,
+        self,
         mut pushes: UnboundedReceiver<PushInfo>,
         mut events: broadcast::Receiver<Event>,
     ) -> String {
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cluster = self.client.is_cluster();
+        // A round of heartbeats in flight, polled beside the pushes: a slow
+        // master must not hold up the other masters' invalidations.
+        let mut round: Option<BoxFuture<'static, (Instant, redis::RedisResult<()>)>> = None;
         loop {
             tokio::select! {
-                push = pushes.recv() => match push {
-                    Some(push) if push.kind == PushKind::Invalidate => self.apply(push),
-                    Some(push) if push.kind != PushKind::Disconnection => {}
-                    _ => return "the tracking connection was lost".to_owned(),
-                },
+                push = pushes.recv() => {
+                    if let Err(reason) = self.handle(push) {
+                        return reason;
+                    }
+                }
                 event = events.recv() => match event {
-                    // One master: the change to the master tracked. (A
-                    // cluster's events carry map generations, not epochs.)
-                    Ok(Event::MasterChanged { generation, .. })
-                        if generation == self.generation && !self.client.is_cluster() => {}
+                    // A cluster's master changes show in the epoch, checked
+                    // at every lookup and heartbeat.
+                    Ok(_) if cluster => {}
+                    // One master: the change to the master tracked.
+                    Ok(Event::MasterChanged { generation, .. }) if generation == self.generation => {}
                     Ok(event @ (Event::MasterChanged { .. }
                         | Event::MasterLost { .. }
                         | Event::MasterRestarted { .. })) => return format!("{event:?}"),
@@ -171,22 +188,38 @@ impl Connected<'_> {
                     // Cannot happen while the store (and so its client) lives.
                     Err(RecvError::Closed) => return "the client is gone".to_owned(),
                 },
-                _ = heartbeat.tick() => {
+                _ = heartbeat.tick(), if round.is_none() => {
                     if generation(self.client) != Some(self.generation) {
                         return "another master is in use".to_owned();
                     }
-                    let sent = Instant::now();
-                    let ping = redis::cmd("PING");
-                    let pings = self
-                        .connections
-                        .iter_mut()
-                        .map(|connection| ping.query_async::<String>(connection));
-                    match futures_util::future::try_join_all(pings).await {
-                        Ok(_) => self.state.renew(self.generation, sent),
-                        Err(error) => return format!("a tracking connection failed: {error}"),
+                    round = Some(Box::pin(heartbeats(self.connections.clone(), cluster)));
+                }
+                (sent, answered) = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
+                    round = None;
+                    if let Err(error) = answered {
+                        return format!("a tracking connection failed: {error}");
                     }
+                    // Every push sent before the answers is applied first.
+                    while let Ok(push) = pushes.try_recv() {
+                        if let Err(reason) = self.handle(Some(push)) {
+                            return reason;
+                        }
+                    }
+                    self.state.renew(self.generation, sent);
                 }
             }
+        }
+    }
+
+    /// Applies one push; `Err` says why tracking is lost.
+    fn handle(&self, push: Option<PushInfo>) -> Result<(), String> {
+        match push {
+            Some(push) if push.kind == PushKind::Invalidate => {
+                self.apply(push);
+                Ok(())
+            }
+            Some(push) if push.kind != PushKind::Disconnection => Ok(()),
+            _ => Err("a tracking connection was lost".to_owned()),
         }
     }
 
@@ -206,4 +239,43 @@ impl Connected<'_> {
             _ => self.state.flush(),
         }
     }
+}
+
+/// One heartbeat on every tracking connection, sent now: a `PING` to the
+/// one master; on a cluster, proof that each node still is a master of a
+/// cluster that serves (`ROLE`, `CLUSTER INFO`): a master cut off in a
+/// minority answers `PING` while the majority promotes its replica, but
+/// reports `cluster_state:fail` after the node timeout without it.
+async fn heartbeats(
+    mut connections: Vec<MultiplexedConnection>,
+    cluster: bool,
+) -> (Instant, redis::RedisResult<()>) {
+    let sent = Instant::now();
+    let rounds = connections.iter_mut().map(|connection| async move {
+        if !cluster {
+            return redis::cmd("PING")
+                .query_async::<String>(connection)
+                .await
+                .map(drop);
+        }
+        let (role, info): (Vec<Value>, String) = redis::pipe()
+            .cmd("ROLE")
+            .cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(connection)
+            .await?;
+        let role = role.first().map(redis::from_redis_value_ref::<String>);
+        if matches!(role, Some(Ok(role)) if role == "master")
+            && info.lines().any(|line| line.trim() == "cluster_state:ok")
+        {
+            Ok(())
+        } else {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "no longer a master of a cluster that serves",
+            )))
+        }
+    });
+    let answered = try_join_all(rounds).await.map(drop);
+    (sent, answered)
 }

@@ -48,30 +48,7 @@ pub(crate) async fn cluster() -> Result<Value, Box<dyn Error>> {
         get("(c) get, one master", &single),
         get("(d) get, 3-shard cluster", &sharded),
     ];
-    // The same GETs with redis-rs alone, routed by hand: what sharding
-    // costs on this machine whatever the client.
-    let mut by_hand = vec![topology.connection(topology.initial_master()).await?];
-    let mut owners = vec![0u8; usize::from(redis_topology::SLOT_COUNT)];
-    for (index, shard) in cluster.shards().await?.into_iter().enumerate() {
-        by_hand.push(cluster.connection(shard.master).await?);
-        for slot in shard.slots.into_iter().flatten() {
-            owners[usize::from(slot)] = index as u8 + 1;
-        }
-    }
-    let raw = [
-        raw_get(
-            "(e) GET by redis-rs, one master",
-            &by_hand,
-            &[0; redis_topology::SLOT_COUNT as usize],
-        )
-        .await?,
-        raw_get(
-            "(f) GET by redis-rs routed by hand, 3 shards",
-            &by_hand,
-            &owners,
-        )
-        .await?,
-    ];
+    let raw = raw_gets(&topology, &cluster).await?;
     println!(
         "cluster: {TASKS} tasks over {TENANTS} tenants; {} interleaved rounds of {:?} per variant",
         settings.rounds, settings.duration
@@ -156,6 +133,30 @@ fn get(name: &str, tenants: &[Tenant]) -> Variant {
                 .map_err(|e| e.to_string())
         }
     })
+}
+
+/// The same GETs with redis-rs alone, on one master and routed by hand
+/// over the cluster's shards: what sharding costs on this machine whatever
+/// the client.
+async fn raw_gets(topology: &Topology, cluster: &Cluster) -> Result<[Variant; 2], Box<dyn Error>> {
+    let mut by_hand = vec![topology.connection(topology.initial_master()).await?];
+    let mut owners = vec![0u8; usize::from(redis_topology::SLOT_COUNT)];
+    for (index, shard) in cluster.shards().await?.into_iter().enumerate() {
+        by_hand.push(cluster.connection(shard.master).await?);
+        for slot in shard.slots.into_iter().flatten() {
+            owners[usize::from(slot)] = index as u8 + 1;
+        }
+    }
+    let one_master = [0; redis_topology::SLOT_COUNT as usize];
+    Ok([
+        raw_get("(e) GET by redis-rs, one master", &by_hand, &one_master).await?,
+        raw_get(
+            "(f) GET by redis-rs routed by hand, 3 shards",
+            &by_hand,
+            &owners,
+        )
+        .await?,
+    ])
 }
 
 /// A raw `GET` of each task's own key on `connections[owners[slot]]`
