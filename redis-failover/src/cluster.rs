@@ -261,6 +261,16 @@ impl FailoverClient {
         }
     }
 
+    /// Asks a cluster client to load its slot map again soon (at most one
+    /// load per 100 ms, whoever asks), for a caller that saw a node change
+    /// role before any request of the client met a `MOVED`. Nothing with
+    /// one master, whose changes the client follows itself.
+    pub fn reload_slot_map(&self) {
+        if let Backend::Cluster(cluster) = self.backend() {
+            cluster.refresh_soon();
+        }
+    }
+
     /// A cluster client's figures per node it sent requests to (see
     /// [`NodeMetrics`] for what counts), ordered by address: to see a hot
     /// or failing shard.

@@ -20,7 +20,9 @@
 //! master of a cluster that serves (`ROLE`, `CLUSTER INFO`): a master
 //! cut off in a minority reports `cluster_state:fail` after the node
 //! timeout, the one after which the majority may promote its replica, so
-//! the cache stops within the lease of that; a master demoted in good order (`CLUSTER
+//! the cache stops within the lease of that (and a failed heartbeat has
+//! the client load its map again, so the new epoch comes without waiting
+//! for a `MOVED`); a master demoted in good order (`CLUSTER
 //! FAILOVER`) stays tracked as a replica, and Redis pushes the
 //! invalidations of the writes it replicates. A record is stored only
 //! when the master the map names for its slot served it (`query_on`):

@@ -120,7 +120,17 @@ async fn open(
             Ok::<_, BoxError>(connection)
         }
     });
-    let connections = tokio::time::timeout(OPEN_LIMIT, try_join_all(opening))
+    let opened = async {
+        let connections = try_join_all(opening).await?;
+        // Each must be a master now, as each heartbeat will check: a node
+        // demoted or cut off before the map knows is not tracked as one.
+        let (_, masters) = heartbeats(connections.clone(), true).await;
+        if masters.is_err() {
+            client.reload_slot_map();
+        }
+        masters.map(|()| connections).map_err(BoxError::from)
+    };
+    let connections = tokio::time::timeout(OPEN_LIMIT, opened)
         .await
         .map_err(|_| "a master did not answer in time")??;
     // Every master of this epoch is tracked only if the epoch held.
@@ -197,6 +207,8 @@ impl Connected<'_> {
                 (sent, answered) = async { round.as_mut().expect("guarded").await }, if round.is_some() => {
                     round = None;
                     if let Err(error) = answered {
+                        // A node no longer a master: the map is out of date.
+                        self.client.reload_slot_map();
                         return format!("a tracking connection failed: {error}");
                     }
                     // Every push sent before the answers is applied first.
