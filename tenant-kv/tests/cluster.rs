@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use redis_failover::{FailoverClient, NodeAddr};
+use redis_failover::{ClusterClientBuilder, FailoverClient, NodeAddr};
 use redis_topology::{Cluster, FailoverMode, slot_of};
 use serde_json::json;
 use tenant_kv::{
@@ -73,12 +73,7 @@ async fn keys_on_masters(cluster: &Cluster, pattern: &str) -> Vec<(SocketAddr, S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_serves_tenants_spread_over_every_shard() {
-    let cluster = Cluster::builder()
-        .shards(3)
-        .replicas_per_shard(1)
-        .start()
-        .await
-        .unwrap();
+    let cluster = three_shards().await;
     let client = cluster_client(&cluster);
     let store = TenantKv::builder(client.clone())
         .encryption_key([7; 32])
@@ -298,13 +293,28 @@ async fn assert_audited(client: &FailoverClient, id: &TenantId) {
     }
 }
 
-/// A client of `cluster` seeded with every node.
-fn cluster_client(cluster: &Cluster) -> FailoverClient {
+/// A cluster of 3 shards, a master and a replica each.
+async fn three_shards() -> Cluster {
+    Cluster::builder()
+        .shards(3)
+        .replicas_per_shard(1)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// A client of `cluster` seeded with every node, to be configured.
+fn cluster_builder(cluster: &Cluster) -> ClusterClientBuilder {
     let seeds = cluster
         .nodes()
         .into_iter()
         .map(|n| NodeAddr::from(cluster.addr(n)));
-    FailoverClient::cluster(seeds).build().unwrap()
+    FailoverClient::cluster(seeds)
+}
+
+/// A client of `cluster` seeded with every node.
+fn cluster_client(cluster: &Cluster) -> FailoverClient {
+    cluster_builder(cluster).build().unwrap()
 }
 
 async fn disabled(store: &TenantKv, name: &str) -> bool {
@@ -313,20 +323,11 @@ async fn disabled(store: &TenantKv, name: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_auth_cache_tracks_every_master_and_follows_a_shard_failover() {
-    let cluster = Cluster::builder()
-        .shards(3)
-        .replicas_per_shard(1)
-        .start()
-        .await
-        .unwrap();
+    let cluster = three_shards().await;
     let writer = TenantKv::builder(cluster_client(&cluster)).build().unwrap();
     // No reload of the map on a timer within the test: only what the
     // cache's heartbeat asks for.
-    let seeds = cluster
-        .nodes()
-        .into_iter()
-        .map(|n| NodeAddr::from(cluster.addr(n)));
-    let cached_client = FailoverClient::cluster(seeds)
+    let cached_client = cluster_builder(&cluster)
         .slot_refresh_interval(Duration::from_secs(3600))
         .build()
         .unwrap();

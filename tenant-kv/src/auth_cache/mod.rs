@@ -211,19 +211,24 @@ impl AuthCacheState {
             Err(ticket) => ticket,
         };
         let hgetall = redis::cmd("HGETALL").arg(key).clone();
-        let (fields, tracked) = match (ticket.is_some(), client.master_of(key)) {
-            (true, Some(master)) if client.is_cluster() => {
-                let on_master = client.query_on::<HashMap<_, _>>(&master, &hgetall);
-                match tokio::time::timeout(LEASE, on_master).await {
-                    Ok(Ok(fields)) => (fields, true),
-                    // A redirect (the slot is moving, maybe to a node not
-                    // tracked yet), or a master failing: read where the
-                    // cluster says, following its failover; keep nothing.
-                    _ => (client.query(&hgetall).await?, false),
-                }
+        // On a cluster, only a read the slot's own master served may be
+        // stored: one through an `ASK` redirect could come from a node not
+        // tracked yet.
+        let on_master = match client.master_of(key) {
+            Some(master) if ticket.is_some() && client.is_cluster() => {
+                let read = client.query_on::<HashMap<_, _>>(&master, &hgetall);
+                tokio::time::timeout(LEASE, read)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
             }
-            (true, None) if client.is_cluster() => (client.query(&hgetall).await?, false),
-            _ => (client.query(&hgetall).await?, true),
+            _ => None,
+        };
+        // Else (a redirect, a master failing, one master): read where the
+        // client routes, following any failover.
+        let (fields, tracked) = match on_master {
+            Some(fields) => (fields, true),
+            None => (client.query(&hgetall).await?, !client.is_cluster()),
         };
         let fields = Arc::new(fields);
         if let (Some(ticket), true) = (ticket, tracked) {
