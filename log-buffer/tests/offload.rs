@@ -235,6 +235,74 @@ async fn a_killed_offloader_loses_nothing() {
     second.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Delivered entries leave the stream by a trim of its head, unless an
+/// older one is still pending under another consumer: that one stays,
+/// with nothing else, until it is claimed.
+#[tokio::test]
+async fn entries_pending_under_another_consumer_stay_while_later_ones_leave() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let stream = "tenant:{acme}:audit";
+    let base = now_ns();
+    for i in 0..10 {
+        audit_entry(&client, "acme", base + i, "update_key").await;
+    }
+    let _: () = client
+        .query(
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg("log-offloader")
+                .arg("0"),
+        )
+        .await
+        .unwrap();
+    // Another instance reads the first 3 entries and stops.
+    let held: redis::streams::StreamReadReply = client
+        .query(
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("log-offloader")
+                .arg("stopped")
+                .arg("COUNT")
+                .arg(3)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">"),
+        )
+        .await
+        .unwrap();
+    let held: Vec<String> = held.keys[0].ids.iter().map(|e| e.id.clone()).collect();
+    let ids = || async {
+        let left: redis::streams::StreamRangeReply = client
+            .query(redis::cmd("XRANGE").arg(stream).arg("-").arg("+"))
+            .await
+            .unwrap();
+        left.ids.into_iter().map(|e| e.id).collect::<Vec<_>>()
+    };
+
+    let first = offloader(&client, &receiver)
+        .claim_idle(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    receiver.wait_for_lines("acme", 7).await;
+    eventually("the 7 delivered entries deleted", || async {
+        ids().await.len() == 3
+    })
+    .await;
+    assert_eq!(ids().await, held);
+    first.shutdown(Duration::from_secs(5)).await;
+
+    // Claimed and delivered, they leave too, by the trim of the head.
+    let claimer = offloader(&client, &receiver)
+        .claim_idle(Duration::from_millis(1))
+        .start()
+        .unwrap();
+    receiver.wait_for_lines("acme", 10).await;
+    eventually("the stream emptied", || async { ids().await.is_empty() }).await;
+    claimer.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn a_throttled_tenant_does_not_hold_back_others_and_catches_up_in_order() {
     let (_topology, client) = start(0).await;

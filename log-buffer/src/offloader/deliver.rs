@@ -389,34 +389,43 @@ fn to_push(tenant: &str, batch: &[Ready]) -> Push {
     }
 }
 
-/// `XACK` and `XDEL` in one transaction: delivered entries leave the
-/// stream. If this fails, they are delivered again later, which Loki
-/// deduplicates. Apart, a replica promoted between the two would keep
-/// entries acknowledged but not deleted, which no consumer reads again.
+/// Acknowledges delivered entries and takes them out of the stream, in
+/// one script (`ack.lua`). If this fails, they are delivered again later,
+/// which Loki deduplicates.
 async fn acknowledge<'a>(context: &Context, stream: &str, ids: impl Iterator<Item = &'a str>) {
     let ids: Vec<&str> = ids.collect();
+    if ids.is_empty() {
+        return;
+    }
     let mut pipeline = redis::pipe();
-    pipeline.atomic();
     ack_and_delete(&mut pipeline, context, stream, &ids);
     if let Err(error) = context.client.query_pipeline::<()>(&pipeline).await {
         tracing::warn!(target: "log_buffer", %error, stream, "offloader: acknowledging failed; the entries will be delivered again");
     }
 }
 
-/// Adds `XACK` and `XDEL` of `ids` to `pipeline`: entries done with leave
-/// the group's pending list and the stream.
+/// Adds the acknowledgement of `ids` to `pipeline`: entries done with
+/// leave the group's pending list and the stream, at once (apart, a
+/// replica promoted between the two would keep entries acknowledged but
+/// not deleted, which no consumer reads again). `EVAL` rather than
+/// `EVALSHA`: it runs once per batch of entries, and inside a transaction
+/// a `NOSCRIPT` would not undo the rest.
 fn ack_and_delete(pipeline: &mut redis::Pipeline, context: &Context, stream: &str, ids: &[&str]) {
+    if ids.is_empty() {
+        return;
+    }
     pipeline
-        .cmd("XACK")
+        .cmd("EVAL")
+        .arg(ACK)
+        .arg(1)
         .arg(stream)
         .arg(&context.group)
         .arg(ids)
-        .ignore()
-        .cmd("XDEL")
-        .arg(stream)
-        .arg(ids)
         .ignore();
 }
+
+/// The acknowledgement script.
+const ACK: &str = include_str!("ack.lua");
 
 /// Moves records (or whole entries) to the stream's dead-letter stream
 /// with the reason, and acknowledges the entries `done`, in one
