@@ -394,11 +394,11 @@ fn to_push(tenant: &str, batch: &[Ready]) -> Push {
 /// which Loki deduplicates.
 async fn acknowledge<'a>(context: &Context, stream: &str, ids: impl Iterator<Item = &'a str>) {
     let ids: Vec<&str> = ids.collect();
-    if ids.is_empty() {
-        return;
-    }
     let mut pipeline = redis::pipe();
     ack_and_delete(&mut pipeline, context, stream, &ids);
+    if pipeline.is_empty() {
+        return;
+    }
     if let Err(error) = context.client.query_pipeline::<()>(&pipeline).await {
         tracing::warn!(target: "log_buffer", %error, stream, "offloader: acknowledging failed; the entries will be delivered again");
     }
@@ -411,17 +411,32 @@ async fn acknowledge<'a>(context: &Context, stream: &str, ids: impl Iterator<Ite
 /// `EVALSHA`: it runs once per batch of entries, and inside a transaction
 /// a `NOSCRIPT` would not undo the rest.
 fn ack_and_delete(pipeline: &mut redis::Pipeline, context: &Context, stream: &str, ids: &[&str]) {
-    if ids.is_empty() {
+    let Some(trim_below) = ids.iter().filter_map(|id| parse_id(id)).max().map(next_id) else {
         return;
-    }
+    };
     pipeline
         .cmd("EVAL")
         .arg(ACK)
         .arg(1)
         .arg(stream)
         .arg(&context.group)
+        .arg(trim_below)
         .arg(ids)
         .ignore();
+}
+
+/// A stream entry id's milliseconds and sequence number.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// The id right after `(ms, seq)`.
+fn next_id((ms, seq): (u64, u64)) -> String {
+    match seq.checked_add(1) {
+        Some(seq) => format!("{ms}-{seq}"),
+        None => format!("{}-0", ms.saturating_add(1)),
+    }
 }
 
 /// The acknowledgement script.
@@ -532,6 +547,14 @@ mod tests {
             left: vec![0, 2],
         };
         assert_eq!(empty.empty(), ["3-0"]);
+    }
+
+    #[test]
+    fn the_trim_stops_right_after_the_newest_id() {
+        let ids = ["1700000000000-9", "1700000000001-0", "999-5", "bad"];
+        let newest = ids.iter().filter_map(|id| parse_id(id)).max().unwrap();
+        assert_eq!(next_id(newest), "1700000000001-1");
+        assert_eq!(next_id((7, u64::MAX)), "8-0");
     }
 
     #[test]
