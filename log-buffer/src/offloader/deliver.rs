@@ -284,8 +284,9 @@ async fn delivered(
     }
     // Pace the tenant: a replayed backlog must not trip Loki's rate limit.
     let pace = Duration::from_secs_f64(bytes as f64 / context.tenant_bytes_per_second as f64);
-    if pace > started.elapsed() {
-        tokio::time::sleep(pace - started.elapsed()).await;
+    // One reading of the clock: read twice, the second could pass `pace`.
+    if let Some(rest) = pace.checked_sub(started.elapsed()) {
+        tokio::time::sleep(rest).await;
     }
 }
 

@@ -342,8 +342,8 @@ async fn dispatch(context: Arc<Context>) {
                 state.tenant.clone(),
             );
             tasks.spawn(async move {
+                let _release = Released(Some((done, stream.clone())));
                 deliver(&context, &stream, &tenant, entries).await;
-                let _ = done.send(stream);
             });
         }
         if idle {
@@ -363,9 +363,38 @@ async fn dispatch(context: Arc<Context>) {
     while tasks.join_next().await.is_some() {}
 }
 
+/// Tells the reading loop that a delivery task ended, when dropped: also
+/// when it panicked, or its stream would never be read again. Its
+/// entries left pending are claimed later, counted as delivered once more.
+struct Released(Option<(mpsc::UnboundedSender<String>, String)>);
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        if let Some((done, stream)) = self.0.take() {
+            let _ = done.send(stream);
+        }
+    }
+}
+
 /// Marks `stream` free for reading again: its delivery task ended.
 fn release(known: &mut BTreeMap<String, Known>, stream: &str) {
     if let Some(state) = known.get_mut(stream) {
         state.busy = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_delivery_task_that_panics_still_releases_its_stream() {
+        let (sender, mut done) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _release = Released(Some((sender, "tenant:{acme}:logs".to_owned())));
+            panic!("a bug in a delivery");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(done.recv().await.as_deref(), Some("tenant:{acme}:logs"));
     }
 }
