@@ -303,6 +303,66 @@ async fn entries_pending_under_another_consumer_stay_while_later_ones_leave() {
     claimer.shutdown(Duration::from_secs(5)).await;
 }
 
+/// The offloader's acknowledgement script, run as it runs it.
+const ACK: &str = include_str!("../src/offloader/ack.lua");
+
+/// A node whose group saw fewer deliveries than were acknowledged (a
+/// replica promoted before the master's last deliveries reached it) keeps
+/// the entries it never saw delivered: they are read again, not lost.
+#[tokio::test]
+async fn the_trim_stops_at_what_the_node_saw_delivered() {
+    let (_topology, client) = start(0).await;
+    let stream = "tenant:{acme}:audit";
+    for i in 0..5 {
+        audit_entry(&client, "acme", now_ns() + i, "update_key").await;
+    }
+    let group = |args: &[&str]| {
+        let mut command = redis::cmd("XGROUP");
+        command
+            .arg(args[0])
+            .arg(stream)
+            .arg("log-offloader")
+            .arg(&args[1..]);
+        command
+    };
+    let _: () = client.query(&group(&["CREATE", "0"])).await.unwrap();
+    let read: redis::streams::StreamReadReply = client
+        .query(
+            redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("log-offloader")
+                .arg("a")
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">"),
+        )
+        .await
+        .unwrap();
+    let ids: Vec<String> = read.keys[0].ids.iter().map(|e| e.id.clone()).collect();
+    // This node's group knows of the first two deliveries only.
+    let _: () = client.query(&group(&["SETID", &ids[1]])).await.unwrap();
+    let (ms, seq) = ids[4].split_once('-').unwrap();
+    let trim_below = format!("{ms}-{}", seq.parse::<u64>().unwrap() + 1);
+    let _: () = client
+        .query(
+            redis::cmd("EVAL")
+                .arg(ACK)
+                .arg(1)
+                .arg(stream)
+                .arg("log-offloader")
+                .arg(trim_below)
+                .arg(&ids),
+        )
+        .await
+        .unwrap();
+    let left: redis::streams::StreamRangeReply = client
+        .query(redis::cmd("XRANGE").arg(stream).arg("-").arg("+"))
+        .await
+        .unwrap();
+    let left: Vec<String> = left.ids.into_iter().map(|e| e.id).collect();
+    assert_eq!(left, ids[2..]);
+}
+
 #[tokio::test]
 async fn a_throttled_tenant_does_not_hold_back_others_and_catches_up_in_order() {
     let (_topology, client) = start(0).await;
