@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use log_buffer::Stream;
+use log_buffer::{Encoding, LokiSink, Offloader, OffloaderBuilder, Stream};
 use redis_failover::{FailoverClient, NodeAddr};
 use redis_topology::Topology;
 
@@ -275,4 +275,51 @@ pub async fn buffered(
         .flat_map(|(_, fields)| fields["records"].lines())
         .map(|line| serde_json::from_str(line).unwrap())
         .collect()
+}
+
+pub fn sink(receiver: &Receiver, encoding: Encoding) -> LokiSink {
+    LokiSink::builder(&receiver.url)
+        .encoding(encoding)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+}
+
+pub fn offloader(client: &FailoverClient, receiver: &Receiver) -> OffloaderBuilder<LokiSink> {
+    Offloader::builder(client.clone(), sink(receiver, Encoding::Protobuf))
+        .poll_interval(Duration::from_millis(20))
+        .discovery_interval(Duration::from_millis(200))
+        .backoff(
+            redis_failover::Backoff::new(Duration::from_millis(50), Duration::from_millis(200))
+                .unwrap(),
+        )
+}
+
+/// Appends an entry as tenant-kv's audit script does.
+pub async fn audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, action: &str) {
+    let _: String = client
+        .query(
+            redis::cmd("XADD")
+                .arg(format!("tenant:{{{tenant}}}:audit"))
+                .arg("*")
+                .arg("ts")
+                .arg(ts_ns.to_string())
+                .arg("tenant")
+                .arg(tenant)
+                .arg("actor")
+                .arg("user:alice")
+                .arg("action")
+                .arg(action)
+                .arg("key")
+                .arg("doc"),
+        )
+        .await
+        .unwrap();
+}
+
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
