@@ -45,7 +45,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     acme.delete("invoice/43", None).await?;
 
     // The consumer: a group of its own, so it never competes with the log
-    // offloader's group for the same records.
+    // offloader's group for the same records. The offloader leaves in the
+    // stream what any group has yet to acknowledge (the audit stream's
+    // length cap still applies).
     let stream = "tenant:{acme}:audit";
     let created: Result<String, _> = client
         .query(

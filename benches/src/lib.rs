@@ -10,10 +10,8 @@
 //! benchmark asserts about.
 //!
 //! `BENCH_SECONDS` (default 2) sets the time of one measurement and
-//! `BENCH_ROUNDS` (default 3) the number of rounds. `BENCH_ONLY` (name
-//! prefixes separated by commas, such as `(b),(c)`) measures only those
-//! variants, to profile one alone. The `harness` binary runs the scenarios
-//! built on it.
+//! `BENCH_ROUNDS` (default 3) the number of rounds. The `harness` binary
+//! runs the scenarios built on it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -28,6 +26,7 @@ pub type Operation =
     Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// A named way of doing the measured operation.
+#[derive(Clone)]
 pub struct Variant {
     /// Shown in the report.
     pub name: String,
@@ -142,9 +141,6 @@ pub async fn compare(variants: &[Variant], tasks: usize, settings: Settings) -> 
     let mut results = vec![Measurement::default(); variants.len()];
     for _ in 0..settings.rounds {
         for (variant, result) in variants.iter().zip(&mut results) {
-            if !selected(&variant.name) {
-                continue;
-            }
             let (ops_per_sec, errors, latencies) =
                 run_once(&variant.operation, tasks, settings.duration).await;
             result.rounds_ops_per_sec.push(ops_per_sec);
@@ -156,14 +152,6 @@ pub async fn compare(variants: &[Variant], tasks: usize, settings: Settings) -> 
         result.latencies_us.sort_unstable();
     }
     results
-}
-
-/// Whether `BENCH_ONLY` (unset: every variant) names `name`'s prefix.
-fn selected(name: &str) -> bool {
-    std::env::var("BENCH_ONLY").map_or(true, |only| {
-        only.split(',')
-            .any(|prefix| name.starts_with(prefix.trim()))
-    })
 }
 
 /// A table of the measurements, ratios against the first variant.

@@ -406,9 +406,10 @@ async fn acknowledge<'a>(context: &Context, stream: &str, ids: impl Iterator<Ite
 }
 
 /// Adds the acknowledgement of `ids` to `pipeline`: entries done with
-/// leave the group's pending list and the stream, at once (apart, a
-/// replica promoted between the two would keep entries acknowledged but
-/// not deleted, which no consumer reads again). `EVAL` rather than
+/// leave the group's pending list and, unless another group of the
+/// stream still needs them, the stream, at once (apart, a replica
+/// promoted between the two would keep entries acknowledged but not
+/// deleted, which no consumer reads again). `EVAL` rather than
 /// `EVALSHA`: it runs once per batch of entries, and inside a transaction
 /// a `NOSCRIPT` would not undo the rest.
 fn ack_and_delete(pipeline: &mut redis::Pipeline, context: &Context, stream: &str, ids: &[&str]) {

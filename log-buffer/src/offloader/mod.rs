@@ -303,7 +303,9 @@ async fn dispatch(context: Arc<Context>) {
         while let Ok(stream) = done.try_recv() {
             release(&mut known, &stream);
         }
-        while tasks.try_join_next().is_some() {}
+        while let Some(ended) = tasks.try_join_next() {
+            report_panic(ended);
+        }
         let round = async {
             if last_discovery.is_none_or(|at| at.elapsed() >= context.discovery_interval) {
                 discover(&context, &mut known).await?;
@@ -360,7 +362,19 @@ async fn dispatch(context: Arc<Context>) {
     }
     // Pushes under way finish (the caller's deadline bounds this); tasks
     // waiting to retry stop at once, leaving their entries pending.
-    while tasks.join_next().await.is_some() {}
+    while let Some(ended) = tasks.join_next().await {
+        report_panic(ended);
+    }
+}
+
+/// Logs a delivery task's panic: its stream is released (see
+/// [`Released`]), and the bug must not go unseen.
+fn report_panic(ended: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(error) = ended
+        && error.is_panic()
+    {
+        tracing::error!(target: "log_buffer", %error, "offloader: a delivery task panicked; its entries will be claimed again");
+    }
 }
 
 /// Tells the reading loop that a delivery task ended, when dropped: also

@@ -21,6 +21,9 @@
 //!   checkout per operation, and (c) a redis-failover client; ratios are to
 //!   (a). Targets: (c) >= 0.90x (a) at 64 and 256 tasks, and >= 4x (b).
 //!   `BENCH_SECONDS` and `BENCH_ROUNDS` set the length of each measurement.
+//!   In `reads`, `tenant-kv`, `http` and `cluster`, `BENCH_ONLY` (name
+//!   prefixes separated by commas, such as `(b),(c)`) runs only the
+//!   variants it names in the interleaved comparison, to profile one alone.
 //! - `failover`: N (default 20) kill -9 failovers of the master while 8
 //!   tasks write through a redis-failover client; for each, the time from
 //!   the kill to the first `+switch-master`, the time from that notice to
@@ -503,12 +506,22 @@ fn ratio(rows: &[Value], of: &str, to: &str) -> f64 {
 }
 
 /// Runs each group of variants at `tasks` concurrency, the first of each
-/// the baseline, and prints and returns rows with ratios to it.
+/// the baseline, and prints and returns rows with ratios to it. With
+/// `BENCH_ONLY` set, only the variants it names run (see [`selected`]).
 async fn groups(groups: &[&[Variant]], tasks: usize, settings: Settings) -> Vec<Value> {
+    let only = std::env::var("BENCH_ONLY").ok();
     let mut rows = Vec::new();
     for variants in groups {
-        let measurements = compare(variants, tasks, settings).await;
-        print!("{}", report(variants, tasks, &measurements));
+        let variants: Vec<Variant> = variants
+            .iter()
+            .filter(|variant| selected(only.as_deref(), &variant.name))
+            .cloned()
+            .collect();
+        if variants.is_empty() {
+            continue;
+        }
+        let measurements = compare(&variants, tasks, settings).await;
+        print!("{}", report(&variants, tasks, &measurements));
         let base = measurements[0].ops_per_sec();
         println!("  (ratios to {})", variants[0].name);
         for (variant, m) in variants.iter().zip(&measurements) {
@@ -525,6 +538,16 @@ async fn groups(groups: &[&[Variant]], tasks: usize, settings: Settings) -> Vec<
         }
     }
     rows
+}
+
+/// Whether `only` (name prefixes separated by commas, such as `(b),(c)`;
+/// `None`: every variant) names `name`, to profile one variant alone.
+fn selected(only: Option<&str>, name: &str) -> bool {
+    only.is_none_or(|only| {
+        only.split(',')
+            .map(str::trim)
+            .any(|prefix| !prefix.is_empty() && name.starts_with(prefix))
+    })
 }
 
 async fn set_get(
@@ -589,4 +612,18 @@ async fn chaos(rounds: usize) -> Result<Value, Box<dyn Error>> {
     chaos::print_totals(&wipe);
     chaos::print_table(&wipe);
     Ok(json!({ "scenario": "chaos", "report": report.to_json(), "empty_restart": wipe.to_json() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selected;
+
+    #[test]
+    fn bench_only_names_variants_by_prefix() {
+        assert!(selected(None, "(a) raw"));
+        assert!(selected(Some("(b), (c)"), "(c) put"));
+        assert!(!selected(Some("(b),(c)"), "(a) raw"));
+        // An empty prefix (a trailing comma) names nothing.
+        assert!(!selected(Some("(b),"), "(a) raw"));
+    }
 }
