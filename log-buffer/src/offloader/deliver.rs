@@ -4,12 +4,14 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::streams::StreamId;
 use redis::{FromRedisValue, Value};
 
 use super::context::Context;
+use super::labels::{LabelSets, Labels};
 use crate::packed::{self, Parsed, Text};
 use crate::record::{dead_letter_stream, now_ns, tenant_of_stream};
 use crate::sink::{Entry, Push, PushError, Stream};
@@ -27,7 +29,7 @@ const MAX_PUSH_LINES: usize = 1000;
 /// A record ready to push, with the index of the entry it came from.
 struct Ready {
     source: usize,
-    labels: BTreeMap<String, String>,
+    labels: Arc<Labels>,
     entry: Entry,
 }
 
@@ -184,7 +186,7 @@ fn sort_out(
     let now = now_ns();
     let oldest = now.saturating_sub(u64::try_from(context.max_age.as_nanos()).unwrap_or(u64::MAX));
     let newest = now + LOKI_MAX_FUTURE.as_nanos() as u64;
-    let job = job_of(context, stream);
+    let mut labels = LabelSets::new(job_of(context, stream), tenant, &context.label_fields);
     let mut ready = Vec::with_capacity(entries.len());
     let mut invalid = Vec::new();
     let mut tally = Tally {
@@ -198,7 +200,7 @@ fn sort_out(
         tally.left.push(records.len());
         for record in records {
             let prepared = record.and_then(|fields| {
-                prepare(context, job, tenant, &fields, oldest, newest).map_err(
+                prepare(context, &mut labels, &fields, oldest, newest).map_err(
                     |(reason, detail)| Dead {
                         id: entry.id.clone(),
                         fields: sorted(fields),
@@ -307,7 +309,6 @@ async fn dead_letter_records(
     }
 }
 
-type Labels = BTreeMap<String, String>;
 /// Why a record cannot go to Loki: the reason's name and the detail.
 type Refusal = (&'static str, String);
 
@@ -323,12 +324,11 @@ fn job_of<'a>(context: &'a Context, stream: &str) -> &'a str {
 /// Labels and line of a record, or why it cannot go to Loki.
 fn prepare(
     context: &Context,
-    job: &str,
-    tenant: &str,
+    labels: &mut LabelSets<'_>,
     fields: &Parsed<'_>,
     oldest: u64,
     newest: u64,
-) -> std::result::Result<(Labels, Entry), Refusal> {
+) -> std::result::Result<(Arc<Labels>, Entry), Refusal> {
     let ts_ns = fields
         .get("ts")
         .and_then(|ts| ts.as_str().parse::<u64>().ok())
@@ -342,18 +342,15 @@ fn prepare(
             format!("more than {LOKI_MAX_FUTURE:?} ahead"),
         ));
     }
-    let mut labels = BTreeMap::new();
-    labels.insert("job".to_owned(), job.to_owned());
-    labels.insert("tenant_id".to_owned(), tenant.to_owned());
+    let mut values = Vec::with_capacity(context.label_fields.len());
     for name in &context.label_fields {
-        if let Some(value) = fields.get(name.as_str()) {
-            let value = value.as_str();
-            if value.is_empty() || value.len() > LOKI_MAX_LABEL_VALUE {
-                return Err(("bad_label", format!("label {name:?} is empty or too long")));
-            }
-            labels.insert(name.clone(), value.to_owned());
+        let value = fields.get(name.as_str()).map(Text::as_str);
+        if value.is_some_and(|v| v.is_empty() || v.len() > LOKI_MAX_LABEL_VALUE) {
+            return Err(("bad_label", format!("label {name:?} is empty or too long")));
         }
+        values.push(value);
     }
+    let labels = labels.get(&values);
     let line = serde_json::to_string(&WithoutTs(fields)).expect("strings serialize");
     if line.len() > LOKI_MAX_LINE {
         return Err(("line_too_long", format!("{} bytes", line.len())));
@@ -371,10 +368,10 @@ impl serde::Serialize for WithoutTs<'_, '_> {
 }
 
 fn to_push(tenant: &str, batch: &[Ready]) -> Push {
-    let mut streams: BTreeMap<&BTreeMap<String, String>, Vec<Entry>> = BTreeMap::new();
+    let mut streams: BTreeMap<&Labels, Vec<Entry>> = BTreeMap::new();
     for ready in batch {
         streams
-            .entry(&ready.labels)
+            .entry(&*ready.labels)
             .or_default()
             .push(ready.entry.clone());
     }

@@ -3,10 +3,12 @@
 //!
 //! `context` holds what every part shares; `streams` finds the streams and
 //! reads (or claims) their entries; `deliver` pushes one stream's entries
-//! to the sink, dead-lettering what Loki cannot take.
+//! to the sink, dead-lettering what Loki cannot take, with the records'
+//! labels from `labels`.
 
 mod context;
 mod deliver;
+mod labels;
 mod streams;
 
 use std::collections::BTreeMap;
