@@ -105,6 +105,7 @@ use std::time::{Duration, Instant};
 use benches::{Settings, Variant, compare, report};
 use redis_failover::{Durability, FailoverClient, NodeAddr, ReadPolicy};
 use redis_topology::Topology;
+use rows::{groups, ratio};
 use serde_json::{Value, json};
 
 // The allocator `server` runs with, so that the scenarios running the
@@ -117,6 +118,7 @@ mod cluster;
 mod failover;
 mod http;
 mod logs;
+mod rows;
 mod tenant_kv;
 mod webdis;
 
@@ -493,63 +495,6 @@ async fn reads() -> Result<Value, Box<dyn Error>> {
                 "seconds": settings.duration.as_secs_f64(), "results": rows }))
 }
 
-/// The throughput of the variant whose name starts with `of` over that of
-/// the one starting with `to`, from `groups`' rows (0 if `of` is missing).
-fn ratio(rows: &[Value], of: &str, to: &str) -> f64 {
-    let ops = |name: &str| {
-        rows.iter()
-            .find(|row| row["variant"].as_str().is_some_and(|v| v.starts_with(name)))
-            .and_then(|row| row["ops_per_sec"].as_f64())
-            .unwrap_or(0.0)
-    };
-    ops(of) / ops(to).max(f64::MIN_POSITIVE)
-}
-
-/// Runs each group of variants at `tasks` concurrency, the first of each
-/// the baseline, and prints and returns rows with ratios to it. With
-/// `BENCH_ONLY` set, only the variants it names run (see [`selected`]).
-async fn groups(groups: &[&[Variant]], tasks: usize, settings: Settings) -> Vec<Value> {
-    let only = std::env::var("BENCH_ONLY").ok();
-    let mut rows = Vec::new();
-    for variants in groups {
-        let variants: Vec<Variant> = variants
-            .iter()
-            .filter(|variant| selected(only.as_deref(), &variant.name))
-            .cloned()
-            .collect();
-        if variants.is_empty() {
-            continue;
-        }
-        let measurements = compare(&variants, tasks, settings).await;
-        print!("{}", report(&variants, tasks, &measurements));
-        let base = measurements[0].ops_per_sec();
-        println!("  (ratios to {})", variants[0].name);
-        for (variant, m) in variants.iter().zip(&measurements) {
-            rows.push(json!({
-                "tasks": tasks,
-                "variant": variant.name,
-                "ops_per_sec": m.ops_per_sec(),
-                "ratio_to_baseline": m.ops_per_sec() / base,
-                "baseline": variants[0].name,
-                "p50_us": m.percentile(0.50).as_micros(),
-                "p99_us": m.percentile(0.99).as_micros(),
-                "errors": m.errors,
-            }));
-        }
-    }
-    rows
-}
-
-/// Whether `only` (name prefixes separated by commas, such as `(b),(c)`;
-/// `None`: every variant) names `name`, to profile one variant alone.
-fn selected(only: Option<&str>, name: &str) -> bool {
-    only.is_none_or(|only| {
-        only.split(',')
-            .map(str::trim)
-            .any(|prefix| !prefix.is_empty() && name.starts_with(prefix))
-    })
-}
-
 async fn set_get(
     connection: &mut impl redis::aio::ConnectionLike,
     task: usize,
@@ -612,18 +557,4 @@ async fn chaos(rounds: usize) -> Result<Value, Box<dyn Error>> {
     chaos::print_totals(&wipe);
     chaos::print_table(&wipe);
     Ok(json!({ "scenario": "chaos", "report": report.to_json(), "empty_restart": wipe.to_json() }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::selected;
-
-    #[test]
-    fn bench_only_names_variants_by_prefix() {
-        assert!(selected(None, "(a) raw"));
-        assert!(selected(Some("(b), (c)"), "(c) put"));
-        assert!(!selected(Some("(b),(c)"), "(a) raw"));
-        // An empty prefix (a trailing comma) names nothing.
-        assert!(!selected(Some("(b),"), "(a) raw"));
-    }
 }

@@ -1,0 +1,76 @@
+//! The interleaved comparisons' rows: each group of variants measured,
+//! printed with ratios to its baseline, and `BENCH_ONLY`'s selection.
+
+use benches::{Settings, Variant, compare, report};
+use serde_json::{Value, json};
+
+/// The throughput of the variant whose name starts with `of` over that of
+/// the one starting with `to`, from `groups`' rows (0 if `of` is missing).
+pub(crate) fn ratio(rows: &[Value], of: &str, to: &str) -> f64 {
+    let ops = |name: &str| {
+        rows.iter()
+            .find(|row| row["variant"].as_str().is_some_and(|v| v.starts_with(name)))
+            .and_then(|row| row["ops_per_sec"].as_f64())
+            .unwrap_or(0.0)
+    };
+    ops(of) / ops(to).max(f64::MIN_POSITIVE)
+}
+
+/// Runs each group of variants at `tasks` concurrency, the first of each
+/// the baseline, and prints and returns rows with ratios to it. With
+/// `BENCH_ONLY` set, only the variants it names run (see [`selected`]).
+pub(crate) async fn groups(groups: &[&[Variant]], tasks: usize, settings: Settings) -> Vec<Value> {
+    let only = std::env::var("BENCH_ONLY").ok();
+    let mut rows = Vec::new();
+    for variants in groups {
+        let variants: Vec<Variant> = variants
+            .iter()
+            .filter(|variant| selected(only.as_deref(), &variant.name))
+            .cloned()
+            .collect();
+        if variants.is_empty() {
+            continue;
+        }
+        let measurements = compare(&variants, tasks, settings).await;
+        print!("{}", report(&variants, tasks, &measurements));
+        let base = measurements[0].ops_per_sec();
+        println!("  (ratios to {})", variants[0].name);
+        for (variant, m) in variants.iter().zip(&measurements) {
+            rows.push(json!({
+                "tasks": tasks,
+                "variant": variant.name,
+                "ops_per_sec": m.ops_per_sec(),
+                "ratio_to_baseline": m.ops_per_sec() / base,
+                "baseline": variants[0].name,
+                "p50_us": m.percentile(0.50).as_micros(),
+                "p99_us": m.percentile(0.99).as_micros(),
+                "errors": m.errors,
+            }));
+        }
+    }
+    rows
+}
+
+/// Whether `only` (name prefixes separated by commas, such as `(b),(c)`;
+/// `None`: every variant) names `name`, to profile one variant alone.
+fn selected(only: Option<&str>, name: &str) -> bool {
+    only.is_none_or(|only| {
+        only.split(',')
+            .map(str::trim)
+            .any(|prefix| !prefix.is_empty() && name.starts_with(prefix))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selected;
+
+    #[test]
+    fn bench_only_names_variants_by_prefix() {
+        assert!(selected(None, "(a) raw"));
+        assert!(selected(Some("(b), (c)"), "(c) put"));
+        assert!(!selected(Some("(b),(c)"), "(a) raw"));
+        // An empty prefix (a trailing comma) names nothing.
+        assert!(!selected(Some("(b),"), "(a) raw"));
+    }
+}
