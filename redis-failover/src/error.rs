@@ -258,16 +258,25 @@ impl fmt::Display for NodeFailure {
     }
 }
 
-/// The code that tells what `error` is: its own, or for a transaction
+/// The code that tells what `error` is: its own; for a transaction
 /// discarded because a queued command was refused (`EXECABORT Transaction
-/// discarded because of: OOM ...`), the refused command's.
-fn cause_code(error: &RedisError) -> Option<&str> {
-    let code = error.code()?;
+/// discarded because of: OOM ...`), the refused command's; for a pipeline
+/// or transaction that ran with a command failing, the first failure's
+/// (redis-rs gives no code of its own to one whose code it does not know,
+/// `NOGROUP` say).
+fn cause_code(error: &RedisError) -> Option<String> {
+    let Some(code) = error.code() else {
+        let failures = error.clone().into_server_errors()?;
+        return failures
+            .first()
+            .map(|(_, failure)| failure.code().to_owned());
+    };
     if code != "EXECABORT" {
-        return Some(code);
+        return Some(code.to_owned());
     }
-    let cause = error.detail()?.split_once("because of: ")?.1;
-    cause.split_whitespace().next().or(Some(code))
+    let cause = error.detail().and_then(|d| d.split_once("because of: "));
+    let cause = cause.and_then(|(_, cause)| cause.split_whitespace().next());
+    Some(cause.unwrap_or(code).to_owned())
 }
 
 struct Failures<'a>(&'a [NodeFailure]);
@@ -304,7 +313,7 @@ impl Error {
             Self::NotReadOnly { .. } => ErrorKind::NotReadOnly,
             Self::Connect { .. } => ErrorKind::Connect,
             Self::TransactionConflict { .. } => ErrorKind::TransactionConflict,
-            Self::Command { source, .. } => match cause_code(source) {
+            Self::Command { source, .. } => match cause_code(source).as_deref() {
                 Some("NOSCRIPT") => ErrorKind::NoScript,
                 Some("BUSYGROUP") => ErrorKind::GroupExists,
                 Some("NOGROUP") => ErrorKind::NoGroup,

@@ -96,3 +96,39 @@ async fn out_of_memory_and_failing_persistence_are_typed_and_never_retried() {
     let refused: Option<i64> = client.get("refused").await.unwrap();
     assert_eq!(refused, None, "a refused write did not run");
 }
+
+/// A transaction that ran with one command failing reports that
+/// command's error kind, also for a code redis-rs does not know itself.
+#[tokio::test]
+async fn a_command_failing_inside_a_transaction_gives_its_kind() {
+    let topology = Topology::builder()
+        .replicas(0)
+        .sentinels(0)
+        .start()
+        .await
+        .unwrap();
+    let client = FailoverClient::candidates([topology.addr(topology.initial_master()).into()])
+        .build()
+        .unwrap();
+    let mut transaction = redis::pipe();
+    transaction
+        .atomic()
+        .cmd("SET")
+        .arg("before")
+        .arg(1)
+        .ignore()
+        .cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("missing")
+        .arg("reader")
+        .arg("STREAMS")
+        .arg("no-stream")
+        .arg(">");
+    let error = client
+        .query_pipeline::<(redis::Value,)>(&transaction)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::NoGroup, "{error}");
+    // The transaction ran: the command before the failing one took effect.
+    assert_eq!(client.get::<Option<u64>>("before").await.unwrap(), Some(1));
+}
