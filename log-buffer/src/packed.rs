@@ -4,7 +4,8 @@
 //! Why: Redis's cost is per entry, not per byte. Appending, replicating to
 //! every replica, reading (`XREADGROUP`), acknowledging and deleting
 //! (`XACK`, `XDEL` as the offloader then did) one entry per record cost
-//! the master about 7 µs per record, most of a logged request's cost, and parsing one reply value
+//! the master about 7 µs per record, most of a logged request's cost, and
+//! parsing one reply value
 //! per field cost the offloader as much again. One entry carrying up to
 //! [`MAX_RECORDS`] records divides all of it by the records packed.
 //!

@@ -1,7 +1,9 @@
-//! How the offloader takes delivered entries out of a stream: a trim of
-//! its head, bounded by every group's pending and undelivered entries on
-//! the node, else `XDEL`.
+//! How the offloader keeps what it read until it is delivered: one range
+//! per read in the group's in-flight hash (no pending list), claimed when
+//! its consumer stops, and a trim of the stream's head bounded by every
+//! group's ranges, pending entries and undelivered entries on the node.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use redis_failover::FailoverClient;
@@ -11,7 +13,9 @@ mod common;
 use common::*;
 
 const STREAM: &str = "tenant:{acme}:audit";
+const IN_FLIGHT: &str = "tenant:{acme}:audit:in-flight:log-offloader";
 const GROUP: &str = "log-offloader";
+const RANGES: &str = include_str!("../src/offloader/ranges.lua");
 
 /// The stream's ids, in order.
 async fn ids(client: &FailoverClient) -> Vec<String> {
@@ -20,6 +24,14 @@ async fn ids(client: &FailoverClient) -> Vec<String> {
         .await
         .unwrap();
     left.ids.into_iter().map(|e| e.id).collect()
+}
+
+/// The offloader's ranges in flight: first id, then the rest of each.
+async fn in_flight(client: &FailoverClient) -> BTreeMap<String, String> {
+    client
+        .query(redis::cmd("HGETALL").arg(IN_FLIGHT))
+        .await
+        .unwrap()
 }
 
 /// `group` created on the stream from its start.
@@ -36,8 +48,14 @@ async fn create_group(client: &FailoverClient, group: &str) {
         .unwrap();
 }
 
-/// The ids of the next `count` entries `consumer` of `group` reads.
-async fn read(client: &FailoverClient, group: &str, consumer: &str, count: usize) -> Vec<String> {
+/// The ids of the next `count` entries `consumer` of `group` reads with a
+/// pending list, as a user's own reader (or an older offloader) does.
+async fn read_pending(
+    client: &FailoverClient,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) -> Vec<String> {
     let read: redis::streams::StreamReadReply = client
         .query(
             redis::cmd("XREADGROUP")
@@ -55,40 +73,68 @@ async fn read(client: &FailoverClient, group: &str, consumer: &str, count: usize
     read.keys[0].ids.iter().map(|e| e.id.clone()).collect()
 }
 
-/// `XACK` of `ids` by `group`, nothing else.
-async fn ack(client: &FailoverClient, group: &str, ids: &[String]) {
-    let _: u64 = client
-        .query(redis::cmd("XACK").arg(STREAM).arg(group).arg(ids))
-        .await
-        .unwrap();
+/// The ids of the next `count` entries `consumer` reads as the offloader
+/// reads them: one range in flight, recorded in the read's transaction.
+async fn read_range(client: &FailoverClient, consumer: &str, count: usize) -> Vec<String> {
+    let script = |name: &str| {
+        let own = match name {
+            "mark" => include_str!("../src/offloader/mark.lua"),
+            _ => include_str!("../src/offloader/record.lua"),
+        };
+        let mut command = redis::cmd("EVAL");
+        command
+            .arg(format!("{RANGES}{own}"))
+            .arg(2)
+            .arg(STREAM)
+            .arg(IN_FLIGHT)
+            .arg(GROUP)
+            .arg(consumer);
+        command
+    };
+    let mut read = redis::cmd("XREADGROUP");
+    read.arg("GROUP")
+        .arg(GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("NOACK")
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(">");
+    let mut transaction = redis::pipe();
+    transaction
+        .atomic()
+        .add_command(script("mark"))
+        .ignore()
+        .add_command(read)
+        .add_command(script("record"))
+        .ignore();
+    let (read,): (redis::streams::StreamReadReply,) =
+        client.query_pipeline(&transaction).await.unwrap();
+    read.keys[0].ids.iter().map(|e| e.id.clone()).collect()
 }
 
-/// The offloader's acknowledgement script, run as it runs it: `ids`
-/// acknowledged, the stream trimmed below the id after `newest` at most.
-async fn acknowledge(client: &FailoverClient, newest: &str, ids: &[String]) {
-    const ACK: &str = include_str!("../src/offloader/ack.lua");
-    let (ms, seq) = newest.split_once('-').unwrap();
-    let trim_below = format!("{ms}-{}", seq.parse::<u64>().unwrap() + 1);
+/// The offloader's acknowledgement of the range that starts at `first`.
+async fn acknowledge(client: &FailoverClient, first: &str) {
+    let script = format!("{RANGES}{}", include_str!("../src/offloader/ack.lua"));
     let _: () = client
         .query(
             redis::cmd("EVAL")
-                .arg(ACK)
-                .arg(1)
+                .arg(script)
+                .arg(2)
                 .arg(STREAM)
+                .arg(IN_FLIGHT)
                 .arg(GROUP)
-                .arg(trim_below)
-                .arg(ids),
+                .arg(first),
         )
         .await
         .unwrap();
 }
 
-/// Entries acknowledged after an older one still pending under another
-/// consumer leave the stream (`XDEL`), the older stays until it is
-/// claimed, and then the trim of the head takes every entry up to the
-/// claimed ones, also one acknowledged without being deleted.
+/// A range held by a stopped consumer keeps the stream's head, and what
+/// was delivered after it, until it is claimed; then the trim takes all.
 #[tokio::test]
-async fn entries_pending_under_another_consumer_stay_while_later_ones_leave() {
+async fn a_range_in_flight_holds_the_head_until_it_is_claimed() {
     let (_topology, client) = start(0).await;
     let receiver = Receiver::start().await;
     let base = now_ns();
@@ -97,56 +143,91 @@ async fn entries_pending_under_another_consumer_stay_while_later_ones_leave() {
     }
     create_group(&client, GROUP).await;
     // Another instance reads the first 3 entries and stops.
-    let held = read(&client, GROUP, "stopped", 3).await;
+    let held = read_range(&client, "stopped", 3).await;
+    let all = ids(&client).await;
 
     let first = offloader(&client, &receiver)
         .claim_idle(Duration::from_secs(3600))
         .start()
         .unwrap();
     receiver.wait_for_lines("acme", 7).await;
-    eventually("the 7 delivered entries deleted", || async {
-        ids(&client).await.len() == 3
+    eventually("the 7 delivered entries' range acknowledged", || async {
+        in_flight(&client).await.len() == 1
     })
     .await;
-    assert_eq!(ids(&client).await, held);
+    let ranges = in_flight(&client).await;
+    assert!(ranges[&held[0]].starts_with(&format!("{} 1 ", held[2])));
+    assert!(ranges[&held[0]].ends_with(" stopped"));
+    assert_eq!(ids(&client).await, all);
     first.shutdown(Duration::from_secs(5)).await;
 
-    // The middle one is acknowledged by hand and stays in the stream; the
-    // other two are claimed, delivered, and the trim takes all three.
-    ack(&client, GROUP, &held[1..2]).await;
     let claimer = offloader(&client, &receiver)
         .claim_idle(Duration::from_millis(1))
         .start()
         .unwrap();
     eventually("the claimed entries delivered", || async {
         let stamps: Vec<u64> = receiver.lines("acme").iter().map(|l| l.0).collect();
-        stamps.contains(&base) && stamps.contains(&(base + 2))
+        (0..3).all(|i| stamps.contains(&(base + i)))
     })
     .await;
     eventually("the stream emptied", || async {
         ids(&client).await.is_empty()
     })
     .await;
+    assert!(in_flight(&client).await.is_empty());
     claimer.shutdown(Duration::from_secs(5)).await;
 }
 
-/// A node whose group saw fewer deliveries than were acknowledged (a
-/// replica promoted before the master's last deliveries reached it) keeps
-/// the entries it never saw delivered, to be read again: only the
-/// acknowledged ones leave.
+/// A consumer restarted under its name reads its own ranges again first,
+/// without waiting for them to go idle.
+#[tokio::test]
+async fn a_restarted_consumer_reads_its_own_range_first() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let base = now_ns();
+    for i in 0..5 {
+        audit_entry(&client, "acme", base + i, "update_key").await;
+    }
+    create_group(&client, GROUP).await;
+    read_range(&client, "pod-1", 3).await;
+    let restarted = offloader(&client, &receiver)
+        .consumer("pod-1")
+        .claim_idle(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    receiver.wait_for_lines("acme", 5).await;
+    eventually("the stream emptied", || async {
+        ids(&client).await.is_empty()
+    })
+    .await;
+    restarted.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A node whose group saw fewer reads than were acknowledged (a replica
+/// promoted before the master's last reads reached it) keeps the entries
+/// it never saw delivered; a node without the group keeps everything.
 #[tokio::test]
 async fn the_trim_stops_at_what_the_node_saw_delivered() {
     let (_topology, client) = start(0).await;
     for i in 0..6 {
         audit_entry(&client, "acme", now_ns() + i, "update_key").await;
     }
-    create_group(&client, GROUP).await;
     let all = ids(&client).await;
-    acknowledge(&client, &all[5], &all[4..]).await;
-    assert_eq!(ids(&client).await, all[..4]);
+    acknowledge(&client, &all[0]).await;
+    assert_eq!(ids(&client).await, all, "no group");
+
+    create_group(&client, GROUP).await;
+    acknowledge(&client, &all[0]).await;
+    assert_eq!(ids(&client).await, all, "nothing read");
+
+    let read = read_range(&client, "offloader", 4).await;
+    assert_eq!(read, all[..4]);
+    acknowledge(&client, &read[0]).await;
+    assert_eq!(ids(&client).await, all[4..]);
 }
 
-/// Another group reading the stream keeps what it has not acknowledged.
+/// Another group reading the stream with a pending list keeps what it
+/// has not acknowledged, then what it has not read.
 #[tokio::test]
 async fn entries_another_group_still_needs_stay() {
     let (_topology, client) = start(0).await;
@@ -155,12 +236,72 @@ async fn entries_another_group_still_needs_stay() {
     }
     create_group(&client, GROUP).await;
     create_group(&client, "billing").await;
-    let all = read(&client, GROUP, "offloader", 5).await;
-    let billed = read(&client, "billing", "job", 2).await;
-    acknowledge(&client, &all[4], &all).await;
+    let all = read_range(&client, "offloader", 5).await;
+    let billed = read_pending(&client, "billing", "job", 2).await;
+    acknowledge(&client, &all[0]).await;
     assert_eq!(ids(&client).await, all);
 
-    ack(&client, "billing", &billed).await;
-    acknowledge(&client, &all[4], &[]).await;
+    let _: u64 = client
+        .query(redis::cmd("XACK").arg(STREAM).arg("billing").arg(&billed))
+        .await
+        .unwrap();
+    acknowledge(&client, &all[0]).await;
     assert_eq!(ids(&client).await, all[2..]);
+}
+
+/// Entries an older offloader left in the group's pending list become a
+/// range that is claimed, delivered and trimmed like any other.
+#[tokio::test]
+async fn entries_pending_from_an_older_offloader_are_claimed() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let base = now_ns();
+    for i in 0..6 {
+        audit_entry(&client, "acme", base + i, "update_key").await;
+    }
+    create_group(&client, GROUP).await;
+    read_pending(&client, GROUP, "older", 4).await;
+    let offloader = offloader(&client, &receiver)
+        .claim_idle(Duration::from_millis(1))
+        .start()
+        .unwrap();
+    receiver.wait_for_lines("acme", 6).await;
+    eventually("the stream emptied", || async {
+        ids(&client).await.is_empty()
+    })
+    .await;
+    let pending: (u64, redis::Value, redis::Value, redis::Value) = client
+        .query(redis::cmd("XPENDING").arg(STREAM).arg(GROUP))
+        .await
+        .unwrap();
+    assert_eq!(pending.0, 0);
+    offloader.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A node without the group (a replica promoted before the group's
+/// creation reached it): the read fails with `NOGROUP` and records no
+/// range, the offloader creates the group again, and nothing is lost.
+#[tokio::test]
+async fn a_group_missing_on_the_node_is_created_again() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let base = now_ns();
+    audit_entry(&client, "acme", base, "update_key").await;
+    let offloader = offloader(&client, &receiver).start().unwrap();
+    receiver.wait_for_lines("acme", 1).await;
+
+    let _: u64 = client
+        .query(redis::cmd("XGROUP").arg("DESTROY").arg(STREAM).arg(GROUP))
+        .await
+        .unwrap();
+    for i in 1..4 {
+        audit_entry(&client, "acme", base + i, "update_key").await;
+    }
+    receiver.wait_for_lines("acme", 4).await;
+    eventually("the stream emptied", || async {
+        ids(&client).await.is_empty()
+    })
+    .await;
+    assert!(in_flight(&client).await.is_empty());
+    offloader.shutdown(Duration::from_secs(5)).await;
 }

@@ -1,11 +1,12 @@
 //! What the offloader's parts share: its settings, its per-tenant
-//! figures and its stop signal, and what the dispatcher knows of each
-//! stream.
+//! figures and its stop signal, what the dispatcher knows of each
+//! stream, and what a read hands to a delivery.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use redis::streams::StreamId;
 use redis_failover::{Backoff, FailoverClient};
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +56,12 @@ impl Context {
         update(lock(&self.metrics).entry(tenant.to_owned()).or_default());
     }
 
+    /// The hash of `stream`'s ranges in flight for this group (see
+    /// `ranges.lua`): in the stream's slot, as its name starts with it.
+    pub(super) fn in_flight(&self, stream: &str) -> String {
+        format!("{stream}:in-flight:{}", self.group)
+    }
+
     /// Resolves when the offloader is told to stop.
     pub(super) async fn stopping(&self) {
         self.stopped.cancelled().await;
@@ -66,12 +73,20 @@ pub(super) struct Known {
     pub(super) tenant: String,
     /// Whether the consumer group is known to exist on the stream.
     pub(super) group_ready: bool,
-    /// Whether this consumer's own pending entries were read (they are
-    /// read first, from id 0, after a restart under the same name).
-    pub(super) own_pending_read: bool,
+    /// Whether this consumer's own ranges in flight were claimed (they are
+    /// read first, after a restart under the same name).
+    pub(super) own_claimed: bool,
     /// Whether a delivery task owns the stream's entries now.
     pub(super) busy: bool,
     pub(super) last_claim: Instant,
+}
+
+/// Entries read for one delivery: one in-flight range of a stream.
+pub(super) struct Read {
+    pub(super) stream: String,
+    /// The range's first id: its field in the in-flight hash.
+    pub(super) range: String,
+    pub(super) entries: Vec<StreamId>,
 }
 
 /// One tenant's counters and gauges.

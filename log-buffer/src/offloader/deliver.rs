@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use redis::streams::StreamId;
 use redis::{FromRedisValue, Value};
 
-use super::context::Context;
+use super::context::{Context, Read};
 use super::labels::{LabelSets, Labels};
 use crate::packed::{self, Parsed, Text};
 use crate::record::{dead_letter_stream, now_ns, tenant_of_stream};
@@ -42,56 +42,50 @@ pub(super) struct Dead {
     pub(super) detail: String,
 }
 
-/// How many records of each entry of one delivery are neither delivered
-/// nor dead-lettered yet: an entry is acknowledged only when none is left,
-/// so a packed entry whose records went out in several pushes is read
-/// again after a crash between them, never lost.
+/// How many records of one delivery are neither delivered nor
+/// dead-lettered yet: its range is acknowledged only when none is left,
+/// so a delivery whose records went out in several pushes is read again
+/// after a crash between them, never lost.
 struct Tally {
+    /// The entries' ids, by index.
     ids: Vec<String>,
-    left: Vec<usize>,
+    unsettled: usize,
 }
 
 impl Tally {
-    /// Counts the records of `sources` as settled; the ids of the entries
-    /// this settles completely.
-    fn settle(&mut self, sources: impl IntoIterator<Item = usize>) -> Vec<String> {
-        let mut done = Vec::new();
-        for source in sources {
-            self.left[source] -= 1;
-            if self.left[source] == 0 {
-                done.push(self.ids[source].clone());
-            }
-        }
-        done
-    }
-
-    /// The ids of the entries that hold no record at all: done already.
-    fn empty(&self) -> Vec<String> {
-        (self.left.iter().zip(&self.ids))
-            .filter(|(left, _)| **left == 0)
-            .map(|(_, id)| id.clone())
-            .collect()
+    /// Counts `records` more records as settled; whether that settles
+    /// the whole delivery.
+    fn settle(&mut self, records: usize) -> bool {
+        self.unsettled -= records;
+        self.unsettled == 0
     }
 
     /// Takes back a [`settle`](Self::settle) whose writes failed.
-    fn unsettle(&mut self, sources: impl IntoIterator<Item = usize>) {
-        for source in sources {
-            self.left[source] += 1;
-        }
+    fn unsettle(&mut self, records: usize) {
+        self.unsettled += records;
     }
 }
 
-/// Delivers one stream's entries: invalid records to the dead-letter
-/// stream at once, the rest to the sink, retried with the tenant's backoff
-/// until accepted or the offloader stops.
-pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entries: Vec<StreamId>) {
+/// Delivers one range of a stream's entries: invalid records to the
+/// dead-letter stream at once, the rest to the sink, retried with the
+/// tenant's backoff until accepted or the offloader stops; then
+/// acknowledges the range.
+pub(super) async fn deliver(context: &Context, tenant: &str, read: Read) {
+    let Read {
+        stream,
+        range,
+        entries,
+    } = read;
+    let stream = stream.as_str();
+    let at = Acknowledge {
+        stream,
+        range: &range,
+    };
     let (ready, invalid, mut tally) = sort_out(context, stream, tenant, entries);
-    let empty = tally.empty();
-    if !empty.is_empty() {
-        acknowledge(context, stream, empty.iter().map(String::as_str)).await;
-    }
     if !invalid.is_empty() {
-        dead_letter_records(context, stream, tenant, invalid, &mut tally).await;
+        dead_letter_records(context, at, tenant, invalid, &mut tally).await;
+    } else if tally.unsettled == 0 {
+        acknowledge(context, at).await;
     }
     let mut queue = in_pushes(ready);
     let mut attempt = 0u32;
@@ -104,7 +98,7 @@ pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entri
         match context.sink.push(&push).await {
             Ok(()) => {
                 attempt = 0;
-                delivered(context, stream, tenant, &batch, started, &mut tally).await;
+                delivered(context, at, tenant, &batch, started, &mut tally).await;
             }
             Err(PushError::Retry { reason }) => {
                 context.tenant_metrics(tenant, |m| m.retried_pushes += 1);
@@ -142,17 +136,14 @@ pub(super) async fn deliver(context: &Context, stream: &str, tenant: &str, entri
                 };
                 let rejected = batch
                     .into_iter()
-                    .map(|ready| {
-                        let dead = Dead {
-                            id: tally.ids[ready.source].clone(),
-                            fields: fields_of(&ready.entry),
-                            reason,
-                            detail: detail.clone(),
-                        };
-                        (ready.source, dead)
+                    .map(|ready| Dead {
+                        id: tally.ids[ready.source].clone(),
+                        fields: fields_of(&ready.entry),
+                        reason,
+                        detail: detail.clone(),
                     })
                     .collect();
-                dead_letter_records(context, stream, tenant, rejected, &mut tally).await;
+                dead_letter_records(context, at, tenant, rejected, &mut tally).await;
             }
         }
         if context.stopped.is_cancelled() && !queue.is_empty() {
@@ -172,9 +163,6 @@ fn in_pushes<T>(mut ready: Vec<T>) -> Vec<Vec<T>> {
     pushes
 }
 
-/// A record that cannot go to Loki, by the index of its entry.
-type Invalid = (usize, Dead);
-
 /// `entries`' records ready to push, oldest first; those Loki would
 /// refuse; and the tally of records per entry.
 fn sort_out(
@@ -182,7 +170,7 @@ fn sort_out(
     stream: &str,
     tenant: &str,
     entries: Vec<StreamId>,
-) -> (Vec<Ready>, Vec<Invalid>, Tally) {
+) -> (Vec<Ready>, Vec<Dead>, Tally) {
     let now = now_ns();
     let oldest = now.saturating_sub(u64::try_from(context.max_age.as_nanos()).unwrap_or(u64::MAX));
     let newest = now + LOKI_MAX_FUTURE.as_nanos() as u64;
@@ -191,13 +179,13 @@ fn sort_out(
     let mut invalid = Vec::new();
     let mut tally = Tally {
         ids: Vec::with_capacity(entries.len()),
-        left: Vec::with_capacity(entries.len()),
+        unsettled: 0,
     };
     for (source, entry) in entries.iter().enumerate() {
         let packed = entry.map.get(packed::RECORDS_FIELD).map(text);
         let records = unpack(entry, packed.as_deref());
         tally.ids.push(entry.id.clone());
-        tally.left.push(records.len());
+        tally.unsettled += records.len();
         for record in records {
             let prepared = record.and_then(|fields| {
                 prepare(context, &mut labels, &fields, oldest, newest).map_err(
@@ -215,7 +203,7 @@ fn sort_out(
                     labels,
                     entry: line,
                 }),
-                Err(dead) => invalid.push((source, dead)),
+                Err(dead) => invalid.push(dead),
             }
         }
     }
@@ -263,11 +251,10 @@ fn fields_of(entry: &Entry) -> Vec<(String, String)> {
 }
 
 /// After the sink accepted `batch` (pushed at `started`): the figures, the
-/// entries whose records are all settled acknowledged, and the tenant
-/// paced.
+/// range acknowledged once every record is settled, and the tenant paced.
 async fn delivered(
     context: &Context,
-    stream: &str,
+    at: Acknowledge<'_>,
     tenant: &str,
     batch: &[Ready],
     started: Instant,
@@ -280,9 +267,8 @@ async fn delivered(
         m.pushes += 1;
         m.push_latency += started.elapsed();
     });
-    let done = tally.settle(batch.iter().map(|r| r.source));
-    if !done.is_empty() {
-        acknowledge(context, stream, done.iter().map(String::as_str)).await;
+    if tally.settle(batch.len()) {
+        acknowledge(context, at).await;
     }
     // Pace the tenant: a replayed backlog must not trip Loki's rate limit.
     let pace = Duration::from_secs_f64(bytes as f64 / context.tenant_bytes_per_second as f64);
@@ -292,20 +278,20 @@ async fn delivered(
     }
 }
 
-/// Dead-letters records of this delivery, acknowledging the entries this
-/// settles in the same transaction; if that fails, the records count as
-/// unsettled again, so their entries stay pending.
+/// Dead-letters records of this delivery, acknowledging the range in the
+/// same transaction if this settles it; if that fails, the records count
+/// as unsettled again, so the range stays in flight.
 async fn dead_letter_records(
     context: &Context,
-    stream: &str,
+    at: Acknowledge<'_>,
     tenant: &str,
-    records: Vec<Invalid>,
+    dead: Vec<Dead>,
     tally: &mut Tally,
 ) {
-    let (sources, dead): (Vec<usize>, Vec<Dead>) = records.into_iter().unzip();
-    let done = tally.settle(sources.iter().copied());
-    if !dead_letter(context, stream, tenant, dead, &done).await {
-        tally.unsettle(sources);
+    let records = dead.len();
+    let range = tally.settle(records).then_some(at.range);
+    if !dead_letter(context, at.stream, tenant, dead, range).await {
+        tally.unsettle(records);
     }
 }
 
@@ -387,71 +373,53 @@ fn to_push(tenant: &str, batch: &[Ready]) -> Push {
     }
 }
 
-/// Acknowledges delivered entries and takes them out of the stream, in
-/// one script (`ack.lua`). If this fails, they are delivered again later,
-/// which Loki deduplicates.
-async fn acknowledge<'a>(context: &Context, stream: &str, ids: impl Iterator<Item = &'a str>) {
-    let ids: Vec<&str> = ids.collect();
+/// A delivery's stream and range, to acknowledge.
+#[derive(Clone, Copy)]
+struct Acknowledge<'a> {
+    stream: &'a str,
+    range: &'a str,
+}
+
+/// Acknowledges a delivered range (`ack.lua`). If this fails, it is
+/// delivered again later, which Loki deduplicates.
+async fn acknowledge(context: &Context, at: Acknowledge<'_>) {
     let mut pipeline = redis::pipe();
-    ack_and_delete(&mut pipeline, context, stream, &ids);
-    if pipeline.is_empty() {
-        return;
-    }
+    ack_range(&mut pipeline, context, at.stream, at.range);
     if let Err(error) = context.client.query_pipeline::<()>(&pipeline).await {
-        tracing::warn!(target: "log_buffer", %error, stream, "offloader: acknowledging failed; the entries will be delivered again");
+        tracing::warn!(target: "log_buffer", %error, stream = at.stream, "offloader: acknowledging failed; the entries will be delivered again");
     }
 }
 
-/// Adds the acknowledgement of `ids` to `pipeline`: entries done with
-/// leave the group's pending list and, unless another group of the
-/// stream still needs them, the stream, at once (apart, a replica
-/// promoted between the two would keep entries acknowledged but not
-/// deleted, which no consumer reads again). `EVAL` rather than
-/// `EVALSHA`: it runs once per batch of entries, and inside a transaction
-/// a `NOSCRIPT` would not undo the rest.
-fn ack_and_delete(pipeline: &mut redis::Pipeline, context: &Context, stream: &str, ids: &[&str]) {
-    let Some(trim_below) = ids.iter().filter_map(|id| parse_id(id)).max().map(next_id) else {
-        return;
-    };
+/// Adds the acknowledgement of `range` to `pipeline`: it leaves the
+/// in-flight hash, and the stream's head is trimmed of what every group
+/// is done with. `EVAL` rather than `EVALSHA`: it runs once per delivery,
+/// and inside a transaction a `NOSCRIPT` would not undo the rest.
+fn ack_range(pipeline: &mut redis::Pipeline, context: &Context, stream: &str, range: &str) {
     pipeline
         .cmd("EVAL")
         .arg(ACK)
-        .arg(1)
+        .arg(2)
         .arg(stream)
+        .arg(context.in_flight(stream))
         .arg(&context.group)
-        .arg(trim_below)
-        .arg(ids)
+        .arg(range)
         .ignore();
 }
 
-/// A stream entry id's milliseconds and sequence number.
-fn parse_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
-}
-
-/// The id right after `(ms, seq)`.
-fn next_id((ms, seq): (u64, u64)) -> String {
-    match seq.checked_add(1) {
-        Some(seq) => format!("{ms}-{seq}"),
-        None => format!("{}-0", ms.saturating_add(1)),
-    }
-}
-
 /// The acknowledgement script.
-const ACK: &str = include_str!("ack.lua");
+const ACK: &str = concat!(include_str!("ranges.lua"), include_str!("ack.lua"));
 
 /// Moves records (or whole entries) to the stream's dead-letter stream
-/// with the reason, and acknowledges the entries `done`, in one
+/// with the reason, and acknowledges `range` if given, in one
 /// transaction; the dead-letter stream is trimmed to its length cap and
 /// to the entries' age limit on the way. Whether it worked: if not, the
-/// entries stay pending.
+/// range stays in flight.
 pub(super) async fn dead_letter(
     context: &Context,
     stream: &str,
     tenant: &str,
     dead: Vec<Dead>,
-    done: &[String],
+    range: Option<&str>,
 ) -> bool {
     let target = dead_letter_stream(stream);
     let mut pipeline = redis::pipe();
@@ -486,9 +454,8 @@ pub(super) async fn dead_letter(
         .arg("~")
         .arg((now_ns() / 1_000_000).saturating_sub(max_age_ms))
         .ignore();
-    if !done.is_empty() {
-        let ids: Vec<&str> = done.iter().map(String::as_str).collect();
-        ack_and_delete(&mut pipeline, context, stream, &ids);
+    if let Some(range) = range {
+        ack_range(&mut pipeline, context, stream, range);
     }
     match context.client.query_pipeline::<()>(&pipeline).await {
         Ok(()) => {
@@ -501,7 +468,7 @@ pub(super) async fn dead_letter(
             true
         }
         Err(error) => {
-            tracing::warn!(target: "log_buffer", %error, stream, "offloader: dead-lettering failed; the entries stay pending");
+            tracing::warn!(target: "log_buffer", %error, stream, "offloader: dead-lettering failed; the entries stay in flight");
             false
         }
     }
@@ -532,28 +499,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_entry_is_done_once_each_of_its_records_is_settled() {
+    fn a_delivery_is_settled_once_each_of_its_records_is() {
         let mut tally = Tally {
             ids: vec!["1-0".to_owned(), "2-0".to_owned()],
-            left: vec![3, 1],
+            unsettled: 4,
         };
-        assert!(tally.settle([0, 0]).is_empty());
-        tally.unsettle([0]);
-        assert!(tally.settle([0]).is_empty());
-        assert_eq!(tally.settle([1, 0]), ["2-0", "1-0"]);
-        let empty = Tally {
-            ids: vec!["3-0".to_owned(), "4-0".to_owned()],
-            left: vec![0, 2],
-        };
-        assert_eq!(empty.empty(), ["3-0"]);
-    }
-
-    #[test]
-    fn the_trim_stops_right_after_the_newest_id() {
-        let ids = ["1700000000000-9", "1700000000001-0", "999-5", "bad"];
-        let newest = ids.iter().filter_map(|id| parse_id(id)).max().unwrap();
-        assert_eq!(next_id(newest), "1700000000001-1");
-        assert_eq!(next_id((7, u64::MAX)), "8-0");
+        assert!(!tally.settle(2));
+        tally.unsettle(1);
+        assert!(!tally.settle(2));
+        assert!(tally.settle(1));
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! The offloader: reads the tenants' streams through a consumer group and
 //! delivers each tenant's entries to a [`LogSink`] on its own schedule.
 //!
+//! It reads with `NOACK` and keeps what each read returned as one range
+//! in flight, in a hash beside the stream, rather than in the group's
+//! pending list: Redis then replicates one `XGROUP SETID` per read, not
+//! an `XCLAIM` per entry (several microseconds of every replica's time
+//! per entry). The scripts (`ranges.lua` and the one per step) say how.
+//!
 //! `context` holds what every part shares; `streams` finds the streams and
-//! reads (or claims) their entries; `deliver` pushes one stream's entries
+//! reads (or claims) their ranges; `deliver` pushes one range's entries
 //! to the sink, dead-lettering what Loki cannot take, with the records'
-//! labels from `labels`.
+//! labels from `labels`, and acknowledges the range.
 
 mod context;
 mod deliver;
@@ -68,7 +74,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
         self
     }
 
-    /// This instance's name in the group (a pod name, say): entries it
+    /// This instance's name in the group (a pod name, say): ranges it
     /// read and did not deliver are read again under the same name after
     /// a restart, or claimed by another instance after
     /// [`claim_idle`](Self::claim_idle). Defaults to a random name.
@@ -132,16 +138,19 @@ impl<S: LogSink> OffloaderBuilder<S> {
         self
     }
 
-    /// How long an entry read by another consumer stays undelivered before
-    /// this one claims it (`XAUTOCLAIM`): the other is taken for dead.
-    /// Keep it well above the longest push. Defaults to 60 s.
+    /// How long a range of entries read by another consumer stays
+    /// undelivered before this one claims it: the other is taken for
+    /// dead. Keep it well above the longest push. Until then, the range
+    /// holds the stream's head: entries delivered after it stay in Redis
+    /// too. Defaults to 60 s.
     pub fn claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
         self
     }
 
-    /// How many deliveries an entry may have (reads by crashed consumers
-    /// count) before it is taken for poison and dead-lettered. Defaults to 10.
+    /// How many deliveries a range of entries may have (reads by crashed
+    /// consumers count) before it is taken for poison and dead-lettered
+    /// whole. Defaults to 10.
     pub fn max_deliveries(mut self, deliveries: u64) -> Self {
         self.max_deliveries = deliveries;
         self
@@ -234,7 +243,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
 }
 
 /// A running offloader (see the crate docs). Stops when dropped, leaving
-/// what it had not delivered pending for the group.
+/// what it had not delivered in flight for the group.
 #[derive(Debug)]
 pub struct Offloader {
     context: Arc<Context>,
@@ -274,7 +283,7 @@ impl Offloader {
     }
 
     /// Stops reading, lets pushes under way finish until `deadline`, and
-    /// returns. Entries not delivered by then stay pending in Redis, for
+    /// returns. Entries not delivered by then stay in flight in Redis, for
     /// this consumer after a restart or for another after `claim_idle`.
     pub async fn shutdown(mut self, deadline: Duration) {
         self.stop.cancel();
@@ -335,8 +344,8 @@ async fn dispatch(context: Arc<Context>) {
             }
         };
         let idle = batches.is_empty();
-        for (stream, entries) in batches {
-            let Some(state) = known.get_mut(&stream) else {
+        for read in batches {
+            let Some(state) = known.get_mut(&read.stream) else {
                 continue;
             };
             state.busy = true;
@@ -346,8 +355,8 @@ async fn dispatch(context: Arc<Context>) {
                 state.tenant.clone(),
             );
             tasks.spawn(async move {
-                let _release = Released(Some((done, stream.clone())));
-                deliver(&context, &stream, &tenant, entries).await;
+                let _release = Released(Some((done, read.stream.clone())));
+                deliver(&context, &tenant, read).await;
             });
         }
         if idle {
@@ -363,7 +372,7 @@ async fn dispatch(context: Arc<Context>) {
         }
     }
     // Pushes under way finish (the caller's deadline bounds this); tasks
-    // waiting to retry stop at once, leaving their entries pending.
+    // waiting to retry stop at once, leaving their ranges in flight.
     while let Some(ended) = tasks.join_next().await {
         report_panic(ended);
     }
@@ -381,7 +390,7 @@ fn report_panic(ended: std::result::Result<(), tokio::task::JoinError>) {
 
 /// Tells the reading loop that a delivery task ended, when dropped: also
 /// when it panicked, or its stream would never be read again. Its
-/// entries left pending are claimed later, counted as delivered once more.
+/// range left in flight is claimed later, counted as delivered once more.
 struct Released(Option<(mpsc::UnboundedSender<String>, String)>);
 
 impl Drop for Released {

@@ -1,16 +1,16 @@
-//! Finding the tenants' streams and reading their entries: new ones, this
-//! consumer's own pending ones after a restart, and those another
-//! consumer left undelivered.
+//! Finding the tenants' streams and reading their entries: new ones, the
+//! ranges this consumer had in flight before a restart, and those another
+//! consumer left undelivered (see `ranges.lua`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use futures_util::future::try_join_all;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
+use redis::streams::{StreamRangeReply, StreamReadReply};
 use redis::{FromRedisValue, Value};
 use redis_failover::ErrorKind;
 
-use super::context::{Context, Known};
+use super::context::{Context, Known, Read};
 use super::deliver::{Dead, dead_letter, stored};
 use crate::record::{dead_letter_stream, now_ns, streams_pattern, tenant_of_stream};
 
@@ -33,7 +33,7 @@ pub(super) async fn discover(
         let state = known.entry(stream.clone()).or_insert_with(|| Known {
             tenant: tenant.clone(),
             group_ready: false,
-            own_pending_read: false,
+            own_claimed: false,
             busy: false,
             last_claim: Instant::now(),
         });
@@ -149,33 +149,26 @@ async fn refresh_gauges(
     Ok(())
 }
 
-/// Reads the next entries of every stream no task owns: this consumer's
-/// own pending entries first, entries idle too long under another
-/// consumer from time to time, new ones otherwise.
+/// Reads the next entries of every stream no task owns: the ranges this
+/// consumer had in flight before a restart first, ranges in flight too
+/// long under another consumer from time to time, new ones otherwise.
 pub(super) async fn read(
     context: &Context,
     known: &mut BTreeMap<String, Known>,
-) -> std::result::Result<Vec<(String, Vec<StreamId>)>, redis_failover::Error> {
-    let mut batches = Vec::new();
+) -> std::result::Result<Vec<Read>, redis_failover::Error> {
+    let mut reads = Vec::new();
     let mut fresh = Vec::new();
     for (stream, state) in known.iter_mut().filter(|(_, s)| !s.busy) {
-        if !state.own_pending_read {
-            let mut command = read_group(context, std::slice::from_ref(stream));
-            command.arg("0");
-            let reply: Option<StreamReadReply> = context.client.query(&command).await?;
-            let entries = entries_of(reply);
-            if entries.is_empty() {
-                state.own_pending_read = true;
-            } else {
-                batches.push((stream.clone(), entries));
+        if !state.own_claimed {
+            match claim(context, stream, &state.tenant, Claim::Own).await? {
+                Some(read) => reads.push(read),
+                None => state.own_claimed = true,
             }
         } else if state.last_claim.elapsed() >= context.claim_idle / 2 {
             state.last_claim = Instant::now();
-            let claimed = claim(context, stream, &state.tenant).await?;
-            if claimed.is_empty() {
-                fresh.push(stream.clone());
-            } else {
-                batches.push((stream.clone(), claimed));
+            match claim(context, stream, &state.tenant, Claim::Idle).await? {
+                Some(read) => reads.push(read),
+                None => fresh.push(stream.clone()),
             }
         } else {
             fresh.push(stream.clone());
@@ -183,17 +176,26 @@ pub(super) async fn read(
     }
     for reply in read_new(context, &fresh).await? {
         for key in reply.map(|r| r.keys).unwrap_or_default() {
-            if !key.ids.is_empty() {
-                batches.push((key.key, key.ids));
+            if let Some(first) = key.ids.first() {
+                reads.push(Read {
+                    range: first.id.clone(),
+                    stream: key.key,
+                    entries: key.ids,
+                });
             }
         }
     }
-    Ok(batches)
+    Ok(reads)
 }
 
+/// The most streams one read names: Lua's `unpack` takes a few thousand
+/// values at most.
+const MAX_STREAMS_PER_READ: usize = 500;
+
 /// New entries of `streams` (in order, so a tenant's streams are next to
-/// each other): one `XREADGROUP`, or on a cluster one per tenant, whose
-/// streams share a slot, all at once.
+/// each other), each stream's recorded as a range in flight: one
+/// transaction per [`MAX_STREAMS_PER_READ`] streams, or on a cluster one
+/// per tenant, whose streams share a slot, all at once.
 async fn read_new(
     context: &Context,
     streams: &[String],
@@ -202,24 +204,64 @@ async fn read_new(
         streams
             .chunk_by(|a, b| hash_tag(a) == hash_tag(b))
             .collect()
-    } else if streams.is_empty() {
-        Vec::new()
     } else {
-        vec![streams]
+        streams.chunks(MAX_STREAMS_PER_READ).collect()
     };
-    let commands: Vec<redis::Cmd> = groups
+    let reads: Vec<redis::Pipeline> = groups
         .into_iter()
-        .map(|streams| {
-            let mut command = read_group(context, streams);
-            for _ in streams {
-                command.arg(">");
-            }
-            command
-        })
+        .map(|streams| read_transaction(context, streams))
         .collect();
-    // Not idempotent: a lost reply leaves entries pending under this
+    // Not idempotent: a lost reply leaves a range in flight under this
     // consumer, read again after a restart or claimed by another.
-    try_join_all(commands.iter().map(|command| context.client.query(command))).await
+    let replies = try_join_all(reads.iter().map(|read| {
+        context
+            .client
+            .query_pipeline::<(Option<StreamReadReply>,)>(read)
+    }))
+    .await?;
+    Ok(replies.into_iter().map(|(reply,)| reply).collect())
+}
+
+/// `XREADGROUP ... NOACK` of `streams` between `mark.lua` and
+/// `record.lua`, in one transaction: the entries read become ranges in
+/// flight (see `ranges.lua`). `EVAL` rather than `EVALSHA`: a `NOSCRIPT`
+/// would not undo the read, whose entries would then be in no range.
+fn read_transaction(context: &Context, streams: &[String]) -> redis::Pipeline {
+    let keys = |command: &mut redis::Cmd| {
+        command.arg(streams.len() * 2).arg(streams);
+        for stream in streams {
+            command.arg(context.in_flight(stream));
+        }
+    };
+    let mut mark = redis::cmd("EVAL");
+    mark.arg(MARK);
+    keys(&mut mark);
+    mark.arg(&context.group);
+    let mut read = redis::cmd("XREADGROUP");
+    read.arg("GROUP")
+        .arg(&context.group)
+        .arg(&context.consumer)
+        .arg("COUNT")
+        .arg(context.batch_size)
+        .arg("NOACK")
+        .arg("STREAMS")
+        .arg(streams);
+    for _ in streams {
+        read.arg(">");
+    }
+    let mut record = redis::cmd("EVAL");
+    record.arg(RECORD);
+    keys(&mut record);
+    record.arg(&context.group).arg(&context.consumer);
+    let mut pipeline = redis::pipe();
+    pipeline
+        .atomic()
+        .add_command(mark)
+        .ignore()
+        .add_command(read)
+        .add_command(record)
+        .ignore();
+    pipeline
 }
 
 /// A key's Redis Cluster hash tag (`{...}`): a stream's tenant.
@@ -227,90 +269,75 @@ fn hash_tag(key: &str) -> Option<&str> {
     key.split_once('{')?.1.split_once('}').map(|(tag, _)| tag)
 }
 
-/// `XREADGROUP` of this consumer over `streams`, a batch each, for the
-/// caller to add one id per stream.
-fn read_group(context: &Context, streams: &[String]) -> redis::Cmd {
-    let mut command = redis::cmd("XREADGROUP");
-    command
-        .arg("GROUP")
-        .arg(&context.group)
-        .arg(&context.consumer)
-        .arg("COUNT")
-        .arg(context.batch_size)
-        .arg("STREAMS")
-        .arg(streams);
-    command
+/// Which ranges [`claim`] takes.
+#[derive(Clone, Copy)]
+enum Claim {
+    /// This consumer's own, from before a restart.
+    Own,
+    /// Any consumer's, in flight for longer than `claim_idle`.
+    Idle,
 }
 
-fn entries_of(reply: Option<StreamReadReply>) -> Vec<StreamId> {
-    reply
-        .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-        .unwrap_or_default()
-}
-
-/// Claims entries another consumer left undelivered for `claim_idle`, and
-/// dead-letters those delivered too often (poison).
+/// Claims one range in flight (`claim.lua`), and dead-letters it if it
+/// was delivered too often (poison).
 async fn claim(
     context: &Context,
     stream: &str,
     tenant: &str,
-) -> std::result::Result<Vec<StreamId>, redis_failover::Error> {
+    mode: Claim,
+) -> std::result::Result<Option<Read>, redis_failover::Error> {
     let idle_ms = u64::try_from(context.claim_idle.as_millis()).unwrap_or(u64::MAX);
-    let reply: StreamAutoClaimReply = context
+    let claimed: Option<(String, u64, StreamRangeReply)> = context
         .client
         .query(
-            redis::cmd("XAUTOCLAIM")
+            redis::cmd("EVAL")
+                .arg(CLAIM)
+                .arg(2)
                 .arg(stream)
+                .arg(context.in_flight(stream))
                 .arg(&context.group)
                 .arg(&context.consumer)
                 .arg(idle_ms)
-                .arg("0-0")
-                .arg("COUNT")
+                .arg(match mode {
+                    Claim::Own => "own",
+                    Claim::Idle => "idle",
+                })
                 .arg(context.batch_size),
         )
         .await?;
-    let claimed = reply.claimed;
-    let (Some(first), Some(last)) = (claimed.first(), claimed.last()) else {
-        return Ok(claimed);
+    let Some((range, deliveries, entries)) = claimed else {
+        return Ok(None);
     };
-    // [id, consumer, idle ms, deliveries] for each claimed entry.
-    let pending: Vec<(String, String, u64, u64)> = context
-        .client
-        .query_idempotent(
-            redis::cmd("XPENDING")
-                .arg(stream)
-                .arg(&context.group)
-                .arg(&first.id)
-                .arg(&last.id)
-                .arg(claimed.len())
-                .arg(&context.consumer),
-        )
-        .await?;
-    let deliveries: HashMap<String, u64> = pending
-        .into_iter()
-        .map(|(id, _, _, count)| (id, count))
-        .collect();
+    let entries = entries.ids;
     tracing::info!(
         target: "log_buffer",
         stream,
-        entries = claimed.len(),
-        "offloader: claimed entries another consumer left undelivered"
+        entries = entries.len(),
+        deliveries,
+        "offloader: claimed entries in flight"
     );
-    let (poison, claimed): (Vec<_>, Vec<_>) = claimed.into_iter().partition(|entry| {
-        deliveries.get(&entry.id).copied().unwrap_or(0) > context.max_deliveries
-    });
-    if !poison.is_empty() {
-        let ids: Vec<String> = poison.iter().map(|entry| entry.id.clone()).collect();
-        let dead = poison
-            .iter()
-            .map(|entry| Dead {
-                id: entry.id.clone(),
-                fields: stored(entry),
-                reason: "poison",
-                detail: "delivered too many times".to_owned(),
-            })
-            .collect();
-        dead_letter(context, stream, tenant, dead, &ids).await;
+    if deliveries <= context.max_deliveries {
+        return Ok(Some(Read {
+            stream: stream.to_owned(),
+            range,
+            entries,
+        }));
     }
-    Ok(claimed)
+    let dead = entries
+        .iter()
+        .map(|entry| Dead {
+            id: entry.id.clone(),
+            fields: stored(entry),
+            reason: "poison",
+            detail: "delivered too many times".to_owned(),
+        })
+        .collect();
+    dead_letter(context, stream, tenant, dead, Some(&range)).await;
+    Ok(None)
 }
+
+/// The scripts around a read, and the claim: what they share, then their
+/// own.
+const MARK: &str = concat!(include_str!("ranges.lua"), include_str!("mark.lua"));
+const RECORD: &str = concat!(include_str!("ranges.lua"), include_str!("record.lua"));
+const CLAIM: &str = concat!(include_str!("ranges.lua"), include_str!("claim.lua"));
