@@ -5,9 +5,9 @@
 //! every replica, reading (`XREADGROUP`), acknowledging and deleting
 //! (`XACK`, `XDEL` as the offloader then did) one entry per record cost
 //! the master about 7 µs per record, most of a logged request's cost, and
-//! parsing one reply value
-//! per field cost the offloader as much again. One entry carrying up to
-//! [`MAX_RECORDS`] records divides all of it by the records packed.
+//! parsing one reply value per field cost the offloader as much again.
+//! One entry carrying up to [`MAX_RECORDS`] records divides all of it by
+//! the records packed.
 //!
 //! A line is a JSON object of string values: `ts` (nanoseconds since the
 //! Unix epoch), `level`, `target`, then the spans' and the event's fields

@@ -51,7 +51,7 @@ pub struct Entry {
 #[non_exhaustive]
 pub enum PushError {
     /// Worth retrying later (throttled, server error, network): the
-    /// entries stay pending and the tenant backs off.
+    /// entries stay in flight and the tenant backs off.
     #[error("push failed, will retry: {reason}")]
     Retry {
         /// What happened (status and body, or the I/O error).

@@ -114,8 +114,9 @@ async fn read_range(client: &FailoverClient, consumer: &str, count: usize) -> Ve
     read.keys[0].ids.iter().map(|e| e.id.clone()).collect()
 }
 
-/// The offloader's acknowledgement of the range that starts at `first`.
-async fn acknowledge(client: &FailoverClient, first: &str) {
+/// The offloader's acknowledgement of the range `first`..=`last` that
+/// `consumer` read.
+async fn acknowledge(client: &FailoverClient, first: &str, last: &str, consumer: &str) {
     let script = format!("{RANGES}{}", include_str!("../src/offloader/ack.lua"));
     let _: () = client
         .query(
@@ -125,7 +126,9 @@ async fn acknowledge(client: &FailoverClient, first: &str) {
                 .arg(STREAM)
                 .arg(IN_FLIGHT)
                 .arg(GROUP)
-                .arg(first),
+                .arg(first)
+                .arg(last)
+                .arg(consumer),
         )
         .await
         .unwrap();
@@ -213,17 +216,22 @@ async fn the_trim_stops_at_what_the_node_saw_delivered() {
         audit_entry(&client, "acme", now_ns() + i, "update_key").await;
     }
     let all = ids(&client).await;
-    acknowledge(&client, &all[0]).await;
+    acknowledge(&client, &all[0], &all[3], "offloader").await;
     assert_eq!(ids(&client).await, all, "no group");
 
     create_group(&client, GROUP).await;
-    acknowledge(&client, &all[0]).await;
+    acknowledge(&client, &all[0], &all[3], "offloader").await;
     assert_eq!(ids(&client).await, all, "nothing read");
 
     let read = read_range(&client, "offloader", 4).await;
     assert_eq!(read, all[..4]);
-    acknowledge(&client, &read[0]).await;
+    // Not the range as this consumer read it: it stays.
+    acknowledge(&client, &read[0], &read[2], "offloader").await;
+    acknowledge(&client, &read[0], &read[3], "another").await;
+    assert_eq!(ids(&client).await, all);
+    acknowledge(&client, &read[0], &read[3], "offloader").await;
     assert_eq!(ids(&client).await, all[4..]);
+    assert!(in_flight(&client).await.is_empty());
 }
 
 /// Another group reading the stream with a pending list keeps what it
@@ -238,14 +246,14 @@ async fn entries_another_group_still_needs_stay() {
     create_group(&client, "billing").await;
     let all = read_range(&client, "offloader", 5).await;
     let billed = read_pending(&client, "billing", "job", 2).await;
-    acknowledge(&client, &all[0]).await;
+    acknowledge(&client, &all[0], &all[4], "offloader").await;
     assert_eq!(ids(&client).await, all);
 
     let _: u64 = client
         .query(redis::cmd("XACK").arg(STREAM).arg("billing").arg(&billed))
         .await
         .unwrap();
-    acknowledge(&client, &all[0]).await;
+    acknowledge(&client, &all[0], &all[4], "offloader").await;
     assert_eq!(ids(&client).await, all[2..]);
 }
 
@@ -298,6 +306,32 @@ async fn a_group_missing_on_the_node_is_created_again() {
         audit_entry(&client, "acme", base + i, "update_key").await;
     }
     receiver.wait_for_lines("acme", 4).await;
+    eventually("the stream emptied", || async {
+        ids(&client).await.is_empty()
+    })
+    .await;
+    assert!(in_flight(&client).await.is_empty());
+    offloader.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Over `maxmemory`, where Redis refuses writes that add data, the
+/// offloader still reads, ships and trims: nothing read is left outside
+/// a range, and the stream frees its memory.
+#[tokio::test]
+async fn a_full_redis_is_still_drained() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let base = now_ns();
+    for i in 0..20 {
+        audit_entry(&client, "acme", base + i, "update_key").await;
+    }
+    create_group(&client, GROUP).await;
+    let () = client
+        .query(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1"))
+        .await
+        .unwrap();
+    let offloader = offloader(&client, &receiver).batch_size(5).start().unwrap();
+    receiver.wait_for_lines("acme", 20).await;
     eventually("the stream emptied", || async {
         ids(&client).await.is_empty()
     })

@@ -258,19 +258,18 @@ impl fmt::Display for NodeFailure {
     }
 }
 
-/// The code that tells what `error` is: its own; for a transaction
+/// The code that tells what `error` is: its own; for a pipeline or a
+/// transaction, its first failing command's (redis-rs gives none of its
+/// own to a code it does not know, `NOGROUP` say); for a transaction
 /// discarded because a queued command was refused (`EXECABORT Transaction
-/// discarded because of: OOM ...`), the refused command's; for a pipeline
-/// or transaction that ran with a command failing, the first failure's
-/// (redis-rs gives no code of its own to one whose code it does not know,
-/// `NOGROUP` say).
+/// discarded because of: OOM ...`), the refused command's.
 fn cause_code(error: &RedisError) -> Option<String> {
-    let Some(code) = error.code() else {
-        let failures = error.clone().into_server_errors()?;
-        return failures
-            .first()
-            .map(|(_, failure)| failure.code().to_owned());
-    };
+    let failures = error.clone().into_server_errors();
+    let mut failing = failures.iter().flat_map(|failures| failures.iter());
+    if let Some((_, failure)) = failing.find(|(_, f)| f.code() != "EXECABORT") {
+        return Some(failure.code().to_owned());
+    }
+    let code = error.code()?;
     if code != "EXECABORT" {
         return Some(code.to_owned());
     }

@@ -131,4 +131,14 @@ async fn a_command_failing_inside_a_transaction_gives_its_kind() {
     assert_eq!(error.kind(), ErrorKind::NoGroup, "{error}");
     // The transaction ran: the command before the failing one took effect.
     assert_eq!(client.get::<Option<u64>>("before").await.unwrap(), Some(1));
+
+    // Refused when queued (over `maxmemory`): discarded, with the refusal's kind.
+    let () = client
+        .query(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1"))
+        .await
+        .unwrap();
+    let mut refused = redis::pipe();
+    refused.atomic().cmd("SET").arg("refused").arg(1);
+    let error = client.query_pipeline::<()>(&refused).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::OutOfMemory, "{error}");
 }

@@ -1,6 +1,6 @@
 -- Acknowledges a delivered range and trims the stream's head.
 -- KEYS: 1 the stream, 2 its in-flight hash. ARGV: 1 the group, 2 the
--- range's first id.
+-- range's first id, 3 its last id, 4 the consumer that delivered it.
 --
 -- Groups deliver a stream's entries in order, so an entry older than
 -- every group's ranges in flight, oldest pending entry and first
@@ -14,17 +14,26 @@
 -- A group with a pending list is a user's own reader (of the audit
 -- stream, say) or an older offloader; groups of this offloader keep
 -- their ranges in their in-flight hash, in the stream's slot.
-redis.call('HDEL', KEYS[2], ARGV[2])
+-- Only the range as this consumer read or claimed it: another consumer
+-- may have claimed it since, or (after a failover that lost the read)
+-- read again from the same first id up to another last one.
+local value = redis.call('HGET', KEYS[2], ARGV[2])
+if value then
+  local last, _, _, consumer = parse_range(value)
+  if last == ARGV[3] and consumer == ARGV[4] then
+    redis.call('HDEL', KEYS[2], ARGV[2])
+  end
+end
 local bound
 -- Without the group on this node (a replica promoted before it was
 -- created), nothing here says what was delivered: no trim.
 local own = false
 local function lower(id)
-  if id and (not bound or before(id, bound)) then bound = id end
+  if is_id(id) and (not bound or before(id, bound)) then bound = id end
 end
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local fields = {}
-  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+-- Another group's hash is named from the stream's, so it is in the same
+-- slot.
+for _, fields in ipairs(groups(KEYS[1])) do
   own = own or fields['name'] == ARGV[1]
   for _, first in ipairs(redis.call('HKEYS', KEYS[1] .. ':in-flight:' .. fields['name'])) do
     lower(first)

@@ -86,6 +86,8 @@ pub(super) struct Read {
     pub(super) stream: String,
     /// The range's first id: its field in the in-flight hash.
     pub(super) range: String,
+    /// The range's last id, as its acknowledgement names it.
+    pub(super) last: String,
     pub(super) entries: Vec<StreamId>,
 }
 

@@ -74,12 +74,14 @@ pub(super) async fn deliver(context: &Context, tenant: &str, read: Read) {
     let Read {
         stream,
         range,
+        last,
         entries,
     } = read;
     let stream = stream.as_str();
     let at = Acknowledge {
         stream,
         range: &range,
+        last: &last,
     };
     let (ready, invalid, mut tally) = sort_out(context, stream, tenant, entries);
     if !invalid.is_empty() {
@@ -114,7 +116,7 @@ pub(super) async fn deliver(context: &Context, tenant: &str, read: Read) {
                 queue.push(batch);
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
-                    // Entries stay pending, for a restart or another consumer.
+                    // The range stays in flight, for a restart or another consumer.
                     () = context.stopping() => return,
                 }
             }
@@ -289,8 +291,8 @@ async fn dead_letter_records(
     tally: &mut Tally,
 ) {
     let records = dead.len();
-    let range = tally.settle(records).then_some(at.range);
-    if !dead_letter(context, at.stream, tenant, dead, range).await {
+    let settled = tally.settle(records);
+    if !dead_letter(context, at, tenant, dead, settled).await {
         tally.unsettle(records);
     }
 }
@@ -373,36 +375,39 @@ fn to_push(tenant: &str, batch: &[Ready]) -> Push {
     }
 }
 
-/// A delivery's stream and range, to acknowledge.
+/// A delivery's stream and range (first and last id), to acknowledge.
 #[derive(Clone, Copy)]
-struct Acknowledge<'a> {
-    stream: &'a str,
-    range: &'a str,
+pub(super) struct Acknowledge<'a> {
+    pub(super) stream: &'a str,
+    pub(super) range: &'a str,
+    pub(super) last: &'a str,
 }
 
 /// Acknowledges a delivered range (`ack.lua`). If this fails, it is
 /// delivered again later, which Loki deduplicates.
 async fn acknowledge(context: &Context, at: Acknowledge<'_>) {
     let mut pipeline = redis::pipe();
-    ack_range(&mut pipeline, context, at.stream, at.range);
+    ack_range(&mut pipeline, context, at);
     if let Err(error) = context.client.query_pipeline::<()>(&pipeline).await {
         tracing::warn!(target: "log_buffer", %error, stream = at.stream, "offloader: acknowledging failed; the entries will be delivered again");
     }
 }
 
-/// Adds the acknowledgement of `range` to `pipeline`: it leaves the
+/// Adds the acknowledgement of a range to `pipeline`: it leaves the
 /// in-flight hash, and the stream's head is trimmed of what every group
 /// is done with. `EVAL` rather than `EVALSHA`: it runs once per delivery,
 /// and inside a transaction a `NOSCRIPT` would not undo the rest.
-fn ack_range(pipeline: &mut redis::Pipeline, context: &Context, stream: &str, range: &str) {
+fn ack_range(pipeline: &mut redis::Pipeline, context: &Context, at: Acknowledge<'_>) {
     pipeline
         .cmd("EVAL")
         .arg(ACK)
         .arg(2)
-        .arg(stream)
-        .arg(context.in_flight(stream))
+        .arg(at.stream)
+        .arg(context.in_flight(at.stream))
         .arg(&context.group)
-        .arg(range)
+        .arg(at.range)
+        .arg(at.last)
+        .arg(&context.consumer)
         .ignore();
 }
 
@@ -410,17 +415,18 @@ fn ack_range(pipeline: &mut redis::Pipeline, context: &Context, stream: &str, ra
 const ACK: &str = concat!(include_str!("ranges.lua"), include_str!("ack.lua"));
 
 /// Moves records (or whole entries) to the stream's dead-letter stream
-/// with the reason, and acknowledges `range` if given, in one
+/// with the reason, and acknowledges the range if `settled`, in one
 /// transaction; the dead-letter stream is trimmed to its length cap and
 /// to the entries' age limit on the way. Whether it worked: if not, the
 /// range stays in flight.
 pub(super) async fn dead_letter(
     context: &Context,
-    stream: &str,
+    at: Acknowledge<'_>,
     tenant: &str,
     dead: Vec<Dead>,
-    range: Option<&str>,
+    settled: bool,
 ) -> bool {
+    let stream = at.stream;
     let target = dead_letter_stream(stream);
     let mut pipeline = redis::pipe();
     pipeline.atomic();
@@ -454,8 +460,8 @@ pub(super) async fn dead_letter(
         .arg("~")
         .arg((now_ns() / 1_000_000).saturating_sub(max_age_ms))
         .ignore();
-    if let Some(range) = range {
-        ack_range(&mut pipeline, context, stream, range);
+    if settled {
+        ack_range(&mut pipeline, context, at);
     }
     match context.client.query_pipeline::<()>(&pipeline).await {
         Ok(()) => {

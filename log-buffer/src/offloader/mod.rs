@@ -148,9 +148,10 @@ impl<S: LogSink> OffloaderBuilder<S> {
         self
     }
 
-    /// How many deliveries a range of entries may have (reads by crashed
-    /// consumers count) before it is taken for poison and dead-lettered
-    /// whole. Defaults to 10.
+    /// How many deliveries a range of entries may have before it is taken
+    /// for poison and dead-lettered whole: every claim counts one, after a
+    /// crash or a restart, and also of a consumer alive but slower than
+    /// [`claim_idle`](Self::claim_idle). Defaults to 10.
     pub fn max_deliveries(mut self, deliveries: u64) -> Self {
         self.max_deliveries = deliveries;
         self

@@ -1,5 +1,12 @@
+#!lua flags=allow-oom
 -- What the offloader's scripts share (each script is this text followed
 -- by its own).
+--
+-- `allow-oom` (Redis 7): over `maxmemory`, a write refused inside
+-- read.lua would not undo the read beside it (Redis refuses no read),
+-- whose entries would then be in no range; and reading, acknowledging
+-- and trimming is how full streams free memory. What the scripts add is
+-- a hash field per read.
 --
 -- The offloader reads with NOACK: no pending list, so Redis propagates
 -- one `XGROUP SETID` per read rather than an `XCLAIM` per entry, which
@@ -8,6 +15,12 @@
 -- in the group's in-flight hash (`<stream>:in-flight:<group>`, in the
 -- stream's slot): the field is the range's first id, the value
 -- `<last id> <deliveries> <since, ms> <consumer>`.
+
+-- Whether `id` is a stream entry id: a field or value of anything else
+-- is passed over.
+local function is_id(id)
+  return type(id) == 'string' and string.match(id, '^%d+%-%d+$') ~= nil
+end
 
 -- Whether id `a` comes before id `b`; both parts compared as decimal
 -- text, exact whatever their size (Lua's numbers are doubles).
@@ -33,9 +46,11 @@ local function range(last, deliveries, since, consumer)
   return last .. ' ' .. deliveries .. ' ' .. since .. ' ' .. consumer
 end
 
--- A range's last id, deliveries, since (ms) and consumer.
+-- A range's last id, deliveries, since (ms) and consumer; nil for a
+-- value that is no range.
 local function parse_range(value)
-  local last, deliveries, since, consumer = string.match(value, '^(%S+) (%d+) (%d+) (.*)$')
+  local last, deliveries, since, consumer = string.match(value, '^(%d+%-%d+) (%d+) (%d+) (.*)$')
+  if not last then return nil end
   return last, tonumber(deliveries), tonumber(since), consumer
 end
 
@@ -44,14 +59,24 @@ end
 -- no other step ever sees it.
 local MARK = '~read'
 
+-- The groups of `stream` on this node, each as a table of its fields
+-- (`name`, `pending`, `last-delivered-id`...); none without the stream.
+local function groups(stream)
+  local reply = redis.pcall('XINFO', 'GROUPS', stream)
+  if reply['err'] then return {} end
+  local found = {}
+  for i, info in ipairs(reply) do
+    local fields = {}
+    for j = 1, #info, 2 do fields[info[j]] = info[j + 1] end
+    found[i] = fields
+  end
+  return found
+end
+
 -- The last id `group` delivered from `stream` on this node, or nil
 -- without the stream or the group.
 local function last_delivered(stream, group)
-  local groups = redis.pcall('XINFO', 'GROUPS', stream)
-  if groups['err'] then return nil end
-  for _, info in ipairs(groups) do
-    local fields = {}
-    for i = 1, #info, 2 do fields[info[i]] = info[i + 1] end
+  for _, fields in ipairs(groups(stream)) do
     if fields['name'] == group then return fields['last-delivered-id'] end
   end
   return nil

@@ -11,7 +11,7 @@ use redis::{FromRedisValue, Value};
 use redis_failover::ErrorKind;
 
 use super::context::{Context, Known, Read};
-use super::deliver::{Dead, dead_letter, stored};
+use super::deliver::{Acknowledge, Dead, dead_letter, stored};
 use crate::record::{dead_letter_stream, now_ns, streams_pattern, tenant_of_stream};
 
 /// One tenant's gauges, summed over its streams.
@@ -87,6 +87,11 @@ async fn create_group(
         .await;
     match created {
         Err(error) if error.kind() == ErrorKind::GroupExists => Ok(()),
+        // Over `maxmemory`, Redis refuses the command before it sees the
+        // group exists. Reading goes on where it does (and frees memory);
+        // where it does not, reading fails with `NOGROUP` and the group is
+        // created again later.
+        Err(error) if error.kind() == ErrorKind::OutOfMemory => Ok(()),
         other => other,
     }
 }
@@ -176,9 +181,10 @@ pub(super) async fn read(
     }
     for reply in read_new(context, &fresh).await? {
         for key in reply.map(|r| r.keys).unwrap_or_default() {
-            if let Some(first) = key.ids.first() {
+            if let (Some(first), Some(last)) = (key.ids.first(), key.ids.last()) {
                 reads.push(Read {
                     range: first.id.clone(),
+                    last: last.id.clone(),
                     stream: key.key,
                     entries: key.ids,
                 });
@@ -188,8 +194,7 @@ pub(super) async fn read(
     Ok(reads)
 }
 
-/// The most streams one read names: Lua's `unpack` takes a few thousand
-/// values at most.
+/// The most streams one read names: a bound on the transaction's size.
 const MAX_STREAMS_PER_READ: usize = 500;
 
 /// New entries of `streams` (in order, so a tenant's streams are next to
@@ -207,19 +212,45 @@ async fn read_new(
     } else {
         streams.chunks(MAX_STREAMS_PER_READ).collect()
     };
-    let reads: Vec<redis::Pipeline> = groups
-        .into_iter()
-        .map(|streams| read_transaction(context, streams))
-        .collect();
-    // Not idempotent: a lost reply leaves a range in flight under this
-    // consumer, read again after a restart or claimed by another.
-    let replies = try_join_all(reads.iter().map(|read| {
-        context
-            .client
-            .query_pipeline::<(Option<StreamReadReply>,)>(read)
-    }))
-    .await?;
-    Ok(replies.into_iter().map(|(reply,)| reply).collect())
+    try_join_all(
+        groups
+            .into_iter()
+            .map(|streams| read_some(context, streams)),
+    )
+    .await
+}
+
+/// New entries of `streams`, which share a slot, each stream's as a range
+/// in flight: by [`read_transaction`], or over `maxmemory`, where Redis
+/// queues no transaction, by `read.lua`. Not idempotent: a lost reply
+/// leaves a range in flight under this consumer, read again after a
+/// restart or claimed by another.
+async fn read_some(
+    context: &Context,
+    streams: &[String],
+) -> std::result::Result<Option<StreamReadReply>, redis_failover::Error> {
+    let read = read_transaction(context, streams);
+    match context.client.query_pipeline::<(_,)>(&read).await {
+        Ok((reply,)) => Ok(reply),
+        Err(error) if error.kind() == ErrorKind::OutOfMemory => {
+            let mut read = redis::cmd("EVAL");
+            read.arg(READ);
+            with_keys(&mut read, context, streams);
+            read.arg(&context.group)
+                .arg(&context.consumer)
+                .arg(context.batch_size);
+            context.client.query(&read).await
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// The keys of a read's scripts: `streams`, then their in-flight hashes.
+fn with_keys(command: &mut redis::Cmd, context: &Context, streams: &[String]) {
+    command.arg(streams.len() * 2).arg(streams);
+    for stream in streams {
+        command.arg(context.in_flight(stream));
+    }
 }
 
 /// `XREADGROUP ... NOACK` of `streams` between `mark.lua` and
@@ -227,15 +258,9 @@ async fn read_new(
 /// flight (see `ranges.lua`). `EVAL` rather than `EVALSHA`: a `NOSCRIPT`
 /// would not undo the read, whose entries would then be in no range.
 fn read_transaction(context: &Context, streams: &[String]) -> redis::Pipeline {
-    let keys = |command: &mut redis::Cmd| {
-        command.arg(streams.len() * 2).arg(streams);
-        for stream in streams {
-            command.arg(context.in_flight(stream));
-        }
-    };
     let mut mark = redis::cmd("EVAL");
     mark.arg(MARK);
-    keys(&mut mark);
+    with_keys(&mut mark, context, streams);
     mark.arg(&context.group);
     let mut read = redis::cmd("XREADGROUP");
     read.arg("GROUP")
@@ -251,7 +276,7 @@ fn read_transaction(context: &Context, streams: &[String]) -> redis::Pipeline {
     }
     let mut record = redis::cmd("EVAL");
     record.arg(RECORD);
-    keys(&mut record);
+    with_keys(&mut record, context, streams);
     record.arg(&context.group).arg(&context.consumer);
     let mut pipeline = redis::pipe();
     pipeline
@@ -287,7 +312,7 @@ async fn claim(
     mode: Claim,
 ) -> std::result::Result<Option<Read>, redis_failover::Error> {
     let idle_ms = u64::try_from(context.claim_idle.as_millis()).unwrap_or(u64::MAX);
-    let claimed: Option<(String, u64, StreamRangeReply)> = context
+    let claimed: Option<(String, String, u64, StreamRangeReply)> = context
         .client
         .query(
             redis::cmd("EVAL")
@@ -305,7 +330,7 @@ async fn claim(
                 .arg(context.batch_size),
         )
         .await?;
-    let Some((range, deliveries, entries)) = claimed else {
+    let Some((range, last, deliveries, entries)) = claimed else {
         return Ok(None);
     };
     let entries = entries.ids;
@@ -320,6 +345,7 @@ async fn claim(
         return Ok(Some(Read {
             stream: stream.to_owned(),
             range,
+            last,
             entries,
         }));
     }
@@ -332,7 +358,12 @@ async fn claim(
             detail: "delivered too many times".to_owned(),
         })
         .collect();
-    dead_letter(context, stream, tenant, dead, Some(&range)).await;
+    let at = Acknowledge {
+        stream,
+        range: &range,
+        last: &last,
+    };
+    dead_letter(context, at, tenant, dead, true).await;
     Ok(None)
 }
 
@@ -340,4 +371,5 @@ async fn claim(
 /// own.
 const MARK: &str = concat!(include_str!("ranges.lua"), include_str!("mark.lua"));
 const RECORD: &str = concat!(include_str!("ranges.lua"), include_str!("record.lua"));
+const READ: &str = concat!(include_str!("ranges.lua"), include_str!("read.lua"));
 const CLAIM: &str = concat!(include_str!("ranges.lua"), include_str!("claim.lua"));
