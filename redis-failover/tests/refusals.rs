@@ -107,7 +107,8 @@ async fn a_command_failing_inside_a_transaction_gives_its_kind() {
         .start()
         .await
         .unwrap();
-    let client = FailoverClient::candidates([topology.addr(topology.initial_master()).into()])
+    let master = topology.initial_master();
+    let client = FailoverClient::candidates([topology.addr(master).into()])
         .build()
         .unwrap();
     let mut transaction = redis::pipe();
@@ -133,10 +134,7 @@ async fn a_command_failing_inside_a_transaction_gives_its_kind() {
     assert_eq!(client.get::<Option<u64>>("before").await.unwrap(), Some(1));
 
     // Refused when queued (over `maxmemory`): discarded, with the refusal's kind.
-    let () = client
-        .query(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1"))
-        .await
-        .unwrap();
+    config_set(&topology, master, "maxmemory", "1").await;
     let mut refused = redis::pipe();
     refused.atomic().cmd("SET").arg("refused").arg(1);
     let error = client.query_pipeline::<()>(&refused).await.unwrap_err();
