@@ -339,3 +339,44 @@ async fn a_full_redis_is_still_drained() {
     assert!(in_flight(&client).await.is_empty());
     offloader.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A consumer whose pushes are retried keeps its range from going idle:
+/// another consumer claims nothing while the sink is down, so nothing is
+/// counted as delivered again, up to poison.
+#[tokio::test]
+async fn a_range_whose_pushes_are_retried_is_not_claimed() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    receiver.set_mode(None, Mode::Status(500));
+    let base = now_ns();
+    for i in 0..10 {
+        audit_entry(&client, "acme", base + i, "update_key").await;
+    }
+    // Claims after 1 s of no retry; the backoff retries every 200 ms at
+    // most; a second claim of the range would make it poison.
+    let builder = || {
+        offloader(&client, &receiver)
+            .claim_idle(Duration::from_secs(1))
+            .max_deliveries(1)
+    };
+    let (first, second) = (builder().start().unwrap(), builder().start().unwrap());
+    eventually("pushes retried for 3 claim intervals", || async {
+        let retried =
+            |o: &log_buffer::Offloader| o.metrics().get("acme").map_or(0, |m| m.retried_pushes);
+        retried(&first) + retried(&second) >= 30
+    })
+    .await;
+    receiver.set_mode(None, Mode::Accept);
+    receiver.wait_for_lines("acme", 10).await;
+    eventually("the stream emptied", || async {
+        ids(&client).await.is_empty()
+    })
+    .await;
+    let dead: u64 = client
+        .query(redis::cmd("XLEN").arg(format!("{STREAM}:dead-letter")))
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    first.shutdown(Duration::from_secs(5)).await;
+    second.shutdown(Duration::from_secs(5)).await;
+}

@@ -114,6 +114,7 @@ pub(super) async fn deliver(context: &Context, tenant: &str, read: Read) {
                     "offloader: push failed, retrying"
                 );
                 queue.push(batch);
+                touch(context, at).await;
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     // The range stays in flight, for a restart or another consumer.
@@ -411,8 +412,31 @@ fn ack_range(pipeline: &mut redis::Pipeline, context: &Context, at: Acknowledge<
         .ignore();
 }
 
-/// The acknowledgement script.
+/// Keeps a range being retried from going idle (`touch.lua`): without
+/// it, another consumer would claim the range while the sink is down and
+/// count deliveries that never failed, up to poison. If this fails, a
+/// claim delivers the range twice, which Loki deduplicates.
+async fn touch(context: &Context, at: Acknowledge<'_>) {
+    let touched = context
+        .client
+        .query::<u64>(
+            redis::cmd("EVAL")
+                .arg(TOUCH)
+                .arg(1)
+                .arg(context.in_flight(at.stream))
+                .arg(at.range)
+                .arg(at.last)
+                .arg(&context.consumer),
+        )
+        .await;
+    if let Err(error) = touched {
+        tracing::warn!(target: "log_buffer", %error, stream = at.stream, "offloader: keeping a range in flight failed; another consumer may claim it");
+    }
+}
+
+/// The acknowledgement script, and the one that keeps a range in flight.
 const ACK: &str = concat!(include_str!("ranges.lua"), include_str!("ack.lua"));
+const TOUCH: &str = concat!(include_str!("ranges.lua"), include_str!("touch.lua"));
 
 /// Moves records (or whole entries) to the stream's dead-letter stream
 /// with the reason, and acknowledges the range if `settled`, in one

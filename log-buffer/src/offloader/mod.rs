@@ -140,9 +140,11 @@ impl<S: LogSink> OffloaderBuilder<S> {
 
     /// How long a range of entries read by another consumer stays
     /// undelivered before this one claims it: the other is taken for
-    /// dead. Keep it well above the longest push. Until then, the range
-    /// holds the stream's head: entries delivered after it stay in Redis
-    /// too. Defaults to 60 s.
+    /// dead. A consumer whose pushes are retried keeps its range from
+    /// going idle at each retry, so keep this well above the longest push
+    /// and the longest [`backoff`](Self::backoff) delay. Until it is
+    /// claimed, a range holds the stream's head: entries delivered after
+    /// it stay in Redis too. Defaults to 60 s.
     pub fn claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
         self
@@ -150,8 +152,8 @@ impl<S: LogSink> OffloaderBuilder<S> {
 
     /// How many deliveries a range of entries may have before it is taken
     /// for poison and dead-lettered whole: every claim counts one, after a
-    /// crash or a restart, and also of a consumer alive but slower than
-    /// [`claim_idle`](Self::claim_idle). Defaults to 10.
+    /// crash or a restart, or of a consumer stuck in one push for longer
+    /// than [`claim_idle`](Self::claim_idle). Defaults to 10.
     pub fn max_deliveries(mut self, deliveries: u64) -> Self {
         self.max_deliveries = deliveries;
         self
