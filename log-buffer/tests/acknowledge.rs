@@ -34,6 +34,23 @@ async fn in_flight(client: &FailoverClient) -> BTreeMap<String, String> {
         .unwrap()
 }
 
+/// Appends audit entries stamped `base + i` for each `i` of `stamps`.
+async fn append(client: &FailoverClient, base: u64, stamps: std::ops::Range<u64>) {
+    for i in stamps {
+        audit_entry(client, "acme", base + i, "update_key").await;
+    }
+}
+
+/// Waits until every entry is trimmed, then checks no range is left in
+/// flight.
+async fn drained(client: &FailoverClient) {
+    eventually("the stream emptied", || async {
+        ids(client).await.is_empty()
+    })
+    .await;
+    assert!(in_flight(client).await.is_empty());
+}
+
 /// `group` created on the stream from its start.
 async fn create_group(client: &FailoverClient, group: &str) {
     let _: () = client
@@ -141,9 +158,7 @@ async fn a_range_in_flight_holds_the_head_until_it_is_claimed() {
     let (_topology, client) = start(0).await;
     let receiver = Receiver::start().await;
     let base = now_ns();
-    for i in 0..10 {
-        audit_entry(&client, "acme", base + i, "update_key").await;
-    }
+    append(&client, base, 0..10).await;
     create_group(&client, GROUP).await;
     // Another instance reads the first 3 entries and stops.
     let held = read_range(&client, "stopped", 3).await;
@@ -173,11 +188,7 @@ async fn a_range_in_flight_holds_the_head_until_it_is_claimed() {
         (0..3).all(|i| stamps.contains(&(base + i)))
     })
     .await;
-    eventually("the stream emptied", || async {
-        ids(&client).await.is_empty()
-    })
-    .await;
-    assert!(in_flight(&client).await.is_empty());
+    drained(&client).await;
     claimer.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -188,9 +199,7 @@ async fn a_restarted_consumer_reads_its_own_range_first() {
     let (_topology, client) = start(0).await;
     let receiver = Receiver::start().await;
     let base = now_ns();
-    for i in 0..5 {
-        audit_entry(&client, "acme", base + i, "update_key").await;
-    }
+    append(&client, base, 0..5).await;
     create_group(&client, GROUP).await;
     read_range(&client, "pod-1", 3).await;
     let restarted = offloader(&client, &receiver)
@@ -199,10 +208,7 @@ async fn a_restarted_consumer_reads_its_own_range_first() {
         .start()
         .unwrap();
     receiver.wait_for_lines("acme", 5).await;
-    eventually("the stream emptied", || async {
-        ids(&client).await.is_empty()
-    })
-    .await;
+    drained(&client).await;
     restarted.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -212,9 +218,7 @@ async fn a_restarted_consumer_reads_its_own_range_first() {
 #[tokio::test]
 async fn the_trim_stops_at_what_the_node_saw_delivered() {
     let (_topology, client) = start(0).await;
-    for i in 0..6 {
-        audit_entry(&client, "acme", now_ns() + i, "update_key").await;
-    }
+    append(&client, now_ns(), 0..6).await;
     let all = ids(&client).await;
     acknowledge(&client, &all[0], &all[3], "offloader").await;
     assert_eq!(ids(&client).await, all, "no group");
@@ -239,9 +243,7 @@ async fn the_trim_stops_at_what_the_node_saw_delivered() {
 #[tokio::test]
 async fn entries_another_group_still_needs_stay() {
     let (_topology, client) = start(0).await;
-    for i in 0..5 {
-        audit_entry(&client, "acme", now_ns() + i, "update_key").await;
-    }
+    append(&client, now_ns(), 0..5).await;
     create_group(&client, GROUP).await;
     create_group(&client, "billing").await;
     let all = read_range(&client, "offloader", 5).await;
@@ -264,9 +266,7 @@ async fn entries_pending_from_an_older_offloader_are_claimed() {
     let (_topology, client) = start(0).await;
     let receiver = Receiver::start().await;
     let base = now_ns();
-    for i in 0..6 {
-        audit_entry(&client, "acme", base + i, "update_key").await;
-    }
+    append(&client, base, 0..6).await;
     create_group(&client, GROUP).await;
     read_pending(&client, GROUP, "older", 4).await;
     let offloader = offloader(&client, &receiver)
@@ -274,10 +274,7 @@ async fn entries_pending_from_an_older_offloader_are_claimed() {
         .start()
         .unwrap();
     receiver.wait_for_lines("acme", 6).await;
-    eventually("the stream emptied", || async {
-        ids(&client).await.is_empty()
-    })
-    .await;
+    drained(&client).await;
     let pending: (u64, redis::Value, redis::Value, redis::Value) = client
         .query(redis::cmd("XPENDING").arg(STREAM).arg(GROUP))
         .await
@@ -302,15 +299,9 @@ async fn a_group_missing_on_the_node_is_created_again() {
         .query(redis::cmd("XGROUP").arg("DESTROY").arg(STREAM).arg(GROUP))
         .await
         .unwrap();
-    for i in 1..4 {
-        audit_entry(&client, "acme", base + i, "update_key").await;
-    }
+    append(&client, base, 1..4).await;
     receiver.wait_for_lines("acme", 4).await;
-    eventually("the stream emptied", || async {
-        ids(&client).await.is_empty()
-    })
-    .await;
-    assert!(in_flight(&client).await.is_empty());
+    drained(&client).await;
     offloader.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -322,9 +313,7 @@ async fn a_full_redis_is_still_drained() {
     let (_topology, client) = start(0).await;
     let receiver = Receiver::start().await;
     let base = now_ns();
-    for i in 0..20 {
-        audit_entry(&client, "acme", base + i, "update_key").await;
-    }
+    append(&client, base, 0..20).await;
     create_group(&client, GROUP).await;
     let () = client
         .query(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1"))
@@ -332,11 +321,7 @@ async fn a_full_redis_is_still_drained() {
         .unwrap();
     let offloader = offloader(&client, &receiver).batch_size(5).start().unwrap();
     receiver.wait_for_lines("acme", 20).await;
-    eventually("the stream emptied", || async {
-        ids(&client).await.is_empty()
-    })
-    .await;
-    assert!(in_flight(&client).await.is_empty());
+    drained(&client).await;
     offloader.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -349,9 +334,7 @@ async fn a_range_whose_pushes_are_retried_is_not_claimed() {
     let receiver = Receiver::start().await;
     receiver.set_mode(None, Mode::Status(500));
     let base = now_ns();
-    for i in 0..10 {
-        audit_entry(&client, "acme", base + i, "update_key").await;
-    }
+    append(&client, base, 0..10).await;
     // Claims after 1 s of no retry; the backoff retries every 200 ms at
     // most; a second claim of the range would make it poison.
     let builder = || {
@@ -368,10 +351,7 @@ async fn a_range_whose_pushes_are_retried_is_not_claimed() {
     .await;
     receiver.set_mode(None, Mode::Accept);
     receiver.wait_for_lines("acme", 10).await;
-    eventually("the stream emptied", || async {
-        ids(&client).await.is_empty()
-    })
-    .await;
+    drained(&client).await;
     let dead: u64 = client
         .query(redis::cmd("XLEN").arg(format!("{STREAM}:dead-letter")))
         .await
