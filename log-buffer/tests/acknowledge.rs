@@ -360,3 +360,33 @@ async fn a_range_whose_pushes_are_retried_is_not_claimed() {
     first.shutdown(Duration::from_secs(5)).await;
     second.shutdown(Duration::from_secs(5)).await;
 }
+
+/// One stream that cannot be read (here its in-flight hash is a string,
+/// so each claim of it fails) holds up no other tenant's, and loses
+/// nothing of its own: once the key is fixed, its entries go out too.
+#[tokio::test]
+async fn a_stream_that_fails_to_read_holds_up_no_other() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let () = client
+        .query(redis::cmd("SET").arg(IN_FLIGHT).arg("not a hash"))
+        .await
+        .unwrap();
+    let base = now_ns();
+    append(&client, base, 0..3).await;
+    for i in 0..3 {
+        audit_entry(&client, "beta", base + i, "update_key").await;
+    }
+    let offloader = offloader(&client, &receiver).start().unwrap();
+    receiver.wait_for_lines("beta", 3).await;
+    assert_eq!(ids(&client).await.len(), 3, "acme's entries wait");
+    assert!(receiver.lines("acme").is_empty());
+
+    let _: u64 = client
+        .query(redis::cmd("DEL").arg(IN_FLIGHT))
+        .await
+        .unwrap();
+    receiver.wait_for_lines("acme", 3).await;
+    drained(&client).await;
+    offloader.shutdown(Duration::from_secs(5)).await;
+}

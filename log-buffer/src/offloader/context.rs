@@ -74,11 +74,49 @@ pub(super) struct Known {
     /// Whether the consumer group is known to exist on the stream.
     pub(super) group_ready: bool,
     /// Whether this consumer's own ranges in flight were claimed (they are
-    /// read first, after a restart under the same name).
+    /// read first, after a restart under the same name or a failed read).
     pub(super) own_claimed: bool,
     /// Whether a delivery task owns the stream's entries now.
     pub(super) busy: bool,
     pub(super) last_claim: Instant,
+    /// Reads of the stream that failed in a row, and when to try again.
+    pub(super) failures: u32,
+    pub(super) retry_at: Option<Instant>,
+}
+
+impl Known {
+    pub(super) fn new(tenant: String) -> Self {
+        Self {
+            tenant,
+            group_ready: false,
+            own_claimed: false,
+            busy: false,
+            last_claim: Instant::now(),
+            failures: 0,
+            retry_at: None,
+        }
+    }
+
+    /// Whether the stream may be read now: no task owns it, its group
+    /// exists, and it is not waiting out a failure.
+    pub(super) fn readable(&self, now: Instant) -> bool {
+        !self.busy && self.group_ready && self.retry_at.is_none_or(|at| at <= now)
+    }
+
+    /// A read or claim of the stream failed (its reply may have been lost
+    /// after Redis recorded a range): it waits `backoff`, and its own
+    /// ranges are claimed first next time.
+    pub(super) fn failed(&mut self, backoff: &Backoff) {
+        self.own_claimed = false;
+        self.retry_at = Some(Instant::now() + backoff.delay(self.failures));
+        self.failures = self.failures.saturating_add(1);
+    }
+
+    /// A read or claim of the stream answered.
+    pub(super) fn answered(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+    }
 }
 
 /// Entries read for one delivery: one in-flight range of a stream.
@@ -89,6 +127,29 @@ pub(super) struct Read {
     /// The range's last id, as its acknowledgement names it.
     pub(super) last: String,
     pub(super) entries: Vec<StreamId>,
+}
+
+/// What one round of reading got: the reads of the streams that
+/// answered, and the first failure (a `NOGROUP` before any other: it
+/// makes the dispatcher create the groups again).
+#[derive(Default)]
+pub(super) struct Round {
+    pub(super) reads: Vec<Read>,
+    pub(super) error: Option<redis_failover::Error>,
+}
+
+impl Round {
+    /// Notes a failure; the round goes on with the other streams.
+    pub(super) fn failed(&mut self, error: redis_failover::Error) {
+        let no_group = |e: &redis_failover::Error| e.kind() == redis_failover::ErrorKind::NoGroup;
+        if self
+            .error
+            .as_ref()
+            .is_none_or(|first| !no_group(first) && no_group(&error))
+        {
+            self.error = Some(error);
+        }
+    }
 }
 
 /// One tenant's counters and gauges.
@@ -116,4 +177,28 @@ pub struct TenantMetrics {
     pub oldest_age: Option<Duration>,
     /// Entries in the tenant's dead-letter streams, at the last discovery.
     pub dead_letter_depth: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_whose_read_failed_waits_and_claims_its_own_first() {
+        let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(4)).unwrap();
+        let mut known = Known::new("acme".to_owned());
+        known.group_ready = true;
+        known.own_claimed = true;
+        let now = Instant::now();
+        assert!(known.readable(now));
+        known.failed(&backoff);
+        known.failed(&backoff);
+        assert!(!known.own_claimed);
+        assert!(!known.readable(now));
+        assert!(known.readable(now + Duration::from_secs(5)), "the cap bounds the wait");
+        known.answered();
+        assert!(known.readable(Instant::now()));
+        known.busy = true;
+        assert!(!known.readable(Instant::now()));
+    }
 }

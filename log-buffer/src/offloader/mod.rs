@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::producer::LOKI_MAX_AGE;
 use crate::sink::LogSink;
 pub use context::TenantMetrics;
-use context::{Context, Known, lock};
+use context::{Context, Known, Round, lock};
 use deliver::deliver;
 use streams::{discover, read};
 
@@ -236,7 +236,10 @@ impl<S: LogSink> OffloaderBuilder<S> {
             metrics: Mutex::new(BTreeMap::new()),
             stopped: stop.clone(),
         });
-        let task = tokio::spawn(dispatch(Arc::clone(&context)));
+        let task = tokio::spawn(supervise(context.stopped.clone(), context.read_backoff, {
+            let context = Arc::clone(&context);
+            move || dispatch(Arc::clone(&context))
+        }));
         Ok(Offloader {
             context,
             stop,
@@ -305,6 +308,34 @@ impl Drop for Offloader {
     }
 }
 
+/// Runs the dispatcher (`run`) until it returns, starting it again after
+/// `backoff` each time it panicked: a bug must not end offloading
+/// silently. Its delivery tasks end with it, their ranges left in flight;
+/// the new dispatcher claims them first, as this consumer's own.
+async fn supervise<F>(stopped: CancellationToken, backoff: Backoff, mut run: impl FnMut() -> F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut panics = 0;
+    loop {
+        // Aborted with this task: the dispatcher stops with its owner.
+        let mut dispatcher = JoinSet::new();
+        dispatcher.spawn(run());
+        match dispatcher.join_next().await {
+            Some(Err(error)) if error.is_panic() => {
+                tracing::error!(target: "log_buffer", %error, "offloader: the dispatcher panicked; starting it again");
+            }
+            _ => return,
+        }
+        let wait = backoff.delay(panics);
+        panics += 1;
+        tokio::select! {
+            () = stopped.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// Reads the streams and hands each stream's entries to a delivery task,
 /// one at a time per stream, until stopped.
 async fn dispatch(context: Arc<Context>) {
@@ -320,19 +351,21 @@ async fn dispatch(context: Arc<Context>) {
         while let Some(ended) = tasks.try_join_next() {
             report_panic(ended);
         }
-        let round = async {
-            if last_discovery.is_none_or(|at| at.elapsed() >= context.discovery_interval) {
-                discover(&context, &mut known).await?;
-                last_discovery = Some(Instant::now());
-            }
-            read(&context, &mut known).await
-        };
-        let batches = match round.await {
-            Ok(batches) => {
-                failures = 0;
-                batches
-            }
-            Err(error) => {
+        let mut round = Round::default();
+        if last_discovery.is_none_or(|at| at.elapsed() >= context.discovery_interval) {
+            // Retried at the next interval even if it failed: a shard
+            // down costs each attempt the client's whole retry budget.
+            last_discovery = Some(Instant::now());
+            discover(&context, &mut known, &mut round).await;
+        }
+        read(&context, &mut known, &mut round).await;
+        let Round {
+            reads: batches,
+            error,
+        } = round;
+        match error {
+            None => failures = 0,
+            Some(error) => {
                 if error.kind() == ErrorKind::NoGroup {
                     // A new master that missed the group's creation, or
                     // a stream deleted by hand: create the groups again.
@@ -343,9 +376,8 @@ async fn dispatch(context: Arc<Context>) {
                 }
                 failures += 1;
                 tracing::warn!(target: "log_buffer", %error, "offloader: reading the streams failed");
-                Vec::new()
             }
-        };
+        }
         let idle = batches.is_empty();
         for read in batches {
             let Some(state) = known.get_mut(&read.stream) else {
@@ -414,6 +446,32 @@ fn release(known: &mut BTreeMap<String, Known>, stream: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dispatcher_that_panics_is_started_again() {
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1)).unwrap();
+        let counted = Arc::clone(&runs);
+        supervise(CancellationToken::new(), backoff, move || {
+            let run = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { assert!(run >= 2, "a bug in run {run}") }
+        })
+        .await;
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+        // Told to stop while waiting to start it again: it stays stopped.
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(1)).unwrap();
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = Arc::clone(&runs);
+        supervise(stopped, backoff, move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { panic!("always") }
+        })
+        .await;
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 
     #[tokio::test]
     async fn a_delivery_task_that_panics_still_releases_its_stream() {

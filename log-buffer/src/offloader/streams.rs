@@ -5,12 +5,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use futures_util::future::try_join_all;
+use futures_util::future::{join_all, try_join_all};
 use redis::streams::{StreamRangeReply, StreamReadReply};
 use redis::{FromRedisValue, Value};
 use redis_failover::ErrorKind;
 
-use super::context::{Context, Known, Read};
+use super::context::{Context, Known, Read, Round};
 use super::deliver::{Acknowledge, Dead, dead_letter, stored};
 use crate::record::{dead_letter_stream, now_ns, streams_pattern, tenant_of_stream};
 
@@ -23,26 +23,31 @@ struct Gauges {
 }
 
 /// Finds the tenants' streams, creates the group on new ones, and
-/// refreshes the depth, age and dead-letter gauges.
+/// refreshes the depth, age and dead-letter gauges. A failure is noted in
+/// `round`; the streams already known are read all the same.
 pub(super) async fn discover(
     context: &Context,
     known: &mut BTreeMap<String, Known>,
-) -> std::result::Result<(), redis_failover::Error> {
-    let found = find_streams(context).await?;
+    round: &mut Round,
+) {
+    let found = match find_streams(context).await {
+        Ok(found) => found,
+        Err(error) => return round.failed(error),
+    };
     for (stream, tenant) in &found {
-        let state = known.entry(stream.clone()).or_insert_with(|| Known {
-            tenant: tenant.clone(),
-            group_ready: false,
-            own_claimed: false,
-            busy: false,
-            last_claim: Instant::now(),
-        });
+        let state = known
+            .entry(stream.clone())
+            .or_insert_with(|| Known::new(tenant.clone()));
         if !state.group_ready {
-            create_group(context, stream).await?;
-            state.group_ready = true;
+            match create_group(context, stream).await {
+                Ok(()) => state.group_ready = true,
+                Err(error) => round.failed(error),
+            }
         }
     }
-    refresh_gauges(context, &found).await
+    if let Err(error) = refresh_gauges(context, &found).await {
+        round.failed(error);
+    }
 }
 
 /// Every stream of every source, with its tenant: a `SCAN` of every
@@ -154,35 +159,64 @@ async fn refresh_gauges(
     Ok(())
 }
 
-/// Reads the next entries of every stream no task owns: the ranges this
-/// consumer had in flight before a restart first, ranges in flight too
-/// long under another consumer from time to time, new ones otherwise.
+/// Reads the next entries of every stream no task owns and whose group
+/// exists: the ranges this consumer had in flight before a restart first,
+/// ranges in flight too long under another consumer from time to time,
+/// new ones otherwise. A stream whose read fails (one shard down, a key
+/// of the wrong type) holds up no other: it waits out a backoff of its
+/// own (see [`Known::failed`]).
 pub(super) async fn read(
     context: &Context,
     known: &mut BTreeMap<String, Known>,
-) -> std::result::Result<Vec<Read>, redis_failover::Error> {
-    let mut reads = Vec::new();
+    round: &mut Round,
+) {
     let mut fresh = Vec::new();
-    for (stream, state) in known.iter_mut().filter(|(_, s)| !s.busy) {
-        if !state.own_claimed {
-            match claim(context, stream, &state.tenant, Claim::Own).await? {
-                Some(read) => reads.push(read),
-                None => state.own_claimed = true,
-            }
+    let now = Instant::now();
+    for (stream, state) in known.iter_mut().filter(|(_, s)| s.readable(now)) {
+        let mode = if !state.own_claimed {
+            Claim::Own
         } else if state.last_claim.elapsed() >= context.claim_idle / 2 {
             state.last_claim = Instant::now();
-            match claim(context, stream, &state.tenant, Claim::Idle).await? {
-                Some(read) => reads.push(read),
-                None => fresh.push(stream.clone()),
-            }
+            Claim::Idle
         } else {
             fresh.push(stream.clone());
+            continue;
+        };
+        let claimed = claim(context, stream, &state.tenant, mode).await;
+        if claimed.is_ok() {
+            state.answered();
+        }
+        match claimed {
+            Ok(Some(read)) => round.reads.push(read),
+            Ok(None) => match mode {
+                Claim::Own => state.own_claimed = true,
+                Claim::Idle => fresh.push(stream.clone()),
+            },
+            Err(error) => {
+                state.failed(&context.read_backoff);
+                round.failed(error);
+            }
         }
     }
-    for reply in read_new(context, &fresh).await? {
+    for (streams, replies) in read_new(context, &fresh).await {
+        for stream in streams {
+            if let Some(state) = known.get_mut(stream) {
+                match &replies {
+                    Ok(_) => state.answered(),
+                    Err(_) => state.failed(&context.read_backoff),
+                }
+            }
+        }
+        let reply = match replies {
+            Ok(reply) => reply,
+            Err(error) => {
+                round.failed(error);
+                continue;
+            }
+        };
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             if let (Some(first), Some(last)) = (key.ids.first(), key.ids.last()) {
-                reads.push(Read {
+                round.reads.push(Read {
                     range: first.id.clone(),
                     last: last.id.clone(),
                     stream: key.key,
@@ -191,7 +225,6 @@ pub(super) async fn read(
             }
         }
     }
-    Ok(reads)
 }
 
 /// The most streams one read names: a bound on the transaction's size.
@@ -201,10 +234,13 @@ const MAX_STREAMS_PER_READ: usize = 500;
 /// each other), each stream's recorded as a range in flight: one
 /// transaction per [`MAX_STREAMS_PER_READ`] streams, or on a cluster one
 /// per tenant, whose streams share a slot, all at once.
-async fn read_new(
+async fn read_new<'a>(
     context: &Context,
-    streams: &[String],
-) -> std::result::Result<Vec<Option<StreamReadReply>>, redis_failover::Error> {
+    streams: &'a [String],
+) -> Vec<(
+    &'a [String],
+    std::result::Result<Option<StreamReadReply>, redis_failover::Error>,
+)> {
     let groups: Vec<&[String]> = if context.client.is_cluster() {
         streams
             .chunk_by(|a, b| hash_tag(a) == hash_tag(b))
@@ -212,10 +248,10 @@ async fn read_new(
     } else {
         streams.chunks(MAX_STREAMS_PER_READ).collect()
     };
-    try_join_all(
+    join_all(
         groups
             .into_iter()
-            .map(|streams| read_some(context, streams)),
+            .map(|streams| async move { (streams, read_some(context, streams).await) }),
     )
     .await
 }
