@@ -97,6 +97,30 @@ impl<S: LogSink + ?Sized> LogSink for Box<S> {
     }
 }
 
+/// The lines [`FileSink`] appends for `push`. What a stream's lines share
+/// (tenant and labels) is serialized once per stream, not per line.
+fn file_lines(push: &Push) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut text = Vec::new();
+    let mut head = Vec::new();
+    for stream in &push.streams {
+        // Writing strings and maps of strings to a `Vec` cannot fail.
+        head.clear();
+        head.extend_from_slice(b"{\"tenant\":");
+        let _ = serde_json::to_writer(&mut head, &push.tenant);
+        head.extend_from_slice(b",\"labels\":");
+        let _ = serde_json::to_writer(&mut head, &stream.labels);
+        head.extend_from_slice(b",\"ts\":\"");
+        for entry in &stream.entries {
+            text.extend_from_slice(&head);
+            let _ = write!(text, "{}\",\"line\":", entry.ts_ns);
+            let _ = serde_json::to_writer(&mut text, &entry.line);
+            text.extend_from_slice(b"}\n");
+        }
+    }
+    text
+}
+
 /// Appends every entry to a file as one line of JSON:
 /// `{"tenant":..,"labels":{..},"ts":"<ns>","line":".."}`.
 #[derive(Debug)]
@@ -118,28 +142,7 @@ impl FileSink {
 #[async_trait::async_trait]
 impl LogSink for FileSink {
     async fn push(&self, push: &Push) -> Result<(), PushError> {
-        /// One line of the file, written straight from the push's parts.
-        #[derive(serde::Serialize)]
-        struct FileLine<'a> {
-            tenant: &'a str,
-            labels: &'a BTreeMap<String, String>,
-            ts: String,
-            line: &'a str,
-        }
-        let mut text = Vec::new();
-        for stream in &push.streams {
-            for entry in &stream.entries {
-                let line = FileLine {
-                    tenant: &push.tenant,
-                    labels: &stream.labels,
-                    ts: entry.ts_ns.to_string(),
-                    line: &entry.line,
-                };
-                // Strings and maps of strings always serialize.
-                let _ = serde_json::to_writer(&mut text, &line);
-                text.push(b'\n');
-            }
-        }
+        let text = file_lines(push);
         let retry = |error: std::io::Error| PushError::Retry {
             reason: format!("{}: {error}", self.path.display()),
         };
@@ -165,5 +168,46 @@ impl LogSink for FileSink {
             return Err(retry(error));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_lines_are_one_json_object_per_entry() {
+        let labels = BTreeMap::from([("job".to_owned(), "a\"b".to_owned())]);
+        let entry = |ts_ns, line: &str| Entry {
+            ts_ns,
+            line: line.to_owned(),
+        };
+        let push = Push {
+            tenant: "acme".to_owned(),
+            streams: vec![
+                Stream {
+                    labels: labels.clone(),
+                    entries: vec![entry(1, "{\"m\":\"x\\ny\"}"), entry(22, "plain")],
+                },
+                Stream {
+                    labels: BTreeMap::new(),
+                    entries: vec![entry(3, "")],
+                },
+            ],
+        };
+        let text = String::from_utf8(file_lines(&push)).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        let expected = [
+            serde_json::json!({"tenant": "acme", "labels": {"job": "a\"b"}, "ts": "1", "line": "{\"m\":\"x\\ny\"}"}),
+            serde_json::json!({"tenant": "acme", "labels": {"job": "a\"b"}, "ts": "22", "line": "plain"}),
+            serde_json::json!({"tenant": "acme", "labels": {}, "ts": "3", "line": ""}),
+        ];
+        assert_eq!(lines, expected);
+        assert!(text.starts_with(
+            "{\"tenant\":\"acme\",\"labels\":{\"job\":\"a\\\"b\"},\"ts\":\"1\",\"line\":"
+        ));
     }
 }

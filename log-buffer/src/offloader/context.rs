@@ -195,7 +195,10 @@ mod tests {
         known.failed(&backoff);
         assert!(!known.own_claimed);
         assert!(!known.readable(now));
-        assert!(known.readable(now + Duration::from_secs(5)), "the cap bounds the wait");
+        assert!(
+            known.readable(now + Duration::from_secs(5)),
+            "the cap bounds the wait"
+        );
         known.answered();
         assert!(known.readable(Instant::now()));
         known.busy = true;
