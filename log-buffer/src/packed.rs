@@ -13,21 +13,121 @@
 //! Unix epoch), `level`, `target`, then the spans' and the event's fields
 //! in order (a repeated name keeps its last value, as a stream entry's
 //! fields read into a map do). JSON strings escape line breaks, so the
-//! lines split on `\n`.
+//! lines split on `\n`. The offloader checks each line and passes it on
+//! to the sink as written, less its `ts` ([`Parsed::line_without_ts`]):
+//! parsing a record into a map and writing it again cost about ten
+//! allocations per record.
 
-use std::borrow::{Borrow, Cow};
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{Deserializer, Visitor};
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::record::Record;
 
-/// A record's fields as read back: borrowed from the stream entry's reply
-/// (or the packed line) wherever nothing had to be unescaped, so reading a
-/// record allocates little more than its map.
-pub(crate) type Parsed<'a> = BTreeMap<Text<'a>, Text<'a>>;
+/// A record's fields as read back, in the order written: borrowed from
+/// the stream entry's reply (or the packed line) wherever nothing had to
+/// be unescaped, so reading a record allocates little more than its list.
+/// A repeated name counts with its last value.
+#[derive(Debug)]
+pub(crate) struct Parsed<'a> {
+    fields: Vec<(Text<'a>, Text<'a>)>,
+    /// The packed line the fields were read from, if any.
+    line: Option<&'a str>,
+}
+
+impl<'a> Parsed<'a> {
+    /// A plain stream entry's fields.
+    pub(crate) fn from_fields(fields: impl IntoIterator<Item = (Text<'a>, Text<'a>)>) -> Self {
+        Self {
+            fields: fields.into_iter().collect(),
+            line: None,
+        }
+    }
+
+    /// The value of `name` (its last, if repeated).
+    pub(crate) fn get(&self, name: &str) -> Option<&Text<'a>> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|(field, _)| field.as_str() == name)
+            .map(|(_, value)| value)
+    }
+
+    /// Every field but `ts`, as a JSON object: a packed line as written
+    /// (what follows its leading `ts`), which costs no serializing; else,
+    /// or if a name repeats, the fields sorted by name, each once. Either
+    /// way, the same record always gives the same bytes.
+    pub(crate) fn line_without_ts(&self) -> String {
+        if let Some(rest) = self.line.and_then(|line| self.after_leading_ts(line)) {
+            let mut out = String::with_capacity(rest.len() + 1);
+            out.push('{');
+            out.push_str(rest);
+            return out;
+        }
+        let fields = self.sorted_once();
+        let size: usize = fields.iter().map(|(n, v)| n.0.len() + v.0.len() + 6).sum();
+        let mut out = Vec::with_capacity(size + 2);
+        let body = fields.iter().filter(|(name, _)| name.as_str() != "ts");
+        // Strings always serialize.
+        let _ = serde_json::Serializer::new(&mut out).collect_map(body.map(|(n, v)| (n, v)));
+        String::from_utf8(out).expect("serde_json writes UTF-8")
+    }
+
+    /// The fields sorted by name, each once, as the dead-letter stream
+    /// keeps them.
+    pub(crate) fn into_sorted(self) -> Vec<(String, String)> {
+        let mut fields = self.fields;
+        // Stable: of a repeated name, the last value ends up last.
+        fields.sort_by(|(a, _), (b, _)| a.cmp(b));
+        let mut sorted: Vec<(String, String)> = Vec::with_capacity(fields.len());
+        for (name, value) in fields {
+            match sorted.last_mut() {
+                Some(last) if last.0 == name.as_str() => last.1 = value.0.into_owned(),
+                _ => sorted.push((name.0.into_owned(), value.0.into_owned())),
+            }
+        }
+        sorted
+    }
+
+    /// References to the fields sorted by name, each once (its last value).
+    fn sorted_once(&self) -> Vec<&(Text<'a>, Text<'a>)> {
+        let mut sorted: Vec<&(Text<'a>, Text<'a>)> = self.fields.iter().collect();
+        sorted.sort_by(|(a, _), (b, _)| a.cmp(b));
+        let mut once: Vec<&(Text<'a>, Text<'a>)> = Vec::with_capacity(sorted.len());
+        for field in sorted {
+            match once.last_mut() {
+                Some(last) if last.0 == field.0 => *last = field,
+                _ => once.push(field),
+            }
+        }
+        once
+    }
+
+    /// What follows `line`'s leading `"ts":"<digits>",` (from the `}` if
+    /// `ts` is the only field), when `line` is shaped as [`encode`] writes
+    /// and no name repeats.
+    fn after_leading_ts<'l>(&self, line: &'l str) -> Option<&'l str> {
+        let (first, ts) = self.fields.first()?;
+        let digits = line.strip_prefix("{\"ts\":\"")?.strip_prefix(ts.as_str())?;
+        let rest = digits.strip_prefix("\"")?;
+        let rest = rest
+            .strip_prefix(',')
+            .or_else(|| rest.starts_with('}').then_some(rest))?;
+        let plain = first.as_str() == "ts" && ts.as_str().bytes().all(|b| b.is_ascii_digit());
+        (plain && !self.repeats()).then_some(rest)
+    }
+
+    /// Whether a name appears twice.
+    fn repeats(&self) -> bool {
+        let names = &self.fields;
+        names
+            .iter()
+            .enumerate()
+            .any(|(i, (name, _))| names[i + 1..].iter().any(|(other, _)| other == name))
+    }
+}
 
 /// A field name or value of a [`Parsed`] record.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,12 +135,6 @@ pub(crate) struct Text<'a>(pub(crate) Cow<'a, str>);
 
 impl Text<'_> {
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Borrow<str> for Text<'_> {
-    fn borrow(&self) -> &str {
         &self.0
     }
 }
@@ -104,16 +198,42 @@ fn pair(out: &mut Vec<u8>, name: &str, value: &str) {
     let _ = serde_json::to_writer(&mut *out, value);
 }
 
-/// The records of a packed entry's `records` field, each a map of its
+/// The records of a packed entry's `records` field, each with its
 /// fields, or for a line that is no such object, the line and the reason.
 pub(crate) fn decode(lines: &str) -> impl Iterator<Item = Result<Parsed<'_>, (String, String)>> {
     lines
         .split('\n')
         .filter(|line| !line.is_empty())
-        .map(|line| {
-            serde_json::from_str(line)
-                .map_err(|error| (line.to_owned(), format!("not a packed record: {error}")))
+        .map(|line| match serde_json::from_str::<Pairs<'_>>(line) {
+            Ok(Pairs(fields)) => Ok(Parsed {
+                fields,
+                line: Some(line),
+            }),
+            Err(error) => Err((line.to_owned(), format!("not a packed record: {error}"))),
         })
+}
+
+/// A JSON object of strings, its pairs in order.
+struct Pairs<'a>(Vec<(Text<'a>, Text<'a>)>);
+
+impl<'de> Deserialize<'de> for Pairs<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> Visitor<'de> for Object {
+            type Value = Pairs<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of strings")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some(pair) = map.next_entry()? {
+                    pairs.push(pair);
+                }
+                Ok(Pairs(pairs))
+            }
+        }
+        deserializer.deserialize_map(Object)
+    }
 }
 
 #[cfg(test)]
@@ -151,15 +271,19 @@ mod tests {
         assert_eq!(lines.matches('\n').count(), 2, "{lines}");
         let records: Vec<_> = decode(&lines).collect::<Result<_, _>>().unwrap();
         assert_eq!(records.len(), 2);
-        assert_eq!(records[0]["message"].as_str(), awkward);
-        assert_eq!(records[0]["ts"].as_str(), "1700000000123456789");
-        assert_eq!(records[0]["level"].as_str(), "info");
-        assert_eq!(records[0]["target"].as_str(), "access");
-        assert_eq!(records[0]["tenant_id"].as_str(), "acme");
-        assert_eq!(records[1]["status"].as_str(), "200");
+        let field = |record: usize, name: &str| records[record].get(name).unwrap().as_str();
+        assert_eq!(field(0, "message"), awkward);
+        assert_eq!(field(0, "ts"), "1700000000123456789");
+        assert_eq!(field(0, "level"), "info");
+        assert_eq!(field(0, "target"), "access");
+        assert_eq!(field(0, "tenant_id"), "acme");
+        assert_eq!(field(1, "status"), "200");
         // Nothing to unescape: borrowed from the line.
-        assert!(matches!(records[1]["status"].0, Cow::Borrowed(_)));
-        assert_eq!(records[1].len(), 4);
+        assert!(matches!(
+            records[1].get("status").unwrap().0,
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(records[1].fields.len(), 4);
     }
 
     #[test]
@@ -170,7 +294,61 @@ mod tests {
             &mut lines,
         );
         let decoded: Vec<_> = decode(std::str::from_utf8(&lines).unwrap()).collect();
-        assert_eq!(decoded[0].as_ref().unwrap()["tenant_id"].as_str(), "event");
+        let record = decoded[0].as_ref().unwrap();
+        assert_eq!(record.get("tenant_id").unwrap().as_str(), "event");
+        // Passed on once, with its last value, among the others sorted.
+        assert_eq!(
+            record.line_without_ts(),
+            r#"{"level":"info","target":"access","tenant_id":"event"}"#
+        );
+    }
+
+    #[test]
+    fn a_line_as_written_is_passed_on_but_its_ts() {
+        let mut lines = Vec::new();
+        encode(
+            &record(&[("message", "a \"b\"\n"), ("status", "200")]),
+            &mut lines,
+        );
+        encode(&record(&[]), &mut lines);
+        let text = std::str::from_utf8(&lines).unwrap();
+        let records: Vec<_> = decode(text).collect::<Result<_, _>>().unwrap();
+        let first = records[0].line_without_ts();
+        assert_eq!(
+            first,
+            r#"{"level":"info","target":"access","message":"a \"b\"\n","status":"200"}"#
+        );
+        assert!(text.starts_with(r#"{"ts":"1700000000123456789","#));
+        assert!(text.lines().next().unwrap().ends_with(&first[1..]));
+        assert_eq!(
+            records[1].line_without_ts(),
+            r#"{"level":"info","target":"access"}"#
+        );
+        // Other shapes are serialized, sorted: the same bytes every time.
+        for (line, expected) in [
+            (r#"{"ts":"5"}"#, "{}"),
+            (r#"{"b":"1","ts":"5","a":"2"}"#, r#"{"a":"2","b":"1"}"#),
+            (r#"{"ts":"05x","a":"1"}"#, r#"{"a":"1"}"#),
+            (r#"{ "ts":"5","a":"1"}"#, r#"{"a":"1"}"#),
+        ] {
+            let record = decode(line).next().unwrap().unwrap();
+            assert_eq!(record.line_without_ts(), expected, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_plain_entry_is_sorted_by_name() {
+        let text = |s: &'static str| Text(Cow::Borrowed(s));
+        let record = Parsed::from_fields([
+            (text("ts"), text("9")),
+            (text("z"), text("1")),
+            (text("a"), text("2")),
+        ]);
+        assert_eq!(record.line_without_ts(), r#"{"a":"2","z":"1"}"#);
+        assert_eq!(
+            record.into_sorted(),
+            [("a", "2"), ("ts", "9"), ("z", "1")].map(|(n, v)| (n.to_owned(), v.to_owned()))
+        );
     }
 
     #[test]

@@ -194,7 +194,7 @@ fn sort_out(
                 prepare(context, &mut labels, &fields, oldest, newest).map_err(
                     |(reason, detail)| Dead {
                         id: entry.id.clone(),
-                        fields: sorted(fields),
+                        fields: fields.into_sorted(),
                         reason,
                         detail,
                     },
@@ -223,7 +223,7 @@ fn unpack<'a>(entry: &'a StreamId, packed: Option<&'a str>) -> Vec<Result<Parsed
             .map
             .iter()
             .map(|(name, value)| (Text(Cow::Borrowed(name.as_str())), Text(text(value))));
-        return vec![Ok(fields.collect())];
+        return vec![Ok(Parsed::from_fields(fields))];
     };
     packed::decode(packed)
         .map(|record| {
@@ -234,14 +234,6 @@ fn unpack<'a>(entry: &'a StreamId, packed: Option<&'a str>) -> Vec<Result<Parsed
                 detail,
             })
         })
-        .collect()
-}
-
-/// A record's fields, sorted by name, as the dead-letter stream keeps them.
-fn sorted(fields: Parsed<'_>) -> Vec<(String, String)> {
-    fields
-        .into_iter()
-        .map(|(name, value)| (name.0.into_owned(), value.0.into_owned()))
         .collect()
 }
 
@@ -340,20 +332,11 @@ fn prepare(
         values.push(value);
     }
     let labels = labels.get(&values);
-    let line = serde_json::to_string(&WithoutTs(fields)).expect("strings serialize");
+    let line = fields.line_without_ts();
     if line.len() > LOKI_MAX_LINE {
         return Err(("line_too_long", format!("{} bytes", line.len())));
     }
     Ok((labels, Entry { ts_ns, line }))
-}
-
-/// A record's fields but `ts` (the line's timestamp), as a JSON object.
-struct WithoutTs<'a, 'b>(&'a Parsed<'b>);
-
-impl serde::Serialize for WithoutTs<'_, '_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().filter(|(name, _)| name.as_str() != "ts"))
-    }
 }
 
 fn to_push(tenant: &str, batch: &[Ready]) -> Push {
