@@ -313,7 +313,7 @@ fn prepare(
     let ts_ns = fields
         .get("ts")
         .and_then(|ts| ts.as_str().parse::<u64>().ok())
-        .ok_or(("bad_timestamp", "no `ts` field of nanoseconds".to_owned()))?;
+        .ok_or_else(|| ("bad_timestamp", "no `ts` field of nanoseconds".to_owned()))?;
     if ts_ns < oldest {
         return Err(("too_old", format!("older than {:?}", context.max_age)));
     }
