@@ -237,6 +237,10 @@ fn settings(mut settings: Settings, options: &DevOptions) -> Result<Settings, Er
     settings.protection.quotas = options.quotas;
     settings.protection.login = options.login_throttle;
     settings.loki_url = None; // the offloader ships to the sink DevSystem gives
+    if options.loki_url.is_none() {
+        // A file takes lines as fast as they come: no Loki limit to keep to.
+        settings.loki_tenant_bytes_per_second = u64::MAX;
+    }
     settings.jwt.secret = Some(
         options
             .jwt_secret

@@ -236,6 +236,7 @@ async fn offload(config: Option<PathBuf>) -> Result<(), Error> {
     init_tracing("info");
     let offloader = Offloader::builder(client.clone(), LokiSink::builder(url).build()?)
         .job(settings.loki_job.clone())
+        .tenant_bytes_per_second(settings.loki_tenant_bytes_per_second)
         .start()?;
     // Its figures on /metrics, as a server's, unless `admin_listen = off`.
     let Some(admin) = settings.admin_listen else {

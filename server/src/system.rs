@@ -152,6 +152,7 @@ impl SystemBuilder {
         if let Some(sink) = sink {
             let offloader = Offloader::builder(log_client(&client), sink)
                 .job(settings.loki_job.clone())
+                .tenant_bytes_per_second(settings.loki_tenant_bytes_per_second)
                 .start()?;
             builder = builder.offloader(offloader);
         }

@@ -133,6 +133,8 @@ pub struct Settings {
     /// The `job` label of the application's logs shipped to Loki (audit
     /// records always ship as `job="audit_logs"`).
     pub loki_job: String,
+    /// The most bytes of log lines shipped per second for one tenant.
+    pub loki_tenant_bytes_per_second: u64,
     /// Whether logs are buffered in Redis.
     pub log_buffer: bool,
     /// One read in this many is audited (1: every read).
@@ -175,6 +177,7 @@ impl Settings {
             cursor_secret: sections::cursor_secret(raw)?,
             loki_url: sections::loki_url(raw)?,
             loki_job: sections::loki_job(raw)?,
+            loki_tenant_bytes_per_second: sections::loki_tenant_bytes_per_second(raw)?,
             log_buffer: raw.log_buffer,
             read_audit_sample: sections::read_audit_sample(raw)?,
             limits,

@@ -202,6 +202,17 @@ pub(super) fn encryption_key(raw: &Raw) -> Result<Option<[u8; 32]>, SettingError
         .transpose()
 }
 
+/// `loki_tenant_bytes_per_second`: more than zero.
+pub(super) fn loki_tenant_bytes_per_second(raw: &Raw) -> Result<u64, SettingError> {
+    if raw.loki_tenant_bytes_per_second == 0 {
+        return Err(SettingError::invalid(
+            "loki_tenant_bytes_per_second",
+            "must be more than zero",
+        ));
+    }
+    Ok(raw.loki_tenant_bytes_per_second)
+}
+
 /// `read_audit_sample`: at least 1.
 pub(super) fn read_audit_sample(raw: &Raw) -> Result<u32, SettingError> {
     if raw.read_audit_sample == 0 {

@@ -145,6 +145,10 @@ settings! {
     /// job label of the application's logs in Loki (audit records are
     /// job=audit_logs).
     loki_job: String = "log-buffer";
+    /// Most bytes of log lines shipped per second for one tenant (Loki
+    /// refuses a tenant past its ingestion limit, 4 MB/s by default); a
+    /// tenant logging more falls behind, and a backlog drains at this pace.
+    loki_tenant_bytes_per_second: u64 = "3145728";
     /// false to keep logs out of Redis (stderr only).
     log_buffer: bool = "true";
     /// Audit one read in this many (the records say sampled=N); writes are

@@ -394,7 +394,7 @@ fn waitaof_local_asks_for_persisted_writes() {
 }
 
 #[test]
-fn read_audit_sample_defaults_to_every_read_and_refuses_zero() {
+fn read_audit_sample_and_the_loki_pace_have_defaults_and_refuse_zero() {
     let load = |pairs: &[(&str, &str)]| {
         let mut all = vec![SECRET, ("SERVER_REDIS_NODES", "r:6379")];
         all.extend_from_slice(pairs);
@@ -405,6 +405,15 @@ fn read_audit_sample_defaults_to_every_read_and_refuses_zero() {
     assert_eq!(sampled.read_audit_sample, 10);
     let error = load(&[("SERVER_READ_AUDIT_SAMPLE", "0")]).unwrap_err();
     assert!(error.to_string().contains("read_audit_sample"), "{error}");
+
+    assert_eq!(load(&[]).unwrap().loki_tenant_bytes_per_second, 3 << 20);
+    let paced = load(&[("SERVER_LOKI_TENANT_BYTES_PER_SECOND", "8000000")]).unwrap();
+    assert_eq!(paced.loki_tenant_bytes_per_second, 8_000_000);
+    let error = load(&[("SERVER_LOKI_TENANT_BYTES_PER_SECOND", "0")]).unwrap_err();
+    assert!(
+        error.to_string().contains("loki_tenant_bytes_per_second"),
+        "{error}"
+    );
 }
 
 #[test]
