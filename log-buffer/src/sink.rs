@@ -97,11 +97,11 @@ impl<S: LogSink + ?Sized> LogSink for Box<S> {
     }
 }
 
-/// The lines [`FileSink`] appends for `push`. What a stream's lines share
-/// (tenant and labels) is serialized once per stream, not per line.
-fn file_lines(push: &Push) -> Vec<u8> {
+/// Appends to `text` the lines [`FileSink`] writes for `push`. What a
+/// stream's lines share (tenant and labels) is serialized once per
+/// stream, not per line.
+fn file_lines(push: &Push, text: &mut Vec<u8>) {
     use std::io::Write as _;
-    let mut text = Vec::new();
     let mut head = Vec::new();
     for stream in &push.streams {
         // Writing strings and maps of strings to a `Vec` cannot fail.
@@ -114,19 +114,25 @@ fn file_lines(push: &Push) -> Vec<u8> {
         for entry in &stream.entries {
             text.extend_from_slice(&head);
             let _ = write!(text, "{}\",\"line\":", entry.ts_ns);
-            let _ = serde_json::to_writer(&mut text, &entry.line);
+            let _ = serde_json::to_writer(&mut *text, &entry.line);
             text.extend_from_slice(b"}\n");
         }
     }
-    text
 }
+
+/// The largest text buffer a [`FileSink`] keeps between pushes: a push is
+/// a few megabytes at most, unless its lines are near Loki's line limit.
+const KEPT_TEXT_BYTES: usize = 8 << 20;
 
 /// Appends every entry to a file as one line of JSON:
 /// `{"tenant":..,"labels":{..},"ts":"<ns>","line":".."}`.
 #[derive(Debug)]
 pub struct FileSink {
     path: PathBuf,
-    file: Mutex<Option<tokio::fs::File>>,
+    /// The file, once opened, and the text of the last push: its memory
+    /// kept for the next, rather than taken fresh (and zeroed by the
+    /// kernel) for every push.
+    file: Mutex<(Option<tokio::fs::File>, Vec<u8>)>,
 }
 
 impl FileSink {
@@ -134,7 +140,7 @@ impl FileSink {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
-            file: Mutex::new(None),
+            file: Mutex::new((None, Vec::new())),
         }
     }
 }
@@ -142,11 +148,16 @@ impl FileSink {
 #[async_trait::async_trait]
 impl LogSink for FileSink {
     async fn push(&self, push: &Push) -> Result<(), PushError> {
-        let text = file_lines(push);
         let retry = |error: std::io::Error| PushError::Retry {
             reason: format!("{}: {error}", self.path.display()),
         };
-        let mut file = self.file.lock().await;
+        let mut state = self.file.lock().await;
+        let (file, text) = &mut *state;
+        text.clear();
+        if text.capacity() > KEPT_TEXT_BYTES {
+            text.shrink_to(KEPT_TEXT_BYTES);
+        }
+        file_lines(push, text);
         if file.is_none() {
             let opened = tokio::fs::OpenOptions::new()
                 .create(true)
@@ -157,7 +168,7 @@ impl LogSink for FileSink {
             *file = Some(opened);
         }
         let open = file.as_mut().expect("opened above");
-        let written = open.write_all(&text).await;
+        let written = open.write_all(text).await;
         let written = match written {
             Ok(()) => open.flush().await,
             Err(error) => Err(error),
@@ -195,7 +206,9 @@ mod tests {
                 },
             ],
         };
-        let text = String::from_utf8(file_lines(&push)).unwrap();
+        let mut text = Vec::new();
+        file_lines(&push, &mut text);
+        let text = String::from_utf8(text).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|line| serde_json::from_str(line).unwrap())

@@ -91,16 +91,24 @@ pub(super) async fn deliver(context: &Context, tenant: &str, read: Read) {
     }
     let mut queue = in_pushes(ready);
     let mut attempt = 0u32;
-    while let Some(batch) = queue.pop() {
+    while let Some(mut batch) = queue.pop() {
         if batch.is_empty() {
             continue;
         }
-        let push = to_push(tenant, &batch);
+        let (lines, bytes) = (
+            batch.len(),
+            batch.iter().map(|r| r.entry.line.len() as u64).sum(),
+        );
+        let push = to_push(tenant, &mut batch);
         let started = Instant::now();
-        match context.sink.push(&push).await {
+        let pushed = context.sink.push(&push).await;
+        if pushed.is_err() {
+            give_back(&mut batch, push);
+        }
+        match pushed {
             Ok(()) => {
                 attempt = 0;
-                delivered(context, at, tenant, &batch, started, &mut tally).await;
+                delivered(context, at, tenant, (lines, bytes), started, &mut tally).await;
             }
             Err(PushError::Retry { reason }) => {
                 context.tenant_metrics(tenant, |m| m.retried_pushes += 1);
@@ -245,24 +253,24 @@ fn fields_of(entry: &Entry) -> Vec<(String, String)> {
     fields.into_iter().collect()
 }
 
-/// After the sink accepted `batch` (pushed at `started`): the figures, the
-/// range acknowledged once every record is settled, and the tenant paced.
+/// After the sink accepted a push of `lines` lines of `bytes` bytes in
+/// all (pushed at `started`): the figures, the range acknowledged once
+/// every record is settled, and the tenant paced.
 async fn delivered(
     context: &Context,
     at: Acknowledge<'_>,
     tenant: &str,
-    batch: &[Ready],
+    (lines, bytes): (usize, u64),
     started: Instant,
     tally: &mut Tally,
 ) {
-    let bytes: u64 = batch.iter().map(|r| r.entry.line.len() as u64).sum();
     context.tenant_metrics(tenant, |m| {
-        m.sent_lines += batch.len() as u64;
+        m.sent_lines += lines as u64;
         m.sent_bytes += bytes;
         m.pushes += 1;
         m.push_latency += started.elapsed();
     });
-    if tally.settle(batch.len()) {
+    if tally.settle(lines) {
         acknowledge(context, at).await;
     }
     // Pace the tenant: a replayed backlog must not trip Loki's rate limit.
@@ -339,13 +347,16 @@ fn prepare(
     Ok((labels, Entry { ts_ns, line }))
 }
 
-fn to_push(tenant: &str, batch: &[Ready]) -> Push {
+/// The push of `batch`'s records, grouped by label set, each stream's in
+/// the batch's order. The lines move into the push (no copy of each);
+/// [`give_back`] returns them if it fails.
+fn to_push(tenant: &str, batch: &mut [Ready]) -> Push {
     let mut streams: BTreeMap<&Labels, Vec<Entry>> = BTreeMap::new();
     for ready in batch {
-        streams
-            .entry(&*ready.labels)
-            .or_default()
-            .push(ready.entry.clone());
+        streams.entry(&*ready.labels).or_default().push(Entry {
+            ts_ns: ready.entry.ts_ns,
+            line: std::mem::take(&mut ready.entry.line),
+        });
     }
     Push {
         tenant: tenant.to_owned(),
@@ -356,6 +367,22 @@ fn to_push(tenant: &str, batch: &[Ready]) -> Push {
                 entries,
             })
             .collect(),
+    }
+}
+
+/// Puts the lines of `push`, which failed, back into its `batch`, for a
+/// retry or the dead-letter stream: each label set's in the batch's order,
+/// as [`to_push`] took them.
+fn give_back(batch: &mut [Ready], push: Push) {
+    let mut streams: BTreeMap<Labels, std::vec::IntoIter<Entry>> = push
+        .streams
+        .into_iter()
+        .map(|stream| (stream.labels, stream.entries.into_iter()))
+        .collect();
+    for ready in batch {
+        if let Some(entry) = streams.get_mut(&*ready.labels).and_then(Iterator::next) {
+            ready.entry.line = entry.line;
+        }
     }
 }
 
@@ -521,6 +548,33 @@ mod tests {
         tally.unsettle(1);
         assert!(!tally.settle(2));
         assert!(tally.settle(1));
+    }
+
+    #[test]
+    fn a_failed_push_gives_every_line_back_to_its_record() {
+        let labels = |level: &str| Arc::new(Labels::from([("level".to_owned(), level.to_owned())]));
+        let (info, error) = (labels("info"), labels("error"));
+        let ready = |n: u64, labels: &Arc<Labels>| Ready {
+            source: 0,
+            labels: Arc::clone(labels),
+            entry: Entry {
+                ts_ns: n,
+                line: format!("line {n}"),
+            },
+        };
+        let mut batch: Vec<Ready> = (0..6)
+            .map(|n| ready(n, if n % 3 == 0 { &error } else { &info }))
+            .collect();
+        let before: Vec<Entry> = batch.iter().map(|r| r.entry.clone()).collect();
+        let push = to_push("acme", &mut batch);
+        assert_eq!(push.len(), 6);
+        assert!(
+            batch.iter().all(|r| r.entry.line.is_empty()),
+            "moved, not copied"
+        );
+        give_back(&mut batch, push);
+        let after: Vec<Entry> = batch.iter().map(|r| r.entry.clone()).collect();
+        assert_eq!(after, before);
     }
 
     #[test]
