@@ -390,3 +390,18 @@ async fn a_stream_that_fails_to_read_holds_up_no_other() {
     drained(&client).await;
     offloader.shutdown(Duration::from_secs(5)).await;
 }
+
+/// An audit stream, one record per entry, is read 1000 entries at a time
+/// by default (a log stream 100, as each entry packs many records): 250
+/// entries go out in one read and one push.
+#[tokio::test]
+async fn audit_entries_are_read_a_thousand_at_a_time() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    append(&client, now_ns(), 0..250).await;
+    let offloader = offloader(&client, &receiver).start().unwrap();
+    receiver.wait_for_lines("acme", 250).await;
+    assert_eq!(receiver.requests("acme"), 1);
+    drained(&client).await;
+    offloader.shutdown(Duration::from_secs(5)).await;
+}

@@ -10,6 +10,7 @@ use redis::streams::StreamId;
 use redis_failover::{Backoff, FailoverClient};
 use tokio_util::sync::CancellationToken;
 
+use crate::record::tenant_of_stream;
 use crate::sink::LogSink;
 
 /// Everything the dispatcher and the delivery tasks share.
@@ -24,6 +25,7 @@ pub(super) struct Context {
     pub(super) source_jobs: BTreeMap<String, String>,
     pub(super) label_fields: Vec<String>,
     pub(super) batch_size: usize,
+    pub(super) source_batch_sizes: BTreeMap<String, usize>,
     pub(super) poll_interval: Duration,
     pub(super) discovery_interval: Duration,
     pub(super) claim_idle: Duration,
@@ -60,6 +62,15 @@ impl Context {
     /// `ranges.lua`): in the stream's slot, as its name starts with it.
     pub(super) fn in_flight(&self, stream: &str) -> String {
         format!("{stream}:in-flight:{}", self.group)
+    }
+
+    /// The most entries read from `stream` at once: its source's batch
+    /// size, or the default.
+    pub(super) fn batch_for(&self, stream: &str) -> usize {
+        self.source_batch_sizes
+            .iter()
+            .find(|(source, _)| tenant_of_stream(stream, source).is_some())
+            .map_or(self.batch_size, |(_, &entries)| entries)
     }
 
     /// Resolves when the offloader is told to stop.

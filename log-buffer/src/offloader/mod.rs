@@ -46,6 +46,7 @@ pub struct OffloaderBuilder<S> {
     source_jobs: BTreeMap<String, String>,
     label_fields: Vec<String>,
     batch_size: usize,
+    source_batch_sizes: BTreeMap<String, usize>,
     poll_interval: Duration,
     discovery_interval: Duration,
     claim_idle: Duration,
@@ -121,6 +122,18 @@ impl<S: LogSink> OffloaderBuilder<S> {
     /// they are pushed 1000 at most at a time. Defaults to 100.
     pub fn batch_size(mut self, entries: usize) -> Self {
         self.batch_size = entries;
+        self
+    }
+
+    /// The most entries read at once from the streams of one source (by
+    /// its suffix), in place of [`batch_size`](Self::batch_size): for a
+    /// source of one record per entry, which a small batch would ship
+    /// slower than it fills (each read and acknowledgement is a round
+    /// trip). Defaults to 1000 for `audit`: tenant-kv appends one entry
+    /// per write, and at 100 per read an offloader on a busy master
+    /// shipped about 7,000 a second, fewer than the writes.
+    pub fn source_batch_size(mut self, source: impl Into<String>, entries: usize) -> Self {
+        self.source_batch_sizes.insert(source.into(), entries);
         self
     }
 
@@ -204,6 +217,10 @@ impl<S: LogSink> OffloaderBuilder<S> {
             }
         };
         zero("batch_size", self.batch_size == 0)?;
+        zero(
+            "source_batch_size",
+            self.source_batch_sizes.values().any(|&n| n == 0),
+        )?;
         zero("poll_interval", self.poll_interval.is_zero())?;
         zero("discovery_interval", self.discovery_interval.is_zero())?;
         zero("claim_idle", self.claim_idle.is_zero())?;
@@ -224,6 +241,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
             source_jobs: self.source_jobs,
             label_fields: self.label_fields,
             batch_size: self.batch_size,
+            source_batch_sizes: self.source_batch_sizes,
             poll_interval: self.poll_interval,
             discovery_interval: self.discovery_interval,
             claim_idle: self.claim_idle,
@@ -271,6 +289,7 @@ impl Offloader {
             source_jobs: BTreeMap::from([("audit".to_owned(), "audit_logs".to_owned())]),
             label_fields: vec!["level".to_owned(), "action".to_owned()],
             batch_size: 100,
+            source_batch_sizes: BTreeMap::from([("audit".to_owned(), 1000)]),
             poll_interval: Duration::from_millis(100),
             discovery_interval: Duration::from_secs(5),
             claim_idle: Duration::from_secs(60),

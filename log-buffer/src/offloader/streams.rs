@@ -170,35 +170,57 @@ pub(super) async fn read(
     known: &mut BTreeMap<String, Known>,
     round: &mut Round,
 ) {
-    let mut fresh = Vec::new();
+    // New entries are read by batch size: one `COUNT` per read.
+    let mut fresh: BTreeMap<usize, Vec<String>> = BTreeMap::new();
     let now = Instant::now();
     for (stream, state) in known.iter_mut().filter(|(_, s)| s.readable(now)) {
         let mode = if !state.own_claimed {
-            Claim::Own
+            Some(Claim::Own)
         } else if state.last_claim.elapsed() >= context.claim_idle / 2 {
             state.last_claim = Instant::now();
-            Claim::Idle
+            Some(Claim::Idle)
         } else {
-            fresh.push(stream.clone());
-            continue;
+            None
         };
-        let claimed = claim(context, stream, &state.tenant, mode).await;
-        if claimed.is_ok() {
-            state.answered();
-        }
-        match claimed {
-            Ok(Some(read)) => round.reads.push(read),
-            Ok(None) => match mode {
-                Claim::Own => state.own_claimed = true,
-                Claim::Idle => fresh.push(stream.clone()),
+        let read_new = match mode {
+            None => true,
+            Some(mode) => match claim(context, stream, &state.tenant, mode).await {
+                Ok(claimed) => {
+                    state.answered();
+                    let found = claimed.is_some();
+                    round.reads.extend(claimed);
+                    if matches!(mode, Claim::Own) && !found {
+                        state.own_claimed = true;
+                    }
+                    matches!(mode, Claim::Idle) && !found
+                }
+                Err(error) => {
+                    state.failed(&context.read_backoff);
+                    round.failed(error);
+                    false
+                }
             },
-            Err(error) => {
-                state.failed(&context.read_backoff);
-                round.failed(error);
-            }
+        };
+        if read_new {
+            let count = context.batch_for(stream);
+            fresh.entry(count).or_default().push(stream.clone());
         }
     }
-    for (streams, replies) in read_new(context, &fresh).await {
+    for (count, streams) in &fresh {
+        read_fresh(context, known, round, streams, *count).await;
+    }
+}
+
+/// Reads new entries of `streams`, `count` at most from each, into
+/// `round`.
+async fn read_fresh(
+    context: &Context,
+    known: &mut BTreeMap<String, Known>,
+    round: &mut Round,
+    streams: &[String],
+    count: usize,
+) {
+    for (streams, replies) in read_new(context, streams, count).await {
         for stream in streams {
             if let Some(state) = known.get_mut(stream) {
                 match &replies {
@@ -237,6 +259,7 @@ const MAX_STREAMS_PER_READ: usize = 500;
 async fn read_new<'a>(
     context: &Context,
     streams: &'a [String],
+    count: usize,
 ) -> Vec<(
     &'a [String],
     std::result::Result<Option<StreamReadReply>, redis_failover::Error>,
@@ -251,7 +274,7 @@ async fn read_new<'a>(
     join_all(
         groups
             .into_iter()
-            .map(|streams| async move { (streams, read_some(context, streams).await) }),
+            .map(|streams| async move { (streams, read_some(context, streams, count).await) }),
     )
     .await
 }
@@ -264,17 +287,16 @@ async fn read_new<'a>(
 async fn read_some(
     context: &Context,
     streams: &[String],
+    count: usize,
 ) -> std::result::Result<Option<StreamReadReply>, redis_failover::Error> {
-    let read = read_transaction(context, streams);
+    let read = read_transaction(context, streams, count);
     match context.client.query_pipeline::<(_,)>(&read).await {
         Ok((reply,)) => Ok(reply),
         Err(error) if error.kind() == ErrorKind::OutOfMemory => {
             let mut read = redis::cmd("EVAL");
             read.arg(READ);
             with_keys(&mut read, context, streams);
-            read.arg(&context.group)
-                .arg(&context.consumer)
-                .arg(context.batch_size);
+            read.arg(&context.group).arg(&context.consumer).arg(count);
             context.client.query(&read).await
         }
         Err(error) => Err(error),
@@ -293,7 +315,7 @@ fn with_keys(command: &mut redis::Cmd, context: &Context, streams: &[String]) {
 /// `record.lua`, in one transaction: the entries read become ranges in
 /// flight (see `ranges.lua`). `EVAL` rather than `EVALSHA`: a `NOSCRIPT`
 /// would not undo the read, whose entries would then be in no range.
-fn read_transaction(context: &Context, streams: &[String]) -> redis::Pipeline {
+fn read_transaction(context: &Context, streams: &[String], count: usize) -> redis::Pipeline {
     let mut mark = redis::cmd("EVAL");
     mark.arg(MARK);
     with_keys(&mut mark, context, streams);
@@ -303,7 +325,7 @@ fn read_transaction(context: &Context, streams: &[String]) -> redis::Pipeline {
         .arg(&context.group)
         .arg(&context.consumer)
         .arg("COUNT")
-        .arg(context.batch_size)
+        .arg(count)
         .arg("NOACK")
         .arg("STREAMS")
         .arg(streams);
@@ -363,7 +385,7 @@ async fn claim(
                     Claim::Own => "own",
                     Claim::Idle => "idle",
                 })
-                .arg(context.batch_size),
+                .arg(context.batch_for(stream)),
         )
         .await?;
     let Some((range, last, deliveries, entries)) = claimed else {
