@@ -107,7 +107,7 @@ impl<'a> Parsed<'a> {
 
     /// What follows `line`'s leading `"ts":"<digits>",` (from the `}` if
     /// `ts` is the only field), when `line` is shaped as [`encode`] writes
-    /// and no name repeats.
+    /// (nothing after its `}`) and no name repeats.
     fn after_leading_ts<'l>(&self, line: &'l str) -> Option<&'l str> {
         let (first, ts) = self.fields.first()?;
         let digits = line.strip_prefix("{\"ts\":\"")?.strip_prefix(ts.as_str())?;
@@ -115,17 +115,25 @@ impl<'a> Parsed<'a> {
         let rest = rest
             .strip_prefix(',')
             .or_else(|| rest.starts_with('}').then_some(rest))?;
-        let plain = first.as_str() == "ts" && ts.as_str().bytes().all(|b| b.is_ascii_digit());
+        let plain = first.as_str() == "ts"
+            && ts.as_str().bytes().all(|b| b.is_ascii_digit())
+            && rest.ends_with('}');
         (plain && !self.repeats()).then_some(rest)
     }
 
     /// Whether a name appears twice.
     fn repeats(&self) -> bool {
-        let names = &self.fields;
-        names
-            .iter()
-            .enumerate()
-            .any(|(i, (name, _))| names[i + 1..].iter().any(|(other, _)| other == name))
+        let fields = &self.fields;
+        if fields.len() <= 16 {
+            // A record's usual few fields: no allocation.
+            return fields
+                .iter()
+                .enumerate()
+                .any(|(i, (name, _))| fields[i + 1..].iter().any(|(other, _)| other == name));
+        }
+        let mut names: Vec<&str> = fields.iter().map(|(name, _)| name.as_str()).collect();
+        names.sort_unstable();
+        names.windows(2).any(|pair| pair[0] == pair[1])
     }
 }
 
@@ -294,12 +302,33 @@ mod tests {
             &mut lines,
         );
         let decoded: Vec<_> = decode(std::str::from_utf8(&lines).unwrap()).collect();
-        let record = decoded[0].as_ref().unwrap();
-        assert_eq!(record.get("tenant_id").unwrap().as_str(), "event");
+        let first = decoded[0].as_ref().unwrap();
+        assert_eq!(first.get("tenant_id").unwrap().as_str(), "event");
         // Passed on once, with its last value, among the others sorted.
         assert_eq!(
-            record.line_without_ts(),
+            first.line_without_ts(),
             r#"{"level":"info","target":"access","tenant_id":"event"}"#
+        );
+
+        // Many fields, one name twice: found as well.
+        let names: Vec<String> = (0..20).map(|i| format!("f{i:02}")).collect();
+        let mut fields: Vec<(&'static str, &str)> = Vec::new();
+        for name in &names {
+            fields.push((name.clone().leak(), "x"));
+        }
+        fields.push(("f07", "last"));
+        let mut lines = Vec::new();
+        encode(&record(&fields), &mut lines);
+        let record = decode(std::str::from_utf8(&lines).unwrap())
+            .next()
+            .unwrap()
+            .unwrap();
+        let line: serde_json::Value = serde_json::from_str(&record.line_without_ts()).unwrap();
+        assert_eq!(line["f07"], "last");
+        assert_eq!(
+            line.as_object().unwrap().len(),
+            22,
+            "level, target and 20 names"
         );
     }
 
@@ -330,6 +359,8 @@ mod tests {
             (r#"{"b":"1","ts":"5","a":"2"}"#, r#"{"a":"2","b":"1"}"#),
             (r#"{"ts":"05x","a":"1"}"#, r#"{"a":"1"}"#),
             (r#"{ "ts":"5","a":"1"}"#, r#"{"a":"1"}"#),
+            ("{\"ts\":\"5\",\"a\":\"1\"}\r", r#"{"a":"1"}"#),
+            (r#"{"ts":"5","a":"1"} "#, r#"{"a":"1"}"#),
         ] {
             let record = decode(line).next().unwrap().unwrap();
             assert_eq!(record.line_without_ts(), expected, "{line}");

@@ -114,11 +114,15 @@ impl Known {
         !self.busy && self.group_ready && self.retry_at.is_none_or(|at| at <= now)
     }
 
-    /// A read or claim of the stream failed (its reply may have been lost
-    /// after Redis recorded a range): it waits `backoff`, and its own
-    /// ranges are claimed first next time.
-    pub(super) fn failed(&mut self, backoff: &Backoff) {
+    /// A read or claim of the stream failed with `error` (its reply may
+    /// have been lost after Redis recorded a range): it waits `backoff`,
+    /// its own ranges are claimed first next time, and if its group is
+    /// gone, it waits for discovery to create it again.
+    pub(super) fn failed(&mut self, error: &redis_failover::Error, backoff: &Backoff) {
         self.own_claimed = false;
+        if error.kind() == redis_failover::ErrorKind::NoGroup {
+            self.group_ready = false;
+        }
         self.retry_at = Some(Instant::now() + backoff.delay(self.failures));
         self.failures = self.failures.saturating_add(1);
     }
@@ -197,17 +201,23 @@ mod tests {
     #[test]
     fn a_stream_whose_read_failed_waits_and_claims_its_own_first() {
         let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(4)).unwrap();
+        let error = redis_failover::Error::InvalidConfig {
+            setting: "any",
+            reason: "a failure".to_owned(),
+        };
         let mut known = Known::new("acme".to_owned());
         known.group_ready = true;
         known.own_claimed = true;
         let now = Instant::now();
         assert!(known.readable(now));
-        known.failed(&backoff);
-        known.failed(&backoff);
+        known.failed(&error, &backoff);
         assert!(!known.own_claimed);
         assert!(!known.readable(now));
+        for _ in 0..10 {
+            known.failed(&error, &backoff);
+        }
         assert!(
-            known.readable(now + Duration::from_secs(5)),
+            known.readable(Instant::now() + Duration::from_secs(5)),
             "the cap bounds the wait"
         );
         known.answered();

@@ -254,7 +254,7 @@ impl<S: LogSink> OffloaderBuilder<S> {
             metrics: Mutex::new(BTreeMap::new()),
             stopped: stop.clone(),
         });
-        let task = tokio::spawn(supervise(context.stopped.clone(), context.read_backoff, {
+        let task = tokio::spawn(supervise(context.stopped.clone(), context.backoff, {
             let context = Arc::clone(&context);
             move || dispatch(Arc::clone(&context))
         }));
@@ -372,10 +372,10 @@ async fn dispatch(context: Arc<Context>) {
         }
         let mut round = Round::default();
         if last_discovery.is_none_or(|at| at.elapsed() >= context.discovery_interval) {
+            discover(&context, &mut known, &mut round).await;
             // Retried at the next interval even if it failed: a shard
             // down costs each attempt the client's whole retry budget.
             last_discovery = Some(Instant::now());
-            discover(&context, &mut known, &mut round).await;
         }
         read(&context, &mut known, &mut round).await;
         let Round {
@@ -387,11 +387,9 @@ async fn dispatch(context: Arc<Context>) {
             Some(error) => {
                 if error.kind() == ErrorKind::NoGroup {
                     // A new master that missed the group's creation, or
-                    // a stream deleted by hand: create the groups again.
+                    // a stream deleted by hand: the streams that said so
+                    // wait for their group, created again at once.
                     last_discovery = None;
-                    for state in known.values_mut() {
-                        state.group_ready = false;
-                    }
                 }
                 failures += 1;
                 tracing::warn!(target: "log_buffer", %error, "offloader: reading the streams failed");

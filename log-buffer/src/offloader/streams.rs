@@ -162,70 +162,73 @@ async fn refresh_gauges(
 /// Reads the next entries of every stream no task owns and whose group
 /// exists: the ranges this consumer had in flight before a restart first,
 /// ranges in flight too long under another consumer from time to time,
-/// new ones otherwise. A stream whose read fails (one shard down, a key
-/// of the wrong type) holds up no other: it waits out a backoff of its
-/// own (see [`Known::failed`]).
+/// new ones otherwise. Streams are claimed and read concurrently, so a
+/// slow one (its shard down) holds up a round once, not once per stream;
+/// a stream whose read fails waits out a backoff of its own (see
+/// [`Known::failed`]), and the others go on.
 pub(super) async fn read(
     context: &Context,
     known: &mut BTreeMap<String, Known>,
     round: &mut Round,
 ) {
+    let now = Instant::now();
+    let mut claims = Vec::new();
     // New entries are read by batch size: one `COUNT` per read.
     let mut fresh: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    let now = Instant::now();
     for (stream, state) in known.iter_mut().filter(|(_, s)| s.readable(now)) {
-        let mode = if !state.own_claimed {
-            Some(Claim::Own)
+        if !state.own_claimed {
+            claims.push((stream.clone(), state.tenant.clone(), Claim::Own));
         } else if state.last_claim.elapsed() >= context.claim_idle / 2 {
             state.last_claim = Instant::now();
-            Some(Claim::Idle)
+            claims.push((stream.clone(), state.tenant.clone(), Claim::Idle));
         } else {
-            None
-        };
-        let read_new = match mode {
-            None => true,
-            Some(mode) => match claim(context, stream, &state.tenant, mode).await {
-                Ok(claimed) => {
-                    state.answered();
-                    let found = claimed.is_some();
-                    round.reads.extend(claimed);
-                    if matches!(mode, Claim::Own) && !found {
-                        state.own_claimed = true;
-                    }
-                    matches!(mode, Claim::Idle) && !found
-                }
-                Err(error) => {
-                    state.failed(&context.read_backoff);
-                    round.failed(error);
-                    false
-                }
-            },
-        };
-        if read_new {
             let count = context.batch_for(stream);
             fresh.entry(count).or_default().push(stream.clone());
         }
     }
-    for (count, streams) in &fresh {
-        read_fresh(context, known, round, streams, *count).await;
+    let claimed = join_all(
+        claims
+            .iter()
+            .map(|(stream, tenant, mode)| claim(context, stream, tenant, *mode)),
+    )
+    .await;
+    for ((stream, _, mode), claimed) in claims.into_iter().zip(claimed) {
+        let Some(state) = known.get_mut(&stream) else {
+            continue;
+        };
+        match claimed {
+            Ok(Some(read)) => {
+                state.answered();
+                round.reads.push(read);
+            }
+            Ok(None) => {
+                state.answered();
+                match mode {
+                    Claim::Own => state.own_claimed = true,
+                    Claim::Idle => {
+                        let count = context.batch_for(&stream);
+                        fresh.entry(count).or_default().push(stream);
+                    }
+                }
+            }
+            Err(error) => {
+                state.failed(&error, &context.backoff);
+                round.failed(error);
+            }
+        }
     }
-}
-
-/// Reads new entries of `streams`, `count` at most from each, into
-/// `round`.
-async fn read_fresh(
-    context: &Context,
-    known: &mut BTreeMap<String, Known>,
-    round: &mut Round,
-    streams: &[String],
-    count: usize,
-) {
-    for (streams, replies) in read_new(context, streams, count).await {
+    let reads = join_all(
+        fresh
+            .iter()
+            .map(|(count, streams)| read_new(context, streams, *count)),
+    )
+    .await;
+    for (streams, replies) in reads.into_iter().flatten() {
         for stream in streams {
             if let Some(state) = known.get_mut(stream) {
                 match &replies {
                     Ok(_) => state.answered(),
-                    Err(_) => state.failed(&context.read_backoff),
+                    Err(error) => state.failed(error, &context.backoff),
                 }
             }
         }
