@@ -224,30 +224,39 @@ pub(super) async fn read(
     )
     .await;
     for (streams, replies) in reads.into_iter().flatten() {
-        for stream in streams {
-            if let Some(state) = known.get_mut(stream) {
-                match &replies {
-                    Ok(_) => state.answered(),
-                    Err(error) => state.failed(error, &context.backoff),
-                }
+        took(context, known, round, streams, replies);
+    }
+}
+
+/// Notes what a read of new entries of `streams` answered: each stream
+/// answered or failed, and the entries read, one range per stream.
+fn took(
+    context: &Context,
+    known: &mut BTreeMap<String, Known>,
+    round: &mut Round,
+    streams: &[String],
+    replies: std::result::Result<Option<StreamReadReply>, redis_failover::Error>,
+) {
+    for stream in streams {
+        if let Some(state) = known.get_mut(stream) {
+            match &replies {
+                Ok(_) => state.answered(),
+                Err(error) => state.failed(error, &context.backoff),
             }
         }
-        let reply = match replies {
-            Ok(reply) => reply,
-            Err(error) => {
-                round.failed(error);
-                continue;
-            }
-        };
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            if let (Some(first), Some(last)) = (key.ids.first(), key.ids.last()) {
-                round.reads.push(Read {
-                    range: first.id.clone(),
-                    last: last.id.clone(),
-                    stream: key.key,
-                    entries: key.ids,
-                });
-            }
+    }
+    let reply = match replies {
+        Ok(reply) => reply,
+        Err(error) => return round.failed(error),
+    };
+    for key in reply.map(|r| r.keys).unwrap_or_default() {
+        if let (Some(first), Some(last)) = (key.ids.first(), key.ids.last()) {
+            round.reads.push(Read {
+                range: first.id.clone(),
+                last: last.id.clone(),
+                stream: key.key,
+                entries: key.ids,
+            });
         }
     }
 }
