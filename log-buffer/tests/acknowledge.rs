@@ -405,3 +405,27 @@ async fn audit_entries_are_read_a_thousand_at_a_time() {
     drained(&client).await;
     offloader.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A stream replaced by a key of another type fails its own claims and
+/// reads, not those of the streams read with it.
+#[tokio::test]
+async fn a_stream_replaced_by_another_type_holds_up_no_other() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let base = now_ns();
+    append(&client, base, 0..2).await;
+    audit_entry(&client, "beta", base, "update_key").await;
+    let offloader = offloader(&client, &receiver).start().unwrap();
+    receiver.wait_for_lines("acme", 2).await;
+    receiver.wait_for_lines("beta", 1).await;
+
+    let () = client
+        .query(redis::cmd("SET").arg(STREAM).arg("not a stream"))
+        .await
+        .unwrap();
+    for i in 1..4 {
+        audit_entry(&client, "beta", base + i, "update_key").await;
+    }
+    receiver.wait_for_lines("beta", 4).await;
+    offloader.shutdown(Duration::from_secs(5)).await;
+}

@@ -34,6 +34,14 @@ pub(super) async fn discover(
         Ok(found) => found,
         Err(error) => return round.failed(error),
     };
+    // A stream gone (a tenant deleted, or the key now of another type)
+    // is forgotten once no task owns it, rather than known for ever.
+    known.retain(|stream, state| {
+        state.busy
+            || found
+                .binary_search_by(|(s, _)| s.as_str().cmp(stream))
+                .is_ok()
+    });
     for (stream, tenant) in &found {
         let state = known
             .entry(stream.clone())
