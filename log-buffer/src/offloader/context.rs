@@ -146,7 +146,8 @@ pub(super) struct Read {
 
 /// What one round of reading got: the reads of the streams that
 /// answered, and the first failure (a `NOGROUP` before any other: it
-/// makes the dispatcher create the groups again).
+/// makes the dispatcher discover the streams at once, which creates the
+/// groups the failing streams lost).
 #[derive(Default)]
 pub(super) struct Round {
     pub(super) reads: Vec<Read>,

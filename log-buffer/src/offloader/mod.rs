@@ -173,8 +173,9 @@ impl<S: LogSink> OffloaderBuilder<S> {
     }
 
     /// The backoff of a tenant whose pushes fail and will be retried
-    /// (other tenants are not held back), and of reading the streams while
-    /// Redis fails. Defaults to 500 ms, up to 30 s.
+    /// (other tenants are not held back), of a stream whose read fails
+    /// (the others are read meanwhile), and of starting again a
+    /// dispatcher that panicked. Defaults to 500 ms, up to 30 s.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self

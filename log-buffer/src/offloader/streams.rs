@@ -2,15 +2,16 @@
 //! ranges this consumer had in flight before a restart, and those another
 //! consumer left undelivered (see `ranges.lua`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt as _;
 use futures_util::future::{join_all, try_join_all};
 use redis::streams::{StreamRangeReply, StreamReadReply};
 use redis::{FromRedisValue, Value};
 use redis_failover::ErrorKind;
 
-use super::context::{Context, Known, Read, Round};
+use super::context::{Context, Known, Read, Round, lock};
 use super::deliver::{Acknowledge, Dead, dead_letter, stored};
 use crate::record::{dead_letter_stream, now_ns, streams_pattern, tenant_of_stream};
 
@@ -24,7 +25,8 @@ struct Gauges {
 
 /// Finds the tenants' streams, creates the group on new ones, and
 /// refreshes the depth, age and dead-letter gauges. A failure is noted in
-/// `round`; the streams already known are read all the same.
+/// `round`; the streams already known are read all the same, and if the
+/// walk failed (a master down), those that lost their group get it again.
 pub(super) async fn discover(
     context: &Context,
     known: &mut BTreeMap<String, Known>,
@@ -32,7 +34,16 @@ pub(super) async fn discover(
 ) {
     let found = match find_streams(context).await {
         Ok(found) => found,
-        Err(error) => return round.failed(error),
+        Err(error) => {
+            round.failed(error);
+            for (stream, state) in known.iter_mut().filter(|(_, s)| !s.group_ready) {
+                match create_group(context, stream).await {
+                    Ok(()) => state.group_ready = true,
+                    Err(error) => round.failed(error),
+                }
+            }
+            return;
+        }
     };
     // A stream gone (a tenant deleted, or the key now of another type)
     // is forgotten once no task owns it, rather than known for ever.
@@ -164,16 +175,28 @@ async fn refresh_gauges(
             m.dead_letter_depth = gauges.dead_letters;
         });
     }
+    // A tenant whose streams are gone has nothing left to ship.
+    let tenants: HashSet<&str> = found.iter().map(|(_, tenant)| tenant.as_str()).collect();
+    for (tenant, metrics) in lock(&context.metrics).iter_mut() {
+        if !tenants.contains(tenant.as_str()) {
+            metrics.depth = 0;
+            metrics.oldest_age = None;
+            metrics.dead_letter_depth = 0;
+        }
+    }
     Ok(())
 }
 
 /// Reads the next entries of every stream no task owns and whose group
 /// exists: the ranges this consumer had in flight before a restart first,
 /// ranges in flight too long under another consumer from time to time,
-/// new ones otherwise. Streams are claimed and read concurrently, so a
-/// slow one (its shard down) holds up a round once, not once per stream;
-/// a stream whose read fails waits out a backoff of its own (see
-/// [`Known::failed`]), and the others go on.
+/// new ones otherwise. Streams are claimed concurrently (at most
+/// [`CONCURRENT_CLAIMS`] at once), then read concurrently, so a slow one
+/// (its shard down) holds up each of the two steps of a round once, not
+/// once per stream. A stream whose claim or read fails waits out a
+/// backoff of its own (see [`Known::failed`]); so do the streams read in
+/// the same transaction as it (all of one batch size, without a
+/// cluster), until their next claim, which is theirs alone.
 pub(super) async fn read(
     context: &Context,
     known: &mut BTreeMap<String, Known>,
@@ -194,12 +217,14 @@ pub(super) async fn read(
             fresh.entry(count).or_default().push(stream.clone());
         }
     }
-    let claimed = join_all(
-        claims
-            .iter()
-            .map(|(stream, tenant, mode)| claim(context, stream, tenant, *mode)),
-    )
-    .await;
+    let claiming: Vec<_> = claims
+        .iter()
+        .map(|(stream, tenant, mode)| claim(context, stream, tenant, *mode))
+        .collect();
+    let claimed: Vec<_> = futures_util::stream::iter(claiming)
+        .buffered(CONCURRENT_CLAIMS)
+        .collect()
+        .await;
     for ((stream, _, mode), claimed) in claims.into_iter().zip(claimed) {
         let Some(state) = known.get_mut(&stream) else {
             continue;
@@ -224,6 +249,10 @@ pub(super) async fn read(
                 round.failed(error);
             }
         }
+    }
+    for streams in fresh.values_mut() {
+        // In name order, so a tenant's streams are next to each other.
+        streams.sort_unstable();
     }
     let reads = join_all(
         fresh
@@ -268,6 +297,11 @@ fn took(
         }
     }
 }
+
+/// The most claims in flight at once: after a restart every stream claims
+/// its own ranges, and a claim cut off by a timeout after Redis counted
+/// its delivery counts one towards poison.
+const CONCURRENT_CLAIMS: usize = 32;
 
 /// The most streams one read names: a bound on the transaction's size.
 const MAX_STREAMS_PER_READ: usize = 500;
