@@ -78,17 +78,10 @@ impl<'a> Parsed<'a> {
     /// The fields sorted by name, each once, as the dead-letter stream
     /// keeps them.
     pub(crate) fn into_sorted(self) -> Vec<(String, String)> {
-        let mut fields = self.fields;
-        // Stable: of a repeated name, the last value ends up last.
-        fields.sort_by(|(a, _), (b, _)| a.cmp(b));
-        let mut sorted: Vec<(String, String)> = Vec::with_capacity(fields.len());
-        for (name, value) in fields {
-            match sorted.last_mut() {
-                Some(last) if last.0 == name.as_str() => last.1 = value.0.into_owned(),
-                _ => sorted.push((name.0.into_owned(), value.0.into_owned())),
-            }
-        }
-        sorted
+        self.sorted_once()
+            .into_iter()
+            .map(|(name, value)| (name.0.to_string(), value.0.to_string()))
+            .collect()
     }
 
     /// References to the fields sorted by name, each once (its last value).
@@ -311,11 +304,10 @@ mod tests {
         );
 
         // Many fields, one name twice: found as well.
-        let names: Vec<String> = (0..20).map(|i| format!("f{i:02}")).collect();
-        let mut fields: Vec<(&'static str, &str)> = Vec::new();
-        for name in &names {
-            fields.push((name.clone().leak(), "x"));
-        }
+        // (Field names are `'static`, as `tracing`'s are.)
+        let mut fields: Vec<(&'static str, &str)> = (0..20)
+            .map(|i| (&*format!("f{i:02}").leak(), "x"))
+            .collect();
         fields.push(("f07", "last"));
         let mut lines = Vec::new();
         encode(&record(&fields), &mut lines);

@@ -34,10 +34,22 @@ async fn in_flight(client: &FailoverClient) -> BTreeMap<String, String> {
         .unwrap()
 }
 
-/// Appends audit entries stamped `base + i` for each `i` of `stamps`.
+/// Appends acme's audit entries stamped `base + i` for each `i` of
+/// `stamps`.
 async fn append(client: &FailoverClient, base: u64, stamps: std::ops::Range<u64>) {
+    append_for(client, "acme", base, stamps).await;
+}
+
+/// Appends `tenant`'s audit entries stamped `base + i` for each `i` of
+/// `stamps`.
+async fn append_for(
+    client: &FailoverClient,
+    tenant: &str,
+    base: u64,
+    stamps: std::ops::Range<u64>,
+) {
     for i in stamps {
-        audit_entry(client, "acme", base + i, "update_key").await;
+        audit_entry(client, tenant, base + i, "update_key").await;
     }
 }
 
@@ -374,9 +386,7 @@ async fn a_stream_that_fails_to_read_holds_up_no_other() {
         .unwrap();
     let base = now_ns();
     append(&client, base, 0..3).await;
-    for i in 0..3 {
-        audit_entry(&client, "beta", base + i, "update_key").await;
-    }
+    append_for(&client, "beta", base, 0..3).await;
     let offloader = offloader(&client, &receiver).start().unwrap();
     receiver.wait_for_lines("beta", 3).await;
     assert_eq!(ids(&client).await.len(), 3, "acme's entries wait");
@@ -423,9 +433,7 @@ async fn a_stream_replaced_by_another_type_holds_up_no_other() {
         .query(redis::cmd("SET").arg(STREAM).arg("not a stream"))
         .await
         .unwrap();
-    for i in 1..4 {
-        audit_entry(&client, "beta", base + i, "update_key").await;
-    }
+    append_for(&client, "beta", base, 1..4).await;
     receiver.wait_for_lines("beta", 4).await;
     offloader.shutdown(Duration::from_secs(5)).await;
 }

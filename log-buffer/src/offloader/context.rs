@@ -67,16 +67,28 @@ impl Context {
     /// The most entries read from `stream` at once: its source's batch
     /// size, or the default.
     pub(super) fn batch_for(&self, stream: &str) -> usize {
-        self.source_batch_sizes
-            .iter()
-            .find(|(source, _)| tenant_of_stream(stream, source).is_some())
-            .map_or(self.batch_size, |(_, &entries)| entries)
+        of_source(&self.source_batch_sizes, stream).map_or(self.batch_size, |&entries| entries)
+    }
+
+    /// The `job` label of `stream`'s lines: its source's own, or the
+    /// default.
+    pub(super) fn job_for(&self, stream: &str) -> &str {
+        of_source(&self.source_jobs, stream).map_or(&self.job, String::as_str)
     }
 
     /// Resolves when the offloader is told to stop.
     pub(super) async fn stopping(&self) {
         self.stopped.cancelled().await;
     }
+}
+
+/// The setting in `by_source` (keyed by source suffix) of `stream`'s
+/// source, if it has one.
+fn of_source<'a, T>(by_source: &'a BTreeMap<String, T>, stream: &str) -> Option<&'a T> {
+    by_source
+        .iter()
+        .find(|(source, _)| tenant_of_stream(stream, source).is_some())
+        .map(|(_, setting)| setting)
 }
 
 /// What the dispatcher knows of one stream.

@@ -13,7 +13,7 @@ use redis::{FromRedisValue, Value};
 use super::context::{Context, Read};
 use super::labels::{LabelSets, Labels};
 use crate::packed::{self, Parsed, Text};
-use crate::record::{dead_letter_stream, now_ns, tenant_of_stream};
+use crate::record::{dead_letter_stream, now_ns};
 use crate::sink::{Entry, Push, PushError, Stream};
 
 /// Loki's default `max_line_size`.
@@ -185,7 +185,7 @@ fn sort_out(
     let now = now_ns();
     let oldest = now.saturating_sub(u64::try_from(context.max_age.as_nanos()).unwrap_or(u64::MAX));
     let newest = now + LOKI_MAX_FUTURE.as_nanos() as u64;
-    let mut labels = LabelSets::new(job_of(context, stream), tenant, &context.label_fields);
+    let mut labels = LabelSets::new(context.job_for(stream), tenant, &context.label_fields);
     let mut ready = Vec::with_capacity(entries.len());
     let mut invalid = Vec::new();
     let mut tally = Tally {
@@ -300,15 +300,6 @@ async fn dead_letter_records(
 
 /// Why a record cannot go to Loki: the reason's name and the detail.
 type Refusal = (&'static str, String);
-
-/// The `job` label of a stream's lines: its source's own, or the default.
-fn job_of<'a>(context: &'a Context, stream: &str) -> &'a str {
-    context
-        .source_jobs
-        .iter()
-        .find(|(source, _)| tenant_of_stream(stream, source).is_some())
-        .map_or(&context.job, |(_, job)| job)
-}
 
 /// Labels and line of a record, or why it cannot go to Loki.
 fn prepare(
