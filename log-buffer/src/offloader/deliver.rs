@@ -26,6 +26,12 @@ const LOKI_MAX_LABEL_VALUE: usize = 2048;
 /// The most lines in one push: an entry may pack many records.
 const MAX_PUSH_LINES: usize = 1000;
 
+/// How many records [`sort_out`] checks before it lets other tasks run. A
+/// read of packed entries holds thousands of records (a hundred entries of
+/// up to 64), about a microsecond each to check: checked in one go, they
+/// held a runtime thread, and the requests waiting on it, for 4–10 ms.
+const RECORDS_PER_YIELD: usize = 256;
+
 /// A record ready to push, with the index of the entry it came from.
 struct Ready {
     source: usize,
@@ -83,7 +89,12 @@ pub(super) async fn deliver(context: &Context, tenant: &str, read: Read) {
         range: &range,
         last: &last,
     };
-    let (ready, invalid, mut tally) = sort_out(context, stream, tenant, entries);
+    let checks = Checks {
+        job: context.job_for(stream),
+        label_fields: &context.label_fields,
+        max_age: context.max_age,
+    };
+    let (ready, invalid, mut tally) = sort_out(checks, tenant, entries).await;
     if !invalid.is_empty() {
         dead_letter_records(context, at, tenant, invalid, &mut tally).await;
     } else if tally.unsettled == 0 {
@@ -175,31 +186,37 @@ fn in_pushes<T>(mut ready: Vec<T>) -> Vec<Vec<T>> {
 }
 
 /// `entries`' records ready to push, oldest first; those Loki would
-/// refuse; and the tally of records per entry.
-fn sort_out(
-    context: &Context,
-    stream: &str,
+/// refuse; and the tally of records per entry. It yields to the runtime
+/// every [`RECORDS_PER_YIELD`] records.
+async fn sort_out(
+    checks: Checks<'_>,
     tenant: &str,
     entries: Vec<StreamId>,
 ) -> (Vec<Ready>, Vec<Dead>, Tally) {
     let now = now_ns();
-    let oldest = now.saturating_sub(u64::try_from(context.max_age.as_nanos()).unwrap_or(u64::MAX));
+    let oldest = now.saturating_sub(u64::try_from(checks.max_age.as_nanos()).unwrap_or(u64::MAX));
     let newest = now + LOKI_MAX_FUTURE.as_nanos() as u64;
-    let mut labels = LabelSets::new(context.job_for(stream), tenant, &context.label_fields);
+    let mut labels = LabelSets::new(checks.job, tenant, checks.label_fields);
     let mut ready = Vec::with_capacity(entries.len());
     let mut invalid = Vec::new();
     let mut tally = Tally {
         ids: Vec::with_capacity(entries.len()),
         unsettled: 0,
     };
+    let mut since_yield = 0;
     for (source, entry) in entries.iter().enumerate() {
+        if since_yield >= RECORDS_PER_YIELD {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
         let packed = entry.map.get(packed::RECORDS_FIELD).map(text);
         let records = unpack(entry, packed.as_deref());
         tally.ids.push(entry.id.clone());
         tally.unsettled += records.len();
+        since_yield += records.len();
         for record in records {
             let prepared = record.and_then(|fields| {
-                prepare(context, &mut labels, &fields, oldest, newest).map_err(
+                prepare(&checks, &mut labels, &fields, oldest, newest).map_err(
                     |(reason, detail)| Dead {
                         id: entry.id.clone(),
                         fields: fields.into_sorted(),
@@ -301,9 +318,16 @@ async fn dead_letter_records(
 /// Why a record cannot go to Loki: the reason's name and the detail.
 type Refusal = (&'static str, String);
 
+/// The settings a stream's records are checked and labelled by.
+struct Checks<'a> {
+    job: &'a str,
+    label_fields: &'a [String],
+    max_age: Duration,
+}
+
 /// Labels and line of a record, or why it cannot go to Loki.
 fn prepare(
-    context: &Context,
+    checks: &Checks<'_>,
     labels: &mut LabelSets<'_>,
     fields: &Parsed<'_>,
     oldest: u64,
@@ -314,7 +338,7 @@ fn prepare(
         .and_then(|ts| ts.as_str().parse::<u64>().ok())
         .ok_or_else(|| ("bad_timestamp", "no `ts` field of nanoseconds".to_owned()))?;
     if ts_ns < oldest {
-        return Err(("too_old", format!("older than {:?}", context.max_age)));
+        return Err(("too_old", format!("older than {:?}", checks.max_age)));
     }
     if ts_ns > newest {
         return Err((
@@ -322,8 +346,8 @@ fn prepare(
             format!("more than {LOKI_MAX_FUTURE:?} ahead"),
         ));
     }
-    let mut values = Vec::with_capacity(context.label_fields.len());
-    for name in &context.label_fields {
+    let mut values = Vec::with_capacity(checks.label_fields.len());
+    for name in checks.label_fields {
         let value = fields.get(name.as_str()).map(Text::as_str);
         if value.is_some_and(|v| v.is_empty() || v.len() > LOKI_MAX_LABEL_VALUE) {
             return Err(("bad_label", format!("label {name:?} is empty or too long")));
@@ -527,7 +551,64 @@ fn text(value: &Value) -> Cow<'_, str> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+
+    /// `entries` entries of `records` packed records each, as the producer
+    /// writes them.
+    fn packed_entries(entries: usize, records: usize) -> Vec<StreamId> {
+        let ts = now_ns();
+        (0..entries)
+            .map(|entry| {
+                let lines: String = (0..records)
+                    .map(|record| {
+                        format!(
+                            "{{\"ts\":\"{ts}\",\"level\":\"info\",\"target\":\"app\",\"n\":\"{entry}.{record}\"}}\n"
+                        )
+                    })
+                    .collect();
+                StreamId {
+                    id: format!("{entry}-0"),
+                    map: HashMap::from([(
+                        packed::RECORDS_FIELD.to_owned(),
+                        Value::BulkString(lines.into_bytes()),
+                    )]),
+                    ..StreamId::default()
+                }
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_large_read_lets_other_tasks_run_while_it_is_sorted_out() {
+        // On one thread, the other task runs only when this one yields.
+        let turns = Arc::new(AtomicUsize::new(0));
+        let other = tokio::spawn({
+            let turns = Arc::clone(&turns);
+            async move {
+                loop {
+                    turns.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let checks = Checks {
+            job: "app",
+            label_fields: &["level".to_owned()],
+            max_age: Duration::from_secs(3600),
+        };
+        let (ready, invalid, tally) = sort_out(checks, "acme", packed_entries(100, 64)).await;
+        other.abort();
+        assert_eq!((ready.len(), invalid.len()), (6400, 0));
+        assert_eq!((tally.ids.len(), tally.unsettled), (100, 6400));
+        let turns = turns.load(Ordering::Relaxed);
+        assert!(
+            turns >= 6400 / RECORDS_PER_YIELD - 1,
+            "the other task ran {turns} times while 6400 records were sorted out"
+        );
+    }
 
     #[test]
     fn a_delivery_is_settled_once_each_of_its_records_is() {
