@@ -21,17 +21,20 @@ crates=(redis-topology redis-failover tenant-kv log-buffer)
 packages=()
 for crate in "${crates[@]}"; do packages+=(-p "$crate"); done
 cargo package --no-verify --allow-dirty --index sparse+https://index.crates.io/ "${packages[@]}"
+target=${CARGO_TARGET_DIR:-$PWD/target}
 
 # `cargo pkgid` ends in the version: path+file:///…/name#version.
 version() { local id; id=$(cargo pkgid -p "$1"); echo "${id##*[#@]}"; }
-# Outside target/: cargo takes files under its target directory for build
-# output and would not see an unpacked file change or go missing.
+# A directory of its own, gone when the check ends.
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 members=() patches=() resolvers=()
 for crate in "${crates[@]}"; do
   dir="$crate-$(version "$crate")"
-  tar -xzf "target/package/$dir.crate" -C "$root"
+  # --touch: a package's files carry a fixed old date, and cargo, which
+  # finds these packages at the same relative paths every run, would take
+  # an earlier run's check for a fresh one.
+  tar --touch -xzf "$target/package/$dir.crate" -C "$root"
   # Cargo reads the resolver from the workspace root only, and warns about
   # a package's own: the one every package states moves to the root.
   resolvers+=("$(sed -n 's/^resolver = //p' "$root/$dir/Cargo.toml")")
@@ -54,7 +57,16 @@ fi
 # The workspace's lock file: the versions the workspace was tested with.
 cp Cargo.lock "$root/"
 # The workspace's target directory: what the two builds share is reused.
-export CARGO_TARGET_DIR="$PWD/target"
+export CARGO_TARGET_DIR="$target"
 for crate in "${crates[@]}"; do
   (cd "$root" && cargo check -p "$crate")
+done
+# A `[patch]` that does not apply is only a warning: each crate must have
+# come from its unpacked package, not from a registry.
+for crate in "${crates[@]}"; do
+  if awk -v name="name = \"$crate\"" '/^\[\[package\]\]/ { this = 0 }
+    $0 == name { this = 1 } this && /^source = / { found = 1 } END { exit !found }' "$root/Cargo.lock"; then
+    echo "$crate was taken from a registry, not from its package" >&2
+    exit 1
+  fi
 done
