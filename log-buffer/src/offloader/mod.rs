@@ -15,6 +15,7 @@
 mod context;
 mod deliver;
 mod labels;
+mod sort;
 mod streams;
 
 use std::collections::BTreeMap;

@@ -12,7 +12,8 @@ use redis::{FromRedisValue, Value};
 use redis_failover::ErrorKind;
 
 use super::context::{Context, Known, Read, Round, lock};
-use super::deliver::{Acknowledge, Dead, dead_letter, stored};
+use super::deliver::{Acknowledge, dead_letter, stored};
+use super::sort::Dead;
 use crate::record::{dead_letter_stream, now_ns, streams_pattern, tenant_of_stream};
 
 /// One tenant's gauges, summed over its streams.
