@@ -2,6 +2,8 @@
 //! endpoints that are neither items nor API keys.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,8 +89,11 @@ async fn dispatch(
     request: Request<RequestBody>,
     facts: &Facts,
 ) -> Result<Response<Body>, ApiError> {
+    // Every operation's future but the hottest, `GetItem`'s, is boxed:
+    // the largest (over 2 KiB) would otherwise size this future, and the
+    // layers' around it, for all, and moving it cost more than allocating.
     let operation = match operation {
-        Operation::Open(open) => return answer_open(app, open, request, facts).await,
+        Operation::Open(open) => return Box::pin(answer_open(app, open, request, facts)).await,
         Operation::Tenant(operation) => operation,
     };
     let principal = authenticate(request.headers(), app).await?;
@@ -100,23 +105,36 @@ async fn dispatch(
     let rate_limit = app.store.admit_request(principal.tenant(), api_key).await?;
     facts.get().rate_limit = rate_limit;
     let key = param.unwrap_or_default();
-    match operation {
-        TenantOp::CurrentUser => current_user(&principal),
-        TenantOp::Usage => usage(app, &principal).await,
-        TenantOp::CreateItem => crate::items::create(app, &principal, request).await,
-        TenantOp::ListItems => crate::items::list(app, &principal, &request).await,
-        TenantOp::Batch => crate::items::batch(app, &principal, request).await,
-        TenantOp::GetItem => crate::items::get(app, &principal, &key, request.headers()).await,
-        TenantOp::PutItem => crate::items::put(app, &principal, &key, request).await,
-        TenantOp::DeleteItem => {
-            crate::items::delete(app, &principal, &key, request.headers()).await
+    let principal = &principal;
+    let answer: Answer<'_> = match operation {
+        TenantOp::GetItem => {
+            return crate::items::get(app, principal, &key, request.headers()).await;
         }
-        TenantOp::CreateApiKey => crate::api_keys::create(app, &principal, request).await,
-        TenantOp::ListApiKeys => crate::api_keys::list(app, &principal, &request).await,
-        TenantOp::RevokeApiKey => crate::api_keys::revoke(app, &principal, &key).await,
-        TenantOp::RotateApiKey => crate::api_keys::rotate(app, &principal, &key, request).await,
-    }
+        TenantOp::CurrentUser => return current_user(principal),
+        TenantOp::Usage => Box::pin(usage(app, principal)),
+        TenantOp::CreateItem => Box::pin(crate::items::create(app, principal, request)),
+        TenantOp::ListItems => {
+            Box::pin(async move { crate::items::list(app, principal, &request).await })
+        }
+        TenantOp::Batch => Box::pin(crate::items::batch(app, principal, request)),
+        TenantOp::PutItem => Box::pin(crate::items::put(app, principal, &key, request)),
+        TenantOp::DeleteItem => {
+            Box::pin(
+                async move { crate::items::delete(app, principal, &key, request.headers()).await },
+            )
+        }
+        TenantOp::CreateApiKey => Box::pin(crate::api_keys::create(app, principal, request)),
+        TenantOp::ListApiKeys => {
+            Box::pin(async move { crate::api_keys::list(app, principal, &request).await })
+        }
+        TenantOp::RevokeApiKey => Box::pin(crate::api_keys::revoke(app, principal, &key)),
+        TenantOp::RotateApiKey => Box::pin(crate::api_keys::rotate(app, principal, &key, request)),
+    };
+    answer.await
 }
+
+/// An operation's answer, boxed.
+type Answer<'a> = Pin<Box<dyn Future<Output = Result<Response<Body>, ApiError>> + Send + 'a>>;
 
 async fn answer_open(
     app: &App,

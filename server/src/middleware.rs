@@ -58,7 +58,9 @@ pub(crate) fn connection_service(
 + Send
 + use<> {
     let handler = app.clone();
-    let router = service_fn(move |request| crate::api::handle(handler.clone(), request));
+    // Boxed here, the handler's future (about 3 KiB) is moved once, into
+    // its box, rather than again by every layer wrapping it.
+    let router = service_fn(move |request| Box::pin(crate::api::handle(handler.clone(), request)));
     let observe = ObserveLayer {
         metrics: app.metrics.http.clone(),
         surface,
