@@ -179,7 +179,8 @@ impl Shared {
             let mut rounds = self.probe_rounds.subscribe();
             let _ = tokio::time::timeout(first_round, rounds.wait_for(|n| *n > 0)).await;
         }
-        self.read_by_plan(request, policy, session).await
+        // Boxed: its future would size the master reads' too.
+        Box::pin(self.read_by_plan(request, policy, session)).await
     }
 
     /// Reads as the latest read set and `policy` plan it; with replicas
