@@ -415,7 +415,11 @@ async fn dispatch(context: Arc<Context>) {
         }
         if idle {
             let wait = match failures {
-                0 => context.poll_interval,
+                // Or until a stream may be read again, if sooner.
+                0 => next_readable(&known).map_or(context.poll_interval, |at| {
+                    at.saturating_duration_since(Instant::now())
+                        .min(context.poll_interval)
+                }),
                 failures => context.read_backoff.delay(failures - 1),
             };
             tokio::select! {
@@ -430,6 +434,21 @@ async fn dispatch(context: Arc<Context>) {
     while let Some(ended) = tasks.join_next().await {
         report_panic(ended);
     }
+}
+
+/// When the first stream that is neither being delivered nor waiting for
+/// its group may be read: at once, or once its rest or backoff is over.
+fn next_readable(known: &BTreeMap<String, Known>) -> Option<Instant> {
+    known
+        .values()
+        .filter(|state| !state.busy && state.group_ready)
+        .map(|state| {
+            state
+                .rest_until
+                .max(state.retry_at)
+                .unwrap_or(Instant::now())
+        })
+        .min()
 }
 
 /// Logs a delivery task's panic: its stream is released (see
@@ -490,6 +509,37 @@ mod tests {
         })
         .await;
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn the_dispatcher_waits_for_the_first_stream_it_may_read() {
+        let now = Instant::now();
+        let poll = Duration::from_millis(100);
+        let stream = |rest: u64, retry: Option<u64>, busy: bool| {
+            let mut state = Known::new("acme".to_owned());
+            state.group_ready = true;
+            state.took(0, poll, now + Duration::from_millis(rest));
+            state.retry_at = retry.map(|ms| now + Duration::from_millis(ms));
+            state.busy = busy;
+            state
+        };
+        let mut known = BTreeMap::from([
+            ("a".to_owned(), stream(30, Some(250), false)),
+            ("b".to_owned(), stream(20, None, true)),
+            ("c".to_owned(), stream(50, None, false)),
+        ]);
+        // `a` waits out its backoff, `b` is being delivered.
+        assert_eq!(
+            next_readable(&known),
+            Some(now + Duration::from_millis(150))
+        );
+        known.get_mut("c").unwrap().group_ready = false;
+        assert_eq!(
+            next_readable(&known),
+            Some(now + Duration::from_millis(250))
+        );
+        known.get_mut("a").unwrap().busy = true;
+        assert_eq!(next_readable(&known), None);
     }
 
     #[tokio::test]

@@ -275,10 +275,23 @@ fn took(
     streams: &[String],
     replies: std::result::Result<Option<StreamReadReply>, redis_failover::Error>,
 ) {
+    let now = Instant::now();
+    let taken: HashMap<&str, usize> = match &replies {
+        Ok(Some(reply)) => reply
+            .keys
+            .iter()
+            .map(|key| (key.key.as_str(), key.ids.len()))
+            .collect(),
+        _ => HashMap::new(),
+    };
     for stream in streams {
         if let Some(state) = known.get_mut(stream) {
             match &replies {
-                Ok(_) => state.answered(),
+                Ok(_) => {
+                    state.answered();
+                    let entries = taken.get(stream.as_str()).copied().unwrap_or(0);
+                    state.took(entries, context.poll_interval, now);
+                }
                 Err(error) => state.failed(error, &context.backoff),
             }
         }
