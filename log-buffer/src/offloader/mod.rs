@@ -138,8 +138,9 @@ impl<S: LogSink> OffloaderBuilder<S> {
         self
     }
 
-    /// How long to wait before reading again when every stream was empty.
-    /// Defaults to 100 ms.
+    /// How long a stream whose read found nothing new rests before it is
+    /// read again (a stream that had entries is read again as soon as
+    /// they are delivered). Defaults to 100 ms.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval;
         self
