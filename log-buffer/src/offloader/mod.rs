@@ -416,11 +416,7 @@ async fn dispatch(context: Arc<Context>) {
         }
         if idle {
             let wait = match failures {
-                // Or until a stream may be read again, if sooner.
-                0 => next_readable(&known).map_or(context.poll_interval, |at| {
-                    at.saturating_duration_since(Instant::now())
-                        .min(context.poll_interval)
-                }),
+                0 => idle_wait(&known, context.poll_interval, Instant::now()),
                 failures => context.read_backoff.delay(failures - 1),
             };
             tokio::select! {
@@ -437,19 +433,19 @@ async fn dispatch(context: Arc<Context>) {
     }
 }
 
-/// When the first stream that is neither being delivered nor waiting for
-/// its group may be read: at once, or once its rest or backoff is over.
-fn next_readable(known: &BTreeMap<String, Known>) -> Option<Instant> {
+/// How long the dispatcher waits, at `now`, after a round that read
+/// nothing: until the first stream that is neither being delivered nor
+/// waiting for its group may be read (at once, or once its rest or
+/// backoff is over), `poll` at most.
+fn idle_wait(known: &BTreeMap<String, Known>, poll: Duration, now: Instant) -> Duration {
     known
         .values()
         .filter(|state| !state.busy && state.group_ready)
         .map(|state| {
-            state
-                .rest_until
-                .max(state.retry_at)
-                .unwrap_or(Instant::now())
+            let at = state.rest_until.max(state.retry_at);
+            at.map_or(Duration::ZERO, |at| at.saturating_duration_since(now))
         })
-        .min()
+        .fold(poll, Duration::min)
 }
 
 /// Logs a delivery task's panic: its stream is released (see
@@ -515,32 +511,37 @@ mod tests {
     #[test]
     fn the_dispatcher_waits_for_the_first_stream_it_may_read() {
         let now = Instant::now();
-        let poll = Duration::from_millis(100);
+        let ms = Duration::from_millis;
+        let poll = ms(100);
         let stream = |rest: u64, retry: Option<u64>, busy: bool| {
             let mut state = Known::new("acme".to_owned());
             state.group_ready = true;
-            state.took(0, poll, now + Duration::from_millis(rest));
-            state.retry_at = retry.map(|ms| now + Duration::from_millis(ms));
+            state.rest_until = Some(now + ms(rest));
+            state.retry_at = retry.map(|retry| now + ms(retry));
             state.busy = busy;
             state
         };
         let mut known = BTreeMap::from([
-            ("a".to_owned(), stream(30, Some(250), false)),
+            ("a".to_owned(), stream(30, Some(70), false)),
             ("b".to_owned(), stream(20, None, true)),
             ("c".to_owned(), stream(50, None, false)),
         ]);
-        // `a` waits out its backoff, `b` is being delivered.
-        assert_eq!(
-            next_readable(&known),
-            Some(now + Duration::from_millis(150))
-        );
+        // `b` is being delivered: `c`'s rest ends first.
+        assert_eq!(idle_wait(&known, poll, now), ms(50));
+        // `a` waits out its backoff, past its rest.
         known.get_mut("c").unwrap().group_ready = false;
-        assert_eq!(
-            next_readable(&known),
-            Some(now + Duration::from_millis(250))
-        );
+        assert_eq!(idle_wait(&known, poll, now), ms(70));
+        assert_eq!(idle_wait(&known, poll, now + ms(80)), Duration::ZERO);
+        // Never longer than the poll interval.
+        assert_eq!(idle_wait(&known, ms(40), now), ms(40));
+        // A stream that may be read now: no wait.
+        let a = known.get_mut("a").unwrap();
+        a.retry_at = None;
+        a.took(5, poll, now);
+        assert_eq!(idle_wait(&known, poll, now), Duration::ZERO);
+        // No stream to read: the poll interval.
         known.get_mut("a").unwrap().busy = true;
-        assert_eq!(next_readable(&known), None);
+        assert_eq!(idle_wait(&known, poll, now), poll);
     }
 
     #[tokio::test]

@@ -188,8 +188,8 @@ async fn refresh_gauges(
     Ok(())
 }
 
-/// Reads the next entries of every stream no task owns and whose group
-/// exists: the ranges this consumer had in flight before a restart first,
+/// Reads the next entries of every stream no task owns, whose group
+/// exists and that is not resting (see `Known::took`): the ranges this consumer had in flight before a restart first,
 /// ranges in flight too long under another consumer from time to time,
 /// new ones otherwise. Streams are claimed concurrently (at most
 /// [`CONCURRENT_CLAIMS`] at once), then read concurrently, so a slow one
