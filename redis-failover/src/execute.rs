@@ -15,7 +15,7 @@ use crate::request::{Reply, Request, Sent};
 use crate::retry::{Failure, redirect_target, refusal_means_not_master, refusal_of};
 use crate::routing::Durability;
 use crate::shared::Shared;
-use crate::state::{Master, Observed};
+use crate::state::Master;
 
 /// What a failed send means for the retry loop.
 pub(crate) enum Verdict {
@@ -60,18 +60,11 @@ impl Shared {
         let resendable = idempotent || !write;
         let mut retrying: Option<Retrying> = None;
         // What is awaited only without a master or after a failed try is
-        // boxed, as are durable and blocking sends: their futures would
-        // otherwise size every request's (4.2 KiB, against 1.8), which is
-        // moved into a box per request.
+        // boxed (in `current` too), as are durable and blocking sends:
+        // their futures would otherwise size every request's (4.2 KiB,
+        // against 1.8), which is moved into a box per request.
         loop {
-            let found = match self.state.observe() {
-                Observed {
-                    master: Some(master),
-                    epoch,
-                } => Ok((master, epoch)),
-                _ => Box::pin(self.current()).await,
-            };
-            let (master, epoch) = match found {
+            let (master, epoch) = match self.current().await {
                 Ok(found) => found,
                 Err(failures) => {
                     Box::pin(self.no_master(&mut retrying, failures)).await?;

@@ -116,7 +116,9 @@ impl Shared {
     }
 
     /// The master to use now (finding one if none is known) and the
-    /// discovery epoch it was observed at.
+    /// discovery epoch it was observed at. The search is boxed: its
+    /// future would otherwise size every request's, which is moved into
+    /// a box per request.
     pub(crate) async fn current(&self) -> Found {
         match self.state.observe() {
             Observed {
@@ -126,7 +128,7 @@ impl Shared {
             Observed {
                 master: None,
                 epoch,
-            } => self.rediscover(epoch, Trigger::NoMaster, None).await,
+            } => Box::pin(self.rediscover(epoch, Trigger::NoMaster, None)).await,
         }
     }
 

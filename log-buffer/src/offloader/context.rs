@@ -123,13 +123,20 @@ impl Known {
         }
     }
 
-    /// Whether the stream may be read now: no task owns it, its group
-    /// exists, and it is neither waiting out a failure nor resting.
+    /// When the stream may be read, seen at `now`: `now` or later, once
+    /// it is done waiting out a failure and resting; never (`None`) while
+    /// a task owns it or its group is not known to exist.
+    pub(super) fn readable_at(&self, now: Instant) -> Option<Instant> {
+        (!self.busy && self.group_ready).then(|| {
+            self.rest_until
+                .max(self.retry_at)
+                .map_or(now, |at| at.max(now))
+        })
+    }
+
+    /// Whether the stream may be read now.
     pub(super) fn readable(&self, now: Instant) -> bool {
-        !self.busy
-            && self.group_ready
-            && self.retry_at.is_none_or(|at| at <= now)
-            && self.rest_until.is_none_or(|at| at <= now)
+        self.readable_at(now) == Some(now)
     }
 
     /// A read of new entries, at `now`, took `entries`. A stream that had

@@ -440,11 +440,8 @@ async fn dispatch(context: Arc<Context>) {
 fn idle_wait(known: &BTreeMap<String, Known>, poll: Duration, now: Instant) -> Duration {
     known
         .values()
-        .filter(|state| !state.busy && state.group_ready)
-        .map(|state| {
-            let at = state.rest_until.max(state.retry_at);
-            at.map_or(Duration::ZERO, |at| at.saturating_duration_since(now))
-        })
+        .filter_map(|state| state.readable_at(now))
+        .map(|at| at - now)
         .fold(poll, Duration::min)
 }
 

@@ -189,9 +189,10 @@ async fn refresh_gauges(
 }
 
 /// Reads the next entries of every stream no task owns, whose group
-/// exists and that is not resting (see `Known::took`): the ranges this consumer had in flight before a restart first,
-/// ranges in flight too long under another consumer from time to time,
-/// new ones otherwise. Streams are claimed concurrently (at most
+/// exists and that is not resting (see `Known::took`): the ranges this
+/// consumer had in flight before a restart first, ranges in flight too
+/// long under another consumer from time to time, new ones otherwise.
+/// Streams are claimed concurrently (at most
 /// [`CONCURRENT_CLAIMS`] at once), then read concurrently, so a slow one
 /// (its shard down) holds up each of the two steps of a round once, not
 /// once per stream. A stream whose claim or read fails waits out a
