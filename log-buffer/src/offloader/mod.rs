@@ -15,6 +15,7 @@
 mod context;
 mod deliver;
 mod labels;
+mod reply;
 mod sort;
 mod streams;
 

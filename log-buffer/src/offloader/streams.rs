@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use futures_util::future::{join_all, try_join_all};
-use redis::streams::{StreamRangeReply, StreamReadReply};
+use redis::streams::StreamRangeReply;
 use redis::{FromRedisValue, Value};
 use redis_failover::ErrorKind;
 
 use super::context::{Context, Known, Read, Round, lock};
 use super::deliver::{Acknowledge, dead_letter, stored};
+use super::reply::NewEntries;
 use super::sort::Dead;
 use crate::record::{dead_letter_stream, now_ns, streams_pattern, tenant_of_stream};
 
@@ -274,12 +275,12 @@ fn took(
     known: &mut BTreeMap<String, Known>,
     round: &mut Round,
     streams: &[String],
-    replies: std::result::Result<Option<StreamReadReply>, redis_failover::Error>,
+    replies: std::result::Result<Option<NewEntries>, redis_failover::Error>,
 ) {
     let now = Instant::now();
     let taken: HashMap<&str, usize> = match &replies {
         Ok(Some(reply)) => reply
-            .keys
+            .0
             .iter()
             .map(|key| (key.key.as_str(), key.ids.len()))
             .collect(),
@@ -301,7 +302,7 @@ fn took(
         Ok(reply) => reply,
         Err(error) => return round.failed(error),
     };
-    for key in reply.map(|r| r.keys).unwrap_or_default() {
+    for key in reply.map(|r| r.0).unwrap_or_default() {
         if let (Some(first), Some(last)) = (key.ids.first(), key.ids.last()) {
             round.reads.push(Read {
                 range: first.id.clone(),
@@ -331,7 +332,7 @@ async fn read_new<'a>(
     count: usize,
 ) -> Vec<(
     &'a [String],
-    std::result::Result<Option<StreamReadReply>, redis_failover::Error>,
+    std::result::Result<Option<NewEntries>, redis_failover::Error>,
 )> {
     let groups: Vec<&[String]> = if context.client.is_cluster() {
         streams
@@ -357,7 +358,7 @@ async fn read_some(
     context: &Context,
     streams: &[String],
     count: usize,
-) -> std::result::Result<Option<StreamReadReply>, redis_failover::Error> {
+) -> std::result::Result<Option<NewEntries>, redis_failover::Error> {
     let read = read_transaction(context, streams, count);
     match context.client.query_pipeline::<(_,)>(&read).await {
         Ok((reply,)) => Ok(reply),
