@@ -12,7 +12,7 @@ use redis::streams::{StreamId, StreamKey};
 use redis::{FromRedisValue, ParsingError, Value};
 
 /// Each stream's entries, in the order the reply gave them; a stream
-/// with none is left out, as in `StreamReadReply`.
+/// with none is left out (a read of new entries names none such).
 #[derive(Debug)]
 pub(super) struct NewEntries(pub(super) Vec<StreamKey>);
 
