@@ -63,21 +63,15 @@ fn pair(value: Value) -> Result<(Value, Value), ParsingError> {
 /// in redis-rs.
 fn entry(value: Value) -> Result<StreamId, ParsingError> {
     let (id, fields) = pair(value)?;
-    let fields = match fields {
-        Value::Array(flat) if flat.len() % 2 == 0 => {
-            let mut pairs = Vec::with_capacity(flat.len() / 2);
-            let mut flat = flat.into_iter();
-            while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
-                pairs.push((name, value));
-            }
-            pairs
-        }
-        Value::Map(pairs) => pairs,
+    let flat = match fields {
+        Value::Array(flat) if flat.len() % 2 == 0 => flat,
+        Value::Map(pairs) => pairs.into_iter().flat_map(|(n, v)| [n, v]).collect(),
         Value::Nil => Vec::new(),
         other => return Err(unexpected("an entry's fields", &other)),
     };
-    let mut map = HashMap::with_capacity(fields.len());
-    for (name, value) in fields {
+    let mut map = HashMap::with_capacity(flat.len() / 2);
+    let mut flat = flat.into_iter();
+    while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
         map.insert(text(name, "a field name")?, value);
     }
     Ok(StreamId {
@@ -127,6 +121,25 @@ mod tests {
         Value::Array(vec![bulk(id), Value::Array(flat)])
     }
 
+    /// `entries` with each one's flat field list as a map.
+    fn fields_as_maps(entries: Value) -> Value {
+        let Value::Array(entries) = entries else {
+            return entries;
+        };
+        let entries = entries.into_iter().map(|entry| match entry {
+            Value::Array(pair) => match <[Value; 2]>::try_from(pair) {
+                Ok([id, Value::Array(flat)]) => {
+                    let fields = flat.chunks(2).map(|f| (f[0].clone(), f[1].clone()));
+                    Value::Array(vec![id, Value::Map(fields.collect())])
+                }
+                Ok(pair) => Value::Array(pair.into()),
+                Err(items) => Value::Array(items),
+            },
+            other => other,
+        });
+        Value::Array(entries.collect())
+    }
+
     /// Each stream's entries, each with its fields sorted by name.
     type Summary = Vec<(String, Vec<(String, Vec<(String, Value)>)>)>;
 
@@ -169,7 +182,13 @@ mod tests {
                 .map(|(k, e)| Value::Array(vec![bulk(k), e.clone()]))
                 .collect(),
         );
-        let resp3 = Value::Map(streams.iter().map(|(k, e)| (bulk(k), e.clone())).collect());
+        // RESP3, with each entry's fields as a map too.
+        let resp3 = Value::Map(
+            streams
+                .iter()
+                .map(|(k, e)| (bulk(k), fields_as_maps(e.clone())))
+                .collect(),
+        );
 
         let ours = NewEntries::from_redis_value(resp2.clone()).unwrap();
         assert_eq!(
