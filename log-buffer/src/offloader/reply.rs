@@ -47,13 +47,10 @@ impl FromRedisValue for NewEntries {
 /// A two-element array as a pair.
 fn pair(value: Value) -> Result<(Value, Value), ParsingError> {
     match value {
-        Value::Array(items) if items.len() == 2 => {
-            let mut items = items.into_iter();
-            Ok((
-                items.next().unwrap_or(Value::Nil),
-                items.next().unwrap_or(Value::Nil),
-            ))
-        }
+        Value::Array(items) => match <[Value; 2]>::try_from(items) {
+            Ok([first, second]) => Ok((first, second)),
+            Err(items) => Err(unexpected("a pair", &Value::Array(items))),
+        },
         other => Err(unexpected("a pair", &other)),
     }
 }
