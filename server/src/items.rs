@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use hyper::header::{ETAG, HeaderValue, IF_MATCH, IF_NONE_MATCH};
 use hyper::{HeaderMap, Request, Response, StatusCode};
+use serde::Serialize;
 use serde_json::{Map, Value};
 use tenant_kv::{Item, NewItem, Precondition, Scope, Write, Written};
 
@@ -103,7 +104,7 @@ pub(crate) async fn get(
     headers: &HeaderMap,
 ) -> Result<Response<Body>, ApiError> {
     principal.require(Scope::Read, key)?;
-    let item = tenant(app, principal).get(key).await?;
+    let item = tenant(app, principal).get_raw(key).await?;
     if let Some(value) = headers.get(IF_NONE_MATCH) {
         let etag = etag(item.version);
         let matches = value.to_str().unwrap_or_default().split(',').any(|tag| {
@@ -422,7 +423,7 @@ fn if_match(headers: &HeaderMap) -> Result<IfMatch, ApiError> {
 /// The answer to preconditions no item can meet: 412, once the key is
 /// known to be valid (an invalid one is a bad request, whatever the headers).
 async fn never_matches(tenant: &tenant_kv::Tenant, key: &str) -> ApiError {
-    match tenant.get(key).await {
+    match tenant.get_raw(key).await {
         Ok(_) | Err(tenant_kv::Error::NotFound { .. }) => {
             ApiError::precondition_failed("no item matches the preconditions")
         }
@@ -430,7 +431,7 @@ async fn never_matches(tenant: &tenant_kv::Tenant, key: &str) -> ApiError {
     }
 }
 
-fn item_response(status: StatusCode, item: Item) -> Response<Body> {
+fn item_response<V: Serialize>(status: StatusCode, item: Item<V>) -> Response<Body> {
     let version = item.version;
     let mut response = json_response(status, &ItemView::from(item));
     response.headers_mut().insert(ETAG, etag_header(version));

@@ -154,11 +154,14 @@ pub(crate) struct ItemInput {
 }
 
 /// A stored item.
+// Its value is parsed (`Value`) where the handler has it so, or the JSON
+// text as stored (`RawValue`) where it reads the item only to answer it.
 #[derive(Serialize, ToSchema)]
 #[schema(as = Item)]
-pub(crate) struct ItemView {
+pub(crate) struct ItemView<V = Value> {
     pub(crate) key: String,
-    pub(crate) value: Value,
+    #[schema(value_type = Value)]
+    pub(crate) value: V,
     pub(crate) metadata: Option<Map<String, Value>>,
     /// Bumped by every write; the ETag is this number, quoted.
     pub(crate) version: u64,
@@ -170,8 +173,8 @@ pub(crate) struct ItemView {
     pub(crate) expires_at: Option<String>,
 }
 
-impl From<Item> for ItemView {
-    fn from(item: Item) -> Self {
+impl<V> From<Item<V>> for ItemView<V> {
+    fn from(item: Item<V>) -> Self {
         Self {
             created_at: rfc3339(item.created_at),
             updated_at: rfc3339(item.updated_at),

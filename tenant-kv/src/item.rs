@@ -48,14 +48,17 @@ impl NewItem {
     }
 }
 
-/// A stored item.
+/// A stored item. Its value is parsed JSON (`Item`, as [`Tenant::get`]
+/// and the writes answer), or the JSON text as stored
+/// (`Item<Box<serde_json::value::RawValue>>`, as [`Tenant::get_raw`]
+/// reads it) to pass on without building a tree.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
-pub struct Item {
+pub struct Item<V = Json> {
     /// Its key.
     pub key: String,
     /// Its value.
-    pub value: Json,
+    pub value: V,
     /// Its metadata, if any.
     pub metadata: Option<Map<String, Json>>,
     /// Its version: bumped by every write, never reused within the tenant

@@ -5,6 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::FromRedisValue;
 use serde_json::Value as Json;
+use serde_json::value::RawValue;
 
 use crate::crypto::Encryption;
 use crate::envelope::Stored;
@@ -19,6 +20,18 @@ impl Tenant {
     /// `GET`. Audited as `get_key` through a `tracing` event with target
     /// `audit` (no write).
     pub async fn get(&self, key: &str) -> Result<Item> {
+        self.get_as(key).await
+    }
+
+    /// The item under `key` as [`get`](Self::get) reads and audits it,
+    /// its value the JSON text as stored (checked, never parsed into a
+    /// tree): to pass it on, as an HTTP answer does, without the cost of
+    /// building and writing again a [`Json`] value, which grows with it.
+    pub async fn get_raw(&self, key: &str) -> Result<Item<Box<RawValue>>> {
+        self.get_as(key).await
+    }
+
+    async fn get_as<V: ValueForm>(&self, key: &str) -> Result<Item<V>> {
         check_key(key)?;
         let stored = match self.store.layout().await? {
             LayoutStatus::Current => {
@@ -111,9 +124,9 @@ impl Tenant {
     }
 
     /// Decrypts (if need be) and reads a stored item, auditing the read.
-    async fn parse(&self, key: &str, stored: Stored) -> Result<Item> {
+    async fn parse<V: ValueForm>(&self, key: &str, stored: Stored) -> Result<Item<V>> {
         let settings = &self.store.inner;
-        let value: Json = if Encryption::is_encrypted(&stored.value) {
+        let value = if Encryption::is_encrypted(&stored.value) {
             let Some(encryption) = &settings.encryption else {
                 return Err(corrupt(
                     key,
@@ -125,9 +138,9 @@ impl Tenant {
             let plain = encryption
                 .decrypt(&settings.client, &self.tenant, key, sealed)
                 .await?;
-            serde_json::from_str(&plain)
+            V::read(plain.into_bytes())
         } else {
-            serde_json::from_slice(&stored.value)
+            V::read(stored.value)
         }
         .map_err(|e| corrupt(key, format!("`value`: {e}")))?;
         let metadata = stored
@@ -229,6 +242,27 @@ impl Tenant {
             keys: keys.unwrap_or(0),
             bytes: bytes.unwrap_or(0),
         })
+    }
+}
+
+/// The forms an item's value is read in: parsed, or the text as stored.
+trait ValueForm: Sized {
+    /// The value from its JSON text, checked.
+    fn read(text: Vec<u8>) -> serde_json::Result<Self>;
+}
+
+impl ValueForm for Json {
+    fn read(text: Vec<u8>) -> serde_json::Result<Self> {
+        serde_json::from_slice(&text)
+    }
+}
+
+impl ValueForm for Box<RawValue> {
+    fn read(text: Vec<u8>) -> serde_json::Result<Self> {
+        let text = String::from_utf8(text).map_err(serde::de::Error::custom)?;
+        // Checks the text; takes the string as it is when it has no
+        // surrounding space, as values are stored.
+        RawValue::from_string(text)
     }
 }
 

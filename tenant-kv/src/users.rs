@@ -240,9 +240,9 @@ impl Users {
         })
     }
 
-    /// The user and its password hash, from the authentication cache when
-    /// it serves ([`TenantKv::cache_auth`]).
-    async fn load_cached(&self, username: &str) -> Result<Option<(User, String)>> {
+    /// The user, from the authentication cache when it serves
+    /// ([`TenantKv::cache_auth`]).
+    async fn load_cached(&self, username: &str) -> Result<Option<User>> {
         check_username(username)?;
         let inner = &self.store.inner;
         let fields = inner
@@ -254,11 +254,12 @@ impl Users {
 
     /// The user and its password hash, for a name already checked.
     async fn fetch(&self, username: &str) -> Result<Option<(User, String)>> {
-        let fields: HashMap<String, String> = self
+        let mut fields: HashMap<String, String> = self
             .client()
             .query(redis::cmd("HGETALL").arg(user_key(username)))
             .await?;
-        user_from_fields(username, &fields)
+        let user = user_from_fields(username, &fields)?;
+        Ok(user.zip(fields.remove("password_hash")))
     }
 
     /// The user named `username`. While the authentication cache runs
@@ -267,7 +268,7 @@ impl Users {
     /// push, one made through this store at once.
     pub async fn get(&self, username: &str) -> Result<User> {
         match self.load_cached(username).await? {
-            Some((user, _)) => Ok(user),
+            Some(user) => Ok(user),
             None => Err(Error::UnknownUser {
                 username: username.to_owned(),
             }),
@@ -507,7 +508,7 @@ impl Users {
         let mut users = Vec::with_capacity(names.len());
         for (name, fields) in names.iter().zip(all) {
             // A user deleted meanwhile is left out.
-            if let Some((user, _)) = user_from_fields(name, &fields)? {
+            if let Some(user) = user_from_fields(name, &fields)? {
                 users.push(user);
             }
         }
@@ -515,12 +516,11 @@ impl Users {
     }
 }
 
-/// A user and its password hash from its hash fields; `None` if there is no such user.
-fn user_from_fields(
-    username: &str,
-    fields: &HashMap<String, String>,
-) -> Result<Option<(User, String)>> {
-    let (Some(tenant), Some(hash)) = (fields.get("tenant"), fields.get("password_hash")) else {
+/// A user from its hash fields; `None` if there is no such user (a
+/// user's hash always has a tenant and a password hash).
+fn user_from_fields(username: &str, fields: &HashMap<String, String>) -> Result<Option<User>> {
+    let has_hash = fields.contains_key("password_hash");
+    let Some(tenant) = fields.get("tenant").filter(|_| has_hash) else {
         return Ok(None);
     };
     let user = User {
@@ -531,7 +531,7 @@ fn user_from_fields(
         disabled: fields.get("disabled").is_some_and(|d| d == "1"),
         admin: fields.get("admin").is_some_and(|a| a == "1"),
     };
-    Ok(Some((user, hash.clone())))
+    Ok(Some(user))
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ async fn encrypted_values_read_back_only_where_they_were_written() {
         acme.get("card").await.unwrap().value,
         json!({"pan": "4111111111111111"})
     );
+    let raw = acme.get_raw("card").await.unwrap();
+    assert_eq!(raw.value.get(), r#"{"pan":"4111111111111111"}"#);
 
     let raw = |key: &str| {
         let key = key.to_owned();
@@ -65,6 +67,10 @@ async fn encrypted_values_read_back_only_where_they_were_written() {
         Err(Error::Corrupt { .. })
     ));
     assert!(matches!(bob.get("card").await, Err(Error::Corrupt { .. })));
+    assert!(matches!(
+        bob.get_raw("card").await,
+        Err(Error::Corrupt { .. })
+    ));
 
     // Another master key, or none, cannot read it.
     let wrong = TenantKv::builder(client(&topology))

@@ -107,6 +107,50 @@ async fn every_operation_keeps_its_promise_and_leaves_one_audit_record() {
 }
 
 #[tokio::test]
+async fn raw_reads_hand_on_the_stored_text_and_refuse_what_is_not_json() {
+    let (topology, client) = start(0).await;
+    let store = TenantKv::builder(client).build().unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::user("alice"));
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("owner".into(), json!("alice"));
+    let value = json!({"n": 1.5, "s": "é\n\"", "list": [1, null, true]});
+    let created = acme
+        .create(
+            "doc",
+            NewItem::new(value.clone()).metadata(metadata.clone()),
+        )
+        .await
+        .unwrap();
+    let raw = acme.get_raw("doc").await.unwrap();
+    assert_eq!(raw.value.get(), serde_json::to_string(&value).unwrap());
+    assert_eq!(
+        (raw.key.as_str(), raw.metadata, raw.version, raw.created_at),
+        ("doc", Some(metadata), created.version, created.created_at)
+    );
+    assert!(matches!(
+        acme.get_raw("nothing").await,
+        Err(Error::NotFound { .. })
+    ));
+
+    // A value cut short is corrupt, read either way.
+    let (master, key) = (topology.initial_master(), "tenant:{acme}:data:doc");
+    let mut stored: Vec<u8> = topology
+        .query(master, redis::cmd("GET").arg(key))
+        .await
+        .unwrap();
+    stored.pop();
+    let _: () = topology
+        .query(master, redis::cmd("SET").arg(key).arg(stored))
+        .await
+        .unwrap();
+    assert!(matches!(
+        acme.get_raw("doc").await,
+        Err(Error::Corrupt { .. })
+    ));
+    assert!(matches!(acme.get("doc").await, Err(Error::Corrupt { .. })));
+}
+
+#[tokio::test]
 async fn an_expired_item_is_gone_from_reads_and_listing_and_leaves_the_index_audited() {
     let (topology, client) = start(0).await;
     let store = TenantKv::builder(client).build().unwrap();
