@@ -229,9 +229,9 @@ pub(crate) fn decode(lines: &str) -> impl Iterator<Item = Result<Parsed<'_>, (St
 /// strings).
 ///
 /// Why: access logs and audit records seldom hold a character to escape,
-/// and reading such a line this way costs about a quarter of what
-/// `serde_json` spends on it, which was the offloader's largest cost per
-/// record.
+/// and reading such a line this way takes about half the instructions
+/// `serde_json` spends on it (2.4k against 4.2k for an access log's
+/// line), which were the offloader's largest cost per record.
 fn plain_object(line: &str) -> Option<Vec<(Text<'_>, Text<'_>)>> {
     let mut rest = line.strip_prefix('{')?;
     let mut pairs = Vec::with_capacity(16);
