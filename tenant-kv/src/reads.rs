@@ -26,7 +26,9 @@ impl Tenant {
     /// The item under `key` as [`get`](Self::get) reads and audits it,
     /// its value the JSON text as stored (checked, never parsed into a
     /// tree): to pass it on, as an HTTP answer does, without the cost of
-    /// building and writing again a [`Json`] value, which grows with it.
+    /// building a [`serde_json::Value`] and writing it again, which grows
+    /// with the value. (`RawValue` has no `PartialEq`: compare its text,
+    /// [`RawValue::get`].)
     pub async fn get_raw(&self, key: &str) -> Result<Item<Box<RawValue>>> {
         self.get_as(key).await
     }
@@ -260,8 +262,8 @@ impl ValueForm for Json {
 impl ValueForm for Box<RawValue> {
     fn read(text: Vec<u8>) -> serde_json::Result<Self> {
         let text = String::from_utf8(text).map_err(serde::de::Error::custom)?;
-        // Checks the text; takes the string as it is when it has no
-        // surrounding space, as values are stored.
+        // Checks the text, then keeps it in a box of its size: a copy,
+        // as the text shares its buffer with the envelope read.
         RawValue::from_string(text)
     }
 }

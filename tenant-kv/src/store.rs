@@ -91,12 +91,12 @@ impl TenantKvBuilder {
         self
     }
 
-    /// Audits one read in `every` (`get` and each item of `get_many`), the
-    /// records of sampled reads saying `sampled = every`; writes are always
-    /// audited. A read audit is a log record buffered, replicated and
-    /// shipped, about as dear as the read itself: sampling trades the
-    /// record of every read for throughput. Defaults to 1: every read is
-    /// audited.
+    /// Audits one read in `every` (`get`, `get_raw` and each item of
+    /// `get_many`), the records of sampled reads saying `sampled = every`;
+    /// writes are always audited. A read audit is a log record buffered,
+    /// replicated and shipped, about as dear as the read itself: sampling
+    /// trades the record of every read for throughput. Defaults to 1:
+    /// every read is audited.
     pub fn read_audit_sample(mut self, every: u32) -> Self {
         self.read_audit_sample = every;
         self

@@ -519,10 +519,12 @@ impl Users {
 /// A user from its hash fields; `None` if there is no such user (a
 /// user's hash always has a tenant and a password hash).
 fn user_from_fields(username: &str, fields: &HashMap<String, String>) -> Result<Option<User>> {
-    let has_hash = fields.contains_key("password_hash");
-    let Some(tenant) = fields.get("tenant").filter(|_| has_hash) else {
+    let Some(tenant) = fields.get("tenant") else {
         return Ok(None);
     };
+    if !fields.contains_key("password_hash") {
+        return Ok(None);
+    }
     let user = User {
         username: username.to_owned(),
         tenant: TenantId::new(tenant.clone())?,
