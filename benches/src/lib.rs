@@ -9,6 +9,12 @@
 //! Absolute numbers vary between machines and minutes; the ratios are what a
 //! benchmark asserts about.
 //!
+//! On Linux it also counts the CPU time each variant's rounds took, of
+//! this process and of the others named (the Redis servers, say), per
+//! operation: unlike throughput, CPU time does not grow when a shared
+//! machine's hypervisor takes the cores away (steal), so it compares
+//! variants across runs and minutes where throughput cannot.
+//!
 //! `BENCH_SECONDS` (default 2) sets the time of one measurement and
 //! `BENCH_ROUNDS` (default 3) the number of rounds. The `harness` binary
 //! runs the scenarios built on it.
@@ -57,6 +63,37 @@ pub struct Measurement {
     pub errors: u64,
     /// Every successful operation's latency in microseconds, sorted.
     pub latencies_us: Vec<u32>,
+    /// CPU time used over all rounds (`None` where `/proc` cannot tell).
+    pub cpu: Option<CpuTime>,
+}
+
+/// CPU time used (user and system, every thread), of this process and of
+/// the other processes observed together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuTime {
+    /// This process's.
+    pub own: Duration,
+    /// The others'.
+    pub others: Duration,
+}
+
+impl CpuTime {
+    /// The CPU time used so far, if `/proc` tells it for every process.
+    fn now(others: &[u32]) -> Option<Self> {
+        let others = others.iter().map(|pid| cpu_time(&pid.to_string()));
+        Some(Self {
+            own: cpu_time("self")?,
+            others: others.sum::<Option<Duration>>()?,
+        })
+    }
+
+    /// What was used between `earlier` and `self`, added to `total`.
+    fn added_since(self, earlier: Self, total: Self) -> Self {
+        Self {
+            own: total.own + self.own.saturating_sub(earlier.own),
+            others: total.others + self.others.saturating_sub(earlier.others),
+        }
+    }
 }
 
 impl Measurement {
@@ -65,6 +102,14 @@ impl Measurement {
         let mut rounds = self.rounds_ops_per_sec.clone();
         rounds.sort_by(f64::total_cmp);
         rounds.get(rounds.len() / 2).copied().unwrap_or(0.0)
+    }
+
+    /// CPU time per successful operation, in µs: this process's, and
+    /// that of this process and the others observed together.
+    pub fn cpu_us_per_op(&self) -> Option<(f64, f64)> {
+        let (cpu, ops) = (self.cpu?, self.latencies_us.len().max(1) as f64);
+        let per_op = |time: Duration| time.as_secs_f64() * 1e6 / ops;
+        Some((per_op(cpu.own), per_op(cpu.own + cpu.others)))
     }
 
     /// The latency below which the fraction `q` (0..=1) of operations completed.
@@ -138,11 +183,31 @@ async fn run_once(operation: &Operation, tasks: usize, duration: Duration) -> (f
 /// Measures every variant at `tasks` concurrency in interleaved rounds and
 /// returns one [`Measurement`] per variant, in the given order.
 pub async fn compare(variants: &[Variant], tasks: usize, settings: Settings) -> Vec<Measurement> {
-    let mut results = vec![Measurement::default(); variants.len()];
+    compare_observing(variants, tasks, settings, &[]).await
+}
+
+/// [`compare`], counting also the CPU time of the processes `others`.
+pub async fn compare_observing(
+    variants: &[Variant],
+    tasks: usize,
+    settings: Settings,
+    others: &[u32],
+) -> Vec<Measurement> {
+    let first = Measurement {
+        cpu: Some(CpuTime::default()),
+        ..Measurement::default()
+    };
+    let mut results = vec![first; variants.len()];
     for _ in 0..settings.rounds {
         for (variant, result) in variants.iter().zip(&mut results) {
+            let before = CpuTime::now(others);
             let (ops_per_sec, errors, latencies) =
                 run_once(&variant.operation, tasks, settings.duration).await;
+            let after = CpuTime::now(others);
+            result.cpu = match (result.cpu, before, after) {
+                (Some(total), Some(before), Some(after)) => Some(after.added_since(before, total)),
+                _ => None,
+            };
             result.rounds_ops_per_sec.push(ops_per_sec);
             result.errors += errors;
             result.latencies_us.extend(latencies);
@@ -154,12 +219,35 @@ pub async fn compare(variants: &[Variant], tasks: usize, settings: Settings) -> 
     results
 }
 
+/// The CPU time (user and system, every thread) process `pid` (or
+/// `self`) has used, from `/proc/<pid>/stat`; `None` without one, as on
+/// other systems than Linux or once the process is gone.
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_time(&stat)
+}
+
+/// `utime` plus `stime` of a `/proc/<pid>/stat` line, fields 14 and 15,
+/// counted after the command name (which may hold spaces and
+/// parentheses), in the kernel's `USER_HZ` ticks: 100 a second on every
+/// Linux architecture this runs on.
+fn parse_cpu_time(stat: &str) -> Option<Duration> {
+    const TICKS_PER_SEC: u64 = 100;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis(
+        (utime + stime) * 1000 / TICKS_PER_SEC,
+    ))
+}
+
 /// A table of the measurements, ratios against the first variant.
 pub fn report(variants: &[Variant], tasks: usize, measurements: &[Measurement]) -> String {
     let baseline = measurements.first().map_or(0.0, Measurement::ops_per_sec);
     let mut out = format!(
-        "{tasks} tasks\n  {:<36} {:>10} {:>7} {:>9} {:>9} {:>9} {:>7}\n",
-        "variant", "ops/s", "ratio", "p50", "p99", "p999", "errors"
+        "{tasks} tasks\n  {:<36} {:>10} {:>7} {:>9} {:>9} {:>9} {:>7} {:>15}\n",
+        "variant", "ops/s", "ratio", "p50", "p99", "p999", "errors", "cpu µs/op"
     );
     for (variant, m) in variants.iter().zip(measurements) {
         let ratio = if baseline > 0.0 {
@@ -167,16 +255,21 @@ pub fn report(variants: &[Variant], tasks: usize, measurements: &[Measurement]) 
         } else {
             0.0
         };
+        let cpu = m.cpu_us_per_op().map_or_else(
+            || "-".to_owned(),
+            |(own, all)| format!("{own:.1} / {all:.1}"),
+        );
         let _ = writeln!(
             out,
-            "  {:<36} {:>10.0} {:>6.2}x {:>9} {:>9} {:>9} {:>7}",
+            "  {:<36} {:>10.0} {:>6.2}x {:>9} {:>9} {:>9} {:>7} {:>15}",
             variant.name,
             m.ops_per_sec(),
             ratio,
             format!("{:.2?}", m.percentile(0.50)),
             format!("{:.2?}", m.percentile(0.99)),
             format!("{:.2?}", m.percentile(0.999)),
-            m.errors
+            m.errors,
+            cpu
         );
     }
     out
@@ -192,7 +285,12 @@ mod tests {
             rounds_ops_per_sec: vec![300.0, 100.0, 200.0],
             errors: 0,
             latencies_us: (1..=1000).collect(),
+            cpu: Some(CpuTime {
+                own: Duration::from_millis(30),
+                others: Duration::from_millis(20),
+            }),
         };
+        assert_eq!(m.cpu_us_per_op(), Some((30.0, 50.0)));
         assert_eq!(m.ops_per_sec(), 200.0);
         assert_eq!(m.percentile(0.5), Duration::from_micros(501));
         assert_eq!(m.percentile(0.999), Duration::from_micros(999));
@@ -217,5 +315,20 @@ mod tests {
         assert!(results[1].latencies_us.is_empty());
         let table = report(&variants, 2, &results);
         assert!(table.contains("1.00x"), "{table}");
+        // This process's CPU time is counted where /proc tells it.
+        if cfg!(target_os = "linux") {
+            assert!(results[0].cpu_us_per_op().is_some());
+        }
+    }
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 \
+                    120 0 0 0 250 37 0 0 20 0 3 0 100 0 0";
+        assert_eq!(parse_cpu_time(stat), Some(Duration::from_millis(2870)));
+        assert_eq!(parse_cpu_time("4242 (cut) S 1"), None);
+        if cfg!(target_os = "linux") {
+            assert!(cpu_time("self").is_some());
+        }
     }
 }

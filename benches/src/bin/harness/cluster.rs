@@ -53,7 +53,7 @@ pub(crate) async fn cluster() -> Result<Value, Box<dyn Error>> {
         "cluster: {TASKS} tasks over {TENANTS} tenants; {} interleaved rounds of {:?} per variant",
         settings.rounds, settings.duration
     );
-    let rows = groups(&[&writes, &reads, &raw], TASKS, settings).await;
+    let rows = groups(&[&writes, &reads, &raw], TASKS, settings, &[]).await;
     let ratios = json!({
         "put_cluster_to_single": super::ratio(&rows, "(b)", "(a)"),
         "get_cluster_to_single": super::ratio(&rows, "(d)", "(c)"),

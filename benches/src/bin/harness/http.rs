@@ -175,7 +175,17 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
         "http: {CONNECTIONS} connections; {} interleaved rounds of {:?} per variant",
         settings.rounds, settings.duration
     );
-    let rows = crate::groups(&[&variants], CONNECTIONS, settings).await;
+    // CPU per request counts Redis (every node and sentinel) and webdis too.
+    let topology = &system.topology;
+    let nodes = topology
+        .data_nodes()
+        .into_iter()
+        .chain(topology.sentinels());
+    let others: Vec<u32> = nodes
+        .filter_map(|node| topology.pid(node))
+        .chain(webdis.as_ref().and_then(Webdis::pid))
+        .collect();
+    let rows = crate::groups(&[&variants], CONNECTIONS, settings, &others).await;
     let ratio = |of: &str, to: &str| crate::ratio(&rows, of, to);
     let ratios = json!({
         "get_to_minimal": ratio("(b)", "(a)"),

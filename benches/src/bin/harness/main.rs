@@ -485,7 +485,7 @@ async fn reads() -> Result<Value, Box<dyn Error>> {
         "reads: {TASKS} tasks; {} interleaved rounds of {:?} per variant",
         settings.rounds, settings.duration
     );
-    let rows = groups(&[&reads, &writes], TASKS, settings).await;
+    let rows = groups(&[&reads, &writes], TASKS, settings, &[]).await;
     let metrics = client.metrics();
     println!(
         "replica reads {}, session reads sent to the master {}",

@@ -1,7 +1,7 @@
 //! The interleaved comparisons' rows: each group of variants measured,
 //! printed with ratios to its baseline, and `BENCH_ONLY`'s selection.
 
-use benches::{Settings, Variant, compare, report};
+use benches::{Settings, Variant, compare_observing, report};
 use serde_json::{Value, json};
 
 /// The throughput of the variant whose name starts with `of` over that of
@@ -17,9 +17,16 @@ pub(crate) fn ratio(rows: &[Value], of: &str, to: &str) -> f64 {
 }
 
 /// Runs each group of variants at `tasks` concurrency, the first of each
-/// the baseline, and prints and returns rows with ratios to it. With
-/// `BENCH_ONLY` set, only the variants it names run (see [`selected`]).
-pub(crate) async fn groups(groups: &[&[Variant]], tasks: usize, settings: Settings) -> Vec<Value> {
+/// the baseline, and prints and returns rows with ratios to it, and the
+/// CPU time per operation of this process and of it with the processes
+/// `others`. With `BENCH_ONLY` set, only the variants it names run (see
+/// [`selected`]).
+pub(crate) async fn groups(
+    groups: &[&[Variant]],
+    tasks: usize,
+    settings: Settings,
+    others: &[u32],
+) -> Vec<Value> {
     let only = std::env::var("BENCH_ONLY").ok();
     let mut rows = Vec::new();
     for variants in groups {
@@ -31,11 +38,12 @@ pub(crate) async fn groups(groups: &[&[Variant]], tasks: usize, settings: Settin
         if variants.is_empty() {
             continue;
         }
-        let measurements = compare(&variants, tasks, settings).await;
+        let measurements = compare_observing(&variants, tasks, settings, others).await;
         print!("{}", report(&variants, tasks, &measurements));
         let base = measurements[0].ops_per_sec();
         println!("  (ratios to {})", variants[0].name);
         for (variant, m) in variants.iter().zip(&measurements) {
+            let cpu = m.cpu_us_per_op();
             rows.push(json!({
                 "tasks": tasks,
                 "variant": variant.name,
@@ -45,6 +53,8 @@ pub(crate) async fn groups(groups: &[&[Variant]], tasks: usize, settings: Settin
                 "p50_us": m.percentile(0.50).as_micros(),
                 "p99_us": m.percentile(0.99).as_micros(),
                 "errors": m.errors,
+                "own_cpu_us_per_op": cpu.map(|(own, _)| own),
+                "cpu_us_per_op": cpu.map(|(_, all)| all),
             }));
         }
     }

@@ -79,7 +79,7 @@ pub(crate) async fn tenant_kv() -> Result<Value, Box<dyn Error>> {
         "tenant-kv: {TASKS} tasks; {} interleaved rounds of {:?} per variant",
         settings.rounds, settings.duration
     );
-    let rows = groups(&[&writes, &reads], TASKS, settings).await;
+    let rows = groups(&[&writes, &reads], TASKS, settings, &[]).await;
     let ratio = |of: &str, to: &str| super::ratio(&rows, of, to);
     let ratios = json!({
         "put_to_hand_written": ratio("(c)", "(b)"),
@@ -363,7 +363,7 @@ pub(crate) async fn list() -> Result<Value, Box<dyn Error>> {
         variant("(a) 100 keys, tenant alone", alone_tenant),
         variant("(b) 100 keys among 1M others", crowded_tenant),
     ];
-    let rows = groups(&[&variants], TASKS, settings).await;
+    let rows = groups(&[&variants], TASKS, settings, &[]).await;
     println!("target: (b) takes <= 2x the time of (a), i.e. (b)/(a) throughput >= 0.5");
     Ok(json!({ "scenario": "list", "rounds": settings.rounds,
                 "seconds": settings.duration.as_secs_f64(), "results": rows }))

@@ -17,10 +17,15 @@ const START_DEADLINE: Duration = Duration::from_secs(10);
 /// A running webdis; dropping it kills the process.
 pub(crate) struct Webdis {
     pub(crate) addr: SocketAddr,
-    _process: Child,
+    process: Child,
 }
 
 impl Webdis {
+    /// Its process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.process.id()
+    }
+
     /// Starts webdis in `dir` on a free loopback port, serving `redis`;
     /// `None` when there is no `webdis` binary.
     pub(crate) async fn start(
@@ -65,10 +70,7 @@ impl Webdis {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(Some(Self {
-            addr,
-            _process: process,
-        }))
+        Ok(Some(Self { addr, process }))
     }
 }
 
