@@ -9,11 +9,12 @@
 //! Absolute numbers vary between machines and minutes; the ratios are what a
 //! benchmark asserts about.
 //!
-//! On Linux it also counts the CPU time each variant's rounds took, of
-//! this process and of the others named (the Redis servers, say), per
-//! operation: unlike throughput, CPU time does not grow when a shared
-//! machine's hypervisor takes the cores away (steal), so it compares
-//! variants across runs and minutes where throughput cannot.
+//! On Linux it also counts the CPU time each variant's rounds took per
+//! successful operation, of this process and with the other processes
+//! named (the Redis servers, say). Where the kernel accounts stolen time
+//! apart, as on a KVM guest, that time is not in it, so it is less
+//! sensitive to a shared machine's steal than throughput; it still moves
+//! with the host's load, so compare variants within one run.
 //!
 //! `BENCH_SECONDS` (default 2) sets the time of one measurement and
 //! `BENCH_ROUNDS` (default 3) the number of rounds. The `harness` binary
@@ -67,31 +68,35 @@ pub struct Measurement {
     pub cpu: Option<CpuTime>,
 }
 
-/// CPU time used (user and system, every thread), of this process and of
-/// the other processes observed together.
+/// CPU time used (user and system, every thread).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuTime {
     /// This process's.
     pub own: Duration,
-    /// The others'.
-    pub others: Duration,
+    /// The other processes' observed, together (`None` if there are none,
+    /// or if one of them could not be read).
+    pub others: Option<Duration>,
 }
 
 impl CpuTime {
-    /// The CPU time used so far, if `/proc` tells it for every process.
+    /// The CPU time used so far by this process, and by the processes
+    /// `others` if every one of them can be read.
     fn now(others: &[u32]) -> Option<Self> {
-        let others = others.iter().map(|pid| cpu_time(&pid.to_string()));
+        let read = others.iter().map(|&pid| process_cpu_time(pid));
         Some(Self {
-            own: cpu_time("self")?,
-            others: others.sum::<Option<Duration>>()?,
+            own: own_cpu_time()?,
+            others: if others.is_empty() { None } else { read.sum() },
         })
     }
 
     /// What was used between `earlier` and `self`, added to `total`.
     fn added_since(self, earlier: Self, total: Self) -> Self {
+        let since = |now: Option<Duration>, then: Option<Duration>, sum: Option<Duration>| {
+            Some(sum? + now?.saturating_sub(then?))
+        };
         Self {
             own: total.own + self.own.saturating_sub(earlier.own),
-            others: total.others + self.others.saturating_sub(earlier.others),
+            others: since(self.others, earlier.others, total.others),
         }
     }
 }
@@ -104,12 +109,23 @@ impl Measurement {
         rounds.get(rounds.len() / 2).copied().unwrap_or(0.0)
     }
 
-    /// CPU time per successful operation, in µs: this process's, and
-    /// that of this process and the others observed together.
-    pub fn cpu_us_per_op(&self) -> Option<(f64, f64)> {
-        let (cpu, ops) = (self.cpu?, self.latencies_us.len().max(1) as f64);
-        let per_op = |time: Duration| time.as_secs_f64() * 1e6 / ops;
-        Some((per_op(cpu.own), per_op(cpu.own + cpu.others)))
+    /// This process's CPU time per successful operation, in µs (all of
+    /// it, failed operations' included, over the successful ones; the
+    /// mean over the rounds).
+    pub fn own_cpu_us_per_op(&self) -> Option<f64> {
+        self.per_op(self.cpu?.own)
+    }
+
+    /// As [`own_cpu_us_per_op`](Self::own_cpu_us_per_op), of this process
+    /// and the others observed together.
+    pub fn all_cpu_us_per_op(&self) -> Option<f64> {
+        let cpu = self.cpu?;
+        self.per_op(cpu.own + cpu.others?)
+    }
+
+    fn per_op(&self, time: Duration) -> Option<f64> {
+        let ops = self.latencies_us.len();
+        (ops > 0).then(|| time.as_secs_f64() * 1e6 / ops as f64)
     }
 
     /// The latency below which the fraction `q` (0..=1) of operations completed.
@@ -186,15 +202,27 @@ pub async fn compare(variants: &[Variant], tasks: usize, settings: Settings) -> 
     compare_observing(variants, tasks, settings, &[]).await
 }
 
-/// [`compare`], counting also the CPU time of the processes `others`.
+/// [`compare`], counting also the CPU time of the processes whose ids are
+/// `others` (one that cannot be read is named on stderr, and the sum of
+/// the others is then left out).
 pub async fn compare_observing(
     variants: &[Variant],
     tasks: usize,
     settings: Settings,
     others: &[u32],
 ) -> Vec<Measurement> {
+    for &pid in others {
+        if process_cpu_time(pid).is_none() {
+            eprintln!(
+                "benches: the CPU time of process {pid} cannot be read: only this process's is counted"
+            );
+        }
+    }
     let first = Measurement {
-        cpu: Some(CpuTime::default()),
+        cpu: CpuTime::now(others).map(|now| CpuTime {
+            own: Duration::ZERO,
+            others: now.others.map(|_| Duration::ZERO),
+        }),
         ..Measurement::default()
     };
     let mut results = vec![first; variants.len()];
@@ -219,10 +247,19 @@ pub async fn compare_observing(
     results
 }
 
-/// The CPU time (user and system, every thread) process `pid` (or
-/// `self`) has used, from `/proc/<pid>/stat`; `None` without one, as on
-/// other systems than Linux or once the process is gone.
-fn cpu_time(pid: &str) -> Option<Duration> {
+/// The CPU time (user and system, every thread) this process has used,
+/// from `/proc/self/stat`; `None` without it, as on other systems than
+/// Linux.
+pub fn own_cpu_time() -> Option<Duration> {
+    read_cpu_time("self")
+}
+
+/// [`own_cpu_time`] of process `pid`; `None` once it is gone.
+pub fn process_cpu_time(pid: u32) -> Option<Duration> {
+    read_cpu_time(&pid.to_string())
+}
+
+fn read_cpu_time(pid: &str) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_cpu_time(&stat)
 }
@@ -246,8 +283,8 @@ fn parse_cpu_time(stat: &str) -> Option<Duration> {
 pub fn report(variants: &[Variant], tasks: usize, measurements: &[Measurement]) -> String {
     let baseline = measurements.first().map_or(0.0, Measurement::ops_per_sec);
     let mut out = format!(
-        "{tasks} tasks\n  {:<36} {:>10} {:>7} {:>9} {:>9} {:>9} {:>7} {:>15}\n",
-        "variant", "ops/s", "ratio", "p50", "p99", "p999", "errors", "cpu µs/op"
+        "{tasks} tasks\n  {:<36} {:>10} {:>7} {:>9} {:>9} {:>9} {:>7} {:>17}\n",
+        "variant", "ops/s", "ratio", "p50", "p99", "p999", "errors", "cpu µs/op own/all"
     );
     for (variant, m) in variants.iter().zip(measurements) {
         let ratio = if baseline > 0.0 {
@@ -255,13 +292,15 @@ pub fn report(variants: &[Variant], tasks: usize, measurements: &[Measurement]) 
         } else {
             0.0
         };
-        let cpu = m.cpu_us_per_op().map_or_else(
-            || "-".to_owned(),
-            |(own, all)| format!("{own:.1} / {all:.1}"),
+        let figure = |us: Option<f64>| us.map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"));
+        let cpu = format!(
+            "{} / {}",
+            figure(m.own_cpu_us_per_op()),
+            figure(m.all_cpu_us_per_op())
         );
         let _ = writeln!(
             out,
-            "  {:<36} {:>10.0} {:>6.2}x {:>9} {:>9} {:>9} {:>7} {:>15}",
+            "  {:<36} {:>10.0} {:>6.2}x {:>9} {:>9} {:>9} {:>7} {:>17}",
             variant.name,
             m.ops_per_sec(),
             ratio,
@@ -287,10 +326,17 @@ mod tests {
             latencies_us: (1..=1000).collect(),
             cpu: Some(CpuTime {
                 own: Duration::from_millis(30),
-                others: Duration::from_millis(20),
+                others: Some(Duration::from_millis(20)),
             }),
         };
-        assert_eq!(m.cpu_us_per_op(), Some((30.0, 50.0)));
+        assert_eq!(m.own_cpu_us_per_op(), Some(30.0));
+        assert_eq!(m.all_cpu_us_per_op(), Some(50.0));
+        // Nothing succeeded: no figure per operation.
+        let failed = Measurement {
+            latencies_us: Vec::new(),
+            ..m.clone()
+        };
+        assert_eq!(failed.own_cpu_us_per_op(), None);
         assert_eq!(m.ops_per_sec(), 200.0);
         assert_eq!(m.percentile(0.5), Duration::from_micros(501));
         assert_eq!(m.percentile(0.999), Duration::from_micros(999));
@@ -315,10 +361,42 @@ mod tests {
         assert!(results[1].latencies_us.is_empty());
         let table = report(&variants, 2, &results);
         assert!(table.contains("1.00x"), "{table}");
-        // This process's CPU time is counted where /proc tells it.
+        // This process's CPU time is counted where /proc tells it; no
+        // other process was observed.
         if cfg!(target_os = "linux") {
-            assert!(results[0].cpu_us_per_op().is_some());
+            assert!(results[0].own_cpu_us_per_op().is_some());
         }
+        assert_eq!(results[0].all_cpu_us_per_op(), None);
+    }
+
+    #[tokio::test]
+    async fn observed_processes_are_added_and_a_missing_one_left_out() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        // This process observed as another: read just after its own
+        // time, so at least as much.
+        let now = CpuTime::now(&[std::process::id()]).unwrap();
+        assert!(now.others.unwrap() >= now.own);
+        assert_eq!(CpuTime::now(&[u32::MAX]).unwrap().others, None);
+
+        // A variant spinning for 3 rounds: the same time counted twice,
+        // but for what other threads did between two readings.
+        let variants = [Variant::new("ok", |_| async { Ok(()) })];
+        let settings = Settings {
+            duration: Duration::from_millis(100),
+            rounds: 3,
+        };
+        let seen = compare_observing(&variants, 1, settings, &[std::process::id()]).await;
+        let cpu = seen[0].cpu.unwrap();
+        let (own, other) = (cpu.own, cpu.others.unwrap());
+        assert!(
+            other.abs_diff(own) <= own / 4 + Duration::from_millis(40),
+            "{own:?} {other:?}"
+        );
+        let missing = compare_observing(&variants, 1, settings, &[u32::MAX]).await;
+        assert!(missing[0].own_cpu_us_per_op().is_some());
+        assert_eq!(missing[0].all_cpu_us_per_op(), None);
     }
 
     #[test]
@@ -328,7 +406,7 @@ mod tests {
         assert_eq!(parse_cpu_time(stat), Some(Duration::from_millis(2870)));
         assert_eq!(parse_cpu_time("4242 (cut) S 1"), None);
         if cfg!(target_os = "linux") {
-            assert!(cpu_time("self").is_some());
+            assert!(own_cpu_time().is_some());
         }
     }
 }

@@ -505,21 +505,10 @@ pub(crate) async fn abuse() -> Result<Value, Box<dyn Error>> {
     report(&results, &server, idle_rss)
 }
 
-/// The CPU time a process has used, in seconds (`utime` + `stime` of
-/// `/proc/<pid>/stat`, in clock ticks of 1/100 s on Linux).
+/// The CPU time a process has used, in seconds (0 where `/proc` cannot
+/// tell).
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name, which may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |index: usize| {
-        fields
-            .get(index)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    benches::process_cpu_time(pid).map_or(0.0, |time| time.as_secs_f64())
 }
 
 fn rss_kib(pid: u32) -> u64 {

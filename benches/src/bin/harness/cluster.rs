@@ -237,20 +237,10 @@ async fn per_master(
                "harness_cpu_us_per_op": harness_us, "masters": rows }))
 }
 
-/// The CPU time (user and system) this process used so far, from
-/// `/proc/self/stat` (0 where there is none).
+/// The CPU time (user and system) this process used so far, in seconds
+/// (0 where `/proc` cannot tell).
 fn harness_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // The fields after the command name (which may hold spaces): utime and
-    // stime are the 12th and 13th, in clock ticks of 1/100 s on Linux.
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let ticks: Vec<f64> = after_name
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|field| field.parse().ok())
-        .collect();
-    ticks.iter().sum::<f64>() / 100.0
+    benches::own_cpu_time().map_or(0.0, |time| time.as_secs_f64())
 }
 
 /// How many calls of `commands` an `INFO commandstats` reply counts.

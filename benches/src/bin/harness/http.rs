@@ -185,6 +185,10 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
         .filter_map(|node| topology.pid(node))
         .chain(webdis.as_ref().and_then(Webdis::pid))
         .collect();
+    println!(
+        "http: CPU per request: the harness's own, and with {} other processes (Redis, sentinels, webdis)",
+        others.len()
+    );
     let rows = crate::groups(&[&variants], CONNECTIONS, settings, &others).await;
     let ratio = |of: &str, to: &str| crate::ratio(&rows, of, to);
     let ratios = json!({

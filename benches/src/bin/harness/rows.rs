@@ -43,7 +43,6 @@ pub(crate) async fn groups(
         let base = measurements[0].ops_per_sec();
         println!("  (ratios to {})", variants[0].name);
         for (variant, m) in variants.iter().zip(&measurements) {
-            let cpu = m.cpu_us_per_op();
             rows.push(json!({
                 "tasks": tasks,
                 "variant": variant.name,
@@ -53,8 +52,8 @@ pub(crate) async fn groups(
                 "p50_us": m.percentile(0.50).as_micros(),
                 "p99_us": m.percentile(0.99).as_micros(),
                 "errors": m.errors,
-                "own_cpu_us_per_op": cpu.map(|(own, _)| own),
-                "cpu_us_per_op": cpu.map(|(_, all)| all),
+                "harness_cpu_us_per_op": m.own_cpu_us_per_op(),
+                "all_cpu_us_per_op": m.all_cpu_us_per_op(),
             }));
         }
     }
