@@ -211,17 +211,16 @@ pub async fn compare_observing(
     settings: Settings,
     others: &[u32],
 ) -> Vec<Measurement> {
-    for &pid in others {
-        if process_cpu_time(pid).is_none() {
-            eprintln!(
-                "benches: the CPU time of process {pid} cannot be read: only this process's is counted"
-            );
-        }
+    let unreadable = others.iter().find(|&&pid| process_cpu_time(pid).is_none());
+    if let Some(pid) = unreadable {
+        eprintln!(
+            "benches: the CPU time of process {pid} cannot be read: only this process's is counted"
+        );
     }
     let first = Measurement {
-        cpu: CpuTime::now(others).map(|now| CpuTime {
+        cpu: own_cpu_time().map(|_| CpuTime {
             own: Duration::ZERO,
-            others: now.others.map(|_| Duration::ZERO),
+            others: (!others.is_empty() && unreadable.is_none()).then_some(Duration::ZERO),
         }),
         ..Measurement::default()
     };

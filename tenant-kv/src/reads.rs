@@ -140,7 +140,7 @@ impl Tenant {
             let plain = encryption
                 .decrypt(&settings.client, &self.tenant, key, sealed)
                 .await?;
-            V::read(plain.into_bytes())
+            V::read_text(plain)
         } else {
             V::read(stored.value)
         }
@@ -249,21 +249,31 @@ impl Tenant {
 
 /// The forms an item's value is read in: parsed, or the text as stored.
 trait ValueForm: Sized {
-    /// The value from its JSON text, checked.
+    /// The value from its JSON text as stored, checked.
     fn read(text: Vec<u8>) -> serde_json::Result<Self>;
+    /// The value from JSON text already known to be UTF-8 (a decrypted
+    /// value), checked.
+    fn read_text(text: String) -> serde_json::Result<Self>;
 }
 
 impl ValueForm for Json {
     fn read(text: Vec<u8>) -> serde_json::Result<Self> {
         serde_json::from_slice(&text)
     }
+
+    fn read_text(text: String) -> serde_json::Result<Self> {
+        serde_json::from_str(&text)
+    }
 }
 
 impl ValueForm for Box<RawValue> {
     fn read(text: Vec<u8>) -> serde_json::Result<Self> {
-        let text = String::from_utf8(text).map_err(serde::de::Error::custom)?;
-        // Checks the text, then keeps it in a box of its size: a copy,
-        // as the text shares its buffer with the envelope read.
+        Self::read_text(String::from_utf8(text).map_err(serde::de::Error::custom)?)
+    }
+
+    fn read_text(text: String) -> serde_json::Result<Self> {
+        // Checks the text, then keeps it in a box of its size: a copy
+        // when the text shares its buffer with the envelope read.
         RawValue::from_string(text)
     }
 }
