@@ -328,6 +328,24 @@ impl Visit for Visitor<'_> {
         self.0.push_str(field.name(), value);
     }
 
+    // Integers and booleans are written as `Debug` would write them, but
+    // without `core::fmt`'s machinery: every access-log and audit record
+    // carries a few.
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0
+            .push_str(field.name(), itoa::Buffer::new().format(value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0
+            .push_str(field.name(), itoa::Buffer::new().format(value));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0
+            .push_str(field.name(), if value { "true" } else { "false" });
+    }
+
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.0.push_debug(field.name(), value);
     }

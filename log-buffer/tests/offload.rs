@@ -24,7 +24,15 @@ async fn lines_arrive_per_tenant_with_their_labels_in_every_encoding() {
     {
         let _guard =
             tracing::subscriber::set_default(tracing_subscriber::registry().with(buffer.layer()));
-        tracing::info!(tenant_id = "acme", user = "alice", count = 3, "logged in");
+        tracing::info!(
+            tenant_id = "acme",
+            user = "alice",
+            count = 3,
+            delta = -7,
+            big = u64::MAX,
+            fresh = true,
+            "logged in"
+        );
         tracing::warn!(tenant_id = "globex", "disk almost full");
         let span = tracing::info_span!(
             "request",
@@ -65,6 +73,9 @@ async fn lines_arrive_per_tenant_with_their_labels_in_every_encoding() {
     let (login, labels) = &by_message["logged in"];
     assert_eq!(login["user"], "alice");
     assert_eq!(login["count"], "3");
+    assert_eq!(login["delta"], "-7");
+    assert_eq!(login["big"], u64::MAX.to_string());
+    assert_eq!(login["fresh"], "true");
     assert_eq!(login["tenant_id"], "acme");
     assert_eq!(labels["job"], "log-buffer");
     assert_eq!(labels["tenant_id"], "acme");

@@ -281,33 +281,38 @@ pub(crate) fn waits_for_data(cmd: &redis::Cmd) -> bool {
 /// Whether `cmd` blocks its connection until an event or its timeout
 /// (judged by its name and, for `XREAD`, a `BLOCK` argument), and how long.
 pub(crate) fn blocking(cmd: &redis::Cmd) -> Option<Block> {
-    let args: Vec<&[u8]> = cmd
-        .args_iter()
-        .map(|arg| match arg {
-            redis::Arg::Simple(arg) => arg,
-            _ => b"0".as_slice(),
-        })
-        .collect();
-    let (name, rest) = args.split_first()?;
-    let name = String::from_utf8_lossy(name).to_ascii_uppercase();
-    match name.as_str() {
-        "BLPOP" | "BRPOP" | "BRPOPLPUSH" | "BLMOVE" | "BZPOPMIN" | "BZPOPMAX" => {
-            Some(Block::of(rest.last().copied(), 1000.0))
-        }
-        "BLMPOP" | "BZMPOP" => Some(Block::of(rest.first().copied(), 1000.0)),
-        "WAIT" | "WAITAOF" => Some(Block::of(rest.last().copied(), 1.0)),
-        "XREAD" | "XREADGROUP" => {
-            // Options come before STREAMS; keys after it may be named BLOCK.
-            let options = rest
-                .iter()
-                .position(|arg| arg.eq_ignore_ascii_case(b"STREAMS"))
-                .map_or(rest, |streams| &rest[..streams]);
-            let block = options
-                .iter()
-                .position(|arg| arg.eq_ignore_ascii_case(b"BLOCK"))?;
-            Some(Block::of(options.get(block + 1).copied(), 1.0))
-        }
-        _ => None,
+    let mut args = cmd.args_iter().map(|arg| match arg {
+        redis::Arg::Simple(arg) => arg,
+        _ => b"0".as_slice(),
+    });
+    // Every command runs through here: its name is compared in place, and
+    // only a blocking command's arguments are looked at.
+    let name = args.next()?;
+    let is = |names: &[&str]| {
+        names
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+    };
+    if is(&[
+        "BLPOP",
+        "BRPOP",
+        "BRPOPLPUSH",
+        "BLMOVE",
+        "BZPOPMIN",
+        "BZPOPMAX",
+    ]) {
+        Some(Block::of(args.last(), 1000.0))
+    } else if is(&["BLMPOP", "BZMPOP"]) {
+        Some(Block::of(args.next(), 1000.0))
+    } else if is(&["WAIT", "WAITAOF"]) {
+        Some(Block::of(args.last(), 1.0))
+    } else if is(&["XREAD", "XREADGROUP"]) {
+        // Options come before STREAMS; keys after it may be named BLOCK.
+        let mut options = args.take_while(|arg| !arg.eq_ignore_ascii_case(b"STREAMS"));
+        options.find(|arg| arg.eq_ignore_ascii_case(b"BLOCK"))?;
+        Some(Block::of(options.next(), 1.0))
+    } else {
+        None
     }
 }
 

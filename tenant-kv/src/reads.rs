@@ -154,7 +154,7 @@ impl Tenant {
         if let Some(sampled) = settings.read_audits.next() {
             tracing::info!(
                 target: "audit",
-                tenant_id = %self.tenant,
+                tenant_id = self.tenant.as_str(),
                 actor = self.actor.as_str(),
                 action = "get_key",
                 key,

@@ -194,7 +194,13 @@ fn prepare(
 /// A stream entry's field value as text (borrowed, when it is valid UTF-8).
 pub(super) fn text(value: &Value) -> Cow<'_, str> {
     match value {
-        Value::BulkString(bytes) => String::from_utf8_lossy(bytes),
+        // `from_utf8` checks a word of ASCII at a time, where
+        // `from_utf8_lossy` goes byte by byte: a packed field is kilobytes,
+        // and is nearly always valid.
+        Value::BulkString(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(bytes),
+        },
         other => Cow::Owned(String::from_redis_value(other.clone()).unwrap_or_default()),
     }
 }
@@ -271,5 +277,14 @@ mod tests {
         tally.unsettle(1);
         assert!(!tally.settle(2));
         assert!(tally.settle(1));
+    }
+
+    #[test]
+    fn field_values_read_as_text_borrowed_unless_they_need_mending() {
+        let valid = Value::BulkString("{\"m\":\"é\"}".into());
+        assert!(matches!(text(&valid), Cow::Borrowed("{\"m\":\"é\"}")));
+        let invalid = Value::BulkString(b"a\xffb".to_vec());
+        assert_eq!(text(&invalid), "a\u{fffd}b");
+        assert_eq!(text(&Value::Int(7)), "7");
     }
 }
