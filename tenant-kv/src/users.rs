@@ -132,7 +132,7 @@ pub struct Users {
 }
 
 pub(crate) fn user_key(username: &str) -> String {
-    format!("{USER_PREFIX}{username}")
+    [USER_PREFIX, username].concat()
 }
 
 fn check_username(username: &str) -> Result<()> {

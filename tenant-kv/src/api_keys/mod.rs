@@ -45,7 +45,7 @@ fn now_ms() -> u64 {
 }
 
 fn api_key_key(id: &str) -> String {
-    format!("{API_KEY_PREFIX}{id}")
+    [API_KEY_PREFIX, id].concat()
 }
 
 impl TenantKv {
