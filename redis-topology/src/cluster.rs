@@ -27,7 +27,6 @@ pub use view::{SLOT_COUNT, slot_of};
 
 use crate::error::{Error, Result};
 use crate::node::NodeId;
-use crate::ports;
 use crate::server::{Server, ServerKind};
 use crate::topology::{Topology, info_field};
 use crate::waits::{Attempt, pending, pending_on};
@@ -143,7 +142,7 @@ impl Cluster {
     /// Starts one cluster node (not yet part of any cluster) on free client
     /// and bus ports; returns its address.
     async fn spawn_node(&self, id: NodeId) -> Result<SocketAddr> {
-        let bus_port = ports::pick_free_port().ok_or(Error::NoFreePort { node: id })?;
+        let bus_port = self.topology.reserve_port(id)?;
         let node_settings = &self.topology.settings;
         let cluster_lines = self.settings.cluster_config(bus_port);
         self.topology

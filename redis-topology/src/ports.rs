@@ -6,6 +6,13 @@
 //! restarted. A candidate is bound once to check it is free; the race between
 //! that check and `redis-server` binding it is handled by the caller, which
 //! retries with a new port when the server reports the address in use.
+//!
+//! A port handed out stays its node's, so that a killed node can be
+//! restarted on it: this process never hands it out again, and on Linux a
+//! [`Reservation`], which its topology holds, keeps every other process
+//! using this crate (test binaries run side by side) from taking it. The
+//! reservation is an abstract Unix socket named after the port, which the
+//! kernel releases however the process ends.
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};
@@ -41,19 +48,57 @@ fn candidate_range() -> Range<u16> {
 /// a killed node's port stays its own for a restart.
 static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
-/// A loopback port that was free a moment ago and was never handed out by
-/// this process before, or `None` if none was found.
-pub(crate) fn pick_free_port() -> Option<u16> {
+/// A loopback port that was free a moment ago, never handed out by this
+/// process before and reserved by no other, with its reservation; or
+/// `None` if none was found.
+pub(crate) fn pick_free_port() -> Option<(u16, Reservation)> {
     let range = candidate_range();
     let mut rng = rand::rng();
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-    let port = (0..CANDIDATES)
+    let (port, reservation) = (0..CANDIDATES)
         .map(|_| rng.random_range(range.clone()))
-        .find(|&port| {
-            !handed_out.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+        .filter(|port| !handed_out.contains(port))
+        .find_map(|port| {
+            let reservation = reserve(port)?;
+            TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+                .is_ok()
+                .then_some((port, reservation))
         })?;
     handed_out.insert(port);
-    Some(port)
+    Some((port, reservation))
+}
+
+/// Holds a port against the other processes on the machine (its network
+/// namespace) that use this crate, for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    _socket: Option<std::os::unix::net::UnixListener>,
+}
+
+/// Reserves `port`, or `None` if another reservation holds it. Where
+/// reserving cannot work (not Linux, or a socket refused for another
+/// reason), the port is handed out unreserved, as it was before
+/// reservations: only a restart racing another process is then at risk.
+fn reserve(port: u16) -> Option<Reservation> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::linux::net::SocketAddrExt as _;
+        use std::os::unix::net::{SocketAddr, UnixListener};
+        let name = format!("redis-topology-port-{port}");
+        if let Ok(addr) = SocketAddr::from_abstract_name(name.as_bytes()) {
+            match UnixListener::bind_addr(&addr) {
+                Ok(socket) => {
+                    return Some(Reservation {
+                        _socket: Some(socket),
+                    });
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => return None,
+                Err(_) => {}
+            }
+        }
+    }
+    let _ = port;
+    Some(Reservation { _socket: None })
 }
 
 #[cfg(test)]
@@ -64,12 +109,32 @@ mod tests {
     fn picked_ports_are_free_never_well_known_and_never_repeated() {
         let mut seen = BTreeSet::new();
         for _ in 0..20 {
-            let port = pick_free_port().expect("some port is free");
+            let (port, _reservation) = pick_free_port().expect("some port is free");
             assert!(port >= LOWEST);
             assert_ne!(port, 6379);
             assert!(seen.insert(port), "{port} handed out twice");
             TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("the picked port can be bound");
         }
+    }
+
+    #[test]
+    fn a_port_handed_out_is_reserved_from_every_process() {
+        let (port, _reservation) = pick_free_port().expect("some port is free");
+        // The same name bound again: what another process would meet.
+        assert!(reserve(port).is_none(), "{port} reserved twice");
+        // A port nobody holds (other processes may hold some).
+        let (other, held) = loop {
+            let candidate = rand::rng().random_range(candidate_range());
+            if HANDED_OUT.lock().unwrap().contains(&candidate) {
+                continue;
+            }
+            if let Some(held) = reserve(candidate) {
+                break (candidate, held);
+            }
+        };
+        assert!(reserve(other).is_none());
+        drop(held);
+        assert!(reserve(other).is_some(), "released with its reservation");
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct Topology {
 pub(crate) struct Nodes {
     data: Vec<NodeProcess>,
     sentinels: Vec<NodeProcess>,
+    /// The ports handed out to the nodes, kept from other processes while
+    /// the topology lives (see `ports`).
+    reserved: Vec<ports::Reservation>,
 }
 
 impl Nodes {
@@ -166,7 +169,7 @@ impl Topology {
         let (ip, launcher) = network::placement(self.network.as_ref(), id);
         let mut port = 0;
         for _ in 0..PORT_ATTEMPTS {
-            port = ports::pick_free_port().ok_or(Error::NoFreePort { node: id })?;
+            port = self.reserve_port(id)?;
             let addr = SocketAddr::new(ip, port);
             let place = (addr, launcher.clone());
             let process =
@@ -186,6 +189,13 @@ impl Topology {
             }
         }
         Err(Error::PortTaken { node: id, port })
+    }
+
+    /// A free port for `id`, reserved while the topology lives.
+    pub(crate) fn reserve_port(&self, id: NodeId) -> Result<u16> {
+        let (port, reservation) = ports::pick_free_port().ok_or(Error::NoFreePort { node: id })?;
+        self.lock().reserved.push(reservation);
+        Ok(port)
     }
 
     /// Waits until a just-started node answers PING, and checks the answer
