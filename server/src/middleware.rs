@@ -162,15 +162,20 @@ struct RandomRequestId;
 
 impl MakeRequestId for RandomRequestId {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        // Sixteen hex digits, written in place rather than through `format!`
-        // (every request without an id of its own makes one).
-        let mut id = [0; 16];
-        let bits = rand::random::<u64>();
-        for (i, digit) in id.iter_mut().enumerate() {
-            *digit = b"0123456789abcdef"[(bits >> (60 - 4 * i)) as usize & 0xf];
-        }
-        HeaderValue::from_bytes(&id).ok().map(RequestId::new)
+        HeaderValue::from_bytes(&hex16(rand::random()))
+            .ok()
+            .map(RequestId::new)
     }
+}
+
+/// `bits` as sixteen lower-case hex digits, as `format!("{bits:016x}")`
+/// writes them but in place: every request without an id makes one.
+fn hex16(bits: u64) -> [u8; 16] {
+    let mut digits = [0; 16];
+    for (i, digit) in digits.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[(bits >> (60 - 4 * i)) as usize & 0xf];
+    }
+    digits
 }
 
 fn within_target_limit<B>(
@@ -464,8 +469,10 @@ mod tests {
             );
             made_ids.insert(made);
         }
-        // Random: 64 bits each, every digit of them used.
-        assert_eq!(made_ids.len(), 4, "{made_ids:?}");
+        assert_eq!(made_ids.len(), 4, "random: {made_ids:?}");
+        for bits in [0, u64::MAX, 0x0123_4567_89ab_cdef, 0xf0e1_d2c3_b4a5_9687] {
+            assert_eq!(hex16(bits), format!("{bits:016x}").as_bytes(), "{bits:x}");
+        }
     }
 
     #[tokio::test]
