@@ -115,7 +115,7 @@ pub(crate) fn check_text(what: &str, text: &str) -> Result<(), String> {
 
 /// The start of every Redis key of `tenant`: `tenant:{<id>}:`.
 pub(crate) fn tenant_prefix(tenant: &str) -> String {
-    format!("tenant:{{{tenant}}}:")
+    ["tenant:{", tenant, "}:"].concat()
 }
 
 /// The start of every Redis key of `tenant` under storage layout 1:

@@ -519,19 +519,31 @@ impl Users {
 /// A user from its hash fields; `None` if there is no such user (a
 /// user's hash always has a tenant and a password hash).
 fn user_from_fields(username: &str, fields: &HashMap<String, String>) -> Result<Option<User>> {
-    let Some(tenant) = fields.get("tenant") else {
+    // One pass over the fields rather than a lookup (a hash) for each:
+    // every authenticated request reads its user.
+    let (mut tenant, mut password_hash, mut email, mut full_name) = (None, false, None, None);
+    let (mut disabled, mut admin) = (false, false);
+    for (name, value) in fields {
+        match name.as_str() {
+            "tenant" => tenant = Some(value),
+            "password_hash" => password_hash = true,
+            "email" => email = Some(value),
+            "full_name" => full_name = Some(value),
+            "disabled" => disabled = value == "1",
+            "admin" => admin = value == "1",
+            _ => {}
+        }
+    }
+    let Some(tenant) = tenant.filter(|_| password_hash) else {
         return Ok(None);
     };
-    if !fields.contains_key("password_hash") {
-        return Ok(None);
-    }
     let user = User {
         username: username.to_owned(),
         tenant: TenantId::new(tenant.clone())?,
-        email: fields.get("email").cloned(),
-        full_name: fields.get("full_name").cloned(),
-        disabled: fields.get("disabled").is_some_and(|d| d == "1"),
-        admin: fields.get("admin").is_some_and(|a| a == "1"),
+        email: email.cloned(),
+        full_name: full_name.cloned(),
+        disabled,
+        admin,
     };
     Ok(Some(user))
 }
@@ -539,6 +551,43 @@ fn user_from_fields(username: &str, fields: &HashMap<String, String>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_are_read_from_their_fields() {
+        let fields = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let full = fields(&[
+            ("tenant", "acme"),
+            ("password_hash", "$argon2id$..."),
+            ("email", "a@example.com"),
+            ("full_name", "Ann"),
+            ("disabled", "1"),
+            ("admin", "0"),
+            ("created_at", "1"),
+        ]);
+        let user = user_from_fields("ann", &full).unwrap().unwrap();
+        assert_eq!(user.username, "ann");
+        assert_eq!(user.tenant.as_str(), "acme");
+        assert_eq!(user.email.as_deref(), Some("a@example.com"));
+        assert_eq!(user.full_name.as_deref(), Some("Ann"));
+        assert!(user.disabled && !user.admin);
+        let plain = fields(&[("tenant", "acme"), ("password_hash", "h"), ("admin", "1")]);
+        let user = user_from_fields("bo", &plain).unwrap().unwrap();
+        assert!(user.admin && !user.disabled && user.email.is_none());
+        // A hash without a tenant or a password hash is no user.
+        for partial in [
+            fields(&[("tenant", "acme")]),
+            fields(&[("password_hash", "h")]),
+        ] {
+            assert!(user_from_fields("cy", &partial).unwrap().is_none());
+        }
+        let bad = fields(&[("tenant", "not a tenant!"), ("password_hash", "h")]);
+        assert!(user_from_fields("di", &bad).is_err());
+    }
 
     #[test]
     fn usernames_are_checked() {
