@@ -7,39 +7,25 @@
 //! again: the cache never lets a token live longer. Only verified tokens
 //! are kept (a flood of forged ones fills nothing), at most [`CAPACITY`]:
 //! past it, the expired go, and if that is not enough, all of them.
-//!
-//! Tokens are found by a keyed hash of their last [`DIGESTED`] bytes (the
-//! signature's end, which differs between any two tokens), not of the
-//! whole token: hashing a few hundred bytes cost more than the rest of
-//! the lookup. A hit is compared whole; two tokens of one digest take
-//! turns in the cache, each verified again when it finds the other there.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The most tokens kept (a few hundred bytes each).
 pub(crate) const CAPACITY: usize = 10_000;
 
-/// How many bytes of a token's end its digest covers.
-const DIGESTED: usize = 32;
-
-/// Each verified token, whole, with its claims and `exp` (seconds since
-/// the Unix epoch), by its digest.
-type Tokens<C> = HashMap<u64, (Box<str>, Arc<C>, u64)>;
+/// Each verified token's claims and `exp` (seconds since the Unix epoch).
+type Tokens<C> = HashMap<Box<str>, (Arc<C>, u64)>;
 
 /// Verified tokens and their claims.
 pub(crate) struct VerifiedTokens<C> {
     tokens: Mutex<Tokens<C>>,
-    /// Keys the digests: random per process, so nobody can aim at one.
-    digests: RandomState,
 }
 
 impl<C> Default for VerifiedTokens<C> {
     fn default() -> Self {
         Self {
             tokens: Mutex::default(),
-            digests: RandomState::new(),
         }
     }
 }
@@ -49,23 +35,13 @@ impl<C> VerifiedTokens<C> {
         self.tokens.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn digest(&self, token: &str) -> u64 {
-        let bytes = token.as_bytes();
-        self.digests
-            .hash_one(&bytes[bytes.len().saturating_sub(DIGESTED)..])
-    }
-
     /// The claims of `token` if it was verified and, at `now` (seconds
     /// since the Unix epoch), is not past its `exp` by more than `leeway`.
     pub(crate) fn get(&self, token: &str, now: u64, leeway: u64) -> Option<Arc<C>> {
-        let digest = self.digest(token);
         let mut tokens = self.tokens();
-        let (kept, claims, exp) = tokens.get(&digest)?;
-        if **kept != *token {
-            return None;
-        }
+        let (claims, exp) = tokens.get(token)?;
         if exp.saturating_add(leeway) < now {
-            tokens.remove(&digest);
+            tokens.remove(token);
             return None;
         }
         Some(Arc::clone(claims))
@@ -73,15 +49,14 @@ impl<C> VerifiedTokens<C> {
 
     /// Keeps `token`, just verified, with its claims and `exp`.
     pub(crate) fn insert(&self, token: &str, claims: Arc<C>, exp: u64, now: u64, leeway: u64) {
-        let digest = self.digest(token);
         let mut tokens = self.tokens();
         if tokens.len() >= CAPACITY {
-            tokens.retain(|_, (_, _, exp)| exp.saturating_add(leeway) >= now);
+            tokens.retain(|_, (_, exp)| exp.saturating_add(leeway) >= now);
             if tokens.len() >= CAPACITY {
                 tokens.clear();
             }
         }
-        tokens.insert(digest, (token.into(), claims, exp));
+        tokens.insert(token.into(), (claims, exp));
     }
 
     #[cfg(test)]
@@ -102,20 +77,6 @@ mod tests {
         assert_eq!(tokens.get("t", 205, 5).as_deref(), Some(&"claims"));
         assert!(tokens.get("t", 206, 5).is_none(), "past exp and leeway");
         assert_eq!(tokens.len(), 0, "an expired token is dropped");
-    }
-
-    #[test]
-    fn tokens_sharing_their_end_are_told_apart() {
-        let tokens = VerifiedTokens::default();
-        let end = "s".repeat(DIGESTED);
-        let (a, b) = (format!("a.{end}"), format!("b.{end}"));
-        tokens.insert(&a, Arc::new("a"), 200, 100, 0);
-        assert_eq!(tokens.get(&a, 100, 0).as_deref(), Some(&"a"));
-        assert!(tokens.get(&b, 100, 0).is_none(), "only its end is shared");
-        tokens.insert(&b, Arc::new("b"), 200, 100, 0);
-        assert_eq!(tokens.get(&b, 100, 0).as_deref(), Some(&"b"));
-        assert!(tokens.get(&a, 100, 0).is_none(), "replaced: verified again");
-        assert!(tokens.get("", 100, 0).is_none());
     }
 
     #[test]
