@@ -172,9 +172,7 @@ impl MakeRequestId for RandomRequestId {
 /// writes them but in place: every request without an id makes one.
 fn hex16(bits: u64) -> [u8; 16] {
     let mut digits = [0; 16];
-    for (i, digit) in digits.iter_mut().enumerate() {
-        *digit = b"0123456789abcdef"[(bits >> (60 - 4 * i)) as usize & 0xf];
-    }
+    hex::encode_to_slice(bits.to_be_bytes(), &mut digits).expect("8 bytes make 16 digits");
     digits
 }
 
