@@ -180,7 +180,7 @@ pub(crate) const MAX_BYTES: usize = 64 * 1024;
 /// Appends `record`'s line, with its final `\n`, to `out`.
 pub(crate) fn encode(record: &Record, out: &mut Vec<u8>) {
     out.push(b'{');
-    pair(out, "ts", &record.ts.to_string());
+    pair(out, "ts", itoa::Buffer::new().format(record.ts));
     out.push(b',');
     pair(out, "level", record.level);
     out.push(b',');
@@ -228,11 +228,19 @@ pub(crate) fn decode(lines: &str) -> impl Iterator<Item = Result<Parsed<'_>, (St
 /// refuses, if it is no object of strings).
 ///
 /// Why: access logs and audit records seldom hold a character to escape,
-/// and reading such a line this way takes about 45% fewer instructions
-/// than `serde_json` (2.4k against 4.2k per record of a `GET`'s two,
-/// counted by callgrind under `harness http`), which were the
-/// offloader's largest cost per record.
+/// and reading such a line this way takes less than half the
+/// instructions `serde_json` takes (1.8k against 4.2k per record of a
+/// `GET`'s two, counted by callgrind under `harness http`), which were
+/// the offloader's largest cost per record.
 fn plain_object(line: &str) -> Option<Vec<(Text<'_>, Text<'_>)>> {
+    // One pass over the whole line that vectorizes (a fold without an
+    // early exit), so that each string's end is then its next `"`.
+    let escaped = line
+        .bytes()
+        .fold(false, |seen, b| seen | (b == b'\\') | (b < 0x20));
+    if escaped {
+        return None;
+    }
     let mut rest = line.strip_prefix('{')?;
     let mut pairs = Vec::with_capacity(16);
     if rest == "}" {
@@ -249,14 +257,12 @@ fn plain_object(line: &str) -> Option<Vec<(Text<'_>, Text<'_>)>> {
     }
 }
 
-/// The leading JSON string of `text` when nothing in it is escaped, and
-/// what follows it.
+/// The leading JSON string of `text`, which holds no `\` and no control
+/// character, and what follows it.
 fn plain_string(text: &str) -> Option<(&str, &str)> {
     let body = text.strip_prefix('"')?;
-    let end = body
-        .bytes()
-        .position(|b| b == b'"' || b == b'\\' || b < 0x20)?;
-    (body.as_bytes()[end] == b'"').then(|| (&body[..end], &body[end + 1..]))
+    let end = body.bytes().position(|b| b == b'"')?;
+    Some((&body[..end], &body[end + 1..]))
 }
 
 /// A JSON object of strings, its pairs in order.

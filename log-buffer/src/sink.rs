@@ -101,7 +101,6 @@ impl<S: LogSink + ?Sized> LogSink for Box<S> {
 /// stream's lines share (tenant and labels) is serialized once per
 /// stream, not per line.
 fn file_lines(push: &Push, text: &mut Vec<u8>) {
-    use std::io::Write as _;
     let mut head = Vec::new();
     for stream in &push.streams {
         // Writing strings and maps of strings to a `Vec` cannot fail.
@@ -113,7 +112,8 @@ fn file_lines(push: &Push, text: &mut Vec<u8>) {
         head.extend_from_slice(b",\"ts\":\"");
         for entry in &stream.entries {
             text.extend_from_slice(&head);
-            let _ = write!(text, "{}\",\"line\":", entry.ts_ns);
+            text.extend_from_slice(itoa::Buffer::new().format(entry.ts_ns).as_bytes());
+            text.extend_from_slice(b"\",\"line\":");
             let _ = serde_json::to_writer(&mut *text, &entry.line);
             text.extend_from_slice(b"}\n");
         }
