@@ -183,16 +183,29 @@ async fn dead_letter_records(
 }
 
 /// The push of `batch`'s records, grouped by label set, each stream's in
-/// the batch's order. The lines move into the push (no copy of each);
-/// [`give_back`] returns them if it fails.
+/// the batch's order, the streams in the order of their labels. The lines
+/// move into the push (no copy of each); [`give_back`] returns them if it
+/// fails.
 fn to_push(tenant: &str, batch: &mut [Ready]) -> Push {
-    let mut streams: BTreeMap<&Labels, Vec<Entry>> = BTreeMap::new();
-    for ready in batch {
-        streams.entry(&*ready.labels).or_default().push(Entry {
-            ts_ns: ready.entry.ts_ns,
-            line: std::mem::take(&mut ready.entry.line),
-        });
+    // A delivery's records of one label set share its `Arc` (past
+    // `MAX_SETS` sets, equal labels may not): compared by address first,
+    // a record costs no string comparison, and no map is built.
+    let mut streams: Vec<(&Labels, Vec<Entry>)> = Vec::new();
+    for Ready { labels, entry, .. } in batch {
+        let entry = Entry {
+            ts_ns: entry.ts_ns,
+            line: std::mem::take(&mut entry.line),
+        };
+        let labels: &Labels = labels;
+        let same = |(known, _): &&mut (&Labels, Vec<Entry>)| {
+            std::ptr::eq(*known, labels) || *known == labels
+        };
+        match streams.iter_mut().find(same) {
+            Some((_, entries)) => entries.push(entry),
+            None => streams.push((labels, vec![entry])),
+        }
     }
+    streams.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
     Push {
         tenant: tenant.to_owned(),
         streams: streams
@@ -370,7 +383,9 @@ mod tests {
     #[test]
     fn a_failed_push_gives_every_line_back_to_its_record() {
         let labels = |level: &str| Arc::new(Labels::from([("level".to_owned(), level.to_owned())]));
-        let (info, error) = (labels("info"), labels("error"));
+        // Equal labels in another `Arc` (past the sets a delivery shares)
+        // still make one stream.
+        let (info, error, info_too) = (labels("info"), labels("error"), labels("info"));
         let ready = |n: u64, labels: &Arc<Labels>| Ready {
             source: 0,
             labels: Arc::clone(labels),
@@ -380,11 +395,30 @@ mod tests {
             },
         };
         let mut batch: Vec<Ready> = (0..6)
-            .map(|n| ready(n, if n % 3 == 0 { &error } else { &info }))
+            .map(|n| match n % 3 {
+                0 => ready(n, &error),
+                1 => ready(n, &info),
+                _ => ready(n, &info_too),
+            })
             .collect();
         let before: Vec<Entry> = batch.iter().map(|r| r.entry.clone()).collect();
         let push = to_push("acme", &mut batch);
         assert_eq!(push.len(), 6);
+        let streams: Vec<(&str, Vec<u64>)> = push
+            .streams
+            .iter()
+            .map(|s| {
+                (
+                    s.labels["level"].as_str(),
+                    s.entries.iter().map(|e| e.ts_ns).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            streams,
+            [("error", vec![0, 3]), ("info", vec![1, 2, 4, 5])],
+            "one stream per label set, in label order, each in the batch's order"
+        );
         assert!(
             batch.iter().all(|r| r.entry.line.is_empty()),
             "moved, not copied"
