@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use tenant_kv::{ApiKey, Item, Scope};
 use utoipa::ToSchema;
 
-use crate::http::rfc3339;
+use crate::http::Rfc3339;
 
 /// Every error: `{"error": {"code", "message"}}`.
 #[derive(Serialize, ToSchema)]
@@ -165,20 +165,20 @@ pub(crate) struct ItemView<V = Value> {
     pub(crate) metadata: Option<Map<String, Value>>,
     /// Bumped by every write; the ETag is this number, quoted.
     pub(crate) version: u64,
-    #[schema(format = DateTime)]
-    pub(crate) created_at: String,
-    #[schema(format = DateTime)]
-    pub(crate) updated_at: String,
-    #[schema(format = DateTime)]
-    pub(crate) expires_at: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub(crate) created_at: Rfc3339,
+    #[schema(value_type = String, format = DateTime)]
+    pub(crate) updated_at: Rfc3339,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub(crate) expires_at: Option<Rfc3339>,
 }
 
 impl<V> From<Item<V>> for ItemView<V> {
     fn from(item: Item<V>) -> Self {
         Self {
-            created_at: rfc3339(item.created_at),
-            updated_at: rfc3339(item.updated_at),
-            expires_at: item.expires_at.map(rfc3339),
+            created_at: Rfc3339(item.created_at),
+            updated_at: Rfc3339(item.updated_at),
+            expires_at: item.expires_at.map(Rfc3339),
             key: item.key,
             value: item.value,
             metadata: item.metadata,
@@ -389,13 +389,13 @@ pub(crate) struct ApiKeyView {
     /// The user the key acts for: disabling the user disables the key.
     pub(crate) owner: Option<String>,
     pub(crate) requests_per_second: Option<u32>,
-    #[schema(format = DateTime)]
-    pub(crate) created_at: String,
-    #[schema(format = DateTime)]
-    pub(crate) expires_at: Option<String>,
+    #[schema(value_type = String, format = DateTime)]
+    pub(crate) created_at: Rfc3339,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub(crate) expires_at: Option<Rfc3339>,
     /// About when it was last used (updated at most once a minute).
-    #[schema(format = DateTime)]
-    pub(crate) last_used: Option<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub(crate) last_used: Option<Rfc3339>,
     /// The secret: only when the key is created or rotated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) api_key: Option<String>,
@@ -415,9 +415,9 @@ impl ApiKeyView {
             key_prefix: key.key_prefix.clone(),
             owner: key.owner.clone(),
             requests_per_second: key.requests_per_second,
-            created_at: rfc3339(key.created_at),
-            expires_at: key.expires_at.map(rfc3339),
-            last_used: key.last_used.map(rfc3339),
+            created_at: Rfc3339(key.created_at),
+            expires_at: key.expires_at.map(Rfc3339),
+            last_used: key.last_used.map(Rfc3339),
             api_key: secret.map(str::to_owned),
         }
     }
