@@ -205,7 +205,7 @@ fn to_push(tenant: &str, batch: &mut [Ready]) -> Push {
             None => streams.push((labels, vec![entry])),
         }
     }
-    streams.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+    streams.sort_unstable_by_key(|(labels, _)| *labels);
     Push {
         tenant: tenant.to_owned(),
         streams: streams
