@@ -233,8 +233,8 @@ pub(crate) fn decode(lines: &str) -> impl Iterator<Item = Result<Parsed<'_>, (St
 /// `GET`'s two, counted by callgrind under `harness http`), which were
 /// the offloader's largest cost per record.
 fn plain_object(line: &str) -> Option<Vec<(Text<'_>, Text<'_>)>> {
-    // One pass over the whole line that vectorizes (a fold without an
-    // early exit), so that each string's end is then its next `"`.
+    // One pass over the whole line, a fold without an early exit that the
+    // compiler can vectorize; then each string ends at its next `"`.
     let escaped = line
         .bytes()
         .fold(false, |seen, b| seen | (b == b'\\') | (b < 0x20));

@@ -198,7 +198,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
 /// A time as the API writes it, `"2024-05-01T12:00:00.123Z"`: formatted
 /// straight into the answer rather than into a `String` of its own (two
 /// to three per item answered).
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub(crate) struct Rfc3339(pub(crate) SystemTime);
 
 impl Serialize for Rfc3339 {

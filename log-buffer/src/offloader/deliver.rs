@@ -188,31 +188,34 @@ async fn dead_letter_records(
 /// fails.
 fn to_push(tenant: &str, batch: &mut [Ready]) -> Push {
     // A delivery's records of one label set share its `Arc` (past
-    // `MAX_SETS` sets, equal labels may not): compared by address first,
-    // a record costs no string comparison, and no map is built.
-    let mut streams: Vec<(&Labels, Vec<Entry>)> = Vec::new();
+    // `MAX_SETS` sets, equal labels may not): found by address, a record
+    // costs no string comparison; only a record whose `Arc` is new looks
+    // its labels up by value.
+    let mut entries: Vec<(&Labels, Vec<Entry>)> = Vec::new();
+    let mut by_labels: BTreeMap<&Labels, usize> = BTreeMap::new();
     for Ready { labels, entry, .. } in batch {
-        let entry = Entry {
+        let labels: &Labels = labels;
+        let at = entries
+            .iter()
+            .position(|(known, _)| std::ptr::eq(*known, labels))
+            .unwrap_or_else(|| {
+                *by_labels.entry(labels).or_insert_with(|| {
+                    entries.push((labels, Vec::new()));
+                    entries.len() - 1
+                })
+            });
+        entries[at].1.push(Entry {
             ts_ns: entry.ts_ns,
             line: std::mem::take(&mut entry.line),
-        };
-        let labels: &Labels = labels;
-        let same = |(known, _): &&mut (&Labels, Vec<Entry>)| {
-            std::ptr::eq(*known, labels) || *known == labels
-        };
-        match streams.iter_mut().find(same) {
-            Some((_, entries)) => entries.push(entry),
-            None => streams.push((labels, vec![entry])),
-        }
+        });
     }
-    streams.sort_unstable_by_key(|(labels, _)| *labels);
     Push {
         tenant: tenant.to_owned(),
-        streams: streams
+        streams: by_labels
             .into_iter()
-            .map(|(labels, entries)| Stream {
+            .map(|(labels, at)| Stream {
                 labels: labels.clone(),
-                entries,
+                entries: std::mem::take(&mut entries[at].1),
             })
             .collect(),
     }
