@@ -14,6 +14,7 @@ mod cluster_nodes;
 mod cluster_reads;
 mod cluster_state;
 mod cluster_transaction;
+mod command;
 mod connections;
 mod dedicated;
 mod discovery;

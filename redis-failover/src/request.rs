@@ -3,6 +3,7 @@
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, Pipeline, RedisError, ServerError, Value};
 
+use crate::command;
 use crate::error::Error;
 
 use crate::retry::{
@@ -130,9 +131,11 @@ impl Request<'_> {
 
     /// Its command names, for error messages.
     pub(crate) fn describe(self) -> String {
-        let name = |cmd: &Cmd| match cmd.args_iter().next() {
-            Some(redis::Arg::Simple(name)) => String::from_utf8_lossy(name).to_uppercase(),
-            _ => "?".to_owned(),
+        let name = |cmd: &Cmd| {
+            command::name(cmd).map_or_else(
+                || "?".to_owned(),
+                |name| String::from_utf8_lossy(name).to_uppercase(),
+            )
         };
         match self {
             Self::Command(cmd) => name(cmd),

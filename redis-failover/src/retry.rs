@@ -5,6 +5,7 @@ use std::time::Duration;
 use redis::RedisError;
 
 use crate::addr::NodeAddr;
+use crate::command;
 
 /// Server error codes meaning "this node cannot serve that now, and did not
 /// run the command": the request is safe to send again elsewhere or later.
@@ -226,12 +227,7 @@ pub(crate) fn refused_without_running(errors: &[&redis::ServerError]) -> bool {
 
 /// Whether a command changes nothing (judged by its name).
 pub(crate) fn is_read_only(cmd: &redis::Cmd) -> bool {
-    let Some(redis::Arg::Simple(name)) = cmd.args_iter().next() else {
-        return false;
-    };
-    READ_ONLY_COMMANDS
-        .iter()
-        .any(|known| known.as_bytes().eq_ignore_ascii_case(name))
+    command::name(cmd).is_some_and(|name| command::is_one_of(name, READ_ONLY_COMMANDS))
 }
 
 /// How long a blocking command may hold its connection.
@@ -273,26 +269,19 @@ impl Block {
 /// a blocking command that is not `WAIT` or `WAITAOF`, which wait for
 /// replication of what ran before them.
 pub(crate) fn waits_for_data(cmd: &redis::Cmd) -> bool {
-    let is_wait = matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(name))
-        if name.eq_ignore_ascii_case(b"WAIT") || name.eq_ignore_ascii_case(b"WAITAOF"));
+    let is_wait =
+        command::name(cmd).is_some_and(|name| command::is_one_of(name, &["WAIT", "WAITAOF"]));
     !is_wait && blocking(cmd).is_some()
 }
 
 /// Whether `cmd` blocks its connection until an event or its timeout
 /// (judged by its name and, for `XREAD`, a `BLOCK` argument), and how long.
 pub(crate) fn blocking(cmd: &redis::Cmd) -> Option<Block> {
-    let mut args = cmd.args_iter().map(|arg| match arg {
-        redis::Arg::Simple(arg) => arg,
-        _ => b"0".as_slice(),
-    });
-    // Every command runs through here: its name is compared in place, and
-    // only a blocking command's arguments are looked at.
+    let mut args = command::args(cmd, b"0");
+    // Every command runs through here: only a blocking command's
+    // arguments are looked at.
     let name = args.next()?;
-    let is = |names: &[&str]| {
-        names
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
-    };
+    let is = |names: &[&str]| command::is_one_of(name, names);
     if is(&[
         "BLPOP",
         "BRPOP",

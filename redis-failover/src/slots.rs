@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use redis::{Cmd, Pipeline, Value};
 
 use crate::addr::NodeAddr;
+use crate::command;
 use crate::error::Error;
 
 /// How many slots the key space of a cluster has.
@@ -86,12 +87,9 @@ pub(crate) fn slot_of(key: &[u8]) -> u16 {
 /// Runs on every cluster request: it neither allocates nor copies.
 fn first_key(cmd: &Cmd) -> Option<&[u8]> {
     // A cursor argument counts as none.
-    let mut args = cmd.args_iter().map(|arg| match arg {
-        redis::Arg::Simple(arg) => arg,
-        _ => b"".as_slice(),
-    });
+    let mut args = command::args(cmd, b"");
     let name = args.next()?;
-    let is = |list: &[&str]| list.iter().any(|n| n.as_bytes().eq_ignore_ascii_case(name));
+    let is = |list: &[&str]| command::is_one_of(name, list);
     if is(KEYLESS) {
         None
     } else if is(KEYS_AFTER_COUNT) {
