@@ -78,7 +78,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         .await?;
     for key in reply.keys {
         for record in key.ids {
-            let fields: HashMap<String, String> = record
+            let entry: HashMap<String, String> = record
                 .map
                 .iter()
                 .filter_map(|(name, value)| {
@@ -87,6 +87,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
                         .map(|v| (name.clone(), v))
                 })
                 .collect();
+            // A record is a line of JSON in the entry's `records` field.
+            let fields = tenant_kv::audit_fields(entry).unwrap_or_default();
             println!(
                 "{} {:<12} by {:<10} key {:<12} version {}",
                 record.id,

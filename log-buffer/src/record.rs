@@ -3,8 +3,9 @@
 //! A buffered record is flat string fields: `ts` (the nanoseconds since
 //! the Unix epoch when the event happened), then any others (`level`,
 //! `target`, `message` and the event's own fields for logs; `actor`,
-//! `action`, `key`, ... for tenant-kv's audit records, one stream entry
-//! each). The log buffer packs several records to an entry (`packed.rs`). Logs
+//! `action`, `key`, ... for tenant-kv's audit records, one packed stream
+//! entry each). The log buffer packs several records to an entry
+//! (`packed.rs`); an entry may also hold one record as its fields. Logs
 //! of tenant `<id>` go to the stream `tenant:{<id>}:logs`: like every key of
 //! a tenant in tenant-kv's storage layout 2, under the Redis Cluster hash
 //! tag `{<id>}`, so a tenant's streams share the slot of its other keys.

@@ -427,10 +427,14 @@ async fn check_tenant(
         before.audit_len + written + 1,
         "{name}: audit records"
     );
+    let records: Vec<_> = records
+        .into_iter()
+        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
+        .collect();
     let expired: Vec<_> = records
         .iter()
-        .filter(|(_, r)| r["action"] == "key_expiration")
-        .map(|(_, r)| r["key"].as_str())
+        .filter(|r| r["action"] == "key_expiration")
+        .map(|r| r["key"].as_str())
         .collect();
     assert_eq!(expired, ["short"], "{name}");
     // The version counter went on from where layout 1 left it.

@@ -14,10 +14,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::api_keys::ApiKey;
+use crate::audit::audit_record;
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys};
 use crate::ratelimit::{self, Check, Rate, RateLimitStatus};
-use crate::store::{Actor, TenantKv, audit_record};
+use crate::store::{Actor, TenantKv};
 
 /// How long an instance uses a tenant's quotas before reading its
 /// overrides again: an override takes effect everywhere within this.

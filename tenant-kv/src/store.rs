@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis_failover::FailoverClient;
 
@@ -12,7 +12,7 @@ use crate::crypto::Encryption;
 use crate::cursor::Cursors;
 use crate::error::{Error, Result};
 use crate::expiry::ExpiryWatcher;
-use crate::keys::{TenantId, TenantKeys};
+use crate::keys::TenantId;
 use crate::layout::LayoutCache;
 use crate::limits::{QuotaCache, Quotas};
 use crate::passwords::Hasher;
@@ -325,38 +325,6 @@ impl Actor {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
-
-/// An audit record of something done outside the item scripts (logins,
-/// users, API keys), to send alone or inside a transaction with the change.
-pub(crate) fn audit_record(
-    settings: &Settings,
-    tenant: &TenantId,
-    actor: &Actor,
-    action: &str,
-    subject: &str,
-) -> redis::Cmd {
-    let ns = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let mut command = redis::cmd("XADD");
-    command
-        .arg(TenantKeys::new(tenant).audit())
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(settings.audit_max_len)
-        .arg("*")
-        .arg("ts")
-        .arg(ns.to_string())
-        .arg("tenant")
-        .arg(tenant.as_str())
-        .arg("actor")
-        .arg(actor.as_str())
-        .arg("action")
-        .arg(action)
-        .arg("key")
-        .arg(subject);
-    command
 }
 
 impl TenantKv {

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::audit::audit_record;
 use crate::auth_cache::USER_PREFIX;
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys, fingerprint};
@@ -12,7 +13,7 @@ use crate::passwords::{DECOY_HASH, check_password, is_known_hash};
 use crate::ratelimit::{self, Check, Rate};
 use crate::scripts::LOGIN_FAILED;
 use crate::slots;
-use crate::store::{Actor, TenantKv, audit_record};
+use crate::store::{Actor, TenantKv};
 
 /// The longest username, in bytes.
 pub const MAX_USERNAME_LEN: usize = 64;

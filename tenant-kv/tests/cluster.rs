@@ -279,7 +279,11 @@ async fn assert_audited(client: &FailoverClient, id: &TenantId) {
         )
         .await
         .unwrap();
-    let actions: Vec<&str> = entries.iter().map(|(_, f)| f["action"].as_str()).collect();
+    let records: Vec<_> = entries
+        .into_iter()
+        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
+        .collect();
+    let actions: Vec<&str> = records.iter().map(|f| f["action"].as_str()).collect();
     for action in [
         "create_user",
         "login_success",

@@ -53,8 +53,9 @@ async fn expiry_records(client: &FailoverClient, tenant: &str) -> usize {
         .await
         .unwrap();
     entries
-        .iter()
-        .filter(|(_, fields)| fields["action"] == "key_expiration")
+        .into_iter()
+        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
+        .filter(|record| record["action"] == "key_expiration")
         .count()
 }
 

@@ -106,7 +106,10 @@ async fn use_everything(store: &TenantKv, client: &FailoverClient, tenant: &Tena
             .query(redis::cmd("XRANGE").arg(&audit).arg("-").arg("+"))
             .await
             .unwrap();
-        if records.iter().any(|(_, r)| r["action"] == "login_failed") {
+        let mut records = records
+            .into_iter()
+            .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap());
+        if records.any(|r| r["action"] == "login_failed") {
             break;
         }
         assert!(

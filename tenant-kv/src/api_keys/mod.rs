@@ -11,12 +11,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use subtle::ConstantTimeEq;
 
+use crate::audit::audit_record;
 use crate::auth_cache::{API_KEY_PREFIX, Fields};
 use crate::error::{Error, Result};
 use crate::keys::{TenantId, TenantKeys};
 use crate::scripts::{API_KEY_CREATE, API_KEY_ROTATE};
 use crate::slots;
-use crate::store::{Actor, TenantKv, audit_record};
+use crate::store::{Actor, TenantKv};
 use crate::users::User;
 #[cfg(test)]
 pub(crate) use model::tests;

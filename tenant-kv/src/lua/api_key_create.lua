@@ -11,6 +11,6 @@ if ARGV[1] ~= '' and held >= tonumber(ARGV[1]) then return held end
 if KEYS[3] then redis.call('HSET', KEYS[3], unpack(ARGV, 6)) end
 redis.call('SADD', KEYS[1], ARGV[2])
 local _, now_ns = clock()
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'ts', now_ns, 'tenant', ARGV[4],
-  'actor', ARGV[5], 'action', 'create_api_key', 'key', ARGV[2])
+audit_add(KEYS[2], ARGV[3], '{"ts":"' .. now_ns .. '","action":"create_api_key","actor":"'
+  .. json_text(ARGV[5]) .. '","key":"' .. json_text(ARGV[2]) .. '","tenant":"' .. ARGV[4] .. '"}')
 return -1

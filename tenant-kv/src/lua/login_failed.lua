@@ -17,12 +17,9 @@ if ARGV[1] ~= '' then
   end
   gcra_book(KEYS[1], tat, interval, burst)
 end
-local record = {'ts', now_ns,
-  'tenant', ARGV[4], 'actor', 'user:' .. ARGV[5], 'action', 'login_failed', 'key', ARGV[5]}
+local name = json_text(ARGV[5])
 local suppressed = redis.call('GETDEL', KEYS[2])
-if suppressed then
-  table.insert(record, 'suppressed')
-  table.insert(record, suppressed)
-end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(record))
+if suppressed then suppressed = '","suppressed":"' .. suppressed else suppressed = '' end
+audit_add(KEYS[3], ARGV[3], '{"ts":"' .. now_ns .. '","action":"login_failed","actor":"user:'
+  .. name .. '","key":"' .. name .. suppressed .. '","tenant":"' .. ARGV[4] .. '"}')
 return 1

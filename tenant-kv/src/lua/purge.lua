@@ -20,9 +20,9 @@ for i = 1, candidates do
     redis.call('ZREM', KEYS[3], key)
     redis.call('ZREM', KEYS[4], key)
     redis.call('HDEL', KEYS[5], key)
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*',
-      'ts', now_ns, 'tenant', ARGV[1], 'actor', 'system', 'action', 'key_expiration',
-      'key', key, 'version', '', 'size', tostring(size))
+    audit_add(KEYS[2], ARGV[2], '{"ts":"' .. now_ns .. '","action":"key_expiration",'
+      .. '"actor":"system","key":"' .. json_text(key) .. '","size":"' .. size .. '","tenant":"'
+      .. ARGV[1] .. '","version":""}')
     purged, bytes = purged + 1, bytes + size
   end
 end

@@ -84,14 +84,16 @@ if ARGV[7] ~= '' then
   gcra_book(KEYS[6], tat, interval, burst)
 end
 
+-- `actor` is escaped for JSON already; the tenant id needs no escaping.
 local function audit(actor, action, key, version, size)
-  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
-    'ts', ARGV[4], 'tenant', ARGV[2], 'actor', actor, 'action', action,
-    'key', key, 'version', version, 'size', size)
+  local id = audit_add(KEYS[2], ARGV[3], '{"ts":"' .. ARGV[4] .. '","action":"' .. action
+    .. '","actor":"' .. actor .. '","key":"' .. json_text(key) .. '","size":"' .. size
+    .. '","tenant":"' .. ARGV[2] .. '","version":"' .. version .. '"}')
   return tonumber(string.match(id, '%d+'))
 end
 
 -- One increment of the tenant's version counter for the whole batch.
+local actor = json_text(ARGV[1])
 local first = redis.call('HINCRBY', KEYS[1], 'rev', writes) - writes
 local headers = {}
 for i = 1, writes do
@@ -102,7 +104,7 @@ for i = 1, writes do
   if f[6] then redis.call('DEL', KEYS[6 + writes + i]) end
   if f[7] then audit('system', 'key_expiration', key, '', f[7]) end
   if op == 'delete' then
-    local now_ms = audit(ARGV[1], 'delete_key', key, version, size)
+    local now_ms = audit(actor, 'delete_key', key, version, size)
     redis.call('DEL', item)
     redis.call('ZREM', KEYS[3], key)
     if expires > 0 then
@@ -113,7 +115,7 @@ for i = 1, writes do
   else
     local action = 'update_key'
     if not exists then action = 'create_key' end
-    local now_ms = audit(ARGV[1], action, key, version, new_size)
+    local now_ms = audit(actor, action, key, version, new_size)
     created = created or now_ms
     local expires_at = 0
     if ttl ~= '' then expires_at = now_ms + tonumber(ttl) end

@@ -50,7 +50,10 @@ pub async fn audit_on(
         )
         .await
         .unwrap();
-    entries.into_iter().map(|(_, fields)| fields).collect()
+    entries
+        .into_iter()
+        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
+        .collect()
 }
 
 /// The tenant's audit records on the initial master.

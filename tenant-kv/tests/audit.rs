@@ -1,0 +1,161 @@
+//! The store against a real master: what every operation promises, and
+//! the audit record each change leaves.
+
+use std::collections::HashMap;
+
+use serde_json::json;
+use tenant_kv::{Actor, Error, NewItem, NewUser, Precondition, TenantKv};
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn every_operation_keeps_its_promise_and_leaves_one_audit_record() {
+    let (topology, client) = start(1).await;
+    let store = TenantKv::builder(client).build().unwrap();
+    let acme = store.tenant(tenant("acme"), Actor::user("alice"));
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("owner".into(), json!("alice"));
+
+    let created = acme
+        .create(
+            "doc",
+            NewItem::new(json!({"n": 1})).metadata(metadata.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        acme.create("doc", NewItem::new(json!(2))).await,
+        Err(Error::AlreadyExists { version, .. }) if version == created.version
+    ));
+    let read = acme.get("doc").await.unwrap();
+    assert_eq!(read.value, json!({"n": 1}));
+    assert_eq!(read.metadata, Some(metadata));
+    assert_eq!(read.version, created.version);
+    assert_eq!(read.expires_at, None);
+
+    let stale = Precondition::Version(created.version + 100);
+    assert!(matches!(
+        acme.put("doc", NewItem::new(json!(3)), stale).await,
+        Err(Error::VersionConflict { current: Some(v), .. }) if v == created.version
+    ));
+    let updated = acme
+        .put(
+            "doc",
+            NewItem::new(json!(3)),
+            Precondition::Version(created.version),
+        )
+        .await
+        .unwrap();
+    assert!(updated.version > created.version);
+    assert_eq!(updated.created_at, created.created_at);
+    let read = acme.get("doc").await.unwrap();
+    assert_eq!((read.value, read.metadata), (json!(3), None));
+
+    assert!(matches!(
+        acme.put("nothing", NewItem::new(json!(1)), Precondition::Exists)
+            .await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        acme.get("nothing").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        acme.delete("nothing", None).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        acme.delete("doc", Some(created.version)).await,
+        Err(Error::VersionConflict { .. })
+    ));
+    let deleted = acme.delete("doc", Some(updated.version)).await.unwrap();
+    assert!(deleted > updated.version);
+    // A re-created key never reuses a version.
+    let again = acme.create("doc", NewItem::new(json!(4))).await.unwrap();
+    assert!(again.version > deleted);
+    let usage = acme.usage().await.unwrap();
+    assert_eq!(usage.keys, 1);
+
+    let records = audit(&topology, "acme").await;
+    assert_eq!(
+        actions(&records),
+        ["create_key", "update_key", "delete_key", "create_key"],
+        "one record per successful write, none for refused ones"
+    );
+    for record in &records {
+        assert_eq!(record["tenant"], "acme");
+        assert_eq!(record["actor"], "user:alice");
+        assert_eq!(record["key"], "doc");
+        assert!(
+            !record.contains_key("value"),
+            "values stay out of the audit"
+        );
+        assert!(record["ts"].len() >= 19, "nanoseconds: {}", record["ts"]);
+    }
+    assert_eq!(records[3]["version"], again.version.to_string());
+
+    // Bad input is refused before Redis sees it.
+    assert!(matches!(acme.get("").await, Err(Error::InvalidKey { .. })));
+    let huge = json!("x".repeat(2 * 1024 * 1024));
+    assert!(matches!(
+        acme.create("huge", NewItem::new(huge)).await,
+        Err(Error::InvalidItem { .. })
+    ));
+}
+
+/// A record is one field holding a line of JSON as serde_json writes it,
+/// whether a script or the store's own code wrote it: the line
+/// log-buffer's offloader ships (as written) is then the one a record of
+/// a field per name would ship as.
+#[tokio::test]
+async fn a_record_is_one_line_of_json_as_serde_json_writes_it() {
+    let (topology, client) = start(0).await;
+    let store = TenantKv::builder(client).build().unwrap();
+    let actor = Actor::user("al\"ice\\\n\u{7}");
+    let acme = store.tenant(tenant("acme"), actor.clone());
+    let key = "say \"hi\" \\ to é/ü";
+    acme.create(key, NewItem::new(json!(1))).await.unwrap();
+    let user = NewUser {
+        username: "bob".to_owned(),
+        tenant: tenant("acme"),
+        email: None,
+        full_name: None,
+        admin: false,
+    };
+    store
+        .users()
+        .create(user, "a password", &actor)
+        .await
+        .unwrap();
+
+    let entries: Vec<(String, HashMap<String, String>)> = topology
+        .query(
+            topology.initial_master(),
+            redis::cmd("XRANGE")
+                .arg("tenant:{acme}:audit")
+                .arg("-")
+                .arg("+"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 2);
+    for (_, entry) in entries {
+        assert_eq!(entry.keys().collect::<Vec<_>>(), ["records"]);
+        let line = &entry["records"];
+        let record = tenant_kv::audit_fields(entry.clone()).unwrap();
+        let mut expected = format!("{{\"ts\":{}", serde_json::to_string(&record["ts"]).unwrap());
+        let mut rest: Vec<_> = record.iter().filter(|(name, _)| *name != "ts").collect();
+        rest.sort();
+        for (name, value) in rest {
+            expected += &format!(",{}:{}", json!(name), json!(value));
+        }
+        assert_eq!(*line, expected + "}");
+        assert_eq!(record["actor"], actor.as_str());
+    }
+    let records = audit(&topology, "acme").await;
+    assert_eq!(actions(&records), ["create_key", "create_user"]);
+    assert_eq!(records[0]["key"], key);
+    assert_eq!(records[0]["size"], (key.len() + 1).to_string());
+}
