@@ -1,28 +1,31 @@
 //! Durable writes that share their `WAIT`s (group commit).
 //!
 //! `WAIT` counts the replicas that have every write its own connection
-//! sent before it. So durable writes go over one multiplexed connection of
-//! their own to the master, its *lane*, and once a write's reply is in, it
-//! waits for the next `WAIT` sent on that lane: one `WAIT` answers for
-//! every write that finished before it was sent. At most one `WAIT` is in
-//! flight; the writes that finish meanwhile share the next one. (Redis
-//! holds the lane while a `WAIT` waits, so writes sent then run when it is
-//! answered; a second lane taking writes meanwhile measured no faster.)
-//! A write is acknowledged only when a `WAIT` sent after its reply counted
-//! enough replicas, as when each write sent its own. Persisted writes
-//! ([`Durability::Persisted`](crate::Durability::Persisted)) share a
-//! `WAITAOF` the same way: a batch holding both kinds sends one `WAIT` for
-//! the replicated ones, then one `WAITAOF` for the persisted ones (each
-//! asking for the most any of its writes asks), both after every write of
-//! the batch.
+//! sent before it. So durable writes go to the master over one multiplexed
+//! connection of their own, its *lane*, in batches: a task takes the
+//! writes waiting and sends them, then one `WAIT`, as one pipeline; the
+//! writes handed over meanwhile make the next batch. One `WAIT` answers for
+//! every write of its batch, and a write is acknowledged only when the
+//! `WAIT` sent after it counted enough replicas, as when each write sent
+//! its own. Persisted writes ([`Durability::Persisted`](crate::Durability::Persisted))
+//! share a `WAITAOF` the same way: a batch holding both kinds ends with
+//! one `WAIT` for the replicated ones and one `WAITAOF` for the persisted
+//! ones, each asking for the most any of its writes asks.
 //!
-//! The `WAIT`s are sent by a task spawned when a write finds none running,
-//! which ends when no write waits: nothing runs while no durable write is
-//! under way; if it stops before its time (a panic, a runtime shutting
-//! down), the writes it leaves learn that their replication is unknown. A
-//! lane that fails is replaced; the writes that were sent on it learn that
-//! their replication is unknown (the `WAIT` of another connection would
-//! not count their writes).
+//! Why the task sends the writes too: a write sent by its caller is known
+//! to be ahead of a `WAIT` only once its reply is in, so it waited for the
+//! `WAIT` after that, two to three `WAIT`s in all where a batch waits for
+//! one to two (the batch in flight, then its own). Redis holds the lane
+//! while a `WAIT` waits, so one batch at a time loses nothing.
+//!
+//! The task is spawned when a write finds none running, and ends when no
+//! write waits: nothing runs while no durable write is under way. A write
+//! whose caller gave up before its batch is not sent. If the task stops
+//! before its time (a panic, a runtime shutting down), the writes it had
+//! not sent learn so, and those of the batch in flight that they may have
+//! run. A lane that fails is replaced; the writes of a batch that failed
+//! learn that they may have run, and those queued behind it that they were
+//! not sent (their callers try again).
 //!
 //! The mechanism needs only a node to open connections to: it runs for the
 //! one master ([`MasterLane`]) and for each master of a cluster
@@ -38,9 +41,8 @@ use redis::aio::MultiplexedConnection;
 use crate::addr::NodeAddr;
 use crate::dedicated::all_failed;
 use crate::durable::{Ack, Acked};
-use crate::error::Error;
 use crate::events::{Counter, Telemetry};
-use crate::lane::{Lane, LaneSlot, Waiter};
+use crate::lane::{Lane, LaneSlot, Outcome, Waiter};
 use crate::node::Connection;
 use crate::request::{Request, Sent};
 use crate::retry::{Failure, refusal_of};
@@ -157,9 +159,9 @@ async fn answers<H: LaneHost>(host: &H, lane: &Lane) -> bool {
     pong.is_ok()
 }
 
-/// Sends a durable write on `host`'s lane (after `ASKING` when `asking`:
-/// a cluster's `ASK` redirect), and once it ran, waits for a `WAIT` (or
-/// `WAITAOF`) to count what `ack` asks.
+/// Sends a durable write in the next batch on `host`'s lane (after
+/// `ASKING` when `asking`: a cluster's `ASK` redirect), and says whether
+/// the batch's `WAIT` (or `WAITAOF`) counted what `ack` asks.
 pub(crate) async fn send_durable<H: LaneHost>(
     host: &Arc<H>,
     request: Request<'_>,
@@ -171,116 +173,160 @@ pub(crate) async fn send_durable<H: LaneHost>(
         Ok(lane) => lane,
         Err(sent) => return sent,
     };
-    let mut connection = lane.connection.multiplexed.clone();
-    // A write may wait behind the lane's `WAIT` before it runs.
-    let patience = lane.patience(ack.timeout);
-    connection.set_response_timeout(patience.saturating_add(host.command_timeout()));
-    let reply = match request.send_on(&mut connection, asking).await {
-        Ok(reply) => reply,
-        Err(error) => {
-            if Failure::of(&error) == Failure::OutcomeUnknown {
-                lane.connection.fail();
-            }
-            return Sent::Failed(error);
-        }
+    let (outcome, start) = lane.join(request.commands(asking), ack);
+    if start {
+        let (host, lane) = (Arc::clone(host), Arc::clone(&lane));
+        tokio::spawn(async move { send_batches(host.as_ref(), &lane).await });
+    }
+    let (reply, replicated) = match outcome.await {
+        Ok(Outcome::Ran(reply, replicated)) => (reply, replicated),
+        Ok(Outcome::Failed(error)) => return Sent::Failed(error),
+        Ok(Outcome::NotSent(why)) => return Sent::Unreachable(why.to_owned()),
+        // The task stopped with this write's batch in hand (a panic, a
+        // runtime shutting down): it may have run.
+        Err(_) => return Sent::Failed(outcome_unknown("the task sending durable writes ended")),
     };
     if let Some((refusal, _)) = request.refusal(&reply, idempotent) {
         return Sent::Failed(refusal);
     }
-    if all_failed(&reply) {
-        // No write ran: nothing to wait for.
-        return Sent::Done(reply);
-    }
-    match next_wait(host, &lane, ack).await {
+    match replicated {
         Ok(()) => Sent::Done(reply),
+        // No write ran: nothing to wait for.
+        Err(_) if all_failed(&reply) => Sent::Done(reply),
         Err(error) => Sent::Unreplicated(error),
     }
 }
 
-/// Waits for the next `WAIT` on `lane` (starting the task that sends
-/// them if none runs), and says whether it counted what `ack` asks.
-async fn next_wait<H: LaneHost>(host: &Arc<H>, lane: &Arc<Lane>, ack: Ack) -> Result<(), Error> {
-    let (replicated, start) = lane.join(ack);
-    if start {
-        let (host, lane) = (Arc::clone(host), Arc::clone(lane));
-        tokio::spawn(async move { send_waits(host.as_ref(), &lane).await });
-    }
-    replicated.await.unwrap_or_else(|_| {
-        // The task stopped with this write's batch in hand (a panic, a
-        // runtime shutting down).
-        Err(Error::ReplicationUnknown {
-            node: host.node().clone(),
-            source: RedisError::from(std::io::Error::other("the WAIT task ended")),
-        })
-    })
+/// An error that leaves a write's outcome unknown, as a lost connection.
+fn outcome_unknown(what: &str) -> RedisError {
+    RedisError::from(std::io::Error::other(what.to_owned()))
 }
 
-/// Sends a `WAIT` for the writes waiting on `lane`, answers them, and
-/// again while writes wait.
-async fn send_waits<H: LaneHost>(host: &H, lane: &Lane) {
-    let mut stopping = Abandoned {
-        node: host.node(),
-        lane,
-        ended: false,
-    };
+/// Sends the writes waiting on `lane` and their wait as one batch,
+/// answers them, and again while writes wait.
+async fn send_batches<H: LaneHost>(host: &H, lane: &Lane) {
+    let mut stopping = Abandoned { lane, ended: false };
     while let Some(batch) = lane.waiting() {
-        let (persisted, replicated): (Vec<_>, Vec<_>) =
-            batch.into_iter().partition(|w| w.ack.aof.is_some());
-        for group in [replicated, persisted] {
-            answer_group(host, lane, group).await;
+        let batch: Vec<Waiter> = batch.into_iter().filter(|w| !w.abandoned()).collect();
+        if !batch.is_empty() {
+            send_batch(host, lane, batch).await;
         }
     }
     // Ended as it should: nothing waits, and the next write starts again.
     stopping.ended = true;
 }
 
-/// Sends one wait for `group` (writes all waiting for `WAIT`, or all for
-/// `WAITAOF`), asking for the most any of them asks, and answers each by
-/// its own ask.
-async fn answer_group<H: LaneHost>(host: &H, lane: &Lane, group: Vec<Waiter>) {
-    let Some(ack) = group.iter().map(|w| w.ack).reduce(Ack::merge) else {
-        return;
-    };
-    let acked = send_wait(host, lane, ack).await;
-    host.wait_answered(ack, &acked);
-    for waiter in group {
-        let result = waiter.ack.outcome(host.node(), &acked);
-        if result.is_err() {
-            host.telemetry().add(Counter::UnreplicatedWrites);
+/// Sends `batch`'s writes, in order, then a `WAIT` for the replicated
+/// ones and a `WAITAOF` for the persisted ones (each asking for the most
+/// any of its writes asks), in one pipeline; answers each write with its
+/// reply and what the wait of its kind counted, by its own ask.
+async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, batch: Vec<Waiter>) {
+    if lane.has_failed() {
+        // A batch before failed: these were never sent (their callers try
+        // again, on a new lane).
+        for waiter in batch {
+            waiter.answer(Outcome::NotSent("the connection of durable writes failed"));
         }
-        waiter.answer(result);
+        return;
+    }
+    let kinds = [false, true].map(|persisted| {
+        batch
+            .iter()
+            .map(|w| w.ack)
+            .filter(|ack| ack.aof.is_some() == persisted)
+            .reduce(Ack::merge)
+    });
+    let waits: Vec<Ack> = kinds.iter().flatten().copied().collect();
+    let mut pipeline = redis::pipe();
+    let mut shapes = Vec::with_capacity(batch.len());
+    let mut answers = Vec::with_capacity(batch.len());
+    for mut waiter in batch {
+        shapes.push((waiter.commands.shape, waiter.ack));
+        for cmd in std::mem::take(&mut waiter.commands.cmds) {
+            pipeline.add_command(cmd);
+        }
+        answers.push(waiter);
+    }
+    for ack in &waits {
+        pipeline.add_command(ack.command());
+    }
+    let longest = waits
+        .iter()
+        .map(|ack| ack.timeout)
+        .max()
+        .unwrap_or_default();
+    let mut values = match send_pipeline(host, lane, &pipeline, longest).await {
+        Ok(values) => values,
+        Err(error) => {
+            for waiter in answers {
+                waiter.answer(Outcome::Failed(error.clone()));
+            }
+            return;
+        }
+    };
+    let wait_replies = values.split_off(values.len() - waits.len());
+    let mut counted = [None, None];
+    for (ack, reply) in waits.iter().zip(wait_replies) {
+        let acked = ack.acked(reply);
+        host.wait_answered(*ack, &acked);
+        counted[usize::from(ack.aof.is_some())] = Some(acked);
+    }
+    let mut values = values.into_iter();
+    for (waiter, (shape, ack)) in answers.into_iter().zip(shapes) {
+        let own: Vec<_> = values.by_ref().take(shape.replies).collect();
+        // The batch holds a wait of each kind it holds writes of.
+        let acked = &counted[usize::from(ack.aof.is_some())];
+        let outcome = match (shape.reply(own), acked) {
+            (Ok(reply), Some(acked)) => {
+                let replicated = ack.outcome(host.node(), acked);
+                if replicated.is_err() {
+                    host.telemetry().add(Counter::UnreplicatedWrites);
+                }
+                Outcome::Ran(reply, replicated)
+            }
+            (Err(error), _) => Outcome::Failed(error),
+            (Ok(_), None) => Outcome::Failed(outcome_unknown("no wait in the batch")),
+        };
+        waiter.answer(outcome);
     }
 }
 
-/// `WAIT` (or `WAITAOF`) on the lane: what has every write sent on it so
-/// far.
-async fn send_wait<H: LaneHost>(host: &H, lane: &Lane, ack: Ack) -> Result<Acked, RedisError> {
-    if lane.has_failed() {
-        return Err(RedisError::from(std::io::Error::other(
-            "the connection of durable writes failed",
-        )));
-    }
+/// Sends `pipeline` on the lane, waits included, and returns a reply for
+/// each of its commands; a lane that fails with the outcome unknown sends
+/// nothing more.
+async fn send_pipeline<H: LaneHost>(
+    host: &H,
+    lane: &Lane,
+    pipeline: &redis::Pipeline,
+    longest: Duration,
+) -> Result<Vec<redis::Value>, RedisError> {
     let mut connection = lane.connection.multiplexed.clone();
-    connection.set_response_timeout(ack.timeout.saturating_add(host.command_timeout()));
-    let acked = ack
-        .command()
-        .query_async::<redis::Value>(&mut connection)
+    connection.set_response_timeout(longest.saturating_add(host.command_timeout()));
+    let sent = connection
+        .send_packed_commands(pipeline, 0, pipeline.len())
         .await
-        .and_then(|reply| ack.acked(reply));
-    if acked
+        .and_then(|values| {
+            if values.len() == pipeline.len() {
+                Ok(values)
+            } else {
+                Err(outcome_unknown(
+                    "a reply count other than the commands sent",
+                ))
+            }
+        });
+    if sent
         .as_ref()
         .is_err_and(|error| Failure::of(error) == Failure::OutcomeUnknown)
     {
         lane.connection.fail();
     }
-    acked
+    sent
 }
 
-/// Answers the writes still queued if the task sending `WAIT`s stops
-/// before its time (a panic, a runtime shutting down): their replication
-/// is unknown, and the next write starts another task.
+/// Answers the writes still queued if the task sending batches stops
+/// before its time (a panic, a runtime shutting down): they were not
+/// sent, and the next write starts another task.
 struct Abandoned<'a> {
-    node: &'a NodeAddr,
     lane: &'a Lane,
     ended: bool,
 }
@@ -291,10 +337,7 @@ impl Drop for Abandoned<'_> {
             return;
         }
         for waiter in self.lane.abandon() {
-            waiter.answer(Err(Error::ReplicationUnknown {
-                node: self.node.clone(),
-                source: RedisError::from(std::io::Error::other("the task sending WAITs stopped")),
-            }));
+            waiter.answer(Outcome::NotSent("the task sending durable writes stopped"));
         }
     }
 }

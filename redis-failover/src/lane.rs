@@ -1,16 +1,18 @@
 //! A master's connection for durable writes and the writes waiting for its
-//! next `WAIT` ([`crate::group_commit`] sends them).
+//! next batch ([`crate::group_commit`] sends them).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use redis::RedisError;
 use tokio::sync::oneshot;
 
 use crate::durable::Ack;
 use crate::error::Error;
 use crate::node::Connection;
+use crate::request::{Commands, Reply};
 
 /// Where a node's lane is kept: none before its first durable write, and
 /// a new one once it failed.
@@ -21,35 +23,50 @@ pub(crate) struct LaneSlot {
     pub(crate) opening: tokio::sync::Mutex<()>,
 }
 
-/// The connection durable writes go over, and those waiting for a `WAIT`.
+/// The connection durable writes go over, and those waiting to be sent.
 pub(crate) struct Lane {
     pub(crate) connection: Arc<Connection>,
     queue: Mutex<Queue>,
     opened: Instant,
     /// Ms after `opened` that the lane was last used.
     used: AtomicU64,
-    /// The longest `WAIT` asked for on it, in ms.
-    longest_wait: AtomicU64,
 }
 
 #[derive(Default)]
 struct Queue {
-    /// Whether a task is sending `WAIT`s.
+    /// Whether a task is sending batches.
     running: bool,
     waiting: Vec<Waiter>,
 }
 
-/// A write whose reply is in, waiting for a `WAIT` (or `WAITAOF`) sent
-/// after it.
+/// A durable write waiting for the next batch, which sends it ahead of the
+/// batch's `WAIT` (or `WAITAOF`).
 pub(crate) struct Waiter {
+    pub(crate) commands: Commands,
     pub(crate) ack: Ack,
-    done: oneshot::Sender<Result<(), Error>>,
+    done: oneshot::Sender<Outcome>,
+}
+
+/// What became of a write handed to the lane.
+pub(crate) enum Outcome {
+    /// Sent in a batch: its reply, and whether the batch's wait counted
+    /// what it asks.
+    Ran(Reply, Result<(), Error>),
+    /// Its batch failed: the write may have run.
+    Failed(RedisError),
+    /// Never sent (why): the task sending batches stopped before its time.
+    NotSent(&'static str),
 }
 
 impl Waiter {
-    /// Tells the write how its `WAIT` went (unheard if its caller gave up).
-    pub(crate) fn answer(self, result: Result<(), Error>) {
-        let _ = self.done.send(result);
+    /// Whether its caller gave up: it need not be sent.
+    pub(crate) fn abandoned(&self) -> bool {
+        self.done.is_closed()
+    }
+
+    /// Tells the write what became of it (unheard if its caller gave up).
+    pub(crate) fn answer(self, outcome: Outcome) {
+        let _ = self.done.send(outcome);
     }
 }
 
@@ -60,17 +77,7 @@ impl Lane {
             queue: Mutex::default(),
             opened: Instant::now(),
             used: AtomicU64::new(0),
-            longest_wait: AtomicU64::new(0),
         })
-    }
-
-    /// How long a write on the lane may take to answer, besides the
-    /// command timeout: it may run only once the `WAIT` ahead of it is
-    /// answered, and a `WAIT` asks for the longest timeout of its writes.
-    pub(crate) fn patience(&self, timeout: Duration) -> Duration {
-        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let longest = self.longest_wait.fetch_max(ms, Ordering::Relaxed).max(ms);
-        Duration::from_millis(longest)
     }
 
     /// How long since the lane was last used; and it is used now.
@@ -88,18 +95,22 @@ impl Lane {
         self.connection.has_failed()
     }
 
-    /// Queues a write for the next `WAIT`: where its outcome comes, and
+    /// Queues a write for the next batch: where its outcome comes, and
     /// whether the caller must start the task sending them (none runs).
-    pub(crate) fn join(&self, ack: Ack) -> (oneshot::Receiver<Result<(), Error>>, bool) {
+    pub(crate) fn join(&self, commands: Commands, ack: Ack) -> (oneshot::Receiver<Outcome>, bool) {
         let (done, outcome) = oneshot::channel();
         let mut queue = self.queue();
-        queue.waiting.push(Waiter { ack, done });
+        queue.waiting.push(Waiter {
+            commands,
+            ack,
+            done,
+        });
         let start = !std::mem::replace(&mut queue.running, true);
         (outcome, start)
     }
 
     /// The writes waiting, taken from the queue, as the task sending the
-    /// `WAIT`s stops before its time (a panic, a runtime shutting down):
+    /// batches stops before its time (a panic, a runtime shutting down):
     /// the next write starts another.
     pub(crate) fn abandon(&self) -> Vec<Waiter> {
         let mut queue = self.queue();
@@ -107,7 +118,7 @@ impl Lane {
         std::mem::take(&mut queue.waiting)
     }
 
-    /// The writes waiting for a `WAIT`; none when there are none, and the
+    /// The writes waiting to be sent; none when there are none, and the
     /// task sending them must end (the next write starts another).
     pub(crate) fn waiting(&self) -> Option<Vec<Waiter>> {
         let mut queue = self.queue();

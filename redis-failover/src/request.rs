@@ -63,6 +63,48 @@ impl Reply {
     }
 }
 
+/// A request's commands, owned ([`Request::commands`]), and where its
+/// reply lies among theirs.
+pub(crate) struct Commands {
+    pub(crate) cmds: Vec<Cmd>,
+    pub(crate) shape: Shape,
+}
+
+/// Where a request's reply lies among the replies to its [`Commands`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shape {
+    /// How many replies the commands get.
+    pub(crate) replies: usize,
+    /// The replies before the request's own (`ASKING`'s, and those a
+    /// pipeline's offset passes over, such as a transaction's `QUEUED`s).
+    skip: usize,
+    /// The request's own replies.
+    take: usize,
+    /// A single command, whose reply is one value.
+    single: bool,
+}
+
+impl Shape {
+    /// The request's reply, out of `values`, the replies to its commands.
+    pub(crate) fn reply(self, mut values: Vec<Value>) -> Result<Reply, RedisError> {
+        if values.len() != self.replies {
+            return Err(RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "a reply count other than the commands sent",
+            )));
+        }
+        values.truncate(self.skip + self.take);
+        values.drain(..self.skip.min(values.len()));
+        if !self.single {
+            return Ok(Reply::Values(values));
+        }
+        values
+            .pop()
+            .map(Reply::Value)
+            .ok_or_else(|| RedisError::from((redis::ErrorKind::UnexpectedReturnType, "no reply")))
+    }
+}
+
 impl Request<'_> {
     pub(crate) async fn send(
         self,
@@ -102,31 +144,53 @@ impl Request<'_> {
         self,
         connection: &mut MultiplexedConnection,
     ) -> Result<Reply, RedisError> {
+        let Commands { cmds, shape } = self.commands(true);
         let mut pipeline = redis::pipe();
-        pipeline.cmd("ASKING");
-        let single = match self {
+        for cmd in cmds {
+            pipeline.add_command(cmd);
+        }
+        let values = connection
+            .send_packed_commands(&pipeline, 0, shape.replies)
+            .await?;
+        shape.reply(values)
+    }
+
+    /// Its commands, owned and written out (a transaction's `MULTI` and
+    /// `EXEC` included), after `ASKING` when `asking`: to send within a
+    /// pipeline of other commands.
+    pub(crate) fn commands(self, asking: bool) -> Commands {
+        let mut cmds = Vec::new();
+        if asking {
+            cmds.push(redis::cmd("ASKING"));
+        }
+        let (skip, take, single) = match self {
             Self::Command(cmd) => {
-                pipeline.add_command(cmd.clone());
-                true
+                cmds.push(cmd.clone());
+                (0, 1, true)
             }
-            Self::Pipeline { pipeline: sent, .. } => {
-                for cmd in sent.cmd_iter() {
-                    pipeline.add_command(cmd.clone());
+            Self::Pipeline {
+                pipeline,
+                offset,
+                count,
+            } => {
+                let transaction = pipeline.is_transaction();
+                if transaction {
+                    cmds.push(redis::cmd("MULTI"));
                 }
-                false
+                cmds.extend(pipeline.cmd_iter().cloned());
+                if transaction {
+                    cmds.push(redis::cmd("EXEC"));
+                }
+                (offset, count, false)
             }
         };
-        let count = pipeline.len() - 1;
-        let mut values = connection.send_packed_commands(&pipeline, 1, count).await?;
-        if !single {
-            return Ok(Reply::Values(values));
-        }
-        values.pop().map(Reply::Value).ok_or_else(|| {
-            RedisError::from((
-                redis::ErrorKind::UnexpectedReturnType,
-                "no reply after ASKING",
-            ))
-        })
+        let shape = Shape {
+            replies: cmds.len(),
+            skip: usize::from(asking) + skip,
+            take,
+            single,
+        };
+        Commands { cmds, shape }
     }
 
     /// Its command names, for error messages.
@@ -280,6 +344,47 @@ mod tests {
         assert_eq!(
             request.refusal(&half_ran, true).map(|(_, code)| code),
             Some("UNBLOCKED")
+        );
+    }
+
+    #[test]
+    fn commands_are_written_out_and_the_reply_found_among_theirs() {
+        let names = |commands: &Commands| -> Vec<String> {
+            commands
+                .cmds
+                .iter()
+                .map(|cmd| String::from_utf8_lossy(command::name(cmd).unwrap()).into_owned())
+                .collect()
+        };
+        let set = redis::cmd("SET").arg("k").arg("v").to_owned();
+        let single = Request::Command(&set).commands(true);
+        assert_eq!(names(&single), ["ASKING", "SET"]);
+        let reply = single.shape.reply(vec![Value::Okay, Value::Int(1)]);
+        assert!(matches!(reply, Ok(Reply::Value(Value::Int(1)))));
+
+        let mut transaction = redis::pipe();
+        transaction.atomic().set("a", 1).incr("b", 1);
+        // As redis-rs hands a transaction over: the EXEC reply alone.
+        let request = Request::Pipeline {
+            pipeline: &transaction,
+            offset: 3,
+            count: 1,
+        };
+        let commands = request.commands(true);
+        assert_eq!(
+            names(&commands),
+            ["ASKING", "MULTI", "SET", "INCRBY", "EXEC"]
+        );
+        let queued = || Value::SimpleString("QUEUED".to_owned());
+        let exec = Value::Array(vec![Value::Okay, Value::Int(2)]);
+        let replies = vec![Value::Okay, Value::Okay, queued(), queued(), exec.clone()];
+        match commands.shape.reply(replies) {
+            Ok(Reply::Values(values)) => assert_eq!(values, [exec]),
+            _ => panic!("not the EXEC reply"),
+        }
+        assert!(
+            commands.shape.reply(vec![Value::Okay]).is_err(),
+            "a reply count other than the commands'"
         );
     }
 
