@@ -137,9 +137,10 @@ pub enum Error {
     },
 
     /// A durable write ran on the master, but its `WAIT` (or `WAITAOF`)
-    /// failed (the connection was lost, the node was demoted meanwhile,
-    /// `appendonly` was turned off), so whether replicas have it is
-    /// unknown. It is not rolled back.
+    /// answered an error (the node was demoted meanwhile, `appendonly` was
+    /// turned off), so whether replicas have it is unknown. It is not
+    /// rolled back. (A connection lost while the write and its `WAIT` were
+    /// out is [`Error::OutcomeUnknown`].)
     #[error(
         "the write ran on {node}, but its WAIT (or WAITAOF) failed: whether replicas have it is unknown"
     )]

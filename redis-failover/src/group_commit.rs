@@ -102,8 +102,9 @@ impl LaneHost for MasterLane {
 }
 
 impl Shared {
-    /// Sends a durable write on `master`'s lane, and once it ran, waits
-    /// for a `WAIT` (or `WAITAOF`) to count what `ack` asks.
+    /// Sends a durable write in the next batch on `master`'s lane, and
+    /// says whether the batch's `WAIT` (or `WAITAOF`) counted what `ack`
+    /// asks.
     pub(crate) async fn send_durable(
         self: &Arc<Self>,
         master: &Arc<Master>,
@@ -175,8 +176,12 @@ pub(crate) async fn send_durable<H: LaneHost>(
     };
     let (outcome, start) = lane.join(request.commands(asking), ack);
     if start {
-        let (host, lane) = (Arc::clone(host), Arc::clone(&lane));
-        tokio::spawn(async move { send_batches(host.as_ref(), &lane).await });
+        // The guard goes with the task, even one dropped unpolled.
+        let stopping = Abandoned {
+            lane: Arc::clone(&lane),
+            ended: false,
+        };
+        tokio::spawn(send_batches(Arc::clone(host), stopping));
     }
     let (reply, replicated) = match outcome.await {
         Ok(Outcome::Ran(reply, replicated)) => (reply, replicated),
@@ -193,7 +198,10 @@ pub(crate) async fn send_durable<H: LaneHost>(
         Ok(()) => Sent::Done(reply),
         // No write ran: nothing to wait for.
         Err(_) if all_failed(&reply) => Sent::Done(reply),
-        Err(error) => Sent::Unreplicated(error),
+        Err(error) => {
+            host.telemetry().add(Counter::UnreplicatedWrites);
+            Sent::Unreplicated(error)
+        }
     }
 }
 
@@ -202,14 +210,14 @@ fn outcome_unknown(what: &str) -> RedisError {
     RedisError::from(std::io::Error::other(what.to_owned()))
 }
 
-/// Sends the writes waiting on `lane` and their wait as one batch,
-/// answers them, and again while writes wait.
-async fn send_batches<H: LaneHost>(host: &H, lane: &Lane) {
-    let mut stopping = Abandoned { lane, ended: false };
+/// Sends the writes waiting on `stopping`'s lane and their wait as one
+/// batch, answers them, and again while writes wait.
+async fn send_batches<H: LaneHost>(host: Arc<H>, mut stopping: Abandoned) {
+    let lane = Arc::clone(&stopping.lane);
     while let Some(batch) = lane.waiting() {
         let batch: Vec<Waiter> = batch.into_iter().filter(|w| !w.abandoned()).collect();
         if !batch.is_empty() {
-            send_batch(host, lane, batch).await;
+            send_batch(host.as_ref(), &lane, batch).await;
         }
     }
     // Ended as it should: nothing waits, and the next write starts again.
@@ -250,12 +258,12 @@ async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, batch: Vec<Waiter>) {
     for ack in &waits {
         pipeline.add_command(ack.command());
     }
-    let longest = waits
+    // The waits run one after the other.
+    let waiting = waits
         .iter()
         .map(|ack| ack.timeout)
-        .max()
-        .unwrap_or_default();
-    let mut values = match send_pipeline(host, lane, &pipeline, longest).await {
+        .fold(Duration::ZERO, Duration::saturating_add);
+    let mut values = match send_pipeline(host, lane, &pipeline, waiting).await {
         Ok(values) => values,
         Err(error) => {
             for waiter in answers {
@@ -277,13 +285,7 @@ async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, batch: Vec<Waiter>) {
         // The batch holds a wait of each kind it holds writes of.
         let acked = &counted[usize::from(ack.aof.is_some())];
         let outcome = match (shape.reply(own), acked) {
-            (Ok(reply), Some(acked)) => {
-                let replicated = ack.outcome(host.node(), acked);
-                if replicated.is_err() {
-                    host.telemetry().add(Counter::UnreplicatedWrites);
-                }
-                Outcome::Ran(reply, replicated)
-            }
+            (Ok(reply), Some(acked)) => Outcome::Ran(reply, ack.outcome(host.node(), acked)),
             (Err(error), _) => Outcome::Failed(error),
             (Ok(_), None) => Outcome::Failed(outcome_unknown("no wait in the batch")),
         };
@@ -298,10 +300,10 @@ async fn send_pipeline<H: LaneHost>(
     host: &H,
     lane: &Lane,
     pipeline: &redis::Pipeline,
-    longest: Duration,
+    waiting: Duration,
 ) -> Result<Vec<redis::Value>, RedisError> {
     let mut connection = lane.connection.multiplexed.clone();
-    connection.set_response_timeout(longest.saturating_add(host.command_timeout()));
+    connection.set_response_timeout(waiting.saturating_add(host.command_timeout()));
     let sent = connection
         .send_packed_commands(pipeline, 0, pipeline.len())
         .await
@@ -324,14 +326,14 @@ async fn send_pipeline<H: LaneHost>(
 }
 
 /// Answers the writes still queued if the task sending batches stops
-/// before its time (a panic, a runtime shutting down): they were not
-/// sent, and the next write starts another task.
-struct Abandoned<'a> {
-    lane: &'a Lane,
+/// before its time (a panic, a runtime shutting down, even before it first
+/// ran): they were not sent, and the next write starts another task.
+struct Abandoned {
+    lane: Arc<Lane>,
     ended: bool,
 }
 
-impl Drop for Abandoned<'_> {
+impl Drop for Abandoned {
     fn drop(&mut self) {
         if self.ended {
             return;

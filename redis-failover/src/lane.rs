@@ -54,7 +54,8 @@ pub(crate) enum Outcome {
     Ran(Reply, Result<(), Error>),
     /// Its batch failed: the write may have run.
     Failed(RedisError),
-    /// Never sent (why): the task sending batches stopped before its time.
+    /// Never sent (why): the lane failed before its batch, or the task
+    /// sending batches stopped before its time.
     NotSent(&'static str),
 }
 

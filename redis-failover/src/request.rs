@@ -82,6 +82,8 @@ pub(crate) struct Shape {
     take: usize,
     /// A single command, whose reply is one value.
     single: bool,
+    /// A transaction, whose commands' `QUEUED`s are passed over.
+    transaction: bool,
 }
 
 impl Shape {
@@ -94,7 +96,19 @@ impl Shape {
             )));
         }
         values.truncate(self.skip + self.take);
-        values.drain(..self.skip.min(values.len()));
+        let passed: Vec<Value> = values.drain(..self.skip.min(values.len())).collect();
+        if self.transaction {
+            // A command refused as it was queued aborts the transaction
+            // (`EXECABORT`, nothing ran); the refusal says why, as redis-rs
+            // reports a transaction it sends itself: the first that routing
+            // and the retry policy act on (`MOVED`, `READONLY`...), else
+            // the first.
+            let errors: Vec<&ServerError> = passed.iter().filter_map(server_error).collect();
+            let refusal = errors.iter().find(|e| refusal_code(e).is_some());
+            if let Some(error) = refusal.or(errors.first()) {
+                return Err(RedisError::from((*error).clone()));
+            }
+        }
         if !self.single {
             return Ok(Reply::Values(values));
         }
@@ -163,10 +177,10 @@ impl Request<'_> {
         if asking {
             cmds.push(redis::cmd("ASKING"));
         }
-        let (skip, take, single) = match self {
+        let (skip, take, single, transaction) = match self {
             Self::Command(cmd) => {
                 cmds.push(cmd.clone());
-                (0, 1, true)
+                (0, 1, true, false)
             }
             Self::Pipeline {
                 pipeline,
@@ -181,7 +195,7 @@ impl Request<'_> {
                 if transaction {
                     cmds.push(redis::cmd("EXEC"));
                 }
-                (offset, count, false)
+                (offset, count, false, transaction)
             }
         };
         let shape = Shape {
@@ -189,6 +203,7 @@ impl Request<'_> {
             skip: usize::from(asking) + skip,
             take,
             single,
+            transaction,
         };
         Commands { cmds, shape }
     }
@@ -386,6 +401,41 @@ mod tests {
             commands.shape.reply(vec![Value::Okay]).is_err(),
             "a reply count other than the commands'"
         );
+    }
+
+    #[test]
+    fn a_command_refused_as_it_was_queued_is_the_transaction_error() {
+        let mut transaction = redis::pipe();
+        transaction.atomic().set("a", 1).set("b", 2);
+        let request = Request::Pipeline {
+            pipeline: &transaction,
+            offset: 3,
+            count: 1,
+        };
+        let shape = request.commands(false).shape;
+        let queued = || Value::SimpleString("QUEUED".to_owned());
+        let execabort = || {
+            error_reply(
+                "EXECABORT",
+                "Transaction discarded because of previous errors.",
+            )
+        };
+        let refused = shape.reply(vec![
+            Value::Okay,
+            error_reply("ERR", "wrong number of arguments"),
+            error_reply("MOVED", "3999 127.0.0.1:7001"),
+            execabort(),
+        ]);
+        let error = refused.err().expect("an aborted transaction is an error");
+        assert_eq!(crate::retry::refusal_of(&error), Some("MOVED"));
+        let failed = shape.reply(vec![
+            Value::Okay,
+            queued(),
+            error_reply("ERR", "wrong number of arguments"),
+            execabort(),
+        ]);
+        let error = failed.err().expect("an aborted transaction is an error");
+        assert_eq!(error.code(), Some("ERR"));
     }
 
     #[test]

@@ -290,6 +290,26 @@ async fn a_transaction_follows_a_moved_slot() {
     assert!(client.metrics().redirect_replies >= 1, "WATCH got MOVED");
     let on_replica = get_on_replica(&cluster, shards[1].replicas[0], &key).await;
     assert_eq!(on_replica.as_deref(), Some("2"));
+
+    // A durable atomic pipeline goes in a batch on the old owner's lane:
+    // its commands are refused with MOVED as they are queued, EXEC with
+    // EXECABORT; nothing ran, so it is sent again to the new owner.
+    let other = key_in(&shards[0], "moving-too");
+    durable.set(&other, 1).await.unwrap();
+    cluster
+        .move_slot(slot_of(&other), shards[1].master)
+        .await
+        .unwrap();
+    let mut transaction = redis::pipe();
+    transaction.atomic().incr(&other, 1).get(&other);
+    let (incremented, read): (i64, i64) = durable.query_pipeline(&transaction).await.unwrap();
+    assert_eq!((incremented, read), (2, 2));
+    let on_replica = get_on_replica(&cluster, shards[1].replicas[0], &other).await;
+    assert_eq!(
+        on_replica.as_deref(),
+        Some("2"),
+        "acknowledged once replicated"
+    );
 }
 
 /// A blocking pop on a cluster key waits on its own connection to the
