@@ -52,7 +52,8 @@ pub(crate) enum Outcome {
     /// Sent in a batch: its reply, and whether the batch's wait counted
     /// what it asks.
     Ran(Reply, Result<(), Error>),
-    /// Its batch failed: the write may have run.
+    /// Failed with this error: its batch's (the write may have run), or
+    /// its own (a transaction refused as it was queued, which did not).
     Failed(RedisError),
     /// Never sent (why): the lane failed before its batch, or the task
     /// sending batches stopped before its time.

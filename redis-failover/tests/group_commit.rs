@@ -87,7 +87,7 @@ async fn a_durable_write_given_up_before_its_batch_is_never_sent() {
     let client = FailoverClient::candidates([topology.addr(master).into()])
         .durability(Durability::Replicated {
             replicas: 1,
-            timeout: Duration::from_secs(3),
+            timeout: Duration::from_secs(5),
         })
         .build()
         .unwrap();
