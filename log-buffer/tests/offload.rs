@@ -51,9 +51,10 @@ async fn lines_arrive_per_tenant_with_their_labels_in_every_encoding() {
     assert_eq!(metrics.queued, 5);
     assert_eq!(metrics.appended, 5);
     audit_entry(&client, "acme", now_ns(), "create_key").await;
+    legacy_audit_entry(&client, "acme", now_ns(), "delete_key").await;
 
     let offloader = offloader(&client, &receiver).start().unwrap();
-    receiver.wait_for_lines("acme", 3).await;
+    receiver.wait_for_lines("acme", 4).await;
     receiver.wait_for_lines("globex", 1).await;
     receiver.wait_for_lines("system", 2).await;
 
@@ -90,6 +91,21 @@ async fn lines_arrive_per_tenant_with_their_labels_in_every_encoding() {
     assert_eq!(labels["job"], "audit_logs", "audit records keep their job");
     assert_eq!(labels["action"], "create_key");
     assert!(!labels.contains_key("level"));
+    // A record of a field per name (written before they were packed)
+    // ships as the same line would packed.
+    let (legacy, labels) = &by_message["delete_key"];
+    assert_eq!(labels["action"], "delete_key");
+    let line = |action: &str| {
+        acme.iter()
+            .map(|(_, line, _)| line.clone())
+            .find(|line| line.contains(action))
+            .unwrap()
+    };
+    assert_eq!(
+        line("delete_key").replace("delete_key", "create_key"),
+        line("create_key")
+    );
+    assert_eq!(legacy["tenant"], "acme");
     for received in receiver.accepted() {
         assert_eq!(received.content_type, "application/x-protobuf");
     }

@@ -1,10 +1,10 @@
 //! Audit records: how they are stored in a tenant's audit stream
 //! (`tenant:{<id>}:audit`), and how to read one back.
 //!
-//! A record is a stream entry of one field, `records`, holding a line of
-//! JSON: an object of strings, `ts` (nanoseconds since the Unix epoch)
-//! first, then `action`, `actor`, `key` and, as they apply, `size`,
-//! `suppressed`, `tenant` and `version`, sorted by name. This is the layout
+//! A record is a stream entry of one field, `records`, holding a JSON
+//! object of strings on one line: `ts` (nanoseconds since the Unix epoch)
+//! first, then `action`, `actor`, `key`, `tenant` and, as they apply,
+//! `size`, `suppressed` and `version`, sorted by name. This is the layout
 //! of log-buffer's packed entries, whose offloader ships the line as
 //! written; the line is the one a record of separate fields would ship as.
 //!

@@ -2,9 +2,10 @@
 //! the audit record each change leaves.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use serde_json::json;
-use tenant_kv::{Actor, Error, NewItem, NewUser, Precondition, TenantKv};
+use tenant_kv::{Actor, Error, NewApiKey, NewItem, NewUser, Precondition, Scope, TenantKv};
 
 mod common;
 
@@ -113,10 +114,11 @@ async fn every_operation_keeps_its_promise_and_leaves_one_audit_record() {
 async fn a_record_is_one_line_of_json_as_serde_json_writes_it() {
     let (topology, client) = start(0).await;
     let store = TenantKv::builder(client).build().unwrap();
-    let actor = Actor::user("al\"ice\\\n\u{7}");
+    let actor = Actor::user("al\"ice\\\n\u{0}\u{7}\u{8}\u{c}\r\t\u{1f}\u{7f}");
     let acme = store.tenant(tenant("acme"), actor.clone());
     let key = "say \"hi\" \\ to é/ü";
     acme.create(key, NewItem::new(json!(1))).await.unwrap();
+    acme.delete(key, None).await.unwrap();
     let user = NewUser {
         username: "bob".to_owned(),
         tenant: tenant("acme"),
@@ -129,6 +131,27 @@ async fn a_record_is_one_line_of_json_as_serde_json_writes_it() {
         .create(user, "a password", &actor)
         .await
         .unwrap();
+    let api_key = NewApiKey {
+        name: "ci".to_owned(),
+        scopes: vec![Scope::Read],
+        key_prefix: None,
+        ttl: None,
+        owner: None,
+        requests_per_second: None,
+    };
+    let keys = store.api_keys();
+    let (created, _) = keys.create(&tenant("acme"), api_key, &actor).await.unwrap();
+    keys.rotate(
+        &tenant("acme"),
+        &created.id,
+        Duration::from_secs(60),
+        &actor,
+    )
+    .await
+    .unwrap();
+    // A failed login is recorded off the caller's path.
+    let _ = store.users().authenticate("bob", "wrong").await;
+    until_audited(&topology, "acme", 6).await;
 
     let entries: Vec<(String, HashMap<String, String>)> = topology
         .query(
@@ -140,7 +163,7 @@ async fn a_record_is_one_line_of_json_as_serde_json_writes_it() {
         )
         .await
         .unwrap();
-    assert_eq!(entries.len(), 2);
+    assert_eq!(entries.len(), 6);
     for (_, entry) in entries {
         assert_eq!(entry.keys().collect::<Vec<_>>(), ["records"]);
         let line = &entry["records"];
@@ -152,10 +175,23 @@ async fn a_record_is_one_line_of_json_as_serde_json_writes_it() {
             expected += &format!(",{}:{}", json!(name), json!(value));
         }
         assert_eq!(*line, expected + "}");
-        assert_eq!(record["actor"], actor.as_str());
     }
     let records = audit(&topology, "acme").await;
-    assert_eq!(actions(&records), ["create_key", "create_user"]);
+    assert_eq!(
+        actions(&records),
+        [
+            "create_key",
+            "delete_key",
+            "create_user",
+            "create_api_key",
+            "rotate_api_key",
+            "login_failed"
+        ]
+    );
+    for record in &records[..5] {
+        assert_eq!(record["actor"], actor.as_str());
+    }
+    assert_eq!(records[5]["actor"], "user:bob");
     assert_eq!(records[0]["key"], key);
     assert_eq!(records[0]["size"], (key.len() + 1).to_string());
 }

@@ -295,8 +295,26 @@ pub fn offloader(client: &FailoverClient, receiver: &Receiver) -> OffloaderBuild
         )
 }
 
-/// Appends an entry as tenant-kv's audit script does.
+/// Appends an audit record as tenant-kv does: a packed entry of one line.
 pub async fn audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, action: &str) {
+    let line = format!(
+        r#"{{"ts":"{ts_ns}","action":"{action}","actor":"user:alice","key":"doc","tenant":"{tenant}"}}"#
+    );
+    let _: String = client
+        .query(
+            redis::cmd("XADD")
+                .arg(format!("tenant:{{{tenant}}}:audit"))
+                .arg("*")
+                .arg("records")
+                .arg(line),
+        )
+        .await
+        .unwrap();
+}
+
+/// Appends an audit record as tenant-kv did before it packed them: an
+/// entry of a field per name.
+pub async fn legacy_audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, action: &str) {
     let _: String = client
         .query(
             redis::cmd("XADD")

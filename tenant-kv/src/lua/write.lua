@@ -85,7 +85,9 @@ if ARGV[7] ~= '' then
 end
 
 -- `actor` is escaped for JSON already; the tenant id needs no escaping.
+-- A version is written whole (`..` would write 1e+14 from 10^14 on).
 local function audit(actor, action, key, version, size)
+  if version ~= '' then version = string.format('%.0f', version) end
   local id = audit_add(KEYS[2], ARGV[3], '{"ts":"' .. ARGV[4] .. '","action":"' .. action
     .. '","actor":"' .. actor .. '","key":"' .. json_text(key) .. '","size":"' .. size
     .. '","tenant":"' .. ARGV[2] .. '","version":"' .. version .. '"}')

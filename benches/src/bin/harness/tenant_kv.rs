@@ -152,8 +152,8 @@ fn raw_set(raw: &MultiplexedConnection, value: &Arc<String>) -> Variant {
 }
 
 /// The audited write a user would write by hand: the item, its index
-/// entry and an audit record of the same fields as tenant-kv's, in one
-/// `MULTI`/`EXEC`, over the raw connection.
+/// entry and an audit record as tenant-kv writes it (one line of JSON),
+/// in one `MULTI`/`EXEC`, over the raw connection.
 fn hand_written(raw: &MultiplexedConnection, value: &Arc<String>) -> Variant {
     let (raw, value) = (raw.clone(), Arc::clone(value));
     let version = Arc::new(AtomicU64::new(0));
@@ -165,6 +165,10 @@ fn hand_written(raw: &MultiplexedConnection, value: &Arc<String>) -> Variant {
             let ns = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos());
+            let size = key.len() + value.len();
+            let record = format!(
+                r#"{{"ts":"{ns}","action":"update_key","actor":"system","key":"{key}","size":"{size}","tenant":"bench","version":"{version}"}}"#
+            );
             let _: () = redis::pipe()
                 .atomic()
                 .cmd("SET")
@@ -182,20 +186,8 @@ fn hand_written(raw: &MultiplexedConnection, value: &Arc<String>) -> Variant {
                 .arg("~")
                 .arg(100_000)
                 .arg("*")
-                .arg("ts")
-                .arg(ns.to_string())
-                .arg("tenant")
-                .arg("bench")
-                .arg("actor")
-                .arg("system")
-                .arg("action")
-                .arg("update_key")
-                .arg("key")
-                .arg(&key)
-                .arg("version")
-                .arg(version)
-                .arg("size")
-                .arg(key.len() + value.len())
+                .arg("records")
+                .arg(record)
                 .ignore()
                 .query_async(&mut raw)
                 .await
