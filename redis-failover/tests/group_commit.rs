@@ -4,18 +4,16 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use redis_failover::{Durability, FailoverClient};
-use redis_topology::Topology;
+use redis_topology::{NodeId, Topology};
 
 mod common;
 
 const TASKS: usize = 32;
 const WRITES_PER_TASK: usize = 10;
 
-/// Each write is on the replica once acknowledged (the `WAIT` that counted
-/// it was sent after it), and the writes of concurrent callers share
-/// their `WAIT`s.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_durable_writes_share_waits_and_are_on_the_replica_once_acknowledged() {
+/// A master and its replica, and a client of the master whose writes wait
+/// (up to 5 s) for the replica.
+async fn master_and_replica() -> (Topology, NodeId, NodeId, FailoverClient) {
     let topology = Topology::builder()
         .replicas(1)
         .sentinels(0)
@@ -35,6 +33,15 @@ async fn concurrent_durable_writes_share_waits_and_are_on_the_replica_once_ackno
         })
         .build()
         .unwrap();
+    (topology, master, replica, client)
+}
+
+/// Each write is on the replica once acknowledged (the `WAIT` that counted
+/// it was sent after it), and the writes of concurrent callers share
+/// their `WAIT`s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_durable_writes_share_waits_and_are_on_the_replica_once_acknowledged() {
+    let (topology, master, replica, client) = master_and_replica().await;
     let on_replica = redis::Client::open(topology.connection_info(replica))
         .unwrap()
         .get_multiplexed_async_connection()
@@ -72,25 +79,7 @@ async fn concurrent_durable_writes_share_waits_and_are_on_the_replica_once_ackno
 /// never sent, and the lane goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_write_given_up_before_its_batch_is_never_sent() {
-    let topology = Topology::builder()
-        .replicas(1)
-        .sentinels(0)
-        .start()
-        .await
-        .unwrap();
-    let master = topology.initial_master();
-    let replica = topology
-        .data_nodes()
-        .into_iter()
-        .find(|node| *node != master)
-        .unwrap();
-    let client = FailoverClient::candidates([topology.addr(master).into()])
-        .durability(Durability::Replicated {
-            replicas: 1,
-            timeout: Duration::from_secs(5),
-        })
-        .build()
-        .unwrap();
+    let (topology, master, replica, client) = master_and_replica().await;
     client.set("before", 0).await.unwrap();
     // With the replica stopped, the `WAIT` ending the next batch holds the
     // lane for its whole timeout.
