@@ -11,13 +11,13 @@
 //!
 //! A line is a JSON object of string values: `ts` (nanoseconds since the
 //! Unix epoch), `level`, `target`, then the spans' and the event's fields
-//! in order (tenant-kv's audit records, one per entry: `ts`, then their
-//! fields sorted by name) (a repeated name keeps its last value, as a stream entry's
-//! fields read into a map do). JSON strings escape line breaks, so the
-//! lines split on `\n`. The offloader checks each line and passes it on
-//! to the sink as written, less its `ts` ([`Parsed::line_without_ts`]):
-//! parsing a record into a map and writing it again cost about ten
-//! allocations per record.
+//! in order (a repeated name keeps its last value, as a stream entry's
+//! fields read into a map do). tenant-kv's audit records are such lines
+//! too, one per entry: `ts`, then their fields sorted by name. JSON
+//! strings escape line breaks, so the lines split on `\n`. The offloader
+//! checks each line and passes it on to the sink as written, less its
+//! `ts` ([`Parsed::line_without_ts`]): parsing a record into a map and
+//! writing it again cost about ten allocations per record.
 
 use std::borrow::Cow;
 use std::fmt;

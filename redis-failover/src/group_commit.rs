@@ -196,7 +196,7 @@ pub(crate) async fn send_durable<H: LaneHost>(
     }
     match replicated {
         Ok(()) => Sent::Done(reply),
-        // No write ran: nothing to wait for.
+        // No write ran: the wait's shortfall does not concern it.
         Err(_) if all_failed(&reply) => Sent::Done(reply),
         Err(error) => {
             host.telemetry().add(Counter::UnreplicatedWrites);
@@ -215,7 +215,7 @@ fn outcome_unknown(what: &str) -> RedisError {
 async fn send_batches<H: LaneHost>(host: Arc<H>, mut stopping: Abandoned) {
     let lane = Arc::clone(&stopping.lane);
     while let Some(batch) = lane.waiting() {
-        let batch: Vec<Waiter> = batch.into_iter().filter(|w| !w.abandoned()).collect();
+        let batch: Vec<Waiter> = batch.into_iter().filter(|w| !w.given_up()).collect();
         if !batch.is_empty() {
             send_batch(host.as_ref(), &lane, batch).await;
         }
@@ -228,7 +228,7 @@ async fn send_batches<H: LaneHost>(host: Arc<H>, mut stopping: Abandoned) {
 /// ones and a `WAITAOF` for the persisted ones (each asking for the most
 /// any of its writes asks), in one pipeline; answers each write with its
 /// reply and what the wait of its kind counted, by its own ask.
-async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, batch: Vec<Waiter>) {
+async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, mut batch: Vec<Waiter>) {
     if lane.has_failed() {
         // A batch before failed: these were never sent (their callers try
         // again, on a new lane).
@@ -246,14 +246,10 @@ async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, batch: Vec<Waiter>) {
     });
     let waits: Vec<Ack> = kinds.iter().flatten().copied().collect();
     let mut pipeline = redis::pipe();
-    let mut shapes = Vec::with_capacity(batch.len());
-    let mut answers = Vec::with_capacity(batch.len());
-    for mut waiter in batch {
-        shapes.push((waiter.commands.shape, waiter.ack));
+    for waiter in &mut batch {
         for cmd in std::mem::take(&mut waiter.commands.cmds) {
             pipeline.add_command(cmd);
         }
-        answers.push(waiter);
     }
     for ack in &waits {
         pipeline.add_command(ack.command());
@@ -266,7 +262,7 @@ async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, batch: Vec<Waiter>) {
     let mut values = match send_pipeline(host, lane, &pipeline, waiting).await {
         Ok(values) => values,
         Err(error) => {
-            for waiter in answers {
+            for waiter in batch {
                 waiter.answer(Outcome::Failed(error.clone()));
             }
             return;
@@ -280,7 +276,8 @@ async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, batch: Vec<Waiter>) {
         counted[usize::from(ack.aof.is_some())] = Some(acked);
     }
     let mut values = values.into_iter();
-    for (waiter, (shape, ack)) in answers.into_iter().zip(shapes) {
+    for waiter in batch {
+        let (shape, ack) = (waiter.commands.shape, waiter.ack);
         let own: Vec<_> = values.by_ref().take(shape.replies).collect();
         // The batch holds a wait of each kind it holds writes of.
         let acked = &counted[usize::from(ack.aof.is_some())];

@@ -62,7 +62,7 @@ pub(crate) enum Outcome {
 
 impl Waiter {
     /// Whether its caller gave up: it need not be sent.
-    pub(crate) fn abandoned(&self) -> bool {
+    pub(crate) fn given_up(&self) -> bool {
         self.done.is_closed()
     }
 

@@ -96,6 +96,8 @@ impl Shape {
             )));
         }
         values.truncate(self.skip + self.take);
+        // A request that asked for more replies than its commands get
+        // passes over what there is.
         let passed: Vec<Value> = values.drain(..self.skip.min(values.len())).collect();
         if self.transaction {
             // A command refused as it was queued aborts the transaction

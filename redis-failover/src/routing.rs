@@ -57,18 +57,19 @@ pub enum Durability {
     /// replica had it yet. This is the default.
     #[default]
     Master,
-    /// The write goes over the master's connection of durable writes, and
-    /// is acknowledged once a `WAIT replicas timeout` sent there after its
-    /// reply counted enough replicas; concurrent writes share one `WAIT`
-    /// (group commit). A write may wait for the `WAIT` ahead of it, then
-    /// for its own: up to about twice `timeout` when replicas are short.
+    /// The write goes over the master's connection of durable writes, in a
+    /// batch of writes followed by one `WAIT replicas timeout` in the same
+    /// pipeline, and is acknowledged once that `WAIT` counted enough
+    /// replicas (group commit). A write may wait for the batch ahead of
+    /// it, then for its own: up to about twice `timeout` when replicas are
+    /// short.
     /// Fewer acknowledgements than asked give [`Error::NotReplicated`]:
     /// the write ran on the master and is not undone, but may not survive
     /// a failover. On a master that is new, or whose last `WAIT` fell
     /// short, the replicas online are counted first (`INFO replication`):
     /// while fewer than `replicas`, the write waits without running, within
-    /// the retry budget. Transactions and blocking commands wait on their
-    /// own connection (see
+    /// the retry budget. Transactions with `WATCH` and blocking commands
+    /// wait on their own connection (see
     /// [`dedicated_connections`](crate::FailoverClientBuilder::dedicated_connections)).
     /// In cluster mode each master of the slot map has its connection of
     /// durable writes, and a write waits on the master that ran it;

@@ -8,10 +8,11 @@
 //! of log-buffer's packed entries, whose offloader ships the line as
 //! written; the line is the one a record of separate fields would ship as.
 //!
-//! Why one field: Redis (appending, replicating, reading) and whoever
-//! reads the stream (one reply value per name and per value) pay per
-//! field, and a write's record had seven. The scripts write records the
-//! same way (`audit_add` in `lua/common.lua`).
+//! Why one field: reading a record (Redis's `XRANGE` or `XREADGROUP`, and
+//! a reader's reply value per name and per value) is paid per field, and
+//! a write's record had seven; writing the line costs Redis about what the
+//! fields saved. The scripts write records the same way (`audit_add` in
+//! `lua/common.lua`).
 
 use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -3,7 +3,7 @@
 //! compare-and-set, quotas, users, API keys, encryption, the layout check,
 //! and every key of a tenant in its one slot.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tenant_kv::{
 
 mod common;
 
-use common::{tenant, time_until, until_cached};
+use common::{audit_through, tenant, time_until, until_cached};
 
 /// Two tenants per shard: ids whose `{tenant}` slot each master serves.
 async fn spread_tenants(cluster: &Cluster) -> Vec<TenantId> {
@@ -270,19 +270,7 @@ async fn credentials_work(
 
 /// The tenant's audit stream holds a record of each credential change.
 async fn assert_audited(client: &FailoverClient, id: &TenantId) {
-    let entries: Vec<(String, HashMap<String, String>)> = client
-        .query(
-            redis::cmd("XRANGE")
-                .arg(format!("tenant:{{{id}}}:audit"))
-                .arg("-")
-                .arg("+"),
-        )
-        .await
-        .unwrap();
-    let records: Vec<_> = entries
-        .into_iter()
-        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
-        .collect();
+    let records = audit_through(client, id.as_str()).await;
     let actions: Vec<&str> = records.iter().map(|f| f["action"].as_str()).collect();
     for action in [
         "create_user",

@@ -2,7 +2,6 @@
 //! tenants on every shard get their `key_expiration` records, although
 //! each master publishes, and scans, only its own keys.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use redis_failover::{FailoverClient, NodeAddr};
@@ -12,7 +11,7 @@ use tenant_kv::{Actor, NewItem, TenantKv};
 
 mod common;
 
-use common::tenant;
+use common::{audit_through, tenant};
 
 const DEADLINE: Duration = Duration::from_secs(15);
 const ITEMS: usize = 3;
@@ -43,18 +42,9 @@ async fn tenants_on_every_shard(cluster: &Cluster) -> Vec<String> {
 /// How many `key_expiration` audit records `tenant` has (read from the
 /// master of its slot).
 async fn expiry_records(client: &FailoverClient, tenant: &str) -> usize {
-    let entries: Vec<(String, HashMap<String, String>)> = client
-        .query(
-            redis::cmd("XRANGE")
-                .arg(format!("tenant:{{{tenant}}}:audit"))
-                .arg("-")
-                .arg("+"),
-        )
+    audit_through(client, tenant)
         .await
-        .unwrap();
-    entries
-        .into_iter()
-        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
+        .iter()
         .filter(|record| record["action"] == "key_expiration")
         .count()
 }

@@ -19,7 +19,8 @@ if ARGV[1] ~= '' then
 end
 local name = json_text(ARGV[5])
 local suppressed = redis.call('GETDEL', KEYS[2])
-if suppressed then suppressed = '","suppressed":"' .. suppressed else suppressed = '' end
+local suppressed_field = ''
+if suppressed then suppressed_field = '","suppressed":"' .. suppressed end
 audit_add(KEYS[3], ARGV[3], '{"ts":"' .. now_ns .. '","action":"login_failed","actor":"user:'
-  .. name .. '","key":"' .. name .. suppressed .. '","tenant":"' .. ARGV[4] .. '"}')
+  .. name .. '","key":"' .. name .. suppressed_field .. '","tenant":"' .. ARGV[4] .. '"}')
 return 1

@@ -56,6 +56,24 @@ pub async fn audit_on(
         .collect()
 }
 
+/// The tenant's audit records, oldest first, as field maps, read through
+/// `client` (from the master of the tenant's slot, on a cluster).
+pub async fn audit_through(client: &FailoverClient, tenant: &str) -> Vec<HashMap<String, String>> {
+    let entries: Vec<(String, HashMap<String, String>)> = client
+        .query(
+            redis::cmd("XRANGE")
+                .arg(format!("tenant:{{{tenant}}}:audit"))
+                .arg("-")
+                .arg("+"),
+        )
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
+        .collect()
+}
+
 /// The tenant's audit records on the initial master.
 pub async fn audit(topology: &Topology, tenant: &str) -> Vec<HashMap<String, String>> {
     audit_on(topology, topology.initial_master(), tenant).await
