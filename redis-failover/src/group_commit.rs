@@ -237,26 +237,27 @@ async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, mut batch: Vec<Waiter>) 
         }
         return;
     }
-    let kinds = [false, true].map(|persisted| {
+    // A wait of each kind the batch holds writes of: `WAIT`, `WAITAOF`.
+    let waits = [false, true].map(|persisted| {
         batch
             .iter()
             .map(|w| w.ack)
             .filter(|ack| ack.aof.is_some() == persisted)
             .reduce(Ack::merge)
     });
-    let waits: Vec<Ack> = kinds.iter().flatten().copied().collect();
     let mut pipeline = redis::pipe();
     for waiter in &mut batch {
         for cmd in std::mem::take(&mut waiter.commands.cmds) {
             pipeline.add_command(cmd);
         }
     }
-    for ack in &waits {
+    for ack in waits.iter().flatten() {
         pipeline.add_command(ack.command());
     }
     // The waits run one after the other.
     let waiting = waits
         .iter()
+        .flatten()
         .map(|ack| ack.timeout)
         .fold(Duration::ZERO, Duration::saturating_add);
     let mut values = match send_pipeline(host, lane, &pipeline, waiting).await {
@@ -268,13 +269,15 @@ async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, mut batch: Vec<Waiter>) 
             return;
         }
     };
-    let wait_replies = values.split_off(values.len() - waits.len());
-    let mut counted = [None, None];
-    for (ack, reply) in waits.iter().zip(wait_replies) {
-        let acked = ack.acked(reply);
-        host.wait_answered(*ack, &acked);
-        counted[usize::from(ack.aof.is_some())] = Some(acked);
-    }
+    let mut wait_replies = values
+        .split_off(values.len() - waits.iter().flatten().count())
+        .into_iter();
+    let counted = waits.map(|ack| {
+        let ack = ack?;
+        let acked = ack.acked(wait_replies.next()?);
+        host.wait_answered(ack, &acked);
+        Some(acked)
+    });
     let mut values = values.into_iter();
     for waiter in batch {
         let (shape, ack) = (waiter.commands.shape, waiter.ack);

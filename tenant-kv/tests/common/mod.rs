@@ -34,44 +34,36 @@ pub fn tenant(id: &str) -> TenantId {
     TenantId::new(id).unwrap()
 }
 
-/// The tenant's audit records, oldest first, as field maps, from `node`.
-pub async fn audit_on(
-    topology: &Topology,
-    node: redis_topology::NodeId,
-    tenant: &str,
-) -> Vec<HashMap<String, String>> {
-    let entries: Vec<(String, HashMap<String, String>)> = topology
-        .query(
-            node,
-            redis::cmd("XRANGE")
-                .arg(format!("tenant:{{{tenant}}}:audit"))
-                .arg("-")
-                .arg("+"),
-        )
-        .await
-        .unwrap();
+/// `XRANGE` of the tenant's whole audit stream.
+fn audit_range(tenant: &str) -> redis::Cmd {
+    redis::cmd("XRANGE")
+        .arg(format!("tenant:{{{tenant}}}:audit"))
+        .arg("-")
+        .arg("+")
+        .to_owned()
+}
+
+/// The records an `XRANGE` of an audit stream gave, as field maps.
+fn audit_records(entries: Vec<(String, HashMap<String, String>)>) -> Vec<HashMap<String, String>> {
     entries
         .into_iter()
         .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
         .collect()
 }
 
+/// The tenant's audit records, oldest first, as field maps, from `node`.
+pub async fn audit_on(
+    topology: &Topology,
+    node: redis_topology::NodeId,
+    tenant: &str,
+) -> Vec<HashMap<String, String>> {
+    audit_records(topology.query(node, &audit_range(tenant)).await.unwrap())
+}
+
 /// The tenant's audit records, oldest first, as field maps, read through
 /// `client` (from the master of the tenant's slot, on a cluster).
 pub async fn audit_through(client: &FailoverClient, tenant: &str) -> Vec<HashMap<String, String>> {
-    let entries: Vec<(String, HashMap<String, String>)> = client
-        .query(
-            redis::cmd("XRANGE")
-                .arg(format!("tenant:{{{tenant}}}:audit"))
-                .arg("-")
-                .arg("+"),
-        )
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
-        .collect()
+    audit_records(client.query(&audit_range(tenant)).await.unwrap())
 }
 
 /// The tenant's audit records on the initial master.
