@@ -32,6 +32,10 @@ use std::time::{Duration, Instant};
 pub type Operation =
     Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// Waits until the work a variant's operations left behind (logs still
+/// to ship, say) is done.
+pub type Settle = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// A named way of doing the measured operation.
 #[derive(Clone)]
 pub struct Variant {
@@ -39,6 +43,9 @@ pub struct Variant {
     pub name: String,
     /// Called with the task's number each time the task runs the operation.
     pub operation: Operation,
+    /// Awaited after each of the variant's rounds, before the next
+    /// variant's: see [`settled_by`](Self::settled_by).
+    pub settle: Option<Settle>,
 }
 
 impl Variant {
@@ -51,7 +58,22 @@ impl Variant {
         Self {
             name: name.into(),
             operation: Arc::new(move |task| Box::pin(operation(task))),
+            settle: None,
         }
+    }
+
+    /// After each round, waits for `settle` before the next variant runs,
+    /// so that the next one does not take on what this one left behind;
+    /// the wait's CPU time counts as this variant's, its duration is
+    /// reported, and the throughput is the round's alone.
+    #[must_use]
+    pub fn settled_by<F, Fut>(mut self, settle: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.settle = Some(Arc::new(move || Box::pin(settle())));
+        self
     }
 }
 
@@ -66,6 +88,8 @@ pub struct Measurement {
     pub latencies_us: Vec<u32>,
     /// CPU time used over all rounds (`None` where `/proc` cannot tell).
     pub cpu: Option<CpuTime>,
+    /// How long each round's [`settle`](Variant::settle) took.
+    pub rounds_settled_in: Vec<Duration>,
 }
 
 /// CPU time used (user and system, every thread).
@@ -107,6 +131,14 @@ impl Measurement {
         let mut rounds = self.rounds_ops_per_sec.clone();
         rounds.sort_by(f64::total_cmp);
         rounds.get(rounds.len() / 2).copied().unwrap_or(0.0)
+    }
+
+    /// The median of the rounds' waits for what they left behind (zero
+    /// without a [`settle`](Variant::settle)).
+    pub fn settled_in(&self) -> Duration {
+        let mut rounds = self.rounds_settled_in.clone();
+        rounds.sort();
+        rounds.get(rounds.len() / 2).copied().unwrap_or_default()
     }
 
     /// This process's CPU time per successful operation, in µs (all of
@@ -230,6 +262,11 @@ pub async fn compare_observing(
             let before = CpuTime::now(others);
             let (ops_per_sec, errors, latencies) =
                 run_once(&variant.operation, tasks, settings.duration).await;
+            if let Some(settle) = &variant.settle {
+                let started = Instant::now();
+                settle().await;
+                result.rounds_settled_in.push(started.elapsed());
+            }
             let after = CpuTime::now(others);
             result.cpu = match (result.cpu, before, after) {
                 (Some(total), Some(before), Some(after)) => Some(after.added_since(before, total)),
@@ -309,6 +346,14 @@ pub fn report(variants: &[Variant], tasks: usize, measurements: &[Measurement]) 
             m.errors,
             cpu
         );
+        if variant.settle.is_some() {
+            let _ = writeln!(
+                out,
+                "  {:<36} left work done {:.2?} after its rounds (median), in its CPU time",
+                "",
+                m.settled_in()
+            );
+        }
     }
     out
 }
@@ -327,6 +372,7 @@ mod tests {
                 own: Duration::from_millis(30),
                 others: Some(Duration::from_millis(20)),
             }),
+            rounds_settled_in: Vec::new(),
         };
         assert_eq!(m.own_cpu_us_per_op(), Some(30.0));
         assert_eq!(m.all_cpu_us_per_op(), Some(50.0));
@@ -340,6 +386,40 @@ mod tests {
         assert_eq!(m.percentile(0.5), Duration::from_micros(501));
         assert_eq!(m.percentile(0.999), Duration::from_micros(999));
         assert_eq!(Measurement::default().percentile(0.99), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_variant_settles_after_each_of_its_rounds_before_the_next_runs() {
+        let settled = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = |name: &'static str| {
+            let settled = Arc::clone(&settled);
+            move |_| {
+                settled.lock().unwrap().push(name);
+                async { Ok(()) }
+            }
+        };
+        let variants = [
+            Variant::new("a", log("a")),
+            Variant::new("b", log("b")).settled_by({
+                let settled = Arc::clone(&settled);
+                move || {
+                    settled.lock().unwrap().push("settled");
+                    async {}
+                }
+            }),
+        ];
+        let settings = Settings {
+            duration: Duration::from_millis(20),
+            rounds: 2,
+        };
+        let results = compare(&variants, 1, settings).await;
+        let mut order = settled.lock().unwrap().clone();
+        order.dedup();
+        assert_eq!(order, ["a", "b", "settled", "a", "b", "settled"]);
+        assert!(results[0].rounds_settled_in.is_empty());
+        assert_eq!(results[1].rounds_settled_in.len(), 2);
+        let report = report(&variants, 1, &results);
+        assert_eq!(report.matches("left work done").count(), 1, "{report}");
     }
 
     #[tokio::test]

@@ -54,6 +54,8 @@ pub(crate) async fn groups(
                 "errors": m.errors,
                 "harness_cpu_us_per_op": m.own_cpu_us_per_op(),
                 "all_cpu_us_per_op": m.all_cpu_us_per_op(),
+                "settled_in_ms": variant.settle.is_some()
+                    .then(|| m.settled_in().as_secs_f64() * 1e3),
             }));
         }
     }
