@@ -5,7 +5,10 @@
 //! number of concurrent tasks for the same time, repeats the whole set in
 //! interleaved rounds so that drift of a shared, noisy machine hits every
 //! variant alike, and reports throughput and latency percentiles with each
-//! variant's throughput as a ratio to the first one, the baseline.
+//! variant's throughput as a ratio to the first one, the baseline. A
+//! variant whose operations leave work behind (logs still to ship, say)
+//! waits for it after each round ([`Variant::settled_by`]), so that the
+//! next variant does not do it.
 //! Absolute numbers vary between machines and minutes; the ratios are what a
 //! benchmark asserts about.
 //!
