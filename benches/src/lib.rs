@@ -136,12 +136,12 @@ impl Measurement {
         rounds.get(rounds.len() / 2).copied().unwrap_or(0.0)
     }
 
-    /// The median of the rounds' waits for what they left behind (zero
+    /// The median of the rounds' waits for what they left behind (`None`
     /// without a [`settle`](Variant::settle)).
-    pub fn settled_in(&self) -> Duration {
+    pub fn settled_in(&self) -> Option<Duration> {
         let mut rounds = self.rounds_settled_in.clone();
         rounds.sort();
-        rounds.get(rounds.len() / 2).copied().unwrap_or_default()
+        rounds.get(rounds.len() / 2).copied()
     }
 
     /// This process's CPU time per successful operation, in µs (all of
@@ -349,12 +349,11 @@ pub fn report(variants: &[Variant], tasks: usize, measurements: &[Measurement]) 
             m.errors,
             cpu
         );
-        if variant.settle.is_some() {
+        if let Some(settled_in) = m.settled_in() {
             let _ = writeln!(
                 out,
-                "  {:<36} left work done {:.2?} after its rounds (median), in its CPU time",
-                "",
-                m.settled_in()
+                "  {:<36} settled in {settled_in:.2?} a round (median; its CPU counted above)",
+                ""
             );
         }
     }
@@ -422,7 +421,7 @@ mod tests {
         assert!(results[0].rounds_settled_in.is_empty());
         assert_eq!(results[1].rounds_settled_in.len(), 2);
         let report = report(&variants, 1, &results);
-        assert_eq!(report.matches("left work done").count(), 1, "{report}");
+        assert_eq!(report.matches("settled in").count(), 1, "{report}");
     }
 
     #[tokio::test]

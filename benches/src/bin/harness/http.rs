@@ -181,7 +181,7 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
     )));
     // What the setup logged (the items seeded), shipped before the rounds.
     let started = Instant::now();
-    let left = backlog.drained(Duration::from_secs(30)).await?;
+    let left = backlog.drained().await?;
     println!(
         "http: the setup's logs shipped in {:.1} s ({left} stream entries left)",
         started.elapsed().as_secs_f64()
@@ -232,12 +232,16 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
                 "ratios": ratios, "log_backlog_entries": backlog }))
 }
 
-/// The entries of the tenants' log and audit streams not yet shipped
-/// (delivered ranges are trimmed away), read on the master.
+/// The longest wait for the logs to be shipped.
+const SHIPPED_WITHIN: Duration = Duration::from_secs(30);
+
+/// The tenants' log and audit streams, read on the master.
 #[derive(Clone)]
 struct Backlog(redis::aio::MultiplexedConnection);
 
 impl Backlog {
+    /// The streams' entries not yet shipped (delivered ranges are trimmed
+    /// away).
     async fn entries(&self) -> redis::RedisResult<u64> {
         let mut redis = self.0.clone();
         let mut entries = 0;
@@ -257,32 +261,37 @@ impl Backlog {
         Ok(entries)
     }
 
-    /// Waits until everything is shipped, or for `limit` at most; the
-    /// entries left.
-    async fn drained(&self, limit: Duration) -> redis::RedisResult<u64> {
+    /// Waits until nothing is left to ship, [`SHIPPED_WITHIN`] at most;
+    /// the entries left. Empty means empty twice, 10 ms apart: the
+    /// producer appends the last requests' records a few milliseconds
+    /// after their answers.
+    async fn drained(&self) -> redis::RedisResult<u64> {
         let started = Instant::now();
+        let mut empty_before = false;
         loop {
             let entries = self.entries().await?;
-            if entries == 0 || started.elapsed() >= limit {
+            if (entries == 0 && empty_before) || started.elapsed() >= SHIPPED_WITHIN {
                 return Ok(entries);
             }
+            empty_before = entries == 0;
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     /// `variant`, waiting after each round until what it logged is
-    /// shipped. Why: the offloader runs behind the requests it ships for,
-    /// and without the wait the next variant (and, before the offloader
-    /// found the streams, the first round of `PUT`s) took on shipping the
-    /// `GET`s' logs: tens of thousands of entries in that round, most of
-    /// its slowest answers.
+    /// shipped. Why: the offloader runs behind the requests it ships
+    /// for, and without the wait the next variant would ship this one's
+    /// logs.
     fn settles(&self, variant: Variant) -> Variant {
         let backlog = self.clone();
+        let name = variant.name.clone();
         variant.settled_by(move || {
-            let backlog = backlog.clone();
+            let (backlog, name) = (backlog.clone(), name.clone());
             async move {
-                if let Err(error) = backlog.drained(Duration::from_secs(30)).await {
-                    eprintln!("http: the log backlog cannot be read: {error}");
+                match backlog.drained().await {
+                    Ok(0) => {}
+                    Ok(left) => eprintln!("http: {name}: {left} stream entries left unshipped"),
+                    Err(error) => eprintln!("http: the log backlog cannot be read: {error}"),
                 }
             }
         })

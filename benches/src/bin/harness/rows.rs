@@ -54,8 +54,7 @@ pub(crate) async fn groups(
                 "errors": m.errors,
                 "harness_cpu_us_per_op": m.own_cpu_us_per_op(),
                 "all_cpu_us_per_op": m.all_cpu_us_per_op(),
-                "settled_in_ms": variant.settle.is_some()
-                    .then(|| m.settled_in().as_secs_f64() * 1e3),
+                "settled_in_ms": m.settled_in().map(|d| d.as_secs_f64() * 1e3),
             }));
         }
     }
