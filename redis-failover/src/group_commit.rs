@@ -245,19 +245,19 @@ async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, mut batch: Vec<Waiter>) 
             .filter(|ack| ack.aof.is_some() == persisted)
             .reduce(Ack::merge)
     });
+    let sent: Vec<Ack> = waits.iter().flatten().copied().collect();
     let mut pipeline = redis::pipe();
     for waiter in &mut batch {
         for cmd in std::mem::take(&mut waiter.commands.cmds) {
             pipeline.add_command(cmd);
         }
     }
-    for ack in waits.iter().flatten() {
+    for ack in &sent {
         pipeline.add_command(ack.command());
     }
     // The waits run one after the other.
-    let waiting = waits
+    let waiting = sent
         .iter()
-        .flatten()
         .map(|ack| ack.timeout)
         .fold(Duration::ZERO, Duration::saturating_add);
     let mut values = match send_pipeline(host, lane, &pipeline, waiting).await {
@@ -269,9 +269,7 @@ async fn send_batch<H: LaneHost>(host: &H, lane: &Lane, mut batch: Vec<Waiter>) 
             return;
         }
     };
-    let mut wait_replies = values
-        .split_off(values.len() - waits.iter().flatten().count())
-        .into_iter();
+    let mut wait_replies = values.split_off(values.len() - sent.len()).into_iter();
     let counted = waits.map(|ack| {
         let ack = ack?;
         let acked = ack.acked(wait_replies.next()?);

@@ -364,6 +364,19 @@ mod tests {
         );
     }
 
+    /// A transaction as redis-rs hands it over: the `EXEC` reply alone.
+    fn exec_reply_of(transaction: &redis::Pipeline) -> Request<'_> {
+        Request::Pipeline {
+            pipeline: transaction,
+            offset: transaction.len() + 1,
+            count: 1,
+        }
+    }
+
+    fn queued() -> Value {
+        Value::SimpleString("QUEUED".to_owned())
+    }
+
     #[test]
     fn commands_are_written_out_and_the_reply_found_among_theirs() {
         let names = |commands: &Commands| -> Vec<String> {
@@ -381,18 +394,11 @@ mod tests {
 
         let mut transaction = redis::pipe();
         transaction.atomic().set("a", 1).incr("b", 1);
-        // As redis-rs hands a transaction over: the EXEC reply alone.
-        let request = Request::Pipeline {
-            pipeline: &transaction,
-            offset: 3,
-            count: 1,
-        };
-        let commands = request.commands(true);
+        let commands = exec_reply_of(&transaction).commands(true);
         assert_eq!(
             names(&commands),
             ["ASKING", "MULTI", "SET", "INCRBY", "EXEC"]
         );
-        let queued = || Value::SimpleString("QUEUED".to_owned());
         let exec = Value::Array(vec![Value::Okay, Value::Int(2)]);
         let replies = vec![Value::Okay, Value::Okay, queued(), queued(), exec.clone()];
         match commands.shape.reply(replies) {
@@ -409,13 +415,7 @@ mod tests {
     fn a_command_refused_as_it_was_queued_is_the_transaction_error() {
         let mut transaction = redis::pipe();
         transaction.atomic().set("a", 1).set("b", 2);
-        let request = Request::Pipeline {
-            pipeline: &transaction,
-            offset: 3,
-            count: 1,
-        };
-        let shape = request.commands(false).shape;
-        let queued = || Value::SimpleString("QUEUED".to_owned());
+        let shape = exec_reply_of(&transaction).commands(false).shape;
         let execabort = || {
             error_reply(
                 "EXECABORT",

@@ -300,36 +300,30 @@ pub async fn audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, acti
     let line = format!(
         r#"{{"ts":"{ts_ns}","action":"{action}","actor":"user:alice","key":"doc","tenant":"{tenant}"}}"#
     );
-    let _: String = client
-        .query(
-            redis::cmd("XADD")
-                .arg(format!("tenant:{{{tenant}}}:audit"))
-                .arg("*")
-                .arg("records")
-                .arg(line),
-        )
-        .await
-        .unwrap();
+    append_audit(client, tenant, &[("records", &line)]).await;
 }
 
 /// Appends an audit record as tenant-kv did before it packed them: an
 /// entry of a field per name.
 pub async fn legacy_audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, action: &str) {
+    let ts = ts_ns.to_string();
+    let fields = [
+        ("ts", ts.as_str()),
+        ("tenant", tenant),
+        ("actor", "user:alice"),
+        ("action", action),
+        ("key", "doc"),
+    ];
+    append_audit(client, tenant, &fields).await;
+}
+
+async fn append_audit(client: &FailoverClient, tenant: &str, fields: &[(&str, &str)]) {
     let _: String = client
         .query(
             redis::cmd("XADD")
                 .arg(format!("tenant:{{{tenant}}}:audit"))
                 .arg("*")
-                .arg("ts")
-                .arg(ts_ns.to_string())
-                .arg("tenant")
-                .arg(tenant)
-                .arg("actor")
-                .arg("user:alice")
-                .arg("action")
-                .arg(action)
-                .arg("key")
-                .arg("doc"),
+                .arg(fields),
         )
         .await
         .unwrap();
