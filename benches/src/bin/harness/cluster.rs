@@ -59,10 +59,10 @@ pub(crate) async fn cluster() -> Result<Value, Box<dyn Error>> {
         "get_cluster_to_single": super::ratio(&rows, "(d)", "(c)"),
         "raw_get_cluster_to_single": super::ratio(&rows, "(f)", "(e)"),
     });
-    let ratio = |name: &str| ratios[name].as_f64().unwrap_or(0.0);
+    let ratio = |name: &str| super::shown(ratios[name].as_f64());
     println!(
-        "ratios: (b)/(a) = {:.2}, (d)/(c) = {:.2} (target >= 0.90: at most 10% overhead); \
-         (f)/(e) = {:.2} (sharding's cost on this machine without tenant-kv's client)",
+        "ratios: (b)/(a) = {}, (d)/(c) = {} (target >= 0.90: at most 10% overhead); \
+         (f)/(e) = {} (sharding's cost on this machine without tenant-kv's client)",
         ratio("put_cluster_to_single"),
         ratio("get_cluster_to_single"),
         ratio("raw_get_cluster_to_single"),

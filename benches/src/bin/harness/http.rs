@@ -213,11 +213,11 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
         "durable_put_to_webdis_set": ratio("(f)", "(e)"),
     });
     println!(
-        "ratios: GET (b)/(a) = {:.2}, (b)/(d) webdis GET = {:.2}; PUT (c)/(e) webdis SET = {:.2}, durable PUT (f)/(e) = {:.2}",
-        ratio("(b)", "(a)"),
-        ratio("(b)", "(d)"),
-        ratio("(c)", "(e)"),
-        ratio("(f)", "(e)"),
+        "ratios: GET (b)/(a) = {}, (b)/(d) webdis GET = {}; PUT (c)/(e) webdis SET = {}, durable PUT (f)/(e) = {}",
+        crate::shown(ratio("(b)", "(a)")),
+        crate::shown(ratio("(b)", "(d)")),
+        crate::shown(ratio("(c)", "(e)")),
+        crate::shown(ratio("(f)", "(e)")),
     );
     println!("targets: (b)/(a) and (b)/(d) >= 0.70, (c)/(e) >= 0.50, (f)/(e) >= 0.35, p99 <= 5 ms");
     let backlog = backlog.entries().await?;

@@ -105,7 +105,7 @@ use std::time::{Duration, Instant};
 use benches::{Settings, Variant, compare, report};
 use redis_failover::{Durability, FailoverClient, NodeAddr, ReadPolicy};
 use redis_topology::Topology;
-use rows::{groups, ratio};
+use rows::{groups, ratio, shown};
 use serde_json::{Value, json};
 
 // The allocator `server` runs with, so that the scenarios running the

@@ -5,15 +5,21 @@ use benches::{Settings, Variant, compare_observing, report};
 use serde_json::{Value, json};
 
 /// The throughput of the variant whose name starts with `of` over that of
-/// the one starting with `to`, from `groups`' rows (0 if `of` is missing).
-pub(crate) fn ratio(rows: &[Value], of: &str, to: &str) -> f64 {
+/// the one starting with `to`, from `groups`' rows; `None` if either did
+/// not run (see `BENCH_ONLY`) or `to` did nothing.
+pub(crate) fn ratio(rows: &[Value], of: &str, to: &str) -> Option<f64> {
     let ops = |name: &str| {
         rows.iter()
             .find(|row| row["variant"].as_str().is_some_and(|v| v.starts_with(name)))
             .and_then(|row| row["ops_per_sec"].as_f64())
-            .unwrap_or(0.0)
     };
-    ops(of) / ops(to).max(f64::MIN_POSITIVE)
+    let to = ops(to).filter(|ops| *ops > 0.0)?;
+    Some(ops(of)? / to)
+}
+
+/// A ratio as the scenarios print it: two decimals, or `n/a`.
+pub(crate) fn shown(ratio: Option<f64>) -> String {
+    ratio.map_or_else(|| "n/a".to_owned(), |ratio| format!("{ratio:.2}"))
 }
 
 /// Runs each group of variants at `tasks` concurrency, the first of each

@@ -87,10 +87,10 @@ pub(crate) async fn tenant_kv() -> Result<Value, Box<dyn Error>> {
         "get_to_raw_get": ratio("(e)", "(d)"),
     });
     println!(
-        "ratios: (c)/(b) = {:.2} (target >= 0.80), (c)/(a) = {:.2} (target >= 0.35), (e)/(d) = {:.2} (target >= 0.80)",
-        ratios["put_to_hand_written"].as_f64().unwrap_or(0.0),
-        ratios["put_to_raw_set"].as_f64().unwrap_or(0.0),
-        ratios["get_to_raw_get"].as_f64().unwrap_or(0.0),
+        "ratios: (c)/(b) = {} (target >= 0.80), (c)/(a) = {} (target >= 0.35), (e)/(d) = {} (target >= 0.80)",
+        super::shown(ratio("(c)", "(b)")),
+        super::shown(ratio("(c)", "(a)")),
+        super::shown(ratio("(e)", "(d)")),
     );
     let sent: [&[&str]; 5] = [
         &["set"],
