@@ -6,6 +6,8 @@
 //! (access logs and read audits into the log buffer) unless
 //! `BENCH_HTTP_LOGS=off`; after each round of a server variant the
 //! harness waits until its logs are shipped, in that variant's CPU time.
+//! Two more servers on the same Redis serve the durable `PUT` (both
+//! replicas acknowledge) and a `GET` with read audits sampled.
 
 use std::convert::Infallible;
 use std::error::Error;
@@ -27,6 +29,8 @@ use tokio::sync::Mutex;
 use crate::webdis::Webdis;
 
 const CONNECTIONS: usize = 64;
+/// Variant (g)'s `read_audit_sample`: one read in this many is audited.
+const READ_AUDIT_SAMPLE: &str = "100";
 
 /// One keep-alive connection per task, opened on first use and again
 /// after an error.
@@ -157,7 +161,14 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
 
     seed_items(&service, &token, &body, &redis, &value).await?;
 
-    let durable = durable_server(&system, jwt_secret).await?;
+    // Writes waiting for both replicas, as the production manifests run them.
+    let durable = second_server(&system, &jwt_secret, ("SERVER_REDIS_WAIT_REPLICAS", "2")).await?;
+    let sampled = second_server(
+        &system,
+        &jwt_secret,
+        ("SERVER_READ_AUDIT_SAMPLE", READ_AUDIT_SAMPLE),
+    )
+    .await?;
     let mut variants = vec![
         minimal_variant(minimal_endpoint(redis).await?),
         backlog.settles(get_variant("(b) server GET /data/{key}", &service, &token)),
@@ -178,6 +189,11 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
         &Connections::new(durable.local_addr()),
         &token,
         &body,
+    )));
+    variants.push(backlog.settles(get_variant(
+        &format!("(g) server GET, 1 read in {READ_AUDIT_SAMPLE} audited"),
+        &Connections::new(sampled.local_addr()),
+        &token,
     )));
     // What the setup logged (the items seeded), shipped before the rounds.
     let started = Instant::now();
@@ -211,13 +227,16 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
         "get_to_webdis_get": ratio("(b)", "(d)"),
         "put_to_webdis_set": ratio("(c)", "(e)"),
         "durable_put_to_webdis_set": ratio("(f)", "(e)"),
+        "sampled_get_to_minimal": ratio("(g)", "(a)"),
     });
     println!(
-        "ratios: GET (b)/(a) = {}, (b)/(d) webdis GET = {}; PUT (c)/(e) webdis SET = {}, durable PUT (f)/(e) = {}",
+        "ratios: GET (b)/(a) = {}, (b)/(d) webdis GET = {}; PUT (c)/(e) webdis SET = {}, durable PUT (f)/(e) = {}; \
+         GET with 1 read in {READ_AUDIT_SAMPLE} audited (g)/(a) = {}",
         crate::shown(ratio("(b)", "(a)")),
         crate::shown(ratio("(b)", "(d)")),
         crate::shown(ratio("(c)", "(e)")),
         crate::shown(ratio("(f)", "(e)")),
+        crate::shown(ratio("(g)", "(a)")),
     );
     println!("targets: (b)/(a) and (b)/(d) >= 0.70, (c)/(e) >= 0.50, (f)/(e) >= 0.35, p99 <= 5 ms");
     let backlog = backlog.entries().await?;
@@ -226,6 +245,7 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
     );
     drop(webdis);
     durable.shutdown().await;
+    sampled.shutdown().await;
     system.shutdown().await;
     Ok(json!({ "scenario": "http", "rounds": settings.rounds,
                 "seconds": settings.duration.as_secs_f64(), "results": rows,
@@ -335,15 +355,18 @@ async fn seed_items(
     Ok(())
 }
 
-/// A second server on the same Redis and JWT secret whose writes wait for
-/// both replicas (`redis_wait_replicas = 2`, as the production manifests
-/// run it), logging into the same buffer streams.
-async fn durable_server(system: &DevSystem, jwt_secret: Vec<u8>) -> Result<System, Box<dyn Error>> {
-    let wait = [("SERVER_REDIS_WAIT_REPLICAS".to_owned(), "2".to_owned())];
-    let mut settings = server::dev::topology_settings(&system.topology, wait)?;
+/// A second server on the same Redis and tokens, with `setting` changed;
+/// its records go to the same log buffer (the global subscriber's).
+async fn second_server(
+    system: &DevSystem,
+    jwt_secret: &[u8],
+    (name, value): (&str, &str),
+) -> Result<System, Box<dyn Error>> {
+    let setting = [(name.to_owned(), value.to_owned())];
+    let mut settings = server::dev::topology_settings(&system.topology, setting)?;
     settings.listen = "127.0.0.1:0".parse()?;
     settings.admin_listen = None;
-    settings.jwt.secret = Some(jwt_secret);
+    settings.jwt.secret = Some(jwt_secret.to_vec());
     Ok(System::builder(settings).start().await?)
 }
 
