@@ -79,7 +79,9 @@ fn selected(only: Option<&str>, name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::selected;
+    use serde_json::json;
+
+    use super::{ratio, selected, shown};
 
     #[test]
     fn bench_only_names_variants_by_prefix() {
@@ -88,5 +90,21 @@ mod tests {
         assert!(!selected(Some("(b),(c)"), "(a) raw"));
         // An empty prefix (a trailing comma) names nothing.
         assert!(!selected(Some("(b),"), "(a) raw"));
+    }
+
+    #[test]
+    fn a_ratio_needs_both_variants_and_a_baseline_that_did_something() {
+        let rows = [
+            json!({"variant": "(a) raw", "ops_per_sec": 200.0}),
+            json!({"variant": "(b) server", "ops_per_sec": 50.0}),
+            json!({"variant": "(c) idle", "ops_per_sec": 0.0}),
+        ];
+        assert_eq!(ratio(&rows, "(b)", "(a)"), Some(0.25));
+        assert_eq!(ratio(&rows, "(c)", "(a)"), Some(0.0));
+        assert_eq!(ratio(&rows, "(b)", "(c)"), None);
+        assert_eq!(ratio(&rows, "(d)", "(a)"), None);
+        assert_eq!(ratio(&rows, "(b)", "(d)"), None);
+        assert_eq!(shown(ratio(&rows, "(b)", "(a)")), "0.25");
+        assert_eq!(shown(None), "n/a");
     }
 }
