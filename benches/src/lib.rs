@@ -128,20 +128,24 @@ impl CpuTime {
     }
 }
 
+/// The middle of `rounds` ordered by `order` (the upper one of an even
+/// count); `None` if there are none.
+fn median<T: Copy>(rounds: &[T], order: impl FnMut(&T, &T) -> std::cmp::Ordering) -> Option<T> {
+    let mut sorted = rounds.to_vec();
+    sorted.sort_by(order);
+    sorted.get(sorted.len() / 2).copied()
+}
+
 impl Measurement {
     /// The median of the rounds' throughputs.
     pub fn ops_per_sec(&self) -> f64 {
-        let mut rounds = self.rounds_ops_per_sec.clone();
-        rounds.sort_by(f64::total_cmp);
-        rounds.get(rounds.len() / 2).copied().unwrap_or(0.0)
+        median(&self.rounds_ops_per_sec, f64::total_cmp).unwrap_or(0.0)
     }
 
     /// The median of the rounds' waits for what they left behind (`None`
     /// without a [`settle`](Variant::settle)).
     pub fn settled_in(&self) -> Option<Duration> {
-        let mut rounds = self.rounds_settled_in.clone();
-        rounds.sort();
-        rounds.get(rounds.len() / 2).copied()
+        median(&self.rounds_settled_in, Duration::cmp)
     }
 
     /// This process's CPU time per successful operation, in µs (all of
