@@ -87,16 +87,20 @@ async fn main() -> Result<(), Box<dyn Error>> {
                         .map(|v| (name.clone(), v))
                 })
                 .collect();
-            // A record is a line of JSON in the entry's `records` field.
-            match tenant_kv::audit_fields(entry) {
-                Some(fields) => println!(
-                    "{} {:<12} by {:<10} key {:<12} version {}",
-                    record.id,
-                    fields.get("action").map_or("?", String::as_str),
-                    fields.get("actor").map_or("?", String::as_str),
-                    fields.get("key").map_or("?", String::as_str),
-                    fields.get("version").map_or("?", String::as_str),
-                ),
+            // Records are lines of JSON in the entry's `records` field.
+            match tenant_kv::audit_records(entry) {
+                Some(records) => {
+                    for fields in records {
+                        println!(
+                            "{} {:<12} by {:<10} key {:<12} version {}",
+                            record.id,
+                            fields.get("action").map_or("?", String::as_str),
+                            fields.get("actor").map_or("?", String::as_str),
+                            fields.get("key").map_or("?", String::as_str),
+                            fields.get("version").map_or("?", String::as_str),
+                        );
+                    }
+                }
                 None => println!("{} holds no audit record this version reads", record.id),
             }
             // Acknowledged once handled: a crash before this line gets it again.

@@ -67,6 +67,27 @@ pub fn dead_letter_stream(stream: &str) -> String {
     format!("{stream}:dead-letter")
 }
 
+/// The staging list of `stream`: lines of records a writer appends one
+/// at a time (a Lua script writing one record per call) and so cannot
+/// pack itself. Each element is one record's line in the packed layout
+/// (a JSON object of strings, `ts` first); the offloader moves a
+/// stream's staged lines into packed entries of up to 64 records before
+/// each read of the stream, in the read's transaction. The writer keeps
+/// the list short by moving its lines into one entry itself once it
+/// holds 64, and makes the stream if there is none yet (the offloader
+/// finds streams, not lists). In the stream's slot, as its name starts
+/// with the stream's.
+///
+/// ```
+/// assert_eq!(
+///     log_buffer::staging_list("tenant:{acme}:audit"),
+///     "tenant:{acme}:audit:staged"
+/// );
+/// ```
+pub fn staging_list(stream: &str) -> String {
+    format!("{stream}:staged")
+}
+
 /// The tenant of a stream named `tenant:{<id>}:<suffix>`.
 pub(crate) fn tenant_of_stream(stream: &str, suffix: &str) -> Option<String> {
     let id = stream

@@ -16,6 +16,7 @@ const STREAM: &str = "tenant:{acme}:audit";
 const IN_FLIGHT: &str = "tenant:{acme}:audit:in-flight:log-offloader";
 const GROUP: &str = "log-offloader";
 const RANGES: &str = include_str!("../src/offloader/ranges.lua");
+const STAGED: &str = include_str!("../src/offloader/staged.lua");
 
 /// The stream's ids, in order.
 async fn ids(client: &FailoverClient) -> Vec<String> {
@@ -106,18 +107,24 @@ async fn read_pending(
 /// reads them: one range in flight, recorded in the read's transaction.
 async fn read_range(client: &FailoverClient, consumer: &str, count: usize) -> Vec<String> {
     let script = |name: &str| {
-        let own = match name {
-            "mark" => include_str!("../src/offloader/mark.lua"),
-            _ => include_str!("../src/offloader/record.lua"),
-        };
         let mut command = redis::cmd("EVAL");
-        command
-            .arg(format!("{RANGES}{own}"))
-            .arg(2)
-            .arg(STREAM)
-            .arg(IN_FLIGHT)
-            .arg(GROUP)
-            .arg(consumer);
+        if name == "mark" {
+            let own = include_str!("../src/offloader/mark.lua");
+            command
+                .arg(format!("{RANGES}{STAGED}{own}"))
+                .arg(3)
+                .arg(STREAM)
+                .arg(IN_FLIGHT)
+                .arg(log_buffer::staging_list(STREAM));
+        } else {
+            let own = include_str!("../src/offloader/record.lua");
+            command
+                .arg(format!("{RANGES}{own}"))
+                .arg(2)
+                .arg(STREAM)
+                .arg(IN_FLIGHT);
+        }
+        command.arg(GROUP).arg(consumer);
         command
     };
     let mut read = redis::cmd("XREADGROUP");
@@ -317,23 +324,62 @@ async fn a_group_missing_on_the_node_is_created_again() {
     offloader.shutdown(Duration::from_secs(5)).await;
 }
 
+/// The lines on the stream's staging list.
+async fn staged(client: &FailoverClient) -> u64 {
+    client
+        .query(redis::cmd("LLEN").arg(log_buffer::staging_list(STREAM)))
+        .await
+        .unwrap()
+}
+
+/// Staged lines become entries of up to 64 records in the read's
+/// transaction: each is shipped once, in order, and trimmed with the rest.
+#[tokio::test]
+async fn staged_lines_are_folded_into_entries_and_shipped() {
+    let (_topology, client) = start(0).await;
+    let receiver = Receiver::start().await;
+    let base = now_ns();
+    append(&client, base, 0..1).await;
+    for i in 1..71 {
+        staged_audit_entry(&client, "acme", base + i, "update_key").await;
+    }
+    assert_eq!(staged(&client).await, 70);
+    let offloader = offloader(&client, &receiver).start().unwrap();
+    receiver.wait_for_lines("acme", 71).await;
+    let stamps: Vec<u64> = receiver.lines("acme").iter().map(|(ts, ..)| *ts).collect();
+    assert_eq!(stamps, (0..71).map(|i| base + i).collect::<Vec<_>>());
+    drained(&client).await;
+    assert_eq!(staged(&client).await, 0);
+    // Staged later, while the stream is read: folded by a later read.
+    staged_audit_entry(&client, "acme", base + 71, "delete_key").await;
+    receiver.wait_for_lines("acme", 72).await;
+    drained(&client).await;
+    assert_eq!(staged(&client).await, 0);
+    assert_eq!(receiver.lines("acme").len(), 72, "each line shipped once");
+    offloader.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Over `maxmemory`, where Redis refuses writes that add data, the
-/// offloader still reads, ships and trims: nothing read is left outside
-/// a range, and the stream frees its memory.
+/// offloader still reads (staged lines too), ships and trims: nothing
+/// read is left outside a range, and the stream frees its memory.
 #[tokio::test]
 async fn a_full_redis_is_still_drained() {
     let (_topology, client) = start(0).await;
     let receiver = Receiver::start().await;
     let base = now_ns();
     append(&client, base, 0..20).await;
+    for i in 20..23 {
+        staged_audit_entry(&client, "acme", base + i, "update_key").await;
+    }
     create_group(&client, GROUP).await;
     let () = client
         .query(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1"))
         .await
         .unwrap();
     let offloader = offloader(&client, &receiver).batch_size(5).start().unwrap();
-    receiver.wait_for_lines("acme", 20).await;
+    receiver.wait_for_lines("acme", 23).await;
     drained(&client).await;
+    assert_eq!(staged(&client).await, 0);
     offloader.shutdown(Duration::from_secs(5)).await;
 }
 

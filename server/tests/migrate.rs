@@ -429,7 +429,7 @@ async fn check_tenant(
     );
     let records: Vec<_> = records
         .into_iter()
-        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
+        .flat_map(|(_, fields)| tenant_kv::audit_records(fields).unwrap())
         .collect();
     let expired: Vec<_> = records
         .iter()

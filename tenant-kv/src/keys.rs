@@ -131,6 +131,10 @@ pub(crate) const INDEX: &str = "index";
 pub(crate) const EXPIRY: &str = "expiry";
 pub(crate) const EXPIRING_SIZES: &str = "expiring-sizes";
 pub(crate) const RATE: &str = "rate";
+/// The audit stream's staging list (log-buffer's `staging_list` of it:
+/// the stream's name and `:staged`), where the write script stages its
+/// records for the offloader to pack.
+pub(crate) const AUDIT_STAGED: &str = "audit:staged";
 
 /// A Redis key written into a command from its parts, without a string of
 /// its own: the tenant's prefix, then the rest.

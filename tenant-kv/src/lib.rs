@@ -28,7 +28,7 @@ pub use api_keys::{
     ApiKey, ApiKeyPage, ApiKeys, MAX_API_KEY_NAME_LEN, MAX_API_KEY_PAGE, MAX_ROTATION_GRACE,
     NewApiKey, Scope,
 };
-pub use audit::audit_fields;
+pub use audit::audit_records;
 pub use auth_cache::{AuthCache, AuthCacheStats, DEFAULT_AUTH_CACHE_CAPACITY};
 pub use error::{Error, Result};
 pub use expiry::ExpiryWatcher;

@@ -39,6 +39,7 @@ pub struct TenantKvBuilder {
     data_key_lifetime: Duration,
     read_audit_sample: u32,
     auth_cache_capacity: usize,
+    stage_audit_records: bool,
 }
 
 impl TenantKvBuilder {
@@ -106,6 +107,24 @@ impl TenantKvBuilder {
     /// MAXLEN ~`) for the log shipper to take. Defaults to 100,000.
     pub fn audit_max_len(mut self, records: u64) -> Self {
         self.audit_max_len = records;
+        self
+    }
+
+    /// Whether item writes stage their audit records on the audit stream's
+    /// staging list (`tenant:{<id>}:audit:staged`, log-buffer's
+    /// `staging_list`), for log-buffer's offloader to move into the stream
+    /// 64 to an entry, rather than appending an entry each. For stores
+    /// whose audit streams that offloader reads: a record reaches the
+    /// stream when the offloader next reads it, or with the 64th staged
+    /// record, in one entry (so the stream keeps about
+    /// [`audit_max_len`](Self::audit_max_len) records, as `audit_max_len /
+    /// 64` such entries). Redis's cost, and a reader's, is per entry: on
+    /// this workspace's benchmark an audited `PUT` cost about a tenth
+    /// less CPU across every process. Other records (logins, users, API
+    /// keys, expirations) are appended as before. Defaults to `false`:
+    /// each record is in the stream once its write is.
+    pub fn stage_audit_records(mut self, staged: bool) -> Self {
+        self.stage_audit_records = staged;
         self
     }
 
@@ -224,6 +243,7 @@ impl TenantKvBuilder {
                 expiry_sweep_interval: self.expiry_sweep_interval,
                 read_audits: ReadAudits::new(self.read_audit_sample),
                 auth_cache: AuthCacheState::new(self.auth_cache_capacity),
+                stage_audit_records: self.stage_audit_records,
             }),
         })
     }
@@ -256,6 +276,9 @@ pub(crate) struct Settings {
     pub(crate) read_audits: ReadAudits,
     /// User and API-key records, while [`TenantKv::cache_auth`] runs.
     pub(crate) auth_cache: AuthCacheState,
+    /// Whether item writes stage their audit records (see
+    /// [`TenantKvBuilder::stage_audit_records`]).
+    pub(crate) stage_audit_records: bool,
 }
 
 /// Which reads are audited: one in `every`, counted across the store.
@@ -350,6 +373,7 @@ impl TenantKv {
             data_key_lifetime: Duration::from_secs(1),
             read_audit_sample: 1,
             auth_cache_capacity: DEFAULT_AUTH_CACHE_CAPACITY,
+            stage_audit_records: false,
         }
     }
 

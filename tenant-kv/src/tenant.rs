@@ -10,7 +10,8 @@ use crate::envelope::{HEADER_LEN, Header};
 use crate::error::{Error, Result};
 use crate::item::{Item, MAX_TTL, NewItem, Precondition, Write, Written};
 use crate::keys::{
-    AUDIT, EXPIRING_SIZES, EXPIRY, INDEX, RATE, TenantId, TenantKeys, USAGE, check_key,
+    AUDIT, AUDIT_STAGED, EXPIRING_SIZES, EXPIRY, INDEX, RATE, TenantId, TenantKeys, USAGE,
+    check_key,
 };
 use crate::layout::LayoutStatus;
 use crate::limits::Quotas;
@@ -318,8 +319,16 @@ impl Tenant {
             .iter()
             .map(|w| 3 * w.key.len() + w.value.len() + w.metadata.len() + 80)
             .sum();
-        let mut command = WRITE.command_for(6 + items, 14 + items + 6 * writes.len(), 256 + bytes);
-        for name in [USAGE, AUDIT, INDEX, EXPIRY, EXPIRING_SIZES, RATE] {
+        let mut command = WRITE.command_for(7 + items, 16 + items + 6 * writes.len(), 256 + bytes);
+        for name in [
+            USAGE,
+            AUDIT,
+            INDEX,
+            EXPIRY,
+            EXPIRING_SIZES,
+            RATE,
+            AUDIT_STAGED,
+        ] {
             command.arg(self.keys.arg(name));
         }
         for write in writes {
@@ -344,7 +353,13 @@ impl Tenant {
         optional(&mut command, quotas.max_keys);
         optional(&mut command, quotas.max_bytes);
         optional(&mut command, quotas.writes_per_second.map(u64::from));
-        command.arg(quotas.write_burst());
+        command
+            .arg(quotas.write_burst())
+            .arg(if self.store.inner.stage_audit_records {
+                "1"
+            } else {
+                ""
+            });
         for write in writes {
             command.arg(write.op).arg(&write.key);
             optional(&mut command, write.expected);

@@ -108,7 +108,7 @@ async fn use_everything(store: &TenantKv, client: &FailoverClient, tenant: &Tena
             .unwrap();
         let mut records = records
             .into_iter()
-            .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap());
+            .flat_map(|(_, fields)| tenant_kv::audit_records(fields).unwrap());
         if records.any(|r| r["action"] == "login_failed") {
             break;
         }

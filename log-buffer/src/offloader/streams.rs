@@ -15,7 +15,7 @@ use super::context::{Context, Known, Read, Round, lock};
 use super::deliver::{Acknowledge, dead_letter, stored};
 use super::reply::NewEntries;
 use super::sort::Dead;
-use crate::record::{dead_letter_stream, now_ns, streams_pattern, tenant_of_stream};
+use crate::record::{dead_letter_stream, now_ns, staging_list, streams_pattern, tenant_of_stream};
 
 /// One tenant's gauges, summed over its streams.
 #[derive(Default)]
@@ -365,7 +365,7 @@ async fn read_some(
         Err(error) if error.kind() == ErrorKind::OutOfMemory => {
             let mut read = redis::cmd("EVAL");
             read.arg(READ);
-            with_keys(&mut read, context, streams);
+            with_keys(&mut read, context, streams, true);
             read.arg(&context.group).arg(&context.consumer).arg(count);
             context.client.query(&read).await
         }
@@ -373,22 +373,30 @@ async fn read_some(
     }
 }
 
-/// The keys of a read's scripts: `streams`, then their in-flight hashes.
-fn with_keys(command: &mut redis::Cmd, context: &Context, streams: &[String]) {
-    command.arg(streams.len() * 2).arg(streams);
+/// The keys of a read's scripts: `streams`, then their in-flight hashes,
+/// then, for the scripts that fold them, their staging lists.
+fn with_keys(command: &mut redis::Cmd, context: &Context, streams: &[String], staged: bool) {
+    let lists = if staged { 3 } else { 2 };
+    command.arg(streams.len() * lists).arg(streams);
     for stream in streams {
         command.arg(context.in_flight(stream));
+    }
+    if staged {
+        for stream in streams {
+            command.arg(staging_list(stream));
+        }
     }
 }
 
 /// `XREADGROUP ... NOACK` of `streams` between `mark.lua` and
-/// `record.lua`, in one transaction: the entries read become ranges in
-/// flight (see `ranges.lua`). `EVAL` rather than `EVALSHA`: a `NOSCRIPT`
+/// `record.lua`, in one transaction: the staged lines become entries
+/// first (`staged.lua`), and the entries read become ranges in flight
+/// (see `ranges.lua`). `EVAL` rather than `EVALSHA`: a `NOSCRIPT`
 /// would not undo the read, whose entries would then be in no range.
 fn read_transaction(context: &Context, streams: &[String], count: usize) -> redis::Pipeline {
     let mut mark = redis::cmd("EVAL");
     mark.arg(MARK);
-    with_keys(&mut mark, context, streams);
+    with_keys(&mut mark, context, streams, true);
     mark.arg(&context.group);
     let mut read = redis::cmd("XREADGROUP");
     read.arg("GROUP")
@@ -404,7 +412,7 @@ fn read_transaction(context: &Context, streams: &[String], count: usize) -> redi
     }
     let mut record = redis::cmd("EVAL");
     record.arg(RECORD);
-    with_keys(&mut record, context, streams);
+    with_keys(&mut record, context, streams, false);
     record.arg(&context.group).arg(&context.consumer);
     let mut pipeline = redis::pipe();
     pipeline
@@ -497,7 +505,15 @@ async fn claim(
 
 /// The scripts around a read, and the claim: what they share, then their
 /// own.
-const MARK: &str = concat!(include_str!("ranges.lua"), include_str!("mark.lua"));
+const MARK: &str = concat!(
+    include_str!("ranges.lua"),
+    include_str!("staged.lua"),
+    include_str!("mark.lua")
+);
 const RECORD: &str = concat!(include_str!("ranges.lua"), include_str!("record.lua"));
-const READ: &str = concat!(include_str!("ranges.lua"), include_str!("read.lua"));
+const READ: &str = concat!(
+    include_str!("ranges.lua"),
+    include_str!("staged.lua"),
+    include_str!("read.lua")
+);
 const CLAIM: &str = concat!(include_str!("ranges.lua"), include_str!("claim.lua"));

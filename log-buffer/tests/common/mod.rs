@@ -303,6 +303,23 @@ pub async fn audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, acti
     append_audit(client, tenant, &[("records", &line)]).await;
 }
 
+/// Stages an audit record on the tenant's audit stream's staging list,
+/// as tenant-kv's write script does.
+pub async fn staged_audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, action: &str) {
+    let line = format!(
+        r#"{{"ts":"{ts_ns}","action":"{action}","actor":"user:alice","key":"doc","tenant":"{tenant}"}}"#
+    );
+    let stream = format!("tenant:{{{tenant}}}:audit");
+    let _: u64 = client
+        .query(
+            redis::cmd("RPUSH")
+                .arg(log_buffer::staging_list(&stream))
+                .arg(line),
+        )
+        .await
+        .unwrap();
+}
+
 /// Appends an audit record as tenant-kv did before it packed them: an
 /// entry of a field per name.
 pub async fn legacy_audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, action: &str) {

@@ -198,7 +198,10 @@ impl Settings {
             .quotas(protection.quotas)
             .login_throttle(protection.login)
             .password_hashing(protection.password_hashing.0, protection.password_hashing.1)
-            .read_audit_sample(self.read_audit_sample);
+            .read_audit_sample(self.read_audit_sample)
+            // The offloader (`server offload`, or `dev`'s) reads the audit
+            // streams, so item writes' records can wait to be packed.
+            .stage_audit_records(true);
         if self.auth_cache_records > 0 {
             builder = builder.auth_cache_capacity(self.auth_cache_records);
         }

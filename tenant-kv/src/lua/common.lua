@@ -9,6 +9,13 @@ local function clock()
   return math.floor(us / 1000), time[1] .. string.format('%06d', tonumber(time[2])) .. '000', us
 end
 
+-- Redis's clock in ms since the epoch: what `clock` gives first, without
+-- the text it builds.
+local function clock_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
 -- GCRA (the generic cell rate algorithm), for every rate limit: `key`
 -- holds the theoretical arrival time (TAT), in µs since the epoch. Each
 -- unit books `interval` µs (a whole number); at most `burst` units may be
@@ -61,4 +68,23 @@ end
 -- entries; returns the entry's id.
 local function audit_add(stream, cap, line)
   return redis.call('XADD', stream, 'MAXLEN', '~', cap, '*', 'records', line)
+end
+
+-- Stages the audit record `line` on `staged`, the staging list of
+-- `stream` (log-buffer's `staging_list`), whose offloader moves staged
+-- lines into packed entries of the stream before it reads it. Why: an
+-- entry per record cost Redis and the offloader per entry (appending,
+-- replicating, reading, trimming, and a reply value per part of the
+-- entry); packed, the records of 64 writes share one. The list is
+-- moved here once it holds 64 lines, into one entry (so the stream
+-- counts about `cap` records: `cap / 64` such entries), and at once when
+-- the stream does not exist yet, since the offloader finds streams.
+local function audit_stage(stream, staged, cap, line)
+  local held = redis.call('RPUSH', staged, line)
+  if held >= 64 or (held == 1 and redis.call('EXISTS', stream) == 0) then
+    local lines = redis.call('LRANGE', staged, 0, -1)
+    redis.call('DEL', staged)
+    redis.call('XADD', stream, 'MAXLEN', '~', math.max(1, math.floor(cap / 64)), '*',
+      'records', table.concat(lines, '\n'))
+  end
 end

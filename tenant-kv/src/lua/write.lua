@@ -5,25 +5,28 @@
 -- change. Items whose TTL ran out are purged by the expiry watcher, except
 -- one that a write replaces, which it takes out of the counters first
 -- (with its `key_expiration` record).
--- Item times come from Redis's clock, as the ms of the audit record's
--- stream id (the record is appended before the item is written); the
--- records' `ts` is the writer's clock, in ns.
+-- Item times come from Redis's clock (`TIME`, once per call); the
+-- records' `ts` is the writer's clock, in ns. Audit records are appended
+-- to the stream, an entry each, or staged (`audit_stage`) for
+-- log-buffer's offloader to pack.
 --
 -- KEYS: 1 usage, 2 audit, 3 index, 4 expiry, 5 expiring sizes, 6 rate,
---       then the item key of each write, in order, then (while a
---       migration runs) each write's item key under layout 1.
+--       7 the audit stream's staging list, then the item key of each
+--       write, in order, then (while a migration runs) each write's item
+--       key under layout 1.
 -- ARGV: 1 actor, 2 tenant id, 3 audit stream length cap, 4 the records'
 --       ts (ns), 5 max keys or '', 6 max bytes or '', 7 rate (writes per
---       second) or '', 8 burst, then 6 per write: op (create | put |
+--       second) or '', 8 burst, 9 '1' to stage audit records or '',
+--       then 6 per write: op (create | put |
 --       update | delete), key, expected version or '', TTL in ms or '',
 --       metadata (JSON) or '', value (JSON).
 -- Returns, once written, each write's envelope header, one after the
 -- other (a deletion's with created and expires 0); else {status, index of
 -- the write at fault (1-based), number}.
 
-local HEADER = 8
+local HEADER = 9
 local writes = (#ARGV - HEADER) / 6
-local legacy = #KEYS > 6 + writes
+local legacy = #KEYS > 7 + writes
 
 -- What each write finds under its key (the item's header, or while a
 -- migration runs its layout 1 hash), checked before any is done.
@@ -32,10 +35,10 @@ local key_delta, byte_delta = 0, 0
 for i = 1, writes do
   local at = HEADER + (i - 1) * 6
   local op, key, expected = ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  local version, created, expires, size = envelope_header(KEYS[6 + i])
+  local version, created, expires, size = envelope_header(KEYS[7 + i])
   local exists, from_legacy, expired_size = version ~= nil, false, nil
   if not exists and legacy then
-    local old = redis.call('HMGET', KEYS[6 + writes + i], 'version', 'created', 'expires', 'size')
+    local old = redis.call('HMGET', KEYS[7 + writes + i], 'version', 'created', 'expires', 'size')
     if old[1] then
       exists, from_legacy = true, true
       version, created = tonumber(old[1]), tonumber(old[2])
@@ -88,25 +91,30 @@ end
 -- A version is written whole (`..` would write 1e+14 from 10^14 on).
 local function audit(actor, action, key, version, size)
   if version ~= '' then version = string.format('%.0f', version) end
-  local id = audit_add(KEYS[2], ARGV[3], '{"ts":"' .. ARGV[4] .. '","action":"' .. action
-    .. '","actor":"' .. actor .. '","key":"' .. json_text(key) .. '","size":"' .. size
-    .. '","tenant":"' .. ARGV[2] .. '","version":"' .. version .. '"}')
-  return tonumber(string.match(id, '%d+'))
+  local line = '{"ts":"' .. ARGV[4] .. '","action":"' .. action .. '","actor":"' .. actor
+    .. '","key":"' .. json_text(key) .. '","size":"' .. size .. '","tenant":"' .. ARGV[2]
+    .. '","version":"' .. version .. '"}'
+  if ARGV[9] == '' then
+    audit_add(KEYS[2], ARGV[3], line)
+  else
+    audit_stage(KEYS[2], KEYS[7], ARGV[3], line)
+  end
 end
 
 -- One increment of the tenant's version counter for the whole batch.
 local actor = json_text(ARGV[1])
+local now_ms = clock_ms()
 local first = redis.call('HINCRBY', KEYS[1], 'rev', writes) - writes
 local headers = {}
 for i = 1, writes do
   local at = HEADER + (i - 1) * 6
   local op, key, ttl = ARGV[at + 1], ARGV[at + 2], ARGV[at + 4]
-  local f, item, version = found[i], KEYS[6 + i], first + i
+  local f, item, version = found[i], KEYS[7 + i], first + i
   local exists, created, expires, size, new_size = f[1], f[2], f[3], f[4], f[5]
-  if f[6] then redis.call('DEL', KEYS[6 + writes + i]) end
+  if f[6] then redis.call('DEL', KEYS[7 + writes + i]) end
   if f[7] then audit('system', 'key_expiration', key, '', f[7]) end
   if op == 'delete' then
-    local now_ms = audit(actor, 'delete_key', key, version, size)
+    audit(actor, 'delete_key', key, version, size)
     redis.call('DEL', item)
     redis.call('ZREM', KEYS[3], key)
     if expires > 0 then
@@ -117,7 +125,7 @@ for i = 1, writes do
   else
     local action = 'update_key'
     if not exists then action = 'create_key' end
-    local now_ms = audit(actor, action, key, version, new_size)
+    audit(actor, action, key, version, new_size)
     created = created or now_ms
     local expires_at = 0
     if ttl ~= '' then expires_at = now_ms + tonumber(ttl) end

@@ -34,20 +34,36 @@ pub fn tenant(id: &str) -> TenantId {
     TenantId::new(id).unwrap()
 }
 
-/// `XRANGE` of the tenant's whole audit stream.
-fn audit_range(tenant: &str) -> redis::Cmd {
-    redis::cmd("XRANGE")
-        .arg(format!("tenant:{{{tenant}}}:audit"))
+/// `XRANGE` of the tenant's whole audit stream, then the lines staged
+/// on its staging list, in one transaction.
+fn audit_range(tenant: &str) -> redis::Pipeline {
+    let stream = format!("tenant:{{{tenant}}}:audit");
+    let mut read = redis::pipe();
+    read.atomic()
+        .cmd("XRANGE")
+        .arg(&stream)
         .arg("-")
         .arg("+")
-        .to_owned()
+        .cmd("LRANGE")
+        .arg(format!("{stream}:staged"))
+        .arg(0)
+        .arg(-1);
+    read
 }
 
-/// The records an `XRANGE` of an audit stream gave, as field maps.
-fn audit_records(entries: Vec<(String, HashMap<String, String>)>) -> Vec<HashMap<String, String>> {
+/// What an audit stream's entries and staged lines (see [`audit_range`])
+/// hold: its records, oldest first (the staged ones last), as field maps.
+type AuditRange = (Vec<(String, HashMap<String, String>)>, Vec<String>);
+
+fn audit_records((entries, staged): AuditRange) -> Vec<HashMap<String, String>> {
+    let staged = staged
+        .into_iter()
+        .map(|line| HashMap::from([("records".to_owned(), line)]));
     entries
         .into_iter()
-        .map(|(_, fields)| tenant_kv::audit_fields(fields).unwrap())
+        .map(|(_, fields)| fields)
+        .chain(staged)
+        .flat_map(|entry| tenant_kv::audit_records(entry).unwrap())
         .collect()
 }
 
@@ -57,13 +73,19 @@ pub async fn audit_on(
     node: redis_topology::NodeId,
     tenant: &str,
 ) -> Vec<HashMap<String, String>> {
-    audit_records(topology.query(node, &audit_range(tenant)).await.unwrap())
+    let mut connection = topology.connection(node).await.unwrap();
+    audit_records(
+        audit_range(tenant)
+            .query_async(&mut connection)
+            .await
+            .unwrap(),
+    )
 }
 
 /// The tenant's audit records, oldest first, as field maps, read through
 /// `client` (from the master of the tenant's slot, on a cluster).
 pub async fn audit_through(client: &FailoverClient, tenant: &str) -> Vec<HashMap<String, String>> {
-    audit_records(client.query(&audit_range(tenant)).await.unwrap())
+    audit_records(client.query_pipeline(&audit_range(tenant)).await.unwrap())
 }
 
 /// The tenant's audit records on the initial master.

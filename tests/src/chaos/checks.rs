@@ -37,16 +37,24 @@ pub(super) async fn lost_writes(traffic: &Traffic, readers: &HashMap<&str, Http>
     lost
 }
 
-/// Waits until the offloaders have shipped every audit stream; on timeout,
-/// the error tells what holds entries back.
+/// Waits until the offloaders have shipped every audit stream and its
+/// staged records; on timeout, the error tells what holds entries back.
 pub(super) async fn wait_for_drained_audit(client: &FailoverClient) -> Result<(), BoxError> {
     let drained = wait_until("audit streams drained", async || {
         let mut left = 0u64;
         for tenant in TENANTS {
-            left += client
-                .query::<u64>(redis::cmd("XLEN").arg(audit_stream(tenant)))
+            let stream = audit_stream(tenant);
+            let mut lengths = redis::pipe();
+            lengths
+                .cmd("XLEN")
+                .arg(&stream)
+                .cmd("LLEN")
+                .arg(log_buffer::staging_list(&stream));
+            let (entries, staged) = client
+                .query_pipeline::<(u64, u64)>(&lengths)
                 .await
-                .unwrap_or(1);
+                .unwrap_or((1, 0));
+            left += entries + staged;
         }
         left == 0
     })

@@ -262,20 +262,21 @@ struct Backlog(redis::aio::MultiplexedConnection);
 
 impl Backlog {
     /// The streams' entries not yet shipped (delivered ranges are trimmed
-    /// away).
+    /// away), and the audit records staged to be packed into entries.
     async fn entries(&self) -> redis::RedisResult<u64> {
         let mut redis = self.0.clone();
         let mut entries = 0;
-        for pattern in ["tenant:*:logs", "tenant:*:audit"] {
-            let streams: Vec<String> = redis::cmd("KEYS")
+        for (pattern, length) in [
+            ("tenant:*:logs", "XLEN"),
+            ("tenant:*:audit", "XLEN"),
+            ("tenant:*:audit:staged", "LLEN"),
+        ] {
+            let keys: Vec<String> = redis::cmd("KEYS")
                 .arg(pattern)
                 .query_async(&mut redis)
                 .await?;
-            for stream in streams {
-                let len: u64 = redis::cmd("XLEN")
-                    .arg(stream)
-                    .query_async(&mut redis)
-                    .await?;
+            for key in keys {
+                let len: u64 = redis::cmd(length).arg(key).query_async(&mut redis).await?;
                 entries += len;
             }
         }
