@@ -154,13 +154,7 @@ async fn a_record_is_one_line_of_json_as_serde_json_writes_it() {
     until_audited(&topology, "acme", 6).await;
 
     let entries: Vec<(String, HashMap<String, String>)> = topology
-        .query(
-            topology.initial_master(),
-            redis::cmd("XRANGE")
-                .arg("tenant:{acme}:audit")
-                .arg("-")
-                .arg("+"),
-        )
+        .query(topology.initial_master(), &acme_entries())
         .await
         .unwrap();
     assert_eq!(entries.len(), 6);
@@ -196,17 +190,19 @@ async fn a_record_is_one_line_of_json_as_serde_json_writes_it() {
     assert_eq!(records[0]["size"], (key.len() + 1).to_string());
 }
 
+/// `XRANGE` of acme's whole audit stream.
+fn acme_entries() -> redis::Cmd {
+    redis::cmd("XRANGE")
+        .arg("tenant:{acme}:audit")
+        .arg("-")
+        .arg("+")
+        .to_owned()
+}
+
 /// How many records each entry of acme's audit stream holds.
 async fn entry_sizes(client: &redis_failover::FailoverClient) -> Vec<usize> {
-    let entries: Vec<(String, HashMap<String, String>)> = client
-        .query(
-            redis::cmd("XRANGE")
-                .arg("tenant:{acme}:audit")
-                .arg("-")
-                .arg("+"),
-        )
-        .await
-        .unwrap();
+    let entries: Vec<(String, HashMap<String, String>)> =
+        client.query(&acme_entries()).await.unwrap();
     entries
         .into_iter()
         .map(|(_, entry)| tenant_kv::audit_records(entry).unwrap().len())
