@@ -332,6 +332,46 @@ async fn staged(client: &FailoverClient) -> u64 {
         .unwrap()
 }
 
+/// The read's transaction moves the staged lines into entries of up to
+/// 64, oldest first, before it reads: the read takes them, and the list
+/// is gone.
+#[tokio::test]
+async fn a_read_folds_staged_lines_into_entries_of_up_to_64() {
+    let (_topology, client) = start(0).await;
+    let base = now_ns();
+    append(&client, base, 0..1).await;
+    for i in 1..71 {
+        staged_audit_entry(&client, "acme", base + i, "update_key").await;
+    }
+    create_group(&client, GROUP).await;
+    let read = read_range(&client, "c1", 100).await;
+    assert_eq!(read, ids(&client).await, "the read took every entry");
+    let entries: Vec<(String, BTreeMap<String, String>)> = client
+        .query(redis::cmd("XRANGE").arg(STREAM).arg("-").arg("+"))
+        .await
+        .unwrap();
+    let lines: Vec<Vec<u64>> = entries
+        .iter()
+        .map(|(_, fields)| {
+            fields["records"]
+                .lines()
+                .map(|line| json_ts(line) - base)
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        [vec![0], (1..65).collect(), (65..71).collect::<Vec<_>>()]
+    );
+    assert_eq!(staged(&client).await, 0);
+}
+
+/// A record line's `ts`.
+fn json_ts(line: &str) -> u64 {
+    let fields: BTreeMap<String, String> = serde_json::from_str(line).unwrap();
+    fields["ts"].parse().unwrap()
+}
+
 /// Staged lines become entries of up to 64 records in the read's
 /// transaction: each is shipped once, in order, and trimmed with the rest.
 #[tokio::test]

@@ -133,7 +133,9 @@ impl<S: LogSink> OffloaderBuilder<S> {
     /// slower than it fills (each read and acknowledgement is a round
     /// trip). Defaults to 1000 for `audit`: tenant-kv appends one entry
     /// per write, and at 100 per read an offloader on a busy master
-    /// shipped about 7,000 a second, fewer than the writes.
+    /// shipped about 7,000 a second, fewer than the writes. (With staged
+    /// records an entry holds up to 64: a read after a backlog may hold
+    /// up to 64,000 records, pushed 1000 at a time.)
     pub fn source_batch_size(mut self, source: impl Into<String>, entries: usize) -> Self {
         self.source_batch_sizes.insert(source.into(), entries);
         self

@@ -139,6 +139,8 @@ pub struct Settings {
     pub log_buffer: bool,
     /// One read in this many is audited (1: every read).
     pub read_audit_sample: u32,
+    /// Whether item writes stage their audit records for the offloader.
+    pub stage_audit_records: bool,
     /// Request limits.
     pub limits: Limits,
     /// Throttles and quotas.
@@ -180,6 +182,7 @@ impl Settings {
             loki_tenant_bytes_per_second: sections::loki_tenant_bytes_per_second(raw)?,
             log_buffer: raw.log_buffer,
             read_audit_sample: sections::read_audit_sample(raw)?,
+            stage_audit_records: raw.stage_audit_records,
             limits,
             protection: sections::protection(raw)?,
             auth_cache_records: raw.auth_cache_records,
@@ -199,9 +202,7 @@ impl Settings {
             .login_throttle(protection.login)
             .password_hashing(protection.password_hashing.0, protection.password_hashing.1)
             .read_audit_sample(self.read_audit_sample)
-            // The offloader (`server offload`, or `dev`'s) reads the audit
-            // streams, so item writes' records can wait to be packed.
-            .stage_audit_records(true);
+            .stage_audit_records(self.stage_audit_records);
         if self.auth_cache_records > 0 {
             builder = builder.auth_cache_capacity(self.auth_cache_records);
         }

@@ -154,6 +154,11 @@ settings! {
     /// Audit one read in this many (the records say sampled=N); writes are
     /// always audited; 1 audits every read.
     read_audit_sample: u32 = "1";
+    /// Item writes stage their audit records for the log offloader to pack,
+    /// 64 to a stream entry; a record reaches its audit stream when an
+    /// offloader (server offload, or serve with loki_url) next reads it.
+    /// false when none runs and the audit streams are read otherwise.
+    stage_audit_records: bool = "true";
     /// Largest request body, in bytes.
     max_body_bytes: usize = "1048576";
     /// Largest request head (line and headers), in bytes, at least 8192.

@@ -401,6 +401,9 @@ fn read_audit_sample_and_the_loki_pace_have_defaults_and_refuse_zero() {
         Settings::load(None, env(&all))
     };
     assert_eq!(load(&[]).unwrap().read_audit_sample, 1);
+    assert!(load(&[]).unwrap().stage_audit_records);
+    let appended = load(&[("SERVER_STAGE_AUDIT_RECORDS", "false")]).unwrap();
+    assert!(!appended.stage_audit_records);
     let sampled = load(&[("SERVER_READ_AUDIT_SAMPLE", "10")]).unwrap();
     assert_eq!(sampled.read_audit_sample, 10);
     let error = load(&[("SERVER_READ_AUDIT_SAMPLE", "0")]).unwrap_err();

@@ -76,15 +76,15 @@ end
 -- entry per record cost Redis and the offloader per entry (appending,
 -- replicating, reading, trimming, and a reply value per part of the
 -- entry); packed, the records of 64 writes share one. The list is
--- moved here once it holds 64 lines, into one entry (so the stream
--- counts about `cap` records: `cap / 64` such entries), and at once when
--- the stream does not exist yet, since the offloader finds streams.
+-- moved here once it holds 64 lines, into one entry capped as every
+-- append is (`cap` entries: a shorter cap would also trim the entries of
+-- one record that other appends add, unshipped), and at once when the
+-- stream does not exist yet, since the offloader finds streams.
 local function audit_stage(stream, staged, cap, line)
   local held = redis.call('RPUSH', staged, line)
   if held >= 64 or (held == 1 and redis.call('EXISTS', stream) == 0) then
     local lines = redis.call('LRANGE', staged, 0, -1)
     redis.call('DEL', staged)
-    redis.call('XADD', stream, 'MAXLEN', '~', math.max(1, math.floor(cap / 64)), '*',
-      'records', table.concat(lines, '\n'))
+    audit_add(stream, cap, table.concat(lines, '\n'))
   end
 end

@@ -80,8 +80,12 @@ pub(super) async fn wait_for_drained_audit(client: &FailoverClient) -> Result<()
             )
             .await
             .unwrap_or(redis::Value::Nil);
+        let staged: redis::Value = client
+            .query(redis::cmd("LLEN").arg(log_buffer::staging_list(&stream)))
+            .await
+            .unwrap_or(redis::Value::Nil);
         state.push_str(&format!(
-            "\n{stream}: groups {groups:?}\n  first entries {first:?}"
+            "\n{stream}: groups {groups:?}\n  first entries {first:?}\n  staged {staged:?}"
         ));
     }
     Err(format!("{error}; {state}").into())

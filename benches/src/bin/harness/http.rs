@@ -242,7 +242,7 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
     println!("targets: (b)/(a) and (b)/(d) >= 0.70, (c)/(e) >= 0.50, (f)/(e) >= 0.35, p99 <= 5 ms");
     let backlog = backlog.entries().await?;
     println!(
-        "logs: {backlog} stream entries (of up to 64 records) left to offload after the rounds"
+        "logs: {backlog} stream entries (of up to 64 records) and staged records left to offload after the rounds"
     );
     drop(webdis);
     durable.shutdown().await;
