@@ -41,6 +41,14 @@ async fn append(client: &FailoverClient, base: u64, stamps: std::ops::Range<u64>
     append_for(client, "acme", base, stamps).await;
 }
 
+/// Stages acme's audit records stamped `base + i` for each `i` of
+/// `stamps` on the stream's staging list.
+async fn stage(client: &FailoverClient, base: u64, stamps: std::ops::Range<u64>) {
+    for i in stamps {
+        staged_audit_entry(client, "acme", base + i, "update_key").await;
+    }
+}
+
 /// Appends `tenant`'s audit entries stamped `base + i` for each `i` of
 /// `stamps`.
 async fn append_for(
@@ -106,27 +114,20 @@ async fn read_pending(
 /// The ids of the next `count` entries `consumer` reads as the offloader
 /// reads them: one range in flight, recorded in the read's transaction.
 async fn read_range(client: &FailoverClient, consumer: &str, count: usize) -> Vec<String> {
-    let script = |name: &str| {
+    let script = |source: String| {
         let mut command = redis::cmd("EVAL");
-        if name == "mark" {
-            let own = include_str!("../src/offloader/mark.lua");
-            command
-                .arg(format!("{RANGES}{STAGED}{own}"))
-                .arg(3)
-                .arg(STREAM)
-                .arg(IN_FLIGHT)
-                .arg(log_buffer::staging_list(STREAM));
-        } else {
-            let own = include_str!("../src/offloader/record.lua");
-            command
-                .arg(format!("{RANGES}{own}"))
-                .arg(2)
-                .arg(STREAM)
-                .arg(IN_FLIGHT);
-        }
-        command.arg(GROUP).arg(consumer);
+        command
+            .arg(source)
+            .arg(3)
+            .arg(STREAM)
+            .arg(IN_FLIGHT)
+            .arg(log_buffer::staging_list(STREAM))
+            .arg(GROUP)
+            .arg(consumer);
         command
     };
+    let mark = include_str!("../src/offloader/mark.lua");
+    let record = include_str!("../src/offloader/record.lua");
     let mut read = redis::cmd("XREADGROUP");
     read.arg("GROUP")
         .arg(GROUP)
@@ -140,10 +141,10 @@ async fn read_range(client: &FailoverClient, consumer: &str, count: usize) -> Ve
     let mut transaction = redis::pipe();
     transaction
         .atomic()
-        .add_command(script("mark"))
+        .add_command(script(format!("{RANGES}{STAGED}{mark}")))
         .ignore()
         .add_command(read)
-        .add_command(script("record"))
+        .add_command(script(format!("{RANGES}{record}")))
         .ignore();
     let (read,): (redis::streams::StreamReadReply,) =
         client.query_pipeline(&transaction).await.unwrap();
@@ -340,9 +341,7 @@ async fn a_read_folds_staged_lines_into_entries_of_up_to_64() {
     let (_topology, client) = start(0).await;
     let base = now_ns();
     append(&client, base, 0..1).await;
-    for i in 1..71 {
-        staged_audit_entry(&client, "acme", base + i, "update_key").await;
-    }
+    stage(&client, base, 1..71).await;
     create_group(&client, GROUP).await;
     let read = read_range(&client, "c1", 100).await;
     assert_eq!(read, ids(&client).await, "the read took every entry");
@@ -380,9 +379,7 @@ async fn staged_lines_are_folded_into_entries_and_shipped() {
     let receiver = Receiver::start().await;
     let base = now_ns();
     append(&client, base, 0..1).await;
-    for i in 1..71 {
-        staged_audit_entry(&client, "acme", base + i, "update_key").await;
-    }
+    stage(&client, base, 1..71).await;
     assert_eq!(staged(&client).await, 70);
     let offloader = offloader(&client, &receiver).start().unwrap();
     receiver.wait_for_lines("acme", 71).await;
@@ -408,9 +405,7 @@ async fn a_full_redis_is_still_drained() {
     let receiver = Receiver::start().await;
     let base = now_ns();
     append(&client, base, 0..20).await;
-    for i in 20..23 {
-        staged_audit_entry(&client, "acme", base + i, "update_key").await;
-    }
+    stage(&client, base, 20..23).await;
     create_group(&client, GROUP).await;
     let () = client
         .query(redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg("1"))

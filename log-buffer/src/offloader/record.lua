@@ -2,9 +2,10 @@
 -- what the read returned from each stream, the entries after the marked
 -- position up to the group's new one, becomes one range in flight. A
 -- replica gets the read and its ranges together, or neither.
--- KEYS: the streams, then the in-flight hash of each, in the same order.
+-- KEYS: the streams, then the in-flight hash of each, then the staging
+--       list of each (mark.lua's keys), in the same order.
 -- ARGV: 1 the group, 2 the consumer.
-local n = #KEYS / 2
+local n = #KEYS / 3
 local since = now_ms()
 for i = 1, n do
   local marked = redis.call('HGET', KEYS[n + i], MARK)

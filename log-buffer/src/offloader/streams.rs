@@ -365,7 +365,7 @@ async fn read_some(
         Err(error) if error.kind() == ErrorKind::OutOfMemory => {
             let mut read = redis::cmd("EVAL");
             read.arg(READ);
-            with_keys(&mut read, context, streams, true);
+            with_keys(&mut read, context, streams);
             read.arg(&context.group).arg(&context.consumer).arg(count);
             context.client.query(&read).await
         }
@@ -374,17 +374,14 @@ async fn read_some(
 }
 
 /// The keys of a read's scripts: `streams`, then their in-flight hashes,
-/// then, for the scripts that fold them, their staging lists.
-fn with_keys(command: &mut redis::Cmd, context: &Context, streams: &[String], staged: bool) {
-    let lists = if staged { 3 } else { 2 };
-    command.arg(streams.len() * lists).arg(streams);
+/// then their staging lists.
+fn with_keys(command: &mut redis::Cmd, context: &Context, streams: &[String]) {
+    command.arg(streams.len() * 3).arg(streams);
     for stream in streams {
         command.arg(context.in_flight(stream));
     }
-    if staged {
-        for stream in streams {
-            command.arg(staging_list(stream));
-        }
+    for stream in streams {
+        command.arg(staging_list(stream));
     }
 }
 
@@ -396,7 +393,7 @@ fn with_keys(command: &mut redis::Cmd, context: &Context, streams: &[String], st
 fn read_transaction(context: &Context, streams: &[String], count: usize) -> redis::Pipeline {
     let mut mark = redis::cmd("EVAL");
     mark.arg(MARK);
-    with_keys(&mut mark, context, streams, true);
+    with_keys(&mut mark, context, streams);
     mark.arg(&context.group);
     let mut read = redis::cmd("XREADGROUP");
     read.arg("GROUP")
@@ -412,7 +409,7 @@ fn read_transaction(context: &Context, streams: &[String], count: usize) -> redi
     }
     let mut record = redis::cmd("EVAL");
     record.arg(RECORD);
-    with_keys(&mut record, context, streams, false);
+    with_keys(&mut record, context, streams);
     record.arg(&context.group).arg(&context.consumer);
     let mut pipeline = redis::pipe();
     pipeline

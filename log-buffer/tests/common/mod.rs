@@ -295,26 +295,32 @@ pub fn offloader(client: &FailoverClient, receiver: &Receiver) -> OffloaderBuild
         )
 }
 
+/// An audit record's line as tenant-kv writes it.
+fn audit_line(tenant: &str, ts_ns: u64, action: &str) -> String {
+    format!(
+        r#"{{"ts":"{ts_ns}","action":"{action}","actor":"user:alice","key":"doc","tenant":"{tenant}"}}"#
+    )
+}
+
+/// The tenant's audit stream.
+fn audit_stream(tenant: &str) -> String {
+    format!("tenant:{{{tenant}}}:audit")
+}
+
 /// Appends an audit record as tenant-kv does: a packed entry of one line.
 pub async fn audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, action: &str) {
-    let line = format!(
-        r#"{{"ts":"{ts_ns}","action":"{action}","actor":"user:alice","key":"doc","tenant":"{tenant}"}}"#
-    );
+    let line = audit_line(tenant, ts_ns, action);
     append_audit(client, tenant, &[("records", &line)]).await;
 }
 
 /// Stages an audit record on the tenant's audit stream's staging list,
 /// as tenant-kv's write script does.
 pub async fn staged_audit_entry(client: &FailoverClient, tenant: &str, ts_ns: u64, action: &str) {
-    let line = format!(
-        r#"{{"ts":"{ts_ns}","action":"{action}","actor":"user:alice","key":"doc","tenant":"{tenant}"}}"#
-    );
-    let stream = format!("tenant:{{{tenant}}}:audit");
     let _: u64 = client
         .query(
             redis::cmd("RPUSH")
-                .arg(log_buffer::staging_list(&stream))
-                .arg(line),
+                .arg(log_buffer::staging_list(&audit_stream(tenant)))
+                .arg(audit_line(tenant, ts_ns, action)),
         )
         .await
         .unwrap();
@@ -338,7 +344,7 @@ async fn append_audit(client: &FailoverClient, tenant: &str, fields: &[(&str, &s
     let _: String = client
         .query(
             redis::cmd("XADD")
-                .arg(format!("tenant:{{{tenant}}}:audit"))
+                .arg(audit_stream(tenant))
                 .arg("*")
                 .arg(fields),
         )
