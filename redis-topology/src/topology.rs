@@ -467,6 +467,16 @@ impl Topology {
     /// its kind requires, a 1 s connect timeout and a 2 s response timeout
     /// (so that asking a paused node fails instead of hanging).
     pub async fn connection(&self, node: NodeId) -> Result<MultiplexedConnection> {
+        self.connection_waiting(node, RESPONSE_TIMEOUT).await
+    }
+
+    /// A [`connection`](Self::connection) whose replies may take up to
+    /// `response_timeout`: for commands that wait on purpose.
+    pub(crate) async fn connection_waiting(
+        &self,
+        node: NodeId,
+        response_timeout: Duration,
+    ) -> Result<MultiplexedConnection> {
         let redis_error = |source| Error::Redis { node, source };
         let client = match self.tls_root_cert() {
             Some(root_cert) => redis::Client::build_with_tls(
@@ -481,7 +491,7 @@ impl Topology {
         .map_err(redis_error)?;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            .set_response_timeout(Some(response_timeout));
         client
             .get_multiplexed_async_connection_with_config(&config)
             .await

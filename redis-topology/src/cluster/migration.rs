@@ -16,12 +16,9 @@ use crate::node::NodeId;
 
 /// How many keys one `MIGRATE` moves.
 const MIGRATE_BATCH: usize = 100;
-/// How long one `MIGRATE` may wait for the target, in milliseconds; under the
-/// connection's 2 s response timeout.
+/// How long one `MIGRATE` may wait for the target, in milliseconds.
 const MIGRATE_TIMEOUT_MS: u64 = 1500;
-/// How many `CLUSTER SETSLOT`s one pipeline carries: well inside the
-/// connection's 2 s response timeout even when Valkey waits for replicas on
-/// each.
+/// How many `CLUSTER SETSLOT`s one pipeline carries.
 const SETSLOTS_PER_PIPELINE: usize = 64;
 /// Over how many connections to a master the pipelines are spread.
 const PARALLEL_SETSLOTS: usize = 16;
@@ -192,6 +189,11 @@ impl Cluster {
 /// are spread. Valkey answers a `SETSLOT` only once the master's replicas
 /// have applied it: one connection waits for each in turn (about 2 ms on an
 /// idle machine, 4096 slots taking half a minute), several wait together.
+///
+/// A pipeline's reply may thus take many replica round trips (64 of 30 ms
+/// each on a loaded machine exceed 2 s), so these connections wait up to the
+/// cluster's `wait_timeout`, the bound of the whole change; Valkey bounds
+/// each `SETSLOT`'s wait for replicas itself.
 struct Links {
     node: NodeId,
     connections: Vec<MultiplexedConnection>,
@@ -201,7 +203,8 @@ impl Links {
     async fn open(cluster: &Cluster, node: NodeId, count: usize) -> Result<Self> {
         let mut connections = Vec::with_capacity(count);
         for _ in 0..count {
-            connections.push(cluster.connection(node).await?);
+            let waiting = cluster.settings.wait_timeout;
+            connections.push(cluster.topology.connection_waiting(node, waiting).await?);
         }
         Ok(Self { node, connections })
     }
