@@ -1,6 +1,5 @@
-//! A running topology: start-up and queries (faults are in `faults.rs`, waits in `waits.rs`).
+//! A running topology: start-up and queries (faults are in `faults.rs`, every wait in `waits.rs`).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -13,10 +12,9 @@ use tempfile::TempDir;
 use crate::builder::TopologyBuilder;
 use crate::error::{Error, Result};
 use crate::network::{self, Network};
-use crate::node::{Exit, NodeId, NodeKind, NodeProcess};
+use crate::node::{NodeId, NodeKind, NodeProcess};
 use crate::server::{self, Server};
 use crate::tls::{self, TlsFiles};
-use crate::waits::{Attempt, pending, pending_on};
 use crate::{orphans, ports};
 
 /// How many ports a new node tries when it loses the race for one.
@@ -196,130 +194,6 @@ impl Topology {
         let (port, reservation) = ports::pick_free_port().ok_or(Error::NoFreePort { node: id })?;
         self.lock().reserved.push(reservation);
         Ok(port)
-    }
-
-    /// Waits until a just-started node answers PING, and checks the answer
-    /// comes from our process, not from another that holds the port.
-    /// `Ok(false)` means the node exited because its port was taken.
-    pub(crate) async fn wait_until_answering(&self, id: NodeId) -> Result<bool> {
-        let what = "the node to answer PING";
-        self.poll(what, id, self.settings.start_timeout, || async move {
-            let (exit, pid) = {
-                let mut nodes = self.lock();
-                let process = nodes.get(id);
-                (process.check_exit(), process.pid())
-            };
-            match exit {
-                Some(Exit::PortTaken) => return Ok(false),
-                Some(Exit::Failed(error)) => return Err(Attempt::Fatal(error)),
-                None => {}
-            }
-            let info: String = self
-                .query(id, redis::cmd("INFO").arg("server"))
-                .await
-                .map_err(pending_on(id))?;
-            let answering = info_field(&info, "process_id").and_then(|p| p.parse::<u32>().ok());
-            if answering == pid {
-                Ok(true)
-            } else {
-                Err(pending(
-                    id,
-                    format!("port answered by process {answering:?}, not {pid:?}"),
-                ))
-            }
-        })
-        .await
-    }
-
-    /// Waits until every replica applies what `master` streams to it: a
-    /// replica listed online after a full sync gets the stream only once it
-    /// acknowledges the snapshot, up to a second later. A `PUBLISH` is
-    /// propagated without touching any key, and `WAIT` counts the replicas
-    /// that applied it.
-    async fn wait_for_replication_stream(&self, master: NodeId) -> Result<()> {
-        let replicas = self.settings.replicas;
-        if replicas == 0 {
-            return Ok(());
-        }
-        let what = "every replica to apply the replication stream";
-        self.poll(what, master, self.settings.start_timeout, || async move {
-            let mut connection = self.connection(master).await.map_err(pending_on(master))?;
-            let (acked,): (usize,) = redis::pipe()
-                .cmd("PUBLISH")
-                .arg("redis-topology:replication-check")
-                .arg("1")
-                .ignore()
-                .cmd("WAIT")
-                .arg(replicas)
-                .arg(100)
-                .query_async(&mut connection)
-                .await
-                .map_err(|e| pending(master, e.to_string()))?;
-            if acked >= replicas {
-                Ok(())
-            } else {
-                Err(pending(
-                    master,
-                    format!("{acked} of {replicas} replicas applied the stream"),
-                ))
-            }
-        })
-        .await
-    }
-
-    /// Waits until `sentinel` reports `master` as a healthy master with every
-    /// replica linked and every other sentinel known.
-    async fn wait_for_sentinel_view(&self, sentinel: NodeId, master: NodeId) -> Result<()> {
-        let name = &self.settings.master_name;
-        let master_port = &self.addr(master).port().to_string();
-        let replicas = self.settings.replicas;
-        let other_sentinels = self.settings.sentinels - 1;
-        let what = &format!(
-            "{sentinel} to see the master, {replicas} replicas and {other_sentinels} other sentinels"
-        );
-        self.poll(what, sentinel, self.settings.start_timeout, || async move {
-            let state: HashMap<String, String> = self
-                .query(sentinel, redis::cmd("SENTINEL").arg("MASTER").arg(name))
-                .await
-                .map_err(pending_on(sentinel))?;
-            let field = |key: &str| state.get(key).map(String::as_str).unwrap_or("");
-            if field("port") != master_port || field("flags") != "master" {
-                return Err(pending(
-                    sentinel,
-                    format!(
-                        "master is {}:{} with flags {}",
-                        field("ip"),
-                        field("port"),
-                        field("flags")
-                    ),
-                ));
-            }
-            if field("num-other-sentinels") != other_sentinels.to_string() {
-                return Err(pending(
-                    sentinel,
-                    format!("knows {} other sentinels", field("num-other-sentinels")),
-                ));
-            }
-            let known: Vec<HashMap<String, String>> = self
-                .query(sentinel, redis::cmd("SENTINEL").arg("REPLICAS").arg(name))
-                .await
-                .map_err(pending_on(sentinel))?;
-            let healthy = known
-                .iter()
-                .filter(|r| {
-                    r.get("flags").is_some_and(|f| f == "slave")
-                        && r.get("master-link-status").is_some_and(|s| s == "ok")
-                })
-                .count();
-            if healthy != replicas {
-                return Err(pending(
-                    sentinel,
-                    format!("sees {healthy} healthy replicas"),
-                ));
-            }
-            Ok(())
-        })
-        .await
     }
 
     /// The log file of a node and its last lines, for an error.
