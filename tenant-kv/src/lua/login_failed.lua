@@ -7,7 +7,7 @@
 -- ARGV: 1 interval (µs per record) or '', 2 burst, 3 audit stream length
 --       cap, 4 tenant id, 5 username.
 -- Returns 1 if a record was written, 0 if the failure was only counted.
-local _, now_ns, now_us = clock()
+local now_us = clock_us()
 if ARGV[1] ~= '' then
   local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
   local allowed, _, _, _, tat = gcra_check(KEYS[1], now_us, interval, burst, 1)
@@ -21,6 +21,6 @@ local name = json_text(ARGV[5])
 local suppressed = redis.call('GETDEL', KEYS[2])
 local suppressed_field = ''
 if suppressed then suppressed_field = '","suppressed":"' .. suppressed end
-audit_add(KEYS[3], ARGV[3], '{"ts":"' .. now_ns .. '","action":"login_failed","actor":"user:'
+audit_add(KEYS[3], ARGV[3], '{"ts":"' .. ns_text(now_us) .. '","action":"login_failed","actor":"user:'
   .. name .. '","key":"' .. name .. suppressed_field .. '","tenant":"' .. ARGV[4] .. '"}')
 return 1

@@ -9,7 +9,8 @@
 -- Returns how many were purged.
 local candidates = #ARGV - 2
 local legacy = #KEYS > 5 + candidates
-local now_ms, now_ns = clock()
+local now_us = clock_us()
+local now_ms, now_ns = math.floor(now_us / 1000), ns_text(now_us)
 local purged, bytes = 0, 0
 for i = 1, candidates do
   local key = ARGV[2 + i]

@@ -5,7 +5,7 @@
 -- burst.
 -- Returns, for each limit in order: allowed (1 or 0), remaining, µs until
 -- allowed, µs until nothing is booked ahead.
-local _, _, now_us = clock()
+local now_us = clock_us()
 local results, tats, all = {}, {}, true
 for i, key in ipairs(KEYS) do
   local interval, burst = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])

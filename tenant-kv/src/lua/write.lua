@@ -78,10 +78,10 @@ if ARGV[6] ~= '' and byte_delta > 0 then
 end
 -- The write rate: each write books 1/rate s; at most `burst` ahead. A
 -- batch larger than the burst could never go through: refused as such.
+local now_us = clock_us()
 if ARGV[7] ~= '' then
   local interval, burst = math.floor(1000000 / tonumber(ARGV[7])), tonumber(ARGV[8])
   if writes > burst then return {'rate_batch', 0, burst} end
-  local _, _, now_us = clock()
   local allowed, _, retry, _, tat = gcra_check(KEYS[6], now_us, interval, burst, writes)
   if not allowed then return {'rate', 0, math.ceil(retry / 1000)} end
   gcra_book(KEYS[6], tat, interval, burst)
@@ -90,7 +90,7 @@ end
 -- `actor` is escaped for JSON already; the tenant id needs no escaping.
 -- A version is written whole (`..` would write 1e+14 from 10^14 on).
 local function audit(actor, action, key, version, size)
-  if version ~= '' then version = string.format('%.0f', version) end
+  if version ~= '' then version = string.format('%d', version) end
   local line = '{"ts":"' .. ARGV[4] .. '","action":"' .. action .. '","actor":"' .. actor
     .. '","key":"' .. json_text(key) .. '","size":"' .. size .. '","tenant":"' .. ARGV[2]
     .. '","version":"' .. version .. '"}'
@@ -103,7 +103,7 @@ end
 
 -- One increment of the tenant's version counter for the whole batch.
 local actor = json_text(ARGV[1])
-local now_ms = clock_ms()
+local now_ms = math.floor(now_us / 1000)
 local first = redis.call('HINCRBY', KEYS[1], 'rev', writes) - writes
 local headers = {}
 for i = 1, writes do
