@@ -76,9 +76,10 @@ if ARGV[6] ~= '' and byte_delta > 0 then
   local bytes = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0') + byte_delta
   if bytes > tonumber(ARGV[6]) then return {'quota_bytes', 0, bytes} end
 end
+-- Redis's clock, once: µs for the write rate, ms for the items' times.
+local now_us = clock_us()
 -- The write rate: each write books 1/rate s; at most `burst` ahead. A
 -- batch larger than the burst could never go through: refused as such.
-local now_us = clock_us()
 if ARGV[7] ~= '' then
   local interval, burst = math.floor(1000000 / tonumber(ARGV[7])), tonumber(ARGV[8])
   if writes > burst then return {'rate_batch', 0, burst} end
