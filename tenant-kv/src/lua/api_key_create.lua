@@ -10,6 +10,7 @@ local held = redis.call('SCARD', KEYS[1])
 if ARGV[1] ~= '' and held >= tonumber(ARGV[1]) then return held end
 if KEYS[3] then redis.call('HSET', KEYS[3], unpack(ARGV, 6)) end
 redis.call('SADD', KEYS[1], ARGV[2])
-audit_add(KEYS[2], ARGV[3], '{"ts":"' .. ns_text(clock_us()) .. '","action":"create_api_key","actor":"'
-  .. json_text(ARGV[5]) .. '","key":"' .. json_text(ARGV[2]) .. '","tenant":"' .. ARGV[4] .. '"}')
+audit_add(KEYS[2], ARGV[3], '{"ts":"' .. ns_text(clock_us())
+  .. '","action":"create_api_key","actor":"' .. json_text(ARGV[5])
+  .. '","key":"' .. json_text(ARGV[2]) .. '","tenant":"' .. ARGV[4] .. '"}')
 return -1

@@ -11,7 +11,8 @@
 if redis.call('HGET', KEYS[1], 'hash') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'hash', ARGV[2], 'previous_hash', ARGV[1], 'previous_until', ARGV[3])
 if KEYS[2] then
-  audit_add(KEYS[2], ARGV[4], '{"ts":"' .. ns_text(clock_us()) .. '","action":"rotate_api_key","actor":"'
-    .. json_text(ARGV[6]) .. '","key":"' .. json_text(ARGV[7]) .. '","tenant":"' .. ARGV[5] .. '"}')
+  audit_add(KEYS[2], ARGV[4], '{"ts":"' .. ns_text(clock_us())
+    .. '","action":"rotate_api_key","actor":"' .. json_text(ARGV[6])
+    .. '","key":"' .. json_text(ARGV[7]) .. '","tenant":"' .. ARGV[5] .. '"}')
 end
 return 1

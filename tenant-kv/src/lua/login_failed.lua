@@ -21,6 +21,7 @@ local name = json_text(ARGV[5])
 local suppressed = redis.call('GETDEL', KEYS[2])
 local suppressed_field = ''
 if suppressed then suppressed_field = '","suppressed":"' .. suppressed end
-audit_add(KEYS[3], ARGV[3], '{"ts":"' .. ns_text(now_us) .. '","action":"login_failed","actor":"user:'
-  .. name .. '","key":"' .. name .. suppressed_field .. '","tenant":"' .. ARGV[4] .. '"}')
+audit_add(KEYS[3], ARGV[3], '{"ts":"' .. ns_text(now_us)
+  .. '","action":"login_failed","actor":"user:' .. name .. '","key":"' .. name .. suppressed_field
+  .. '","tenant":"' .. ARGV[4] .. '"}')
 return 1
