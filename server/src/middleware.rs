@@ -32,6 +32,7 @@ use tower_http::request_id::{
 };
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutBody};
+use tracing::Level;
 
 use crate::api::App;
 use crate::error::ApiError;
@@ -318,19 +319,39 @@ impl Seen {
         let elapsed = self.started.elapsed();
         self.metrics
             .record(route, status, error_code, tenant, elapsed);
-        tracing::info!(
-            target: "access",
-            request_id = self
-                .request_id
-                .as_ref()
-                .and_then(|id| id.to_str().ok())
-                .unwrap_or_default(),
-            tenant_id = tenant,
-            method = self.method.as_str(),
-            route,
-            status,
-            micros = micros(elapsed),
-        );
+        let request_id = self
+            .request_id
+            .as_ref()
+            .and_then(|id| id.to_str().ok())
+            .unwrap_or_default();
+        let method = self.method.as_str();
+        let micros = micros(elapsed);
+        macro_rules! access_log {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "access",
+                    $level,
+                    request_id,
+                    tenant_id = tenant,
+                    method,
+                    route,
+                    status,
+                    micros,
+                )
+            };
+        }
+        // Levelled as tower-http's trace layer levels responses: server
+        // errors at WARN, refusals at INFO, answers given at DEBUG. Not
+        // every request at INFO: each record is appended to the log
+        // buffer, replicated, read and shipped to the tenant's Loki, which
+        // doubled what an answered read cost the service (its audit record
+        // is the other), while the operation's audit record and the
+        // request figures already say what an answered request did.
+        match status {
+            500.. => access_log!(Level::WARN),
+            400..=499 => access_log!(Level::INFO),
+            _ => access_log!(Level::DEBUG),
+        }
     }
 }
 
@@ -348,6 +369,7 @@ fn micros(elapsed: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt;
     use std::net::Ipv4Addr;
 
     use http_body_util::{BodyExt, Empty};
@@ -471,6 +493,58 @@ mod tests {
         for bits in [0, u64::MAX, 0x0123_4567_89ab_cdef, 0xf0e1_d2c3_b4a5_9687] {
             assert_eq!(hex16(bits), format!("{bits:016x}").as_bytes(), "{bits:x}");
         }
+    }
+
+    /// Each access log event's level and `status`, as a layer sees them.
+    #[derive(Clone, Default)]
+    struct AccessLog(Arc<Mutex<Vec<(Level, String)>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AccessLog {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            struct Status(String);
+            impl tracing::field::Visit for Status {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
+                    if field.name() == "status" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            if event.metadata().target() == "access" {
+                let mut status = Status(String::new());
+                event.record(&mut status);
+                let level = *event.metadata().level();
+                self.0.lock().unwrap().push((level, status.0));
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_access_log_is_levelled_by_the_answer() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let log = AccessLog::default();
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(log.clone()));
+        let long = format!("/data/{}", "k".repeat(Limits::default().max_uri_bytes));
+        for (router, target) in [
+            (healthy as Stub, "/healthz"),
+            (healthy, &long),
+            (stuck, "/"),
+        ] {
+            let (service, _) = stack(router);
+            service.oneshot(request(target, None)).await.unwrap();
+        }
+        let seen = log.0.lock().unwrap().clone();
+        let expected = [
+            (Level::DEBUG, "200"),
+            (Level::INFO, "414"),
+            (Level::WARN, "503"),
+        ];
+        let expected = expected.map(|(level, status)| (level, status.to_owned()));
+        assert_eq!(seen, expected);
     }
 
     #[tokio::test]

@@ -3,8 +3,8 @@
 //! endpoint answering each request with one Redis `GET` and, when its
 //! binary is on `PATH`, webdis's `GET` and `SET`, all measured in the same
 //! interleaved rounds on the same Redis. The server logs as in production
-//! (access logs and read audits into the log buffer) unless
-//! `BENCH_HTTP_LOGS=off`; after each round of a server variant the
+//! (at `info`: audit records and the access log's refusals and errors
+//! into the log buffer) unless `BENCH_HTTP_LOGS=off`; after each round of a server variant the
 //! harness waits until its logs are shipped, in that variant's CPU time.
 //! Two more servers on the same Redis serve the durable `PUT` (both
 //! replicas acknowledge) and a `GET` with read audits sampled.
@@ -136,9 +136,9 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
         ..DevOptions::default()
     })
     .await?;
-    // As `server dev` and `serve` run: every request's access log and every
-    // read's audit record go to the log buffer, unless BENCH_HTTP_LOGS=off
-    // (to measure what they cost).
+    // As `server dev` and `serve` run, at `info`: every operation's audit
+    // record and the access log's refusals and errors go to the log buffer,
+    // unless BENCH_HTTP_LOGS=off (to measure what they cost).
     let logs = std::env::var("BENCH_HTTP_LOGS").map_or(true, |v| v != "off");
     if logs {
         use tracing_subscriber::layer::SubscriberExt;
@@ -147,7 +147,7 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
             .with(tracing_subscriber::EnvFilter::new("info"));
         tracing::subscriber::set_global_default(subscriber)?;
     }
-    println!("http: access logs and read audits buffered: {logs}");
+    println!("http: logs and audit records buffered: {logs}");
     let master = system.topology.initial_master();
     let redis = redis::Client::open(system.topology.connection_info(master))?
         .get_multiplexed_async_connection()
