@@ -340,13 +340,13 @@ impl Seen {
                 )
             };
         }
-        // Levelled as tower-http's trace layer levels responses: server
-        // errors at WARN, refusals at INFO, answers given at DEBUG. Not
-        // every request at INFO: each record is appended to the log
-        // buffer, replicated, read and shipped to the tenant's Loki, which
-        // doubled what an answered read cost the service (its audit record
-        // is the other), while the operation's audit record and the
-        // request figures already say what an answered request did.
+        // Server errors at WARN, client errors at INFO, the rest at DEBUG:
+        // as with tower-http's trace layer (responses at DEBUG), a request
+        // answered well leaves no INFO line. Each record is appended to the
+        // log buffer, replicated, read and shipped to the tenant's Loki; at
+        // INFO this one doubled what an answered read cost the service,
+        // while its operation's audit record and the request figures
+        // already say what it did.
         match status {
             500.. => access_log!(Level::WARN),
             400..=499 => access_log!(Level::INFO),

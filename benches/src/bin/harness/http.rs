@@ -3,9 +3,10 @@
 //! endpoint answering each request with one Redis `GET` and, when its
 //! binary is on `PATH`, webdis's `GET` and `SET`, all measured in the same
 //! interleaved rounds on the same Redis. The server logs as in production
-//! (at `info`: audit records and the access log's refusals and errors
-//! into the log buffer) unless `BENCH_HTTP_LOGS=off`; after each round of a server variant the
-//! harness waits until its logs are shipped, in that variant's CPU time.
+//! (at `info`: audit records, and the access log's client and server
+//! errors, into the log buffer) unless `BENCH_HTTP_LOGS=off`; after each
+//! round of a server variant the harness waits until its logs are
+//! shipped, in that variant's CPU time.
 //! Two more servers on the same Redis serve the durable `PUT` (both
 //! replicas acknowledge) and a `GET` with read audits sampled.
 
@@ -137,8 +138,8 @@ pub(crate) async fn http() -> Result<Value, Box<dyn Error>> {
     })
     .await?;
     // As `server dev` and `serve` run, at `info`: every operation's audit
-    // record and the access log's refusals and errors go to the log buffer,
-    // unless BENCH_HTTP_LOGS=off (to measure what they cost).
+    // record and the access log's client and server errors go to the log
+    // buffer, unless BENCH_HTTP_LOGS=off (to measure what they cost).
     let logs = std::env::var("BENCH_HTTP_LOGS").map_or(true, |v| v != "off");
     if logs {
         use tracing_subscriber::layer::SubscriberExt;
