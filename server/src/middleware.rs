@@ -319,24 +319,23 @@ impl Seen {
         let elapsed = self.started.elapsed();
         self.metrics
             .record(route, status, error_code, tenant, elapsed);
-        let request_id = self
-            .request_id
-            .as_ref()
-            .and_then(|id| id.to_str().ok())
-            .unwrap_or_default();
-        let method = self.method.as_str();
-        let micros = micros(elapsed);
+        // The fields are worked out only when the level is enabled: most
+        // answers log at DEBUG, which production filters out.
         macro_rules! access_log {
             ($level:expr) => {
                 tracing::event!(
                     target: "access",
                     $level,
-                    request_id,
+                    request_id = self
+                        .request_id
+                        .as_ref()
+                        .and_then(|id| id.to_str().ok())
+                        .unwrap_or_default(),
                     tenant_id = tenant,
-                    method,
+                    method = self.method.as_str(),
                     route,
                     status,
-                    micros,
+                    micros = micros(elapsed),
                 )
             };
         }
