@@ -360,8 +360,8 @@ impl Drop for Seen {
 /// client errors at INFO, the rest at DEBUG. As with tower-http's trace
 /// layer (responses at DEBUG), a request answered well leaves no INFO
 /// line. Each record is appended to the log buffer, replicated, read and
-/// shipped to the tenant's Loki; at INFO this one doubled what an answered
-/// read cost the service, while its operation's audit record and the
+/// shipped to the tenant's Loki; at INFO this one doubled the records an
+/// answered request ships, while its operation's audit record and the
 /// request figures already say what it did.
 fn access_level(status: u16) -> Level {
     match status {
